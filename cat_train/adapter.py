@@ -1,0 +1,154 @@
+"""LoRA on a UNet through peft: inject, switch on/off, read, load, remove: each its own function.
+
+One module tree serves the frozen and the adapted prediction: `adapter_disabled(unet)` turns
+every injected layer into its base layer for the duration, with no copy of the UNet. Layer names
+are the UNet's own module paths (ldm names for SD), which `export` maps to kohya keys.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+from torch import Tensor, nn
+
+ADAPTER = "default"
+
+# Suffixes of module paths each preset adapts (ldm / ComfyUI names; diffusers names in comments).
+PRESETS: dict[str, tuple[str, ...]] = {
+    "attn": ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
+             "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"),
+    "attn_ff": ("ff.net.0.proj", "ff.net.2"),                     # feed-forward of each transformer block
+    "full": ("proj_in", "proj_out",                               # transformer in/out projections
+             "in_layers.2", "out_layers.3", "skip_connection", "emb_layers.1"),  # resnets: conv1, conv2, conv_shortcut, time_emb_proj
+}
+PRESET_CHAIN = {"attn": ("attn",), "attn_ff": ("attn", "attn_ff"), "full": ("attn", "attn_ff", "full")}
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    rank: int = 16
+    alpha: float = 16.0
+    dropout: float = 0.0
+    preset: str = "attn"
+    extra_targets: tuple[str, ...] = field(default_factory=tuple)  # more module-path suffixes
+
+    def __post_init__(self):
+        if self.rank < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {self.rank}; typical values are 4 to 64.")
+        if self.alpha <= 0:
+            raise ValueError(f"LoRA alpha must be > 0, got {self.alpha}; alpha = rank gives scale 1.")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}.")
+        if self.preset not in PRESET_CHAIN:
+            raise ValueError(f"unknown target preset {self.preset!r}; choose one of {sorted(PRESET_CHAIN)}.")
+
+    @property
+    def suffixes(self) -> tuple[str, ...]:
+        return tuple(s for p in PRESET_CHAIN[self.preset] for s in PRESETS[p]) + tuple(self.extra_targets)
+
+
+def target_modules(unet: nn.Module, spec: LoraSpec) -> list[str]:
+    """Module paths of the Linear/Conv2d layers the spec adapts (Identity skips are not layers)."""
+    names = [n for n, m in unet.named_modules()
+             if isinstance(m, (nn.Linear, nn.Conv2d)) and any(n == s or n.endswith("." + s) for s in spec.suffixes)]
+    if not names:
+        raise ValueError(f"no module of this model matches LoRA targets {spec.suffixes}; "
+                         "is this an SD-style UNet (ldm names such as 'transformer_blocks.0.attn1.to_q')?")
+    return names
+
+
+def inject_lora(unet: nn.Module, spec: LoraSpec) -> list[str]:
+    """Inject LoRA layers (B = 0, so the adapted model equals the base at first); freeze the base."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    if lora_layers(unet):
+        raise RuntimeError("this model already carries CAT/peft LoRA layers; remove_lora() it first.")
+    names = target_modules(unet, spec)
+    unet.requires_grad_(False)
+    config = LoraConfig(r=spec.rank, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=names,
+                        init_lora_weights=True)
+    inject_adapter_in_model(config, unet, adapter_name=ADAPTER)
+    for _, layer in lora_layers(unet).items():
+        for p in _adapter_params(layer):
+            p.requires_grad_(True)
+    return names
+
+
+def lora_layers(unet: nn.Module) -> dict[str, nn.Module]:
+    from peft.tuners.lora import LoraLayer
+
+    return {n: m for n, m in unet.named_modules() if isinstance(m, LoraLayer)}
+
+
+def _adapter_params(layer: nn.Module) -> Iterator[nn.Parameter]:
+    yield from layer.lora_A[ADAPTER].parameters()
+    yield from layer.lora_B[ADAPTER].parameters()
+
+
+def adapter_parameters(unet: nn.Module) -> list[nn.Parameter]:
+    return [p for layer in lora_layers(unet).values() for p in _adapter_params(layer)]
+
+
+def set_adapter_enabled(unet: nn.Module, enabled: bool) -> None:
+    for layer in lora_layers(unet).values():
+        layer._disable_adapters = not enabled  # peft's own flag; enable_adapters() would also flip requires_grad
+
+
+@contextlib.contextmanager
+def adapter_disabled(unet: nn.Module) -> Iterator[None]:
+    """The frozen base model eps_theta, on the same module tree."""
+    set_adapter_enabled(unet, False)
+    try:
+        yield
+    finally:
+        set_adapter_enabled(unet, True)
+
+
+@dataclass
+class LoraWeights:
+    down: Tensor   # (rank, in) or (rank, in, kh, kw): kohya lora_down, peft lora_A
+    up: Tensor     # (out, rank) or (out, rank, 1, 1): kohya lora_up, peft lora_B
+    alpha: float
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+    def delta(self) -> Tensor:
+        """The weight change W' - W this LoRA applies: (alpha / rank) * up @ down."""
+        scale = self.alpha / self.rank
+        if self.down.ndim == 2:
+            return scale * self.up @ self.down
+        return scale * torch.einsum("or,rikl->oikl", self.up.flatten(1), self.down)
+
+
+def lora_weights(unet: nn.Module) -> dict[str, LoraWeights]:
+    return {n: LoraWeights(layer.lora_A[ADAPTER].weight.detach().clone(), layer.lora_B[ADAPTER].weight.detach().clone(),
+                           float(layer.lora_alpha[ADAPTER]))
+            for n, layer in lora_layers(unet).items()}
+
+
+@torch.no_grad()
+def load_lora_weights(unet: nn.Module, weights: dict[str, LoraWeights]) -> None:
+    layers = lora_layers(unet)
+    missing, unknown = set(layers) - set(weights), set(weights) - set(layers)
+    if missing or unknown:
+        raise ValueError(f"LoRA does not fit this model: {len(missing)} adapted modules have no weights "
+                         f"(e.g. {sorted(missing)[:2]}), {len(unknown)} weights name no adapted module "
+                         f"(e.g. {sorted(unknown)[:2]}); was it trained with the same target preset?")
+    for name, w in weights.items():
+        layer = layers[name]
+        if layer.lora_A[ADAPTER].weight.shape != w.down.shape or layer.lora_B[ADAPTER].weight.shape != w.up.shape:
+            raise ValueError(f"LoRA shape mismatch at {name}: expected down {tuple(layer.lora_A[ADAPTER].weight.shape)}, "
+                             f"got {tuple(w.down.shape)}; was it trained with the same rank?")
+        layer.lora_A[ADAPTER].weight.copy_(w.down)
+        layer.lora_B[ADAPTER].weight.copy_(w.up)
+
+
+def remove_lora(unet: nn.Module) -> None:
+    """Put every base layer back where its LoRA wrapper was; base weights were never touched."""
+    for name, layer in lora_layers(unet).items():
+        parent_name, _, child = name.rpartition(".")
+        setattr(unet.get_submodule(parent_name) if parent_name else unet, child, layer.get_base_layer())
