@@ -152,3 +152,5 @@ def remove_lora(unet: nn.Module) -> None:
     for name, layer in lora_layers(unet).items():
         parent_name, _, child = name.rpartition(".")
         setattr(unet.get_submodule(parent_name) if parent_name else unet, child, layer.get_base_layer())
+    if "peft_config" in vars(unet):  # inject_adapter_in_model leaves its config on the model
+        del unet.peft_config

@@ -1,0 +1,305 @@
+"""The CAT training loop: AdamW on the LoRA only, checkpoints that resume bit-exactly, clean stops.
+
+One `torch.Generator` (seeded by `TrainConfig.seed`) draws every batch, timestep and noise, and
+the global RNG (LoRA dropout) is forked and seeded too; both go into checkpoints, so a run resumed
+from step k continues exactly as the uninterrupted run would have (bit for bit on CPU).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Literal, Sequence
+
+import torch
+from torch import Tensor
+
+from .adapter import (LoraSpec, LoraWeights, adapter_parameters, inject_lora, load_lora_weights, lora_weights,
+                      remove_lora)
+from .denoiser import Cond, Denoiser
+from .loss import CatLossConfig, cat_objective
+from .prompts import preservation_prompt
+
+log = logging.getLogger("cat_train")
+CHECKPOINT_FORMAT = "cat_train.checkpoint/1"
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 600
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    warmup_steps: int = 0
+    batch_size: int = 1
+    grad_accum: int = 1
+    seed: int = 0
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # autocast on GPU; ignored (fp32) on CPU
+    gradient_checkpointing: bool = False
+    save_every: int = 0           # checkpoint every N steps (0: only on stop, cancel or error)
+    checkpoint_dir: str | None = None
+    max_grad_norm: float = 0.0    # 0: no clipping (the paper uses none)
+    device: str | None = None     # default: where the module's parameters are
+
+    def __post_init__(self):
+        checks = [
+            (self.steps >= 1, f"steps must be >= 1, got {self.steps}; the paper trains 600."),
+            (self.lr > 0, f"learning rate must be > 0, got {self.lr}; the paper uses 1e-4."),
+            (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}."),
+            (self.grad_accum >= 1, f"grad_accum must be >= 1, got {self.grad_accum}."),
+            (self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}."),
+            (self.save_every >= 0, f"save_every must be >= 0 (0 = off), got {self.save_every}."),
+            (self.lr_schedule in ("constant", "cosine"), f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}."),
+            (self.mixed_precision in ("no", "bf16", "fp16"), f"mixed_precision must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}."),
+            (self.max_grad_norm >= 0, f"max_grad_norm must be >= 0 (0 = off), got {self.max_grad_norm}."),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(msg)
+        self.betas = tuple(self.betas)  # type: ignore[assignment]
+
+
+@dataclass
+class Example:
+    """One training image: its cached latent and the cached conditionings of y_T and y."""
+    latent: Tensor          # (C, H, W)
+    cond_token: Cond        # unbatched: {"context": (L, C), ...}
+    cond_pres: Cond
+    weight: float = 1.0     # weight of its preservation term (per-token weights)
+    repeats: int = 1        # sampling weight (kohya repeats)
+
+
+@dataclass
+class StepInfo:
+    step: int
+    total: int
+    loss: float
+    fit: float
+    keep: float
+    lr: float
+    elapsed: float
+
+
+@dataclass
+class TrainResult:
+    weights: dict[str, LoraWeights]
+    history: list[dict] = field(default_factory=list)
+    steps_done: int = 0
+    last_checkpoint: Path | None = None
+
+
+class TrainingDiverged(RuntimeError):
+    def __init__(self, step: int, checkpoint: Path | None):
+        where = f"the last good state is saved in {checkpoint}" if checkpoint else "set checkpoint_dir to keep the last good state"
+        super().__init__(f"loss became NaN/inf at step {step}; training stopped before the bad update, {where}. "
+                         "Lower the learning rate, use mixed_precision 'bf16' instead of 'fp16', or set max_grad_norm (e.g. 1.0).")
+        self.step, self.checkpoint = step, checkpoint
+
+
+class TrainingOutOfMemory(RuntimeError):
+    pass
+
+
+def build_examples(items: Sequence[tuple], encode_text: Callable[[list[str]], Cond], loss_cfg: CatLossConfig) -> list[Example]:
+    """items: (latent, caption, triggers[, repeats]). Each distinct prompt is encoded once."""
+    rows = [(it[0], it[1], tuple(it[2]), it[3] if len(it) > 3 else 1) for it in items]
+    pres = [preservation_prompt(cap, trig, loss_cfg.preservation, loss_cfg.class_word) for _, cap, trig, _ in rows]
+    prompts = sorted({cap for _, cap, _, _ in rows} | set(pres))
+    encoded = encode_text(prompts)
+    cond = {p: {k: v[i].detach().cpu() for k, v in encoded.items()} for i, p in enumerate(prompts)}
+
+    def weight(trig: tuple[str, ...]) -> float:
+        return sum(loss_cfg.token_weights.get(t, 1.0) for t in trig) / len(trig) if trig else 1.0
+
+    return [Example(lat.detach().cpu(), cond[cap], cond[p], weight(trig), rep) for (lat, cap, trig, rep), p in zip(rows, pres)]
+
+
+def lr_factor(cfg: TrainConfig, step: int) -> float:
+    warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
+    if cfg.lr_schedule == "constant":
+        return warm
+    progress = max(0.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+    return warm * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+class BatchSampler:
+    """Draws same-shape (same bucket) batches, each example weighted by its repeats."""
+
+    def __init__(self, examples: Sequence[Example], batch_size: int):
+        self.examples, self.batch_size = examples, batch_size
+        groups: dict[tuple, list[int]] = {}
+        for i, ex in enumerate(examples):
+            groups.setdefault(tuple(ex.latent.shape), []).append(i)
+        self.groups = list(groups.values())
+        self.group_weights = torch.tensor([sum(examples[i].repeats for i in g) for g in self.groups], dtype=torch.float64)
+
+    def draw(self, gen: torch.Generator) -> list[int]:
+        group = self.groups[int(torch.multinomial(self.group_weights, 1, generator=gen))]
+        w = torch.tensor([self.examples[i].repeats for i in group], dtype=torch.float64)
+        picks = torch.multinomial(w, self.batch_size, replacement=len(group) < self.batch_size, generator=gen)
+        return [group[int(i)] for i in picks]
+
+
+def _collate(examples: Sequence[Example], idx: list[int], device: torch.device, dtype: torch.dtype):
+    batch = [examples[i] for i in idx]
+    stack = lambda conds: {k: torch.stack([c[k] for c in conds]).to(device, dtype) for k in conds[0]}
+    return (torch.stack([b.latent for b in batch]).to(device, dtype), stack([b.cond_token for b in batch]),
+            stack([b.cond_pres for b in batch]), torch.tensor([b.weight for b in batch], device=device))
+
+
+def _atomic_save(obj, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def checkpoint_path(directory: str | os.PathLike, step: int) -> Path:
+    return Path(directory) / f"cat-step{step:06d}.pt"
+
+
+def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
+    found = sorted(Path(directory).glob("cat-step*.pt"))
+    return found[-1] if found else None
+
+
+def _is_oom(e: BaseException) -> bool:
+    return isinstance(e, (torch.OutOfMemoryError, MemoryError)) or (isinstance(e, RuntimeError) and "out of memory" in str(e).lower())
+
+
+def train(denoiser: Denoiser, examples: Sequence[Example], loss_cfg: CatLossConfig, spec: LoraSpec, cfg: TrainConfig,
+          callback: Callable[[StepInfo], None] | None = None, resume: str | os.PathLike | None = None,
+          keep_adapter: bool = False) -> TrainResult:
+    """Train a CAT LoRA on `denoiser.module`. The module is restored (adapter removed) on return unless keep_adapter."""
+    if not examples:
+        raise ValueError("no training examples; the dataset is empty.")
+    module = denoiser.module
+    base_param = next(module.parameters())
+    device = torch.device(cfg.device) if cfg.device else base_param.device
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision) if device.type == "cuda" else None
+    if cfg.mixed_precision != "no" and amp is None:
+        log.warning("mixed_precision=%s applies on GPU only; training in fp32 on %s", cfg.mixed_precision, device)
+    data_dtype = base_param.dtype if base_param.dtype.is_floating_point else torch.float32
+    sampler = BatchSampler(examples, cfg.batch_size)
+    ckpt_dir = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
+    state = torch.load(resume, map_location="cpu", weights_only=True) if resume else None
+    if state is not None and state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{resume} is not a CAT training checkpoint (format {state.get('format')!r}).")
+
+    was_training = module.training
+    result = TrainResult(weights={})
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(cfg.seed)  # LoRA A init and dropout draw from the global RNG
+        inject_lora(module, spec)
+        try:
+            _set_checkpointing(denoiser, cfg.gradient_checkpointing)
+            params = adapter_parameters(module)
+            opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(cfg, s))
+            scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
+            gen = torch.Generator().manual_seed(cfg.seed)
+            if state is not None:
+                _restore(state, module, opt, sched, gen, spec, resume)
+                result.history, result.steps_done = list(state["history"]), int(state["step"])
+            module.train()
+
+            def save(step: int) -> Path | None:
+                if ckpt_dir is None:
+                    return None
+                result.last_checkpoint = _atomic_save(_snapshot(module, opt, sched, gen, step, result.history, spec, loss_cfg, cfg),
+                                                      checkpoint_path(ckpt_dir, step))
+                return result.last_checkpoint
+
+            t0 = time.perf_counter()
+            for step in range(result.steps_done, cfg.steps):
+                opt.zero_grad(set_to_none=True)
+                fit = keep = total = 0.0
+                for _ in range(cfg.grad_accum):
+                    x0, c_tok, c_pres, w = _collate(examples, sampler.draw(gen), device, data_dtype)
+                    t = denoiser.schedule.sample_t(x0.shape[0], gen).to(device)
+                    noise = torch.randn(x0.shape, generator=gen).to(device, data_dtype)
+                    with torch.autocast(device.type, dtype=amp) if amp else contextlib.nullcontext():
+                        terms = cat_objective(denoiser, x0, noise, t, c_tok, c_pres, loss_cfg.alpha, w)
+                    if not torch.isfinite(terms.loss):
+                        raise TrainingDiverged(step + 1, save(step) if step > 0 else None)
+                    loss = terms.loss / cfg.grad_accum
+                    (scaler.scale(loss) if scaler else loss).backward()
+                    total += float(terms.loss.detach()) / cfg.grad_accum
+                    fit += float(terms.fit.mean()) / cfg.grad_accum
+                    keep += float(terms.keep.mean()) / cfg.grad_accum
+                if scaler:
+                    scaler.unscale_(opt)
+                if cfg.max_grad_norm:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                lr = opt.param_groups[0]["lr"]
+                scaler.step(opt) if scaler else opt.step()
+                if scaler:
+                    scaler.update()
+                sched.step()
+                result.steps_done = step + 1
+                result.history.append(dict(step=step + 1, loss=total, fit=fit, keep=keep, lr=lr))
+                if cfg.save_every and result.steps_done % cfg.save_every == 0:
+                    save(result.steps_done)
+                if callback:
+                    callback(StepInfo(step + 1, cfg.steps, total, fit, keep, lr, time.perf_counter() - t0))
+        except TrainingDiverged:
+            raise
+        except BaseException as e:  # cancel (ComfyUI's interrupt, Ctrl-C) or a crash: keep what was learned
+            if result.steps_done and (result.last_checkpoint is None or not result.last_checkpoint.name.endswith(f"{result.steps_done:06d}.pt")):
+                with contextlib.suppress(Exception):
+                    save(result.steps_done)
+                    log.warning("training stopped at step %d; checkpoint saved to %s", result.steps_done, result.last_checkpoint)
+            if _is_oom(e):
+                raise TrainingOutOfMemory(
+                    f"out of memory at step {result.steps_done + 1} (batch {cfg.batch_size}, latent {tuple(examples[0].latent.shape)}). "
+                    "Lower batch_size (raise grad_accum to keep the effective batch), turn on gradient_checkpointing, "
+                    "use mixed_precision 'bf16', lower the resolution or the LoRA rank.") from e
+            raise
+        finally:
+            result.weights = lora_weights(module)
+            _set_checkpointing(denoiser, False)
+            module.train(was_training)
+            if not keep_adapter:
+                remove_lora(module)
+    return result
+
+
+def _set_checkpointing(denoiser: Denoiser, on: bool) -> None:
+    hook = getattr(denoiser, "set_gradient_checkpointing", None)
+    if hook is not None:
+        hook(on)
+    elif hasattr(denoiser.module, "gradient_checkpointing"):
+        denoiser.module.gradient_checkpointing = on
+    elif on:
+        log.warning("this model offers no gradient checkpointing; training without it")
+
+
+def _snapshot(module, opt, sched, gen, step, history, spec, loss_cfg, cfg) -> dict:
+    return {
+        "format": CHECKPOINT_FORMAT, "step": step, "history": list(history),
+        "lora": {n: {"down": w.down, "up": w.up, "alpha": w.alpha} for n, w in lora_weights(module).items()},
+        "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+        "generator": gen.get_state(), "rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "spec": asdict(spec), "loss": asdict(loss_cfg), "config": {k: v for k, v in asdict(cfg).items() if k != "device"},
+    }
+
+
+def _restore(state: dict, module, opt, sched, gen, spec: LoraSpec, path) -> None:
+    saved = LoraSpec(**{**state["spec"], "extra_targets": tuple(state["spec"].get("extra_targets", ()))})
+    if saved != spec:
+        raise ValueError(f"checkpoint {path} was trained with {saved}, not {spec}; resume with the same LoRA settings.")
+    load_lora_weights(module, {n: LoraWeights(w["down"], w["up"], w["alpha"]) for n, w in state["lora"].items()})
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    gen.set_state(state["generator"])
+    torch.set_rng_state(state["rng"])
+    if state["cuda_rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
