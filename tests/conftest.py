@@ -9,6 +9,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from cat_train.denoiser import ModuleDenoiser  # noqa: E402
+from cat_train.toytext import HashTextEncoder  # noqa: E402
 from cat_train.unet import TINY_CONFIG, UNet  # noqa: E402
 
 
@@ -23,23 +24,18 @@ def tiny_denoiser():
     return ModuleDenoiser(unet)
 
 
-class HashText:
-    """A deterministic toy text encoder: words -> fixed random embeddings, padded to 6 tokens."""
+class RecordingText(HashTextEncoder):
+    """The toy encoder, remembering every batch of prompts it was asked to encode."""
 
-    def __init__(self, dim=64, length=6, vocab=97):
-        g = torch.Generator().manual_seed(1)
-        self.table, self.length, self.vocab = torch.randn(vocab, dim, generator=g), length, vocab
+    def __init__(self):
+        super().__init__(dim=64, length=6)
         self.calls = []
-
-    def ids(self, prompt: str) -> list[int]:
-        words = prompt.replace(",", " ").split()
-        return [sum(map(ord, w)) % (self.vocab - 1) + 1 for w in words][: self.length] + [0] * max(0, self.length - len(words))
 
     def __call__(self, prompts):
         self.calls.append(list(prompts))
-        return {"context": self.table[torch.tensor([self.ids(p) for p in prompts])]}
+        return super().__call__(prompts)
 
 
 @pytest.fixture
 def text():
-    return HashText()
+    return RecordingText()

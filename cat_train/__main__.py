@@ -1,0 +1,29 @@
+"""`python -m cat_train demo|bench|queue ...`: each subcommand lives in its own module."""
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "demo": ("cat_train.demo", "train plain LoRA and CAT on the embedded model; write LoRA, loss curve, report"),
+    "bench": ("cat_train.bench_kps", "knowledge-preservation benchmark ('bench kps [--quick]')"),
+    "queue": ("cat_train.queue", "post an API-format workflow to a running ComfyUI server, with overrides"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print("usage: python -m cat_train <command> [options]\n\ncommands:")
+        for name, (_, doc) in COMMANDS.items():
+            print(f"  {name:6s} {doc}")
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"\nunknown command {argv[0]!r}")
+            return 2
+        return 0
+    module = importlib.import_module(COMMANDS[argv[0]][0])
+    return int(module.main(argv[1:]) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
