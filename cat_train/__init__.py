@@ -1,0 +1,16 @@
+"""Contrastive Adapter Training (CAT) for Stable Diffusion LoRAs, host-agnostic.
+
+    denoiser.py  the protocol a trainer needs (module, predict, prediction type, noise schedule)
+    adapter.py   LoRA via peft: inject, switch off for the frozen pass, read, load, remove
+    loss.py      the CAT objective (cat_objective) and its config
+    train.py     the training loop, checkpoints and exact resume
+    prompts.py   trigger words and the preservation prompt y
+    export.py    kohya-key .safetensors LoRA files with training metadata
+    metrics.py   PS, IS and KPS over CLIP embeddings
+    dataset.py   kohya-style image folders, captions, aspect buckets
+    unet.py      an SD UNet with ComfyUI's parameter names, for tests, demo and benchmarks
+
+Nothing here imports ComfyUI; `nodes/` adapts ComfyUI's ModelPatcher to `denoiser.Denoiser`.
+"""
+
+__version__ = "0.1.0"
