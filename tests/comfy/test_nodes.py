@@ -1,0 +1,157 @@
+"""The CAT nodes inside a real ComfyUI (in-process, CPU, tiny SD1.x / SDXL models built by ComfyUI)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import pack_module
+
+
+def _dataset(comfy, folder, mp_clip_vae, res=128):
+    ds_mod = pack_module(comfy, "nodes.dataset")
+    _, clip, vae = mp_clip_vae
+    return ds_mod.build_dataset(folder, vae, clip, ("sks",), "dog", ".txt", res, True)
+
+
+def _cfg(comfy, **kw):
+    T = pack_module(comfy, "cat_train.train")
+    return T.TrainConfig(**{"steps": 4, "lr": 1e-2, "seed": 1, **kw})
+
+
+@pytest.mark.parametrize("kind", ["sd15", "sdxl"])
+def test_predict_equals_comfy_apply_model(comfy, kind, request):
+    """Our DDPM-space predict() == (x_k - apply_model(x_k, sigma)) / sigma, ComfyUI's EPS convention."""
+    mp, clip, _ = request.getfixturevalue(f"tiny_{kind}")
+    cm = pack_module(comfy, "nodes.comfy_model")
+    cond = clip.encode_from_tokens_scheduled(clip.tokenize("a photo of sks dog"))
+    den = cm.ComfyDenoiser(mp)
+    assert den.prediction_type == "eps"
+    c = cm.comfy_cond(mp, cond, 64, 64)
+    assert ("y" in c) == (kind == "sdxl")
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    t = torch.tensor([100, 700])
+    x_t = den.schedule.add_noise(x0, noise, t)
+    sigma = den.schedule.sigma(t).float()
+    ms_sigma = mp.model.model_sampling.sigma(t.float())
+    torch.testing.assert_close(sigma, ms_sigma.float(), rtol=1e-5, atol=0)
+    ctx = {k: v.expand(2, *v.shape[1:]) for k, v in c.items()}
+    with torch.no_grad():
+        ours = den.predict(x_t, t, ctx)
+        x_k = x_t / den.schedule.alphas_cumprod[t].sqrt().float().view(-1, 1, 1, 1)
+        kwargs = {"c_crossattn": ctx["context"], **({"y": ctx["y"]} if "y" in ctx else {})}
+        denoised = mp.model.apply_model(x_k, ms_sigma, **kwargs)
+        theirs = (x_k - denoised) / ms_sigma.view(-1, 1, 1, 1)
+    assert ours.abs().mean() > 1e-3  # a real, non-trivial prediction
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["sd15", "sdxl"])
+def test_train_patch_roundtrip(comfy, kind, request, dataset_dir, tmp_path):
+    """Train; input MODEL unchanged; saved LoRA through stock LoraLoaderModelOnly patches exactly the
+    trained modules and predicts what the trainer's adapted UNet predicts."""
+    mp, clip, vae = request.getfixturevalue(f"tiny_{kind}")
+    tr = pack_module(comfy, "nodes.trainer")
+    A = pack_module(comfy, "cat_train.adapter")
+    L = pack_module(comfy, "cat_train.loss")
+    cm = pack_module(comfy, "nodes.comfy_model")
+    ds = _dataset(comfy, dataset_dir, (mp, clip, vae))
+    assert len(ds.items) == 3 and len(ds.buckets) == 2  # 128x128 and 256x128 -> buckets 128x128, 192x64
+    unet = mp.model.diffusion_model
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    spec = A.LoraSpec(rank=4, alpha=4.0)
+    cfg = _cfg(comfy, checkpoint_dir=str(tmp_path / "ck"))
+    patched, lora, image, summary, result = tr.train_on_model(mp, ds, L.CatLossConfig(1.0, "class", "dog"), spec, cfg, "7")
+
+    after = unet.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert result.steps_done == 4 and image.shape[-1] == 3 and "4/4 steps" in summary
+    assert max(w.up.abs().max().item() for w in result.weights.values()) > 0  # it learned something
+
+    # save through the node, load through the stock loader
+    save = comfy.nodes.NODE_CLASS_MAPPINGS["CAT_SaveLora"]
+    path = save.execute(lora, f"{kind}_roundtrip").result[0]
+    from safetensors import safe_open
+    with safe_open(path, "pt") as f:
+        meta = f.metadata()
+        assert meta["cat_factor"] == "1.0" and meta["ss_network_dim"] == "4" and meta["cat_triggers"] == "sks"
+        assert len(f.keys()) == 3 * len(result.weights)
+    name = path.split("/loras/")[-1]
+    stock = comfy.nodes.NODE_CLASS_MAPPINGS["LoraLoaderModelOnly"]()
+    (loaded,) = stock.load_lora_model_only(mp, name, 1.0)
+    patched_keys = {k[len("diffusion_model."):-len(".weight")] for k in loaded.patches}
+    assert patched_keys == set(result.weights)  # exactly the trained modules, nothing else
+    assert set(patched.patches) == set(loaded.patches)
+
+    # prediction of the stock-patched model == the trainer's adapted UNet
+    ex = tr.model_examples(mp, ds, L.CatLossConfig(1.0, "class", "dog"))[0]
+    den = cm.ComfyDenoiser(mp)
+    t = torch.tensor([500])
+    x_t = den.schedule.add_noise(ex.latent[None], torch.randn_like(ex.latent[None]), t)
+    cond = {k: v[None] for k, v in ex.cond_token.items()}
+    with torch.no_grad():
+        base = den.predict(x_t, t, cond)
+        A.inject_lora(unet, spec)
+        A.load_lora_weights(unet, result.weights)
+        adapted = den.predict(x_t, t, cond)
+        A.remove_lora(unet)
+        import comfy.model_management as mm
+        mm.load_models_gpu([loaded])
+        stock_pred = den.predict(x_t, t, cond)  # the shared UNet now carries the merged LoRA weights
+        loaded.unpatch_model()
+        restored = den.predict(x_t, t, cond)
+    assert (adapted - base).abs().max() > 1e-4  # the LoRA changes the prediction...
+    torch.testing.assert_close(stock_pred, adapted, atol=2e-6, rtol=1e-5)  # ...identically through ComfyUI's patching
+    assert torch.equal(restored, base)  # and the input MODEL is bit-identical again
+
+
+def test_bad_save_names_refused(comfy, tmp_path):
+    lio = pack_module(comfy, "nodes.lora_io")
+    for bad in ("../evil", "a/../../evil", "/abs/evil", "..", "", "C:evil", "a\\..\\b"):
+        with pytest.raises(ValueError, match="outside the loras folder|empty"):
+            lio.safe_lora_path(tmp_path, bad)
+    p1 = lio.safe_lora_path(tmp_path, "ok")
+    p1.write_bytes(b"x")
+    assert lio.safe_lora_path(tmp_path, "ok").name == "ok_00001.safetensors"  # never overwrites
+    save = comfy.nodes.NODE_CLASS_MAPPINGS["CAT_SaveLora"]
+    with pytest.raises(ValueError, match="outside the loras folder"):
+        save.execute({}, "../escape")
+
+
+def test_cancel_keeps_checkpoint_and_resumes(comfy, tiny_sd15, dataset_dir, tmp_path):
+    import comfy.model_management as mm
+    from comfy import utils as comfy_utils
+
+    mp, clip, vae = tiny_sd15
+    tr = pack_module(comfy, "nodes.trainer")
+    A = pack_module(comfy, "cat_train.adapter")
+    L = pack_module(comfy, "cat_train.loss")
+    T = pack_module(comfy, "cat_train.train")
+    ds = _dataset(comfy, dataset_dir, tiny_sd15)
+    before = {k: v.clone() for k, v in mp.model.diffusion_model.state_dict().items()}
+    seen = []
+
+    def hook(value, total, preview, node_id=None):  # the user presses Cancel after step 2
+        seen.append(value)
+        if value == 2:
+            mm.interrupt_current_processing(True)
+
+    comfy_utils.set_progress_bar_global_hook(hook)
+    cfg = _cfg(comfy, steps=6, checkpoint_dir=str(tmp_path / "ck"))
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            tr.train_on_model(mp, ds, L.CatLossConfig(1.0, "class", "dog"), A.LoraSpec(rank=4, alpha=4.0), cfg)
+    finally:
+        comfy_utils.set_progress_bar_global_hook(None)
+        mm.interrupt_current_processing(False)
+    assert seen == [1, 2]  # stopped within one step
+    ck = T.latest_checkpoint(tmp_path / "ck")
+    assert ck is not None and ck.name == "cat-step000002.pt"
+    state = torch.load(ck, weights_only=True)
+    assert state["step"] == 2 and len(state["lora"]) > 0
+    after = mp.model.diffusion_model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    # resume finishes the run
+    _, _, _, _, res = tr.train_on_model(mp, ds, L.CatLossConfig(1.0, "class", "dog"), A.LoraSpec(rank=4, alpha=4.0), cfg,
+                                        resume=str(ck))
+    assert res.steps_done == 6 and [h["step"] for h in res.history] == [1, 2, 3, 4, 5, 6]
