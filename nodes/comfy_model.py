@@ -73,6 +73,7 @@ def trainable(mp) -> Iterator[ComfyDenoiser]:
 
     mm.load_models_gpu([mp], force_full_load=True)
     module = mp.model.diffusion_model
+    _leave_inference_mode(module)
     flags = {n: (p.requires_grad, p.dtype) for n, p in module.named_parameters()}
     low_precision = any(dt != torch.float32 for _, dt in flags.values())
     if low_precision:  # LoRA math in fp16 weights diverges; train on an fp32 copy of the weights
@@ -86,6 +87,20 @@ def trainable(mp) -> Iterator[ComfyDenoiser]:
                 if p.dtype != dt:
                     p.data = p.data.to(dt)
                 p.requires_grad_(rg)
+
+
+@torch.inference_mode(False)
+def _leave_inference_mode(module: torch.nn.Module) -> None:
+    """ComfyUI loads models inside torch.inference_mode, so their weights are inference tensors, which
+    autograd may not save for backward (the LoRA gradient flows through frozen base layers). Swap
+    each for an ordinary tensor with the same values (bit-identical outputs; done once per model)."""
+    for sub in module.modules():
+        for name, p in list(sub._parameters.items()):
+            if p is not None and p.is_inference():
+                sub._parameters[name] = torch.nn.Parameter(p.clone(), requires_grad=p.requires_grad)
+        for name, b in list(sub._buffers.items()):
+            if b is not None and b.is_inference():
+                sub._buffers[name] = b.clone()
 
 
 def comfy_cond(mp, conditioning, width: int, height: int) -> Cond:

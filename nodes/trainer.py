@@ -63,7 +63,7 @@ def model_examples(mp, dataset, loss_cfg: CatLossConfig) -> list[Example]:
 
 
 def _unet_cond(mp, c: dict, width: int, height: int) -> dict:
-    cond = {"context": c["context"]}
+    cond = {"context": c["context"].clone()}  # an ordinary tensor even if CLIP ran under inference_mode
     adm = mp.model.encode_adm(pooled_output=c["pooled"][None] if "pooled" in c else None, width=width, height=height,
                               crop_w=0, crop_h=0, target_width=width, target_height=height,
                               device=torch.device("cpu"), prompt_type="positive")

@@ -198,3 +198,47 @@ def test_checkpoint_node(comfy):
 
     comfy.nodes.NODE_CLASS_MAPPINGS["CATTest_TinyCheckpoint"] = TinyCheckpoint
     return cache
+
+
+class FakeServer:
+    """What ComfyUI's executor needs of a PromptServer; records every message."""
+    client_id = None
+    last_node_id = None
+
+    def __init__(self):
+        self.messages = []
+
+    def send_sync(self, event, data, sid=None):
+        self.messages.append((event, data))
+
+    def queue_updated(self):
+        pass
+
+
+def run_prompt(prompt: dict):
+    """Validate and execute an API-format prompt in ComfyUI's own executor; returns the executor."""
+    import execution
+
+    valid, err, outputs, node_errors = asyncio.run(execution.validate_prompt("t", prompt, None))
+    assert valid, f"ComfyUI rejected the prompt: {err} {node_errors}"
+    ex = execution.PromptExecutor(FakeServer(), cache_type=False)
+    ex.execute(prompt, "t", {"client_id": None}, outputs)
+    return ex
+
+
+@pytest.fixture(scope="session")
+def tiny_open_clip(comfy, tmp_path_factory):
+    """A random tiny open_clip model registered under 'CATTinyCLIP', its checkpoint in models/clip."""
+    import json
+
+    import open_clip
+
+    d = tmp_path_factory.mktemp("openclip")
+    (d / "CATTinyCLIP.json").write_text(json.dumps({
+        "embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 16, "head_width": 16},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}))
+    open_clip.add_model_config(d)
+    torch.manual_seed(0)
+    ckpt = Path(comfy.folder_paths.get_folder_paths("clip")[0]) / "cat_tiny_open_clip.pt"
+    torch.save(open_clip.create_model("CATTinyCLIP").state_dict(), ckpt)
+    return ckpt.name
