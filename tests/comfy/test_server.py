@@ -1,0 +1,130 @@
+"""A real ComfyUI server (main.py --cpu) with this pack: /prompt runs, progress and live-view events
+arrive on /ws (followed by `python -m cat_train queue`), the web extension is served."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import COMFY, ROOT
+from tiny_models import make_images
+
+HELPER = '''
+import sys
+sys.path.insert(0, {tests!r})
+from comfy_api.latest import ComfyExtension, io
+from tiny_models import tiny_model
+_cache = {{}}
+
+class TinyCheckpoint(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(node_id="CATTest_TinyCheckpoint", inputs=[io.Combo.Input("kind", options=["sd15", "sdxl"])],
+                         outputs=[io.Model.Output(), io.Clip.Output(), io.Vae.Output()])
+
+    @classmethod
+    def execute(cls, kind):
+        if kind not in _cache:
+            _cache[kind] = tiny_model(kind)
+        return io.NodeOutput(*_cache[kind])
+
+class Ext(ComfyExtension):
+    async def get_node_list(self):
+        return [TinyCheckpoint]
+
+async def comfy_entrypoint():
+    return Ext()
+'''
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    base = tmp_path_factory.mktemp("comfybase")
+    (base / "custom_nodes").mkdir()
+    (base / "custom_nodes" / "ComfyUI-CAT").symlink_to(ROOT)
+    (base / "custom_nodes" / "cat_test_models").mkdir()
+    (base / "custom_nodes" / "cat_test_models" / "__init__.py").write_text(HELPER.format(tests=str(Path(__file__).parent)))
+    make_images(base / "input" / "ds", n=2)
+    port = _free_port()
+    args = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--base-directory", str(base)]
+    try:
+        import comfyui_frontend_package  # noqa: F401
+    except ImportError:  # main.py exits without a frontend; a dummy page is enough for the API
+        (base / "fe").mkdir()
+        (base / "fe" / "index.html").write_text("<html></html>")
+        args += ["--front-end-root", str(base / "fe")]
+    log = open(base / "server.log", "w")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(args, cwd=COMFY, stdout=log, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(120):
+            if proc.poll() is not None:
+                raise RuntimeError(f"ComfyUI exited ({proc.returncode}); log:\n{(base / 'server.log').read_text()[-3000:]}")
+            try:
+                info = json.loads(urllib.request.urlopen(url + "/object_info", timeout=5).read())
+                break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            raise RuntimeError("ComfyUI did not come up within 60 s")
+        yield url, info, base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def test_server_registers_nodes_and_serves_web(server):
+    url, info, _ = server
+    for nid in ("CAT_Dataset", "CAT_LossConfig", "CAT_LoraTrainer", "CAT_SaveLora", "CAT_KPSEvaluator"):
+        assert nid in info, f"{nid} missing from /object_info"
+    assert info["CAT_LoraTrainer"]["display_name"] == "CAT LoRA Trainer"
+    js = urllib.request.urlopen(url + "/extensions/ComfyUI-CAT/cat_live_view.js", timeout=5).read().decode()
+    assert "cat.train.progress" in js
+
+
+def test_prompt_runs_with_progress_and_live_events(server, tmp_path, capsys):
+    from cat_train import queue
+
+    url, _, base = server
+    g = {
+        "1": {"class_type": "CATTest_TinyCheckpoint", "inputs": {"kind": "sd15"}},
+        "2": {"class_type": "CAT_Dataset", "inputs": {"vae": ["1", 2], "clip": ["1", 1], "folder": "ds", "triggers": "sks",
+                                                      "class_word": "dog", "caption_extension": ".txt", "resolution": 128, "buckets": True}},
+        "3": {"class_type": "CAT_LossConfig", "inputs": {"cat_factor": 1.0, "preservation": "class", "class_word": "dog", "token_weights": ""}},
+        "4": {"class_type": "CAT_LoraTrainer", "inputs": {
+            "model": ["1", 0], "dataset": ["2", 0], "loss_config": ["3", 0], "rank": 4, "lora_alpha": 4.0, "target": "attn",
+            "steps": 3, "learning_rate": 0.01, "lr_schedule": "constant", "batch_size": 1, "grad_accum": 1, "seed": 0,
+            "dtype": "fp32", "gradient_checkpointing": False, "save_every": 0, "checkpoint_name": "srv", "resume_from": ""}},
+        "5": {"class_type": "CAT_SaveLora", "inputs": {"lora": ["4", 1], "name": "server_run"}},
+        "6": {"class_type": "PreviewImage", "inputs": {"images": ["4", 2]}},
+    }
+    wf = tmp_path / "wf.api.json"
+    wf.write_text(json.dumps(g))
+    out = tmp_path / "runs.json"
+    rc = queue.main([str(wf), "--server", url, "--sweep", "3.cat_factor=0,1", "--out", str(out), "--timeout", "120"])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    assert text.count("train step 3/3") == 2  # our live-view events, over /ws
+    assert "node 4: 3/3" in text  # ComfyUI's own progress events for the trainer node
+    runs = json.loads(out.read_text())
+    saved = [o["value"] for r in runs for o in r["outputs"] if o["node"] == "5"]
+    assert len(saved) == 2 and all(Path(p).is_file() and Path(p).parent == base / "models" / "loras" for p in saved)
+    assert any(o["node"] == "6" and o["kind"] == "image" for o in runs[0]["outputs"])

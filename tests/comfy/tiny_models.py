@@ -1,0 +1,90 @@
+"""Tiny SD1.x- and SDXL-shaped models built by ComfyUI's own classes (no pytest; the server test's
+helper node pack imports this too). ComfyUI leaves weights uninitialised, so they are set here."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def _init_(module: torch.nn.Module, seed: int, std: float = 0.05) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name.endswith("bias"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.01)
+            elif p.ndim == 1:  # norm scales
+                p.copy_(1 + torch.randn(p.shape, generator=g) * 0.01)
+            else:
+                fan_in = p[0].numel() if p.ndim > 1 else 1
+                p.copy_(torch.randn(p.shape, generator=g) * min(std, fan_in ** -0.5))
+        for name, b in module.named_buffers():
+            if b.is_floating_point() and not torch.isfinite(b).all():
+                b.zero_()
+
+
+TINY_SD15_UNET = dict(use_checkpoint=False, image_size=32, out_channels=4, use_spatial_transformer=True, legacy=False,
+                      adm_in_channels=None, in_channels=4, model_channels=32, num_res_blocks=[1, 1],
+                      transformer_depth=[1, 1], channel_mult=[1, 2], transformer_depth_middle=1,
+                      use_linear_in_transformer=False, context_dim=64, transformer_depth_output=[1, 1, 1, 1],
+                      use_temporal_attention=False, use_temporal_resblock=False)
+TINY_SDXL_UNET = dict(use_checkpoint=False, image_size=32, out_channels=4, use_spatial_transformer=True, legacy=False,
+                      num_classes="sequential", adm_in_channels=32 + 6 * 256, in_channels=4, model_channels=32,
+                      num_res_blocks=[1, 1], transformer_depth=[0, 1], channel_mult=[1, 2], transformer_depth_middle=1,
+                      use_linear_in_transformer=True, context_dim=64, transformer_depth_output=[0, 0, 1, 1],
+                      use_temporal_attention=False, use_temporal_resblock=False)
+CLIP_SMALL = dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=3, projection_dim=32)
+
+
+def tiny_model(kind: str = "sd15", seed: int = 0):
+    """(MODEL, CLIP, VAE) of a tiny SD1.x-shaped or SDXL-shaped model, built by ComfyUI's own classes."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.sd
+    import comfy.sd1_clip
+    import comfy.sdxl_clip
+    import comfy.supported_models as sm
+    from comfy.supported_models_base import ClipTarget
+
+    if kind == "sd15":
+        class TinySD15(sm.SD15):
+            unet_config = {"context_dim": 64, "model_channels": 32}
+            unet_extra_config = {"num_heads": 2, "num_head_channels": -1}
+        cfg = TinySD15(TINY_SD15_UNET)
+        target = ClipTarget(comfy.sd1_clip.SD1Tokenizer, comfy.sd1_clip.SD1ClipModel)
+        clip_opts = {"clip_l_model_config": dict(CLIP_SMALL, hidden_size=64, intermediate_size=128, projection_dim=64)}
+    elif kind == "sdxl":
+        class TinySDXL(sm.SDXL):
+            unet_config = {"context_dim": 64, "model_channels": 32}
+            unet_extra_config = {"num_heads": -1, "num_head_channels": 16}
+        cfg = TinySDXL(TINY_SDXL_UNET)
+        target = ClipTarget(comfy.sdxl_clip.SDXLTokenizer, comfy.sdxl_clip.SDXLClipModel)
+        clip_opts = {"clip_l_model_config": dict(CLIP_SMALL), "clip_g_model_config": dict(CLIP_SMALL)}
+    else:
+        raise ValueError(kind)
+    cfg.set_inference_dtype(torch.float32, None)
+    base = cfg.get_model({})
+    _init_(base.diffusion_model, seed)
+    base.diffusion_model.float()
+    mp = comfy.model_patcher.ModelPatcher(base, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+
+    clip = comfy.sd.CLIP(target, model_options={**clip_opts, "dtype": torch.float32})
+    _init_(clip.cond_stage_model, seed + 1, std=0.2)
+
+    dd = {"double_z": True, "z_channels": 4, "resolution": 64, "in_channels": 3, "out_ch": 3, "ch": 32,
+          "ch_mult": [1, 1, 1, 1], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}
+    vae = comfy.sd.VAE(sd={}, config={"params": {"ddconfig": dd, "embed_dim": 4}}, dtype=torch.float32)
+    _init_(vae.first_stage_model, seed + 2, std=0.1)
+    return mp, clip, vae
+
+
+def make_images(folder: Path, n: int = 3, size: int = 128, caption: str = "a photo of sks dog", seed: int = 0) -> Path:
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (size, size * (1 + i % 2), 3), dtype=np.uint8)).save(folder / f"img{i}.png")
+        (folder / f"img{i}.txt").write_text(caption if i else "")  # one captionless image gets the trigger
+    return folder
