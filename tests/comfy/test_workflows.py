@@ -66,10 +66,11 @@ def test_ui_workflow_matches_schemas(comfy, path):
         assert nodes[dst]["inputs"][dslot]["type"] == typ and nodes[dst]["inputs"][dslot]["link"] == lid
 
 
-def test_sd15_workflow_runs_end_to_end(comfy, test_checkpoint_node, tiny_open_clip, dataset_dir):
-    """The shipped SD1.5 graph, with the checkpoint loader swapped for the tiny model and sizes cut for CPU."""
-    g = json.loads((WF / "cat_sd15_train_kps.api.json").read_text())
-    g["1"] = {"class_type": "CATTest_TinyCheckpoint", "inputs": {"kind": "sd15"}}
+@pytest.mark.parametrize("name, kind", [("cat_sd15_train_kps", "sd15"), ("cat_sdxl_train_kps", "sdxl")])
+def test_workflow_runs_end_to_end(comfy, test_checkpoint_node, tiny_open_clip, dataset_dir, name, kind):
+    """A shipped graph, with the checkpoint loader swapped for the tiny model and sizes cut for CPU."""
+    g = json.loads((WF / f"{name}.api.json").read_text())
+    g["1"] = {"class_type": "CATTest_TinyCheckpoint", "inputs": {"kind": kind}}
     for node in g.values():
         i, c = node["inputs"], node["class_type"]
         if c == "CAT_Dataset":
@@ -93,3 +94,20 @@ def test_sd15_workflow_runs_end_to_end(comfy, test_checkpoint_node, tiny_open_cl
     assert saved.is_file() and saved.parent == Path(comfy.folder_paths.get_folder_paths("loras")[0])
     imgs = [k for k, n in g.items() if n["class_type"] == "SaveImage"]
     assert all(len(out[k]["images"]) == 2 for k in imgs)
+
+
+def test_kps_evaluator_numbers(comfy, tiny_open_clip):
+    """KPS = 1 - H(cos(with, without)): exactly 0 for identical batches, > 0 when they differ; IS = 1 vs itself."""
+    import torch
+
+    kps = comfy.nodes.NODE_CLASS_MAPPINGS["CAT_KPSEvaluator"]
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.rand(3, 48, 48, 3, generator=g), torch.rand(3, 48, 48, 3, generator=g)
+    out = kps.execute(a, a, "a photo of sks dog", tiny_open_clip, "CATTinyCLIP", reference_images=a).result
+    ps, is_, k = out[0], out[1], out[2]
+    assert abs(k) < 1e-6 and abs(is_ - 1) < 1e-6 and -1 <= ps <= 1
+    assert out[4].shape[0] == 1 and out[4].shape[-1] == 3  # chart IMAGE
+    k2 = kps.execute(a, b.flip(1) * 0.2, "", tiny_open_clip, "CATTinyCLIP").result[2]
+    assert k2 > 1e-4
+    with pytest.raises(ValueError, match="equal batches"):
+        kps.execute(a, a[:2], "", tiny_open_clip, "CATTinyCLIP")
