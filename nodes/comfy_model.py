@@ -51,8 +51,21 @@ class ComfyDenoiser:
         return self.module(x_t, t.float(), context=cond["context"], transformer_options={}, **extra)
 
     def set_gradient_checkpointing(self, on: bool) -> None:
-        # ldm's UNet has no global switch; the trainer's flag is honoured only by cat_train's own UNet.
-        self._ckpt = on
+        """ldm's UNet has no switch: wrap the forward of each layer of every input/middle/output block
+        (ldm calls the layers, not the blocks) in a non-reentrant checkpoint, as an instance attribute
+        that is deleted again when switched off, so the shared UNet is left as found."""
+        wrapped = getattr(self, "_wrapped", [])
+        if on and not wrapped:
+            m = self.module
+            for block in [*m.input_blocks, m.middle_block, *m.output_blocks]:
+                for layer in block:
+                    layer.forward = _checkpointed(layer.forward)
+                    wrapped.append(layer)
+        elif not on:
+            for block in wrapped:
+                del block.forward
+            wrapped = []
+        self._wrapped = wrapped
 
     @property
     def device(self) -> torch.device:
@@ -61,6 +74,14 @@ class ComfyDenoiser:
     @property
     def dtype(self) -> torch.dtype:
         return next(self.module.parameters()).dtype
+
+
+def _checkpointed(forward):
+    from torch.utils.checkpoint import checkpoint
+
+    def run(*args, **kwargs):
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+    return run
 
 
 @contextlib.contextmanager

@@ -155,3 +155,31 @@ def test_cancel_keeps_checkpoint_and_resumes(comfy, tiny_sd15, dataset_dir, tmp_
     _, _, _, _, res = tr.train_on_model(mp, ds, L.CatLossConfig(1.0, "class", "dog"), A.LoraSpec(rank=4, alpha=4.0), cfg,
                                         resume=str(ck))
     assert res.steps_done == 6 and [h["step"] for h in res.history] == [1, 2, 3, 4, 5, 6]
+
+
+def test_gradient_checkpointing_same_lora_and_unwrapped_after(comfy, tiny_sd15, dataset_dir, tmp_path):
+    mp, clip, vae = tiny_sd15
+    tr = pack_module(comfy, "nodes.trainer")
+    A = pack_module(comfy, "cat_train.adapter")
+    L = pack_module(comfy, "cat_train.loss")
+    ds = _dataset(comfy, dataset_dir, tiny_sd15)
+    blocks = [layer for b in [*mp.model.diffusion_model.input_blocks, mp.model.diffusion_model.middle_block] for layer in b]
+    calls = []
+    from torch.utils import checkpoint as ckpt_mod
+    real = ckpt_mod.checkpoint
+
+    def counting(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    ckpt_mod.checkpoint = counting
+    try:
+        res = [tr.train_on_model(mp, ds, L.CatLossConfig(1.0, "class", "dog"), A.LoraSpec(rank=4, alpha=4.0),
+                                 _cfg(comfy, steps=2, gradient_checkpointing=gc, checkpoint_dir=str(tmp_path / str(gc))))[4]
+               for gc in (False, True)]
+    finally:
+        ckpt_mod.checkpoint = real
+    assert len(calls) > 0  # blocks really ran under checkpoint
+    assert all("forward" not in vars(b) for b in blocks)  # the shared UNet is unwrapped again
+    for k, w in res[0].weights.items():
+        torch.testing.assert_close(res[1].weights[k].up, w.up, atol=1e-6, rtol=1e-5)
