@@ -183,3 +183,29 @@ def test_gradient_checkpointing_same_lora_and_unwrapped_after(comfy, tiny_sd15, 
     assert all("forward" not in vars(b) for b in blocks)  # the shared UNet is unwrapped again
     for k, w in res[0].weights.items():
         torch.testing.assert_close(res[1].weights[k].up, w.up, atol=1e-6, rtol=1e-5)
+
+
+def test_v_prediction_model(comfy, dataset_dir, tmp_path):
+    """v models: predict() is the raw UNet output v, which ComfyUI turns into x0 by its V_PREDICTION rule."""
+    from tiny_models import tiny_model
+
+    mp, clip, vae = tiny_model("sd15", seed=3, v_prediction=True)
+    cm = pack_module(comfy, "nodes.comfy_model")
+    den = cm.ComfyDenoiser(mp)
+    assert den.prediction_type == "v"
+    c = cm.comfy_cond(mp, clip.encode_from_tokens_scheduled(clip.tokenize("a photo of sks dog")), 64, 64)
+    g = torch.Generator().manual_seed(0)
+    x_t, t = torch.randn(1, 4, 8, 8, generator=g), torch.tensor([400])
+    with torch.no_grad():
+        v = den.predict(x_t, t, c)
+        s = mp.model.model_sampling.sigma(t.float())
+        x_k = x_t * (s * s + 1).sqrt()
+        x0 = mp.model.apply_model(x_k, s, c_crossattn=c["context"])
+    torch.testing.assert_close(x0, x_k / (s * s + 1) - v * s / (s * s + 1).sqrt(), atol=1e-5, rtol=1e-4)
+    tr = pack_module(comfy, "nodes.trainer")
+    A = pack_module(comfy, "cat_train.adapter")
+    L = pack_module(comfy, "cat_train.loss")
+    ds = _dataset(comfy, dataset_dir, (mp, clip, vae))
+    res = tr.train_on_model(mp, ds, L.CatLossConfig(0.0, "strip"), A.LoraSpec(rank=2, alpha=2.0),
+                            _cfg(comfy, steps=2, checkpoint_dir=str(tmp_path)))[4]
+    assert res.steps_done == 2 and all(h["keep"] == 0 for h in res.history)  # alpha 0: no preservation term

@@ -36,7 +36,7 @@ TINY_SDXL_UNET = dict(use_checkpoint=False, image_size=32, out_channels=4, use_s
 CLIP_SMALL = dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=3, projection_dim=32)
 
 
-def tiny_model(kind: str = "sd15", seed: int = 0):
+def tiny_model(kind: str = "sd15", seed: int = 0, v_prediction: bool = False):
     """(MODEL, CLIP, VAE) of a tiny SD1.x-shaped or SDXL-shaped model, built by ComfyUI's own classes."""
     import comfy.model_management as mm
     import comfy.model_patcher
@@ -63,6 +63,8 @@ def tiny_model(kind: str = "sd15", seed: int = 0):
     else:
         raise ValueError(kind)
     cfg.set_inference_dtype(torch.float32, None)
+    if v_prediction:  # what ComfyUI's detection does for an SD2-style v model
+        cfg.model_type = lambda state_dict, prefix="": __import__("comfy.model_base").model_base.ModelType.V_PREDICTION
     base = cfg.get_model({})
     _init_(base.diffusion_model, seed)
     base.diffusion_model.float()
