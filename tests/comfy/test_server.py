@@ -128,3 +128,52 @@ def test_prompt_runs_with_progress_and_live_events(server, tmp_path, capsys):
     saved = [o["value"] for r in runs for o in r["outputs"] if o["node"] == "5"]
     assert len(saved) == 2 and all(Path(p).is_file() and Path(p).parent == base / "models" / "loras" for p in saved)
     assert any(o["node"] == "6" and o["kind"] == "image" for o in runs[0]["outputs"])
+
+
+def test_cancel_over_the_api_leaves_a_checkpoint(server, tmp_path):
+    """Start a long run, press Cancel (POST /interrupt) after the first live-view event: the run stops
+    within a step and output/cat_checkpoints/<name>/ holds a loadable checkpoint."""
+    import asyncio
+
+    import aiohttp
+    import torch
+
+    url, _, base = server
+    g = {
+        "1": {"class_type": "CATTest_TinyCheckpoint", "inputs": {"kind": "sd15"}},
+        "2": {"class_type": "CAT_Dataset", "inputs": {"vae": ["1", 2], "clip": ["1", 1], "folder": "ds", "triggers": "sks",
+                                                      "class_word": "dog", "caption_extension": ".txt", "resolution": 128, "buckets": True}},
+        "3": {"class_type": "CAT_LossConfig", "inputs": {"cat_factor": 1.0, "preservation": "class", "class_word": "dog", "token_weights": ""}},
+        "4": {"class_type": "CAT_LoraTrainer", "inputs": {
+            "model": ["1", 0], "dataset": ["2", 0], "loss_config": ["3", 0], "rank": 4, "lora_alpha": 4.0, "target": "attn",
+            "steps": 5000, "learning_rate": 0.01, "lr_schedule": "constant", "batch_size": 1, "grad_accum": 1, "seed": 7,
+            "dtype": "fp32", "gradient_checkpointing": False, "save_every": 0, "checkpoint_name": "cancelled", "resume_from": ""}},
+        "5": {"class_type": "CAT_SaveLora", "inputs": {"lora": ["4", 1], "name": "never"}},
+    }
+
+    async def go():
+        steps, kinds = [], []
+        async with aiohttp.ClientSession() as s, s.ws_connect(f"{url.replace('http', 'ws')}/ws?clientId=cx") as ws:
+            r = await s.post(url + "/prompt", json={"prompt": g, "client_id": "cx"})
+            pid = (await r.json())["prompt_id"]
+            while True:
+                m = await ws.receive(timeout=120)
+                if m.type != aiohttp.WSMsgType.TEXT:
+                    continue
+                d = json.loads(m.data)
+                kinds.append(d["type"])
+                if d["type"] == "cat.train.progress":
+                    steps.append(d["data"]["step"])
+                    if len(steps) == 1:
+                        await s.post(url + "/interrupt", json={})
+                if d["type"] in ("execution_interrupted", "execution_error", "execution_success"):
+                    return pid, steps, kinds
+
+    pid, steps, kinds = asyncio.run(go())
+    assert kinds[-1] == "execution_interrupted"
+    assert 1 <= len(steps) <= 2 and steps[-1] < 5000  # stopped within one step of Cancel
+    ckpts = sorted((base / "output" / "cat_checkpoints" / "cancelled").glob("cat-step*.pt"))
+    assert ckpts, "no checkpoint after Cancel"
+    state = torch.load(ckpts[-1], weights_only=True)
+    assert state["step"] == steps[-1] and state["lora"]
+    assert not list((base / "models" / "loras").glob("never*"))  # downstream Save never ran
