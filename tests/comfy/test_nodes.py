@@ -209,3 +209,36 @@ def test_v_prediction_model(comfy, dataset_dir, tmp_path):
     res = tr.train_on_model(mp, ds, L.CatLossConfig(0.0, "strip"), A.LoraSpec(rank=2, alpha=2.0),
                             _cfg(comfy, steps=2, checkpoint_dir=str(tmp_path)))[4]
     assert res.steps_done == 2 and all(h["keep"] == 0 for h in res.history)  # alpha 0: no preservation term
+
+
+def test_dataset_errors_name_the_fix(comfy, tiny_sd15, tmp_path):
+    ds_mod = pack_module(comfy, "nodes.dataset")
+    _, clip, vae = tiny_sd15
+    with pytest.raises(ValueError, match="does not exist; put images"):
+        ds_mod.build_dataset(tmp_path / "nope", vae, clip, ("sks",), "dog", ".txt", 128, True)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no images"):
+        ds_mod.build_dataset(tmp_path / "empty", vae, clip, ("sks",), "dog", ".txt", 128, True)
+    from tiny_models import make_images
+    folder = make_images(tmp_path / "10_dog", n=2)  # kohya repeat folder inside the dataset root
+    with pytest.raises(ValueError, match="at least one trigger"):
+        ds_mod.build_dataset(tmp_path, vae, clip, (), "dog", ".txt", 128, True)
+    ds = ds_mod.build_dataset(tmp_path, vae, clip, ("sks",), "dog", ".txt", 128, False)
+    assert [it[3] for it in ds.items] == [10, 10] and ds.buckets == {(128, 128): 2}  # no buckets: square crops
+    assert [it[1] for it in ds.items] == ["sks, dog", "a photo of sks dog"]  # captionless image: trigger + class word
+    assert folder.exists()
+
+
+def test_kohya_names_match_core_export(comfy, tiny_sd15):
+    """Our kohya names come from ComfyUI's unet_to_diffusers; the core's export must agree once it lands."""
+    try:
+        export = pack_module(comfy, "cat_train.export")
+    except ImportError:
+        pytest.skip("cat_train.export has not landed yet; nothing to compare against")
+    lio = pack_module(comfy, "nodes.lora_io")
+    mp = tiny_sd15[0]
+    paths = [n for n, m in mp.model.diffusion_model.named_modules() if n.endswith(("to_q", "to_out.0", "proj_in", "ff.net.2"))]
+    ours = lio.ldm_to_kohya_names(mp.model.model_config.unet_config, paths)
+    names = export.ldm_to_diffusers(n for n, _ in mp.model.diffusion_model.named_modules())
+    for p in paths:
+        assert ours[p] == "lora_unet_" + names[p].replace(".", "_"), p
