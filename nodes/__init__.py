@@ -150,9 +150,10 @@ class SaveCatLoraNode(io.ComfyNode):
     def execute(cls, lora, name) -> io.NodeOutput:
         import folder_paths
 
-        from .lora_io import safe_lora_path, save_kohya
+        from ..cat_train.export import save_lora
+        from .lora_io import safe_lora_path
 
-        path = save_kohya(safe_lora_path(folder_paths.get_folder_paths("loras")[0], name), dict(lora), getattr(lora, "metadata", {}))
+        path = save_lora(safe_lora_path(folder_paths.get_folder_paths("loras")[0], name), dict(lora), getattr(lora, "metadata", {}))
         return io.NodeOutput(str(path), ui={"text": [str(path)]})
 
 

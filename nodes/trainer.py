@@ -16,11 +16,12 @@ import numpy as np
 import torch
 
 from ..cat_train.adapter import LoraSpec
+from ..cat_train.export import ldm_to_diffusers, to_kohya, training_metadata
 from ..cat_train.loss import CatLossConfig
 from ..cat_train.plot import loss_curve
 from ..cat_train.train import Example, StepInfo, TrainConfig, build_examples, train
 from .comfy_model import trainable
-from .lora_io import CatLora, to_kohya_state_dict
+from .lora_io import CatLora
 
 log = logging.getLogger("ComfyUI-CAT")
 EVENT = "cat.train.progress"
@@ -94,7 +95,7 @@ def train_on_model(mp, dataset, loss_cfg: CatLossConfig, spec: LoraSpec, cfg: Tr
         if bad or any(".base_layer." in k or "lora_" in k for k in after):
             raise RuntimeError(f"the base UNet changed during training ({len(bad)} tensors, e.g. {bad[:2]}); "
                                "please report this: the input MODEL must stay untouched.")
-    sd = CatLora(to_kohya_state_dict(result.weights, mp.model.model_config.unet_config))
+    sd = CatLora(to_kohya(result.weights, ldm_to_diffusers(n for n, _ in mp.model.diffusion_model.named_modules())))
     sd.metadata = metadata(loss_cfg, spec, cfg, dataset, result)
     patched, _ = comfy.sd.load_lora_for_models(mp, None, dict(sd), 1.0, 0)
     hist = result.history
@@ -109,12 +110,10 @@ def train_on_model(mp, dataset, loss_cfg: CatLossConfig, spec: LoraSpec, cfg: Tr
 
 
 def metadata(loss_cfg, spec, cfg, dataset, result) -> dict[str, str]:
-    return {
-        "ss_network_module": "networks.lora", "ss_network_dim": str(spec.rank), "ss_network_alpha": str(spec.alpha),
-        "ss_learning_rate": str(cfg.lr), "ss_max_train_steps": str(cfg.steps), "ss_steps": str(result.steps_done),
-        "ss_lr_scheduler": cfg.lr_schedule, "ss_seed": str(cfg.seed), "ss_num_train_images": str(len(dataset.items)),
-        "ss_training_comment": "Contrastive Adapter Training (CAT, arXiv 2404.07554), ComfyUI-CAT",
-        "cat_factor": str(loss_cfg.alpha), "cat_preservation": loss_cfg.preservation, "cat_class_word": loss_cfg.class_word,
-        "cat_triggers": ",".join(dataset.triggers), "cat_target_preset": spec.preset,
-        "cat_final_loss": f"{result.history[-1]['loss']:.6g}" if result.history else "",
-    }
+    return training_metadata(
+        cat_factor=loss_cfg.alpha, triggers=dataset.triggers, preservation=loss_cfg.preservation,
+        class_word=loss_cfg.class_word, steps=cfg.steps, steps_done=result.steps_done, rank=spec.rank, alpha=spec.alpha,
+        lr=cfg.lr, seed=cfg.seed, num_images=len(dataset.items), target_preset=spec.preset,
+        comment="Contrastive Adapter Training (CAT, arXiv 2404.07554), ComfyUI-CAT",
+        extra={"ss_lr_scheduler": cfg.lr_schedule,
+               "cat_final_loss": f"{result.history[-1]['loss']:.6g}" if result.history else ""})
