@@ -271,20 +271,48 @@ def _comfy_config(unet):
                 transformer_depth_middle=c["transformer_depth_middle"])
 
 
-@pytest.mark.comfyui
-@pytest.mark.parametrize("config", [SD15_CONFIG, SDXL_CONFIG, TINY_CONFIG, MIXED_DEPTH_CONFIG], ids=["sd15", "sdxl", "tiny", "mixed"])
-def test_matches_comfyui_unet_to_diffusers(config):
+def _import_comfy():
     root = os.environ.get("COMFYUI_PATH")
     if not root:
         pytest.skip("COMFYUI_PATH is not set: no ComfyUI checkout to compare against")
-    sys.path.insert(0, root)
-    try:
-        import comfy.utils
-    finally:
-        sys.path.remove(root)
+    if root not in sys.path:  # first, as tests/comfy/conftest.py puts it: ComfyUI's nodes.py before this pack's nodes/
+        sys.path.insert(0, root)
+    helpers = os.path.join(os.path.dirname(__file__), "comfy")  # tiny_models: tiny SD1.x/SDXL from ComfyUI's classes
+    if helpers not in sys.path:
+        sys.path.append(helpers)
+    import comfy.options
+    comfy.options.enable_args_parsing(False)  # pytest's argv is not ComfyUI's
+    from comfy.cli_args import args
+    args.cpu = True
+    import comfy.lora
+    import comfy.utils
+    return comfy
+
+
+@pytest.mark.comfyui
+@pytest.mark.parametrize("config", [SD15_CONFIG, SDXL_CONFIG, TINY_CONFIG, MIXED_DEPTH_CONFIG], ids=["sd15", "sdxl", "tiny", "mixed"])
+def test_matches_comfyui_unet_to_diffusers(config):
+    comfy = _import_comfy()
     unet, names = meta_names(config)
     modules = {n for n, _ in unet.named_modules()}
     theirs = {v[: -len(".weight")]: k[: -len(".weight")] for k, v in comfy.utils.unet_to_diffusers(_comfy_config(unet)).items()
               if k.endswith(".weight") and v[: -len(".weight")] in modules and not k.startswith("class_embedding")}
     assert len(theirs) > 100
     assert {p: names.get(p) for p in theirs} == theirs
+
+
+@pytest.mark.comfyui
+@pytest.mark.parametrize("kind", ["sd15", "sdxl"])
+def test_comfyui_lora_key_map_resolves_every_key(kind):
+    """On ComfyUI's own UNet classes, each kohya key we write is one ComfyUI's LoRA loader patches, at the same weight."""
+    comfy = _import_comfy()
+    from tiny_models import tiny_model
+
+    mp = tiny_model(kind)[0]
+    unet = mp.model.diffusion_model
+    names = E.ldm_to_diffusers(n for n, _ in unet.named_modules())
+    from cat_train.adapter import target_modules
+    paths = target_modules(unet, LoraSpec(preset="full"))
+    keymap = comfy.lora.model_lora_keys_unet(mp.model, {})
+    assert len(paths) > 50
+    assert {p: keymap.get(E.kohya_name(names[p])) for p in paths} == {p: f"diffusion_model.{p}.weight" for p in paths}
