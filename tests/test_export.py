@@ -5,7 +5,6 @@ import sys
 
 import pytest
 import torch
-from torch import nn
 
 from cat_train import export as E
 from cat_train.adapter import LoraSpec, inject_lora, lora_layers, lora_weights, remove_lora
