@@ -102,7 +102,7 @@ def test_train_patch_roundtrip(comfy, kind, request, dataset_dir, tmp_path):
         loaded.unpatch_model()
         restored = den.predict(x_t, t, cond)
     assert (adapted - base).abs().max() > 1e-4  # the LoRA changes the prediction...
-    torch.testing.assert_close(stock_pred, adapted, atol=2e-6, rtol=1e-5)  # ...identically through ComfyUI's patching
+    torch.testing.assert_close(stock_pred, adapted, atol=1e-5, rtol=1e-5)  # ...identically through ComfyUI's patching (merged vs unmerged fp32 rounding reached 2.2e-6)
     assert torch.equal(restored, base)  # and the input MODEL is bit-identical again
 
 
