@@ -1,0 +1,262 @@
+"""`python -m cat_train bench kps [--quick]`: the paper's Table 1 on a small world we control.
+
+NOT Stable Diffusion: the base model is the 1.7M-parameter world model in `cat_train/world` (coloured
+shapes, 32 px), scored by a world-CLIP trained on the same world. Methods, same steps and seeds:
+plain LoRA (alpha 0), CAT (alpha 0.5, 1, 2; y = the class prompt), and DreamBooth-style prior
+preservation (alpha 0; each step also fits one base-model sample of the class prompt: batch 2, half
+identity, half prior, so its compute per step is about CAT's).
+
+Per method and seed, fixed noise gives paired images: with the trigger ("a sks circle on a grey
+background"), without it ("a circle on a grey background") and other classes ("a red square ...").
+    PS, IS, KPS      the paper's scores with world-CLIP (KPS: adapted model, without vs with trigger)
+    drift            1 - H(S_C(base image, adapted image)) over tokenless prompts, same noise (0 = untouched)
+    class/colour acc world-CLIP attribute heads on tokenless generations (did a circle stay a circle?)
+    colour div       entropy of predicted colours of colour-free "a circle ..." prompts / ln 5 (mode collapse -> 0)
+    leak             share of tokenless circles the classifier calls 'striped' (the identity leaking)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import metrics
+from .adapter import LoraSpec, adapter_disabled, remove_lora
+from .loss import CatLossConfig
+from .sample import sample
+from .train import Example, TrainConfig, build_examples, train
+from .world import generator as wg
+from .world import model as wm
+from .world.clip import load_clip
+
+NOTE = ("Controlled small world (procedural 32 px shapes, a 1.7M-parameter base model and a world-CLIP trained here), "
+        "NOT Stable Diffusion: the numbers compare methods on this world only.")
+CLASS = wg.IDENTITY_CLASS
+OTHERS = [("red", "square"), ("blue", "triangle"), ("yellow", "star"), ("green", "cross"), ("purple", "circle")]
+
+
+@dataclass
+class BenchConfig:
+    steps: int = 400
+    lr: float = 1e-3
+    rank: int = 8
+    seeds: tuple[int, ...] = (0, 1, 2)
+    per_prompt: int = 4          # images per background per prompt kind
+    sample_steps: int = 20
+    cfg: float = 3.0
+    prior_images: int = 15
+    methods: tuple[str, ...] = ("lora", "cat0.5", "cat1", "cat2", "prior")
+
+
+QUICK = dict(steps=150, seeds=(0,), per_prompt=2, sample_steps=15, prior_images=6)
+LABELS = {"base": "base (no adapter)", "lora": "LoRA (α=0)", "prior": "DreamBooth prior (α=0)"}
+
+
+def label(m: str) -> str:
+    return LABELS.get(m, f"CAT (α={m[3:]})")
+
+
+def _bgs(n: int) -> list[str]:
+    return [bg for bg in wg.BACKGROUNDS for _ in range(n)]
+
+
+def prompts(per: int) -> dict[str, list[str]]:
+    bgs = _bgs(per)
+    return {
+        "token": [f"a {wg.TRIGGER} {CLASS} on a {bg} background" for bg in bgs],
+        "notoken": [f"a {CLASS} on a {bg} background" for bg in bgs],
+        "others": [f"a {c} {s} on a {bg} background" for (c, s) in OTHERS for bg in bgs[::max(1, per)]],
+    }
+
+
+class World:
+    """Base model, text encoder, world-CLIP, and encode/generate helpers."""
+
+    def __init__(self, base: str | Path = wm.BASE_WEIGHTS, clip: str | Path | None = None):
+        self.den, self.text = wm.load_base(base)
+        self.clip = load_clip(clip) if clip else load_clip()
+
+    @torch.no_grad()
+    def encode_text(self, ps: list[str]) -> dict:
+        return {k: v.detach() for k, v in self.text.encode(ps).items()}
+
+    def generate(self, ps: list[str], noise: torch.Tensor, c: BenchConfig) -> torch.Tensor:
+        z = sample(self.den, self.encode_text(ps), self.encode_text([""]), tuple(noise.shape), steps=c.sample_steps,
+                   cfg=c.cfg, noise=noise, clip_x0=1.0)
+        return wm.decode(z)
+
+
+def _noise(n: int, seed: int) -> torch.Tensor:
+    return torch.randn((n, *wm.LATENT_SHAPE), generator=torch.Generator().manual_seed(10_000 + seed))
+
+
+def identity_items() -> list[tuple]:
+    imgs = torch.from_numpy(wg.to_tensor_array(np.stack([wg.draw(s) for s in wg.identity_scenes()])))
+    return [(wm.encode(im[None])[0], f"a {wg.TRIGGER} {CLASS} on a {s.background} background", (wg.TRIGGER,))
+            for im, s in zip(imgs, wg.identity_scenes())]
+
+
+def examples_for(method: str, world: World, c: BenchConfig, seed: int) -> tuple[list[Example], CatLossConfig, int]:
+    items = identity_items()
+    if method == "lora":
+        lc = CatLossConfig(alpha=0.0, preservation="class", class_word=CLASS)  # y unused at alpha 0
+        return build_examples(items, world.encode_text, lc), lc, 1
+    if method.startswith("cat"):
+        lc = CatLossConfig(alpha=float(method[3:]), preservation="class", class_word=CLASS)
+        return build_examples(items, world.encode_text, lc), lc, 1
+    if method == "prior":
+        lc = CatLossConfig(alpha=0.0, preservation="class", class_word=CLASS)  # y unused at alpha 0
+        bgs = [list(wg.BACKGROUNDS)[i % 3] for i in range(c.prior_images)]
+        reg_prompts = [f"a {CLASS} on a {bg} background" for bg in bgs]
+        reg = world.generate(reg_prompts, _noise(c.prior_images, 500 + seed), c)  # the base model's own class images
+        n_id, n_reg = len(items), len(reg_prompts)
+        # repeats balance the draw: identity and prior are each picked half the time
+        rows = [(*it, n_reg) for it in items] + [(wm.encode(r[None])[0], p, (), n_id) for r, p in zip(reg, reg_prompts)]
+        return build_examples(rows, world.encode_text, lc), lc, 2
+    raise ValueError(f"unknown method {method!r}; choose from lora, cat<alpha> (e.g. cat1), prior.")
+
+
+def _h(sims: torch.Tensor) -> float:
+    return metrics.harmonic_mean(sims)[0]
+
+
+def evaluate(world: World, imgs: dict[str, torch.Tensor], base: dict[str, torch.Tensor], ps: dict[str, list[str]]) -> dict:
+    clip = world.clip
+    emb = {k: clip.encode_image(v) for k, v in imgs.items()}
+    bemb = {k: clip.encode_image(v) for k, v in base.items()}
+    ref = clip.encode_image(torch.from_numpy(wg.to_tensor_array(np.stack([wg.draw(s) for s in wg.identity_scenes()]))))
+    out = {
+        "PS": metrics.prompt_similarity(clip.encode_text(ps["token"]), emb["token"]).value,
+        "IS": metrics.identity_similarity(ref, emb["token"]).value,
+        "KPS": metrics.kps(emb["notoken"], emb["token"]).value,
+        "drift": 1 - _h(metrics.cosine(torch.cat([bemb["notoken"], bemb["others"]]), torch.cat([emb["notoken"], emb["others"]]))),
+    }
+    shp_n, col_n = clip.attributes(imgs["notoken"])
+    shp_o, col_o = clip.attributes(imgs["others"])
+    want = [p.split()[1:3] for p in ps["others"]]
+    out["class_acc"] = (sum(s == CLASS for s in shp_n) + sum(s == w[1] for s, w in zip(shp_o, want))) / (len(shp_n) + len(shp_o))
+    out["colour_acc"] = sum(cc == w[0] for cc, w in zip(col_o, want)) / len(col_o)
+    counts = np.array([col_n.count(k) for k in wg.COLOURS], dtype=float)
+    p = counts[counts > 0] / max(1.0, counts.sum())
+    out["colour_div"] = max(0.0, float(-(p * np.log(p)).sum() / math.log(len(wg.COLOURS)))) if counts.sum() else 0.0
+    out["leak"] = col_n.count("striped") / len(col_n)
+    return out
+
+
+def run(c: BenchConfig, log=print, world: World | None = None) -> dict:
+    torch.manual_seed(0)
+    world = world or World()
+    ps = prompts(c.per_prompt)
+    spec = LoraSpec(rank=c.rank, alpha=c.rank)
+    results: dict[str, list[dict]] = {m: [] for m in ("base", *c.methods)}
+    grid: dict[str, dict[str, torch.Tensor]] = {}
+    t0 = time.time()
+    for seed in c.seeds:
+        noise = {k: _noise(len(v), seed * 7 + i) for i, (k, v) in enumerate(ps.items())}
+        base = {k: world.generate(ps[k], noise[k], c) for k in ps}
+        results["base"].append(evaluate(world, base, base, ps))
+        if seed == c.seeds[0]:
+            grid["base"] = base
+        for m in c.methods:
+            ex, lc, bs = examples_for(m, world, c, seed)
+            tc = TrainConfig(steps=c.steps, lr=c.lr, seed=seed, batch_size=bs)
+            t1 = time.time()
+            tr = train(world.den, ex, lc, spec, tc, keep_adapter=True)
+            try:
+                imgs = {k: world.generate(ps[k], noise[k], c) for k in ps}
+            finally:
+                remove_lora(world.den.module)
+            r = evaluate(world, imgs, base, ps)
+            r["final_fit"] = float(np.mean([h["fit"] for h in tr.history[-20:]]))
+            results[m].append(r)
+            if seed == c.seeds[0]:
+                grid[m] = imgs
+            log(f"seed {seed} {label(m):24s} " + " ".join(f"{k} {v:.3f}" for k, v in r.items()) + f"  ({time.time() - t1:.0f}s)")
+    summary = {m: {k: {"mean": float(np.mean([r[k] for r in rs])), "std": float(np.std([r[k] for r in rs])),
+                       "runs": [r[k] for r in rs]} for k in rs[0]} for m, rs in results.items()}
+    return {"note": NOTE, "config": asdict(c), "seconds": time.time() - t0, "methods": summary, "grid": grid}
+
+
+COLUMNS = ("PS", "IS", "KPS", "drift", "class_acc", "colour_acc", "colour_div", "leak")
+
+
+def table(res: dict) -> str:
+    n = len(res["config"]["seeds"])
+    head = "| method | " + " | ".join(COLUMNS) + " |\n|---|" + "---|" * len(COLUMNS) + "\n"
+    cell = (lambda s: f"{s['mean']:.3f} ± {s['std']:.3f}") if n > 1 else (lambda s: f"{s['mean']:.3f}")
+    rows = "".join(f"| {label(m)} | " + " | ".join(cell(s[k]) for k in COLUMNS) + " |\n" for m, s in res["methods"].items())
+    return f"{NOTE}\n\n{head}{rows}\n(mean ± std over seeds {list(res['config']['seeds'])}; {res['config']['steps']} steps, lr {res['config']['lr']}, rank {res['config']['rank']})\n"
+
+
+def save_grid(res: dict, path: Path, per_kind: int = 3, scale: int = 3) -> Path:
+    """Rows: methods. Columns: with trigger | without trigger | other classes (seed 0)."""
+    from PIL import Image, ImageDraw
+    grid = res["grid"]
+    s, pad, lw = 32 * scale, 4, 170
+    kinds = [("token", "with sks"), ("notoken", "without"), ("others", "other classes")]
+    cols = [(k, i) for k, _ in kinds for i in range(per_kind)]
+    W, H = lw + len(cols) * (s + pad) + 2 * pad, 20 + len(grid) * (s + pad)
+    canvas = Image.new("RGB", (W, H), (255, 255, 255))
+    d = ImageDraw.Draw(canvas)
+    for j, (k, name) in enumerate(kinds):
+        d.text((lw + j * per_kind * (s + pad) + pad * j, 4), name, fill=(0, 0, 0))
+    for r, (m, imgs) in enumerate(grid.items()):
+        y = 20 + r * (s + pad)
+        d.text((4, y + s // 2 - 6), label(m).replace("α", "alpha "), fill=(0, 0, 0))  # the built-in font has no α
+        for j, (k, i) in enumerate(cols):
+            t = imgs[k]
+            idx = i * max(1, len(t) // per_kind)
+            a = ((t[idx].permute(1, 2, 0).numpy() + 1) * 127.5).clip(0, 255).astype(np.uint8)
+            canvas.paste(Image.fromarray(a).resize((s, s), Image.NEAREST), (lw + j * (s + pad) + pad * (j // per_kind), y))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+    return path
+
+
+def write(res: dict, out: Path) -> dict[str, Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    md, js = out / "kps_table.md", out / "kps.json"
+    md.write_text(table(res))
+    js.write_text(json.dumps({k: v for k, v in res.items() if k != "grid"}, indent=1))
+    return {"table": md, "json": js, "grid": save_grid(res, out / "kps_grid.png")}
+
+
+def run_world_demo(out_dir: str | Path, steps: int = 150, seed: int = 0, log=print) -> dict:
+    """The README's demo: plain LoRA (α=0) vs CAT (α=1) on the world; grid, table and JSON in out_dir."""
+    c = BenchConfig(steps=steps, seeds=(seed,), per_prompt=2, sample_steps=15, methods=("lora", "cat1"))
+    res = run(c, log)
+    paths = write(res, Path(out_dir))
+    log(table(res))
+    return {"result": res, "paths": paths}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m cat_train bench", description=__doc__.split("\n")[0])
+    ap.add_argument("what", choices=["kps"])
+    ap.add_argument("--quick", action="store_true", help="one seed, fewer steps and images (< 5 min on CPU)")
+    ap.add_argument("--out", default="bench_out")
+    ap.add_argument("--steps", type=int)
+    ap.add_argument("--lr", type=float)
+    ap.add_argument("--seeds", type=int, nargs="+")
+    ap.add_argument("--methods", nargs="+")
+    ap.add_argument("--per-prompt", type=int)
+    ap.add_argument("--sample-steps", type=int)
+    a = ap.parse_args(argv)
+    kw = dict(QUICK) if a.quick else {}
+    for k in ("steps", "lr", "seeds", "methods", "per_prompt", "sample_steps"):
+        v = getattr(a, k)
+        if v is not None:
+            kw[k] = tuple(v) if isinstance(v, list) else v
+    c = BenchConfig(**kw)
+    print(NOTE)
+    res = run(c)
+    paths = write(res, Path(a.out))
+    print("\n" + table(res))
+    print(f"wrote {paths['table']}, {paths['json']}, {paths['grid']} in {res['seconds']:.0f}s")
+    return 0

@@ -1,0 +1,31 @@
+"""`bench kps` end to end on a tiny setting: every method trains, samples and is scored; table, JSON and grid."""
+import json
+
+import numpy as np
+from PIL import Image
+
+from cat_train import bench_kps
+
+
+def test_bench_kps_tiny_end_to_end(tmp_path, capsys):
+    rc = bench_kps.main(["kps", "--quick", "--out", str(tmp_path), "--steps", "4", "--per-prompt", "1", "--sample-steps", "3"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "NOT Stable Diffusion" in out
+    table = (tmp_path / "kps_table.md").read_text()
+    rows = [r for r in table.splitlines() if r.startswith("| ") and not r.startswith("| method")]
+    assert [r.split(" | ")[0][2:] for r in rows] == ["base (no adapter)", "LoRA (α=0)", "CAT (α=0.5)", "CAT (α=1)", "CAT (α=2)",
+                                                     "DreamBooth prior (α=0)"]
+    assert all(len(r.strip("|").split("|")) == 1 + len(bench_kps.COLUMNS) for r in rows)
+    res = json.loads((tmp_path / "kps.json").read_text())
+    assert res["config"]["steps"] == 4 and res["config"]["seeds"] == [0]
+    for m, scores in res["methods"].items():
+        assert set(bench_kps.COLUMNS) <= set(scores)
+        for k in bench_kps.COLUMNS:
+            lo = -1.0 if k == "PS" else 0.0
+            assert lo <= scores[k]["mean"] <= 1.0, (m, k, scores[k])
+    # the base row compares the base with itself: drift is exactly 0
+    assert res["methods"]["base"]["drift"]["mean"] == 0.0
+    grid = Image.open(tmp_path / "kps_grid.png")
+    assert grid.size[1] == 20 + 6 * (96 + 4)  # six rows of 3x-upscaled 32 px images
+    assert np.asarray(grid).std() > 10
