@@ -1,0 +1,122 @@
+"""Kohya folders, captions and triggers, image decoding corner cases, buckets, bad input."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cat_train.dataset import DatasetError, fit_to, load_dataset, load_image, make_buckets, nearest_bucket, scan_folder
+
+
+def png(path: Path, size=(40, 20), color=(10, 20, 30), mode="RGB") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, size, color).save(path)
+    return path
+
+
+def test_repeats_and_captions_from_txt_folder_and_root(tmp_path):
+    png(tmp_path / "10_sks dog" / "a.png")
+    png(tmp_path / "10_sks dog" / "b.png")
+    (tmp_path / "10_sks dog" / "b.txt").write_text("a photo of  sks dog\non grass\n")
+    png(tmp_path / "c.png")
+    png(tmp_path / "notes" / "ignored.png")
+    recs = {r.path.name: r for r in scan_folder(tmp_path, ["sks"], class_word="dog")}
+    assert set(recs) == {"a.png", "b.png", "c.png"}
+    assert (recs["a.png"].repeats, recs["a.png"].caption) == (10, "sks dog")
+    assert recs["b.png"].caption == "a photo of sks dog on grass"
+    assert (recs["c.png"].repeats, recs["c.png"].caption, recs["c.png"].triggers) == (1, "sks dog", ("sks",))
+
+
+@pytest.mark.parametrize("where, expected", [("prepend", "sks, a photo of a dog"), ("append", "a photo of a dog, sks")])
+def test_trigger_insertion(tmp_path, where, expected):
+    png(tmp_path / "a.png")
+    (tmp_path / "a.txt").write_text("a photo of a dog")
+    assert scan_folder(tmp_path, ["sks"], insert_trigger=where)[0].caption == expected
+
+
+def test_insertion_off_names_the_file_and_the_fix(tmp_path):
+    png(tmp_path / "a.png")
+    (tmp_path / "a.txt").write_text("a photo of sksdog")  # no whole-word trigger
+    with pytest.raises(DatasetError, match=r"a\.png.*add the token to a\.txt or turn trigger insertion on"):
+        scan_folder(tmp_path, ["sks"], insert_trigger="off")
+
+
+def test_multi_concept_folders_insert_their_own_trigger(tmp_path):
+    png(tmp_path / "5_zwx cat" / "a.png")
+    (tmp_path / "5_zwx cat" / "a.txt").write_text("a cat on a sofa")
+    assert scan_folder(tmp_path, ["sks", "zwx"])[0].caption == "zwx, a cat on a sofa"
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    img = Image.new("RGB", (40, 20), (0, 0, 0))
+    img.paste((255, 0, 0), (0, 0, 6, 6))  # a block, so JPEG chroma subsampling keeps it red
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    img.save(tmp_path / "r.jpg", exif=exif, quality=100)
+    out = load_image(tmp_path / "r.jpg")
+    assert out.size == (20, 40)
+    r, g, b = out.getpixel((17, 2))  # the top-left block lands top-right
+    assert r > 150 and g < 100
+
+
+def test_rgba_on_white_grayscale_and_16_bit(tmp_path):
+    rgba = Image.new("RGBA", (8, 8), (0, 0, 0, 0))
+    rgba.save(tmp_path / "t.png")
+    assert load_image(tmp_path / "t.png").getpixel((3, 3)) == (255, 255, 255)
+    png(tmp_path / "g.png", color=77, mode="L")
+    assert load_image(tmp_path / "g.png").getpixel((1, 1)) == (77, 77, 77)
+    for value, expected in ((65535, 1.0), (32768, 128 / 127.5 - 1)):
+        Image.fromarray(np.full((8, 8), value, dtype=np.uint16)).save(tmp_path / "d.png")
+        assert Image.open(tmp_path / "d.png").mode.startswith("I")
+        px = fit_to(load_image(tmp_path / "d.png"), (8, 8))
+        assert px.shape == (3, 8, 8) and torch.allclose(px, torch.full_like(px, expected), atol=1e-6)
+
+
+def test_buckets():
+    buckets = make_buckets(512, 64)
+    assert all(w * h <= 512 * 512 and w % 64 == 0 and h % 64 == 0 for w, h in buckets)
+    assert (512, 512) in buckets
+    w, h = nearest_bucket(2000, 1000, buckets)
+    assert w / h >= 1.6
+    assert nearest_bucket(300, 300, buckets) == (512, 512)
+
+
+def test_load_dataset_buckets_and_square_mode(tmp_path):
+    png(tmp_path / "wide.png", size=(200, 100))
+    png(tmp_path / "square.png", size=(100, 100))
+    ds = load_dataset(tmp_path, ["sks"], resolution=128, bucket_step=32)
+    sizes = sorted(tuple(it.pixels.shape[1:]) for it in ds.items)
+    assert sizes[0][1] > sizes[0][0] and sizes[1] == (128, 128)
+    assert "2 images, 2 buckets" in ds.summary()
+    ds = load_dataset(tmp_path, ["sks"], resolution=64, buckets=False)
+    assert ds.buckets == {(64, 64): 2}
+    assert ds.items[0].pixels.min() >= -1 and ds.items[0].pixels.max() <= 1
+
+
+def test_corrupt_files_are_skipped_and_listed(tmp_path, caplog):
+    png(tmp_path / "good.png")
+    (tmp_path / "bad.jpg").write_bytes(b"not an image")
+    ds = load_dataset(tmp_path, ["sks"], resolution=64)
+    assert len(ds.items) == 1 and [p.name for p, _ in ds.skipped] == ["bad.jpg"]
+    assert "bad.jpg" in caplog.text and "1 skipped" in ds.summary()
+    (tmp_path / "good.png").write_bytes(b"\x89PNG broken")
+    with pytest.raises(DatasetError, match=r"no readable image.*bad\.jpg.*good\.png"):
+        load_dataset(tmp_path, ["sks"], resolution=64)
+
+
+def test_missing_and_empty_folders_and_triggers(tmp_path):
+    with pytest.raises(DatasetError, match="does not exist"):
+        scan_folder(tmp_path / "nope", ["sks"])
+    with pytest.raises(DatasetError, match="no images in"):
+        scan_folder(tmp_path, ["sks"])
+    with pytest.raises(DatasetError, match="trigger"):
+        scan_folder(tmp_path, [""])
+
+
+def test_real_photos_when_present():
+    folder = Path(__file__).resolve().parents[2] / "shared" / "data" / "dreambooth-512" / "dog"
+    if not folder.is_dir():
+        pytest.skip(f"{folder} is absent (the DreamBooth photos live outside the project)")
+    ds = load_dataset(folder, ["sks"], class_word="dog", resolution=256)
+    assert len(ds.items) == 5 and all(it.caption == "sks dog" for it in ds.items)
