@@ -63,8 +63,8 @@ def scan_folder(root: str | Path, triggers: Sequence[str], class_word: str = "",
     for folder, repeats, name in groups:
         for path in _images(folder):
             cap_file = path.with_suffix(ext)
-            caption = " ".join(cap_file.read_text(encoding="utf-8").split()) if cap_file.is_file() else \
-                (name or " ".join(w for w in (triggers[0], class_word.strip()) if w))
+            text = " ".join(cap_file.read_text(encoding="utf-8").split()) if cap_file.is_file() else ""
+            caption = text or name or " ".join(w for w in (triggers[0], class_word.strip()) if w)  # empty file = none
             if not triggers_in(caption, triggers):
                 if insert_trigger == "off":
                     raise DatasetError(f"caption of {path} has no trigger {list(triggers)}: {caption!r}; add the token "
@@ -109,13 +109,16 @@ def load_image(path: str | Path) -> Image.Image:
 
 
 def make_buckets(resolution: int = 512, step: int = 64, max_aspect: float = 2.0) -> list[tuple[int, int]]:
-    """(w, h) with w*h <= resolution^2, sides multiples of step, aspect within max_aspect; the largest per width."""
-    out = []
-    for w in range(step, int(resolution * math.sqrt(max_aspect)) + 1, step):
-        h = min(resolution * resolution // w // step * step, int(w * max_aspect) // step * step)
-        if h >= step and max(w / h, h / w) <= max_aspect:
-            out.append((w, h))
-    return sorted(set(out))
+    """(w, h), sides multiples of step, w*h <= resolution^2, aspect within max_aspect: for each side length
+    the largest partner, so portrait and landscape buckets come in pairs."""
+    area, sides = resolution * resolution, range(step, int(resolution * math.sqrt(max_aspect)) + 1, step)
+
+    def partner(a: int) -> int:
+        return min(area // a // step * step, int(a * max_aspect) // step * step)
+
+    tall = {(w, partner(w)) for w in sides if partner(w) >= step and partner(w) * step >= w * step / max_aspect}
+    wide = {(partner(h), h) for h in sides if partner(h) >= step}
+    return sorted(b for b in tall | wide if max(b[0] / b[1], b[1] / b[0]) <= max_aspect)
 
 
 def nearest_bucket(w: int, h: int, buckets: Sequence[tuple[int, int]]) -> tuple[int, int]:

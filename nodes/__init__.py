@@ -54,6 +54,8 @@ class CatDatasetNode(io.ComfyNode):
         trig = tuple(t.strip() for t in triggers.split(",") if t.strip())
         ds = build_dataset(_resolve_folder(folder), vae, clip, trig, class_word.strip(), caption_extension, resolution, buckets)
         info = f"{len(ds.items)} images in {len(ds.buckets)} bucket(s): " + ", ".join(f"{w}x{h}: {n}" for (w, h), n in sorted(ds.buckets.items()))
+        if ds.skipped:
+            info += f"\nskipped {len(ds.skipped)} unreadable file(s): " + ", ".join(ds.skipped)
         return io.NodeOutput(ds, len(ds.items), info)
 
 

@@ -20,6 +20,7 @@ def test_repeats_and_captions_from_txt_folder_and_root(tmp_path):
     png(tmp_path / "10_sks dog" / "b.png")
     (tmp_path / "10_sks dog" / "b.txt").write_text("a photo of  sks dog\non grass\n")
     png(tmp_path / "c.png")
+    (tmp_path / "c.txt").write_text("  \n")  # an empty caption file counts as none
     png(tmp_path / "notes" / "ignored.png")
     recs = {r.path.name: r for r in scan_folder(tmp_path, ["sks"], class_word="dog")}
     assert set(recs) == {"a.png", "b.png", "c.png"}

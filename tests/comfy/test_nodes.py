@@ -215,14 +215,14 @@ def test_v_prediction_model(comfy, dataset_dir, tmp_path):
 def test_dataset_errors_name_the_fix(comfy, tiny_sd15, tmp_path):
     ds_mod = pack_module(comfy, "nodes.dataset")
     _, clip, vae = tiny_sd15
-    with pytest.raises(ValueError, match="does not exist; put images"):
+    with pytest.raises(ValueError, match="nope does not exist.*put the training images"):
         ds_mod.build_dataset(tmp_path / "nope", vae, clip, ("sks",), "dog", ".txt", 128, True)
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no images"):
         ds_mod.build_dataset(tmp_path / "empty", vae, clip, ("sks",), "dog", ".txt", 128, True)
     from tiny_models import make_images
     folder = make_images(tmp_path / "10_dog", n=2)  # kohya repeat folder inside the dataset root
-    with pytest.raises(ValueError, match="at least one trigger"):
+    with pytest.raises(ValueError, match="at least one non-empty trigger"):
         ds_mod.build_dataset(tmp_path, vae, clip, (), "dog", ".txt", 128, True)
     ds = ds_mod.build_dataset(tmp_path, vae, clip, ("sks",), "dog", ".txt", 128, False)
     assert [it[3] for it in ds.items] == [10, 10] and ds.buckets == {(128, 128): 2}  # no buckets: square crops
