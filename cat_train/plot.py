@@ -34,12 +34,14 @@ def loss_curve(history: Sequence[dict], keys: Sequence[str] = ("fit", "keep"), s
         d.text((left + 10, top + 10), "no finite values yet", fill=(0, 0, 0))
         return img
     lo, hi = min(vals), max(vals)
+    if log_y:  # a term that starts at ~0 (CAT's, at init) would flatten everything else
+        lo = max(lo, hi - 4)
     hi = hi if hi > lo else lo + 1
     n = max(len(s) for s in series.values())
 
     def xy(i: int, v: float) -> tuple[float, float]:
         x = left + (w - left - right) * (i / max(1, n - 1))
-        return x, top + (h - top - bottom) * (1 - (tf(v) - lo) / (hi - lo))
+        return x, top + (h - top - bottom) * (1 - (max(tf(v), lo) - lo) / (hi - lo))
 
     for k, s in series.items():
         c = PALETTE[list(series).index(k) % len(PALETTE)]
