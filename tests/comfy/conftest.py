@@ -99,24 +99,11 @@ def dataset_dir(comfy):
 @pytest.fixture(scope="session")
 def test_checkpoint_node(comfy):
     """A loader node for the executor tests: returns the tiny MODEL/CLIP/VAE like CheckpointLoaderSimple."""
-    from comfy_api.latest import io
+    from tiny_models import tiny_checkpoint_node
 
-    cache = {}
-
-    class TinyCheckpoint(io.ComfyNode):
-        @classmethod
-        def define_schema(cls):
-            return io.Schema(node_id="CATTest_TinyCheckpoint", inputs=[io.Combo.Input("kind", options=["sd15", "sdxl"])],
-                             outputs=[io.Model.Output(), io.Clip.Output(), io.Vae.Output()])
-
-        @classmethod
-        def execute(cls, kind):
-            if kind not in cache:
-                cache[kind] = tiny_model(kind)
-            return io.NodeOutput(*cache[kind])
-
+    TinyCheckpoint = tiny_checkpoint_node()
     comfy.nodes.NODE_CLASS_MAPPINGS["CATTest_TinyCheckpoint"] = TinyCheckpoint
-    return cache
+    return TinyCheckpoint.cache
 
 
 class FakeServer:

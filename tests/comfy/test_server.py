@@ -19,21 +19,9 @@ from tiny_models import make_images
 HELPER = '''
 import sys
 sys.path.insert(0, {tests!r})
-from comfy_api.latest import ComfyExtension, io
-from tiny_models import tiny_model
-_cache = {{}}
-
-class TinyCheckpoint(io.ComfyNode):
-    @classmethod
-    def define_schema(cls):
-        return io.Schema(node_id="CATTest_TinyCheckpoint", inputs=[io.Combo.Input("kind", options=["sd15", "sdxl"])],
-                         outputs=[io.Model.Output(), io.Clip.Output(), io.Vae.Output()])
-
-    @classmethod
-    def execute(cls, kind):
-        if kind not in _cache:
-            _cache[kind] = tiny_model(kind)
-        return io.NodeOutput(*_cache[kind])
+from comfy_api.latest import ComfyExtension
+from tiny_models import tiny_checkpoint_node
+TinyCheckpoint = tiny_checkpoint_node()
 
 class Ext(ComfyExtension):
     async def get_node_list(self):
@@ -91,6 +79,21 @@ def server(tmp_path_factory):
         log.close()
 
 
+def train_graph(steps: int, seed: int, checkpoint_name: str, save_name: str) -> dict:
+    """API graph: tiny SD1.x -> CAT Dataset (input/ds) -> loss config -> trainer -> Save CAT LoRA."""
+    return {
+        "1": {"class_type": "CATTest_TinyCheckpoint", "inputs": {"kind": "sd15"}},
+        "2": {"class_type": "CAT_Dataset", "inputs": {"vae": ["1", 2], "clip": ["1", 1], "folder": "ds", "triggers": "sks",
+                                                      "class_word": "dog", "caption_extension": ".txt", "resolution": 128, "buckets": True}},
+        "3": {"class_type": "CAT_LossConfig", "inputs": {"cat_factor": 1.0, "preservation": "class", "class_word": "dog", "token_weights": ""}},
+        "4": {"class_type": "CAT_LoraTrainer", "inputs": {
+            "model": ["1", 0], "dataset": ["2", 0], "loss_config": ["3", 0], "rank": 4, "lora_alpha": 4.0, "target": "attn",
+            "steps": steps, "learning_rate": 0.01, "lr_schedule": "constant", "batch_size": 1, "grad_accum": 1, "seed": seed,
+            "dtype": "fp32", "gradient_checkpointing": False, "save_every": 0, "checkpoint_name": checkpoint_name, "resume_from": ""}},
+        "5": {"class_type": "CAT_SaveLora", "inputs": {"lora": ["4", 1], "name": save_name}},
+    }
+
+
 def test_server_registers_nodes_and_serves_web(server):
     url, info, _ = server
     for nid in ("CAT_Dataset", "CAT_LossConfig", "CAT_LoraTrainer", "CAT_SaveLora", "CAT_KPSEvaluator"):
@@ -104,18 +107,8 @@ def test_prompt_runs_with_progress_and_live_events(server, tmp_path, capsys):
     from cat_train import queue
 
     url, _, base = server
-    g = {
-        "1": {"class_type": "CATTest_TinyCheckpoint", "inputs": {"kind": "sd15"}},
-        "2": {"class_type": "CAT_Dataset", "inputs": {"vae": ["1", 2], "clip": ["1", 1], "folder": "ds", "triggers": "sks",
-                                                      "class_word": "dog", "caption_extension": ".txt", "resolution": 128, "buckets": True}},
-        "3": {"class_type": "CAT_LossConfig", "inputs": {"cat_factor": 1.0, "preservation": "class", "class_word": "dog", "token_weights": ""}},
-        "4": {"class_type": "CAT_LoraTrainer", "inputs": {
-            "model": ["1", 0], "dataset": ["2", 0], "loss_config": ["3", 0], "rank": 4, "lora_alpha": 4.0, "target": "attn",
-            "steps": 3, "learning_rate": 0.01, "lr_schedule": "constant", "batch_size": 1, "grad_accum": 1, "seed": 0,
-            "dtype": "fp32", "gradient_checkpointing": False, "save_every": 0, "checkpoint_name": "srv", "resume_from": ""}},
-        "5": {"class_type": "CAT_SaveLora", "inputs": {"lora": ["4", 1], "name": "server_run"}},
-        "6": {"class_type": "PreviewImage", "inputs": {"images": ["4", 2]}},
-    }
+    g = train_graph(steps=3, seed=0, checkpoint_name="srv", save_name="server_run")
+    g["6"] = {"class_type": "PreviewImage", "inputs": {"images": ["4", 2]}}
     wf = tmp_path / "wf.api.json"
     wf.write_text(json.dumps(g))
     out = tmp_path / "runs.json"
@@ -139,17 +132,7 @@ def test_cancel_over_the_api_leaves_a_checkpoint(server, tmp_path):
     import torch
 
     url, _, base = server
-    g = {
-        "1": {"class_type": "CATTest_TinyCheckpoint", "inputs": {"kind": "sd15"}},
-        "2": {"class_type": "CAT_Dataset", "inputs": {"vae": ["1", 2], "clip": ["1", 1], "folder": "ds", "triggers": "sks",
-                                                      "class_word": "dog", "caption_extension": ".txt", "resolution": 128, "buckets": True}},
-        "3": {"class_type": "CAT_LossConfig", "inputs": {"cat_factor": 1.0, "preservation": "class", "class_word": "dog", "token_weights": ""}},
-        "4": {"class_type": "CAT_LoraTrainer", "inputs": {
-            "model": ["1", 0], "dataset": ["2", 0], "loss_config": ["3", 0], "rank": 4, "lora_alpha": 4.0, "target": "attn",
-            "steps": 5000, "learning_rate": 0.01, "lr_schedule": "constant", "batch_size": 1, "grad_accum": 1, "seed": 7,
-            "dtype": "fp32", "gradient_checkpointing": False, "save_every": 0, "checkpoint_name": "cancelled", "resume_from": ""}},
-        "5": {"class_type": "CAT_SaveLora", "inputs": {"lora": ["4", 1], "name": "never"}},
-    }
+    g = train_graph(steps=5000, seed=7, checkpoint_name="cancelled", save_name="never")
 
     async def go():
         steps, kinds = [], []

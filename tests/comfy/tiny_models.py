@@ -90,3 +90,26 @@ def make_images(folder: Path, n: int = 3, size: int = 128, caption: str = "a pho
         Image.fromarray(rng.integers(0, 255, (size, size * (1 + i % 2), 3), dtype=np.uint8)).save(folder / f"img{i}.png")
         (folder / f"img{i}.txt").write_text(caption if i else "")  # one captionless image gets the trigger
     return folder
+
+
+def tiny_checkpoint_node():
+    """A loader node returning the tiny MODEL/CLIP/VAE like CheckpointLoaderSimple (built once per kind).
+    Defined in a function: comfy_api is importable only once ComfyUI is on sys.path."""
+    from comfy_api.latest import io
+
+    cache: dict = {}
+
+    class TinyCheckpoint(io.ComfyNode):
+        @classmethod
+        def define_schema(cls):
+            return io.Schema(node_id="CATTest_TinyCheckpoint", inputs=[io.Combo.Input("kind", options=["sd15", "sdxl"])],
+                             outputs=[io.Model.Output(), io.Clip.Output(), io.Vae.Output()])
+
+        @classmethod
+        def execute(cls, kind):
+            if kind not in cache:
+                cache[kind] = tiny_model(kind)
+            return io.NodeOutput(*cache[kind])
+
+    TinyCheckpoint.cache = cache  # tests reach the built models through it
+    return TinyCheckpoint
