@@ -8,7 +8,8 @@ from cat_train.adapter import (LoraSpec, adapter_disabled, adapter_parameters, i
                                remove_lora)
 from cat_train.denoiser import NoiseSchedule
 from cat_train.loss import CatLossConfig, cat_loss, cat_objective
-from cat_train.train import TrainConfig, TrainingDiverged, build_examples, checkpoint_path, lr_factor, train
+from cat_train.train import (TrainConfig, TrainingDiverged, TrainingOutOfMemory, build_examples, checkpoint_path,
+                             lr_factor, train)
 
 
 def batch(b=2, seed=0, hw=8):
@@ -259,3 +260,18 @@ def test_class_mode_needs_a_class_word(text):
 def test_empty_dataset_is_refused(tiny_denoiser):
     with pytest.raises(ValueError, match="dataset is empty"):
         train(tiny_denoiser, [], CatLossConfig(), LoraSpec(), TrainConfig(steps=1))
+
+
+def test_out_of_memory_names_the_knobs_and_keeps_a_checkpoint(tiny_denoiser, text, tmp_path):
+    predict, calls = tiny_denoiser.predict, []
+
+    def oom_on_step_3(x, t, c):
+        calls.append(1)
+        if len(calls) > 2 * 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return predict(x, t, c)
+
+    tiny_denoiser.predict = oom_on_step_3
+    with pytest.raises(TrainingOutOfMemory, match="at step 3.*batch_size.*gradient_checkpointing.*bf16"):
+        run(tiny_denoiser, examples(text), tmp_path, 10)
+    assert checkpoint_path(tmp_path, 2).exists() and not lora_layers(tiny_denoiser.module)
