@@ -99,7 +99,7 @@ def main() -> None:
     print(f"UNet {args.unet} ({sum(p.numel() for p in UNet(**CONFIGS[args.unet]).parameters()) if args.unet != 'sd15' else 859520964:,} params), "
           f"{args.res}px, batch {args.batch}, rank {args.rank}, {args.device}, precision {args.precision}, "
           f"{args.steps} timed steps after {args.warmup} warm-up")
-    print(f"| method | step s | peak MB | training MB (peak - model) |\n|---|---|---|---|")
+    print("| method | step s | peak MB | training MB (peak - model) |\n|---|---|---|---|")
     for name, r in (("LoRA (alpha 0)", lora), ("CAT (alpha 1)", cat)):
         print(f"| {name} | {r['step_s']:.3f} | {r[mem]:.0f} | {r[mem] - r[base]:.0f} |")
     print(f"CAT / LoRA step time: {cat['step_s'] / lora['step_s']:.2f} (FLOP floor 7/3 = 2.33)")

@@ -20,14 +20,14 @@ import argparse
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from . import metrics
-from .adapter import LoraSpec, adapter_disabled, remove_lora
+from .adapter import LoraSpec, remove_lora
 from .loss import CatLossConfig
 from .sample import sample
 from .train import Example, TrainConfig, build_examples, train

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .prompts import ensure_trigger, trigger_pattern, triggers_in
+from .prompts import ensure_trigger, triggers_in
 
 log = logging.getLogger("cat_train")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
@@ -187,4 +187,4 @@ def load_dataset(root: str | Path, triggers: Sequence[str], class_word: str = ""
 
 
 __all__ = ["DatasetError", "Dataset", "DatasetItem", "ImageRecord", "IMAGE_EXTS", "fit_to", "load_dataset", "load_image",
-           "make_buckets", "nearest_bucket", "scan_folder", "trigger_pattern"]
+           "make_buckets", "nearest_bucket", "scan_folder"]

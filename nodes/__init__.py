@@ -4,7 +4,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import torch
 from comfy_api.latest import ComfyExtension, io
 
 from ..cat_train.adapter import PRESET_CHAIN, LoraSpec
