@@ -149,6 +149,22 @@ def evaluate(world: World, imgs: dict[str, torch.Tensor], base: dict[str, torch.
     return out
 
 
+def base_quality(world: World, per: int = 2, seed: int = 0, sample_steps: int = 15) -> dict[str, float]:
+    """How well the base model draws its world, by world-CLIP's attribute heads on fixed noise.
+
+    class_acc: share of tokenless class prompts ("a star on a black background") drawn as that class;
+    colour_acc: share of "a <colour> <shape> on a grey background" drawn in that colour. Chance is 0.2 for both.
+    """
+    c = BenchConfig(sample_steps=sample_steps)
+    cls = [f"a {s} on a {bg} background" for s in wg.SHAPES for bg in wg.BACKGROUNDS for _ in range(per)]
+    col = [f"a {k} {s} on a grey background" for s in wg.SHAPES for k in wg.COLOURS]
+    shp_cls, _ = world.clip.attributes(world.generate(cls, _noise(len(cls), 900 + seed), c))
+    shp_col, col_col = world.clip.attributes(world.generate(col, _noise(len(col), 901 + seed), c))
+    return {"class_acc": float(np.mean([a == p.split()[1] for a, p in zip(shp_cls, cls)])),
+            "class_acc_with_colour": float(np.mean([a == p.split()[2] for a, p in zip(shp_col, col)])),
+            "colour_acc": float(np.mean([a == p.split()[1] for a, p in zip(col_col, col)]))}
+
+
 def run(c: BenchConfig, log=print, world: World | None = None) -> dict:
     torch.manual_seed(0)
     world = world or World()
@@ -156,6 +172,7 @@ def run(c: BenchConfig, log=print, world: World | None = None) -> dict:
     spec = LoraSpec(rank=c.rank, alpha=c.rank)
     results: dict[str, list[dict]] = {m: [] for m in ("base", *c.methods)}
     grid: dict[str, dict[str, torch.Tensor]] = {}
+    trained: dict[str, object] = {}  # first seed's TrainResult per method: its LoRA and loss history
     t0 = time.time()
     for seed in c.seeds:
         noise = {k: _noise(len(v), seed * 7 + i) for i, (k, v) in enumerate(ps.items())}
@@ -176,11 +193,12 @@ def run(c: BenchConfig, log=print, world: World | None = None) -> dict:
             r["final_fit"] = float(np.mean([h["fit"] for h in tr.history[-20:]]))
             results[m].append(r)
             if seed == c.seeds[0]:
-                grid[m] = imgs
+                grid[m], trained[m] = imgs, tr
             log(f"seed {seed} {label(m):24s} " + " ".join(f"{k} {v:.3f}" for k, v in r.items()) + f"  ({time.time() - t1:.0f}s)")
     summary = {m: {k: {"mean": float(np.mean([r[k] for r in rs])), "std": float(np.std([r[k] for r in rs])),
                        "runs": [r[k] for r in rs]} for k in rs[0]} for m, rs in results.items()}
-    return {"note": NOTE, "config": asdict(c), "seconds": time.time() - t0, "methods": summary, "grid": grid}
+    return {"note": NOTE, "config": asdict(c), "seconds": time.time() - t0, "methods": summary, "grid": grid,
+            "trained": trained}
 
 
 COLUMNS = ("PS", "IS", "KPS", "drift", "class_acc", "colour_acc", "colour_div", "leak")
@@ -223,17 +241,8 @@ def write(res: dict, out: Path) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     md, js = out / "kps_table.md", out / "kps.json"
     md.write_text(table(res))
-    js.write_text(json.dumps({k: v for k, v in res.items() if k != "grid"}, indent=1))
+    js.write_text(json.dumps({k: v for k, v in res.items() if k not in ("grid", "trained")}, indent=1))
     return {"table": md, "json": js, "grid": save_grid(res, out / "kps_grid.png")}
-
-
-def run_world_demo(out_dir: str | Path, steps: int = 150, seed: int = 0, log=print) -> dict:
-    """The README's demo: plain LoRA (α=0) vs CAT (α=1) on the world; grid, table and JSON in out_dir."""
-    c = BenchConfig(steps=steps, seeds=(seed,), per_prompt=2, sample_steps=15, methods=("lora", "cat1"))
-    res = run(c, log)
-    paths = write(res, Path(out_dir))
-    log(table(res))
-    return {"result": res, "paths": paths}
 
 
 def main(argv: list[str] | None = None) -> int:

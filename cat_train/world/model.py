@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import Tensor
 
@@ -36,7 +37,7 @@ def build() -> tuple[UNet, WorldTextEncoder]:
 
 
 def load_base(path: str | Path = BASE_WEIGHTS) -> tuple[ModuleDenoiser, WorldTextEncoder]:
-    """The pretrained world model as a Denoiser (eps prediction, SD's schedule) and its frozen text encoder."""
+    """The pretrained world model as a Denoiser (v or eps prediction as its metadata says, SD's schedule) and its frozen text encoder."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing; regenerate it with `python -m cat_train.world.pretrain`.")
@@ -46,4 +47,6 @@ def load_base(path: str | Path = BASE_WEIGHTS) -> tuple[ModuleDenoiser, WorldTex
     text.load_state_dict({k[5:]: v.float() for k, v in state.items() if k.startswith("text.")})
     for m in (unet, text):
         m.eval().requires_grad_(False)
-    return ModuleDenoiser(unet, "eps", NoiseSchedule.scaled_linear()), text
+    with safe_open(str(path), "pt") as f:
+        prediction = (f.metadata() or {}).get("prediction", "eps")
+    return ModuleDenoiser(unet, prediction, NoiseSchedule.scaled_linear()), text
