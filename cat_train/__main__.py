@@ -5,7 +5,7 @@ import importlib
 import sys
 
 COMMANDS = {
-    "demo": ("cat_train.demo", "train plain LoRA and CAT on the embedded model; write LoRA, loss curve, report"),
+    "demo": ("cat_train.demo", "plain LoRA vs CAT on the embedded world model: image grid, PS/IS/KPS table, LoRAs, loss curve"),
     "bench": ("cat_train.bench_kps", "knowledge-preservation benchmark ('bench kps [--quick]')"),
     "queue": ("cat_train.queue", "post an API-format workflow to a running ComfyUI server, with overrides"),
 }

@@ -6,18 +6,21 @@ from safetensors import safe_open
 from cat_train.__main__ import main
 
 
-def test_demo_writes_loras_curve_and_report(tmp_path, capsys):
+def test_demo_writes_grid_table_loras_curve_and_report(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path), "--steps", "3"]) == 0
     out = capsys.readouterr().out
-    assert "Not Stable Diffusion" in out
+    assert "NOT Stable Diffusion" in out and "| LoRA (α=0) |" in out and "| CAT (α=1) |" in out
     report = json.loads((tmp_path / "report.json").read_text())
     assert set(report["runs"]) == {"lora", "cat"} and report["steps"] == 3
     for name, run in report["runs"].items():
-        assert run["drift_without_trigger"] > 0 and run["final_fit"] > 0
+        assert 0 <= run["leak"] <= 1 and -1 <= run["KPS"] <= 2 and run["final_fit"] > 0
         with safe_open(str(tmp_path / f"demo_{name}.safetensors"), "pt") as f:
             assert float(f.metadata()["cat_factor"]) == run["alpha"]
-            assert any(k.startswith("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k") for k in f.keys())
-    assert (tmp_path / "loss_curve.png").stat().st_size > 1000
+            assert any(k.startswith("lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k") for k in f.keys())
+    for f in ("loss_curve.png", "kps_grid.png"):
+        assert (tmp_path / f).stat().st_size > 1000
+    rows = [r for r in (tmp_path / "kps_table.md").read_text().splitlines() if r.startswith("| ") and not r.startswith("| method")]
+    assert [r.split(" | ")[0][2:] for r in rows] == ["base (no adapter)", "LoRA (α=0)", "CAT (α=1)"]
     before = (tmp_path / "demo_cat.safetensors").read_bytes()
     assert main(["demo", "--out", str(tmp_path), "--steps", "1"]) == 0  # a second run never overwrites a LoRA
     assert (tmp_path / "demo_cat.safetensors").read_bytes() == before
