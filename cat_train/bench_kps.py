@@ -9,10 +9,13 @@ identity, half prior, so its compute per step is about CAT's).
 Per method and seed, fixed noise gives paired images: with the trigger ("a sks circle on a grey
 background"), without it ("a circle on a grey background") and other classes ("a red square ...").
     PS, IS, KPS      the paper's scores with world-CLIP (KPS: adapted model, without vs with trigger)
-    drift            1 - H(S_C(base image, adapted image)) over tokenless prompts, same noise (0 = untouched)
+    identity         share of trigger images the world-CLIP calls 'striped' (was the identity learned?)
+    leak             share of tokenless circles it calls 'striped' (the identity leaking into the class)
+    drift, drift_other  mean of 1 - S_C(base image, adapted image), same noise, over the tokenless class
+                     prompts / the other classes (0 = untouched). An arithmetic mean: one image that
+                     changed completely must not decide the score, as it would in a harmonic mean.
     class/colour acc world-CLIP attribute heads on tokenless generations (did a circle stay a circle?)
     colour div       entropy of predicted colours of colour-free "a circle ..." prompts / ln 5 (mode collapse -> 0)
-    leak             share of tokenless circles the classifier calls 'striped' (the identity leaking)
 """
 from __future__ import annotations
 
@@ -125,10 +128,6 @@ def examples_for(method: str, world: World, c: BenchConfig, seed: int) -> tuple[
     raise ValueError(f"unknown method {method!r}; choose from lora, cat<alpha> (e.g. cat1), prior.")
 
 
-def _h(sims: torch.Tensor) -> float:
-    return metrics.harmonic_mean(sims)[0]
-
-
 def evaluate(world: World, imgs: dict[str, torch.Tensor], base: dict[str, torch.Tensor], ps: dict[str, list[str]]) -> dict:
     clip = world.clip
     emb = {k: clip.encode_image(v) for k, v in imgs.items()}
@@ -138,7 +137,8 @@ def evaluate(world: World, imgs: dict[str, torch.Tensor], base: dict[str, torch.
         "PS": metrics.prompt_similarity(clip.encode_text(ps["token"]), emb["token"]).value,
         "IS": metrics.identity_similarity(ref, emb["token"]).value,
         "KPS": metrics.kps(emb["notoken"], emb["token"]).value,
-        "drift": 1 - _h(metrics.cosine(torch.cat([bemb["notoken"], bemb["others"]]), torch.cat([emb["notoken"], emb["others"]]))),
+        "drift": float((1 - metrics.cosine(bemb["notoken"], emb["notoken"])).mean()),
+        "drift_other": float((1 - metrics.cosine(bemb["others"], emb["others"])).mean()),
     }
     shp_n, col_n = clip.attributes(imgs["notoken"])
     shp_o, col_o = clip.attributes(imgs["others"])
@@ -149,6 +149,7 @@ def evaluate(world: World, imgs: dict[str, torch.Tensor], base: dict[str, torch.
     p = counts[counts > 0] / max(1.0, counts.sum())
     out["colour_div"] = max(0.0, float(-(p * np.log(p)).sum() / math.log(len(wg.COLOURS)))) if counts.sum() else 0.0
     out["leak"] = col_n.count("striped") / len(col_n)
+    out["identity"] = clip.attributes(imgs["token"])[1].count("striped") / len(imgs["token"])
     return out
 
 
@@ -204,7 +205,7 @@ def run(c: BenchConfig, log=print, world: World | None = None) -> dict:
             "trained": trained}
 
 
-COLUMNS = ("PS", "IS", "KPS", "drift", "class_acc", "colour_acc", "colour_div", "leak")
+COLUMNS = ("PS", "IS", "KPS", "identity", "leak", "drift", "drift_other", "class_acc", "colour_acc", "colour_div")
 
 
 def table(res: dict) -> str:

@@ -18,7 +18,7 @@ from .plot import loss_curve
 from .world import generator as wg
 from .world import model as wm
 
-SCORES = ("PS", "IS", "KPS", "drift", "class_acc", "leak")
+SCORES = ("PS", "IS", "KPS", "identity", "leak", "drift", "drift_other", "class_acc")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,11 +62,13 @@ def main(argv: list[str] | None = None) -> int:
     (out / "report.json").write_text(json.dumps(report, indent=2))
     lo, ca = report["runs"]["lora"], report["runs"]["cat"]
     print("\n" + bench_kps.table(res))
-    print(f"without the trigger, how much of the identity leaks into plain '{wg.IDENTITY_CLASS}' prompts:\n"
-          f"  base model:            leak {base['leak']:.2f}\n"
-          f"  plain LoRA (alpha 0):  leak {lo['leak']:.2f}   KPS {lo['KPS']:.3f}   drift {lo['drift']:.3f}\n"
-          f"  CAT (alpha {args.alpha:g}):         leak {ca['leak']:.2f}   KPS {ca['KPS']:.3f}   drift {ca['drift']:.3f}\n"
-          f"with the trigger, identity similarity IS: LoRA {lo['IS']:.3f}, CAT {ca['IS']:.3f}\n"
+    print(f"with the trigger ('a {wg.TRIGGER} {wg.IDENTITY_CLASS}'), share drawn as the identity and identity similarity IS:\n"
+          f"  plain LoRA (alpha 0):  {lo['identity']:.2f}   IS {lo['IS']:.3f}\n"
+          f"  CAT (alpha {args.alpha:g}):         {ca['identity']:.2f}   IS {ca['IS']:.3f}\n"
+          f"without it ('a {wg.IDENTITY_CLASS}'), share of circles that turned into the identity (leak):\n"
+          f"  base model:            {base['leak']:.2f}\n"
+          f"  plain LoRA (alpha 0):  {lo['leak']:.2f}   KPS {lo['KPS']:.3f}   drift from base {lo['drift']:.3f}\n"
+          f"  CAT (alpha {args.alpha:g}):         {ca['leak']:.2f}   KPS {ca['KPS']:.3f}   drift from base {ca['drift']:.3f}\n"
           f"wrote {paths['grid']} (rows: methods; columns: with sks, without, other classes), {paths['table']},\n"
           f"      {lo['lora']}, {ca['lora']}, {out / 'loss_curve.png'}, {out / 'report.json'} in {res['seconds']:.0f}s")
     return 0

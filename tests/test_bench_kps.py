@@ -24,8 +24,8 @@ def test_bench_kps_tiny_end_to_end(tmp_path, capsys):
         for k in bench_kps.COLUMNS:
             lo = -1.0 if k == "PS" else 0.0
             assert lo <= scores[k]["mean"] <= 1.0, (m, k, scores[k])
-    # the base row compares the base with itself: drift is exactly 0
-    assert res["methods"]["base"]["drift"]["mean"] == 0.0
+    # the base row compares the base with itself: no drift
+    assert abs(res["methods"]["base"]["drift"]["mean"]) < 1e-6 and abs(res["methods"]["base"]["drift_other"]["mean"]) < 1e-6
     grid = Image.open(tmp_path / "kps_grid.png")
     assert grid.size[1] == 20 + 6 * (96 + 4)  # six rows of 3x-upscaled 32 px images
     assert np.asarray(grid).std() > 10
