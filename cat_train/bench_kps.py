@@ -64,8 +64,17 @@ QUICK = dict(seeds=(0,), per_prompt=2, sample_steps=15, prior_images=6)  # same 
 LABELS = {"base": "base (no adapter)", "lora": "LoRA (α=0)", "prior": "DreamBooth prior (α=0)"}
 
 
+def cat_method(m: str) -> tuple[float, str]:
+    """'cat1' -> (1.0, 'class'); 'cat1:empty' -> (1.0, 'empty'): CAT factor and preservation mode."""
+    alpha, _, mode = m[3:].partition(":")
+    return float(alpha), mode or "class"
+
+
 def label(m: str) -> str:
-    return LABELS.get(m, f"CAT (α={m[3:]})")
+    if m in LABELS:
+        return LABELS[m]
+    alpha, mode = cat_method(m)
+    return f"CAT (α={alpha:g})" if mode == "class" else f"CAT (α={alpha:g}, y={mode})"
 
 
 def _bgs(n: int) -> list[str]:
@@ -114,7 +123,8 @@ def examples_for(method: str, world: World, c: BenchConfig, seed: int) -> tuple[
         lc = CatLossConfig(alpha=0.0, preservation="class", class_word=CLASS)  # y unused at alpha 0
         return build_examples(items, world.encode_text, lc), lc, 1
     if method.startswith("cat"):
-        lc = CatLossConfig(alpha=float(method[3:]), preservation="class", class_word=CLASS)
+        alpha, mode = cat_method(method)
+        lc = CatLossConfig(alpha=alpha, preservation=mode, class_word=CLASS)
         return build_examples(items, world.encode_text, lc), lc, 1
     if method == "prior":
         lc = CatLossConfig(alpha=0.0, preservation="class", class_word=CLASS)  # y unused at alpha 0
@@ -125,7 +135,7 @@ def examples_for(method: str, world: World, c: BenchConfig, seed: int) -> tuple[
         # repeats balance the draw: identity and prior are each picked half the time
         rows = [(*it, n_reg) for it in items] + [(wm.encode(r[None])[0], p, (), n_id) for r, p in zip(reg, reg_prompts)]
         return build_examples(rows, world.encode_text, lc), lc, 2
-    raise ValueError(f"unknown method {method!r}; choose from lora, cat<alpha> (e.g. cat1), prior.")
+    raise ValueError(f"unknown method {method!r}; choose from lora, cat<alpha>[:class|strip|empty] (e.g. cat1, cat1:empty), prior.")
 
 
 def evaluate(world: World, imgs: dict[str, torch.Tensor], base: dict[str, torch.Tensor], ps: dict[str, list[str]]) -> dict:

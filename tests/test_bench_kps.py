@@ -2,6 +2,7 @@
 import json
 
 import numpy as np
+import torch
 from PIL import Image
 
 from cat_train import bench_kps
@@ -29,3 +30,16 @@ def test_bench_kps_tiny_end_to_end(tmp_path, capsys):
     grid = Image.open(tmp_path / "kps_grid.png")
     assert grid.size[1] == 20 + 6 * (96 + 4)  # six rows of 3x-upscaled 32 px images
     assert np.asarray(grid).std() > 10
+
+
+def test_cat_methods_name_their_preservation_prompt():
+    class Text:  # stands in for the world's encoder: the "context" is the prompt's length, so y is readable
+        def encode_text(self, ps):
+            return {"context": torch.tensor([[[float(len(p))]] for p in ps])}
+
+    assert bench_kps.label("cat1") == "CAT (α=1)" and bench_kps.label("cat0.5:empty") == "CAT (α=0.5, y=empty)"
+    for method, y in (("cat1", "a circle on a grey background"), ("cat2:empty", "")):
+        ex, lc, bs = bench_kps.examples_for(method, Text(), bench_kps.BenchConfig(), seed=0)
+        grey = [e for e in ex if e.cond_token["context"].item() == len("a sks circle on a grey background")]
+        assert lc.alpha == float(method[3:].split(":")[0]) and bs == 1 and len(grey) >= 1
+        assert all(e.cond_pres["context"].item() == len(y) for e in grey)
