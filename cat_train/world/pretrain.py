@@ -3,9 +3,9 @@
 UNet and text encoder learn together on freshly drawn world images (v prediction, SD's schedule,
 Min-SNR-5 loss weights), 10% empty captions so classifier-free guidance works; the saved weights are
 an EMA of the trained ones. The committed `base.safetensors` is this script's defaults with
-`--threads 1` (21 min beside a second run); alone with 2 threads it takes about 13 minutes
-(a regeneration with the defaults took 13.6 min). Other thread counts round differently, so the
-bytes differ; that regeneration drew the prompted class 29/30 and colour 25/25 (committed: 30/30, 25/25).
+`--threads 1` (21 min beside a second run); with the defaults (2 threads) it took 13.6 min.
+Thread counts round differently, so the bytes differ; that regeneration drew the prompted class
+29/30 and colour 25/25 (committed: 30/30, 25/25).
 
 Why v and Min-SNR: an eps-predicting model of this size drew noise from pure noise (shape accuracy at
 chance, 0.24) because at t=999 its x0 error is amplified 1/sqrt(abar) ~ 15x; v prediction bounds x0
