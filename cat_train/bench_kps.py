@@ -23,7 +23,7 @@ import argparse
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -65,7 +65,10 @@ LABELS = {"base": "base (no adapter)", "lora": "LoRA (α=0)", "prior": "DreamBoo
 
 
 def cat_method(m: str) -> tuple[float, str]:
-    """'cat1' -> (1.0, 'class'); 'cat1:empty' -> (1.0, 'empty'): CAT factor and preservation mode."""
+    """'cat1' -> (1.0, 'class'); 'cat1:empty' -> (1.0, 'empty'): CAT factor and preservation mode.
+
+    Modes: class, strip, empty (CatLossConfig's), and all: y cycles over every class of the world.
+    """
     alpha, _, mode = m[3:].partition(":")
     return float(alpha), mode or "class"
 
@@ -74,7 +77,7 @@ def label(m: str) -> str:
     if m in LABELS:
         return LABELS[m]
     alpha, mode = cat_method(m)
-    return f"CAT (α={alpha:g})" if mode == "class" else f"CAT (α={alpha:g}, y={mode})"
+    return f"CAT (α={alpha:g})" if mode == "class" else f"CAT (α={alpha:g}, y={'all classes' if mode == 'all' else mode})"
 
 
 def _bgs(n: int) -> list[str]:
@@ -124,8 +127,14 @@ def examples_for(method: str, world: World, c: BenchConfig, seed: int) -> tuple[
         return build_examples(items, world.encode_text, lc), lc, 1
     if method.startswith("cat"):
         alpha, mode = cat_method(method)
-        lc = CatLossConfig(alpha=alpha, preservation=mode, class_word=CLASS)
-        return build_examples(items, world.encode_text, lc), lc, 1
+        lc = CatLossConfig(alpha=alpha, preservation="class" if mode == "all" else mode, class_word=CLASS)
+        ex = build_examples(items, world.encode_text, lc)
+        if mode == "all":  # each image once per world class as y: the CAT term keeps every class prompt, not only "a circle"
+            ys = {(s, sc.background): world.encode_text([f"a {s} on a {sc.background} background"])
+                  for sc in wg.identity_scenes() for s in wg.SHAPES}
+            ex = [replace(e, cond_pres={k: v[0] for k, v in ys[s, sc.background].items()})
+                  for e, sc in zip(ex, wg.identity_scenes()) for s in wg.SHAPES]
+        return ex, lc, 1
     if method == "prior":
         lc = CatLossConfig(alpha=0.0, preservation="class", class_word=CLASS)  # y unused at alpha 0
         bgs = [list(wg.BACKGROUNDS)[i % 3] for i in range(c.prior_images)]
@@ -135,7 +144,7 @@ def examples_for(method: str, world: World, c: BenchConfig, seed: int) -> tuple[
         # repeats balance the draw: identity and prior are each picked half the time
         rows = [(*it, n_reg) for it in items] + [(wm.encode(r[None])[0], p, (), n_id) for r, p in zip(reg, reg_prompts)]
         return build_examples(rows, world.encode_text, lc), lc, 2
-    raise ValueError(f"unknown method {method!r}; choose from lora, cat<alpha>[:class|strip|empty] (e.g. cat1, cat1:empty), prior.")
+    raise ValueError(f"unknown method {method!r}; choose from lora, cat<alpha>[:class|strip|empty|all] (e.g. cat1, cat1:all), prior.")
 
 
 def evaluate(world: World, imgs: dict[str, torch.Tensor], base: dict[str, torch.Tensor], ps: dict[str, list[str]]) -> dict:

@@ -43,3 +43,7 @@ def test_cat_methods_name_their_preservation_prompt():
         grey = [e for e in ex if e.cond_token["context"].item() == len("a sks circle on a grey background")]
         assert lc.alpha == float(method[3:].split(":")[0]) and bs == 1 and len(grey) >= 1
         assert all(e.cond_pres["context"].item() == len(y) for e in grey)
+    ex, _, _ = bench_kps.examples_for("cat1:all", Text(), bench_kps.BenchConfig(), seed=0)
+    assert len(ex) == 5 * len(bench_kps.wg.SHAPES)  # every identity image once per class
+    grey = [e.cond_pres["context"].item() for e in ex if e.cond_token["context"].item() == len("a sks circle on a grey background")]
+    assert sorted(set(grey)) == sorted({float(len(f"a {s} on a grey background")) for s in bench_kps.wg.SHAPES})
