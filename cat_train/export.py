@@ -239,18 +239,23 @@ def next_free_path(directory: str | os.PathLike, stem: str) -> Path:
     return directory / f"{stem}_{max(used, default=0) + 1:05d}.safetensors"
 
 
+def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """(tensors, header metadata) of a .safetensors file, in one open."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+
+
 def load_lora(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, str]]:
     """(tensors, header metadata) of a .safetensors LoRA."""
     from safetensors import SafetensorError
-    from safetensors.torch import load_file, safe_open
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"LoRA file {path} does not exist; check the path (ComfyUI keeps LoRAs in models/loras).")
     try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = dict(f.metadata() or {})
-        return load_file(str(path)), metadata
+        return read_safetensors(path)
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"{path} is not a readable .safetensors file ({e}); only safetensors LoRAs are read "
                          "(convert .pt/.ckpt LoRAs with kohya's tools first).") from e

@@ -8,11 +8,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import load_file
 from torch import Tensor
 
 from ..denoiser import ModuleDenoiser, NoiseSchedule
+from ..export import read_safetensors
 from ..unet import UNet
 from .text import DIM, WorldTextEncoder
 
@@ -41,12 +40,10 @@ def load_base(path: str | Path = BASE_WEIGHTS) -> tuple[ModuleDenoiser, WorldTex
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing; regenerate it with `python -m cat_train.world.pretrain`.")
-    state = load_file(str(path))
+    state, metadata = read_safetensors(path)
     unet, text = build()
     unet.load_state_dict({k[5:]: v.float() for k, v in state.items() if k.startswith("unet.")})
     text.load_state_dict({k[5:]: v.float() for k, v in state.items() if k.startswith("text.")})
     for m in (unet, text):
         m.eval().requires_grad_(False)
-    with safe_open(str(path), "pt") as f:
-        prediction = (f.metadata() or {}).get("prediction", "eps")
-    return ModuleDenoiser(unet, prediction, NoiseSchedule.scaled_linear()), text
+    return ModuleDenoiser(unet, metadata.get("prediction", "eps"), NoiseSchedule.scaled_linear()), text
