@@ -76,13 +76,119 @@ def input_specs(cls) -> list[tuple[str, str, dict, bool]]:
         for name, spec in info.get(section, {}).items():
             typ = spec[0]
             opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
-            tname = "COMBO" if isinstance(typ, list) else typ
+            tname = "COMBO" if isinstance(typ, list) or typ == "COMBO" else typ
             rows.append((name, tname, opts, tname in WIDGET_TYPES and not opts.get("forceInput")))
     return rows
 
 
-def to_ui(api: dict, mappings: dict) -> dict:
-    """API graph -> litegraph UI graph (nodes, links, widgets_values) for the node schemas in `mappings`."""
+def control_values(name: str, typ: str, opts: dict) -> list:
+    """The extra widgets_values the editor (ComfyUI frontend 1.27) stores after a widget: an INT gets a
+    "control after generate" combo when its spec says control_after_generate, or, by legacy convention,
+    when it is named seed/noise_seed and the spec does not say otherwise; a COMBO gets the control plus a
+    filter-list text only when the spec asks. "fixed" keeps a shipped seed as shipped."""
+    flag = opts.get("control_after_generate")
+    if typ == "INT" and (flag if flag is not None else name in ("seed", "noise_seed")):
+        return ["fixed"]
+    if typ == "COMBO" and flag:
+        return ["fixed", ""]
+    return []
+
+
+# Sizes the editor gives these nodes (LGraphNode.computeSize in frontend 1.27, measured in Chromium),
+# rounded up; the browser test checks that loading grows none of them. Image outputs get room for a preview.
+SIZES = {
+    "CheckpointLoaderSimple": (340, 100), "CAT_Dataset": (340, 230), "CAT_LossConfig": (340, 180),
+    "CAT_SaveLora": (340, 60), "CLIPTextEncode": (400, 130), "EmptyLatentImage": (340, 110), "KSampler": (340, 270),
+    "VAEDecode": (200, 50), "SaveImage": (320, 320), "CAT_KPSEvaluator": (400, 230), "PreviewImage": (320, 320),
+    "Note": (560, 330),
+}
+TRAINER_WIDGETS_H = 460  # computeSize height of the trainer: inputs, outputs and 15 widgets
+LIVE_VIEW_H = 150  # web/cat_live_view.js PLOT_H: reserved under the widgets so the chart covers nothing
+SIZES["CAT_LoraTrainer"] = (380, TRAINER_WIDGETS_H + LIVE_VIEW_H + 10)
+TITLE_H, GAP, PAD, GROUP_TITLE = 30, 30, 20, 50
+
+NOTE = """Before you press Run, edit three things:
+
+1. Load Checkpoint > ckpt_name: your {model} checkpoint (models/checkpoints).
+
+2. CAT Dataset > folder: your images with same-name .txt captions (a subfolder of ComfyUI/input, or a full path); \
+triggers: your token (e.g. sks); class_word: what the subject is (e.g. dog). Use the same class word in CAT Loss \
+Config and the same trigger in the sampling prompts (the KPS Evaluator's prompts too).
+
+3. KPS Evaluator > clip_checkpoint: an open_clip checkpoint in models/clip, and open_clip_model its architecture \
+(OpenAI's original weights: ViT-B-32-quickgelu).
+
+The trainer draws its loss curve live and checkpoints to output/cat_checkpoints/<checkpoint_name>; after Cancel, \
+give the last cat-stepNNNNNN.pt to resume_from. cat_factor 0 is plain LoRA."""
+
+
+def layout(api: dict, title: str) -> tuple[dict[int, tuple[list[int], list[int]]], list[dict], dict]:
+    """Node id -> (pos, size), groups and a Note: groups in rows (data; then per trained adapter:
+    training, sampling, evaluation), each group a few columns of nodes stacked top to bottom."""
+    by_type: dict[str, list[int]] = {}
+    for nid, node in sorted(api.items(), key=lambda kv: int(kv[0])):
+        by_type.setdefault(node["class_type"], []).append(int(nid))
+    trainers = by_type["CAT_LoraTrainer"]
+    places, groups = {}, []
+
+    def group(name: str, columns: list[list[int]], x: int, y: int, color: str) -> tuple[int, int]:
+        """Places the columns inside a group at (x, y); returns the group's width and height."""
+        cx, bottom = x + PAD, y
+        for col in columns:
+            cy, width = y + GROUP_TITLE + TITLE_H, 0
+            for nid in col:
+                w, h = SIZES[api[str(nid)]["class_type"]]
+                places[nid] = ([cx, cy], [w, h])
+                cy += h + TITLE_H + GAP
+                width = max(width, w)
+            cx += width + 2 * PAD
+            bottom = max(bottom, cy - GAP)
+        w, h = cx - PAD - x, bottom - y + PAD
+        groups.append({"id": len(groups) + 1, "title": name, "bounding": [x, y, w, h], "color": color, "font_size": 24,
+                       "flags": {}})
+        return w, h
+
+    note_id = max(int(k) for k in api) + 1
+    nw, nh = SIZES["Note"]
+    places[note_id] = ([40, 40 + TITLE_H], [nw, nh])
+    gx = 40 + nw + 60
+    loader, dataset = by_type["CheckpointLoaderSimple"][0], by_type["CAT_Dataset"][0]
+    _, dh = group("Data: base model and training images", [[loader], [dataset]], gx, 40, "#3f789e")
+    y = 40 + max(dh, nh + TITLE_H) + 60
+    for t in trainers:
+        loss_cfg = int(api[str(t)]["inputs"]["loss_config"][0])
+        alpha = api[str(loss_cfg)]["inputs"]["cat_factor"]
+
+        def users(k, cls=None):
+            return sorted(int(n) for n, v in api.items() if (cls is None or v["class_type"] == cls)
+                          and any(isinstance(x, list) and int(x[0]) == k for x in v["inputs"].values()))
+        save, curve = users(t, "CAT_SaveLora")[0], users(t, "PreviewImage")[0]
+        samplers = users(t, "KSampler")
+        pos = [int(api[str(s)]["inputs"]["positive"][0]) for s in samplers]
+        neg = int(api[str(samplers[0])]["inputs"]["negative"][0])
+        latent = int(api[str(samplers[0])]["inputs"]["latent_image"][0])
+        decodes = [users(s, "VAEDecode")[0] for s in samplers]
+        saves = [users(d, "SaveImage")[0] for d in decodes]
+        kps = users(decodes[0], "CAT_KPSEvaluator")[0]
+        chart = users(kps, "PreviewImage")[0]
+        label = "plain LoRA (cat_factor 0)" if alpha == 0 else f"CAT (cat_factor {alpha:g})"
+        x = 40
+        w, h1 = group(f"Training: {label}", [[loss_cfg, save, curve], [t]], x, y, "#8a5a2b")
+        x += w + 60
+        w, h2 = group("Sampling: the same seeds with and without the trigger", [pos + [neg, latent], samplers, decodes, saves],
+                      x, y, "#3f7a4a")
+        x += w + 60
+        _, h3 = group("Evaluation: PS, IS, KPS", [[kps, chart]], x, y, "#6a4a8a")
+        y += max(h1, h2, h3) + 60
+    model = "SDXL" if "sdxl" in title else "SD1.5"
+    note = {"id": note_id, "type": "Note", "pos": places[note_id][0], "size": places[note_id][1], "flags": {}, "order": 0,
+            "mode": 0, "inputs": [], "outputs": [], "properties": {"text": ""}, "widgets_values": [NOTE.format(model=model)],
+            "color": "#432", "bgcolor": "#653"}
+    return places, groups, note
+
+
+def to_ui(api: dict, mappings: dict, title: str = "") -> dict:
+    """API graph -> litegraph UI graph (nodes, links, widgets_values, groups, a Note) for the schemas in `mappings`."""
     links, nodes = [], []
     out_links: dict[tuple[int, int], list[int]] = {}
     for nid, node in api.items():
@@ -91,6 +197,7 @@ def to_ui(api: dict, mappings: dict) -> dict:
                 lid = len(links) + 1
                 links.append([lid, int(v[0]), int(v[1]), int(nid), name, None])
                 out_links.setdefault((int(v[0]), int(v[1])), []).append(lid)
+    places, groups, note = layout(api, title)
     for order, (nid, node) in enumerate(sorted(api.items(), key=lambda kv: int(kv[0]))):
         cls = mappings[node["class_type"]]
         inputs, widgets = [], []
@@ -98,8 +205,7 @@ def to_ui(api: dict, mappings: dict) -> dict:
             v = node["inputs"].get(name)
             if is_widget and not isinstance(v, list):
                 widgets.append(v if name in node["inputs"] else opts.get("default", ""))
-                if opts.get("control_after_generate"):
-                    widgets.append("fixed")
+                widgets.extend(control_values(name, typ, opts))
                 continue
             link = next((l for l in links if l[3] == int(nid) and l[4] == name), None)
             entry = {"name": name, "type": typ, "link": link[0] if link else None}
@@ -113,12 +219,13 @@ def to_ui(api: dict, mappings: dict) -> dict:
         rnames = list(getattr(cls, "RETURN_NAMES", None) or rtypes)
         outputs = [{"name": rnames[s], "type": t, "links": out_links.get((int(nid), s), []), "slot_index": s}
                    for s, t in enumerate(rtypes)]
-        col, row = divmod(order, 6)
-        nodes.append({"id": int(nid), "type": node["class_type"], "pos": [40 + 380 * col, 40 + 200 * row], "size": [340, 160],
-                      "flags": {}, "order": order, "mode": 0, "inputs": inputs, "outputs": outputs,
+        pos, size = places[int(nid)]
+        nodes.append({"id": int(nid), "type": node["class_type"], "pos": pos, "size": size,
+                      "flags": {}, "order": order + 1, "mode": 0, "inputs": inputs, "outputs": outputs,
                       "properties": {"Node name for S&R": node["class_type"]}, "widgets_values": widgets})
-    return {"last_node_id": max(int(k) for k in api), "last_link_id": len(links), "nodes": nodes, "links": links,
-            "groups": [], "config": {}, "extra": {}, "version": 0.4}
+    nodes.insert(0, note)
+    return {"last_node_id": note["id"], "last_link_id": len(links), "nodes": nodes, "links": links,
+            "groups": groups, "config": {}, "extra": {}, "version": 0.4}
 
 
 def main() -> None:
@@ -130,7 +237,7 @@ def main() -> None:
     ns = boot_comfy(Path(tempfile.mkdtemp()))
     for name, api in workflows().items():
         (HERE / f"{name}.api.json").write_text(json.dumps(api, indent=2) + "\n")
-        (HERE / f"{name}.json").write_text(json.dumps(to_ui(api, ns.nodes.NODE_CLASS_MAPPINGS), indent=1) + "\n")
+        (HERE / f"{name}.json").write_text(json.dumps(to_ui(api, ns.nodes.NODE_CLASS_MAPPINGS, name), indent=1) + "\n")
         print("wrote", name)
 
 

@@ -47,23 +47,118 @@ def test_api_workflow_matches_schemas(comfy, path):
     assert any(n["class_type"] == "CAT_LoraTrainer" for n in g.values())
 
 
+CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}
+FRONTEND_ONLY = {"Note", "MarkdownNote"}  # editor-side nodes: never sent to the server
+
+
+def editor_widget_slots(name: str, spec: tuple) -> list[str]:
+    """What the graph editor (ComfyUI frontend 1.27, useIntWidget / addComboWidget) stores in widgets_values
+    for one widget input: the value, then for an INT a "control after generate" value when the spec says
+    control_after_generate or, by the editor's legacy rule, when the input is named seed or noise_seed and
+    the spec does not say otherwise; for a COMBO the control and a filter text only when the spec asks."""
+    typ = "COMBO" if isinstance(spec[0], list) else spec[0]
+    opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+    flag = opts.get("control_after_generate")
+    if typ == "INT" and (flag if flag is not None else name in ("seed", "noise_seed")):
+        return ["value", "control"]
+    if typ == "COMBO" and flag:
+        return ["value", "control", "filter"]
+    return ["value"]
+
+
+def test_editor_rule_counts_the_seed_control():
+    """The rule above on specs the editor treats differently: seed by name, explicit flags both ways."""
+    assert editor_widget_slots("seed", ("INT", {"min": 0})) == ["value", "control"]
+    assert editor_widget_slots("noise_seed", ("INT", {})) == ["value", "control"]
+    assert editor_widget_slots("seed", ("INT", {"control_after_generate": False})) == ["value"]
+    assert editor_widget_slots("steps", ("INT", {"control_after_generate": True})) == ["value", "control"]
+    assert editor_widget_slots("seed", ("FLOAT", {})) == ["value"]
+    assert editor_widget_slots("mode", (["a", "b"], {"control_after_generate": True})) == ["value", "control", "filter"]
+
+
+def _check_value(where: str, name: str, spec: tuple, v) -> None:
+    typ = spec[0]
+    opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+    if isinstance(typ, list):
+        assert isinstance(v, str), f"{where}: {name}={v!r} is not a choice"
+    elif typ == "INT":
+        assert isinstance(v, int) and not isinstance(v, bool), f"{where}: {name}={v!r} is not an INT"
+        assert opts.get("min", -2**63) <= v <= opts.get("max", 2**64), f"{where}: {name}={v} out of range"
+    elif typ == "FLOAT":
+        assert isinstance(v, (int, float)) and not isinstance(v, bool), f"{where}: {name}={v!r} is not a FLOAT"
+    elif typ == "BOOLEAN":
+        assert isinstance(v, bool), f"{where}: {name}={v!r} is not a BOOLEAN"
+    elif typ == "STRING":
+        assert isinstance(v, str), f"{where}: {name}={v!r} is not a STRING"
+
+
 @pytest.mark.parametrize("path", UI, ids=lambda p: p.name)
 def test_ui_workflow_matches_schemas(comfy, path):
+    """Reads widgets_values slot by slot the way the editor does (control widgets included): every value
+    has its widget's type and equals the shipped API graph's input, so nothing lands one slot off."""
     maps = comfy.nodes.NODE_CLASS_MAPPINGS
     ui = json.loads(path.read_text())
+    api = json.loads((WF / path.name.replace(".json", ".api.json")).read_text())
     nodes = {n["id"]: n for n in ui["nodes"]}
+    assert {str(n["id"]) for n in ui["nodes"] if n["type"] not in FRONTEND_ONLY} == set(api)
     for n in ui["nodes"]:
+        if n["type"] in FRONTEND_ONLY:
+            continue
         cls = maps.get(n["type"])
         assert cls is not None, f"{path.name}: unknown node type {n['type']}"
         specs, _ = _specs(cls)
-        widgets = [k for k, s in specs.items() if (isinstance(s[0], list) or s[0] in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"))
-                   and not any(i["name"] == k for i in n["inputs"])]
-        extra = sum(1 for k in widgets if len(specs[k]) > 1 and specs[k][1].get("control_after_generate"))
-        assert len(n["widgets_values"]) == len(widgets) + extra, f"{path.name} node {n['id']} {n['type']}: widget count"
+        where = f"{path.name} node {n['id']} {n['type']}"
+        slots = [(k, kind) for k, s in specs.items()
+                 if (isinstance(s[0], list) or s[0] in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"))
+                 and not (len(s) > 1 and s[1].get("forceInput"))
+                 and not any(i["name"] == k and i.get("link") is not None for i in n["inputs"])
+                 for kind in editor_widget_slots(k, s)]
+        values = n["widgets_values"]
+        assert len(values) == len(slots), f"{where}: {len(values)} widget values for {len(slots)} editor widgets {slots}"
+        for (k, kind), v in zip(slots, values):
+            if kind == "control":
+                assert v in CONTROL_VALUES, f"{where}: control after {k} holds {v!r}"
+            elif kind == "value":
+                _check_value(where, k, specs[k], v)
+                assert v == api[str(n["id"])]["inputs"][k], f"{where}: {k}={v!r}, the API graph has {api[str(n['id'])]['inputs'][k]!r}"
         assert [o["type"] for o in n["outputs"]] == list(cls.RETURN_TYPES)
     for lid, src, sslot, dst, dslot, typ in ui["links"]:
         assert nodes[src]["outputs"][sslot]["type"] == typ and lid in nodes[src]["outputs"][sslot]["links"]
         assert nodes[dst]["inputs"][dslot]["type"] == typ and nodes[dst]["inputs"][dslot]["link"] == lid
+
+
+def _boxes(ui: dict) -> dict[int, tuple[float, float, float, float]]:
+    """Node id -> (x0, y0, x1, y1) including the title bar above pos, as the editor draws it."""
+    return {n["id"]: (n["pos"][0], n["pos"][1] - 30, n["pos"][0] + n["size"][0], n["pos"][1] + n["size"][1]) for n in ui["nodes"]}
+
+
+def overlaps(boxes: dict) -> list[tuple]:
+    ids = sorted(boxes)
+    return [(a, b) for i, a in enumerate(ids) for b in ids[i + 1:]
+            if boxes[a][0] < boxes[b][2] and boxes[b][0] < boxes[a][2] and boxes[a][1] < boxes[b][3] and boxes[b][1] < boxes[a][3]]
+
+
+@pytest.mark.parametrize("path", UI, ids=lambda p: p.name)
+def test_ui_workflow_layout_is_readable(path):
+    """No node covers another; every node sits inside one group; the trainer has room for the live chart;
+    the Note names the three things a user edits."""
+    ui = json.loads(path.read_text())
+    boxes = _boxes(ui)
+    assert overlaps(boxes) == []
+    titles = " ".join(g["title"] for g in ui["groups"]).lower()
+    assert all(w in titles for w in ("data", "training", "sampling", "evaluation")), titles
+    for n in ui["nodes"]:
+        if n["type"] in FRONTEND_ONLY:
+            continue
+        x0, y0, x1, y1 = boxes[n["id"]]
+        inside = [g["title"] for g in ui["groups"] if g["bounding"][0] <= x0 and g["bounding"][1] <= y0 - 10
+                  and x1 <= g["bounding"][0] + g["bounding"][2] and y1 <= g["bounding"][1] + g["bounding"][3]]
+        assert len(inside) == 1, f"{path.name} node {n['id']} {n['type']} is in groups {inside}"
+    for t in (n for n in ui["nodes"] if n["type"] == "CAT_LoraTrainer"):
+        assert t["size"][1] >= 450 + 150, "the trainer needs its widgets (~450 px) plus the live chart (150 px)"
+    note = next(n for n in ui["nodes"] if n["type"] == "Note")["widgets_values"][0]
+    for what in ("ckpt_name", "folder", "triggers", "class_word", "clip_checkpoint", "open_clip_model"):
+        assert what in note, f"the Note does not mention {what}"
 
 
 @pytest.mark.parametrize("name, kind", [("cat_sd15_train_kps", "sd15"), ("cat_sdxl_train_kps", "sdxl")])
