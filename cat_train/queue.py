@@ -5,17 +5,23 @@
 
 NODE is a node id ("10") or a node type that occurs once ("CAT_Dataset"). Values are JSON when they
 parse (numbers, true/false) and strings otherwise. Each --sweep multiplies the runs (all combinations).
-Every run is posted to /prompt, followed over the /ws websocket (aiohttp, which ComfyUI itself
-requires; else /history is polled), and where each output landed is printed and written to --out.
-Only the standard library is needed besides that optional aiohttp.
+The /ws websocket is opened first (so no event of a prompt is missed, however fast it fails), then
+every run is posted to /prompt and followed: progress from the websocket, the result from /history,
+which is also read every second so that a missed or absent event never leaves it waiting. --timeout
+(default 600 s) gives up on a run that shows no progress for that long. Where each output landed is
+printed and written to --out. Only the standard library is needed.
 """
 from __future__ import annotations
 
 import argparse
-import asyncio
+import base64
 import copy
+import hashlib
 import itertools
 import json
+import os
+import socket
+import struct
 import sys
 import time
 import urllib.error
@@ -138,6 +144,14 @@ class Client:
     def history(self, prompt_id: str) -> dict | None:
         return self._req(f"/history/{urllib.parse.quote(prompt_id)}").get(prompt_id)
 
+    def queue_state(self, prompt_id: str) -> str | None:
+        """'running', 'pending' or None (not queued) from /queue, whose items are [number, prompt_id, ...]."""
+        q = self._req("/queue") or {}
+        for state in ("running", "pending"):
+            if any(len(item) > 1 and item[1] == prompt_id for item in q.get(f"queue_{state}", [])):
+                return state
+        return None
+
 
 def _describe_http_error(path: str, code: int, payload) -> str:
     if isinstance(payload, dict) and "error" in payload:
@@ -175,52 +189,200 @@ def _status(entry: dict) -> tuple[bool, str]:
     return ok, msg
 
 
-def poll(client: Client, prompt_id: str, timeout: float, interval: float = 1.0, log=print) -> dict:
-    t0 = time.monotonic()
-    while True:
-        entry = client.history(prompt_id)
-        if entry:  # ComfyUI writes a history entry only once the prompt has finished (or failed)
-            return entry
-        if time.monotonic() - t0 > timeout:
-            raise QueueError(f"prompt {prompt_id} did not finish within {timeout:.0f}s.")
-        time.sleep(interval)
+class WebSocket:
+    """Just enough of RFC 6455 to read ComfyUI's /ws events with the standard library.
 
+    Text frames are returned; binary frames (sampler previews) are reported as b""; pings are answered.
+    No extensions are requested, so the server never compresses frames.
+    """
 
-async def _follow_ws(client: Client, prompt_id: str, timeout: float, log) -> None:
-    import aiohttp
+    GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
-    url = client.base.replace("http", "ws", 1) + f"/ws?clientId={client.client_id}"
-    async with aiohttp.ClientSession() as s, s.ws_connect(url, heartbeat=30) as ws:
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < timeout:
-            msg = await ws.receive(timeout=timeout)
-            if msg.type != aiohttp.WSMsgType.TEXT:
-                if msg.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
-                    return
-                continue  # binary previews
-            m = json.loads(msg.data)
-            kind, data = m.get("type"), m.get("data", {})
-            if data.get("prompt_id") not in (None, prompt_id):
-                continue
-            if kind == "cat.train.progress":
-                log(f"  train step {data['step']}/{data['total']} loss {data['loss']:.5f} (fit {data['fit']:.5f}, keep {data['keep']:.6f})")
-            elif kind == "progress":
-                log(f"  node {data.get('node')}: {data.get('value')}/{data.get('max')}")
-            elif kind == "executing" and data.get("node") is None and data.get("prompt_id") == prompt_id:
-                return
-            elif kind in ("execution_error", "execution_interrupted", "execution_success"):
-                return
+    def __init__(self, url: str, timeout: float = 10.0):
+        u = urllib.parse.urlsplit(url)
+        port = u.port or (443 if u.scheme == "wss" else 80)
+        sock = socket.create_connection((u.hostname, port), timeout=timeout)
+        if u.scheme == "wss":
+            import ssl
+            sock = ssl.create_default_context().wrap_socket(sock, server_hostname=u.hostname)
+        self.sock, self.buf, self.frag, self.frag_op, self.closed = sock, b"", b"", 0, False
+        key = base64.b64encode(os.urandom(16)).decode()
+        path = (u.path or "/") + (f"?{u.query}" if u.query else "")
+        sock.sendall((f"GET {path} HTTP/1.1\r\nHost: {u.netloc}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                      f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+        deadline = time.monotonic() + timeout
+        while b"\r\n\r\n" not in self.buf:
+            self._read(deadline)
+        head, self.buf = self.buf.split(b"\r\n\r\n", 1)
+        lines = head.decode("latin-1").split("\r\n")
+        headers = {k.strip().lower(): v.strip() for k, _, v in (h.partition(":") for h in lines[1:])}
+        want = base64.b64encode(hashlib.sha1((key + self.GUID).encode()).digest()).decode()
+        if lines[0].split(" ")[1:2] != ["101"] or headers.get("sec-websocket-accept") != want:
+            sock.close()
+            raise ConnectionError(f"{url} answered {lines[0]!r}, not a websocket upgrade")
 
-
-def follow(client: Client, prompt_id: str, timeout: float, use_ws: bool, log=print) -> dict:
-    if use_ws:
+    def _read(self, deadline: float) -> None:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError
+        self.sock.settimeout(left)
         try:
-            asyncio.run(_follow_ws(client, prompt_id, timeout, log))
-        except ImportError:
-            log("  (aiohttp not installed: polling /history instead of following /ws)")
-        except Exception as e:  # a proxy without websockets, a dropped connection: history still has the answer
-            log(f"  (websocket unavailable: {e}; polling /history)")
-    return poll(client, prompt_id, timeout, log=log)
+            chunk = self.sock.recv(65536)
+        except socket.timeout:
+            raise TimeoutError from None
+        if not chunk:
+            raise ConnectionError("the server closed the websocket")
+        self.buf += chunk
+
+    def _frame(self):
+        """(fin, opcode, payload) of the first whole frame in the buffer, consumed; None if incomplete."""
+        b = self.buf
+        if len(b) < 2:
+            return None
+        n, i = b[1] & 0x7F, 2
+        if n == 126:
+            if len(b) < 4:
+                return None
+            n, i = struct.unpack(">H", b[2:4])[0], 4
+        elif n == 127:
+            if len(b) < 10:
+                return None
+            n, i = struct.unpack(">Q", b[2:10])[0], 10
+        mask = b[i:i + 4] if b[1] & 0x80 else None
+        i += 4 if mask else 0
+        if len(b) < i + n:
+            return None
+        payload = b[i:i + n]
+        if mask:
+            payload = bytes(c ^ mask[k % 4] for k, c in enumerate(payload))
+        self.buf = b[i + n:]
+        return bool(b[0] & 0x80), b[0] & 0x0F, payload
+
+    def send(self, opcode: int, payload: bytes = b"") -> None:
+        mask = os.urandom(4)  # clients must mask every frame
+        n = len(payload)
+        head = bytes([0x80 | opcode]) + (bytes([0x80 | n]) if n < 126 else
+                                         bytes([0x80 | 126]) + struct.pack(">H", n) if n < 65536 else
+                                         bytes([0x80 | 127]) + struct.pack(">Q", n))
+        self.sock.sendall(head + mask + bytes(c ^ mask[k % 4] for k, c in enumerate(payload)))
+
+    def receive(self, timeout: float) -> str | bytes:
+        """The next message: str for text, bytes for binary. TimeoutError after `timeout` s without one;
+        ConnectionError when the server closes the socket."""
+        deadline = time.monotonic() + timeout
+        while True:
+            f = self._frame()
+            if f is None:
+                self._read(deadline)
+                continue
+            fin, op, payload = f
+            if op == 0x8:
+                raise ConnectionError("the server closed the websocket")
+            if op == 0x9:
+                self.send(0xA, payload)
+                continue
+            if op == 0xA:
+                continue
+            if op in (0x1, 0x2):
+                self.frag_op, self.frag = op, b""
+            self.frag += payload
+            if fin:
+                data, self.frag = self.frag, b""
+                return data.decode("utf-8", errors="replace") if self.frag_op == 0x1 else data
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            self.send(0x8)
+        except OSError:
+            pass
+        self.sock.close()
+
+
+def connect_ws(client: Client, log=print) -> WebSocket | None:
+    """The /ws websocket under this client's id, opened before any prompt is posted: ComfyUI sends a
+    prompt's events only to the client id that posted it, and a prompt that fails at once would
+    otherwise be over before we listen. None (and /history polling) when it cannot be opened."""
+    url = client.base.replace("http", "ws", 1) + f"/ws?clientId={client.client_id}"
+    try:
+        return WebSocket(url, timeout=client.timeout)
+    except (OSError, ValueError) as e:  # a proxy without websockets: /history still has every answer
+        log(f"  (websocket {url} unavailable: {e or type(e).__name__}; polling /history, progress not shown)")
+        return None
+
+
+END_EVENTS = ("execution_error", "execution_interrupted", "execution_success")
+# events that may come without a prompt id (our trainer broadcasts its steps) and still mean progress
+UNTAGGED_PROGRESS = ("cat.train.progress", "progress", "executing", "executed")
+
+
+def _show(kind: str, data: dict, log) -> None:
+    if kind == "cat.train.progress":
+        log(f"  train step {data['step']}/{data['total']} loss {data['loss']:.5f} (fit {data['fit']:.5f}, keep {data['keep']:.6f})")
+    elif kind == "progress":
+        log(f"  node {data.get('node')}: {data.get('value')}/{data.get('max')}")
+
+
+def follow(client: Client, prompt_id: str, ws: WebSocket | None, timeout: float, interval: float = 1.0,
+           log=print) -> dict:
+    """Wait for the prompt's /history entry, printing progress from the websocket when there is one.
+
+    /history is read every `interval` s whatever the websocket says, so a prompt that ended before or
+    between events is reported within that time. `timeout` (0: none) counts seconds without progress
+    while the prompt runs: no event of it on the websocket (or, when polling, none visible at all);
+    time spent waiting in the queue behind other prompts does not count. A prompt that is in neither
+    the queue nor /history (the server restarted, the queue was cleared) ends the wait at once.
+    """
+    t_progress, t_check, ended, unknown = time.monotonic(), 0.0, False, 0
+    while True:
+        now = time.monotonic()
+        if now >= t_check:
+            entry = client.history(prompt_id)
+            if entry:  # ComfyUI writes a history entry once the prompt has finished (or failed)
+                return entry
+            where = client.queue_state(prompt_id)
+            unknown = unknown + 1 if where is None else 0
+            if unknown >= 2:  # twice: the move from the queue into /history is not atomic for us
+                raise QueueError(f"ComfyUI no longer knows prompt {prompt_id}: it is neither queued nor in /history "
+                                 "(was the server restarted or the queue/history cleared?).")
+            if where == "pending":
+                t_progress = now
+            t_check = now + (0.2 if ended or unknown else interval)
+        if timeout and now - t_progress > timeout:
+            raise QueueError(f"prompt {prompt_id} made no progress for {timeout:.0f}s; it may still be running on the "
+                             "server (see its console). Pass a larger --timeout (or 0 for none) for nodes that "
+                             "work long without progress events.")
+        wait = max(0.0, t_check - time.monotonic())
+        if ws is None:
+            time.sleep(wait)
+            continue
+        try:
+            msg = ws.receive(wait)
+        except TimeoutError:
+            continue
+        except (OSError, ValueError) as e:
+            log(f"  (websocket lost: {e}; polling /history)")
+            ws.close()
+            ws = None
+            continue
+        if isinstance(msg, bytes):  # a sampler preview: sent only while our prompt runs
+            t_progress = time.monotonic()
+            continue
+        try:
+            m = json.loads(msg)
+            kind, data = m.get("type"), m.get("data") or {}
+        except (ValueError, AttributeError):
+            continue
+        if not isinstance(data, dict) or data.get("prompt_id") not in (None, prompt_id):
+            continue
+        if data.get("prompt_id") is None and kind not in UNTAGGED_PROGRESS:
+            continue  # status broadcasts, other extensions' monitors: no sign that our prompt moves
+        t_progress = time.monotonic()
+        _show(kind, data, log)
+        if kind in END_EVENTS or (kind == "executing" and data.get("node") is None and data.get("prompt_id") == prompt_id):
+            ended, t_check = True, 0.0
 
 
 def runs(graph: dict, sets: list, sweeps: list, object_info: dict) -> list[tuple[dict, dict]]:
@@ -240,10 +402,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", action="append", default=[], metavar="NODE.input=value")
     ap.add_argument("--sweep", action="append", default=[], metavar="NODE.input=a,b,c")
     ap.add_argument("--out", help="write the runs and where their outputs landed to this JSON file")
-    ap.add_argument("--timeout", type=float, default=24 * 3600, help="seconds to wait for each run")
-    ap.add_argument("--poll", action="store_true", help="poll /history instead of following /ws")
+    ap.add_argument("--timeout", type=float, default=600.0,
+                    help="give up on a run after this many seconds without progress while it runs (0: never); "
+                         "waiting in the queue does not count. Default %(default)gs")
+    ap.add_argument("--poll", action="store_true",
+                    help="only poll /history, no websocket (progress is then invisible, so --timeout bounds each run's time)")
     ap.add_argument("--dry-run", action="store_true", help="check and print the runs, post nothing")
     a = ap.parse_args(argv)
+    ws = None
     try:
         graph = load_workflow(a.workflow)
         sets = [parse_assign(s, False) for s in a.set]
@@ -253,14 +419,17 @@ def main(argv: list[str] | None = None) -> int:
         check_node_types(graph, info)
         todo = runs(graph, sets, sweeps, info)
         results = []
+        ws = connect_ws(client) if not (a.poll or a.dry_run) else None
         for i, (g, label) in enumerate(todo, 1):
             print(f"run {i}/{len(todo)} {json.dumps(label) if label else ''}".rstrip())
             if a.dry_run:
                 results.append({"overrides": label, "prompt": g})
                 continue
+            if ws is not None and ws.closed:
+                ws = connect_ws(client)
             pid = client.post(g)
             print(f"  queued as {pid}")
-            entry = follow(client, pid, a.timeout, use_ws=not a.poll)
+            entry = follow(client, pid, ws, a.timeout)
             ok, msg = _status(entry)
             outs = outputs_of(entry)
             for o in outs:
@@ -275,6 +444,9 @@ def main(argv: list[str] | None = None) -> int:
     except QueueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        if ws is not None:
+            ws.close()
 
 
 if __name__ == "__main__":

@@ -1,9 +1,15 @@
-"""`python -m cat_train queue` against a fake ComfyUI on 127.0.0.1 (stdlib http.server; no other traffic)."""
+"""`python -m cat_train queue` against a fake ComfyUI on 127.0.0.1 (stdlib http.server with a minimal
+websocket at /ws; no other traffic)."""
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import socket
+import struct
 import threading
+import time
+import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -27,9 +33,30 @@ INFO = {
 }
 
 
+def ws_frame(payload, binary: bool = False) -> bytes:
+    """One unmasked server frame (RFC 6455), with the 16- and 64-bit length forms."""
+    data = payload if binary else json.dumps(payload).encode()
+    n = len(data)
+    length = bytes([n]) if n < 126 else bytes([126]) + struct.pack(">H", n) if n < 65536 else bytes([127]) + struct.pack(">Q", n)
+    return bytes([0x82 if binary else 0x81]) + length + data
+
+
+FAILED = {"outputs": {}, "status": {"status_str": "error", "completed": False, "messages": [
+    ["execution_start", {"prompt_id": "PID"}],
+    ["execution_error", {"prompt_id": "PID", "node_id": "1", "node_type": "CheckpointLoaderSimple",
+                         "exception_message": "Value not in list: ckpt_name: 'x.safetensors' not in []"}]]}}
+
+
 class Fake(BaseHTTPRequestHandler):
     posted: list = []
     info = INFO
+    mode = "ok"          # ok: finished at once; fail: failed after fail_delay s; stuck: runs forever; lost: unknown
+    fail_delay = 0.0
+    events: list = []    # sent on the poster's websocket right after each post ("PID" = the new prompt id)
+    log: list = []       # ("ws", client id) / ("post", client id), in order
+    sockets: dict = {}
+    done_at: dict = {}
+    lock = threading.Lock()
 
     def log_message(self, *a):
         pass
@@ -45,8 +72,18 @@ class Fake(BaseHTTPRequestHandler):
     def do_GET(self):
         if self.path == "/object_info":
             return self._send(200, self.info)
+        if self.path.startswith("/ws"):
+            return self._websocket()
+        if self.path == "/queue":
+            running = [[0, pid, {}, {}, []] for pid, t in self.done_at.items()
+                       if self.mode == "stuck" or (self.mode != "lost" and time.monotonic() < t)]
+            return self._send(200, {"queue_running": running, "queue_pending": []})
         if self.path.startswith("/history/"):
             pid = self.path.rsplit("/", 1)[1]
+            if self.mode in ("stuck", "lost") or time.monotonic() < self.done_at.get(pid, 0):
+                return self._send(200, {})
+            if self.mode == "fail":
+                return self._send(200, {pid: json.loads(json.dumps(FAILED).replace("PID", pid))})
             n = int(pid[1:])
             g = self.posted[n]
             factor = g["3"]["inputs"]["cat_factor"]
@@ -63,17 +100,46 @@ class Fake(BaseHTTPRequestHandler):
                                               "details": ""},
                                     "node_errors": {"4": {"class_type": "CAT_LoraTrainer", "errors": [
                                         {"message": "Value smaller than min", "details": "steps: -1 < 1"}]}}})
-        self.posted.append(body["prompt"])
-        self._send(200, {"prompt_id": f"p{len(self.posted) - 1}", "number": 0, "node_errors": {}})
+        with self.lock:
+            self.log.append(("post", body.get("client_id")))
+            self.posted.append(body["prompt"])
+            pid = f"p{len(self.posted) - 1}"
+            self.done_at[pid] = time.monotonic() + self.fail_delay
+        self._send(200, {"prompt_id": pid, "number": 0, "node_errors": {}})
+        ws = self.sockets.get(body.get("client_id"))
+        for e in self.events:
+            frame = ws_frame(e, binary=True) if isinstance(e, bytes) else ws_frame(json.loads(json.dumps(e).replace("PID", pid)))
+            with self.lock:
+                ws.sendall(frame)
+
+    def _websocket(self):
+        key = self.headers["Sec-WebSocket-Key"]
+        accept = base64.b64encode(hashlib.sha1((key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()).digest()).decode()
+        self.wfile.write(("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                          f"Sec-WebSocket-Accept: {accept}\r\n\r\n").encode())
+        cid = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)["clientId"][0]
+        with self.lock:
+            self.log.append(("ws", cid))
+            self.sockets[cid] = self.connection
+            self.connection.sendall(ws_frame({"type": "status", "data": {"status": {"exec_info": {"queue_remaining": 0}}, "sid": cid}}))
+        while self.rfile.read(1):  # held open until the client closes it
+            pass
+        self.close_connection = True
 
 
 @pytest.fixture
 def server(tmp_path):
-    Fake.posted = []
+    Fake.posted, Fake.log, Fake.sockets, Fake.done_at, Fake.events = [], [], {}, {}, []
+    Fake.mode, Fake.fail_delay = "ok", 0.0
     srv = ThreadingHTTPServer(("127.0.0.1", 0), Fake)
     th = threading.Thread(target=srv.serve_forever, daemon=True)
     th.start()
     yield f"http://127.0.0.1:{srv.server_address[1]}"
+    for sock in list(Fake.sockets.values()):  # a websocket left open would keep server_close waiting
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
     srv.shutdown()
     srv.server_close()
 
@@ -146,3 +212,63 @@ def test_cli_dispatch(server, wf):
     from cat_train.__main__ import main
     assert main(["queue", wf, "--server", server, "--poll", "--dry-run"]) == 0
     assert Fake.posted == []
+
+
+ERROR_EVENTS = [{"type": "execution_start", "data": {"prompt_id": "PID"}},
+                {"type": "execution_error", "data": {"prompt_id": "PID", "node_id": "1", "exception_message": "not in list"}}]
+
+
+@pytest.mark.parametrize("events, delay", [(ERROR_EVENTS, 0.0), ([], 0.0), ([], 0.5)],
+                         ids=["error-event", "no-event", "no-event-late-history"])
+def test_prompt_that_fails_at_once_is_reported_within_5s(server, wf, capsys, events, delay):
+    """A bad checkpoint fails in 0.1 s. The websocket is opened (under the posting client id) before the
+    post, and /history is read whatever the websocket says: the failure is reported whether its event
+    arrives, never arrives, or the history entry shows up only after the post."""
+    Fake.mode, Fake.events, Fake.fail_delay = "fail", events, delay
+    t0 = time.monotonic()
+    rc = q.main([wf, "--server", server, "--sweep", "3.cat_factor=0,1"])
+    elapsed = time.monotonic() - t0
+    out = capsys.readouterr().out
+    assert rc == 1 and elapsed < 5.0, (rc, elapsed, out)
+    assert out.count("FAILED: node 1 (CheckpointLoaderSimple): Value not in list: ckpt_name") == 2
+    ws = [e for e in Fake.log if e[0] == "ws"]
+    assert len(ws) == 1 and Fake.log[0] == ws[0]  # connected once, before the first post
+    assert {cid for _, cid in Fake.log} == {ws[0][1]}  # posts carry the websocket's client id
+    if events:  # the event path does not wait for the next /history read
+        assert elapsed < 1.5, elapsed
+
+
+def test_progress_over_the_websocket(server, wf, capsys):
+    Fake.fail_delay = 0.6  # history entry appears after the events
+    Fake.events = [{"type": "status", "data": {"status": {}}},
+                   {"type": "progress", "data": {"prompt_id": "other", "node": "9", "value": 1, "max": 9}},
+                   {"type": "crystools.monitor", "data": {"cpu": 3}},  # another extension's broadcast
+                   {"type": "cat.train.progress", "data": {"step": 2, "total": 50, "loss": 0.25,  # broadcast, untagged
+                                                           "fit": 0.2, "keep": 0.05}},
+                   b"\x00" * 70000,  # a preview image: a binary frame with a 64-bit length
+                   {"type": "progress", "data": {"prompt_id": "PID", "node": "4", "value": 50, "max": 50}},
+                   {"type": "execution_success", "data": {"prompt_id": "PID"}}]
+    assert q.main([wf, "--server", server]) == 0
+    out = capsys.readouterr().out
+    assert "train step 2/50 loss 0.25000 (fit 0.20000, keep 0.050000)" in out
+    assert "node 4: 50/50" in out and "node 9" not in out and "cpu" not in out  # another prompt's events are not ours
+    assert "node 5: output/cat/cat_1.0_00001_.png" in out
+
+
+def test_no_progress_times_out_and_a_lost_prompt_ends_at_once(server, wf, capsys):
+    Fake.mode = "stuck"  # listed as running, never finishes, sends nothing
+    t0 = time.monotonic()
+    assert q.main([wf, "--server", server, "--timeout", "1"]) == 2
+    assert time.monotonic() - t0 < 4
+    assert "made no progress for 1s" in capsys.readouterr().err
+    Fake.mode = "lost"  # neither queued nor in /history: the server was restarted
+    t0 = time.monotonic()
+    assert q.main([wf, "--server", server]) == 2
+    assert time.monotonic() - t0 < 4
+    assert "ComfyUI no longer knows prompt p1" in capsys.readouterr().err
+
+
+def test_default_timeout_is_minutes_not_a_day(capsys):
+    with pytest.raises(SystemExit):
+        q.main(["--help"])
+    assert "Default 600s" in " ".join(capsys.readouterr().out.split())  # argparse wraps the help text

@@ -160,3 +160,22 @@ def test_cancel_over_the_api_leaves_a_checkpoint(server, tmp_path):
     state = torch.load(ckpts[-1], weights_only=True)
     assert state["step"] == steps[-1] and state["lora"]
     assert not list((base / "models" / "loras").glob("never*"))  # downstream Save never ran
+
+
+def test_queue_reports_a_prompt_that_fails_at_once_within_5s(server, tmp_path, capsys):
+    """A run that fails in its first node (here: a resume file that does not exist) used to be missed by
+    `queue`, which then waited for --timeout (24 h): the websocket now opens before the post."""
+    from cat_train import queue
+
+    url, _, _ = server
+    g = train_graph(steps=3, seed=0, checkpoint_name="fails", save_name="never_saved")
+    g["4"]["inputs"]["resume_from"] = "no_such_dir/cat-step000001.pt"
+    wf = tmp_path / "fail.api.json"
+    wf.write_text(json.dumps(g))
+    t0 = time.monotonic()
+    rc = queue.main([str(wf), "--server", url])
+    elapsed = time.monotonic() - t0
+    text = capsys.readouterr().out
+    assert rc == 1 and elapsed < 5.0, (rc, elapsed, text)
+    assert "FAILED: node 4 (CAT_LoraTrainer): resume checkpoint" in text and "does not exist" in text
+    print(f"failure reported after {elapsed:.2f}s")
