@@ -1,5 +1,6 @@
 """The web extension in Node.js with stub `app`/`api` modules: idle it draws nothing; fed progress
-events it draws the curve and prints step, it/s and ETA computed from the events."""
+events it draws the curves, y ticks, a legend, step, it/s and ETA computed from the events; ComfyUI's
+execution events end a run as done, cancelled or failed, drawn dimmed and without an ETA."""
 from __future__ import annotations
 
 import json
@@ -25,7 +26,7 @@ export const api = { handlers: {}, addEventListener(n, f) { (this.handlers[n] ??
     "run.mjs": """
 import { app } from "./scripts/app.js";
 import { api } from "./scripts/api.js";
-await import("./extensions/ComfyUI-CAT/cat_live_view.js");
+const view = await import("./extensions/ComfyUI-CAT/cat_live_view.js");
 const ext = app.exts[0];
 ext.setup();
 function Node() {}
@@ -37,22 +38,55 @@ await ext.beforeRegisterNodeDef(Other, { name: "KSampler" });
 const node = Object.assign(new Node(), { id: 4, size: [300, 200], flags: {},
   computeSize() { return [300, 200]; }, setSize(s) { this.size = s; }, setDirtyCanvas() {} });
 app.nodes[4] = node;
-const texts = [], strokes = [];
-const ctx = { save() {}, restore() {}, fillRect() {}, beginPath() {}, moveTo() {}, lineTo() {}, stroke() { strokes.push(1); },
-  fillText(t) { texts.push(t); } };
-node.onDrawForeground(ctx);
-const idle = { texts: texts.length, strokes: strokes.length, baseDraws, otherPatched: Other.prototype.onDrawForeground !== undefined };
+
+// A canvas context that records what was drawn: texts, and each stroke with its colour, dash and alpha.
+function recorder() {
+  const rec = { texts: [], strokes: [] };
+  const ctx = { globalAlpha: 1, dash: [], save() {}, restore() {}, fillRect() {}, beginPath() {}, moveTo() {}, lineTo() {},
+    setLineDash(d) { this.dash = d; }, measureText(t) { return { width: 6 * t.length }; },
+    stroke() { rec.strokes.push({ color: this.strokeStyle, alpha: this.globalAlpha, dash: this.dash.join(",") }); },
+    fillText(t) { rec.texts.push(String(t)); } };
+  return [ctx, rec];
+}
+function draw() { const [ctx, rec] = recorder(); node.onDrawForeground(ctx); return rec; }
+
+const out = {};
+const idle = draw();
+out.idle = { texts: idle.texts.length, strokes: idle.strokes.length, baseDraws,
+  otherPatched: Other.prototype.onDrawForeground !== undefined };
 api.emit("cat.train.progress", { node: "99", step: 1, total: 10, loss: 1, fit: 1, keep: 0, lr: 1e-4, elapsed: 0.5 });
 for (let s = 1; s <= 4; s++)
-  api.emit("cat.train.progress", { node: "4", step: s, total: 10, loss: 1 / s, fit: 1 / s, keep: 0.01, lr: 1e-4, elapsed: s * 0.5 });
-node.onDrawForeground(ctx);
-console.log(JSON.stringify({ idle, texts, strokes: strokes.length, size: node.size, baseDraws }));
+  api.emit("cat.train.progress", { node: "4", step: s, total: 10, loss: 1 / s, fit: 0.9 / s, keep: 0.01, lr: 1e-4, elapsed: s * 0.5 });
+out.size = node.size;
+out.running = draw();
+api.emit("execution_interrupted", { prompt_id: "p", node_id: "4", node_type: "CAT_LoraTrainer" });
+out.cancelled = draw();
+api.emit("executing", null);  // the server's "finished" after an interrupt must not turn it into "done"
+out.afterExecutingNull = draw().texts;
+for (let s = 1; s <= 2; s++)
+  api.emit("cat.train.progress", { node: "4", step: s, total: 10, loss: 0.5, fit: 0.5, keep: 0, lr: 1e-4, elapsed: s });
+out.restarted = draw().texts;
+api.emit("execution_error", { prompt_id: "p", node_id: "4", node_type: "CAT_LoraTrainer",
+  exception_message: "CUDA out of memory\\nmore lines" });
+out.failed = draw().texts;
+for (let s = 1; s <= 3; s++)
+  api.emit("cat.train.progress", { node: "4", step: s, total: 3, loss: 0.2, fit: 0.1, keep: 0.1, lr: 1e-4, elapsed: s * 2 });
+api.emit("execution_success", { prompt_id: "p" });
+out.done = draw().texts;
+for (let s = 1; s <= 2; s++)
+  api.emit("cat.train.progress", { node: "4", step: s, total: 9, loss: 0.2, fit: 0.1, keep: 0.1, lr: 1e-4, elapsed: s });
+api.emit("status", { exec_info: { queue_remaining: 0 } });  // another tab queued it: an empty queue ends it
+out.otherTab = draw().texts;
+out.state = globalThis.__catLiveView.runs.get("4").state;
+out.baseDraws = baseDraws;
+out.axes = [[0.0107, 1.07], [0.05, 1.1], [0.1, 0.5], [1.07, 1.0700001], [0.0101, 0.0123], [1e-7, 1]]
+  .map((r) => view.yAxis(r));
+console.log(JSON.stringify(out));
 """,
 }
 
 
-@pytest.mark.skipif(NODE is None, reason="Node.js is not installed; the web extension test needs `node`")
-def test_live_view_draws_from_events(tmp_path):
+def run_view(tmp_path):
     for rel, text in STUBS.items():
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_text(text)
@@ -61,10 +95,51 @@ def test_live_view_draws_from_events(tmp_path):
     (tmp_path / "package.json").write_text('{"type": "module"}')
     r = subprocess.run([NODE, "run.mjs"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
-    out = json.loads(r.stdout)
+    return json.loads(r.stdout)
+
+
+CURVES = {"rgb(110,160,255)": "loss", "rgb(255,170,60)": "fit", "rgb(90,210,120)": "keep"}
+
+
+@pytest.mark.skipif(NODE is None, reason="Node.js is not installed; the web extension test needs `node`")
+def test_live_view_draws_and_ends_runs(tmp_path):
+    out = run_view(tmp_path)
     assert out["idle"] == {"texts": 0, "strokes": 0, "baseDraws": 1, "otherPatched": False}  # idle: nothing drawn
-    assert out["baseDraws"] == 2  # the node's own drawing still runs
-    assert out["strokes"] == 2  # raw and smoothed curves
-    assert out["texts"][-2] == "step 4/10 · 2.00 it/s · ETA 0:03"  # 4 steps in 2 s; 6 left at 2 it/s
-    assert out["texts"][-1].startswith("loss 0.25000 (smoothed ")
     assert out["size"][1] == 350  # grew by the plot height
+    run = out["running"]
+    assert "step 4/10 · 2.00 it/s · ETA 0:03" in run["texts"]  # 4 steps in 2 s; 6 left at 2 it/s
+    curves = [s for s in run["strokes"] if s["color"] in CURVES and s["alpha"] == 1]
+    # the three smoothed curves (legend swatches stroke the same colours once more), each its own dash
+    assert sorted({CURVES[s["color"]] for s in curves}) == ["fit", "keep", "loss"]
+    assert len({s["dash"] for s in curves}) == 3
+    assert {"loss", "fit", "keep"} <= set(run["texts"])  # the legend
+    ticks = [t for t in run["texts"] if t.replace(".", "").replace("e-", "").replace("e+", "").isdigit()]
+    assert 3 <= len(ticks) <= 5 and len(set(ticks)) == len(ticks), ticks
+    assert any(t.startswith("smoothed loss ") for t in run["texts"])
+
+    cancelled = out["cancelled"]
+    assert "cancelled at step 4/10" in cancelled["texts"]
+    assert not any("ETA" in t or "it/s" in t for t in cancelled["texts"])
+    dimmed = [s for s in cancelled["strokes"] if CURVES.get(s["color"]) == "loss"]
+    assert dimmed and dimmed[0]["alpha"] < 1  # the curve is dimmed once the run ended
+    assert "cancelled at step 4/10" in out["afterExecutingNull"]
+    assert "step 2/10 · 1.00 it/s · ETA 0:08" in out["restarted"]  # a new run replaces the ended one
+    assert "keep" not in out["restarted"]  # all-zero keep (cat_factor 0) is left out of plot and legend
+    assert "failed at step 2/10: CUDA out of memory" in out["failed"]
+    assert "done: 3 steps in 0:06 · 0.50 it/s" in out["done"]
+    assert "stopped at step 2/9" in out["otherTab"] and out["state"] == "stopped"
+    assert out["baseDraws"] == 8  # the node's own drawing ran in each of the 8 draws
+
+
+@pytest.mark.skipif(NODE is None, reason="Node.js is not installed; the web extension test needs `node`")
+def test_y_axis_ticks_are_few_distinct_and_compact(tmp_path):
+    axes = run_view(tmp_path)["axes"]
+    # 1.07e-2..1.07 (the issue's example) spans two decades: log scale, 1-3-10 ticks
+    assert axes[0]["log"] and axes[0]["labels"] == ["0.03", "0.1", "0.3", "1"]
+    assert axes[1]["labels"] == ["0.1", "0.3", "1"]
+    assert not axes[2]["log"] and axes[2]["labels"] == ["0.1", "0.2", "0.3", "0.4", "0.5"]
+    assert axes[3]["labels"] == ["1", "1.1"]  # a flat curve still gets an axis, labels never repeat
+    assert axes[4]["labels"] == ["0.011", "0.012"]
+    assert axes[5]["labels"] == ["1e-7", "1e-5", "1e-3", "0.1"]
+    for a in axes:
+        assert len(set(a["labels"])) == len(a["labels"]) and all(len(t) <= 5 for t in a["labels"])

@@ -1,18 +1,30 @@
-// ComfyUI-CAT live training view: the CAT LoRA Trainer node draws its loss curve (raw + EMA),
-// step, steps/s and ETA from the "cat.train.progress" events the trainer sends every step.
-// Idle (no events), it draws nothing and changes nothing, so the editor behaves as without it.
+// ComfyUI-CAT live training view: the CAT LoRA Trainer node draws its loss curves (total raw + smoothed,
+// identity term "fit", preservation term "keep"), step, it/s and ETA from the "cat.train.progress" events
+// the trainer sends every step. When the run ends, ComfyUI's execution events decide how it is shown:
+// done, cancelled or failed, with the curve dimmed and no ETA, so a stopped run never looks alive.
+// A trainer node that never trained draws nothing, so the editor behaves as without this extension.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
 const EVENT = "cat.train.progress";
 const TRAINER = "CAT_LoraTrainer";
 const PLOT_H = 150;
-const runs = new Map(); // node id (string) -> {loss: [], fit: [], keep: [], step, total, elapsed, done}
+const LEFT = 44; // room for the y tick labels
+const SERIES = [ // drawn in this order: the dashed lines on top keep "fit" visible where it equals the total
+  { key: "loss", label: "loss", color: "rgb(110,160,255)", width: 2.5, dash: [] },
+  { key: "fit", label: "fit", color: "rgb(255,170,60)", width: 1.5, dash: [5, 3] },
+  { key: "keep", label: "keep", color: "rgb(90,210,120)", width: 1.5, dash: [2, 2] },
+];
+// node id (string) -> {loss, fit, keep, step, total, elapsed, lr, state: running|done|cancelled|failed, message}
+const runs = new Map();
+// Tests (tests/comfy/test_browser.py) and curious users read the state here.
+globalThis.__catLiveView = { runs, PLOT_H };
 
 function ema(values, beta = 0.9) {
   const out = [];
   let m = null;
   for (const v of values) {
+    if (!isFinite(v)) { out.push(v); continue; } // a NaN step stays visible as a gap, it does not poison the mean
     m = m === null ? v : beta * m + (1 - beta) * v;
     out.push(m);
   }
@@ -25,10 +37,65 @@ function fmtTime(s) {
   return (h ? `${h}:${String(m).padStart(2, "0")}` : `${m}`) + `:${String(sec).padStart(2, "0")}`;
 }
 
+// Compact tick label: 0.12, 3.5, 120, 1.1e-2, 2e+4; digits grow until every label is distinct.
+export function tickLabels(values) {
+  for (let digits = 2; digits <= 8; digits++) {
+    const labels = values.map((v) => {
+      if (v === 0) return "0";
+      const a = Math.abs(v);
+      if (a >= 0.01 && a < 1000) return String(Number(v.toPrecision(digits)));
+      const [m, e] = v.toExponential(digits - 1).split("e");
+      return `${Number(m)}e${Number(e) < 0 ? "" : "+"}${Number(e)}`;
+    });
+    if (new Set(labels).size === labels.length) return labels;
+  }
+  return values.map((v) => v.toExponential(6));
+}
+
+function niceStep(span, count) {
+  const raw = span / Math.max(count, 1), p = Math.pow(10, Math.floor(Math.log10(raw)));
+  for (const f of [1, 2, 2.5, 5, 10]) if (f * p >= raw) return f * p;
+  return 10 * p;
+}
+
+// The y axis: log scale when the data spans more than a factor of 20, else linear; 3-5 ticks inside the range.
+export function yAxis(values) {
+  const pos = values.filter((v) => isFinite(v) && v > 0);
+  if (!pos.length) return null;
+  let lo = Math.min(...pos), hi = Math.max(...pos);
+  if (hi / lo > 20) {
+    const l0 = Math.log10(lo), l1 = Math.log10(hi);
+    const every = Math.max(1, Math.ceil((Math.ceil(l1) - Math.floor(l0)) / 4));
+    let ticks = [];
+    // powers of ten; under ~1.5 decades those give too few ticks, then 1-3-10 or 1-2-5 steps
+    for (const fs of [[1], [1, 3], [1, 2, 5]]) {
+      ticks = [];
+      for (let e = Math.floor(l0); e <= Math.ceil(l1); e += fs.length > 1 ? 1 : every) for (const f of fs) {
+        const t = Number((f * Math.pow(10, e)).toPrecision(12));
+        if (t >= lo && t <= hi) ticks.push(t);
+      }
+      if (ticks.length >= 3) break;
+    }
+    ticks.sort((a, b) => a - b);
+    return { log: true, lo: l0, hi: l1, map: (v) => Math.log10(v), ticks, labels: tickLabels(ticks) };
+  }
+  if (hi - lo < hi * 1e-6) { lo = hi * 0.9; hi = hi * 1.1; } // a flat curve still gets an axis
+  const step = niceStep(hi - lo, 4);
+  const ticks = [];
+  for (let t = Math.ceil(lo / step) * step; t <= hi + step * 1e-9; t += step) ticks.push(Number(t.toPrecision(12)));
+  return { log: false, lo, hi, map: (v) => v, ticks, labels: tickLabels(ticks) };
+}
+
 function findNode(id) {
   if (id === null || id === undefined || !app.graph) return null;
   const last = String(id).split(":").pop(); // nodes inside subgraphs arrive as "outer:inner"
   return app.graph.getNodeById(Number(last)) ?? null;
+}
+
+function redraw(key) {
+  const node = key === undefined ? null : findNode(key);
+  node?.setDirtyCanvas?.(true, false);
+  app.graph?.setDirtyCanvas(true, false);
 }
 
 function onProgress(event) {
@@ -37,55 +104,114 @@ function onProgress(event) {
     if (!d || d.step === undefined) return;
     const key = String(d.node);
     let run = runs.get(key);
-    if (!run || d.step <= run.step) { // a new run (or a resumed one) starts a fresh curve
-      run = { loss: [], fit: [], keep: [], step: 0, total: d.total, elapsed: 0 };
+    if (!run || run.state !== "running" || d.step <= run.step) { // a new run (or a resumed one) starts a fresh curve
+      run = { loss: [], fit: [], keep: [], step: 0, total: d.total, elapsed: 0, lr: d.lr, state: "running", message: "" };
       runs.set(key, run);
     }
     run.loss.push(d.loss); run.fit.push(d.fit); run.keep.push(d.keep);
     Object.assign(run, { step: d.step, total: d.total, elapsed: d.elapsed, lr: d.lr });
+    if (run.step >= run.total) run.state = "done";
     const node = findNode(d.node);
     if (node) {
       const need = (node.computeSize?.()[1] ?? node.size[1]) + PLOT_H;
       if (node.size[1] < need) node.setSize([Math.max(node.size[0], 340), need]);
-      node.setDirtyCanvas?.(true, false);
     }
-    app.graph?.setDirtyCanvas(true, false);
+    redraw(key);
   } catch (e) {
     console.warn("[ComfyUI-CAT] live view:", e);
   }
 }
 
-function drawSeries(ctx, values, x, y, w, h, lo, hi, color, width) {
-  if (values.length < 2) return;
-  const tf = (v) => Math.log10(Math.max(v, 1e-12));
-  ctx.strokeStyle = color; ctx.lineWidth = width; ctx.beginPath();
-  values.forEach((v, i) => {
-    const px = x + (w * i) / (values.length - 1);
-    const py = y + h * (1 - (tf(v) - lo) / (hi - lo || 1));
-    i ? ctx.lineTo(px, py) : ctx.moveTo(px, py);
-  });
-  ctx.stroke();
+// End every run still marked running: the prompt finished (done), was cancelled or failed.
+function endRuns(state, detail) {
+  for (const [key, run] of runs) {
+    if (run.state !== "running") continue;
+    if (state === "failed") {
+      const here = detail?.node_id !== undefined && String(detail.node_id) === key;
+      const msg = String(detail?.exception_message ?? "").split("\n")[0].slice(0, 80);
+      run.message = here ? msg : `${detail?.node_type ?? "another node"} failed`;
+    }
+    // "executing null" after all steps is a finish; before them (a run that left early) it is not "done"
+    run.state = state === "done" && run.step < run.total ? "stopped" : state;
+    redraw(key);
+  }
 }
 
-function drawRun(node, ctx, run) {
-  const pad = 8, w = node.size[0] - 2 * pad, h = PLOT_H - 36, x = pad, y = node.size[1] - PLOT_H + 6;
+function drawSeries(ctx, values, axis, x, y, w, h, n, s) {
+  const pts = [];
+  values.forEach((v, i) => {
+    if (!(isFinite(v) && (v > 0 || !axis.log))) return;
+    const px = x + (n > 1 ? (w * i) / (n - 1) : 0);
+    const py = y + h * (1 - (axis.map(v) - axis.lo) / (axis.hi - axis.lo || 1));
+    pts.push([px, Math.min(y + h, Math.max(y, py))]);
+  });
+  if (pts.length < 2) return false;
+  ctx.strokeStyle = s.color; ctx.lineWidth = s.width; ctx.setLineDash?.(s.dash ?? []);
+  ctx.beginPath();
+  pts.forEach(([px, py], i) => (i ? ctx.lineTo(px, py) : ctx.moveTo(px, py)));
+  ctx.stroke();
+  ctx.setLineDash?.([]);
+  return true;
+}
+
+function statusLine(run) {
+  const rate = run.elapsed > 0 ? run.step / run.elapsed : 0;
+  const at = `${run.step}/${run.total}`;
+  switch (run.state) {
+    case "running": {
+      const eta = rate > 0 ? (run.total - run.step) / rate : NaN;
+      return `step ${at} · ${rate.toFixed(2)} it/s · ETA ${fmtTime(eta)}`;
+    }
+    case "done": return `done: ${run.total} steps in ${fmtTime(run.elapsed)} · ${rate.toFixed(2)} it/s`;
+    case "cancelled": return `cancelled at step ${at}`;
+    case "stopped": return `stopped at step ${at}`;
+    default: return `failed at step ${at}${run.message ? ": " + run.message : ""}`;
+  }
+}
+
+export function drawRun(node, ctx, run) {
+  const pad = 8, x = pad + LEFT, w = node.size[0] - 2 * pad - LEFT, h = PLOT_H - 40, y = node.size[1] - PLOT_H + 4;
+  const ended = run.state !== "running";
   ctx.save();
   ctx.fillStyle = "rgba(0,0,0,0.35)"; ctx.fillRect(x, y, w, h);
-  const finite = run.loss.filter((v) => isFinite(v) && v > 0).map((v) => Math.log10(v));
-  if (finite.length) {
-    const lo = Math.min(...finite), hi = Math.max(...finite);
-    drawSeries(ctx, run.loss, x, y, w, h, lo, hi, "rgba(110,160,255,0.35)", 1);
-    drawSeries(ctx, ema(run.loss), x, y, w, h, lo, hi, "rgb(110,160,255)", 2);
-    ctx.fillStyle = "#ccc"; ctx.font = "10px sans-serif";
-    ctx.fillText(`${Math.pow(10, hi).toExponential(2)}`, x + 3, y + 10);
-    ctx.fillText(`${Math.pow(10, lo).toExponential(2)}`, x + 3, y + h - 3);
+  const smooth = Object.fromEntries(SERIES.map((s) => [s.key, ema(run[s.key])]));
+  // keep is all zeros in a plain-LoRA run (cat_factor 0): leave it out rather than draw a line at the floor
+  const shown = SERIES.filter((s) => run[s.key].some((v) => isFinite(v) && v > 0));
+  const axis = yAxis(shown.flatMap((s) => run[s.key]));
+  const drawn = [];
+  if (axis) {
+    ctx.font = "10px sans-serif"; ctx.textAlign = "right"; ctx.textBaseline = "middle";
+    axis.ticks.forEach((t, i) => {
+      const py = y + h * (1 - (axis.map(t) - axis.lo) / (axis.hi - axis.lo || 1));
+      ctx.strokeStyle = "rgba(255,255,255,0.12)"; ctx.lineWidth = 1;
+      ctx.beginPath(); ctx.moveTo(x, py); ctx.lineTo(x + w, py); ctx.stroke();
+      ctx.fillStyle = "#bbb"; ctx.fillText(axis.labels[i], x - 4, py);
+    });
+    ctx.globalAlpha = ended ? 0.4 : 1; // a finished run stays readable but plainly not live
+    const n = run.loss.length;
+    drawSeries(ctx, run.loss, axis, x, y, w, h, n, { color: "rgba(110,160,255,0.3)", width: 1 });
+    for (const s of shown) if (drawSeries(ctx, smooth[s.key], axis, x, y, w, h, n, s)) drawn.push(s);
+    ctx.globalAlpha = 1;
+    ctx.textAlign = "left"; ctx.textBaseline = "alphabetic"; // legend, top right inside the plot
+    let lx = x + w - 4;
+    for (const s of [...drawn].reverse()) {
+      const tw = ctx.measureText?.(s.label)?.width ?? 6 * s.label.length;
+      lx -= tw;
+      ctx.fillStyle = s.color; ctx.fillText(s.label, lx, y + 11);
+      lx -= 20;
+      ctx.strokeStyle = s.color; ctx.lineWidth = 2; ctx.setLineDash?.(s.dash);
+      ctx.beginPath(); ctx.moveTo(lx + 2, y + 7); ctx.lineTo(lx + 16, y + 7); ctx.stroke(); ctx.setLineDash?.([]);
+      lx -= 6;
+    }
   }
-  const rate = run.elapsed > 0 ? run.step / run.elapsed : 0;
-  const eta = rate > 0 ? (run.total - run.step) / rate : NaN;
-  const last = run.loss[run.loss.length - 1];
-  ctx.fillStyle = "#ddd"; ctx.font = "12px sans-serif";
-  ctx.fillText(`step ${run.step}/${run.total} · ${rate.toFixed(2)} it/s · ETA ${run.step >= run.total ? "done" : fmtTime(eta)}`, x, y + h + 14);
-  ctx.fillText(`loss ${last?.toFixed?.(5) ?? "-"} (smoothed ${ema(run.loss).pop()?.toFixed?.(5) ?? "-"})`, x, y + h + 28);
+  ctx.textAlign = "left"; ctx.textBaseline = "alphabetic";
+  ctx.font = ended ? "bold 12px sans-serif" : "12px sans-serif";
+  ctx.fillStyle = { running: "#ddd", done: "#8d8", cancelled: "#fc6", stopped: "#fc6" }[run.state] ?? "#f77";
+  ctx.fillText(statusLine(run), pad, y + h + 15);
+  const last = (k) => smooth[k][smooth[k].length - 1];
+  ctx.fillStyle = "#ccc"; ctx.font = "11px sans-serif";
+  ctx.fillText(`smoothed loss ${tickLabels([last("loss") ?? 0])[0]} · fit ${tickLabels([last("fit") ?? 0])[0]} · keep ${tickLabels([last("keep") ?? 0])[0]}`,
+    pad, y + h + 30);
   ctx.restore();
 }
 
@@ -93,6 +219,19 @@ app.registerExtension({
   name: "ComfyUI-CAT.LiveTrainingView",
   setup() {
     api.addEventListener(EVENT, onProgress);
+    api.addEventListener("execution_success", () => endRuns("done"));
+    api.addEventListener("execution_interrupted", (e) => endRuns("cancelled", e.detail));
+    api.addEventListener("execution_error", (e) => endRuns("failed", e.detail));
+    // Older servers send no execution_success: "executing" with no node also means the prompt finished.
+    api.addEventListener("executing", (e) => {
+      const d = e.detail;
+      if (d === null || (typeof d === "object" && d !== null && "node" in d && d.node === null)) endRuns("done");
+    });
+    // Execution events go only to the tab that queued the prompt, progress goes to every tab: in the
+    // others an empty queue is the only sign that the run is over.
+    api.addEventListener("status", (e) => {
+      if (e.detail?.exec_info?.queue_remaining === 0) endRuns("stopped");
+    });
   },
   async beforeRegisterNodeDef(nodeType, nodeData) {
     if (nodeData?.name !== TRAINER) return;
