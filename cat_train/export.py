@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
+import secrets
 from collections import Counter
 from pathlib import Path
 from typing import Iterable, Mapping
@@ -202,7 +202,15 @@ def save_lora(path: str | os.PathLike, tensors: Mapping[str, Tensor], metadata: 
                               f"(next_free_path gives one).")
     data = save(dict(tensors), metadata=dict(metadata))
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # os.open with 0o666, not mkstemp: mkstemp makes 0600 files, which other users of a shared server
+    # cannot load; this way the umask decides, as for any file the user writes.
+    while True:
+        tmp = str(path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+            break
+        except FileExistsError:
+            continue
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
