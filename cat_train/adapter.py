@@ -59,6 +59,17 @@ def target_modules(unet: nn.Module, spec: LoraSpec) -> list[str]:
     return names
 
 
+def lora_param_count(unet: nn.Module, spec: LoraSpec) -> int:
+    """Parameters the spec would add: rank * (fan_in + fan_out) per adapted layer (before injecting)."""
+    n = 0
+    for name in target_modules(unet, spec):
+        m = unet.get_submodule(name)
+        fan_in = m.in_features if isinstance(m, nn.Linear) else m.in_channels * m.kernel_size[0] * m.kernel_size[1]
+        fan_out = m.out_features if isinstance(m, nn.Linear) else m.out_channels
+        n += spec.rank * (fan_in + fan_out)
+    return n
+
+
 def inject_lora(unet: nn.Module, spec: LoraSpec) -> list[str]:
     """Inject LoRA layers (B = 0, so the adapted model equals the base at first); freeze the base."""
     from peft import LoraConfig, inject_adapter_in_model
@@ -71,6 +82,10 @@ def inject_lora(unet: nn.Module, spec: LoraSpec) -> list[str]:
                         init_lora_weights=True)
     inject_adapter_in_model(config, unet, adapter_name=ADAPTER)
     for _, layer in lora_layers(unet).items():
+        # peft gives the adapter its base layer's dtype (bf16, fp16, even fp8); LoRA weights and their
+        # optimizer state must be fp32 whatever the base is stored in, so cast them back.
+        layer.lora_A[ADAPTER].float()
+        layer.lora_B[ADAPTER].float()
         for p in _adapter_params(layer):
             p.requires_grad_(True)
     return names

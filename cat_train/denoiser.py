@@ -78,4 +78,8 @@ class ModuleDenoiser:
             self.schedule = NoiseSchedule.scaled_linear()
 
     def predict(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
-        return self.module(x_t, t, **cond)
+        # a bf16-stored module takes bf16 inputs (targets stay fp32 outside); LoRA parameters are fp32 whatever the base
+        dt = next(p.dtype for n, p in self.module.named_parameters() if "lora_" not in n)
+        if dt == torch.float32 or not dt.is_floating_point:
+            return self.module(x_t, t, **cond)
+        return self.module(x_t.to(dt), t, **{k: v.to(dt) for k, v in cond.items()})

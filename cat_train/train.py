@@ -40,7 +40,7 @@ class TrainConfig:
     batch_size: int = 1
     grad_accum: int = 1
     seed: int = 0
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # autocast on GPU; ignored (fp32) on CPU
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # autocast dtype of the forward ("fp16": GPU only, grad scaler)
     gradient_checkpointing: bool = False
     save_every: int = 0           # checkpoint every N steps (0: only on stop, cancel or error)
     checkpoint_dir: str | None = None
@@ -161,6 +161,28 @@ def _atomic_save(obj, path: Path) -> Path:
     return path
 
 
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    """A checkpoint this trainer wrote, or a ValueError saying the file is something else.
+
+    Checkpoints hold tensors and plain data only, so torch's safe loader reads them all; its failure on
+    another file is reported without torch's advice to unpickle unrestricted, which would run any code
+    a stranger's file carries.
+    """
+    what = f"{path} is not a CAT training checkpoint (cat-stepNNNNNN.pt written by this trainer)"
+    hint = "; resume from a cat-stepNNNNNN.pt in the run's checkpoint folder, or start afresh without one."
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:
+        raise
+    except Exception as e:  # pickle, zip and format errors alike: the file is not ours
+        raise ValueError(f"{what}: torch cannot read it as one ({type(e).__name__}){hint}") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        found = (f"a {type(state).__name__}" if not isinstance(state, dict) else
+                 "a dict without the trainer's 'format' key" if "format" not in state else f"format {state['format']!r}")
+        raise ValueError(f"{what}: it holds {found}, not {CHECKPOINT_FORMAT!r}{hint}")
+    return state
+
+
 def checkpoint_path(directory: str | os.PathLike, step: int) -> Path:
     return Path(directory) / f"cat-step{step:06d}.pt"
 
@@ -176,22 +198,22 @@ def _is_oom(e: BaseException) -> bool:
 
 def train(denoiser: Denoiser, examples: Sequence[Example], loss_cfg: CatLossConfig, spec: LoraSpec, cfg: TrainConfig,
           callback: Callable[[StepInfo], None] | None = None, resume: str | os.PathLike | None = None,
-          keep_adapter: bool = False) -> TrainResult:
-    """Train a CAT LoRA on `denoiser.module`. The module is restored (adapter removed) on return unless keep_adapter."""
+          keep_adapter: bool = False, on_save: Callable[[int, dict[str, LoraWeights]], None] | None = None) -> TrainResult:
+    """Train a CAT LoRA on `denoiser.module`. The module is restored (adapter removed) on return unless keep_adapter.
+
+    on_save(step, weights) runs at every `save_every` checkpoint (e.g. to write a loadable LoRA file too)."""
     if not examples:
         raise ValueError("no training examples; the dataset is empty.")
     module = denoiser.module
     base_param = next(module.parameters())
     device = torch.device(cfg.device) if cfg.device else base_param.device
-    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision) if device.type == "cuda" else None
-    if cfg.mixed_precision != "no" and amp is None:
-        log.warning("mixed_precision=%s applies on GPU only; training in fp32 on %s", cfg.mixed_precision, device)
-    data_dtype = base_param.dtype if base_param.dtype.is_floating_point else torch.float32
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
+    if amp == torch.float16 and device.type != "cuda":
+        raise ValueError(f"mixed_precision 'fp16' needs a GPU (it trains with a grad scaler); use 'bf16' or 'no' on {device}.")
+    data_dtype = torch.float32  # latents, noise and targets stay fp32; the forward casts to the compute dtype
     sampler = BatchSampler(examples, cfg.batch_size)
     ckpt_dir = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
-    state = torch.load(resume, map_location="cpu", weights_only=True) if resume else None
-    if state is not None and state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{resume} is not a CAT training checkpoint (format {state.get('format')!r}).")
+    state = load_checkpoint(resume) if resume else None
 
     was_training = module.training
     result = TrainResult(weights={})
@@ -247,6 +269,8 @@ def train(denoiser: Denoiser, examples: Sequence[Example], loss_cfg: CatLossConf
                 result.history.append(dict(step=step + 1, loss=total, fit=fit, keep=keep, lr=lr))
                 if cfg.save_every and result.steps_done % cfg.save_every == 0:
                     save(result.steps_done)
+                    if on_save:
+                        on_save(result.steps_done, lora_weights(module))
                 if callback:
                     callback(StepInfo(step + 1, cfg.steps, total, fit, keep, lr, time.perf_counter() - t0))
         except TrainingDiverged:

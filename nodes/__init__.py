@@ -8,6 +8,7 @@ from comfy_api.latest import ComfyExtension, io
 
 from ..cat_train.adapter import PRESET_CHAIN, LoraSpec
 from ..cat_train.loss import CatLossConfig
+from ..cat_train.precision import CHOICES as COMPUTE_CHOICES
 from ..cat_train.train import TrainConfig
 
 CATEGORY = "CAT (contrastive adapter training)"
@@ -102,10 +103,16 @@ class CatTrainerNode(io.ComfyNode):
                 io.Combo.Input("lr_schedule", options=["constant", "cosine"], default="constant"),
                 io.Int.Input("batch_size", default=1, min=1, max=64),
                 io.Int.Input("grad_accum", default=1, min=1, max=64),
-                io.Int.Input("seed", default=0, min=0, max=2**31 - 1),
-                io.Combo.Input("dtype", options=["fp32", "bf16", "fp16"], default="fp32", tooltip="autocast on GPU; fp32 on CPU"),
-                io.Boolean.Input("gradient_checkpointing", default=False),
-                io.Int.Input("save_every", default=0, min=0, max=100000, tooltip="checkpoint every N steps (0: on cancel/error only)"),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=True),
+                io.Combo.Input("dtype", options=list(COMPUTE_CHOICES), default="auto",
+                               tooltip="compute dtype of the training forward; base weights keep their stored dtype and "
+                                       "LoRA weights are fp32. auto: bf16 on GPUs that have it, else fp16; on the CPU "
+                                       "bf16 for a bf16 model, else fp32"),
+                io.Combo.Input("gradient_checkpointing", options=["auto", "on", "off"], default="auto",
+                               tooltip="auto: on only when the memory budget printed before step 1 says it is needed"),
+                io.Int.Input("save_every", default=0, min=0, max=100000,
+                             tooltip="every N steps: a resumable checkpoint and a loadable LoRA "
+                                     "models/loras/<checkpoint name>_stepNNNNNN.safetensors (0: checkpoint on cancel/error only)"),
                 io.String.Input("checkpoint_name", default="cat_run", tooltip="folder under output/cat_checkpoints/"),
                 io.String.Input("resume_from", default="", optional=True, tooltip="a cat-stepNNNNNN.pt checkpoint to continue"),
             ],
@@ -120,7 +127,7 @@ class CatTrainerNode(io.ComfyNode):
         import folder_paths
 
         from .lora_io import safe_subpath
-        from .trainer import train_on_model
+        from .trainer import step_lora_writer, train_on_model
 
         ckpt_root = Path(folder_paths.get_output_directory()) / "cat_checkpoints"
         ckpt_dir = safe_subpath(ckpt_root, checkpoint_name)  # same name rules as LoRA files
@@ -130,10 +137,13 @@ class CatTrainerNode(io.ComfyNode):
         if resume and not os.path.isfile(resume):
             raise ValueError(f"resume checkpoint {resume} does not exist; give a cat-stepNNNNNN.pt file (full path or relative to {ckpt_root}).")
         cfg = TrainConfig(steps=steps, lr=learning_rate, lr_schedule=lr_schedule, batch_size=batch_size, grad_accum=grad_accum,
-                          seed=seed, mixed_precision={"fp32": "no"}.get(dtype, dtype), gradient_checkpointing=gradient_checkpointing,
+                          seed=seed,
                           save_every=save_every, checkpoint_dir=str(ckpt_dir))
         spec = LoraSpec(rank=rank, alpha=lora_alpha, preset=target)
-        patched, lora, image, summary, _ = train_on_model(model, dataset, loss_config, spec, cfg, cls.hidden.unique_id, resume)
+        patched, lora, image, summary, _ = train_on_model(
+            model, dataset, loss_config, spec, cfg, cls.hidden.unique_id, resume, compute=dtype, checkpointing=gradient_checkpointing,
+            on_save=step_lora_writer(model, folder_paths.get_folder_paths("loras")[0], checkpoint_name.strip(), loss_config, spec, cfg,
+                                     dataset) if save_every else None)
         return io.NodeOutput(patched, lora, image, summary)
 
 

@@ -8,47 +8,113 @@ its raw output (eps or v), which is what the CAT loss compares.
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Iterator
 
 import torch
 from torch import Tensor
 
 from ..cat_train.denoiser import Cond, NoiseSchedule
+from ..cat_train.integrity import changed, module_fingerprint
+from ..cat_train.precision import compute_dtype
+
+log = logging.getLogger("ComfyUI-CAT")
 
 
-def prediction_type_of(model) -> str:
-    import comfy.model_base as mb
+SUPPORTED = "SD1.x and SD2.x (eps or v prediction) and SDXL UNets with a discrete DDPM schedule"
+# Patcher-level wrappers that act on the sampler, not on one network call: training never runs them.
+_SAMPLING_ONLY = {"outer_sample", "prepare_sampling", "sampler_sample", "predict_noise", "calc_cond_batch"}
 
-    kind = getattr(model, "model_type", None)
-    if kind == mb.ModelType.EPS:
-        return "eps"
-    if kind == mb.ModelType.V_PREDICTION:
+
+def check_supported(mp) -> None:
+    """Refuse a MODEL the trainer cannot train before anything is loaded, cast or patched."""
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    net = mp.model.diffusion_model
+    if not isinstance(net, UNetModel):
+        raise ValueError(f"CAT trains {SUPPORTED}; this MODEL is a {type(mp.model).__name__} with a "
+                         f"{type(net).__name__} network. Flow-matching transformers (SD3, Flux) are not supported yet.")
+    prediction_type_of(mp)
+    transformer_options_of(mp)
+
+
+def prediction_type_of(mp) -> str:
+    """eps or v, read off the patcher's model_sampling (so a ModelSamplingDiscrete node upstream counts)."""
+    import comfy.model_sampling as ms_mod
+
+    ms = mp.get_model_object("model_sampling")
+    cls = type(ms)
+    discrete = isinstance(ms, ms_mod.ModelSamplingDiscrete) and cls.timestep is ms_mod.ModelSamplingDiscrete.timestep
+    rule = getattr(cls, "calculate_denoised", None)
+    if discrete and rule is ms_mod.V_PREDICTION.calculate_denoised:
         return "v"
-    raise ValueError(f"CAT trains eps- or v-prediction SD models (SD1.x, SD2.x, SDXL); this MODEL is {kind}. "
-                     "Flow-matching and EDM models are not supported.")
+    if discrete and rule is ms_mod.EPS.calculate_denoised:
+        return "eps"
+    raise ValueError(f"CAT trains {SUPPORTED}; this MODEL samples with {cls.__name__} "
+                     f"({', '.join(c.__name__ for c in cls.__mro__[1:4])}): EDM, x0, LCM/distilled and flow sampling "
+                     "are not supported. Remove the model-sampling node upstream of the trainer or pick eps/v.")
 
 
-def schedule_of(model) -> NoiseSchedule:
-    ms = model.model_sampling
-    if getattr(ms, "alphas_cumprod", None) is not None:
-        return NoiseSchedule(torch.as_tensor(ms.alphas_cumprod).detach().cpu())
-    sigmas = ms.sigmas.detach().cpu().double()  # discrete SD sampling keeps only sigmas: abar = 1/(sigma^2+1)
+def schedule_of(mp) -> NoiseSchedule:
+    """abar_t = 1 / (sigma_t^2 + 1) from the patcher's sigmas (zero-terminal-SNR rescaling included)."""
+    sigmas = mp.get_model_object("model_sampling").sigmas.detach().cpu().double()
     return NoiseSchedule(1.0 / (sigmas * sigmas + 1.0))
 
 
-class ComfyDenoiser:
-    """The Denoiser over `mp.model.diffusion_model`; cond = {"context": (B,L,C)} plus "y" (B,adm) for SDXL."""
+def _sdpa(func, *args, **kwargs):
+    """Attention override for training passes: PyTorch SDPA has a backward whatever backend (sage, flash,
+    xformers...) ComfyUI was started with; the global choice is left alone for sampling."""
+    from comfy.ldm.modules.attention import attention_pytorch
 
-    def __init__(self, mp):
+    return attention_pytorch(*args, **kwargs)
+
+
+def transformer_options_of(mp) -> dict:
+    """The MODEL's transformer_options for a bare network call: attention/block patches and diffusion-model
+    wrappers apply as in sampling; what only makes sense around apply_model is refused by name."""
+    opts = dict(mp.model_options.get("transformer_options", {}))
+    refused = []
+    if "model_function_wrapper" in mp.model_options:
+        refused.append("model_function_wrapper (e.g. a unet wrapper node)")
+    wrappers = {k: dict(v) for k, v in opts.get("wrappers", {}).items()}
+    for kind, by_key in getattr(mp, "wrappers", {}).items():
+        for key, fns in by_key.items():
+            wrappers.setdefault(kind, {}).setdefault(key, [])
+            wrappers[kind][key] = list(wrappers[kind][key]) + list(fns)
+    for kind, by_key in wrappers.items():
+        if kind == "apply_model" and any(by_key.values()):
+            refused.append(f"apply_model wrappers {sorted(map(str, by_key))}")
+    if refused:
+        raise ValueError("the MODEL carries patches the trainer cannot apply to a bare UNet call: " + "; ".join(refused)
+                         + ". Train on the MODEL before the node that adds them, and add them after the trainer.")
+    ignored = sorted(k for k, by_key in wrappers.items() if k in _SAMPLING_ONLY and any(by_key.values()))
+    if ignored:
+        log.info("ComfyUI-CAT: sampling-only wrappers not used while training: %s", ", ".join(ignored))
+    opts["wrappers"] = {k: v for k, v in wrappers.items() if k not in _SAMPLING_ONLY}
+    opts["optimized_attention_override"] = _sdpa
+    return opts
+
+
+class ComfyDenoiser:
+    """The Denoiser over `mp.model.diffusion_model`; cond = {"context": (B,L,C)} plus "y" (B,adm) for SDXL.
+
+    Inputs are cast to `compute_dtype` (the weights keep their stored dtype; layers stored in another
+    dtype are cast per call by ComfyUI's own cast ops, see `trainable`); the output is in that dtype."""
+
+    def __init__(self, mp, compute_dtype: torch.dtype = torch.float32):
         self.patcher = mp
         self.base = mp.model
         self.module = mp.model.diffusion_model
-        self.prediction_type = prediction_type_of(mp.model)
-        self.schedule = schedule_of(mp.model)
+        self.prediction_type = prediction_type_of(mp)
+        self.schedule = schedule_of(mp)
+        self.compute_dtype = compute_dtype
+        self._options = transformer_options_of(mp)
 
     def predict(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
-        extra = {k: v for k, v in cond.items() if k != "context"}
-        return self.module(x_t, t.float(), context=cond["context"], transformer_options={}, **extra)
+        dt = self.compute_dtype
+        extra = {k: v.to(dt) for k, v in cond.items() if k != "context"}
+        opts = dict(self._options)  # the UNet writes per-call keys (block, transformer_index) into it
+        return self.module(x_t.to(dt), t.float(), context=cond["context"].to(dt), transformer_options=opts, **extra)
 
     def set_gradient_checkpointing(self, on: bool) -> None:
         """ldm's UNet has no switch: wrap the forward of each layer of every input/middle/output block
@@ -56,11 +122,9 @@ class ComfyDenoiser:
         that is deleted again when switched off, so the shared UNet is left as found."""
         wrapped = getattr(self, "_wrapped", [])
         if on and not wrapped:
-            m = self.module
-            for block in [*m.input_blocks, m.middle_block, *m.output_blocks]:
-                for layer in block:
-                    layer.forward = _checkpointed(layer.forward)
-                    wrapped.append(layer)
+            for layer in checkpoint_units(self.module):
+                layer.forward = _checkpointed(layer.forward)
+                wrapped.append(layer)
         elif not on:
             for block in wrapped:
                 del block.forward
@@ -73,7 +137,12 @@ class ComfyDenoiser:
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.module.parameters()).dtype
+        return self.compute_dtype
+
+
+def checkpoint_units(module) -> list[torch.nn.Module]:
+    """The layers gradient checkpointing wraps: each layer of every input, middle and output block."""
+    return [layer for block in [*module.input_blocks, module.middle_block, *module.output_blocks] for layer in block]
 
 
 def _checkpointed(forward):
@@ -84,30 +153,59 @@ def _checkpointed(forward):
     return run
 
 
-@contextlib.contextmanager
-def trainable(mp) -> Iterator[ComfyDenoiser]:
-    """Load the model (with any patches the MODEL already carries) and yield a Denoiser in fp32.
+def _storage_dtype(module) -> torch.dtype:
+    counts: dict[torch.dtype, int] = {}
+    for p in module.parameters():
+        counts[p.dtype] = counts.get(p.dtype, 0) + p.numel()
+    return max(counts, key=counts.get)
 
-    Restores parameter dtypes and requires_grad flags on exit, so the shared UNet is left as found.
+
+def _cast_layers_to(module, dtype: torch.dtype) -> list[tuple[torch.nn.Module, bool]]:
+    """Layers whose weights are stored in another dtype than the compute dtype (fp8 storage, an fp32 norm in
+    a bf16 model, fp32 compute over bf16 weights) cast their weights per call, as ComfyUI's lowvram and
+    manual-cast paths do: the stored tensors are never converted. Returns what to restore."""
+    flipped = []
+    for m in module.modules():
+        w = getattr(m, "weight", None)
+        if hasattr(m, "comfy_cast_weights") and isinstance(w, torch.Tensor) and w.dtype != dtype:
+            flipped.append((m, m.comfy_cast_weights))
+            m.comfy_cast_weights = True
+    return flipped
+
+
+@contextlib.contextmanager
+def trainable(mp, compute: str = "auto") -> Iterator[ComfyDenoiser]:
+    """Load the model (with any patches the MODEL already carries) and yield a Denoiser that computes in the
+    chosen dtype while every base weight keeps its stored dtype and device.
+
+    Other models are evicted first (ComfyUI's own trainer does the same). On exit the UNet's tensors are
+    checked against per-tensor checksums taken on entry (bits, dtype, device, shape): the input MODEL must
+    come back bit-identical, and a difference is raised, never passed over.
     """
     import comfy.model_management as mm
 
-    mm.load_models_gpu([mp], force_full_load=True)
+    check_supported(mp)  # before anything is loaded or cast
+    mm.load_models_gpu([mp], memory_required=1e20, force_full_load=True)
     module = mp.model.diffusion_model
     _leave_inference_mode(module)
-    flags = {n: (p.requires_grad, p.dtype) for n, p in module.named_parameters()}
-    low_precision = any(dt != torch.float32 for _, dt in flags.values())
-    if low_precision:  # LoRA math in fp16 weights diverges; train on an fp32 copy of the weights
-        module.float()
+    before = module_fingerprint(module)
+    flags = {n: p.requires_grad for n, p in module.named_parameters()}
+    device = next(module.parameters()).device
+    bf16_ok = device.type != "cuda" or torch.cuda.is_bf16_supported()
+    dtype = compute_dtype(compute, device, _storage_dtype(module), bf16_supported=bf16_ok)
+    flipped = _cast_layers_to(module, dtype)
     try:
-        yield ComfyDenoiser(mp)
+        yield ComfyDenoiser(mp, dtype)
     finally:
-        with torch.no_grad():
-            for n, p in module.named_parameters():
-                rg, dt = flags.get(n, (p.requires_grad, p.dtype))
-                if p.dtype != dt:
-                    p.data = p.data.to(dt)
-                p.requires_grad_(rg)
+        for m, prev in flipped:
+            m.comfy_cast_weights = prev
+        for n, p in module.named_parameters():
+            if n in flags:
+                p.requires_grad_(flags[n])
+        bad = changed(before, module_fingerprint(module))
+        if bad:
+            raise RuntimeError(f"the base UNet changed during training ({len(bad)} tensors, e.g. {bad[:2]}); "
+                               "please report this: the input MODEL must stay untouched.")
 
 
 @torch.inference_mode(False)

@@ -36,8 +36,9 @@ TINY_SDXL_UNET = dict(use_checkpoint=False, image_size=32, out_channels=4, use_s
 CLIP_SMALL = dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=3, projection_dim=32)
 
 
-def tiny_model(kind: str = "sd15", seed: int = 0, v_prediction: bool = False):
-    """(MODEL, CLIP, VAE) of a tiny SD1.x-shaped or SDXL-shaped model, built by ComfyUI's own classes."""
+def tiny_model(kind: str = "sd15", seed: int = 0, v_prediction: bool = False, dtype: torch.dtype = torch.float32):
+    """(MODEL, CLIP, VAE) of a tiny SD1.x-shaped or SDXL-shaped model, built by ComfyUI's own classes; `dtype`
+    is the UNet's storage dtype, as a checkpoint loads on a GPU (bf16/fp16)."""
     import comfy.model_management as mm
     import comfy.model_patcher
     import comfy.sd
@@ -62,12 +63,12 @@ def tiny_model(kind: str = "sd15", seed: int = 0, v_prediction: bool = False):
         clip_opts = {"clip_l_model_config": dict(CLIP_SMALL), "clip_g_model_config": dict(CLIP_SMALL)}
     else:
         raise ValueError(kind)
-    cfg.set_inference_dtype(torch.float32, None)
+    cfg.set_inference_dtype(dtype, None)
     if v_prediction:  # what ComfyUI's detection does for an SD2-style v model
         cfg.model_type = lambda state_dict, prefix="": __import__("comfy.model_base").model_base.ModelType.V_PREDICTION
     base = cfg.get_model({})
     _init_(base.diffusion_model, seed)
-    base.diffusion_model.float()
+    base.diffusion_model.to(dtype)
     mp = comfy.model_patcher.ModelPatcher(base, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
 
     clip = comfy.sd.CLIP(target, model_options={**clip_opts, "dtype": torch.float32})
