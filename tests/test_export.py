@@ -247,10 +247,18 @@ def test_training_metadata(tmp_path):
     assert meta["ss_network_module"] == "networks.lora" and meta["ss_network_dim"] == "16"
     assert meta["ss_resolution"] == "(512, 512)" and meta["ss_max_train_steps"] == "600"
     assert json.loads(meta["ss_tag_frequency"]) == {"cat": {"sks": 2, "dog": 2, "grass": 1}}
-    for key in ("ss_network_alpha", "ss_learning_rate", "ss_num_train_images", "ss_seed", "ss_base_model_version",
-                "ss_training_comment", "ss_output_name", "cat_preservation", "cat_class_word", "cat_steps",
-                "cat_target_preset", "cat_version"):
-        assert key in meta
+    # what the function derives rather than echoes: the cat_version from the package, cat_steps from the steps
+    # actually done, a (w, h) resolution, triggers from any iterable, text defaults, extra keys winning
+    from cat_train import __version__
+    assert meta["cat_version"] == __version__ and meta["cat_steps"] == "600" and meta["ss_training_comment"] == ""
+    stopped = E.training_metadata(cat_factor=0.5, triggers=(t for t in ("sks", "zwx")), preservation="strip", steps=600,
+                                  rank=8, alpha=4.0, lr=1e-4, resolution=(768, 512), steps_done=250,
+                                  extra={"ss_training_comment": "cancelled", "cat_custom": "x"})
+    assert stopped["cat_steps"] == "250" and stopped["ss_max_train_steps"] == "600"  # a cancelled run says so
+    assert stopped["ss_resolution"] == "(768, 512)" and json.loads(stopped["cat_triggers"]) == ["sks", "zwx"]
+    assert stopped["cat_factor"] == "0.5" and stopped["ss_network_alpha"] == "4.0" and stopped["ss_network_dim"] == "8"
+    assert stopped["ss_training_comment"] == "cancelled" and stopped["cat_custom"] == "x"
+    assert json.loads(stopped["ss_tag_frequency"]) == {"cat": {}} and stopped["cat_class_word"] == ""
     p = E.save_lora(tmp_path / "m.safetensors", {"a": torch.ones(1)}, meta)
     assert E.load_lora(p)[1] == meta
 
