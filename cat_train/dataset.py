@@ -19,11 +19,15 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .checks import check_trigger_not_class_word
 from .prompts import ensure_trigger, triggers_in
 
 log = logging.getLogger("cat_train")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 Insert = Literal["prepend", "append", "off"]
+# Smaller sides are upscaled many times to reach a bucket: the VAE then encodes blur, and with 8 px per
+# latent pixel the subject spans a handful of latents. Warned about, not refused: it may be intended.
+MIN_SIDE = 64
 
 
 class DatasetError(ValueError):
@@ -36,6 +40,41 @@ class ImageRecord:
     caption: str
     triggers: tuple[str, ...]
     repeats: int
+    caption_file: Path | None = None
+    caption_encoding: str | None = None  # the legacy encoding a non-UTF-8 caption file was read with
+
+
+def read_caption(path: Path) -> tuple[str, str | None]:
+    """The caption file's text, and the legacy encoding used when it is not UTF-8 (else None).
+
+    Captions written on Windows are often Windows-1252 ('café' as b'caf\\xe9'); every byte sequence is
+    readable that way or as Latin-1, so a caption is never lost to a decode error, and the caller warns.
+    """
+    data = path.read_bytes()
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):  # Notepad's "Unicode": UTF-16 with a byte-order mark
+        try:
+            return data.decode("utf-16"), None
+        except UnicodeDecodeError as e:
+            raise DatasetError(f"caption file {path} starts like UTF-16 but does not decode ({e.reason} at byte "
+                               f"{e.start}); re-save it as UTF-8.") from None
+    try:
+        return data.decode("utf-8-sig"), None
+    except UnicodeDecodeError:
+        pass
+    try:
+        return data.decode("cp1252"), "Windows-1252"
+    except UnicodeDecodeError:  # the five bytes cp1252 leaves undefined
+        return data.decode("latin-1"), "Latin-1"
+
+
+def legacy_caption_note(records: Sequence[ImageRecord]) -> str | None:
+    legacy = [r for r in records if r.caption_encoding]
+    if not legacy:
+        return None
+    listed = ", ".join(f"{r.caption_file} ({r.caption_encoding}: {r.caption!r})" for r in legacy[:5])
+    more = f" and {len(legacy) - 5} more" if len(legacy) > 5 else ""
+    return (f"{len(legacy)} caption file(s) are not UTF-8 and were read as a legacy Windows encoding: {listed}{more}; "
+            "if a letter looks wrong, re-save the file as UTF-8.")
 
 
 def _images(folder: Path) -> list[Path]:
@@ -48,6 +87,10 @@ def scan_folder(root: str | Path, triggers: Sequence[str], class_word: str = "",
     triggers = tuple(t.strip() for t in triggers)
     if not triggers or not all(triggers):
         raise DatasetError("give at least one non-empty trigger token (e.g. 'sks'); CAT needs it to tell y_T from y.")
+    try:
+        check_trigger_not_class_word(triggers, class_word)
+    except ValueError as e:
+        raise DatasetError(str(e)) from None
     if not root.is_dir():
         raise DatasetError(f"dataset folder {root} does not exist or is not a folder; create it and put the training "
                            "images (with same-name .txt captions) in it.")
@@ -63,7 +106,8 @@ def scan_folder(root: str | Path, triggers: Sequence[str], class_word: str = "",
     for folder, repeats, name in groups:
         for path in _images(folder):
             cap_file = path.with_suffix(ext)
-            text = " ".join(cap_file.read_text(encoding="utf-8").split()) if cap_file.is_file() else ""
+            raw, encoding = read_caption(cap_file) if cap_file.is_file() else ("", None)
+            text = " ".join(raw.split())
             caption = text or name or " ".join(w for w in (triggers[0], class_word.strip()) if w)  # empty file = none
             if not triggers_in(caption, triggers):
                 if insert_trigger == "off":
@@ -71,9 +115,13 @@ def scan_folder(root: str | Path, triggers: Sequence[str], class_word: str = "",
                                        f"to {cap_file.name} or turn trigger insertion on ('prepend' or 'append').")
                 own = triggers_in(name, triggers)
                 caption = ensure_trigger(caption, own[0] if own else triggers[0], insert_trigger)
-            records.append(ImageRecord(path, caption, triggers_in(caption, triggers), repeats))
+            records.append(ImageRecord(path, caption, triggers_in(caption, triggers), repeats,
+                                       cap_file if cap_file.is_file() else None, encoding))
     if not records:
         raise DatasetError(f"no images in {root} or its 'N_name' subfolders; accepted: {', '.join(IMAGE_EXTS)}.")
+    note = legacy_caption_note(records)
+    if note:
+        log.warning(note)
     return records
 
 
@@ -149,6 +197,7 @@ class DatasetItem:
 class Dataset:
     items: list[DatasetItem]
     skipped: list[tuple[Path, str]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # also logged; for a host to show beside the summary
 
     @property
     def buckets(self) -> dict[tuple[int, int], int]:
@@ -169,13 +218,15 @@ def load_dataset(root: str | Path, triggers: Sequence[str], class_word: str = ""
                  bucket_step: int = 64) -> Dataset:
     records = scan_folder(root, triggers, class_word, caption_ext, insert_trigger)
     sizes = make_buckets(resolution, bucket_step) if buckets else [(resolution, resolution)]
-    items, skipped = [], []
+    items, skipped, small = [], [], []
     for r in records:
         try:
             img = load_image(r.path)
         except DatasetError as e:
             skipped.append((r.path, str(e)))
             continue
+        if min(img.size) < MIN_SIDE:
+            small.append(f"{r.path.name} ({img.width}x{img.height})")
         items.append(DatasetItem(fit_to(img, nearest_bucket(img.width, img.height, sizes)), r.caption, r.triggers,
                                  r.repeats, r.path))
     if skipped:
@@ -183,8 +234,14 @@ def load_dataset(root: str | Path, triggers: Sequence[str], class_word: str = ""
     if not items:
         raise DatasetError(f"no readable image in {root}; all {len(skipped)} failed to decode: "
                            + "; ".join(f"{p.name}: {why}" for p, why in skipped))
-    return Dataset(items, skipped)
+    warnings = [n for n in [legacy_caption_note(records)] if n]
+    if small:
+        warnings.append(f"{len(small)} image(s) in {root} are smaller than {MIN_SIDE} px on a side: "
+                        f"{', '.join(small[:5])}{f' and {len(small) - 5} more' if len(small) > 5 else ''}; they are "
+                        f"upscaled to a bucket of about {resolution} px and teach mostly blur: use larger images or remove them.")
+        log.warning(warnings[-1])
+    return Dataset(items, skipped, warnings)
 
 
-__all__ = ["DatasetError", "Dataset", "DatasetItem", "ImageRecord", "IMAGE_EXTS", "fit_to", "load_dataset", "load_image",
-           "make_buckets", "nearest_bucket", "scan_folder"]
+__all__ = ["DatasetError", "Dataset", "DatasetItem", "ImageRecord", "IMAGE_EXTS", "MIN_SIDE", "fit_to", "load_dataset",
+           "load_image", "make_buckets", "nearest_bucket", "read_caption", "scan_folder"]

@@ -15,9 +15,6 @@ class CatLora(dict):
     metadata: dict[str, str] = {}
 
 
-_BAD_NAME = "names a path outside the loras folder"
-
-
 def safe_lora_path(folder: str | os.PathLike, name: str) -> Path:
     """folder/name.safetensors, numbered (name_00001...) so nothing is overwritten; refuses escapes."""
     stem = safe_subpath(folder, name)
@@ -29,17 +26,38 @@ def safe_lora_path(folder: str | os.PathLike, name: str) -> Path:
     return path
 
 
-def safe_subpath(folder: str | os.PathLike, name: str) -> Path:
-    """folder/name resolved, refusing '..', absolute paths, drive letters and backslashes."""
+def safe_subpath(folder: str | os.PathLike, name: str, field: str = "LoRA name", where: str = "the loras folder",
+                 example: str = "my_concept") -> Path:
+    """folder/name resolved, refusing '..', absolute paths, drive letters and backslashes.
+
+    `field` is the input the name came from, so the error points at the widget to fix (the trainer's
+    checkpoint_name shares these rules with LoRA names).
+    """
+    if not isinstance(name, str):
+        raise ValueError(f"{field} must be text, got {type(name).__name__}.")
     raw = name.strip()
     if raw.endswith(".safetensors"):
         raw = raw[: -len(".safetensors")]
-    if (not raw or ".." in Path(raw).parts or ".." in raw.split("/") or os.path.isabs(raw) or "\\" in raw
+    fix = f"use a plain name such as '{example}' (a subfolder like 'cat/{example}' is fine)."
+    if not raw:
+        raise ValueError(f"{field} is empty; {fix}")
+    if (".." in Path(raw).parts or ".." in raw.split("/") or os.path.isabs(raw) or "\\" in raw
             or re.match(r"^[A-Za-z]:", raw) or raw.startswith(("/", "~"))):
-        raise ValueError(f"LoRA name {name!r} {_BAD_NAME} or is empty; use a plain name such as 'my_concept' "
-                         "(a subfolder like 'cat/my_concept' is fine).")
+        raise ValueError(f"{field} {name!r} names a path outside {where}; {fix}")
     base = Path(folder).resolve()
     stem = (base / raw).resolve()
     if base not in stem.parents:
-        raise ValueError(f"LoRA name {name!r} {_BAD_NAME}; use a plain name such as 'my_concept'.")
+        raise ValueError(f"{field} {name!r} names a path outside {where}; {fix}")
     return stem
+
+
+def name_problem(folder: str | os.PathLike, name, field: str, where: str, example: str) -> bool | str:
+    """For a node's validate_inputs: True, or the reason ComfyUI shows before the graph runs (a linked,
+    not yet known name passes; execute checks it again)."""
+    if name is None:
+        return True
+    try:
+        safe_subpath(folder, name, field, where, example)
+    except ValueError as e:
+        return str(e)
+    return True

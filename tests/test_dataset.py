@@ -121,3 +121,56 @@ def test_real_photos_when_present():
         pytest.skip(f"{folder} is absent (the DreamBooth photos live outside the project)")
     ds = load_dataset(folder, ["sks"], class_word="dog", resolution=256)
     assert len(ds.items) == 5 and all(it.caption == "sks dog" for it in ds.items)
+
+
+@pytest.mark.parametrize("raw, caption, encoding", [
+    ("café photo of sks dog".encode("cp1252"), "café photo of sks dog", "Windows-1252"),  # b"caf\xe9"
+    ("naïve sks dog “quoted”".encode("cp1252"), "naïve sks dog “quoted”", "Windows-1252"),
+    (b"sks dog \x81\xe9", "sks dog \x81é", "Latin-1"),  # 0x81 is undefined in cp1252
+    ("sks dog ünd café".encode("utf-8"), "sks dog ünd café", None),
+    (b"\xef\xbb\xbf" + "sks dog, café".encode("utf-8"), "sks dog, café", None),  # UTF-8 with a byte-order mark
+    ("sks dog, café".encode("utf-16"), "sks dog, café", None),  # Notepad's "Unicode"
+])
+def test_captions_in_legacy_encodings_are_read_and_named(tmp_path, caplog, raw, caption, encoding):
+    png(tmp_path / "a.png")
+    (tmp_path / "a.txt").write_bytes(raw)
+    rec = scan_folder(tmp_path, ["sks"])[0]
+    assert (rec.caption, rec.caption_encoding) == (caption, encoding)
+    if encoding:
+        assert f"{tmp_path / 'a.txt'} ({encoding}: {caption!r})" in caplog.text and "re-save the file as UTF-8" in caplog.text
+        assert "a.txt" in load_dataset(tmp_path, ["sks"], resolution=64).warnings[0]
+    else:
+        assert "not UTF-8" not in caplog.text
+
+
+def test_broken_utf16_caption_names_the_file(tmp_path):
+    png(tmp_path / "a.png")
+    (tmp_path / "a.txt").write_bytes(b"\xff\xfes\x00k\x00s")  # a byte-order mark, then an odd byte count
+    with pytest.raises(DatasetError, match=r"caption file .*a\.txt starts like UTF-16.*re-save it as UTF-8"):
+        scan_folder(tmp_path, ["sks"])
+
+
+def test_images_under_the_minimum_size_are_warned_about(tmp_path, caplog):
+    png(tmp_path / "dot.png", size=(1, 1))
+    png(tmp_path / "thin.png", size=(200, 63))
+    png(tmp_path / "ok.png", size=(64, 64))
+    ds = load_dataset(tmp_path, ["sks"], resolution=128)
+    assert len(ds.items) == 3  # still trained: small images can be intended
+    assert len(ds.warnings) == 1
+    w = ds.warnings[0]
+    assert w.startswith("2 image(s) in") and "smaller than 64 px on a side: dot.png (1x1), thin.png (200x63)" in w
+    assert "ok.png" not in w and w in caplog.text
+    (tmp_path / "dot.png").unlink()
+    (tmp_path / "thin.png").unlink()
+    assert load_dataset(tmp_path, ["sks"], resolution=128).warnings == []
+
+
+@pytest.mark.parametrize("trigger, class_word", [("toy", "toy"), ("Toy", "toy"), ("sks", "dog"), ("zwx", " ZWX ")])
+def test_trigger_equal_to_the_class_word_is_refused(tmp_path, trigger, class_word):
+    png(tmp_path / "a.png")
+    if trigger == "sks":
+        assert scan_folder(tmp_path, [trigger], class_word=class_word)[0].caption == "sks dog"
+        return
+    with pytest.raises(DatasetError, match=rf"trigger '{trigger}' is the same word as class_word '{class_word.strip()}'"
+                                           r".*\(y\) would equal the training caption \(y_T\).*e\.g\. 'sks'"):
+        scan_folder(tmp_path, [trigger], class_word=class_word)
