@@ -8,6 +8,7 @@ norms taken as per-element means, w the weight of the sample's trigger token (mu
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -16,21 +17,24 @@ from torch import Tensor
 
 from .adapter import adapter_disabled
 from .denoiser import Cond, Denoiser
-from .prompts import PreservationMode
+from .prompts import PreservationMode, parse_class_words
 
 
 @dataclass
 class CatLossConfig:
     alpha: float = 1.0                       # the CAT factor; the paper tried 0.5, 1, 1.5, 2
     preservation: PreservationMode = "class"  # how y is made from y_T: "empty", "strip" or "class"
-    class_word: str = ""                      # for "class": the trigger is replaced by this word
+    class_word: str | dict[str, str] = ""     # for "class": the trigger is replaced by this word ('sks=dog, zwx=cat': per trigger)
     token_weights: dict[str, float] = field(default_factory=dict)  # per-trigger weight of its preservation term
+    preservation_prompts: tuple[str, ...] = ()  # if given: y is each of these in turn for every image (keeps neighbours)
 
     def __post_init__(self):
         if not self.alpha >= 0:  # also catches NaN
             raise ValueError(f"CAT factor alpha must be >= 0 (0 = plain LoRA; the paper used 0.5-2), got {self.alpha}.")
         if self.preservation not in ("empty", "strip", "class"):
             raise ValueError(f"preservation must be 'empty', 'strip' or 'class', got {self.preservation!r}.")
+        self.class_word = parse_class_words(self.class_word)
+        self.preservation_prompts = tuple(p.strip() for p in self.preservation_prompts if p.strip())
         bad = {t: w for t, w in self.token_weights.items() if not w >= 0}
         if bad:
             raise ValueError(f"token weights must be >= 0, got {bad}.")
@@ -57,13 +61,27 @@ def cat_loss(pred_token: Tensor, target: Tensor, pred_pres: Tensor | None, froze
     return LossTerms((fit + alpha * w * keep).mean(), fit.detach(), keep.detach())
 
 
+def repeat_to_common_length(contexts: list[Tensor], dim: int = 1) -> list[Tensor]:
+    """Token sequences of different lengths (a long caption has more 77-token chunks) brought to their least
+    common multiple by repeating each whole, as ComfyUI batches conditionings: cross-attention over a
+    sequence repeated k times equals attention over it once, so no caption changes another's result."""
+    lengths = {c.shape[dim] for c in contexts}
+    if len(lengths) == 1:
+        return contexts
+    n = math.lcm(*lengths)
+    return [c if c.shape[dim] == n else c.repeat(*[n // c.shape[dim] if d == dim else 1 for d in range(c.ndim)])
+            for c in contexts]
+
+
 def cat_cond(*conds: Cond) -> Cond:
-    """Stack conditionings along the batch; y_T and y must encode to the same shapes."""
+    """Stack conditionings along the batch (contexts of different token lengths repeated to a common one)."""
     keys = conds[0].keys()
     for c in conds[1:]:
-        if c.keys() != keys or any(c[k].shape[1:] != conds[0][k].shape[1:] for k in keys):
-            raise ValueError("token and preservation conditionings differ in shape; encode both with the same text encoder and padding.")
-    return {k: torch.cat([c[k] for c in conds]) for k in keys}
+        if c.keys() != keys or any(c[k].shape[2:] != conds[0][k].shape[2:] for k in keys if k == "context") \
+                or any(c[k].shape[1:] != conds[0][k].shape[1:] for k in keys if k != "context"):
+            raise ValueError("token and preservation conditionings differ in shape; encode both with the same text encoder.")
+    return {k: torch.cat(repeat_to_common_length([c[k] for c in conds]) if k == "context" else [c[k] for c in conds])
+            for k in keys}
 
 
 def cat_objective(denoiser: Denoiser, x0: Tensor, noise: Tensor, t: Tensor, cond_token: Cond, cond_pres: Cond,

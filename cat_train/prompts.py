@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import re
-from typing import Literal, Sequence
+from typing import Literal, Mapping, Sequence
 
 PreservationMode = Literal["empty", "strip", "class"]
 _EDGE = r"\s,.;:!?()\[\]{}\"'"  # a trigger is bounded by these, the start or the end: "sks," counts, "sksdog" does not
@@ -31,23 +31,58 @@ def _tidy(text: str) -> str:
     return text.strip(" ,;:")
 
 
-def preservation_prompt(caption: str, triggers: Sequence[str], mode: PreservationMode, class_word: str = "") -> str:
-    """y for the CAT term: '' (empty), y_T without its triggers (strip), or triggers -> class word (class).
+def parse_class_words(text: str | Mapping[str, str]) -> str | dict[str, str]:
+    """'dog' (one class word for every trigger) or 'sks=dog, zwx=cat' / one 'trigger=word' per line."""
+    if not isinstance(text, str):
+        return dict(text)
+    if "=" not in text:
+        return text.strip()
+    out = {}
+    for n, line in enumerate(re.split(r"[\n,]", text), 1):
+        if not line.strip():
+            continue
+        tok, sep, word = (x.strip() for x in line.partition("="))
+        if not sep or not tok or not word:
+            raise ValueError(f"class words entry {n} ({line.strip()!r}) must look like 'sks=dog' "
+                             "(or give one word, e.g. 'dog', for every trigger).")
+        out[tok] = word
+    return out
 
+
+def class_word_for(trigger: str, class_word: str | Mapping[str, str]) -> str:
+    word = class_word.get(trigger, "") if isinstance(class_word, Mapping) else class_word
+    if not word.strip():
+        if isinstance(class_word, Mapping):
+            raise ValueError(f"trigger {trigger!r} has no class word in {dict(class_word)}; add '{trigger}=<word>'.")
+        raise ValueError("preservation mode 'class' needs a class word (e.g. 'dog'); set class_word or use mode 'strip'.")
+    if word.strip() == trigger:  # y would equal y_T: the CAT term would compare a prompt with itself
+        raise ValueError(f"the class word of trigger {trigger!r} is the trigger itself, so the preservation prompt would "
+                         "equal the training caption; pick a trigger the model does not know (e.g. 'sks') and the class "
+                         f"as the class word (e.g. '{trigger}').")
+    return word.strip()
+
+
+def preservation_prompt(caption: str, triggers: Sequence[str], mode: PreservationMode,
+                        class_word: str | Mapping[str, str] = "") -> str:
+    """y for the CAT term: '' (empty), y_T without its triggers (strip), or each trigger -> its class word (class).
+
+    `class_word` is one word for every trigger or a {trigger: word} map (multi-concept: 'sks=dog, zwx=cat').
     In class mode a trigger already followed by its class word ("sks dog") is dropped, not doubled.
     """
     if mode == "empty":
         return ""
     if mode not in ("strip", "class"):
         raise ValueError(f"unknown preservation mode {mode!r}; choose 'empty', 'strip' or 'class'.")
-    if mode == "class" and not class_word.strip():
+    class_word = parse_class_words(class_word)
+    if mode == "class" and isinstance(class_word, str) and not class_word:
         raise ValueError("preservation mode 'class' needs a class word (e.g. 'dog'); set class_word or use mode 'strip'.")
     out = caption
     for t in triggers:
         if mode == "strip":
             out = trigger_pattern(t).sub("", out)
         else:
-            cw = re.escape(class_word.strip())
+            word = class_word_for(t, class_word)
+            cw = re.escape(word)
             out = re.sub(rf"{trigger_pattern(t).pattern}(\s+{cw}(?![^{_EDGE}]))", r"\1", out)
-            out = trigger_pattern(t).sub(class_word.strip(), out)
+            out = trigger_pattern(t).sub(word, out)
     return _tidy(out)

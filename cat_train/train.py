@@ -21,7 +21,7 @@ from torch import Tensor
 from .adapter import (LoraSpec, LoraWeights, adapter_parameters, inject_lora, load_lora_weights, lora_weights,
                       remove_lora)
 from .denoiser import Cond, Denoiser
-from .loss import CatLossConfig, cat_objective
+from .loss import CatLossConfig, cat_objective, repeat_to_common_length
 from .prompts import preservation_prompt
 
 log = logging.getLogger("cat_train")
@@ -109,15 +109,19 @@ class TrainingOutOfMemory(RuntimeError):
 def build_examples(items: Sequence[tuple], encode_text: Callable[[list[str]], Cond], loss_cfg: CatLossConfig) -> list[Example]:
     """items: (latent, caption, triggers[, repeats]). Each distinct prompt is encoded once."""
     rows = [(it[0], it[1], tuple(it[2]), it[3] if len(it) > 3 else 1) for it in items]
-    pres = [preservation_prompt(cap, trig, loss_cfg.preservation, loss_cfg.class_word) for _, cap, trig, _ in rows]
-    prompts = sorted({cap for _, cap, _, _ in rows} | set(pres))
-    encoded = encode_text(prompts)
-    cond = {p: {k: v[i].detach().cpu() for k, v in encoded.items()} for i, p in enumerate(prompts)}
+    if loss_cfg.preservation_prompts:  # every image with every listed y: the CAT term keeps each of them
+        pres = [list(loss_cfg.preservation_prompts) for _ in rows]
+    else:
+        pres = [[preservation_prompt(cap, trig, loss_cfg.preservation, loss_cfg.class_word)] for _, cap, trig, _ in rows]
+    prompts = sorted({cap for _, cap, _, _ in rows} | {p for ps in pres for p in ps})
+    # one prompt per call: a batch would pad every prompt to the longest, changing short captions' conditioning
+    cond = {p: {k: v[0].detach().cpu() for k, v in encode_text([p]).items()} for p in prompts}
 
     def weight(trig: tuple[str, ...]) -> float:
         return sum(loss_cfg.token_weights.get(t, 1.0) for t in trig) / len(trig) if trig else 1.0
 
-    return [Example(lat.detach().cpu(), cond[cap], cond[p], weight(trig), rep) for (lat, cap, trig, rep), p in zip(rows, pres)]
+    return [Example(lat.detach().cpu(), cond[cap], cond[p], weight(trig), rep)
+            for (lat, cap, trig, rep), ps in zip(rows, pres) for p in ps]
 
 
 def lr_factor(cfg: TrainConfig, step: int) -> float:
@@ -148,7 +152,8 @@ class BatchSampler:
 
 def _collate(examples: Sequence[Example], idx: list[int], device: torch.device, dtype: torch.dtype):
     batch = [examples[i] for i in idx]
-    stack = lambda conds: {k: torch.stack([c[k] for c in conds]).to(device, dtype) for k in conds[0]}
+    stack = lambda conds: {k: torch.stack(repeat_to_common_length([c[k] for c in conds], 0) if k == "context" else
+                                          [c[k] for c in conds]).to(device, dtype) for k in conds[0]}
     return (torch.stack([b.latent for b in batch]).to(device, dtype), stack([b.cond_token for b in batch]),
             stack([b.cond_pres for b in batch]), torch.tensor([b.weight for b in batch], device=device))
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from ..cat_train.dataset import load_dataset
+from ..cat_train.loss import repeat_to_common_length
 
 
 @dataclass
@@ -30,11 +31,8 @@ class CatDataset:
                 self._text_cache[p] = (ctx[0].detach().float().cpu().clone(),
                                        None if pooled is None else pooled[0].detach().float().cpu().clone())
         rows = [self._text_cache[p] for p in prompts]
-        lengths = {r[0].shape[0] for r in rows}
-        if len(lengths) > 1:  # long captions make more 77-token chunks; pad so prompts stack
-            n = max(lengths)
-            rows = [(torch.cat([c, c[-1:].expand(n - c.shape[0], -1)]) if c.shape[0] < n else c, pl) for c, pl in rows]
-        out = {"context": torch.stack([r[0] for r in rows])}
+        # long captions make more 77-token chunks: repeat shorter ones whole, as ComfyUI batches conditionings
+        out = {"context": torch.stack(repeat_to_common_length([r[0] for r in rows], 0))}
         if rows[0][1] is not None:
             out["pooled"] = torch.stack([r[1] for r in rows])
         return out

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import json
 import logging
 import time
 
@@ -160,11 +161,11 @@ def metadata(loss_cfg, spec, cfg, dataset, steps_done: int, history: list[dict],
     w, h = max(dataset.buckets, key=lambda wh: wh[0] * wh[1]) if dataset.buckets else (0, 0)
     return training_metadata(
         cat_factor=loss_cfg.alpha, triggers=dataset.triggers, preservation=loss_cfg.preservation,
-        class_word=loss_cfg.class_word, steps=cfg.steps, steps_done=steps_done, rank=spec.rank, alpha=spec.alpha,
+        class_word=loss_cfg.class_word if isinstance(loss_cfg.class_word, str) else json.dumps(loss_cfg.class_word), steps=cfg.steps, steps_done=steps_done, rank=spec.rank, alpha=spec.alpha,
         lr=cfg.lr, seed=cfg.seed, num_images=len(dataset.items), target_preset=spec.preset, resolution=(w, h),
         base_model_version=base_version, captions=[it[1] for it in dataset.items],
         comment="Contrastive Adapter Training (CAT, arXiv 2404.07554), ComfyUI-CAT",
-        extra={"ss_lr_scheduler": cfg.lr_schedule,
+        extra={"ss_lr_scheduler": cfg.lr_schedule, "cat_preservation_prompts": json.dumps(list(loss_cfg.preservation_prompts)),
                "cat_final_loss": f"{history[-1]['loss']:.6g}" if history else ""})
 
 

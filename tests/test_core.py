@@ -213,9 +213,52 @@ def test_multi_token_weights_and_prompts(text):
     items = [(torch.zeros(4, 8, 8), "a photo of sks dog", ("sks",)), (torch.zeros(4, 8, 8), "zwx cat on a sofa", ("zwx",))]
     cfg = CatLossConfig(alpha=1.0, preservation="strip", token_weights={"sks": 2.0, "zwx": 0.5})
     exs = build_examples(items, text, cfg)
+    calls = list(text.calls)
     assert [e.weight for e in exs] == [2.0, 0.5]
     assert torch.equal(exs[1].cond_pres["context"], text(["cat on a sofa"])["context"][0])
-    assert sorted(text.calls[0]) == sorted({"a photo of sks dog", "zwx cat on a sofa", "a photo of dog", "cat on a sofa"})
+    encoded = [p for call in calls for p in call]  # each distinct prompt once, one per call (no cross-padding)
+    assert sorted(encoded) == sorted({"a photo of sks dog", "zwx cat on a sofa", "a photo of dog", "cat on a sofa"})
+    assert all(len(call) == 1 for call in calls)
+
+
+def test_per_trigger_class_words_and_preservation_list(text):
+    items = [(torch.zeros(4, 8, 8), "a photo of sks dog", ("sks",)), (torch.zeros(4, 8, 8), "zwx cat on a sofa", ("zwx",))]
+    exs = build_examples(items, text, CatLossConfig(alpha=1.0, class_word="sks=dog, zwx=cat"))
+    assert torch.equal(exs[0].cond_pres["context"], text(["a photo of dog"])["context"][0])
+    assert torch.equal(exs[1].cond_pres["context"], text(["cat on a sofa"])["context"][0])  # not 'dog cat on a sofa'
+    with pytest.raises(ValueError, match="trigger 'zwx' has no class word.*zwx=<word>"):
+        build_examples(items, text, CatLossConfig(alpha=1.0, class_word="sks=dog"))
+    with pytest.raises(ValueError, match="class words entry 2 .*'sks=dog'"):
+        CatLossConfig(class_word="sks=dog\nzwx")
+    with pytest.raises(ValueError, match="class word of trigger 'toy' is the trigger itself"):
+        build_examples([(torch.zeros(4, 8, 8), "a toy", ("toy",))], text, CatLossConfig(class_word="toy"))
+
+    ys = ["a photo of a dog", "a photo of a cat", "a photo of a bird"]
+    exs = build_examples(items, text, CatLossConfig(alpha=1.0, class_word="dog", preservation_prompts=tuple(ys) + ("  ",)))
+    assert len(exs) == 6  # every image with every listed y, in turn
+    for i, e in enumerate(exs):
+        assert torch.equal(e.cond_pres["context"], text([ys[i % 3]])["context"][0])
+        assert torch.equal(e.cond_token["context"], text([items[i // 3][1]])["context"][0])
+
+
+def test_long_caption_leaves_short_captions_conditioning_unchanged():
+    """ComfyUI's rule: conditionings of 77 and 154 tokens batch as [c; c] and c2, never c padded with its last row."""
+    g = torch.Generator().manual_seed(0)
+    enc = {"short": torch.randn(77, 8, generator=g), "long": torch.randn(154, 8, generator=g)}
+    text = lambda ps: {"context": torch.stack([enc[p] for p in ps])}
+    alone = build_examples([(torch.zeros(4, 8, 8), "short", ())], text, CatLossConfig(alpha=0.0, preservation="strip"))
+    mixed = build_examples([(torch.zeros(4, 8, 8), "short", ()), (torch.zeros(4, 8, 8), "long", ())], text,
+                           CatLossConfig(alpha=0.0, preservation="strip"))
+    assert torch.equal(mixed[0].cond_token["context"], alone[0].cond_token["context"])
+    assert mixed[0].cond_token["context"].shape[0] == 77
+    from cat_train.train import _collate
+    _, c_tok, _, _ = _collate(mixed, [0, 1], torch.device("cpu"), torch.float32)
+    assert torch.equal(c_tok["context"][0], enc["short"].repeat(2, 1)) and torch.equal(c_tok["context"][1], enc["long"])
+    # cross-attention cannot tell a sequence from itself repeated: the padded row predicts what it did alone
+    q = torch.randn(1, 5, 8, generator=g)
+    once = torch.nn.functional.scaled_dot_product_attention(q, enc["short"][None], enc["short"][None])
+    twice = torch.nn.functional.scaled_dot_product_attention(q, c_tok["context"][:1], c_tok["context"][:1])
+    torch.testing.assert_close(once, twice, atol=1e-6, rtol=1e-5)
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(tiny_denoiser):

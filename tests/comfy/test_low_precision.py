@@ -227,3 +227,10 @@ def test_save_every_writes_loadable_lora_files(comfy, dataset_dir, tmp_path):
     key_map = comfy.lora.model_lora_keys_unet(mp.model, {})
     loaded = comfy.lora.load_lora(sd, key_map)
     assert len(loaded) == len(res.weights)  # every module of the step-4 LoRA resolves in the stock loader
+
+
+def test_loss_config_node_class_words_and_preservation_list(comfy):
+    node = comfy.nodes.NODE_CLASS_MAPPINGS["CAT_LossConfig"]
+    cfg = node.execute(1.0, "class", "sks=dog, zwx=cat", "", "a photo of a dog\n\na photo of a cat\n").result[0]
+    assert cfg.class_word == {"sks": "dog", "zwx": "cat"}
+    assert cfg.preservation_prompts == ("a photo of a dog", "a photo of a cat")
