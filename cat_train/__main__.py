@@ -1,8 +1,18 @@
-"""`python -m cat_train demo|bench|queue ...`: each subcommand lives in its own module."""
+"""`python -m cat_train demo|bench|queue ...`: each subcommand lives in its own module.
+
+`-m` finds the package from the repository root only; from any other folder run the package folder
+itself: `python /path/to/ComfyUI-CAT/cat_train demo --out out/demo` (relative paths stay the caller's).
+"""
 from __future__ import annotations
 
 import importlib
 import sys
+from pathlib import Path
+
+if not __package__:  # `python path/to/cat_train ...` from any folder: make the package importable by name,
+    # and take the package folder itself off the path, where cat_train/queue.py would shadow the stdlib's queue
+    _here = Path(__file__).resolve().parent
+    sys.path[:] = [str(_here.parent)] + [p for p in sys.path if Path(p or ".").resolve() != _here]
 
 COMMANDS = {
     "demo": ("cat_train.demo", "plain LoRA vs CAT on the embedded world model: image grid, PS/IS/KPS table, LoRAs, loss curve"),

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from . import metrics
+from .checks import OneLineParser, output_folder, positive_float, positive_int
 from .adapter import LoraSpec, remove_lora
 from .loss import CatLossConfig
 from .sample import sample
@@ -268,20 +269,35 @@ def write(res: dict, out: Path) -> dict[str, Path]:
     return {"table": md, "json": js, "grid": save_grid(res, out / "kps_grid.png")}
 
 
+def method_name(m: str) -> str:
+    """argparse type of --methods: lora, prior or cat<alpha>[:class|strip|empty|all]."""
+    if m in ("lora", "prior"):
+        return m
+    if m.startswith("cat"):
+        try:
+            alpha, mode = cat_method(m)
+        except ValueError:
+            alpha, mode = float("nan"), ""
+        if math.isfinite(alpha) and alpha >= 0 and mode in ("class", "strip", "empty", "all"):
+            return m
+    raise argparse.ArgumentTypeError(f"unknown method {m!r}; choose from lora, prior, cat<alpha>[:class|strip|empty|all] "
+                                     "(e.g. cat1, cat0.5:strip, cat1:all)")
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m cat_train bench", description=__doc__.split("\n")[0])
+    ap = OneLineParser(prog="python -m cat_train bench", description=__doc__.split("\n")[0])
     ap.add_argument("what", choices=["kps"])
     ap.add_argument("--quick", action="store_true", help="one seed, fewer images (< 5 min on CPU)")
-    ap.add_argument("--out", default="bench_out")
-    ap.add_argument("--steps", type=int)
-    ap.add_argument("--lr", type=float)
+    ap.add_argument("--out", default="bench_out", type=output_folder)
+    ap.add_argument("--steps", type=positive_int)
+    ap.add_argument("--lr", type=positive_float)
     ap.add_argument("--seeds", type=int, nargs="+")
-    ap.add_argument("--methods", nargs="+")
-    ap.add_argument("--per-prompt", type=int)
-    ap.add_argument("--sample-steps", type=int)
-    ap.add_argument("--rank", type=int)
+    ap.add_argument("--methods", nargs="+", type=method_name)
+    ap.add_argument("--per-prompt", type=positive_int)
+    ap.add_argument("--sample-steps", type=positive_int)
+    ap.add_argument("--rank", type=positive_int)
     ap.add_argument("--preset", choices=["attn", "attn_ff", "full"])
-    a = ap.parse_args(argv)
+    a = ap.parse_args(argv)  # every argument checked here: the run takes minutes and writes only at its end
     kw = dict(QUICK) if a.quick else {}
     for k in ("steps", "lr", "seeds", "methods", "per_prompt", "sample_steps", "rank", "preset"):
         v = getattr(a, k)

@@ -2,7 +2,11 @@
 the line and the fix. Host-agnostic: the nodes call these, so does any script."""
 from __future__ import annotations
 
+import argparse
 import math
+import os
+import sys
+from pathlib import Path
 from typing import Sequence
 
 from .loss import CatLossConfig
@@ -65,3 +69,54 @@ def check_trigger_not_class_word(triggers: Sequence[str], class_word: str, field
                          "trigger (y) would equal the training caption (y_T), so CAT could not tell the subject from its "
                          f"class. Use a token the model does not know as the trigger (e.g. 'sks') and keep "
                          f"{class_word.strip()!r} as the class word.")
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a bad argument in one line (not the whole usage block) and exits 2."""
+
+    def error(self, message: str):
+        print(f"{self.prog}: error: {message} (--help lists the options)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        v = 0
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
+    return v
+
+
+def positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = float("nan")
+    if not (math.isfinite(v) and v > 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number > 0")
+    return v
+
+
+def non_negative_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = float("nan")
+    if not (math.isfinite(v) and v >= 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number >= 0")
+    return v
+
+
+def output_folder(text: str) -> Path:
+    """A folder that can be created (or exists) and written to; checked before any work, created by the caller."""
+    p = Path(text).expanduser()
+    q = p.absolute()
+    while not q.exists():  # the nearest existing ancestor decides
+        q = q.parent
+    if not q.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} cannot be a folder: {q} is a file; choose another output folder")
+    if not os.access(q, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"{text}: no permission to write in {q}; choose another output folder")
+    return p

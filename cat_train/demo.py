@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 from . import bench_kps
+from .checks import OneLineParser, non_negative_float, output_folder, positive_float, positive_int
 from .export import ldm_to_diffusers, next_free_path, save_lora, to_kohya, training_metadata
 from .plot import loss_curve
 from .world import generator as wg
@@ -22,12 +23,13 @@ SCORES = ("PS", "IS", "KPS", "identity", "leak", "drift", "drift_other", "class_
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m cat_train demo", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", required=True, help="output folder (created; LoRA files already there are never overwritten)")
-    ap.add_argument("--steps", type=int, default=bench_kps.BenchConfig.steps)
-    ap.add_argument("--alpha", type=float, default=1.0, help="CAT factor of the CAT run (the other run is alpha 0)")
-    ap.add_argument("--lr", type=float, default=bench_kps.BenchConfig.lr,
+    ap = OneLineParser(prog="python -m cat_train demo", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, type=output_folder,
+                    help="output folder (created; LoRA files already there are never overwritten)")
+    ap.add_argument("--steps", type=positive_int, default=bench_kps.BenchConfig.steps)
+    ap.add_argument("--alpha", type=non_negative_float, default=1.0, help="CAT factor of the CAT run (the other run is alpha 0)")
+    ap.add_argument("--lr", type=positive_float, default=bench_kps.BenchConfig.lr,
                     help="higher than the paper's 1e-4: a 1.7M-parameter model and few steps")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
