@@ -58,7 +58,8 @@ def rank_probes(prompts: Sequence[str], similarities: Tensor | Sequence[Sequence
     """similarities: (probes, pairs) S_C of the same-seed pairs -> probes ranked worst (most drift) first."""
     sims = torch.as_tensor(similarities, dtype=torch.float64)
     if sims.ndim != 2 or sims.shape[0] != len(prompts) or sims.shape[1] == 0:
-        raise ValueError(f"need one row of pair similarities per probe: {len(prompts)} probes, got shape {tuple(sims.shape)}.")
+        raise ValueError(f"need one row of pair similarities per probe: {len(prompts)} probes, "
+                         f"got shape {tuple(sims.shape)}.")
     if bool(torch.isnan(sims).any()):
         raise ValueError("a pair similarity is NaN; check the images for NaN (a diverged sample?).")
     rows = [ProbeDrift(p, float(s.mean()), float(s.min()), len(s), i) for i, (p, s) in enumerate(zip(prompts, sims))]
@@ -146,7 +147,8 @@ def grid(ranked: Sequence[ProbeDrift], base: Sequence[Tensor], adapted: Sequence
     d.text((n * w + gap + 4, 3), "adapted", font=font, fill=(0, 0, 0))
     for row, r in enumerate(ranked):
         y = label_h + row * (label_h + h)
-        d.text((4, y + 3), _fit(d, f"{row + 1}. drift {r.drift:.3f}  {r.prompt}", font, row_w - 8), font=font, fill=(0, 0, 0))
+        label = _fit(d, f"{row + 1}. drift {r.drift:.3f}  {r.prompt}", font, row_w - 8)
+        d.text((4, y + 3), label, font=font, fill=(0, 0, 0))
         for j, side in enumerate((base[r.index], adapted[r.index])):
             if tuple(side.shape) != (n, h, w, 3):
                 raise ValueError(f"probe {r.prompt!r}: images of shape {tuple(side.shape)}, expected {(n, h, w, 3)}.")
