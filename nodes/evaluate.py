@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
 
 from ..cat_train.metrics import ClipScorer
+from ..cat_train.plot import bar_chart
 
 _SCORERS: dict[tuple[str, str], ClipScorer] = {}
 
@@ -23,17 +23,10 @@ def scorer(checkpoint: str, arch: str) -> ClipScorer:
     return _SCORERS[(path, arch)]
 
 
-def chart(values: dict[str, float], size=(480, 240)) -> torch.Tensor:
-    w, h = size
-    img = Image.new("RGB", size, (255, 255, 255))
-    d = ImageDraw.Draw(img)
-    colors = {"PS": (60, 110, 220), "IS": (40, 160, 90), "KPS": (220, 60, 60)}
-    bw = (w - 40) // max(1, len(values))
-    for i, (k, v) in enumerate(values.items()):
-        x = 20 + i * bw
-        top = h - 30 - int((h - 60) * max(0.0, min(1.0, v)))
-        d.rectangle([x + 10, top, x + bw - 10, h - 30], fill=colors.get(k, (120, 120, 120)))
-        d.text((x + 10, h - 25), f"{k} {v:.4f}", fill=(0, 0, 0))
+def chart(values: dict[str, float], size=(480, 260)) -> torch.Tensor:
+    """PS / IS / KPS bars as a ComfyUI IMAGE (1, H, W, 3), drawn by cat_train.plot (scalable font, 4 decimals)."""
+    img = bar_chart(values, size, title="CAT scores (CLIP; higher is better)",
+                    hints={"PS": "follows the prompt", "IS": "is the subject", "KPS": "keeps the class"})
     return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)[None]
 
 
