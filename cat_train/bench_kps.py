@@ -239,18 +239,23 @@ def table(res: dict) -> str:
 def save_grid(res: dict, path: Path, per_kind: int = 3, scale: int = 3) -> Path:
     """Rows: methods. Columns: with trigger | without trigger | other classes (seed 0)."""
     from PIL import Image, ImageDraw
+
+    from .plot import font, text
     grid = res["grid"]
-    s, pad, lw = 32 * scale, 4, 170
+    f = font(13)
+    names = {m: label(m).replace("α", "alpha") for m in grid}  # Pillow's embedded font has no α
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    s, pad, lw = 32 * scale, 4, 12 + int(max(measure.textlength(n, font=f) + 4 * n.count(" ") for n in names.values()))
     kinds = [("token", "with sks"), ("notoken", "without"), ("others", "other classes")]
     cols = [(k, i) for k, _ in kinds for i in range(per_kind)]
     W, H = lw + len(cols) * (s + pad) + 2 * pad, 20 + len(grid) * (s + pad)
     canvas = Image.new("RGB", (W, H), (255, 255, 255))
     d = ImageDraw.Draw(canvas)
     for j, (k, name) in enumerate(kinds):
-        d.text((lw + j * per_kind * (s + pad) + pad * j, 4), name, fill=(0, 0, 0))
+        text(d, (lw + j * per_kind * (s + pad) + pad * j, 3), name, f, (0, 0, 0))
     for r, (m, imgs) in enumerate(grid.items()):
         y = 20 + r * (s + pad)
-        d.text((4, y + s // 2 - 6), label(m).replace("α", "alpha "), fill=(0, 0, 0))  # the built-in font has no α
+        text(d, (4, y + s // 2), names[m], f, (0, 0, 0), "lm")
         for j, (k, i) in enumerate(cols):
             t = imgs[k]
             idx = i * max(1, len(t) // per_kind)
