@@ -69,22 +69,24 @@ class CatLossConfigNode(io.ComfyNode):
                 io.Float.Input("cat_factor", default=1.0, min=0.0, max=10.0, step=0.05, tooltip="alpha; the paper used 0.5-2"),
                 io.Combo.Input("preservation", options=["class", "strip", "empty"], default="class",
                                tooltip="y = caption with the trigger replaced by the class word / removed / empty"),
-                io.String.Input("class_word", default=""),
+                io.String.Input("class_word", default="",
+                                tooltip="e.g. 'dog'; several triggers: one class word each, 'sks=dog, zwx=cat'"),
                 io.String.Input("token_weights", default="", multiline=True, tooltip="multi-concept: one 'token=weight' per line"),
+                io.String.Input("preservation_prompts", default="", multiline=True, optional=True,
+                                tooltip="optional: one prompt per line; each image is paired with each as y, so the CAT term "
+                                        "keeps all of them (e.g. neighbouring classes a leak scan flagged). Empty: y from "
+                                        "the caption by the preservation mode"),
             ],
             outputs=[LossConfig.Output(display_name="loss_config")],
         )
 
     @classmethod
-    def execute(cls, cat_factor, preservation, class_word, token_weights) -> io.NodeOutput:
-        weights = {}
-        for line in token_weights.replace(",", "\n").splitlines():
-            if line.strip():
-                tok, sep, w = line.partition("=")
-                if not sep:
-                    raise ValueError(f"token weight line {line!r} must look like 'sks=1.5'.")
-                weights[tok.strip()] = float(w)
-        return io.NodeOutput(CatLossConfig(cat_factor, preservation, class_word.strip(), weights))
+    def execute(cls, cat_factor, preservation, class_word, token_weights, preservation_prompts="") -> io.NodeOutput:
+        from ..cat_train.checks import parse_token_weights
+
+        weights = parse_token_weights(token_weights)
+        prompts = tuple(line.strip() for line in (preservation_prompts or "").splitlines() if line.strip())
+        return io.NodeOutput(CatLossConfig(cat_factor, preservation, class_word.strip(), weights, prompts))
 
 
 class CatTrainerNode(io.ComfyNode):
@@ -122,15 +124,26 @@ class CatTrainerNode(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, checkpoint_name=None):
+        import folder_paths
+
+        from .lora_io import name_problem
+
+        return name_problem(Path(folder_paths.get_output_directory()) / "cat_checkpoints", checkpoint_name,
+                            "checkpoint_name", "output/cat_checkpoints", "cat_run")
+
+    @classmethod
     def execute(cls, model, dataset, loss_config, rank, lora_alpha, target, steps, learning_rate, lr_schedule, batch_size,
                 grad_accum, seed, dtype, gradient_checkpointing, save_every, checkpoint_name, resume_from="") -> io.NodeOutput:
         import folder_paths
 
+        from ..cat_train.checks import check_concepts
         from .lora_io import safe_subpath
         from .trainer import step_lora_writer, train_on_model
 
         ckpt_root = Path(folder_paths.get_output_directory()) / "cat_checkpoints"
-        ckpt_dir = safe_subpath(ckpt_root, checkpoint_name)  # same name rules as LoRA files
+        ckpt_dir = safe_subpath(ckpt_root, checkpoint_name, "checkpoint_name", "output/cat_checkpoints", "cat_run")
+        check_concepts(dataset.triggers, loss_config)  # before any model work: weights of non-triggers, y = y_T
         resume = resume_from.strip() if resume_from else ""
         if resume and not os.path.isabs(resume):
             resume = str(ckpt_root / resume)
@@ -156,6 +169,14 @@ class SaveCatLoraNode(io.ComfyNode):
             inputs=[io.LoraModel.Input("lora"), io.String.Input("name", default="cat_lora")],
             outputs=[io.String.Output(display_name="path")],
         )
+
+    @classmethod
+    def validate_inputs(cls, name=None):
+        import folder_paths
+
+        from .lora_io import name_problem
+
+        return name_problem(folder_paths.get_folder_paths("loras")[0], name, "LoRA name", "the loras folder", "my_concept")
 
     @classmethod
     def execute(cls, lora, name) -> io.NodeOutput:
@@ -197,9 +218,54 @@ class KpsEvaluatorNode(io.ComfyNode):
         return io.NodeOutput(ps, is_, kps, report, chart, ui={"text": [report]})
 
 
+class LeakScanNode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        import comfy.samplers
+        import folder_paths
+
+        from ..cat_train.leak import DEFAULT_PROBES
+
+        return io.Schema(
+            node_id="CAT_LeakScan", display_name="CAT Leak Scan", category=CATEGORY, is_output_node=True,
+            description="Which prompts did the adapter change? Base vs adapted MODEL on probe prompts (same seeds), "
+                        "CLIP similarity per pair, probes ranked by drift; the worst are the ones to preserve.",
+            inputs=[
+                io.Model.Input("base_model"), io.Model.Input("adapted_model", tooltip="e.g. the trainer's MODEL output"),
+                io.Clip.Input("clip"), io.Vae.Input("vae"),
+                io.String.Input("probes", default=DEFAULT_PROBES, multiline=True,
+                                tooltip="one prompt per line, without the trigger: the class and its neighbours"),
+                io.String.Input("negative", default="", multiline=True),
+                io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, tooltip="the same seeds for base and adapted"),
+                io.Int.Input("steps", default=20, min=1, max=10000),
+                io.Float.Input("cfg", default=7.0, min=0.0, max=100.0, step=0.1, round=0.01),
+                io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS, default="euler"),
+                io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, default="normal"),
+                io.Int.Input("width", default=512, min=64, max=4096, step=8),
+                io.Int.Input("height", default=512, min=64, max=4096, step=8),
+                io.Int.Input("images_per_probe", default=2, min=1, max=64),
+                io.Int.Input("top_k", default=3, min=1, max=100, tooltip="how many drifting probes to list for preservation"),
+                io.Combo.Input("clip_checkpoint", options=folder_paths.get_filename_list("clip") or ["(none in models/clip)"]),
+                io.String.Input("open_clip_model", default="ViT-B-32", tooltip="open_clip architecture of the checkpoint"),
+            ],
+            outputs=[io.String.Output(display_name="report"), io.String.Output(display_name="worst_probes"),
+                     io.Image.Output(display_name="chart"), io.Image.Output(display_name="grid")],
+        )
+
+    @classmethod
+    def execute(cls, base_model, adapted_model, clip, vae, probes, negative, seed, steps, cfg, sampler_name, scheduler,
+                width, height, images_per_probe, top_k, clip_checkpoint, open_clip_model) -> io.NodeOutput:
+        from .leak_scan import leak_scan
+
+        report, worst, chart, grid = leak_scan(base_model, adapted_model, clip, vae, probes, negative, seed, steps, cfg,
+                                               sampler_name, scheduler, width, height, images_per_probe, top_k,
+                                               clip_checkpoint, open_clip_model)
+        return io.NodeOutput(report, worst, chart, grid, ui={"text": [report]})
+
+
 class CatExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [CatDatasetNode, CatLossConfigNode, CatTrainerNode, SaveCatLoraNode, KpsEvaluatorNode]
+        return [CatDatasetNode, CatLossConfigNode, CatTrainerNode, SaveCatLoraNode, KpsEvaluatorNode, LeakScanNode]
 
 
 async def comfy_entrypoint() -> ComfyExtension:
