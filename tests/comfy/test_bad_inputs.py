@@ -10,6 +10,21 @@ import pytest
 from conftest import run_prompt
 
 
+def _defaults(class_type: str) -> dict:
+    """Every widget input at its schema default, so the graph keeps validating as the trainer gains options."""
+    import nodes
+
+    spec = nodes.NODE_CLASS_MAPPINGS[class_type].INPUT_TYPES()
+    out = {}
+    for name, (typ, *opt) in {**spec.get("required", {}), **spec.get("optional", {})}.items():
+        extra = opt[0] if opt and isinstance(opt[0], dict) else {}
+        if "default" in extra:
+            out[name] = extra["default"]
+        elif isinstance(typ, list) and typ:
+            out[name] = typ[0]
+    return out
+
+
 def graph(**over) -> dict:
     """Tiny SD1.x -> CAT Dataset (input/cat_test_ds) -> loss config -> trainer -> Save CAT LoRA."""
     v = {"triggers": "sks", "ds_class": "dog", "token_weights": "", "loss_class": "dog", "checkpoint_name": "bad_inputs",
@@ -21,10 +36,9 @@ def graph(**over) -> dict:
                                                       "caption_extension": ".txt", "resolution": 128, "buckets": True}},
         "3": {"class_type": "CAT_LossConfig", "inputs": {"cat_factor": 1.0, "preservation": "class", "class_word": v["loss_class"],
                                                          "token_weights": v["token_weights"]}},
-        "4": {"class_type": "CAT_LoraTrainer", "inputs": {
-            "model": ["1", 0], "dataset": ["2", 0], "loss_config": ["3", 0], "rank": 2, "lora_alpha": 2.0, "target": "attn",
-            "steps": v["steps"], "learning_rate": 0.01, "lr_schedule": "constant", "batch_size": 1, "grad_accum": 1, "seed": 0,
-            "dtype": "fp32", "gradient_checkpointing": False, "save_every": 0, "checkpoint_name": v["checkpoint_name"],
+        "4": {"class_type": "CAT_LoraTrainer", "inputs": {**_defaults("CAT_LoraTrainer"),
+            "model": ["1", 0], "dataset": ["2", 0], "loss_config": ["3", 0], "rank": 2, "lora_alpha": 2.0,
+            "steps": v["steps"], "learning_rate": 0.01, "save_every": 0, "checkpoint_name": v["checkpoint_name"],
             "resume_from": ""}},
         "5": {"class_type": "CAT_SaveLora", "inputs": {"lora": ["4", 1], "name": v["save_name"]}},
     }
