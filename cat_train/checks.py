@@ -42,7 +42,8 @@ def check_concepts(triggers: Sequence[str], loss_cfg: CatLossConfig) -> None:
 
     - a token weight for a token that is no trigger of the dataset would silently apply to nothing;
     - with preservation 'class', a trigger equal to its class word makes the preservation prompt y equal
-      the training caption y_T, so the CAT term compares a prompt with itself and protects nothing.
+      the training caption y_T, so the CAT term compares a prompt with itself and protects nothing
+      (given preservation prompts replace that y, so then the class word does not matter).
     """
     triggers = tuple(t.strip() for t in triggers if t.strip())
     unknown = [t for t in loss_cfg.token_weights if t not in triggers]
@@ -51,7 +52,7 @@ def check_concepts(triggers: Sequence[str], loss_cfg: CatLossConfig) -> None:
                          f"{'is not a trigger' if len(unknown) == 1 else 'are not triggers'} of the dataset "
                          f"(triggers: {', '.join(triggers) or 'none'}); a weight applies to a trigger token only: "
                          "fix the spelling or remove the line.")
-    if loss_cfg.alpha > 0 and loss_cfg.preservation == "class":
+    if loss_cfg.alpha > 0 and loss_cfg.preservation == "class" and not getattr(loss_cfg, "preservation_prompts", ()):
         for t in triggers:
             y = preservation_prompt(f"a photo of {t}", [t], "class", loss_cfg.class_word)
             if y.strip().lower() == f"a photo of {t}".lower():

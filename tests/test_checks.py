@@ -81,3 +81,8 @@ def test_name_checks_pass_good_and_linked_names(tmp_path):
     assert lio.name_problem(tmp_path, None, "name", "the loras folder", "my_concept") is True  # a link: known later
     assert lio.name_problem(tmp_path, "  ", "name", "the loras folder", "my_concept").startswith("name is empty")
     assert not list(tmp_path.iterdir())  # checking creates nothing
+
+
+def test_given_preservation_prompts_replace_the_class_word_check():
+    cfg = CatLossConfig(alpha=1.0, preservation="class", class_word="toy", preservation_prompts=("a toy", "a doll"))
+    check_concepts(("toy",), cfg)  # y comes from the list, never from 'toy' -> 'toy'
