@@ -31,7 +31,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\nunknown command {argv[0]!r}")
             return 2
         return 0
+    from cat_train.threads import configure_cpu_threads
+
+    configure_cpu_threads()  # before torch loads: idle OpenMP workers sleep instead of spinning
     module = importlib.import_module(COMMANDS[argv[0]][0])
+    configure_cpu_threads()  # torch is loaded now: as many threads as the load leaves cores
     return int(module.main(argv[1:]) or 0)
 
 

@@ -7,7 +7,7 @@
                  (2B with the CAT term: y_T and y in one pass; B for plain LoRA)
 
 With gradient checkpointing only the checkpointed layers' outputs stay, plus one layer's insides
-while it is recomputed. Activations the probe cannot see (attention reshapes, residual sums, GELU
+and their gradients while it is recomputed (3x the largest layer's insides). Activations the probe cannot see (attention reshapes, residual sums, GELU
 inside GEGLU) are covered by `OVERHEAD`, measured on SD-shaped UNets (benchmarks/memory.py).
 """
 from __future__ import annotations
@@ -79,7 +79,8 @@ def probe_activations(module: nn.Module, forward: Callable[[], object], units: S
         for h in handles:
             h.remove()
     outside = total - sum(per_unit.values())
-    ckpt = outside + boundary + max(per_unit.values(), default=0)
+    # while one unit is recomputed in backward its insides, their gradients and its input's gradient are alive
+    ckpt = outside + boundary + 3 * max(per_unit.values(), default=0)
     return ActivationProbe(plain=int(total * OVERHEAD), checkpointed=int(ckpt * OVERHEAD))
 
 

@@ -1,0 +1,191 @@
+"""Memory of CAT training on a bf16 model: the budget the trainer prints before step 1, and the measured peak.
+
+Budget (any machine, no weights, seconds): the UNet is built by ComfyUI's own classes on the meta device
+and probed at the real latent size, as the trainer node probes it on the user's device. Printed for the
+SD1.5 shape at 512 px and the SDXL shape at 1024 px, bf16 weights and compute, CAT alpha = 1 (y_T and y in
+one adapted pass), batch 1, rank 16 'attn', gradient checkpointing off and on.
+
+    COMFYUI_PATH=/path/to/ComfyUI python benchmarks/memory.py                      # budget table
+    COMFYUI_PATH=/path/to/ComfyUI python benchmarks/memory.py --measure sd15 --res 128 --steps 2
+
+--measure trains for real in a subprocess (bf16 weights, random init) and prints the measured growth of
+memory during training (GPU: torch.cuda.max_memory_allocated over the loaded weights; CPU: peak RSS over
+the RSS after a warm-up forward) next to the budget's prediction and next to what the old in-place fp32
+conversion added by itself (the fp32 copy minus the bf16 weights: 2 bytes a parameter).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+GiB = 1024 ** 3
+
+SDXL_UNET = dict(use_checkpoint=False, image_size=32, out_channels=4, use_spatial_transformer=True, legacy=False,
+                 num_classes="sequential", adm_in_channels=2816, in_channels=4, model_channels=320, num_res_blocks=[2, 2, 2],
+                 transformer_depth=[0, 0, 2, 2, 10, 10], channel_mult=[1, 2, 4], transformer_depth_middle=10,
+                 use_linear_in_transformer=True, context_dim=2048, num_head_channels=64, num_heads=-1,
+                 transformer_depth_output=[0, 0, 0, 2, 2, 2, 10, 10, 10], use_temporal_attention=False, use_temporal_resblock=False)
+
+
+def _pack():
+    import importlib.util
+
+    root = HERE.parent
+    if "comfyui_cat" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("comfyui_cat", root / "__init__.py", submodule_search_locations=[str(root)])
+        pack = importlib.util.module_from_spec(spec)
+        sys.modules["comfyui_cat"] = pack
+        spec.loader.exec_module(pack)
+    return sys.modules["comfyui_cat"]
+
+
+def unet(kind: str, device: str):
+    """A ComfyUI-built UNet of the SD1.5/SDXL shape (or 'mid': SD1.5 layout at 128 channels), bf16."""
+    import torch
+    import comfy.supported_models as sm
+    from native_vs_cat import SD15_UNET
+
+    if kind == "sdxl":
+        cfg = sm.SDXL(dict(SDXL_UNET))
+    else:
+        class Cfg(sm.SD15):
+            unet_config = {}
+            unet_extra_config = {"num_heads": 8, "num_head_channels": -1}
+        cfg = Cfg(dict(SD15_UNET, model_channels=128) if kind == "mid" else dict(SD15_UNET))
+    cfg.set_inference_dtype(torch.bfloat16, None)
+    with torch.device(device):
+        base = cfg.get_model({}, device=torch.device(device))
+    return cfg, base
+
+
+def budget_row(kind: str, res: int, rank: int = 16, alpha: float = 1.0, batch: int = 1) -> dict:
+    import torch
+
+    _pack()
+    from comfyui_cat.cat_train.adapter import LoraSpec, lora_param_count
+    from comfyui_cat.cat_train.budget import adapter_bytes, probe_activations, tensor_bytes
+    from comfyui_cat.nodes.comfy_model import _sdpa, checkpoint_units
+
+    cfg, base = unet(kind, "meta")
+    net = base.diffusion_model
+    ctx = 2048 if kind == "sdxl" else 768
+    meta = dict(device="meta", dtype=torch.bfloat16)
+    kw = {"y": torch.empty(1, 2816, **meta)} if kind == "sdxl" else {}
+
+    def forward():
+        net(torch.empty(1, 4, res // 8, res // 8, **meta), torch.zeros(1, device="meta"), context=torch.empty(1, 77, ctx, **meta),
+            transformer_options={"optimized_attention_override": _sdpa}, **kw)
+
+    probe = probe_activations(net, forward, checkpoint_units(net))
+    rows = batch * (2 if alpha > 0 else 1)
+    return {"kind": kind, "res": res, "weights": tensor_bytes(net.parameters()),
+            "adapter": adapter_bytes(lora_param_count(net, LoraSpec(rank=rank))),
+            "act_off": probe.plain * rows, "act_on": probe.checkpointed * rows}
+
+
+def rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def measure(kind: str, res: int, steps: int, checkpointing: str) -> dict:
+    """Real bf16 training (random weights) through the trainer's own path: trainable + budget + train."""
+    import torch
+
+    from native_vs_cat import boot
+
+    boot()
+    _pack()
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    from comfyui_cat.cat_train.adapter import LoraSpec
+    from comfyui_cat.cat_train.loss import CatLossConfig
+    from comfyui_cat.cat_train.precision import mixed_precision_name
+    from comfyui_cat.cat_train.train import Example, TrainConfig, train
+    from comfyui_cat.nodes.comfy_model import trainable
+    from comfyui_cat.nodes.trainer import memory_budget
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    _, base = unet(kind, "cpu")
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n, p in base.diffusion_model.named_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * (0.02 if p.ndim > 1 else 0.01) + (1.0 if p.ndim == 1 and "norm" in n else 0))
+    mp = comfy.model_patcher.ModelPatcher(base, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+    ctx = 2048 if kind == "sdxl" else 768
+    lat = torch.randn(2, 4, res // 8, res // 8, generator=g)
+    extra = {"y": torch.randn(2816, generator=g)} if kind == "sdxl" else {}
+    examples = [Example(lat[i], {"context": torch.randn(77, ctx, generator=g), **extra},
+                        {"context": torch.randn(77, ctx, generator=g), **extra}) for i in range(2)]
+    spec, loss = LoraSpec(rank=16, alpha=16), CatLossConfig(alpha=1.0, preservation="empty")
+    weights = sum(p.numel() * p.element_size() for p in base.diffusion_model.parameters())
+    with torch.inference_mode(False), trainable(mp, "auto") as den:
+        b = memory_budget(den, examples, spec, loss, TrainConfig(steps=1))  # its probe doubles as the warm-up forward
+        on = b.choose_checkpointing(checkpointing)
+        if dev == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            start = torch.cuda.memory_allocated()
+        else:
+            start = rss()
+        t0 = time.perf_counter()
+        cfg = TrainConfig(steps=steps, lr=1e-4, mixed_precision=mixed_precision_name(den.compute_dtype), gradient_checkpointing=on)
+        train(den, examples, loss, spec, cfg)
+        dt = (time.perf_counter() - t0) / steps
+        peak = torch.cuda.max_memory_allocated() if dev == "cuda" else rss()
+        dtype = str(den.compute_dtype)
+    return {"kind": kind, "res": res, "device": dev, "compute": dtype, "checkpointing": on, "weights": weights,
+            "growth": peak - start, "predicted": b.need(on), "fp32_conversion": weights, "step_s": dt,
+            "memory": "cuda max allocated" if dev == "cuda" else "peak RSS"}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--measure", choices=["mid", "sd15", "sdxl"], help="train for real in a subprocess and measure")
+    ap.add_argument("--res", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--checkpointing", choices=["auto", "on", "off"], default="off")
+    ap.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    if not os.environ.get("COMFYUI_PATH"):
+        print("set COMFYUI_PATH to a ComfyUI checkout: the UNets are built by ComfyUI's own classes.", file=sys.stderr)
+        return 2
+    if a.json:  # the subprocess
+        print("RESULT " + json.dumps(measure(a.measure, a.res, a.steps, a.checkpointing)))
+        return 0
+    if a.measure:
+        p = subprocess.run([sys.executable, __file__, "--json", "--measure", a.measure, "--res", str(a.res), "--steps",
+                            str(a.steps), "--checkpointing", a.checkpointing], capture_output=True, text=True)
+        line = next((x for x in p.stdout.splitlines() if x.startswith("RESULT ")), None)
+        if line is None:
+            sys.stderr.write(p.stdout[-2000:] + p.stderr[-4000:])
+            return 1
+        r = json.loads(line[7:])
+        print(f"{r['kind']} shape, bf16 weights ({r['weights'] / GiB:.2f} GiB), {r['res']} px, CAT alpha 1, batch 1, rank 16, "
+              f"compute {r['compute']}, checkpointing {'on' if r['checkpointing'] else 'off'}, {r['device']} ({r['memory']})")
+        print(f"  measured growth during training   {r['growth'] / GiB:7.3f} GiB   ({r['step_s']:.2f} s/step)")
+        print(f"  budget's prediction                {r['predicted'] / GiB:7.3f} GiB   (ratio measured/predicted {r['growth'] / r['predicted']:.2f})")
+        print(f"  old in-place fp32 conversion added {r['fp32_conversion'] / GiB:7.3f} GiB   (ratio growth/conversion {r['growth'] / r['fp32_conversion']:.2f})")
+        return 0
+    from native_vs_cat import boot
+
+    boot()
+    print("budget (GiB), bf16 weights + compute, CAT alpha 1, batch 1, rank 16 'attn'; total = weights + LoRA/AdamW + activations")
+    print(f"{'model':6s} {'res':>5s} {'weights':>8s} {'LoRA+opt':>9s} {'act off':>8s} {'total off':>10s} {'act on':>7s} {'total on':>9s}")
+    for kind, res in (("sd15", 512), ("sdxl", 1024)):
+        r = budget_row(kind, res)
+        tot = lambda act: (r["weights"] + r["adapter"] + act) / GiB
+        print(f"{kind:6s} {res:5d} {r['weights'] / GiB:8.2f} {r['adapter'] / GiB:9.3f} {r['act_off'] / GiB:8.2f} "
+              f"{tot(r['act_off']):10.2f} {r['act_on'] / GiB:7.2f} {tot(r['act_on']):9.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
