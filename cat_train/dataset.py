@@ -20,7 +20,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .checks import check_trigger_not_class_word
-from .prompts import ensure_trigger, triggers_in
+from .prompts import ensure_trigger, parse_class_words, triggers_in
 
 log = logging.getLogger("cat_train")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
@@ -87,8 +87,14 @@ def scan_folder(root: str | Path, triggers: Sequence[str], class_word: str = "",
     triggers = tuple(t.strip() for t in triggers)
     if not triggers or not all(triggers):
         raise DatasetError("give at least one non-empty trigger token (e.g. 'sks'); CAT needs it to tell y_T from y.")
-    try:
-        check_trigger_not_class_word(triggers, class_word)
+    try:  # 'dog' for every trigger, or one word per trigger ('sks=dog, zwx=cat')
+        words = parse_class_words(class_word)
+        if isinstance(words, dict):
+            for t, w in words.items():
+                check_trigger_not_class_word([t], w)
+            class_word = words.get(triggers[0], "")
+        else:
+            check_trigger_not_class_word(triggers, words)
     except ValueError as e:
         raise DatasetError(str(e)) from None
     if not root.is_dir():

@@ -56,6 +56,8 @@ class CatDatasetNode(io.ComfyNode):
         info = f"{len(ds.items)} images in {len(ds.buckets)} bucket(s): " + ", ".join(f"{w}x{h}: {n}" for (w, h), n in sorted(ds.buckets.items()))
         if ds.skipped:
             info += f"\nskipped {len(ds.skipped)} unreadable file(s): " + ", ".join(ds.skipped)
+        if ds.warnings:
+            info += "\n" + "\n".join(ds.warnings)
         return io.NodeOutput(ds, len(ds.items), info)
 
 

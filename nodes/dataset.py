@@ -19,6 +19,7 @@ class CatDataset:
     clip: object
     source: str
     skipped: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # legacy caption encodings, tiny images: shown in the node's info
     _text_cache: dict = field(default_factory=dict, repr=False)
 
     def encode_text(self, prompts: list[str]) -> dict[str, torch.Tensor]:
@@ -55,4 +56,5 @@ def build_dataset(folder: Path, vae, clip, triggers: tuple[str, ...], class_word
     for it in ds.items:
         latent = vae.encode(((it.pixels.permute(1, 2, 0) + 1) / 2).clamp(0, 1)[None])
         items.append((latent[0].detach().float().cpu().clone(), it.caption, it.triggers, it.repeats))
-    return CatDataset(items, tuple(triggers), class_word, clip, str(folder), skipped=[str(p) for p, _ in ds.skipped])
+    return CatDataset(items, tuple(triggers), class_word, clip, str(folder), skipped=[str(p) for p, _ in ds.skipped],
+                      warnings=list(ds.warnings))

@@ -46,9 +46,15 @@ def progress_callback(node_id: str | None, total: int):
     import comfy.utils
 
     pbar = comfy.utils.ProgressBar(total)
+    try:  # events carry their prompt, so two runs on one server (or a queue client) can tell theirs apart
+        from comfy_execution.utils import get_executing_context
+        ctx = get_executing_context()
+        prompt_id = ctx.prompt_id if ctx is not None else None
+    except ImportError:
+        prompt_id = None
 
     def cb(info: StepInfo) -> None:
-        _send(EVENT, {"node": node_id, "step": info.step, "total": info.total, "loss": info.loss, "fit": info.fit,
+        _send(EVENT, {"node": node_id, "prompt_id": prompt_id, "step": info.step, "total": info.total, "loss": info.loss, "fit": info.fit,
                       "keep": info.keep, "lr": info.lr, "elapsed": info.elapsed})
         pbar.update_absolute(info.step, info.total)  # under a server this hook raises when Cancel is pressed
         mm.throw_exception_if_processing_interrupted()  # ...and this catches Cancel when no hook is set

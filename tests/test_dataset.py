@@ -174,3 +174,15 @@ def test_trigger_equal_to_the_class_word_is_refused(tmp_path, trigger, class_wor
     with pytest.raises(DatasetError, match=rf"trigger '{trigger}' is the same word as class_word '{class_word.strip()}'"
                                            r".*\(y\) would equal the training caption \(y_T\).*e\.g\. 'sks'"):
         scan_folder(tmp_path, [trigger], class_word=class_word)
+
+
+def test_per_trigger_class_words_name_captionless_images(tmp_path):
+    from PIL import Image
+
+    from cat_train.dataset import DatasetError, scan_folder
+
+    Image.new("RGB", (96, 96), (10, 200, 30)).save(tmp_path / "a.png")  # no caption file
+    recs = scan_folder(tmp_path, ("zwx", "sks"), "sks=dog, zwx=cat")
+    assert [r.caption for r in recs] == ["zwx cat"]  # the first trigger with its own class word
+    with pytest.raises(DatasetError, match="trigger 'cat' is the same word"):
+        scan_folder(tmp_path, ("cat",), "cat=cat")

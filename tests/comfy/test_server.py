@@ -89,7 +89,7 @@ def train_graph(steps: int, seed: int, checkpoint_name: str, save_name: str) -> 
         "4": {"class_type": "CAT_LoraTrainer", "inputs": {
             "model": ["1", 0], "dataset": ["2", 0], "loss_config": ["3", 0], "rank": 4, "lora_alpha": 4.0, "target": "attn",
             "steps": steps, "learning_rate": 0.01, "lr_schedule": "constant", "batch_size": 1, "grad_accum": 1, "seed": seed,
-            "dtype": "fp32", "gradient_checkpointing": False, "save_every": 0, "checkpoint_name": checkpoint_name, "resume_from": ""}},
+            "dtype": "auto", "gradient_checkpointing": "auto", "save_every": 0, "checkpoint_name": checkpoint_name, "resume_from": ""}},
         "5": {"class_type": "CAT_SaveLora", "inputs": {"lora": ["4", 1], "name": save_name}},
     }
 
