@@ -79,7 +79,7 @@ api.emit("status", { exec_info: { queue_remaining: 0 } });  // another tab queue
 out.otherTab = draw().texts;
 out.state = globalThis.__catLiveView.runs.get("4").state;
 out.baseDraws = baseDraws;
-out.axes = [[0.0107, 1.07], [0.05, 1.1], [0.1, 0.5], [1.07, 1.0700001], [0.0101, 0.0123], [1e-7, 1]]
+out.axes = [[0.0107, 1.07], [0.05, 1.1], [0.1, 0.5], [1.07, 1.0700001], [0.0101, 0.0123], [1e-7, 1], [1.1e-4, 1.1]]
   .map((r) => view.yAxis(r));
 console.log(JSON.stringify(out));
 """,
@@ -140,6 +140,7 @@ def test_y_axis_ticks_are_few_distinct_and_compact(tmp_path):
     assert not axes[2]["log"] and axes[2]["labels"] == ["0.1", "0.2", "0.3", "0.4", "0.5"]
     assert axes[3]["labels"] == ["1", "1.1"]  # a flat curve still gets an axis, labels never repeat
     assert axes[4]["labels"] == ["0.011", "0.012"]
-    assert axes[5]["labels"] == ["1e-7", "1e-5", "1e-3", "0.1"]
+    assert axes[5]["labels"] == ["1e-4", "1e-3", "0.01", "0.1", "1"]  # at most 4 decades: keep's ~0 start is clamped
+    assert axes[6]["labels"] == ["1e-3", "0.01", "0.1", "1"]  # a CAT run's first steps: loss ~1, keep ~1e-4
     for a in axes:
         assert len(set(a["labels"])) == len(a["labels"]) and all(len(t) <= 5 for t in a["labels"])

@@ -63,19 +63,24 @@ export function yAxis(values) {
   const pos = values.filter((v) => isFinite(v) && v > 0);
   if (!pos.length) return null;
   let lo = Math.min(...pos), hi = Math.max(...pos);
+  // keep starts near 0 (the LoRA starts as a no-op): at most 4 decades, or the loss flattens into one line
+  lo = Math.max(lo, hi * 1e-4);
   if (hi / lo > 20) {
     const l0 = Math.log10(lo), l1 = Math.log10(hi);
-    const every = Math.max(1, Math.ceil((Math.ceil(l1) - Math.floor(l0)) / 4));
-    let ticks = [];
-    // powers of ten; under ~1.5 decades those give too few ticks, then 1-3-10 or 1-2-5 steps
-    for (const fs of [[1], [1, 3], [1, 2, 5]]) {
-      ticks = [];
-      for (let e = Math.floor(l0); e <= Math.ceil(l1); e += fs.length > 1 ? 1 : every) for (const f of fs) {
+    const inRange = (fs, every) => {
+      const out = [];
+      for (let e = Math.floor(l0); e <= Math.ceil(l1); e += every) for (const f of fs) {
         const t = Number((f * Math.pow(10, e)).toPrecision(12));
-        if (t >= lo && t <= hi) ticks.push(t);
+        if (t >= lo && t <= hi) out.push(t);
       }
-      if (ticks.length >= 3) break;
-    }
+      return out;
+    };
+    // powers of ten, every one or every 2nd, 3rd... so at most 5; under ~2 decades those give too few
+    // ticks, then 1-3-10 or 1-2-5 steps
+    let ticks = [];
+    for (let every = 1; every < 30 && !(ticks.length && ticks.length <= 5); every++) ticks = inRange([1], every);
+    if (ticks.length < 3) ticks = inRange([1, 3], 1);
+    if (ticks.length < 3) ticks = inRange([1, 2, 5], 1);
     ticks.sort((a, b) => a - b);
     return { log: true, lo: l0, hi: l1, map: (v) => Math.log10(v), ticks, labels: tickLabels(ticks) };
   }
@@ -137,13 +142,18 @@ function endRuns(state, detail) {
   }
 }
 
+// Data -> pixel row, with a margin so a curve at the top or bottom of the range is not cut by the plot edge.
+function rowOf(axis, v, y, h) {
+  const m = 0.06 * h, f = (axis.map(Math.max(v, axis.log ? Math.pow(10, axis.lo) : -Infinity)) - axis.lo) / (axis.hi - axis.lo || 1);
+  return Math.min(y + h, Math.max(y, y + m + (h - 2 * m) * (1 - f)));
+}
+
 function drawSeries(ctx, values, axis, x, y, w, h, n, s) {
   const pts = [];
   values.forEach((v, i) => {
     if (!(isFinite(v) && (v > 0 || !axis.log))) return;
     const px = x + (n > 1 ? (w * i) / (n - 1) : 0);
-    const py = y + h * (1 - (axis.map(v) - axis.lo) / (axis.hi - axis.lo || 1));
-    pts.push([px, Math.min(y + h, Math.max(y, py))]);
+    pts.push([px, rowOf(axis, v, y, h)]);
   });
   if (pts.length < 2) return false;
   ctx.strokeStyle = s.color; ctx.lineWidth = s.width; ctx.setLineDash?.(s.dash ?? []);
@@ -170,7 +180,8 @@ function statusLine(run) {
 }
 
 export function drawRun(node, ctx, run) {
-  const pad = 8, x = pad + LEFT, w = node.size[0] - 2 * pad - LEFT, h = PLOT_H - 40, y = node.size[1] - PLOT_H + 4;
+  // a legend row, the plot, two text lines: all inside the bottom PLOT_H pixels, under the widgets
+  const pad = 8, x = pad + LEFT, w = node.size[0] - 2 * pad - LEFT, top = node.size[1] - PLOT_H + 2, y = top + 14, h = PLOT_H - 50;
   const ended = run.state !== "running";
   ctx.save();
   ctx.fillStyle = "rgba(0,0,0,0.35)"; ctx.fillRect(x, y, w, h);
@@ -182,7 +193,7 @@ export function drawRun(node, ctx, run) {
   if (axis) {
     ctx.font = "10px sans-serif"; ctx.textAlign = "right"; ctx.textBaseline = "middle";
     axis.ticks.forEach((t, i) => {
-      const py = y + h * (1 - (axis.map(t) - axis.lo) / (axis.hi - axis.lo || 1));
+      const py = rowOf(axis, t, y, h);
       ctx.strokeStyle = "rgba(255,255,255,0.12)"; ctx.lineWidth = 1;
       ctx.beginPath(); ctx.moveTo(x, py); ctx.lineTo(x + w, py); ctx.stroke();
       ctx.fillStyle = "#bbb"; ctx.fillText(axis.labels[i], x - 4, py);
@@ -192,16 +203,16 @@ export function drawRun(node, ctx, run) {
     drawSeries(ctx, run.loss, axis, x, y, w, h, n, { color: "rgba(110,160,255,0.3)", width: 1 });
     for (const s of shown) if (drawSeries(ctx, smooth[s.key], axis, x, y, w, h, n, s)) drawn.push(s);
     ctx.globalAlpha = 1;
-    ctx.textAlign = "left"; ctx.textBaseline = "alphabetic"; // legend, top right inside the plot
-    let lx = x + w - 4;
+    ctx.textAlign = "left"; ctx.textBaseline = "alphabetic"; // legend, right-aligned above the plot
+    let lx = x + w;
     for (const s of [...drawn].reverse()) {
       const tw = ctx.measureText?.(s.label)?.width ?? 6 * s.label.length;
       lx -= tw;
-      ctx.fillStyle = s.color; ctx.fillText(s.label, lx, y + 11);
+      ctx.fillStyle = s.color; ctx.fillText(s.label, lx, top + 10);
       lx -= 20;
       ctx.strokeStyle = s.color; ctx.lineWidth = 2; ctx.setLineDash?.(s.dash);
-      ctx.beginPath(); ctx.moveTo(lx + 2, y + 7); ctx.lineTo(lx + 16, y + 7); ctx.stroke(); ctx.setLineDash?.([]);
-      lx -= 6;
+      ctx.beginPath(); ctx.moveTo(lx + 2, top + 6); ctx.lineTo(lx + 16, top + 6); ctx.stroke(); ctx.setLineDash?.([]);
+      lx -= 8;
     }
   }
   ctx.textAlign = "left"; ctx.textBaseline = "alphabetic";
