@@ -25,7 +25,7 @@ from cat_train.adapter import LoraSpec  # noqa: E402
 from cat_train.denoiser import ModuleDenoiser  # noqa: E402
 from cat_train.loss import CatLossConfig  # noqa: E402
 from cat_train.train import Example, TrainConfig, train  # noqa: E402
-from cat_train.unet import SD15_CONFIG, SDXL_CONFIG, TINY_CONFIG, UNet  # noqa: E402
+from cat_train.world.unet import SD15_CONFIG, SDXL_CONFIG, TINY_CONFIG, UNet  # noqa: E402
 
 CONFIGS = {"sd15": SD15_CONFIG, "sdxl": SDXL_CONFIG, "tiny": TINY_CONFIG}
 

@@ -8,7 +8,10 @@
     export.py    kohya-key .safetensors LoRA files with training metadata
     metrics.py   PS, IS and KPS over CLIP embeddings
     dataset.py   kohya-style image folders, captions, aspect buckets
-    unet.py      an SD UNet with ComfyUI's parameter names, for tests, demo and benchmarks
+
+`world/` is the proving ground the methods are measured on, not part of any method: a procedural
+world, its base model and CLIP, the KPS benchmark, the demo, a sampler, the reference SD UNet and a
+toy text encoder used by tests and benchmarks.
 
 Nothing here imports ComfyUI; `nodes/` adapts ComfyUI's ModelPatcher to `denoiser.Denoiser`.
 """

@@ -15,8 +15,8 @@ if not __package__:  # `python path/to/cat_train ...` from any folder: make the 
     sys.path[:] = [str(_here.parent)] + [p for p in sys.path if Path(p or ".").resolve() != _here]
 
 COMMANDS = {
-    "demo": ("cat_train.demo", "plain LoRA vs CAT on the embedded world model: image grid, PS/IS/KPS table, LoRAs, loss curve"),
-    "bench": ("cat_train.bench_kps", "knowledge-preservation benchmark ('bench kps [--quick]')"),
+    "demo": ("cat_train.world.demo", "plain LoRA vs CAT on the embedded world model: image grid, PS/IS/KPS table, LoRAs, loss curve"),
+    "bench": ("cat_train.world.bench", "knowledge-preservation benchmark ('bench kps [--quick]')"),
     "queue": ("cat_train.queue", "post an API-format workflow to a running ComfyUI server, with overrides"),
 }
 

@@ -2,7 +2,7 @@
 
 A `Denoiser` is the torch module to adapt, one prediction call, the prediction type and the
 noise schedule. ComfyUI's ModelPatcher implements it in `nodes/`; tests and the demo implement it
-with `cat_train.unet.UNet`. Everything is in DDPM space: `x_t = sqrt(abar_t) x_0 + sqrt(1-abar_t) eps`,
+with `cat_train.world.unet.UNet`. Everything is in DDPM space: `x_t = sqrt(abar_t) x_0 + sqrt(1-abar_t) eps`,
 integer timesteps `t in [0, T)`, which is exactly what an SD UNet receives inside ComfyUI too.
 """
 from __future__ import annotations

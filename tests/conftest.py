@@ -9,8 +9,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from cat_train.denoiser import ModuleDenoiser  # noqa: E402
-from cat_train.toytext import HashTextEncoder  # noqa: E402
-from cat_train.unet import TINY_CONFIG, UNet  # noqa: E402
+from cat_train.world.toytext import HashTextEncoder  # noqa: E402
+from cat_train.world.unet import TINY_CONFIG, UNet  # noqa: E402
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import torch
 from cat_train.adapter import LoraSpec, inject_lora, lora_layers
 from cat_train.denoiser import ModuleDenoiser
 from cat_train.loss import cat_objective
-from cat_train.unet import TINY_CONFIG, UNet
+from cat_train.world.unet import TINY_CONFIG, UNet
 
 RANK, LORA_ALPHA = 4, 8.0
 

@@ -8,7 +8,7 @@ import torch
 
 from cat_train import export as E
 from cat_train.adapter import LoraSpec, inject_lora, lora_layers, lora_weights, remove_lora
-from cat_train.unet import SD15_CONFIG, SDXL_CONFIG, TINY_CONFIG, UNet
+from cat_train.world.unet import SD15_CONFIG, SDXL_CONFIG, TINY_CONFIG, UNet
 
 
 def meta_names(config):

@@ -4,11 +4,11 @@ import pytest
 import torch
 
 from cat_train.denoiser import NoiseSchedule
-from cat_train.sample import sample, timesteps
+from cat_train.world.sample import sample, timesteps
 from cat_train.world import generator as wg
 from cat_train.world.text import LENGTH, SPARE, WORDS, token_ids
 
-# Measured on the committed weights (4000 steps, v, Min-SNR-5) with bench_kps.base_quality's defaults
+# Measured on the committed weights (4000 steps, v, Min-SNR-5) with world.bench.base_quality's defaults
 # (fixed noise, 15 DDIM steps, cfg 3): class_acc 1.0 (30 tokenless prompts), class_acc_with_colour 1.0
 # and colour_acc 1.0 (25 prompts). Chance is 0.2. The floors sit a margin under what was measured.
 CLASS_ACC_FLOOR = 0.8
@@ -82,7 +82,7 @@ def test_cfg_one_ignores_uncond_and_guidance_extrapolates():
 
 @pytest.fixture(scope="module")
 def world():
-    from cat_train.bench_kps import World
+    from cat_train.world.bench import World
     return World()
 
 
@@ -97,7 +97,7 @@ def test_world_clip_reads_clean_world_images(world):
 
 
 def test_base_model_draws_the_prompted_class_and_colour(world):
-    from cat_train.bench_kps import base_quality
+    from cat_train.world.bench import base_quality
     q = base_quality(world)
     assert q["class_acc"] >= CLASS_ACC_FLOOR, q  # "a star on a black background" draws a star
     assert q["class_acc_with_colour"] >= CLASS_ACC_FLOOR and q["colour_acc"] >= COLOUR_ACC_FLOOR, q

@@ -1,3 +1,13 @@
-"""A small world we control: procedural shapes (`generator`), the base text-to-image model (`model`,
-`text`, `pretrain`) and the world-CLIP (`clip`) that scores it. Weights are committed beside the code
-and regenerate from their seeds."""
+"""The proving ground: a small world we control, and the tools that measure the methods on it.
+
+    generator.py  procedural 32 px coloured shapes and their captions
+    model.py, text.py, pretrain.py  the base text-to-image model (an SD-architecture UNet)
+    clip.py       the world-CLIP that scores images
+    bench.py      `python -m cat_train bench kps`: the methods side by side (PS, IS, KPS, leak, drift)
+    demo.py       `python -m cat_train demo`: plain LoRA vs CAT, grid, table, LoRA files
+    sample.py     DDIM sampler with classifier-free guidance
+    unet.py       the reference SD UNet with ComfyUI's parameter names (world model, tests, benchmarks)
+    toytext.py    a hashing text encoder for tests
+
+Weights are committed beside the code and regenerate from their seeds. The methods (`cat_train/`)
+never import from here."""

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from ..denoiser import ModuleDenoiser, NoiseSchedule
 from ..export import read_safetensors
-from ..unet import UNet
+from .unet import UNet
 from .text import DIM, WorldTextEncoder
 
 HERE = Path(__file__).resolve().parent

@@ -12,12 +12,12 @@ import argparse
 import json
 from pathlib import Path
 
-from . import bench_kps
-from .checks import OneLineParser, non_negative_float, output_folder, positive_float, positive_int
-from .export import ldm_to_diffusers, next_free_path, save_lora, to_kohya, training_metadata
-from .plot import loss_curve
-from .world import generator as wg
-from .world import model as wm
+from . import bench
+from ..checks import OneLineParser, non_negative_float, output_folder, positive_float, positive_int
+from ..export import ldm_to_diffusers, next_free_path, save_lora, to_kohya, training_metadata
+from ..plot import loss_curve
+from . import generator as wg
+from . import model as wm
 
 SCORES = ("PS", "IS", "KPS", "identity", "leak", "drift", "drift_other", "class_acc")
 
@@ -27,22 +27,22 @@ def main(argv: list[str] | None = None) -> int:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, type=output_folder,
                     help="output folder (created; LoRA files already there are never overwritten)")
-    ap.add_argument("--steps", type=positive_int, default=bench_kps.BenchConfig.steps)
+    ap.add_argument("--steps", type=positive_int, default=bench.BenchConfig.steps)
     ap.add_argument("--alpha", type=non_negative_float, default=1.0, help="CAT factor of the CAT run (the other run is alpha 0)")
-    ap.add_argument("--lr", type=positive_float, default=bench_kps.BenchConfig.lr,
+    ap.add_argument("--lr", type=positive_float, default=bench.BenchConfig.lr,
                     help="higher than the paper's 1e-4: a 1.7M-parameter model and few steps")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    print(bench_kps.NOTE)
+    print(bench.NOTE)
     cat = f"cat{args.alpha:g}"
-    c = bench_kps.BenchConfig(steps=args.steps, lr=args.lr, seeds=(args.seed,), per_prompt=2, sample_steps=15,
+    c = bench.BenchConfig(steps=args.steps, lr=args.lr, seeds=(args.seed,), per_prompt=2, sample_steps=15,
                               methods=("lora", cat))
-    res = bench_kps.run(c)
-    paths = bench_kps.write(res, out)
+    res = bench.run(c)
+    paths = bench.write(res, out)
     names = ldm_to_diffusers(n for n, _ in wm.build()[0].named_modules())
-    report: dict = {"note": bench_kps.NOTE, "trigger": wg.TRIGGER, "class_word": wg.IDENTITY_CLASS,
+    report: dict = {"note": bench.NOTE, "trigger": wg.TRIGGER, "class_word": wg.IDENTITY_CLASS,
                     "images": len(wg.identity_scenes()), "steps": args.steps, "runs": {},
                     "grid": str(paths["grid"]), "table": str(paths["table"])}
     for key, name, alpha in (("lora", "lora", 0.0), (cat, "cat", args.alpha)):
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
                keys=("fit (lora)", "fit (cat)", "keep (cat)"), title="CAT demo: fit and keep terms").save(out / "loss_curve.png")
     (out / "report.json").write_text(json.dumps(report, indent=2))
     lo, ca = report["runs"]["lora"], report["runs"]["cat"]
-    print("\n" + bench_kps.table(res))
+    print("\n" + bench.table(res))
     print(f"with the trigger ('a {wg.TRIGGER} {wg.IDENTITY_CLASS}'), share drawn as the identity and identity similarity IS:\n"
           f"  plain LoRA (alpha 0):  {lo['identity']:.2f}   IS {lo['IS']:.3f}\n"
           f"  CAT (alpha {args.alpha:g}):         {ca['identity']:.2f}   IS {ca['IS']:.3f}\n"

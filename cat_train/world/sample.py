@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .denoiser import Cond, Denoiser
+from ..denoiser import Cond, Denoiser
 
 
 def timesteps(num_timesteps: int, steps: int) -> list[int]:

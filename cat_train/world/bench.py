@@ -29,15 +29,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import metrics
-from .checks import OneLineParser, output_folder, positive_float, positive_int
-from .adapter import LoraSpec, remove_lora
-from .loss import CatLossConfig
+from .. import metrics
+from ..checks import OneLineParser, output_folder, positive_float, positive_int
+from ..adapter import LoraSpec, remove_lora
+from ..loss import CatLossConfig
 from .sample import sample
-from .train import Example, TrainConfig, build_examples, train
-from .world import generator as wg
-from .world import model as wm
-from .world.clip import load_clip
+from ..train import Example, TrainConfig, build_examples, train
+from . import generator as wg
+from . import model as wm
+from .clip import load_clip
 
 NOTE = ("Controlled small world (procedural 32 px shapes, a 1.7M-parameter base model and a world-CLIP trained here), "
         "NOT Stable Diffusion: the numbers compare methods on this world only.")
@@ -240,7 +240,7 @@ def save_grid(res: dict, path: Path, per_kind: int = 3, scale: int = 3) -> Path:
     """Rows: methods. Columns: with trigger | without trigger | other classes (seed 0)."""
     from PIL import Image, ImageDraw
 
-    from .plot import font, text
+    from ..plot import font, text
     grid = res["grid"]
     f = font(13)
     names = {m: label(m).replace("α", "alpha") for m in grid}  # Pillow's embedded font has no α

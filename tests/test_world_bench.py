@@ -5,7 +5,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cat_train import bench_kps
+from cat_train.world import bench as bench_kps
 
 
 def test_bench_kps_tiny_end_to_end(tmp_path, capsys):
