@@ -24,7 +24,7 @@ def train_branch(g: dict, first: int, model, clip, vae, dataset, factor: float, 
     g[str(i)] = n("CAT_LossConfig", cat_factor=factor, preservation="class", class_word="dog", token_weights="")
     g[str(i + 1)] = n("CAT_LoraTrainer", model=model, dataset=dataset, loss_config=[str(i), 0], rank=16, lora_alpha=16.0,
                       target="attn", steps=600, learning_rate=1e-4, lr_schedule="constant", batch_size=1, grad_accum=1,
-                      seed=0, dtype="bf16", gradient_checkpointing=False, save_every=100,
+                      seed=0, dtype="auto", gradient_checkpointing="auto", save_every=100,
                       checkpoint_name=f"{ckpt_prefix}_{label}", resume_from="")
     g[str(i + 2)] = n("CAT_SaveLora", lora=[str(i + 1), 1], name=f"{ckpt_prefix}_{label}")
     g[str(i + 3)] = n("CLIPTextEncode", text=pos, clip=clip)
@@ -97,9 +97,9 @@ def control_values(name: str, typ: str, opts: dict) -> list:
 # Sizes the editor gives these nodes (LGraphNode.computeSize in frontend 1.27, measured in Chromium),
 # rounded up; the browser test checks that loading grows none of them. Image outputs get room for a preview.
 SIZES = {
-    "CheckpointLoaderSimple": (340, 100), "CAT_Dataset": (340, 230), "CAT_LossConfig": (340, 180),
-    "CAT_SaveLora": (340, 60), "CLIPTextEncode": (400, 130), "EmptyLatentImage": (340, 110), "KSampler": (340, 270),
-    "VAEDecode": (200, 50), "SaveImage": (320, 320), "CAT_KPSEvaluator": (400, 230), "PreviewImage": (320, 320),
+    "CheckpointLoaderSimple": (340, 100), "CAT_Dataset": (340, 230), "CAT_LossConfig": (340, 250),
+    "CAT_SaveLora": (340, 60), "CLIPTextEncode": (400, 150), "EmptyLatentImage": (340, 110), "KSampler": (340, 270),
+    "VAEDecode": (200, 50), "SaveImage": (320, 320), "CAT_KPSEvaluator": (400, 260), "PreviewImage": (320, 320),
     "Note": (560, 330),
 }
 TRAINER_WIDGETS_H = 460  # computeSize height of the trainer: inputs, outputs and 15 widgets
@@ -236,6 +236,10 @@ def main() -> None:
 
     ns = boot_comfy(Path(tempfile.mkdtemp()))
     for name, api in workflows().items():
+        for node in api.values():  # every widget spelled out, so the editor's prompt equals this file input for input
+            for key, typ, opts, is_widget in input_specs(ns.nodes.NODE_CLASS_MAPPINGS[node["class_type"]]):
+                if is_widget and key not in node["inputs"] and "default" in opts:
+                    node["inputs"][key] = opts["default"]
         (HERE / f"{name}.api.json").write_text(json.dumps(api, indent=2) + "\n")
         (HERE / f"{name}.json").write_text(json.dumps(to_ui(api, ns.nodes.NODE_CLASS_MAPPINGS, name), indent=1) + "\n")
         print("wrote", name)

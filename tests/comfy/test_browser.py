@@ -27,7 +27,7 @@ from test_server import server, train_graph  # noqa: F401  (the real-server fixt
 
 WF = ROOT / "workflows"
 UI = sorted(p for p in WF.glob("*.json") if not p.name.endswith(".api.json"))
-CHROMIUM = os.environ.get("CHROMIUM_PATH") or next(
+CHROMIUM = next((p for p in [os.environ.get("CHROMIUM_PATH")] if p and os.access(p, os.X_OK)), None) or next(
     (p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
 
 try:
@@ -43,7 +43,8 @@ except ImportError:
 pytestmark = [
     pytest.mark.skipif(sync_playwright is None, reason="the `playwright` Python package is not installed "
                        "(pip install playwright; the system Chromium is used, no `playwright install`)"),
-    pytest.mark.skipif(CHROMIUM is None, reason="no Chromium found: install Debian's `chromium` or set CHROMIUM_PATH"),
+    pytest.mark.skipif(CHROMIUM is None, reason="no Chromium found (CHROMIUM_PATH, chromium, chromium-browser, google-chrome): "
+                       "install Debian's `chromium` or set CHROMIUM_PATH to a Chromium executable"),
     pytest.mark.skipif(not FRONTEND, reason="comfyui-frontend-package is not installed: no graph editor to test"),
 ]
 
@@ -127,6 +128,16 @@ def test_shipped_workflow_loads_as_its_api_graph(editor, shots, path):
     for nid, node in api.items():
         assert out[nid]["class_type"] == node["class_type"]
         assert out[nid]["inputs"] == node["inputs"], f"{path.name} node {nid} {node['class_type']}"
+    # The server's own validation of the prompt the editor built: only the model files this test server
+    # lacks may be refused (what a user edits first), no value in a wrong slot.
+    answer = editor.evaluate("""async (prompt) => { const r = await fetch('/prompt', {method: 'POST',
+      headers: {'Content-Type': 'application/json'}, body: JSON.stringify({prompt})}); return await r.json(); }""", out)
+    refused = sorted({(api[nid]["class_type"], e.get("extra_info", {}).get("input_name"), e["type"])
+                      for nid, ne in answer.get("node_errors", {}).items() for e in ne["errors"]})
+    print(f"{path.name}: server validation refused {refused}")
+    assert set(refused) <= {("CheckpointLoaderSimple", "ckpt_name", "value_not_in_list"),
+                            ("CAT_KPSEvaluator", "clip_checkpoint", "value_not_in_list")}, answer
+    assert refused, "the test server has none of the shipped model files, so validation must name them"
     editor.evaluate("() => { app.canvas.ds.offset = [0, 0]; app.canvas.ds.scale = 1; }")
     editor.evaluate("() => { const b = app.graph.nodes.map((n) => n.boundingRect); const x0 = Math.min(...b.map((r) => r[0])),"
                     " y0 = Math.min(...b.map((r) => r[1])), x1 = Math.max(...b.map((r) => r[0] + r[2])),"
