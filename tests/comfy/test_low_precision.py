@@ -33,7 +33,8 @@ def _same(a, b):
 
 
 @pytest.mark.parametrize("kind,dtype,compute", [("sd15", torch.bfloat16, "auto"), ("sdxl", torch.bfloat16, "auto"),
-                                                ("sd15", torch.float16, "auto"), ("sd15", torch.bfloat16, "fp32")])
+                                                ("sd15", torch.float16, "auto"), ("sd15", torch.bfloat16, "fp32"),
+                                                ("sd15", torch.float8_e4m3fn, "bf16")])
 def test_low_precision_model_trains_and_stays_as_loaded(comfy, dataset_dir, kind, dtype, compute):
     mp, clip, vae = tiny_model(kind, seed=5, dtype=dtype)
     ds = _dataset(comfy, dataset_dir, clip, vae)
