@@ -1,0 +1,462 @@
+"""CatVersion (Zhao et al., arXiv 2311.14631): a concept as learnable Keys/Values concatenated in the text encoder.
+
+In chosen self-attention layers of the text encoder, `length` learnable vectors are concatenated to the
+projected Keys and Values (before the head split, visible to every token whatever the causal mask):
+
+    Attn(Q, [P_K; K], [P_V; V])
+
+so a prompt's features get a residual towards the concept, while the UNet and every weight of the text
+encoder stay frozen. Defaults follow the authors' released adapters (adapter-transformers "flat" prefix
+tuning on SD1.5's CLIP ViT-L/14 text model): the last 3 of its 12 self-attention layers (9, 10, 11), one
+embedding per layer, initialised N(0, 1), AdamW at lr 1e-2 (their 5e-3 base rate scaled by batch 2),
+batch 2, 1000 steps, the ordinary diffusion loss. Their code also adds +1 to the causal-mask logit of the
+prefix column (it concatenates ones to an additive mask); that quirk is not reproduced: the prefix
+takes part with logit q.k / sqrt(d) like any key.
+
+Attention modules reached: `torch.nn.MultiheadAttention` (self-attention, packed in_proj; the world's
+encoder) and modules with `q_proj`/`k_proj`/`v_proj`/`out_proj` called as `(x, mask, optimized_attention)`
+(ComfyUI's `comfy.clip_model.CLIPAttention`). The adapter is installed as an instance `forward` on those
+modules and removed again, leaving the encoder exactly as found; `prefixed_forward` gives hosts the same
+function to install their own way (ComfyUI: as object patches on a clone).
+
+The CAT term composes: with α > 0 the frozen pass is the UNet on y encoded *without* the embeddings,
+the adapted pass on y encoded with them (the UNet itself is never adapted).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Literal, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .denoiser import Cond, Denoiser
+from .loss import cat_cond, cat_loss
+from .prompts import PreservationMode, preservation_prompt
+
+FORMAT = "cat_train.catversion/1"
+PAPER_LAYERS = 3  # last 3 of CLIP ViT-L/14's 12 layers in the released adapters
+
+
+@dataclass
+class CatVersionSpec:
+    layers: int | tuple[int, ...] = PAPER_LAYERS  # int N: the last N layers feeding the output; tuple: explicit indices
+    length: int = 1                                # embeddings per layer (prefix length)
+    init: Literal["normal", "zeros"] = "normal"    # "normal": N(0, init_std²) as the reference (randn)
+    init_std: float = 1.0
+
+    def __post_init__(self):
+        if isinstance(self.layers, int):
+            if self.layers < 1:
+                raise ValueError(f"layers must be >= 1 (the paper: the last {PAPER_LAYERS}), got {self.layers}.")
+        else:
+            self.layers = tuple(int(i) for i in self.layers)
+            if not self.layers:
+                raise ValueError("layers must name at least one self-attention layer.")
+        if self.length < 1:
+            raise ValueError(f"length (embeddings per layer) must be >= 1 (the paper: 1), got {self.length}.")
+        if self.init not in ("normal", "zeros"):
+            raise ValueError(f"init must be 'normal' or 'zeros', got {self.init!r}.")
+
+
+# ---------------------------------------------------------------- finding the layers
+
+
+def _is_proj_attention(m: nn.Module) -> bool:
+    return all(isinstance(getattr(m, n, None), nn.Linear) for n in ("q_proj", "k_proj", "v_proj", "out_proj"))
+
+
+def find_self_attention(encoder: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The encoder's self-attention modules in layer order (module registration order)."""
+    found = [(n, m) for n, m in encoder.named_modules() if isinstance(m, nn.MultiheadAttention) or _is_proj_attention(m)]
+    if not found:
+        raise ValueError(f"no self-attention layer found in {type(encoder).__name__}: CatVersion reaches "
+                         "torch.nn.MultiheadAttention and modules with q_proj/k_proj/v_proj/out_proj (CLIP).")
+    return found
+
+
+def heads_of(m: nn.Module) -> int:
+    for name in ("num_heads", "heads", "n_heads"):
+        if isinstance(getattr(m, name, None), int):
+            return getattr(m, name)
+    raise ValueError(f"{type(m).__name__} has no head count (num_heads/heads); CatVersion cannot split its Keys.")
+
+
+def hidden_of(m: nn.Module) -> int:
+    return m.embed_dim if isinstance(m, nn.MultiheadAttention) else m.k_proj.out_features
+
+
+def resolve_layers(count: int, layers: int | Sequence[int], output_layer: int | None = None) -> tuple[int, ...]:
+    """Layer indices (0-based) from the spec. An int N is the last N layers that reach the output:
+    with a penultimate-layer output (SDXL, clip skip 2) the last layer would change nothing."""
+    last = count - 1 if output_layer is None else (output_layer % count)
+    if isinstance(layers, int):
+        if layers > last + 1:
+            raise ValueError(f"layers={layers} but only {last + 1} self-attention layers reach the output "
+                             f"(of {count}); ask for at most {last + 1}.")
+        return tuple(range(last + 1 - layers, last + 1))
+    idx = tuple(sorted({i % count if -count <= i < count else i for i in layers}))
+    bad = [i for i in idx if not 0 <= i < count]
+    if bad:
+        raise ValueError(f"layer indices {bad} are outside the encoder's {count} self-attention layers (0..{count - 1}).")
+    return idx
+
+
+# ---------------------------------------------------------------- the embeddings
+
+
+class KVEmbeddings(nn.Module):
+    """Keys and Values concatenated per layer, in the projected space: keys/values (n_layers, length, hidden)."""
+
+    def __init__(self, layers: Sequence[int], length: int, hidden: int, heads: int, total_layers: int):
+        super().__init__()
+        self.layer_indices = tuple(int(i) for i in layers)
+        self.hidden, self.heads, self.total_layers, self.length = hidden, heads, total_layers, length
+        self.keys = nn.Parameter(torch.zeros(len(self.layer_indices), length, hidden))
+        self.values = nn.Parameter(torch.zeros(len(self.layer_indices), length, hidden))
+
+    def initialise(self, spec: CatVersionSpec, generator: torch.Generator | None = None) -> "KVEmbeddings":
+        with torch.no_grad():
+            if spec.init == "normal":
+                for p in (self.keys, self.values):
+                    p.copy_(torch.randn(p.shape, generator=generator) * spec.init_std)
+            else:
+                self.keys.zero_()
+                self.values.zero_()
+        return self
+
+    def info(self) -> dict:
+        return {"hidden": self.hidden, "heads": self.heads, "layers": self.total_layers,
+                "indices": list(self.layer_indices), "length": self.length}
+
+
+def new_embeddings(encoder: nn.Module, spec: CatVersionSpec, output_layer: int | None = None,
+                   generator: torch.Generator | None = None) -> KVEmbeddings:
+    attn = find_self_attention(encoder)
+    idx = resolve_layers(len(attn), spec.layers, output_layer)
+    m = attn[idx[0]][1]
+    return KVEmbeddings(idx, spec.length, hidden_of(m), heads_of(m), len(attn)).initialise(spec, generator)
+
+
+# ---------------------------------------------------------------- the attention with concatenated K/V
+
+
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, heads: int, mask: Tensor | None, dropout: float = 0.0) -> Tensor:
+    """(B, L, E) q and (B, S, E) k, v -> (B, L, E); mask additive float or bool (True = attend), broadcastable to (B, h, L, S)."""
+    b, lq, e = q.shape
+    d = e // heads
+    q, k, v = (t.reshape(b, -1, heads, d).transpose(1, 2) for t in (q, k, v))
+    if mask is not None:
+        while mask.ndim < 4:
+            mask = mask.unsqueeze(0)
+        if mask.dtype != torch.bool:
+            mask = mask.to(q.dtype)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+    return out.transpose(1, 2).reshape(b, lq, e)
+
+
+def _prefix(pk: Tensor, pv: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    b = k.shape[0]
+    pk = pk.to(device=k.device, dtype=k.dtype).unsqueeze(0).expand(b, -1, -1)
+    pv = pv.to(device=v.device, dtype=v.dtype).unsqueeze(0).expand(b, -1, -1)
+    return torch.cat([pk, k], 1), torch.cat([pv, v], 1)
+
+
+def _pad_additive(mask: Tensor | None, n: int) -> Tensor | None:
+    """The prefix columns are visible to every query: 0 in an additive mask."""
+    return None if mask is None else F.pad(mask, (n, 0), value=0.0)
+
+
+class Switch:
+    """Shared on/off flag of one installed adapter (off: the module's own forward, bit for bit)."""
+
+    def __init__(self):
+        self.on = True
+
+
+def prefixed_forward(module: nn.Module, pk: Tensor, pv: Tensor, switch: Switch | None = None) -> Callable:
+    """A replacement `forward` for `module` that concatenates pk/pv (length, hidden) to its Keys/Values."""
+    original = type(module).forward.__get__(module)
+    switch = switch or Switch()
+    if isinstance(module, nn.MultiheadAttention):
+        if module.bias_k is not None or module.add_zero_attn or not module._qkv_same_embed_dim:
+            raise ValueError("CatVersion supports nn.MultiheadAttention without add_bias_kv/add_zero_attn and with "
+                             "equal q/k/v sizes (a self-attention layer).")
+
+        def forward(query, key=None, value=None, key_padding_mask=None, need_weights=True, attn_mask=None,
+                    average_attn_weights=True, is_causal=False):
+            if not switch.on:
+                return original(query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
+                                attn_mask=attn_mask, average_attn_weights=average_attn_weights, is_causal=is_causal)
+            x = query if module.batch_first else query.transpose(0, 1)
+            b, n = x.shape[0], x.shape[1]
+            q, k, v = F.linear(x, module.in_proj_weight, module.in_proj_bias).chunk(3, -1)
+            k, v = _prefix(pk, pv, k, v)
+            p = pk.shape[0]
+            mask = None
+            if attn_mask is None and is_causal:
+                attn_mask = torch.ones(n, n, dtype=torch.bool, device=x.device).triu(1)
+            if attn_mask is not None:  # torch's convention: bool True = may NOT attend, float = additive
+                am = attn_mask.to(q.dtype).masked_fill(attn_mask, float("-inf")).masked_fill(~attn_mask, 0.0) \
+                    if attn_mask.dtype == torch.bool else attn_mask.to(q.dtype)
+                am = _pad_additive(am, p)
+                mask = am.view(b, module.num_heads, n, n + p) if am.ndim == 3 else am
+            if key_padding_mask is not None:
+                kp = key_padding_mask.to(q.dtype).masked_fill(key_padding_mask, float("-inf")) \
+                    if key_padding_mask.dtype == torch.bool else key_padding_mask.to(q.dtype)
+                kp = _pad_additive(kp, p).view(b, 1, 1, n + p)
+                mask = kp if mask is None else mask + kp
+            out = _sdpa(q, k, v, module.num_heads, mask, module.dropout if module.training else 0.0)
+            out = module.out_proj(out)
+            return (out if module.batch_first else out.transpose(0, 1)), None
+        return forward
+
+    heads = heads_of(module)
+
+    def forward(x, mask=None, optimized_attention=None, *args, **kwargs):
+        if not switch.on:
+            return original(x, mask, optimized_attention, *args, **kwargs)
+        q, k, v = module.q_proj(x), module.k_proj(x), module.v_proj(x)
+        k, v = _prefix(pk, pv, k, v)
+        if mask is not None and mask.dtype == torch.bool:
+            mask = F.pad(mask, (pk.shape[0], 0), value=True)
+        else:
+            mask = _pad_additive(mask, pk.shape[0])
+        if optimized_attention is None or torch.is_grad_enabled():
+            out = _sdpa(q, k, v, heads, mask)  # training: PyTorch SDPA has a backward whatever backend the host picked
+        else:
+            out = optimized_attention(q, k, v, heads, mask)
+        return module.out_proj(out)
+    return forward
+
+
+@contextlib.contextmanager
+def installed(encoder: nn.Module, emb: KVEmbeddings) -> Iterator[Switch]:
+    """The encoder encodes with the embeddings inside the block; on exit every module is as found."""
+    attn = find_self_attention(encoder)
+    check_compatible(emb.info(), encoder_info(encoder), "the embeddings")
+    switch, done = Switch(), []
+    try:
+        for j, i in enumerate(emb.layer_indices):
+            m = attn[i][1]
+            done.append((m, m.__dict__.get("forward", None)))
+            m.forward = prefixed_forward(m, emb.keys[j], emb.values[j], switch)
+            if isinstance(m, nn.MultiheadAttention):  # a hook makes TransformerEncoderLayer skip its fused fast path
+                done[-1] += (m.register_forward_pre_hook(lambda *a: None),)
+        yield switch
+    finally:
+        for m, prev, *hook in reversed(done):
+            if prev is None:
+                del m.forward
+            else:
+                m.forward = prev
+            for h in hook:
+                h.remove()
+
+
+@contextlib.contextmanager
+def disabled(switch: Switch) -> Iterator[None]:
+    prev, switch.on = switch.on, False
+    try:
+        yield
+    finally:
+        switch.on = prev
+
+
+# ---------------------------------------------------------------- files
+
+
+def encoder_info(encoder: nn.Module) -> dict:
+    attn = find_self_attention(encoder)
+    m = attn[-1][1]
+    return {"hidden": hidden_of(m), "heads": heads_of(m), "layers": len(attn)}
+
+
+def check_compatible(file_info: Mapping, enc_info: Mapping, where: str, encoder: str = "") -> None:
+    """Refuse embeddings made for another text encoder, naming the file, the mismatch and the fix."""
+    name = f" '{encoder}'" if encoder else ""
+    for key, what in (("hidden", "hidden size"), ("layers", "self-attention layer count"), ("heads", "attention head count")):
+        if int(file_info[key]) != int(enc_info[key]):
+            raise ValueError(f"{where} was trained for a text encoder{name} with {what} {file_info[key]}, but this one has "
+                             f"{enc_info[key]}: it belongs to another model family. Load it with the CLIP it was trained on "
+                             "(the file's metadata names it), or train CatVersion again on this CLIP.")
+    bad = [i for i in file_info["indices"] if not 0 <= int(i) < int(enc_info["layers"])]
+    if bad:
+        raise ValueError(f"{where} addresses layers {bad} of text encoder{name}, which has {enc_info['layers']}.")
+
+
+def save_catversion(path: str | Path, embeddings: Mapping[str, KVEmbeddings], metadata: Mapping[str, str] | None = None) -> Path:
+    """safetensors: `<encoder>.<layer>.key` / `.value` (length, hidden) fp32, header metadata with the shapes."""
+    from .export import save_lora
+
+    tensors, info = {}, {}
+    for enc, emb in embeddings.items():
+        for j, i in enumerate(emb.layer_indices):
+            tensors[f"{enc}.{i}.key"] = emb.keys[j].detach().float().cpu().contiguous().clone()
+            tensors[f"{enc}.{i}.value"] = emb.values[j].detach().float().cpu().contiguous().clone()
+        info[enc] = emb.info()
+    meta = {"catversion_format": FORMAT, "catversion_encoders": json.dumps(info),
+            "catversion_paper": "CatVersion, Zhao et al., arXiv 2311.14631", **dict(metadata or {})}
+    return save_lora(path, tensors, {k: str(v) for k, v in meta.items()})
+
+
+def load_catversion(path: str | Path, expect: Mapping[str, Mapping] | None = None) -> tuple[dict[str, KVEmbeddings], dict[str, str]]:
+    """Embeddings per encoder name and the header metadata; a file that is not CatVersion's is refused by name.
+
+    expect: {encoder name: encoder_info(...)} of the text encoders it will be applied to; a file made for
+    another encoder (hidden size, layer count, heads, missing encoder) is refused naming the file."""
+    from .export import load_lora
+
+    path = Path(path)
+    tensors, meta = load_lora(path)
+    if meta.get("catversion_format") != FORMAT:
+        raise ValueError(f"{path} is not a CatVersion file (no catversion_format={FORMAT} in its metadata); "
+                         "LoRAs go through LoraLoader, CatVersion embeddings through Apply CatVersion.")
+    out = {}
+    for enc, info in json.loads(meta["catversion_encoders"]).items():
+        emb = KVEmbeddings(info["indices"], int(info["length"]), int(info["hidden"]), int(info["heads"]), int(info["layers"]))
+        with torch.no_grad():
+            for j, i in enumerate(emb.layer_indices):
+                for kind, p in (("key", emb.keys), ("value", emb.values)):
+                    t = tensors.get(f"{enc}.{i}.{kind}")
+                    if t is None or tuple(t.shape) != tuple(p.shape[1:]):
+                        raise ValueError(f"{path}: tensor {enc}.{i}.{kind} is "
+                                         f"{'missing' if t is None else tuple(t.shape)}, expected {tuple(p.shape[1:])}; "
+                                         "the file is damaged or was edited, train it again.")
+                    p[j].copy_(t.float())
+        out[enc] = emb.requires_grad_(False)
+    if expect is not None:
+        missing = sorted(set(out) - set(expect))
+        if missing or not out:
+            raise ValueError(f"{path} holds embeddings for text encoder(s) {sorted(out)}, but this CLIP has {sorted(expect)}: "
+                             "it was trained on another model family; use it with that CLIP or train again on this one.")
+        for enc, emb in out.items():
+            check_compatible(emb.info(), expect[enc], str(path), enc)
+    return out, meta
+
+
+# ---------------------------------------------------------------- training
+
+
+@dataclass
+class CatVersionConfig:
+    steps: int = 1000        # the released adapters: 1000 steps (adapter_gs-999)
+    lr: float = 1e-2         # 5e-3 base rate x batch 2 (LDM's scale_lr)
+    batch_size: int = 2
+    weight_decay: float = 0.01  # torch AdamW's default, as the reference
+    alpha: float = 0.0       # CAT factor: 0 = CatVersion as published
+    preservation: PreservationMode = "class"
+    class_word: str | dict[str, str] = ""
+    seed: int = 0
+
+    def __post_init__(self):
+        for ok, msg in [(self.steps >= 1, f"steps must be >= 1, got {self.steps} (the paper: 1000)."),
+                        (self.lr > 0, f"lr must be > 0, got {self.lr} (the paper: 1e-2)."),
+                        (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}."),
+                        (self.alpha >= 0, f"CAT factor alpha must be >= 0 (0 = plain CatVersion), got {self.alpha}.")]:
+            if not ok:
+                raise ValueError(msg)
+
+
+@dataclass
+class CatVersionResult:
+    embeddings: dict[str, KVEmbeddings]
+    history: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+Encode = Callable[[list[str]], Cond]
+
+
+def train_catversion(denoiser: Denoiser, encoders: Mapping[str, nn.Module], encode: Encode,
+                     items: Sequence[tuple[Tensor, str, Sequence[str]]], spec: CatVersionSpec, cfg: CatVersionConfig,
+                     output_layers: Mapping[str, int | None] | None = None, callback=None) -> CatVersionResult:
+    """Train the embeddings of each encoder (SDXL: two) on (latent, caption y_T, triggers) items.
+
+    `encode(prompts)` must run the text encoders as installed (it is called inside the install) and return
+    the UNet's cond, differentiably; the UNet and the encoders are frozen, only the embeddings learn.
+    Captions are encoded in the loop (the embeddings change every step); y without the embeddings is
+    encoded once. Same seed, same embeddings (bit for bit on CPU)."""
+    g = torch.Generator().manual_seed(cfg.seed)
+    embs = {name: new_embeddings(enc, spec, (output_layers or {}).get(name), g) for name, enc in encoders.items()}
+    dev = next(denoiser.module.parameters()).device
+    for e in embs.values():
+        e.to(dev).requires_grad_(True)
+    params = [p for e in embs.values() for p in e.parameters()]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    ys = [preservation_prompt(cap, tuple(trig), cfg.preservation, cfg.class_word) for _, cap, trig in items] \
+        if cfg.alpha > 0 else []
+    frozen_flags = {id(p): p.requires_grad for m in (denoiser.module, *encoders.values()) for p in m.parameters()}
+    for m in (denoiser.module, *encoders.values()):
+        m.requires_grad_(False)
+    hist, t0 = [], time.perf_counter()
+    try:
+        with contextlib.ExitStack() as stack:
+            switches = [stack.enter_context(installed(encoders[n], e)) for n, e in embs.items()]
+            frozen_y: dict[str, Cond] = {}
+            if cfg.alpha > 0:
+                with torch.no_grad(), contextlib.ExitStack() as off:
+                    for s in switches:
+                        off.enter_context(disabled(s))
+                    for y in sorted(set(ys)):
+                        frozen_y[y] = {k: v.detach() for k, v in encode([y]).items()}
+            sched = denoiser.schedule
+            for step in range(1, cfg.steps + 1):
+                idx = torch.randint(0, len(items), (cfg.batch_size,), generator=g).tolist()
+                x0 = torch.stack([items[i][0] for i in idx]).to(dev)
+                noise = torch.randn(x0.shape, generator=g).to(dev)
+                t = sched.sample_t(len(idx), g).to(dev)
+                x_t = sched.add_noise(x0, noise, t)
+                target = sched.target(x0, noise, t, denoiser.prediction_type)
+                c_tok = cat_cond(*[encode([items[i][1]]) for i in idx])
+                if cfg.alpha > 0:
+                    c_y = cat_cond(*[encode([ys[i]]) for i in idx])
+                    with torch.no_grad():
+                        frozen = denoiser.predict(x_t, t, cat_cond(*[frozen_y[ys[i]] for i in idx]))
+                    both = {k: v.to(dev) for k, v in cat_cond(c_tok, c_y).items()}
+                    pred_tok, pred_y = denoiser.predict(torch.cat([x_t, x_t]), torch.cat([t, t]), both).chunk(2)
+                    terms = cat_loss(pred_tok, target, pred_y, frozen, cfg.alpha)
+                else:
+                    terms = cat_loss(denoiser.predict(x_t, t, {k: v.to(dev) for k, v in c_tok.items()}), target,
+                                     None, None, 0.0)
+                if not torch.isfinite(terms.loss):
+                    raise RuntimeError(f"CatVersion loss became NaN/inf at step {step}; lower the learning rate "
+                                       f"(now {cfg.lr}; the paper: 1e-2).")
+                opt.zero_grad(set_to_none=True)
+                terms.loss.backward()
+                opt.step()
+                hist.append({"step": step, "loss": float(terms.loss.detach()), "fit": float(terms.fit.mean()),
+                             "keep": float(terms.keep.mean())})
+                if callback is not None:
+                    callback(step, cfg.steps, hist[-1])
+    finally:
+        for m in (denoiser.module, *encoders.values()):
+            for p in m.parameters():
+                p.requires_grad_(frozen_flags.get(id(p), p.requires_grad))
+    for e in embs.values():
+        e.requires_grad_(False)
+    return CatVersionResult(embs, hist, time.perf_counter() - t0)
+
+
+def training_metadata(spec: CatVersionSpec, cfg: CatVersionConfig, triggers: Sequence[str] = (), base: str = "",
+                      images: int = 0, steps_done: int | None = None) -> dict[str, str]:
+    return {"catversion_spec": json.dumps({**asdict(spec), "layers": spec.layers if isinstance(spec.layers, int) else list(spec.layers)}),
+            "catversion_train": json.dumps({**asdict(cfg), "class_word": cfg.class_word}),
+            "catversion_triggers": json.dumps(list(triggers)), "catversion_base": base,
+            "catversion_images": str(images), "catversion_steps": str(cfg.steps if steps_done is None else steps_done),
+            "cat_factor": str(float(cfg.alpha))}
+
+
+def param_count(embs: Mapping[str, KVEmbeddings]) -> int:
+    return sum(p.numel() for e in embs.values() for p in e.parameters())
+
+
+__all__ = ["CatVersionSpec", "CatVersionConfig", "CatVersionResult", "KVEmbeddings", "find_self_attention",
+           "resolve_layers", "new_embeddings", "prefixed_forward", "installed", "disabled", "encoder_info",
+           "check_compatible", "save_catversion", "load_catversion", "train_catversion", "training_metadata",
+           "Switch", "param_count"]
