@@ -375,13 +375,17 @@ Encode = Callable[[list[str]], Cond]
 
 def train_catversion(denoiser: Denoiser, encoders: Mapping[str, nn.Module], encode: Encode,
                      items: Sequence[tuple[Tensor, str, Sequence[str]]], spec: CatVersionSpec, cfg: CatVersionConfig,
-                     output_layers: Mapping[str, int | None] | None = None, callback=None) -> CatVersionResult:
+                     output_layers: Mapping[str, int | None] | None = None, callback=None,
+                     finish: Callable[[Cond, Tensor], Cond] | None = None) -> CatVersionResult:
     """Train the embeddings of each encoder (SDXL: two) on (latent, caption y_T, triggers) items.
 
     `encode(prompts)` must run the text encoders as installed (it is called inside the install) and return
     the UNet's cond, differentiably; the UNet and the encoders are frozen, only the embeddings learn.
     Captions are encoded in the loop (the embeddings change every step); y without the embeddings is
-    encoded once. Same seed, same embeddings (bit for bit on CPU)."""
+    encoded once. `finish(cond, x0)` turns the encoder's batched output into the UNet's cond for those
+    latents (SDXL: pooled output + size conditioning); None: `encode` returns it ready.
+    Same seed, same embeddings (bit for bit on CPU)."""
+    finish = finish or (lambda c, x0: c)
     g = torch.Generator().manual_seed(cfg.seed)
     embs = {name: new_embeddings(enc, spec, (output_layers or {}).get(name), g) for name, enc in encoders.items()}
     dev = next(denoiser.module.parameters()).device
@@ -406,18 +410,26 @@ def train_catversion(denoiser: Denoiser, encoders: Mapping[str, nn.Module], enco
                     for y in sorted(set(ys)):
                         frozen_y[y] = {k: v.detach() for k, v in encode([y]).items()}
             sched = denoiser.schedule
+            shapes = sorted({tuple(it[0].shape) for it in items})
+            groups = [[i for i, it in enumerate(items) if tuple(it[0].shape) == sh] for sh in shapes]
+            sizes = torch.tensor([float(len(gr)) for gr in groups])
             for step in range(1, cfg.steps + 1):
-                idx = torch.randint(0, len(items), (cfg.batch_size,), generator=g).tolist()
+                if len(groups) == 1:
+                    idx = torch.randint(0, len(items), (cfg.batch_size,), generator=g).tolist()
+                else:  # aspect buckets: a batch is drawn from one latent size, buckets weighted by their images
+                    grp = groups[int(torch.multinomial(sizes, 1, generator=g))]
+                    idx = [grp[j] for j in torch.randint(0, len(grp), (cfg.batch_size,), generator=g).tolist()]
                 x0 = torch.stack([items[i][0] for i in idx]).to(dev)
                 noise = torch.randn(x0.shape, generator=g).to(dev)
                 t = sched.sample_t(len(idx), g).to(dev)
                 x_t = sched.add_noise(x0, noise, t)
                 target = sched.target(x0, noise, t, denoiser.prediction_type)
-                c_tok = cat_cond(*[encode([items[i][1]]) for i in idx])
+                c_tok = finish(cat_cond(*[encode([items[i][1]]) for i in idx]), x0)
                 if cfg.alpha > 0:
-                    c_y = cat_cond(*[encode([ys[i]]) for i in idx])
+                    c_y = finish(cat_cond(*[encode([ys[i]]) for i in idx]), x0)
                     with torch.no_grad():
-                        frozen = denoiser.predict(x_t, t, cat_cond(*[frozen_y[ys[i]] for i in idx]))
+                        frozen_c = finish(cat_cond(*[frozen_y[ys[i]] for i in idx]), x0)
+                        frozen = denoiser.predict(x_t, t, {k: v.to(dev) for k, v in frozen_c.items()})
                     both = {k: v.to(dev) for k, v in cat_cond(c_tok, c_y).items()}
                     pred_tok, pred_y = denoiser.predict(torch.cat([x_t, x_t]), torch.cat([t, t]), both).chunk(2)
                     terms = cat_loss(pred_tok, target, pred_y, frozen, cfg.alpha)

@@ -267,7 +267,10 @@ class LeakScanNode(io.ComfyNode):
 
 class CatExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [CatDatasetNode, CatLossConfigNode, CatTrainerNode, SaveCatLoraNode, KpsEvaluatorNode, LeakScanNode]
+        from .catversion import NODES as CATVERSION_NODES
+
+        return [CatDatasetNode, CatLossConfigNode, CatTrainerNode, SaveCatLoraNode, KpsEvaluatorNode, LeakScanNode,
+                *CATVERSION_NODES]
 
 
 async def comfy_entrypoint() -> ComfyExtension:

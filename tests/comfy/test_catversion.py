@@ -1,0 +1,127 @@
+"""CatVersion on ComfyUI's own CLIP (sd1_clip / clip_model; SDXL's two encoders), in-process, tiny models."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import pack_module
+
+
+@pytest.fixture(scope="module")
+def cvdir(comfy, tmp_path_factory):
+    d = tmp_path_factory.mktemp("catversion")
+    comfy.folder_paths.add_model_folder_path("catversion", str(d), is_default=True)
+    return d
+
+
+def _encode(clip, text="a photo of a dog"):
+    cond, pooled = clip.encode_from_tokens(clip.tokenize(text), return_pooled=True)
+    return cond.clone(), pooled.clone()
+
+
+def _state(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _dataset(comfy, folder, mpcv):
+    _, clip, vae = mpcv
+    return pack_module(comfy, "nodes.dataset").build_dataset(folder, vae, clip, ("sks",), "dog", ".txt", 64, False)
+
+
+def test_folder_registered(comfy):
+    import os
+    N = pack_module(comfy, "nodes.catversion")
+    assert comfy.folder_paths.folder_names_and_paths["catversion"][1] >= {".safetensors"}
+    assert os.path.join(comfy.folder_paths.models_dir, "catversion") in comfy.folder_paths.get_folder_paths("catversion")
+    assert {"CAT_CatVersionTrainer", "CAT_SaveCatVersion", "CAT_ApplyCatVersion"} <= set(comfy.nodes.NODE_CLASS_MAPPINGS)
+    assert N.FOLDER == "catversion"
+
+
+def test_kv_concat_matches_comfy_attention_and_input_clip_is_untouched(comfy, tiny_sd15):
+    """A clone with the embeddings changes the conditioning; the input CLIP encodes bit-identically before, between
+    and after (ComfyUI swaps the object patches when clones of one CLIP load in turn)."""
+    _, clip, _ = tiny_sd15
+    N = pack_module(comfy, "nodes.catversion")
+    cv = pack_module(comfy, "cat_train.catversion")
+    before = _encode(clip)
+    enc = N.clip_encoders(clip)
+    assert list(enc) == ["clip_l"] and cv.encoder_info(enc["clip_l"]) == {"hidden": 64, "heads": 2, "layers": 3}
+    emb = cv.new_embeddings(enc["clip_l"], cv.CatVersionSpec(), generator=torch.Generator().manual_seed(0))
+    assert emb.layer_indices == (0, 1, 2)
+    applied = N.apply_catversion(clip, {"clip_l": emb})
+    on = _encode(applied)
+    assert (on[0] - before[0]).abs().max() > 1e-2
+    again = _encode(clip)
+    assert torch.equal(again[0], before[0]) and torch.equal(again[1], before[1])
+    assert torch.equal(_encode(applied)[0], on[0])
+    # comfy's optimized attention on the padded mask == our SDPA path (the training path)
+    with torch.inference_mode(False), torch.enable_grad():
+        applied.load_model()
+        grad_path = applied.cond_stage_model.encode_token_weights(applied.tokenize("a photo of a dog"))[0].detach()
+    assert (grad_path - on[0]).abs().max() < 1e-4
+    assert torch.equal(_encode(clip)[0], before[0])
+
+
+@pytest.mark.parametrize("kind", ["sd15", "sdxl"])
+def test_trainer_leaves_inputs_and_file_changes_only_conditioning(comfy, kind, request, dataset_dir, cvdir):
+    mp, clip, vae = request.getfixturevalue(f"tiny_{kind}")
+    N = pack_module(comfy, "nodes.catversion")
+    cv = pack_module(comfy, "cat_train.catversion")
+    ds = _dataset(comfy, dataset_dir, (mp, clip, vae))
+    clip_before, unet_before, cond_before = _state(clip.cond_stage_model), _state(mp.model.diffusion_model), _encode(clip)
+    layers = 3 if kind == "sd15" else 2  # SDXL's CLIPs output their penultimate layer: 2 of the tiny 3 reach it
+    spec = cv.CatVersionSpec(layers=layers)
+    cfg = cv.CatVersionConfig(steps=3, lr=1e-2, batch_size=2, alpha=0.5 if kind == "sdxl" else 0.0, class_word="dog", seed=1)
+    applied, weights, image, summary = N.train_on_clip(mp, clip, ds, spec, cfg, "7")
+    assert "3/3 steps" in summary and image.shape[-1] == 3
+    assert set(weights) == ({"clip_l"} if kind == "sd15" else {"clip_l", "clip_g"})
+    if kind == "sdxl":
+        assert weights["clip_l"].layer_indices == (0, 1) and weights["clip_g"].layer_indices == (0, 1)
+    # the input CLIP and MODEL: bit-identical tensors, identical conditioning
+    assert _same(clip_before, _state(clip.cond_stage_model)) and _same(unet_before, _state(mp.model.diffusion_model))
+    after = _encode(clip)
+    assert torch.equal(after[0], cond_before[0]) and torch.equal(after[1], cond_before[1])
+    trained = _encode(applied)
+    assert (trained[0] - cond_before[0]).abs().max() > 1e-3
+
+    # Save -> Apply: the file reproduces the trainer's CLIP exactly, and only as CLIP object patches
+    save, apply = (comfy.nodes.NODE_CLASS_MAPPINGS[k] for k in ("CAT_SaveCatVersion", "CAT_ApplyCatVersion"))
+    path = save.execute(weights, f"{kind}_cv").result[0]
+    name = path.split("/")[-1]
+    assert name in comfy.folder_paths.get_filename_list("catversion")
+    loaded = apply.execute(clip, name).result[0]
+    assert loaded is not clip and loaded.patcher is not clip.patcher
+    assert not loaded.patcher.patches and all(k.endswith(".self_attn.forward") for k in loaded.patcher.object_patches)
+    assert len(loaded.patcher.object_patches) == sum(len(e.layer_indices) for e in weights.values())
+    assert torch.equal(_encode(loaded)[0], trained[0])
+    assert torch.equal(_encode(clip)[0], cond_before[0])
+    assert _same(unet_before, _state(mp.model.diffusion_model)) and not mp.patches and not mp.object_patches
+    from safetensors import safe_open
+    with safe_open(path, "pt") as f:
+        meta = f.metadata()
+    assert json.loads(meta["catversion_spec"])["layers"] == layers and meta["cat_factor"] == str(cfg.alpha)
+    assert meta["catversion_steps"] == "3" and json.loads(meta["catversion_triggers"]) == ["sks"]
+
+
+def test_bad_files_name_the_mismatch(comfy, tiny_sd15, tiny_sdxl, cvdir):
+    cv = pack_module(comfy, "cat_train.catversion")
+    apply = comfy.nodes.NODE_CLASS_MAPPINGS["CAT_ApplyCatVersion"]
+    _, clip15, _ = tiny_sd15
+    _, clipxl, _ = tiny_sdxl
+    cv.save_catversion(cvdir / "sd15_only.safetensors", {"clip_l": cv.KVEmbeddings((2,), 1, 64, 2, 3)})
+    with pytest.raises(ValueError, match=r"sd15_only\.safetensors.*'clip_l' with hidden size 64, but this one has 32"):
+        apply.execute(clipxl, "sd15_only.safetensors")
+    cv.save_catversion(cvdir / "vitl.safetensors", {"clip_l": cv.KVEmbeddings((9, 10, 11), 1, 64, 2, 12)})
+    with pytest.raises(ValueError, match=r"vitl\.safetensors.*self-attention layer count 12, but this one has 3"):
+        apply.execute(clip15, "vitl.safetensors")
+    cv.save_catversion(cvdir / "g_only.safetensors", {"clip_g": cv.KVEmbeddings((0,), 1, 32, 2, 3)})
+    with pytest.raises(ValueError, match=r"g_only\.safetensors holds embeddings for text encoder\(s\) \['clip_g'\]"):
+        apply.execute(clip15, "g_only.safetensors")
+    with pytest.raises(ValueError, match="is not in"):
+        apply.execute(clip15, "missing.safetensors")
