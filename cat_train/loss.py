@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from .adapter import adapter_disabled
+from .apt import AptConfig
 from .denoiser import Cond, Denoiser
 from .prompts import PreservationMode, parse_class_words
 
@@ -27,6 +28,7 @@ class CatLossConfig:
     class_word: str | dict[str, str] = ""     # for "class": the trigger is replaced by this word ('sks=dog, zwx=cat': per trigger)
     token_weights: dict[str, float] = field(default_factory=dict)  # per-trigger weight of its preservation term
     preservation_prompts: tuple[str, ...] = ()  # if given: y is each of these in turn for every image (keeps neighbours)
+    apt: AptConfig = field(default_factory=AptConfig)  # APT's regularizers (cat_train/apt.py); all off by default
 
     def __post_init__(self):
         if not self.alpha >= 0:  # also catches NaN
@@ -35,6 +37,8 @@ class CatLossConfig:
             raise ValueError(f"preservation must be 'empty', 'strip' or 'class', got {self.preservation!r}.")
         self.class_word = parse_class_words(self.class_word)
         self.preservation_prompts = tuple(p.strip() for p in self.preservation_prompts if p.strip())
+        if isinstance(self.apt, dict):  # as stored in a checkpoint
+            self.apt = AptConfig(**self.apt)
         bad = {t: w for t, w in self.token_weights.items() if not w >= 0}
         if bad:
             raise ValueError(f"token weights must be >= 0, got {bad}.")

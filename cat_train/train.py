@@ -20,6 +20,7 @@ from torch import Tensor
 
 from .adapter import (LoraSpec, LoraWeights, adapter_parameters, inject_lora, load_lora_weights, lora_weights,
                       remove_lora)
+from .apt import AptRun
 from .denoiser import Cond, Denoiser
 from .loss import CatLossConfig, cat_objective, repeat_to_common_length
 from .prompts import preservation_prompt
@@ -84,6 +85,7 @@ class StepInfo:
     keep: float
     lr: float
     elapsed: float
+    apt: dict | None = None  # APT runs: indicator per bin, fit weights, augmentation probabilities, penalties
 
 
 @dataclass
@@ -225,6 +227,7 @@ def train(denoiser: Denoiser, examples: Sequence[Example], loss_cfg: CatLossConf
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(cfg.seed)  # LoRA A init and dropout draw from the global RNG
         inject_lora(module, spec)
+        apt = None
         try:
             _set_checkpointing(denoiser, cfg.gradient_checkpointing)
             params = adapter_parameters(module)
@@ -232,16 +235,23 @@ def train(denoiser: Denoiser, examples: Sequence[Example], loss_cfg: CatLossConf
             sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(cfg, s))
             scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
             gen = torch.Generator().manual_seed(cfg.seed)
+            apt = AptRun(denoiser, loss_cfg.apt) if loss_cfg.apt.active else None
             if state is not None:
                 _restore(state, module, opt, sched, gen, spec, resume)
+                if apt is not None:
+                    if "apt" not in state:
+                        raise ValueError(f"checkpoint {resume} was trained without APT; resume with the same APT settings.")
+                    apt.load_state_dict(state["apt"])
                 result.history, result.steps_done = list(state["history"]), int(state["step"])
             module.train()
 
             def save(step: int) -> Path | None:
                 if ckpt_dir is None:
                     return None
-                result.last_checkpoint = _atomic_save(_snapshot(module, opt, sched, gen, step, result.history, spec, loss_cfg, cfg),
-                                                      checkpoint_path(ckpt_dir, step))
+                snap = _snapshot(module, opt, sched, gen, step, result.history, spec, loss_cfg, cfg)
+                if apt is not None:
+                    snap["apt"] = apt.state_dict()
+                result.last_checkpoint = _atomic_save(snap, checkpoint_path(ckpt_dir, step))
                 return result.last_checkpoint
 
             t0 = time.perf_counter()
@@ -252,8 +262,13 @@ def train(denoiser: Denoiser, examples: Sequence[Example], loss_cfg: CatLossConf
                     x0, c_tok, c_pres, w = _collate(examples, sampler.draw(gen), device, data_dtype)
                     t = denoiser.schedule.sample_t(x0.shape[0], gen).to(device)
                     noise = torch.randn(x0.shape, generator=gen).to(device, data_dtype)
+                    if apt is not None:
+                        x0 = apt.augment(x0, t, gen)
                     with torch.autocast(device.type, dtype=amp) if amp else contextlib.nullcontext():
-                        terms = cat_objective(denoiser, x0, noise, t, c_tok, c_pres, loss_cfg.alpha, w)
+                        if apt is None:
+                            terms = cat_objective(denoiser, x0, noise, t, c_tok, c_pres, loss_cfg.alpha, w)
+                        else:
+                            terms = apt.objective(x0, noise, t, c_tok, c_pres, loss_cfg.alpha, w)
                     if not torch.isfinite(terms.loss):
                         raise TrainingDiverged(step + 1, save(step) if step > 0 else None)
                     loss = terms.loss / cfg.grad_accum
@@ -272,12 +287,16 @@ def train(denoiser: Denoiser, examples: Sequence[Example], loss_cfg: CatLossConf
                 sched.step()
                 result.steps_done = step + 1
                 result.history.append(dict(step=step + 1, loss=total, fit=fit, keep=keep, lr=lr))
+                apt_info = apt.report() if apt is not None else None
+                if apt_info is not None:
+                    result.history[-1].update(stabilize=apt_info["stabilize"], align=apt_info["align"],
+                                              indicator=apt_info["indicator"])
                 if cfg.save_every and result.steps_done % cfg.save_every == 0:
                     save(result.steps_done)
                     if on_save:
                         on_save(result.steps_done, lora_weights(module))
                 if callback:
-                    callback(StepInfo(step + 1, cfg.steps, total, fit, keep, lr, time.perf_counter() - t0))
+                    callback(StepInfo(step + 1, cfg.steps, total, fit, keep, lr, time.perf_counter() - t0, apt_info))
         except TrainingDiverged:
             raise
         except BaseException as e:  # cancel (ComfyUI's interrupt, Ctrl-C) or a crash: keep what was learned
@@ -292,6 +311,8 @@ def train(denoiser: Denoiser, examples: Sequence[Example], loss_cfg: CatLossConf
                     "use mixed_precision 'bf16', lower the resolution or the LoRA rank.") from e
             raise
         finally:
+            if apt is not None:
+                apt.close()
             result.weights = lora_weights(module)
             _set_checkpointing(denoiser, False)
             module.train(was_training)

@@ -1,0 +1,357 @@
+"""APT: Adaptive Personalized Training (Chae et al., CVPR 2025, arXiv 2507.02687), composable with CAT.
+
+Three parts, each with its own weight (0 = off):
+
+1. Adaptive training adjustment (`adaptive`). The timesteps are split into `bins` equal bins. Per bin
+   an overfitting indicator tracks how far the adapted model's denoising error on the training images
+   has fallen below the pretrained model's on the same noisy input:
+
+       r = (L_pre - L_ft) / L_pre,   L = ||target - prediction(z_t, t, y_T)||²   (one value per sample)
+       o_b <- ema * o_b + (1 - ema) * r      for the bin b of the sample's t
+
+   0 at the start (the adapter is zero), toward 1 as the adapted model reproduces its training images
+   exactly. From o_b, with excess e_b = max(0, o_b - target):
+   (a) the denoising (fit) loss of a sample in bin b is weighted w_b = clip(1 - adaptive * e_b, min_weight, 1);
+   (b) the sample is augmented with probability p_b = clip(adaptive * e_b, 0, max_augment)
+   (the paper: affine augmentations, zoom-out and rotation; flips, shifts and colour jitter are here as
+   options). A bin that overfits is weighted less and augmented more.
+2. Representation stabilization (`stabilize`): for chosen intermediate feature maps, the squared shift
+   of their per-channel spatial mean and variance between the adapted and the frozen model on the
+   same input (noisy latent, timestep, caption y_T).
+3. Attention alignment (`align`): the distance between the cross-attention probabilities of the
+   adapted and the frozen model on the same input. Probabilities are built only for the regularised
+   layers, from their own q and k projections (captured by hooks); the layers themselves keep their
+   fast fused attention.
+
+One frozen forward serves everything: with CAT (alpha > 0) it is one batched call over [y_T; y]; its
+y_T rows give L_pre and the stabilization/alignment targets, its y rows CAT's target. The adapted
+side is likewise one batched call, as in `loss.cat_objective`.
+
+What the stored copy of the paper states and what is chosen here: the paper defines the indicator per
+timestep bin from the pretrained and fine-tuned denoising losses, sets the augmentation probability
+and scales the denoising loss from it, and regularises mean/variance of feature maps and
+cross-attention maps. Its exact normalisation, EMA, bin count, augmentation magnitudes, layer choice,
+distance and loss weights could not be read here; the forms above (relative loss gap, EMA 0.9, 10 bins,
+linear response with a floor, per-channel spatial moments, MSE on probabilities) are this
+implementation's choices, each an option of `AptConfig`.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+from dataclasses import asdict, dataclass
+from typing import Callable, Iterator, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+AUGMENT_OPS = ("flip", "zoom", "rotate", "shift", "color")
+
+
+@dataclass
+class AptConfig:
+    adaptive: float = 0.0     # gain of the per-bin response to the overfitting indicator; 0 = off
+    stabilize: float = 0.0    # weight of the representation-stabilization penalty; 0 = off
+    align: float = 0.0        # weight of the attention-alignment penalty; 0 = off
+    bins: int = 10            # timestep bins of the indicator (choice: the paper's count was not readable here)
+    ema: float = 0.9          # indicator smoothing per update of a bin
+    target: float = 0.0       # indicator level tolerated before weighting/augmenting (0: every gain counts)
+    adapt_weight: bool = True    # (a) per-bin weight of the fit loss
+    adapt_augment: bool = True   # (b) per-bin augmentation probability
+    min_weight: float = 0.1   # floor of the fit weight, so no bin stops learning
+    max_augment: float = 0.8  # ceiling of the augmentation probability (some clean samples always remain)
+    augment_ops: tuple[str, ...] = ("zoom", "rotate")  # the paper's affine pair; + "flip", "shift", "color"
+    zoom: float = 0.25        # zoom-out: content scaled by a factor drawn in [1 - zoom, 1]
+    rotate: float = 15.0      # rotation drawn in [-rotate, rotate] degrees
+    shift: float = 0.125      # translation drawn in [-shift, shift] of the side
+    color: float = 0.1        # brightness/contrast jitter amplitude (in the model's [-1, 1] image space)
+    stabilize_layers: str = r"middle_block|output_blocks\.\d+"  # regex, full match of module names
+    align_layers: str = r".*\.attn2"  # cross-attention modules (ldm/ComfyUI naming)
+    align_distance: str = "mse"       # "mse" or "kl" (KL(frozen || adapted) per query row)
+
+    def __post_init__(self):
+        self.augment_ops = tuple(self.augment_ops)
+        checks = [
+            (self.adaptive >= 0 and self.stabilize >= 0 and self.align >= 0,
+             f"APT weights must be >= 0 (0 = off), got adaptive={self.adaptive}, stabilize={self.stabilize}, align={self.align}."),
+            (self.bins >= 1, f"APT bins must be >= 1, got {self.bins}."),
+            (0 <= self.ema < 1, f"APT ema must be in [0, 1), got {self.ema}."),
+            (0 <= self.target < 1, f"APT target must be in [0, 1), got {self.target}."),
+            (0 < self.min_weight <= 1, f"APT min_weight must be in (0, 1], got {self.min_weight}."),
+            (0 <= self.max_augment <= 1, f"APT max_augment must be in [0, 1], got {self.max_augment}."),
+            (set(self.augment_ops) <= set(AUGMENT_OPS), f"APT augment_ops must be among {AUGMENT_OPS}, got {self.augment_ops}."),
+            (self.align_distance in ("mse", "kl"), f"APT align_distance must be 'mse' or 'kl', got {self.align_distance!r}."),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(msg)
+        for pattern in (self.stabilize_layers, self.align_layers):
+            re.compile(pattern)
+
+    @property
+    def active(self) -> bool:
+        return bool(self.adaptive or self.stabilize or self.align)
+
+
+def metadata(cfg: AptConfig) -> dict[str, str]:
+    """Every APT setting for a LoRA file's header (all str, as safetensors metadata must be)."""
+    import json
+
+    return {"cat_apt": json.dumps(asdict(cfg), sort_keys=True), "cat_apt_active": str(cfg.active).lower()}
+
+
+class AptTerms(NamedTuple):
+    loss: Tensor      # scalar to minimise
+    fit: Tensor       # per-sample ||target - eps_θ'(z_t, t, y_T)||² (unweighted)
+    keep: Tensor      # per-sample CAT term (zeros when alpha = 0)
+    fit_pre: Tensor   # per-sample ||target - eps_θ(z_t, t, y_T)||²: the pretrained model's error, for the indicator
+    fit_weight: Tensor  # per-sample adaptive weight applied to fit
+    stabilize: Tensor   # scalar representation-stabilization penalty (0 when off)
+    align: Tensor       # scalar attention-alignment penalty (0 when off)
+
+
+# ---------------------------------------------------------------- (1) adaptive training adjustment
+class Indicator:
+    """Per-bin overfitting indicator and what it sets: fit weight and augmentation probability."""
+
+    def __init__(self, cfg: AptConfig, num_timesteps: int):
+        self.cfg, self.num_timesteps = cfg, num_timesteps
+        self.value = torch.zeros(cfg.bins, dtype=torch.float64)
+        self.count = torch.zeros(cfg.bins, dtype=torch.int64)
+
+    def bin_of(self, t: Tensor) -> Tensor:
+        return (t.long().cpu() * self.cfg.bins // self.num_timesteps).clamp(0, self.cfg.bins - 1)
+
+    def excess(self, bins: Tensor) -> Tensor:
+        return (self.value[bins] - self.cfg.target).clamp(min=0)
+
+    def fit_weight(self, bins: Tensor) -> Tensor:
+        if not (self.cfg.adaptive and self.cfg.adapt_weight):
+            return torch.ones(len(bins), dtype=torch.float64)
+        return (1 - self.cfg.adaptive * self.excess(bins)).clamp(self.cfg.min_weight, 1.0)
+
+    def augment_prob(self, bins: Tensor) -> Tensor:
+        if not (self.cfg.adaptive and self.cfg.adapt_augment and self.cfg.augment_ops):
+            return torch.zeros(len(bins), dtype=torch.float64)
+        return (self.cfg.adaptive * self.excess(bins)).clamp(0.0, self.cfg.max_augment)
+
+    def update(self, bins: Tensor, loss_pre: Tensor, loss_ft: Tensor) -> None:
+        """One EMA step per sample, in batch order (deterministic, so resumes stay bit-exact)."""
+        r = ((loss_pre.double() - loss_ft.double()) / loss_pre.double().clamp(min=1e-12)).cpu()
+        d = self.cfg.ema
+        for b, ri in zip(bins.tolist(), r.tolist()):
+            self.value[b] = d * self.value[b] + (1 - d) * ri  # from 0: early single samples cannot jump it
+            self.count[b] += 1
+
+    def state_dict(self) -> dict:
+        return {"value": self.value.clone(), "count": self.count.clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["value"].shape != self.value.shape:
+            raise ValueError(f"checkpoint has {len(state['value'])} APT bins, this run {self.cfg.bins}; resume with the same APT settings.")
+        self.value.copy_(state["value"])
+        self.count.copy_(state["count"])
+
+
+def augment(x0: Tensor, prob: Tensor, cfg: AptConfig, gen: torch.Generator,
+            space: tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]] | None = None) -> Tensor:
+    """Each sample augmented with its own probability: one random affine (zoom-out, rotation, shift, flip as
+    enabled) and optional colour jitter. The same number of draws every call, applied or not, so the RNG
+    stream does not depend on the indicator's values. `space` = (to_image, from_image) when the latent is
+    not image-shaped (e.g. pixel-unshuffled); otherwise the transform acts on the latent itself, which for
+    SD's VAE is close to the same transform of the image (it is spatially equivariant at 8 px)."""
+    n = x0.shape[0]
+    u = torch.rand(n, 8, generator=gen, dtype=torch.float64)
+    apply = u[:, 0] < prob
+    if not bool(apply.any()):
+        return x0
+    ops = set(cfg.augment_ops)
+    s = 1 - cfg.zoom * u[:, 1] if "zoom" in ops else torch.ones(n, dtype=torch.float64)
+    a = math.radians(cfg.rotate) * (2 * u[:, 2] - 1) if "rotate" in ops else torch.zeros(n, dtype=torch.float64)
+    tx, ty = ((2 * cfg.shift * (2 * u[:, 3:5] - 1)).unbind(1) if "shift" in ops else
+              (torch.zeros(n, dtype=torch.float64),) * 2)
+    fx = torch.where((u[:, 5] < 0.5) & torch.tensor("flip" in ops), -1.0, 1.0).double()
+    # output pixel p samples input at R(a) p / s + shift: content shrinks by s (zoom-out), turns by a
+    theta = torch.stack([torch.stack([fx * a.cos() / s, -a.sin() / s, tx], 1),
+                         torch.stack([fx * a.sin() / s, a.cos() / s, ty], 1)], 1)
+    img = space[0](x0) if space else x0
+    grid = F.affine_grid(theta.to(img.device, img.dtype), list(img.shape), align_corners=False)
+    out = F.grid_sample(img, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    if "color" in ops:
+        g = (1 + cfg.color * (2 * u[:, 6] - 1)).to(img)[:, None, None, None]  # contrast about each image's mean
+        b = (cfg.color * (2 * u[:, 7] - 1)).to(img)[:, None, None, None]  # brightness
+        mean = out.mean((1, 2, 3), keepdim=True)
+        out = (out - mean) * g + mean + b
+    out = space[1](out) if space else out
+    return torch.where(apply.to(x0.device)[:, None, None, None], out.to(x0.dtype), x0)
+
+
+# ---------------------------------------------------------------- (2) and (3): feature and attention taps
+class Taps:
+    """Forward hooks that record, during a `recording(kind)` block only, per-channel feature moments of the
+    stabilized layers and cross-attention probabilities of the aligned layers. Outside such blocks (e.g. the
+    recompute of gradient checkpointing in backward) they do nothing."""
+
+    def __init__(self, module: nn.Module, cfg: AptConfig):
+        self.cfg, self.kind = cfg, None
+        self.moments: dict[str, dict[str, tuple[Tensor, Tensor]]] = {"frozen": {}, "adapted": {}}
+        self.probs: dict[str, dict[str, Tensor]] = {"frozen": {}, "adapted": {}}
+        self._q: dict[str, Tensor] = {}
+        self.handles = []
+        names = dict(module.named_modules())
+        if cfg.stabilize:
+            self.stabilized = [n for n in names if n and re.fullmatch(cfg.stabilize_layers, n)]
+            if not self.stabilized:
+                raise ValueError(f"APT stabilize_layers {cfg.stabilize_layers!r} matches no module of this model.")
+            for n in self.stabilized:
+                self.handles.append(names[n].register_forward_hook(self._moment_hook(n)))
+        if cfg.align:
+            self.aligned = [n for n in names if n and re.fullmatch(cfg.align_layers, n)
+                            and hasattr(names[n], "to_q") and hasattr(names[n], "to_k")]
+            if not self.aligned:
+                raise ValueError(f"APT align_layers {cfg.align_layers!r} matches no attention module (with to_q/to_k) of this model.")
+            for n in self.aligned:
+                attn = names[n]
+                self.handles.append(attn.to_q.register_forward_hook(self._q_hook(n)))
+                self.handles.append(attn.to_k.register_forward_hook(self._k_hook(n, attn)))
+
+    def _moment_hook(self, name: str):
+        def hook(_mod, _inp, out):
+            if self.kind is None:
+                return
+            h = (out[0] if isinstance(out, (tuple, list)) else out).float()
+            dims = tuple(range(2, h.ndim)) if h.ndim > 3 else (1,)  # (N, C, H, W) spatial; (N, L, C) tokens
+            self.moments[self.kind][name] = (h.mean(dims), h.var(dims, unbiased=False))
+        return hook
+
+    def _q_hook(self, name: str):
+        def hook(_mod, _inp, out):
+            if self.kind is not None:
+                self._q[name] = out
+        return hook
+
+    def _k_hook(self, name: str, attn: nn.Module):
+        def hook(_mod, _inp, k):
+            if self.kind is None or name not in self._q:
+                return
+            q, h = self._q.pop(name), attn.heads
+            b = q.shape[0]
+            q = q.float().view(b, -1, h, q.shape[-1] // h).transpose(1, 2)
+            k = k.float().view(b, -1, h, k.shape[-1] // h).transpose(1, 2)
+            self.probs[self.kind][name] = (q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(-1)
+        return hook
+
+    @contextlib.contextmanager
+    def recording(self, kind: str) -> Iterator[None]:
+        self.kind = kind
+        self.moments[kind].clear()
+        self.probs[kind].clear()
+        try:
+            yield
+        finally:
+            self.kind = None
+            self._q.clear()
+
+    def stabilization(self, rows: int) -> Tensor:
+        """Mean over layers of the squared shift of per-channel mean and variance (first `rows` samples)."""
+        terms = []
+        for n in self.stabilized:
+            (ma, va), (mf, vf) = self.moments["adapted"][n], self.moments["frozen"][n]
+            terms.append((ma[:rows] - mf[:rows]).pow(2).mean() + (va[:rows] - vf[:rows]).pow(2).mean())
+        return torch.stack(terms).mean()
+
+    def alignment(self, rows: int) -> Tensor:
+        terms = []
+        for n in self.aligned:
+            pa, pf = self.probs["adapted"][n][:rows], self.probs["frozen"][n][:rows]
+            if self.cfg.align_distance == "kl":
+                terms.append((pf * (pf.clamp_min(1e-12).log() - pa.clamp_min(1e-12).log())).sum(-1).mean())
+            else:
+                terms.append((pa - pf).pow(2).mean())
+        return torch.stack(terms).mean()
+
+    def clear(self) -> None:
+        for d in (*self.moments.values(), *self.probs.values()):
+            d.clear()
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+        self.clear()
+
+
+# ---------------------------------------------------------------- the objective and the run's state
+def _msd(a: Tensor, b: Tensor) -> Tensor:
+    return (a.float() - b.float()).pow(2).flatten(1).mean(1)
+
+
+def apt_objective(denoiser, x0: Tensor, noise: Tensor, t: Tensor, cond_token, cond_pres, alpha: float,
+                  weight: Tensor | None, cfg: AptConfig, indicator: Indicator, taps: Taps) -> AptTerms:
+    """CAT + APT in one frozen and one adapted forward (each batched over [y_T; y] when alpha > 0):
+
+        L = mean(w_b * ||target - eps'(y_T)||² + alpha * w * ||eps(y) - eps'(y)||²) + stabilize * R + align * A
+    """
+    from .adapter import adapter_disabled
+    from .loss import cat_cond
+
+    sched, n = denoiser.schedule, x0.shape[0]
+    x_t = sched.add_noise(x0, noise, t)
+    target = sched.target(x0, noise, t, denoiser.prediction_type)
+    x_in, t_in, c_in = ((torch.cat([x_t, x_t]), torch.cat([t, t]), cat_cond(cond_token, cond_pres)) if alpha
+                        else (x_t, t, cond_token))
+    with torch.no_grad(), adapter_disabled(denoiser.module), taps.recording("frozen"):
+        frozen = denoiser.predict(x_in, t_in, c_in)
+    with taps.recording("adapted"):
+        pred = denoiser.predict(x_in, t_in, c_in)
+    fit, fit_pre = _msd(pred[:n], target), _msd(frozen[:n], target)
+    keep = _msd(pred[n:], frozen[n:]) if alpha else torch.zeros_like(fit)
+    w = torch.ones_like(fit) if weight is None else weight.to(fit)
+    wb = indicator.fit_weight(indicator.bin_of(t)).to(fit)
+    zero = fit.new_zeros(())
+    rs = taps.stabilization(n) if cfg.stabilize else zero
+    aa = taps.alignment(n) if cfg.align else zero
+    taps.clear()
+    loss = (wb * fit + alpha * w * keep).mean() + cfg.stabilize * rs + cfg.align * aa
+    return AptTerms(loss, fit.detach(), keep.detach(), fit_pre.detach(), wb, rs.detach(), aa.detach())
+
+
+class AptRun:
+    """What one training run keeps for APT: the indicator (checkpointed) and the hooks (removed by close())."""
+
+    def __init__(self, denoiser, cfg: AptConfig):
+        self.denoiser, self.cfg = denoiser, cfg
+        self.indicator = Indicator(cfg, denoiser.schedule.num_timesteps)
+        self.taps = Taps(denoiser.module, cfg)  # after LoRA injection: to_q/to_k hooks see the wrapped layers
+        self.space = getattr(denoiser, "augment_space", None)
+        self.last: dict = {}
+
+    def augment(self, x0: Tensor, t: Tensor, gen: torch.Generator) -> Tensor:
+        if not (self.cfg.adaptive and self.cfg.adapt_augment and self.cfg.augment_ops):
+            return x0
+        return augment(x0, self.indicator.augment_prob(self.indicator.bin_of(t)), self.cfg, gen, self.space)
+
+    def objective(self, x0, noise, t, cond_token, cond_pres, alpha, weight) -> AptTerms:
+        terms = apt_objective(self.denoiser, x0, noise, t, cond_token, cond_pres, alpha, weight, self.cfg,
+                              self.indicator, self.taps)
+        self.indicator.update(self.indicator.bin_of(t), terms.fit_pre, terms.fit)
+        self.last = {"stabilize": float(terms.stabilize), "align": float(terms.align)}
+        return terms
+
+    def report(self) -> dict:
+        """For history and live views: the indicator per bin (None where a bin was never drawn) and the penalties."""
+        ind = self.indicator
+        return {"indicator": [float(v) if c else None for v, c in zip(ind.value.tolist(), ind.count.tolist())],
+                "fit_weight": ind.fit_weight(torch.arange(self.cfg.bins)).tolist(),
+                "augment_prob": ind.augment_prob(torch.arange(self.cfg.bins)).tolist(), **self.last}
+
+    def state_dict(self) -> dict:
+        return self.indicator.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.indicator.load_state_dict(state)
+
+    def close(self) -> None:
+        self.taps.remove()

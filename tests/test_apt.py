@@ -1,0 +1,172 @@
+"""APT's three parts on the tiny UNet: each one's defining property, composition with CAT, exact resume."""
+import json
+
+import torch
+
+from cat_train.adapter import LoraSpec, adapter_disabled, adapter_parameters, inject_lora
+from cat_train.apt import AptConfig, AptRun, Indicator, augment, metadata
+from cat_train.loss import CatLossConfig
+from cat_train.train import TrainConfig, build_examples, checkpoint_path, train
+
+
+def batch(b=2, seed=0, hw=8):
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.randn(b, 4, hw, hw, generator=g)
+    return x0, torch.randn(x0.shape, generator=g), torch.randint(0, 1000, (b,), generator=g), \
+        {"context": torch.randn(b, 6, 64, generator=g)}, {"context": torch.randn(b, 6, 64, generator=g)}
+
+
+def step_lora(den, seed=1, scale=0.05):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in adapter_parameters(den.module):
+            p.copy_(torch.randn(p.shape, generator=g) * scale)
+
+
+def examples(text, n=3, cfg=None):
+    g = torch.Generator().manual_seed(3)
+    items = [(torch.randn(4, 8, 8, generator=g), f"a photo of sks dog {i}", ("sks",)) for i in range(n)]
+    return build_examples(items, text, cfg or CatLossConfig(class_word="dog"))
+
+
+def test_stabilization_is_exactly_zero_at_init_and_positive_after_a_step(tiny_denoiser):
+    inject_lora(tiny_denoiser.module, LoraSpec(rank=4, preset="full"))
+    run = AptRun(tiny_denoiser, AptConfig(stabilize=1.0))
+    assert len(run.taps.stabilized) == 1 + 4  # middle_block and each output block of the tiny UNet
+    at_init = run.objective(*batch(), alpha=1.0, weight=None)
+    assert at_init.stabilize.item() == 0.0  # LoRA B = 0: adapted features equal the frozen ones bit for bit
+    step_lora(tiny_denoiser)
+    after = run.objective(*batch(), alpha=1.0, weight=None)
+    assert after.stabilize.item() > 1e-6
+    # its value: squared shifts of per-channel spatial mean and variance, adapted vs frozen, same input
+    run.close()
+    run = AptRun(tiny_denoiser, AptConfig(stabilize=1.0, stabilize_layers="middle_block"))
+    x0, noise, t, c_tok, _ = batch()
+    x_t = tiny_denoiser.schedule.add_noise(x0, noise, t)
+    feats = []
+    hook = tiny_denoiser.module.middle_block.register_forward_hook(lambda m, i, o: feats.append(o))
+    with torch.no_grad():
+        tiny_denoiser.predict(x_t, t, c_tok)
+        with adapter_disabled(tiny_denoiser.module):
+            tiny_denoiser.predict(x_t, t, c_tok)
+    hook.remove()
+    a, f = feats
+    manual = ((a.mean((2, 3)) - f.mean((2, 3))).pow(2).mean()
+              + (a.var((2, 3), unbiased=False) - f.var((2, 3), unbiased=False)).pow(2).mean())
+    got = run.objective(x0, noise, t, c_tok, c_tok, alpha=0.0, weight=None).stabilize
+    assert torch.allclose(got, manual, rtol=1e-5, atol=0), (got, manual)
+    run.close()
+    assert not tiny_denoiser.module.middle_block._forward_hooks
+
+
+def test_aligned_attention_maps_are_the_frozen_ones_at_init_and_only_regularised_layers_build_them(tiny_denoiser):
+    inject_lora(tiny_denoiser.module, LoraSpec(rank=4))
+    run = AptRun(tiny_denoiser, AptConfig(align=1.0))
+    assert run.taps.aligned and all(n.endswith(".attn2") for n in run.taps.aligned)
+    x0, noise, t, c_tok, c_pres = batch()
+    x_t = tiny_denoiser.schedule.add_noise(x0, noise, t)
+    with torch.no_grad(), adapter_disabled(tiny_denoiser.module), run.taps.recording("frozen"):
+        tiny_denoiser.predict(x_t, t, c_tok)
+    with torch.no_grad(), run.taps.recording("adapted"):
+        tiny_denoiser.predict(x_t, t, c_tok)
+    frozen, adapted = run.taps.probs["frozen"], run.taps.probs["adapted"]
+    assert set(frozen) == set(adapted) == set(run.taps.aligned)  # attn1 (self-attention) never materialised
+    for n in frozen:
+        assert torch.equal(frozen[n], adapted[n])
+        assert torch.allclose(frozen[n].sum(-1), torch.ones(()), atol=1e-6)
+        assert frozen[n].shape[-1] == c_tok["context"].shape[1]  # over the caption's tokens
+    # the layers still run their own fused attention: their outputs are what they were without hooks
+    attn = dict(tiny_denoiser.module.named_modules())[run.taps.aligned[0]]
+    x, ctx = torch.randn(2, 16, attn.to_q.in_features), torch.randn(2, 6, 64)
+    with run.taps.recording("adapted"):
+        hooked = attn(x, ctx)
+    run.close()
+    assert torch.equal(hooked, attn(x, ctx))
+    run = AptRun(tiny_denoiser, AptConfig(align=1.0))
+    assert run.objective(x0, noise, t, c_tok, c_pres, alpha=1.0, weight=None).align.item() == 0.0
+    step_lora(tiny_denoiser, scale=0.3)
+    assert run.objective(x0, noise, t, c_tok, c_pres, alpha=1.0, weight=None).align.item() > 1e-8
+    run.close()
+
+
+def test_a_bin_whose_indicator_rises_gets_a_lower_weight_and_stronger_augmentation():
+    cfg = AptConfig(adaptive=1.0, bins=10, ema=0.5, min_weight=0.1, max_augment=0.8)
+    ind = Indicator(cfg, 1000)
+    bins = torch.arange(10)
+    assert ind.fit_weight(bins).eq(1).all() and ind.augment_prob(bins).eq(0).all()
+    assert ind.bin_of(torch.tensor([0, 99, 100, 999])).tolist() == [0, 0, 1, 9]
+    seen = []
+    for _ in range(4):  # adapted error half the pretrained one in bin 3: indicator -> 0.5
+        ind.update(torch.tensor([3]), torch.tensor([1.0]), torch.tensor([0.5]))
+        seen.append((ind.value[3].item(), ind.fit_weight(bins)[3].item(), ind.augment_prob(bins)[3].item()))
+    assert [round(v, 4) for v, _, _ in seen] == [0.25, 0.375, 0.4375, 0.4688]
+    assert all(w1 > w2 for (_, w1, _), (_, w2, _) in zip(seen, seen[1:]))      # weight falls as the indicator rises
+    assert all(p1 < p2 for (_, _, p1), (_, _, p2) in zip(seen, seen[1:]))      # augmentation rises
+    assert ind.fit_weight(bins)[3].item() == 1 - seen[-1][0] and ind.fit_weight(bins)[0].item() == 1.0
+    assert ind.augment_prob(bins)[0].item() == 0.0
+    for _ in range(40):  # a bin the adapter reproduces exactly: floor and ceiling hold
+        ind.update(torch.tensor([5]), torch.tensor([1.0]), torch.tensor([0.0]))
+    assert ind.fit_weight(bins)[5].item() == 0.1 and ind.augment_prob(bins)[5].item() == 0.8
+    off = Indicator(AptConfig(stabilize=1.0), 1000)
+    off.value[:] = 0.9
+    assert off.fit_weight(bins).eq(1).all() and off.augment_prob(bins).eq(0).all()  # adaptive = 0: no effect
+
+
+def test_augmentation_follows_its_probability_and_draws_the_same_amount_either_way():
+    x = torch.randn(6, 4, 16, 16)
+    cfg = AptConfig(adaptive=1.0, augment_ops=("flip", "zoom", "rotate", "shift", "color"))
+    g0, g1 = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    assert torch.equal(augment(x, torch.zeros(6, dtype=torch.float64), cfg, g0), x)
+    out = augment(x, torch.tensor([1, 1, 1, 0, 0, 0], dtype=torch.float64), cfg, g1)
+    assert torch.equal(out[3:], x[3:]) and all(not torch.allclose(out[i], x[i], atol=1e-3) for i in range(3))
+    assert torch.equal(g0.get_state(), g1.get_state())
+    flat = torch.full((2, 3, 8, 8), 0.3)
+    zoomed = augment(flat, torch.ones(2, dtype=torch.float64), AptConfig(adaptive=1.0), torch.Generator().manual_seed(1))
+    assert torch.allclose(zoomed, flat, atol=1e-6)  # zoom-out/rotation pad by reflection: no foreign border value
+
+
+def test_apt_with_cat_uses_one_frozen_and_one_adapted_forward(tiny_denoiser):
+    inject_lora(tiny_denoiser.module, LoraSpec(rank=4))
+    step_lora(tiny_denoiser)
+    run = AptRun(tiny_denoiser, AptConfig(adaptive=1.0, stabilize=1.0, align=1.0))
+    calls, predict = [], tiny_denoiser.predict
+    tiny_denoiser.predict = lambda x, t_, c: calls.append((x.shape[0], torch.is_grad_enabled())) or predict(x, t_, c)
+    terms = run.objective(*batch(), alpha=1.0, weight=None)
+    assert calls == [(4, False), (4, True)]  # [y_T; y] frozen (targets for CAT and APT), [y_T; y] adapted
+    assert terms.keep.min() > 0 and terms.fit_pre.min() > 0
+    assert torch.allclose(terms.loss, (terms.fit_weight * terms.fit + terms.keep).mean() + terms.stabilize + terms.align)
+    calls.clear()
+    run.objective(*batch(), alpha=0.0, weight=None)
+    assert calls == [(2, False), (2, True)]  # APT alone: y_T rows only
+    run.close()
+
+
+def test_resume_with_apt_is_bit_exact_and_keeps_the_indicator(tiny_denoiser, text, tmp_path):
+    apt = AptConfig(adaptive=2.0, stabilize=1.0, align=1.0, augment_ops=("flip", "zoom", "rotate", "shift", "color"))
+    lc = CatLossConfig(alpha=1.0, class_word="dog", apt=apt)
+    exs = examples(text, cfg=lc)
+
+    def run(tmp, **kw):
+        cfg = TrainConfig(steps=8, lr=3e-3, batch_size=2, seed=7, save_every=kw.pop("save_every", 0), checkpoint_dir=str(tmp))
+        return train(tiny_denoiser, exs, lc, LoraSpec(rank=4, dropout=0.1), cfg, **kw)
+
+    infos = []
+    full = run(tmp_path / "a", save_every=2, callback=infos.append)
+    resumed = run(tmp_path / "b", resume=checkpoint_path(tmp_path / "a", 4))
+    for k in full.weights:
+        assert torch.equal(full.weights[k].down, resumed.weights[k].down) and torch.equal(full.weights[k].up, resumed.weights[k].up)
+    assert full.history == resumed.history  # losses, penalties and the per-bin indicator, step by step
+    assert any(v for v in full.history[-1]["indicator"] if v)  # the indicator moved
+    assert infos[-1].apt["indicator"] == full.history[-1]["indicator"] and len(infos[-1].apt["fit_weight"]) == apt.bins
+    state = torch.load(checkpoint_path(tmp_path / "a", 4), weights_only=True)
+    assert state["apt"]["count"].sum().item() == 4 * 2  # every sample of the first 4 steps updated its bin
+    assert not tiny_denoiser.module.middle_block._forward_hooks  # hooks removed with the adapter
+
+
+def test_lora_metadata_records_every_apt_setting():
+    cfg = AptConfig(adaptive=0.5, stabilize=2.0, align=0.1, bins=4, augment_ops=("flip",))
+    meta = metadata(cfg)
+    assert all(isinstance(v, str) for v in meta.values())
+    stored = json.loads(meta["cat_apt"])
+    assert stored == {k: list(v) if isinstance(v, tuple) else v for k, v in vars(cfg).items()}
+    assert meta["cat_apt_active"] == "true" and metadata(AptConfig())["cat_apt_active"] == "false"
