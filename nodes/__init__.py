@@ -205,19 +205,22 @@ class KpsEvaluatorNode(io.ComfyNode):
                 io.String.Input("prompts", default="", multiline=True, tooltip="one prompt per image (with the trigger); blank: no PS"),
                 io.Combo.Input("clip_checkpoint", options=folder_paths.get_filename_list("clip") or ["(none in models/clip)"]),
                 io.String.Input("open_clip_model", default="ViT-B-32", tooltip="open_clip architecture of the checkpoint"),
+                io.Mask.Input("reference_masks", optional=True, tooltip="subject masks of the references: masked IS (CatVersion)"),
+                io.Mask.Input("generated_masks", optional=True, tooltip="subject masks of images_with_trigger: masked IS"),
             ],
             outputs=[io.Float.Output(display_name="PS"), io.Float.Output(display_name="IS"), io.Float.Output(display_name="KPS"),
-                     io.String.Output(display_name="report"), io.Image.Output(display_name="chart")],
+                     io.String.Output(display_name="report"), io.Image.Output(display_name="chart"),
+                     io.Float.Output(display_name="IS_masked")],
         )
 
     @classmethod
     def execute(cls, images_with_trigger, images_without_trigger, prompts, clip_checkpoint, open_clip_model,
-                reference_images=None) -> io.NodeOutput:
+                reference_images=None, reference_masks=None, generated_masks=None) -> io.NodeOutput:
         from .evaluate import evaluate
 
-        ps, is_, kps, report, chart = evaluate(images_with_trigger, images_without_trigger, reference_images, prompts,
-                                               clip_checkpoint, open_clip_model)
-        return io.NodeOutput(ps, is_, kps, report, chart, ui={"text": [report]})
+        ps, is_, kps, report, chart, is_masked = evaluate(images_with_trigger, images_without_trigger, reference_images, prompts,
+                                                          clip_checkpoint, open_clip_model, reference_masks, generated_masks)
+        return io.NodeOutput(ps, is_, kps, report, chart, is_masked, ui={"text": [report]})
 
 
 class LeakScanNode(io.ComfyNode):

@@ -30,8 +30,31 @@ def chart(values: dict[str, float], size=(480, 260)) -> torch.Tensor:
     return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)[None]
 
 
-def evaluate(with_t, without_t, refs, prompts: str, checkpoint: str, arch: str):
-    """IMAGE batches (B,H,W,3) -> PS, IS, KPS (cat_train.metrics definitions), a report and a chart IMAGE."""
+def apply_masks(images: torch.Tensor, masks: torch.Tensor | None, what: str) -> torch.Tensor:
+    """IMAGE (B,H,W,3) with a ComfyUI MASK (B or 1, h, w) in [0, 1]: the subject kept, the rest black (CatVersion's
+    masked CLIP image alignment scores the subject, not the background). Masks are resized to the images."""
+    if masks is None:
+        return images
+    m = masks if masks.ndim == 3 else masks.reshape(-1, *masks.shape[-2:])
+    if m.shape[0] not in (1, images.shape[0]):
+        raise ValueError(f"{m.shape[0]} {what} masks for {images.shape[0]} images: give one mask per image, or one for all.")
+    if m.shape[-2:] != images.shape[1:3]:
+        m = torch.nn.functional.interpolate(m[:, None].float(), size=images.shape[1:3], mode="bilinear", align_corners=False)[:, 0]
+    return images * m.clamp(0, 1)[..., None].to(images)
+
+
+def masked_identity(sc: ClipScorer, refs, gens, ref_masks, gen_masks):
+    """IS on masked references and generated (with-trigger) images: (value, clamped count)."""
+    from ..cat_train.metrics import identity_similarity
+
+    s = identity_similarity(sc.embed_images(list(apply_masks(refs, ref_masks, "reference"))),
+                            sc.embed_images(list(apply_masks(gens, gen_masks, "generated"))))
+    return s.value, s.clamped
+
+
+def evaluate(with_t, without_t, refs, prompts: str, checkpoint: str, arch: str, reference_masks=None, generated_masks=None):
+    """IMAGE batches (B,H,W,3) -> PS, IS, KPS (cat_train.metrics definitions), a report, a chart IMAGE and IS on
+    masked images (NaN without masks; generated_masks go with images_with_trigger)."""
     if with_t.shape[0] != without_t.shape[0]:
         raise ValueError(f"{with_t.shape[0]} images with the trigger but {without_t.shape[0]} without; "
                          "KPS pairs them one to one (same seeds), so give equal batches.")
@@ -48,5 +71,16 @@ def evaluate(with_t, without_t, refs, prompts: str, checkpoint: str, arch: str):
               f"IS  {is_:.4f} (identity)" + ("" if refs is not None else " - no reference images") + "\n"
               f"{s['n']} pairs; similarities clamped at 1e-6: {clamped}\n"
               "paper (Table 1): LoRA KPS 0.0808, CAT 0.1231")
-    vals = {k: v for k, v in (("PS", ps), ("IS", is_), ("KPS", kps)) if v == v}
-    return ps, is_, kps, report, chart(vals)
+    is_masked = nan
+    if reference_masks is not None or generated_masks is not None:
+        if refs is None:
+            raise ValueError("masks were given but no reference_images: masked IS compares masked references with "
+                             "masked generated images; connect reference_images.")
+        is_masked, n_cl = masked_identity(scorer(checkpoint, arch), refs, with_t, reference_masks, generated_masks)
+        report += (f"\nIS masked {is_masked:.4f} (identity on the subject only: "
+                   f"{'reference' if reference_masks is not None else ''}"
+                   f"{' and ' if reference_masks is not None and generated_masks is not None else ''}"
+                   f"{'generated' if generated_masks is not None else ''} images masked, background black; "
+                   f"{n_cl} clamped) next to IS {is_:.4f} (whole images)")
+    vals = {k: v for k, v in (("PS", ps), ("IS", is_), ("IS masked", is_masked), ("KPS", kps)) if v == v}
+    return ps, is_, kps, report, chart(vals), is_masked

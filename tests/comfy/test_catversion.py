@@ -125,3 +125,25 @@ def test_bad_files_name_the_mismatch(comfy, tiny_sd15, tiny_sdxl, cvdir):
         apply.execute(clip15, "g_only.safetensors")
     with pytest.raises(ValueError, match="is not in"):
         apply.execute(clip15, "missing.safetensors")
+
+
+def test_kps_evaluator_masked_is(comfy, tiny_open_clip):
+    """Same subject on different backgrounds: masked IS is exactly 1, the whole-image IS is not."""
+    kps = comfy.nodes.NODE_CLASS_MAPPINGS["CAT_KPSEvaluator"]
+    g = torch.Generator().manual_seed(0)
+    subject = torch.rand(3, 16, 16, 3, generator=g)
+    refs, gens = torch.rand(3, 48, 48, 3, generator=g), torch.rand(3, 48, 48, 3, generator=g)
+    refs[:, 16:32, 16:32], gens[:, 16:32, 16:32] = subject, subject
+    mask = torch.zeros(1, 24, 24)  # one mask for all, at another size: resized to the images
+    mask[:, 8:16, 8:16] = 1
+    out = kps.execute(gens, gens.flip(2), "", tiny_open_clip, "CATTinyCLIP", reference_images=refs,
+                      reference_masks=mask, generated_masks=mask).result
+    is_plain, report, is_masked = out[1], out[3], out[5]
+    assert abs(is_masked - 1) < 1e-5 and is_plain < 0.999
+    assert "IS masked 1.0000" in report and f"IS {is_plain:.4f} (whole images)" in report
+    plain = kps.execute(gens, gens.flip(2), "", tiny_open_clip, "CATTinyCLIP", reference_images=refs).result
+    assert plain[1] == is_plain and plain[5] != plain[5]  # no masks: NaN, and the other scores unchanged
+    with pytest.raises(ValueError, match="2 generated masks for 3 images"):
+        kps.execute(gens, gens, "", tiny_open_clip, "CATTinyCLIP", reference_images=refs, generated_masks=mask.repeat(2, 1, 1))
+    with pytest.raises(ValueError, match="no reference_images"):
+        kps.execute(gens, gens, "", tiny_open_clip, "CATTinyCLIP", generated_masks=mask)
