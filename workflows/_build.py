@@ -52,6 +52,41 @@ def base(ckpt: str, res: int) -> dict:
 
 
 POS, PLAIN = "a photo of sks dog on the beach", "a photo of dog on the beach"
+PROBES = "\n".join(["a photo of a dog", "a photo of a puppy", "a photo of a wolf", "a photo of a fox", "a photo of a cat",
+                    "a photo of a person with a dog", "a dog on the beach", "a painting of a dog"])
+
+
+def leak_loop() -> dict:
+    """Train CAT, scan which probe prompts it moved, retrain with the worst probes as preservation prompts
+    (a STRING link into Loss Config's preservation_prompts), scan again: the loop the leak scan is for."""
+    g = base("v1-5-pruned-emaonly.safetensors", 512)
+
+    def trainer(loss: int, name: str) -> dict:
+        return n("CAT_LoraTrainer", model=["1", 0], dataset=["2", 0], loss_config=[str(loss), 0], rank=16, lora_alpha=16.0,
+                 target="attn", steps=600, learning_rate=1e-4, lr_schedule="constant", batch_size=1, grad_accum=1, seed=0,
+                 dtype="auto", gradient_checkpointing="auto", save_every=100, checkpoint_name=name, resume_from="")
+
+    def scan(adapted: int) -> dict:
+        return n("CAT_LeakScan", base_model=["1", 0], adapted_model=[str(adapted), 0], clip=["1", 1], vae=["1", 2],
+                 probes=PROBES, negative="blurry, low quality", seed=42, steps=20, cfg=7.0, sampler_name="euler",
+                 scheduler="normal", width=512, height=512, images_per_probe=2, top_k=3,
+                 clip_checkpoint="open_clip_vit_b32.safetensors", open_clip_model="ViT-B-32")
+
+    g["10"] = n("CAT_LossConfig", cat_factor=1.0, preservation="class", class_word="dog", token_weights="", preservation_prompts="")
+    g["11"] = trainer(10, "loop_first")
+    g["12"] = n("PreviewImage", images=["11", 2])
+    g["13"] = scan(11)
+    g["14"] = n("PreviewImage", images=["13", 2])
+    g["15"] = n("PreviewImage", images=["13", 3])
+    g["20"] = n("CAT_LossConfig", cat_factor=1.0, preservation="class", class_word="dog", token_weights="",
+                preservation_prompts=["13", 1])
+    g["21"] = trainer(20, "loop_preserved")
+    g["22"] = n("CAT_SaveLora", lora=["21", 1], name="loop_cat_preserved")
+    g["23"] = n("PreviewImage", images=["21", 2])
+    g["24"] = scan(21)
+    g["25"] = n("PreviewImage", images=["24", 2])
+    g["26"] = n("PreviewImage", images=["24", 3])
+    return g
 
 
 def workflows() -> dict[str, dict]:
@@ -65,6 +100,7 @@ def workflows() -> dict[str, dict]:
     train_branch(g, 10, ["1", 0], ["1", 1], ["1", 2], ["2", 0], 0.0, "lora_alpha0", 512, 25, POS, PLAIN, "compare")
     train_branch(g, 30, ["1", 0], ["1", 1], ["1", 2], ["2", 0], 1.0, "cat_alpha1", 512, 25, POS, PLAIN, "compare")
     out["cat_vs_lora_sd15"] = g
+    out["cat_leak_scan_loop_sd15"] = leak_loop()
     return out
 
 
@@ -100,7 +136,7 @@ SIZES = {
     "CheckpointLoaderSimple": (340, 100), "CAT_Dataset": (340, 230), "CAT_LossConfig": (340, 250),
     "CAT_SaveLora": (340, 60), "CLIPTextEncode": (400, 150), "EmptyLatentImage": (340, 110), "KSampler": (340, 270),
     "VAEDecode": (200, 50), "SaveImage": (320, 320), "CAT_KPSEvaluator": (400, 260), "PreviewImage": (320, 320),
-    "Note": (560, 330),
+    "Note": (560, 330), "CAT_LeakScan": (420, 560),
 }
 TRAINER_WIDGETS_H = 460  # computeSize height of the trainer: inputs, outputs and 15 widgets
 LIVE_VIEW_H = 150  # web/cat_live_view.js PLOT_H: reserved under the widgets so the chart covers nothing
@@ -115,7 +151,7 @@ NOTE = """Before you press Run, edit three things:
 triggers: your token (e.g. sks); class_word: what the subject is (e.g. dog). Use the same class word in CAT Loss \
 Config and the same trigger in the sampling prompts (the KPS Evaluator's prompts too).
 
-3. KPS Evaluator > clip_checkpoint: an open_clip checkpoint in models/clip, and open_clip_model its architecture \
+3. {scorer} > clip_checkpoint: an open_clip checkpoint in models/clip, and open_clip_model its architecture \
 (OpenAI's original weights: ViT-B-32-quickgelu).
 
 The trainer draws its loss curve live and checkpoints to output/cat_checkpoints/<checkpoint_name>; after Cancel, \
@@ -155,6 +191,20 @@ def layout(api: dict, title: str) -> tuple[dict[int, tuple[list[int], list[int]]
     loader, dataset = by_type["CheckpointLoaderSimple"][0], by_type["CAT_Dataset"][0]
     _, dh = group("Data: base model and training images", [[loader], [dataset]], gx, 40, "#3f789e")
     y = 40 + max(dh, nh + TITLE_H) + 60
+    if "CAT_LeakScan" in by_type:  # the loop: one row, train -> scan -> retrain -> scan again
+        x = 40
+        (first, second), (scan1, scan2) = trainers, by_type["CAT_LeakScan"]
+        previews = lambda k: sorted(int(m) for m, v in api.items() if v["class_type"] == "PreviewImage"
+                                    and int(v["inputs"]["images"][0]) == k)
+        for title, cols, color in (
+                ("1. Training: CAT with the class prompt", [[int(api[str(first)]["inputs"]["loss_config"][0])] + previews(first), [first]], "#8a5a2b"),
+                ("2. Sampling and evaluation: leak scan, base vs CAT (same seeds)", [[scan1], previews(scan1)], "#6a4a8a"),
+                ("3. Training again: the worst probes preserved", [[int(api[str(second)]["inputs"]["loss_config"][0])] + previews(second),
+                                                                   [second] + [k for k in by_type["CAT_SaveLora"]]], "#8a5a2b"),
+                ("4. Sampling and evaluation: leak scan again", [[scan2], previews(scan2)], "#6a4a8a")):
+            w, _ = group(title, cols, x, y, color)
+            x += w + 60
+        trainers = []
     for t in trainers:
         loss_cfg = int(api[str(t)]["inputs"]["loss_config"][0])
         alpha = api[str(loss_cfg)]["inputs"]["cat_factor"]
@@ -182,7 +232,8 @@ def layout(api: dict, title: str) -> tuple[dict[int, tuple[list[int], list[int]]
         y += max(h1, h2, h3) + 60
     model = "SDXL" if "sdxl" in title else "SD1.5"
     note = {"id": note_id, "type": "Note", "pos": places[note_id][0], "size": places[note_id][1], "flags": {}, "order": 0,
-            "mode": 0, "inputs": [], "outputs": [], "properties": {"text": ""}, "widgets_values": [NOTE.format(model=model)],
+            "mode": 0, "inputs": [], "outputs": [], "properties": {"text": ""},
+            "widgets_values": [NOTE.format(model=model, scorer="CAT Leak Scan (both)" if "CAT_LeakScan" in by_type else "KPS Evaluator")],
             "color": "#432", "bgcolor": "#653"}
     return places, groups, note
 

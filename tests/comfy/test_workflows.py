@@ -191,6 +191,34 @@ def test_workflow_runs_end_to_end(comfy, test_checkpoint_node, tiny_open_clip, d
     assert all(len(out[k]["images"]) == 2 for k in imgs)
 
 
+def test_leak_scan_loop_runs_and_preserves_the_worst_probes(comfy, test_checkpoint_node, tiny_open_clip, dataset_dir):
+    """train -> scan -> retrain with the scan's worst probes as preservation prompts -> scan again, in one graph."""
+    from safetensors import safe_open
+
+    g = json.loads((WF / "cat_leak_scan_loop_sd15.api.json").read_text())
+    g["1"] = {"class_type": "CATTest_TinyCheckpoint", "inputs": {"kind": "sd15"}}
+    for node in g.values():
+        i, c = node["inputs"], node["class_type"]
+        if c == "CAT_Dataset":
+            i.update(folder=str(dataset_dir), resolution=128)
+        elif c == "CAT_LoraTrainer":
+            i.update(steps=4, save_every=0, dtype="fp32", rank=4, lora_alpha=4.0, learning_rate=5e-2)
+        elif c == "CAT_LeakScan":
+            i.update(width=64, height=64, steps=2, images_per_probe=1, top_k=2, clip_checkpoint=tiny_open_clip,
+                     open_clip_model="CATTinyCLIP")
+    ex = run_prompt(g)
+    assert ex.success, ex.status_messages[-1]
+    out = ex.history_result["outputs"]
+    scans = sorted(k for k, n in g.items() if n["class_type"] == "CAT_LeakScan")
+    first_report = out[scans[0]]["text"][0]
+    save = next(k for k, n in g.items() if n["class_type"] == "CAT_SaveLora")
+    with safe_open(out[save]["text"][0], "pt") as f:
+        kept = json.loads(f.metadata()["cat_preservation_prompts"])
+    probes = g[scans[0]]["inputs"]["probes"].splitlines()
+    assert 1 <= len(kept) <= 2 and set(kept) <= set(probes)  # the retrain preserved what the first scan flagged
+    assert all(p in first_report for p in kept)
+
+
 def test_kps_evaluator_numbers(comfy, tiny_open_clip):
     """KPS = 1 - H(cos(with, without)): exactly 0 for identical batches, > 0 when they differ; IS = 1 vs itself."""
     import torch
