@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, run_prompt
+from conftest import pack_module, ROOT, run_prompt
 
 WF = ROOT / "workflows"
 API = sorted(WF.glob("*.api.json"))
@@ -44,7 +44,7 @@ def test_api_workflow_matches_schemas(comfy, path):
             elif typ in ("INT", "FLOAT"):
                 o = specs[name][1]
                 assert o.get("min", -1e30) <= v <= o.get("max", 1e30), f"{path.name} {nid}.{name}={v} out of range"
-    assert any(n["class_type"] == "CAT_LoraTrainer" for n in g.values())
+    assert any(n["class_type"] in ("CAT_LoraTrainer", "CAT_CatVersionTrainer") for n in g.values())
 
 
 CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}
@@ -228,7 +228,12 @@ def test_kps_evaluator_numbers(comfy, tiny_open_clip):
     a, b = torch.rand(3, 48, 48, 3, generator=g), torch.rand(3, 48, 48, 3, generator=g)
     out = kps.execute(a, a, "a photo of sks dog", tiny_open_clip, "CATTinyCLIP", reference_images=a).result
     ps, is_, k = out[0], out[1], out[2]
-    assert abs(k) < 1e-6 and abs(is_ - 1) < 1e-6 and -1 <= ps <= 1
+    assert abs(k) < 1e-6 and abs(is_ - 1) < 1e-6
+    # PS by hand: clamped harmonic mean of cos(text, image) over the three images, from the same CLIP
+    scorer = pack_module(comfy, "nodes.evaluate").scorer(tiny_open_clip, "CATTinyCLIP")
+    cos = torch.nn.functional.cosine_similarity(scorer.embed_texts(["a photo of sks dog"] * 3).double(),
+                                                scorer.embed_images(list(a)).double()).clamp_min(1e-6)
+    assert cos.min() > 1e-6 and ps == pytest.approx(float(3 / (1 / cos).sum()), rel=1e-5, abs=1e-9)
     assert out[4].shape[0] == 1 and out[4].shape[-1] == 3  # chart IMAGE
     k2 = kps.execute(a, b.flip(1) * 0.2, "", tiny_open_clip, "CATTinyCLIP").result[2]
     assert k2 > 1e-4
