@@ -89,6 +89,30 @@ def leak_loop() -> dict:
     return g
 
 
+def catversion_sd15() -> dict:
+    """CatVersion: train K/V embeddings on the checkpoint's CLIP, save them, then the same prompt and seeds encoded
+    by the CLIP with and without the embeddings (same UNet), scored by the KPS Evaluator."""
+    g = base("v1-5-pruned-emaonly.safetensors", 512)
+    g["10"] = n("CAT_CatVersionTrainer", model=["1", 0], clip=["1", 1], dataset=["2", 0], layers=3, embeddings_per_layer=1,
+                steps=1000, learning_rate=1e-2, batch_size=2, cat_factor=0.0, class_word="dog", seed=0)
+    g["11"] = n("CAT_SaveCatVersion", catversion=["10", 1], name="catversion_sks_dog")
+    g["12"] = n("PreviewImage", images=["10", 2])
+    for k, clip in ((13, ["10", 0]), (14, ["1", 1])):  # with the embeddings / the checkpoint's own CLIP
+        g[str(k)] = n("CLIPTextEncode", text=POS, clip=clip)
+        g[str(k + 2)] = n("CLIPTextEncode", text="blurry, low quality", clip=clip)
+    g["17"] = n("EmptyLatentImage", width=512, height=512, batch_size=4)
+    for k, (p, q) in ((18, (13, 15)), (19, (14, 16))):
+        g[str(k)] = n("KSampler", model=["1", 0], seed=42, steps=25, cfg=7.0, sampler_name="euler", scheduler="normal",
+                      positive=[str(p), 0], negative=[str(q), 0], latent_image=["17", 0], denoise=1.0)
+        g[str(k + 2)] = n("VAEDecode", samples=[str(k), 0], vae=["1", 2])
+        g[str(k + 4)] = n("SaveImage", images=[str(k + 2), 0],
+                          filename_prefix="catversion/" + ("with_embeddings" if k == 18 else "without_embeddings"))
+    g["24"] = n("CAT_KPSEvaluator", images_with_trigger=["20", 0], images_without_trigger=["21", 0], prompts=POS,
+                clip_checkpoint="open_clip_vit_b32.safetensors", open_clip_model="ViT-B-32")
+    g["25"] = n("PreviewImage", images=["24", 4])
+    return g
+
+
 def workflows() -> dict[str, dict]:
     out = {}
     for name, ckpt, res in (("cat_sd15_train_kps", "v1-5-pruned-emaonly.safetensors", 512),
@@ -101,6 +125,7 @@ def workflows() -> dict[str, dict]:
     train_branch(g, 30, ["1", 0], ["1", 1], ["1", 2], ["2", 0], 1.0, "cat_alpha1", 512, 25, POS, PLAIN, "compare")
     out["cat_vs_lora_sd15"] = g
     out["cat_leak_scan_loop_sd15"] = leak_loop()
+    out["catversion_sd15"] = catversion_sd15()
     return out
 
 
@@ -136,7 +161,7 @@ SIZES = {
     "CheckpointLoaderSimple": (340, 100), "CAT_Dataset": (340, 230), "CAT_LossConfig": (340, 250),
     "CAT_SaveLora": (340, 60), "CLIPTextEncode": (400, 150), "EmptyLatentImage": (340, 110), "KSampler": (340, 270),
     "VAEDecode": (200, 50), "SaveImage": (320, 320), "CAT_KPSEvaluator": (400, 260), "PreviewImage": (320, 320),
-    "Note": (560, 330), "CAT_LeakScan": (420, 560),
+    "Note": (560, 330), "CAT_LeakScan": (420, 560), "CAT_CatVersionTrainer": (380, 420), "CAT_SaveCatVersion": (340, 60),
 }
 TRAINER_WIDGETS_H = 460  # computeSize height of the trainer: inputs, outputs and 15 widgets
 LIVE_VIEW_H = 150  # web/cat_live_view.js PLOT_H: reserved under the widgets so the chart covers nothing
@@ -164,7 +189,7 @@ def layout(api: dict, title: str) -> tuple[dict[int, tuple[list[int], list[int]]
     by_type: dict[str, list[int]] = {}
     for nid, node in sorted(api.items(), key=lambda kv: int(kv[0])):
         by_type.setdefault(node["class_type"], []).append(int(nid))
-    trainers = by_type["CAT_LoraTrainer"]
+    trainers = by_type.get("CAT_LoraTrainer", [])
     places, groups = {}, []
 
     def group(name: str, columns: list[list[int]], x: int, y: int, color: str) -> tuple[int, int]:
@@ -205,6 +230,17 @@ def layout(api: dict, title: str) -> tuple[dict[int, tuple[list[int], list[int]]
             w, _ = group(title, cols, x, y, color)
             x += w + 60
         trainers = []
+    if "CAT_CatVersionTrainer" in by_type:  # train -> sample with/without the embeddings -> KPS, one row
+        ids = lambda cls: by_type.get(cls, [])
+        (t,), enc, prev = ids("CAT_CatVersionTrainer"), ids("CLIPTextEncode"), ids("PreviewImage")
+        x = 40
+        for title, cols, color in (
+                ("Training: CatVersion (K/V embeddings in CLIP)", [[t], ids("CAT_SaveCatVersion") + prev[:1]], "#8a5a2b"),
+                ("Sampling: the same seeds, CLIP with and without the embeddings",
+                 [enc + ids("EmptyLatentImage"), ids("KSampler"), ids("VAEDecode"), ids("SaveImage")], "#3f7a4a"),
+                ("Evaluation: PS, IS, KPS", [ids("CAT_KPSEvaluator") + prev[1:]], "#6a4a8a")):
+            w, _ = group(title, cols, x, y, color)
+            x += w + 60
     for t in trainers:
         loss_cfg = int(api[str(t)]["inputs"]["loss_config"][0])
         alpha = api[str(loss_cfg)]["inputs"]["cat_factor"]

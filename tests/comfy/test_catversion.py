@@ -147,3 +147,32 @@ def test_kps_evaluator_masked_is(comfy, tiny_open_clip):
         kps.execute(gens, gens, "", tiny_open_clip, "CATTinyCLIP", reference_images=refs, generated_masks=mask.repeat(2, 1, 1))
     with pytest.raises(ValueError, match="no reference_images"):
         kps.execute(gens, gens, "", tiny_open_clip, "CATTinyCLIP", generated_masks=mask)
+
+
+def test_catversion_workflow_runs_end_to_end(comfy, test_checkpoint_node, tiny_open_clip, dataset_dir, cvdir):
+    """workflows/catversion_sd15.api.json in ComfyUI's executor on the tiny model: trains, saves into
+    models/catversion, samples with and without the embeddings, and scores the pairs."""
+    from pathlib import Path
+
+    from conftest import ROOT, run_prompt
+
+    g = json.loads((ROOT / "workflows" / "catversion_sd15.api.json").read_text())
+    g["1"] = {"class_type": "CATTest_TinyCheckpoint", "inputs": {"kind": "sd15"}}
+    for node in g.values():
+        i, c = node["inputs"], node["class_type"]
+        if c == "CAT_Dataset":
+            i.update(folder=str(dataset_dir), resolution=128)
+        elif c == "CAT_CatVersionTrainer":
+            i.update(steps=3)
+        elif c == "EmptyLatentImage":
+            i.update(width=64, height=64, batch_size=2)
+        elif c == "KSampler":
+            i.update(steps=2)
+        elif c == "CAT_KPSEvaluator":
+            i.update(clip_checkpoint=tiny_open_clip, open_clip_model="CATTinyCLIP")
+    ex = run_prompt(g)
+    assert ex.success, ex.status_messages[-1]
+    out = ex.history_result["outputs"]
+    saved = Path(out["11"]["text"][0])
+    assert saved.is_file() and saved.parent == Path(comfy.folder_paths.get_folder_paths("catversion")[0])
+    assert "2 pairs" in out["24"]["text"][0] and "3/3 steps" in out["10"]["text"][0]
