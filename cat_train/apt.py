@@ -17,7 +17,11 @@ Three parts, each with its own weight (0 = off):
    options). A bin that overfits is weighted less and augmented more.
 2. Representation stabilization (`stabilize`): for chosen intermediate feature maps, the squared shift
    of their per-channel spatial mean and variance between the adapted and the frozen model on the
-   same input (noisy latent, timestep, caption y_T).
+   same input (noisy latent, timestep, caption y_T):
+       R = mean over layers, channels of  (mu_a - mu_f)² / v_f  +  (v_a - v_f)² / v_f²
+   (with `stabilize_normalize`; without, the raw squared shifts). Raw feature scales differ by orders
+   of magnitude between layers and steps (on the world model one layer's raw variance shift reached
+   10 while the fit loss was 0.2), so the default measures shifts relative to the frozen variance.
 3. Attention alignment (`align`): the distance between the cross-attention probabilities of the
    adapted and the frozen model on the same input. Probabilities are built only for the regularised
    layers, from their own q and k projections (captured by hooks); the layers themselves keep their
@@ -68,6 +72,7 @@ class AptConfig:
     shift: float = 0.125      # translation drawn in [-shift, shift] of the side
     color: float = 0.1        # brightness/contrast jitter amplitude (in the model's [-1, 1] image space)
     stabilize_layers: str = r"middle_block|output_blocks\.\d+"  # regex, full match of module names
+    stabilize_normalize: bool = True  # shifts in units of the frozen channel's variance: every layer counts alike
     align_layers: str = r".*\.attn2"  # cross-attention modules (ldm/ComfyUI naming)
     align_distance: str = "mse"       # "mse" or "kl" (KL(frozen || adapted) per query row)
 
@@ -259,7 +264,12 @@ class Taps:
         terms = []
         for n in self.stabilized:
             (ma, va), (mf, vf) = self.moments["adapted"][n], self.moments["frozen"][n]
-            terms.append((ma[:rows] - mf[:rows]).pow(2).mean() + (va[:rows] - vf[:rows]).pow(2).mean())
+            ma, va, mf, vf = ma[:rows], va[:rows], mf[:rows], vf[:rows]
+            if self.cfg.stabilize_normalize:
+                s = vf.clamp_min(1e-6)
+                terms.append(((ma - mf).pow(2) / s).mean() + ((va - vf) / s).pow(2).mean())
+            else:
+                terms.append((ma - mf).pow(2).mean() + (va - vf).pow(2).mean())
         return torch.stack(terms).mean()
 
     def alignment(self, rows: int) -> Tensor:

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from ..cat_train.adapter import LoraSpec, lora_param_count
+from ..cat_train.apt import metadata as apt_metadata
 from ..cat_train.budget import DoesNotFit, MemoryBudget, adapter_bytes, probe_activations, tensor_bytes
 from ..cat_train.export import ldm_to_diffusers, to_kohya, training_metadata
 from ..cat_train.loss import CatLossConfig
@@ -55,7 +56,8 @@ def progress_callback(node_id: str | None, total: int):
 
     def cb(info: StepInfo) -> None:
         _send(EVENT, {"node": node_id, "prompt_id": prompt_id, "step": info.step, "total": info.total, "loss": info.loss, "fit": info.fit,
-                      "keep": info.keep, "lr": info.lr, "elapsed": info.elapsed})
+                      "keep": info.keep, "lr": info.lr, "elapsed": info.elapsed,
+                      **({"apt": info.apt} if info.apt else {})})  # APT: per-bin overfitting indicator for the live view
         pbar.update_absolute(info.step, info.total)  # under a server this hook raises when Cancel is pressed
         mm.throw_exception_if_processing_interrupted()  # ...and this catches Cancel when no hook is set
     return cb
@@ -172,7 +174,7 @@ def metadata(loss_cfg, spec, cfg, dataset, steps_done: int, history: list[dict],
         base_model_version=base_version, captions=[it[1] for it in dataset.items],
         comment="Contrastive Adapter Training (CAT, arXiv 2404.07554), ComfyUI-CAT",
         extra={"ss_lr_scheduler": cfg.lr_schedule, "cat_preservation_prompts": json.dumps(list(loss_cfg.preservation_prompts)),
-               "cat_final_loss": f"{history[-1]['loss']:.6g}" if history else ""})
+               "cat_final_loss": f"{history[-1]['loss']:.6g}" if history else "", **apt_metadata(loss_cfg.apt)})
 
 
 def step_lora_writer(mp, folder, name: str, loss_cfg, spec, cfg, dataset):

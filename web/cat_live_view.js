@@ -9,6 +9,7 @@ import { api } from "../../scripts/api.js";
 const EVENT = "cat.train.progress";
 const TRAINER = "CAT_LoraTrainer";
 const PLOT_H = 150;
+const APT_H = 62; // APT runs: a band under the loss plot with the overfitting indicator of each timestep bin
 const LEFT = 44; // room for the y tick labels
 const SERIES = [ // drawn in this order: the dashed lines on top keep "fit" visible where it equals the total
   { key: "loss", label: "loss", color: "rgb(110,160,255)", width: 2.5, dash: [] },
@@ -18,7 +19,7 @@ const SERIES = [ // drawn in this order: the dashed lines on top keep "fit" visi
 // node id (string) -> {loss, fit, keep, step, total, elapsed, lr, state: running|done|cancelled|failed, message}
 const runs = new Map();
 // Tests (tests/comfy/test_browser.py) and curious users read the state here.
-globalThis.__catLiveView = { runs, PLOT_H };
+globalThis.__catLiveView = { runs, PLOT_H, APT_H };
 
 function ema(values, beta = 0.9) {
   const out = [];
@@ -115,10 +116,11 @@ function onProgress(event) {
     }
     run.loss.push(d.loss); run.fit.push(d.fit); run.keep.push(d.keep);
     Object.assign(run, { step: d.step, total: d.total, elapsed: d.elapsed, lr: d.lr });
+    if (d.apt) run.apt = d.apt; // {indicator: [per bin, null if not drawn yet], fit_weight, augment_prob, ...}
     if (run.step >= run.total) run.state = "done";
     const node = findNode(d.node);
     if (node) {
-      const need = (node.computeSize?.()[1] ?? node.size[1]) + PLOT_H;
+      const need = (node.computeSize?.()[1] ?? node.size[1]) + PLOT_H + (run.apt ? APT_H : 0);
       if (node.size[1] < need) node.setSize([Math.max(node.size[0], 340), need]);
     }
     redraw(key);
@@ -181,7 +183,8 @@ function statusLine(run) {
 
 export function drawRun(node, ctx, run) {
   // a legend row, the plot, two text lines: all inside the bottom PLOT_H pixels, under the widgets
-  const pad = 8, x = pad + LEFT, w = node.size[0] - 2 * pad - LEFT, top = node.size[1] - PLOT_H + 2, y = top + 14, h = PLOT_H - 50;
+  const below = run.apt ? APT_H : 0;
+  const pad = 8, x = pad + LEFT, w = node.size[0] - 2 * pad - LEFT, top = node.size[1] - PLOT_H - below + 2, y = top + 14, h = PLOT_H - 50;
   const ended = run.state !== "running";
   ctx.save();
   ctx.fillStyle = "rgba(0,0,0,0.35)"; ctx.fillRect(x, y, w, h);
@@ -223,7 +226,34 @@ export function drawRun(node, ctx, run) {
   ctx.fillStyle = "#ccc"; ctx.font = "11px sans-serif";
   ctx.fillText(`smoothed loss ${tickLabels([last("loss") ?? 0])[0]} · fit ${tickLabels([last("fit") ?? 0])[0]} · keep ${tickLabels([last("keep") ?? 0])[0]}`,
     pad, y + h + 30);
+  if (run.apt) drawIndicator(ctx, run, x, y + h + 40, w, APT_H - 24, ended);
   ctx.restore();
+}
+
+// APT's overfitting indicator per timestep bin (low noise left, high noise right) as bars on a 0..1 scale,
+// with the fit weight and augmentation probability it sets for the most overfit bin.
+export function drawIndicator(ctx, run, x, y, w, h, ended) {
+  const ind = run.apt.indicator ?? [];
+  if (!ind.length) return;
+  ctx.fillStyle = "rgba(0,0,0,0.35)"; ctx.fillRect(x, y, w, h);
+  ctx.globalAlpha = ended ? 0.4 : 1;
+  const bw = w / ind.length;
+  ind.forEach((v, i) => {
+    if (v === null || !isFinite(v)) return; // a bin no sample has fallen in yet
+    const c = Math.max(0, Math.min(1, v));
+    ctx.fillStyle = `rgb(${Math.round(120 + 135 * c)},${Math.round(200 - 120 * c)},90)`;
+    ctx.fillRect(x + i * bw + 1, y + h - c * h, Math.max(1, bw - 2), c * h);
+  });
+  ctx.globalAlpha = 1;
+  ctx.font = "10px sans-serif"; ctx.fillStyle = "#bbb"; ctx.textBaseline = "middle"; ctx.textAlign = "right";
+  ctx.fillText("1", x - 4, y); ctx.fillText("0", x - 4, y + h);
+  ctx.textAlign = "left"; ctx.textBaseline = "alphabetic";
+  const vals = ind.map((v) => (v === null || !isFinite(v) ? -Infinity : v));
+  const worst = vals.indexOf(Math.max(...vals));
+  const fw = run.apt.fit_weight?.[worst], ap = run.apt.augment_prob?.[worst];
+  const more = worst >= 0 && isFinite(vals[worst]) ? ` · max ${vals[worst].toFixed(2)} in bin ${worst + 1}` +
+    (fw !== undefined ? ` (weight ${fw.toFixed(2)}, aug ${ap.toFixed(2)})` : "") : "";
+  ctx.fillText(`APT overfitting indicator per timestep bin, t 0 → T${more}`, x - LEFT + 8, y + h + 12);
 }
 
 app.registerExtension({

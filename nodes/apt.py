@@ -1,0 +1,66 @@
+"""The APT Options node: APT's three parts (arXiv 2507.02687, cat_train/apt.py) for the CAT Loss Config node.
+
+A separate node so a graph without APT stays as it was: the Loss Config's optional `apt` input takes it.
+"""
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+from ..cat_train.apt import AUGMENT_OPS, AptConfig
+
+CATEGORY = "CAT (contrastive adapter training)"
+AptOptions = io.Custom("CAT_APT_OPTIONS")
+_D = AptConfig()
+
+
+class AptOptionsNode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="CAT_AptOptions", display_name="APT Options", category=CATEGORY,
+            description="Adaptive Personalized Training (Chae et al., CVPR 2025) for the CAT Loss Config: per-timestep-bin "
+                        "overfitting indicator setting loss weight and augmentation, feature-statistics stabilization, "
+                        "cross-attention alignment. Each weight 0 = off; all combine with the CAT factor.",
+            inputs=[
+                io.Float.Input("adaptive", default=1.0, min=0.0, max=10.0, step=0.05,
+                               tooltip="gain of the per-bin response: fit weight 1 - gain*indicator, augmentation "
+                                       "probability gain*indicator (0 = off)"),
+                io.Float.Input("stabilize", default=5.0, min=0.0, max=1e4, step=0.1,
+                               tooltip="weight of the feature mean/variance penalty, adapted vs frozen (0 = off); "
+                                       "5 was calibrated on the world model, not on SD"),
+                io.Float.Input("align", default=1000.0, min=0.0, max=1e6, step=1.0,
+                               tooltip="weight of the cross-attention map penalty, adapted vs frozen (0 = off); "
+                                       "1000 (for the MSE of probabilities) was calibrated on the world model, not on SD"),
+                io.Int.Input("bins", default=_D.bins, min=1, max=100, tooltip="timestep bins of the overfitting indicator"),
+                io.String.Input("augment", default=", ".join(_D.augment_ops),
+                                tooltip=f"augmentations, comma separated, from {', '.join(AUGMENT_OPS)} "
+                                        "(the paper: zoom-out and rotation); empty = loss weighting only"),
+                io.Float.Input("ema", default=_D.ema, min=0.0, max=0.999, step=0.01, optional=True,
+                               tooltip="indicator smoothing per update of a bin"),
+                io.Float.Input("target", default=_D.target, min=0.0, max=0.99, step=0.01, optional=True,
+                               tooltip="indicator level tolerated before weighting and augmenting"),
+                io.Float.Input("min_weight", default=_D.min_weight, min=0.01, max=1.0, step=0.01, optional=True),
+                io.Float.Input("max_augment", default=_D.max_augment, min=0.0, max=1.0, step=0.01, optional=True),
+                io.Combo.Input("align_distance", options=["mse", "kl"], default=_D.align_distance, optional=True),
+                io.String.Input("stabilize_layers", default=_D.stabilize_layers, optional=True,
+                                tooltip="regex (full match) of the UNet modules whose outputs are stabilized"),
+                io.String.Input("align_layers", default=_D.align_layers, optional=True,
+                                tooltip="regex (full match) of the cross-attention modules aligned"),
+            ],
+            outputs=[AptOptions.Output(display_name="apt")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, augment="", **kw):
+        ops = [o.strip() for o in augment.split(",") if o.strip()]
+        bad = [o for o in ops if o not in AUGMENT_OPS]
+        return f"augment: unknown {', '.join(bad)}; choose from {', '.join(AUGMENT_OPS)}" if bad else True
+
+    @classmethod
+    def execute(cls, adaptive, stabilize, align, bins, augment, **kw) -> io.NodeOutput:
+        ops = tuple(o.strip() for o in augment.split(",") if o.strip())
+        return io.NodeOutput(AptConfig(adaptive=adaptive, stabilize=stabilize, align=align, bins=bins, augment_ops=ops,
+                                       **{k: v for k, v in kw.items() if v is not None}))
+
+
+NODES = [AptOptionsNode]
