@@ -2,8 +2,10 @@
 
 A `Denoiser` is the torch module to adapt, one prediction call, the prediction type and the
 noise schedule. ComfyUI's ModelPatcher implements it in `nodes/`; tests and the demo implement it
-with `cat_train.world.unet.UNet`. Everything is in DDPM space: `x_t = sqrt(abar_t) x_0 + sqrt(1-abar_t) eps`,
-integer timesteps `t in [0, T)`, which is exactly what an SD UNet receives inside ComfyUI too.
+with `cat_train.world.unet.UNet`. UNets (SD1.x/SDXL) are in DDPM space: `x_t = sqrt(abar_t) x_0 + sqrt(1-abar_t) eps`, integer timesteps
+`t in [0, T)`, which is exactly what an SD UNet receives inside ComfyUI too. Flow-matching transformers
+(SD3, Flux) use `FlowSchedule`: `x_t = (1 - sigma) x_0 + sigma eps`, target the velocity `eps - x_0`
+(prediction type "flow"), with the same `sample_t / add_noise / target` interface.
 """
 from __future__ import annotations
 
@@ -13,8 +15,8 @@ from typing import Literal, Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
-PredictionType = Literal["eps", "v"]
-Cond = dict[str, Tensor]  # "context": (B, L, C); SDXL adds "y": (B, adm)
+PredictionType = Literal["eps", "v", "flow"]
+Cond = dict[str, Tensor]  # "context": (B, L, C); SDXL/SD3/Flux add "y": (B, adm); Flux may add "guidance": (B,)
 
 
 class NoiseSchedule:
@@ -56,11 +58,76 @@ class NoiseSchedule:
         return ((1 - abar) / abar).sqrt()
 
 
+def time_shift(shift: float, u: Tensor) -> Tensor:
+    """sigma = shift*u / (1 + (shift-1)*u): SD3's resolution shift (Esser et al. 2024, eq. 23). Flux's
+    exp(mu)/(exp(mu) + 1/u - 1) is the same map with shift = exp(mu)."""
+    return u if shift == 1.0 else shift * u / (1 + (shift - 1) * u)
+
+
+class FlowSchedule:
+    """Rectified flow as SD3 and Flux are trained: `x_t = (1 - sigma) x_0 + sigma eps`, target `eps - x_0`.
+
+    The trainer's "t" is the continuous timestep `1000 * sigma` (`num_timesteps` = 1000), so code written for
+    integer DDPM timesteps (APT's per-bin indicator, the memory probe's mid timestep) reads it unchanged.
+
+    sigma is drawn as the families are trained (options and defaults):
+      sampling "logit_normal" (default): u = sigmoid(N(logit_mean, logit_std)), mean 0, std 1: SD3's
+               rf/lognorm(0, 1), the paper's best (Esser et al. 2024, sec. 3.1; also diffusers' SD3/Flux scripts);
+               "uniform": u ~ U(0, 1).
+      shift    (default 1 = none): sigma = time_shift(shift, u), which moves steps toward noise for large images.
+               The ComfyUI trainer passes the MODEL's own sampling shift (SD3: 3.0; Flux: exp(1.15) = 3.16, the
+               value kohya's `--timestep_sampling shift --discrete_flow_shift 3.1582` uses), so training sees the
+               noise levels the model is sampled at, including a ModelSampling node's shift upstream.
+    sigma is kept in [sigma_min, 1 - sigma_min] so neither end is a pure image or pure noise.
+    """
+
+    def __init__(self, shift: float = 1.0, sampling: Literal["logit_normal", "uniform"] = "logit_normal",
+                 logit_mean: float = 0.0, logit_std: float = 1.0, sigma_min: float = 1e-4):
+        if not shift > 0:
+            raise ValueError(f"flow shift must be > 0 (1 = no shift; SD3 uses 3.0), got {shift}.")
+        if sampling not in ("logit_normal", "uniform"):
+            raise ValueError(f"flow timestep sampling must be 'logit_normal' or 'uniform', got {sampling!r}.")
+        if not logit_std > 0:
+            raise ValueError(f"logit_std must be > 0 (SD3 uses 1.0), got {logit_std}.")
+        self.shift, self.sampling = float(shift), sampling
+        self.logit_mean, self.logit_std, self.sigma_min = float(logit_mean), float(logit_std), float(sigma_min)
+
+    num_timesteps = 1000
+
+    def __repr__(self) -> str:
+        return (f"FlowSchedule(shift={self.shift:g}, sampling={self.sampling!r}, logit_mean={self.logit_mean:g}, "
+                f"logit_std={self.logit_std:g})")
+
+    def sigma(self, t: Tensor) -> Tensor:
+        return t.double() / self.num_timesteps
+
+    def sample_t(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        if self.sampling == "logit_normal":
+            u = torch.sigmoid(self.logit_mean + self.logit_std * torch.randn(n, generator=generator, dtype=torch.float64))
+        else:
+            u = torch.rand(n, generator=generator, dtype=torch.float64)
+        s = time_shift(self.shift, u).clamp(self.sigma_min, 1 - self.sigma_min)
+        return (s * self.num_timesteps).float()
+
+    def _sigma_like(self, t: Tensor, like: Tensor) -> Tensor:
+        return self.sigma(t).to(like.dtype).view((-1,) + (1,) * (like.ndim - 1))
+
+    def add_noise(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+        s = self._sigma_like(t, x0)
+        return (1 - s) * x0 + s * noise
+
+    def target(self, x0: Tensor, noise: Tensor, t: Tensor, prediction_type: PredictionType = "flow") -> Tensor:
+        if prediction_type != "flow":
+            raise ValueError(f"a flow schedule trains velocity predictions ('flow'), not {prediction_type!r}; "
+                             "eps/v models use NoiseSchedule.")
+        return noise - x0
+
+
 @runtime_checkable
 class Denoiser(Protocol):
     module: nn.Module
     prediction_type: PredictionType
-    schedule: NoiseSchedule
+    schedule: NoiseSchedule | FlowSchedule
 
     def predict(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor: ...
 

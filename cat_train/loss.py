@@ -2,8 +2,9 @@
 
     L = ||eps - eps_θ'(z_t, t, y_T)||²  +  α · w · ||eps_θ(z_t, t, y) - eps_θ'(z_t, t, y)||²
 
-in the model's own output space (eps or v; the target follows `denoiser.prediction_type`), squared
-norms taken as per-element means, w the weight of the sample's trigger token (multi-concept).
+in the model's own output space (eps, v, or the velocity eps - x0 of flow models; the target follows
+`denoiser.prediction_type` and `denoiser.schedule`), squared norms taken as per-element means, w the
+weight of the sample's trigger token (multi-concept).
 α = 0 is plain LoRA and skips the preservation passes entirely.
 """
 from __future__ import annotations
