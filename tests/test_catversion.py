@@ -219,3 +219,12 @@ def test_fast_path_encoder_in_eval_uses_the_embeddings():
             slow = enc(ids).detach()
     assert (fast - plain).abs().max() > 1e-2 and (fast - slow).abs().max() < 1e-5
     assert copy.deepcopy(enc) is not None  # nothing unpicklable left behind
+
+
+def test_bench_method_names():
+    from cat_train.world.catversion_bench import catversion_alpha, catversion_label
+    assert catversion_alpha("catversion") == 0.0 and catversion_alpha("catversion+cat0.5") == 0.5
+    assert catversion_label("catversion") == "CatVersion" and catversion_label("catversion+cat1") == "CatVersion + CAT (α=1)"
+    for bad in ("catversion+foo", "catversion+cat-1", "catversionx", "catversion+catnan"):
+        with pytest.raises(ValueError):
+            catversion_alpha(bad)
