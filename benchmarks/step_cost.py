@@ -1,5 +1,8 @@
 """Step time and peak memory of plain LoRA (alpha 0) against CAT (alpha 1), one UNet config, one run.
 
+`--methods` adds APT (cat_train/apt.py) rows: apt:ada (adaptive bins), apt:rs (stabilization),
+apt:aa (attention alignment), apt (all three), cat+apt (CAT alpha 1 with all three).
+
     python benchmarks/step_cost.py --unet sd15 --res 256 --batch 1 --steps 4
 
 Each method runs in its own subprocess so peak memory (CUDA: max allocated; CPU: peak RSS above
@@ -23,11 +26,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cat_train.adapter import LoraSpec  # noqa: E402
 from cat_train.denoiser import ModuleDenoiser  # noqa: E402
+from cat_train.apt import AptConfig  # noqa: E402
 from cat_train.loss import CatLossConfig  # noqa: E402
 from cat_train.train import Example, TrainConfig, train  # noqa: E402
 from cat_train.world.unet import SD15_CONFIG, SDXL_CONFIG, TINY_CONFIG, UNet  # noqa: E402
 
 CONFIGS = {"sd15": SD15_CONFIG, "sdxl": SDXL_CONFIG, "tiny": TINY_CONFIG}
+_APT = dict(adaptive=1.0, stabilize=5.0, align=1000.0)
+METHODS = {  # name: (alpha, APT parts switched on)
+    "lora": (0.0, ()), "cat": (1.0, ()), "apt:ada": (0.0, ("adaptive",)), "apt:rs": (0.0, ("stabilize",)),
+    "apt:aa": (0.0, ("align",)), "apt": (0.0, tuple(_APT)), "cat+apt": (1.0, tuple(_APT)),
+}
 
 
 def rss_mb() -> float:
@@ -60,7 +69,9 @@ def measure(args) -> dict:
 
     tcfg = TrainConfig(steps=args.warmup + args.steps, batch_size=args.batch, mixed_precision=args.precision,
                        gradient_checkpointing=args.checkpointing, device=args.device)
-    train(denoiser, examples, CatLossConfig(alpha=args.alpha, preservation="empty"), LoraSpec(rank=args.rank), tcfg,
+    alpha, parts = METHODS[args.method] if args.method else (args.alpha, ())
+    apt = AptConfig(**{k: v for k, v in _APT.items() if k in parts})
+    train(denoiser, examples, CatLossConfig(alpha=alpha, preservation="empty", apt=apt), LoraSpec(rank=args.rank), tcfg,
           callback=tick)
     step_s = (stamps[-1] - stamps[args.warmup - 1]) / args.steps
     out = {"alpha": args.alpha, "step_s": step_s,
@@ -81,30 +92,36 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--precision", choices=["no", "bf16", "fp16"], default="no")
     ap.add_argument("--checkpointing", action="store_true")
+    ap.add_argument("--methods", nargs="+", choices=list(METHODS), default=["lora", "cat"])
     ap.add_argument("--alpha", type=float, help=argparse.SUPPRESS)  # child mode
+    ap.add_argument("--method", choices=list(METHODS), help=argparse.SUPPRESS)  # child mode
     args = ap.parse_args()
-    if args.alpha is not None:
+    if args.alpha is not None or args.method is not None:
         print(json.dumps(measure(args)))
         return
     rows = {}
-    for alpha in (0.0, 1.0):
-        cmd = [sys.executable, __file__, *sys.argv[1:], "--alpha", str(alpha)]
+    for m in dict.fromkeys(["lora", *args.methods]):  # each in its own process: peak memory is per method
+        cmd = [sys.executable, __file__, *sys.argv[1:], "--method", m]
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode:
-            sys.exit(f"alpha={alpha} failed:\n{res.stderr[-3000:]}")
-        rows[alpha] = json.loads(res.stdout.strip().splitlines()[-1])
-    lora, cat = rows[0.0], rows[1.0]
+            sys.exit(f"{m} failed:\n{res.stderr[-3000:]}")
+        rows[m] = json.loads(res.stdout.strip().splitlines()[-1])
+    lora = rows["lora"]
     mem = "peak_cuda_mb" if "peak_cuda_mb" in lora else "peak_rss_mb"
     base = "base_cuda_mb" if mem == "peak_cuda_mb" else "base_rss_mb"
     print(f"UNet {args.unet} ({sum(p.numel() for p in UNet(**CONFIGS[args.unet]).parameters()) if args.unet != 'sd15' else 859520964:,} params), "
           f"{args.res}px, batch {args.batch}, rank {args.rank}, {args.device}, precision {args.precision}, "
           f"{args.steps} timed steps after {args.warmup} warm-up")
-    print("| method | step s | peak MB | training MB (peak - model) |\n|---|---|---|---|")
-    for name, r in (("LoRA (alpha 0)", lora), ("CAT (alpha 1)", cat)):
-        print(f"| {name} | {r['step_s']:.3f} | {r[mem]:.0f} | {r[mem] - r[base]:.0f} |")
-    print(f"CAT / LoRA step time: {cat['step_s'] / lora['step_s']:.2f} (FLOP floor 7/3 = 2.33)")
-    print(f"CAT / LoRA peak memory: {cat[mem] / lora[mem]:.2f}; training overhead ratio: "
-          f"{(cat[mem] - cat[base]) / max(lora[mem] - lora[base], 1e-9):.2f}")
+    names = {"lora": "LoRA (alpha 0)", "cat": "CAT (alpha 1)"}
+    print("| method | step s | peak MB | training MB (peak - model) | step / LoRA | peak / LoRA |\n|---|---|---|---|---|---|")
+    for m, r in rows.items():
+        print(f"| {names.get(m, m)} | {r['step_s']:.3f} | {r[mem]:.0f} | {r[mem] - r[base]:.0f} | "
+              f"{r['step_s'] / lora['step_s']:.2f} | {r[mem] / lora[mem]:.2f} |")
+    if "cat" in rows:
+        cat = rows["cat"]
+        print(f"CAT / LoRA step time: {cat['step_s'] / lora['step_s']:.2f} (FLOP floor 7/3 = 2.33)")
+        print(f"CAT / LoRA peak memory: {cat[mem] / lora[mem]:.2f}; training overhead ratio: "
+              f"{(cat[mem] - cat[base]) / max(lora[mem] - lora[base], 1e-9):.2f}")
 
 
 if __name__ == "__main__":
