@@ -211,7 +211,11 @@ class Taps:
             if not self.stabilized:
                 raise ValueError(f"APT stabilize_layers {cfg.stabilize_layers!r} matches no module of this model.")
             for n in self.stabilized:
-                self.handles.append(names[n].register_forward_hook(self._moment_hook(n)))
+                mod = names[n]
+                # ComfyUI's UNet runs a block's layers one by one and never calls the block itself: its output
+                # is its last layer's, so that is where the hook goes (the same tensor in either UNet)
+                mod = mod[-1] if isinstance(mod, nn.Sequential) and len(mod) else mod
+                self.handles.append(mod.register_forward_hook(self._moment_hook(n)))
         if cfg.align:
             self.aligned = [n for n in names if n and re.fullmatch(cfg.align_layers, n)
                             and hasattr(names[n], "to_q") and hasattr(names[n], "to_k")]
@@ -262,6 +266,9 @@ class Taps:
     def stabilization(self, rows: int) -> Tensor:
         """Mean over layers of the squared shift of per-channel mean and variance (first `rows` samples)."""
         terms = []
+        missing = [n for n in self.stabilized if n not in self.moments["adapted"] or n not in self.moments["frozen"]]
+        if missing:
+            raise RuntimeError(f"APT stabilize_layers {missing} were never run by this model's forward; choose other layers.")
         for n in self.stabilized:
             (ma, va), (mf, vf) = self.moments["adapted"][n], self.moments["frozen"][n]
             ma, va, mf, vf = ma[:rows], va[:rows], mf[:rows], vf[:rows]
@@ -274,6 +281,9 @@ class Taps:
 
     def alignment(self, rows: int) -> Tensor:
         terms = []
+        missing = [n for n in self.aligned if n not in self.probs["adapted"] or n not in self.probs["frozen"]]
+        if missing:
+            raise RuntimeError(f"APT align_layers {missing} never computed q and k in this model's forward; choose other layers.")
         for n in self.aligned:
             pa, pf = self.probs["adapted"][n][:rows], self.probs["frozen"][n][:rows]
             if self.cfg.align_distance == "kl":

@@ -1,0 +1,33 @@
+"""APT inside a real ComfyUI: the APT Options node feeds the Loss Config; training on ComfyUI's own tiny SD1.x UNet
+hooks its cross-attention and block outputs, leaves the model bit-identical, and the LoRA records every APT setting."""
+from __future__ import annotations
+
+import json
+
+import torch
+
+from conftest import pack_module
+
+
+def test_apt_trains_on_a_comfy_model_and_records_its_settings(comfy, tiny_sd15, dataset_dir):
+    mp, clip, vae = tiny_sd15
+    tr = pack_module(comfy, "nodes.trainer")
+    nodes = pack_module(comfy, "nodes")
+    apt_nodes = pack_module(comfy, "nodes.apt")
+    A = pack_module(comfy, "cat_train.adapter")
+    T = pack_module(comfy, "cat_train.train")
+    ds = pack_module(comfy, "nodes.dataset").build_dataset(dataset_dir, vae, clip, ("sks",), "dog", ".txt", 128, True)
+    apt = apt_nodes.AptOptionsNode.execute(adaptive=1.0, stabilize=5.0, align=1000.0, bins=4, augment="zoom, rotate, flip").result[0]
+    loss_cfg = nodes.CatLossConfigNode.execute(1.0, "class", "dog", "", "", apt=apt).result[0]
+    assert loss_cfg.apt.augment_ops == ("zoom", "rotate", "flip") and loss_cfg.apt.bins == 4
+    before = {k: v.clone() for k, v in mp.model.diffusion_model.state_dict().items()}
+    _, lora, _, _, res = tr.train_on_model(mp, ds, loss_cfg, A.LoraSpec(rank=4, alpha=4.0),
+                                           T.TrainConfig(steps=4, lr=1e-2, seed=1))
+    hist = res.history
+    assert len(hist) == 4 and hist[-1]["stabilize"] > 0 and hist[-1]["align"] > 0  # ComfyUI's blocks and attn2 were hooked
+    assert len(hist[-1]["indicator"]) == 4
+    stored = json.loads(lora.metadata["cat_apt"])
+    assert stored["stabilize"] == 5.0 and stored["align"] == 1000.0 and stored["augment_ops"] == ["zoom", "rotate", "flip"]
+    after = mp.model.diffusion_model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not any(m._forward_hooks for m in mp.model.diffusion_model.modules())  # APT's hooks are gone
