@@ -31,3 +31,16 @@ def test_apt_trains_on_a_comfy_model_and_records_its_settings(comfy, tiny_sd15, 
     after = mp.model.diffusion_model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert not any(m._forward_hooks for m in mp.model.diffusion_model.modules())  # APT's hooks are gone
+
+
+def test_apt_options_node_is_registered_and_feeds_the_loss_config(comfy):
+    import asyncio
+
+    nodes = pack_module(comfy, "nodes")
+    listed = {n.define_schema().node_id: n for n in asyncio.run(nodes.CatExtension().get_node_list())}
+    assert "CAT_AptOptions" in listed
+    inputs = {i.id: i for i in listed["CAT_LossConfig"].define_schema().inputs}
+    assert inputs["apt"].optional and "CAT_APT_OPTIONS" in str(inputs["apt"].get_io_type())
+    assert listed["CAT_AptOptions"].validate_inputs(augment="zoom, warp") == "augment: unknown warp; choose from flip, zoom, rotate, shift, color"
+    plain = nodes.CatLossConfigNode.execute(1.0, "class", "dog", "", "").result[0]
+    assert not plain.apt.active  # without the node, APT stays off
