@@ -23,7 +23,38 @@ PRESETS: dict[str, tuple[str, ...]] = {
     "full": ("proj_in", "proj_out",                               # transformer in/out projections
              "in_layers.2", "out_layers.3", "skip_connection", "emb_layers.1"),  # resnets: conv1, conv2, conv_shortcut, time_emb_proj
 }
-PRESET_CHAIN = {"attn": ("attn",), "attn_ff": ("attn", "attn_ff"), "full": ("attn", "attn_ff", "full")}
+# Flow-matching transformers, in ComfyUI's module names (BFL's for Flux, SAI's MMDiT for SD3; kohya's too).
+PRESETS.update({
+    # Flux single blocks fuse attention and MLP: linear1 = qkv + MLP in, linear2 = attention out + MLP out
+    "flux_attn": ("img_attn.qkv", "img_attn.proj", "txt_attn.qkv", "txt_attn.proj", "linear1", "linear2"),
+    "flux_mlp": ("img_mlp.0", "img_mlp.2", "txt_mlp.0", "txt_mlp.2"),        # double blocks' MLPs
+    "flux_mod": ("img_mod.lin", "txt_mod.lin", "modulation.lin"),          # adaLN modulation
+    "sd3_attn": ("attn.qkv", "attn.proj", "attn2.qkv", "attn2.proj"),      # x and context blocks (attn2: SD3.5M)
+    "sd3_mlp": ("mlp.fc1", "mlp.fc2"),
+    "sd3_mod": ("adaLN_modulation.1",),
+})
+PRESET_CHAIN = {"attn": ("attn",), "attn_ff": ("attn", "attn_ff"), "full": ("attn", "attn_ff", "full"),
+                "flux_attn": ("flux_attn",), "flux_attn_mlp": ("flux_attn", "flux_mlp"),
+                "flux_full": ("flux_attn", "flux_mlp", "flux_mod"),
+                "sd3_attn": ("sd3_attn",), "sd3_attn_mlp": ("sd3_attn", "sd3_mlp"),
+                "sd3_full": ("sd3_attn", "sd3_mlp", "sd3_mod")}
+# The UNet preset names pick their counterpart on a transformer, so one trainer setting serves every family.
+FAMILY_PRESET = {"flux": {"attn": "flux_attn", "attn_ff": "flux_attn_mlp", "full": "flux_full"},
+                 "sd3": {"attn": "sd3_attn", "attn_ff": "sd3_attn_mlp", "full": "sd3_full"}}
+
+
+def model_family(net: nn.Module) -> str:
+    """'flux' (double/single stream blocks), 'sd3' (MMDiT joint blocks) or 'unet' (SD1.x/SDXL and the world UNet)."""
+    if hasattr(net, "double_blocks") or hasattr(net, "single_blocks"):
+        return "flux"
+    if hasattr(net, "joint_blocks"):
+        return "sd3"
+    return "unet"
+
+
+def resolved_preset(net: nn.Module, preset: str) -> str:
+    """The preset that applies to this network: 'attn'/'attn_ff'/'full' become the family's own on a transformer."""
+    return FAMILY_PRESET.get(model_family(net), {}).get(preset, preset)
 
 
 @dataclass(frozen=True)
@@ -49,13 +80,22 @@ class LoraSpec:
         return tuple(s for p in PRESET_CHAIN[self.preset] for s in PRESETS[p]) + tuple(self.extra_targets)
 
 
+def target_suffixes(unet: nn.Module, spec: LoraSpec) -> tuple[str, ...]:
+    """The module-path suffixes the spec adapts on this network (its family's preset, see `resolved_preset`)."""
+    preset = resolved_preset(unet, spec.preset)
+    return tuple(s for p in PRESET_CHAIN[preset] for s in PRESETS[p]) + tuple(spec.extra_targets)
+
+
 def target_modules(unet: nn.Module, spec: LoraSpec) -> list[str]:
     """Module paths of the Linear/Conv2d layers the spec adapts (Identity skips are not layers)."""
+    suffixes = target_suffixes(unet, spec)
     names = [n for n, m in unet.named_modules()
-             if isinstance(m, (nn.Linear, nn.Conv2d)) and any(n == s or n.endswith("." + s) for s in spec.suffixes)]
+             if isinstance(m, (nn.Linear, nn.Conv2d)) and any(n == s or n.endswith("." + s) for s in suffixes)]
     if not names:
-        raise ValueError(f"no module of this model matches LoRA targets {spec.suffixes}; "
-                         "is this an SD-style UNet (ldm names such as 'transformer_blocks.0.attn1.to_q')?")
+        family = model_family(unet)
+        fits = {"unet": "attn, attn_ff, full", "flux": "attn, attn_ff, full or flux_*", "sd3": "attn, attn_ff, full or sd3_*"}
+        raise ValueError(f"no module of this {family} model matches LoRA preset {spec.preset!r} (targets {suffixes}); "
+                         f"presets for it: {fits[family]}.")
     return names
 
 

@@ -129,6 +129,20 @@ def ldm_to_diffusers(module_paths: Iterable[str]) -> dict[str, str]:
     return out
 
 
+def kohya_module_names(net) -> dict[str, str]:
+    """{module path: the path its kohya key spells} for any network the trainer adapts.
+
+    SD UNets: diffusers names (`ldm_to_diffusers`). Flux and SD3: the network's own (BFL / SAI MMDiT) names,
+    which is how kohya's sd-scripts names Flux and SD3 LoRAs (`lora_unet_double_blocks_0_img_attn_qkv`,
+    `lora_unet_joint_blocks_0_x_block_attn_qkv`) and what ComfyUI's loader maps for every model."""
+    from .adapter import model_family
+
+    paths = [n for n, _ in net.named_modules()]
+    if model_family(net) == "unet":
+        return ldm_to_diffusers(paths)
+    return {n: n for n in paths if n and not _PEFT.search(n)}
+
+
 def kohya_name(diffusers_path: str) -> str:
     return PREFIX + diffusers_path.replace(".", "_")
 

@@ -1,9 +1,14 @@
 """ComfyUI's MODEL (a ModelPatcher) seen through cat_train's `Denoiser` protocol.
 
-Space: DDPM. ComfyUI's `BaseModel.apply_model` works in k-diffusion space (x_k = x_t / sqrt(abar),
-sigma = sqrt((1-abar)/abar)) and scales x_k back by 1/sqrt(sigma^2+1) = sqrt(abar) before the UNet,
-so the raw UNet input *is* x_t and its timestep is t: `predict` calls the UNet directly and returns
-its raw output (eps or v), which is what the CAT loss compares.
+UNets (SD1.x/SD2/SDXL), space DDPM: ComfyUI's `BaseModel.apply_model` works in k-diffusion space
+(x_k = x_t / sqrt(abar), sigma = sqrt((1-abar)/abar)) and scales x_k back by 1/sqrt(sigma^2+1) = sqrt(abar)
+before the UNet, so the raw UNet input *is* x_t and its timestep is t: `predict` calls the UNet directly and
+returns its raw output (eps or v), which is what the CAT loss compares.
+
+Flow-matching transformers (SD3 MMDiT, Flux), space rectified flow: ComfyUI's CONST sampling feeds x_t
+unchanged (`calculate_input` is the identity), the network gets `model_sampling.timestep(sigma)` (SD3:
+1000 sigma; Flux: sigma) and its raw output is the velocity eps - x0 (denoised = x_t - sigma * output).
+`predict` calls the transformer the same way and returns that velocity.
 """
 from __future__ import annotations
 
@@ -14,32 +19,55 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
-from ..cat_train.denoiser import Cond, NoiseSchedule
+from ..cat_train.denoiser import Cond, FlowSchedule, NoiseSchedule
 from ..cat_train.integrity import changed, module_fingerprint
 from ..cat_train.precision import compute_dtype
 
 log = logging.getLogger("ComfyUI-CAT")
 
 
-SUPPORTED = "SD1.x and SD2.x (eps or v prediction) and SDXL UNets with a discrete DDPM schedule"
+SUPPORTED = ("SD1.x and SD2.x (eps or v prediction) and SDXL UNets with a discrete DDPM schedule, SD3/SD3.5 (MMDiT) "
+             "and Flux (dev, schnell) flow-matching transformers")
+FLUX_GUIDANCE = 1.0  # Flux dev's distilled guidance input while training: kohya's recommended --guidance_scale 1.0
 # Patcher-level wrappers that act on the sampler, not on one network call: training never runs them.
 _SAMPLING_ONLY = {"outer_sample", "prepare_sampling", "sampler_sample", "predict_noise", "calc_cond_batch"}
 
 
-def check_supported(mp) -> None:
-    """Refuse a MODEL the trainer cannot train before anything is loaded, cast or patched."""
+def family_of(mp) -> str:
+    """'unet', 'sd3' or 'flux' for a MODEL the trainer supports; anything else is refused, naming what is."""
+    import comfy.model_base as mb
+    from comfy.ldm.flux.model import Flux as FluxNet
+    from comfy.ldm.modules.diffusionmodules.mmdit import MMDiT
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
-    net = mp.model.diffusion_model
-    if not isinstance(net, UNetModel):
-        raise ValueError(f"CAT trains {SUPPORTED}; this MODEL is a {type(mp.model).__name__} with a "
-                         f"{type(net).__name__} network. Flow-matching transformers (SD3, Flux) are not supported yet.")
-    prediction_type_of(mp)
+    base, net = mp.model, mp.model.diffusion_model
+    if isinstance(net, UNetModel):
+        return "unet"
+    if isinstance(base, mb.SD3) and isinstance(net, MMDiT):
+        return "sd3"
+    if isinstance(base, mb.Flux) and type(net) is FluxNet:  # Chroma and Flux controlnets reshape the inputs
+        p = net.params
+        if p.in_channels != p.out_channels:
+            raise ValueError(f"CAT trains {SUPPORTED}; this Flux takes {p.in_channels} input channels for "
+                             f"{p.out_channels} output (Fill/Canny/Depth models need an image condition the trainer "
+                             "does not build). Train on the base Flux model.")
+        return "flux"
+    raise ValueError(f"CAT trains {SUPPORTED}; this MODEL is a {type(base).__name__} with a "
+                     f"{type(net).__name__} network, which is not supported (video, audio and other image models are refused).")
+
+
+def check_supported(mp) -> None:
+    """Refuse a MODEL the trainer cannot train before anything is loaded, cast or patched."""
+    family = family_of(mp)
+    pred = prediction_type_of(mp)
+    if (pred == "flow") != (family != "unet"):
+        raise ValueError(f"CAT trains {SUPPORTED}; this {family} model samples as {pred!r}, which does not match "
+                         "its family (UNets: eps/v, transformers: flow). Remove the model-sampling node upstream.")
     transformer_options_of(mp)
 
 
 def prediction_type_of(mp) -> str:
-    """eps or v, read off the patcher's model_sampling (so a ModelSamplingDiscrete node upstream counts)."""
+    """eps, v or flow, read off the patcher's model_sampling (so a ModelSampling* node upstream counts)."""
     import comfy.model_sampling as ms_mod
 
     ms = mp.get_model_object("model_sampling")
@@ -50,14 +78,32 @@ def prediction_type_of(mp) -> str:
         return "v"
     if discrete and rule is ms_mod.EPS.calculate_denoised:
         return "eps"
+    flow = isinstance(ms, (ms_mod.ModelSamplingDiscreteFlow, ms_mod.ModelSamplingFlux))
+    if flow and rule is ms_mod.CONST.calculate_denoised and cls.calculate_input is ms_mod.CONST.calculate_input:
+        return "flow"
     raise ValueError(f"CAT trains {SUPPORTED}; this MODEL samples with {cls.__name__} "
-                     f"({', '.join(c.__name__ for c in cls.__mro__[1:4])}): EDM, x0, LCM/distilled and flow sampling "
-                     "are not supported. Remove the model-sampling node upstream of the trainer or pick eps/v.")
+                     f"({', '.join(c.__name__ for c in cls.__mro__[1:4])}): EDM, x0, LCM/distilled and Cosmos-style "
+                     "flow sampling are not supported. Remove the model-sampling node upstream of the trainer, or pick "
+                     "eps/v (UNets) or the model's own flow sampling (SD3, Flux).")
 
 
-def schedule_of(mp) -> NoiseSchedule:
-    """abar_t = 1 / (sigma_t^2 + 1) from the patcher's sigmas (zero-terminal-SNR rescaling included)."""
-    sigmas = mp.get_model_object("model_sampling").sigmas.detach().cpu().double()
+def flow_shift(ms) -> float:
+    """The shift s of sigma = s u / (1 + (s-1) u) that the patcher's flow sampling applies (Flux's mu: s = exp(mu))."""
+    import math
+
+    import comfy.model_sampling as ms_mod
+
+    return math.exp(ms.shift) if isinstance(ms, ms_mod.ModelSamplingFlux) else float(ms.shift)
+
+
+def schedule_of(mp, sampling: str = "logit_normal", logit_mean: float = 0.0, logit_std: float = 1.0):
+    """DDPM: abar_t = 1 / (sigma_t^2 + 1) from the patcher's sigmas (zero-terminal-SNR rescaling included).
+    Flow: a FlowSchedule with the patcher's own shift (a ModelSamplingSD3/Flux node upstream counts), so
+    training draws the noise levels the model is sampled at; sampling/logit_* as in FlowSchedule."""
+    ms = mp.get_model_object("model_sampling")
+    if prediction_type_of(mp) == "flow":
+        return FlowSchedule(flow_shift(ms), sampling, logit_mean, logit_std)
+    sigmas = ms.sigmas.detach().cpu().double()
     return NoiseSchedule(1.0 / (sigmas * sigmas + 1.0))
 
 
@@ -96,34 +142,48 @@ def transformer_options_of(mp) -> dict:
 
 
 class ComfyDenoiser:
-    """The Denoiser over `mp.model.diffusion_model`; cond = {"context": (B,L,C)} plus "y" (B,adm) for SDXL.
+    """The Denoiser over `mp.model.diffusion_model`; cond = {"context": (B,L,C)} plus "y" (B,adm) for SDXL
+    (ADM) and SD3/Flux (pooled text), and for Flux "guidance" (B,) (default `guidance`, FLUX_GUIDANCE).
 
     Inputs are cast to `compute_dtype` (the weights keep their stored dtype; layers stored in another
     dtype are cast per call by ComfyUI's own cast ops, see `trainable`); the output is in that dtype."""
 
-    def __init__(self, mp, compute_dtype: torch.dtype = torch.float32):
+    def __init__(self, mp, compute_dtype: torch.dtype = torch.float32, guidance: float = FLUX_GUIDANCE, **flow_options):
         self.patcher = mp
         self.base = mp.model
         self.module = mp.model.diffusion_model
+        self.family = family_of(mp)
         self.prediction_type = prediction_type_of(mp)
-        self.schedule = schedule_of(mp)
+        self.schedule = schedule_of(mp, **flow_options)
         self.compute_dtype = compute_dtype
+        self.guidance = guidance if self.family == "flux" and self.module.params.guidance_embed else None
+        self._sampling = mp.get_model_object("model_sampling")
         self._options = transformer_options_of(mp)
 
     def predict(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
         dt = self.compute_dtype
         extra = {k: v.to(dt) for k, v in cond.items() if k != "context"}
-        opts = dict(self._options)  # the UNet writes per-call keys (block, transformer_index) into it
-        return self.module(x_t.to(dt), t.float(), context=cond["context"].to(dt), transformer_options=opts, **extra)
+        if self.guidance is not None and "guidance" not in extra:
+            extra["guidance"] = torch.full((x_t.shape[0],), self.guidance, device=x_t.device, dtype=dt)
+        if self.prediction_type == "flow":  # the model's own timestep of sigma, as apply_model computes it
+            sigma = self.schedule.sigma(t).float().to(x_t.device)
+            t_in = self._sampling.timestep(sigma).float()
+        else:
+            t_in = t.float()
+        opts = dict(self._options)  # the network writes per-call keys (block, transformer_index) into it
+        return self.module(x_t.to(dt), t_in, context=cond["context"].to(dt), transformer_options=opts, **extra)
 
     def set_gradient_checkpointing(self, on: bool) -> None:
-        """ldm's UNet has no switch: wrap the forward of each layer of every input/middle/output block
-        (ldm calls the layers, not the blocks) in a non-reentrant checkpoint, as an instance attribute
+        """ldm's UNet has no switch (and MMDiT's/Flux's are fixed at build): wrap the forward of each unit of
+        `checkpoint_units` in a non-reentrant checkpoint, as an instance attribute
         that is deleted again when switched off, so the shared UNet is left as found."""
         wrapped = getattr(self, "_wrapped", [])
         if on and not wrapped:
+            # Flux blocks update their inputs in place (txt +=, x +=), which would change what the checkpoint
+            # saved for the recompute: they get copies
+            copy = bool(_inplace_guarded_norms(self.module))
             for layer in checkpoint_units(self.module):
-                layer.forward = _checkpointed(layer.forward)
+                layer.forward = _checkpointed(layer.forward, copy)
                 wrapped.append(layer)
         elif not on:
             for block in wrapped:
@@ -141,15 +201,44 @@ class ComfyDenoiser:
 
 
 def checkpoint_units(module) -> list[torch.nn.Module]:
-    """The layers gradient checkpointing wraps: each layer of every input, middle and output block."""
+    """The layers gradient checkpointing wraps: UNets: each layer of every input, middle and output block (ldm
+    calls the layers, not the blocks); Flux: every double- and single-stream block; SD3: every joint block."""
+    from ..cat_train.adapter import model_family
+
+    family = model_family(module)
+    if family == "flux":
+        return [*module.double_blocks, *module.single_blocks]
+    if family == "sd3":
+        return list(module.joint_blocks)
     return [layer for block in [*module.input_blocks, module.middle_block, *module.output_blocks] for layer in block]
 
 
-def _checkpointed(forward):
+def _checkpointed(forward, copy_inputs: bool = False):
     from torch.utils.checkpoint import checkpoint
 
+    def copied(*args, **kwargs):
+        c = lambda v: v.clone() if isinstance(v, torch.Tensor) else v
+        return forward(*map(c, args), **{k: c(v) for k, v in kwargs.items()})
+
     def run(*args, **kwargs):
-        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        return checkpoint(copied if copy_inputs else forward, *args, use_reentrant=False, **kwargs)
+    return run
+
+
+def _inplace_guarded_norms(module) -> list[torch.nn.Module]:
+    """Norms whose input the block then updates in place: ComfyUI's Flux blocks do `txt += ...` (double) and
+    `x += ...` (single) after a LayerNorm read that tensor, which autograd refuses ("modified by an inplace
+    operation") because the norm saved it for backward. Those norms get a copy of their input while training."""
+    from ..cat_train.adapter import model_family
+
+    if model_family(module) != "flux":
+        return []
+    return [n for b in module.double_blocks for n in (b.txt_norm1, b.txt_norm2)] + [b.pre_norm for b in module.single_blocks]
+
+
+def _copy_input(forward):
+    def run(x, *args, **kwargs):
+        return forward(x.clone() if torch.is_grad_enabled() else x, *args, **kwargs)
     return run
 
 
@@ -194,9 +283,14 @@ def trainable(mp, compute: str = "auto") -> Iterator[ComfyDenoiser]:
     bf16_ok = device.type != "cuda" or torch.cuda.is_bf16_supported()
     dtype = compute_dtype(compute, device, _storage_dtype(module), bf16_supported=bf16_ok)
     flipped = _cast_layers_to(module, dtype)
+    guarded = _inplace_guarded_norms(module)
+    for norm in guarded:  # an instance attribute, deleted on exit: the shared network is left as found
+        norm.forward = _copy_input(norm.forward)
     try:
         yield ComfyDenoiser(mp, dtype)
     finally:
+        for norm in guarded:
+            del norm.forward
         for m, prev in flipped:
             m.comfy_cast_weights = prev
         for n, p in module.named_parameters():
@@ -204,7 +298,7 @@ def trainable(mp, compute: str = "auto") -> Iterator[ComfyDenoiser]:
                 p.requires_grad_(flags[n])
         bad = changed(before, module_fingerprint(module))
         if bad:
-            raise RuntimeError(f"the base UNet changed during training ({len(bad)} tensors, e.g. {bad[:2]}); "
+            raise RuntimeError(f"the base network changed during training ({len(bad)} tensors, e.g. {bad[:2]}); "
                                "please report this: the input MODEL must stay untouched.")
 
 
@@ -223,8 +317,9 @@ def _leave_inference_mode(module: torch.nn.Module) -> None:
 
 
 def comfy_cond(mp, conditioning, width: int, height: int) -> Cond:
-    """CONDITIONING -> UNet kwargs (batched): context, plus y from the model's own encode_adm (SDXL:
-    pooled output and size conditioning; sizes from the conditioning if CLIPTextEncodeSDXL set them)."""
+    """CONDITIONING -> network kwargs (batched): context, plus y from the model's own encode_adm (SDXL:
+    pooled output and size conditioning, sizes from the conditioning if CLIPTextEncodeSDXL set them; SD3 and
+    Flux: the pooled output), plus Flux's guidance if a FluxGuidance node set one."""
     cond, extras = conditioning[0][0], dict(conditioning[0][1])
     kw = dict(width=width, height=height, crop_w=0, crop_h=0, target_width=width, target_height=height)
     kw.update({k: extras[k] for k in kw if k in extras})
@@ -232,4 +327,6 @@ def comfy_cond(mp, conditioning, width: int, height: int) -> Cond:
     out = {"context": cond}
     if adm is not None:
         out["y"] = adm.to(cond.dtype)
+    if "guidance" in extras and family_of(mp) == "flux":
+        out["guidance"] = torch.full((cond.shape[0],), float(extras["guidance"]), dtype=cond.dtype)
     return out

@@ -20,7 +20,7 @@ import torch
 from ..cat_train.adapter import LoraSpec, lora_param_count
 from ..cat_train.apt import metadata as apt_metadata
 from ..cat_train.budget import DoesNotFit, MemoryBudget, adapter_bytes, probe_activations, tensor_bytes
-from ..cat_train.export import ldm_to_diffusers, to_kohya, training_metadata
+from ..cat_train.export import kohya_module_names, to_kohya, training_metadata
 from ..cat_train.loss import CatLossConfig
 from ..cat_train.plot import loss_curve
 from ..cat_train.precision import mixed_precision_name
@@ -138,7 +138,7 @@ def train_on_model(mp, dataset, loss_cfg: CatLossConfig, spec: LoraSpec, cfg: Tr
         cb = progress_callback(node_id, cfg.steps)
         cfg = dataclasses.replace(cfg, mixed_precision=mixed_precision_name(den.compute_dtype), gradient_checkpointing=ckpt_on)
         result = train(den, examples, loss_cfg, spec, cfg, callback=cb, resume=resume or None, on_save=on_save)
-    sd = CatLora(to_kohya(result.weights, ldm_to_diffusers(n for n, _ in mp.model.diffusion_model.named_modules())))
+    sd = CatLora(to_kohya(result.weights, kohya_module_names(mp.model.diffusion_model)))
     sd.metadata = metadata(loss_cfg, spec, cfg, dataset, result.steps_done, result.history, base_model_version(mp))
     patched, _ = comfy.sd.load_lora_for_models(mp, None, dict(sd), 1.0, 0)
     hist = result.history
@@ -153,7 +153,8 @@ def train_on_model(mp, dataset, loss_cfg: CatLossConfig, spec: LoraSpec, cfg: Tr
 
 
 _KOHYA_VERSION = {"SD15": "sd_v1", "SD20": "sd_v2", "SD21UnclipL": "sd_v2", "SD21UnclipH": "sd_v2",
-                  "SDXL": "sdxl_base_v1-0", "SDXLRefiner": "sdxl_refiner_v1-0", "SSD1B": "sdxl_base_v1-0"}
+                  "SDXL": "sdxl_base_v1-0", "SDXLRefiner": "sdxl_refiner_v1-0", "SSD1B": "sdxl_base_v1-0",
+                  "SD3": "sd3", "Flux": "flux1"}  # kohya's sd-scripts writes "sd3" and "flux1" for these
 
 
 def base_model_version(mp) -> str:
@@ -182,7 +183,7 @@ def step_lora_writer(mp, folder, name: str, loss_cfg, spec, cfg, dataset):
     from ..cat_train.export import save_lora
     from .lora_io import safe_lora_path
 
-    names = ldm_to_diffusers(n for n, _ in mp.model.diffusion_model.named_modules())
+    names = kohya_module_names(mp.model.diffusion_model)
     version = base_model_version(mp)
 
     def write(step: int, weights) -> None:

@@ -33,12 +33,23 @@ TINY_SDXL_UNET = dict(use_checkpoint=False, image_size=32, out_channels=4, use_s
                       num_res_blocks=[1, 1], transformer_depth=[0, 1], channel_mult=[1, 2], transformer_depth_middle=1,
                       use_linear_in_transformer=True, context_dim=64, transformer_depth_output=[0, 0, 1, 1],
                       use_temporal_attention=False, use_temporal_resblock=False)
+# SD3-shaped MMDiT: hidden 64 * depth = 128, 2 heads; joint block 0 has SD3.5M's extra x-block attention (attn2);
+# context 4096 wide because ComfyUI's SD3 text encoder pads CLIP-L/G to T5's width; pooled = CLIP-L + CLIP-G (32 + 32)
+TINY_SD3_DIT = dict(in_channels=16, out_channels=16, patch_size=2, depth=2, input_size=None, adm_in_channels=64,
+                    context_embedder_config={"target": "torch.nn.Linear", "params": {"in_features": 4096, "out_features": 128}},
+                    num_patches=256, pos_embed_max_size=16, pos_embed_scaling_factor=None, x_block_self_attn_layers=[0])
+# Flux-shaped: hidden 64, 2 heads (rope axes 8 + 12 + 12 = head dim 32), one double and two single blocks,
+# T5 width 32 (context), CLIP-L pooled 32 (vec), guidance input as in Flux dev
+TINY_FLUX_DIT = dict(image_model="flux", in_channels=16, out_channels=16, patch_size=2, vec_in_dim=32, context_in_dim=32,
+                     hidden_size=64, mlp_ratio=4.0, num_heads=2, depth=1, depth_single_blocks=2, axes_dim=[8, 12, 12],
+                     theta=10000, qkv_bias=True, guidance_embed=True)
+T5_SMALL = dict(d_ff=64, d_kv=16, d_model=32, num_heads=2, num_layers=2)
 CLIP_SMALL = dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=3, projection_dim=32)
 
 
 def tiny_model(kind: str = "sd15", seed: int = 0, v_prediction: bool = False, dtype: torch.dtype = torch.float32):
-    """(MODEL, CLIP, VAE) of a tiny SD1.x-shaped or SDXL-shaped model, built by ComfyUI's own classes; `dtype`
-    is the UNet's storage dtype, as a checkpoint loads on a GPU (bf16/fp16)."""
+    """(MODEL, CLIP, VAE) of a tiny SD1.x-, SDXL-, SD3- or Flux-shaped model, built by ComfyUI's own classes;
+    `dtype` is the network's storage dtype, as a checkpoint loads on a GPU (bf16/fp16)."""
     import comfy.model_management as mm
     import comfy.model_patcher
     import comfy.sd
@@ -61,6 +72,22 @@ def tiny_model(kind: str = "sd15", seed: int = 0, v_prediction: bool = False, dt
         cfg = TinySDXL(TINY_SDXL_UNET)
         target = ClipTarget(comfy.sdxl_clip.SDXLTokenizer, comfy.sdxl_clip.SDXLClipModel)
         clip_opts = {"clip_l_model_config": dict(CLIP_SMALL), "clip_g_model_config": dict(CLIP_SMALL)}
+    elif kind == "sd3":
+        import comfy.text_encoders.sd3_clip as sd3_clip
+
+        class TinySD3(sm.SD3):
+            unet_config = {"in_channels": 16, "pos_embed_scaling_factor": None}
+        cfg = TinySD3(dict(TINY_SD3_DIT))
+        target = ClipTarget(sd3_clip.SD3Tokenizer, sd3_clip.sd3_clip(clip_l=True, clip_g=True, t5=False))
+        clip_opts = {"clip_l_model_config": dict(CLIP_SMALL), "clip_g_model_config": dict(CLIP_SMALL)}
+    elif kind == "flux":
+        import comfy.text_encoders.flux as flux_te
+
+        class TinyFlux(sm.Flux):
+            unet_config = {"image_model": "flux", "guidance_embed": True}
+        cfg = TinyFlux(dict(TINY_FLUX_DIT))
+        target = ClipTarget(flux_te.FluxTokenizer, flux_te.flux_clip(dtype_t5=torch.float32))
+        clip_opts = {"clip_l_model_config": dict(CLIP_SMALL), "t5xxl_model_config": dict(T5_SMALL)}
     else:
         raise ValueError(kind)
     cfg.set_inference_dtype(dtype, None)
@@ -68,15 +95,21 @@ def tiny_model(kind: str = "sd15", seed: int = 0, v_prediction: bool = False, dt
         cfg.model_type = lambda state_dict, prefix="": __import__("comfy.model_base").model_base.ModelType.V_PREDICTION
     base = cfg.get_model({})
     _init_(base.diffusion_model, seed)
+    if kind == "sd3":  # the position table is a buffer ComfyUI leaves empty: small random positions
+        with torch.no_grad():
+            base.diffusion_model.pos_embed.copy_(torch.randn(base.diffusion_model.pos_embed.shape,
+                                                             generator=torch.Generator().manual_seed(seed)) * 0.1)
     base.diffusion_model.to(dtype)
     mp = comfy.model_patcher.ModelPatcher(base, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
 
     clip = comfy.sd.CLIP(target, model_options={**clip_opts, "dtype": torch.float32})
     _init_(clip.cond_stage_model, seed + 1, std=0.2)
 
-    dd = {"double_z": True, "z_channels": 4, "resolution": 64, "in_channels": 3, "out_ch": 3, "ch": 32,
+    z = 16 if kind in ("sd3", "flux") else 4
+    dd = {"double_z": True, "z_channels": z, "resolution": 64, "in_channels": 3, "out_ch": 3, "ch": 32,
           "ch_mult": [1, 1, 1, 1], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}
-    vae = comfy.sd.VAE(sd={}, config={"params": {"ddconfig": dd, "embed_dim": 4}}, dtype=torch.float32)
+    vae = comfy.sd.VAE(sd={}, config={"params": {"ddconfig": dd, "embed_dim": z}}, dtype=torch.float32)
+    vae.latent_channels = z
     _init_(vae.first_stage_model, seed + 2, std=0.1)
     return mp, clip, vae
 
