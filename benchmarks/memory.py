@@ -2,7 +2,8 @@
 
 Budget (any machine, no weights, seconds): the UNet is built by ComfyUI's own classes on the meta device
 and probed at the real latent size, as the trainer node probes it on the user's device. Printed for the
-SD1.5 shape at 512 px and the SDXL shape at 1024 px, bf16 weights and compute, CAT alpha = 1 (y_T and y in
+SD1.5 shape at 512 px, the SDXL shape at 1024 px and the Flux dev shape at 1024 px (256 T5 tokens, ComfyUI's
+minimum), bf16 weights and compute, CAT alpha = 1 (y_T and y in
 one adapted pass), batch 1, rank 16 'attn', gradient checkpointing off and on.
 
     COMFYUI_PATH=/path/to/ComfyUI python benchmarks/memory.py                      # budget table
@@ -47,13 +48,20 @@ def _pack():
     return sys.modules["comfyui_cat"]
 
 
+FLUX_DIT = dict(image_model="flux", in_channels=16, out_channels=16, patch_size=2, vec_in_dim=768, context_in_dim=4096,
+                hidden_size=3072, mlp_ratio=4.0, num_heads=24, depth=19, depth_single_blocks=38, axes_dim=[16, 56, 56],
+                theta=10000, qkv_bias=True, guidance_embed=True)  # what ComfyUI's detection reads off Flux dev
+
+
 def unet(kind: str, device: str):
-    """A ComfyUI-built UNet of the SD1.5/SDXL shape (or 'mid': SD1.5 layout at 128 channels), bf16."""
+    """A ComfyUI-built network of the SD1.5/SDXL/Flux dev shape (or 'mid': SD1.5 layout at 128 channels), bf16."""
     import torch
     import comfy.supported_models as sm
     from native_vs_cat import SD15_UNET
 
-    if kind == "sdxl":
+    if kind == "flux":
+        cfg = sm.Flux(dict(FLUX_DIT))
+    elif kind == "sdxl":
         cfg = sm.SDXL(dict(SDXL_UNET))
     else:
         class Cfg(sm.SD15):
@@ -76,13 +84,14 @@ def budget_row(kind: str, res: int, rank: int = 16, alpha: float = 1.0, batch: i
 
     cfg, base = unet(kind, "meta")
     net = base.diffusion_model
-    ctx = 2048 if kind == "sdxl" else 768
     meta = dict(device="meta", dtype=torch.bfloat16)
-    kw = {"y": torch.empty(1, 2816, **meta)} if kind == "sdxl" else {}
+    tokens, ctx, channels, kw = {"sdxl": (77, 2048, 4, {"y": torch.empty(1, 2816, **meta)}),
+                                 "flux": (256, 4096, 16, {"y": torch.empty(1, 768, **meta), "guidance": torch.ones(1, **meta)})
+                                 }.get(kind, (77, 768, 4, {}))
 
     def forward():
-        net(torch.empty(1, 4, res // 8, res // 8, **meta), torch.zeros(1, device="meta"), context=torch.empty(1, 77, ctx, **meta),
-            transformer_options={"optimized_attention_override": _sdpa}, **kw)
+        net(torch.empty(1, channels, res // 8, res // 8, **meta), torch.zeros(1, device="meta"),
+            context=torch.empty(1, tokens, ctx, **meta), transformer_options={"optimized_attention_override": _sdpa}, **kw)
 
     probe = probe_activations(net, forward, checkpoint_units(net))
     rows = batch * (2 if alpha > 0 else 1)
@@ -179,7 +188,7 @@ def main(argv=None) -> int:
     boot()
     print("budget (GiB), bf16 weights + compute, CAT alpha 1, batch 1, rank 16 'attn'; total = weights + LoRA/AdamW + activations")
     print(f"{'model':6s} {'res':>5s} {'weights':>8s} {'LoRA+opt':>9s} {'act off':>8s} {'total off':>10s} {'act on':>7s} {'total on':>9s}")
-    for kind, res in (("sd15", 512), ("sdxl", 1024)):
+    for kind, res in (("sd15", 512), ("sdxl", 1024), ("flux", 1024)):
         r = budget_row(kind, res)
         tot = lambda act: (r["weights"] + r["adapter"] + act) / GiB
         print(f"{kind:6s} {res:5d} {r['weights'] / GiB:8.2f} {r['adapter'] / GiB:9.3f} {r['act_off'] / GiB:8.2f} "
