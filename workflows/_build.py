@@ -18,8 +18,9 @@ def n(cls, **inputs):
 
 
 def train_branch(g: dict, first: int, model, clip, vae, dataset, factor: float, label: str, res: int, steps_s: int,
-                 pos: str, plain: str, ckpt_prefix: str) -> None:
-    """Loss config -> trainer -> save; sample the same seeds with and without the trigger; KPS."""
+                 pos: str, plain: str, ckpt_prefix: str, flux: bool = False) -> None:
+    """Loss config -> trainer -> save; sample the same seeds with and without the trigger; KPS.
+    flux: Flux dev sampling (FluxGuidance 3.5 on both prompts, cfg 1, simple scheduler, 16-channel latent)."""
     i = first
     g[str(i)] = n("CAT_LossConfig", cat_factor=factor, preservation="class", class_word="dog", token_weights="")
     g[str(i + 1)] = n("CAT_LoraTrainer", model=model, dataset=dataset, loss_config=[str(i), 0], rank=16, lora_alpha=16.0,
@@ -30,11 +31,14 @@ def train_branch(g: dict, first: int, model, clip, vae, dataset, factor: float, 
     g[str(i + 3)] = n("CLIPTextEncode", text=pos, clip=clip)
     g[str(i + 4)] = n("CLIPTextEncode", text=plain, clip=clip)
     g[str(i + 5)] = n("CLIPTextEncode", text="blurry, low quality", clip=clip)
-    g[str(i + 6)] = n("EmptyLatentImage", width=res, height=res, batch_size=4)
+    g[str(i + 6)] = n("EmptySD3LatentImage" if flux else "EmptyLatentImage", width=res, height=res, batch_size=4)
     for k, c in ((7, i + 3), (8, i + 4)):
-        g[str(i + k)] = n("KSampler", model=[str(i + 1), 0], seed=42, steps=steps_s, cfg=7.0, sampler_name="euler",
-                          scheduler="normal", positive=[str(c), 0], negative=[str(i + 5), 0], latent_image=[str(i + 6), 0],
-                          denoise=1.0)
+        if flux:  # Flux dev takes its distilled guidance as a conditioning value, not through cfg
+            g[str(i + k + 9)] = n("FluxGuidance", conditioning=[str(c), 0], guidance=3.5)
+            c = i + k + 9
+        g[str(i + k)] = n("KSampler", model=[str(i + 1), 0], seed=42, steps=steps_s, cfg=1.0 if flux else 7.0,
+                          sampler_name="euler", scheduler="simple" if flux else "normal", positive=[str(c), 0],
+                          negative=[str(i + 5), 0], latent_image=[str(i + 6), 0], denoise=1.0)
     g[str(i + 9)] = n("VAEDecode", samples=[str(i + 7), 0], vae=vae)
     g[str(i + 10)] = n("VAEDecode", samples=[str(i + 8), 0], vae=vae)
     g[str(i + 11)] = n("SaveImage", images=[str(i + 9), 0], filename_prefix=f"{ckpt_prefix}/{label}_with_trigger")
@@ -43,6 +47,16 @@ def train_branch(g: dict, first: int, model, clip, vae, dataset, factor: float, 
                        prompts=pos, clip_checkpoint="open_clip_vit_b32.safetensors", open_clip_model="ViT-B-32")
     g[str(i + 14)] = n("PreviewImage", images=[str(i + 1), 2])
     g[str(i + 15)] = n("PreviewImage", images=[str(i + 13), 4])
+
+
+def flux_base(res: int) -> dict:
+    """Flux ships as separate files: the diffusion model, CLIP-L + T5-XXL, and its own VAE."""
+    return {"1": n("UNETLoader", unet_name="flux1-dev.safetensors", weight_dtype="default"),
+            "3": n("DualCLIPLoader", clip_name1="clip_l.safetensors", clip_name2="t5xxl_fp16.safetensors", type="flux",
+                   device="default"),
+            "4": n("VAELoader", vae_name="ae.safetensors"),
+            "2": n("CAT_Dataset", vae=["4", 0], clip=["3", 0], folder="cat_dataset", triggers="sks", class_word="dog",
+                   caption_extension=".txt", resolution=res, buckets=True)}
 
 
 def base(ckpt: str, res: int) -> dict:
@@ -124,6 +138,9 @@ def workflows() -> dict[str, dict]:
     train_branch(g, 10, ["1", 0], ["1", 1], ["1", 2], ["2", 0], 0.0, "lora_alpha0", 512, 25, POS, PLAIN, "compare")
     train_branch(g, 30, ["1", 0], ["1", 1], ["1", 2], ["2", 0], 1.0, "cat_alpha1", 512, 25, POS, PLAIN, "compare")
     out["cat_vs_lora_sd15"] = g
+    g = flux_base(1024)
+    train_branch(g, 10, ["1", 0], ["3", 0], ["4", 0], ["2", 0], 1.0, "cat", 1024, 20, POS, PLAIN, "flux", flux=True)
+    out["cat_flux_train_kps"] = g
     out["cat_leak_scan_loop_sd15"] = leak_loop()
     out["catversion_sd15"] = catversion_sd15()
     return out
@@ -161,7 +178,8 @@ SIZES = {
     "CheckpointLoaderSimple": (340, 100), "CAT_Dataset": (340, 230), "CAT_LossConfig": (340, 250),
     "CAT_SaveLora": (340, 60), "CLIPTextEncode": (400, 150), "EmptyLatentImage": (340, 110), "KSampler": (340, 270),
     "VAEDecode": (200, 50), "SaveImage": (320, 320), "CAT_KPSEvaluator": (400, 260), "PreviewImage": (320, 320),
-    "Note": (560, 330), "CAT_LeakScan": (420, 560), "CAT_CatVersionTrainer": (380, 420), "CAT_SaveCatVersion": (340, 60),
+    "Note": (560, 360), "UNETLoader": (340, 110), "DualCLIPLoader": (340, 160), "VAELoader": (340, 80),
+    "FluxGuidance": (340, 80), "EmptySD3LatentImage": (340, 130), "CAT_LeakScan": (420, 560), "CAT_CatVersionTrainer": (380, 420), "CAT_SaveCatVersion": (340, 60),
 }
 TRAINER_WIDGETS_H = 460  # computeSize height of the trainer: inputs, outputs and 15 widgets
 LIVE_VIEW_H = 150  # web/cat_live_view.js PLOT_H: reserved under the widgets so the chart covers nothing
@@ -170,7 +188,7 @@ TITLE_H, GAP, PAD, GROUP_TITLE = 30, 30, 20, 50
 
 NOTE = """Before you press Run, edit three things:
 
-1. Load Checkpoint > ckpt_name: your {model} checkpoint (models/checkpoints).
+1. {loader}
 
 2. CAT Dataset > folder: your images with same-name .txt captions (a subfolder of ComfyUI/input, or a full path); \
 triggers: your token (e.g. sks); class_word: what the subject is (e.g. dog). Use the same class word in CAT Loss \
@@ -181,6 +199,9 @@ Config and the same trigger in the sampling prompts (the KPS Evaluator's prompts
 
 The trainer draws its loss curve live and checkpoints to output/cat_checkpoints/<checkpoint_name>; after Cancel, \
 give the last cat-stepNNNNNN.pt to resume_from. cat_factor 0 is plain LoRA."""
+FLUX_LOADERS = ("Load Diffusion Model > unet_name: Flux dev (models/diffusion_models; an fp8 file trains too, "
+                "cast per layer), DualCLIPLoader: clip_l and t5xxl (models/text_encoders), Load VAE > vae_name: ae "
+                "(models/vae). The trainer picks the Flux LoRA targets itself from target attn/attn_ff/full.")
 
 
 def layout(api: dict, title: str) -> tuple[dict[int, tuple[list[int], list[int]]], list[dict], dict]:
@@ -213,8 +234,9 @@ def layout(api: dict, title: str) -> tuple[dict[int, tuple[list[int], list[int]]
     nw, nh = SIZES["Note"]
     places[note_id] = ([40, 40 + TITLE_H], [nw, nh])
     gx = 40 + nw + 60
-    loader, dataset = by_type["CheckpointLoaderSimple"][0], by_type["CAT_Dataset"][0]
-    _, dh = group("Data: base model and training images", [[loader], [dataset]], gx, 40, "#3f789e")
+    loaders = by_type.get("CheckpointLoaderSimple") or by_type["UNETLoader"] + by_type["DualCLIPLoader"] + by_type["VAELoader"]
+    dataset = by_type["CAT_Dataset"][0]
+    _, dh = group("Data: base model and training images", [loaders, [dataset]], gx, 40, "#3f789e")
     y = 40 + max(dh, nh + TITLE_H) + 60
     if "CAT_LeakScan" in by_type:  # the loop: one row, train -> scan -> retrain -> scan again
         x = 40
@@ -261,15 +283,19 @@ def layout(api: dict, title: str) -> tuple[dict[int, tuple[list[int], list[int]]
         x = 40
         w, h1 = group(f"Training: {label}", [[loss_cfg, save, curve], [t]], x, y, "#8a5a2b")
         x += w + 60
-        w, h2 = group("Sampling: the same seeds with and without the trigger", [pos + [neg, latent], samplers, decodes, saves],
-                      x, y, "#3f7a4a")
+        guided = [p for p in pos if api[str(p)]["class_type"] == "FluxGuidance"]
+        texts = [int(api[str(p)]["inputs"]["conditioning"][0]) for p in guided] if guided else pos
+        columns = [texts + [neg, latent]] + ([guided] if guided else []) + [samplers, decodes, saves]
+        w, h2 = group("Sampling: the same seeds with and without the trigger", columns, x, y, "#3f7a4a")
         x += w + 60
         _, h3 = group("Evaluation: PS, IS, KPS", [[kps, chart]], x, y, "#6a4a8a")
         y += max(h1, h2, h3) + 60
-    model = "SDXL" if "sdxl" in title else "SD1.5"
+    model = "SDXL" if "sdxl" in title else "Flux" if "flux" in title else "SD1.5"
+    loader = (FLUX_LOADERS if model == "Flux" else
+              f"Load Checkpoint > ckpt_name: your {model} checkpoint (models/checkpoints).")
     note = {"id": note_id, "type": "Note", "pos": places[note_id][0], "size": places[note_id][1], "flags": {}, "order": 0,
             "mode": 0, "inputs": [], "outputs": [], "properties": {"text": ""},
-            "widgets_values": [NOTE.format(model=model, scorer="CAT Leak Scan (both)" if "CAT_LeakScan" in by_type else "KPS Evaluator")],
+            "widgets_values": [NOTE.format(loader=loader, scorer="CAT Leak Scan (both)" if "CAT_LeakScan" in by_type else "KPS Evaluator")],
             "color": "#432", "bgcolor": "#653"}
     return places, groups, note
 

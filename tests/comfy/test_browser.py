@@ -136,6 +136,9 @@ def test_shipped_workflow_loads_as_its_api_graph(editor, shots, path):
                       for nid, ne in answer.get("node_errors", {}).items() for e in ne["errors"]})
     print(f"{path.name}: server validation refused {refused}")
     assert set(refused) <= {("CheckpointLoaderSimple", "ckpt_name", "value_not_in_list"),
+                            ("UNETLoader", "unet_name", "value_not_in_list"), ("VAELoader", "vae_name", "value_not_in_list"),
+                            ("DualCLIPLoader", "clip_name1", "value_not_in_list"),
+                            ("DualCLIPLoader", "clip_name2", "value_not_in_list"),
                             ("CAT_KPSEvaluator", "clip_checkpoint", "value_not_in_list")}, answer
     assert refused, "the test server has none of the shipped model files, so validation must name them"
     editor.evaluate("() => { app.canvas.ds.offset = [0, 0]; app.canvas.ds.scale = 1; }")

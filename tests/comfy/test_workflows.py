@@ -39,7 +39,7 @@ def test_api_workflow_matches_schemas(comfy, path):
             if isinstance(v, list):  # a link: the source output's type must be what this input takes
                 src = maps[g[v[0]]["class_type"]]
                 assert src.RETURN_TYPES[v[1]] == typ, f"{path.name} {nid}.{name}: {src.RETURN_TYPES[v[1]]} into {typ}"
-            elif isinstance(typ, list) and node["class_type"] not in ("CheckpointLoaderSimple", "CAT_KPSEvaluator"):
+            elif isinstance(typ, list) and node["class_type"] not in ("CheckpointLoaderSimple", "UNETLoader", "DualCLIPLoader", "VAELoader", "CAT_KPSEvaluator"):
                 assert v in typ, f"{path.name} {nid}.{name}={v!r} not among {typ}"  # model files are the user's
             elif typ in ("INT", "FLOAT"):
                 o = specs[name][1]
@@ -157,22 +157,31 @@ def test_ui_workflow_layout_is_readable(path):
     for t in (n for n in ui["nodes"] if n["type"] == "CAT_LoraTrainer"):
         assert t["size"][1] >= 450 + 150, "the trainer needs its widgets (~450 px) plus the live chart (150 px)"
     note = next(n for n in ui["nodes"] if n["type"] == "Note")["widgets_values"][0]
-    for what in ("ckpt_name", "folder", "triggers", "class_word", "clip_checkpoint", "open_clip_model"):
+    model_file = "unet_name" if any(n["type"] == "UNETLoader" for n in ui["nodes"]) else "ckpt_name"
+    for what in (model_file, "folder", "triggers", "class_word", "clip_checkpoint", "open_clip_model"):
         assert what in note, f"the Note does not mention {what}"
 
 
-@pytest.mark.parametrize("name, kind", [("cat_sd15_train_kps", "sd15"), ("cat_sdxl_train_kps", "sdxl")])
+@pytest.mark.parametrize("name, kind", [("cat_sd15_train_kps", "sd15"), ("cat_sdxl_train_kps", "sdxl"),
+                                        ("cat_flux_train_kps", "flux")])
 def test_workflow_runs_end_to_end(comfy, test_checkpoint_node, tiny_open_clip, dataset_dir, name, kind):
-    """A shipped graph, with the checkpoint loader swapped for the tiny model and sizes cut for CPU."""
+    """A shipped graph, with the checkpoint loader(s) swapped for the tiny model and sizes cut for CPU."""
     g = json.loads((WF / f"{name}.api.json").read_text())
     g["1"] = {"class_type": "CATTest_TinyCheckpoint", "inputs": {"kind": kind}}
+    separate = {k: slot for k, slot in (("3", 1), ("4", 2)) if g.get(k, {}).get("class_type") in ("DualCLIPLoader", "VAELoader")}
+    for k, slot in separate.items():  # Flux: CLIP and VAE from the tiny checkpoint too
+        del g[k]
+        for node in g.values():
+            for name_, v in node["inputs"].items():
+                if isinstance(v, list) and v[0] == k:
+                    node["inputs"][name_] = ["1", slot]
     for node in g.values():
         i, c = node["inputs"], node["class_type"]
         if c == "CAT_Dataset":
             i.update(folder=str(dataset_dir), resolution=128)
         elif c == "CAT_LoraTrainer":
             i.update(steps=3, save_every=0, dtype="fp32", rank=4, lora_alpha=4.0, learning_rate=1e-2)
-        elif c == "EmptyLatentImage":
+        elif c in ("EmptyLatentImage", "EmptySD3LatentImage"):
             i.update(width=64, height=64, batch_size=2)
         elif c == "KSampler":
             i.update(steps=2)

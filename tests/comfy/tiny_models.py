@@ -136,7 +136,7 @@ def tiny_checkpoint_node():
     class TinyCheckpoint(io.ComfyNode):
         @classmethod
         def define_schema(cls):
-            return io.Schema(node_id="CATTest_TinyCheckpoint", inputs=[io.Combo.Input("kind", options=["sd15", "sdxl"])],
+            return io.Schema(node_id="CATTest_TinyCheckpoint", inputs=[io.Combo.Input("kind", options=["sd15", "sdxl", "sd3", "flux"])],
                              outputs=[io.Model.Output(), io.Clip.Output(), io.Vae.Output()])
 
         @classmethod
