@@ -78,17 +78,22 @@ class CatLossConfigNode(io.ComfyNode):
                                 tooltip="optional: one prompt per line; each image is paired with each as y, so the CAT term "
                                         "keeps all of them (e.g. neighbouring classes a leak scan flagged). Empty: y from "
                                         "the caption by the preservation mode"),
+                io.Custom("CAT_APT_OPTIONS").Input("apt", optional=True,
+                                                   tooltip="optional: APT's regularizers from an APT Options node"),
             ],
             outputs=[LossConfig.Output(display_name="loss_config")],
         )
 
     @classmethod
-    def execute(cls, cat_factor, preservation, class_word, token_weights, preservation_prompts="") -> io.NodeOutput:
+    def execute(cls, cat_factor, preservation, class_word, token_weights, preservation_prompts="", apt=None) -> io.NodeOutput:
         from ..cat_train.checks import parse_token_weights
 
         weights = parse_token_weights(token_weights)
         prompts = tuple(line.strip() for line in (preservation_prompts or "").splitlines() if line.strip())
-        return io.NodeOutput(CatLossConfig(cat_factor, preservation, class_word.strip(), weights, prompts))
+        cfg = CatLossConfig(cat_factor, preservation, class_word.strip(), weights, prompts)
+        if apt is not None:
+            cfg.apt = apt
+        return io.NodeOutput(cfg)
 
 
 class CatTrainerNode(io.ComfyNode):
@@ -241,7 +246,7 @@ class LeakScanNode(io.ComfyNode):
                 io.String.Input("probes", default=DEFAULT_PROBES, multiline=True,
                                 tooltip="one prompt per line, without the trigger: the class and its neighbours"),
                 io.String.Input("negative", default="", multiline=True),
-                io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, tooltip="the same seeds for base and adapted"),
+                io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=True, tooltip="the same seeds for base and adapted"),
                 io.Int.Input("steps", default=20, min=1, max=10000),
                 io.Float.Input("cfg", default=7.0, min=0.0, max=100.0, step=0.1, round=0.01),
                 io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS, default="euler"),
@@ -270,10 +275,11 @@ class LeakScanNode(io.ComfyNode):
 
 class CatExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        from .apt import NODES as APT_NODES
         from .catversion import NODES as CATVERSION_NODES
 
         return [CatDatasetNode, CatLossConfigNode, CatTrainerNode, SaveCatLoraNode, KpsEvaluatorNode, LeakScanNode,
-                *CATVERSION_NODES]
+                *APT_NODES, *CATVERSION_NODES]
 
 
 async def comfy_entrypoint() -> ComfyExtension:

@@ -170,3 +170,29 @@ def test_lora_metadata_records_every_apt_setting():
     stored = json.loads(meta["cat_apt"])
     assert stored == {k: list(v) if isinstance(v, tuple) else v for k, v in vars(cfg).items()}
     assert meta["cat_apt_active"] == "true" and metadata(AptConfig())["cat_apt_active"] == "false"
+
+
+def test_bench_apt_methods_switch_on_the_named_parts_over_their_base_method():
+    import argparse
+
+    import pytest
+
+    from cat_train.world import bench
+
+    class Text:
+        def encode_text(self, ps):
+            return {"context": torch.tensor([[[float(len(p))]] for p in ps])}
+
+    c = bench.BenchConfig()
+    want = {"apt": (0.0, c.apt_adaptive, c.apt_stabilize, c.apt_align), "apt:ada": (0.0, c.apt_adaptive, 0, 0),
+            "apt:rs": (0.0, 0, c.apt_stabilize, 0), "apt:aa": (0.0, 0, 0, c.apt_align),
+            "cat0.5+apt": (0.5, c.apt_adaptive, c.apt_stabilize, c.apt_align)}
+    for m, (alpha, ada, rs, aa) in want.items():
+        assert bench.method_name(m) == m
+        ex, lc, bs = bench.examples_for(m, Text(), c, seed=0)
+        assert (lc.alpha, lc.apt.adaptive, lc.apt.stabilize, lc.apt.align) == (alpha, ada, rs, aa), m
+        assert bs == 1 and len(ex) == 5
+    assert bench.label("cat1+apt") == "CAT (α=1) + APT" and bench.label("apt:rs") == "APT stabilization only (α=0)"
+    for bad in ("apt:xx", "prior+apt", "cat+apt", "lora+foo"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            bench.method_name(bad)

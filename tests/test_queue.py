@@ -115,11 +115,12 @@ class Fake(BaseHTTPRequestHandler):
     def _websocket(self):
         key = self.headers["Sec-WebSocket-Key"]
         accept = base64.b64encode(hashlib.sha1((key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()).digest()).decode()
+        cid = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)["clientId"][0]
+        with self.lock:  # logged before the handshake answer: once the client has it, its post may come at once
+            self.log.append(("ws", cid))
         self.wfile.write(("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
                           f"Sec-WebSocket-Accept: {accept}\r\n\r\n").encode())
-        cid = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)["clientId"][0]
         with self.lock:
-            self.log.append(("ws", cid))
             self.sockets[cid] = self.connection
             self.connection.sendall(ws_frame({"type": "status", "data": {"status": {"exec_info": {"queue_remaining": 0}}, "sid": cid}}))
         while self.rfile.read(1):  # held open until the client closes it

@@ -4,7 +4,9 @@ NOT Stable Diffusion: the base model is the 1.7M-parameter world model in `cat_t
 shapes, 32 px), scored by a world-CLIP trained on the same world. Methods, same steps and seeds:
 plain LoRA (alpha 0), CAT (alpha 0.5, 1, 2; y = the class prompt), and DreamBooth-style prior
 preservation (alpha 0; each step also fits one base-model sample of the class prompt: batch 2, half
-identity, half prior, so its compute per step is about CAT's).
+identity, half prior, so its compute per step is about CAT's). APT (arXiv 2507.02687, cat_train/apt.py):
+`apt` (all three parts, alpha 0), `cat<alpha>+apt`, and one part alone: `apt:ada` (adaptive timestep-bin
+weighting and augmentation), `apt:rs` (representation stabilization), `apt:aa` (attention alignment).
 
 Per method and seed, fixed noise gives paired images: with the trigger ("a sks circle on a grey
 background"), without it ("a circle on a grey background") and other classes ("a red square ...").
@@ -30,9 +32,11 @@ import numpy as np
 import torch
 
 from .. import metrics
-from ..checks import OneLineParser, output_folder, positive_float, positive_int
+from ..checks import OneLineParser, non_negative_float, output_folder, positive_float, positive_int
 from ..adapter import LoraSpec, remove_lora
+from ..apt import AptConfig
 from ..loss import CatLossConfig
+from .catversion_bench import catversion_alpha, catversion_label, run_catversion
 from .sample import sample
 from ..train import Example, TrainConfig, build_examples, train
 from . import generator as wg
@@ -59,6 +63,13 @@ class BenchConfig:
     cfg: float = 3.0
     prior_images: int = 15
     methods: tuple[str, ...] = ("lora", "cat0.5", "cat1", "cat2", "prior")
+    # APT's weights for the apt methods (the paper's values were not readable here). Calibrated once, on one
+    # plain-LoRA APT run with all weights 1 (seed 0): the normalised stabilization penalty ran 0.002-0.01 and
+    # the attention MSE 1e-5-5e-5 against a fit loss of 0.1-0.2, so 5 and 1000 put each at about a quarter of
+    # the fit loss; the adaptive gain 1 lets the indicator (0.6 at the low-noise bins by step 400) act directly.
+    apt_adaptive: float = 1.0
+    apt_stabilize: float = 5.0
+    apt_align: float = 1000.0
 
 
 QUICK = dict(seeds=(0,), per_prompt=2, sample_steps=15, prior_images=6)  # same training as the full run, one seed
@@ -74,7 +85,37 @@ def cat_method(m: str) -> tuple[float, str]:
     return float(alpha), mode or "class"
 
 
+APT_PARTS = {"": ("adaptive", "stabilize", "align"), "ada": ("adaptive",), "rs": ("stabilize",), "aa": ("align",)}
+APT_NAMES = {"": "APT", "ada": "APT adaptive only", "rs": "APT stabilization only", "aa": "APT attention only"}
+
+
+def apt_method(m: str) -> tuple[str, str | None]:
+    """'apt' -> ('lora', ''); 'cat1+apt:rs' -> ('cat1', 'rs'); 'cat1' -> ('cat1', None): base method, APT part."""
+    base, plus, apt = m.partition("+")
+    if not plus and base.startswith("apt"):
+        base, apt = "lora", base
+    if not apt:
+        return base, None
+    if not apt.startswith("apt"):
+        raise ValueError(f"unknown APT part in {m!r}")
+    return base, apt[3:].lstrip(":")
+
+
+def apt_config(part: str, c: BenchConfig) -> AptConfig:
+    if part not in APT_PARTS:
+        raise ValueError(f"unknown APT part {part!r}; choose from apt, apt:ada, apt:rs, apt:aa")
+    on = APT_PARTS[part]
+    return AptConfig(adaptive=c.apt_adaptive if "adaptive" in on else 0.0,
+                     stabilize=c.apt_stabilize if "stabilize" in on else 0.0,
+                     align=c.apt_align if "align" in on else 0.0)
+
+
 def label(m: str) -> str:
+    if m.startswith("catversion"):
+        return catversion_label(m)
+    base, part = apt_method(m)
+    if part is not None:
+        return APT_NAMES[part] + " (α=0)" if base == "lora" else label(base) + " + " + APT_NAMES[part]
     if m in LABELS:
         return LABELS[m]
     alpha, mode = cat_method(m)
@@ -100,6 +141,9 @@ class World:
     def __init__(self, base: str | Path = wm.BASE_WEIGHTS, clip: str | Path | None = None):
         self.den, self.text = wm.load_base(base)
         self.clip = load_clip(clip) if clip else load_clip()
+        # APT's augmentations act on images: the world's latent is the pixel-unshuffled image
+        self.den.augment_space = (lambda z: torch.nn.functional.pixel_shuffle(z, 2),
+                                  lambda x: torch.nn.functional.pixel_unshuffle(x, 2))
 
     @torch.no_grad()
     def encode_text(self, ps: list[str]) -> dict:
@@ -122,6 +166,10 @@ def identity_items() -> list[tuple]:
 
 
 def examples_for(method: str, world: World, c: BenchConfig, seed: int) -> tuple[list[Example], CatLossConfig, int]:
+    base, part = apt_method(method)
+    if part is not None:  # the base method's examples and loss, with APT's parts switched on
+        ex, lc, bs = examples_for(base, world, c, seed)
+        return ex, replace(lc, apt=apt_config(part, c)), bs
     items = identity_items()
     if method == "lora":
         lc = CatLossConfig(alpha=0.0, preservation="class", class_word=CLASS)  # y unused at alpha 0
@@ -205,14 +253,17 @@ def run(c: BenchConfig, log=print, world: World | None = None) -> dict:
         if seed == c.seeds[0]:
             grid["base"] = base
         for m in c.methods:
-            ex, lc, bs = examples_for(m, world, c, seed)
-            tc = TrainConfig(steps=c.steps, lr=c.lr, seed=seed, batch_size=bs)
             t1 = time.time()
-            tr = train(world.den, ex, lc, spec, tc, keep_adapter=True)
-            try:
-                imgs = {k: world.generate(ps[k], noise[k], c) for k in ps}
-            finally:
-                remove_lora(world.den.module)
+            if m.startswith("catversion"):  # K/V embeddings in the text encoder, no LoRA: world/catversion_bench.py
+                imgs, tr = run_catversion(world, m, c, seed, ps, noise)
+            else:
+                ex, lc, bs = examples_for(m, world, c, seed)
+                tc = TrainConfig(steps=c.steps, lr=c.lr, seed=seed, batch_size=bs)
+                tr = train(world.den, ex, lc, spec, tc, keep_adapter=True)
+                try:
+                    imgs = {k: world.generate(ps[k], noise[k], c) for k in ps}
+                finally:
+                    remove_lora(world.den.module)
             r = evaluate(world, imgs, base, ps)
             r["final_fit"] = float(np.mean([h["fit"] for h in tr.history[-20:]]))
             results[m].append(r)
@@ -275,7 +326,21 @@ def write(res: dict, out: Path) -> dict[str, Path]:
 
 
 def method_name(m: str) -> str:
-    """argparse type of --methods: lora, prior or cat<alpha>[:class|strip|empty|all]."""
+    """argparse type of --methods: lora, prior or cat<alpha>[:class|strip|empty|all], each optionally +apt[:ada|rs|aa]; apt[:part]."""
+    if m.startswith("catversion"):  # catversion, catversion+cat<alpha>
+        try:
+            catversion_alpha(m)
+            return m
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    try:
+        base, part = apt_method(m)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"unknown method {m!r}; APT methods: apt, apt:ada, apt:rs, apt:aa, cat<alpha>+apt[:part]") from None
+    if part is not None:
+        if part in APT_PARTS and base != "prior" and (base == "lora" or method_name(base)):
+            return m
+        raise argparse.ArgumentTypeError(f"unknown method {m!r}; APT methods: apt, apt:ada, apt:rs, apt:aa, cat<alpha>+apt[:part]")
     if m in ("lora", "prior"):
         return m
     if m.startswith("cat"):
@@ -286,7 +351,7 @@ def method_name(m: str) -> str:
         if math.isfinite(alpha) and alpha >= 0 and mode in ("class", "strip", "empty", "all"):
             return m
     raise argparse.ArgumentTypeError(f"unknown method {m!r}; choose from lora, prior, cat<alpha>[:class|strip|empty|all] "
-                                     "(e.g. cat1, cat0.5:strip, cat1:all)")
+                                     "(e.g. cat1, cat0.5:strip, cat1:all), apt[:ada|rs|aa], cat<alpha>+apt[:part]")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -302,9 +367,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sample-steps", type=positive_int)
     ap.add_argument("--rank", type=positive_int)
     ap.add_argument("--preset", choices=["attn", "attn_ff", "full"])
+    ap.add_argument("--apt-adaptive", type=non_negative_float, help="APT adaptive gain of the apt methods (default 1)")
+    ap.add_argument("--apt-stabilize", type=non_negative_float, help="APT stabilization weight (default 5)")
+    ap.add_argument("--apt-align", type=non_negative_float, help="APT attention-alignment weight (default 1000)")
     a = ap.parse_args(argv)  # every argument checked here: the run takes minutes and writes only at its end
     kw = dict(QUICK) if a.quick else {}
-    for k in ("steps", "lr", "seeds", "methods", "per_prompt", "sample_steps", "rank", "preset"):
+    for k in ("steps", "lr", "seeds", "methods", "per_prompt", "sample_steps", "rank", "preset", "apt_adaptive", "apt_stabilize", "apt_align"):
         v = getattr(a, k)
         if v is not None:
             kw[k] = tuple(v) if isinstance(v, list) else v

@@ -59,6 +59,8 @@ def test_train_patch_roundtrip(comfy, kind, request, dataset_dir, tmp_path):
     ds = _dataset(comfy, dataset_dir, (mp, clip, vae))
     assert len(ds.items) == 3 and len(ds.buckets) == 2  # 128x128 and 256x128 -> buckets 128x128, 192x64
     unet = mp.model.diffusion_model
+    import comfy.model_management as mm
+    mm.load_models_gpu([mp])  # an earlier test's patched clone of this shared model may still hold its weights merged
     before = {k: v.clone() for k, v in unet.state_dict().items()}
     spec = A.LoraSpec(rank=4, alpha=4.0)
     cfg = _cfg(comfy, checkpoint_dir=str(tmp_path / "ck"))
@@ -129,6 +131,7 @@ def test_cancel_keeps_checkpoint_and_resumes(comfy, tiny_sd15, dataset_dir, tmp_
     L = pack_module(comfy, "cat_train.loss")
     T = pack_module(comfy, "cat_train.train")
     ds = _dataset(comfy, dataset_dir, tiny_sd15)
+    mm.load_models_gpu([mp])  # the MODEL's own weights, not a still-loaded patched clone's
     before = {k: v.clone() for k, v in mp.model.diffusion_model.state_dict().items()}
     seen = []
 
