@@ -148,3 +148,31 @@ def tiny_open_clip(comfy, tmp_path_factory):
     ckpt = Path(comfy.folder_paths.get_folder_paths("clip")[0]) / "cat_tiny_open_clip.pt"
     torch.save(open_clip.create_model("CATTinyCLIP").state_dict(), ckpt)
     return ckpt.name
+
+
+def shrink_for_cpu(g: dict, kind: str, dataset_dir, open_clip_name: str, **trainer) -> dict:
+    """A shipped API graph made to run on the tiny models in seconds: the loader(s) swapped for the tiny
+    checkpoint node, the dataset pointed at the test images, sizes and steps cut; `trainer` overrides
+    the LoRA trainer's inputs (its defaults: 3 steps, rank 4, lr 1e-2, fp32, no mid-run saves)."""
+    g["1"] = {"class_type": "CATTest_TinyCheckpoint", "inputs": {"kind": kind}}
+    separate = {k: slot for k, slot in (("3", 1), ("4", 2)) if g.get(k, {}).get("class_type") in ("DualCLIPLoader", "VAELoader")}
+    for k, slot in separate.items():  # Flux: CLIP and VAE from the tiny checkpoint too
+        del g[k]
+        for node in g.values():
+            for name, v in node["inputs"].items():
+                if isinstance(v, list) and v[0] == k:
+                    node["inputs"][name] = ["1", slot]
+    small = {
+        "CAT_Dataset": dict(folder=str(dataset_dir), resolution=128),
+        "CAT_LoraTrainer": dict(dict(steps=3, save_every=0, dtype="fp32", rank=4, lora_alpha=4.0, learning_rate=1e-2), **trainer),
+        "CAT_CatVersionTrainer": dict(steps=3),
+        "EmptyLatentImage": dict(width=64, height=64, batch_size=2),
+        "EmptySD3LatentImage": dict(width=64, height=64, batch_size=2),
+        "KSampler": dict(steps=2),
+        "CAT_KPSEvaluator": dict(clip_checkpoint=open_clip_name, open_clip_model="CATTinyCLIP"),
+        "CAT_LeakScan": dict(width=64, height=64, steps=2, images_per_probe=1, top_k=2, clip_checkpoint=open_clip_name,
+                             open_clip_model="CATTinyCLIP"),
+    }
+    for node in g.values():
+        node["inputs"].update(small.get(node["class_type"], {}))
+    return g

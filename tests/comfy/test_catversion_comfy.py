@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from conftest import pack_module
+from conftest import pack_module, shrink_for_cpu
 
 
 @pytest.fixture(scope="module")
@@ -157,19 +157,7 @@ def test_catversion_workflow_runs_end_to_end(comfy, test_checkpoint_node, tiny_o
     from conftest import ROOT, run_prompt
 
     g = json.loads((ROOT / "workflows" / "catversion_sd15.api.json").read_text())
-    g["1"] = {"class_type": "CATTest_TinyCheckpoint", "inputs": {"kind": "sd15"}}
-    for node in g.values():
-        i, c = node["inputs"], node["class_type"]
-        if c == "CAT_Dataset":
-            i.update(folder=str(dataset_dir), resolution=128)
-        elif c == "CAT_CatVersionTrainer":
-            i.update(steps=3)
-        elif c == "EmptyLatentImage":
-            i.update(width=64, height=64, batch_size=2)
-        elif c == "KSampler":
-            i.update(steps=2)
-        elif c == "CAT_KPSEvaluator":
-            i.update(clip_checkpoint=tiny_open_clip, open_clip_model="CATTinyCLIP")
+    shrink_for_cpu(g, "sd15", dataset_dir, tiny_open_clip)
     ex = run_prompt(g)
     assert ex.success, ex.status_messages[-1]
     out = ex.history_result["outputs"]

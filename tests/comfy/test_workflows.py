@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import pack_module, ROOT, run_prompt
+from conftest import ROOT, pack_module, run_prompt, shrink_for_cpu
 
 WF = ROOT / "workflows"
 API = sorted(WF.glob("*.api.json"))
@@ -166,27 +166,7 @@ def test_ui_workflow_layout_is_readable(path):
                                         ("cat_flux_train_kps", "flux")])
 def test_workflow_runs_end_to_end(comfy, test_checkpoint_node, tiny_open_clip, dataset_dir, name, kind):
     """A shipped graph, with the checkpoint loader(s) swapped for the tiny model and sizes cut for CPU."""
-    g = json.loads((WF / f"{name}.api.json").read_text())
-    g["1"] = {"class_type": "CATTest_TinyCheckpoint", "inputs": {"kind": kind}}
-    separate = {k: slot for k, slot in (("3", 1), ("4", 2)) if g.get(k, {}).get("class_type") in ("DualCLIPLoader", "VAELoader")}
-    for k, slot in separate.items():  # Flux: CLIP and VAE from the tiny checkpoint too
-        del g[k]
-        for node in g.values():
-            for name_, v in node["inputs"].items():
-                if isinstance(v, list) and v[0] == k:
-                    node["inputs"][name_] = ["1", slot]
-    for node in g.values():
-        i, c = node["inputs"], node["class_type"]
-        if c == "CAT_Dataset":
-            i.update(folder=str(dataset_dir), resolution=128)
-        elif c == "CAT_LoraTrainer":
-            i.update(steps=3, save_every=0, dtype="fp32", rank=4, lora_alpha=4.0, learning_rate=1e-2)
-        elif c in ("EmptyLatentImage", "EmptySD3LatentImage"):
-            i.update(width=64, height=64, batch_size=2)
-        elif c == "KSampler":
-            i.update(steps=2)
-        elif c == "CAT_KPSEvaluator":
-            i.update(clip_checkpoint=tiny_open_clip, open_clip_model="CATTinyCLIP")
+    g = shrink_for_cpu(json.loads((WF / f"{name}.api.json").read_text()), kind, dataset_dir, tiny_open_clip)
     ex = run_prompt(g)
     assert ex.success, ex.status_messages[-1]
     out = ex.history_result["outputs"]
@@ -204,17 +184,8 @@ def test_leak_scan_loop_runs_and_preserves_the_worst_probes(comfy, test_checkpoi
     """train -> scan -> retrain with the scan's worst probes as preservation prompts -> scan again, in one graph."""
     from safetensors import safe_open
 
-    g = json.loads((WF / "cat_leak_scan_loop_sd15.api.json").read_text())
-    g["1"] = {"class_type": "CATTest_TinyCheckpoint", "inputs": {"kind": "sd15"}}
-    for node in g.values():
-        i, c = node["inputs"], node["class_type"]
-        if c == "CAT_Dataset":
-            i.update(folder=str(dataset_dir), resolution=128)
-        elif c == "CAT_LoraTrainer":
-            i.update(steps=4, save_every=0, dtype="fp32", rank=4, lora_alpha=4.0, learning_rate=5e-2)
-        elif c == "CAT_LeakScan":
-            i.update(width=64, height=64, steps=2, images_per_probe=1, top_k=2, clip_checkpoint=tiny_open_clip,
-                     open_clip_model="CATTinyCLIP")
+    g = shrink_for_cpu(json.loads((WF / "cat_leak_scan_loop_sd15.api.json").read_text()), "sd15", dataset_dir, tiny_open_clip,
+                       steps=4, learning_rate=5e-2)
     ex = run_prompt(g)
     assert ex.success, ex.status_messages[-1]
     out = ex.history_result["outputs"]
