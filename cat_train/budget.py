@@ -49,7 +49,6 @@ def _outputs(out) -> list[torch.Tensor]:
 @torch.no_grad()
 def probe_activations(module: nn.Module, forward: Callable[[], object], units: Sequence[nn.Module] = ()) -> ActivationProbe:
     """Run `forward` once (batch 1) with hooks on every leaf module; no grad, nothing kept."""
-    unit_ids = {id(u) for u in units}
     total = 0
     per_unit: dict[int, int] = {}
     boundary = 0

@@ -13,7 +13,6 @@ import contextlib
 import logging
 import os
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
