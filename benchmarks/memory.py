@@ -8,6 +8,7 @@ one adapted pass), batch 1, rank 16 'attn', gradient checkpointing off and on.
 
     COMFYUI_PATH=/path/to/ComfyUI python benchmarks/memory.py                      # budget table
     COMFYUI_PATH=/path/to/ComfyUI python benchmarks/memory.py --measure sd15 --res 128 --steps 2
+    COMFYUI_PATH=/path/to/ComfyUI python benchmarks/memory.py --measure sd15 --res 128 --steps 2 --native
 
 --measure trains for real in a subprocess (bf16 weights, random init) and prints the measured growth of
 memory during training (GPU: torch.cuda.max_memory_allocated over the loaded weights; CPU: peak RSS over
@@ -155,32 +156,78 @@ def measure(kind: str, res: int, steps: int, checkpointing: str) -> dict:
             "memory": "cuda max allocated" if dev == "cuda" else "peak RSS"}
 
 
+def measure_native(kind: str, res: int, steps: int, checkpointing: str) -> dict:
+    """ComfyUI's own TrainLoraNode on the same bf16 model, latents and rank (bf16 training and LoRA dtype, its
+    defaults), memory counted the same way: growth over a warm-up forward's."""
+    import torch
+
+    from native_vs_cat import boot
+
+    boot()
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy_extras.nodes_train as nt
+
+    _, base = unet(kind, "cpu")
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n, p in base.diffusion_model.named_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * (0.02 if p.ndim > 1 else 0.01) + (1.0 if p.ndim == 1 and "norm" in n else 0))
+    mp = comfy.model_patcher.ModelPatcher(base, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+    ctx = 2048 if kind == "sdxl" else 768
+    lat = torch.randn(2, 4, res // 8, res // 8, generator=g)
+    cond = torch.randn(1, 77, ctx, generator=g)
+    with torch.no_grad(), torch.inference_mode(False):  # the same warm-up as ours: one no-grad forward
+        base.diffusion_model(lat[:1].to(torch.bfloat16), torch.tensor([500.0]), context=cond.to(torch.bfloat16))
+    weights = sum(p.numel() * p.element_size() for p in base.diffusion_model.parameters())
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    if dev == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+    else:
+        start = rss()
+    t0 = time.perf_counter()
+    with torch.inference_mode(False):
+        nt.TrainLoraNode().train(mp, {"samples": lat}, [[cond, {}]], 1, steps, 1, 1e-4, 16, "AdamW", "MSE", 0, "bf16", "bf16",
+                                 "LoRA", checkpointing == "on", "[None]")
+    peak = torch.cuda.max_memory_allocated() if dev == "cuda" else rss()
+    return {"kind": kind, "res": res, "device": dev, "compute": "bf16 (native)", "checkpointing": checkpointing == "on",
+            "weights": weights, "growth": peak - start, "predicted": float("nan"), "fp32_conversion": weights,
+            "step_s": (time.perf_counter() - t0) / steps, "memory": "cuda max allocated" if dev == "cuda" else "peak RSS"}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--measure", choices=["mid", "sd15", "sdxl"], help="train for real in a subprocess and measure")
     ap.add_argument("--res", type=int, default=128)
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--checkpointing", choices=["auto", "on", "off"], default="off")
+    ap.add_argument("--native", action="store_true", help="with --measure: ComfyUI's TrainLoraNode on the same settings")
     ap.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if not os.environ.get("COMFYUI_PATH"):
         print("set COMFYUI_PATH to a ComfyUI checkout: the UNets are built by ComfyUI's own classes.", file=sys.stderr)
         return 2
     if a.json:  # the subprocess
-        print("RESULT " + json.dumps(measure(a.measure, a.res, a.steps, a.checkpointing)))
+        run = measure_native if a.native else measure
+        print("RESULT " + json.dumps(run(a.measure, a.res, a.steps, a.checkpointing)))
         return 0
     if a.measure:
         p = subprocess.run([sys.executable, __file__, "--json", "--measure", a.measure, "--res", str(a.res), "--steps",
-                            str(a.steps), "--checkpointing", a.checkpointing], capture_output=True, text=True)
+                            str(a.steps), "--checkpointing", a.checkpointing] + (["--native"] if a.native else []),
+                           capture_output=True, text=True)
         line = next((x for x in p.stdout.splitlines() if x.startswith("RESULT ")), None)
         if line is None:
             sys.stderr.write(p.stdout[-2000:] + p.stderr[-4000:])
             return 1
         r = json.loads(line[7:])
-        print(f"{r['kind']} shape, bf16 weights ({r['weights'] / GiB:.2f} GiB), {r['res']} px, CAT alpha 1, batch 1, rank 16, "
+        what = "ComfyUI's TrainLoraNode (LoRA on every weight, no CAT term)" if a.native else "CAT alpha 1"
+        print(f"{r['kind']} shape, bf16 weights ({r['weights'] / GiB:.2f} GiB), {r['res']} px, {what}, batch 1, rank 16, "
               f"compute {r['compute']}, checkpointing {'on' if r['checkpointing'] else 'off'}, {r['device']} ({r['memory']})")
-        print(f"  measured growth during training   {r['growth'] / GiB:7.3f} GiB   ({r['step_s']:.2f} s/step)")
-        print(f"  budget's prediction                {r['predicted'] / GiB:7.3f} GiB   (ratio measured/predicted {r['growth'] / r['predicted']:.2f})")
+        print(f"  measured growth during training   {r['growth'] / GiB:7.3f} GiB   ({r['step_s']:.2f} s/step)"
+              + ("   [ComfyUI's TrainLoraNode]" if a.native else ""))
+        if not a.native:
+            print(f"  budget's prediction                {r['predicted'] / GiB:7.3f} GiB   (ratio measured/predicted {r['growth'] / r['predicted']:.2f})")
         print(f"  old in-place fp32 conversion added {r['fp32_conversion'] / GiB:7.3f} GiB   (ratio growth/conversion {r['growth'] / r['fp32_conversion']:.2f})")
         return 0
     from native_vs_cat import boot
