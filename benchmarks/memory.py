@@ -101,6 +101,22 @@ def budget_row(kind: str, res: int, rank: int = 16, alpha: float = 1.0, batch: i
             "act_off": probe.plain * rows, "act_on": probe.checkpointed * rows}
 
 
+def random_bf16_model(kind: str, res: int):
+    """(ModelPatcher, BaseModel, generator, context width, 2 latents): random bf16 weights from seed 0, so ours and
+    the native node train the very same model on the very same latents."""
+    import torch
+    import comfy.model_management as mm
+    import comfy.model_patcher
+
+    _, base = unet(kind, "cpu")
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n, p in base.diffusion_model.named_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * (0.02 if p.ndim > 1 else 0.01) + (1.0 if p.ndim == 1 and "norm" in n else 0))
+    mp = comfy.model_patcher.ModelPatcher(base, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+    return mp, base, g, 2048 if kind == "sdxl" else 768, torch.randn(2, 4, res // 8, res // 8, generator=g)
+
+
 def rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
@@ -113,8 +129,6 @@ def measure(kind: str, res: int, steps: int, checkpointing: str) -> dict:
 
     boot()
     _pack()
-    import comfy.model_management as mm
-    import comfy.model_patcher
     from comfyui_cat.cat_train.adapter import LoraSpec
     from comfyui_cat.cat_train.loss import CatLossConfig
     from comfyui_cat.cat_train.precision import mixed_precision_name
@@ -123,14 +137,7 @@ def measure(kind: str, res: int, steps: int, checkpointing: str) -> dict:
     from comfyui_cat.nodes.trainer import memory_budget
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    _, base = unet(kind, "cpu")
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for n, p in base.diffusion_model.named_parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * (0.02 if p.ndim > 1 else 0.01) + (1.0 if p.ndim == 1 and "norm" in n else 0))
-    mp = comfy.model_patcher.ModelPatcher(base, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
-    ctx = 2048 if kind == "sdxl" else 768
-    lat = torch.randn(2, 4, res // 8, res // 8, generator=g)
+    mp, base, g, ctx, lat = random_bf16_model(kind, res)
     extra = {"y": torch.randn(2816, generator=g)} if kind == "sdxl" else {}
     examples = [Example(lat[i], {"context": torch.randn(77, ctx, generator=g), **extra},
                         {"context": torch.randn(77, ctx, generator=g), **extra}) for i in range(2)]
@@ -164,18 +171,9 @@ def measure_native(kind: str, res: int, steps: int, checkpointing: str) -> dict:
     from native_vs_cat import boot
 
     boot()
-    import comfy.model_management as mm
-    import comfy.model_patcher
     import comfy_extras.nodes_train as nt
 
-    _, base = unet(kind, "cpu")
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for n, p in base.diffusion_model.named_parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * (0.02 if p.ndim > 1 else 0.01) + (1.0 if p.ndim == 1 and "norm" in n else 0))
-    mp = comfy.model_patcher.ModelPatcher(base, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
-    ctx = 2048 if kind == "sdxl" else 768
-    lat = torch.randn(2, 4, res // 8, res // 8, generator=g)
+    mp, base, g, ctx, lat = random_bf16_model(kind, res)
     cond = torch.randn(1, 77, ctx, generator=g)
     with torch.no_grad(), torch.inference_mode(False):  # the same warm-up as ours: one no-grad forward
         base.diffusion_model(lat[:1].to(torch.bfloat16), torch.tensor([500.0]), context=cond.to(torch.bfloat16))
