@@ -90,24 +90,22 @@ def positive_int(text: str) -> int:
     return v
 
 
-def positive_float(text: str) -> float:
+def _finite_float(text: str, ok, bound: str) -> float:
     try:
         v = float(text)
     except ValueError:
         v = float("nan")
-    if not (math.isfinite(v) and v > 0):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number > 0")
+    if not (math.isfinite(v) and ok(v)):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number {bound}")
     return v
+
+
+def positive_float(text: str) -> float:
+    return _finite_float(text, lambda v: v > 0, "> 0")
 
 
 def non_negative_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        v = float("nan")
-    if not (math.isfinite(v) and v >= 0):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number >= 0")
-    return v
+    return _finite_float(text, lambda v: v >= 0, ">= 0")
 
 
 def output_folder(text: str) -> Path:

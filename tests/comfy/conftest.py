@@ -176,3 +176,26 @@ def shrink_for_cpu(g: dict, kind: str, dataset_dir, open_clip_name: str, **train
     for node in g.values():
         node["inputs"].update(small.get(node["class_type"], {}))
     return g
+
+
+def adapted_vs_stock_predictions(comfy, mp, den, example, weights, spec, loaded, t):
+    """(base, adapted, stock, restored) predictions of one training example at timestep t: the base UNet, the
+    trainer's adapter injected with `weights`, the stock-loaded LoRA patcher `loaded` (its weights merged into
+    the shared UNet), and the base again after ComfyUI unpatched it."""
+    import comfy.model_management as mm
+
+    A = pack_module(comfy, "cat_train.adapter")
+    unet = mp.model.diffusion_model
+    x_t = den.schedule.add_noise(example.latent[None], torch.randn_like(example.latent[None]), t)
+    cond = {k: v[None] for k, v in example.cond_token.items()}
+    with torch.no_grad():
+        base = den.predict(x_t, t, cond)
+        A.inject_lora(unet, spec)
+        A.load_lora_weights(unet, weights)
+        adapted = den.predict(x_t, t, cond)
+        A.remove_lora(unet)
+        mm.load_models_gpu([loaded])
+        stock = den.predict(x_t, t, cond)
+        loaded.unpatch_model()
+        restored = den.predict(x_t, t, cond)
+    return base, adapted, stock, restored

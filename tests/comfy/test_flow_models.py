@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from conftest import pack_module
+from conftest import adapted_vs_stock_predictions, pack_module
 from tiny_models import tiny_model
 
 FAMILIES = ["sd3", "flux"]
@@ -73,7 +73,6 @@ def test_train_save_stock_load_roundtrip(comfy, flow_models, kind, dataset_dir, 
     """CAT (alpha 1) trains; the input MODEL is bit-identical (dtype too); the saved LoRA loads through the stock
     LoraLoaderModelOnly, patches exactly the trained modules, and predicts what the trainer's adapted network does."""
     import comfy.lora as comfy_lora
-    import comfy.model_management as mm
 
     mp, clip, vae = flow_models[kind]
     tr, cm, A, L, T = _mods(comfy)
@@ -113,21 +112,8 @@ def test_train_save_stock_load_roundtrip(comfy, flow_models, kind, dataset_dir, 
     assert set(patched.patches) == set(loaded.patches)
 
     ex = tr.model_examples(mp, ds, loss)[0]
-    den = cm.ComfyDenoiser(mp)
-    t = torch.tensor([600.0])
-    x_t = den.schedule.add_noise(ex.latent[None], torch.randn_like(ex.latent[None]), t)
-    cond = {k: v[None] for k, v in ex.cond_token.items()}
-    unet = mp.model.diffusion_model
-    with torch.no_grad():
-        base = den.predict(x_t, t, cond)
-        A.inject_lora(unet, spec)
-        A.load_lora_weights(unet, res.weights)
-        adapted = den.predict(x_t, t, cond)
-        A.remove_lora(unet)
-        mm.load_models_gpu([loaded])
-        stock = den.predict(x_t, t, cond)
-        loaded.unpatch_model()
-        restored = den.predict(x_t, t, cond)
+    base, adapted, stock, restored = adapted_vs_stock_predictions(
+        comfy, mp, cm.ComfyDenoiser(mp), ex, res.weights, spec, loaded, torch.tensor([600.0]))
     assert (adapted - base).abs().max() > 1e-4
     torch.testing.assert_close(stock, adapted, atol=1e-5, rtol=1e-5)
     assert torch.equal(restored, base) and _same(before, _state(mp))

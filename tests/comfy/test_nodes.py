@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from conftest import pack_module
+from conftest import adapted_vs_stock_predictions, pack_module
 
 
 def _dataset(comfy, folder, mp_clip_vae, res=128):
@@ -88,21 +88,8 @@ def test_train_patch_roundtrip(comfy, kind, request, dataset_dir, tmp_path):
 
     # prediction of the stock-patched model == the trainer's adapted UNet
     ex = tr.model_examples(mp, ds, L.CatLossConfig(1.0, "class", "dog"))[0]
-    den = cm.ComfyDenoiser(mp)
-    t = torch.tensor([500])
-    x_t = den.schedule.add_noise(ex.latent[None], torch.randn_like(ex.latent[None]), t)
-    cond = {k: v[None] for k, v in ex.cond_token.items()}
-    with torch.no_grad():
-        base = den.predict(x_t, t, cond)
-        A.inject_lora(unet, spec)
-        A.load_lora_weights(unet, result.weights)
-        adapted = den.predict(x_t, t, cond)
-        A.remove_lora(unet)
-        import comfy.model_management as mm
-        mm.load_models_gpu([loaded])
-        stock_pred = den.predict(x_t, t, cond)  # the shared UNet now carries the merged LoRA weights
-        loaded.unpatch_model()
-        restored = den.predict(x_t, t, cond)
+    base, adapted, stock_pred, restored = adapted_vs_stock_predictions(
+        comfy, mp, cm.ComfyDenoiser(mp), ex, result.weights, spec, loaded, torch.tensor([500]))
     assert (adapted - base).abs().max() > 1e-4  # the LoRA changes the prediction...
     torch.testing.assert_close(stock_pred, adapted, atol=1e-5, rtol=1e-5)  # ...identically through ComfyUI's patching (merged vs unmerged fp32 rounding reached 2.2e-6)
     assert torch.equal(restored, base)  # and the input MODEL is bit-identical again
