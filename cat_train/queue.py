@@ -1,6 +1,6 @@
 """`python -m cat_train queue WORKFLOW.api.json`: batch runs through a running ComfyUI server.
 
-    python -m cat_train queue workflows/cat_vs_lora_sd15.api.json --server http://127.0.0.1:8188 \
+    python -m cat_train queue workflows/api/cat_vs_lora_sd15.api.json --server http://127.0.0.1:8188 \
         --set CAT_Dataset.folder=my_dog --sweep 10.cat_factor=0,0.5,1,2 --out runs.json
 
 NODE is a node id ("10") or a node type that occurs once ("CAT_Dataset"). Values are JSON when they
@@ -101,7 +101,7 @@ def load_workflow(path: str) -> dict:
         raise QueueError(f"workflow file {path} is not JSON: {e}.") from None
     if isinstance(data, dict) and "nodes" in data and "links" in data:
         raise QueueError(f"{path} is a UI-format workflow; queue needs the API format "
-                         "(the *.api.json files here, or the editor's 'Export (API)').")
+                         "(the workflows/api/*.api.json files, or the editor's 'Export (API)').")
     if isinstance(data, dict) and "prompt" in data and isinstance(data["prompt"], dict):
         data = data["prompt"]
     if not isinstance(data, dict) or not all(isinstance(v, dict) and "class_type" in v for v in data.values()):

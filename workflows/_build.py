@@ -185,26 +185,56 @@ TRAINER_WIDGETS_H = 460  # computeSize height of the trainer: inputs, outputs an
 LIVE_VIEW_H = 150  # web/cat_live_view.js PLOT_H: reserved under the widgets so the chart covers nothing
 SIZES["CAT_LoraTrainer"] = (380, TRAINER_WIDGETS_H + LIVE_VIEW_H + 10)
 TITLE_H, GAP, PAD, GROUP_TITLE = 30, 30, 20, 50
+# The view a workflow opens at (the editor restores extra.ds): the Note and the data group at the top left, at a
+# zoom where the editor still draws text (frontend 1.27 switches to blank boxes below 8 px / 14 px = 0.57).
+VIEW_SCALE = 0.8
 
-NOTE = """Before you press Run, edit three things:
+def note_text(api: dict) -> str:
+    """The Note's text, written from the graph's own nodes: it names only nodes and widgets that this graph has
+    (tests/comfy/test_workflows.py checks every 'Node > widget' it names against the graph)."""
+    types = [v["class_type"] for v in api.values()]
+    count = lambda cls: types.count(cls)
+    how_many = lambda cls, name: name if count(cls) == 1 else f"each of the {count(cls)} {name} nodes"
+    steps = []
+    if "CheckpointLoaderSimple" in types:
+        ckpt = next(v["inputs"]["ckpt_name"] for v in api.values() if v["class_type"] == "CheckpointLoaderSimple")
+        family = "SDXL" if "xl" in ckpt else "SD1.5"
+        steps.append(f"Load Checkpoint > ckpt_name: your {family} checkpoint (models/checkpoints).")
+    if "UNETLoader" in types:
+        steps.append("Load Diffusion Model > unet_name: Flux dev in bf16 or fp16 (models/diffusion_models; fp8 files "
+                     "load but have not been tested); DualCLIPLoader: clip_l and t5xxl (models/text_encoders); Load VAE > "
+                     "vae_name: ae (models/vae). The trainer picks the Flux LoRA targets itself from target attn/attn_ff/full.")
+    data = ("CAT Dataset > folder: your images with same-name .txt captions (a subfolder of ComfyUI/input, or a full path); "
+            "triggers: your token (e.g. sks); class_word: what the subject is (e.g. dog).")
+    same = []
+    if "CAT_LossConfig" in types:
+        same.append(f"the same class word in {how_many('CAT_LossConfig', 'CAT Loss Config')}")
+    if "CAT_CatVersionTrainer" in types:
+        same.append("the same class word in CatVersion Trainer > class_word")
+    if "CLIPTextEncode" in types:
+        same.append("the same trigger in the sampling prompts" + (" (the KPS Evaluator's prompts too)" if "CAT_KPSEvaluator" in types else ""))
+    if same:
+        data += " Use " + " and ".join(same) + "."
+    steps.append(data)
+    for cls, name in (("CAT_KPSEvaluator", "KPS Evaluator"), ("CAT_LeakScan", "CAT Leak Scan")):
+        if cls in types:
+            steps.append(f"{how_many(cls, name)} > clip_checkpoint: an open_clip checkpoint in models/clip, and "
+                         "open_clip_model its architecture (OpenAI's original weights: ViT-B-32-quickgelu).")
+    steps[-1] = steps[-1][0].upper() + steps[-1][1:]
+    words = {2: "two", 3: "three", 4: "four"}
+    text = f"Before you press Run, edit {words[len(steps)]} things:\n\n" + "\n\n".join(f"{i}. {t}" for i, t in enumerate(steps, 1))
+    if "CAT_LoraTrainer" in types:
+        text += ("\n\nThe trainer draws its loss curve live and checkpoints to output/cat_checkpoints/<checkpoint_name>; "
+                 "after Cancel, give the last cat-stepNNNNNN.pt to resume_from.")
+    if "CAT_LossConfig" in types:
+        text += " cat_factor 0 is plain LoRA."
+    if "CAT_CatVersionTrainer" in types:
+        text += ("\n\nCatVersion Trainer learns the subject as K/V embeddings in CLIP (UNet and CLIP stay frozen) and "
+                 "draws its loss curve; cat_factor 0 is CatVersion as published.")
+    return text
 
-1. {loader}
 
-2. CAT Dataset > folder: your images with same-name .txt captions (a subfolder of ComfyUI/input, or a full path); \
-triggers: your token (e.g. sks); class_word: what the subject is (e.g. dog). Use the same class word in CAT Loss \
-Config and the same trigger in the sampling prompts (the KPS Evaluator's prompts too).
-
-3. {scorer} > clip_checkpoint: an open_clip checkpoint in models/clip, and open_clip_model its architecture \
-(OpenAI's original weights: ViT-B-32-quickgelu).
-
-The trainer draws its loss curve live and checkpoints to output/cat_checkpoints/<checkpoint_name>; after Cancel, \
-give the last cat-stepNNNNNN.pt to resume_from. cat_factor 0 is plain LoRA."""
-FLUX_LOADERS = ("Load Diffusion Model > unet_name: Flux dev (models/diffusion_models; an fp8 file trains too, "
-                "cast per layer), DualCLIPLoader: clip_l and t5xxl (models/text_encoders), Load VAE > vae_name: ae "
-                "(models/vae). The trainer picks the Flux LoRA targets itself from target attn/attn_ff/full.")
-
-
-def layout(api: dict, title: str) -> tuple[dict[int, tuple[list[int], list[int]]], list[dict], dict]:
+def layout(api: dict) -> tuple[dict[int, tuple[list[int], list[int]]], list[dict], dict]:
     """Node id -> (pos, size), groups and a Note: groups in rows (data; then per trained adapter:
     training, sampling, evaluation), each group a few columns of nodes stacked top to bottom."""
     by_type: dict[str, list[int]] = {}
@@ -290,17 +320,14 @@ def layout(api: dict, title: str) -> tuple[dict[int, tuple[list[int], list[int]]
         x += w + 60
         _, h3 = group("Evaluation: PS, IS, KPS", [[kps, chart]], x, y, "#6a4a8a")
         y += max(h1, h2, h3) + 60
-    model = "SDXL" if "sdxl" in title else "Flux" if "flux" in title else "SD1.5"
-    loader = (FLUX_LOADERS if model == "Flux" else
-              f"Load Checkpoint > ckpt_name: your {model} checkpoint (models/checkpoints).")
     note = {"id": note_id, "type": "Note", "pos": places[note_id][0], "size": places[note_id][1], "flags": {}, "order": 0,
             "mode": 0, "inputs": [], "outputs": [], "properties": {"text": ""},
-            "widgets_values": [NOTE.format(loader=loader, scorer="CAT Leak Scan (both)" if "CAT_LeakScan" in by_type else "KPS Evaluator")],
+            "widgets_values": [note_text(api)],
             "color": "#432", "bgcolor": "#653"}
     return places, groups, note
 
 
-def to_ui(api: dict, mappings: dict, title: str = "") -> dict:
+def to_ui(api: dict, mappings: dict) -> dict:
     """API graph -> litegraph UI graph (nodes, links, widgets_values, groups, a Note) for the schemas in `mappings`."""
     links, nodes = [], []
     out_links: dict[tuple[int, int], list[int]] = {}
@@ -310,7 +337,7 @@ def to_ui(api: dict, mappings: dict, title: str = "") -> dict:
                 lid = len(links) + 1
                 links.append([lid, int(v[0]), int(v[1]), int(nid), name, None])
                 out_links.setdefault((int(v[0]), int(v[1])), []).append(lid)
-    places, groups, note = layout(api, title)
+    places, groups, note = layout(api)
     for order, (nid, node) in enumerate(sorted(api.items(), key=lambda kv: int(kv[0]))):
         cls = mappings[node["class_type"]]
         inputs, widgets = [], []
@@ -338,7 +365,7 @@ def to_ui(api: dict, mappings: dict, title: str = "") -> dict:
                       "properties": {"Node name for S&R": node["class_type"]}, "widgets_values": widgets})
     nodes.insert(0, note)
     return {"last_node_id": note["id"], "last_link_id": len(links), "nodes": nodes, "links": links,
-            "groups": groups, "config": {}, "extra": {}, "version": 0.4}
+            "groups": groups, "config": {}, "extra": {"ds": {"scale": VIEW_SCALE, "offset": [0, 0]}}, "version": 0.4}
 
 
 def main() -> None:
@@ -353,8 +380,8 @@ def main() -> None:
             for key, typ, opts, is_widget in input_specs(ns.nodes.NODE_CLASS_MAPPINGS[node["class_type"]]):
                 if is_widget and key not in node["inputs"] and "default" in opts:
                     node["inputs"][key] = opts["default"]
-        (HERE / f"{name}.api.json").write_text(json.dumps(api, indent=2) + "\n")
-        (HERE / f"{name}.json").write_text(json.dumps(to_ui(api, ns.nodes.NODE_CLASS_MAPPINGS, name), indent=1) + "\n")
+        (HERE / "api" / f"{name}.api.json").write_text(json.dumps(api, indent=2) + "\n")
+        (HERE / f"{name}.json").write_text(json.dumps(to_ui(api, ns.nodes.NODE_CLASS_MAPPINGS), indent=1) + "\n")
         print("wrote", name)
 
 

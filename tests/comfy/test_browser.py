@@ -2,7 +2,8 @@
 driven in headless Chromium through Playwright's Python package (pointed at the system Chromium; no
 browser download).
 
-Each shipped UI workflow is loaded with app.loadGraphData: no missing node types, no node grown by the
+Each template the server lists for this pack (the shipped UI workflows) is fetched as the template browser
+fetches it and loaded with app.loadGraphData: it opens at its saved, readable zoom, no missing node types, no node grown by the
 editor or covering another, and app.graphToPrompt() equals the shipped .api.json input for input. Then a
 tiny training run is queued from the page: the live chart is drawn, the node's progress bar moves, a
 finished run reads "done", and after POST /interrupt the node shows the run as cancelled. Screenshots
@@ -25,7 +26,7 @@ from conftest import ROOT
 from test_server import server, train_graph  # noqa: F401  (the real-server fixture, and its tiny training graph)
 
 WF = ROOT / "workflows"
-UI = sorted(p for p in WF.glob("*.json") if not p.name.endswith(".api.json"))
+UI = sorted(WF.glob("*.json"))
 CHROMIUM = next((p for p in [os.environ.get("CHROMIUM_PATH")] if p and os.access(p, os.X_OK)), None) or next(
     (p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
 
@@ -93,7 +94,12 @@ LOAD = """async (ui) => {
   const nodes = app.graph.nodes.map((n) => ({id: n.id, type: n.type, registered: !!LiteGraph.registered_node_types[n.type],
     errors: !!n.has_errors, size: Array.from(n.size), box: Array.from(n.boundingRect)}));
   const prompt = await app.graphToPrompt();
-  return {nodes, output: prompt.output};
+  // the view it opened at, judged with the editor's default text threshold (8 px; the fixture turns LOD off for shots)
+  const lod = app.canvas.min_font_size_for_lod;
+  app.canvas.min_font_size_for_lod = 8;
+  const view = {scale: app.canvas.ds.scale, offset: Array.from(app.canvas.ds.offset), low_quality: app.canvas.low_quality};
+  app.canvas.min_font_size_for_lod = lod;
+  return {nodes, output: prompt.output, view};
 }"""
 
 
@@ -111,8 +117,12 @@ def _overlapping(nodes: list[dict]) -> list[tuple]:
 
 @pytest.mark.parametrize("path", UI, ids=lambda p: p.name)
 def test_shipped_workflow_loads_as_its_api_graph(editor, shots, path):
-    ui = json.loads(path.read_text())
-    api = json.loads((WF / path.name.replace(".json", ".api.json")).read_text())
+    """Loaded the way the template browser loads it: listed by /workflow_templates, fetched from the server."""
+    listed = editor.evaluate("async () => (await fetch('/workflow_templates')).json()")
+    assert path.stem in listed["ComfyUI-CAT"], f"{path.name} is not offered in the template browser: {listed}"
+    ui = editor.evaluate("async (name) => (await fetch(`/api/workflow_templates/ComfyUI-CAT/${name}.json`)).json()", path.stem)
+    assert ui == json.loads(path.read_text())
+    api = json.loads((WF / "api" / path.name.replace(".json", ".api.json")).read_text())
     r = editor.evaluate(LOAD, ui)
     nodes = r["nodes"]
     assert len(nodes) == len(ui["nodes"])
@@ -122,6 +132,8 @@ def test_shipped_workflow_loads_as_its_api_graph(editor, shots, path):
     grown = [(n["id"], n["type"], shipped[n["id"]], n["size"]) for n in nodes if n["size"] != shipped[n["id"]]]
     assert grown == [], f"the editor resized nodes on load (shipped sizes are too small): {grown}"
     assert _overlapping(nodes) == []
+    assert r["view"]["scale"] == ui["extra"]["ds"]["scale"] and not r["view"]["low_quality"], \
+        f"{path.name} opens at zoom {r['view']['scale']}, where the editor draws blank boxes"
     out = r["output"]
     assert set(out) == set(api), f"prompt nodes {sorted(out)} != API graph nodes {sorted(api)}"
     for nid, node in api.items():

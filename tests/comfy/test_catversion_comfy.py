@@ -150,13 +150,13 @@ def test_kps_evaluator_masked_is(comfy, tiny_open_clip):
 
 
 def test_catversion_workflow_runs_end_to_end(comfy, test_checkpoint_node, tiny_open_clip, dataset_dir, cvdir):
-    """workflows/catversion_sd15.api.json in ComfyUI's executor on the tiny model: trains, saves into
+    """workflows/api/catversion_sd15.api.json in ComfyUI's executor on the tiny model: trains, saves into
     models/catversion, samples with and without the embeddings, and scores the pairs."""
     from pathlib import Path
 
     from conftest import ROOT, run_prompt
 
-    g = json.loads((ROOT / "workflows" / "catversion_sd15.api.json").read_text())
+    g = json.loads((ROOT / "workflows" / "api" / "catversion_sd15.api.json").read_text())
     shrink_for_cpu(g, "sd15", dataset_dir, tiny_open_clip)
     ex = run_prompt(g)
     assert ex.success, ex.status_messages[-1]

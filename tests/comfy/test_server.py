@@ -103,6 +103,19 @@ def test_server_registers_nodes_and_serves_web(server):
     assert "cat.train.progress" in js
 
 
+def test_template_browser_lists_only_ui_graphs(server):
+    """ComfyUI lists every *.json directly in a pack's workflows/ as a template: the UI graphs, never the API ones
+    (those live in workflows/api/), and each listed name is served where the template browser fetches it."""
+    url, _, _ = server
+    listed = json.loads(urllib.request.urlopen(url + "/workflow_templates", timeout=10).read())
+    ui = sorted(p.stem for p in (ROOT / "workflows").glob("*.json"))
+    assert len(ui) >= 6 and sorted(listed["ComfyUI-CAT"]) == ui
+    assert not [n for n in listed["ComfyUI-CAT"] if n.endswith(".api")]
+    for name in ui:
+        graph = json.loads(urllib.request.urlopen(f"{url}/api/workflow_templates/ComfyUI-CAT/{name}.json", timeout=10).read())
+        assert "nodes" in graph and "links" in graph, f"{name}: not a UI graph"
+
+
 def test_prompt_runs_with_progress_and_live_events(server, tmp_path, capsys):
     from cat_train import queue
 

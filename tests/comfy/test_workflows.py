@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -9,8 +10,8 @@ import pytest
 from conftest import ROOT, pack_module, run_prompt, shrink_for_cpu
 
 WF = ROOT / "workflows"
-API = sorted(WF.glob("*.api.json"))
-UI = sorted(p for p in WF.glob("*.json") if not p.name.endswith(".api.json"))
+API = sorted((WF / "api").glob("*.api.json"))
+UI = sorted(WF.glob("*.json"))
 
 
 def _specs(cls):
@@ -98,7 +99,7 @@ def test_ui_workflow_matches_schemas(comfy, path):
     has its widget's type and equals the shipped API graph's input, so nothing lands one slot off."""
     maps = comfy.nodes.NODE_CLASS_MAPPINGS
     ui = json.loads(path.read_text())
-    api = json.loads((WF / path.name.replace(".json", ".api.json")).read_text())
+    api = json.loads((WF / "api" / path.name.replace(".json", ".api.json")).read_text())
     nodes = {n["id"]: n for n in ui["nodes"]}
     assert {str(n["id"]) for n in ui["nodes"] if n["type"] not in FRONTEND_ONLY} == set(api)
     for n in ui["nodes"]:
@@ -125,6 +126,48 @@ def test_ui_workflow_matches_schemas(comfy, path):
     for lid, src, sslot, dst, dslot, typ in ui["links"]:
         assert nodes[src]["outputs"][sslot]["type"] == typ and lid in nodes[src]["outputs"][sslot]["links"]
         assert nodes[dst]["inputs"][dslot]["type"] == typ and nodes[dst]["inputs"][dslot]["link"] == lid
+
+
+NOTE_REF = re.compile(r"(?:[Ee]ach of the (\d+) )?([A-Z][A-Za-z0-9]*(?: [A-Z][A-Za-z0-9]*)*)(?: nodes)? > ([a-z_0-9]+)")
+
+
+@pytest.mark.parametrize("path", UI, ids=lambda p: p.name)
+def test_note_names_only_what_the_graph_has(comfy, path):
+    """The Note is what a user reads first: every 'Node > widget' it names is a node of this graph (by its display
+    name) with that widget, a count it gives is the graph's count, and every pack node it mentions is in the graph."""
+    ui = json.loads(path.read_text())
+    (note,) = [n["widgets_values"][0] for n in ui["nodes"] if n["type"] == "Note"]
+    display = {**{k: k for k in comfy.nodes.NODE_CLASS_MAPPINGS}, **comfy.nodes.NODE_DISPLAY_NAME_MAPPINGS}
+    by_name = {}
+    for n in ui["nodes"]:
+        if n["type"] not in FRONTEND_ONLY:
+            by_name.setdefault(display.get(n["type"], n["type"]), []).append(n["type"])
+    refs = NOTE_REF.findall(note)
+    assert refs, f"{path.name}: the Note names no 'Node > widget' to edit"
+    for count, name, widget in refs:
+        assert name in by_name, f"{path.name}: the Note names {name!r}, which this graph does not have"
+        assert not count or int(count) == len(by_name[name]), f"{path.name}: the Note says {count} {name}, the graph has {len(by_name[name])}"
+        specs, _ = _specs(comfy.nodes.NODE_CLASS_MAPPINGS[by_name[name][0]])
+        assert widget in specs, f"{path.name}: the Note names {name} > {widget}, which has no such widget"
+    pack = {d for k, d in display.items() if k.startswith("CAT_")}
+    for name in pack:
+        if re.search(rf"\b{re.escape(name)}\b", note):
+            assert name in by_name, f"{path.name}: the Note mentions {name!r}, which this graph does not have"
+    if "cat_factor 0 is plain LoRA" in note:
+        assert "CAT Loss Config" in by_name
+
+
+@pytest.mark.parametrize("path", UI, ids=lambda p: p.name)
+def test_workflow_opens_where_the_note_reads(path):
+    """The saved view (extra.ds, restored by the editor) puts the Note on a 1920x1080 screen at a zoom where the
+    frontend still draws text: below MinFontSizeForLOD / NODE_TEXT_SIZE = 8 / 14 it draws blank boxes."""
+    ui = json.loads(path.read_text())
+    ds = ui["extra"]["ds"]
+    assert ds["scale"] >= 8 / 14 + 0.05
+    (note,) = [n for n in ui["nodes"] if n["type"] == "Note"]
+    (x, y), (w, h) = note["pos"], note["size"]
+    sx, sy = (x + ds["offset"][0]) * ds["scale"], (y + ds["offset"][1]) * ds["scale"]
+    assert 0 <= sx and sx + w * ds["scale"] <= 1920 - 100 and 0 <= sy and sy + h * ds["scale"] <= 1080 - 150
 
 
 def _boxes(ui: dict) -> dict[int, tuple[float, float, float, float]]:
@@ -166,7 +209,7 @@ def test_ui_workflow_layout_is_readable(path):
                                         ("cat_flux_train_kps", "flux")])
 def test_workflow_runs_end_to_end(comfy, test_checkpoint_node, tiny_open_clip, dataset_dir, name, kind):
     """A shipped graph, with the checkpoint loader(s) swapped for the tiny model and sizes cut for CPU."""
-    g = shrink_for_cpu(json.loads((WF / f"{name}.api.json").read_text()), kind, dataset_dir, tiny_open_clip)
+    g = shrink_for_cpu(json.loads((WF / "api" / f"{name}.api.json").read_text()), kind, dataset_dir, tiny_open_clip)
     ex = run_prompt(g)
     assert ex.success, ex.status_messages[-1]
     out = ex.history_result["outputs"]
@@ -184,7 +227,7 @@ def test_leak_scan_loop_runs_and_preserves_the_worst_probes(comfy, test_checkpoi
     """train -> scan -> retrain with the scan's worst probes as preservation prompts -> scan again, in one graph."""
     from safetensors import safe_open
 
-    g = shrink_for_cpu(json.loads((WF / "cat_leak_scan_loop_sd15.api.json").read_text()), "sd15", dataset_dir, tiny_open_clip,
+    g = shrink_for_cpu(json.loads((WF / "api" / "cat_leak_scan_loop_sd15.api.json").read_text()), "sd15", dataset_dir, tiny_open_clip,
                        steps=4, learning_rate=5e-2)
     ex = run_prompt(g)
     assert ex.success, ex.status_messages[-1]
