@@ -6,6 +6,7 @@ import argparse
 import math
 import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -118,4 +119,8 @@ def output_folder(text: str) -> Path:
         raise argparse.ArgumentTypeError(f"{text} cannot be a folder: {q} is a file; choose another output folder")
     if not os.access(q, os.W_OK | os.X_OK):
         raise argparse.ArgumentTypeError(f"{text}: no permission to write in {q}; choose another output folder")
+    try:  # permissions do not tell everything (root in /proc, a read-only mount): try, and leave nothing behind
+        os.rmdir(tempfile.mkdtemp(prefix=".cat-probe-", dir=q))
+    except OSError as e:
+        raise argparse.ArgumentTypeError(f"{text}: cannot create folders in {q} ({e.strerror}); choose another output folder") from None
     return p

@@ -22,6 +22,8 @@ def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("args, message", [
     (("demo", "--out", "{file}/x"), "python -m cat_train demo: error: argument --out: {file}/x cannot be a folder: "
                                     "{file} is a file; choose another output folder"),
+    pytest.param(("demo", "--out", "/proc/cat-x"), "argument --out: /proc/cat-x: cannot create folders in /proc",
+                 marks=pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="no /proc on this system")),
     (("demo", "--out", "out", "--steps", "0"), "argument --steps: '0' is not a whole number >= 1"),
     (("bench", "kps", "--steps", "-1"), "python -m cat_train bench: error: argument --steps: '-1' is not a whole number >= 1"),
     (("bench", "kps", "--methods", "lora", "cat1:nope"), "argument --methods: unknown method 'cat1:nope'"),
