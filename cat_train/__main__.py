@@ -1,4 +1,4 @@
-"""`python -m cat_train demo|bench|queue ...`: each subcommand lives in its own module.
+"""`python -m cat_train demo|bench|queue|options-doc ...`: each subcommand lives in its own module.
 
 `-m` finds the package from the repository root only; from any other folder run the package folder
 itself: `python /path/to/ComfyUI-CAT/cat_train demo --out out/demo` (relative paths stay the caller's).
@@ -18,6 +18,7 @@ COMMANDS = {
     "demo": ("cat_train.world.demo", "plain LoRA vs CAT on the embedded world model: image grid, PS/IS/KPS table, LoRAs, loss curve"),
     "bench": ("cat_train.world.bench", "knowledge-preservation benchmark ('bench kps [--quick]')"),
     "queue": ("cat_train.queue", "post an API-format workflow to a running ComfyUI server, with overrides"),
+    "options-doc": ("cat_train.options_doc", "render every option's help into docs/options.md ('--check': compare only)"),
 }
 
 
@@ -26,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         print("usage: python -m cat_train <command> [options]\n\ncommands:")
         for name, (_, doc) in COMMANDS.items():
-            print(f"  {name:6s} {doc}")
+            print(f"  {name:11s} {doc}")
         if argv and argv[0] not in ("-h", "--help"):
             print(f"\nunknown command {argv[0]!r}")
             return 2

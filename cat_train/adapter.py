@@ -59,11 +59,14 @@ def resolved_preset(net: nn.Module, preset: str) -> str:
 
 @dataclass(frozen=True)
 class LoraSpec:
-    rank: int = 16
-    alpha: float = 16.0
-    dropout: float = 0.0
-    preset: str = "attn"
-    extra_targets: tuple[str, ...] = field(default_factory=tuple)  # more module-path suffixes
+    rank: int = field(default=16, metadata={"help": "LoRA rank (>= 1; typical values are 4 to 64)."})
+    alpha: float = field(default=16.0, metadata={"help": "LoRA alpha; scale = alpha / rank (alpha = rank: scale 1)."})
+    dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input, in [0, 1)."})
+    preset: str = field(default="attn", metadata={"help": (
+        "which layers get a LoRA. `attn`: to_q, to_k, to_v, to_out.0 of self- and cross-attention; `attn_ff`: + "
+        "feed-forward; `full`: + proj_in/out and the resnet convs (conv1, conv2, conv_shortcut, time_emb_proj). On "
+        "SD3/Flux each picks that family's own layers (docs/families.md), or name one (`flux_attn`, `sd3_attn_mlp`, ...).")})
+    extra_targets: tuple[str, ...] = field(default_factory=tuple, metadata={"help": "more module-path suffixes to adapt."})
 
     def __post_init__(self):
         if self.rank < 1:

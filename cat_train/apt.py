@@ -44,7 +44,7 @@ from __future__ import annotations
 import contextlib
 import math
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator, NamedTuple
 
 import torch
@@ -56,25 +56,41 @@ AUGMENT_OPS = ("flip", "zoom", "rotate", "shift", "color")
 
 @dataclass
 class AptConfig:
-    adaptive: float = 0.0     # gain of the per-bin response to the overfitting indicator; 0 = off
-    stabilize: float = 0.0    # weight of the representation-stabilization penalty; 0 = off
-    align: float = 0.0        # weight of the attention-alignment penalty; 0 = off
-    bins: int = 10            # timestep bins of the indicator (choice: the paper's count was not readable here)
-    ema: float = 0.9          # indicator smoothing per update of a bin
-    target: float = 0.0       # indicator level tolerated before weighting/augmenting (0: every gain counts)
-    adapt_weight: bool = True    # (a) per-bin weight of the fit loss
-    adapt_augment: bool = True   # (b) per-bin augmentation probability
-    min_weight: float = 0.1   # floor of the fit weight, so no bin stops learning
-    max_augment: float = 0.8  # ceiling of the augmentation probability (some clean samples always remain)
-    augment_ops: tuple[str, ...] = ("zoom", "rotate")  # the paper's affine pair; + "flip", "shift", "color"
-    zoom: float = 0.25        # zoom-out: content scaled by a factor drawn in [1 - zoom, 1]
-    rotate: float = 15.0      # rotation drawn in [-rotate, rotate] degrees
-    shift: float = 0.125      # translation drawn in [-shift, shift] of the side
-    color: float = 0.1        # brightness/contrast jitter amplitude (in the model's [-1, 1] image space)
-    stabilize_layers: str = r"middle_block|output_blocks\.\d+"  # regex, full match of module names
-    stabilize_normalize: bool = True  # shifts in units of the frozen channel's variance: every layer counts alike
-    align_layers: str = r".*\.attn2"  # cross-attention modules (ldm/ComfyUI naming)
-    align_distance: str = "mse"       # "mse" or "kl" (KL(frozen || adapted) per query row)
+    adaptive: float = field(default=0.0, metadata={"help": (
+        "gain of the per-timestep-bin response to the overfitting indicator o_b: fit weight 1 - gain*o_b, augmentation "
+        "probability gain*o_b (0 = off).")})
+    stabilize: float = field(default=0.0, metadata={"help": (
+        "weight of the representation-stabilization penalty: shift of per-channel feature mean/variance, adapted vs "
+        "frozen (0 = off; 5, the APT Options node's default, was calibrated on the world model, not on SD).")})
+    align: float = field(default=0.0, metadata={"help": (
+        "weight of the attention-alignment penalty: cross-attention maps, adapted vs frozen (0 = off; 1000 for the MSE "
+        "of probabilities, the APT Options node's default, was calibrated on the world model, not on SD).")})
+    bins: int = field(default=10, metadata={"help": (
+        "timestep bins of the overfitting indicator (a choice: the paper's count was not readable here).")})
+    ema: float = field(default=0.9, metadata={"help": "indicator smoothing per update of a bin, in [0, 1)."})
+    target: float = field(default=0.0, metadata={"help": (
+        "indicator level tolerated before weighting and augmenting (0: every gain counts).")})
+    adapt_weight: bool = field(default=True, metadata={"help": "(a) per-bin weight of the fit loss."})
+    adapt_augment: bool = field(default=True, metadata={"help": "(b) per-bin augmentation probability."})
+    min_weight: float = field(default=0.1, metadata={"help": "floor of the fit weight, so no bin stops learning."})
+    max_augment: float = field(default=0.8, metadata={"help": (
+        "ceiling of the augmentation probability (some clean samples always remain).")})
+    augment_ops: tuple[str, ...] = field(default=("zoom", "rotate"), metadata={"help": (
+        f"augmentations, from {', '.join(AUGMENT_OPS)} (the paper: zoom-out and rotation); empty = loss weighting "
+        "only. The node takes them comma separated.")})
+    zoom: float = field(default=0.25, metadata={"help": "zoom-out: content scaled by a factor drawn in [1 - zoom, 1]."})
+    rotate: float = field(default=15.0, metadata={"help": "rotation drawn in [-rotate, rotate] degrees."})
+    shift: float = field(default=0.125, metadata={"help": "translation drawn in [-shift, shift] of the side."})
+    color: float = field(default=0.1, metadata={"help": (
+        "brightness/contrast jitter amplitude (in the model's [-1, 1] image space).")})
+    stabilize_layers: str = field(default=r"middle_block|output_blocks\.\d+", metadata={"help": (
+        "regex (full match) of the UNet modules whose outputs are stabilized.")})
+    stabilize_normalize: bool = field(default=True, metadata={"help": (
+        "shifts in units of the frozen channel's variance, so every layer counts alike.")})
+    align_layers: str = field(default=r".*\.attn2", metadata={"help": (
+        "regex (full match) of the cross-attention modules aligned (ldm/ComfyUI naming).")})
+    align_distance: str = field(default="mse", metadata={"help": (
+        "`mse`, or `kl` (KL(frozen || adapted) per query row).")})
 
     def __post_init__(self):
         self.augment_ops = tuple(self.augment_ops)

@@ -45,10 +45,12 @@ PAPER_LAYERS = 3  # last 3 of CLIP ViT-L/14's 12 layers in the released adapters
 
 @dataclass
 class CatVersionSpec:
-    layers: int | tuple[int, ...] = PAPER_LAYERS  # int N: the last N layers feeding the output; tuple: explicit indices
-    length: int = 1                                # embeddings per layer (prefix length)
-    init: Literal["normal", "zeros"] = "normal"    # "normal": N(0, init_std²) as the reference (randn)
-    init_std: float = 1.0
+    layers: int | tuple[int, ...] = field(default=PAPER_LAYERS, metadata={"help": (
+        "int N: the last N self-attention layers that feed the output (the paper: 3); a tuple: explicit layer indices.")})
+    length: int = field(default=1, metadata={"help": "embeddings per layer, the prefix length (the paper: 1)."})
+    init: Literal["normal", "zeros"] = field(default="normal", metadata={"help": (
+        "`normal`: N(0, init_std²) as the reference code (randn); or `zeros`.")})
+    init_std: float = field(default=1.0, metadata={"help": "standard deviation of the `normal` init."})
 
     def __post_init__(self):
         if isinstance(self.layers, int):
@@ -345,14 +347,19 @@ def load_catversion(path: str | Path, expect: Mapping[str, Mapping] | None = Non
 
 @dataclass
 class CatVersionConfig:
-    steps: int = 1000        # the released adapters: 1000 steps (adapter_gs-999)
-    lr: float = 1e-2         # 5e-3 base rate x batch 2 (LDM's scale_lr)
-    batch_size: int = 2
-    weight_decay: float = 0.01  # torch AdamW's default, as the reference
-    alpha: float = 0.0       # CAT factor: 0 = CatVersion as published
-    preservation: PreservationMode = "class"
-    class_word: str | dict[str, str] = ""
-    seed: int = 0
+    steps: int = field(default=1000, metadata={"help": "optimizer steps (the released adapters: 1000, adapter_gs-999)."})
+    lr: float = field(default=1e-2, metadata={"help": "AdamW learning rate (the paper: 1e-2 = 5e-3 base rate x batch 2, LDM's scale_lr)."})
+    batch_size: int = field(default=2, metadata={"help": "images per step (the paper: 2)."})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (torch's default, as the reference)."})
+    alpha: float = field(default=0.0, metadata={"help": (
+        "CAT factor: 0 = CatVersion as published; > 0 adds the CAT term, which keeps the preservation prompt's "
+        "conditioning (UNet on y encoded without the embeddings vs with them).")})
+    preservation: PreservationMode = field(default="class", metadata={"help": (
+        "for alpha > 0, how y is made from the caption: `class`, `strip` or `empty` (as CatLossConfig).")})
+    class_word: str | dict[str, str] = field(default="", metadata={"help": (
+        "for alpha > 0 and `class`: y = the caption with the trigger replaced by this word (the node: the dataset's "
+        "class word when empty).")})
+    seed: int = field(default=0, metadata={"help": "seeds init, batches, timesteps and noise: same seed, same embeddings (bit for bit on CPU)."})
 
     def __post_init__(self):
         for ok, msg in [(self.steps >= 1, f"steps must be >= 1, got {self.steps} (the paper: 1000)."),

@@ -24,12 +24,25 @@ from .prompts import PreservationMode, parse_class_words
 
 @dataclass
 class CatLossConfig:
-    alpha: float = 1.0                       # the CAT factor; the paper tried 0.5, 1, 1.5, 2
-    preservation: PreservationMode = "class"  # how y is made from y_T: "empty", "strip" or "class"
-    class_word: str | dict[str, str] = ""     # for "class": the trigger is replaced by this word ('sks=dog, zwx=cat': per trigger)
-    token_weights: dict[str, float] = field(default_factory=dict)  # per-trigger weight of its preservation term
-    preservation_prompts: tuple[str, ...] = ()  # if given: y is each of these in turn for every image (keeps neighbours)
-    apt: AptConfig = field(default_factory=AptConfig)  # APT's regularizers (cat_train/apt.py); all off by default
+    alpha: float = field(default=1.0, metadata={"help": (
+        "CAT factor α, the weight of the CAT term; 0 = plain LoRA (the preservation passes are skipped). Must be >= 0; "
+        "the paper tried 0.5, 1, 1.5 and 2.")})
+    preservation: PreservationMode = field(default="class", metadata={"help": (
+        "how y is made from the caption y_T: `class` (trigger replaced by the class word: 'sks dog' -> 'dog', not "
+        "'dog dog'), `strip` (trigger removed) or `empty` ('').")})
+    class_word: str | dict[str, str] = field(default="", metadata={"help": (
+        "for `class` preservation: the word that replaces the trigger; one word, or one per trigger "
+        "('sks=dog, zwx=cat', or a dict).")})
+    token_weights: dict[str, float] = field(default_factory=dict, metadata={"help": (
+        "multi-concept: weight of each trigger's preservation term (1.0 if absent; a caption with several triggers "
+        "takes their mean). In the node one 'token=weight' per line.")})
+    preservation_prompts: tuple[str, ...] = field(default=(), metadata={"help": (
+        "optional prompts each image is paired with as y, every one in turn, so the CAT term keeps all of them (e.g. "
+        "neighbouring classes a leak scan flagged); empty: y from the caption by the preservation mode. In the node "
+        "one prompt per line.")})
+    apt: AptConfig = field(default_factory=AptConfig, metadata={"help": (
+        "APT's regularizers (AptConfig, cat_train/apt.py), all off by default. In ComfyUI an APT Options node feeds "
+        "CAT Loss Config's optional `apt` input; the LoRA records them as `cat_apt`.")})
 
     def __post_init__(self):
         if not self.alpha >= 0:  # also catches NaN

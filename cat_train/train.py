@@ -31,22 +31,32 @@ CHECKPOINT_FORMAT = "cat_train.checkpoint/1"
 
 @dataclass
 class TrainConfig:
-    steps: int = 600
-    lr: float = 1e-4
-    weight_decay: float = 0.01
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    lr_schedule: Literal["constant", "cosine"] = "constant"
-    warmup_steps: int = 0
-    batch_size: int = 1
-    grad_accum: int = 1
-    seed: int = 0
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # autocast dtype of the forward ("fp16": GPU only, grad scaler)
-    gradient_checkpointing: bool = False
-    save_every: int = 0           # checkpoint every N steps (0: only on stop, cancel or error)
-    checkpoint_dir: str | None = None
-    max_grad_norm: float = 0.0    # 0: no clipping (the paper uses none)
-    device: str | None = None     # default: where the module's parameters are
+    steps: int = field(default=600, metadata={"help": "optimizer steps (the paper: 600)."})
+    lr: float = field(default=1e-4, metadata={"help": "AdamW learning rate (the paper: 1e-4)."})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (the paper's)."})
+    betas: tuple[float, float] = field(default=(0.9, 0.999), metadata={"help": "AdamW betas (the paper's)."})
+    eps: float = field(default=1e-8, metadata={"help": "AdamW eps (the paper's)."})
+    lr_schedule: Literal["constant", "cosine"] = field(default="constant", metadata={"help": (
+        "`constant`, or `cosine` (to 0 at the last step).")})
+    warmup_steps: int = field(default=0, metadata={"help": "linear learning-rate warm-up steps."})
+    batch_size: int = field(default=1, metadata={"help": "images per micro-batch (drawn from one aspect bucket)."})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step."})
+    seed: int = field(default=0, metadata={"help": (
+        "seeds the batch order, timesteps, noise, LoRA init and dropout: same seed, same LoRA (bit for bit on CPU).")})
+    mixed_precision: Literal["no", "bf16", "fp16"] = field(default="no", metadata={"help": (
+        "autocast dtype of the forward: `no`, `bf16` (GPU or CPU) or `fp16` (GPU only, with a grad scaler); latents, "
+        "noise and targets stay fp32.")})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": (
+        "recompute UNet blocks in backward: less memory, ~30-60% slower. The ComfyUI trainer's `auto` turns it on "
+        "only when the memory budget printed before step 1 says it is needed.")})
+    save_every: int = field(default=0, metadata={"help": (
+        "a resumable checkpoint (LoRA + optimizer + RNG state) every N steps; 0: only on stop, cancel or error. The "
+        "ComfyUI trainer also writes a loadable LoRA models/loras/<checkpoint name>_stepNNNNNN.safetensors.")})
+    checkpoint_dir: str | None = field(default=None, metadata={"help": (
+        "where checkpoints go (`cat-stepNNNNNN.pt`); None: no checkpoints.")})
+    max_grad_norm: float = field(default=0.0, metadata={"help": "gradient clipping norm; 0 = off (the paper uses none)."})
+    device: str | None = field(default=None, metadata={"help": (
+        "where training runs; None: where the module's parameters are.")})
 
     def __post_init__(self):
         checks = [

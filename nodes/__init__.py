@@ -8,6 +8,7 @@ from comfy_api.latest import ComfyExtension, io
 
 from ..cat_train.adapter import PRESET_CHAIN, LoraSpec
 from ..cat_train.loss import CatLossConfig
+from ..cat_train.options_doc import help_of
 from ..cat_train.precision import CHOICES as COMPUTE_CHOICES
 from ..cat_train.train import TrainConfig
 
@@ -68,18 +69,16 @@ class CatLossConfigNode(io.ComfyNode):
             node_id="CAT_LossConfig", display_name="CAT Loss Config", category=CATEGORY,
             description="L = ||eps - eps'(z,t,y_T)||^2 + alpha * ||eps(z,t,y) - eps'(z,t,y)||^2; alpha 0 = plain LoRA.",
             inputs=[
-                io.Float.Input("cat_factor", default=1.0, min=0.0, max=10.0, step=0.05, tooltip="alpha; the paper used 0.5-2"),
+                io.Float.Input("cat_factor", default=1.0, min=0.0, max=10.0, step=0.05, tooltip=help_of(CatLossConfig, "alpha")),
                 io.Combo.Input("preservation", options=["class", "strip", "empty"], default="class",
-                               tooltip="y = caption with the trigger replaced by the class word / removed / empty"),
+                               tooltip=help_of(CatLossConfig, "preservation")),
                 io.String.Input("class_word", default="",
-                                tooltip="e.g. 'dog'; several triggers: one class word each, 'sks=dog, zwx=cat'"),
-                io.String.Input("token_weights", default="", multiline=True, tooltip="multi-concept: one 'token=weight' per line"),
+                                tooltip=help_of(CatLossConfig, "class_word")),
+                io.String.Input("token_weights", default="", multiline=True, tooltip=help_of(CatLossConfig, "token_weights")),
                 io.String.Input("preservation_prompts", default="", multiline=True, optional=True,
-                                tooltip="optional: one prompt per line; each image is paired with each as y, so the CAT term "
-                                        "keeps all of them (e.g. neighbouring classes a leak scan flagged). Empty: y from "
-                                        "the caption by the preservation mode"),
+                                tooltip=help_of(CatLossConfig, "preservation_prompts")),
                 io.Custom("CAT_APT_OPTIONS").Input("apt", optional=True,
-                                                   tooltip="optional: APT's regularizers from an APT Options node"),
+                                                   tooltip=help_of(CatLossConfig, "apt")),
             ],
             outputs=[LossConfig.Output(display_name="loss_config")],
         )
@@ -104,24 +103,25 @@ class CatTrainerNode(io.ComfyNode):
             description="Trains a CAT LoRA; returns a clone of MODEL with it applied (the input MODEL is untouched).",
             inputs=[
                 io.Model.Input("model"), Dataset.Input("dataset"), LossConfig.Input("loss_config"),
-                io.Int.Input("rank", default=16, min=1, max=256),
-                io.Float.Input("lora_alpha", default=16.0, min=0.01, max=1024.0, step=0.5),
-                io.Combo.Input("target", options=list(PRESET_CHAIN), default="attn"),
-                io.Int.Input("steps", default=600, min=1, max=100000),
-                io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=1.0, step=1e-5),
-                io.Combo.Input("lr_schedule", options=["constant", "cosine"], default="constant"),
-                io.Int.Input("batch_size", default=1, min=1, max=64),
-                io.Int.Input("grad_accum", default=1, min=1, max=64),
-                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=True),
+                io.Int.Input("rank", default=16, min=1, max=256, tooltip=help_of(LoraSpec, "rank")),
+                io.Float.Input("lora_alpha", default=16.0, min=0.01, max=1024.0, step=0.5, tooltip=help_of(LoraSpec, "alpha")),
+                io.Combo.Input("target", options=list(PRESET_CHAIN), default="attn", tooltip=help_of(LoraSpec, "preset")),
+                io.Int.Input("steps", default=600, min=1, max=100000, tooltip=help_of(TrainConfig, "steps")),
+                io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=1.0, step=1e-5, tooltip=help_of(TrainConfig, "lr")),
+                io.Combo.Input("lr_schedule", options=["constant", "cosine"], default="constant",
+                               tooltip=help_of(TrainConfig, "lr_schedule")),
+                io.Int.Input("batch_size", default=1, min=1, max=64, tooltip=help_of(TrainConfig, "batch_size")),
+                io.Int.Input("grad_accum", default=1, min=1, max=64, tooltip=help_of(TrainConfig, "grad_accum")),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=True,
+                             tooltip=help_of(TrainConfig, "seed")),
                 io.Combo.Input("dtype", options=list(COMPUTE_CHOICES), default="auto",
                                tooltip="compute dtype of the training forward; base weights keep their stored dtype and "
                                        "LoRA weights are fp32. auto: bf16 on GPUs that have it, else fp16; on the CPU "
                                        "bf16 for a bf16 model, else fp32"),
                 io.Combo.Input("gradient_checkpointing", options=["auto", "on", "off"], default="auto",
-                               tooltip="auto: on only when the memory budget printed before step 1 says it is needed"),
+                               tooltip=help_of(TrainConfig, "gradient_checkpointing")),
                 io.Int.Input("save_every", default=0, min=0, max=100000,
-                             tooltip="every N steps: a resumable checkpoint and a loadable LoRA "
-                                     "models/loras/<checkpoint name>_stepNNNNNN.safetensors (0: checkpoint on cancel/error only)"),
+                             tooltip=help_of(TrainConfig, "save_every")),
                 io.String.Input("checkpoint_name", default="cat_run", tooltip="folder under output/cat_checkpoints/"),
                 io.String.Input("resume_from", default="", optional=True, tooltip="a cat-stepNNNNNN.pt checkpoint to continue"),
             ],

@@ -7,6 +7,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..cat_train.apt import AUGMENT_OPS, AptConfig
+from ..cat_train.options_doc import help_of
 
 CATEGORY = "CAT (contrastive adapter training)"
 AptOptions = io.Custom("CAT_APT_OPTIONS")
@@ -23,29 +24,28 @@ class AptOptionsNode(io.ComfyNode):
                         "cross-attention alignment. Each weight 0 = off; all combine with the CAT factor.",
             inputs=[
                 io.Float.Input("adaptive", default=1.0, min=0.0, max=10.0, step=0.05,
-                               tooltip="gain of the per-bin response: fit weight 1 - gain*indicator, augmentation "
-                                       "probability gain*indicator (0 = off)"),
+                               tooltip=help_of(AptConfig, "adaptive")),
                 io.Float.Input("stabilize", default=5.0, min=0.0, max=1e4, step=0.1,
-                               tooltip="weight of the feature mean/variance penalty, adapted vs frozen (0 = off); "
-                                       "5 was calibrated on the world model, not on SD"),
+                               tooltip=help_of(AptConfig, "stabilize")),
                 io.Float.Input("align", default=1000.0, min=0.0, max=1e6, step=1.0,
-                               tooltip="weight of the cross-attention map penalty, adapted vs frozen (0 = off); "
-                                       "1000 (for the MSE of probabilities) was calibrated on the world model, not on SD"),
-                io.Int.Input("bins", default=_D.bins, min=1, max=100, tooltip="timestep bins of the overfitting indicator"),
+                               tooltip=help_of(AptConfig, "align")),
+                io.Int.Input("bins", default=_D.bins, min=1, max=100, tooltip=help_of(AptConfig, "bins")),
                 io.String.Input("augment", default=", ".join(_D.augment_ops),
-                                tooltip=f"augmentations, comma separated, from {', '.join(AUGMENT_OPS)} "
-                                        "(the paper: zoom-out and rotation); empty = loss weighting only"),
+                                tooltip=help_of(AptConfig, "augment_ops")),
                 io.Float.Input("ema", default=_D.ema, min=0.0, max=0.999, step=0.01, optional=True,
-                               tooltip="indicator smoothing per update of a bin"),
+                               tooltip=help_of(AptConfig, "ema")),
                 io.Float.Input("target", default=_D.target, min=0.0, max=0.99, step=0.01, optional=True,
-                               tooltip="indicator level tolerated before weighting and augmenting"),
-                io.Float.Input("min_weight", default=_D.min_weight, min=0.01, max=1.0, step=0.01, optional=True),
-                io.Float.Input("max_augment", default=_D.max_augment, min=0.0, max=1.0, step=0.01, optional=True),
-                io.Combo.Input("align_distance", options=["mse", "kl"], default=_D.align_distance, optional=True),
+                               tooltip=help_of(AptConfig, "target")),
+                io.Float.Input("min_weight", default=_D.min_weight, min=0.01, max=1.0, step=0.01, optional=True,
+                               tooltip=help_of(AptConfig, "min_weight")),
+                io.Float.Input("max_augment", default=_D.max_augment, min=0.0, max=1.0, step=0.01, optional=True,
+                               tooltip=help_of(AptConfig, "max_augment")),
+                io.Combo.Input("align_distance", options=["mse", "kl"], default=_D.align_distance, optional=True,
+                               tooltip=help_of(AptConfig, "align_distance")),
                 io.String.Input("stabilize_layers", default=_D.stabilize_layers, optional=True,
-                                tooltip="regex (full match) of the UNet modules whose outputs are stabilized"),
+                                tooltip=help_of(AptConfig, "stabilize_layers")),
                 io.String.Input("align_layers", default=_D.align_layers, optional=True,
-                                tooltip="regex (full match) of the cross-attention modules aligned"),
+                                tooltip=help_of(AptConfig, "align_layers")),
             ],
             outputs=[AptOptions.Output(display_name="apt")],
         )

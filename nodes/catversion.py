@@ -20,6 +20,7 @@ from comfy_api.latest import io
 
 from ..cat_train import catversion as cv
 from ..cat_train.integrity import changed, module_fingerprint
+from ..cat_train.options_doc import help_of
 
 log = logging.getLogger("ComfyUI-CAT")
 FOLDER = "catversion"
@@ -235,15 +236,16 @@ class CatVersionTrainerNode(io.ComfyNode):
                         "self-attention layers of the CLIP text encoder; the UNet and CLIP weights stay frozen.",
             inputs=[
                 io.Model.Input("model"), io.Clip.Input("clip"), io.Custom("CAT_DATASET").Input("dataset"),
-                io.Int.Input("layers", default=3, min=1, max=64, tooltip="the last N self-attention layers feeding the output (paper: 3)"),
-                io.Int.Input("embeddings_per_layer", default=1, min=1, max=64, tooltip="paper: 1"),
-                io.Int.Input("steps", default=1000, min=1, max=100000, tooltip="paper: 1000"),
-                io.Float.Input("learning_rate", default=1e-2, min=1e-6, max=1.0, step=1e-4, tooltip="paper: 1e-2 (5e-3 x batch 2)"),
-                io.Int.Input("batch_size", default=2, min=1, max=64, tooltip="paper: 2"),
+                io.Int.Input("layers", default=3, min=1, max=64, tooltip=help_of(cv.CatVersionSpec, "layers")),
+                io.Int.Input("embeddings_per_layer", default=1, min=1, max=64, tooltip=help_of(cv.CatVersionSpec, "length")),
+                io.Int.Input("steps", default=1000, min=1, max=100000, tooltip=help_of(cv.CatVersionConfig, "steps")),
+                io.Float.Input("learning_rate", default=1e-2, min=1e-6, max=1.0, step=1e-4, tooltip=help_of(cv.CatVersionConfig, "lr")),
+                io.Int.Input("batch_size", default=2, min=1, max=64, tooltip=help_of(cv.CatVersionConfig, "batch_size")),
                 io.Float.Input("cat_factor", default=0.0, min=0.0, max=10.0, step=0.05,
-                               tooltip="CAT term: 0 = CatVersion as published; > 0 keeps the class prompt's conditioning"),
-                io.String.Input("class_word", default="", tooltip="for cat_factor > 0: y = caption with the trigger -> this word"),
-                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=True),
+                               tooltip=help_of(cv.CatVersionConfig, "alpha")),
+                io.String.Input("class_word", default="", tooltip=help_of(cv.CatVersionConfig, "class_word")),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=True,
+                             tooltip=help_of(cv.CatVersionConfig, "seed")),
             ],
             outputs=[io.Clip.Output(display_name="CLIP"), CatVersionType.Output(display_name="catversion"),
                      io.Image.Output(display_name="loss_curve"), io.String.Output(display_name="summary")],
