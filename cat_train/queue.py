@@ -1,7 +1,11 @@
 """`python -m cat_train queue WORKFLOW.api.json`: batch runs through a running ComfyUI server.
 
-    python -m cat_train queue workflows/api/cat_vs_lora_sd15.api.json --server http://127.0.0.1:8188 \
-        --set CAT_Dataset.folder=my_dog --sweep 10.cat_factor=0,0.5,1,2 --out runs.json
+    python -m cat_train queue workflows/api/cat_sd15_train_kps.api.json --server http://127.0.0.1:8188 \
+        --set CAT_Dataset.folder=my_dog --sweep CAT_LossConfig.cat_factor=0.5,1,2 --out runs.json
+
+A sweep sets only the input it names: the LoRA and checkpoint names stay as the graph has them (the
+files land as name, name_00001, ...; --out records which run wrote which). docs/batch.md shows runs
+whose file names carry the swept value.
 
 NODE is a node id ("10") or a node type that occurs once ("CAT_Dataset"). Values are JSON when they
 parse (numbers, true/false) and strings otherwise. Each --sweep multiplies the runs (all combinations).
