@@ -51,6 +51,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .families import SDUNet
+
 AUGMENT_OPS = ("flip", "zoom", "rotate", "shift", "color")
 
 
@@ -71,9 +73,9 @@ class AptConfig:
     rotate: float = 15.0      # rotation drawn in [-rotate, rotate] degrees
     shift: float = 0.125      # translation drawn in [-shift, shift] of the side
     color: float = 0.1        # brightness/contrast jitter amplitude (in the model's [-1, 1] image space)
-    stabilize_layers: str = r"middle_block|output_blocks\.\d+"  # regex, full match of module names
+    stabilize_layers: str = SDUNet.apt_stabilize_layers  # regex, full match of module names
     stabilize_normalize: bool = True  # shifts in units of the frozen channel's variance: every layer counts alike
-    align_layers: str = r".*\.attn2"  # cross-attention modules (ldm/ComfyUI naming)
+    align_layers: str = SDUNet.apt_align_layers  # cross-attention modules (ldm/ComfyUI naming)
     align_distance: str = "mse"       # "mse" or "kl" (KL(frozen || adapted) per query row)
 
     def __post_init__(self):

@@ -6,7 +6,8 @@ from pathlib import Path
 
 from comfy_api.latest import ComfyExtension, io
 
-from ..cat_train.adapter import PRESET_CHAIN, LoraSpec
+from ..cat_train import families
+from ..cat_train.adapter import LoraSpec
 from ..cat_train.loss import CatLossConfig
 from ..cat_train.precision import CHOICES as COMPUTE_CHOICES
 from ..cat_train.train import TrainConfig
@@ -106,7 +107,7 @@ class CatTrainerNode(io.ComfyNode):
                 io.Model.Input("model"), Dataset.Input("dataset"), LossConfig.Input("loss_config"),
                 io.Int.Input("rank", default=16, min=1, max=256),
                 io.Float.Input("lora_alpha", default=16.0, min=0.01, max=1024.0, step=0.5),
-                io.Combo.Input("target", options=list(PRESET_CHAIN), default="attn"),
+                io.Combo.Input("target", options=list(families.TARGETS), default="attn"),
                 io.Int.Input("steps", default=600, min=1, max=100000),
                 io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=1.0, step=1e-5),
                 io.Combo.Input("lr_schedule", options=["constant", "cosine"], default="constant"),

@@ -20,12 +20,12 @@ import torch
 from ..cat_train.adapter import LoraSpec, lora_param_count
 from ..cat_train.apt import metadata as apt_metadata
 from ..cat_train.budget import DoesNotFit, MemoryBudget, adapter_bytes, probe_activations, tensor_bytes
-from ..cat_train.export import kohya_module_names, to_kohya, training_metadata
+from ..cat_train.export import to_kohya, training_metadata
 from ..cat_train.loss import CatLossConfig
 from ..cat_train.plot import loss_curve
 from ..cat_train.precision import mixed_precision_name
 from ..cat_train.train import Example, StepInfo, TrainConfig, build_examples, train
-from .comfy_model import checkpoint_units, trainable
+from .comfy_model import base_model_version, family_of, trainable
 from .lora_io import CatLora
 
 log = logging.getLogger("ComfyUI-CAT")
@@ -100,7 +100,7 @@ def memory_budget(den, examples: list[Example], spec: LoraSpec, loss_cfg: CatLos
             den.predict(ex.latent[None].to(device), t, cond)
 
     try:
-        probe = probe_activations(module, forward, checkpoint_units(module))
+        probe = probe_activations(module, forward, den.family.checkpoint_units(module))
     except (torch.OutOfMemoryError, MemoryError) as e:
         raise DoesNotFit(f"out of memory in one no-grad forward at batch 1 ({tuple(ex.latent.shape)} latent) on {device}, "
                          "before training: lower the resolution, or free the GPU of other programs.") from e
@@ -138,7 +138,7 @@ def train_on_model(mp, dataset, loss_cfg: CatLossConfig, spec: LoraSpec, cfg: Tr
         cb = progress_callback(node_id, cfg.steps)
         cfg = dataclasses.replace(cfg, mixed_precision=mixed_precision_name(den.compute_dtype), gradient_checkpointing=ckpt_on)
         result = train(den, examples, loss_cfg, spec, cfg, callback=cb, resume=resume or None, on_save=on_save)
-    sd = CatLora(to_kohya(result.weights, kohya_module_names(mp.model.diffusion_model)))
+    sd = CatLora(to_kohya(result.weights, den.family.kohya_names(mp.model.diffusion_model)))
     sd.metadata = metadata(loss_cfg, spec, cfg, dataset, result.steps_done, result.history, base_model_version(mp))
     patched, _ = comfy.sd.load_lora_for_models(mp, None, dict(sd), 1.0, 0)
     hist = result.history
@@ -150,20 +150,6 @@ def train_on_model(mp, dataset, loss_cfg: CatLossConfig, spec: LoraSpec, cfg: Tr
     curve = loss_curve(hist, keys=("loss", "fit", "keep") if loss_cfg.alpha else ("loss",), title="CAT training loss")
     image = torch.from_numpy(np.asarray(curve, dtype=np.float32) / 255.0)[None]
     return patched, sd, image, summary, result
-
-
-_KOHYA_VERSION = {"SD15": "sd_v1", "SD20": "sd_v2", "SD21UnclipL": "sd_v2", "SD21UnclipH": "sd_v2",
-                  "SDXL": "sdxl_base_v1-0", "SDXLRefiner": "sdxl_refiner_v1-0", "SSD1B": "sdxl_base_v1-0",
-                  "SD3": "sd3", "Flux": "flux1"}  # kohya's sd-scripts writes "sd3" and "flux1" for these
-
-
-def base_model_version(mp) -> str:
-    """kohya's ss_base_model_version for the loaded family (its config class name when kohya has none)."""
-    cfg = getattr(mp.model, "model_config", None)
-    for cls in type(cfg).__mro__ if cfg is not None else ():
-        if cls.__name__ in _KOHYA_VERSION:
-            return _KOHYA_VERSION[cls.__name__]
-    return type(cfg).__name__.lower() if cfg is not None else ""
 
 
 def metadata(loss_cfg, spec, cfg, dataset, steps_done: int, history: list[dict], base_version: str = "") -> dict[str, str]:
@@ -183,7 +169,7 @@ def step_lora_writer(mp, folder, name: str, loss_cfg, spec, cfg, dataset):
     from ..cat_train.export import save_lora
     from .lora_io import safe_lora_path
 
-    names = kohya_module_names(mp.model.diffusion_model)
+    names = family_of(mp).kohya_names(mp.model.diffusion_model)
     version = base_model_version(mp)
 
     def write(step: int, weights) -> None:
