@@ -7,9 +7,8 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..cat_train.apt import AUGMENT_OPS, AptConfig
+from .common import CATEGORY, AptOptions
 
-CATEGORY = "CAT (contrastive adapter training)"
-AptOptions = io.Custom("CAT_APT_OPTIONS")
 _D = AptConfig()
 
 

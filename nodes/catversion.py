@@ -1,7 +1,7 @@
 """CatVersion in ComfyUI: train Key/Value embeddings on the graph's own CLIP, save them, apply them to a CLIP.
 
-Files live in `models/catversion/` (registered here as the folder_paths name "catversion"; extra paths
-can be added in extra_model_paths.yaml under that name). Apply CatVersion returns a *clone* of the CLIP
+Files live in `models/catversion/` (registered as the folder_paths name "catversion" when the pack loads; extra
+paths can be added in extra_model_paths.yaml under that name). Apply CatVersion returns a *clone* of the CLIP
 whose self-attention `forward`s are replaced by object patches: ComfyUI sets them when that clone loads
 and restores the originals when another clone of the same CLIP loads, so the input CLIP encodes exactly
 as before. Training installs the embeddings on the shared modules only inside the trainer and removes
@@ -14,17 +14,19 @@ import logging
 import os
 import time
 
-import numpy as np
 import torch
 from comfy_api.latest import io
 
 from ..cat_train import catversion as cv
 from ..cat_train.integrity import changed, module_fingerprint
+from ..cat_train.plot import loss_curve
+from ..cat_train.train import StepInfo
+from .comfy_model import _leave_inference_mode, adm_y, trainable
+from .common import CATEGORY, CatVersion, Dataset, image_of, progress_callback
+from .lora_io import name_problem, safe_lora_path
 
 log = logging.getLogger("ComfyUI-CAT")
 FOLDER = "catversion"
-CATEGORY = "CAT (contrastive adapter training)"
-CatVersionType = io.Custom("CATVERSION")
 
 
 def register_folder() -> str:
@@ -37,9 +39,6 @@ def register_folder() -> str:
     else:
         folder_paths.folder_names_and_paths[FOLDER][1].add(".safetensors")
     return default
-
-
-register_folder()
 
 
 # ---------------------------------------------------------------- CLIP internals
@@ -124,8 +123,7 @@ def _finish(mp):
     """Batched encoder output -> the UNet's cond for these latents (SDXL: y from pooled output and size)."""
     def finish(c: dict, x0: torch.Tensor) -> dict:
         h, w = x0.shape[-2] * 8, x0.shape[-1] * 8
-        adm = mp.model.encode_adm(pooled_output=c.get("pooled"), width=w, height=h, crop_w=0, crop_h=0, target_width=w,
-                                  target_height=h, device=c["context"].device, prompt_type="positive")
+        adm = adm_y(mp, c.get("pooled"), w, h, c["context"].device)
         out = {"context": c["context"]}
         if adm is not None:
             out["y"] = adm.to(c["context"])
@@ -179,11 +177,6 @@ def train_on_clip(mp, clip, dataset, spec: cv.CatVersionSpec, cfg: cv.CatVersion
                   compute: str = "auto"):
     """(CLIP clone with the embeddings, CatVersionWeights, loss-curve IMAGE, summary). The input MODEL and CLIP are
     checked bit for bit afterwards; a difference is raised, never passed over."""
-    from ..cat_train.plot import loss_curve
-    from ..cat_train.train import StepInfo
-    from .comfy_model import _leave_inference_mode, trainable
-    from .trainer import progress_callback
-
     t0 = time.perf_counter()
     items = []
     with trainable(mp, compute) as den:
@@ -218,8 +211,7 @@ def train_on_clip(mp, clip, dataset, spec: cv.CatVersionSpec, cfg: cv.CatVersion
     summary = (f"CatVersion: {len(hist)}/{cfg.steps} steps in {time.perf_counter() - t0:.1f}s, {cv.param_count(result.embeddings)} "
                f"parameters ({layers}; {spec.length} per layer), CAT factor {cfg.alpha}\n"
                f"loss first {hist[0]['loss']:.5f} last {hist[-1]['loss']:.5f}; fit {hist[-1]['fit']:.5f} keep {hist[-1]['keep']:.6f}")
-    curve = loss_curve(hist, keys=("loss", "fit", "keep") if cfg.alpha else ("loss",), title="CatVersion training loss")
-    image = torch.from_numpy(np.asarray(curve, dtype=np.float32) / 255.0)[None]
+    image = image_of(loss_curve(hist, keys=("loss", "fit", "keep") if cfg.alpha else ("loss",), title="CatVersion training loss"))
     return applied, weights, image, summary
 
 
@@ -234,7 +226,7 @@ class CatVersionTrainerNode(io.ComfyNode):
             description="CatVersion (arXiv 2311.14631): learns the concept as Key/Value embeddings concatenated in the last "
                         "self-attention layers of the CLIP text encoder; the UNet and CLIP weights stay frozen.",
             inputs=[
-                io.Model.Input("model"), io.Clip.Input("clip"), io.Custom("CAT_DATASET").Input("dataset"),
+                io.Model.Input("model"), io.Clip.Input("clip"), Dataset.Input("dataset"),
                 io.Int.Input("layers", default=3, min=1, max=64, tooltip="the last N self-attention layers feeding the output (paper: 3)"),
                 io.Int.Input("embeddings_per_layer", default=1, min=1, max=64, tooltip="paper: 1"),
                 io.Int.Input("steps", default=1000, min=1, max=100000, tooltip="paper: 1000"),
@@ -245,7 +237,7 @@ class CatVersionTrainerNode(io.ComfyNode):
                 io.String.Input("class_word", default="", tooltip="for cat_factor > 0: y = caption with the trigger -> this word"),
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=True),
             ],
-            outputs=[io.Clip.Output(display_name="CLIP"), CatVersionType.Output(display_name="catversion"),
+            outputs=[io.Clip.Output(display_name="CLIP"), CatVersion.Output(display_name="catversion"),
                      io.Image.Output(display_name="loss_curve"), io.String.Output(display_name="summary")],
             hidden=[io.Hidden.unique_id],
         )
@@ -269,7 +261,7 @@ class SaveCatVersionNode(io.ComfyNode):
         return io.Schema(
             node_id="CAT_SaveCatVersion", display_name="Save CatVersion", category=CATEGORY, is_output_node=True,
             description="Writes the embeddings (.safetensors with metadata) into models/catversion; never overwrites.",
-            inputs=[CatVersionType.Input("catversion"), io.String.Input("name", default="catversion")],
+            inputs=[CatVersion.Input("catversion"), io.String.Input("name", default="catversion")],
             outputs=[io.String.Output(display_name="path")],
         )
 
@@ -277,15 +269,11 @@ class SaveCatVersionNode(io.ComfyNode):
     def validate_inputs(cls, name=None):
         import folder_paths
 
-        from .lora_io import name_problem
-
         return name_problem(folder_paths.get_folder_paths(FOLDER)[0], name, "CatVersion name", "models/catversion", "my_concept")
 
     @classmethod
     def execute(cls, catversion, name) -> io.NodeOutput:
         import folder_paths
-
-        from .lora_io import safe_lora_path
 
         path = cv.save_catversion(safe_lora_path(folder_paths.get_folder_paths(FOLDER)[0], name), dict(catversion),
                                   getattr(catversion, "metadata", {}))

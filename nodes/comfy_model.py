@@ -308,14 +308,22 @@ def _leave_inference_mode(module: torch.nn.Module) -> None:
                 sub._buffers[name] = b.clone()
 
 
-def comfy_cond(mp, conditioning, width: int, height: int) -> Cond:
-    """CONDITIONING -> network kwargs (batched): context, plus y from the model's own encode_adm (SDXL:
-    pooled output and size conditioning, sizes from the conditioning if CLIPTextEncodeSDXL set them; SD3 and
-    Flux: the pooled output), plus Flux's guidance if a FluxGuidance node set one."""
-    cond, extras = conditioning[0][0], dict(conditioning[0][1])
+_SIZES = ("width", "height", "crop_w", "crop_h", "target_width", "target_height")
+
+
+def adm_y(mp, pooled, width: int, height: int, device, **sizes):
+    """The network's `y` from the model's own encode_adm, or None for a model without one (SD1.x). SDXL: the pooled
+    text and size conditioning (this size, no crop, unless `sizes` says otherwise); SD3 and Flux: the pooled text."""
     kw = dict(width=width, height=height, crop_w=0, crop_h=0, target_width=width, target_height=height)
-    kw.update({k: extras[k] for k in kw if k in extras})
-    adm = mp.model.encode_adm(pooled_output=extras.get("pooled_output"), device=cond.device, prompt_type="positive", **kw)
+    kw.update(sizes)
+    return mp.model.encode_adm(pooled_output=pooled, device=device, prompt_type="positive", **kw)
+
+
+def comfy_cond(mp, conditioning, width: int, height: int) -> Cond:
+    """CONDITIONING -> network kwargs (batched): context, plus y (`adm_y`; sizes from the conditioning if
+    CLIPTextEncodeSDXL set them), plus Flux's guidance if a FluxGuidance node set one."""
+    cond, extras = conditioning[0][0], dict(conditioning[0][1])
+    adm = adm_y(mp, extras.get("pooled_output"), width, height, cond.device, **{k: extras[k] for k in _SIZES if k in extras})
     out = {"context": cond}
     if adm is not None:
         out["y"] = adm.to(cond.dtype)

@@ -1,0 +1,43 @@
+"""The CAT Loss Config node: the CAT factor, how y is made from y_T, per-token weights, and APT (optional)."""
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+from ..cat_train.checks import parse_token_weights
+from ..cat_train.loss import CatLossConfig
+from .common import CATEGORY, AptOptions, LossConfig
+
+
+class CatLossConfigNode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="CAT_LossConfig", display_name="CAT Loss Config", category=CATEGORY,
+            description="L = ||eps - eps'(z,t,y_T)||^2 + alpha * ||eps(z,t,y) - eps'(z,t,y)||^2; alpha 0 = plain LoRA.",
+            inputs=[
+                io.Float.Input("cat_factor", default=1.0, min=0.0, max=10.0, step=0.05, tooltip="alpha; the paper used 0.5-2"),
+                io.Combo.Input("preservation", options=["class", "strip", "empty"], default="class",
+                               tooltip="y = caption with the trigger replaced by the class word / removed / empty"),
+                io.String.Input("class_word", default="",
+                                tooltip="e.g. 'dog'; several triggers: one class word each, 'sks=dog, zwx=cat'"),
+                io.String.Input("token_weights", default="", multiline=True, tooltip="multi-concept: one 'token=weight' per line"),
+                io.String.Input("preservation_prompts", default="", multiline=True, optional=True,
+                                tooltip="optional: one prompt per line; each image is paired with each as y, so the CAT term "
+                                        "keeps all of them (e.g. neighbouring classes a leak scan flagged). Empty: y from "
+                                        "the caption by the preservation mode"),
+                AptOptions.Input("apt", optional=True, tooltip="optional: APT's regularizers from an APT Options node"),
+            ],
+            outputs=[LossConfig.Output(display_name="loss_config")],
+        )
+
+    @classmethod
+    def execute(cls, cat_factor, preservation, class_word, token_weights, preservation_prompts="", apt=None) -> io.NodeOutput:
+        weights = parse_token_weights(token_weights)
+        prompts = tuple(line.strip() for line in (preservation_prompts or "").splitlines() if line.strip())
+        cfg = CatLossConfig(cat_factor, preservation, class_word.strip(), weights, prompts)
+        if apt is not None:
+            cfg.apt = apt
+        return io.NodeOutput(cfg)
+
+
+NODES = [CatLossConfigNode]
