@@ -51,7 +51,7 @@ def family_of(mp) -> type[families.Family]:
                    families.SD3: isinstance(base, mb.SD3) and isinstance(net, MMDiT),
                    # Chroma and Flux controlnets reshape the inputs
                    families.Flux: isinstance(base, mb.Flux) and type(net) is FluxNet}
-    if family is None or not written_for[family]:
+    if family is None or not written_for.get(family, False):
         raise ValueError(f"CAT trains {SUPPORTED}; this MODEL is a {type(base).__name__} with a "
                          f"{type(net).__name__} network, which is not supported (video, audio and other image models are refused).")
     if family is families.Flux and net.params.in_channels != net.params.out_channels:
@@ -268,7 +268,7 @@ def trainable(mp, compute: str = "auto") -> Iterator[ComfyDenoiser]:
     check_supported(mp)  # before anything is loaded or cast
     mm.load_models_gpu([mp], memory_required=1e20, force_full_load=True)
     module = mp.model.diffusion_model
-    _leave_inference_mode(module)
+    leave_inference_mode(module)
     before = module_fingerprint(module)
     flags = {n: p.requires_grad for n, p in module.named_parameters()}
     device = next(module.parameters()).device
@@ -295,7 +295,7 @@ def trainable(mp, compute: str = "auto") -> Iterator[ComfyDenoiser]:
 
 
 @torch.inference_mode(False)
-def _leave_inference_mode(module: torch.nn.Module) -> None:
+def leave_inference_mode(module: torch.nn.Module) -> None:
     """ComfyUI loads models inside torch.inference_mode, so their weights are inference tensors, which
     autograd may not save for backward (the LoRA gradient flows through frozen base layers). Swap
     each for an ordinary tensor with the same values (bit-identical outputs; done once per model)."""
