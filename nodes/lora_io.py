@@ -75,6 +75,7 @@ def name_problem(folder: str | os.PathLike, name, field: str, where: str, exampl
 
 
 def metadata(loss_cfg, spec, cfg, dataset, steps_done: int, history: list[dict], base_version: str = "") -> dict[str, str]:
+    """The trained LoRA's header: kohya's ss_* keys and CAT's cat_* keys (APT's settings included)."""
     w, h = max(dataset.buckets, key=lambda wh: wh[0] * wh[1]) if dataset.buckets else (0, 0)
     return training_metadata(
         cat_factor=loss_cfg.alpha, triggers=dataset.triggers, preservation=loss_cfg.preservation,
