@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
-from . import apt, catversion, dataset, evaluate, leak_scan, lora_io, loss_config, trainer
+from . import apt, catversion, dataset, evaluate, leak_scan, loss_config, save_lora, trainer
 
 
 class CatExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         catversion.register_folder()  # models/catversion, before Apply CatVersion lists its files
-        return [*dataset.NODES, *loss_config.NODES, *trainer.NODES, *lora_io.NODES, *evaluate.NODES, *leak_scan.NODES,
+        return [*dataset.NODES, *loss_config.NODES, *trainer.NODES, *save_lora.NODES, *evaluate.NODES, *leak_scan.NODES,
                 *apt.NODES, *catversion.NODES]
 
 

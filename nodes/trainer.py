@@ -29,7 +29,8 @@ from ..cat_train.precision import mixed_precision_name
 from ..cat_train.train import Example, TrainConfig, build_examples, train
 from .comfy_model import adm_y, base_model_version, trainable
 from .common import CATEGORY, Dataset, LossConfig, image_of, progress_callback
-from .lora_io import CatLora, loras_folder, metadata, name_problem, safe_subpath, step_lora_writer
+from .lora_io import CatLora, name_problem, safe_subpath
+from .save_lora import loras_folder, metadata, step_lora_writer
 
 log = logging.getLogger("ComfyUI-CAT")
 
