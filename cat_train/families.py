@@ -96,7 +96,8 @@ class SDUNet(Family):
 
 
 class SDXLUNet(SDUNet):
-    """SDXL-shaped ldm UNets: the SD UNet plus an ADM input (`label_emb`: pooled text and size conditioning)."""
+    """SDXL-shaped ldm UNets: the SD UNet plus an ADM input (`label_emb`: pooled text and size conditioning). SD2
+    unCLIP has one too and is trained alike; its kohya tag comes from its config class (`kohya_base_version`)."""
     name = "sdxl"
     base_versions = {"SDXL": "sdxl_base_v1-0", "SDXLRefiner": "sdxl_refiner_v1-0", "SSD1B": "sdxl_base_v1-0"}
 
