@@ -81,7 +81,8 @@ def budget_row(kind: str, res: int, rank: int = 16, alpha: float = 1.0, batch: i
     _pack()
     from comfyui_cat.cat_train.adapter import LoraSpec, lora_param_count
     from comfyui_cat.cat_train.budget import adapter_bytes, probe_activations, tensor_bytes
-    from comfyui_cat.nodes.comfy_model import _sdpa, checkpoint_units
+    from comfyui_cat.cat_train import families
+    from comfyui_cat.nodes.comfy_model import _sdpa
 
     cfg, base = unet(kind, "meta")
     net = base.diffusion_model
@@ -94,7 +95,7 @@ def budget_row(kind: str, res: int, rank: int = 16, alpha: float = 1.0, batch: i
         net(torch.empty(1, channels, res // 8, res // 8, **meta), torch.zeros(1, device="meta"),
             context=torch.empty(1, tokens, ctx, **meta), transformer_options={"optimized_attention_override": _sdpa}, **kw)
 
-    probe = probe_activations(net, forward, checkpoint_units(net))
+    probe = probe_activations(net, forward, families.of(net).checkpoint_units(net))
     rows = batch * (2 if alpha > 0 else 1)
     return {"kind": kind, "res": res, "weights": tensor_bytes(net.parameters()),
             "adapter": adapter_bytes(lora_param_count(net, LoraSpec(rank=rank))),

@@ -2,7 +2,7 @@
 
 One module tree serves the frozen and the adapted prediction: `adapter_disabled(unet)` turns
 every injected layer into its base layer for the duration, with no copy of the UNet. Layer names
-are the UNet's own module paths (ldm names for SD), which `export` maps to kohya keys.
+are the UNet's own module paths (ldm names for SD), which its model family (`families`) maps to kohya keys.
 """
 from __future__ import annotations
 
@@ -13,48 +13,9 @@ from typing import Iterator
 import torch
 from torch import Tensor, nn
 
+from . import families
+
 ADAPTER = "default"
-
-# Suffixes of module paths each preset adapts (ldm / ComfyUI names; diffusers names in comments).
-PRESETS: dict[str, tuple[str, ...]] = {
-    "attn": ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
-             "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"),
-    "attn_ff": ("ff.net.0.proj", "ff.net.2"),                     # feed-forward of each transformer block
-    "full": ("proj_in", "proj_out",                               # transformer in/out projections
-             "in_layers.2", "out_layers.3", "skip_connection", "emb_layers.1"),  # resnets: conv1, conv2, conv_shortcut, time_emb_proj
-}
-# Flow-matching transformers, in ComfyUI's module names (BFL's for Flux, SAI's MMDiT for SD3; kohya's too).
-PRESETS.update({
-    # Flux single blocks fuse attention and MLP: linear1 = qkv + MLP in, linear2 = attention out + MLP out
-    "flux_attn": ("img_attn.qkv", "img_attn.proj", "txt_attn.qkv", "txt_attn.proj", "linear1", "linear2"),
-    "flux_mlp": ("img_mlp.0", "img_mlp.2", "txt_mlp.0", "txt_mlp.2"),        # double blocks' MLPs
-    "flux_mod": ("img_mod.lin", "txt_mod.lin", "modulation.lin"),          # adaLN modulation
-    "sd3_attn": ("attn.qkv", "attn.proj", "attn2.qkv", "attn2.proj"),      # x and context blocks (attn2: SD3.5M)
-    "sd3_mlp": ("mlp.fc1", "mlp.fc2"),
-    "sd3_mod": ("adaLN_modulation.1",),
-})
-PRESET_CHAIN = {"attn": ("attn",), "attn_ff": ("attn", "attn_ff"), "full": ("attn", "attn_ff", "full"),
-                "flux_attn": ("flux_attn",), "flux_attn_mlp": ("flux_attn", "flux_mlp"),
-                "flux_full": ("flux_attn", "flux_mlp", "flux_mod"),
-                "sd3_attn": ("sd3_attn",), "sd3_attn_mlp": ("sd3_attn", "sd3_mlp"),
-                "sd3_full": ("sd3_attn", "sd3_mlp", "sd3_mod")}
-# The UNet preset names pick their counterpart on a transformer, so one trainer setting serves every family.
-FAMILY_PRESET = {"flux": {"attn": "flux_attn", "attn_ff": "flux_attn_mlp", "full": "flux_full"},
-                 "sd3": {"attn": "sd3_attn", "attn_ff": "sd3_attn_mlp", "full": "sd3_full"}}
-
-
-def model_family(net: nn.Module) -> str:
-    """'flux' (double/single stream blocks), 'sd3' (MMDiT joint blocks) or 'unet' (SD1.x/SDXL and the world UNet)."""
-    if hasattr(net, "double_blocks") or hasattr(net, "single_blocks"):
-        return "flux"
-    if hasattr(net, "joint_blocks"):
-        return "sd3"
-    return "unet"
-
-
-def resolved_preset(net: nn.Module, preset: str) -> str:
-    """The preset that applies to this network: 'attn'/'attn_ff'/'full' become the family's own on a transformer."""
-    return FAMILY_PRESET.get(model_family(net), {}).get(preset, preset)
 
 
 @dataclass(frozen=True)
@@ -75,18 +36,17 @@ class LoraSpec:
             raise ValueError(f"LoRA alpha must be > 0, got {self.alpha}; alpha = rank gives scale 1.")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}.")
-        if self.preset not in PRESET_CHAIN:
-            raise ValueError(f"unknown target preset {self.preset!r}; choose one of {sorted(PRESET_CHAIN)}.")
+        if self.preset not in families.TARGETS:
+            raise ValueError(f"unknown target preset {self.preset!r}; choose one of {sorted(families.TARGETS)}.")
 
     @property
     def suffixes(self) -> tuple[str, ...]:
-        return tuple(s for p in PRESET_CHAIN[self.preset] for s in PRESETS[p]) + tuple(self.extra_targets)
+        return families.target_suffixes(self.preset) + tuple(self.extra_targets)
 
 
 def target_suffixes(unet: nn.Module, spec: LoraSpec) -> tuple[str, ...]:
-    """The module-path suffixes the spec adapts on this network (its family's preset, see `resolved_preset`)."""
-    preset = resolved_preset(unet, spec.preset)
-    return tuple(s for p in PRESET_CHAIN[preset] for s in PRESETS[p]) + tuple(spec.extra_targets)
+    """The module-path suffixes the spec adapts on this network ('attn'/'attn_ff'/'full': its family's own)."""
+    return families.target_suffixes(families.of(unet).target_choice(spec.preset)) + tuple(spec.extra_targets)
 
 
 def target_modules(unet: nn.Module, spec: LoraSpec) -> list[str]:
@@ -95,10 +55,9 @@ def target_modules(unet: nn.Module, spec: LoraSpec) -> list[str]:
     names = [n for n, m in unet.named_modules()
              if isinstance(m, (nn.Linear, nn.Conv2d)) and any(n == s or n.endswith("." + s) for s in suffixes)]
     if not names:
-        family = model_family(unet)
-        fits = {"unet": "attn, attn_ff, full", "flux": "attn, attn_ff, full or flux_*", "sd3": "attn, attn_ff, full or sd3_*"}
-        raise ValueError(f"no module of this {family} model matches LoRA preset {spec.preset!r} (targets {suffixes}); "
-                         f"presets for it: {fits[family]}.")
+        family = families.of(unet)
+        raise ValueError(f"no module of this {family.name} model matches LoRA preset {spec.preset!r} (targets {suffixes}); "
+                         f"presets for it: {family.preset_hint()}.")
     return names
 
 

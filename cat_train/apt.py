@@ -51,6 +51,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .families import SDUNet
+
 AUGMENT_OPS = ("flip", "zoom", "rotate", "shift", "color")
 
 
@@ -83,11 +85,11 @@ class AptConfig:
     shift: float = field(default=0.125, metadata={"help": "translation drawn in [-shift, shift] of the side."})
     color: float = field(default=0.1, metadata={"help": (
         "brightness/contrast jitter amplitude (in the model's [-1, 1] image space).")})
-    stabilize_layers: str = field(default=r"middle_block|output_blocks\.\d+", metadata={"help": (
+    stabilize_layers: str = field(default=SDUNet.apt_stabilize_layers, metadata={"help": (
         "regex (full match) of the UNet modules whose outputs are stabilized.")})
     stabilize_normalize: bool = field(default=True, metadata={"help": (
         "shifts in units of the frozen channel's variance, so every layer counts alike.")})
-    align_layers: str = field(default=r".*\.attn2", metadata={"help": (
+    align_layers: str = field(default=SDUNet.apt_align_layers, metadata={"help": (
         "regex (full match) of the cross-attention modules aligned (ldm/ComfyUI naming).")})
     align_distance: str = field(default="mse", metadata={"help": (
         "`mse`, or `kl` (KL(frozen || adapted) per query row).")})

@@ -131,11 +131,11 @@ def chart(ranked: Sequence[ProbeDrift], worst: Sequence[str] = (), width: int = 
     return img
 
 
-def grid(ranked: Sequence[ProbeDrift], base: Sequence[Tensor], adapted: Sequence[Tensor], gap: int = 8) -> Tensor:
+def grid(ranked: Sequence[ProbeDrift], base: Sequence[Tensor], adapted: Sequence[Tensor], gap: int = 8):
     """One image: a row per probe (ranked order), its base images left and adapted images right, a label above.
 
     base[i] / adapted[i] are the (N, H, W, 3) float images of probe i in the *probe list* order (ProbeDrift.index).
-    Returns a (1, H', W', 3) float tensor in [0, 1] (ComfyUI IMAGE layout)."""
+    Returns a PIL RGB image."""
     from PIL import Image, ImageDraw
 
     n, h, w, _ = base[0].shape
@@ -155,9 +155,4 @@ def grid(ranked: Sequence[ProbeDrift], base: Sequence[Tensor], adapted: Sequence
             arr = (side.detach().float().cpu().clamp(0, 1).numpy() * 255).round().astype(np.uint8)
             for k in range(n):
                 canvas.paste(Image.fromarray(arr[k], "RGB"), (j * (n * w + gap) + k * w, y + label_h))
-    return torch.from_numpy(np.asarray(canvas, dtype=np.float32) / 255.0)[None]
-
-
-def pil_to_image(img) -> Tensor:
-    """PIL RGB -> (1, H, W, 3) float in [0, 1], the IMAGE layout ComfyUI passes between nodes."""
-    return torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0)[None]
+    return canvas

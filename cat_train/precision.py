@@ -7,11 +7,8 @@ of a bf16 model), otherwise fp32.
 """
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 
-ComputeChoice = Literal["auto", "bf16", "fp16", "fp32"]
 CHOICES: tuple[str, ...] = ("auto", "bf16", "fp16", "fp32")
 _BY_NAME = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 

@@ -8,9 +8,8 @@ from comfy_api.latest import io
 
 from ..cat_train.apt import AUGMENT_OPS, AptConfig
 from ..cat_train.options_doc import help_of
+from .common import CATEGORY, AptOptions
 
-CATEGORY = "CAT (contrastive adapter training)"
-AptOptions = io.Custom("CAT_APT_OPTIONS")
 _D = AptConfig()
 
 

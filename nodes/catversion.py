@@ -1,7 +1,7 @@
 """CatVersion in ComfyUI: train Key/Value embeddings on the graph's own CLIP, save them, apply them to a CLIP.
 
-Files live in `models/catversion/` (registered here as the folder_paths name "catversion"; extra paths
-can be added in extra_model_paths.yaml under that name). Apply CatVersion returns a *clone* of the CLIP
+Files live in `models/catversion/` (registered as the folder_paths name "catversion" when the pack loads; extra
+paths can be added in extra_model_paths.yaml under that name). Apply CatVersion returns a *clone* of the CLIP
 whose self-attention `forward`s are replaced by object patches: ComfyUI sets them when that clone loads
 and restores the originals when another clone of the same CLIP loads, so the input CLIP encodes exactly
 as before. Training installs the embeddings on the shared modules only inside the trainer and removes
@@ -9,23 +9,23 @@ them on exit; the CLIP's and the UNet's tensors are checked bit for bit against 
 """
 from __future__ import annotations
 
-import contextlib
-import logging
 import os
 import time
 
-import numpy as np
 import torch
 from comfy_api.latest import io
 
 from ..cat_train import catversion as cv
 from ..cat_train.integrity import changed, module_fingerprint
 from ..cat_train.options_doc import help_of
+from ..cat_train.plot import loss_curve
+from ..cat_train.train import StepInfo
+from .comfy_clip import apply_catversion, clip_encoders, encoder_fn, infos, out_of_place_residuals, output_layer
+from .comfy_model import leave_inference_mode, adm_y, trainable
+from .common import CATEGORY, CatVersion, Dataset, image_of, progress_callback
+from .lora_io import name_problem, safe_lora_path
 
-log = logging.getLogger("ComfyUI-CAT")
 FOLDER = "catversion"
-CATEGORY = "CAT (contrastive adapter training)"
-CatVersionType = io.Custom("CATVERSION")
 
 
 def register_folder() -> str:
@@ -40,68 +40,6 @@ def register_folder() -> str:
     return default
 
 
-register_folder()
-
-
-# ---------------------------------------------------------------- CLIP internals
-
-
-def clip_encoders(clip) -> dict[str, torch.nn.Module]:
-    """The text encoders inside a CLIP's cond_stage_model by attribute name (SD1: clip_l; SDXL: clip_l, clip_g)."""
-    out = {}
-    for name, child in clip.cond_stage_model.named_children():
-        try:
-            cv.find_self_attention(child)
-        except ValueError:
-            continue
-        out[name] = child
-    if not out:
-        raise ValueError(f"this CLIP ({type(clip.cond_stage_model).__name__}) has no text encoder with self-attention "
-                         "layers CatVersion can reach.")
-    return out
-
-
-def output_layer(clip, encoder) -> int | None:
-    """Index of the layer whose output becomes the conditioning (None: the last), honouring CLIP Set Last Layer."""
-    if getattr(clip, "layer_idx", None) is not None:
-        return clip.layer_idx
-    layer = getattr(encoder, "layer", "last")
-    if layer == "penultimate":
-        return -2
-    if layer == "hidden":
-        return getattr(encoder, "layer_idx", None)
-    return None
-
-
-def infos(clip) -> dict[str, dict]:
-    return {n: cv.encoder_info(e) for n, e in clip_encoders(clip).items()}
-
-
-def apply_catversion(clip, embeddings: dict[str, cv.KVEmbeddings], source: str = "the embeddings"):
-    """A clone of `clip` that encodes with the embeddings; the input CLIP is left as it was."""
-    encs = clip_encoders(clip)
-    missing = sorted(set(embeddings) - set(encs))
-    if missing:
-        raise ValueError(f"{source} holds embeddings for text encoder(s) {sorted(embeddings)}, but this CLIP has "
-                         f"{sorted(encs)}: it was trained on another model family; use it with that CLIP or train again.")
-    n = clip.clone()
-    for name, emb in embeddings.items():
-        enc = encs[name]
-        cv.check_compatible(emb.info(), cv.encoder_info(enc), source, name)
-        attn = cv.find_self_attention(enc)
-        out = output_layer(clip, enc)
-        last = len(attn) - 1 if out is None else out % len(attn)
-        late = [i for i in emb.layer_indices if i > last]
-        if late:
-            log.warning("ComfyUI-CAT: %s changes layers %s of %s, after the layer this CLIP outputs (%d): those layers "
-                        "do nothing here (CLIP Set Last Layer / clip skip differs from training).", source, late, name, last)
-        keys, values = emb.keys.detach(), emb.values.detach()
-        for j, i in enumerate(emb.layer_indices):
-            path, module = attn[i]
-            n.patcher.add_object_patch(f"{name}.{path}.forward", cv.prefixed_forward(module, keys[j], values[j]))
-    return n
-
-
 def load_file(clip, name: str):
     """(embeddings, metadata) of models/catversion/<name>, checked against this CLIP (errors name the file)."""
     import folder_paths
@@ -113,9 +51,6 @@ def load_file(clip, name: str):
     return cv.load_catversion(path, expect=infos(clip))
 
 
-# ---------------------------------------------------------------- training
-
-
 class CatVersionWeights(dict):
     """What the trainer passes to Save CatVersion: {encoder name: KVEmbeddings} plus .metadata."""
     metadata: dict[str, str] = {}
@@ -125,8 +60,7 @@ def _finish(mp):
     """Batched encoder output -> the UNet's cond for these latents (SDXL: y from pooled output and size)."""
     def finish(c: dict, x0: torch.Tensor) -> dict:
         h, w = x0.shape[-2] * 8, x0.shape[-1] * 8
-        adm = mp.model.encode_adm(pooled_output=c.get("pooled"), width=w, height=h, crop_w=0, crop_h=0, target_width=w,
-                                  target_height=h, device=c["context"].device, prompt_type="positive")
+        adm = adm_y(mp, c.get("pooled"), w, h, c["context"].device)
         out = {"context": c["context"]}
         if adm is not None:
             out["y"] = adm.to(c["context"])
@@ -134,57 +68,11 @@ def _finish(mp):
     return finish
 
 
-def _encoder_fn(clip):
-    """prompts -> {"context", "pooled"} through the CLIP as loaded, with gradients (ComfyUI's encode path minus its
-    no-grad caching: the embeddings change every step)."""
-    cs = clip.cond_stage_model
-
-    def encode(prompts: list[str]) -> dict:
-        rows = []
-        for p in prompts:
-            cs.reset_clip_options()
-            if clip.layer_idx is not None:
-                cs.set_clip_options({"layer": clip.layer_idx})
-            o = cs.encode_token_weights(clip.tokenize(p))
-            rows.append((o[0].float(), None if o[1] is None else o[1].float()))
-        out = {"context": torch.cat([r[0] for r in rows])}
-        if rows[0][1] is not None:
-            out["pooled"] = torch.cat([r[1] for r in rows])
-        return out
-    return encode
-
-
-@contextlib.contextmanager
-def out_of_place_residuals(encoders: dict[str, torch.nn.Module]):
-    """ComfyUI's CLIPLayer adds its residuals in place (`x += attn(norm(x))`), which autograd refuses once the
-    layer norm saved x for backward. While training, each such layer gets an out-of-place forward (same
-    arithmetic, same values); the instance attribute is deleted afterwards."""
-    done = []
-    try:
-        for enc in encoders.values():
-            for m in enc.modules():
-                if all(hasattr(m, a) for a in ("layer_norm1", "self_attn", "layer_norm2", "mlp")) and "forward" not in m.__dict__:
-                    def forward(x, mask=None, optimized_attention=None, m=m):
-                        x = x + m.self_attn(m.layer_norm1(x), mask, optimized_attention)
-                        return x + m.mlp(m.layer_norm2(x))
-                    m.forward = forward
-                    done.append(m)
-        yield
-    finally:
-        for m in done:
-            del m.forward
-
-
 @torch.inference_mode(False)
 def train_on_clip(mp, clip, dataset, spec: cv.CatVersionSpec, cfg: cv.CatVersionConfig, node_id: str | None = None,
                   compute: str = "auto"):
     """(CLIP clone with the embeddings, CatVersionWeights, loss-curve IMAGE, summary). The input MODEL and CLIP are
     checked bit for bit afterwards; a difference is raised, never passed over."""
-    from ..cat_train.plot import loss_curve
-    from ..cat_train.train import StepInfo
-    from .comfy_model import _leave_inference_mode, trainable
-    from .trainer import progress_callback
-
     t0 = time.perf_counter()
     items = []
     with trainable(mp, compute) as den:
@@ -193,7 +81,7 @@ def train_on_clip(mp, clip, dataset, spec: cv.CatVersionSpec, cfg: cv.CatVersion
             items += [(x0, cap, tuple(trig))] * max(1, int(rep))
         clip.load_model()
         cs = clip.cond_stage_model
-        _leave_inference_mode(cs)  # inference tensors cannot be saved for backward
+        leave_inference_mode(cs)  # inference tensors cannot be saved for backward
         before = module_fingerprint(cs)
         encs = clip_encoders(clip)
         cb = progress_callback(node_id, cfg.steps)
@@ -202,7 +90,7 @@ def train_on_clip(mp, clip, dataset, spec: cv.CatVersionSpec, cfg: cv.CatVersion
             cb(StepInfo(step, total, h["loss"], h["fit"], h["keep"], cfg.lr, time.perf_counter() - t0))
         try:
             with torch.enable_grad(), out_of_place_residuals(encs):
-                result = cv.train_catversion(den, encs, _encoder_fn(clip), items, spec, cfg,
+                result = cv.train_catversion(den, encs, encoder_fn(clip), items, spec, cfg,
                                              {n: output_layer(clip, e) for n, e in encs.items()}, step_cb, _finish(mp))
         finally:
             cs.reset_clip_options()
@@ -219,8 +107,7 @@ def train_on_clip(mp, clip, dataset, spec: cv.CatVersionSpec, cfg: cv.CatVersion
     summary = (f"CatVersion: {len(hist)}/{cfg.steps} steps in {time.perf_counter() - t0:.1f}s, {cv.param_count(result.embeddings)} "
                f"parameters ({layers}; {spec.length} per layer), CAT factor {cfg.alpha}\n"
                f"loss first {hist[0]['loss']:.5f} last {hist[-1]['loss']:.5f}; fit {hist[-1]['fit']:.5f} keep {hist[-1]['keep']:.6f}")
-    curve = loss_curve(hist, keys=("loss", "fit", "keep") if cfg.alpha else ("loss",), title="CatVersion training loss")
-    image = torch.from_numpy(np.asarray(curve, dtype=np.float32) / 255.0)[None]
+    image = image_of(loss_curve(hist, keys=("loss", "fit", "keep") if cfg.alpha else ("loss",), title="CatVersion training loss"))
     return applied, weights, image, summary
 
 
@@ -235,7 +122,7 @@ class CatVersionTrainerNode(io.ComfyNode):
             description="CatVersion (arXiv 2311.14631): learns the concept as Key/Value embeddings concatenated in the last "
                         "self-attention layers of the CLIP text encoder; the UNet and CLIP weights stay frozen.",
             inputs=[
-                io.Model.Input("model"), io.Clip.Input("clip"), io.Custom("CAT_DATASET").Input("dataset"),
+                io.Model.Input("model"), io.Clip.Input("clip"), Dataset.Input("dataset"),
                 io.Int.Input("layers", default=3, min=1, max=64, tooltip=help_of(cv.CatVersionSpec, "layers")),
                 io.Int.Input("embeddings_per_layer", default=1, min=1, max=64, tooltip=help_of(cv.CatVersionSpec, "length")),
                 io.Int.Input("steps", default=1000, min=1, max=100000, tooltip=help_of(cv.CatVersionConfig, "steps")),
@@ -247,7 +134,7 @@ class CatVersionTrainerNode(io.ComfyNode):
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=True,
                              tooltip=help_of(cv.CatVersionConfig, "seed")),
             ],
-            outputs=[io.Clip.Output(display_name="CLIP"), CatVersionType.Output(display_name="catversion"),
+            outputs=[io.Clip.Output(display_name="CLIP"), CatVersion.Output(display_name="catversion"),
                      io.Image.Output(display_name="loss_curve"), io.String.Output(display_name="summary")],
             hidden=[io.Hidden.unique_id],
         )
@@ -271,7 +158,7 @@ class SaveCatVersionNode(io.ComfyNode):
         return io.Schema(
             node_id="CAT_SaveCatVersion", display_name="Save CatVersion", category=CATEGORY, is_output_node=True,
             description="Writes the embeddings (.safetensors with metadata) into models/catversion; never overwrites.",
-            inputs=[CatVersionType.Input("catversion"), io.String.Input("name", default="catversion")],
+            inputs=[CatVersion.Input("catversion"), io.String.Input("name", default="catversion")],
             outputs=[io.String.Output(display_name="path")],
         )
 
@@ -279,15 +166,11 @@ class SaveCatVersionNode(io.ComfyNode):
     def validate_inputs(cls, name=None):
         import folder_paths
 
-        from .lora_io import name_problem
-
         return name_problem(folder_paths.get_folder_paths(FOLDER)[0], name, "CatVersion name", "models/catversion", "my_concept")
 
     @classmethod
     def execute(cls, catversion, name) -> io.NodeOutput:
         import folder_paths
-
-        from .lora_io import safe_lora_path
 
         path = cv.save_catversion(safe_lora_path(folder_paths.get_folder_paths(FOLDER)[0], name), dict(catversion),
                                   getattr(catversion, "metadata", {}))

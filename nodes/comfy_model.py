@@ -19,6 +19,7 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
+from ..cat_train import families
 from ..cat_train.denoiser import Cond, FlowSchedule, NoiseSchedule
 from ..cat_train.integrity import changed, module_fingerprint
 from ..cat_train.precision import compute_dtype
@@ -33,35 +34,50 @@ FLUX_GUIDANCE = 1.0  # Flux dev's distilled guidance input while training: kohya
 _SAMPLING_ONLY = {"outer_sample", "prepare_sampling", "sampler_sample", "predict_noise", "calc_cond_batch"}
 
 
-def family_of(mp) -> str:
-    """'unet', 'sd3' or 'flux' for a MODEL the trainer supports; anything else is refused, naming what is."""
+def family_of(mp) -> type[families.Family]:
+    """The family of a MODEL the trainer supports (read off the network by `families.of`), once ComfyUI's own
+    classes say it is the model that family was written for; anything else is refused, naming what it is."""
     import comfy.model_base as mb
     from comfy.ldm.flux.model import Flux as FluxNet
     from comfy.ldm.modules.diffusionmodules.mmdit import MMDiT
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
     base, net = mp.model, mp.model.diffusion_model
-    if isinstance(net, UNetModel):
-        return "unet"
-    if isinstance(base, mb.SD3) and isinstance(net, MMDiT):
-        return "sd3"
-    if isinstance(base, mb.Flux) and type(net) is FluxNet:  # Chroma and Flux controlnets reshape the inputs
+    try:
+        family = families.of(net)
+    except ValueError:
+        family = None
+    written_for = {families.SDUNet: isinstance(net, UNetModel), families.SDXLUNet: isinstance(net, UNetModel),
+                   families.SD3: isinstance(base, mb.SD3) and isinstance(net, MMDiT),
+                   # Chroma and Flux controlnets reshape the inputs
+                   families.Flux: isinstance(base, mb.Flux) and type(net) is FluxNet}
+    if family is None or not written_for.get(family, False):
+        raise ValueError(f"CAT trains {SUPPORTED}; this MODEL is a {type(base).__name__} with a "
+                         f"{type(net).__name__} network, which is not supported (video, audio and other image models are refused).")
+    if family is families.Flux and net.params.in_channels != net.params.out_channels:
         p = net.params
-        if p.in_channels != p.out_channels:
-            raise ValueError(f"CAT trains {SUPPORTED}; this Flux takes {p.in_channels} input channels for "
-                             f"{p.out_channels} output (Fill/Canny/Depth models need an image condition the trainer "
-                             "does not build). Train on the base Flux model.")
-        return "flux"
-    raise ValueError(f"CAT trains {SUPPORTED}; this MODEL is a {type(base).__name__} with a "
-                     f"{type(net).__name__} network, which is not supported (video, audio and other image models are refused).")
+        raise ValueError(f"CAT trains {SUPPORTED}; this Flux takes {p.in_channels} input channels for "
+                         f"{p.out_channels} output (Fill/Canny/Depth models need an image condition the trainer "
+                         "does not build). Train on the base Flux model.")
+    return family
+
+
+def base_model_version(mp) -> str:
+    """kohya's ss_base_model_version for the loaded model: the families' tag for its config class (or a base of
+    it), else the config class name."""
+    cfg = getattr(mp.model, "model_config", None)
+    if cfg is None:
+        return ""
+    tag = families.kohya_base_version(c.__name__ for c in type(cfg).__mro__)
+    return tag if tag is not None else type(cfg).__name__.lower()
 
 
 def check_supported(mp) -> None:
     """Refuse a MODEL the trainer cannot train before anything is loaded, cast or patched."""
     family = family_of(mp)
     pred = prediction_type_of(mp)
-    if (pred == "flow") != (family != "unet"):
-        raise ValueError(f"CAT trains {SUPPORTED}; this {family} model samples as {pred!r}, which does not match "
+    if (pred == "flow") != family.flow_matching:
+        raise ValueError(f"CAT trains {SUPPORTED}; this {family.name} model samples as {pred!r}, which does not match "
                          "its family (UNets: eps/v, transformers: flow). Remove the model-sampling node upstream.")
     transformer_options_of(mp)
 
@@ -156,7 +172,7 @@ class ComfyDenoiser:
         self.prediction_type = prediction_type_of(mp)
         self.schedule = schedule_of(mp, **flow_options)
         self.compute_dtype = compute_dtype
-        self.guidance = guidance if self.family == "flux" and self.module.params.guidance_embed else None
+        self.guidance = guidance if self.family is families.Flux and self.module.params.guidance_embed else None
         self._sampling = mp.get_model_object("model_sampling")
         self._options = transformer_options_of(mp)
 
@@ -175,14 +191,14 @@ class ComfyDenoiser:
 
     def set_gradient_checkpointing(self, on: bool) -> None:
         """ldm's UNet has no switch (and MMDiT's/Flux's are fixed at build): wrap the forward of each unit of
-        `checkpoint_units` in a non-reentrant checkpoint, as an instance attribute
+        its family's `checkpoint_units` in a non-reentrant checkpoint, as an instance attribute
         that is deleted again when switched off, so the shared UNet is left as found."""
         wrapped = getattr(self, "_wrapped", [])
         if on and not wrapped:
             # Flux blocks update their inputs in place (txt +=, x +=), which would change what the checkpoint
             # saved for the recompute: they get copies
-            copy = bool(_inplace_guarded_norms(self.module))
-            for layer in checkpoint_units(self.module):
+            copy = bool(self.family.inplace_norms(self.module))
+            for layer in self.family.checkpoint_units(self.module):
                 layer.forward = _checkpointed(layer.forward, copy)
                 wrapped.append(layer)
         elif not on:
@@ -200,19 +216,6 @@ class ComfyDenoiser:
         return self.compute_dtype
 
 
-def checkpoint_units(module) -> list[torch.nn.Module]:
-    """The layers gradient checkpointing wraps: UNets: each layer of every input, middle and output block (ldm
-    calls the layers, not the blocks); Flux: every double- and single-stream block; SD3: every joint block."""
-    from ..cat_train.adapter import model_family
-
-    family = model_family(module)
-    if family == "flux":
-        return [*module.double_blocks, *module.single_blocks]
-    if family == "sd3":
-        return list(module.joint_blocks)
-    return [layer for block in [*module.input_blocks, module.middle_block, *module.output_blocks] for layer in block]
-
-
 def _checkpointed(forward, copy_inputs: bool = False):
     from torch.utils.checkpoint import checkpoint
 
@@ -223,17 +226,6 @@ def _checkpointed(forward, copy_inputs: bool = False):
     def run(*args, **kwargs):
         return checkpoint(copied if copy_inputs else forward, *args, use_reentrant=False, **kwargs)
     return run
-
-
-def _inplace_guarded_norms(module) -> list[torch.nn.Module]:
-    """Norms whose input the block then updates in place: ComfyUI's Flux blocks do `txt += ...` (double) and
-    `x += ...` (single) after a LayerNorm read that tensor, which autograd refuses ("modified by an inplace
-    operation") because the norm saved it for backward. Those norms get a copy of their input while training."""
-    from ..cat_train.adapter import model_family
-
-    if model_family(module) != "flux":
-        return []
-    return [n for b in module.double_blocks for n in (b.txt_norm1, b.txt_norm2)] + [b.pre_norm for b in module.single_blocks]
 
 
 def _copy_input(forward):
@@ -276,14 +268,14 @@ def trainable(mp, compute: str = "auto") -> Iterator[ComfyDenoiser]:
     check_supported(mp)  # before anything is loaded or cast
     mm.load_models_gpu([mp], memory_required=1e20, force_full_load=True)
     module = mp.model.diffusion_model
-    _leave_inference_mode(module)
+    leave_inference_mode(module)
     before = module_fingerprint(module)
     flags = {n: p.requires_grad for n, p in module.named_parameters()}
     device = next(module.parameters()).device
     bf16_ok = device.type != "cuda" or torch.cuda.is_bf16_supported()
     dtype = compute_dtype(compute, device, _storage_dtype(module), bf16_supported=bf16_ok)
     flipped = _cast_layers_to(module, dtype)
-    guarded = _inplace_guarded_norms(module)
+    guarded = families.of(module).inplace_norms(module)  # in-place updates autograd refuses: give them copies
     for norm in guarded:  # an instance attribute, deleted on exit: the shared network is left as found
         norm.forward = _copy_input(norm.forward)
     try:
@@ -303,7 +295,7 @@ def trainable(mp, compute: str = "auto") -> Iterator[ComfyDenoiser]:
 
 
 @torch.inference_mode(False)
-def _leave_inference_mode(module: torch.nn.Module) -> None:
+def leave_inference_mode(module: torch.nn.Module) -> None:
     """ComfyUI loads models inside torch.inference_mode, so their weights are inference tensors, which
     autograd may not save for backward (the LoRA gradient flows through frozen base layers). Swap
     each for an ordinary tensor with the same values (bit-identical outputs; done once per model)."""
@@ -316,17 +308,25 @@ def _leave_inference_mode(module: torch.nn.Module) -> None:
                 sub._buffers[name] = b.clone()
 
 
-def comfy_cond(mp, conditioning, width: int, height: int) -> Cond:
-    """CONDITIONING -> network kwargs (batched): context, plus y from the model's own encode_adm (SDXL:
-    pooled output and size conditioning, sizes from the conditioning if CLIPTextEncodeSDXL set them; SD3 and
-    Flux: the pooled output), plus Flux's guidance if a FluxGuidance node set one."""
-    cond, extras = conditioning[0][0], dict(conditioning[0][1])
+_SIZES = ("width", "height", "crop_w", "crop_h", "target_width", "target_height")
+
+
+def adm_y(mp, pooled, width: int, height: int, device, **sizes):
+    """The network's `y` from the model's own encode_adm, or None for a model without one (SD1.x). SDXL: the pooled
+    text and size conditioning (this size, no crop, unless `sizes` says otherwise); SD3 and Flux: the pooled text."""
     kw = dict(width=width, height=height, crop_w=0, crop_h=0, target_width=width, target_height=height)
-    kw.update({k: extras[k] for k in kw if k in extras})
-    adm = mp.model.encode_adm(pooled_output=extras.get("pooled_output"), device=cond.device, prompt_type="positive", **kw)
+    kw.update(sizes)
+    return mp.model.encode_adm(pooled_output=pooled, device=device, prompt_type="positive", **kw)
+
+
+def comfy_cond(mp, conditioning, width: int, height: int) -> Cond:
+    """CONDITIONING -> network kwargs (batched): context, plus y (`adm_y`; sizes from the conditioning if
+    CLIPTextEncodeSDXL set them), plus Flux's guidance if a FluxGuidance node set one."""
+    cond, extras = conditioning[0][0], dict(conditioning[0][1])
+    adm = adm_y(mp, extras.get("pooled_output"), width, height, cond.device, **{k: extras[k] for k in _SIZES if k in extras})
     out = {"context": cond}
     if adm is not None:
         out["y"] = adm.to(cond.dtype)
-    if "guidance" in extras and family_of(mp) == "flux":
+    if "guidance" in extras and family_of(mp) is families.Flux:
         out["guidance"] = torch.full((cond.shape[0],), float(extras["guidance"]), dtype=cond.dtype)
     return out

@@ -1,13 +1,15 @@
-"""CAT Dataset's work: a kohya-style folder (read by cat_train.dataset) encoded once with the graph's VAE and CLIP."""
+"""The CAT Dataset node: a kohya-style folder (read by cat_train.dataset) encoded once with the graph's VAE and CLIP."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from comfy_api.latest import io
 
 from ..cat_train.dataset import load_dataset
 from ..cat_train.loss import repeat_to_common_length
+from .common import CATEGORY, Dataset, input_path
 
 
 @dataclass
@@ -58,3 +60,47 @@ def build_dataset(folder: Path, vae, clip, triggers: tuple[str, ...], class_word
         items.append((latent[0].detach().float().cpu().clone(), it.caption, it.triggers, it.repeats))
     return CatDataset(items, tuple(triggers), class_word, clip, str(folder), skipped=[str(p) for p, _ in ds.skipped],
                       warnings=list(ds.warnings))
+
+
+class CatDatasetNode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="CAT_Dataset", display_name="CAT Dataset", category=CATEGORY,
+            description="Images + same-name captions from a folder, encoded once with the graph's VAE and CLIP.",
+            inputs=[
+                io.Vae.Input("vae"), io.Clip.Input("clip"),
+                io.String.Input("folder", default="cat_dataset", tooltip="subfolder of ComfyUI's input folder, or a full path"),
+                io.String.Input("triggers", default="sks", tooltip="trigger token(s), comma separated"),
+                io.String.Input("class_word", default="", tooltip="e.g. 'dog'; used for captionless images"),
+                io.String.Input("caption_extension", default=".txt"),
+                io.Int.Input("resolution", default=512, min=64, max=4096, step=64),
+                io.Boolean.Input("buckets", default=True, tooltip="keep aspect ratios (sides multiples of 64)"),
+            ],
+            outputs=[Dataset.Output(display_name="dataset"), io.Int.Output(display_name="images"),
+                     io.String.Output(display_name="info")],
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, folder, caption_extension, **kw):
+        root = input_path(folder)  # re-encode when files change, not on every queue
+        return tuple(sorted((str(p), p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file())) if root.is_dir() else folder
+
+    @classmethod
+    def execute(cls, vae, clip, folder, triggers, class_word, caption_extension, resolution, buckets) -> io.NodeOutput:
+        trig = tuple(t.strip() for t in triggers.split(",") if t.strip())
+        ds = build_dataset(input_path(folder), vae, clip, trig, class_word.strip(), caption_extension, resolution, buckets)
+        return io.NodeOutput(ds, len(ds.items), info(ds))
+
+
+def info(ds: CatDataset) -> str:
+    """The node's info output: buckets, skipped files, warnings."""
+    text = f"{len(ds.items)} images in {len(ds.buckets)} bucket(s): " + ", ".join(f"{w}x{h}: {n}" for (w, h), n in sorted(ds.buckets.items()))
+    if ds.skipped:
+        text += f"\nskipped {len(ds.skipped)} unreadable file(s): " + ", ".join(ds.skipped)
+    if ds.warnings:
+        text += "\n" + "\n".join(ds.warnings)
+    return text
+
+
+NODES = [CatDatasetNode]

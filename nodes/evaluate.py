@@ -1,11 +1,12 @@
-"""KPS Evaluator work: open_clip embeddings of IMAGE batches and prompts, then PS / IS / KPS and a chart."""
+"""The KPS Evaluator node: open_clip embeddings of IMAGE batches and prompts, then PS / IS / KPS and a chart."""
 from __future__ import annotations
 
-import numpy as np
 import torch
+from comfy_api.latest import io
 
 from ..cat_train.metrics import ClipScorer
 from ..cat_train.plot import bar_chart
+from .common import CATEGORY, image_of
 
 _SCORERS: dict[tuple[str, str], ClipScorer] = {}
 
@@ -25,9 +26,8 @@ def scorer(checkpoint: str, arch: str) -> ClipScorer:
 
 def chart(values: dict[str, float], size=(480, 260)) -> torch.Tensor:
     """PS / IS / KPS bars as a ComfyUI IMAGE (1, H, W, 3), drawn by cat_train.plot (scalable font, 4 decimals)."""
-    img = bar_chart(values, size, title="CAT scores (CLIP; higher is better)",
-                    hints={"PS": "follows the prompt", "IS": "is the subject", "KPS": "keeps the class"})
-    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)[None]
+    return image_of(bar_chart(values, size, title="CAT scores (CLIP; higher is better)",
+                              hints={"PS": "follows the prompt", "IS": "is the subject", "KPS": "keeps the class"}))
 
 
 def apply_masks(images: torch.Tensor, masks: torch.Tensor | None, what: str) -> torch.Tensor:
@@ -84,3 +84,41 @@ def evaluate(with_t, without_t, refs, prompts: str, checkpoint: str, arch: str, 
                    f"{n_cl} clamped) next to IS {is_:.4f} (whole images)")
     vals = {k: v for k, v in (("PS", ps), ("IS", is_), ("IS masked", is_masked), ("KPS", kps)) if v == v}
     return ps, is_, kps, report, chart(vals), is_masked
+
+
+def clip_checkpoints() -> list[str]:
+    """The open_clip checkpoints in models/clip, for a node's combo (a placeholder when there is none)."""
+    import folder_paths
+
+    return folder_paths.get_filename_list("clip") or ["(none in models/clip)"]
+
+
+class KpsEvaluatorNode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="CAT_KPSEvaluator", display_name="KPS Evaluator", category=CATEGORY, is_output_node=True,
+            description="PS, IS and KPS (CAT paper) from images with / without the trigger (same seeds) and references.",
+            inputs=[
+                io.Image.Input("images_with_trigger"), io.Image.Input("images_without_trigger"),
+                io.Image.Input("reference_images", optional=True),
+                io.String.Input("prompts", default="", multiline=True, tooltip="one prompt per image (with the trigger); blank: no PS"),
+                io.Combo.Input("clip_checkpoint", options=clip_checkpoints()),
+                io.String.Input("open_clip_model", default="ViT-B-32", tooltip="open_clip architecture of the checkpoint"),
+                io.Mask.Input("reference_masks", optional=True, tooltip="subject masks of the references: masked IS (CatVersion)"),
+                io.Mask.Input("generated_masks", optional=True, tooltip="subject masks of images_with_trigger: masked IS"),
+            ],
+            outputs=[io.Float.Output(display_name="PS"), io.Float.Output(display_name="IS"), io.Float.Output(display_name="KPS"),
+                     io.String.Output(display_name="report"), io.Image.Output(display_name="chart"),
+                     io.Float.Output(display_name="IS_masked")],
+        )
+
+    @classmethod
+    def execute(cls, images_with_trigger, images_without_trigger, prompts, clip_checkpoint, open_clip_model,
+                reference_images=None, reference_masks=None, generated_masks=None) -> io.NodeOutput:
+        ps, is_, kps, report, chart_image, is_masked = evaluate(images_with_trigger, images_without_trigger, reference_images, prompts,
+                                                                clip_checkpoint, open_clip_model, reference_masks, generated_masks)
+        return io.NodeOutput(ps, is_, kps, report, chart_image, is_masked, ui={"text": [report]})
+
+
+NODES = [KpsEvaluatorNode]

@@ -1,11 +1,13 @@
-"""CAT Leak Scan work: sample every probe prompt with the base and the adapted MODEL from the same seeds through
+"""The CAT Leak Scan node: sample every probe prompt with the base and the adapted MODEL from the same seeds through
 ComfyUI's own sampler, decode, embed with open_clip, and rank the probes by drift (cat_train.leak)."""
 from __future__ import annotations
 
 import torch
+from comfy_api.latest import io
 
 from ..cat_train import leak
-from .evaluate import scorer
+from .common import CATEGORY, image_of
+from .evaluate import clip_checkpoints, scorer
 
 
 def _encode(clip, text: str):
@@ -60,5 +62,48 @@ def leak_scan(base_model, adapted_model, clip, vae, probes: str, negative: str, 
     adapted_emb = clip_scorer.embed_images(list(torch.cat(images["adapted"])))
     ranked = leak.rank_probes(prompts, leak.pair_similarities(base_emb, adapted_emb, len(prompts)))
     worst = leak.worst_probes(ranked, top_k)
-    return (leak.report(ranked, worst), "\n".join(worst), leak.pil_to_image(leak.chart(ranked, worst)),
-            leak.grid(ranked, images["base"], images["adapted"]))
+    return (leak.report(ranked, worst), "\n".join(worst), image_of(leak.chart(ranked, worst)),
+            image_of(leak.grid(ranked, images["base"], images["adapted"])))
+
+
+class LeakScanNode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        import comfy.samplers
+
+        return io.Schema(
+            node_id="CAT_LeakScan", display_name="CAT Leak Scan", category=CATEGORY, is_output_node=True,
+            description="Which prompts did the adapter change? Base vs adapted MODEL on probe prompts (same seeds), "
+                        "CLIP similarity per pair, probes ranked by drift; the worst are the ones to preserve.",
+            inputs=[
+                io.Model.Input("base_model"), io.Model.Input("adapted_model", tooltip="e.g. the trainer's MODEL output"),
+                io.Clip.Input("clip"), io.Vae.Input("vae"),
+                io.String.Input("probes", default=leak.DEFAULT_PROBES, multiline=True,
+                                tooltip="one prompt per line, without the trigger: the class and its neighbours"),
+                io.String.Input("negative", default="", multiline=True),
+                io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=True, tooltip="the same seeds for base and adapted"),
+                io.Int.Input("steps", default=20, min=1, max=10000),
+                io.Float.Input("cfg", default=7.0, min=0.0, max=100.0, step=0.1, round=0.01),
+                io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS, default="euler"),
+                io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, default="normal"),
+                io.Int.Input("width", default=512, min=64, max=4096, step=8),
+                io.Int.Input("height", default=512, min=64, max=4096, step=8),
+                io.Int.Input("images_per_probe", default=2, min=1, max=64),
+                io.Int.Input("top_k", default=3, min=1, max=100, tooltip="how many drifting probes to list for preservation"),
+                io.Combo.Input("clip_checkpoint", options=clip_checkpoints()),
+                io.String.Input("open_clip_model", default="ViT-B-32", tooltip="open_clip architecture of the checkpoint"),
+            ],
+            outputs=[io.String.Output(display_name="report"), io.String.Output(display_name="worst_probes"),
+                     io.Image.Output(display_name="chart"), io.Image.Output(display_name="grid")],
+        )
+
+    @classmethod
+    def execute(cls, base_model, adapted_model, clip, vae, probes, negative, seed, steps, cfg, sampler_name, scheduler,
+                width, height, images_per_probe, top_k, clip_checkpoint, open_clip_model) -> io.NodeOutput:
+        report, worst, chart, grid = leak_scan(base_model, adapted_model, clip, vae, probes, negative, seed, steps, cfg,
+                                               sampler_name, scheduler, width, height, images_per_probe, top_k,
+                                               clip_checkpoint, open_clip_model)
+        return io.NodeOutput(report, worst, chart, grid, ui={"text": [report]})
+
+
+NODES = [LeakScanNode]

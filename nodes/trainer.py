@@ -1,4 +1,4 @@
-"""The trainer node's work, outside the node class so tests can call it: CAT on a ModelPatcher.
+"""The CAT LoRA Trainer node, and its work outside the node class so tests can call it: CAT on a ModelPatcher.
 
 Flow: dataset items -> Examples (captions encoded once, SDXL `y` built per latent size by the model's
 encode_adm) -> cat_train.train on the shared UNet (adapter injected, then removed: the UNet is left
@@ -9,58 +9,101 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
-import json
 import logging
+import os
 import time
+from pathlib import Path
 
-import numpy as np
 import torch
+from comfy_api.latest import io
 
+from ..cat_train import families
 from ..cat_train.adapter import LoraSpec, lora_param_count
-from ..cat_train.apt import metadata as apt_metadata
 from ..cat_train.budget import DoesNotFit, MemoryBudget, adapter_bytes, probe_activations, tensor_bytes
-from ..cat_train.export import kohya_module_names, to_kohya, training_metadata
+from ..cat_train.checks import check_concepts
+from ..cat_train.export import to_kohya
 from ..cat_train.loss import CatLossConfig
+from ..cat_train.options_doc import help_of
 from ..cat_train.plot import loss_curve
+from ..cat_train.precision import CHOICES as COMPUTE_CHOICES
 from ..cat_train.precision import mixed_precision_name
-from ..cat_train.train import Example, StepInfo, TrainConfig, build_examples, train
-from .comfy_model import checkpoint_units, trainable
-from .lora_io import CatLora
+from ..cat_train.train import Example, TrainConfig, build_examples, train
+from .comfy_model import adm_y, base_model_version, trainable
+from .common import CATEGORY, Dataset, LossConfig, image_of, progress_callback
+from .lora_io import CatLora, name_problem, safe_subpath
+from .save_lora import loras_folder, metadata, step_lora_writer
 
 log = logging.getLogger("ComfyUI-CAT")
-EVENT = "cat.train.progress"
 
 
-def _send(event: str, data: dict) -> None:
-    try:  # `server` is importable only under a running ComfyUI; in-process tests have no PromptServer
-        from server import PromptServer
-        inst = getattr(PromptServer, "instance", None)
-    except Exception:
-        inst = None
-    if inst is not None:
-        inst.send_sync(event, data)
+class CatTrainerNode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="CAT_LoraTrainer", display_name="CAT LoRA Trainer", category=CATEGORY, not_idempotent=False,
+            description="Trains a CAT LoRA; returns a clone of MODEL with it applied (the input MODEL is untouched).",
+            inputs=[
+                io.Model.Input("model"), Dataset.Input("dataset"), LossConfig.Input("loss_config"),
+                io.Int.Input("rank", default=16, min=1, max=256, tooltip=help_of(LoraSpec, "rank")),
+                io.Float.Input("lora_alpha", default=16.0, min=0.01, max=1024.0, step=0.5, tooltip=help_of(LoraSpec, "alpha")),
+                io.Combo.Input("target", options=list(families.TARGETS), default="attn", tooltip=help_of(LoraSpec, "preset")),
+                io.Int.Input("steps", default=600, min=1, max=100000, tooltip=help_of(TrainConfig, "steps")),
+                io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=1.0, step=1e-5, tooltip=help_of(TrainConfig, "lr")),
+                io.Combo.Input("lr_schedule", options=["constant", "cosine"], default="constant",
+                               tooltip=help_of(TrainConfig, "lr_schedule")),
+                io.Int.Input("batch_size", default=1, min=1, max=64, tooltip=help_of(TrainConfig, "batch_size")),
+                io.Int.Input("grad_accum", default=1, min=1, max=64, tooltip=help_of(TrainConfig, "grad_accum")),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=True,
+                             tooltip=help_of(TrainConfig, "seed")),
+                io.Combo.Input("dtype", options=list(COMPUTE_CHOICES), default="auto",
+                               tooltip="compute dtype of the training forward; base weights keep their stored dtype and "
+                                       "LoRA weights are fp32. auto: bf16 on GPUs that have it, else fp16; on the CPU "
+                                       "bf16 for a bf16 model, else fp32"),
+                io.Combo.Input("gradient_checkpointing", options=["auto", "on", "off"], default="auto",
+                               tooltip=help_of(TrainConfig, "gradient_checkpointing")),
+                io.Int.Input("save_every", default=0, min=0, max=100000,
+                             tooltip=help_of(TrainConfig, "save_every")),
+                io.String.Input("checkpoint_name", default="cat_run", tooltip="folder under output/cat_checkpoints/"),
+                io.String.Input("resume_from", default="", optional=True, tooltip="a cat-stepNNNNNN.pt checkpoint to continue"),
+            ],
+            outputs=[io.Model.Output(display_name="MODEL"), io.LoraModel.Output(display_name="lora"),
+                     io.Image.Output(display_name="loss_curve"), io.String.Output(display_name="summary")],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def validate_inputs(cls, checkpoint_name=None):
+        return name_problem(checkpoints_folder(), checkpoint_name, "checkpoint_name", "output/cat_checkpoints", "cat_run")
+
+    @classmethod
+    def execute(cls, model, dataset, loss_config, rank, lora_alpha, target, steps, learning_rate, lr_schedule, batch_size,
+                grad_accum, seed, dtype, gradient_checkpointing, save_every, checkpoint_name, resume_from="") -> io.NodeOutput:
+        ckpt_dir = safe_subpath(checkpoints_folder(), checkpoint_name, "checkpoint_name", "output/cat_checkpoints", "cat_run")
+        check_concepts(dataset.triggers, loss_config)  # before any model work: weights of non-triggers, y = y_T
+        resume = resume_path(resume_from)
+        cfg = TrainConfig(steps=steps, lr=learning_rate, lr_schedule=lr_schedule, batch_size=batch_size, grad_accum=grad_accum,
+                          seed=seed, save_every=save_every, checkpoint_dir=str(ckpt_dir))
+        spec = LoraSpec(rank=rank, alpha=lora_alpha, preset=target)
+        writer = step_lora_writer(model, loras_folder(), checkpoint_name.strip(), loss_config, spec, cfg, dataset) if save_every else None
+        patched, lora, image, summary, _ = train_on_model(model, dataset, loss_config, spec, cfg, cls.hidden.unique_id, resume,
+                                                          compute=dtype, checkpointing=gradient_checkpointing, on_save=writer)
+        return io.NodeOutput(patched, lora, image, summary)
 
 
-def progress_callback(node_id: str | None, total: int):
-    import comfy.model_management as mm
-    import comfy.utils
+def checkpoints_folder() -> Path:
+    import folder_paths
 
-    pbar = comfy.utils.ProgressBar(total)
-    try:  # events carry their prompt, so two runs on one server (or a queue client) can tell theirs apart
-        from comfy_execution.utils import get_executing_context
-        ctx = get_executing_context()
-        prompt_id = ctx.prompt_id if ctx is not None else None
-    except ImportError:
-        prompt_id = None
+    return Path(folder_paths.get_output_directory()) / "cat_checkpoints"
 
-    def cb(info: StepInfo) -> None:
-        _send(EVENT, {"node": node_id, "prompt_id": prompt_id, "step": info.step, "total": info.total, "loss": info.loss, "fit": info.fit,
-                      "keep": info.keep, "lr": info.lr, "elapsed": info.elapsed,
-                      **({"apt": info.apt} if info.apt else {})})  # APT: per-bin overfitting indicator for the live view
-        pbar.update_absolute(info.step, info.total)  # under a server this hook raises when Cancel is pressed
-        mm.throw_exception_if_processing_interrupted()  # ...and this catches Cancel when no hook is set
-    return cb
+
+def resume_path(resume_from: str | None) -> str:
+    """The checkpoint file resume_from names (relative: under output/cat_checkpoints), or '' for a fresh run."""
+    resume = resume_from.strip() if resume_from else ""
+    if resume and not os.path.isabs(resume):
+        resume = str(checkpoints_folder() / resume)
+    if resume and not os.path.isfile(resume):
+        raise ValueError(f"resume checkpoint {resume} does not exist; give a cat-stepNNNNNN.pt file (full path or relative to {checkpoints_folder()}).")
+    return resume
 
 
 def model_examples(mp, dataset, loss_cfg: CatLossConfig) -> list[Example]:
@@ -77,9 +120,7 @@ def model_examples(mp, dataset, loss_cfg: CatLossConfig) -> list[Example]:
 
 def _unet_cond(mp, c: dict, width: int, height: int) -> dict:
     cond = {"context": c["context"].clone()}  # an ordinary tensor even if CLIP ran under inference_mode
-    adm = mp.model.encode_adm(pooled_output=c["pooled"][None] if "pooled" in c else None, width=width, height=height,
-                              crop_w=0, crop_h=0, target_width=width, target_height=height,
-                              device=torch.device("cpu"), prompt_type="positive")
+    adm = adm_y(mp, c["pooled"][None] if "pooled" in c else None, width, height, torch.device("cpu"))
     if adm is not None:
         cond["y"] = adm[0].detach().float().clone()
     return cond
@@ -100,7 +141,7 @@ def memory_budget(den, examples: list[Example], spec: LoraSpec, loss_cfg: CatLos
             den.predict(ex.latent[None].to(device), t, cond)
 
     try:
-        probe = probe_activations(module, forward, checkpoint_units(module))
+        probe = probe_activations(module, forward, den.family.checkpoint_units(module))
     except (torch.OutOfMemoryError, MemoryError) as e:
         raise DoesNotFit(f"out of memory in one no-grad forward at batch 1 ({tuple(ex.latent.shape)} latent) on {device}, "
                          "before training: lower the resolution, or free the GPU of other programs.") from e
@@ -109,10 +150,6 @@ def memory_budget(den, examples: list[Example], spec: LoraSpec, loss_cfg: CatLos
     return MemoryBudget(weights=tensor_bytes(module.parameters()), adapter=adapter_bytes(lora_param_count(module, spec)),
                         activations_plain=probe.plain * batch, activations_checkpointed=probe.checkpointed * batch,
                         free=int(free) if free else None, device=str(device))
-
-
-def run_name(model_id: str, settings: dict) -> str:
-    return "cat-" + hashlib.sha1(repr(sorted(settings.items())).encode() + model_id.encode()).hexdigest()[:10]
 
 
 @torch.inference_mode(False)
@@ -138,7 +175,7 @@ def train_on_model(mp, dataset, loss_cfg: CatLossConfig, spec: LoraSpec, cfg: Tr
         cb = progress_callback(node_id, cfg.steps)
         cfg = dataclasses.replace(cfg, mixed_precision=mixed_precision_name(den.compute_dtype), gradient_checkpointing=ckpt_on)
         result = train(den, examples, loss_cfg, spec, cfg, callback=cb, resume=resume or None, on_save=on_save)
-    sd = CatLora(to_kohya(result.weights, kohya_module_names(mp.model.diffusion_model)))
+    sd = CatLora(to_kohya(result.weights, den.family.kohya_names(mp.model.diffusion_model)))
     sd.metadata = metadata(loss_cfg, spec, cfg, dataset, result.steps_done, result.history, base_model_version(mp))
     patched, _ = comfy.sd.load_lora_for_models(mp, None, dict(sd), 1.0, 0)
     hist = result.history
@@ -147,47 +184,8 @@ def train_on_model(mp, dataset, loss_cfg: CatLossConfig, spec: LoraSpec, cfg: Tr
                f"loss first {hist[0]['loss']:.5f} last {hist[-1]['loss']:.5f}; fit {hist[-1]['fit']:.5f} keep {hist[-1]['keep']:.6f}\n"
                f"{len(dataset.items)} images, buckets {dataset.buckets}"
                + (f"\ncheckpoint {result.last_checkpoint}" if result.last_checkpoint else ""))
-    curve = loss_curve(hist, keys=("loss", "fit", "keep") if loss_cfg.alpha else ("loss",), title="CAT training loss")
-    image = torch.from_numpy(np.asarray(curve, dtype=np.float32) / 255.0)[None]
+    image = image_of(loss_curve(hist, keys=("loss", "fit", "keep") if loss_cfg.alpha else ("loss",), title="CAT training loss"))
     return patched, sd, image, summary, result
 
 
-_KOHYA_VERSION = {"SD15": "sd_v1", "SD20": "sd_v2", "SD21UnclipL": "sd_v2", "SD21UnclipH": "sd_v2",
-                  "SDXL": "sdxl_base_v1-0", "SDXLRefiner": "sdxl_refiner_v1-0", "SSD1B": "sdxl_base_v1-0",
-                  "SD3": "sd3", "Flux": "flux1"}  # kohya's sd-scripts writes "sd3" and "flux1" for these
-
-
-def base_model_version(mp) -> str:
-    """kohya's ss_base_model_version for the loaded family (its config class name when kohya has none)."""
-    cfg = getattr(mp.model, "model_config", None)
-    for cls in type(cfg).__mro__ if cfg is not None else ():
-        if cls.__name__ in _KOHYA_VERSION:
-            return _KOHYA_VERSION[cls.__name__]
-    return type(cfg).__name__.lower() if cfg is not None else ""
-
-
-def metadata(loss_cfg, spec, cfg, dataset, steps_done: int, history: list[dict], base_version: str = "") -> dict[str, str]:
-    w, h = max(dataset.buckets, key=lambda wh: wh[0] * wh[1]) if dataset.buckets else (0, 0)
-    return training_metadata(
-        cat_factor=loss_cfg.alpha, triggers=dataset.triggers, preservation=loss_cfg.preservation,
-        class_word=loss_cfg.class_word if isinstance(loss_cfg.class_word, str) else json.dumps(loss_cfg.class_word), steps=cfg.steps, steps_done=steps_done, rank=spec.rank, alpha=spec.alpha,
-        lr=cfg.lr, seed=cfg.seed, num_images=len(dataset.items), target_preset=spec.preset, resolution=(w, h),
-        base_model_version=base_version, captions=[it[1] for it in dataset.items],
-        comment="Contrastive Adapter Training (CAT, arXiv 2404.07554), ComfyUI-CAT",
-        extra={"ss_lr_scheduler": cfg.lr_schedule, "cat_preservation_prompts": json.dumps(list(loss_cfg.preservation_prompts)),
-               "cat_final_loss": f"{history[-1]['loss']:.6g}" if history else "", **apt_metadata(loss_cfg.apt)})
-
-
-def step_lora_writer(mp, folder, name: str, loss_cfg, spec, cfg, dataset):
-    """on_save for train(): `<folder>/<name>_stepNNNNNN.safetensors`, a LoRA any loader reads, with metadata."""
-    from ..cat_train.export import save_lora
-    from .lora_io import safe_lora_path
-
-    names = kohya_module_names(mp.model.diffusion_model)
-    version = base_model_version(mp)
-
-    def write(step: int, weights) -> None:
-        meta = metadata(loss_cfg, spec, cfg, dataset, step, [], version)
-        path = save_lora(safe_lora_path(folder, f"{name}_step{step:06d}"), to_kohya(weights, names), meta)
-        log.info("ComfyUI-CAT: step %d LoRA written to %s", step, path)
-    return write
+NODES = [CatTrainerNode]

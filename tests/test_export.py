@@ -8,13 +8,14 @@ import torch
 
 from cat_train import export as E
 from cat_train.adapter import LoraSpec, inject_lora, lora_layers, lora_weights, remove_lora
+from cat_train.ldm_names import ldm_to_diffusers
 from cat_train.world.unet import SD15_CONFIG, SDXL_CONFIG, TINY_CONFIG, UNet
 
 
 def meta_names(config):
     with torch.device("meta"):  # instant, no memory: only the module tree matters
         unet = UNet(**config)
-    return unet, E.ldm_to_diffusers(n for n, _ in unet.named_modules())
+    return unet, ldm_to_diffusers(n for n, _ in unet.named_modules())
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +121,7 @@ def test_partial_names_raise_instead_of_guessing(sd15):
     unet, _ = sd15
     only_attn = [n for n, _ in unet.named_modules() if n.endswith("to_q")]
     with pytest.raises(ValueError, match="named_modules"):
-        E.ldm_to_diffusers(only_attn)
+        ldm_to_diffusers(only_attn)
 
 
 def tiny_lora_unet(preset="full", seed=0):
@@ -140,7 +141,7 @@ def tiny_lora_unet(preset="full", seed=0):
 
 def test_kohya_keys_for_tiny_unet():
     unet = tiny_lora_unet()
-    names = E.ldm_to_diffusers(n for n, _ in unet.named_modules())  # peft wrappers in the tree are ignored
+    names = ldm_to_diffusers(n for n, _ in unet.named_modules())  # peft wrappers in the tree are ignored
     assert not any("lora_" in v or "base_layer" in v for v in names.values())
     sd = E.to_kohya(lora_weights(unet), names)
     k = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
@@ -162,7 +163,7 @@ def test_round_trip_bit_exact_and_delta_reproduces_adapter(tmp_path):
     with torch.no_grad():
         adapted = unet(x, t, ctx)
     weights = lora_weights(unet)
-    names = E.ldm_to_diffusers(n for n, _ in unet.named_modules())
+    names = ldm_to_diffusers(n for n, _ in unet.named_modules())
     path = E.save_lora(tmp_path / "a.safetensors", E.to_kohya(weights, names), {"cat_factor": "1.0"})
     tensors, meta = E.load_lora(path)
     assert meta == {"cat_factor": "1.0"}
@@ -183,7 +184,7 @@ def test_round_trip_bit_exact_and_delta_reproduces_adapter(tmp_path):
 
 def test_from_kohya_errors_and_missing_alpha():
     unet = tiny_lora_unet(preset="attn")
-    names = E.ldm_to_diffusers(n for n, _ in unet.named_modules())
+    names = ldm_to_diffusers(n for n, _ in unet.named_modules())
     sd = E.to_kohya(lora_weights(unet), names)
     k = "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_v"
     no_alpha = {key: v for key, v in sd.items() if key != f"{k}.alpha"}
@@ -317,7 +318,7 @@ def test_comfyui_lora_key_map_resolves_every_key(kind):
 
     mp = tiny_model(kind)[0]
     unet = mp.model.diffusion_model
-    names = E.ldm_to_diffusers(n for n, _ in unet.named_modules())
+    names = ldm_to_diffusers(n for n, _ in unet.named_modules())
     from cat_train.adapter import target_modules
     paths = target_modules(unet, LoraSpec(preset="full"))
     keymap = comfy.lora.model_lora_keys_unet(mp.model, {})

@@ -93,7 +93,7 @@ def test_grid_places_base_left_adapted_right_in_ranked_order():
     base = [torch.full((n, h, w, 3), v / 255) for v in (20, 70, 120, 170)]  # exact 8-bit levels
     adapted = [b + 50 / 255 for b in base]
     ranked = leak.rank_probes(PROMPTS, SIMS)  # order: probe 2, 1, 3, 0
-    g = leak.grid(ranked, base, adapted, gap=8)
+    g = torch.from_numpy(np.asarray(leak.grid(ranked, base, adapted, gap=8), dtype=np.float32) / 255)[None]
     assert g.shape == (1, 22 + 4 * (22 + h), 2 * n * w + 8, 3)
     for row, idx in enumerate([2, 1, 3, 0]):
         y = 22 + row * (22 + h) + 22

@@ -14,7 +14,8 @@ from pathlib import Path
 
 from . import bench
 from ..checks import OneLineParser, non_negative_float, output_folder, positive_float, positive_int
-from ..export import ldm_to_diffusers, next_free_path, save_lora, to_kohya, training_metadata
+from .. import families
+from ..export import next_free_path, save_lora, to_kohya, training_metadata
 from ..plot import loss_curve
 from . import generator as wg
 from . import model as wm
@@ -41,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
                               methods=("lora", cat))
     res = bench.run(c)
     paths = bench.write(res, out)
-    names = ldm_to_diffusers(n for n, _ in wm.build()[0].named_modules())
+    net = wm.build()[0]
+    names = families.of(net).kohya_names(net)
     report: dict = {"note": bench.NOTE, "trigger": wg.TRIGGER, "class_word": wg.IDENTITY_CLASS,
                     "images": len(wg.identity_scenes()), "steps": args.steps, "runs": {},
                     "grid": str(paths["grid"]), "table": str(paths["table"])}

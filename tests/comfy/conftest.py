@@ -63,9 +63,8 @@ def boot_comfy(tmp_root: Path):
     if "CAT_LoraTrainer" not in nodes.NODE_CLASS_MAPPINGS:
         ok = asyncio.run(nodes.load_custom_node(str(ROOT)))
         assert ok, "ComfyUI failed to import this pack; see the log above"
-    pack = sys.modules[nodes.NODE_CLASS_MAPPINGS["CAT_LoraTrainer"].__module__.rsplit(".", 1)[0]]
-    ns = types.SimpleNamespace(nodes=nodes, folder_paths=folder_paths, root=tmp_root, pack=pack,
-                               pack_name=pack.__name__.split(".")[0])
+    pack = sys.modules[nodes.NODE_CLASS_MAPPINGS["CAT_LoraTrainer"].__module__.split(".")[0]]  # ComfyUI names it by its path
+    ns = types.SimpleNamespace(nodes=nodes, folder_paths=folder_paths, root=tmp_root, pack=pack, pack_name=pack.__name__)
     _BOOT["ns"] = ns
     return ns
 

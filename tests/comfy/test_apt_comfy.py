@@ -12,13 +12,13 @@ from conftest import pack_module
 def test_apt_trains_on_a_comfy_model_and_records_its_settings(comfy, tiny_sd15, dataset_dir):
     mp, clip, vae = tiny_sd15
     tr = pack_module(comfy, "nodes.trainer")
-    nodes = pack_module(comfy, "nodes")
+    loss_nodes = pack_module(comfy, "nodes.loss_config")
     apt_nodes = pack_module(comfy, "nodes.apt")
     A = pack_module(comfy, "cat_train.adapter")
     T = pack_module(comfy, "cat_train.train")
     ds = pack_module(comfy, "nodes.dataset").build_dataset(dataset_dir, vae, clip, ("sks",), "dog", ".txt", 128, True)
     apt = apt_nodes.AptOptionsNode.execute(adaptive=1.0, stabilize=5.0, align=1000.0, bins=4, augment="zoom, rotate, flip").result[0]
-    loss_cfg = nodes.CatLossConfigNode.execute(1.0, "class", "dog", "", "", apt=apt).result[0]
+    loss_cfg = loss_nodes.CatLossConfigNode.execute(1.0, "class", "dog", "", "", apt=apt).result[0]
     assert loss_cfg.apt.augment_ops == ("zoom", "rotate", "flip") and loss_cfg.apt.bins == 4
     before = {k: v.clone() for k, v in mp.model.diffusion_model.state_dict().items()}
     _, lora, _, _, res = tr.train_on_model(mp, ds, loss_cfg, A.LoraSpec(rank=4, alpha=4.0),
@@ -42,5 +42,5 @@ def test_apt_options_node_is_registered_and_feeds_the_loss_config(comfy):
     inputs = {i.id: i for i in listed["CAT_LossConfig"].define_schema().inputs}
     assert inputs["apt"].optional and "CAT_APT_OPTIONS" in str(inputs["apt"].get_io_type())
     assert listed["CAT_AptOptions"].validate_inputs(augment="zoom, warp") == "augment: unknown warp; choose from flip, zoom, rotate, shift, color"
-    plain = nodes.CatLossConfigNode.execute(1.0, "class", "dog", "", "").result[0]
+    plain = listed["CAT_LossConfig"].execute(1.0, "class", "dog", "", "").result[0]
     assert not plain.apt.active  # without the node, APT stays off

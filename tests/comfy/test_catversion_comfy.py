@@ -47,7 +47,7 @@ def test_kv_concat_matches_comfy_attention_and_input_clip_is_untouched(comfy, ti
     """A clone with the embeddings changes the conditioning; the input CLIP encodes bit-identically before, between
     and after (ComfyUI swaps the object patches when clones of one CLIP load in turn)."""
     _, clip, _ = tiny_sd15
-    N = pack_module(comfy, "nodes.catversion")
+    N = pack_module(comfy, "nodes.comfy_clip")
     cv = pack_module(comfy, "cat_train.catversion")
     before = _encode(clip)
     enc = N.clip_encoders(clip)

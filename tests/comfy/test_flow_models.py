@@ -38,7 +38,7 @@ def test_predict_is_the_velocity_comfyui_samples_with(comfy, flow_models, kind):
     mp, clip, _ = flow_models[kind]
     _, cm, _, _, _ = _mods(comfy)
     den = cm.ComfyDenoiser(mp)
-    assert den.prediction_type == "flow" and den.family == kind
+    assert den.prediction_type == "flow" and den.family.name == kind
     ms = mp.model.model_sampling
     u = torch.linspace(0.05, 0.95, 19, dtype=torch.float64)
     theirs_sigma = ms.sigma(u * 1000) if kind == "sd3" else ms.sigma(u)  # SD3: t/1000 shifted by 3; Flux: mu 1.15
@@ -158,7 +158,7 @@ def test_flux_gradient_checkpointing_same_lora_blocks_unwrapped(comfy, flow_mode
     mp = flow_models["flux"][0]
     tr, cm, A, L, T = _mods(comfy)
     net = mp.model.diffusion_model
-    units = cm.checkpoint_units(net)
+    units = pack_module(comfy, "cat_train.families").of(net).checkpoint_units(net)
     assert len(units) == len(net.double_blocks) + len(net.single_blocks) == 3
     from torch.utils import checkpoint as ckpt_mod
     calls, real = [], ckpt_mod.checkpoint
@@ -208,7 +208,8 @@ def test_video_model_refused_before_anything_is_loaded(comfy, monkeypatch):
 def test_family_presets_resolve_and_name_their_choices(comfy, flow_models):
     _, _, A, _, _ = _mods(comfy)
     flux, sd3 = flow_models["flux"][0].model.diffusion_model, flow_models["sd3"][0].model.diffusion_model
-    assert A.model_family(flux) == "flux" and A.model_family(sd3) == "sd3"
+    F = pack_module(comfy, "cat_train.families")
+    assert F.of(flux) is F.Flux and F.of(sd3) is F.SD3
     n_attn = len(A.target_modules(flux, A.LoraSpec(preset="attn")))
     assert n_attn == 4 * 1 + 2 * 2  # img/txt qkv+proj per double block, linear1+linear2 per single block
     assert A.target_modules(flux, A.LoraSpec(preset="attn")) == A.target_modules(flux, A.LoraSpec(preset="flux_attn"))

@@ -224,11 +224,11 @@ def test_core_kohya_names_match_comfyui_map(comfy, tiny_sd15):
     """The core's ldm->diffusers names (read off the module tree) agree with ComfyUI's unet_to_diffusers."""
     from comfy.utils import unet_to_diffusers
 
-    export = pack_module(comfy, "cat_train.export")
+    ldm_to_diffusers = pack_module(comfy, "cat_train.ldm_names").ldm_to_diffusers
     mp = tiny_sd15[0]
     by_ldm = {v[: -len(".weight")]: k[: -len(".weight")]
               for k, v in unet_to_diffusers(mp.model.model_config.unet_config).items() if k.endswith(".weight")}
-    names = export.ldm_to_diffusers(n for n, _ in mp.model.diffusion_model.named_modules())
+    names = ldm_to_diffusers(n for n, _ in mp.model.diffusion_model.named_modules())
     paths = [n for n, m in mp.model.diffusion_model.named_modules() if n.endswith(("to_q", "to_out.0", "proj_in", "ff.net.2"))]
     assert len(paths) > 8
     for p in paths:

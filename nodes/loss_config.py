@@ -1,0 +1,42 @@
+"""The CAT Loss Config node: the CAT factor, how y is made from y_T, per-token weights, and APT (optional)."""
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+from ..cat_train.checks import parse_token_weights
+from ..cat_train.loss import CatLossConfig
+from ..cat_train.options_doc import help_of
+from .common import CATEGORY, AptOptions, LossConfig
+
+
+class CatLossConfigNode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="CAT_LossConfig", display_name="CAT Loss Config", category=CATEGORY,
+            description="L = ||eps - eps'(z,t,y_T)||^2 + alpha * ||eps(z,t,y) - eps'(z,t,y)||^2; alpha 0 = plain LoRA.",
+            inputs=[
+                io.Float.Input("cat_factor", default=1.0, min=0.0, max=10.0, step=0.05, tooltip=help_of(CatLossConfig, "alpha")),
+                io.Combo.Input("preservation", options=["class", "strip", "empty"], default="class",
+                               tooltip=help_of(CatLossConfig, "preservation")),
+                io.String.Input("class_word", default="",
+                                tooltip=help_of(CatLossConfig, "class_word")),
+                io.String.Input("token_weights", default="", multiline=True, tooltip=help_of(CatLossConfig, "token_weights")),
+                io.String.Input("preservation_prompts", default="", multiline=True, optional=True,
+                                tooltip=help_of(CatLossConfig, "preservation_prompts")),
+                AptOptions.Input("apt", optional=True, tooltip=help_of(CatLossConfig, "apt")),
+            ],
+            outputs=[LossConfig.Output(display_name="loss_config")],
+        )
+
+    @classmethod
+    def execute(cls, cat_factor, preservation, class_word, token_weights, preservation_prompts="", apt=None) -> io.NodeOutput:
+        weights = parse_token_weights(token_weights)
+        prompts = tuple(line.strip() for line in (preservation_prompts or "").splitlines() if line.strip())
+        cfg = CatLossConfig(cat_factor, preservation, class_word.strip(), weights, prompts)
+        if apt is not None:
+            cfg.apt = apt
+        return io.NodeOutput(cfg)
+
+
+NODES = [CatLossConfigNode]

@@ -1,0 +1,71 @@
+"""LoRA files the nodes write: the header metadata of a trained LoRA, the trainer's mid-run LoRA writer, and the
+Save CAT LoRA node. File names and the LORA object are lora_io's (loadable without ComfyUI); the format itself
+(kohya keys, atomic writes, metadata keys) is cat_train.export's."""
+from __future__ import annotations
+
+import json
+import logging
+
+from comfy_api.latest import io
+
+from ..cat_train.apt import metadata as apt_metadata
+from ..cat_train.export import save_lora, to_kohya, training_metadata
+from .comfy_model import base_model_version, family_of
+from .common import CATEGORY
+from .lora_io import name_problem, safe_lora_path
+
+log = logging.getLogger("ComfyUI-CAT")
+
+
+def metadata(loss_cfg, spec, cfg, dataset, steps_done: int, history: list[dict], base_version: str = "") -> dict[str, str]:
+    """The trained LoRA's header: kohya's ss_* keys and CAT's cat_* keys (APT's settings included)."""
+    w, h = max(dataset.buckets, key=lambda wh: wh[0] * wh[1]) if dataset.buckets else (0, 0)
+    return training_metadata(
+        cat_factor=loss_cfg.alpha, triggers=dataset.triggers, preservation=loss_cfg.preservation,
+        class_word=loss_cfg.class_word if isinstance(loss_cfg.class_word, str) else json.dumps(loss_cfg.class_word), steps=cfg.steps, steps_done=steps_done, rank=spec.rank, alpha=spec.alpha,
+        lr=cfg.lr, seed=cfg.seed, num_images=len(dataset.items), target_preset=spec.preset, resolution=(w, h),
+        base_model_version=base_version, captions=[it[1] for it in dataset.items],
+        comment="Contrastive Adapter Training (CAT, arXiv 2404.07554), ComfyUI-CAT",
+        extra={"ss_lr_scheduler": cfg.lr_schedule, "cat_preservation_prompts": json.dumps(list(loss_cfg.preservation_prompts)),
+               "cat_final_loss": f"{history[-1]['loss']:.6g}" if history else "", **apt_metadata(loss_cfg.apt)})
+
+
+def step_lora_writer(mp, folder, name: str, loss_cfg, spec, cfg, dataset):
+    """on_save for train(): `<folder>/<name>_stepNNNNNN.safetensors`, a LoRA any loader reads, with metadata."""
+    names = family_of(mp).kohya_names(mp.model.diffusion_model)
+    version = base_model_version(mp)
+
+    def write(step: int, weights) -> None:
+        meta = metadata(loss_cfg, spec, cfg, dataset, step, [], version)
+        path = save_lora(safe_lora_path(folder, f"{name}_step{step:06d}"), to_kohya(weights, names), meta)
+        log.info("ComfyUI-CAT: step %d LoRA written to %s", step, path)
+    return write
+
+
+def loras_folder() -> str:
+    import folder_paths
+
+    return folder_paths.get_folder_paths("loras")[0]
+
+
+class SaveCatLoraNode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="CAT_SaveLora", display_name="Save CAT LoRA", category=CATEGORY, is_output_node=True,
+            description="Writes the LoRA (kohya keys + training metadata) into the loras folder; never overwrites.",
+            inputs=[io.LoraModel.Input("lora"), io.String.Input("name", default="cat_lora")],
+            outputs=[io.String.Output(display_name="path")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, name=None):
+        return name_problem(loras_folder(), name, "LoRA name", "the loras folder", "my_concept")
+
+    @classmethod
+    def execute(cls, lora, name) -> io.NodeOutput:
+        path = save_lora(safe_lora_path(loras_folder(), name), dict(lora), getattr(lora, "metadata", {}))
+        return io.NodeOutput(str(path), ui={"text": [str(path)]})
+
+
+NODES = [SaveCatLoraNode]

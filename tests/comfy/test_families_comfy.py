@@ -1,0 +1,34 @@
+"""Each model family is consistent on its tiny model built by ComfyUI's own classes, and ComfyUI's side (which
+MODEL trains, its kohya base-version tag) agrees with the family read off the network."""
+from __future__ import annotations
+
+import pytest
+
+from conftest import ROOT, pack_module
+from tiny_models import tiny_model
+
+KIND = {"SDUNet": "sd15", "SDXLUNet": "sdxl", "SD3": "sd3", "Flux": "flux"}
+TAG = {"sd15": "sd_v1", "sdxl": "sdxl_base_v1-0", "sd3": "sd3", "flux": "flux1"}
+
+
+@pytest.mark.parametrize("family_name", list(KIND))
+def test_family_holds_on_its_comfyui_tiny_model(comfy, family_name):
+    import sys
+
+    if str(ROOT / "tests") not in sys.path:
+        sys.path.insert(0, str(ROOT / "tests"))
+    from family_checks import check_family
+
+    F, A, E = (pack_module(comfy, f"cat_train.{m}") for m in ("families", "adapter", "export"))
+    cm = pack_module(comfy, "nodes.comfy_model")
+    family = getattr(F, family_name)
+    mp = tiny_model(KIND[family_name], seed=5)[0]
+    assert cm.family_of(mp) is family
+    assert cm.base_model_version(mp) == TAG[KIND[family_name]]
+    counts = check_family(F, A, E, family, mp.model.diffusion_model)
+    assert counts["layers"] >= 8 and counts["units"] >= 2
+
+
+def test_every_family_is_built_here(comfy):
+    F = pack_module(comfy, "cat_train.families")
+    assert sorted(f.__name__ for f in F.FAMILIES) == sorted(KIND)  # a new family needs its tiny model here
