@@ -59,3 +59,26 @@ def progress_callback(node_id: str | None, total: int):
         pbar.update_absolute(info.step, info.total)  # under a server this hook raises when Cancel is pressed
         mm.throw_exception_if_processing_interrupted()  # ...and this catches Cancel when no hook is set
     return cb
+
+
+MODEL_FILE_INPUTS = ("ckpt_name", "unet_name")  # CheckpointLoaderSimple, UNETLoader (and loaders shaped like them)
+
+
+def model_file_name(prompt: dict | None, node_id: str | None, input_name: str = "model", hops: int = 32) -> str:
+    """The checkpoint file a node's MODEL came from, read off the queued graph: follow the MODEL link upstream
+    (through LoRA loaders, ModelSampling and the like, which pass it on as their own `model` input) to the
+    loader that names a file. '' where the graph does not say (a MODEL built in code, a loop, a missing node).
+    ComfyUI keeps no file name on the MODEL itself; kohya's ss_sd_model_name wants one."""
+    node = (prompt or {}).get(str(node_id)) if node_id is not None else None
+    for _ in range(hops):
+        if not isinstance(node, dict):
+            return ""
+        inputs = node.get("inputs", {})
+        named = next((inputs[k] for k in MODEL_FILE_INPUTS if isinstance(inputs.get(k), str)), None)
+        if named is not None:
+            return named
+        link = inputs.get(input_name)
+        if not (isinstance(link, list) and len(link) == 2):
+            return ""
+        node, input_name = prompt.get(str(link[0])), "model"
+    return ""

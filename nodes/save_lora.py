@@ -17,27 +17,31 @@ from .lora_io import name_problem, safe_lora_path
 log = logging.getLogger("ComfyUI-CAT")
 
 
-def metadata(loss_cfg, spec, cfg, dataset, steps_done: int, history: list[dict], base_version: str = "") -> dict[str, str]:
-    """The trained LoRA's header: kohya's ss_* keys and CAT's cat_* keys (APT's settings included)."""
+def metadata(loss_cfg, spec, cfg, dataset, steps_done: int, history: list[dict], base_version: str = "",
+             base_model: str = "", output_name: str = "") -> dict[str, str]:
+    """The trained LoRA's header: kohya's ss_* keys and CAT's cat_* keys (APT's settings included). base_model is the
+    checkpoint file (ss_sd_model_name), output_name the name the LoRA is saved under (ss_output_name); LoRA managers
+    show both."""
     w, h = max(dataset.buckets, key=lambda wh: wh[0] * wh[1]) if dataset.buckets else (0, 0)
     return training_metadata(
         cat_factor=loss_cfg.alpha, triggers=dataset.triggers, preservation=loss_cfg.preservation,
         class_word=loss_cfg.class_word if isinstance(loss_cfg.class_word, str) else json.dumps(loss_cfg.class_word), steps=cfg.steps, steps_done=steps_done, rank=spec.rank, alpha=spec.alpha,
         lr=cfg.lr, seed=cfg.seed, num_images=len(dataset.items), target_preset=spec.preset, resolution=(w, h),
-        base_model_version=base_version, captions=[it[1] for it in dataset.items],
+        base_model_version=base_version, base_model=base_model, output_name=output_name, captions=[it[1] for it in dataset.items],
         comment="Contrastive Adapter Training (CAT, arXiv 2404.07554), ComfyUI-CAT",
         extra={"ss_lr_scheduler": cfg.lr_schedule, "cat_preservation_prompts": json.dumps(list(loss_cfg.preservation_prompts)),
                "cat_final_loss": f"{history[-1]['loss']:.6g}" if history else "", **apt_metadata(loss_cfg.apt)})
 
 
-def step_lora_writer(mp, folder, name: str, loss_cfg, spec, cfg, dataset):
+def step_lora_writer(mp, folder, name: str, loss_cfg, spec, cfg, dataset, base_model: str = ""):
     """on_save for train(): `<folder>/<name>_stepNNNNNN.safetensors`, a LoRA any loader reads, with metadata."""
     names = family_of(mp).kohya_names(mp.model.diffusion_model)
     version = base_model_version(mp)
 
     def write(step: int, weights) -> None:
-        meta = metadata(loss_cfg, spec, cfg, dataset, step, [], version)
-        path = save_lora(safe_lora_path(folder, f"{name}_step{step:06d}"), to_kohya(weights, names), meta)
+        stem = f"{name}_step{step:06d}"
+        meta = metadata(loss_cfg, spec, cfg, dataset, step, [], version, base_model, stem)
+        path = save_lora(safe_lora_path(folder, stem), to_kohya(weights, names), meta)
         log.info("ComfyUI-CAT: step %d LoRA written to %s", step, path)
     return write
 
@@ -64,7 +68,8 @@ class SaveCatLoraNode(io.ComfyNode):
 
     @classmethod
     def execute(cls, lora, name) -> io.NodeOutput:
-        path = save_lora(safe_lora_path(loras_folder(), name), dict(lora), getattr(lora, "metadata", {}))
+        meta = {**getattr(lora, "metadata", {}), "ss_output_name": name.strip()}  # the name chosen here, as kohya's --output_name
+        path = save_lora(safe_lora_path(loras_folder(), name), dict(lora), meta)
         return io.NodeOutput(str(path), ui={"text": [str(path)]})
 
 

@@ -29,7 +29,7 @@ from ..cat_train.precision import CHOICES as COMPUTE_CHOICES
 from ..cat_train.precision import mixed_precision_name
 from ..cat_train.train import Example, TrainConfig, build_examples, train
 from .comfy_model import adm_y, base_model_version, trainable
-from .common import CATEGORY, Dataset, LossConfig, image_of, progress_callback
+from .common import CATEGORY, Dataset, LossConfig, image_of, model_file_name, progress_callback
 from .lora_io import CatLora, name_problem, safe_subpath
 from .save_lora import loras_folder, metadata, step_lora_writer
 
@@ -68,7 +68,7 @@ class CatTrainerNode(io.ComfyNode):
             ],
             outputs=[io.Model.Output(display_name="MODEL"), io.LoraModel.Output(display_name="lora"),
                      io.Image.Output(display_name="loss_curve"), io.String.Output(display_name="summary")],
-            hidden=[io.Hidden.unique_id],
+            hidden=[io.Hidden.unique_id, io.Hidden.prompt],
         )
 
     @classmethod
@@ -84,9 +84,12 @@ class CatTrainerNode(io.ComfyNode):
         cfg = TrainConfig(steps=steps, lr=learning_rate, lr_schedule=lr_schedule, batch_size=batch_size, grad_accum=grad_accum,
                           seed=seed, save_every=save_every, checkpoint_dir=str(ckpt_dir))
         spec = LoraSpec(rank=rank, alpha=lora_alpha, preset=target)
-        writer = step_lora_writer(model, loras_folder(), checkpoint_name.strip(), loss_config, spec, cfg, dataset) if save_every else None
+        base = model_file_name(cls.hidden.prompt, cls.hidden.unique_id)
+        writer = (step_lora_writer(model, loras_folder(), checkpoint_name.strip(), loss_config, spec, cfg, dataset, base)
+                  if save_every else None)
         patched, lora, image, summary, _ = train_on_model(model, dataset, loss_config, spec, cfg, cls.hidden.unique_id, resume,
-                                                          compute=dtype, checkpointing=gradient_checkpointing, on_save=writer)
+                                                          compute=dtype, checkpointing=gradient_checkpointing, on_save=writer,
+                                                          base_model=base)
         return io.NodeOutput(patched, lora, image, summary)
 
 
@@ -155,11 +158,12 @@ def memory_budget(den, examples: list[Example], spec: LoraSpec, loss_cfg: CatLos
 @torch.inference_mode(False)
 def train_on_model(mp, dataset, loss_cfg: CatLossConfig, spec: LoraSpec, cfg: TrainConfig, node_id: str | None = None,
                    resume: str | None = None, compute: str = "auto", checkpointing: str | None = None,
-                   on_save=None):
+                   on_save=None, base_model: str = ""):
     """Returns (patched clone, CatLora, loss-curve IMAGE, summary, TrainResult).
 
     compute: the forward's dtype (cat_train.precision); checkpointing: auto/on/off (None: cfg's bool);
-    on_save(step, weights): called with the LoRA at every `save_every` checkpoint."""
+    on_save(step, weights): called with the LoRA at every `save_every` checkpoint; base_model: the checkpoint file
+    the MODEL came from, for the LoRA header."""
     import comfy.sd
 
     t0 = time.perf_counter()
@@ -176,7 +180,7 @@ def train_on_model(mp, dataset, loss_cfg: CatLossConfig, spec: LoraSpec, cfg: Tr
         cfg = dataclasses.replace(cfg, mixed_precision=mixed_precision_name(den.compute_dtype), gradient_checkpointing=ckpt_on)
         result = train(den, examples, loss_cfg, spec, cfg, callback=cb, resume=resume or None, on_save=on_save)
     sd = CatLora(to_kohya(result.weights, den.family.kohya_names(mp.model.diffusion_model)))
-    sd.metadata = metadata(loss_cfg, spec, cfg, dataset, result.steps_done, result.history, base_model_version(mp))
+    sd.metadata = metadata(loss_cfg, spec, cfg, dataset, result.steps_done, result.history, base_model_version(mp), base_model)
     patched, _ = comfy.sd.load_lora_for_models(mp, None, dict(sd), 1.0, 0)
     hist = result.history
     summary = (f"CAT LoRA: {result.steps_done}/{cfg.steps} steps in {time.perf_counter() - t0:.1f}s, "

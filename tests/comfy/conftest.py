@@ -153,7 +153,9 @@ def shrink_for_cpu(g: dict, kind: str, dataset_dir, open_clip_name: str, **train
     """A shipped API graph made to run on the tiny models in seconds: the loader(s) swapped for the tiny
     checkpoint node, the dataset pointed at the test images, sizes and steps cut; `trainer` overrides
     the LoRA trainer's inputs (its defaults: 3 steps, rank 4, lr 1e-2, fp32, no mid-run saves)."""
-    g["1"] = {"class_type": "CATTest_TinyCheckpoint", "inputs": {"kind": kind}}
+    shipped = g["1"]["inputs"]
+    g["1"] = {"class_type": "CATTest_TinyCheckpoint",
+              "inputs": {"kind": kind, "ckpt_name": shipped.get("ckpt_name", shipped.get("unet_name", ""))}}
     separate = {k: slot for k, slot in (("3", 1), ("4", 2)) if g.get(k, {}).get("class_type") in ("DualCLIPLoader", "VAELoader")}
     for k, slot in separate.items():  # Flux: CLIP and VAE from the tiny checkpoint too
         del g[k]

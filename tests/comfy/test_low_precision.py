@@ -213,7 +213,7 @@ def test_save_every_writes_loadable_lora_files(comfy, dataset_dir, tmp_path):
     spec, loss = A.LoraSpec(rank=4, alpha=4.0), L.CatLossConfig(1.0, "class", "dog")
     cfg = T.TrainConfig(steps=4, lr=1e-2, seed=1, save_every=2, checkpoint_dir=str(tmp_path / "ck"))
     loras = tmp_path / "loras"
-    res = tr.train_on_model(mp, ds, loss, spec, cfg, on_save=tr.step_lora_writer(mp, loras, "run", loss, spec, cfg, ds))[4]
+    res = tr.train_on_model(mp, ds, loss, spec, cfg, on_save=tr.step_lora_writer(mp, loras, "run", loss, spec, cfg, ds, "sdxl_base.safetensors"))[4]
     files = sorted(p.name for p in loras.iterdir())
     assert files == ["run_step000002.safetensors", "run_step000004.safetensors"]
     from safetensors.torch import load_file
@@ -221,6 +221,7 @@ def test_save_every_writes_loadable_lora_files(comfy, dataset_dir, tmp_path):
     with safe_open(str(loras / files[1]), "pt") as f:
         meta = f.metadata()
     assert meta["ss_base_model_version"] == "sdxl_base_v1-0" and meta["cat_steps"] == "4"
+    assert meta["ss_output_name"] == "run_step000004" and meta["ss_sd_model_name"] == "sdxl_base.safetensors"
     assert meta["ss_resolution"] == str(max(ds.buckets, key=lambda wh: wh[0] * wh[1]))
     import comfy.lora
     import comfy.utils

@@ -233,3 +233,21 @@ def test_core_kohya_names_match_comfyui_map(comfy, tiny_sd15):
     assert len(paths) > 8
     for p in paths:
         assert names[p] == by_ldm[p], p
+
+
+def test_model_file_name_follows_the_model_link_to_its_loader(comfy):
+    """kohya's ss_sd_model_name: the trainer reads the checkpoint file off the queued graph, through nodes that pass
+    the MODEL on, and says nothing rather than guess where the graph does not name one."""
+    name = pack_module(comfy, "nodes.common").model_file_name
+    g = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "v1-5.safetensors"}},
+         "5": {"class_type": "LoraLoaderModelOnly", "inputs": {"model": ["1", 0], "lora_name": "style.safetensors", "strength_model": 1.0}},
+         "6": {"class_type": "ModelSamplingDiscrete", "inputs": {"model": ["5", 0], "sampling": "v_prediction", "zsnr": False}},
+         "7": {"class_type": "CAT_LoraTrainer", "inputs": {"model": ["6", 0], "checkpoint_name": "run"}},
+         "8": {"class_type": "UNETLoader", "inputs": {"unet_name": "flux1-dev.safetensors", "weight_dtype": "default"}},
+         "9": {"class_type": "CAT_LoraTrainer", "inputs": {"model": ["8", 0]}},
+         "10": {"class_type": "CAT_LoraTrainer", "inputs": {"model": ["11", 0]}},
+         "11": {"class_type": "SomeModelMaker", "inputs": {"seed": 3}},
+         "12": {"class_type": "A", "inputs": {"model": ["13", 0]}}, "13": {"class_type": "B", "inputs": {"model": ["12", 0]}}}
+    assert name(g, "7") == "v1-5.safetensors" and name(g, 7) == "v1-5.safetensors"
+    assert name(g, "9") == "flux1-dev.safetensors"
+    assert name(g, "10") == "" and name(g, "12") == "" and name(None, "7") == "" and name(g, None) == ""

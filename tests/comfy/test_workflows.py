@@ -219,6 +219,12 @@ def test_workflow_runs_end_to_end(comfy, test_checkpoint_node, tiny_open_clip, d
     save_node = next(k for k, n in g.items() if n["class_type"] == "CAT_SaveLora")
     saved = Path(out[save_node]["text"][0])
     assert saved.is_file() and saved.parent == Path(comfy.folder_paths.get_folder_paths("loras")[0])
+    from safetensors import safe_open
+
+    with safe_open(str(saved), "pt") as f:  # what LoRA managers show: the name it was saved as, the model it came from
+        meta = f.metadata()
+    assert meta["ss_output_name"] == g[save_node]["inputs"]["name"]
+    assert meta["ss_sd_model_name"] == g["1"]["inputs"]["ckpt_name"] != ""
     imgs = [k for k, n in g.items() if n["class_type"] == "SaveImage"]
     assert all(len(out[k]["images"]) == 2 for k in imgs)
 

@@ -136,11 +136,13 @@ def tiny_checkpoint_node():
     class TinyCheckpoint(io.ComfyNode):
         @classmethod
         def define_schema(cls):
-            return io.Schema(node_id="CATTest_TinyCheckpoint", inputs=[io.Combo.Input("kind", options=["sd15", "sdxl", "sd3", "flux"])],
+            # ckpt_name: the file a shipped graph named, kept so the graph still says where its MODEL came from
+            return io.Schema(node_id="CATTest_TinyCheckpoint", inputs=[io.Combo.Input("kind", options=["sd15", "sdxl", "sd3", "flux"]),
+                                                                       io.String.Input("ckpt_name", default="", optional=True)],
                              outputs=[io.Model.Output(), io.Clip.Output(), io.Vae.Output()])
 
         @classmethod
-        def execute(cls, kind):
+        def execute(cls, kind, ckpt_name=""):
             if kind not in cache:
                 cache[kind] = tiny_model(kind)
             return io.NodeOutput(*cache[kind])
