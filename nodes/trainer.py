@@ -18,12 +18,12 @@ import numpy as np
 import torch
 
 from ..cat_train.adapter import LoraSpec, lora_param_count
-from ..cat_train.apt import metadata as apt_metadata
 from ..cat_train.budget import DoesNotFit, MemoryBudget, adapter_bytes, probe_activations, tensor_bytes
 from ..cat_train.export import kohya_module_names, to_kohya, training_metadata
 from ..cat_train.loss import CatLossConfig
 from ..cat_train.plot import loss_curve
 from ..cat_train.precision import mixed_precision_name
+from ..cat_train.regularizers import metadata as regularizer_metadata
 from ..cat_train.train import Example, StepInfo, TrainConfig, build_examples, train
 from .comfy_model import checkpoint_units, trainable
 from .lora_io import CatLora
@@ -57,7 +57,7 @@ def progress_callback(node_id: str | None, total: int):
     def cb(info: StepInfo) -> None:
         _send(EVENT, {"node": node_id, "prompt_id": prompt_id, "step": info.step, "total": info.total, "loss": info.loss, "fit": info.fit,
                       "keep": info.keep, "lr": info.lr, "elapsed": info.elapsed,
-                      **({"apt": info.apt} if info.apt else {})})  # APT: per-bin overfitting indicator for the live view
+                      **info.reports})  # each regularizer's report under its name (APT: per-bin indicator for the live view)
         pbar.update_absolute(info.step, info.total)  # under a server this hook raises when Cancel is pressed
         mm.throw_exception_if_processing_interrupted()  # ...and this catches Cancel when no hook is set
     return cb
@@ -175,7 +175,7 @@ def metadata(loss_cfg, spec, cfg, dataset, steps_done: int, history: list[dict],
         base_model_version=base_version, captions=[it[1] for it in dataset.items],
         comment="Contrastive Adapter Training (CAT, arXiv 2404.07554), ComfyUI-CAT",
         extra={"ss_lr_scheduler": cfg.lr_schedule, "cat_preservation_prompts": json.dumps(list(loss_cfg.preservation_prompts)),
-               "cat_final_loss": f"{history[-1]['loss']:.6g}" if history else "", **apt_metadata(loss_cfg.apt)})
+               "cat_final_loss": f"{history[-1]['loss']:.6g}" if history else "", **regularizer_metadata(loss_cfg)})
 
 
 def step_lora_writer(mp, folder, name: str, loss_cfg, spec, cfg, dataset):
