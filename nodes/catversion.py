@@ -176,11 +176,12 @@ def out_of_place_residuals(encoders: dict[str, torch.nn.Module]):
 
 @torch.inference_mode(False)
 def train_on_clip(mp, clip, dataset, spec: cv.CatVersionSpec, cfg: cv.CatVersionConfig, node_id: str | None = None,
-                  compute: str = "auto"):
+                  compute: str = "auto", **loop):
     """(CLIP clone with the embeddings, CatVersionWeights, loss-curve IMAGE, summary). The input MODEL and CLIP are
-    checked bit for bit afterwards; a difference is raised, never passed over."""
+    checked bit for bit afterwards; a difference is raised, never passed over. `loop`: further TrainConfig settings
+    (checkpoint_dir, save_every, grad_accum, ...) and resume, as `cv.train_catversion` takes them."""
     from ..cat_train.plot import loss_curve
-    from ..cat_train.train import StepInfo
+    from ..cat_train.precision import mixed_precision_name
     from .comfy_model import _leave_inference_mode, trainable
     from .trainer import progress_callback
 
@@ -195,14 +196,12 @@ def train_on_clip(mp, clip, dataset, spec: cv.CatVersionSpec, cfg: cv.CatVersion
         _leave_inference_mode(cs)  # inference tensors cannot be saved for backward
         before = module_fingerprint(cs)
         encs = clip_encoders(clip)
-        cb = progress_callback(node_id, cfg.steps)
-
-        def step_cb(step, total, h):
-            cb(StepInfo(step, total, h["loss"], h["fit"], h["keep"], cfg.lr, time.perf_counter() - t0))
+        loop.setdefault("mixed_precision", mixed_precision_name(den.compute_dtype))
         try:
             with torch.enable_grad(), out_of_place_residuals(encs):
                 result = cv.train_catversion(den, encs, _encoder_fn(clip), items, spec, cfg,
-                                             {n: output_layer(clip, e) for n, e in encs.items()}, step_cb, _finish(mp))
+                                             {n: output_layer(clip, e) for n, e in encs.items()},
+                                             progress_callback(node_id, cfg.steps), _finish(mp), **loop)
         finally:
             cs.reset_clip_options()
             bad = changed(before, module_fingerprint(cs))
