@@ -54,6 +54,7 @@ class LoraAdapter(Adapter):
 
 
 KINDS: dict[type, type[Adapter]] = {LoraSpec: LoraAdapter}  # spec class -> the adapter it configures
+AdapterSpec = LoraSpec  # the specs KINDS knows (a Union once it knows more)
 
 
 def adapter_for(spec: LoraSpec | Adapter) -> Adapter:

@@ -10,14 +10,13 @@ import it without a cycle.
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, Any, ContextManager, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, ContextManager, Iterable, NamedTuple, Sequence
 
 import torch
 from torch import Tensor, nn
 
 if TYPE_CHECKING:
-    from .denoiser import Cond, Denoiser
-    from .loss import LossTerms
+    from .denoiser import Denoiser
 
 
 class StepTerm:
@@ -46,8 +45,9 @@ class StepTerm:
         """Weighted scalars added to the loss, in order, from what the passes recorded (first `rows` samples: y_T)."""
         return ()
 
-    def after_step(self, t: Tensor, terms: "LossTerms") -> None:
-        """After each evaluation of the objective (each accumulated batch), before the next draw."""
+    def after_step(self, t: Tensor, terms: NamedTuple) -> None:
+        """After each evaluation of the objective (each accumulated batch), before the next draw; `terms`: the
+        objective's `loss.LossTerms` (fit, keep, and fit_pre when the frozen y_T pass ran)."""
 
     def report(self) -> dict:
         """What the live view and the history show of it."""

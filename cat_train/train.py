@@ -1,10 +1,10 @@
 """The CAT training loop: AdamW on the adapter only, checkpoints that resume bit-exactly, clean stops.
 
-What is trained is a `plugins.Adapter` (LoRA for a LoraSpec; CatVersion passes its own) and what else the loss
-weighs are `plugins.StepTerm`s built from the loss config (`regularizers`): the loop names neither.
+What is trained is a `plugins.Adapter` (built from a spec by `adapters.adapter_for`, or passed in) and what else
+the loss weighs are `plugins.StepTerm`s built from the loss config (`regularizers`): the loop names neither.
 
 One `torch.Generator` (seeded by `TrainConfig.seed`) draws every batch, timestep and noise, and
-the global RNG (LoRA dropout) is forked and seeded too; both go into checkpoints, so a run resumed
+the global RNG (adapter dropout) is forked and seeded too; both go into checkpoints, so a run resumed
 from step k continues exactly as the uninterrupted run would have (bit for bit on CPU).
 """
 from __future__ import annotations
@@ -21,8 +21,7 @@ from typing import Any, Callable, Literal, Sequence
 import torch
 from torch import Tensor
 
-from .adapter import LoraSpec
-from .adapters import adapter_for
+from .adapters import AdapterSpec, adapter_for
 from .denoiser import Cond, Denoiser, FlowSchedule, NoiseSchedule
 from .loss import CatLossConfig, cat_objective, repeat_to_common_length
 from .plugins import Adapter, StepTerm
@@ -90,12 +89,12 @@ class StepInfo:
     keep: float
     lr: float
     elapsed: float
-    reports: dict[str, dict] = field(default_factory=dict)  # per plugged-in regularizer, by name (APT: indicator per bin...)
+    reports: dict[str, dict] = field(default_factory=dict)  # each plugged-in regularizer's report(), by its name
 
 
 @dataclass
 class TrainResult:
-    weights: Any  # the adapter's (`Adapter.weights()`; LoRA: {module name: LoraWeights})
+    weights: Any  # the adapter's `weights()`
     history: list[dict] = field(default_factory=list)
     steps_done: int = 0
     last_checkpoint: Path | None = None
@@ -214,14 +213,14 @@ def _is_oom(e: BaseException) -> bool:
     return isinstance(e, (torch.OutOfMemoryError, MemoryError)) or (isinstance(e, RuntimeError) and "out of memory" in str(e).lower())
 
 
-def train(denoiser: Denoiser, examples: Sequence[Example], loss_cfg: CatLossConfig, spec: LoraSpec | Adapter,
+def train(denoiser: Denoiser, examples: Sequence[Example], loss_cfg: CatLossConfig, spec: AdapterSpec | Adapter,
           cfg: TrainConfig, callback: Callable[[StepInfo], None] | None = None, resume: str | os.PathLike | None = None,
           keep_adapter: bool = False, on_save: Callable[[int, Any], None] | None = None,
           sampler: BatchSampler | None = None) -> TrainResult:
-    """Train an adapter (a LoraSpec's LoRA on `denoiser.module`, or any `plugins.Adapter`) with the CAT objective.
+    """Train an adapter (the one `spec` configures, or a `plugins.Adapter` itself) with the CAT objective.
     The model is restored (adapter removed) on return unless keep_adapter.
 
-    on_save(step, weights) runs at every `save_every` checkpoint (e.g. to write a loadable LoRA file too);
+    on_save(step, weights) runs at every `save_every` checkpoint (e.g. to write a loadable adapter file too);
     sampler: how batches are drawn (default: same-bucket batches weighted by repeats)."""
     if not examples:
         raise ValueError("no training examples; the dataset is empty.")
@@ -240,8 +239,8 @@ def train(denoiser: Denoiser, examples: Sequence[Example], loss_cfg: CatLossConf
     was_training = module.training
     result = TrainResult(weights={})
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(cfg.seed)  # LoRA A init and dropout draw from the global RNG
-        gen = torch.Generator().manual_seed(cfg.seed)  # every batch, timestep and noise (and CatVersion's init)
+        torch.manual_seed(cfg.seed)  # peft's init and dropout draw from the global RNG
+        gen = torch.Generator().manual_seed(cfg.seed)  # every batch, timestep and noise (and inits that take it)
         adapter.install(denoiser, gen)
         terms: list[StepTerm] = []
         try:
