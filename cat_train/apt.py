@@ -287,7 +287,7 @@ class AptRun(StepTerm):
         self.taps.clear()
         self.penalties = {"stabilize": rs.detach(), "align": aa.detach()}
         self.last = {k: float(v) for k, v in self.penalties.items()}
-        return [w * v for w, v, on in ((self.cfg.stabilize, rs, self.cfg.stabilize), (self.cfg.align, aa, self.cfg.align)) if on]
+        return [w * v for w, v in ((self.cfg.stabilize, rs), (self.cfg.align, aa)) if w]  # a part that is off adds nothing
 
     def after_step(self, t: Tensor, terms) -> None:
         self.indicator.update(self.indicator.bin_of(t), terms.fit_pre, terms.fit)
