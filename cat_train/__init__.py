@@ -4,6 +4,10 @@
     adapter.py   LoRA via peft: inject, switch off for the frozen pass, read, load, remove
     loss.py      the CAT objective (cat_objective) and its config
     train.py     the training loop, checkpoints and exact resume
+    plugins.py   the loop's two plug points: Adapter (what is trained), StepTerm (a regularizer in the step)
+    adapters.py  LoRA as an Adapter, and the adapter a spec asks for
+    regularizers.py  the StepTerms a CatLossConfig switches on (APT: apt.py, settings in apt_config.py)
+    catversion.py  CatVersion: K/V embeddings in the text encoder, an Adapter that encodes prompts each step
     prompts.py   trigger words and the preservation prompt y
     export.py    kohya-key .safetensors LoRA files with training metadata
     metrics.py   PS, IS and KPS over CLIP embeddings

@@ -44,85 +44,15 @@ from __future__ import annotations
 import contextlib
 import math
 import re
-from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .families import SDUNet
-
-AUGMENT_OPS = ("flip", "zoom", "rotate", "shift", "color")
-
-
-@dataclass
-class AptConfig:
-    adaptive: float = field(default=0.0, metadata={"help": (
-        "gain of the per-timestep-bin response to the overfitting indicator o_b: fit weight 1 - gain*o_b, augmentation "
-        "probability gain*o_b (0 = off).")})
-    stabilize: float = field(default=0.0, metadata={"help": (
-        "weight of the representation-stabilization penalty: shift of per-channel feature mean/variance, adapted vs "
-        "frozen (0 = off; 5, the APT Options node's default, was calibrated on the world model, not on SD).")})
-    align: float = field(default=0.0, metadata={"help": (
-        "weight of the attention-alignment penalty: cross-attention maps, adapted vs frozen (0 = off; 1000 for the MSE "
-        "of probabilities, the APT Options node's default, was calibrated on the world model, not on SD).")})
-    bins: int = field(default=10, metadata={"help": (
-        "timestep bins of the overfitting indicator (a choice: the paper's count was not readable here).")})
-    ema: float = field(default=0.9, metadata={"help": "indicator smoothing per update of a bin, in [0, 1)."})
-    target: float = field(default=0.0, metadata={"help": (
-        "indicator level tolerated before weighting and augmenting (0: every gain counts).")})
-    adapt_weight: bool = field(default=True, metadata={"help": "(a) per-bin weight of the fit loss."})
-    adapt_augment: bool = field(default=True, metadata={"help": "(b) per-bin augmentation probability."})
-    min_weight: float = field(default=0.1, metadata={"help": "floor of the fit weight, so no bin stops learning."})
-    max_augment: float = field(default=0.8, metadata={"help": (
-        "ceiling of the augmentation probability (some clean samples always remain).")})
-    augment_ops: tuple[str, ...] = field(default=("zoom", "rotate"), metadata={"help": (
-        f"augmentations, from {', '.join(AUGMENT_OPS)} (the paper: zoom-out and rotation); empty = loss weighting "
-        "only. The node takes them comma separated.")})
-    zoom: float = field(default=0.25, metadata={"help": "zoom-out: content scaled by a factor drawn in [1 - zoom, 1]."})
-    rotate: float = field(default=15.0, metadata={"help": "rotation drawn in [-rotate, rotate] degrees."})
-    shift: float = field(default=0.125, metadata={"help": "translation drawn in [-shift, shift] of the side."})
-    color: float = field(default=0.1, metadata={"help": (
-        "brightness/contrast jitter amplitude (in the model's [-1, 1] image space).")})
-    stabilize_layers: str = field(default=SDUNet.apt_stabilize_layers, metadata={"help": (
-        "regex (full match) of the UNet modules whose outputs are stabilized.")})
-    stabilize_normalize: bool = field(default=True, metadata={"help": (
-        "shifts in units of the frozen channel's variance, so every layer counts alike.")})
-    align_layers: str = field(default=SDUNet.apt_align_layers, metadata={"help": (
-        "regex (full match) of the cross-attention modules aligned (ldm/ComfyUI naming).")})
-    align_distance: str = field(default="mse", metadata={"help": (
-        "`mse`, or `kl` (KL(frozen || adapted) per query row).")})
-
-    def __post_init__(self):
-        self.augment_ops = tuple(self.augment_ops)
-        checks = [
-            (self.adaptive >= 0 and self.stabilize >= 0 and self.align >= 0,
-             f"APT weights must be >= 0 (0 = off), got adaptive={self.adaptive}, stabilize={self.stabilize}, align={self.align}."),
-            (self.bins >= 1, f"APT bins must be >= 1, got {self.bins}."),
-            (0 <= self.ema < 1, f"APT ema must be in [0, 1), got {self.ema}."),
-            (0 <= self.target < 1, f"APT target must be in [0, 1), got {self.target}."),
-            (0 < self.min_weight <= 1, f"APT min_weight must be in (0, 1], got {self.min_weight}."),
-            (0 <= self.max_augment <= 1, f"APT max_augment must be in [0, 1], got {self.max_augment}."),
-            (set(self.augment_ops) <= set(AUGMENT_OPS), f"APT augment_ops must be among {AUGMENT_OPS}, got {self.augment_ops}."),
-            (self.align_distance in ("mse", "kl"), f"APT align_distance must be 'mse' or 'kl', got {self.align_distance!r}."),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise ValueError(msg)
-        for pattern in (self.stabilize_layers, self.align_layers):
-            re.compile(pattern)
-
-    @property
-    def active(self) -> bool:
-        return bool(self.adaptive or self.stabilize or self.align)
-
-
-def metadata(cfg: AptConfig) -> dict[str, str]:
-    """Every APT setting for a LoRA file's header (all str, as safetensors metadata must be)."""
-    import json
-
-    return {"cat_apt": json.dumps(asdict(cfg), sort_keys=True), "cat_apt_active": str(cfg.active).lower()}
+from .apt_config import AUGMENT_OPS, AptConfig, metadata  # noqa: F401  (re-exported: `cat_train.apt.AptConfig` stays the public name)
+from .loss import cat_objective
+from .plugins import StepTerm
 
 
 class AptTerms(NamedTuple):
@@ -321,43 +251,15 @@ class Taps:
         self.clear()
 
 
-# ---------------------------------------------------------------- the objective and the run's state
-def _msd(a: Tensor, b: Tensor) -> Tensor:
-    return (a.float() - b.float()).pow(2).flatten(1).mean(1)
+# ---------------------------------------------------------------- the plug-in
+class AptRun(StepTerm):
+    """APT as a term of the CAT step (`loss.cat_objective`): the frozen pass also runs on y_T, whose rows give the
+    pretrained error for the indicator and the targets of the penalties; the fit term is weighted per bin; after
+    each evaluation the indicator moves. Keeps the indicator (checkpointed) and the hooks (removed by close())."""
 
-
-def apt_objective(denoiser, x0: Tensor, noise: Tensor, t: Tensor, cond_token, cond_pres, alpha: float,
-                  weight: Tensor | None, cfg: AptConfig, indicator: Indicator, taps: Taps) -> AptTerms:
-    """CAT + APT in one frozen and one adapted forward (each batched over [y_T; y] when alpha > 0):
-
-        L = mean(w_b * ||target - eps'(y_T)||² + alpha * w * ||eps(y) - eps'(y)||²) + stabilize * R + align * A
-    """
-    from .adapter import adapter_disabled
-    from .loss import cat_cond
-
-    sched, n = denoiser.schedule, x0.shape[0]
-    x_t = sched.add_noise(x0, noise, t)
-    target = sched.target(x0, noise, t, denoiser.prediction_type)
-    x_in, t_in, c_in = ((torch.cat([x_t, x_t]), torch.cat([t, t]), cat_cond(cond_token, cond_pres)) if alpha
-                        else (x_t, t, cond_token))
-    with torch.no_grad(), adapter_disabled(denoiser.module), taps.recording("frozen"):
-        frozen = denoiser.predict(x_in, t_in, c_in)
-    with taps.recording("adapted"):
-        pred = denoiser.predict(x_in, t_in, c_in)
-    fit, fit_pre = _msd(pred[:n], target), _msd(frozen[:n], target)
-    keep = _msd(pred[n:], frozen[n:]) if alpha else torch.zeros_like(fit)
-    w = torch.ones_like(fit) if weight is None else weight.to(fit)
-    wb = indicator.fit_weight(indicator.bin_of(t)).to(fit)
-    zero = fit.new_zeros(())
-    rs = taps.stabilization(n) if cfg.stabilize else zero
-    aa = taps.alignment(n) if cfg.align else zero
-    taps.clear()
-    loss = (wb * fit + alpha * w * keep).mean() + cfg.stabilize * rs + cfg.align * aa
-    return AptTerms(loss, fit.detach(), keep.detach(), fit_pre.detach(), wb, rs.detach(), aa.detach())
-
-
-class AptRun:
-    """What one training run keeps for APT: the indicator (checkpointed) and the hooks (removed by close())."""
+    name = "apt"
+    needs_frozen_token_pass = True
+    history_keys = ("stabilize", "align", "indicator")
 
     def __init__(self, denoiser, cfg: AptConfig):
         self.denoiser, self.cfg = denoiser, cfg
@@ -365,18 +267,38 @@ class AptRun:
         self.taps = Taps(denoiser.module, cfg)  # after LoRA injection: to_q/to_k hooks see the wrapped layers
         self.space = getattr(denoiser, "augment_space", None)
         self.last: dict = {}
+        self.penalties: dict[str, Tensor] = {}
 
     def augment(self, x0: Tensor, t: Tensor, gen: torch.Generator) -> Tensor:
         if not (self.cfg.adaptive and self.cfg.adapt_augment and self.cfg.augment_ops):
             return x0
         return augment(x0, self.indicator.augment_prob(self.indicator.bin_of(t)), self.cfg, gen, self.space)
 
-    def objective(self, x0, noise, t, cond_token, cond_pres, alpha, weight) -> AptTerms:
-        terms = apt_objective(self.denoiser, x0, noise, t, cond_token, cond_pres, alpha, weight, self.cfg,
-                              self.indicator, self.taps)
+    def fit_weight(self, t: Tensor) -> Tensor:
+        return self.indicator.fit_weight(self.indicator.bin_of(t))
+
+    def recording(self, kind: str):
+        return self.taps.recording(kind)
+
+    def penalty(self, rows: int) -> list[Tensor]:
+        zero = torch.zeros(())
+        rs = self.taps.stabilization(rows) if self.cfg.stabilize else zero
+        aa = self.taps.alignment(rows) if self.cfg.align else zero
+        self.taps.clear()
+        self.penalties = {"stabilize": rs.detach(), "align": aa.detach()}
+        self.last = {k: float(v) for k, v in self.penalties.items()}
+        return [w * v for w, v in ((self.cfg.stabilize, rs), (self.cfg.align, aa)) if w]  # a part that is off adds nothing
+
+    def after_step(self, t: Tensor, terms) -> None:
         self.indicator.update(self.indicator.bin_of(t), terms.fit_pre, terms.fit)
-        self.last = {"stabilize": float(terms.stabilize), "align": float(terms.align)}
-        return terms
+
+    def objective(self, x0, noise, t, cond_token, cond_pres, alpha, weight) -> AptTerms:
+        """One evaluation of CAT with APT alone plugged in, and the indicator's update (the loop does the same)."""
+        fit_weight = self.fit_weight(t)  # as the objective applies it, before the indicator moves
+        terms = cat_objective(self.denoiser, x0, noise, t, cond_token, cond_pres, alpha, weight, terms=(self,))
+        self.after_step(t, terms)
+        return AptTerms(terms.loss, terms.fit, terms.keep, terms.fit_pre, fit_weight.to(terms.fit),
+                        self.penalties["stabilize"], self.penalties["align"])
 
     def report(self) -> dict:
         """For history and live views: the indicator per bin (None where a bin was never drawn) and the penalties."""
@@ -390,6 +312,10 @@ class AptRun:
 
     def load_state_dict(self, state: dict) -> None:
         self.indicator.load_state_dict(state)
+
+    @staticmethod
+    def metadata(cfg: AptConfig) -> dict[str, str]:
+        return metadata(cfg)
 
     def close(self) -> None:
         self.taps.remove()

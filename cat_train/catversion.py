@@ -21,6 +21,9 @@ function to install their own way (ComfyUI: as object patches on a clone).
 
 The CAT term composes: with α > 0 the frozen pass is the UNet on y encoded *without* the embeddings,
 the adapted pass on y encoded with them (the UNet itself is never adapted).
+
+Training runs in the one loop (`train.train`) through `CatVersionAdapter`, an adapter that lives in the text
+encoder: checkpoints, exact resume, cancel, accumulation, mixed precision and progress reports as for LoRA.
 """
 from __future__ import annotations
 
@@ -35,9 +38,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .denoiser import Cond, Denoiser
-from .loss import cat_cond, cat_loss
+from .denoiser import Cond, Denoiser, FlowSchedule, NoiseSchedule
+from .loss import CatLossConfig, cat_cond
+from .plugins import Adapter
 from .prompts import PreservationMode, preservation_prompt
+from .train import BatchSampler, Example, StepInfo, TrainConfig, train
 
 FORMAT = "cat_train.catversion/1"
 PAPER_LAYERS = 3  # last 3 of CLIP ViT-L/14's 12 layers in the released adapters
@@ -375,91 +380,155 @@ class CatVersionResult:
     embeddings: dict[str, KVEmbeddings]
     history: list[dict] = field(default_factory=list)
     seconds: float = 0.0
+    steps_done: int = 0
+    last_checkpoint: Path | None = None
 
 
 Encode = Callable[[list[str]], Cond]
 
 
+class CatVersionAdapter(Adapter):
+    """The embeddings of each text encoder as the loop's adapter. They act before the UNet, so the loop has every
+    batch's prompts encoded through them (`conditionings`); the frozen model's conditionings are the same prompts
+    encoded with the embeddings switched off, once per prompt. A checkpoint holds "catversion" and "spec"."""
+
+    name = "catversion"
+    encodes_prompts = True
+    size_hint = "the CatVersion layers or embeddings per layer"
+
+    def __init__(self, encoders: Mapping[str, nn.Module], encode: "Encode", spec: CatVersionSpec,
+                 output_layers: Mapping[str, int | None] | None = None,
+                 finish: Callable[[Cond, Tensor], Cond] | None = None):
+        self.encoders, self.encode, self.spec = dict(encoders), encode, spec
+        self.output_layers = dict(output_layers or {})
+        self.finish = finish or (lambda c, x0: c)
+        self.embeddings: dict[str, KVEmbeddings] = {}
+        self._stack = contextlib.ExitStack()
+        self._switches: list[Switch] = []
+        self._flags: list[tuple[nn.Parameter, bool]] = []
+        self._frozen: dict[str, Cond] = {}
+
+    def install(self, denoiser: Denoiser, gen: torch.Generator) -> None:
+        dev = next(denoiser.module.parameters()).device
+        self.embeddings = {n: new_embeddings(enc, self.spec, self.output_layers.get(n), gen) for n, enc in self.encoders.items()}
+        for e in self.embeddings.values():
+            e.to(dev).requires_grad_(True)
+        # the UNet and the encoders are frozen; their flags are put back on remove()
+        self._flags = [(p, p.requires_grad) for m in (denoiser.module, *self.encoders.values()) for p in m.parameters()]
+        for m in (denoiser.module, *self.encoders.values()):
+            m.requires_grad_(False)
+        try:
+            self._switches = [self._stack.enter_context(installed(self.encoders[n], e)) for n, e in self.embeddings.items()]
+        except BaseException:
+            self.remove()
+            raise
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [p for e in self.embeddings.values() for p in e.parameters()]
+
+    @contextlib.contextmanager
+    def disabled(self) -> Iterator[None]:
+        with contextlib.ExitStack() as off:
+            for s in self._switches:
+                off.enter_context(disabled(s))
+            yield
+
+    def conditionings(self, prompts, x0: Tensor, with_pres: bool):
+        caps, ys = [p[0] for p in prompts], [p[1] for p in prompts]
+        adapted = (self._cond([self.encode([c]) for c in caps], x0),
+                   self._cond([self.encode([y]) for y in ys], x0) if with_pres else None)
+        with torch.no_grad():
+            frozen = (self._cond([self._frozen_cond(c) for c in caps], x0),
+                      self._cond([self._frozen_cond(y) for y in ys], x0) if with_pres else None)
+        return adapted, frozen
+
+    def _cond(self, rows: list[Cond], x0: Tensor) -> Cond:
+        return {k: v.to(x0.device) for k, v in self.finish(cat_cond(*rows), x0).items()}
+
+    def _frozen_cond(self, prompt: str) -> Cond:
+        if prompt not in self._frozen:
+            with torch.no_grad(), self.disabled():
+                self._frozen[prompt] = {k: v.detach() for k, v in self.encode([prompt]).items()}
+        return self._frozen[prompt]
+
+    def state_dict(self) -> dict:
+        return {"catversion": {n: {"keys": e.keys.detach().cpu().clone(), "values": e.values.detach().cpu().clone(),
+                                   "info": e.info()} for n, e in self.embeddings.items()},
+                "spec": {**asdict(self.spec), "layers": self.spec.layers if isinstance(self.spec.layers, int) else list(self.spec.layers)}}
+
+    def load_state_dict(self, state: dict, where: str) -> None:
+        if "catversion" not in state:
+            raise ValueError(f"checkpoint {where} holds no CatVersion embeddings (a LoRA run's?); resume CatVersion from "
+                             "a checkpoint the CatVersion trainer wrote, or start afresh without one.")
+        saved = CatVersionSpec(**state["spec"])
+        if saved != self.spec or set(state["catversion"]) != set(self.embeddings):
+            raise ValueError(f"checkpoint {where} was trained with {saved} on encoders {sorted(state['catversion'])}, not "
+                             f"{self.spec} on {sorted(self.embeddings)}; resume with the same CatVersion settings and CLIP.")
+        with torch.no_grad():
+            for n, e in self.embeddings.items():
+                check_compatible(state["catversion"][n]["info"], e.info(), f"checkpoint {where}", n)
+                e.keys.copy_(state["catversion"][n]["keys"])
+                e.values.copy_(state["catversion"][n]["values"])
+
+    def weights(self) -> dict[str, KVEmbeddings]:
+        return dict(self.embeddings)
+
+    def remove(self) -> None:
+        self._stack.close()
+        self._switches = []
+        for p, flag in self._flags:
+            p.requires_grad_(flag)
+        for e in self.embeddings.values():
+            e.requires_grad_(False)
+
+
+class ReferenceSampler(BatchSampler):
+    """The CatVersion trainer's own draw, kept so a seed gives the embeddings it always gave: images uniformly
+    (repeats come as repeated items), with aspect buckets a bucket by its image count first; noise before t."""
+
+    def __init__(self, examples: Sequence[Example], batch_size: int):
+        self.examples, self.batch_size = examples, batch_size
+        shapes = sorted({tuple(e.latent.shape) for e in examples})
+        self.groups = [[i for i, e in enumerate(examples) if tuple(e.latent.shape) == sh] for sh in shapes]
+        self.sizes = torch.tensor([float(len(gr)) for gr in self.groups])
+
+    def draw(self, gen: torch.Generator) -> list[int]:
+        if len(self.groups) == 1:
+            return torch.randint(0, len(self.examples), (self.batch_size,), generator=gen).tolist()
+        grp = self.groups[int(torch.multinomial(self.sizes, 1, generator=gen))]
+        return [grp[j] for j in torch.randint(0, len(grp), (self.batch_size,), generator=gen).tolist()]
+
+    def draw_batch(self, gen: torch.Generator, schedule: NoiseSchedule | FlowSchedule) -> tuple[list[int], Tensor, Tensor]:
+        idx = self.draw(gen)
+        noise = torch.randn((len(idx), *self.examples[idx[0]].latent.shape), generator=gen)
+        return idx, schedule.sample_t(len(idx), gen), noise
+
+
 def train_catversion(denoiser: Denoiser, encoders: Mapping[str, nn.Module], encode: Encode,
                      items: Sequence[tuple[Tensor, str, Sequence[str]]], spec: CatVersionSpec, cfg: CatVersionConfig,
-                     output_layers: Mapping[str, int | None] | None = None, callback=None,
-                     finish: Callable[[Cond, Tensor], Cond] | None = None) -> CatVersionResult:
+                     output_layers: Mapping[str, int | None] | None = None,
+                     callback: Callable[[StepInfo], None] | None = None,
+                     finish: Callable[[Cond, Tensor], Cond] | None = None, resume: str | Path | None = None,
+                     **loop) -> CatVersionResult:
     """Train the embeddings of each encoder (SDXL: two) on (latent, caption y_T, triggers) items.
 
     `encode(prompts)` must run the text encoders as installed (it is called inside the install) and return
     the UNet's cond, differentiably; the UNet and the encoders are frozen, only the embeddings learn.
-    Captions are encoded in the loop (the embeddings change every step); y without the embeddings is
-    encoded once. `finish(cond, x0)` turns the encoder's batched output into the UNet's cond for those
-    latents (SDXL: pooled output + size conditioning); None: `encode` returns it ready.
-    Same seed, same embeddings (bit for bit on CPU)."""
-    finish = finish or (lambda c, x0: c)
-    g = torch.Generator().manual_seed(cfg.seed)
-    embs = {name: new_embeddings(enc, spec, (output_layers or {}).get(name), g) for name, enc in encoders.items()}
-    dev = next(denoiser.module.parameters()).device
-    for e in embs.values():
-        e.to(dev).requires_grad_(True)
-    params = [p for e in embs.values() for p in e.parameters()]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    ys = [preservation_prompt(cap, tuple(trig), cfg.preservation, cfg.class_word) for _, cap, trig in items] \
-        if cfg.alpha > 0 else []
-    frozen_flags = {id(p): p.requires_grad for m in (denoiser.module, *encoders.values()) for p in m.parameters()}
-    for m in (denoiser.module, *encoders.values()):
-        m.requires_grad_(False)
-    hist, t0 = [], time.perf_counter()
-    try:
-        with contextlib.ExitStack() as stack:
-            switches = [stack.enter_context(installed(encoders[n], e)) for n, e in embs.items()]
-            frozen_y: dict[str, Cond] = {}
-            if cfg.alpha > 0:
-                with torch.no_grad(), contextlib.ExitStack() as off:
-                    for s in switches:
-                        off.enter_context(disabled(s))
-                    for y in sorted(set(ys)):
-                        frozen_y[y] = {k: v.detach() for k, v in encode([y]).items()}
-            sched = denoiser.schedule
-            shapes = sorted({tuple(it[0].shape) for it in items})
-            groups = [[i for i, it in enumerate(items) if tuple(it[0].shape) == sh] for sh in shapes]
-            sizes = torch.tensor([float(len(gr)) for gr in groups])
-            for step in range(1, cfg.steps + 1):
-                if len(groups) == 1:
-                    idx = torch.randint(0, len(items), (cfg.batch_size,), generator=g).tolist()
-                else:  # aspect buckets: a batch is drawn from one latent size, buckets weighted by their images
-                    grp = groups[int(torch.multinomial(sizes, 1, generator=g))]
-                    idx = [grp[j] for j in torch.randint(0, len(grp), (cfg.batch_size,), generator=g).tolist()]
-                x0 = torch.stack([items[i][0] for i in idx]).to(dev)
-                noise = torch.randn(x0.shape, generator=g).to(dev)
-                t = sched.sample_t(len(idx), g).to(dev)
-                x_t = sched.add_noise(x0, noise, t)
-                target = sched.target(x0, noise, t, denoiser.prediction_type)
-                c_tok = finish(cat_cond(*[encode([items[i][1]]) for i in idx]), x0)
-                if cfg.alpha > 0:
-                    c_y = finish(cat_cond(*[encode([ys[i]]) for i in idx]), x0)
-                    with torch.no_grad():
-                        frozen_c = finish(cat_cond(*[frozen_y[ys[i]] for i in idx]), x0)
-                        frozen = denoiser.predict(x_t, t, {k: v.to(dev) for k, v in frozen_c.items()})
-                    both = {k: v.to(dev) for k, v in cat_cond(c_tok, c_y).items()}
-                    pred_tok, pred_y = denoiser.predict(torch.cat([x_t, x_t]), torch.cat([t, t]), both).chunk(2)
-                    terms = cat_loss(pred_tok, target, pred_y, frozen, cfg.alpha)
-                else:
-                    terms = cat_loss(denoiser.predict(x_t, t, {k: v.to(dev) for k, v in c_tok.items()}), target,
-                                     None, None, 0.0)
-                if not torch.isfinite(terms.loss):
-                    raise RuntimeError(f"CatVersion loss became NaN/inf at step {step}; lower the learning rate "
-                                       f"(now {cfg.lr}; the paper: 1e-2).")
-                opt.zero_grad(set_to_none=True)
-                terms.loss.backward()
-                opt.step()
-                hist.append({"step": step, "loss": float(terms.loss.detach()), "fit": float(terms.fit.mean()),
-                             "keep": float(terms.keep.mean())})
-                if callback is not None:
-                    callback(step, cfg.steps, hist[-1])
-    finally:
-        for m in (denoiser.module, *encoders.values()):
-            for p in m.parameters():
-                p.requires_grad_(frozen_flags.get(id(p), p.requires_grad))
-    for e in embs.values():
-        e.requires_grad_(False)
-    return CatVersionResult(embs, hist, time.perf_counter() - t0)
+    `finish(cond, x0)` turns the encoder's batched output into the UNet's cond for those latents (SDXL: pooled
+    output + size conditioning); None: `encode` returns it ready. `loop`: further `TrainConfig` settings
+    (grad_accum, mixed_precision, save_every, checkpoint_dir, max_grad_norm, gradient_checkpointing); `resume`: a
+    checkpoint of such a run. Same seed, same embeddings (bit for bit on CPU)."""
+    ys = [preservation_prompt(cap, tuple(trig), cfg.preservation, cfg.class_word) if cfg.alpha > 0 else ""
+          for _, cap, trig in items]
+    examples = [Example(lat, {}, {}, prompts=(cap, y)) for (lat, cap, _), y in zip(items, ys)]
+    loss_cfg = CatLossConfig(alpha=cfg.alpha, preservation=cfg.preservation, class_word=cfg.class_word)
+    tcfg = TrainConfig(steps=cfg.steps, lr=cfg.lr, batch_size=cfg.batch_size, weight_decay=cfg.weight_decay,
+                       seed=cfg.seed, **loop)
+    adapter = CatVersionAdapter(encoders, encode, spec, output_layers, finish)
+    t0 = time.perf_counter()
+    r = train(denoiser, examples, loss_cfg, adapter, tcfg, callback=callback, resume=resume,
+              sampler=ReferenceSampler(examples, cfg.batch_size))
+    return CatVersionResult(r.weights, r.history, time.perf_counter() - t0, r.steps_done, r.last_checkpoint)
 
 
 def training_metadata(spec: CatVersionSpec, cfg: CatVersionConfig, triggers: Sequence[str] = (), base: str = "",

@@ -6,19 +6,24 @@ in the model's own output space (eps, v, or the velocity eps - x0 of flow models
 `denoiser.prediction_type` and `denoiser.schedule`), squared norms taken as per-element means, w the
 weight of the sample's trigger token (multi-concept).
 α = 0 is plain LoRA and skips the preservation passes entirely.
+
+Regularizers plug in as `plugins.StepTerm`s (APT: cat_train/apt.py): they may ask for the frozen pass on y_T
+too, weight the fit term per sample and add penalties, never an extra forward pass.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Callable, ContextManager, Iterator, NamedTuple, Sequence
 
 import torch
 from torch import Tensor
 
 from .adapter import adapter_disabled
-from .apt import AptConfig
+from .apt_config import AptConfig
 from .denoiser import Cond, Denoiser
+from .plugins import StepTerm
 from .prompts import PreservationMode, parse_class_words
 
 
@@ -62,6 +67,7 @@ class LossTerms(NamedTuple):
     loss: Tensor  # scalar to minimise
     fit: Tensor   # per-sample ||target - eps_θ'(z_t, t, y_T)||²
     keep: Tensor  # per-sample ||eps_θ(z_t, t, y) - eps_θ'(z_t, t, y)||² (zeros when alpha = 0)
+    fit_pre: Tensor | None = None  # per-sample ||target - eps_θ(z_t, t, y_T)||²: when a term asked for the frozen y_T pass
 
 
 def _msd(a: Tensor, b: Tensor) -> Tensor:
@@ -69,14 +75,18 @@ def _msd(a: Tensor, b: Tensor) -> Tensor:
 
 
 def cat_loss(pred_token: Tensor, target: Tensor, pred_pres: Tensor | None, frozen_pres: Tensor | None,
-             alpha: float, weight: Tensor | None = None) -> LossTerms:
+             alpha: float, weight: Tensor | None = None, fit_weight: Tensor | None = None,
+             penalties: Sequence[Tensor] = ()) -> LossTerms:
     fit = _msd(pred_token, target)
     if alpha == 0:
         keep = torch.zeros_like(fit)
     else:
         keep = _msd(pred_pres, frozen_pres)
     w = torch.ones_like(fit) if weight is None else weight.to(fit)
-    return LossTerms((fit + alpha * w * keep).mean(), fit.detach(), keep.detach())
+    loss = ((fit if fit_weight is None else fit_weight.to(fit) * fit) + alpha * w * keep).mean()
+    for p in penalties:  # one by one, in the plug-ins' order: the sum's rounding is part of a run's bits
+        loss = loss + p
+    return LossTerms(loss, fit.detach(), keep.detach())
 
 
 def repeat_to_common_length(contexts: list[Tensor], dim: int = 1) -> list[Tensor]:
@@ -103,16 +113,53 @@ def cat_cond(*conds: Cond) -> Cond:
 
 
 def cat_objective(denoiser: Denoiser, x0: Tensor, noise: Tensor, t: Tensor, cond_token: Cond, cond_pres: Cond,
-                  alpha: float, weight: Tensor | None = None) -> LossTerms:
-    """One CAT evaluation: frozen pass once without grad; adapted y_T and y passes as one batched forward."""
-    sched = denoiser.schedule
+                  alpha: float, weight: Tensor | None = None, terms: Sequence[StepTerm] = (),
+                  frozen: tuple[Cond, Cond] | None = None,
+                  disabled: Callable[[], ContextManager] | None = None) -> LossTerms:
+    """One CAT evaluation: frozen pass once without grad; adapted y_T and y passes as one batched forward.
+
+    terms: plugged-in regularizers; frozen: the frozen model's (y_T, y) conditionings where they differ from the
+    adapted ones (an adapter in the text encoder); disabled: the context giving the frozen model (default: LoRA off)."""
+    sched, n = denoiser.schedule, x0.shape[0]
     x_t = sched.add_noise(x0, noise, t)
     target = sched.target(x0, noise, t, denoiser.prediction_type)
-    if alpha == 0:
-        return cat_loss(denoiser.predict(x_t, t, cond_token), target, None, None, 0.0, weight)
-    with torch.no_grad(), adapter_disabled(denoiser.module):
-        frozen = denoiser.predict(x_t, t, cond_pres)
+    frozen_token, frozen_pres = frozen or (cond_token, cond_pres)
+    token_pass = any(term.needs_frozen_token_pass for term in terms)
+    frozen_conds = ([frozen_token] if token_pass else []) + ([frozen_pres] if alpha else [])
+    out = None
+    if frozen_conds:
+        disabled = disabled or (lambda: adapter_disabled(denoiser.module))
+        with torch.no_grad(), disabled(), _recording(terms, "frozen"):
+            out = denoiser.predict(*_rows(x_t, t, frozen_conds))
     # At init (LoRA B = 0) the adapted y rows equal the frozen pass up to CPU GEMM rounding between
     # batch sizes 2B and B (~1e-13 here); an extra frozen forward to make it bit-exact would cost 1/3 more.
-    pred_token, pred_pres = denoiser.predict(torch.cat([x_t, x_t]), torch.cat([t, t]), cat_cond(cond_token, cond_pres)).chunk(2)
-    return cat_loss(pred_token, target, pred_pres, frozen, alpha, weight)
+    with _recording(terms, "adapted"):
+        pred = denoiser.predict(*_rows(x_t, t, [cond_token] + ([cond_pres] if alpha else [])))
+    fit_weight = _product([term.fit_weight(t) for term in terms])
+    penalties = [p for term in terms for p in term.penalty(n)]
+    result = cat_loss(pred[:n], target, pred[n:] if alpha else None, out[-n:] if alpha else None, alpha, weight,
+                      fit_weight, penalties)
+    return result._replace(fit_pre=_msd(out[:n], target).detach()) if token_pass else result
+
+
+def _rows(x_t: Tensor, t: Tensor, conds: list[Cond]) -> tuple[Tensor, Tensor, Cond]:
+    """One forward's input: the noisy batch once per conditioning, stacked along the batch."""
+    if len(conds) == 1:
+        return x_t, t, conds[0]
+    return torch.cat([x_t] * len(conds)), torch.cat([t] * len(conds)), cat_cond(*conds)
+
+
+@contextlib.contextmanager
+def _recording(terms: Sequence[StepTerm], kind: str) -> Iterator[None]:
+    with contextlib.ExitStack() as stack:
+        for term in terms:
+            stack.enter_context(term.recording(kind))
+        yield
+
+
+def _product(weights: list[Tensor | None]) -> Tensor | None:
+    out = None
+    for w in weights:
+        if w is not None:
+            out = w if out is None else out * w
+    return out

@@ -1,7 +1,10 @@
-"""The CAT training loop: AdamW on the LoRA only, checkpoints that resume bit-exactly, clean stops.
+"""The CAT training loop: AdamW on the adapter only, checkpoints that resume bit-exactly, clean stops.
+
+What is trained is a `plugins.Adapter` (built from a spec by `adapters.adapter_for`, or passed in) and what else
+the loss weighs are `plugins.StepTerm`s built from the loss config (`regularizers`): the loop names neither.
 
 One `torch.Generator` (seeded by `TrainConfig.seed`) draws every batch, timestep and noise, and
-the global RNG (LoRA dropout) is forked and seeded too; both go into checkpoints, so a run resumed
+the global RNG (adapter dropout) is forked and seeded too; both go into checkpoints, so a run resumed
 from step k continues exactly as the uninterrupted run would have (bit for bit on CPU).
 """
 from __future__ import annotations
@@ -13,17 +16,17 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Literal, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import torch
 from torch import Tensor
 
-from .adapter import (LoraSpec, LoraWeights, adapter_parameters, inject_lora, load_lora_weights, lora_weights,
-                      remove_lora)
-from .apt import AptRun
-from .denoiser import Cond, Denoiser
+from .adapters import AdapterSpec, adapter_for
+from .denoiser import Cond, Denoiser, FlowSchedule, NoiseSchedule
 from .loss import CatLossConfig, cat_objective, repeat_to_common_length
+from .plugins import Adapter, StepTerm
 from .prompts import preservation_prompt
+from .regularizers import step_terms
 
 log = logging.getLogger("cat_train")
 CHECKPOINT_FORMAT = "cat_train.checkpoint/1"
@@ -42,7 +45,7 @@ class TrainConfig:
     batch_size: int = field(default=1, metadata={"help": "images per micro-batch (drawn from one aspect bucket)."})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step."})
     seed: int = field(default=0, metadata={"help": (
-        "seeds the batch order, timesteps, noise, LoRA init and dropout: same seed, same LoRA (bit for bit on CPU).")})
+        "seeds the batch order, timesteps, noise, adapter init and dropout: same seed, same adapter (bit for bit on CPU).")})
     mixed_precision: Literal["no", "bf16", "fp16"] = field(default="no", metadata={"help": (
         "autocast dtype of the forward: `no`, `bf16` (GPU or CPU) or `fp16` (GPU only, with a grad scaler); latents, "
         "noise and targets stay fp32.")})
@@ -50,8 +53,8 @@ class TrainConfig:
         "recompute UNet blocks in backward: less memory, ~30-60% slower. The ComfyUI trainer's `auto` turns it on "
         "only when the memory budget printed before step 1 says it is needed.")})
     save_every: int = field(default=0, metadata={"help": (
-        "a resumable checkpoint (LoRA + optimizer + RNG state) every N steps; 0: only on stop, cancel or error. The "
-        "ComfyUI trainer also writes a loadable LoRA models/loras/<checkpoint name>_stepNNNNNN.safetensors.")})
+        "a resumable checkpoint (adapter + optimizer + RNG state) every N steps; 0: only on stop, cancel or error. The "
+        "ComfyUI trainer node also writes a loadable file for each saved step into ComfyUI's models folder.")})
     checkpoint_dir: str | None = field(default=None, metadata={"help": (
         "where checkpoints go (`cat-stepNNNNNN.pt`); None: no checkpoints.")})
     max_grad_norm: float = field(default=0.0, metadata={"help": "gradient clipping norm; 0 = off (the paper uses none)."})
@@ -84,6 +87,7 @@ class Example:
     cond_pres: Cond
     weight: float = 1.0     # weight of its preservation term (per-token weights)
     repeats: int = 1        # sampling weight (kohya repeats)
+    prompts: tuple[str, str] | None = None  # (y_T, y) for adapters that encode prompts every step (no cached conds)
 
 
 @dataclass
@@ -95,12 +99,12 @@ class StepInfo:
     keep: float
     lr: float
     elapsed: float
-    apt: dict | None = None  # APT runs: indicator per bin, fit weights, augmentation probabilities, penalties
+    reports: dict[str, dict] = field(default_factory=dict)  # each plugged-in regularizer's report(), by its name
 
 
 @dataclass
 class TrainResult:
-    weights: dict[str, LoraWeights]
+    weights: Any  # the adapter's `weights()`
     history: list[dict] = field(default_factory=list)
     steps_done: int = 0
     last_checkpoint: Path | None = None
@@ -161,6 +165,12 @@ class BatchSampler:
         picks = torch.multinomial(w, self.batch_size, replacement=len(group) < self.batch_size, generator=gen)
         return [group[int(i)] for i in picks]
 
+    def draw_batch(self, gen: torch.Generator, schedule: NoiseSchedule | FlowSchedule) -> tuple[list[int], Tensor, Tensor]:
+        """Examples, timesteps and noise of one batch (on the CPU), in the order this sampler draws them."""
+        idx = self.draw(gen)
+        t = schedule.sample_t(len(idx), gen)
+        return idx, t, torch.randn((len(idx), *self.examples[idx[0]].latent.shape), generator=gen)
+
 
 def _collate(examples: Sequence[Example], idx: list[int], device: torch.device, dtype: torch.dtype):
     batch = [examples[i] for i in idx]
@@ -213,14 +223,18 @@ def _is_oom(e: BaseException) -> bool:
     return isinstance(e, (torch.OutOfMemoryError, MemoryError)) or (isinstance(e, RuntimeError) and "out of memory" in str(e).lower())
 
 
-def train(denoiser: Denoiser, examples: Sequence[Example], loss_cfg: CatLossConfig, spec: LoraSpec, cfg: TrainConfig,
-          callback: Callable[[StepInfo], None] | None = None, resume: str | os.PathLike | None = None,
-          keep_adapter: bool = False, on_save: Callable[[int, dict[str, LoraWeights]], None] | None = None) -> TrainResult:
-    """Train a CAT LoRA on `denoiser.module`. The module is restored (adapter removed) on return unless keep_adapter.
+def train(denoiser: Denoiser, examples: Sequence[Example], loss_cfg: CatLossConfig, spec: AdapterSpec | Adapter,
+          cfg: TrainConfig, callback: Callable[[StepInfo], None] | None = None, resume: str | os.PathLike | None = None,
+          keep_adapter: bool = False, on_save: Callable[[int, Any], None] | None = None,
+          sampler: BatchSampler | None = None) -> TrainResult:
+    """Train an adapter (the one `spec` configures, or a `plugins.Adapter` itself) with the CAT objective.
+    The model is restored (adapter removed) on return unless keep_adapter.
 
-    on_save(step, weights) runs at every `save_every` checkpoint (e.g. to write a loadable LoRA file too)."""
+    on_save(step, weights) runs at every `save_every` checkpoint (e.g. to write a loadable adapter file too);
+    sampler: how batches are drawn (default: same-bucket batches weighted by repeats)."""
     if not examples:
         raise ValueError("no training examples; the dataset is empty.")
+    adapter = adapter_for(spec)
     module = denoiser.module
     base_param = next(module.parameters())
     device = torch.device(cfg.device) if cfg.device else base_param.device
@@ -228,39 +242,33 @@ def train(denoiser: Denoiser, examples: Sequence[Example], loss_cfg: CatLossConf
     if amp == torch.float16 and device.type != "cuda":
         raise ValueError(f"mixed_precision 'fp16' needs a GPU (it trains with a grad scaler); use 'bf16' or 'no' on {device}.")
     data_dtype = torch.float32  # latents, noise and targets stay fp32; the forward casts to the compute dtype
-    sampler = BatchSampler(examples, cfg.batch_size)
+    sampler = sampler or BatchSampler(examples, cfg.batch_size)
     ckpt_dir = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
     state = load_checkpoint(resume) if resume else None
 
     was_training = module.training
     result = TrainResult(weights={})
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(cfg.seed)  # LoRA A init and dropout draw from the global RNG
-        inject_lora(module, spec)
-        apt = None
+        torch.manual_seed(cfg.seed)  # peft's init and dropout draw from the global RNG
+        gen = torch.Generator().manual_seed(cfg.seed)  # every batch, timestep and noise (and inits that take it)
+        adapter.install(denoiser, gen)
+        terms: list[StepTerm] = []
         try:
             _set_checkpointing(denoiser, cfg.gradient_checkpointing)
-            params = adapter_parameters(module)
+            params = adapter.parameters()
             opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
             sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(cfg, s))
             scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
-            gen = torch.Generator().manual_seed(cfg.seed)
-            apt = AptRun(denoiser, loss_cfg.apt) if loss_cfg.apt.active else None
+            terms = step_terms(loss_cfg, denoiser)  # after install: hooks see the adapted layers
             if state is not None:
-                _restore(state, module, opt, sched, gen, spec, resume)
-                if apt is not None:
-                    if "apt" not in state:
-                        raise ValueError(f"checkpoint {resume} was trained without APT; resume with the same APT settings.")
-                    apt.load_state_dict(state["apt"])
+                _restore(state, adapter, terms, opt, sched, gen, resume)
                 result.history, result.steps_done = list(state["history"]), int(state["step"])
             module.train()
 
             def save(step: int) -> Path | None:
                 if ckpt_dir is None:
                     return None
-                snap = _snapshot(module, opt, sched, gen, step, result.history, spec, loss_cfg, cfg)
-                if apt is not None:
-                    snap["apt"] = apt.state_dict()
+                snap = _snapshot(adapter, terms, opt, sched, gen, step, result.history, loss_cfg, cfg)
                 result.last_checkpoint = _atomic_save(snap, checkpoint_path(ckpt_dir, step))
                 return result.last_checkpoint
 
@@ -269,23 +277,27 @@ def train(denoiser: Denoiser, examples: Sequence[Example], loss_cfg: CatLossConf
                 opt.zero_grad(set_to_none=True)
                 fit = keep = total = 0.0
                 for _ in range(cfg.grad_accum):
-                    x0, c_tok, c_pres, w = _collate(examples, sampler.draw(gen), device, data_dtype)
-                    t = denoiser.schedule.sample_t(x0.shape[0], gen).to(device)
-                    noise = torch.randn(x0.shape, generator=gen).to(device, data_dtype)
-                    if apt is not None:
-                        x0 = apt.augment(x0, t, gen)
+                    idx, t, noise = sampler.draw_batch(gen, denoiser.schedule)
+                    x0, c_tok, c_pres, w = _collate(examples, idx, device, data_dtype)
+                    t, noise = t.to(device), noise.to(device, data_dtype)
+                    for term in terms:
+                        x0 = term.augment(x0, t, gen)
+                    frozen = None
                     with torch.autocast(device.type, dtype=amp) if amp else contextlib.nullcontext():
-                        if apt is None:
-                            terms = cat_objective(denoiser, x0, noise, t, c_tok, c_pres, loss_cfg.alpha, w)
-                        else:
-                            terms = apt.objective(x0, noise, t, c_tok, c_pres, loss_cfg.alpha, w)
-                    if not torch.isfinite(terms.loss):
+                        if adapter.encodes_prompts:  # the conditionings change with the weights: encode them now
+                            (c_tok, c_pres), frozen = adapter.conditionings([examples[i].prompts for i in idx], x0,
+                                                                             loss_cfg.alpha > 0)
+                        lt = cat_objective(denoiser, x0, noise, t, c_tok, c_pres, loss_cfg.alpha, w, terms, frozen,
+                                           adapter.disabled)
+                    if not torch.isfinite(lt.loss):
                         raise TrainingDiverged(step + 1, save(step) if step > 0 else None)
-                    loss = terms.loss / cfg.grad_accum
+                    for term in terms:
+                        term.after_step(t, lt)
+                    loss = lt.loss / cfg.grad_accum
                     (scaler.scale(loss) if scaler else loss).backward()
-                    total += float(terms.loss.detach()) / cfg.grad_accum
-                    fit += float(terms.fit.mean()) / cfg.grad_accum
-                    keep += float(terms.keep.mean()) / cfg.grad_accum
+                    total += float(lt.loss.detach()) / cfg.grad_accum
+                    fit += float(lt.fit.mean()) / cfg.grad_accum
+                    keep += float(lt.keep.mean()) / cfg.grad_accum
                 if scaler:
                     scaler.unscale_(opt)
                 if cfg.max_grad_norm:
@@ -297,16 +309,15 @@ def train(denoiser: Denoiser, examples: Sequence[Example], loss_cfg: CatLossConf
                 sched.step()
                 result.steps_done = step + 1
                 result.history.append(dict(step=step + 1, loss=total, fit=fit, keep=keep, lr=lr))
-                apt_info = apt.report() if apt is not None else None
-                if apt_info is not None:
-                    result.history[-1].update(stabilize=apt_info["stabilize"], align=apt_info["align"],
-                                              indicator=apt_info["indicator"])
+                reports = {term.name: term.report() for term in terms}
+                for term in terms:
+                    result.history[-1].update({k: reports[term.name][k] for k in term.history_keys})
                 if cfg.save_every and result.steps_done % cfg.save_every == 0:
                     save(result.steps_done)
                     if on_save:
-                        on_save(result.steps_done, lora_weights(module))
+                        on_save(result.steps_done, adapter.weights())
                 if callback:
-                    callback(StepInfo(step + 1, cfg.steps, total, fit, keep, lr, time.perf_counter() - t0, apt_info))
+                    callback(StepInfo(step + 1, cfg.steps, total, fit, keep, lr, time.perf_counter() - t0, reports))
         except TrainingDiverged:
             raise
         except BaseException as e:  # cancel (ComfyUI's interrupt, Ctrl-C) or a crash: keep what was learned
@@ -318,16 +329,16 @@ def train(denoiser: Denoiser, examples: Sequence[Example], loss_cfg: CatLossConf
                 raise TrainingOutOfMemory(
                     f"out of memory at step {result.steps_done + 1} (batch {cfg.batch_size}, latent {tuple(examples[0].latent.shape)}). "
                     "Lower batch_size (raise grad_accum to keep the effective batch), turn on gradient_checkpointing, "
-                    "use mixed_precision 'bf16', lower the resolution or the LoRA rank.") from e
+                    f"use mixed_precision 'bf16', lower the resolution or {adapter.size_hint}.") from e
             raise
         finally:
-            if apt is not None:
-                apt.close()
-            result.weights = lora_weights(module)
+            for term in terms:
+                term.close()
+            result.weights = adapter.weights()
             _set_checkpointing(denoiser, False)
             module.train(was_training)
             if not keep_adapter:
-                remove_lora(module)
+                adapter.remove()
     return result
 
 
@@ -341,22 +352,27 @@ def _set_checkpointing(denoiser: Denoiser, on: bool) -> None:
         log.warning("this model offers no gradient checkpointing; training without it")
 
 
-def _snapshot(module, opt, sched, gen, step, history, spec, loss_cfg, cfg) -> dict:
+def _snapshot(adapter: Adapter, terms: Sequence[StepTerm], opt, sched, gen, step, history, loss_cfg, cfg) -> dict:
     return {
-        "format": CHECKPOINT_FORMAT, "step": step, "history": list(history),
-        "lora": {n: {"down": w.down, "up": w.up, "alpha": w.alpha} for n, w in lora_weights(module).items()},
+        "format": CHECKPOINT_FORMAT, "step": step, "history": list(history), "adapter": adapter.name,
+        **adapter.state_dict(), **{term.name: term.state_dict() for term in terms},
         "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
         "generator": gen.get_state(), "rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "spec": asdict(spec), "loss": asdict(loss_cfg), "config": {k: v for k, v in asdict(cfg).items() if k != "device"},
+        "loss": asdict(loss_cfg), "config": {k: v for k, v in asdict(cfg).items() if k != "device"},
     }
 
 
-def _restore(state: dict, module, opt, sched, gen, spec: LoraSpec, path) -> None:
-    saved = LoraSpec(**{**state["spec"], "extra_targets": tuple(state["spec"].get("extra_targets", ()))})
-    if saved != spec:
-        raise ValueError(f"checkpoint {path} was trained with {saved}, not {spec}; resume with the same LoRA settings.")
-    load_lora_weights(module, {n: LoraWeights(w["down"], w["up"], w["alpha"]) for n, w in state["lora"].items()})
+def _restore(state: dict, adapter: Adapter, terms: Sequence[StepTerm], opt, sched, gen, path) -> None:
+    kind = state.get("adapter", adapter.name)  # files written before kinds were recorded hold the adapter's keys or fail there
+    if kind != adapter.name:
+        raise ValueError(f"checkpoint {path} was written by a {kind} run, this run trains {adapter.name}; "
+                         f"resume it with the trainer that wrote it, or start afresh without a checkpoint.")
+    adapter.load_state_dict(state, str(path))
+    for term in terms:
+        if term.name not in state:
+            raise ValueError(f"checkpoint {path} was trained without {term.name!r}; resume with the same {term.name} settings.")
+        term.load_state_dict(state[term.name])
     opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
     gen.set_state(state["generator"])

@@ -19,7 +19,7 @@ from ..cat_train import catversion as cv
 from ..cat_train.integrity import changed, module_fingerprint
 from ..cat_train.options_doc import help_of
 from ..cat_train.plot import loss_curve
-from ..cat_train.train import StepInfo
+from ..cat_train.precision import mixed_precision_name
 from .comfy_clip import apply_catversion, clip_encoders, encoder_fn, infos, out_of_place_residuals, output_layer
 from .comfy_model import leave_inference_mode, adm_y, trainable
 from .common import CATEGORY, CatVersion, Dataset, image_of, progress_callback
@@ -70,9 +70,10 @@ def _finish(mp):
 
 @torch.inference_mode(False)
 def train_on_clip(mp, clip, dataset, spec: cv.CatVersionSpec, cfg: cv.CatVersionConfig, node_id: str | None = None,
-                  compute: str = "auto"):
+                  compute: str = "auto", **loop):
     """(CLIP clone with the embeddings, CatVersionWeights, loss-curve IMAGE, summary). The input MODEL and CLIP are
-    checked bit for bit afterwards; a difference is raised, never passed over."""
+    checked bit for bit afterwards; a difference is raised, never passed over. `loop`: further TrainConfig settings
+    (checkpoint_dir, save_every, grad_accum, ...) and resume, as `cv.train_catversion` takes them."""
     t0 = time.perf_counter()
     items = []
     with trainable(mp, compute) as den:
@@ -84,14 +85,12 @@ def train_on_clip(mp, clip, dataset, spec: cv.CatVersionSpec, cfg: cv.CatVersion
         leave_inference_mode(cs)  # inference tensors cannot be saved for backward
         before = module_fingerprint(cs)
         encs = clip_encoders(clip)
-        cb = progress_callback(node_id, cfg.steps)
-
-        def step_cb(step, total, h):
-            cb(StepInfo(step, total, h["loss"], h["fit"], h["keep"], cfg.lr, time.perf_counter() - t0))
+        loop.setdefault("mixed_precision", mixed_precision_name(den.compute_dtype))
         try:
             with torch.enable_grad(), out_of_place_residuals(encs):
                 result = cv.train_catversion(den, encs, encoder_fn(clip), items, spec, cfg,
-                                             {n: output_layer(clip, e) for n, e in encs.items()}, step_cb, _finish(mp))
+                                             {n: output_layer(clip, e) for n, e in encs.items()},
+                                             progress_callback(node_id, cfg.steps), _finish(mp), **loop)
         finally:
             cs.reset_clip_options()
             bad = changed(before, module_fingerprint(cs))

@@ -55,7 +55,7 @@ def progress_callback(node_id: str | None, total: int):
     def cb(info) -> None:
         send_event(EVENT, {"node": node_id, "prompt_id": prompt_id, "step": info.step, "total": info.total, "loss": info.loss, "fit": info.fit,
                            "keep": info.keep, "lr": info.lr, "elapsed": info.elapsed,
-                           **({"apt": info.apt} if info.apt else {})})  # APT: per-bin overfitting indicator for the live view
+                           **info.reports})  # each regularizer's report under its name (APT: per-bin indicator for the live view)
         pbar.update_absolute(info.step, info.total)  # under a server this hook raises when Cancel is pressed
         mm.throw_exception_if_processing_interrupted()  # ...and this catches Cancel when no hook is set
     return cb

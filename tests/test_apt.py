@@ -157,7 +157,7 @@ def test_resume_with_apt_is_bit_exact_and_keeps_the_indicator(tiny_denoiser, tex
         assert torch.equal(full.weights[k].down, resumed.weights[k].down) and torch.equal(full.weights[k].up, resumed.weights[k].up)
     assert full.history == resumed.history  # losses, penalties and the per-bin indicator, step by step
     assert any(v for v in full.history[-1]["indicator"] if v)  # the indicator moved
-    assert infos[-1].apt["indicator"] == full.history[-1]["indicator"] and len(infos[-1].apt["fit_weight"]) == apt.bins
+    assert infos[-1].reports["apt"]["indicator"] == full.history[-1]["indicator"] and len(infos[-1].reports["apt"]["fit_weight"]) == apt.bins
     state = torch.load(checkpoint_path(tmp_path / "a", 4), weights_only=True)
     assert state["apt"]["count"].sum().item() == 4 * 2  # every sample of the first 4 steps updated its bin
     assert not tiny_denoiser.module.middle_block._forward_hooks  # hooks removed with the adapter

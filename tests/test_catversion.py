@@ -228,3 +228,113 @@ def test_bench_method_names():
     for bad in ("catversion+foo", "catversion+cat-1", "catversionx", "catversion+catnan"):
         with pytest.raises(ValueError):
             catversion_alpha(bad)
+
+
+# ---------------------------------------------------------------- the shared training loop
+
+
+def _run(base, tmp, steps=8, **kw):
+    den, text = base
+    cfg = cv.CatVersionConfig(steps=steps, lr=1e-2, batch_size=2, alpha=1.0, class_word="circle", seed=5)
+    return cv.train_catversion(den, {"text": text}, text.encode, _items(), cv.CatVersionSpec(layers=2), cfg,
+                               checkpoint_dir=str(tmp), **kw)
+
+
+def _assert_left_as_found(den, text):
+    assert all(not p.requires_grad for p in (*den.module.parameters(), *text.parameters()))
+    assert all("forward" not in m.__dict__ for _, m in cv.find_self_attention(text))
+
+
+def test_resume_and_cancel_are_bit_exact(base, tmp_path):
+    from cat_train.train import checkpoint_path
+    den, text = base
+    full = _run(base, tmp_path / "a", save_every=2)
+    resumed = _run(base, tmp_path / "b", resume=checkpoint_path(tmp_path / "a", 4))
+    e1, e2 = full.embeddings["text"], resumed.embeddings["text"]
+    assert torch.equal(e1.keys, e2.keys) and torch.equal(e1.values, e2.values)
+    assert full.history == resumed.history and len(full.history) == 8 and full.history[0]["keep"] > 0
+
+    class Cancel(Exception):
+        pass
+
+    def cancel_at_3(info):
+        if info.step == 3:
+            raise Cancel
+    with pytest.raises(Cancel):
+        _run(base, tmp_path / "c", callback=cancel_at_3)
+    _assert_left_as_found(den, text)
+    state = torch.load(checkpoint_path(tmp_path / "c", 3), weights_only=True)
+    assert state["adapter"] == "catversion" and state["step"] == 3 and set(state["catversion"]) == {"text"}
+    after_cancel = _run(base, tmp_path / "d", resume=checkpoint_path(tmp_path / "c", 3))
+    assert torch.equal(after_cancel.embeddings["text"].keys, e1.keys) and after_cancel.history == full.history
+    with pytest.raises(ValueError, match=r"cat-step000003\.pt was trained with .*layers=2.* not .*layers=1"):
+        cv.train_catversion(den, {"text": text}, text.encode, _items(), cv.CatVersionSpec(layers=1),
+                            cv.CatVersionConfig(steps=4, alpha=1.0, class_word="circle"),
+                            resume=checkpoint_path(tmp_path / "c", 3))
+    _assert_left_as_found(den, text)
+
+
+def test_a_lora_checkpoint_is_refused_by_name(base, tiny_denoiser, text, tmp_path):
+    from cat_train.adapter import LoraSpec
+    from cat_train.loss import CatLossConfig
+    from cat_train.train import TrainConfig, build_examples, checkpoint_path, train
+    lc = CatLossConfig(alpha=0.0, preservation="strip")
+    exs = build_examples([(torch.randn(4, 8, 8), "sks dog", ("sks",))], text, lc)
+    train(tiny_denoiser, exs, lc, LoraSpec(rank=2), TrainConfig(steps=1, save_every=1, checkpoint_dir=str(tmp_path)))
+    den, world_text = base
+    with pytest.raises(ValueError, match=r"cat-step000001\.pt was written by a lora run, this run trains catversion"):
+        cv.train_catversion(den, {"text": world_text}, world_text.encode, _items(), cv.CatVersionSpec(layers=1),
+                            cv.CatVersionConfig(steps=2), resume=checkpoint_path(tmp_path, 1))
+    _assert_left_as_found(den, world_text)
+
+
+def test_grad_accumulation_runs_every_micro_batch(base, tmp_path):
+    den, text = base
+    calls, predict = [], den.predict
+    den.predict = lambda x, t, c: calls.append(x.shape[0]) or predict(x, t, c)
+    try:
+        acc = _run(base, tmp_path / "a", steps=3, grad_accum=2)
+    finally:
+        den.predict = predict
+    assert calls == [2, 4] * 2 * 3  # per micro-batch: frozen y (batch 2), adapted [y_T; y] (batch 4); 2 per step
+    one = _run(base, tmp_path / "b", steps=3)
+    assert len(acc.history) == 3 and not torch.equal(acc.embeddings["text"].keys, one.embeddings["text"].keys)
+
+
+def test_mixed_precision_computes_in_bf16_and_keeps_fp32_embeddings(base, tmp_path):
+    den, text = base
+    dtypes, predict = [], den.predict
+
+    def spy(x, t, c):
+        out = predict(x, t, c)
+        dtypes.append(out.dtype)
+        return out
+    den.predict = spy
+    try:
+        bf16 = _run(base, tmp_path / "a", steps=2, mixed_precision="bf16")
+    finally:
+        den.predict = predict
+    fp32 = _run(base, tmp_path / "b", steps=2)
+    assert set(dtypes) == {torch.bfloat16} and bf16.embeddings["text"].keys.dtype == torch.float32
+    a, b = bf16.history[0]["loss"], fp32.history[0]["loss"]
+    assert a != b and abs(a - b) < 0.05 * b  # same batch, bf16 rounding only
+
+
+def test_out_of_memory_names_the_knobs_and_keeps_a_checkpoint(base, tmp_path):
+    from cat_train.train import TrainingOutOfMemory, checkpoint_path
+    den, text = base
+    calls, predict = [], den.predict
+
+    def oom_on_step_3(x, t, c):
+        calls.append(1)
+        if len(calls) > 2 * 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return predict(x, t, c)
+    den.predict = oom_on_step_3
+    try:
+        with pytest.raises(TrainingOutOfMemory, match="at step 3.*batch_size.*grad_accum.*bf16.*CatVersion layers or embeddings"):
+            _run(base, tmp_path)
+    finally:
+        den.predict = predict
+    assert checkpoint_path(tmp_path, 2).exists()
+    _assert_left_as_found(den, text)

@@ -173,6 +173,18 @@ def test_resume_equals_uninterrupted_bit_for_bit(tiny_denoiser, text, tmp_path):
     assert [h["loss"] for h in full.history] == [h["loss"] for h in resumed.history]
 
 
+def test_checkpoints_from_before_adapter_kinds_still_resume_exactly(tiny_denoiser, text, tmp_path):
+    """Format-1 files written before checkpoints named their adapter kind (no "adapter" key) resume as LoRA runs."""
+    exs = examples(text)
+    full = run(tiny_denoiser, exs, tmp_path / "a", 8, save_every=4)
+    state = torch.load(checkpoint_path(tmp_path / "a", 4), weights_only=True)
+    assert state.pop("adapter") == "lora" and {"lora", "spec"} <= set(state)
+    torch.save(state, tmp_path / "old.pt")
+    resumed = run(tiny_denoiser, exs, tmp_path / "b", 8, resume=tmp_path / "old.pt")
+    assert_same_weights(full.weights, resumed.weights)
+    assert [h["loss"] for h in full.history] == [h["loss"] for h in resumed.history]
+
+
 def test_cancel_keeps_a_checkpoint_that_resumes_exactly(tiny_denoiser, text, tmp_path):
     exs = examples(text)
 

@@ -1,4 +1,4 @@
-// ComfyUI-CAT live training view: the CAT LoRA Trainer node draws its loss curves (total raw + smoothed,
+// ComfyUI-CAT live training view: the CAT LoRA and CatVersion Trainer nodes draw their loss curves (total raw + smoothed,
 // identity term "fit", preservation term "keep"), step, it/s and ETA from the "cat.train.progress" events
 // the trainer sends every step. When the run ends, ComfyUI's execution events decide how it is shown:
 // done, cancelled or failed, with the curve dimmed and no ETA, so a stopped run never looks alive.
@@ -7,7 +7,7 @@ import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
 const EVENT = "cat.train.progress";
-const TRAINER = "CAT_LoraTrainer";
+const TRAINERS = ["CAT_LoraTrainer", "CAT_CatVersionTrainer"]; // both train in cat_train.train.train
 const PLOT_H = 150;
 const APT_H = 62; // APT runs: a band under the loss plot with the overfitting indicator of each timestep bin
 const LEFT = 44; // room for the y tick labels
@@ -275,7 +275,7 @@ app.registerExtension({
     });
   },
   async beforeRegisterNodeDef(nodeType, nodeData) {
-    if (nodeData?.name !== TRAINER) return;
+    if (!TRAINERS.includes(nodeData?.name)) return;
     const draw = nodeType.prototype.onDrawForeground;
     nodeType.prototype.onDrawForeground = function (ctx) {
       const r = draw?.apply(this, arguments);

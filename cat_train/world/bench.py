@@ -255,7 +255,7 @@ def run(c: BenchConfig, log=print, world: World | None = None) -> dict:
         for m in c.methods:
             t1 = time.time()
             if m.startswith("catversion"):  # K/V embeddings in the text encoder, no LoRA: world/catversion_bench.py
-                imgs, tr = run_catversion(world, m, c, seed, ps, noise)
+                imgs, tr = run_catversion(world, m, c, seed, ps, noise, identity_items(), CLASS)
             else:
                 ex, lc, bs = examples_for(m, world, c, seed)
                 tc = TrainConfig(steps=c.steps, lr=c.lr, seed=seed, batch_size=bs)

@@ -33,13 +33,13 @@ def catversion_label(m: str) -> str:
     return "CatVersion" if a == 0 else f"CatVersion + CAT (α={a:g})"
 
 
-def run_catversion(world, m: str, c, seed: int, ps: dict, noise: dict):
-    """Train on the identity images, then draw the bench's prompts with the embeddings installed: (images, result)."""
-    from .bench import CLASS, identity_items
-
+def run_catversion(world, m: str, c, seed: int, ps: dict, noise: dict, identity_items: list[tuple], class_word: str):
+    """Train on the identity images (the bench's (latent, caption, triggers) items and class word, passed in so
+    this module does not import the bench back), then draw the bench's prompts with the embeddings installed:
+    (images, result)."""
     spec = CatVersionSpec(layers=min(PAPER_LAYERS, len(find_self_attention(world.text))))
-    cfg = CatVersionConfig(steps=c.steps, lr=LR, batch_size=BATCH, alpha=catversion_alpha(m), class_word=CLASS, seed=seed)
-    items = [(lat, cap, trig) for lat, cap, trig in identity_items()]
+    cfg = CatVersionConfig(steps=c.steps, lr=LR, batch_size=BATCH, alpha=catversion_alpha(m), class_word=class_word, seed=seed)
+    items = [(lat, cap, trig) for lat, cap, trig in identity_items]
     res = train_catversion(world.den, {"text": world.text}, world.text.encode, items, spec, cfg)
     with installed(world.text, res.embeddings["text"]):
         imgs = {k: world.generate(ps[k], noise[k], c) for k in ps}

@@ -164,3 +164,51 @@ def test_catversion_workflow_runs_end_to_end(comfy, test_checkpoint_node, tiny_o
     saved = Path(out["11"]["text"][0])
     assert saved.is_file() and saved.parent == Path(comfy.folder_paths.get_folder_paths("catversion")[0])
     assert "2 pairs" in out["24"]["text"][0] and "3/3 steps" in out["10"]["text"][0]
+
+
+def test_trainer_reports_like_the_lora_trainer_and_cancel_keeps_a_resumable_checkpoint(comfy, tiny_sd15, dataset_dir,
+                                                                                        cvdir, tmp_path, monkeypatch):
+    """The CatVersion trainer sends the LoRA trainer's progress events (the live chart draws from them), stops within
+    a step on Cancel with a checkpoint, and a resume from it ends with the uninterrupted run's embeddings bit for bit."""
+    import comfy.model_management as mm
+    from comfy import utils as comfy_utils
+
+    mp, clip, vae = tiny_sd15
+    N = pack_module(comfy, "nodes.catversion")
+    cv = pack_module(comfy, "cat_train.catversion")
+    tr = pack_module(comfy, "nodes.trainer")
+    ds = _dataset(comfy, dataset_dir, tiny_sd15)
+    events = []
+    monkeypatch.setattr(tr, "_send", lambda event, data: events.append((event, data)))
+    spec = cv.CatVersionSpec(layers=2)
+    cfg = cv.CatVersionConfig(steps=4, lr=1e-2, batch_size=2, alpha=0.5, class_word="dog", seed=2)
+    clip_before = _state(clip.cond_stage_model)
+    _, full, _, _ = N.train_on_clip(mp, clip, ds, spec, cfg, "9")
+    assert [e for e, _ in events] == [tr.EVENT] * 4
+    data = [d for _, d in events]
+    assert [d["step"] for d in data] == [1, 2, 3, 4] and {d["total"] for d in data} == {4} and {d["node"] for d in data} == {"9"}
+    assert set(data[0]) == {"node", "prompt_id", "step", "total", "loss", "fit", "keep", "lr", "elapsed"}  # the LoRA trainer's
+    assert {d["lr"] for d in data} == {1e-2} and all(a["elapsed"] < b["elapsed"] for a, b in zip(data, data[1:]))
+    assert all(d["keep"] > 0 and d["loss"] >= d["fit"] for d in data)
+
+    seen = []
+
+    def hook(value, total, preview, node_id=None):  # the user presses Cancel after step 2
+        seen.append(value)
+        if value == 2:
+            mm.interrupt_current_processing(True)
+    comfy_utils.set_progress_bar_global_hook(hook)
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            N.train_on_clip(mp, clip, ds, spec, cfg, "9", checkpoint_dir=str(tmp_path / "ck"))
+    finally:
+        comfy_utils.set_progress_bar_global_hook(None)
+        mm.interrupt_current_processing(False)
+    assert seen == [1, 2]
+    ck = tmp_path / "ck" / "cat-step000002.pt"
+    assert ck.is_file() and _same(clip_before, _state(clip.cond_stage_model))
+    _, resumed, _, summary = N.train_on_clip(mp, clip, ds, spec, cfg, "9", resume=str(ck))
+    assert "4/4 steps" in summary
+    for name in full:
+        assert torch.equal(full[name].keys, resumed[name].keys) and torch.equal(full[name].values, resumed[name].values)
+    assert _same(clip_before, _state(clip.cond_stage_model))

@@ -1,0 +1,65 @@
+"""Adapter kinds the loop trains, and which one a spec asks for (the shape of ComfyUI's comfy/weight_adapter registry).
+
+LoRA lives here as a `plugins.Adapter` over adapter.py's functions; CatVersion, whose adapter needs the text
+encoders and their encode function, is built by catversion.train_catversion and passed to the loop directly.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import ContextManager
+
+import torch
+from torch import nn
+
+from .adapter import (LoraSpec, LoraWeights, adapter_disabled, adapter_parameters, inject_lora, load_lora_weights,
+                      lora_weights, remove_lora)
+from .denoiser import Denoiser
+from .plugins import Adapter
+
+
+class LoraAdapter(Adapter):
+    """LoRA in the denoiser's network through peft. A checkpoint keeps format 1's keys: "lora" and "spec"."""
+
+    name = "lora"
+    size_hint = "the LoRA rank"
+
+    def __init__(self, spec: LoraSpec):
+        self.spec, self.module = spec, None
+
+    def install(self, denoiser: Denoiser, gen: torch.Generator) -> None:
+        self.module = denoiser.module
+        inject_lora(self.module, self.spec)  # A's init draws from the global RNG, which the loop seeded
+
+    def parameters(self) -> list[nn.Parameter]:
+        return adapter_parameters(self.module)
+
+    def disabled(self) -> ContextManager:
+        return adapter_disabled(self.module)
+
+    def state_dict(self) -> dict:
+        return {"lora": {n: {"down": w.down, "up": w.up, "alpha": w.alpha} for n, w in lora_weights(self.module).items()},
+                "spec": asdict(self.spec)}
+
+    def load_state_dict(self, state: dict, where: str) -> None:
+        saved = LoraSpec(**{**state["spec"], "extra_targets": tuple(state["spec"].get("extra_targets", ()))})
+        if saved != self.spec:
+            raise ValueError(f"checkpoint {where} was trained with {saved}, not {self.spec}; resume with the same LoRA settings.")
+        load_lora_weights(self.module, {n: LoraWeights(w["down"], w["up"], w["alpha"]) for n, w in state["lora"].items()})
+
+    def weights(self) -> dict[str, LoraWeights]:
+        return lora_weights(self.module)
+
+    def remove(self) -> None:
+        remove_lora(self.module)
+
+
+KINDS: dict[type, type[Adapter]] = {LoraSpec: LoraAdapter}  # spec class -> the adapter it configures
+AdapterSpec = LoraSpec  # the specs KINDS knows (a Union once it knows more)
+
+
+def adapter_for(spec: LoraSpec | Adapter) -> Adapter:
+    if isinstance(spec, Adapter):
+        return spec
+    if type(spec) not in KINDS:
+        raise TypeError(f"no adapter kind is configured by a {type(spec).__name__}; pass a LoraSpec or an Adapter.")
+    return KINDS[type(spec)](spec)

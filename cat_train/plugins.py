@@ -1,0 +1,110 @@
+"""The two plug points of a CAT training step: what is trained (`Adapter`) and what else the loss weighs (`StepTerm`).
+
+The loop (`train.train`) and the objective (`loss.cat_objective`) call only these hooks, so a new adapter kind or
+regularizer is one subclass, never a branch in the loop. Every hook has a do-nothing default here; a plug-in
+overrides the ones it needs (the shape of peft's `LoraVariant` static hooks and kohya's trainer override points).
+
+This module is a leaf: it imports nothing from the method, so the objective, the loop and every plug-in can
+import it without a cycle.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import TYPE_CHECKING, Any, ContextManager, Iterable, NamedTuple, Sequence
+
+import torch
+from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from .denoiser import Denoiser
+
+
+class StepTerm:
+    """A regularizer evaluated in the CAT step (APT is one: cat_train/apt.py).
+
+    It adds no forward pass of its own: it may ask for the frozen pass on y_T too, records what it needs while the
+    frozen and the adapted passes run, and turns that into per-sample fit weights and penalties."""
+
+    name = ""                          # its key in checkpoints, live-view reports and the LoRA metadata
+    needs_frozen_token_pass = False    # the frozen pass also runs on y_T (its rows come first)
+    history_keys: tuple[str, ...] = ()  # entries of report() that go into every history row
+
+    def augment(self, x0: Tensor, t: Tensor, gen: torch.Generator) -> Tensor:
+        """The batch's clean latents, possibly transformed; draws only from `gen` (resumes stay exact)."""
+        return x0
+
+    def fit_weight(self, t: Tensor) -> Tensor | None:
+        """Per-sample weight of the fit term from the timesteps; None: 1."""
+        return None
+
+    def recording(self, kind: str) -> ContextManager:
+        """Entered around the frozen ("frozen") and the adapted ("adapted") forward."""
+        return contextlib.nullcontext()
+
+    def penalty(self, rows: int) -> Sequence[Tensor]:
+        """Weighted scalars added to the loss, in order, from what the passes recorded (first `rows` samples: y_T)."""
+        return ()
+
+    def after_step(self, t: Tensor, terms: NamedTuple) -> None:
+        """After each evaluation of the objective (each accumulated batch), before the next draw; `terms`: the
+        objective's `loss.LossTerms` (fit, keep, and fit_pre when the frozen y_T pass ran)."""
+
+    def report(self) -> dict:
+        """What the live view and the history show of it."""
+        return {}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    @staticmethod
+    def metadata(cfg: Any) -> dict[str, str]:
+        """Its settings for a LoRA file's header (str values), written whether it is on or off."""
+        return {}
+
+    def close(self) -> None:
+        """Undo whatever the constructor attached to the model."""
+
+
+class Adapter:
+    """What the loop trains: LoRA in the UNet (adapters.LoraAdapter), CatVersion in the text encoder (catversion.py).
+
+    install() puts it on the model, disabled() gives the frozen model for the frozen pass, remove() leaves the model
+    as found. An adapter whose weights act in the text encoder sets `encodes_prompts`: the conditionings then change
+    every step, so the loop asks `conditionings()` for them instead of using the examples' cached ones."""
+
+    name = ""                 # checkpoint tag
+    encodes_prompts = False
+    size_hint = "the adapter's size"  # what to lower when a step runs out of memory
+
+    def install(self, denoiser: "Denoiser", gen: torch.Generator) -> None:
+        """Attach to the model; random initialisation draws from `gen` (the run's generator) or the global RNG."""
+        raise NotImplementedError
+
+    def parameters(self) -> list[nn.Parameter]:
+        raise NotImplementedError
+
+    def disabled(self) -> ContextManager:
+        """Inside: the model computes as without the adapter (the frozen model)."""
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        """Checkpoint entries (plain tensors and data; top-level keys of the checkpoint)."""
+        raise NotImplementedError
+
+    def load_state_dict(self, state: dict, where: str) -> None:
+        """From a checkpoint's entries; a mismatch raises a ValueError naming `where` and the fix."""
+        raise NotImplementedError
+
+    def weights(self) -> Any:
+        """What export writes (a copy or the trained modules, the kind decides)."""
+        raise NotImplementedError
+
+    def remove(self) -> None:
+        raise NotImplementedError
+
+    def conditionings(self, prompts: Iterable[tuple[str, str]], x0: Tensor, with_pres: bool):
+        """For `encodes_prompts` adapters: ((y_T, y) adapted, (y_T, y) frozen) conditionings of a batch."""
+        raise NotImplementedError

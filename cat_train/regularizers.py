@@ -1,0 +1,24 @@
+"""The regularizers a CAT run can plug in, each under the `CatLossConfig` field that configures it.
+
+The registry is the only place that names them (the shape of ComfyUI's comfy/weight_adapter registry): the loop
+builds what is switched on from here and knows each only as a `plugins.StepTerm`. A new regularizer is its
+module, its config field on `CatLossConfig` and one line below.
+"""
+from __future__ import annotations
+
+from .apt import AptRun
+from .denoiser import Denoiser
+from .loss import CatLossConfig
+from .plugins import StepTerm
+
+REGISTRY: dict[str, type[StepTerm]] = {"apt": AptRun}  # CatLossConfig field -> plug-in (its `name` is the field's)
+
+
+def step_terms(loss_cfg: CatLossConfig, denoiser: Denoiser) -> list[StepTerm]:
+    """The plug-ins this config switches on, attached to the (already adapted) model; close() each when done."""
+    return [cls(denoiser, getattr(loss_cfg, field)) for field, cls in REGISTRY.items() if getattr(loss_cfg, field).active]
+
+
+def metadata(loss_cfg: CatLossConfig) -> dict[str, str]:
+    """Every registered regularizer's settings for a LoRA file's header, on or off (files say what was not used too)."""
+    return {k: v for field, cls in REGISTRY.items() for k, v in cls.metadata(getattr(loss_cfg, field)).items()}

@@ -1,0 +1,58 @@
+"""The live view on the CatVersion Trainer: its progress events (the LoRA trainer's, tests/comfy) draw the chart."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+import pytest
+
+from test_web_extension import CURVES, NODE, ROOT, STUBS
+
+RUN = """
+import { app } from "./scripts/app.js";
+import { api } from "./scripts/api.js";
+await import("./extensions/ComfyUI-CAT/cat_live_view.js");
+const ext = app.exts[0];
+ext.setup();
+function Node() {}
+await ext.beforeRegisterNodeDef(Node, { name: "CAT_CatVersionTrainer" });
+const node = Object.assign(new Node(), { id: 10, size: [380, 420], flags: {},
+  computeSize() { return [380, 420]; }, setSize(s) { this.size = s; }, setDirtyCanvas() {} });
+app.nodes[10] = node;
+function draw() {
+  const rec = { texts: [], strokes: [] };
+  const ctx = { globalAlpha: 1, dash: [], save() {}, restore() {}, fillRect() {}, beginPath() {}, moveTo() {}, lineTo() {},
+    setLineDash(d) { this.dash = d; }, measureText(t) { return { width: 6 * t.length }; },
+    stroke() { rec.strokes.push({ color: this.strokeStyle, alpha: this.globalAlpha }); },
+    fillText(t) { rec.texts.push(String(t)); } };
+  node.onDrawForeground(ctx);
+  return rec;
+}
+const out = { idle: draw() };
+for (let s = 1; s <= 2; s++)
+  api.emit("cat.train.progress", { node: "10", prompt_id: "p", step: s, total: 5, loss: 0.4 / s, fit: 0.3 / s, keep: 0.02,
+                                   lr: 1e-2, elapsed: s });
+out.size = node.size;
+out.running = draw();
+console.log(JSON.stringify(out));
+"""
+
+
+@pytest.mark.skipif(NODE is None, reason="Node.js is not installed; the web extension test needs `node`")
+def test_catversion_trainer_draws_the_live_chart(tmp_path):
+    for rel, text in {**STUBS, "run.mjs": RUN}.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(text)
+    (tmp_path / "extensions" / "ComfyUI-CAT").mkdir(parents=True)
+    shutil.copy(ROOT / "web" / "cat_live_view.js", tmp_path / "extensions" / "ComfyUI-CAT" / "cat_live_view.js")
+    (tmp_path / "package.json").write_text('{"type": "module"}')
+    r = subprocess.run([NODE, "run.mjs"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["idle"] == {"texts": [], "strokes": []}  # never trained: nothing drawn
+    assert out["size"][1] == 420 + 150  # grew by the plot height
+    texts = out["running"]["texts"]
+    assert "step 2/5 · 1.00 it/s · ETA 0:03" in texts and {"loss", "fit", "keep"} <= set(texts)
+    drawn = {CURVES[s["color"]] for s in out["running"]["strokes"] if s["color"] in CURVES}
+    assert drawn == {"loss", "fit", "keep"}
