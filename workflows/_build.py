@@ -179,11 +179,13 @@ SIZES = {
     "CAT_SaveLora": (340, 60), "CLIPTextEncode": (400, 150), "EmptyLatentImage": (340, 110), "KSampler": (340, 270),
     "VAEDecode": (200, 50), "SaveImage": (320, 320), "CAT_KPSEvaluator": (400, 260), "PreviewImage": (320, 320),
     "Note": (560, 360), "UNETLoader": (340, 110), "DualCLIPLoader": (340, 160), "VAELoader": (340, 80),
-    "FluxGuidance": (340, 80), "EmptySD3LatentImage": (340, 130), "CAT_LeakScan": (420, 560), "CAT_CatVersionTrainer": (380, 420), "CAT_SaveCatVersion": (340, 60),
+    "FluxGuidance": (340, 80), "EmptySD3LatentImage": (340, 130), "CAT_LeakScan": (420, 560), "CAT_SaveCatVersion": (340, 60),
 }
 TRAINER_WIDGETS_H = 460  # computeSize height of the trainer: inputs, outputs and 15 widgets
 LIVE_VIEW_H = 150  # web/cat_live_view.js PLOT_H: reserved under the widgets so the chart covers nothing
 SIZES["CAT_LoraTrainer"] = (380, TRAINER_WIDGETS_H + LIVE_VIEW_H + 10)
+CATVERSION_WIDGETS_H = 310  # computeSize height of the CatVersion trainer (8 widgets and the seed control)
+SIZES["CAT_CatVersionTrainer"] = (380, CATVERSION_WIDGETS_H + LIVE_VIEW_H + 10)  # it draws the live chart too
 TITLE_H, GAP, PAD, GROUP_TITLE = 30, 30, 20, 50
 # The view a workflow opens at (the editor restores extra.ds): the Note and the data group at the top left, at a
 # zoom where the editor still draws text (frontend 1.27 switches to blank boxes below 8 px / 14 px = 0.57).

@@ -176,10 +176,10 @@ def test_trainer_reports_like_the_lora_trainer_and_cancel_keeps_a_resumable_chec
     mp, clip, vae = tiny_sd15
     N = pack_module(comfy, "nodes.catversion")
     cv = pack_module(comfy, "cat_train.catversion")
-    tr = pack_module(comfy, "nodes.trainer")
+    tr = pack_module(comfy, "nodes.common")  # the one progress callback both trainers use
     ds = _dataset(comfy, dataset_dir, tiny_sd15)
     events = []
-    monkeypatch.setattr(tr, "_send", lambda event, data: events.append((event, data)))
+    monkeypatch.setattr(tr, "send_event", lambda event, data: events.append((event, data)))
     spec = cv.CatVersionSpec(layers=2)
     cfg = cv.CatVersionConfig(steps=4, lr=1e-2, batch_size=2, alpha=0.5, class_word="dog", seed=2)
     clip_before = _state(clip.cond_stage_model)

@@ -199,6 +199,8 @@ def test_ui_workflow_layout_is_readable(path):
         assert len(inside) == 1, f"{path.name} node {n['id']} {n['type']} is in groups {inside}"
     for t in (n for n in ui["nodes"] if n["type"] == "CAT_LoraTrainer"):
         assert t["size"][1] >= 450 + 150, "the trainer needs its widgets (~450 px) plus the live chart (150 px)"
+    for t in (n for n in ui["nodes"] if n["type"] == "CAT_CatVersionTrainer"):
+        assert t["size"][1] >= 310 + 150, "the CatVersion trainer needs its widgets (~310 px) plus the live chart (150 px)"
     note = next(n for n in ui["nodes"] if n["type"] == "Note")["widgets_values"][0]
     model_file = "unet_name" if any(n["type"] == "UNETLoader" for n in ui["nodes"]) else "ckpt_name"
     for what in (model_file, "folder", "triggers", "class_word", "clip_checkpoint", "open_clip_model"):
