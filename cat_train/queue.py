@@ -1201,6 +1201,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         urls = [server_url(u) for u in a.server + (read_server_file(a.server_file) if a.server_file else [])]
         urls = list(dict.fromkeys(urls)) or ["http://127.0.0.1:8188"]
+        if out and out.suffix.lower() in (".md", ".csv", ".png"):
+            raise QueueError(f"--out {out} names the journal (runs.json); the table and chart are written beside it "
+                             "as runs.md, runs.csv and runs.png.")
         if a.resume and not out:
             raise QueueError("--resume needs --out, the journal of the sweep to continue.")
         graph = load_workflow(a.workflow)
@@ -1245,14 +1248,18 @@ def main(argv: list[str] | None = None) -> int:
         _report(out, records, a.score_node, len(runs) > 1)
         return 0 if all(r.get("ok") for r in records) else 1
     except KeyboardInterrupt:
-        old = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the cancel short
+        try:  # a second Ctrl-C must not cut the cancel short (signals can be set in the main thread only)
+            old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        except ValueError:
+            old = None
         try:
             print("interrupted: cancelling this sweep's prompts", file=sys.stderr)
             if sweep is not None:
                 sweep.cancel()
                 _stopped(sweep, out, a.score_node)
         finally:
-            signal.signal(signal.SIGINT, old)
+            if old is not None:
+                signal.signal(signal.SIGINT, old)
         return 130
     except QueueError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -649,3 +649,11 @@ def test_ctrl_c_cancels_only_our_prompts_and_writes_what_finished(fakes, wf, tmp
     runs = json.loads(out.read_text())
     assert [(r["run"], r["ok"], r["overrides"]) for r in runs] == [(1, True, {"4.steps": 1})]
     assert "wrote" in stderr and "1 finished run(s)" in stderr
+
+
+def test_out_must_not_name_the_table(fake, wf, tmp_path, capsys):
+    assert q.main([wf, "--server", fake.url, "--out", str(tmp_path / "runs.md")]) == 2
+    assert "names the journal (runs.json); the table and chart are written beside it" in capsys.readouterr().err
+    assert q.main([wf, "--server", fake.url, "--resume"]) == 2
+    assert "--resume needs --out" in capsys.readouterr().err
+    assert fake.order == []
