@@ -348,6 +348,7 @@ def test_server_down_is_a_clear_error(wf, capsys, quick):
     ("--sweep=4.steps=10,2.5", "4.steps='2.5': not an integer (the input is INT)"),
     ("--sweep=3.preservation=class,nope", "3.preservation='nope': not one of the server's choices: 'class', 'none'"),
     ("--sweep=3.cat_factor=0,1,0", "the value(s) '0' occur more than once"),
+    ("--set=1.ckpt_name=y.safetensors", "1.ckpt_name='y.safetensors': not one of the server's choices: 'x.safetensors'"),
 ])
 def test_bad_overrides_are_named_before_anything_is_posted(fake, wf, capsys, override, message):
     assert q.main([wf, "--server", fake.url, "--poll", override]) == 2
