@@ -97,7 +97,7 @@ def server_url(text: str) -> str:
         raise QueueError(f"--server {text!r} is not an http:// or https:// URL of a ComfyUI server "
                          "(e.g. http://127.0.0.1:8188).")
     try:
-        u.port
+        _ = u.port  # urlsplit checks the port only when asked
     except ValueError:
         raise QueueError(f"--server {text!r} has an invalid port.") from None
     return text
