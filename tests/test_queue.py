@@ -1,36 +1,57 @@
-"""`python -m cat_train queue` against a fake ComfyUI on 127.0.0.1 (stdlib http.server with a minimal
-websocket at /ws; no other traffic)."""
+"""`python -m cat_train queue` against fake ComfyUI servers on 127.0.0.1 (stdlib http.server with a minimal
+websocket at /ws and a clock-driven queue: each prompt runs for `duration(graph)` seconds after the one before)."""
 from __future__ import annotations
 
 import base64
+import csv
 import hashlib
 import json
+import math
+import os
+import signal
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 
 from cat_train import queue as q
 
+ROOT = Path(__file__).resolve().parents[1]
 GRAPH = {
     "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "x.safetensors"}},
     "3": {"class_type": "CAT_LossConfig", "inputs": {"cat_factor": 1.0, "preservation": "class", "class_word": "dog", "token_weights": ""}},
-    "4": {"class_type": "CAT_LoraTrainer", "inputs": {"model": ["1", 0], "loss_config": ["3", 0], "steps": 600}},
+    "4": {"class_type": "CAT_LoraTrainer", "inputs": {"model": ["1", 0], "loss_config": ["3", 0], "steps": 600,
+                                                      "checkpoint_name": "ckpt"}},
     "5": {"class_type": "SaveImage", "inputs": {"images": ["4", 2], "filename_prefix": "cat"}},
     "6": {"class_type": "SaveImage", "inputs": {"images": ["4", 2], "filename_prefix": "cat2"}},
+    "8": {"class_type": "CAT_KPSEvaluator", "inputs": {"images_with_trigger": ["4", 2], "images_without_trigger": ["4", 2]}},
+    "9": {"class_type": "CAT_SaveLora", "inputs": {"lora": ["4", 1], "name": "lora"}},
 }
 INFO = {
     "CheckpointLoaderSimple": {"input": {"required": {"ckpt_name": [["x.safetensors"]]}}},
-    "CAT_LossConfig": {"input": {"required": {"cat_factor": ["FLOAT", {}], "preservation": [["class"]], "class_word": ["STRING", {}],
-                                              "token_weights": ["STRING", {}]}}},
-    "CAT_LoraTrainer": {"input": {"required": {"model": ["MODEL"], "loss_config": ["CAT_LOSS_CONFIG"], "steps": ["INT", {}]},
+    "CAT_LossConfig": {"input": {"required": {"cat_factor": ["FLOAT", {"min": 0.0, "max": 10.0}], "preservation": ["COMBO", {"options": ["class", "none"]}],
+                                              "class_word": ["STRING", {}], "token_weights": ["STRING", {}]}}},
+    "CAT_LoraTrainer": {"input": {"required": {"model": ["MODEL"], "loss_config": ["CAT_LOSS_CONFIG"], "steps": ["INT", {}],
+                                               "checkpoint_name": ["STRING", {}]},
                                   "optional": {"resume_from": ["STRING", {}]}}},
     "SaveImage": {"input": {"required": {"images": ["IMAGE"], "filename_prefix": ["STRING", {}]}}},
+    "CAT_KPSEvaluator": {"input": {"required": {"images_with_trigger": ["IMAGE"], "images_without_trigger": ["IMAGE"]}}},
+    "CAT_SaveLora": {"input": {"required": {"lora": ["LORA_MODEL"], "name": ["STRING", {}]}}},
 }
+
+
+def kps_report(is_: float, kps: float) -> str:
+    """The KPS Evaluator's report text, as nodes/evaluate.py writes it."""
+    return (f"KPS {kps:.4f} (1 - H of with/without-trigger image similarity; higher = less leakage)\n"
+            f"PS  0.2500 (prompt fidelity)\nIS  {is_:.4f} (identity)\n4 pairs; similarities clamped at 1e-6: \n"
+            "paper (Table 1): LoRA KPS 0.0808, CAT 0.1231")
 
 
 def ws_frame(payload, binary: bool = False) -> bytes:
@@ -47,102 +68,216 @@ FAILED = {"outputs": {}, "status": {"status_str": "error", "completed": False, "
                          "exception_message": "Value not in list: ckpt_name: 'x.safetensors' not in []"}]]}}
 
 
-class Fake(BaseHTTPRequestHandler):
-    posted: list = []
-    info = INFO
-    mode = "ok"          # ok: finished at once; fail: failed after fail_delay s; stuck: runs forever; lost: unknown
-    fail_delay = 0.0
-    events: list = []    # sent on the poster's websocket right after each post ("PID" = the new prompt id)
-    log: list = []       # ("ws", client id) / ("post", client id), in order
-    sockets: dict = {}
-    done_at: dict = {}
-    lock = threading.Lock()
+class FakeComfy:
+    """One fake server. mode: ok (each prompt runs `duration(graph)` s after the one before, then is in /history),
+    fail (ends with an execution error), stuck (runs forever), lost (forgotten at once), down (answers nothing)."""
 
-    def log_message(self, *a):
-        pass
+    def __init__(self):
+        self.mode, self.info, self.events = "ok", INFO, []
+        self.duration = lambda g: 0.0
+        self.scores = lambda g: (0.5, 0.1)
+        self.history_500 = 0
+        self.on_post = None
+        self.reset()
+        fake = self
 
-    def _send(self, code, obj):
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_GET(self):
+                fake.handle(self, "GET")
+
+            def do_POST(self):
+                fake.handle(self, "POST")
+
+        self.srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.srv.server_address[1]}"
+        threading.Thread(target=self.srv.serve_forever, daemon=True).start()
+
+    def reset(self):
+        """A (re)started server: empty queue and history."""
+        self.lock = threading.Lock()
+        self.jobs: dict = {}      # prompt id -> {graph, client, start, end, state}
+        self.order: list = []     # prompt ids in post order
+        self.log: list = []       # ("ws", client id) / ("post", client id), in order
+        self.sockets: dict = {}
+        self.interrupts: list = []
+        self.deletes: list = []
+        self.free_at = 0.0
+        self.max_ours = 0
+
+    def add(self, graph, client="someone", seconds=None, pid=None):
+        with self.lock:
+            pid = pid or f"p{len(self.order)}"
+            now = time.monotonic()
+            start = max(now, self.free_at)
+            end = start + (self.duration(graph) if seconds is None else seconds)
+            self.free_at = end
+            self.jobs[pid] = {"graph": graph, "client": client, "start": start, "end": end, "state": None}
+            self.order.append(pid)
+            ours = sum(1 for j in self.jobs.values() if j["client"] == client and self.where(j, now) in ("running", "pending"))
+            if client != "someone":
+                self.max_ours = max(self.max_ours, ours)
+            return pid
+
+    def where(self, job, now):
+        if job["state"] == "deleted" or self.mode == "lost":
+            return None
+        if job["state"] == "interrupted" or (self.mode != "stuck" and now >= job["end"]):
+            return "done"
+        return "pending" if now < job["start"] else "running"
+
+    def ours(self, client_id):
+        return [pid for pid in self.order if self.jobs[pid]["client"] == client_id]
+
+    def close(self):
+        for sock in list(self.sockets.values()):  # a websocket left open would keep server_close waiting
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        self.srv.shutdown()
+        self.srv.server_close()
+
+    def go_down(self):
+        self.mode = "down"
+        for sock in list(self.sockets.values()):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def come_back(self):
+        self.reset()
+        self.mode = "ok"
+
+    # -- HTTP
+    def send(self, h, code, obj):
         body = json.dumps(obj).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        h.send_response(code)
+        h.send_header("Content-Type", "application/json")
+        h.send_header("Content-Length", str(len(body)))
+        h.end_headers()
+        h.wfile.write(body)
 
-    def do_GET(self):
-        if self.path == "/object_info":
-            return self._send(200, self.info)
-        if self.path.startswith("/ws"):
-            return self._websocket()
-        if self.path == "/queue":
-            running = [[0, pid, {}, {}, []] for pid, t in self.done_at.items()
-                       if self.mode == "stuck" or (self.mode != "lost" and time.monotonic() < t)]
-            return self._send(200, {"queue_running": running, "queue_pending": []})
-        if self.path.startswith("/history/"):
-            pid = self.path.rsplit("/", 1)[1]
-            if self.mode in ("stuck", "lost") or time.monotonic() < self.done_at.get(pid, 0):
-                return self._send(200, {})
-            if self.mode == "fail":
-                return self._send(200, {pid: json.loads(json.dumps(FAILED).replace("PID", pid))})
-            n = int(pid[1:])
-            g = self.posted[n]
-            factor = g["3"]["inputs"]["cat_factor"]
-            return self._send(200, {pid: {"outputs": {
-                "5": {"images": [{"filename": f"cat_{factor}_00001_.png", "subfolder": "cat", "type": "output"}]},
-                "7": {"text": [f"/loras/cat_{factor}.safetensors"]}},
-                "status": {"status_str": "success", "completed": True, "messages": []}}})
-        self._send(404, {})
-
-    def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+    def handle(self, h, method):
+        if self.mode == "down":  # no answer: the client sees the connection close
+            h.close_connection = True
+            return
+        path = h.path
+        if method == "GET":
+            if path == "/object_info":
+                return self.send(h, 200, self.info)
+            if path.startswith("/ws"):
+                return self.websocket(h)
+            if path == "/queue":
+                now = time.monotonic()
+                with self.lock:
+                    items = {pid: [0, pid, j["graph"], {"client_id": j["client"]}, []] for pid, j in self.jobs.items()}
+                    running = [items[p] for p in self.order if self.where(self.jobs[p], now) == "running"]
+                    pending = [items[p] for p in self.order if self.where(self.jobs[p], now) == "pending"]
+                return self.send(h, 200, {"queue_running": running, "queue_pending": pending})
+            if path.startswith("/history/"):
+                if self.history_500:
+                    self.history_500 -= 1
+                    return self.send(h, 500, {"error": "boom"})
+                pid = path.rsplit("/", 1)[1]
+                job = self.jobs.get(pid)
+                if job is None or self.where(job, time.monotonic()) != "done":
+                    return self.send(h, 200, {})
+                return self.send(h, 200, {pid: self.entry(pid, job)})
+            return self.send(h, 404, {})
+        body = json.loads(h.rfile.read(int(h.headers["Content-Length"])))
+        if path == "/interrupt":
+            pid = body.get("prompt_id")
+            self.interrupts.append(pid)
+            job = self.jobs.get(pid)
+            if job and self.where(job, time.monotonic()) == "running":
+                job["state"], job["end"] = "interrupted", time.monotonic()
+            return self.send(h, 200, {})
+        if path == "/queue":
+            self.deletes += body.get("delete", [])
+            for pid in body.get("delete", []):
+                if pid in self.jobs and self.where(self.jobs[pid], time.monotonic()) == "pending":
+                    self.jobs[pid]["state"] = "deleted"
+            return self.send(h, 200, {})
         if body["prompt"]["4"]["inputs"].get("steps") == -1:  # what ComfyUI answers to an invalid value
-            return self._send(400, {"error": {"type": "prompt_outputs_failed_validation", "message": "Prompt outputs failed validation",
-                                              "details": ""},
-                                    "node_errors": {"4": {"class_type": "CAT_LoraTrainer", "errors": [
-                                        {"message": "Value smaller than min", "details": "steps: -1 < 1"}]}}})
+            return self.send(h, 400, {"error": {"type": "prompt_outputs_failed_validation", "message": "Prompt outputs failed validation",
+                                                "details": ""},
+                                      "node_errors": {"4": {"class_type": "CAT_LoraTrainer", "errors": [
+                                          {"message": "Value smaller than min", "details": "steps: -1 < 1"}]}}})
+        if self.on_post:
+            self.on_post(self)
+            if self.mode == "down":
+                h.close_connection = True
+                return
         with self.lock:
             self.log.append(("post", body.get("client_id")))
-            self.posted.append(body["prompt"])
-            pid = f"p{len(self.posted) - 1}"
-            self.done_at[pid] = time.monotonic() + self.fail_delay
-        self._send(200, {"prompt_id": pid, "number": 0, "node_errors": {}})
+        pid = self.add(body["prompt"], body.get("client_id"), pid=body.get("prompt_id"))
+        self.send(h, 200, {"prompt_id": pid, "number": 0, "node_errors": {}})
         ws = self.sockets.get(body.get("client_id"))
         for e in self.events:
             frame = ws_frame(e, binary=True) if isinstance(e, bytes) else ws_frame(json.loads(json.dumps(e).replace("PID", pid)))
             with self.lock:
                 ws.sendall(frame)
 
-    def _websocket(self):
-        key = self.headers["Sec-WebSocket-Key"]
+    def entry(self, pid, job):
+        if job["state"] == "interrupted":
+            return {"outputs": {}, "status": {"status_str": "error", "messages": [["execution_interrupted", {"prompt_id": pid}]]}}
+        if self.mode == "fail":
+            return json.loads(json.dumps(FAILED).replace("PID", pid))
+        g = job["graph"]
+        is_, kps = self.scores(g)
+        return {"outputs": {
+            "5": {"images": [{"filename": f"{g['5']['inputs']['filename_prefix']}_00001_.png", "subfolder": "", "type": "output"}]},
+            "8": {"text": [kps_report(is_, kps)]},
+            "9": {"text": [f"/loras/{g['9']['inputs']['name']}.safetensors"]}},
+            "status": {"status_str": "success", "completed": True, "messages": []}}
+
+    def websocket(self, h):
+        key = h.headers["Sec-WebSocket-Key"]
         accept = base64.b64encode(hashlib.sha1((key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()).digest()).decode()
-        cid = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)["clientId"][0]
+        cid = urllib.parse.parse_qs(urllib.parse.urlsplit(h.path).query)["clientId"][0]
         with self.lock:  # logged before the handshake answer: once the client has it, its post may come at once
             self.log.append(("ws", cid))
-        self.wfile.write(("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                          f"Sec-WebSocket-Accept: {accept}\r\n\r\n").encode())
+        h.wfile.write(("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                       f"Sec-WebSocket-Accept: {accept}\r\n\r\n").encode())
         with self.lock:
-            self.sockets[cid] = self.connection
-            self.connection.sendall(ws_frame({"type": "status", "data": {"status": {"exec_info": {"queue_remaining": 0}}, "sid": cid}}))
-        while self.rfile.read(1):  # held open until the client closes it
+            self.sockets[cid] = h.connection
+            h.connection.sendall(ws_frame({"type": "status", "data": {"status": {"exec_info": {"queue_remaining": 0}}, "sid": cid}}))
+        try:
+            while h.rfile.read(1):  # held open until the client closes it
+                pass
+        except OSError:
             pass
-        self.close_connection = True
+        h.close_connection = True
 
 
 @pytest.fixture
-def server(tmp_path):
-    Fake.posted, Fake.log, Fake.sockets, Fake.done_at, Fake.events = [], [], {}, {}, []
-    Fake.mode, Fake.fail_delay = "ok", 0.0
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), Fake)
-    th = threading.Thread(target=srv.serve_forever, daemon=True)
-    th.start()
-    yield f"http://127.0.0.1:{srv.server_address[1]}"
-    for sock in list(Fake.sockets.values()):  # a websocket left open would keep server_close waiting
-        try:
-            sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-    srv.shutdown()
-    srv.server_close()
+def fakes():
+    made = []
+
+    def make(n=1):
+        new = [FakeComfy() for _ in range(n)]
+        made.extend(new)
+        return new
+
+    yield make
+    for f in made:
+        f.close()
+
+
+@pytest.fixture
+def fake(fakes):
+    return fakes(1)[0]
+
+
+@pytest.fixture
+def quick(monkeypatch):
+    """Down in 0.1 s instead of 3.5, probes every 0.3 s: the same logic on a test's clock."""
+    monkeypatch.setattr(q, "RETRY_DELAYS", (0.05, 0.05))
+    monkeypatch.setattr(q, "PROBE_EVERY", 0.3)
 
 
 @pytest.fixture
@@ -152,24 +287,46 @@ def wf(tmp_path):
     return str(p)
 
 
-def test_sweep_posts_every_combination_and_reports_outputs(server, wf, tmp_path, capsys):
+def posted(f: FakeComfy) -> list[dict]:
+    return [f.jobs[p]["graph"] for p in f.order if f.jobs[p]["client"] != "someone"]
+
+
+def test_sweep_posts_every_combination_and_reports_outputs(fake, wf, tmp_path, capsys):
     out = tmp_path / "runs.json"
-    rc = q.main([wf, "--server", server, "--poll", "--set", "CAT_LoraTrainer.steps=50",
+    rc = q.main([wf, "--server", fake.url, "--poll", "--set", "CAT_LoraTrainer.steps=50",
                  "--sweep", "3.cat_factor=0,0.5,1", "--sweep", "3.class_word=dog,cat", "--out", str(out)])
     assert rc == 0
-    assert len(Fake.posted) == 6  # 3 x 2 combinations
-    assert sorted((g["3"]["inputs"]["cat_factor"], g["3"]["inputs"]["class_word"]) for g in Fake.posted) == \
+    graphs = posted(fake)
+    assert len(graphs) == 6  # 3 x 2 combinations
+    assert sorted((g["3"]["inputs"]["cat_factor"], g["3"]["inputs"]["class_word"]) for g in graphs) == \
         sorted((f, w) for f in (0, 0.5, 1) for w in ("dog", "cat"))
-    assert all(g["4"]["inputs"]["steps"] == 50 for g in Fake.posted)  # JSON-typed: an int, not "50"
+    assert all(g["4"]["inputs"]["steps"] == 50 for g in graphs)  # typed by /object_info: an int, not "50"
     assert GRAPH["4"]["inputs"]["steps"] == 600  # the loaded workflow is never mutated
     runs = json.loads(out.read_text())
     assert [r["overrides"]["3.cat_factor"] for r in runs] == [0, 0, 0.5, 0.5, 1, 1]
-    assert runs[2]["outputs"][0]["path"] == "output/cat/cat_0.5_00001_.png"
-    assert runs[2]["outputs"][1]["value"] == "/loras/cat_0.5.safetensors"
-    assert "output/cat/cat_1_00001_.png" in capsys.readouterr().out
+    assert runs[2]["outputs"][0]["path"] == "output/cat_cat_factor0.5_class_worddog_00001_.png"
+    assert runs[2]["outputs"][2]["value"] == "/loras/lora_cat_factor0.5_class_worddog.safetensors"
+    assert "output/cat_cat_factor1_class_wordcat_00001_.png" in capsys.readouterr().out
 
 
-def test_server_down_is_a_clear_error(wf, capsys):
+def test_every_run_gets_its_own_file_names(fake, wf, tmp_path):
+    """Save names carry the swept values, so no run overwrites (or numbers after) another's files; a name the
+    user sets stays as set, and --keep-names leaves the graph's names alone."""
+    assert q.main([wf, "--server", fake.url, "--poll", "--sweep", "3.cat_factor=0,0.5", "--sweep", "4.steps=10,20"]) == 0
+    names = [(g["9"]["inputs"]["name"], g["4"]["inputs"]["checkpoint_name"], g["5"]["inputs"]["filename_prefix"],
+              g["6"]["inputs"]["filename_prefix"]) for g in posted(fake)]
+    assert names[0] == ("lora_cat_factor0_steps10", "ckpt_cat_factor0_steps10", "cat_cat_factor0_steps10", "cat2_cat_factor0_steps10")
+    assert len({n for row in names for n in row}) == 16  # 4 runs x 4 naming inputs, all different
+    fake.reset()
+    assert q.main([wf, "--server", fake.url, "--poll", "--sweep", "3.cat_factor=0,0.5", "--set", "9.name=mine"]) == 0
+    assert [g["9"]["inputs"]["name"] for g in posted(fake)] == ["mine", "mine"]
+    assert [g["5"]["inputs"]["filename_prefix"] for g in posted(fake)] == ["cat_cat_factor0", "cat_cat_factor0.5"]
+    fake.reset()
+    assert q.main([wf, "--server", fake.url, "--poll", "--sweep", "3.cat_factor=0,0.5", "--keep-names"]) == 0
+    assert [g["9"]["inputs"]["name"] for g in posted(fake)] == ["lora", "lora"]
+
+
+def test_server_down_is_a_clear_error(wf, capsys, quick):
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -180,26 +337,67 @@ def test_server_down_is_a_clear_error(wf, capsys):
 
 @pytest.mark.parametrize("override, message", [
     ("--set=99.steps=1", "the workflow has no node '99'; its nodes are: 1 (CheckpointLoaderSimple)"),
-    ("--set=4.stepz=1", "node 4 (CAT_LoraTrainer) has no input 'stepz'; its inputs are: loss_config, model, resume_from, steps."),
+    ("--set=4.stepz=1", "node 4 (CAT_LoraTrainer) has no input 'stepz'; its inputs are: checkpoint_name, loss_config, model, resume_from, steps."),
     ("--set=SaveImage.filename_prefix=x", "node type 'SaveImage' occurs 2 times (ids 5, 6)"),
     ("--set=steps", "must look like NODE.input=value"),
+    # probe: replaced the link with text, and the server failed with "'str' object has no attribute 'model'"
+    ("--set=4.model=abc", "4.model takes a MODEL from another node (a link in the graph), not a value"),
+    # probe: refused by the server only after run 1 had trained
+    ("--sweep=3.cat_factor=0,a,1", "3.cat_factor='a': not a number (the input is FLOAT)"),
+    ("--sweep=3.cat_factor=0,11", "3.cat_factor='11': outside the input's range [0.0, 10.0]"),
+    ("--sweep=4.steps=10,2.5", "4.steps='2.5': not an integer (the input is INT)"),
+    ("--sweep=3.preservation=class,nope", "3.preservation='nope': not one of the server's choices: 'class', 'none'"),
+    ("--sweep=3.cat_factor=0,1,0", "the value(s) '0' occur more than once"),
+    ("--set=1.ckpt_name=y.safetensors", "1.ckpt_name='y.safetensors': not one of the server's choices: 'x.safetensors'"),
 ])
-def test_bad_overrides_are_named(server, wf, capsys, override, message):
-    assert q.main([wf, "--server", server, "--poll", override]) == 2
+def test_bad_overrides_are_named_before_anything_is_posted(fake, wf, capsys, override, message):
+    assert q.main([wf, "--server", fake.url, "--poll", override]) == 2
     assert message in capsys.readouterr().err
-    assert Fake.posted == []  # nothing was queued
+    assert fake.order == []  # nothing was queued
 
 
-def test_missing_node_type_and_rejected_prompt(server, wf, tmp_path, capsys):
-    Fake.info = {k: v for k, v in INFO.items() if k != "CAT_LoraTrainer"}
-    try:
-        assert q.main([wf, "--server", server, "--poll"]) == 2
-        assert "no node type(s) CAT_LoraTrainer. Install ComfyUI-CAT" in capsys.readouterr().err
-    finally:
-        Fake.info = INFO
-    assert q.main([wf, "--server", server, "--poll", "--set", "4.steps=-1"]) == 2
+def test_a_1000_value_sweep_is_refused_without_a_request(fake, wf, capsys):
+    values = ",".join(str(i / 100) for i in range(1000))
+    t0 = time.monotonic()
+    assert q.main([wf, "--server", fake.url, "--sweep", f"3.cat_factor={values}"]) == 2
+    assert time.monotonic() - t0 < 1.0
     err = capsys.readouterr().err
-    assert "ComfyUI refused the workflow (400)" in err and "node 4 (CAT_LoraTrainer): Value smaller than min: steps: -1 < 1" in err
+    assert "the sweep makes 1000 runs (1000 values), more than --max-runs 64" in err and "--max-runs 1000" in err
+    assert fake.log == [] and fake.order == []
+    assert q.main([wf, "--server", fake.url, "--sweep", "3.cat_factor=0,1", "--sweep", "4.steps=1,2,3", "--max-runs", "5"]) == 2
+    assert "makes 6 runs (2 x 3 values)" in capsys.readouterr().err
+    assert q.main([wf, "--server", fake.url, "--sweep", "3.cat_factor=0,1", "--max-runs", "2", "--dry-run"]) == 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--timeout", "-1"], "-1 must be 0 (no limit) or a positive number of seconds"),
+    (["--timeout", "nan"], "must be 0 (no limit) or a positive number"),
+    (["--per-server", "0"], "0 must be 1 or more"),
+    (["--max-runs", "0"], "0 must be 1 or more"),
+])
+def test_bad_numbers_are_refused_by_the_parser(wf, capsys, args, message):
+    with pytest.raises(SystemExit) as e:
+        q.main([wf, *args])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("url", ["ftp://127.0.0.1:8188", "http://", "file:///tmp/x"])
+def test_a_server_url_that_is_not_http_is_refused_at_once(wf, capsys, url):
+    t0 = time.monotonic()
+    assert q.main([wf, "--server", url]) == 2
+    assert time.monotonic() - t0 < 0.5  # the probe waited 30 s, then said "cannot reach"
+    err = capsys.readouterr().err
+    assert "is not an http:// or https:// URL of a ComfyUI server" in err and "cannot reach" not in err
+
+
+def test_missing_node_type_and_rejected_prompt(fake, wf, capsys):
+    fake.info = {k: v for k, v in INFO.items() if k != "CAT_LoraTrainer"}
+    assert q.main([wf, "--server", fake.url, "--poll"]) == 2
+    assert "no node type(s) CAT_LoraTrainer. Install ComfyUI-CAT" in capsys.readouterr().err
+    fake.info = INFO
+    assert q.main([wf, "--server", fake.url, "--poll", "--set", "4.steps=-1"]) == 1  # the run failed, as one that ran
+    out = capsys.readouterr().out
+    assert "FAILED: ComfyUI refused the workflow (400)" in out and "node 4 (CAT_LoraTrainer): Value smaller than min: steps: -1 < 1" in out
 
 
 def test_ui_format_refused(tmp_path, capsys):
@@ -209,10 +407,10 @@ def test_ui_format_refused(tmp_path, capsys):
     assert "UI-format workflow; queue needs the API format" in capsys.readouterr().err
 
 
-def test_cli_dispatch(server, wf):
+def test_cli_dispatch(fake, wf):
     from cat_train.__main__ import main
-    assert main(["queue", wf, "--server", server, "--poll", "--dry-run"]) == 0
-    assert Fake.posted == []
+    assert main(["queue", wf, "--server", fake.url, "--poll", "--dry-run"]) == 0
+    assert fake.order == []
 
 
 ERROR_EVENTS = [{"type": "execution_start", "data": {"prompt_id": "PID"}},
@@ -221,55 +419,242 @@ ERROR_EVENTS = [{"type": "execution_start", "data": {"prompt_id": "PID"}},
 
 @pytest.mark.parametrize("events, delay", [(ERROR_EVENTS, 0.0), ([], 0.0), ([], 0.5)],
                          ids=["error-event", "no-event", "no-event-late-history"])
-def test_prompt_that_fails_at_once_is_reported_within_5s(server, wf, capsys, events, delay):
+def test_prompt_that_fails_at_once_is_reported_within_5s(fake, wf, capsys, events, delay):
     """A bad checkpoint fails in 0.1 s. The websocket is opened (under the posting client id) before the
     post, and /history is read whatever the websocket says: the failure is reported whether its event
     arrives, never arrives, or the history entry shows up only after the post."""
-    Fake.mode, Fake.events, Fake.fail_delay = "fail", events, delay
+    fake.mode, fake.events, fake.duration = "fail", events, (lambda g: delay)
     t0 = time.monotonic()
-    rc = q.main([wf, "--server", server, "--sweep", "3.cat_factor=0,1"])
+    rc = q.main([wf, "--server", fake.url, "--sweep", "3.cat_factor=0,1"])
     elapsed = time.monotonic() - t0
     out = capsys.readouterr().out
     assert rc == 1 and elapsed < 5.0, (rc, elapsed, out)
     assert out.count("FAILED: node 1 (CheckpointLoaderSimple): Value not in list: ckpt_name") == 2
-    ws = [e for e in Fake.log if e[0] == "ws"]
-    assert len(ws) == 1 and Fake.log[0] == ws[0]  # connected once, before the first post
-    assert {cid for _, cid in Fake.log} == {ws[0][1]}  # posts carry the websocket's client id
+    ws = [e for e in fake.log if e[0] == "ws"]
+    assert len(ws) == 1 and fake.log[0] == ws[0]  # connected once, before the first post
+    assert {cid for _, cid in fake.log} == {ws[0][1]}  # posts carry the websocket's client id
     if events:  # the event path does not wait for the next /history read
         assert elapsed < 1.5, elapsed
 
 
-def test_progress_over_the_websocket(server, wf, capsys):
-    Fake.fail_delay = 0.6  # history entry appears after the events
-    Fake.events = [{"type": "status", "data": {"status": {}}},
-                   {"type": "progress", "data": {"prompt_id": "other", "node": "9", "value": 1, "max": 9}},
+def test_progress_over_the_websocket(fake, wf, capsys):
+    fake.duration = lambda g: 0.6  # history entry appears after the events
+    fake.events = [{"type": "status", "data": {"status": {}}},
+                   {"type": "progress", "data": {"prompt_id": "other", "node": "99", "value": 1, "max": 9}},
                    {"type": "crystools.monitor", "data": {"cpu": 3}},  # another extension's broadcast
                    {"type": "cat.train.progress", "data": {"step": 2, "total": 50, "loss": 0.25,  # broadcast, untagged
                                                            "fit": 0.2, "keep": 0.05}},
                    b"\x00" * 70000,  # a preview image: a binary frame with a 64-bit length
                    {"type": "progress", "data": {"prompt_id": "PID", "node": "4", "value": 50, "max": 50}},
                    {"type": "execution_success", "data": {"prompt_id": "PID"}}]
-    assert q.main([wf, "--server", server]) == 0
+    assert q.main([wf, "--server", fake.url]) == 0
     out = capsys.readouterr().out
     assert "train step 2/50 loss 0.25000 (fit 0.20000, keep 0.050000)" in out
-    assert "node 4: 50/50" in out and "node 9" not in out and "cpu" not in out  # another prompt's events are not ours
-    assert "node 5: output/cat/cat_1.0_00001_.png" in out
+    assert "node 4: 50/50" in out and "node 99:" not in out and "cpu" not in out  # another prompt's events are not ours
+    assert "node 5: output/cat_00001_.png" in out
 
 
-def test_no_progress_times_out_and_a_lost_prompt_ends_at_once(server, wf, capsys):
-    Fake.mode = "stuck"  # listed as running, never finishes, sends nothing
+def test_no_progress_times_out_and_a_lost_prompt_is_posted_again(fake, wf, capsys):
+    fake.mode = "stuck"  # listed as running, never finishes, sends nothing
     t0 = time.monotonic()
-    assert q.main([wf, "--server", server, "--timeout", "1"]) == 2
+    assert q.main([wf, "--server", fake.url, "--timeout", "1"]) == 1
     assert time.monotonic() - t0 < 4
-    assert "made no progress for 1s" in capsys.readouterr().err
-    Fake.mode = "lost"  # neither queued nor in /history: the server was restarted
+    out = capsys.readouterr().out
+    assert "made no progress for 1s; interrupted it" in out
+    assert fake.interrupts == [fake.order[0]]  # the stuck prompt does not keep the server busy
+    fake.mode = "lost"  # neither queued nor in /history: the server was restarted
+    fake.reset()
     t0 = time.monotonic()
-    assert q.main([wf, "--server", server]) == 2
-    assert time.monotonic() - t0 < 4
-    assert "ComfyUI no longer knows prompt p1" in capsys.readouterr().err
+    assert q.main([wf, "--server", fake.url]) == 1
+    assert time.monotonic() - t0 < 8
+    out = capsys.readouterr().out
+    assert "no longer knows prompt" in out and "posting it again" in out
+    assert len(fake.order) == q.MAX_ATTEMPTS  # then it counts as failed
+    assert f"FAILED: posted {q.MAX_ATTEMPTS} times" in out
 
 
 def test_default_timeout_is_minutes_not_a_day(capsys):
     with pytest.raises(SystemExit):
         q.main(["--help"])
     assert "Default 600s" in " ".join(capsys.readouterr().out.split())  # argparse wraps the help text
+
+
+def test_runs_spread_over_servers_one_at_a_time(fakes, wf, tmp_path):
+    a, b = fakes(2)
+    a.duration = b.duration = lambda g: 0.4
+    listed = tmp_path / "servers.txt"
+    listed.write_text(f"# the GPU box\n{b.url}\n\n")
+    assert q.main([wf, "--server", a.url, "--server-file", str(listed), "--sweep", "3.cat_factor=0,1,2,3",
+                   "--out", str(tmp_path / "runs.json")]) == 0
+    assert len(posted(a)) >= 1 and len(posted(b)) >= 1 and len(posted(a)) + len(posted(b)) == 4
+    assert a.max_ours == 1 and b.max_ours == 1  # one run at a time per server by default
+    spans = [[(j["start"], j["end"]) for j in f.jobs.values()] for f in (a, b)]
+    assert any(s0 < e1 and s1 < e0 for s0, e0 in spans[0] for s1, e1 in spans[1])  # both servers trained at once
+    runs = json.loads((tmp_path / "runs.json").read_text())
+    assert {r["server"] for r in runs} == {a.url, b.url}
+
+
+def test_the_shortest_queue_gets_the_run(fakes, wf):
+    a, b = fakes(2)
+    a.add(GRAPH, seconds=30)
+    a.add(GRAPH, seconds=30)  # someone else's: one running, one waiting
+    assert q.main([wf, "--server", a.url, "--server", b.url, "--poll"]) == 0
+    assert posted(a) == [] and len(posted(b)) == 1
+    a.reset()
+    b.reset()
+    b.add(GRAPH, seconds=30)
+    for _ in range(3):
+        b.add(GRAPH, seconds=30)
+    assert q.main([wf, "--server", b.url, "--server", a.url, "--poll", "--per-server", "2",
+                   "--sweep", "3.cat_factor=0,1"]) == 0
+    assert len(posted(a)) == 2 and posted(b) == []
+
+
+def test_a_server_that_stops_answering_loses_its_run_to_another(fakes, wf, tmp_path, capsys, quick):
+    a, b = fakes(2)
+    a.duration = lambda g: 30.0  # would run long on a ...
+    b.duration = lambda g: 0.3
+    b.add(GRAPH, seconds=0.5)  # ... which gets the first run (b is busy with someone else's)
+    out = tmp_path / "runs.json"
+    th = threading.Thread(target=lambda: (time.sleep(1.0), a.go_down()))
+    th.start()
+    rc = q.main([wf, "--server", a.url, "--server", b.url, "--sweep", "3.cat_factor=0,1", "--out", str(out)])
+    th.join()
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    assert f"server {a.url} marked down" in text and "will be posted again" in text
+    runs = json.loads(out.read_text())
+    assert [r["ok"] for r in runs] == [True, True] and {r["server"] for r in runs} == {b.url}
+    assert max(r["attempts"] for r in runs) == 2
+
+
+def test_a_server_that_comes_back_gets_the_run_again(fake, wf, tmp_path, capsys, quick):
+    fake.duration = lambda g: 1.0
+    th = threading.Thread(target=lambda: (time.sleep(0.4), fake.go_down(), time.sleep(1.0), fake.come_back()))
+    th.start()
+    rc = q.main([wf, "--server", fake.url, "--out", str(tmp_path / "runs.json")])
+    th.join()
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    assert "marked down" in text and f"server {fake.url} is back" in text
+    assert len(fake.order) == 1  # the restarted server holds the re-posted run only
+    assert json.loads((tmp_path / "runs.json").read_text())[0]["attempts"] == 2
+
+
+def test_one_http_500_on_history_is_retried(fake, wf, capsys, quick):
+    fake.history_500 = 1  # the probe: the follow ended at the first 500, with no retry
+    assert q.main([wf, "--server", fake.url, "--poll"]) == 0
+    assert fake.history_500 == 0 and len(fake.order) == 1
+    assert "marked down" not in capsys.readouterr().out
+
+
+def test_journal_after_every_run_then_stop_and_resume(fake, wf, tmp_path, capsys, quick):
+    out = tmp_path / "runs.json"
+    seen = []
+
+    def on_post(f):  # the journal as it is when the next run is posted
+        seen.append(json.loads(out.read_text()) if out.exists() else None)
+        if len(seen) == 2:
+            f.go_down()  # the server dies before run 2 lands and never comes back
+    fake.on_post = on_post
+    rc = q.main([wf, "--server", fake.url, "--sweep", "3.cat_factor=0,0.5,1", "--out", str(out), "--timeout", "1.5"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "no server answered for 2s; 2 run(s) not finished" in err
+    assert seen[0] is None and [r["run"] for r in seen[1]] == [1]  # written as soon as run 1 finished
+    assert [(r["run"], r["ok"]) for r in json.loads(out.read_text())] == [(1, True)]  # what finished, and only that
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # atomic: no temporary left behind
+    fake.on_post = None
+    fake.come_back()
+    rc = q.main([wf, "--server", fake.url, "--sweep", "3.cat_factor=0,0.5,1", "--out", str(out), "--resume"])
+    text = capsys.readouterr().out
+    assert rc == 0 and "resume: 1 of 3 run(s) already finished" in text
+    assert [g["3"]["inputs"]["cat_factor"] for g in posted(fake)] == [0.5, 1]  # only what was missing
+    assert [(r["run"], r["ok"]) for r in json.loads(out.read_text())] == [(1, True), (2, True), (3, True)]
+    fake.reset()
+    assert q.main([wf, "--server", fake.url, "--sweep", "3.cat_factor=0,0.5,1", "--out", str(out), "--resume"]) == 0
+    assert fake.order == []
+
+
+def test_table_and_chart_mark_the_best_balanced_run(fake, wf, tmp_path, capsys):
+    from PIL import Image
+
+    table = {0: (0.9, 0.05), 0.5: (0.8, 0.12), 1: (0.6, 0.14)}  # best IS / balanced / best KPS
+    fake.scores = lambda g: table[g["3"]["inputs"]["cat_factor"]]
+    out = tmp_path / "runs.json"
+    assert q.main([wf, "--server", fake.url, "--poll", "--sweep", "3.cat_factor=0,0.5,1", "--out", str(out)]) == 0
+    rows = list(csv.DictReader(out.with_suffix(".csv").open()))
+    assert [(float(r["IS"]), float(r["KPS"])) for r in rows] == list(table.values())  # read from the report text
+    assert [r["best"] for r in rows] == ["", "best", ""]
+    assert float(rows[0]["PS"]) == 0.25 and rows[1]["3.cat_factor"] == "0.5" and rows[1]["server"] == fake.url
+    md = out.with_suffix(".md").read_text()
+    assert "| run | 3.cat_factor | status | server | seconds | PS | IS | KPS | best |" in md
+    assert "| 2 | 0.5 | ok |" in md and "| 1 | 0 | ok |" in md and "best = the run whose weaker score is strongest" in md
+    assert md.split("\n| 2 |")[1].split("\n")[0].endswith("| 0.8000 | 0.1200 | best |")
+    assert "| 2 | 0.5 | ok |" in capsys.readouterr().out  # printed as well
+    img = Image.open(out.with_suffix(".png"))
+    assert img.size == (720, 460)
+    px = img.convert("RGB").getcolors(1 << 20)
+    assert len(px) > 20  # drawn, not blank
+
+
+def test_best_balanced_rule():
+    assert q.best_balanced({1: (0.9, 0.05), 2: (0.8, 0.12), 3: (0.6, 0.14)}) == 2
+    assert q.best_balanced({1: (0.9, 0.14), 2: (0.8, 0.12)}) == 1  # better on both: always wins
+    assert q.best_balanced({1: (0.5, 0.1), 2: (0.5, 0.1)}) == 1  # a tie: the earlier run
+    assert q.best_balanced({1: (0.5, math.nan), 2: (0.4, 0.1)}) == 2  # a run without both scores is left out
+    assert q.best_balanced({1: (0.7, 0.1)}) == 1 and q.best_balanced({}) is None
+    # equal KPS everywhere: KPS counts 1 for all, so IS decides
+    assert q.best_balanced({1: (0.6, 0.1), 2: (0.7, 0.1)}) == 2
+
+
+def test_leak_scan_report_is_read():
+    from cat_train import leak
+
+    ranked = leak.rank_probes(["a photo of a dog", "a photo of a cat"], [[0.9, 0.8], [0.5, 0.7]])
+    entry = {"outputs": {"13": {"text": [leak.report(ranked, leak.worst_probes(ranked, 1))]},
+                         "23": {"text": [kps_report(0.7, 0.11) + "\nIS masked 0.9000 (identity on the subject only)"]}}}
+    graph = {"13": {"class_type": "CAT_LeakScan"}, "23": {"class_type": "CAT_KPSEvaluator"}}
+    s = q.scores_of(entry, graph)
+    assert s["13"] == {"max_drift": pytest.approx(0.4), "worst_probe": "a photo of a cat"}
+    assert s["23"] == {"KPS": 0.11, "PS": 0.25, "IS": 0.7}
+
+
+def test_ctrl_c_cancels_only_our_prompts_and_writes_what_finished(fakes, wf, tmp_path):
+    """The probe: Ctrl-C ended in a traceback, left the running prompt going and wrote no --out."""
+    a, b = fakes(2)
+    for f in (a, b):
+        f.duration = lambda g: 0.2 if g["4"]["inputs"]["steps"] == 1 else 60.0
+    foreign = a.add(GRAPH, seconds=60)  # someone else's prompt runs on a: ours waits behind it
+    out = tmp_path / "runs.json"
+    proc = subprocess.Popen([sys.executable, "-m", "cat_train", "queue", wf, "--server", a.url, "--server", b.url,
+                             "--sweep", "4.steps=1,1000,2000", "--out", str(out)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.monotonic() + 30
+        while not (len(posted(b)) == 2 and len(posted(a)) == 1 and out.exists()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert len(posted(b)) == 2 and len(posted(a)) == 1, (posted(a), posted(b))
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, (stdout, stderr)
+    assert "Traceback" not in stderr and "interrupted: cancelling this sweep's prompts" in stderr
+    ours_a, ours_b = [p for p in a.order if p != foreign], b.order
+    assert a.deletes == ours_a and a.interrupts == []  # ours was queued: deleted; the running one is not ours
+    assert a.jobs[foreign]["state"] is None and a.where(a.jobs[foreign], time.monotonic()) == "running"
+    assert b.interrupts == [ours_b[1]] and b.jobs[ours_b[1]]["state"] == "interrupted"
+    runs = json.loads(out.read_text())
+    assert [(r["run"], r["ok"], r["overrides"]) for r in runs] == [(1, True, {"4.steps": 1})]
+    assert "wrote" in stderr and "1 finished run(s)" in stderr
+
+
+def test_out_must_not_name_the_table(fake, wf, tmp_path, capsys):
+    assert q.main([wf, "--server", fake.url, "--out", str(tmp_path / "runs.md")]) == 2
+    assert "names the journal (runs.json); the table and chart are written beside it" in capsys.readouterr().err
+    assert q.main([wf, "--server", fake.url, "--resume"]) == 2
+    assert "--resume needs --out" in capsys.readouterr().err
+    assert fake.order == []
