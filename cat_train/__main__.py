@@ -10,14 +10,14 @@ import sys
 from pathlib import Path
 
 if not __package__:  # `python path/to/cat_train ...` from any folder: make the package importable by name,
-    # and take the package folder itself off the path, where cat_train/queue.py would shadow the stdlib's queue
+    # and take the package folder itself off the path, where cat_train/queue/ would shadow the stdlib's queue
     _here = Path(__file__).resolve().parent
     sys.path[:] = [str(_here.parent)] + [p for p in sys.path if Path(p or ".").resolve() != _here]
 
 COMMANDS = {
     "demo": ("cat_train.world.demo", "plain LoRA vs CAT on the embedded world model: image grid, PS/IS/KPS table, LoRAs, loss curve"),
     "bench": ("cat_train.world.bench", "knowledge-preservation benchmark ('bench kps [--quick]')"),
-    "queue": ("cat_train.queue", "post an API-format workflow to a running ComfyUI server, with overrides"),
+    "queue": ("cat_train.queue.cli", "post an API-format workflow to a running ComfyUI server, with overrides"),
     "options-doc": ("cat_train.options_doc", "render every option's help into docs/options.md ('--check': compare only)"),
 }
 

@@ -21,7 +21,10 @@ from pathlib import Path
 
 import pytest
 
-from cat_train import queue as q
+from cat_train.queue import cli, dispatch
+from cat_train.queue import client as queue_client
+from cat_train.queue.history import scores_of
+from cat_train.queue.report import best_balanced
 
 ROOT = Path(__file__).resolve().parents[1]
 GRAPH = {
@@ -276,8 +279,8 @@ def fake(fakes):
 @pytest.fixture
 def quick(monkeypatch):
     """Down in 0.1 s instead of 3.5, probes every 0.3 s: the same logic on a test's clock."""
-    monkeypatch.setattr(q, "RETRY_DELAYS", (0.05, 0.05))
-    monkeypatch.setattr(q, "PROBE_EVERY", 0.3)
+    monkeypatch.setattr(queue_client, "RETRY_DELAYS", (0.05, 0.05))
+    monkeypatch.setattr(dispatch, "PROBE_EVERY", 0.3)
 
 
 @pytest.fixture
@@ -293,8 +296,8 @@ def posted(f: FakeComfy) -> list[dict]:
 
 def test_sweep_posts_every_combination_and_reports_outputs(fake, wf, tmp_path, capsys):
     out = tmp_path / "runs.json"
-    rc = q.main([wf, "--server", fake.url, "--poll", "--set", "CAT_LoraTrainer.steps=50",
-                 "--sweep", "3.cat_factor=0,0.5,1", "--sweep", "3.class_word=dog,cat", "--out", str(out)])
+    rc = cli.main([wf, "--server", fake.url, "--poll", "--set", "CAT_LoraTrainer.steps=50",
+                   "--sweep", "3.cat_factor=0,0.5,1", "--sweep", "3.class_word=dog,cat", "--out", str(out)])
     assert rc == 0
     graphs = posted(fake)
     assert len(graphs) == 6  # 3 x 2 combinations
@@ -312,17 +315,17 @@ def test_sweep_posts_every_combination_and_reports_outputs(fake, wf, tmp_path, c
 def test_every_run_gets_its_own_file_names(fake, wf, tmp_path):
     """Save names carry the swept values, so no run overwrites (or numbers after) another's files; a name the
     user sets stays as set, and --keep-names leaves the graph's names alone."""
-    assert q.main([wf, "--server", fake.url, "--poll", "--sweep", "3.cat_factor=0,0.5", "--sweep", "4.steps=10,20"]) == 0
+    assert cli.main([wf, "--server", fake.url, "--poll", "--sweep", "3.cat_factor=0,0.5", "--sweep", "4.steps=10,20"]) == 0
     names = [(g["9"]["inputs"]["name"], g["4"]["inputs"]["checkpoint_name"], g["5"]["inputs"]["filename_prefix"],
               g["6"]["inputs"]["filename_prefix"]) for g in posted(fake)]
     assert names[0] == ("lora_cat_factor0_steps10", "ckpt_cat_factor0_steps10", "cat_cat_factor0_steps10", "cat2_cat_factor0_steps10")
     assert len({n for row in names for n in row}) == 16  # 4 runs x 4 naming inputs, all different
     fake.reset()
-    assert q.main([wf, "--server", fake.url, "--poll", "--sweep", "3.cat_factor=0,0.5", "--set", "9.name=mine"]) == 0
+    assert cli.main([wf, "--server", fake.url, "--poll", "--sweep", "3.cat_factor=0,0.5", "--set", "9.name=mine"]) == 0
     assert [g["9"]["inputs"]["name"] for g in posted(fake)] == ["mine", "mine"]
     assert [g["5"]["inputs"]["filename_prefix"] for g in posted(fake)] == ["cat_cat_factor0", "cat_cat_factor0.5"]
     fake.reset()
-    assert q.main([wf, "--server", fake.url, "--poll", "--sweep", "3.cat_factor=0,0.5", "--keep-names"]) == 0
+    assert cli.main([wf, "--server", fake.url, "--poll", "--sweep", "3.cat_factor=0,0.5", "--keep-names"]) == 0
     assert [g["9"]["inputs"]["name"] for g in posted(fake)] == ["lora", "lora"]
 
 
@@ -330,7 +333,7 @@ def test_server_down_is_a_clear_error(wf, capsys, quick):
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    assert q.main([wf, "--server", f"http://127.0.0.1:{port}", "--poll"]) == 2
+    assert cli.main([wf, "--server", f"http://127.0.0.1:{port}", "--poll"]) == 2
     err = capsys.readouterr().err
     assert f"cannot reach ComfyUI at http://127.0.0.1:{port}" in err and "main.py" in err
 
@@ -351,7 +354,7 @@ def test_server_down_is_a_clear_error(wf, capsys, quick):
     ("--set=1.ckpt_name=y.safetensors", "1.ckpt_name='y.safetensors': not one of the server's choices: 'x.safetensors'"),
 ])
 def test_bad_overrides_are_named_before_anything_is_posted(fake, wf, capsys, override, message):
-    assert q.main([wf, "--server", fake.url, "--poll", override]) == 2
+    assert cli.main([wf, "--server", fake.url, "--poll", override]) == 2
     assert message in capsys.readouterr().err
     assert fake.order == []  # nothing was queued
 
@@ -359,14 +362,14 @@ def test_bad_overrides_are_named_before_anything_is_posted(fake, wf, capsys, ove
 def test_a_1000_value_sweep_is_refused_without_a_request(fake, wf, capsys):
     values = ",".join(str(i / 100) for i in range(1000))
     t0 = time.monotonic()
-    assert q.main([wf, "--server", fake.url, "--sweep", f"3.cat_factor={values}"]) == 2
+    assert cli.main([wf, "--server", fake.url, "--sweep", f"3.cat_factor={values}"]) == 2
     assert time.monotonic() - t0 < 1.0
     err = capsys.readouterr().err
     assert "the sweep makes 1000 runs (1000 values), more than --max-runs 64" in err and "--max-runs 1000" in err
     assert fake.log == [] and fake.order == []
-    assert q.main([wf, "--server", fake.url, "--sweep", "3.cat_factor=0,1", "--sweep", "4.steps=1,2,3", "--max-runs", "5"]) == 2
+    assert cli.main([wf, "--server", fake.url, "--sweep", "3.cat_factor=0,1", "--sweep", "4.steps=1,2,3", "--max-runs", "5"]) == 2
     assert "makes 6 runs (2 x 3 values)" in capsys.readouterr().err
-    assert q.main([wf, "--server", fake.url, "--sweep", "3.cat_factor=0,1", "--max-runs", "2", "--dry-run"]) == 0
+    assert cli.main([wf, "--server", fake.url, "--sweep", "3.cat_factor=0,1", "--max-runs", "2", "--dry-run"]) == 0
 
 
 @pytest.mark.parametrize("args, message", [
@@ -377,14 +380,14 @@ def test_a_1000_value_sweep_is_refused_without_a_request(fake, wf, capsys):
 ])
 def test_bad_numbers_are_refused_by_the_parser(wf, capsys, args, message):
     with pytest.raises(SystemExit) as e:
-        q.main([wf, *args])
+        cli.main([wf, *args])
     assert e.value.code == 2 and message in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("url", ["ftp://127.0.0.1:8188", "http://", "file:///tmp/x"])
 def test_a_server_url_that_is_not_http_is_refused_at_once(wf, capsys, url):
     t0 = time.monotonic()
-    assert q.main([wf, "--server", url]) == 2
+    assert cli.main([wf, "--server", url]) == 2
     assert time.monotonic() - t0 < 0.5  # the probe waited 30 s, then said "cannot reach"
     err = capsys.readouterr().err
     assert "is not an http:// or https:// URL of a ComfyUI server" in err and "cannot reach" not in err
@@ -392,10 +395,10 @@ def test_a_server_url_that_is_not_http_is_refused_at_once(wf, capsys, url):
 
 def test_missing_node_type_and_rejected_prompt(fake, wf, capsys):
     fake.info = {k: v for k, v in INFO.items() if k != "CAT_LoraTrainer"}
-    assert q.main([wf, "--server", fake.url, "--poll"]) == 2
+    assert cli.main([wf, "--server", fake.url, "--poll"]) == 2
     assert "no node type(s) CAT_LoraTrainer. Install ComfyUI-CAT" in capsys.readouterr().err
     fake.info = INFO
-    assert q.main([wf, "--server", fake.url, "--poll", "--set", "4.steps=-1"]) == 1  # the run failed, as one that ran
+    assert cli.main([wf, "--server", fake.url, "--poll", "--set", "4.steps=-1"]) == 1  # the run failed, as one that ran
     out = capsys.readouterr().out
     assert "FAILED: ComfyUI refused the workflow (400)" in out and "node 4 (CAT_LoraTrainer): Value smaller than min: steps: -1 < 1" in out
 
@@ -403,7 +406,7 @@ def test_missing_node_type_and_rejected_prompt(fake, wf, capsys):
 def test_ui_format_refused(tmp_path, capsys):
     p = tmp_path / "ui.json"
     p.write_text(json.dumps({"nodes": [], "links": []}))
-    assert q.main([str(p)]) == 2
+    assert cli.main([str(p)]) == 2
     assert "UI-format workflow; queue needs the API format" in capsys.readouterr().err
 
 
@@ -425,7 +428,7 @@ def test_prompt_that_fails_at_once_is_reported_within_5s(fake, wf, capsys, event
     arrives, never arrives, or the history entry shows up only after the post."""
     fake.mode, fake.events, fake.duration = "fail", events, (lambda g: delay)
     t0 = time.monotonic()
-    rc = q.main([wf, "--server", fake.url, "--sweep", "3.cat_factor=0,1"])
+    rc = cli.main([wf, "--server", fake.url, "--sweep", "3.cat_factor=0,1"])
     elapsed = time.monotonic() - t0
     out = capsys.readouterr().out
     assert rc == 1 and elapsed < 5.0, (rc, elapsed, out)
@@ -447,7 +450,7 @@ def test_progress_over_the_websocket(fake, wf, capsys):
                    b"\x00" * 70000,  # a preview image: a binary frame with a 64-bit length
                    {"type": "progress", "data": {"prompt_id": "PID", "node": "4", "value": 50, "max": 50}},
                    {"type": "execution_success", "data": {"prompt_id": "PID"}}]
-    assert q.main([wf, "--server", fake.url]) == 0
+    assert cli.main([wf, "--server", fake.url]) == 0
     out = capsys.readouterr().out
     assert "train step 2/50 loss 0.25000 (fit 0.20000, keep 0.050000)" in out
     assert "node 4: 50/50" in out and "node 99:" not in out and "cpu" not in out  # another prompt's events are not ours
@@ -457,7 +460,7 @@ def test_progress_over_the_websocket(fake, wf, capsys):
 def test_no_progress_times_out_and_a_lost_prompt_is_posted_again(fake, wf, capsys):
     fake.mode = "stuck"  # listed as running, never finishes, sends nothing
     t0 = time.monotonic()
-    assert q.main([wf, "--server", fake.url, "--timeout", "1"]) == 1
+    assert cli.main([wf, "--server", fake.url, "--timeout", "1"]) == 1
     assert time.monotonic() - t0 < 4
     out = capsys.readouterr().out
     assert "made no progress for 1s; interrupted it" in out
@@ -465,17 +468,17 @@ def test_no_progress_times_out_and_a_lost_prompt_is_posted_again(fake, wf, capsy
     fake.mode = "lost"  # neither queued nor in /history: the server was restarted
     fake.reset()
     t0 = time.monotonic()
-    assert q.main([wf, "--server", fake.url]) == 1
+    assert cli.main([wf, "--server", fake.url]) == 1
     assert time.monotonic() - t0 < 8
     out = capsys.readouterr().out
     assert "no longer knows prompt" in out and "posting it again" in out
-    assert len(fake.order) == q.MAX_ATTEMPTS  # then it counts as failed
-    assert f"FAILED: posted {q.MAX_ATTEMPTS} times" in out
+    assert len(fake.order) == dispatch.MAX_ATTEMPTS  # then it counts as failed
+    assert f"FAILED: posted {dispatch.MAX_ATTEMPTS} times" in out
 
 
 def test_default_timeout_is_minutes_not_a_day(capsys):
     with pytest.raises(SystemExit):
-        q.main(["--help"])
+        cli.main(["--help"])
     assert "Default 600s" in " ".join(capsys.readouterr().out.split())  # argparse wraps the help text
 
 
@@ -484,8 +487,8 @@ def test_runs_spread_over_servers_one_at_a_time(fakes, wf, tmp_path):
     a.duration = b.duration = lambda g: 0.4
     listed = tmp_path / "servers.txt"
     listed.write_text(f"# the GPU box\n{b.url}\n\n")
-    assert q.main([wf, "--server", a.url, "--server-file", str(listed), "--sweep", "3.cat_factor=0,1,2,3",
-                   "--out", str(tmp_path / "runs.json")]) == 0
+    assert cli.main([wf, "--server", a.url, "--server-file", str(listed), "--sweep", "3.cat_factor=0,1,2,3",
+                     "--out", str(tmp_path / "runs.json")]) == 0
     assert len(posted(a)) >= 1 and len(posted(b)) >= 1 and len(posted(a)) + len(posted(b)) == 4
     assert a.max_ours == 1 and b.max_ours == 1  # one run at a time per server by default
     spans = [[(j["start"], j["end"]) for j in f.jobs.values()] for f in (a, b)]
@@ -498,15 +501,15 @@ def test_the_shortest_queue_gets_the_run(fakes, wf):
     a, b = fakes(2)
     a.add(GRAPH, seconds=30)
     a.add(GRAPH, seconds=30)  # someone else's: one running, one waiting
-    assert q.main([wf, "--server", a.url, "--server", b.url, "--poll"]) == 0
+    assert cli.main([wf, "--server", a.url, "--server", b.url, "--poll"]) == 0
     assert posted(a) == [] and len(posted(b)) == 1
     a.reset()
     b.reset()
     b.add(GRAPH, seconds=30)
     for _ in range(3):
         b.add(GRAPH, seconds=30)
-    assert q.main([wf, "--server", b.url, "--server", a.url, "--poll", "--per-server", "2",
-                   "--sweep", "3.cat_factor=0,1"]) == 0
+    assert cli.main([wf, "--server", b.url, "--server", a.url, "--poll", "--per-server", "2",
+                     "--sweep", "3.cat_factor=0,1"]) == 0
     assert len(posted(a)) == 2 and posted(b) == []
 
 
@@ -518,7 +521,7 @@ def test_a_server_that_stops_answering_loses_its_run_to_another(fakes, wf, tmp_p
     out = tmp_path / "runs.json"
     th = threading.Thread(target=lambda: (time.sleep(1.0), a.go_down()))
     th.start()
-    rc = q.main([wf, "--server", a.url, "--server", b.url, "--sweep", "3.cat_factor=0,1", "--out", str(out)])
+    rc = cli.main([wf, "--server", a.url, "--server", b.url, "--sweep", "3.cat_factor=0,1", "--out", str(out)])
     th.join()
     text = capsys.readouterr().out
     assert rc == 0, text
@@ -532,7 +535,7 @@ def test_a_server_that_comes_back_gets_the_run_again(fake, wf, tmp_path, capsys,
     fake.duration = lambda g: 1.0
     th = threading.Thread(target=lambda: (time.sleep(0.4), fake.go_down(), time.sleep(1.0), fake.come_back()))
     th.start()
-    rc = q.main([wf, "--server", fake.url, "--out", str(tmp_path / "runs.json")])
+    rc = cli.main([wf, "--server", fake.url, "--out", str(tmp_path / "runs.json")])
     th.join()
     text = capsys.readouterr().out
     assert rc == 0, text
@@ -543,7 +546,7 @@ def test_a_server_that_comes_back_gets_the_run_again(fake, wf, tmp_path, capsys,
 
 def test_one_http_500_on_history_is_retried(fake, wf, capsys, quick):
     fake.history_500 = 1  # the probe: the follow ended at the first 500, with no retry
-    assert q.main([wf, "--server", fake.url, "--poll"]) == 0
+    assert cli.main([wf, "--server", fake.url, "--poll"]) == 0
     assert fake.history_500 == 0 and len(fake.order) == 1
     assert "marked down" not in capsys.readouterr().out
 
@@ -557,7 +560,7 @@ def test_journal_after_every_run_then_stop_and_resume(fake, wf, tmp_path, capsys
         if len(seen) == 2:
             f.go_down()  # the server dies before run 2 lands and never comes back
     fake.on_post = on_post
-    rc = q.main([wf, "--server", fake.url, "--sweep", "3.cat_factor=0,0.5,1", "--out", str(out), "--timeout", "1.5"])
+    rc = cli.main([wf, "--server", fake.url, "--sweep", "3.cat_factor=0,0.5,1", "--out", str(out), "--timeout", "1.5"])
     err = capsys.readouterr().err
     assert rc == 2 and "no server answered for 2s; 2 run(s) not finished" in err
     assert seen[0] is None and [r["run"] for r in seen[1]] == [1]  # written as soon as run 1 finished
@@ -565,13 +568,13 @@ def test_journal_after_every_run_then_stop_and_resume(fake, wf, tmp_path, capsys
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # atomic: no temporary left behind
     fake.on_post = None
     fake.come_back()
-    rc = q.main([wf, "--server", fake.url, "--sweep", "3.cat_factor=0,0.5,1", "--out", str(out), "--resume"])
+    rc = cli.main([wf, "--server", fake.url, "--sweep", "3.cat_factor=0,0.5,1", "--out", str(out), "--resume"])
     text = capsys.readouterr().out
     assert rc == 0 and "resume: 1 of 3 run(s) already finished" in text
     assert [g["3"]["inputs"]["cat_factor"] for g in posted(fake)] == [0.5, 1]  # only what was missing
     assert [(r["run"], r["ok"]) for r in json.loads(out.read_text())] == [(1, True), (2, True), (3, True)]
     fake.reset()
-    assert q.main([wf, "--server", fake.url, "--sweep", "3.cat_factor=0,0.5,1", "--out", str(out), "--resume"]) == 0
+    assert cli.main([wf, "--server", fake.url, "--sweep", "3.cat_factor=0,0.5,1", "--out", str(out), "--resume"]) == 0
     assert fake.order == []
 
 
@@ -581,7 +584,7 @@ def test_table_and_chart_mark_the_best_balanced_run(fake, wf, tmp_path, capsys):
     table = {0: (0.9, 0.05), 0.5: (0.8, 0.12), 1: (0.6, 0.14)}  # best IS / balanced / best KPS
     fake.scores = lambda g: table[g["3"]["inputs"]["cat_factor"]]
     out = tmp_path / "runs.json"
-    assert q.main([wf, "--server", fake.url, "--poll", "--sweep", "3.cat_factor=0,0.5,1", "--out", str(out)]) == 0
+    assert cli.main([wf, "--server", fake.url, "--poll", "--sweep", "3.cat_factor=0,0.5,1", "--out", str(out)]) == 0
     rows = list(csv.DictReader(out.with_suffix(".csv").open()))
     assert [(float(r["IS"]), float(r["KPS"])) for r in rows] == list(table.values())  # read from the report text
     assert [r["best"] for r in rows] == ["", "best", ""]
@@ -598,13 +601,13 @@ def test_table_and_chart_mark_the_best_balanced_run(fake, wf, tmp_path, capsys):
 
 
 def test_best_balanced_rule():
-    assert q.best_balanced({1: (0.9, 0.05), 2: (0.8, 0.12), 3: (0.6, 0.14)}) == 2
-    assert q.best_balanced({1: (0.9, 0.14), 2: (0.8, 0.12)}) == 1  # better on both: always wins
-    assert q.best_balanced({1: (0.5, 0.1), 2: (0.5, 0.1)}) == 1  # a tie: the earlier run
-    assert q.best_balanced({1: (0.5, math.nan), 2: (0.4, 0.1)}) == 2  # a run without both scores is left out
-    assert q.best_balanced({1: (0.7, 0.1)}) == 1 and q.best_balanced({}) is None
+    assert best_balanced({1: (0.9, 0.05), 2: (0.8, 0.12), 3: (0.6, 0.14)}) == 2
+    assert best_balanced({1: (0.9, 0.14), 2: (0.8, 0.12)}) == 1  # better on both: always wins
+    assert best_balanced({1: (0.5, 0.1), 2: (0.5, 0.1)}) == 1  # a tie: the earlier run
+    assert best_balanced({1: (0.5, math.nan), 2: (0.4, 0.1)}) == 2  # a run without both scores is left out
+    assert best_balanced({1: (0.7, 0.1)}) == 1 and best_balanced({}) is None
     # equal KPS everywhere: KPS counts 1 for all, so IS decides
-    assert q.best_balanced({1: (0.6, 0.1), 2: (0.7, 0.1)}) == 2
+    assert best_balanced({1: (0.6, 0.1), 2: (0.7, 0.1)}) == 2
 
 
 def test_leak_scan_report_is_read():
@@ -614,7 +617,7 @@ def test_leak_scan_report_is_read():
     entry = {"outputs": {"13": {"text": [leak.report(ranked, leak.worst_probes(ranked, 1))]},
                          "23": {"text": [kps_report(0.7, 0.11) + "\nIS masked 0.9000 (identity on the subject only)"]}}}
     graph = {"13": {"class_type": "CAT_LeakScan"}, "23": {"class_type": "CAT_KPSEvaluator"}}
-    s = q.scores_of(entry, graph)
+    s = scores_of(entry, graph)
     assert s["13"] == {"max_drift": pytest.approx(0.4), "worst_probe": "a photo of a cat"}
     assert s["23"] == {"KPS": 0.11, "PS": 0.25, "IS": 0.7}
 
@@ -653,8 +656,8 @@ def test_ctrl_c_cancels_only_our_prompts_and_writes_what_finished(fakes, wf, tmp
 
 
 def test_out_must_not_name_the_table(fake, wf, tmp_path, capsys):
-    assert q.main([wf, "--server", fake.url, "--out", str(tmp_path / "runs.md")]) == 2
+    assert cli.main([wf, "--server", fake.url, "--out", str(tmp_path / "runs.md")]) == 2
     assert "names the journal (runs.json); the table and chart are written beside it" in capsys.readouterr().err
-    assert q.main([wf, "--server", fake.url, "--resume"]) == 2
+    assert cli.main([wf, "--server", fake.url, "--resume"]) == 2
     assert "--resume needs --out" in capsys.readouterr().err
     assert fake.order == []

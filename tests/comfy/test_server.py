@@ -117,7 +117,7 @@ def test_template_browser_lists_only_ui_graphs(server):
 
 
 def test_prompt_runs_with_progress_and_live_events(server, tmp_path, capsys):
-    from cat_train import queue
+    from cat_train.queue import cli
 
     url, _, base = server
     g = train_graph(steps=3, seed=0, checkpoint_name="srv", save_name="server_run")
@@ -125,7 +125,7 @@ def test_prompt_runs_with_progress_and_live_events(server, tmp_path, capsys):
     wf = tmp_path / "wf.api.json"
     wf.write_text(json.dumps(g))
     out = tmp_path / "runs.json"
-    rc = queue.main([str(wf), "--server", url, "--sweep", "3.cat_factor=0,1", "--out", str(out), "--timeout", "120"])
+    rc = cli.main([str(wf), "--server", url, "--sweep", "3.cat_factor=0,1", "--out", str(out), "--timeout", "120"])
     text = capsys.readouterr().out
     assert rc == 0, text
     assert text.count("train step 3/3") == 2  # our live-view events, over /ws
@@ -178,7 +178,7 @@ def test_cancel_over_the_api_leaves_a_checkpoint(server, tmp_path):
 def test_queue_reports_a_prompt_that_fails_at_once_within_5s(server, tmp_path, capsys):
     """A run that fails in its first node (here: a resume file that does not exist) used to be missed by
     `queue`, which then waited for --timeout (24 h): the websocket now opens before the post."""
-    from cat_train import queue
+    from cat_train.queue import cli
 
     url, _, _ = server
     g = train_graph(steps=3, seed=0, checkpoint_name="fails", save_name="never_saved")
@@ -186,7 +186,7 @@ def test_queue_reports_a_prompt_that_fails_at_once_within_5s(server, tmp_path, c
     wf = tmp_path / "fail.api.json"
     wf.write_text(json.dumps(g))
     t0 = time.monotonic()
-    rc = queue.main([str(wf), "--server", url])
+    rc = cli.main([str(wf), "--server", url])
     elapsed = time.monotonic() - t0
     text = capsys.readouterr().out
     assert rc == 1 and elapsed < 5.0, (rc, elapsed, text)

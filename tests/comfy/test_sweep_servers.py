@@ -151,15 +151,15 @@ def grid(servers, tmp_path_factory):
     import contextlib
     import io
 
-    from cat_train import queue
+    from cat_train.queue import cli
 
     tmp = tmp_path_factory.mktemp("grid")
     out = tmp / "runs.json"
     buf = io.StringIO()
     t0 = time.monotonic()
     with contextlib.redirect_stdout(buf):
-        rc = queue.main([workflow(tmp, 3), "--server", servers[0][1], "--server", servers[1][1], *GRID,
-                         "--out", str(out), "--timeout", "120"])
+        rc = cli.main([workflow(tmp, 3), "--server", servers[0][1], "--server", servers[1][1], *GRID,
+                       "--out", str(out), "--timeout", "120"])
     print(f"2x2 grid over 2 servers: {time.monotonic() - t0:.1f}s")
     return rc, buf.getvalue(), out
 
@@ -195,7 +195,7 @@ def test_resume_posts_only_what_is_missing(servers, grid, tmp_path):
     kept = json.loads(out.read_text())[:2]
     journal.write_text(json.dumps(kept))
     before = {url: set(get(url, "/history")) for _, url, _ in servers}
-    rc = __import__("cat_train.queue", fromlist=["main"]).main(
+    rc = __import__("cat_train.queue.cli", fromlist=["main"]).main(
         [workflow(tmp_path, 3), "--server", servers[0][1], "--server", servers[1][1], *GRID, "--out", str(journal),
          "--resume", "--timeout", "120"])
     assert rc == 0
@@ -241,12 +241,12 @@ def test_ctrl_c_leaves_no_prompt_of_ours_on_either_server(servers, tmp_path):
 
 def test_a_killed_server_loses_its_run_to_the_other(servers, tmp_path, capsys):
     """Runs last: it kills the second server."""
-    from cat_train import queue
+    from cat_train.queue import cli
 
     (proc_a, url_a, _), (proc_b, url_b, _) = servers
     out = tmp_path / "runs.json"
     result = {}
-    th = threading.Thread(target=lambda: result.setdefault("rc", queue.main(
+    th = threading.Thread(target=lambda: result.setdefault("rc", cli.main(
         [workflow(tmp_path, 120), "--server", url_a, "--server", url_b, "--sweep", "3.cat_factor=0,1", "--out", str(out),
          "--timeout", "120"])))
     th.start()
