@@ -8,6 +8,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import signal
 import socket
 import struct
@@ -608,6 +609,20 @@ def test_best_balanced_rule():
     assert best_balanced({1: (0.7, 0.1)}) == 1 and best_balanced({}) is None
     # equal KPS everywhere: KPS counts 1 for all, so IS decides
     assert best_balanced({1: (0.6, 0.1), 2: (0.7, 0.1)}) == 2
+
+
+def test_the_names_docs_batch_md_gives_for_python_are_importable_from_the_package():
+    """docs/batch.md 'In code' names cat_train.queue.plan_runs, Sweep, sweep_table and best_balanced: scripts
+    written against those lines keep working with the code in the package's modules."""
+    import cat_train.queue as pkg
+    from cat_train.queue import plan, report
+
+    named = set(re.findall(r"`(?:cat_train\.queue\.)?(\w+)[`(]", (ROOT / "docs" / "batch.md").read_text()
+                           .split("## In code", 1)[1].strip().split("\n\n")[0]))
+    assert named == {"plan_runs", "Sweep", "sweep_table", "best_balanced"}
+    assert sorted(pkg.__all__) == sorted(named)
+    assert (pkg.plan_runs, pkg.Sweep, pkg.sweep_table, pkg.best_balanced) == \
+        (plan.plan_runs, dispatch.Sweep, report.sweep_table, report.best_balanced)
 
 
 def test_leak_scan_report_is_read():
