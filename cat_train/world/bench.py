@@ -37,7 +37,7 @@ from ..adapter import LoraSpec, remove_lora
 from ..apt import AptConfig
 from ..loss import CatLossConfig
 from .catversion_bench import catversion_alpha, catversion_label, run_catversion
-from .sample import sample
+from ..sampling import sample
 from ..train import Example, TrainConfig, build_examples, train
 from . import generator as wg
 from . import model as wm
