@@ -34,6 +34,7 @@ from torch import Tensor
 
 from .adapter import adapter_switched
 from .denoiser import Cond, Denoiser
+from .loss import repeat_to_common_length
 from .observe import observing
 
 log = logging.getLogger("cat_train")
@@ -42,11 +43,6 @@ log = logging.getLogger("cat_train")
 def _sq_diff(a: Tensor, b: Tensor) -> Tensor:
     """Per-row mean squared difference in fp32, the CAT loss's norm."""
     return (a.float() - b.float()).pow(2).flatten(1).mean(1)
-
-
-def _rows(cond: Cond, n: int, device: torch.device) -> Cond:
-    """An unbatched conditioning (an Example's) as n identical rows."""
-    return {k: v.to(device)[None].expand(n, *v.shape) for k, v in cond.items()}
 
 
 @dataclass
@@ -58,18 +54,27 @@ class _Image:
     t: Tensor | None = None
 
 
+@dataclass
+class _Pass:
+    """Prediction rows that share a latent shape, run as one batch: which image, which prompt, what it measures."""
+    rows: list[tuple[int, Cond, str]]  # (image index, unbatched cond, "fit" | "keep" | "probe")
+
+
 class Validator:
     """`validator(step)` -> {"step", "fit", "keep_drift"[, "probe_drift"]} for the model as it is now.
 
     examples: the trainer's `Example`s (one per image and preservation prompt; images are found again by
     their shared latent and caption conditioning). probes: optional {name: unbatched Cond} of prompts
-    without the trigger to watch besides the preservation prompts.
+    without the trigger to watch besides the preservation prompts. batch_size: images per forward pass
+    (each brings `points` rows); the frozen and the adapted passes are batched the same way.
     """
 
     def __init__(self, denoiser: Denoiser, examples: Sequence, probes: Mapping[str, Cond] | None = None,
-                 points: int = 4, seed: int = 0):
+                 points: int = 4, seed: int = 0, batch_size: int = 4):
         if points < 1:
             raise ValueError(f"validation points per image must be >= 1, got {points}.")
+        if batch_size < 1:
+            raise ValueError(f"validation batch_size must be >= 1 image, got {batch_size}.")
         if not examples:
             raise ValueError("validation needs the training examples; the dataset is empty.")
         self.denoiser, self.points, self.probes = denoiser, points, dict(probes or {})
@@ -84,39 +89,52 @@ class Validator:
             img.t = denoiser.schedule.sample_t(points, gen)
             img.noise = torch.randn((points, *img.latent.shape), generator=gen)
         self.images = list(images.values())
-        self._frozen: list[list[Tensor]] | None = None
+        rows_by_shape: dict[tuple, list[tuple[int, Cond, str]]] = {}
+        for i, img in enumerate(self.images):
+            rows = [(i, img.cond_token, "fit")] + [(i, c, "keep") for c in img.keep] + [(i, c, "probe") for c in self.probes.values()]
+            rows_by_shape.setdefault(tuple(img.latent.shape), []).extend(rows)
+        per = batch_size * (2 + len(self.probes))  # about batch_size images' rows per pass
+        self.passes = [_Pass(rows[j:j + per]) for rows in rows_by_shape.values() for j in range(0, len(rows), per)]
+        self._frozen: list[Tensor] | None = None  # per pass; its "fit" rows hold the targets
 
-    def _passes(self, img: _Image, device: torch.device):
-        """(x_t, t, target, conditionings without the trigger: the image's own, then the probes) on device."""
-        k = self.points
-        x0 = img.latent.to(device, torch.float32)[None].expand(k, *img.latent.shape)
-        noise, t = img.noise.to(device), img.t.to(device)
-        sched = self.denoiser.schedule
-        keep = [_rows(c, k, device) for c in img.keep] + [_rows(c, k, device) for c in self.probes.values()]
-        return sched.add_noise(x0, noise, t), t, sched.target(x0, noise, t, self.denoiser.prediction_type), keep
+    def _inputs(self, p: _Pass, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Cond]:
+        """x_t, t and target of every row's points, and the rows' conditionings, as one batch on device."""
+        k, sched = self.points, self.denoiser.schedule
+        x0 = torch.cat([self.images[i].latent[None].expand(k, *self.images[i].latent.shape) for i, _, _ in p.rows])
+        noise = torch.cat([self.images[i].noise for i, _, _ in p.rows])
+        t = torch.cat([self.images[i].t for i, _, _ in p.rows])
+        x0, noise, t = x0.to(device, torch.float32), noise.to(device), t.to(device)
+        conds = [c for _, c, _ in p.rows]
+        cond = {key: torch.cat(repeat_to_common_length([c[key].to(device)[None].expand(k, *c[key].shape) for c in conds]))
+                if key == "context" else torch.stack([c[key].to(device) for c in conds]).repeat_interleave(k, 0)
+                for key in conds[0]}
+        return sched.add_noise(x0, noise, t), t, sched.target(x0, noise, t, self.denoiser.prediction_type), cond
 
     def __call__(self, step: int) -> dict:
         den = self.denoiser
         device = next(den.module.parameters()).device
+        k = self.points
         with observing(den.module):
             if self._frozen is None:
                 with adapter_switched(den.module, False):
-                    self._frozen = [[den.predict(x_t, t, c).float().cpu() for c in keep]
-                                    for x_t, t, _, keep in (self._passes(img, device) for img in self.images)]
-            fit, keep_d, probe_d = [], [], []
+                    self._frozen = []
+                    for p in self.passes:
+                        x_t, t, target, cond = self._inputs(p, device)
+                        frozen = den.predict(x_t, t, cond).float().cpu()
+                        is_fit = torch.tensor([kind == "fit" for _, _, kind in p.rows]).repeat_interleave(k)
+                        frozen[is_fit] = target.float().cpu()[is_fit]  # fit rows compare with the target instead
+                        self._frozen.append(frozen)
+            sums = {"fit": [], "keep": [], "probe": []}
             with adapter_switched(den.module, True):
-                for img, frozen in zip(self.images, self._frozen):
-                    x_t, t, target, keep = self._passes(img, device)
-                    fit.append(_sq_diff(den.predict(x_t, t, _rows(img.cond_token, self.points, device)), target).cpu())
-                    for j, (c, f) in enumerate(zip(keep, frozen)):
-                        d = _sq_diff(den.predict(x_t, t, c).cpu(), f)
-                        keep_d.append(d)
-                        if j >= len(img.keep):
-                            probe_d.append(d)
-        row = {"step": int(step), "fit": float(torch.cat(fit).double().mean()),
-               "keep_drift": float(torch.cat(keep_d).double().mean())}
+                for p, ref in zip(self.passes, self._frozen):
+                    x_t, t, _, cond = self._inputs(p, device)
+                    d = _sq_diff(den.predict(x_t, t, cond).float().cpu(), ref)
+                    for r, (_, _, kind) in enumerate(p.rows):
+                        sums[kind].append(d[r * k:(r + 1) * k])
+        row = {"step": int(step), "fit": float(torch.cat(sums["fit"]).double().mean()),
+               "keep_drift": float(torch.cat(sums["keep"] + sums["probe"]).double().mean())}
         if self.probes:
-            row["probe_drift"] = float(torch.cat(probe_d).double().mean())
+            row["probe_drift"] = float(torch.cat(sums["probe"]).double().mean())
         return row
 
 

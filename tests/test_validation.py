@@ -114,3 +114,23 @@ def test_every_validates_on_multiples_and_the_last_step():
     assert [r["step"] for r in seen] == [3, 6, 7]
     with pytest.raises(ValueError, match="n >= 1"):
         every(0, None, seen.append)
+
+
+def test_batching_and_buckets_do_not_change_the_numbers(tiny_denoiser, text):
+    g = torch.Generator().manual_seed(4)
+    items = [(torch.randn(4, 8, 8, generator=g), "a photo of sks dog", ("sks",)),
+             (torch.randn(4, 8, 12, generator=g), "sks dog in a long caption about a meadow", ("sks",)),
+             (torch.randn(4, 8, 8, generator=g), "sks dog asleep", ("sks",))]
+    exs = build_examples(items, text, CatLossConfig(class_word="dog"))
+    inject_lora(tiny_denoiser.module, LoraSpec(rank=4, preset="full"))
+    with torch.no_grad():
+        for p in adapter_parameters(tiny_denoiser.module):
+            p.normal_(0, 0.05)
+    probes = {"cat": probe(text, "a cat")}
+    one = Validator(tiny_denoiser, exs, probes=probes, points=2, seed=3, batch_size=1)
+    all_ = Validator(tiny_denoiser, exs, probes=probes, points=2, seed=3, batch_size=10)
+    assert len(one.passes) == 3 and len(all_.passes) == 2  # two latent shapes never share a batch
+    a, b = one(7), all_(7)
+    assert a.keys() == b.keys() and all(a[k] == pytest.approx(b[k], rel=1e-5) for k in a) and a["keep_drift"] > 0
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        Validator(tiny_denoiser, exs, batch_size=0)
