@@ -176,8 +176,16 @@ class ValidationLog:
 
 
 def read_validation_csv(path: str | os.PathLike) -> list[dict]:
+    """The rows back: step as int, numbers as float, anything else (a run name) as text."""
+    def value(k: str, v: str):
+        if k == "step":
+            return int(v)
+        try:
+            return float(v)
+        except ValueError:
+            return v
     with Path(path).open(newline="") as f:
-        return [{k: (int(v) if k == "step" else float(v)) for k, v in r.items() if v != ""} for r in csv.DictReader(f)]
+        return [{k: value(k, v) for k, v in r.items() if v != ""} for r in csv.DictReader(f)]
 
 
 def every(n: int, validator: Validator, sink: Callable[[dict], None]) -> Callable:
