@@ -134,3 +134,25 @@ def test_batching_and_buckets_do_not_change_the_numbers(tiny_denoiser, text):
     assert a.keys() == b.keys() and all(a[k] == pytest.approx(b[k], rel=1e-5) for k in a) and a["keep_drift"] > 0
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
         Validator(tiny_denoiser, exs, batch_size=0)
+
+
+@pytest.mark.parametrize("ptype", ["v", "flow"])
+def test_fit_uses_the_model_s_own_target_and_schedule(tiny_denoiser, text, ptype):
+    from cat_train.denoiser import FlowSchedule, ModuleDenoiser, NoiseSchedule
+    sched = FlowSchedule(shift=3.0) if ptype == "flow" else NoiseSchedule.scaled_linear()
+    den = ModuleDenoiser(tiny_denoiser.module, ptype, sched)
+    inject_lora(den.module, LoraSpec(rank=4, preset="full"))
+    v = Validator(den, examples(text), points=3, seed=2)
+    if ptype == "flow":  # the schedule's own draw: continuous t = 1000 sigma inside (0, 1000)
+        assert all(i.t.dtype == torch.float32 and 0 < float(i.t.min()) and float(i.t.max()) < 1000 for i in v.images)
+    row = v(0)
+    img = v.images[0]
+    x0 = img.latent[None].expand(3, -1, -1, -1)
+    want = img.noise - x0 if ptype == "flow" else sched.target(x0, img.noise, img.t, "v")
+    assert torch.allclose(sched.target(x0, img.noise, img.t, ptype), want)
+    with torch.no_grad():
+        pred = den.predict(sched.add_noise(x0, img.noise, img.t), img.t, {k: c[None].expand(3, *c.shape) for k, c in img.cond_token.items()})
+    first = float(((pred - want) ** 2).flatten(1).mean(1).double().mean())
+    alone = Validator(den, examples(text)[:1], points=3, seed=2)  # the first image draws the same points alone
+    assert alone(0)["fit"] == pytest.approx(first, rel=1e-5)
+    assert row["keep_drift"] == 0.0
