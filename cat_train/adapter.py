@@ -123,6 +123,19 @@ def adapter_disabled(unet: nn.Module) -> Iterator[None]:
         set_adapter_enabled(unet, True)
 
 
+@contextlib.contextmanager
+def adapter_switched(unet: nn.Module, enabled: bool) -> Iterator[None]:
+    """Every injected layer on (or off) for the duration, then each layer back as it was: a preview or a
+    validation pass run from inside training must leave the switch as training (or a user) had set it."""
+    before = {n: layer._disable_adapters for n, layer in lora_layers(unet).items()}
+    set_adapter_enabled(unet, enabled)
+    try:
+        yield
+    finally:
+        for n, layer in lora_layers(unet).items():
+            layer._disable_adapters = before.get(n, layer._disable_adapters)
+
+
 @dataclass
 class LoraWeights:
     down: Tensor   # (rank, in) or (rank, in, kh, kw): kohya lora_down, peft lora_A

@@ -81,14 +81,22 @@ class OneLineParser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-def positive_int(text: str) -> int:
+def _whole(text: str, least: int) -> int:
     try:
         v = int(text)
     except ValueError:
-        v = 0
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
+        v = least - 1
+    if v < least:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= {least}")
     return v
+
+
+def positive_int(text: str) -> int:
+    return _whole(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    return _whole(text, 0)
 
 
 def _finite_float(text: str, ok, bound: str) -> float:

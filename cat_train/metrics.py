@@ -4,15 +4,16 @@
     IS  = H(S_C(img(I_i^{orig}),  img(I_i^{y_T})))     identity: reference vs generated
     KPS = 1 - H(S_C(img(I_i^{y}), img(I_i^{y_T})))     knowledge preservation: the adapted model's images
                                                        without vs with the token (same seeds); 0 = identical
-Everything is computed in float64 from the embeddings; `ClipScorer` makes the embeddings with open_clip from a
-local checkpoint file and never downloads.
+Everything is computed in float64 from the embeddings (`scores_from_embeddings`, whichever encoder made them;
+`score_images` takes any image encoder); `ClipScorer` makes the embeddings with open_clip from a local
+checkpoint file and never downloads.
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -100,6 +101,39 @@ def kps(img_notok_emb: Tensor, img_tok_emb: Tensor, floor: float = FLOOR) -> Sco
                   complement=True)
 
 
+def scores_from_embeddings(tok: Tensor, notok: Tensor | None = None, ref: Tensor | None = None,
+                           text: Tensor | None = None, floor: float = FLOOR) -> dict:
+    """KPS, IS and PS of one adapted model from image (and text) embeddings, whichever encoder made them.
+
+    tok / notok: the adapted model's images with / without the trigger, same seeds in the same order; ref: the
+    subject's reference images; text: one prompt embedding per token image or one for all. A score whose input
+    is missing is None. Cosine similarity ignores scale, so normalized (open_clip) and raw (a CLIP vision
+    model's image_embeds) embeddings of the same direction score the same.
+    """
+    scores = {"kps": kps(notok, tok, floor) if notok is not None else None,
+              "is": identity_similarity(ref, tok, floor) if ref is not None else None,
+              "ps": prompt_similarity(text, tok, floor) if text is not None else None}
+    out: dict = {k: (s.value if s is not None else None) for k, s in scores.items()}
+    out["n"] = len(tok)
+    out["clamped"] = {k: s.clamped for k, s in scores.items() if s is not None}
+    out["per_pair"] = {k: s.per_pair.tolist() for k, s in scores.items() if s is not None}
+    return out
+
+
+def score_images(embed_images: Callable[[Sequence], Tensor], tok_images: Sequence, notok_images: Sequence | None = None,
+                 ref_images: Sequence | None = None, prompts: Sequence[str] | None = None,
+                 embed_texts: Callable[[Sequence[str]], Tensor] | None = None) -> dict:
+    """`scores_from_embeddings` over images, with any image encoder: open_clip (`ClipScorer.embed_images`), a CLIP
+    vision model (ComfyUI's CLIP_VISION), or the world's CLIP. PS needs a text encoder in the same space
+    (`embed_texts`); without one it is None."""
+    if prompts is not None and embed_texts is None:
+        raise ValueError("PS needs a text encoder in the image encoder's space; give embed_texts (open_clip) or leave prompts out.")
+    return scores_from_embeddings(embed_images(tok_images),
+                                  embed_images(notok_images) if notok_images is not None else None,
+                                  embed_images(ref_images) if ref_images is not None else None,
+                                  embed_texts(prompts) if prompts is not None else None)
+
+
 def _to_pil(img):
     """PIL as is; a float tensor in [0, 1] as (H, W, 3) (ComfyUI IMAGE) or (3, H, W), quantized to 8 bits like a
     saved image, so a tensor and its saved PNG embed identically."""
@@ -181,12 +215,4 @@ class ClipScorer:
                  prompts: Sequence[str] | None = None) -> dict:
         """PS, IS, KPS of one adapted model: tok/notok images share seeds (pair i = seed i); prompts give one
         per token image or a single one; IS/PS are None when their inputs are not given."""
-        tok = self.embed_images(tok_images)
-        scores = {"kps": kps(self.embed_images(notok_images), tok)}
-        scores["is"] = identity_similarity(self.embed_images(ref_images), tok) if ref_images is not None else None
-        scores["ps"] = prompt_similarity(self.embed_texts(prompts), tok) if prompts is not None else None
-        out: dict = {k: (s.value if s is not None else None) for k, s in scores.items()}
-        out["n"] = len(tok)
-        out["clamped"] = {k: s.clamped for k, s in scores.items() if s is not None}
-        out["per_pair"] = {k: s.per_pair.tolist() for k, s in scores.items() if s is not None}
-        return out
+        return score_images(self.embed_images, tok_images, notok_images, ref_images, prompts, self.embed_texts)

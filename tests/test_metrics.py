@@ -175,3 +175,35 @@ def test_builtin_clip_tokenizer_is_bundled(no_network):
     assert isinstance(tok, open_clip.tokenizer.SimpleTokenizer)
     ids = tok(["a photo of sks dog"])
     assert ids.shape == (1, 77) and int(ids[0, 0]) == 49406  # <start_of_text>
+
+
+def test_scores_from_embeddings_by_hand_and_missing_inputs():
+    a, b = unit_pairs([0.5, 1.0, 0.25])
+    out = M.scores_from_embeddings(b, notok=a, ref=a, text=a[:1])
+    assert out["kps"] == pytest.approx(4 / 7, abs=1e-14) and out["is"] == pytest.approx(3 / 7, abs=1e-14)
+    assert out["ps"] == pytest.approx(3 / 7, abs=1e-14) and out["n"] == 3 and out["clamped"] == {"kps": 0, "is": 0, "ps": 0}
+    only = M.scores_from_embeddings(b, ref=a)
+    assert only["kps"] is None and only["ps"] is None and set(only["per_pair"]) == {"is"}
+    with pytest.raises(ValueError, match="embed_texts"):
+        M.score_images(lambda imgs: b, [0, 1, 2], prompts=["x"])
+
+
+def test_any_image_encoder_gives_the_open_clip_path_s_is_and_kps_for_the_same_embeddings(tiny_clip, no_network):
+    """A CLIP vision model returns raw image_embeds (not normalized): same directions must score the same."""
+    scorer = M.ClipScorer("cat-test-tiny-clip", tiny_clip, batch_size=3)
+    tok, notok, refs = images(5, 4), images(6, 4), images(7, 3)
+    table = {id(im): e for ims in (tok, notok, refs) for im, e in zip(ims, scorer.embed_images(ims))}
+
+    def same(imgs):  # another encoder that produces the open_clip embeddings
+        return torch.stack([table[id(im)] for im in imgs])
+
+    def raw(imgs):  # ... and one that returns them unnormalized, each row at its own scale
+        e = same(imgs).double()  # scaled in float64, so the only difference left is the scale
+        return e * torch.linspace(0.5, 7.3, len(e), dtype=torch.float64)[:, None]
+
+    ref = scorer.evaluate(tok, notok, refs)
+    via = M.score_images(same, tok, notok, refs)
+    assert via == ref  # identical embeddings: identical numbers, bit for bit, through either entry point
+    scaled = M.score_images(raw, tok, notok, refs)
+    assert scaled["is"] == pytest.approx(ref["is"], abs=1e-12) and scaled["kps"] == pytest.approx(ref["kps"], abs=1e-12)
+    assert 0 < ref["is"] < 1 and 0 < ref["kps"] < 1

@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from cat_train.denoiser import NoiseSchedule
-from cat_train.world.sample import sample, timesteps
+from cat_train.denoiser import FlowSchedule, NoiseSchedule
+from cat_train.sampling import flow_sigmas, sample, timesteps
 from cat_train.world import generator as wg
 from cat_train.world.text import LENGTH, SPARE, WORDS, token_ids
 
@@ -41,26 +41,44 @@ def test_tokenizer_known_words_and_spare_slot_for_trigger():
 
 
 class Oracle:
-    """Predicts the exact eps for a single data point x0: DDIM must land on x0 from any noise."""
+    """Predicts exactly for a single data point x0 (eps, v or flow velocity): the sampler must land on x0 from any noise."""
 
-    def __init__(self, x0, prediction_type="eps"):
+    def __init__(self, x0, prediction_type="eps", shift=1.0):
         self.module, self.x0, self.prediction_type = torch.nn.Linear(1, 1).double(), x0, prediction_type
-        self.schedule = NoiseSchedule.scaled_linear()
+        self.schedule = FlowSchedule(shift=shift) if prediction_type == "flow" else NoiseSchedule.scaled_linear()
+        self.seen = []
 
     def predict(self, x, t, cond):
-        a = self.schedule.alphas_cumprod[t].view(-1, 1, 1, 1)
+        self.seen.append(t.clone())
         x0 = self.x0.repeat(len(x) // len(self.x0), 1, 1, 1)  # CFG stacks cond and uncond rows
+        if self.prediction_type == "flow":
+            s = self.schedule.sigma(t).view(-1, 1, 1, 1)
+            return (x - x0) / s  # eps - x0 with eps = (x - (1 - s) x0) / s
+        a = self.schedule.alphas_cumprod[t].view(-1, 1, 1, 1)
         eps = (x - a.sqrt() * x0) / (1 - a).sqrt()
         return eps if self.prediction_type == "eps" else a.sqrt() * eps - (1 - a).sqrt() * x0
 
 
-@pytest.mark.parametrize("ptype", ["eps", "v"])
-def test_ddim_recovers_the_single_data_point(ptype):
+@pytest.mark.parametrize("ptype,shift", [("eps", 1.0), ("v", 1.0), ("flow", 1.0), ("flow", 3.0)])
+def test_sampler_recovers_the_single_data_point(ptype, shift):
     x0 = torch.rand(2, 3, 4, 4, dtype=torch.float64) * 2 - 1
     cond = {"context": torch.zeros(1, 2, 3, dtype=torch.float64)}
-    out = sample(Oracle(x0, ptype), cond, cond, tuple(x0.shape), steps=5, cfg=4.0, generator=torch.Generator().manual_seed(0))
+    oracle = Oracle(x0, ptype, shift)
+    out = sample(oracle, cond, cond, tuple(x0.shape), steps=5, cfg=4.0, generator=torch.Generator().manual_seed(0))
     assert torch.allclose(out, x0, atol=1e-9)
     assert timesteps(1000, 5) == [999, 749, 500, 250, 0]
+    if ptype == "flow":  # the model sees t = 1000 sigma, sigma from 1 down, moved toward noise by the shift
+        u = torch.tensor([1.0, 0.8, 0.6, 0.4, 0.2], dtype=torch.float64)
+        want = 1000 * shift * u / (1 + (shift - 1) * u)
+        assert torch.allclose(torch.stack([t[0] for t in oracle.seen]).double(), want, atol=1e-3)
+        assert flow_sigmas(oracle.schedule, 5)[-1] == 0.0
+
+
+def test_flow_sampler_refuses_an_eps_prediction():
+    oracle = Oracle(torch.zeros(1, 1, 2, 2, dtype=torch.float64), "flow")
+    oracle.prediction_type = "eps"
+    with pytest.raises(ValueError, match="flow schedule samples velocity"):
+        sample(oracle, {"context": torch.zeros(1, 1, 1)}, None, (1, 1, 2, 2), steps=2)
 
 
 def test_cfg_one_ignores_uncond_and_guidance_extrapolates():

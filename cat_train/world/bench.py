@@ -27,6 +27,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -37,7 +38,7 @@ from ..adapter import LoraSpec, remove_lora
 from ..apt import AptConfig
 from ..loss import CatLossConfig
 from .catversion_bench import catversion_alpha, catversion_label, run_catversion
-from .sample import sample
+from ..sampling import sample
 from ..train import Example, TrainConfig, build_examples, train
 from . import generator as wg
 from . import model as wm
@@ -196,17 +197,28 @@ def examples_for(method: str, world: World, c: BenchConfig, seed: int) -> tuple[
     raise ValueError(f"unknown method {method!r}; choose from lora, cat<alpha>[:class|strip|empty|all] (e.g. cat1, cat1:all), prior.")
 
 
+def subject_scores(world: World, imgs: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) -> dict:
+    """IS, KPS, drift, leak and identity: the scores that need only the images with ("token") and without
+    ("notoken") the trigger, so a saved step can be scored without drawing the other classes."""
+    clip = world.clip
+    tok, notok = clip.encode_image(imgs["token"]), clip.encode_image(imgs["notoken"])
+    ref = clip.encode_image(torch.from_numpy(wg.to_tensor_array(np.stack([wg.draw(s) for s in wg.identity_scenes()]))))
+    col_n = clip.attributes(imgs["notoken"])[1]
+    return {"IS": metrics.identity_similarity(ref, tok).value, "KPS": metrics.kps(notok, tok).value,
+            "drift": float((1 - metrics.cosine(clip.encode_image(base["notoken"]), notok)).mean()),
+            "leak": col_n.count("striped") / len(col_n),
+            "identity": clip.attributes(imgs["token"])[1].count("striped") / len(imgs["token"])}
+
+
 def evaluate(world: World, imgs: dict[str, torch.Tensor], base: dict[str, torch.Tensor], ps: dict[str, list[str]]) -> dict:
     clip = world.clip
-    emb = {k: clip.encode_image(v) for k, v in imgs.items()}
-    bemb = {k: clip.encode_image(v) for k, v in base.items()}
-    ref = clip.encode_image(torch.from_numpy(wg.to_tensor_array(np.stack([wg.draw(s) for s in wg.identity_scenes()]))))
+    subject = subject_scores(world, imgs, base)
     out = {
-        "PS": metrics.prompt_similarity(clip.encode_text(ps["token"]), emb["token"]).value,
-        "IS": metrics.identity_similarity(ref, emb["token"]).value,
-        "KPS": metrics.kps(emb["notoken"], emb["token"]).value,
-        "drift": float((1 - metrics.cosine(bemb["notoken"], emb["notoken"])).mean()),
-        "drift_other": float((1 - metrics.cosine(bemb["others"], emb["others"])).mean()),
+        "PS": metrics.prompt_similarity(clip.encode_text(ps["token"]), clip.encode_image(imgs["token"])).value,
+        "IS": subject["IS"],
+        "KPS": subject["KPS"],
+        "drift": subject["drift"],
+        "drift_other": float((1 - metrics.cosine(clip.encode_image(base["others"]), clip.encode_image(imgs["others"]))).mean()),
     }
     shp_n, col_n = clip.attributes(imgs["notoken"])
     shp_o, col_o = clip.attributes(imgs["others"])
@@ -216,8 +228,7 @@ def evaluate(world: World, imgs: dict[str, torch.Tensor], base: dict[str, torch.
     counts = np.array([col_n.count(k) for k in wg.COLOURS], dtype=float)
     p = counts[counts > 0] / max(1.0, counts.sum())
     out["colour_div"] = max(0.0, float(-(p * np.log(p)).sum() / math.log(len(wg.COLOURS)))) if counts.sum() else 0.0
-    out["leak"] = col_n.count("striped") / len(col_n)
-    out["identity"] = clip.attributes(imgs["token"])[1].count("striped") / len(imgs["token"])
+    out["leak"], out["identity"] = subject["leak"], subject["identity"]
     return out
 
 
@@ -237,7 +248,10 @@ def base_quality(world: World, per: int = 2, seed: int = 0, sample_steps: int = 
             "colour_acc": float(np.mean([a == p.split()[1] for a, p in zip(col_col, col)]))}
 
 
-def run(c: BenchConfig, log=print, world: World | None = None) -> dict:
+def run(c: BenchConfig, log=print, world: World | None = None, watch: Callable[..., dict] | None = None) -> dict:
+    """watch(world, method, seed, examples, noise, base) -> {"save_every", "callback", "on_save"}: looks at a LoRA run
+    through the trainer's own hooks (the demo's validation, previews and per-step scores), called just before it
+    trains; noise and base are the evaluation's fixed noise and base-model images. Results are the same without it."""
     torch.manual_seed(0)
     world = world or World()
     ps = prompts(c.per_prompt)
@@ -258,8 +272,9 @@ def run(c: BenchConfig, log=print, world: World | None = None) -> dict:
                 imgs, tr = run_catversion(world, m, c, seed, ps, noise, identity_items(), CLASS)
             else:
                 ex, lc, bs = examples_for(m, world, c, seed)
-                tc = TrainConfig(steps=c.steps, lr=c.lr, seed=seed, batch_size=bs)
-                tr = train(world.den, ex, lc, spec, tc, keep_adapter=True)
+                hooks = dict(watch(world, m, seed, ex, noise, base)) if watch else {}
+                tc = TrainConfig(steps=c.steps, lr=c.lr, seed=seed, batch_size=bs, save_every=hooks.pop("save_every", 0))
+                tr = train(world.den, ex, lc, spec, tc, keep_adapter=True, **hooks)
                 try:
                     imgs = {k: world.generate(ps[k], noise[k], c) for k in ps}
                 finally:
