@@ -70,18 +70,19 @@ class LossTerms(NamedTuple):
     fit_pre: Tensor | None = None  # per-sample ||target - eps_θ(z_t, t, y_T)||²: when a term asked for the frozen y_T pass
 
 
-def _msd(a: Tensor, b: Tensor) -> Tensor:
+def mean_sq_diff(a: Tensor, b: Tensor) -> Tensor:
+    """Per-sample mean squared difference in fp32: the norm of both CAT terms (and of validation's drift)."""
     return (a.float() - b.float()).pow(2).flatten(1).mean(1)
 
 
 def cat_loss(pred_token: Tensor, target: Tensor, pred_pres: Tensor | None, frozen_pres: Tensor | None,
              alpha: float, weight: Tensor | None = None, fit_weight: Tensor | None = None,
              penalties: Sequence[Tensor] = ()) -> LossTerms:
-    fit = _msd(pred_token, target)
+    fit = mean_sq_diff(pred_token, target)
     if alpha == 0:
         keep = torch.zeros_like(fit)
     else:
-        keep = _msd(pred_pres, frozen_pres)
+        keep = mean_sq_diff(pred_pres, frozen_pres)
     w = torch.ones_like(fit) if weight is None else weight.to(fit)
     loss = ((fit if fit_weight is None else fit_weight.to(fit) * fit) + alpha * w * keep).mean()
     for p in penalties:  # one by one, in the plug-ins' order: the sum's rounding is part of a run's bits
@@ -139,7 +140,7 @@ def cat_objective(denoiser: Denoiser, x0: Tensor, noise: Tensor, t: Tensor, cond
     penalties = [p for term in terms for p in term.penalty(n)]
     result = cat_loss(pred[:n], target, pred[n:] if alpha else None, out[-n:] if alpha else None, alpha, weight,
                       fit_weight, penalties)
-    return result._replace(fit_pre=_msd(out[:n], target).detach()) if token_pass else result
+    return result._replace(fit_pre=mean_sq_diff(out[:n], target).detach()) if token_pass else result
 
 
 def _rows(x_t: Tensor, t: Tensor, conds: list[Cond]) -> tuple[Tensor, Tensor, Cond]:

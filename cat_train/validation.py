@@ -34,15 +34,10 @@ from torch import Tensor
 
 from .adapter import adapter_switched
 from .denoiser import Cond, Denoiser
-from .loss import repeat_to_common_length
+from .loss import mean_sq_diff, repeat_to_common_length
 from .observe import observing
 
 log = logging.getLogger("cat_train")
-
-
-def _sq_diff(a: Tensor, b: Tensor) -> Tensor:
-    """Per-row mean squared difference in fp32, the CAT loss's norm."""
-    return (a.float() - b.float()).pow(2).flatten(1).mean(1)
 
 
 @dataclass
@@ -128,7 +123,7 @@ class Validator:
             with adapter_switched(den.module, True):
                 for p, ref in zip(self.passes, self._frozen):
                     x_t, t, _, cond = self._inputs(p, device)
-                    d = _sq_diff(den.predict(x_t, t, cond).float().cpu(), ref)
+                    d = mean_sq_diff(den.predict(x_t, t, cond).float().cpu(), ref)
                     for r, (_, _, kind) in enumerate(p.rows):
                         sums[kind].append(d[r * k:(r + 1) * k])
         row = {"step": int(step), "fit": float(torch.cat(sums["fit"]).double().mean()),

@@ -8,13 +8,9 @@ import json
 import math
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from .errors import QueueError
 from .workflow import apply_overrides, resolve_node
-
-if TYPE_CHECKING:
-    from .dispatch import Server
 
 DEFAULT_MAX_RUNS = 64
 # the inputs that name files: a sweep appends the run's swept values to each of them
@@ -44,7 +40,7 @@ class Run:
     graph: dict
     key: str                   # hash of the graph as posted: what --resume matches
     state: str = "todo"        # todo | active | done
-    server: "Server | None" = None
+    server: object = None  # the dispatch.Server running it; untyped here, since dispatch builds on plan, not back
     prompt_id: str = ""
     attempts: int = 0
     where: str | None = None   # running / pending, from the server's last /queue
