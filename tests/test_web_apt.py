@@ -1,13 +1,9 @@
 """The live view with APT: the per-bin overfitting indicator from the progress events is drawn under the loss plot."""
 from __future__ import annotations
 
-import json
-import shutil
-import subprocess
-
 import pytest
 
-from test_web_extension import NODE, ROOT, STUBS
+from test_web_extension import NODE, run_view
 
 RUN = """
 import { app } from "./scripts/app.js";
@@ -45,15 +41,7 @@ console.log(JSON.stringify(out));
 
 @pytest.mark.skipif(NODE is None, reason="Node.js is not installed; the web extension test needs `node`")
 def test_live_view_draws_the_apt_indicator_per_bin(tmp_path):
-    for rel, text in {**STUBS, "run.mjs": RUN}.items():
-        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / rel).write_text(text)
-    (tmp_path / "extensions" / "ComfyUI-CAT").mkdir(parents=True)
-    shutil.copy(ROOT / "web" / "cat_live_view.js", tmp_path / "extensions" / "ComfyUI-CAT" / "cat_live_view.js")
-    (tmp_path / "package.json").write_text('{"type": "module"}')
-    r = subprocess.run([NODE, "run.mjs"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0, r.stderr
-    out = json.loads(r.stdout)
+    out = run_view(tmp_path, RUN)
     assert out["size"][1] == 200 + 150 + out["APT_H"]  # the node grew by the loss plot and the indicator band
     texts = out["apt"]["texts"]
     assert "APT overfitting indicator per timestep bin, t 0 → T · max 0.50 in bin 1 (weight 0.50, aug 0.50)" in texts

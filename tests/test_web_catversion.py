@@ -1,13 +1,9 @@
 """The live view on the CatVersion Trainer: its progress events (the LoRA trainer's, tests/comfy) draw the chart."""
 from __future__ import annotations
 
-import json
-import shutil
-import subprocess
-
 import pytest
 
-from test_web_extension import CURVES, NODE, ROOT, STUBS
+from test_web_extension import CURVES, NODE, run_view
 
 RUN = """
 import { app } from "./scripts/app.js";
@@ -41,15 +37,7 @@ console.log(JSON.stringify(out));
 
 @pytest.mark.skipif(NODE is None, reason="Node.js is not installed; the web extension test needs `node`")
 def test_catversion_trainer_draws_the_live_chart(tmp_path):
-    for rel, text in {**STUBS, "run.mjs": RUN}.items():
-        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / rel).write_text(text)
-    (tmp_path / "extensions" / "ComfyUI-CAT").mkdir(parents=True)
-    shutil.copy(ROOT / "web" / "cat_live_view.js", tmp_path / "extensions" / "ComfyUI-CAT" / "cat_live_view.js")
-    (tmp_path / "package.json").write_text('{"type": "module"}')
-    r = subprocess.run([NODE, "run.mjs"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0, r.stderr
-    out = json.loads(r.stdout)
+    out = run_view(tmp_path, RUN)
     assert out["idle"] == {"texts": [], "strokes": []}  # never trained: nothing drawn
     assert out["size"][1] == 420 + 150  # grew by the plot height
     texts = out["running"]["texts"]

@@ -86,8 +86,9 @@ console.log(JSON.stringify(out));
 }
 
 
-def run_view(tmp_path):
-    for rel, text in STUBS.items():
+def run_view(tmp_path, script: str | None = None):
+    """Runs `script` (default: this file's run.mjs) in Node.js against the stubs and the shipped extension; its JSON."""
+    for rel, text in {**STUBS, **({"run.mjs": script} if script else {})}.items():
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_text(text)
     (tmp_path / "extensions" / "ComfyUI-CAT").mkdir(parents=True)

@@ -8,6 +8,7 @@ so every parameter is initialised here from a fixed seed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sys
 import types
@@ -200,3 +201,25 @@ def adapted_vs_stock_predictions(comfy, mp, den, example, weights, spec, loaded,
         loaded.unpatch_model()
         restored = den.predict(x_t, t, cond)
     return base, adapted, stock, restored
+
+
+@contextlib.contextmanager
+def cancelled_after(step: int):
+    """A user pressing Cancel once the progress bar reaches `step`, as ComfyUI's server hook sees it: the run must
+    stop with InterruptProcessingException. Yields the progress values seen; the hook and the flag are reset after."""
+    import comfy.model_management as mm
+    from comfy import utils as comfy_utils
+
+    seen = []
+
+    def hook(value, total, preview, node_id=None):
+        seen.append(value)
+        if value == step:
+            mm.interrupt_current_processing(True)
+    comfy_utils.set_progress_bar_global_hook(hook)
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            yield seen
+    finally:
+        comfy_utils.set_progress_bar_global_hook(None)
+        mm.interrupt_current_processing(False)

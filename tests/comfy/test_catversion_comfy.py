@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from conftest import pack_module, shrink_for_cpu
+from conftest import cancelled_after, pack_module, shrink_for_cpu
 
 
 @pytest.fixture(scope="module")
@@ -170,8 +170,6 @@ def test_trainer_reports_like_the_lora_trainer_and_cancel_keeps_a_resumable_chec
                                                                                         cvdir, tmp_path, monkeypatch):
     """The CatVersion trainer sends the LoRA trainer's progress events (the live chart draws from them), stops within
     a step on Cancel with a checkpoint, and a resume from it ends with the uninterrupted run's embeddings bit for bit."""
-    import comfy.model_management as mm
-    from comfy import utils as comfy_utils
 
     mp, clip, vae = tiny_sd15
     N = pack_module(comfy, "nodes.catversion")
@@ -191,19 +189,8 @@ def test_trainer_reports_like_the_lora_trainer_and_cancel_keeps_a_resumable_chec
     assert {d["lr"] for d in data} == {1e-2} and all(a["elapsed"] < b["elapsed"] for a, b in zip(data, data[1:]))
     assert all(d["keep"] > 0 and d["loss"] >= d["fit"] for d in data)
 
-    seen = []
-
-    def hook(value, total, preview, node_id=None):  # the user presses Cancel after step 2
-        seen.append(value)
-        if value == 2:
-            mm.interrupt_current_processing(True)
-    comfy_utils.set_progress_bar_global_hook(hook)
-    try:
-        with pytest.raises(mm.InterruptProcessingException):
-            N.train_on_clip(mp, clip, ds, spec, cfg, "9", checkpoint_dir=str(tmp_path / "ck"))
-    finally:
-        comfy_utils.set_progress_bar_global_hook(None)
-        mm.interrupt_current_processing(False)
+    with cancelled_after(2) as seen:  # the user presses Cancel after step 2
+        N.train_on_clip(mp, clip, ds, spec, cfg, "9", checkpoint_dir=str(tmp_path / "ck"))
     assert seen == [1, 2]
     ck = tmp_path / "ck" / "cat-step000002.pt"
     assert ck.is_file() and _same(clip_before, _state(clip.cond_stage_model))

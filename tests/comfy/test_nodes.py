@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from conftest import adapted_vs_stock_predictions, pack_module
+from conftest import adapted_vs_stock_predictions, cancelled_after, pack_module
 
 
 def _dataset(comfy, folder, mp_clip_vae, res=128):
@@ -110,7 +110,6 @@ def test_bad_save_names_refused(comfy, tmp_path):
 
 def test_cancel_keeps_checkpoint_and_resumes(comfy, tiny_sd15, dataset_dir, tmp_path):
     import comfy.model_management as mm
-    from comfy import utils as comfy_utils
 
     mp, clip, vae = tiny_sd15
     tr = pack_module(comfy, "nodes.trainer")
@@ -120,21 +119,9 @@ def test_cancel_keeps_checkpoint_and_resumes(comfy, tiny_sd15, dataset_dir, tmp_
     ds = _dataset(comfy, dataset_dir, tiny_sd15)
     mm.load_models_gpu([mp])  # the MODEL's own weights, not a still-loaded patched clone's
     before = {k: v.clone() for k, v in mp.model.diffusion_model.state_dict().items()}
-    seen = []
-
-    def hook(value, total, preview, node_id=None):  # the user presses Cancel after step 2
-        seen.append(value)
-        if value == 2:
-            mm.interrupt_current_processing(True)
-
-    comfy_utils.set_progress_bar_global_hook(hook)
     cfg = _cfg(comfy, steps=6, checkpoint_dir=str(tmp_path / "ck"))
-    try:
-        with pytest.raises(mm.InterruptProcessingException):
-            tr.train_on_model(mp, ds, L.CatLossConfig(1.0, "class", "dog"), A.LoraSpec(rank=4, alpha=4.0), cfg)
-    finally:
-        comfy_utils.set_progress_bar_global_hook(None)
-        mm.interrupt_current_processing(False)
+    with cancelled_after(2) as seen:  # the user presses Cancel after step 2
+        tr.train_on_model(mp, ds, L.CatLossConfig(1.0, "class", "dog"), A.LoraSpec(rank=4, alpha=4.0), cfg)
     assert seen == [1, 2]  # stopped within one step
     ck = T.latest_checkpoint(tmp_path / "ck")
     assert ck is not None and ck.name == "cat-step000002.pt"
