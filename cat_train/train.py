@@ -27,6 +27,8 @@ from .loss import CatLossConfig, cat_objective, repeat_to_common_length
 from .plugins import Adapter, StepTerm
 from .prompts import preservation_prompt
 from .regularizers import step_terms
+from .run_folder import (atomic_save, check_resume, check_space, checkpoint_bytes, claim, data_fingerprint,
+                         result_settings, writable_folder)
 
 log = logging.getLogger("cat_train")
 CHECKPOINT_FORMAT = "cat_train.checkpoint/1"
@@ -108,6 +110,7 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
     steps_done: int = 0
     last_checkpoint: Path | None = None
+    warnings: list[str] = field(default_factory=list)  # also logged; for a host to show beside the summary
 
 
 class TrainingDiverged(RuntimeError):
@@ -181,11 +184,7 @@ def _collate(examples: Sequence[Example], idx: list[int], device: torch.device, 
 
 
 def _atomic_save(obj, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-    return path
+    return atomic_save(obj, path, "free space on that disk or point checkpoint_dir (the node's checkpoint_name) elsewhere.")
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
@@ -202,12 +201,43 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     except OSError:
         raise
     except Exception as e:  # pickle, zip and format errors alike: the file is not ours
+        if _looks_like_checkpoint(path):  # our name and torch's zip header: written by us and cut short
+            raise ValueError(_damaged(path, e)) from None
         raise ValueError(f"{what}: torch cannot read it as one ({type(e).__name__}){hint}") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         found = (f"a {type(state).__name__}" if not isinstance(state, dict) else
                  "a dict without the trainer's 'format' key" if "format" not in state else f"format {state['format']!r}")
         raise ValueError(f"{what}: it holds {found}, not {CHECKPOINT_FORMAT!r}{hint}")
     return state
+
+
+def _looks_like_checkpoint(path) -> bool:
+    p = Path(path)
+    try:
+        with open(p, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        return False
+    return p.name.startswith("cat-step") and head == b"PK\x03\x04"
+
+
+def _damaged(path, e: BaseException) -> str:
+    p = Path(path)
+    earlier = [q for q in sorted(p.parent.glob("cat-step*.pt"), reverse=True) if q.name < p.name and _readable_zip(q)]
+    where = (f"resume from the previous checkpoint {earlier[0]}" if earlier else
+             "no earlier checkpoint in its folder reads back: start afresh without resume_from")
+    return (f"checkpoint {p} is damaged: it starts like one of this trainer's checkpoints but is cut short or corrupt "
+            f"({type(e).__name__}), e.g. a save interrupted by a full disk or a crash; {where}.")
+
+
+def _readable_zip(p: Path) -> bool:
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(p) as z:
+            return z.testzip() is None
+    except (OSError, zipfile.BadZipFile):
+        return False
 
 
 def checkpoint_path(directory: str | os.PathLike, step: int) -> Path:
@@ -245,9 +275,18 @@ def train(denoiser: Denoiser, examples: Sequence[Example], loss_cfg: CatLossConf
     sampler = sampler or BatchSampler(examples, cfg.batch_size)
     ckpt_dir = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
     state = load_checkpoint(resume) if resume else None
+    settings = result_settings(cfg, loss_cfg, adapter, data_fingerprint(examples), _family_name(denoiser))
+    if state is not None:
+        check_resume(state, settings, cfg.steps, resume)
+    notes = [n for n in [batch_note(examples, cfg)] if n]
+    if ckpt_dir is not None:
+        fix = "choose another checkpoint folder (the node's checkpoint_name) on a disk with room."
+        writable_folder(ckpt_dir, "checkpoint folder", fix)
+        same = state is not None and Path(resume).resolve().parent == ckpt_dir.resolve()
+        claim(ckpt_dir, settings, resuming_same_run=same)
 
     was_training = module.training
-    result = TrainResult(weights={})
+    result = TrainResult(weights={}, warnings=notes)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(cfg.seed)  # peft's init and dropout draw from the global RNG
         gen = torch.Generator().manual_seed(cfg.seed)  # every batch, timestep and noise (and inits that take it)
@@ -256,6 +295,9 @@ def train(denoiser: Denoiser, examples: Sequence[Example], loss_cfg: CatLossConf
         try:
             _set_checkpointing(denoiser, cfg.gradient_checkpointing)
             params = adapter.parameters()
+            if ckpt_dir is not None:  # before step 1: a full disk found at the first save loses the steps before it
+                check_space(ckpt_dir, checkpoint_bytes(params), "checkpoint folder",
+                            "choose another checkpoint folder (the node's checkpoint_name).")
             opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
             sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(cfg, s))
             scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
@@ -269,6 +311,7 @@ def train(denoiser: Denoiser, examples: Sequence[Example], loss_cfg: CatLossConf
                 if ckpt_dir is None:
                     return None
                 snap = _snapshot(adapter, terms, opt, sched, gen, step, result.history, loss_cfg, cfg)
+                snap["run_settings"] = settings
                 result.last_checkpoint = _atomic_save(snap, checkpoint_path(ckpt_dir, step))
                 return result.last_checkpoint
 
@@ -340,6 +383,32 @@ def train(denoiser: Denoiser, examples: Sequence[Example], loss_cfg: CatLossConf
             if not keep_adapter:
                 adapter.remove()
     return result
+
+
+def _family_name(denoiser: Denoiser) -> str | None:
+    family = getattr(denoiser, "family", None)
+    if family is None:
+        from . import families
+        try:
+            family = families.of(denoiser.module)
+        except Exception:  # a network no family describes (tests' toys): nothing to compare
+            return None
+    return getattr(family, "name", None)
+
+
+def batch_note(examples: Sequence[Example], cfg: TrainConfig) -> str | None:
+    """Batches come from one bucket; one smaller than batch_size repeats its images inside every batch."""
+    sizes: dict[tuple, int] = {}
+    for ex in examples:
+        sizes[tuple(ex.latent.shape)] = sizes.get(tuple(ex.latent.shape), 0) + 1
+    largest = max(sizes.values())
+    if cfg.batch_size <= largest:
+        return None
+    note = (f"batch_size {cfg.batch_size} is larger than the {'number of examples' if len(sizes) == 1 else 'largest bucket'} "
+            f"({largest}): every batch repeats images, which costs memory and time and trains nothing more; lower "
+            f"batch_size to {largest} or less (raise grad_accum for a larger effective batch).")
+    log.warning(note)
+    return note
 
 
 def _set_checkpointing(denoiser: Denoiser, on: bool) -> None:

@@ -1,0 +1,212 @@
+"""A run's checkpoint folder is its own, and a resume continues the run it says it continues.
+
+Two runs queued with one `checkpoint_name` used to write the same `cat-stepNNNNNN.pt` names, so the second
+overwrote the first and a later resume continued the wrong run. Now the folder records the run that owns it
+(`cat-run.json`: a run id hashed from every setting that changes the weights, the data included); another run
+is refused with the settings that differ and the fix. A resume compares the same settings with the ones the
+checkpoint was written with. Storage is checked before step 1 (the folder can be created and written, free
+space for a checkpoint), and a save that fails leaves no temp file behind.
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+RUN_FILE = "cat-run.json"
+# Settings of TrainConfig that do not change the weights: where files go and how often, where it runs, and
+# gradient checkpointing (the same numbers, recomputed). `steps` changes them only through a cosine schedule
+# (a constant-lr run resumed to train longer is the same run).
+NOT_RESULT = ("save_every", "checkpoint_dir", "device", "gradient_checkpointing", "steps")
+
+
+class StorageError(OSError):
+    """A folder that cannot take the files a run writes; the message names it and the fix."""
+
+
+def _plain(value: Any) -> Any:
+    """JSON-comparable form: tuples as lists, dataclasses as dicts, floats as repr (NaN equals NaN)."""
+    if is_dataclass(value) and not isinstance(value, type):
+        value = asdict(value)
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, float):
+        return repr(value)
+    return value
+
+
+def _tensor_bytes(t: torch.Tensor) -> bytes:
+    t = t.detach().cpu().contiguous()
+    return t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+
+
+def data_fingerprint(examples: Sequence) -> str:
+    """sha256 of what the run learns from: every latent, the conditionings of y_T and y (so captions, triggers and
+    preservation prompts), the token weights, repeats and, for adapters that encode prompts, the prompts."""
+    h = hashlib.sha256()
+    for ex in examples:
+        h.update(_tensor_bytes(ex.latent))
+        for cond in (ex.cond_token, ex.cond_pres):
+            for k in sorted(cond or {}):
+                h.update(k.encode())
+                h.update(_tensor_bytes(cond[k]))
+        h.update(repr((float(ex.weight), int(ex.repeats), getattr(ex, "prompts", None))).encode())
+    return h.hexdigest()[:16]
+
+
+def result_settings(cfg, loss_cfg, adapter, data: str, family: str | None) -> dict:
+    """Every setting that changes the trained weights, in a comparable form."""
+    config = {k: v for k, v in asdict(cfg).items() if k not in NOT_RESULT}
+    if cfg.lr_schedule == "cosine":
+        config["steps"] = cfg.steps
+    spec = getattr(adapter, "spec", None)
+    return _plain({"adapter": adapter.name, "spec": spec, "config": config, "loss": loss_cfg, "data": data,
+                   "family": family})
+
+
+def run_id(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """'lr 0.0001 -> 0.0002' for each setting that differs (nested dicts by dotted name)."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k, "(unset)"), new.get(k, "(unset)")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += differences(a, b, f"{prefix}{k}.")
+        elif a != b:
+            name = {"config.": "", "loss.": "loss "}.get(prefix, prefix) + k
+            if k == "data":
+                out.append("the dataset (images, captions, triggers or preservation prompts differ)")
+            else:
+                out.append(f"{name} {_show(a)} -> {_show(b)}")
+    return out
+
+
+def _show(v: Any) -> str:
+    s = v if isinstance(v, str) else json.dumps(v)
+    return s if len(s) <= 60 else s[:57] + "..."
+
+
+def claim(folder: Path, settings: dict, resuming_same_run: bool = False) -> str:
+    """Record this run as the folder's owner, or refuse when another run owns it (its checkpoints would be
+    overwritten and a later resume would continue a mix of both). Returns the run id."""
+    rid = run_id(settings)
+    record = folder / RUN_FILE
+    if record.is_file():
+        try:
+            owner = json.loads(record.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            owner = {}
+        if owner.get("run_id") not in (None, rid):
+            diff = differences(owner.get("settings", {}), settings) or ["settings recorded by another version"]
+            raise ValueError(
+                f"checkpoint folder {folder} belongs to another run (run {owner.get('run_id')}); this run differs in "
+                f"{'; '.join(diff[:6])}. Its checkpoints would be overwritten: give this run its own checkpoint_name "
+                f"(e.g. '{folder.name}_2'), resume from {folder.name}'s latest checkpoint with its settings, or delete "
+                "the folder if that run is no longer wanted.")
+    elif not resuming_same_run and any(folder.glob("cat-step*.pt")):
+        raise ValueError(
+            f"checkpoint folder {folder} already holds checkpoints of an earlier run that recorded no settings; a new "
+            f"run would overwrite them. Give this run its own checkpoint_name (e.g. '{folder.name}_2'), resume from "
+            "that run's latest checkpoint, or delete the folder.")
+    tmp = folder / f".{RUN_FILE}.tmp{os.getpid()}"
+    try:
+        tmp.write_text(json.dumps({"run_id": rid, "settings": settings}, indent=1, sort_keys=True), encoding="utf-8")
+        os.replace(tmp, record)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return rid
+
+
+def check_resume(state: dict, settings: dict, steps: int, path) -> None:
+    """A resume continues the run the checkpoint was written by: refuse other settings, naming each, and a
+    step count below the checkpoint's."""
+    saved_step = int(state.get("step", 0))
+    if steps < saved_step:
+        raise ValueError(f"checkpoint {path} is at step {saved_step} but steps is {steps}; set steps to more than "
+                         f"{saved_step} to train on, or resume from an earlier checkpoint.")
+    kind = state.get("adapter", settings["adapter"])
+    if kind != settings["adapter"]:
+        raise ValueError(f"checkpoint {path} was written by a {kind} run, this run trains {settings['adapter']}; "
+                         "resume it with the trainer that wrote it, or start afresh without a checkpoint.")
+    saved = state.get("run_settings")
+    if saved is not None and saved.get("family") != settings.get("family"):
+        raise ValueError(f"checkpoint {path} was trained on a {saved.get('family')} model, this model is "
+                         f"{settings.get('family')}; resume it on the {saved.get('family')} model it was trained on, "
+                         "or start afresh without resume_from.")
+    if saved is None:  # written before runs recorded their settings: compare what the file holds
+        saved = {"config": _plain({k: v for k, v in (state.get("config") or {}).items()
+                                   if k in settings["config"]}),
+                 "loss": _plain(state.get("loss")) if "loss" in state else settings["loss"]}
+        now = {"config": {k: v for k, v in settings["config"].items() if k in saved["config"]}, "loss": settings["loss"]}
+    else:
+        now = settings
+    diff = differences(saved, now)
+    if diff:
+        raise ValueError(f"checkpoint {path} was written by a run with other settings: {'; '.join(diff[:8])}. A resume "
+                         "continues that run: set these back to the checkpoint's values, or start afresh without "
+                         "resume_from (and with another checkpoint_name).")
+
+
+def writable_folder(folder: Path, what: str, fix: str) -> None:
+    """Create the folder and write a probe file in it (permissions do not tell all: read-only mounts, quotas)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".cat-probe-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise StorageError(e.errno, f"{what} {folder} cannot be written ({e.strerror or e}); {fix}") from None
+
+
+def check_space(folder: Path, need: int, what: str, fix: str) -> None:
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return  # no figure on this filesystem: the save itself reports
+    if free < need:
+        raise StorageError(errno.ENOSPC, f"{what} {folder} has {_mb(free)} free, but {_mb(need)} are needed; free some "
+                                         f"space there or {fix}")
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:.1f} MB" if n < 2**30 else f"{n / 2**30:.2f} GB"
+
+
+def checkpoint_bytes(params: Sequence[torch.Tensor]) -> int:
+    """fp32 weights + AdamW's two moments, plus room for RNG state and history."""
+    n = sum(p.numel() for p in params)
+    return 3 * 4 * n + 2**20
+
+
+def atomic_save(obj, path: Path, fix: str) -> Path:
+    """torch.save to a temp file, then rename; a failure (full disk, torch's 'unexpected pos') removes the temp file
+    (a 3 MB leftover per try would keep the disk full) and names the file and the fix."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        with_tmp = tmp.exists()
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, RuntimeError) and "unexpected pos" not in str(e) and "write" not in str(e).lower():
+            raise
+        code = getattr(e, "errno", None) or errno.EIO
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else "the write failed (a full disk?)"
+        raise StorageError(code, f"cannot write checkpoint {path}: {reason}; "
+                                 f"{'the partial file was removed; ' if with_tmp else ''}{fix}") from e
+    return path
+
