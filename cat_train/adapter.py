@@ -7,6 +7,7 @@ are the UNet's own module paths (ldm names for SD), which its model family (`fam
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -32,8 +33,9 @@ class LoraSpec:
     def __post_init__(self):
         if self.rank < 1:
             raise ValueError(f"LoRA rank must be >= 1, got {self.rank}; typical values are 4 to 64.")
-        if self.alpha <= 0:
-            raise ValueError(f"LoRA alpha must be > 0, got {self.alpha}; alpha = rank gives scale 1.")
+        if not (self.alpha > 0 and math.isfinite(self.alpha)):  # NaN used to pass and train to a NaN loss
+            raise ValueError(f"LoRA alpha (lora_alpha) must be a finite number > 0, got {self.alpha}; alpha = rank "
+                             "gives scale 1 (the trainer's default: 16 with rank 16).")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}.")
         if self.preset not in families.TARGETS:

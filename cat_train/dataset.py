@@ -13,7 +13,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Iterator, Literal, Sequence
 
 import numpy as np
 import torch
@@ -24,6 +24,10 @@ from .prompts import ensure_trigger, parse_class_words, triggers_in
 
 log = logging.getLogger("cat_train")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+# Pictures the decoder is not asked to read (animations, vector art, camera and phone formats): named as skipped,
+# so a user who put them in the folder learns why they were not trained on.
+UNSUPPORTED_EXTS = (".gif", ".heic", ".heif", ".avif", ".svg", ".jxl", ".psd", ".ico", ".dng", ".cr2", ".nef", ".arw", ".raw")
+MAX_FILES = 100_000  # entries read in a dataset folder and its N_name folders; beyond it the folder is refused
 Insert = Literal["prepend", "append", "off"]
 # Smaller sides are upscaled many times to reach a bucket: the VAE then encodes blur, and with 8 px per
 # latent pixel the subject spans a handful of latents. Warned about, not refused: it may be intended.
@@ -81,10 +85,72 @@ def _images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
 
 
+def caption_suffix(caption_ext: str) -> str:
+    """'.txt' from '.txt' or 'txt'; refuses an empty one (Path.with_suffix('.') raised 'Invalid suffix') and an image
+    extension (captions read from the images' own bytes)."""
+    ext = (caption_ext or "").strip()
+    if ext in ("", "."):
+        raise DatasetError("caption_extension is empty; captions are read from files named like the image with this "
+                           "extension: use '.txt' (or '.caption').")
+    ext = ext if ext.startswith(".") else "." + ext
+    if ext.lower() in IMAGE_EXTS + UNSUPPORTED_EXTS:
+        raise DatasetError(f"caption_extension {ext!r} is an image extension: captions would be read from the images' "
+                           "own bytes; use '.txt' (or '.caption'), the extension of the caption files.")
+    if any(c in ext for c in "/\\") or len(ext) > 32:
+        raise DatasetError(f"caption_extension {ext[:40]!r} is not a file extension; use '.txt' (or '.caption').")
+    return ext
+
+
+def folders(root: str | Path) -> tuple[list[tuple[Path, int, str]], list[str]]:
+    """(folder, repeats, name) of the root and its kohya 'N_name' folders, and notes on what was left out.
+
+    A folder reached twice (a link like '10_loop -> .') is read once: its images would otherwise count again with
+    other repeats. More than MAX_FILES entries is refused before anything is read (a folder like /usr)."""
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DatasetError(f"dataset folder {root} does not exist or is not a folder; create it and put the training "
+                           "images (with same-name .txt captions) in it.")
+    groups: list[tuple[Path, int, str]] = [(root, 1, "")]
+    seen, notes, listing = {root.resolve()}, [], _capped_listing(root, 0)
+    entries = len(listing)
+    for sub in sorted(p for p in listing if p.is_dir()):
+        m = re.match(r"^(\d+)_(.*)$", sub.name)
+        if not (m and int(m.group(1)) > 0):
+            log.warning("ignoring folder %s: kohya repeat folders are named 'N_name' (e.g. '10_sks dog')", sub)
+            continue
+        real = sub.resolve()
+        if real in seen:
+            notes.append(f"folder {sub} leads to {real}, which is already read (a link back?); its images are used "
+                         "once: remove the link or make it a real folder.")
+            log.warning(notes[-1])
+            continue
+        seen.add(real)
+        groups.append((sub, int(m.group(1)), m.group(2).strip()))
+    for folder, *_ in groups[1:]:
+        entries += len(_capped_listing(folder, entries))
+    return groups, notes
+
+
+def _capped_listing(folder: Path, already: int) -> list[Path]:
+    out = []
+    for p in folder.iterdir():
+        out.append(p)
+        if already + len(out) > MAX_FILES:
+            raise DatasetError(f"dataset folder {folder} holds more than {MAX_FILES} files with its N_name folders; "
+                               "is it the right folder? Point the dataset at a folder of training images.")
+    return out
+
+
+def unsupported_files(groups: Sequence[tuple[Path, int, str]]) -> list[tuple[Path, str]]:
+    return [(p, f"{p.suffix.lower()} is not a format the trainer reads; convert it to PNG or JPEG to train on it.")
+            for folder, *_ in groups for p in sorted(folder.iterdir())
+            if p.is_file() and p.suffix.lower() in UNSUPPORTED_EXTS]
+
+
 def scan_folder(root: str | Path, triggers: Sequence[str], class_word: str = "", caption_ext: str = ".txt",
                 insert_trigger: Insert = "prepend") -> list[ImageRecord]:
     root = Path(root).expanduser()
-    triggers = tuple(t.strip() for t in triggers)
+    triggers = tuple(dict.fromkeys(t.strip() for t in triggers))  # a trigger listed twice is one trigger
     if not triggers or not all(triggers):
         raise DatasetError("give at least one non-empty trigger token (e.g. 'sks'); CAT needs it to tell y_T from y.")
     try:  # 'dog' for every trigger, or one word per trigger ('sks=dog, zwx=cat')
@@ -97,17 +163,8 @@ def scan_folder(root: str | Path, triggers: Sequence[str], class_word: str = "",
             check_trigger_not_class_word(triggers, words)
     except ValueError as e:
         raise DatasetError(str(e)) from None
-    if not root.is_dir():
-        raise DatasetError(f"dataset folder {root} does not exist or is not a folder; create it and put the training "
-                           "images (with same-name .txt captions) in it.")
-    ext = caption_ext if caption_ext.startswith(".") else "." + caption_ext
-    groups: list[tuple[Path, int, str]] = [(root, 1, "")]
-    for sub in sorted(p for p in root.iterdir() if p.is_dir()):
-        m = re.match(r"^(\d+)_(.*)$", sub.name)
-        if m and int(m.group(1)) > 0:
-            groups.append((sub, int(m.group(1)), m.group(2).strip()))
-        else:
-            log.warning("ignoring folder %s: kohya repeat folders are named 'N_name' (e.g. '10_sks dog')", sub)
+    ext = caption_suffix(caption_ext)
+    groups, _ = folders(root)
     records = []
     for folder, repeats, name in groups:
         for path in _images(folder):
@@ -150,6 +207,9 @@ def load_image(path: str | Path) -> Image.Image:
         with Image.open(path) as im:
             im.load()
             img = ImageOps.exif_transpose(im)
+    except Image.DecompressionBombError as e:  # Pillow refuses > 2x MAX_IMAGE_PIXELS before decoding
+        raise DatasetError(f"image {path} is too large to decode safely ({e}); downscale it (e.g. to 4096 px on the "
+                           "long side; it is resized to the training resolution anyway) or remove it.") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise DatasetError(f"cannot read image {path} ({type(e).__name__}: {e}); re-save it as PNG or JPEG, or remove it.") from e
     if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
@@ -219,35 +279,108 @@ class Dataset:
         return s + (f", {len(self.skipped)} skipped" if self.skipped else "")
 
 
+def trigger_notes(triggers: Sequence[str], records: Sequence[ImageRecord]) -> list[str]:
+    """Triggers listed twice, and triggers no caption holds (they would train nothing)."""
+    listed = [t.strip() for t in triggers if t.strip()]
+    notes = []
+    twice = sorted({t for t in listed if listed.count(t) > 1})
+    if twice:
+        notes.append(f"triggers lists {', '.join(repr(t) for t in twice)} more than once; each is used once.")
+    unused = [t for t in dict.fromkeys(listed) if not any(t in r.triggers for r in records)]
+    if unused:
+        shown = ", ".join(repr(t) for t in unused[:8]) + (f" and {len(unused) - 8} more" if len(unused) > 8 else "")
+        notes.append(f"{len(unused)} of {len(set(listed))} triggers appear in no caption ({shown}): they are not trained; "
+                     "add them to the captions (or folder names), or remove them from triggers.")
+    return notes
+
+
+def check_resolution(resolution: int, step: int = 64) -> None:
+    """Bucket sides are multiples of `step`: another resolution trained at a surprise size (100 -> 64x128)."""
+    if not isinstance(resolution, int) or resolution < step or resolution % step:
+        near = max(step, round(resolution / step) * step) if isinstance(resolution, (int, float)) else 512
+        raise DatasetError(f"resolution {resolution} is not a multiple of {step} (>= {step}); bucket sides are multiples "
+                           f"of {step}: use {near}.")
+
+
+@dataclass
+class DatasetPlan:
+    """A scanned folder, before any image is decoded: what decode() will read, one image at a time, so memory
+    holds one decoded image (plus the caller's latents), not every image as float32 at once."""
+    root: Path
+    records: list[ImageRecord]
+    sizes: list[tuple[int, int]]
+    resolution: int
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    small: list[str] = field(default_factory=list)
+
+    def budget(self, latent_channels: int = 4, scale: int = 8) -> str:
+        """The memory line printed before decoding: one image's pixels at a time, every latent kept."""
+        big = max(w * h for w, h in self.sizes)
+        latents = len(self.records) * latent_channels * big // (scale * scale) * 4
+        return (f"dataset {self.root}: {len(self.records)} images, decoded one at a time ({big * 12 / 2**20:.1f} MB of "
+                f"pixels at most at once), latents kept: at most {latents / 2**20:.1f} MB")
+
+    def decode(self) -> Iterator[DatasetItem]:
+        """Each readable image at its bucket size; an unreadable one goes to `skipped` (named, with why)."""
+        for r in self.records:
+            try:
+                img = load_image(r.path)
+            except DatasetError as e:
+                self.skipped.append((r.path, str(e)))
+                continue
+            if min(img.size) < MIN_SIDE:
+                self.small.append(f"{r.path.name} ({img.width}x{img.height})")
+            yield DatasetItem(fit_to(img, nearest_bucket(img.width, img.height, self.sizes)), r.caption, r.triggers,
+                              r.repeats, r.path)
+
+    def finish(self, n_items: int) -> list[str]:
+        """After decode(): refuse an all-unreadable folder; the warnings to show (also logged)."""
+        unreadable = [(p, why) for p, why in self.skipped if p.suffix.lower() not in UNSUPPORTED_EXTS]
+        if unreadable:
+            log.warning("skipped %d unreadable image(s): %s", len(unreadable), ", ".join(str(p) for p, _ in unreadable))
+        if not n_items:
+            raise DatasetError(f"no readable image in {self.root}; all {len(self.skipped)} failed to decode: "
+                               + "; ".join(f"{p.name}: {why}" for p, why in self.skipped))
+        warnings = list(self.warnings)
+        if self.small:
+            warnings.append(f"{len(self.small)} image(s) in {self.root} are smaller than {MIN_SIDE} px on a side: "
+                            f"{', '.join(self.small[:5])}{f' and {len(self.small) - 5} more' if len(self.small) > 5 else ''}; "
+                            f"they are upscaled to a bucket of about {self.resolution} px and teach mostly blur: use "
+                            "larger images or remove them.")
+            log.warning(warnings[-1])
+        return warnings
+
+
+def plan_dataset(root: str | Path, triggers: Sequence[str], class_word: str = "", caption_ext: str = ".txt",
+                 insert_trigger: Insert = "prepend", resolution: int = 512, buckets: bool = True,
+                 bucket_step: int = 64) -> DatasetPlan:
+    check_resolution(resolution, bucket_step)
+    records = scan_folder(root, triggers, class_word, caption_ext, insert_trigger)
+    groups, folder_notes = folders(root)
+    unsupported = unsupported_files(groups)
+    if unsupported:
+        log.warning("skipped %d file(s) in formats the trainer does not read: %s", len(unsupported),
+                    ", ".join(str(p) for p, _ in unsupported))
+    tnotes = trigger_notes(triggers, records)
+    for n in tnotes:  # scan_folder and folders() logged theirs
+        log.warning(n)
+    notes = folder_notes + [n for n in [legacy_caption_note(records)] if n] + tnotes
+    sizes = make_buckets(resolution, bucket_step) if buckets else [(resolution, resolution)]
+    return DatasetPlan(Path(root).expanduser(), records, sizes, resolution, list(unsupported), notes)
+
+
 def load_dataset(root: str | Path, triggers: Sequence[str], class_word: str = "", caption_ext: str = ".txt",
                  insert_trigger: Insert = "prepend", resolution: int = 512, buckets: bool = True,
                  bucket_step: int = 64) -> Dataset:
-    records = scan_folder(root, triggers, class_word, caption_ext, insert_trigger)
-    sizes = make_buckets(resolution, bucket_step) if buckets else [(resolution, resolution)]
-    items, skipped, small = [], [], []
-    for r in records:
-        try:
-            img = load_image(r.path)
-        except DatasetError as e:
-            skipped.append((r.path, str(e)))
-            continue
-        if min(img.size) < MIN_SIDE:
-            small.append(f"{r.path.name} ({img.width}x{img.height})")
-        items.append(DatasetItem(fit_to(img, nearest_bucket(img.width, img.height, sizes)), r.caption, r.triggers,
-                                 r.repeats, r.path))
-    if skipped:
-        log.warning("skipped %d unreadable image(s): %s", len(skipped), ", ".join(str(p) for p, _ in skipped))
-    if not items:
-        raise DatasetError(f"no readable image in {root}; all {len(skipped)} failed to decode: "
-                           + "; ".join(f"{p.name}: {why}" for p, why in skipped))
-    warnings = [n for n in [legacy_caption_note(records)] if n]
-    if small:
-        warnings.append(f"{len(small)} image(s) in {root} are smaller than {MIN_SIDE} px on a side: "
-                        f"{', '.join(small[:5])}{f' and {len(small) - 5} more' if len(small) > 5 else ''}; they are "
-                        f"upscaled to a bucket of about {resolution} px and teach mostly blur: use larger images or remove them.")
-        log.warning(warnings[-1])
-    return Dataset(items, skipped, warnings)
+    """Every image decoded into memory (scripts and tests); a host with many images decodes plan_dataset's
+    images one at a time instead."""
+    plan = plan_dataset(root, triggers, class_word, caption_ext, insert_trigger, resolution, buckets, bucket_step)
+    items = list(plan.decode())
+    warnings = plan.finish(len(items))
+    return Dataset(items, plan.skipped, warnings)
 
 
-__all__ = ["DatasetError", "Dataset", "DatasetItem", "ImageRecord", "IMAGE_EXTS", "MIN_SIDE", "fit_to", "load_dataset",
+__all__ = ["DatasetError", "Dataset", "DatasetItem", "DatasetPlan", "ImageRecord", "IMAGE_EXTS", "MIN_SIDE", "UNSUPPORTED_EXTS",
+           "caption_suffix", "check_resolution", "fit_to", "folders", "load_dataset", "plan_dataset",
            "load_image", "make_buckets", "nearest_bucket", "read_caption", "scan_folder"]

@@ -78,6 +78,12 @@ def from_kohya(tensors: Mapping[str, Tensor], names: Mapping[str, str]) -> dict[
     return out
 
 
+def _unwritable(path: Path, e: OSError):
+    from .run_folder import StorageError
+    raise StorageError(e.errno, f"cannot write {path}: its folder is not writable ({e.strerror or e}); make it writable "
+                                "or save into another folder.") from None
+
+
 def save_lora(path: str | os.PathLike, tensors: Mapping[str, Tensor], metadata: Mapping[str, str],
               overwrite: bool = False) -> Path:
     """Write a .safetensors atomically: temp file in the same folder, fsync, then a rename.
@@ -95,7 +101,10 @@ def save_lora(path: str | os.PathLike, tensors: Mapping[str, Tensor], metadata: 
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it or choose a free name "
                               f"(next_free_path gives one).")
     data = save(dict(tensors), metadata=dict(metadata))
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        _unwritable(path, e)
     # os.open with 0o666, not mkstemp: mkstemp makes 0600 files, which other users of a shared server
     # cannot load; this way the umask decides, as for any file the user writes.
     while True:
@@ -105,11 +114,18 @@ def save_lora(path: str | os.PathLike, tensors: Mapping[str, Tensor], metadata: 
             break
         except FileExistsError:
             continue
+        except OSError as e:  # read-only disk, no permission
+            _unwritable(path, e)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:  # a full disk: say which file and what to do (the temp file goes in `finally`)
+            from .run_folder import StorageError
+            raise StorageError(e.errno, f"cannot write {path} ({e.strerror or e}; {len(data) / 2**20:.1f} MB); free "
+                                        "space on that disk or save into another folder.") from e
         if overwrite:
             os.replace(tmp, path)
         else:

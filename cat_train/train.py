@@ -66,14 +66,14 @@ class TrainConfig:
     def __post_init__(self):
         checks = [
             (self.steps >= 1, f"steps must be >= 1, got {self.steps}; the paper trains 600."),
-            (self.lr > 0, f"learning rate must be > 0, got {self.lr}; the paper uses 1e-4."),
+            (self.lr > 0 and math.isfinite(self.lr), f"learning rate must be a finite number > 0, got {self.lr}; the paper uses 1e-4."),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}."),
             (self.grad_accum >= 1, f"grad_accum must be >= 1, got {self.grad_accum}."),
             (self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}."),
             (self.save_every >= 0, f"save_every must be >= 0 (0 = off), got {self.save_every}."),
             (self.lr_schedule in ("constant", "cosine"), f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}."),
             (self.mixed_precision in ("no", "bf16", "fp16"), f"mixed_precision must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}."),
-            (self.max_grad_norm >= 0, f"max_grad_norm must be >= 0 (0 = off), got {self.max_grad_norm}."),
+            (self.max_grad_norm >= 0 and math.isfinite(self.max_grad_norm), f"max_grad_norm must be >= 0 (0 = off), got {self.max_grad_norm}."),
         ]
         for ok, msg in checks:
             if not ok:

@@ -61,6 +61,23 @@ def progress_callback(node_id: str | None, total: int):
     return cb
 
 
+def phase_progress(total: int):
+    """tick() for a long phase before training (decode, encode, probe): moves the node's bar and stops at Cancel
+    between items, so Cancel takes effect within one item, not after the phase (109 s for a dataset's encode)."""
+    import comfy.model_management as mm
+    import comfy.utils
+
+    pbar = comfy.utils.ProgressBar(max(1, total))
+    done = [0]
+
+    def tick(n: int = 1) -> None:
+        mm.throw_exception_if_processing_interrupted()
+        done[0] += n
+        pbar.update_absolute(min(done[0], max(1, total)), max(1, total))  # under a server this hook raises at Cancel
+    tick.check = mm.throw_exception_if_processing_interrupted  # for a phase with no count (one probe forward)
+    return tick
+
+
 MODEL_FILE_INPUTS = ("ckpt_name", "unet_name")  # CheckpointLoaderSimple, UNETLoader (and loaders shaped like them)
 
 

@@ -7,9 +7,13 @@ from pathlib import Path
 import torch
 from comfy_api.latest import io
 
-from ..cat_train.dataset import load_dataset
+import logging
+
+from ..cat_train.dataset import DatasetError, caption_suffix, check_resolution, folders, plan_dataset
 from ..cat_train.loss import repeat_to_common_length
-from .common import CATEGORY, Dataset, input_path
+from .common import CATEGORY, Dataset, input_path, phase_progress
+
+log = logging.getLogger("ComfyUI-CAT")
 
 
 @dataclass
@@ -22,6 +26,7 @@ class CatDataset:
     source: str
     skipped: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)  # legacy caption encodings, tiny images: shown in the node's info
+    budget: str = ""  # the memory line printed before decoding
     _text_cache: dict = field(default_factory=dict, repr=False)
 
     def encode_text(self, prompts: list[str]) -> dict[str, torch.Tensor]:
@@ -50,16 +55,22 @@ class CatDataset:
 
 
 def build_dataset(folder: Path, vae, clip, triggers: tuple[str, ...], class_word: str, caption_ext: str,
-                  res: int, buckets: bool, where: str = "prepend") -> CatDataset:
-    """Images decoded, bucketed and captioned by the core (errors name the file and the fix); each latent
-    is encoded once here, in ComfyUI's IMAGE layout (1, H, W, 3) in [0, 1]."""
-    ds = load_dataset(folder, triggers, class_word, caption_ext, where, res, buckets)
+                  res: int, buckets: bool, where: str = "prepend", tick=None) -> CatDataset:
+    """Images decoded, bucketed and captioned by the core (errors name the file and the fix), one at a time: each is
+    encoded here, in ComfyUI's IMAGE layout (1, H, W, 3) in [0, 1], before the next is decoded, so memory holds the
+    latents and one image (2000 images at 512 px: 6.8 GB of float32 pixels at once before). tick() per image moves
+    the progress bar and honours Cancel."""
+    plan = plan_dataset(folder, triggers, class_word, caption_ext, where, res, buckets)
+    log.info("ComfyUI-CAT %s", plan.budget())
+    tick = tick or phase_progress(len(plan.records))
     items = []
-    for it in ds.items:
+    for it in plan.decode():
         latent = vae.encode(((it.pixels.permute(1, 2, 0) + 1) / 2).clamp(0, 1)[None])
         items.append((latent[0].detach().float().cpu().clone(), it.caption, it.triggers, it.repeats))
-    return CatDataset(items, tuple(triggers), class_word, clip, str(folder), skipped=[str(p) for p, _ in ds.skipped],
-                      warnings=list(ds.warnings))
+        tick()
+    warnings = plan.finish(len(items))
+    return CatDataset(items, tuple(dict.fromkeys(triggers)), class_word, clip, str(folder),
+                      skipped=[str(p) for p, _ in plan.skipped], warnings=warnings, budget=plan.budget())
 
 
 class CatDatasetNode(io.ComfyNode):
@@ -82,9 +93,26 @@ class CatDatasetNode(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, caption_extension=None, resolution=None):
+        """ComfyUI checks min/max but not step: resolution 100 over the API trained at 64x128."""
+        try:
+            if caption_extension is not None:
+                caption_suffix(caption_extension)
+            if resolution is not None:
+                check_resolution(resolution)
+        except DatasetError as e:
+            return str(e)
+        return True
+
+    @classmethod
     def fingerprint_inputs(cls, folder, caption_extension, **kw):
-        root = input_path(folder)  # re-encode when files change, not on every queue
-        return tuple(sorted((str(p), p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file())) if root.is_dir() else folder
+        """Re-encode when the files it reads change, not on every queue: the root and its N_name folders only (what
+        the node reads), capped, so a folder like /usr is not walked in full on every queue."""
+        try:
+            groups, _ = folders(input_path(folder))
+        except (DatasetError, OSError):
+            return folder  # execute reports it
+        return tuple(sorted((str(p), p.stat().st_mtime_ns) for g, *_ in groups for p in g.iterdir() if p.is_file()))
 
     @classmethod
     def execute(cls, vae, clip, folder, triggers, class_word, caption_extension, resolution, buckets) -> io.NodeOutput:
@@ -97,7 +125,7 @@ def info(ds: CatDataset) -> str:
     """The node's info output: buckets, skipped files, warnings."""
     text = f"{len(ds.items)} images in {len(ds.buckets)} bucket(s): " + ", ".join(f"{w}x{h}: {n}" for (w, h), n in sorted(ds.buckets.items()))
     if ds.skipped:
-        text += f"\nskipped {len(ds.skipped)} unreadable file(s): " + ", ".join(ds.skipped)
+        text += f"\nskipped {len(ds.skipped)} unreadable or unsupported file(s): " + ", ".join(ds.skipped)
     if ds.warnings:
         text += "\n" + "\n".join(ds.warnings)
     return text

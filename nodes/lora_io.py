@@ -44,11 +44,32 @@ def safe_subpath(folder: str | os.PathLike, name: str, field: str = "LoRA name",
     if (".." in Path(raw).parts or ".." in raw.split("/") or os.path.isabs(raw) or "\\" in raw
             or re.match(r"^[A-Za-z]:", raw) or raw.startswith(("/", "~"))):
         raise ValueError(f"{field} {name!r} names a path outside {where}; {fix}")
+    too_long = [part for part in Path(raw).parts if len(part.encode()) > name_limit(folder)]
+    if too_long:
+        part = too_long[0]
+        raise ValueError(f"{field} {part[:24]!r}... is {len(part.encode())} bytes long: this filesystem allows "
+                         f"{name_limit(folder) + NAME_RESERVE} per file name and the saved files add up to {NAME_RESERVE} "
+                         f"('_step000000_00001.safetensors'); use at most {name_limit(folder)} characters per folder or name.")
     base = Path(folder).resolve()
     stem = (base / raw).resolve()
     if base not in stem.parents:
         raise ValueError(f"{field} {name!r} names a path outside {where}; {fix}")
     return stem
+
+
+NAME_RESERVE = 32  # what the writers add to a name: '_stepNNNNNN', '_NNNNN', '.safetensors', 'cat-stepNNNNNN.pt'
+
+
+def name_limit(folder: str | os.PathLike) -> int:
+    """Bytes a name typed into a node may have: the filesystem's limit (255 almost everywhere) less NAME_RESERVE."""
+    q = Path(folder).absolute()
+    while not q.exists() and q != q.parent:
+        q = q.parent
+    try:
+        limit = os.pathconf(q, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):
+        limit = 255
+    return max(1, min(limit, 255) - NAME_RESERVE)
 
 
 def name_problem(folder: str | os.PathLike, name, field: str, where: str, example: str) -> bool | str:

@@ -10,6 +10,7 @@ from comfy_api.latest import io
 
 from ..cat_train.export import save_lora, to_kohya, training_metadata
 from ..cat_train.regularizers import metadata as regularizer_metadata
+from ..cat_train.run_folder import check_space, writable_folder
 from .comfy_model import base_model_version, family_of
 from .common import CATEGORY
 from .lora_io import name_problem, safe_lora_path
@@ -46,6 +47,16 @@ def step_lora_writer(mp, folder, name: str, loss_cfg, spec, cfg, dataset, base_m
     return write
 
 
+def check_lora_folder(folder, need_bytes: int, field: str) -> None:
+    """Before any work: the loras folder can be written and has room for one LoRA (a read-only or full models/loras
+    used to fail after training, or at the first mid-run save)."""
+    from pathlib import Path
+
+    fix = f"free space there, or point ComfyUI's loras folder (extra_model_paths.yaml) elsewhere; {field} picks the name."
+    writable_folder(Path(folder), "loras folder", fix)
+    check_space(Path(folder), need_bytes + 2**20, "loras folder", fix)
+
+
 def loras_folder() -> str:
     import folder_paths
 
@@ -68,6 +79,7 @@ class SaveCatLoraNode(io.ComfyNode):
 
     @classmethod
     def execute(cls, lora, name) -> io.NodeOutput:
+        check_lora_folder(loras_folder(), sum(t.numel() * t.element_size() for t in lora.values()), "name")
         meta = {**getattr(lora, "metadata", {}), "ss_output_name": name.strip()}  # the name chosen here, as kohya's --output_name
         path = save_lora(safe_lora_path(loras_folder(), name), dict(lora), meta)
         return io.NodeOutput(str(path), ui={"text": [str(path)]})
