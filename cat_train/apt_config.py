@@ -67,12 +67,26 @@ class AptConfig:
         for ok, msg in checks:
             if not ok:
                 raise ValueError(msg)
-        for pattern in (self.stabilize_layers, self.align_layers):
-            re.compile(pattern)
+        for name in ("stabilize_layers", "align_layers"):
+            problem = pattern_problem(name, getattr(self, name))
+            if problem:
+                raise ValueError(problem)
 
     @property
     def active(self) -> bool:
         return bool(self.adaptive or self.stabilize or self.align)
+
+
+def pattern_problem(field: str, pattern) -> str | None:
+    """A layer pattern that is no regular expression, named by its field (a bare re.error named none)."""
+    if not isinstance(pattern, str):
+        return None
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        return (f"APT {field} {pattern!r} is not a valid regular expression ({e}); it is matched against module names, "
+                "e.g. '.*attn2' (leave the default to use the family's layers).")
+    return None
 
 
 def metadata(cfg: AptConfig) -> dict[str, str]:

@@ -73,6 +73,22 @@ def check_trigger_not_class_word(triggers: Sequence[str], class_word: str, field
                          f"{class_word.strip()!r} as the class word.")
 
 
+def check_image_batch(images, what: str) -> None:
+    """Images to score, (B, H, W, C) in [0, 1]: refuse NaN/inf pixels and blank images (all one value, e.g. all
+    black), which CLIP embeds as near-identical points and would score as a meaningful KPS/IS (0 or 1)."""
+    import torch
+
+    flat = torch.as_tensor(images).reshape(len(images), -1)
+    for i, row in enumerate(flat):
+        if not bool(torch.isfinite(row).all()):
+            raise ValueError(f"{what} image {i + 1} of {len(flat)} holds NaN/inf pixels (a diverged sample or a failed "
+                             "decode?); regenerate it (lower the LoRA strength or the CFG) before scoring.")
+        if float(row.max() - row.min()) == 0.0:
+            raise ValueError(f"{what} image {i + 1} of {len(flat)} is blank (every pixel {float(row[0]):.3g}, e.g. all "
+                             "black from a NaN-filtered decode or a safety checker); regenerate it before scoring: a "
+                             "blank image gives a meaningless score.")
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse that reports a bad argument in one line (not the whole usage block) and exits 2."""
 

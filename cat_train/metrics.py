@@ -148,6 +148,20 @@ def _to_pil(img):
     return Image.fromarray((hwc.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8).numpy(), "RGB")
 
 
+def _unreadable(e: BaseException) -> bool:
+    """torch.load's failures on a file that is no checkpoint at all (zip, pickle, safe-loader refusals)."""
+    text = str(e)
+    return any(k in text for k in ("weights_only", "Weights only load failed", "PytorchStreamReader", "invalid load key",
+                                   "header too large", "Error while deserializing"))
+
+
+def _not_a_checkpoint(path, e: BaseException) -> str:
+    """Without torch's own text: it advises weights_only=False, which runs whatever code a stranger's file carries."""
+    return (f"cannot read {path} as an open_clip checkpoint ({type(e).__name__}): it is not a torch state dict or a "
+            ".safetensors file of model weights, or it is damaged; give the open_clip weights (.pt/.bin/.safetensors) "
+            "of the model named in open_clip_model.")
+
+
 class ClipScorer:
     """open_clip model + local checkpoint file -> L2-normalized image/text embeddings and the three scores.
 
@@ -181,12 +195,13 @@ class ClipScorer:
                 model_name, pretrained=str(path), pretrained_image=False, pretrained_text=False, device="cpu",
                 weights_only=True)
         except (RuntimeError, AssertionError, KeyError) as e:
+            if _unreadable(e):
+                raise ValueError(_not_a_checkpoint(path, e)) from None
             raise ValueError(f"checkpoint {path} does not fit open_clip model {model_name!r} ({str(e).splitlines()[0][:200]}); "
                              "pass the model name these weights were trained as (e.g. 'ViT-L-14' for a ViT-L/14 "
                              "checkpoint) or the checkpoint of that model.") from e
         except Exception as e:  # noqa: BLE001 - torch.load's unpickling errors share no base class
-            raise ValueError(f"cannot read {path} as an open_clip checkpoint ({type(e).__name__}: {e}); "
-                             "give a torch state dict (.pt/.bin) or .safetensors of the model's weights.") from e
+            raise ValueError(_not_a_checkpoint(path, e)) from None
         self.model = model.to(device).eval()
         self.tokenizer = open_clip.get_tokenizer(model_name)
         self.device, self.batch_size = torch.device(device), batch_size

@@ -7,8 +7,9 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..cat_train.apt import AUGMENT_OPS, AptConfig
+from ..cat_train.apt_config import pattern_problem
 from ..cat_train.options_doc import help_of
-from .common import CATEGORY, AptOptions
+from .common import CATEGORY, AptOptions, range_problem
 
 _D = AptConfig()
 
@@ -53,7 +54,13 @@ class AptOptionsNode(io.ComfyNode):
     def validate_inputs(cls, augment="", **kw):
         ops = [o.strip() for o in augment.split(",") if o.strip()]
         bad = [o for o in ops if o not in AUGMENT_OPS]
-        return f"augment: unknown {', '.join(bad)}; choose from {', '.join(AUGMENT_OPS)}" if bad else True
+        if bad:
+            return f"augment: unknown {', '.join(bad)}; choose from {', '.join(AUGMENT_OPS)}"
+        for name in ("stabilize_layers", "align_layers"):  # a bare re.error named no field
+            problem = pattern_problem(name, kw.get(name))
+            if problem:
+                return problem
+        return range_problem(cls, **kw)  # **kw turns ComfyUI's range checks off for every input (bins 1e6 passed)
 
     @classmethod
     def execute(cls, adaptive, stabilize, align, bins, augment, **kw) -> io.NodeOutput:

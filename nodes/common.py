@@ -61,6 +61,24 @@ def progress_callback(node_id: str | None, total: int):
     return cb
 
 
+def range_problem(node_cls, **values) -> bool | str:
+    """For a validate_inputs: the ranges ComfyUI itself checks only for inputs validate_inputs does not name (and
+    for none when it takes **kw, as APT Options does: bins 1,000,000 went through). True, or the reason shown."""
+    import math
+
+    inputs = {i.id: i for i in node_cls.define_schema().inputs}
+    for name, v in values.items():
+        spec = inputs.get(name)
+        if spec is None or not isinstance(v, (int, float)) or isinstance(v, bool):
+            continue
+        lo, hi = getattr(spec, "min", None), getattr(spec, "max", None)
+        if isinstance(v, float) and not math.isfinite(v):
+            return f"{name} must be a finite number, got {v}."
+        if (lo is not None and v < lo) or (hi is not None and v > hi):
+            return f"{name} {v} is out of range: use a value from {lo} to {hi}."
+    return True
+
+
 def phase_progress(total: int):
     """tick() for a long phase before training (decode, encode, probe): moves the node's bar and stops at Cancel
     between items, so Cancel takes effect within one item, not after the phase (109 s for a dataset's encode)."""

@@ -11,7 +11,7 @@ import logging
 
 from ..cat_train.dataset import DatasetError, caption_suffix, check_resolution, folders, plan_dataset
 from ..cat_train.loss import repeat_to_common_length
-from .common import CATEGORY, Dataset, input_path, phase_progress
+from .common import CATEGORY, Dataset, input_path, phase_progress, range_problem
 
 log = logging.getLogger("ComfyUI-CAT")
 
@@ -94,7 +94,11 @@ class CatDatasetNode(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, caption_extension=None, resolution=None):
-        """ComfyUI checks min/max but not step: resolution 100 over the API trained at 64x128."""
+        """ComfyUI checks min/max but not step: resolution 100 over the API trained at 64x128. Naming `resolution`
+        here turns ComfyUI's own range check off for it, so range_problem does it."""
+        ranged = range_problem(cls, resolution=resolution)
+        if ranged is not True:
+            return ranged
         try:
             if caption_extension is not None:
                 caption_suffix(caption_extension)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from comfy_api.latest import io
 
+from ..cat_train.checks import check_image_batch
 from ..cat_train.metrics import ClipScorer
 from ..cat_train.plot import bar_chart
 from .common import CATEGORY, image_of
@@ -58,6 +59,9 @@ def evaluate(with_t, without_t, refs, prompts: str, checkpoint: str, arch: str, 
     if with_t.shape[0] != without_t.shape[0]:
         raise ValueError(f"{with_t.shape[0]} images with the trigger but {without_t.shape[0]} without; "
                          "KPS pairs them one to one (same seeds), so give equal batches.")
+    for batch, what in ((with_t, "images_with_trigger"), (without_t, "images_without_trigger"), (refs, "reference_images")):
+        if batch is not None:
+            check_image_batch(batch, what)  # the leak scan refuses NaN too; a blank image scored KPS 0 silently
     lines = [p.strip() for p in prompts.splitlines() if p.strip()]
     if lines and len(lines) not in (1, with_t.shape[0]):
         raise ValueError(f"{len(lines)} prompts for {with_t.shape[0]} images: give one per image, or one for all.")

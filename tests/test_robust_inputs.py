@@ -1,0 +1,98 @@
+"""Issue 22, raw or misleading errors made clear and silent scores refused (core side; the nodes in tests/comfy)."""
+from __future__ import annotations
+
+import math
+import traceback
+
+import pytest
+import torch
+
+from cat_train import metrics as M
+from cat_train.adapter import LoraSpec
+from cat_train.apt_config import AptConfig
+from cat_train.checks import check_image_batch
+from cat_train.export import save_lora
+from cat_train.run_folder import StorageError
+from cat_train.train import TrainConfig
+from tests.test_metrics import tiny_clip  # noqa: F401 - the fixture
+
+
+@pytest.mark.parametrize("alpha", [math.nan, math.inf, -1.0, 0.0])
+def test_lora_alpha_nan_is_refused_by_name_not_reported_as_a_learning_rate(alpha):
+    with pytest.raises(ValueError, match=r"LoRA alpha \(lora_alpha\) must be a finite number > 0"):
+        LoraSpec(rank=4, alpha=alpha)
+
+
+@pytest.mark.parametrize("lr", [math.nan, math.inf])
+def test_a_non_finite_learning_rate_is_refused(lr):
+    with pytest.raises(ValueError, match="learning rate must be a finite number > 0"):
+        TrainConfig(lr=lr)
+
+
+@pytest.mark.parametrize("field", ["stabilize_layers", "align_layers"])
+def test_an_apt_layer_pattern_that_is_no_regex_names_its_field(field):
+    with pytest.raises(ValueError) as err:
+        AptConfig(stabilize=1.0, **{field: "((("})
+    assert str(err.value).startswith(f"APT {field} '(((' is not a valid regular expression"), str(err.value)
+
+
+def test_blank_and_nan_images_are_refused_before_scoring():
+    ok = torch.rand(2, 8, 8, 3)
+    check_image_batch(ok, "images_with_trigger")
+    black = ok.clone()
+    black[1] = 0
+    with pytest.raises(ValueError, match="images_without_trigger image 2 of 2 is blank \\(every pixel 0"):
+        check_image_batch(black, "images_without_trigger")
+    nan = ok.clone()
+    nan[0, 3, 3, 1] = float("nan")
+    with pytest.raises(ValueError, match="images_with_trigger image 1 of 2 holds NaN/inf pixels"):
+        check_image_batch(nan, "images_with_trigger")
+
+
+@pytest.mark.parametrize("content", [b"\x00garbage" * 100, b"PK\x03\x04truncated zip", b"not a checkpoint\n"],
+                         ids=["binary", "zip", "text"])
+def test_a_garbage_open_clip_file_gets_no_unsafe_loading_advice(tiny_clip, tmp_path, content):  # noqa: F811
+    bad = tmp_path / "garbage.bin"
+    bad.write_bytes(content)
+    with pytest.raises(ValueError) as err:
+        M.ClipScorer("cat-test-tiny-clip", bad)
+    shown = "".join(traceback.format_exception(err.value)).replace("test_robust_inputs.py", "")
+    assert err.value.__suppress_context__ and err.value.__cause__ is None
+    assert f"cannot read {bad} as an open_clip checkpoint" in str(err.value), str(err.value)
+    assert "weights_only" not in shown and "Weights only" not in shown, shown
+
+
+def test_a_full_disk_while_writing_a_lora_names_the_file_and_leaves_no_temp(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    real = os.fdopen
+
+    class Full:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *a):
+            self.f.close()
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fdopen", lambda fd, mode: Full(real(fd, mode)))
+    with pytest.raises(StorageError, match=r"cannot write .*x\.safetensors \(No space left on device; .* MB\); free space"):
+        save_lora(tmp_path / "x.safetensors", {"w": torch.zeros(4)}, {})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_read_only_loras_folder_names_the_file(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    def ro(*a, **k):
+        raise OSError(errno.EROFS, "Read-only file system")
+    monkeypatch.setattr(os, "open", ro)
+    with pytest.raises(StorageError, match="its folder is not writable \\(Read-only file system\\)"):
+        save_lora(tmp_path / "x.safetensors", {"w": torch.zeros(4)}, {})
