@@ -13,6 +13,7 @@ too, weight the fit term per sample and add penalties, never an extra forward pa
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Callable, ContextManager, Iterator, NamedTuple, Sequence
@@ -25,6 +26,8 @@ from .apt_config import AptConfig
 from .denoiser import Cond, Denoiser
 from .plugins import StepTerm
 from .prompts import PreservationMode, parse_class_words
+
+log = logging.getLogger("cat_train")
 
 
 @dataclass
@@ -98,8 +101,35 @@ def repeat_to_common_length(contexts: list[Tensor], dim: int = 1) -> list[Tensor
     if len(lengths) == 1:
         return contexts
     n = math.lcm(*lengths)
+    if n // min(lengths) > MAX_REPEAT:  # 20 and 21 chunks: 420 chunks, a step 100x slower and GBs more
+        return _cyclic_to_longest(contexts, dim, max(lengths))
     return [c if c.shape[dim] == n else c.repeat(*[n // c.shape[dim] if d == dim else 1 for d in range(c.ndim)])
             for c in contexts]
+
+
+# ComfyUI's own bound (comfy/conds.py CONDCrossAttn.can_concat): past 4x repetition it stops batching conditionings.
+MAX_REPEAT = 4
+_warned: set[tuple[int, ...]] = set()
+
+
+def _cyclic_to_longest(contexts: list[Tensor], dim: int, n: int) -> list[Tensor]:
+    """Lengths whose common multiple is too large (a trigger on a 75-token chunk boundary gives y_T one chunk more than
+    y): each shorter sequence is repeated and cut at the longest length. Not exact as whole repeats are (the first
+    chunks weigh a little more in attention), so it is said once per set of lengths."""
+    key = tuple(sorted({c.shape[dim] for c in contexts}))
+    if key not in _warned:
+        _warned.add(key)
+        log.warning("conditionings of %s tokens would be padded to their common multiple (%d tokens, %dx the shortest); "
+                    "the shorter ones are repeated up to the longest (%d tokens) instead, an approximation. Shorten "
+                    "long captions below 75 tokens, or keep the trigger away from a 75-token boundary, to train them "
+                    "exactly.", " and ".join(map(str, key)), math.lcm(*key), math.lcm(*key) // key[0], n)
+    out = []
+    for c in contexts:
+        k = c.shape[dim]
+        if k != n:
+            c = c.repeat(*[-(-n // k) if d == dim else 1 for d in range(c.ndim)]).narrow(dim, 0, n)
+        out.append(c)
+    return out
 
 
 def cat_cond(*conds: Cond) -> Cond:

@@ -125,16 +125,30 @@ class TrainingOutOfMemory(RuntimeError):
     pass
 
 
-def build_examples(items: Sequence[tuple], encode_text: Callable[[list[str]], Cond], loss_cfg: CatLossConfig) -> list[Example]:
-    """items: (latent, caption, triggers[, repeats]). Each distinct prompt is encoded once."""
+PAIRS_WARN = 5000  # image x preservation-prompt pairs past which the preparation time is worth a line
+
+
+def build_examples(items: Sequence[tuple], encode_text: Callable[[list[str]], Cond], loss_cfg: CatLossConfig,
+                   progress: Callable[[int, int], None] | None = None) -> list[Example]:
+    """items: (latent, caption, triggers[, repeats]). Each distinct prompt is encoded once; progress(done, total)
+    after each (a host moves its bar and stops at Cancel there). Examples share their conditionings."""
     rows = [(it[0], it[1], tuple(it[2]), it[3] if len(it) > 3 else 1) for it in items]
     if loss_cfg.preservation_prompts:  # every image with every listed y: the CAT term keeps each of them
         pres = [list(loss_cfg.preservation_prompts) for _ in rows]
+        pairs = len(rows) * len(loss_cfg.preservation_prompts)
+        if pairs > PAIRS_WARN:
+            log.warning("%d images x %d preservation prompts = %d training examples (each prompt encoded once, the "
+                        "examples share them); a few dozen prompts are usually enough.", len(rows),
+                        len(loss_cfg.preservation_prompts), pairs)
     else:
         pres = [[preservation_prompt(cap, trig, loss_cfg.preservation, loss_cfg.class_word)] for _, cap, trig, _ in rows]
     prompts = sorted({cap for _, cap, _, _ in rows} | {p for ps in pres for p in ps})
     # one prompt per call: a batch would pad every prompt to the longest, changing short captions' conditioning
-    cond = {p: {k: v[0].detach().cpu() for k, v in encode_text([p]).items()} for p in prompts}
+    cond = {}
+    for i, p in enumerate(prompts):
+        cond[p] = {k: v[0].detach().cpu() for k, v in encode_text([p]).items()}
+        if progress:
+            progress(i + 1, len(prompts))
 
     def weight(trig: tuple[str, ...]) -> float:
         return sum(loss_cfg.token_weights.get(t, 1.0) for t in trig) / len(trig) if trig else 1.0

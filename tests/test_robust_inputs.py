@@ -96,3 +96,45 @@ def test_a_read_only_loras_folder_names_the_file(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "open", ro)
     with pytest.raises(StorageError, match="its folder is not writable \\(Read-only file system\\)"):
         save_lora(tmp_path / "x.safetensors", {"w": torch.zeros(4)}, {})
+
+
+def test_a_chunk_boundary_caption_is_padded_to_the_longest_not_to_the_common_multiple(caplog):
+    from cat_train.loss import repeat_to_common_length
+
+    y_t, y = torch.randn(1, 77 * 21, 8), torch.randn(1, 77 * 20, 8)  # a trigger on the 75-token boundary: one chunk more
+    with caplog.at_level("WARNING", logger="cat_train"):
+        a, b = repeat_to_common_length([y_t, y])
+    assert a.shape[1] == b.shape[1] == 77 * 21  # not lcm = 420 chunks
+    assert torch.equal(a, y_t) and torch.equal(b[:, :77 * 20], y) and torch.equal(b[:, 77 * 20:], y[:, :77])
+    assert "common multiple (32340 tokens, 21x the shortest)" in caplog.text and "75-token boundary" in caplog.text
+    # ComfyUI's own bound: up to 4x the shortest, the exact whole repeats stay (runs keep their numbers)
+    c, d = repeat_to_common_length([torch.randn(1, 77 * 3, 8), torch.randn(1, 77 * 4, 8)])
+    assert c.shape[1] == d.shape[1] == 77 * 12
+
+
+def test_preservation_prompts_share_conditionings_report_progress_and_warn_when_many(text, caplog):
+    from cat_train.loss import CatLossConfig
+    from cat_train.train import build_examples
+
+    prompts = tuple(f"a photo of thing {i}" for i in range(2000))
+    loss = CatLossConfig(preservation_prompts=prompts)
+    seen = []
+    with caplog.at_level("WARNING", logger="cat_train"):
+        exs = build_examples([(torch.zeros(4, 8, 8), f"sks dog {i}", ("sks",)) for i in range(3)], text, loss,
+                             progress=lambda done, total: seen.append((done, total)))
+    assert len(exs) == 6000 and seen[-1] == (2003, 2003) and len(seen) == 2003
+    assert exs[0].cond_pres is exs[2000].cond_pres  # one conditioning per prompt, not one per pair
+    assert "3 images x 2000 preservation prompts = 6000 training examples" in caplog.text
+
+
+def test_batch_size_over_the_images_is_warned_in_the_result(tiny_denoiser, text):
+    from cat_train.loss import CatLossConfig
+    from cat_train.train import build_examples, train
+
+    loss = CatLossConfig(class_word="dog")
+    exs = build_examples([(torch.randn(4, 8, 8), "sks dog", ("sks",)) for _ in range(3)], text, loss)
+    res = train(tiny_denoiser, exs, loss, LoraSpec(rank=2), TrainConfig(steps=1, batch_size=8))
+    assert res.warnings == ["batch_size 8 is larger than the number of examples (3): every batch repeats images, which "
+                            "costs memory and time and trains nothing more; lower batch_size to 3 or less (raise "
+                            "grad_accum for a larger effective batch)."]
+    assert train(tiny_denoiser, exs, loss, LoraSpec(rank=2), TrainConfig(steps=1, batch_size=3)).warnings == []
