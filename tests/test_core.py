@@ -298,7 +298,7 @@ def test_cosine_schedule_with_warmup():
     (lambda: CatLossConfig(alpha=float("nan")), "alpha must be >= 0"),
     (lambda: LoraSpec(rank=0), "rank must be >= 1"),
     (lambda: TrainConfig(steps=0), "steps must be >= 1"),
-    (lambda: TrainConfig(lr=0), "learning rate must be > 0"),
+    (lambda: TrainConfig(lr=0), "learning rate must be a finite number > 0"),
     (lambda: CatLossConfig(preservation="nope"), "'empty', 'strip' or 'class'"),
     (lambda: LoraSpec(preset="everything"), "unknown target preset"),
 ])
