@@ -204,15 +204,18 @@ def adapted_vs_stock_predictions(comfy, mp, den, example, weights, spec, loaded,
 
 
 @contextlib.contextmanager
-def cancelled_after(step: int):
+def cancelled_after(step: int, total: int | None = None):
     """A user pressing Cancel once the progress bar reaches `step`, as ComfyUI's server hook sees it: the run must
-    stop with InterruptProcessingException. Yields the progress values seen; the hook and the flag are reset after."""
+    stop with InterruptProcessingException. Yields the progress values seen; the hook and the flag are reset after.
+    total: watch only the bar of that length (the trainer's preparation has a bar of its own before the steps')."""
     import comfy.model_management as mm
     from comfy import utils as comfy_utils
 
     seen = []
 
-    def hook(value, total, preview, node_id=None):
+    def hook(value, total_, preview, node_id=None):
+        if total is not None and total_ != total:
+            return
         seen.append(value)
         if value == step:
             mm.interrupt_current_processing(True)

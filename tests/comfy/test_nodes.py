@@ -120,7 +120,7 @@ def test_cancel_keeps_checkpoint_and_resumes(comfy, tiny_sd15, dataset_dir, tmp_
     mm.load_models_gpu([mp])  # the MODEL's own weights, not a still-loaded patched clone's
     before = {k: v.clone() for k, v in mp.model.diffusion_model.state_dict().items()}
     cfg = _cfg(comfy, steps=6, checkpoint_dir=str(tmp_path / "ck"))
-    with cancelled_after(2) as seen:  # the user presses Cancel after step 2
+    with cancelled_after(2, total=6) as seen:  # the user presses Cancel after step 2 (of the 6-step bar, not preparation's)
         tr.train_on_model(mp, ds, L.CatLossConfig(1.0, "class", "dog"), A.LoraSpec(rank=4, alpha=4.0), cfg)
     assert seen == [1, 2]  # stopped within one step
     ck = T.latest_checkpoint(tmp_path / "ck")
