@@ -132,6 +132,8 @@ def info(ds: CatDataset) -> str:
         text += f"\nskipped {len(ds.skipped)} unreadable or unsupported file(s): " + ", ".join(ds.skipped)
     if ds.warnings:
         text += "\n" + "\n".join(ds.warnings)
+    if ds.budget:
+        text += "\n" + ds.budget
     return text
 
 

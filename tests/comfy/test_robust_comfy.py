@@ -181,3 +181,19 @@ def test_the_dataset_fingerprint_reads_only_the_folders_it_trains_on(ready, tmp_
     t0 = time.monotonic()
     node.fingerprint_inputs("/usr", ".txt")
     assert time.monotonic() - t0 < 5
+
+
+def test_the_dataset_info_names_skipped_formats_and_the_budget(ready, tiny_sd15, tmp_path):
+    from PIL import Image
+
+    _, clip, vae = tiny_sd15
+    ds_node = pack_module(ready, "nodes.dataset")
+    Image.new("RGB", (128, 128), (200, 10, 10)).save(tmp_path / "a.png")
+    Image.new("RGB", (128, 128)).save(tmp_path / "b.gif")
+    (tmp_path / "c.heic").write_bytes(b"\0")
+    ds = ds_node.build_dataset(tmp_path, vae, clip, ("sks", "sks", "zwx"), "dog", ".txt", 128, True)
+    text = ds_node.info(ds)
+    assert f"skipped 2 unreadable or unsupported file(s): {tmp_path / 'b.gif'}, {tmp_path / 'c.heic'}" in text, text
+    assert "1 of 2 triggers appear in no caption ('zwx')" in text and "'sks' more than once" in text, text
+    assert text.endswith("decoded one at a time (0.2 MB of pixels at most at once), latents kept: at most 0.0 MB"), text
+    assert ds.triggers == ("sks", "zwx")
