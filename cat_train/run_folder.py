@@ -28,6 +28,14 @@ RUN_FILE = "cat-run.json"
 NOT_RESULT = ("save_every", "checkpoint_dir", "device", "gradient_checkpointing", "steps")
 
 
+class FolderTaken(ValueError):
+    """The checkpoint folder belongs to another run; `run_id` is this run's, `why` what differs."""
+
+    def __init__(self, message: str, folder: Path, run_id: str, why: str):
+        super().__init__(message)
+        self.folder, self.run_id, self.why = folder, run_id, why
+
+
 class StorageError(OSError):
     """A folder that cannot take the files a run writes; the message names it and the fix."""
 
@@ -111,16 +119,16 @@ def claim(folder: Path, settings: dict, resuming_same_run: bool = False) -> str:
             owner = {}
         if owner.get("run_id") not in (None, rid):
             diff = differences(owner.get("settings", {}), settings) or ["settings recorded by another version"]
-            raise ValueError(
-                f"checkpoint folder {folder} belongs to another run (run {owner.get('run_id')}); this run differs in "
-                f"{'; '.join(diff[:6])}. Its checkpoints would be overwritten: give this run its own checkpoint_name "
-                f"(e.g. '{folder.name}_2'), resume from {folder.name}'s latest checkpoint with its settings, or delete "
-                "the folder if that run is no longer wanted.")
+            why = f"belongs to another run (run {owner.get('run_id')}); this run differs in {'; '.join(diff[:6])}"
+            raise FolderTaken(
+                f"checkpoint folder {folder} {why}. Its checkpoints would be overwritten: give this run its own "
+                f"checkpoint_name (e.g. '{folder.name}_2'), resume from {folder.name}'s latest checkpoint with its "
+                "settings, or delete the folder if that run is no longer wanted.", folder, rid, why)
     elif not resuming_same_run and any(folder.glob("cat-step*.pt")):
-        raise ValueError(
-            f"checkpoint folder {folder} already holds checkpoints of an earlier run that recorded no settings; a new "
-            f"run would overwrite them. Give this run its own checkpoint_name (e.g. '{folder.name}_2'), resume from "
-            "that run's latest checkpoint, or delete the folder.")
+        why = "already holds checkpoints of an earlier run that recorded no settings"
+        raise FolderTaken(
+            f"checkpoint folder {folder} {why}; a new run would overwrite them. Give this run its own checkpoint_name "
+            f"(e.g. '{folder.name}_2'), resume from that run's latest checkpoint, or delete the folder.", folder, rid, why)
     tmp = folder / f".{RUN_FILE}.tmp{os.getpid()}"
     try:
         tmp.write_text(json.dumps({"run_id": rid, "settings": settings}, indent=1, sort_keys=True), encoding="utf-8")
@@ -128,6 +136,22 @@ def claim(folder: Path, settings: dict, resuming_same_run: bool = False) -> str:
     finally:
         tmp.unlink(missing_ok=True)
     return rid
+
+
+def claim_or_own(folder: Path, settings: dict, resuming_same_run: bool, own_folder: bool) -> tuple[Path, str | None]:
+    """claim(), or with own_folder a taken folder's run goes to its own sibling `<folder>_<run id>` (the same settings
+    find the same folder again, so a rerun or a resume lands beside its files). Returns (folder, note or None)."""
+    try:
+        claim(folder, settings, resuming_same_run)
+        return folder, None
+    except FolderTaken as e:
+        if not own_folder:
+            raise
+        mine = folder.with_name(f"{folder.name}_{e.run_id}")
+        writable_folder(mine, "checkpoint folder", "choose another checkpoint_name.")
+        claim(mine, settings, resuming_same_run)
+        return mine, (f"checkpoint folder {folder} {e.why}: this run's checkpoints go to {mine} instead, so neither "
+                      "run overwrites the other; set checkpoint_name to choose the folder.")
 
 
 def check_resume(state: dict, settings: dict, steps: int, path) -> None:

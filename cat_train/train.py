@@ -27,7 +27,7 @@ from .loss import CatLossConfig, cat_objective, repeat_to_common_length
 from .plugins import Adapter, StepTerm
 from .prompts import preservation_prompt
 from .regularizers import step_terms
-from .run_folder import (atomic_save, check_resume, check_space, checkpoint_bytes, claim, data_fingerprint,
+from .run_folder import (atomic_save, check_resume, check_space, checkpoint_bytes, claim_or_own, data_fingerprint,
                          result_settings, writable_folder)
 
 log = logging.getLogger("cat_train")
@@ -270,12 +270,14 @@ def _is_oom(e: BaseException) -> bool:
 def train(denoiser: Denoiser, examples: Sequence[Example], loss_cfg: CatLossConfig, spec: AdapterSpec | Adapter,
           cfg: TrainConfig, callback: Callable[[StepInfo], None] | None = None, resume: str | os.PathLike | None = None,
           keep_adapter: bool = False, on_save: Callable[[int, Any], None] | None = None,
-          sampler: BatchSampler | None = None) -> TrainResult:
+          sampler: BatchSampler | None = None, own_folder: bool = False) -> TrainResult:
     """Train an adapter (the one `spec` configures, or a `plugins.Adapter` itself) with the CAT objective.
     The model is restored (adapter removed) on return unless keep_adapter.
 
     on_save(step, weights) runs at every `save_every` checkpoint (e.g. to write a loadable adapter file too);
-    sampler: how batches are drawn (default: same-bucket batches weighted by repeats)."""
+    sampler: how batches are drawn (default: same-bucket batches weighted by repeats); own_folder: when
+    cfg.checkpoint_dir belongs to another run, write to `<dir>_<run id>` (said in the result's warnings) instead of
+    refusing (run_folder.FolderTaken)."""
     if not examples:
         raise ValueError("no training examples; the dataset is empty.")
     adapter = adapter_for(spec)
@@ -297,7 +299,10 @@ def train(denoiser: Denoiser, examples: Sequence[Example], loss_cfg: CatLossConf
         fix = "choose another checkpoint folder (the node's checkpoint_name) on a disk with room."
         writable_folder(ckpt_dir, "checkpoint folder", fix)
         same = state is not None and Path(resume).resolve().parent == ckpt_dir.resolve()
-        claim(ckpt_dir, settings, resuming_same_run=same)
+        ckpt_dir, moved = claim_or_own(ckpt_dir, settings, same, own_folder)
+        if moved:
+            log.warning(moved)
+            notes.append(moved)
 
     was_training = module.training
     result = TrainResult(weights={}, warnings=notes)

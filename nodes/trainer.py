@@ -204,7 +204,8 @@ def train_on_model(mp, dataset, loss_cfg: CatLossConfig, spec: LoraSpec, cfg: Tr
         budget.check(ckpt_on, cfg.batch_size, (big.shape[-1] * 8, big.shape[-2] * 8), spec.rank)
         cb = progress_callback(node_id, cfg.steps)
         cfg = dataclasses.replace(cfg, mixed_precision=mixed_precision_name(den.compute_dtype), gradient_checkpointing=ckpt_on)
-        result = train(den, examples, loss_cfg, spec, cfg, callback=cb, resume=resume or None, on_save=on_save)
+        result = train(den, examples, loss_cfg, spec, cfg, callback=cb, resume=resume or None, on_save=on_save,
+                       own_folder=True)  # two queued runs with one checkpoint_name: the second gets its own folder
     sd = CatLora(to_kohya(result.weights, den.family.kohya_names(mp.model.diffusion_model)))
     sd.metadata = metadata(loss_cfg, spec, cfg, dataset, result.steps_done, result.history, base_model_version(mp), base_model)
     patched, _ = comfy.sd.load_lora_for_models(mp, None, dict(sd), 1.0, 0)

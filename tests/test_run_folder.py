@@ -164,3 +164,23 @@ def test_a_read_only_checkpoint_folder_is_refused_before_step_1(tiny_denoiser, t
     monkeypatch.setattr(run_folder.tempfile, "mkstemp", ro)
     with pytest.raises(StorageError, match="cannot be written \\(Read-only file system\\); choose another checkpoint folder"):
         run(tiny_denoiser, examples(text), tmp_path / "ro")
+
+
+def test_with_own_folder_a_second_run_gets_its_own_folder_and_finds_it_again(tiny_denoiser, text, tmp_path):
+    folder = tmp_path / "x"
+    run(tiny_denoiser, examples(text), folder)
+    first = snapshot(folder)
+    cfg = TrainConfig(steps=4, save_every=2, checkpoint_dir=str(folder), lr=2e-4)
+    res = train(tiny_denoiser, examples(text), LOSS, LoraSpec(rank=2), cfg, own_folder=True)
+    rid = json.loads((res.last_checkpoint.parent / RUN_FILE).read_text())["run_id"]
+    assert res.last_checkpoint == tmp_path / f"x_{rid}" / "cat-step000004.pt"
+    assert snapshot(folder) == first  # the first run's files untouched
+    (note,) = res.warnings
+    assert note.startswith(f"checkpoint folder {folder} belongs to another run") and "lr 0.0001 -> 0.0002" in note
+    assert f"this run's checkpoints go to {tmp_path / f'x_{rid}'} instead" in note
+    again = train(tiny_denoiser, examples(text), LOSS, LoraSpec(rank=2), cfg, own_folder=True)
+    assert again.last_checkpoint == res.last_checkpoint  # the same settings find the same folder
+    resumed = train(tiny_denoiser, examples(text), LOSS, LoraSpec(rank=2),
+                    TrainConfig(steps=6, save_every=2, checkpoint_dir=str(folder), lr=2e-4), own_folder=True,
+                    resume=res.last_checkpoint)
+    assert resumed.steps_done == 6 and (tmp_path / f"x_{rid}" / "cat-step000006.pt").is_file()
