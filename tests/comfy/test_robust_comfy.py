@@ -197,3 +197,21 @@ def test_the_dataset_info_names_skipped_formats_and_the_budget(ready, tiny_sd15,
     assert "1 of 2 triggers appear in no caption ('zwx')" in text and "'sks' more than once" in text, text
     assert text.endswith("decoded one at a time (0.2 MB of pixels at most at once), latents kept: at most 0.0 MB"), text
     assert ds.triggers == ("sks", "zwx")
+
+
+def test_two_queued_runs_with_one_checkpoint_name_keep_their_own_checkpoints(ready):
+    from conftest import run_prompt
+
+    tr = pack_module(ready, "nodes.trainer")
+    folder = tr.checkpoints_folder() / "two_runs"
+    for lr in (0.01, 0.02):
+        g = graph(steps=2, checkpoint_name="two_runs")
+        g["4"]["inputs"].update(save_every=2, learning_rate=lr)
+        ex = run_prompt(g)
+        assert ex.success, ex.status_messages[-1]
+    first = folder / "cat-step000002.pt"
+    others = [p for p in folder.parent.glob("two_runs_*") if p.is_dir()]
+    assert first.is_file() and len(others) == 1 and (others[0] / "cat-step000002.pt").is_file()
+    state_a = torch.load(first, weights_only=True)
+    state_b = torch.load(others[0] / "cat-step000002.pt", weights_only=True)
+    assert state_a["config"]["lr"] == 0.01 and state_b["config"]["lr"] == 0.02  # neither overwrote the other
