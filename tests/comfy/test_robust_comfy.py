@@ -215,3 +215,19 @@ def test_two_queued_runs_with_one_checkpoint_name_keep_their_own_checkpoints(rea
     state_a = torch.load(first, weights_only=True)
     state_b = torch.load(others[0] / "cat-step000002.pt", weights_only=True)
     assert state_a["config"]["lr"] == 0.01 and state_b["config"]["lr"] == 0.02  # neither overwrote the other
+
+
+def test_a_trigger_on_a_75_token_boundary_pads_to_the_longest_caption_not_420_chunks(ready, tiny_sd15):
+    _, clip, _ = tiny_sd15
+    CD = pack_module(ready, "nodes.dataset").CatDataset
+    L = pack_module(ready, "cat_train.loss")
+    P = pack_module(ready, "cat_train.prompts")
+    caption = "a " * (75 * 20 - 1) + "sks dog"  # without the trigger 20 full chunks; the trigger opens the 21st
+    y = P.preservation_prompt(caption, ["sks"], "strip", "dog")
+    ds = CD([], ("sks",), "dog", clip, "")
+    c_tok, c_pres = ds.encode_text([caption]), ds.encode_text([y])
+    chunks = (c_tok["context"].shape[1] // 77, c_pres["context"].shape[1] // 77)
+    assert chunks == (21, 20), chunks
+    both = L.cat_cond(c_tok, c_pres)
+    assert both["context"].shape[1] == 21 * 77  # was lcm(21, 20) = 420 chunks
+    assert torch.equal(both["context"][0], c_tok["context"][0])
