@@ -231,3 +231,21 @@ def test_a_trigger_on_a_75_token_boundary_pads_to_the_longest_caption_not_420_ch
     both = L.cat_cond(c_tok, c_pres)
     assert both["context"].shape[1] == 21 * 77  # was lcm(21, 20) = 420 chunks
     assert torch.equal(both["context"][0], c_tok["context"][0])
+
+
+def test_an_sd15_checkpoint_resumed_on_sdxl_names_both_families(ready, tiny_sd15, tiny_sdxl, dataset_dir, tmp_path):
+    tr = pack_module(ready, "nodes.trainer")
+    A, L, T = (pack_module(ready, f"cat_train.{m}") for m in ("adapter", "loss", "train"))
+    dsn = pack_module(ready, "nodes.dataset")
+    mp, clip, vae = tiny_sd15
+    ds = dsn.build_dataset(dataset_dir, vae, clip, ("sks",), "dog", ".txt", 128, True)
+    cfg = T.TrainConfig(steps=1, lr=1e-2, save_every=1, checkpoint_dir=str(tmp_path / "sd15"))
+    tr.train_on_model(mp, ds, L.CatLossConfig(1.0, "class", "dog"), A.LoraSpec(rank=2, alpha=2.0), cfg)
+    xl, xclip, xvae = tiny_sdxl
+    ds_xl = dsn.build_dataset(dataset_dir, xvae, xclip, ("sks",), "dog", ".txt", 128, True)
+    with pytest.raises(ValueError) as err:
+        tr.train_on_model(xl, ds_xl, L.CatLossConfig(1.0, "class", "dog"), A.LoraSpec(rank=2, alpha=2.0),
+                          T.TrainConfig(steps=2, lr=1e-2, checkpoint_dir=str(tmp_path / "xl")),
+                          resume=str(tmp_path / "sd15" / "cat-step000001.pt"))
+    assert "was trained on a sd model, this model is sdxl; resume it on the sd model it was trained on" in str(err.value)
+    assert "target preset" not in str(err.value)
