@@ -28,6 +28,9 @@ RUN_FILE = "cat-run.json"
 NOT_RESULT = ("save_every", "checkpoint_dir", "device", "gradient_checkpointing", "steps")
 
 
+FAMILY_NAMES = {"sd": "SD1.x/SD2", "sdxl": "SDXL", "flux": "Flux", "sd3": "SD3", None: "unknown"}
+
+
 class FolderTaken(ValueError):
     """The checkpoint folder belongs to another run; `run_id` is this run's, `why` what differs."""
 
@@ -61,13 +64,18 @@ def _tensor_bytes(t: torch.Tensor) -> bytes:
 def data_fingerprint(examples: Sequence) -> str:
     """sha256 of what the run learns from: every latent, the conditionings of y_T and y (so captions, triggers and
     preservation prompts), the token weights, repeats and, for adapters that encode prompts, the prompts."""
-    h = hashlib.sha256()
+    h, seen = hashlib.sha256(), {}
+
+    def digest(t: torch.Tensor) -> bytes:  # examples share latents and conditionings: hash each tensor once
+        if id(t) not in seen:
+            seen[id(t)] = (t, hashlib.sha256(_tensor_bytes(t)).digest())
+        return seen[id(t)][1]
     for ex in examples:
-        h.update(_tensor_bytes(ex.latent))
+        h.update(digest(ex.latent))
         for cond in (ex.cond_token, ex.cond_pres):
             for k in sorted(cond or {}):
                 h.update(k.encode())
-                h.update(_tensor_bytes(cond[k]))
+                h.update(digest(cond[k]))
         h.update(repr((float(ex.weight), int(ex.repeats), getattr(ex, "prompts", None))).encode())
     return h.hexdigest()[:16]
 
@@ -167,9 +175,9 @@ def check_resume(state: dict, settings: dict, steps: int, path) -> None:
                          "resume it with the trainer that wrote it, or start afresh without a checkpoint.")
     saved = state.get("run_settings")
     if saved is not None and saved.get("family") != settings.get("family"):
-        raise ValueError(f"checkpoint {path} was trained on a {saved.get('family')} model, this model is "
-                         f"{settings.get('family')}; resume it on the {saved.get('family')} model it was trained on, "
-                         "or start afresh without resume_from.")
+        was, now = (FAMILY_NAMES.get(f, str(f)) for f in (saved.get("family"), settings.get("family")))
+        raise ValueError(f"checkpoint {path} was trained on an {was} model, this model is {now}; resume it on the "
+                         f"{was} model it was trained on, or start afresh without resume_from.")
     if saved is None:  # written before runs recorded their settings: compare what the file holds
         saved = {"config": _plain({k: v for k, v in (state.get("config") or {}).items()
                                    if k in settings["config"]}),

@@ -106,7 +106,7 @@ def test_resume_on_another_family_names_both(tiny_denoiser, text, tmp_path):
     folder = tmp_path / "r"
     run(tiny_denoiser, examples(text), folder, steps=2)
     tiny_denoiser.family = types.SimpleNamespace(name="sdxl")
-    with pytest.raises(ValueError, match="was trained on a sd model, this model is sdxl; resume it on the sd model"):
+    with pytest.raises(ValueError, match="was trained on an SD1.x/SD2 model, this model is SDXL; resume it on the SD1.x/SD2 model"):
         run(tiny_denoiser, examples(text), tmp_path / "r2", resume=folder / "cat-step000002.pt")
 
 

@@ -247,5 +247,5 @@ def test_an_sd15_checkpoint_resumed_on_sdxl_names_both_families(ready, tiny_sd15
         tr.train_on_model(xl, ds_xl, L.CatLossConfig(1.0, "class", "dog"), A.LoraSpec(rank=2, alpha=2.0),
                           T.TrainConfig(steps=2, lr=1e-2, checkpoint_dir=str(tmp_path / "xl")),
                           resume=str(tmp_path / "sd15" / "cat-step000001.pt"))
-    assert "was trained on a sd model, this model is sdxl; resume it on the sd model it was trained on" in str(err.value)
+    assert "was trained on an SD1.x/SD2 model, this model is SDXL; resume it on the SD1.x/SD2 model it was trained on" in str(err.value)
     assert "target preset" not in str(err.value)
