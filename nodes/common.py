@@ -96,6 +96,16 @@ def phase_progress(total: int):
     return tick
 
 
+def feeds(prompt: dict | None, node_id: str | None, class_type: str) -> bool:
+    """Whether the queued graph links an output of node_id straight into a node of class_type (e.g. the trainer's
+    LoRA into Save CAT LoRA), so the trainer can check that node's storage before training."""
+    for node in (prompt or {}).values():
+        if isinstance(node, dict) and node.get("class_type") == class_type:
+            if any(isinstance(v, list) and len(v) == 2 and str(v[0]) == str(node_id) for v in node.get("inputs", {}).values()):
+                return True
+    return False
+
+
 MODEL_FILE_INPUTS = ("ckpt_name", "unet_name")  # CheckpointLoaderSimple, UNETLoader (and loaders shaped like them)
 
 

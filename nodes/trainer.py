@@ -29,7 +29,7 @@ from ..cat_train.precision import CHOICES as COMPUTE_CHOICES
 from ..cat_train.precision import mixed_precision_name
 from ..cat_train.train import Example, TrainConfig, build_examples, train
 from .comfy_model import adm_y, base_model_version, trainable
-from .common import CATEGORY, Dataset, LossConfig, image_of, model_file_name, phase_progress, progress_callback
+from .common import CATEGORY, Dataset, LossConfig, feeds, image_of, model_file_name, phase_progress, progress_callback
 from .lora_io import CatLora, name_problem, safe_subpath
 from .save_lora import check_lora_folder, loras_folder, metadata, step_lora_writer
 
@@ -85,8 +85,11 @@ class CatTrainerNode(io.ComfyNode):
                           seed=seed, save_every=save_every, checkpoint_dir=str(ckpt_dir))
         spec = LoraSpec(rank=rank, alpha=lora_alpha, preset=target)
         base = model_file_name(cls.hidden.prompt, cls.hidden.unique_id)
-        if save_every:  # each saved step writes a LoRA too: a read-only or full loras folder is found now, not at step N
-            check_lora_folder(loras_folder(), 4 * lora_param_count(model.model.diffusion_model, spec), "checkpoint_name")
+        # step LoRAs (save_every) and a Save CAT LoRA fed by this node write to the loras folder: a read-only or full
+        # one is found now, not at step N or after the whole run
+        if save_every or feeds(cls.hidden.prompt, cls.hidden.unique_id, "CAT_SaveLora"):
+            check_lora_folder(loras_folder(), 4 * lora_param_count(model.model.diffusion_model, spec),
+                              "checkpoint_name" if save_every else "Save CAT LoRA's name")
         writer = (step_lora_writer(model, loras_folder(), checkpoint_name.strip(), loss_config, spec, cfg, dataset, base)
                   if save_every else None)
         patched, lora, image, summary, _ = train_on_model(model, dataset, loss_config, spec, cfg, cls.hidden.unique_id, resume,

@@ -148,15 +148,17 @@ def test_a_full_loras_folder_is_refused_before_the_trainer_starts(ready, monkeyp
     from conftest import run_prompt
 
     monkeypatch.setattr(shutil, "disk_usage", lambda p: types.SimpleNamespace(total=10**9, used=10**9, free=4096))
-    g = graph(steps=100000, checkpoint_name="full_disk")
-    g["4"]["inputs"]["save_every"] = 10
-    t0 = time.monotonic()
-    ex = run_prompt(g)
-    assert not ex.success
-    name, data = ex.status_messages[-1]
-    assert data["node_type"] == "CAT_LoraTrainer" and "loras folder" in data["exception_message"], data
-    assert "MB are needed; free some space there" in data["exception_message"]
-    assert time.monotonic() - t0 < 60
+    for save_every in (10, 0):  # step LoRAs, or only the Save CAT LoRA node the trainer feeds
+        g = graph(steps=100000, checkpoint_name="full_disk")
+        g["4"]["inputs"]["save_every"] = save_every
+        t0 = time.monotonic()
+        ex = run_prompt(g)
+        assert not ex.success
+        name, data = ex.status_messages[-1]
+        assert data["node_type"] == "CAT_LoraTrainer" and "loras folder" in data["exception_message"], data
+        assert "MB are needed; free some space there" in data["exception_message"]
+        assert ("checkpoint_name" if save_every else "Save CAT LoRA's name") in data["exception_message"]
+        assert time.monotonic() - t0 < 60
 
 
 @pytest.mark.parametrize("blank", ["black", "nan"])
