@@ -12,9 +12,11 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
+import zlib
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -56,42 +58,81 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _tensor_bytes(t: torch.Tensor) -> bytes:
-    t = t.detach().cpu().contiguous()
-    return t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+SKETCH = 16        # random projections per role: any real change to the data moves them
+DATA_TOLERANCE = 1e-4  # of the role's scale: GPU re-encodes (other conv/GEMM algorithms) move them far less
 
 
-def data_fingerprint(examples: Sequence) -> str:
-    """sha256 of what the run learns from: every latent, the conditionings of y_T and y (so captions, triggers and
-    preservation prompts), the token weights, repeats and, for adapters that encode prompts, the prompts."""
-    h, seen = hashlib.sha256(), {}
+def data_fingerprint(examples: Sequence) -> dict:
+    """What the run learns from, compared with a tolerance: a VAE or CLIP re-encode on a GPU after a restart may
+    differ in the last bits, which must not make a resume "another dataset", while another image, caption, trigger
+    or preservation prompt must. Per role (latents, y_T and y conditionings): a sum over examples of SKETCH seeded
+    random projections of each tensor, weighted by the example's position (order counts), and its scale; exactly:
+    the count, shapes, token weights, repeats and (adapters that encode prompts) the prompts."""
+    exact = hashlib.sha256()
+    sketch = {r: torch.zeros(SKETCH, dtype=torch.float64) for r in ("latent", "token", "pres")}
+    scale = dict.fromkeys(sketch, 0.0)
+    mats: dict[tuple[str, int], torch.Tensor] = {}
+    seen: dict[int, tuple] = {}
 
-    def digest(t: torch.Tensor) -> bytes:  # examples share latents and conditionings: hash each tensor once
-        if id(t) not in seen:
-            seen[id(t)] = (t, hashlib.sha256(_tensor_bytes(t)).digest())
-        return seen[id(t)][1]
-    for ex in examples:
-        h.update(digest(ex.latent))
-        for cond in (ex.cond_token, ex.cond_pres):
-            for k in sorted(cond or {}):
-                h.update(k.encode())
-                h.update(digest(cond[k]))
-        h.update(repr((float(ex.weight), int(ex.repeats), getattr(ex, "prompts", None))).encode())
-    return h.hexdigest()[:16]
+    def project(key: str, t: torch.Tensor) -> tuple[torch.Tensor, float]:
+        if id(t) not in seen:  # examples share latents and conditionings: project each tensor once
+            v = t.detach().cpu().reshape(-1).double()
+            if (key, v.numel()) not in mats:
+                seed = zlib.crc32(f"{key}:{v.numel()}".encode())
+                mats[(key, v.numel())] = torch.randn(v.numel(), SKETCH, generator=torch.Generator().manual_seed(seed),
+                                                     dtype=torch.float64) / math.sqrt(v.numel())
+            seen[id(t)] = (t, v @ mats[(key, v.numel())], float(v.norm()) / math.sqrt(max(1, v.numel())))
+        return seen[id(t)][1], seen[id(t)][2]
+
+    for i, ex in enumerate(examples):
+        w = 1.5 + math.sin(1.618 * i)
+        for role, tensors in (("latent", {"latent": ex.latent}), ("token", ex.cond_token or {}), ("pres", ex.cond_pres or {})):
+            for key in sorted(tensors):
+                proj, norm = project(key, tensors[key])
+                sketch[role] += w * proj
+                scale[role] += w * norm
+                exact.update(f"{role}:{key}:{tuple(tensors[key].shape)};".encode())
+        exact.update(repr((float(ex.weight), int(ex.repeats), getattr(ex, "prompts", None))).encode())
+    return {"n": len(examples), "exact": exact.hexdigest()[:16],
+            "sketch": {r: [float(x) for x in v] for r, v in sketch.items()}, "scale": scale}
 
 
-def result_settings(cfg, loss_cfg, adapter, data: str, family: str | None) -> dict:
+def same_data(a, b) -> bool:
+    if not (isinstance(a, dict) and isinstance(b, dict)):
+        return a == b
+    if a.get("n") != b.get("n") or a.get("exact") != b.get("exact"):
+        return False
+    for role, va in a.get("sketch", {}).items():
+        vb = b.get("sketch", {}).get(role)
+        tol = DATA_TOLERANCE * max(float(a["scale"][role]), float(b["scale"][role]), 1e-12)
+        if vb is None or any(abs(float(x) - float(y)) > tol for x, y in zip(va, vb)):
+            return False
+    return True
+
+
+def _coarse(data: dict) -> dict:
+    """The data as the run id sees it: exact parts, sketches to 2 significant digits of their scale (a noisy
+    re-encode keeps the id but for a rare rounding flip, which only gives the run a new folder)."""
+    if not isinstance(data, dict):
+        return data
+    return {"n": data["n"], "exact": data["exact"],
+            "sketch": {r: [round(float(x) / max(float(data["scale"][r]), 1e-12), 2) for x in v]
+                       for r, v in data["sketch"].items()}}
+
+
+def result_settings(cfg, loss_cfg, adapter, data: dict, family: str | None) -> dict:
     """Every setting that changes the trained weights, in a comparable form."""
     config = {k: v for k, v in asdict(cfg).items() if k not in NOT_RESULT}
     if cfg.lr_schedule == "cosine":
         config["steps"] = cfg.steps
     spec = getattr(adapter, "spec", None)
-    return _plain({"adapter": adapter.name, "spec": spec, "config": config, "loss": loss_cfg, "data": data,
-                   "family": family})
+    return {**_plain({"adapter": adapter.name, "spec": spec, "config": config, "loss": loss_cfg, "family": family}),
+            "data": data}
 
 
 def run_id(settings: dict) -> str:
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    ident = {**settings, "data": _coarse(settings.get("data"))}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def differences(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -99,14 +140,14 @@ def differences(old: dict, new: dict, prefix: str = "") -> list[str]:
     out = []
     for k in sorted(set(old) | set(new)):
         a, b = old.get(k, "(unset)"), new.get(k, "(unset)")
-        if isinstance(a, dict) and isinstance(b, dict):
+        if k == "data" and not prefix:
+            if not same_data(a, b):
+                out.append("the dataset (images, captions, triggers or preservation prompts differ)")
+        elif isinstance(a, dict) and isinstance(b, dict):
             out += differences(a, b, f"{prefix}{k}.")
         elif a != b:
             name = {"config.": "", "loss.": "loss "}.get(prefix, prefix) + k
-            if k == "data":
-                out.append("the dataset (images, captions, triggers or preservation prompts differ)")
-            else:
-                out.append(f"{name} {_show(a)} -> {_show(b)}")
+            out.append(f"{name} {_show(a)} -> {_show(b)}")
     return out
 
 
@@ -125,14 +166,15 @@ def claim(folder: Path, settings: dict, resuming_same_run: bool = False) -> str:
             owner = json.loads(record.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             owner = {}
-        if owner.get("run_id") not in (None, rid):
-            diff = differences(owner.get("settings", {}), settings) or ["settings recorded by another version"]
+        diff = differences(owner.get("settings", {}), settings) if "settings" in owner else ["unreadable record"]
+        if diff:  # the same run (settings equal, data within tolerance) may use its folder again
             why = f"belongs to another run (run {owner.get('run_id')}); this run differs in {'; '.join(diff[:6])}"
             raise FolderTaken(
                 f"checkpoint folder {folder} {why}. Its checkpoints would be overwritten: give this run its own "
                 f"checkpoint_name (e.g. '{folder.name}_2'), resume from {folder.name}'s latest checkpoint with its "
                 "settings, or delete the folder if that run is no longer wanted.", folder, rid, why)
-    elif not resuming_same_run and any(folder.glob("cat-step*.pt")):
+        return owner.get("run_id", rid)  # the same run: keep the owner's record (its data as first encoded)
+    if not resuming_same_run and any(folder.glob("cat-step*.pt")):
         why = "already holds checkpoints of an earlier run that recorded no settings"
         raise FolderTaken(
             f"checkpoint folder {folder} {why}; a new run would overwrite them. Give this run its own checkpoint_name "

@@ -184,3 +184,21 @@ def test_with_own_folder_a_second_run_gets_its_own_folder_and_finds_it_again(tin
                     TrainConfig(steps=6, save_every=2, checkpoint_dir=str(folder), lr=2e-4), own_folder=True,
                     resume=res.last_checkpoint)
     assert resumed.steps_done == 6 and (tmp_path / f"x_{rid}" / "cat-step000006.pt").is_file()
+
+
+def test_a_re_encode_that_differs_in_the_last_bits_is_the_same_dataset_another_image_is_not(text):
+    from cat_train.run_folder import data_fingerprint, same_data
+
+    g = torch.Generator().manual_seed(0)
+    items = [(torch.randn(4, 8, 8, generator=g), f"a photo of sks dog {i}", ("sks",)) for i in range(50)]
+    base = data_fingerprint(build_examples(items, text, LOSS))
+    noisy_items = [(lat * (1 + 1e-6 * torch.randn(lat.shape, generator=g)), cap, trig) for lat, cap, trig in items]
+    assert same_data(base, data_fingerprint(build_examples(noisy_items, text, LOSS)))  # a GPU re-encode after a restart
+    swapped = list(items)
+    swapped[17] = (torch.randn(4, 8, 8, generator=g), *items[17][1:])
+    assert not same_data(base, data_fingerprint(build_examples(swapped, text, LOSS)))  # one image of 50
+    reordered = items[1:] + items[:1]
+    assert not same_data(base, data_fingerprint(build_examples(reordered, text, LOSS)))  # the draw order changes
+    recaptioned = list(items)
+    recaptioned[3] = (items[3][0], "a photo of sks cat 3", ("sks",))
+    assert not same_data(base, data_fingerprint(build_examples(recaptioned, text, LOSS)))
