@@ -22,6 +22,7 @@ class CatDataset:
     source: str
     skipped: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)  # legacy caption encodings, tiny images: shown in the node's info
+    pixels: list[torch.Tensor] = field(default_factory=list, repr=False)  # IMAGE layout (H, W, 3) in [0, 1], per item
     _text_cache: dict = field(default_factory=dict, repr=False)
 
     def encode_text(self, prompts: list[str]) -> dict[str, torch.Tensor]:
@@ -54,12 +55,26 @@ def build_dataset(folder: Path, vae, clip, triggers: tuple[str, ...], class_word
     """Images decoded, bucketed and captioned by the core (errors name the file and the fix); each latent
     is encoded once here, in ComfyUI's IMAGE layout (1, H, W, 3) in [0, 1]."""
     ds = load_dataset(folder, triggers, class_word, caption_ext, where, res, buckets)
-    items = []
+    items, pixels = [], []
     for it in ds.items:
-        latent = vae.encode(((it.pixels.permute(1, 2, 0) + 1) / 2).clamp(0, 1)[None])
+        image = ((it.pixels.permute(1, 2, 0) + 1) / 2).clamp(0, 1)
+        latent = vae.encode(image[None])
         items.append((latent[0].detach().float().cpu().clone(), it.caption, it.triggers, it.repeats))
+        pixels.append(image.detach().float().cpu())
     return CatDataset(items, tuple(triggers), class_word, clip, str(folder), skipped=[str(p) for p, _ in ds.skipped],
-                      warnings=list(ds.warnings))
+                      warnings=list(ds.warnings), pixels=pixels)
+
+
+def image_batch(pixels: list[torch.Tensor]) -> torch.Tensor:
+    """The dataset's images as one IMAGE batch (B, H, W, 3): an IMAGE batch has one size, so images of other
+    buckets are resized (bilinear) to the first image's size. Reference images for IS: CLIP resizes them anyway."""
+    if not pixels:
+        raise ValueError("the dataset has no images; put images (with same-name captions) in the CAT Dataset folder.")
+    h, w = pixels[0].shape[:2]
+    out = [p if p.shape[:2] == (h, w) else
+           torch.nn.functional.interpolate(p.permute(2, 0, 1)[None], size=(h, w), mode="bilinear", align_corners=False)[0].permute(1, 2, 0)
+           for p in pixels]
+    return torch.stack(out).clamp(0, 1)
 
 
 class CatDatasetNode(io.ComfyNode):
@@ -77,8 +92,10 @@ class CatDatasetNode(io.ComfyNode):
                 io.Int.Input("resolution", default=512, min=64, max=4096, step=64),
                 io.Boolean.Input("buckets", default=True, tooltip="keep aspect ratios (sides multiples of 64)"),
             ],
-            outputs=[Dataset.Output(display_name="dataset"), io.Int.Output(display_name="images"),
-                     io.String.Output(display_name="info")],
+            # outputs are linked by slot index: new ones go at the end. The INT is the image count; "images" is the
+            # IMAGE batch (reference images for the KPS Evaluator's IS), which ComfyUI core cannot load from a folder
+            outputs=[Dataset.Output(display_name="dataset"), io.Int.Output(display_name="count"),
+                     io.String.Output(display_name="info"), io.Image.Output(display_name="images")],
         )
 
     @classmethod
@@ -90,7 +107,7 @@ class CatDatasetNode(io.ComfyNode):
     def execute(cls, vae, clip, folder, triggers, class_word, caption_extension, resolution, buckets) -> io.NodeOutput:
         trig = tuple(t.strip() for t in triggers.split(",") if t.strip())
         ds = build_dataset(input_path(folder), vae, clip, trig, class_word.strip(), caption_extension, resolution, buckets)
-        return io.NodeOutput(ds, len(ds.items), info(ds))
+        return io.NodeOutput(ds, len(ds.items), info(ds), image_batch(ds.pixels))
 
 
 def info(ds: CatDataset) -> str:
