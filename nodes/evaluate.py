@@ -58,8 +58,10 @@ def vision_embedder(clip_vision):
     def embed(images) -> torch.Tensor:
         if len(images) == 0:
             raise ValueError("no images to embed.")
-        out = clip_vision.encode_image(torch.stack([torch.as_tensor(im).float() for im in images]))
-        return out["image_embeds"].float().cpu()
+        ims = [torch.as_tensor(im).float() for im in images]
+        # one batch when the sizes agree; otherwise one image at a time (encode_image resizes and crops each)
+        groups = [torch.stack(ims)] if all(im.shape == ims[0].shape for im in ims) else [im[None] for im in ims]
+        return torch.cat([clip_vision.encode_image(g)["image_embeds"].float().cpu() for g in groups])
     return embed
 
 
