@@ -98,18 +98,20 @@ def leak_loop() -> dict:
 
     g["10"] = n("CAT_LossConfig", cat_factor=1.0, preservation="class", class_word="dog", token_weights="", preservation_prompts="")
     g["11"] = trainer(10, "loop_first")
-    g["12"] = n("PreviewImage", images=["11", 2])
+    g["12"] = n("SaveImage", images=["11", 2], filename_prefix="loop/first_loss")
     g["13"] = scan(11)
-    g["14"] = n("PreviewImage", images=["13", 2])
-    g["15"] = n("PreviewImage", images=["13", 3])
+    g["14"] = n("SaveImage", images=["13", 2], filename_prefix="loop/first_scan_chart")
+    g["15"] = n("SaveImage", images=["13", 3], filename_prefix="loop/first_scan_grid")
     g["20"] = n("CAT_LossConfig", cat_factor=1.0, preservation="class", class_word="dog", token_weights="",
                 preservation_prompts=["13", 1])
     g["21"] = trainer(20, "loop_preserved")
     g["22"] = n("CAT_SaveLora", lora=["21", 1], name="loop_cat_preserved")
-    g["23"] = n("PreviewImage", images=["21", 2])
+    g["23"] = n("SaveImage", images=["21", 2], filename_prefix="loop/preserved_loss")
     g["24"] = scan(21)
-    g["25"] = n("PreviewImage", images=["24", 2])
-    g["26"] = n("PreviewImage", images=["24", 3])
+    g["25"] = n("SaveImage", images=["24", 2], filename_prefix="loop/preserved_scan_chart")
+    g["26"] = n("SaveImage", images=["24", 3], filename_prefix="loop/preserved_scan_grid")
+    for k, src in ((30, ["11", 3]), (31, ["13", 0]), (32, ["21", 3]), (33, ["22", 0]), (34, ["24", 0])):
+        g[str(k)] = n("PreviewAny", source=src)  # summaries, scan reports, the LoRA path: on the canvas
     return g
 
 
@@ -120,7 +122,7 @@ def catversion_sd15() -> dict:
     g["10"] = n("CAT_CatVersionTrainer", model=["1", 0], clip=["1", 1], dataset=["2", 0], layers=3, embeddings_per_layer=1,
                 steps=1000, learning_rate=1e-2, batch_size=2, cat_factor=0.0, class_word="dog", seed=0)
     g["11"] = n("CAT_SaveCatVersion", catversion=["10", 1], name="catversion_sks_dog")
-    g["12"] = n("PreviewImage", images=["10", 2])
+    g["12"] = n("SaveImage", images=["10", 2], filename_prefix="catversion/loss")
     for k, clip in ((13, ["10", 0]), (14, ["1", 1])):  # with the embeddings / the checkpoint's own CLIP
         g[str(k)] = n("CLIPTextEncode", text=POS, clip=clip)
         g[str(k + 2)] = n("CLIPTextEncode", text="blurry, low quality", clip=clip)
@@ -131,9 +133,12 @@ def catversion_sd15() -> dict:
         g[str(k + 2)] = n("VAEDecode", samples=[str(k), 0], vae=["1", 2])
         g[str(k + 4)] = n("SaveImage", images=[str(k + 2), 0],
                           filename_prefix="catversion/" + ("with_embeddings" if k == 18 else "without_embeddings"))
-    g["24"] = n("CAT_KPSEvaluator", images_with_trigger=["20", 0], images_without_trigger=["21", 0], prompts=POS,
+    g["24"] = n("CAT_KPSEvaluator", images_with_trigger=["20", 0], images_without_trigger=["21", 0],
+                reference_images=["2", DATASET_IMAGES], prompts=POS,
                 clip_checkpoint="open_clip_vit_b32.safetensors", open_clip_model="ViT-B-32")
-    g["25"] = n("PreviewImage", images=["24", 4])
+    g["25"] = n("SaveImage", images=["24", 4], filename_prefix="catversion/scores")
+    for k, src in ((26, ["10", 3]), (27, ["11", 0]), (28, ["24", 3])):
+        g[str(k)] = n("PreviewAny", source=src)  # the summary, the embeddings' path, the KPS report: on the canvas
     return g
 
 
@@ -286,26 +291,34 @@ def layout(api: dict) -> tuple[dict[int, tuple[list[int], list[int]]], list[dict
     if "CAT_LeakScan" in by_type:  # the loop: one row, train -> scan -> retrain -> scan again
         x = 40
         (first, second), (scan1, scan2) = trainers, by_type["CAT_LeakScan"]
-        previews = lambda k: sorted(int(m) for m, v in api.items() if v["class_type"] == "PreviewImage"
-                                    and int(v["inputs"]["images"][0]) == k)
+        previews = lambda k: sorted(int(m) for m, v in api.items() if v["class_type"] in ("PreviewAny", "SaveImage")
+                                    and int(next(iter(v["inputs"].values()))[0]) == k)
         for title, cols, color in (
                 ("1. Training: CAT with the class prompt", [[int(api[str(first)]["inputs"]["loss_config"][0])] + previews(first), [first]], "#8a5a2b"),
                 ("2. Sampling and evaluation: leak scan, base vs CAT (same seeds)", [[scan1], previews(scan1)], "#6a4a8a"),
                 ("3. Training again: the worst probes preserved", [[int(api[str(second)]["inputs"]["loss_config"][0])] + previews(second),
-                                                                   [second] + [k for k in by_type["CAT_SaveLora"]]], "#8a5a2b"),
+                                                                   [second] + [k for k in by_type["CAT_SaveLora"]]
+                                                                   + [p for k in by_type["CAT_SaveLora"] for p in previews(k)]],
+                 "#8a5a2b"),
                 ("4. Sampling and evaluation: leak scan again", [[scan2], previews(scan2)], "#6a4a8a")):
             w, _ = group(title, cols, x, y, color)
             x += w + 60
         trainers = []
     if "CAT_CatVersionTrainer" in by_type:  # train -> sample with/without the embeddings -> KPS, one row
         ids = lambda cls: by_type.get(cls, [])
-        (t,), enc, prev = ids("CAT_CatVersionTrainer"), ids("CLIPTextEncode"), ids("PreviewImage")
+        (t,), enc = ids("CAT_CatVersionTrainer"), ids("CLIPTextEncode")
+        fed_by = lambda cls, k: [int(m) for m, v in sorted(api.items(), key=lambda kv: int(kv[0])) if v["class_type"] == cls
+                                 and int(next(iter(v["inputs"].values()))[0]) == k]
+        save, kps = ids("CAT_SaveCatVersion"), ids("CAT_KPSEvaluator")
+        samples = [k for k in ids("SaveImage") if api[str(k)]["class_type"] == "SaveImage"
+                   and api[str(api[str(k)]["inputs"]["images"][0])]["class_type"] == "VAEDecode"]
         x = 40
         for title, cols, color in (
-                ("Training: CatVersion (K/V embeddings in CLIP)", [[t], ids("CAT_SaveCatVersion") + prev[:1]], "#8a5a2b"),
+                ("Training: CatVersion (K/V embeddings in CLIP)",
+                 [[t] + fed_by("PreviewAny", t), save + fed_by("PreviewAny", save[0]) + fed_by("SaveImage", t)], "#8a5a2b"),
                 ("Sampling: the same seeds, CLIP with and without the embeddings",
-                 [enc + ids("EmptyLatentImage"), ids("KSampler"), ids("VAEDecode"), ids("SaveImage")], "#3f7a4a"),
-                ("Evaluation: PS, IS, KPS", [ids("CAT_KPSEvaluator") + prev[1:]], "#6a4a8a")):
+                 [enc + ids("EmptyLatentImage"), ids("KSampler"), ids("VAEDecode"), samples], "#3f7a4a"),
+                ("Evaluation: PS, IS, KPS", [kps + fed_by("PreviewAny", kps[0]) + fed_by("SaveImage", kps[0])], "#6a4a8a")):
             w, _ = group(title, cols, x, y, color)
             x += w + 60
     for t in trainers:
