@@ -14,6 +14,7 @@ LossConfig = io.Custom("CAT_LOSS_CONFIG")
 AptOptions = io.Custom("CAT_APT_OPTIONS")
 CatVersion = io.Custom("CATVERSION")
 EVENT = "cat.train.progress"  # web/cat_live_view.js listens for it
+PREVIEW_MAX = 768  # px: a preview grid shown on the node is scaled down to this
 
 
 def image_of(picture) -> torch.Tensor:
@@ -39,8 +40,9 @@ def send_event(event: str, data: dict) -> None:
         inst.send_sync(event, data)
 
 
-def progress_callback(node_id: str | None, total: int):
-    """A training callback(StepInfo) that moves the node's progress bar, feeds the live view and stops at Cancel."""
+def progress_callback(node_id: str | None, total: int, preview=None):
+    """A training callback(StepInfo) that moves the node's progress bar, feeds the live view and stops at Cancel.
+    preview: () -> a PIL image or None; a new image is shown on the node (ComfyUI's progress preview)."""
     import comfy.model_management as mm
     import comfy.utils
 
@@ -56,7 +58,9 @@ def progress_callback(node_id: str | None, total: int):
         send_event(EVENT, {"node": node_id, "prompt_id": prompt_id, "step": info.step, "total": info.total, "loss": info.loss, "fit": info.fit,
                            "keep": info.keep, "lr": info.lr, "elapsed": info.elapsed,
                            **info.reports})  # each regularizer's report under its name (APT: per-bin indicator for the live view)
-        pbar.update_absolute(info.step, info.total)  # under a server this hook raises when Cancel is pressed
+        picture = preview() if preview is not None else None
+        # under a server this hook raises when Cancel is pressed
+        pbar.update_absolute(info.step, info.total, ("JPEG", picture, PREVIEW_MAX) if picture is not None else None)
         mm.throw_exception_if_processing_interrupted()  # ...and this catches Cancel when no hook is set
     return cb
 

@@ -1,19 +1,19 @@
 """The CAT Dataset node: a kohya-style folder (read by cat_train.dataset) encoded once with the graph's VAE and CLIP."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from comfy_api.latest import io
 
-import logging
-
 from ..cat_train.dataset import DatasetError, caption_suffix, check_resolution, folders, plan_dataset
 from ..cat_train.loss import repeat_to_common_length
 from .common import CATEGORY, Dataset, input_path, phase_progress, range_problem
 
 log = logging.getLogger("ComfyUI-CAT")
+REFERENCE_IMAGES = 64  # kept for the IMAGE output; IS pairs them with a few generated images
 
 
 @dataclass
@@ -27,6 +27,7 @@ class CatDataset:
     skipped: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)  # legacy caption encodings, tiny images: shown in the node's info
     budget: str = ""  # the memory line printed before decoding
+    pixels: list[torch.Tensor] = field(default_factory=list, repr=False)  # reference images, uint8 (H, W, 3): see build_dataset
     _text_cache: dict = field(default_factory=dict, repr=False)
 
     def encode_text(self, prompts: list[str]) -> dict[str, torch.Tensor]:
@@ -59,18 +60,35 @@ def build_dataset(folder: Path, vae, clip, triggers: tuple[str, ...], class_word
     """Images decoded, bucketed and captioned by the core (errors name the file and the fix), one at a time: each is
     encoded here, in ComfyUI's IMAGE layout (1, H, W, 3) in [0, 1], before the next is decoded, so memory holds the
     latents and one image (2000 images at 512 px: 6.8 GB of float32 pixels at once before). tick() per image moves
-    the progress bar and honours Cancel."""
+    the progress bar and honours Cancel. The first REFERENCE_IMAGES images are kept as uint8 for the node's IMAGE
+    output (the KPS Evaluator's reference images pair with a few generated ones): bounded, 0.75 MB each at 512 px."""
     plan = plan_dataset(folder, triggers, class_word, caption_ext, where, res, buckets)
     log.info("ComfyUI-CAT %s", plan.budget())
     tick = tick or phase_progress(len(plan.records))
-    items = []
+    items, pixels = [], []
     for it in plan.decode():
-        latent = vae.encode(((it.pixels.permute(1, 2, 0) + 1) / 2).clamp(0, 1)[None])
+        image = ((it.pixels.permute(1, 2, 0) + 1) / 2).clamp(0, 1)
+        latent = vae.encode(image[None])
         items.append((latent[0].detach().float().cpu().clone(), it.caption, it.triggers, it.repeats))
+        if len(pixels) < REFERENCE_IMAGES:
+            pixels.append((image.detach().float().cpu() * 255).round().to(torch.uint8))
         tick()
     warnings = plan.finish(len(items))
     return CatDataset(items, tuple(dict.fromkeys(triggers)), class_word, clip, str(folder),
-                      skipped=[str(p) for p, _ in plan.skipped], warnings=warnings, budget=plan.budget())
+                      skipped=[str(p) for p, _ in plan.skipped], warnings=warnings, budget=plan.budget(), pixels=pixels)
+
+
+def image_batch(pixels: list[torch.Tensor]) -> torch.Tensor:
+    """The dataset's images as one IMAGE batch (B, H, W, 3) in [0, 1]: an IMAGE batch has one size, so images of other
+    buckets are resized (bilinear) to the first image's size. Reference images for IS: CLIP resizes them anyway."""
+    if not pixels:
+        raise ValueError("the dataset has no images; put images (with same-name captions) in the CAT Dataset folder.")
+    pixels = [p.float() / 255 for p in pixels]
+    h, w = pixels[0].shape[:2]
+    out = [p if p.shape[:2] == (h, w) else
+           torch.nn.functional.interpolate(p.permute(2, 0, 1)[None], size=(h, w), mode="bilinear", align_corners=False)[0].permute(1, 2, 0)
+           for p in pixels]
+    return torch.stack(out).clamp(0, 1)
 
 
 class CatDatasetNode(io.ComfyNode):
@@ -88,8 +106,10 @@ class CatDatasetNode(io.ComfyNode):
                 io.Int.Input("resolution", default=512, min=64, max=4096, step=64),
                 io.Boolean.Input("buckets", default=True, tooltip="keep aspect ratios (sides multiples of 64)"),
             ],
-            outputs=[Dataset.Output(display_name="dataset"), io.Int.Output(display_name="images"),
-                     io.String.Output(display_name="info")],
+            # outputs are linked by slot index: new ones go at the end. The INT is the image count; "images" is the
+            # IMAGE batch (reference images for the KPS Evaluator's IS), which ComfyUI core cannot load from a folder
+            outputs=[Dataset.Output(display_name="dataset"), io.Int.Output(display_name="count"),
+                     io.String.Output(display_name="info"), io.Image.Output(display_name="images")],
         )
 
     @classmethod
@@ -122,7 +142,7 @@ class CatDatasetNode(io.ComfyNode):
     def execute(cls, vae, clip, folder, triggers, class_word, caption_extension, resolution, buckets) -> io.NodeOutput:
         trig = tuple(t.strip() for t in triggers.split(",") if t.strip())
         ds = build_dataset(input_path(folder), vae, clip, trig, class_word.strip(), caption_extension, resolution, buckets)
-        return io.NodeOutput(ds, len(ds.items), info(ds))
+        return io.NodeOutput(ds, len(ds.items), info(ds), image_batch(ds.pixels))
 
 
 def info(ds: CatDataset) -> str:

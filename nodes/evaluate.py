@@ -1,11 +1,12 @@
-"""The KPS Evaluator node: open_clip embeddings of IMAGE batches and prompts, then PS / IS / KPS and a chart."""
+"""The KPS Evaluator node: image embeddings of IMAGE batches (open_clip, or ComfyUI's CLIP_VISION for IS and KPS) and
+open_clip text embeddings of prompts, then PS / IS / KPS and a chart."""
 from __future__ import annotations
 
 import torch
 from comfy_api.latest import io
 
 from ..cat_train.checks import check_image_batch
-from ..cat_train.metrics import ClipScorer
+from ..cat_train.metrics import ClipScorer, identity_similarity, score_images, scores_from_embeddings
 from ..cat_train.plot import bar_chart
 from .common import CATEGORY, image_of
 
@@ -44,18 +45,55 @@ def apply_masks(images: torch.Tensor, masks: torch.Tensor | None, what: str) -> 
     return images * m.clamp(0, 1)[..., None].to(images)
 
 
-def masked_identity(sc: ClipScorer, refs, gens, ref_masks, gen_masks):
+def masked_identity(embed_images, refs, gens, ref_masks, gen_masks):
     """IS on masked references and generated (with-trigger) images: (value, clamped count)."""
-    from ..cat_train.metrics import identity_similarity
-
-    s = identity_similarity(sc.embed_images(list(apply_masks(refs, ref_masks, "reference"))),
-                            sc.embed_images(list(apply_masks(gens, gen_masks, "generated"))))
+    s = identity_similarity(embed_images(list(apply_masks(refs, ref_masks, "reference"))),
+                            embed_images(list(apply_masks(gens, gen_masks, "generated"))))
     return s.value, s.clamped
 
 
-def evaluate(with_t, without_t, refs, prompts: str, checkpoint: str, arch: str, reference_masks=None, generated_masks=None):
+def vision_embedder(clip_vision):
+    """images -> (N, D) embeddings by a CLIP_VISION (ComfyUI's CLIPVisionLoader): `encode_image(IMAGE).image_embeds`,
+    the projected embedding IPAdapter and unCLIP use. Unnormalized: the scores' cosine ignores the scale."""
+    @torch.no_grad()
+    def embed(images) -> torch.Tensor:
+        if len(images) == 0:
+            raise ValueError("no images to embed.")
+        ims = [torch.as_tensor(im).float() for im in images]
+        # one batch when the sizes agree; otherwise one image at a time (encode_image resizes and crops each)
+        groups = [torch.stack(ims)] if all(im.shape == ims[0].shape for im in ims) else [im[None] for im in ims]
+        return torch.cat([clip_vision.encode_image(g)["image_embeds"].float().cpu() for g in groups])
+    return embed
+
+
+def has_open_clip(checkpoint: str) -> bool:
+    import folder_paths
+
+    return folder_paths.get_full_path("clip", checkpoint) is not None
+
+
+def _scores(with_t, without_t, refs, lines, checkpoint, arch, clip_vision) -> tuple[dict, object, str]:
+    """(scores, image embedder, what made IS/KPS): open_clip for all three, or CLIP_VISION for IS and KPS with
+    PS from open_clip when its checkpoint is in models/clip (PS needs text embeddings in the image space)."""
+    prompts = (lines * with_t.shape[0] if len(lines) == 1 else lines) or None
+    if clip_vision is None:
+        sc = scorer(checkpoint, arch)
+        return sc.evaluate(list(with_t), list(without_t), list(refs) if refs is not None else None, prompts), sc.embed_images, "open_clip"
+    embed = vision_embedder(clip_vision)
+    s = score_images(embed, list(with_t), list(without_t), list(refs) if refs is not None else None)
+    if prompts and has_open_clip(checkpoint):
+        sc = scorer(checkpoint, arch)
+        p = scores_from_embeddings(sc.embed_images(list(with_t)), text=sc.embed_texts(prompts))
+        s["ps"] = p["ps"]
+        s["clamped"]["ps"] = p["clamped"]["ps"]
+    return s, embed, "CLIP vision (IS, KPS)" + (" and open_clip (PS)" if s["ps"] is not None else "")
+
+
+def evaluate(with_t, without_t, refs, prompts: str, checkpoint: str, arch: str, reference_masks=None, generated_masks=None,
+             clip_vision=None):
     """IMAGE batches (B,H,W,3) -> PS, IS, KPS (cat_train.metrics definitions), a report, a chart IMAGE and IS on
-    masked images (NaN without masks; generated_masks go with images_with_trigger)."""
+    masked images (NaN without masks; generated_masks go with images_with_trigger). clip_vision: a CLIP_VISION
+    model that makes the image embeddings of IS and KPS instead of open_clip."""
     if with_t.shape[0] != without_t.shape[0]:
         raise ValueError(f"{with_t.shape[0]} images with the trigger but {without_t.shape[0]} without; "
                          "KPS pairs them one to one (same seeds), so give equal batches.")
@@ -65,22 +103,22 @@ def evaluate(with_t, without_t, refs, prompts: str, checkpoint: str, arch: str, 
     lines = [p.strip() for p in prompts.splitlines() if p.strip()]
     if lines and len(lines) not in (1, with_t.shape[0]):
         raise ValueError(f"{len(lines)} prompts for {with_t.shape[0]} images: give one per image, or one for all.")
-    s = scorer(checkpoint, arch).evaluate(list(with_t), list(without_t), list(refs) if refs is not None else None,
-                                         (lines * with_t.shape[0] if len(lines) == 1 else lines) or None)
+    s, embed, encoder = _scores(with_t, without_t, refs, lines, checkpoint, arch, clip_vision)
     nan = float("nan")
     ps, is_, kps = (nan if s["ps"] is None else s["ps"]), (nan if s["is"] is None else s["is"]), s["kps"]
     clamped = ", ".join(f"{k.upper()} {v}" for k, v in s["clamped"].items())
     report = (f"KPS {kps:.4f} (1 - H of with/without-trigger image similarity; higher = less leakage)\n"
-              f"PS  {ps:.4f} (prompt fidelity)" + ("" if lines else " - no prompts given") + "\n"
+              f"PS  {ps:.4f} (prompt fidelity)" + ("" if lines else " - no prompts given")
+              + (" - no open_clip checkpoint in models/clip" if lines and s["ps"] is None else "") + "\n"
               f"IS  {is_:.4f} (identity)" + ("" if refs is not None else " - no reference images") + "\n"
-              f"{s['n']} pairs; similarities clamped at 1e-6: {clamped}\n"
+              f"{s['n']} pairs; similarities clamped at 1e-6: {clamped}; image embeddings: {encoder}\n"
               "paper (Table 1): LoRA KPS 0.0808, CAT 0.1231")
     is_masked = nan
     if reference_masks is not None or generated_masks is not None:
         if refs is None:
             raise ValueError("masks were given but no reference_images: masked IS compares masked references with "
                              "masked generated images; connect reference_images.")
-        is_masked, n_cl = masked_identity(scorer(checkpoint, arch), refs, with_t, reference_masks, generated_masks)
+        is_masked, n_cl = masked_identity(embed, refs, with_t, reference_masks, generated_masks)
         report += (f"\nIS masked {is_masked:.4f} (identity on the subject only: "
                    f"{'reference' if reference_masks is not None else ''}"
                    f"{' and ' if reference_masks is not None and generated_masks is not None else ''}"
@@ -111,6 +149,9 @@ class KpsEvaluatorNode(io.ComfyNode):
                 io.String.Input("open_clip_model", default="ViT-B-32", tooltip="open_clip architecture of the checkpoint"),
                 io.Mask.Input("reference_masks", optional=True, tooltip="subject masks of the references: masked IS (CatVersion)"),
                 io.Mask.Input("generated_masks", optional=True, tooltip="subject masks of images_with_trigger: masked IS"),
+                io.ClipVision.Input("clip_vision", optional=True,
+                                    tooltip="a CLIP vision model (Load CLIP Vision): makes the image embeddings of IS and KPS "
+                                            "instead of open_clip; PS still needs the open_clip checkpoint (NaN without one)"),
             ],
             outputs=[io.Float.Output(display_name="PS"), io.Float.Output(display_name="IS"), io.Float.Output(display_name="KPS"),
                      io.String.Output(display_name="report"), io.Image.Output(display_name="chart"),
@@ -119,9 +160,10 @@ class KpsEvaluatorNode(io.ComfyNode):
 
     @classmethod
     def execute(cls, images_with_trigger, images_without_trigger, prompts, clip_checkpoint, open_clip_model,
-                reference_images=None, reference_masks=None, generated_masks=None) -> io.NodeOutput:
+                reference_images=None, reference_masks=None, generated_masks=None, clip_vision=None) -> io.NodeOutput:
         ps, is_, kps, report, chart_image, is_masked = evaluate(images_with_trigger, images_without_trigger, reference_images, prompts,
-                                                                clip_checkpoint, open_clip_model, reference_masks, generated_masks)
+                                                                clip_checkpoint, open_clip_model, reference_masks, generated_masks,
+                                                                clip_vision)
         return io.NodeOutput(ps, is_, kps, report, chart_image, is_masked, ui={"text": [report]})
 
 

@@ -35,15 +35,17 @@ def metadata(loss_cfg, spec, cfg, dataset, steps_done: int, history: list[dict],
 
 
 def step_lora_writer(mp, folder, name: str, loss_cfg, spec, cfg, dataset, base_model: str = ""):
-    """on_save for train(): `<folder>/<name>_stepNNNNNN.safetensors`, a LoRA any loader reads, with metadata."""
+    """on_save for train(): `<folder>/<name>_stepNNNNNN.safetensors`, a LoRA any loader reads, with metadata; returns
+    the path (the trainer names the best step's file)."""
     names = family_of(mp).kohya_names(mp.model.diffusion_model)
     version = base_model_version(mp)
 
-    def write(step: int, weights) -> None:
+    def write(step: int, weights):
         stem = f"{name}_step{step:06d}"
         meta = metadata(loss_cfg, spec, cfg, dataset, step, [], version, base_model, stem)
         path = save_lora(safe_lora_path(folder, stem), to_kohya(weights, names), meta)
         log.info("ComfyUI-CAT: step %d LoRA written to %s", step, path)
+        return path
     return write
 
 

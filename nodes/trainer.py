@@ -65,9 +65,28 @@ class CatTrainerNode(io.ComfyNode):
                              tooltip=help_of(TrainConfig, "save_every")),
                 io.String.Input("checkpoint_name", default="cat_run", tooltip="folder under output/cat_checkpoints/"),
                 io.String.Input("resume_from", default="", optional=True, tooltip="a cat-stepNNNNNN.pt checkpoint to continue"),
+                # new inputs only at the end, all optional: shipped workflows keep their widget order
+                io.Int.Input("preview_every", default=0, min=0, max=100000, optional=True,
+                             tooltip="draw preview images every N steps with the current LoRA (0 = off; needs vae): the "
+                                     "same noise every round, shown on this node and returned as a grid"),
+                io.Vae.Input("vae", optional=True, tooltip="decodes the preview images (the VAE CAT Dataset uses)"),
+                io.String.Input("preview_prompts", default="", optional=True,
+                                tooltip="preview prompts separated by |, blank: the first caption with and without the "
+                                        "trigger and each preservation prompt"),
+                io.Int.Input("validate_every", default=0, min=0, max=100000, optional=True,
+                             tooltip="every N steps, fit and keep drift at fixed (noise, timestep) points, no sampling "
+                                     "(0 = off): curves in the live view, a CSV under output/cat_checkpoints/<checkpoint_name>"),
+                io.String.Input("probe_prompts", default="", optional=True,
+                                tooltip="prompts without the trigger whose drift validation also measures, separated by | "
+                                        "(e.g. a photo of a cat | a photo of a wolf)"),
+                io.ClipVision.Input("clip_vision", optional=True,
+                                    tooltip="a CLIP vision model (Load CLIP Vision): IS and KPS of every saved step's previews "
+                                            "(save_every, needs vae), and the best step picked from them"),
             ],
             outputs=[io.Model.Output(display_name="MODEL"), io.LoraModel.Output(display_name="lora"),
-                     io.Image.Output(display_name="loss_curve"), io.String.Output(display_name="summary")],
+                     io.Image.Output(display_name="loss_curve"), io.String.Output(display_name="summary"),
+                     io.Image.Output(display_name="previews"), io.Image.Output(display_name="step_chart"),
+                     io.String.Output(display_name="best_step_lora")],
             hidden=[io.Hidden.unique_id, io.Hidden.prompt],
         )
 
@@ -77,7 +96,8 @@ class CatTrainerNode(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, dataset, loss_config, rank, lora_alpha, target, steps, learning_rate, lr_schedule, batch_size,
-                grad_accum, seed, dtype, gradient_checkpointing, save_every, checkpoint_name, resume_from="") -> io.NodeOutput:
+                grad_accum, seed, dtype, gradient_checkpointing, save_every, checkpoint_name, resume_from="", preview_every=0,
+                vae=None, preview_prompts="", validate_every=0, probe_prompts="", clip_vision=None) -> io.NodeOutput:
         ckpt_dir = safe_subpath(checkpoints_folder(), checkpoint_name, "checkpoint_name", "output/cat_checkpoints", "cat_run")
         check_concepts(dataset.triggers, loss_config)  # before any model work: weights of non-triggers, y = y_T
         resume = resume_path(resume_from)
@@ -92,10 +112,17 @@ class CatTrainerNode(io.ComfyNode):
                               "checkpoint_name" if save_every else "Save CAT LoRA's name")
         writer = (step_lora_writer(model, loras_folder(), checkpoint_name.strip(), loss_config, spec, cfg, dataset, base)
                   if save_every else None)
-        patched, lora, image, summary, _ = train_on_model(model, dataset, loss_config, spec, cfg, cls.hidden.unique_id, resume,
-                                                          compute=dtype, checkpointing=gradient_checkpointing, on_save=writer,
-                                                          base_model=base)
-        return io.NodeOutput(patched, lora, image, summary)
+        watch = dict(vae=vae, preview_every=preview_every, prompts=preview_prompts, validate_every=validate_every,
+                     probes=probe_prompts, clip_vision=clip_vision, out_dir=ckpt_dir)
+        patched, lora, image, summary, result = train_on_model(model, dataset, loss_config, spec, cfg, cls.hidden.unique_id, resume,
+                                                               compute=dtype, checkpointing=gradient_checkpointing,
+                                                               on_save=writer, base_model=base, watch=watch)
+        m = result.measured
+        return io.NodeOutput(patched, lora, image, summary, m.get("previews", BLANK), m.get("step_chart", BLANK),
+                             m.get("best_file", ""), ui={"text": [summary]})
+
+
+BLANK = torch.full((1, 64, 64, 3), 0.5)  # an IMAGE output with nothing to show (previews off, no saved steps)
 
 
 def checkpoints_folder() -> Path:
@@ -183,12 +210,13 @@ def memory_budget(den, examples: list[Example], spec: LoraSpec, loss_cfg: CatLos
 @torch.inference_mode(False)
 def train_on_model(mp, dataset, loss_cfg: CatLossConfig, spec: LoraSpec, cfg: TrainConfig, node_id: str | None = None,
                    resume: str | None = None, compute: str = "auto", checkpointing: str | None = None,
-                   on_save=None, base_model: str = ""):
+                   on_save=None, base_model: str = "", watch: dict | None = None):
     """Returns (patched clone, CatLora, loss-curve IMAGE, summary, TrainResult).
 
     compute: the forward's dtype (cat_train.precision); checkpointing: auto/on/off (None: cfg's bool);
     on_save(step, weights): called with the LoRA at every `save_every` checkpoint; base_model: the checkpoint file
-    the MODEL came from, for the LoRA header."""
+    the MODEL came from, for the LoRA header; watch: NodeWatch's options (previews, validation, per-step scores),
+    whose results land in result.measured."""
     import comfy.sd
 
     t0 = time.perf_counter()
@@ -205,10 +233,30 @@ def train_on_model(mp, dataset, loss_cfg: CatLossConfig, spec: LoraSpec, cfg: Tr
         log.info("ComfyUI-CAT %s", budget.report(ckpt_on))
         big = max(examples, key=lambda e: e.latent[0].numel()).latent
         budget.check(ckpt_on, cfg.batch_size, (big.shape[-1] * 8, big.shape[-2] * 8), spec.rank)
-        cb = progress_callback(node_id, cfg.steps)
+        w = make_watch(mp, den, dataset, examples, loss_cfg, cfg.seed, node_id, **(watch or {}))
+        cb = progress_callback(node_id, cfg.steps, preview=w.image if w else None)
         cfg = dataclasses.replace(cfg, mixed_precision=mixed_precision_name(den.compute_dtype), gradient_checkpointing=ckpt_on)
-        result = train(den, examples, loss_cfg, spec, cfg, callback=cb, resume=resume or None, on_save=on_save,
-                       own_folder=True)  # two queued runs with one checkpoint_name: the second gets its own folder
+        files: dict[int, object] = {}
+
+        def saved(step, weights):
+            files[step] = on_save(step, weights) if on_save else None
+            if w:
+                w.on_save(step, weights)
+
+        def callback(info):
+            if w:
+                w.callback(info)
+            cb(info)
+        if w:
+            w.step_file = files.get
+            w.start()
+        try:
+            result = train(den, examples, loss_cfg, spec, cfg, callback=callback, resume=resume or None,
+                           on_save=saved if (on_save or w) else None,
+                           own_folder=True)  # two queued runs with one checkpoint_name: the second gets its own folder
+        finally:
+            if w:
+                w.close()
     sd = CatLora(to_kohya(result.weights, den.family.kohya_names(mp.model.diffusion_model)))
     sd.metadata = metadata(loss_cfg, spec, cfg, dataset, result.steps_done, result.history, base_model_version(mp), base_model)
     patched, _ = comfy.sd.load_lora_for_models(mp, None, dict(sd), 1.0, 0)
@@ -220,7 +268,67 @@ def train_on_model(mp, dataset, loss_cfg: CatLossConfig, spec: LoraSpec, cfg: Tr
                + (f"\ncheckpoint {result.last_checkpoint}" if result.last_checkpoint else "")
                + "".join(f"\nwarning: {w}" for w in result.warnings))
     image = image_of(loss_curve(hist, keys=("loss", "fit", "keep") if loss_cfg.alpha else ("loss",), title="CAT training loss"))
+    result.measured = measured(w) if w else {}
+    if result.measured.get("text"):
+        summary += "\n" + result.measured["text"]
     return patched, sd, image, summary, result
+
+
+def make_watch(mp, den, dataset, examples, loss_cfg, seed, node_id, vae=None, preview_every=0, prompts="", validate_every=0,
+               probes="", clip_vision=None, out_dir=None):
+    """A NodeWatch when anything is to be watched (previews, validation, per-step scores), else None."""
+    from .watch import NodeWatch
+
+    if not (preview_every or validate_every or clip_vision is not None):
+        return None
+    try:
+        from comfy_execution.utils import get_executing_context
+        ctx = get_executing_context()
+        prompt_id = ctx.prompt_id if ctx is not None else None
+    except ImportError:
+        prompt_id = None
+    big = examples[0].latent
+    return NodeWatch(den, mp, dataset, examples, Path(out_dir) if out_dir else checkpoints_folder() / "run", node_id, prompt_id,
+                     seed, vae=vae, preview_every=preview_every, prompts=prompts, validate_every=validate_every,
+                     probes=probes, clip_vision=clip_vision, preservation_prompts=loss_cfg.preservation_prompts,
+                     encode=unet_text_encoder(mp, dataset, big.shape[-1] * 8, big.shape[-2] * 8))
+
+
+def unet_text_encoder(mp, dataset, width: int, height: int):
+    """prompts -> batched UNet conditioning (context, and SDXL's y for this size), through the dataset's CLIP."""
+    def encode(prompts: list[str]) -> dict:
+        raw = dataset.encode_text(prompts)
+        rows = [_unet_cond(mp, {k: v[i] for k, v in raw.items()}, width, height) for i in range(len(prompts))]
+        return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+    return encode
+
+
+def measured(w) -> dict:
+    """What the watch saw, for the node's outputs and summary: the preview grid, the per-step table and chart (saved to
+    the run's folder under output/), the best step and its LoRA file."""
+    from PIL import Image
+
+    from .watch import step_chart
+
+    out = {"text": w.summary()}
+    grid = w.grid_tensor()
+    if grid is not None:
+        out["previews"] = grid
+    table = w.write_table()
+    chart = step_chart(w.table())
+    if chart is not None:
+        out["step_chart"] = chart
+        Image.fromarray((chart[0].numpy() * 255).round().astype("uint8")).save(w.out_dir / "steps.png")
+    if table is not None:
+        out["text"] += f"\nper-step table {table}"
+    best, why = w.best()
+    if best is None:
+        out["text"] += f"\nbest step: none picked ({why})" if w.table() else ""
+    else:
+        f = w.rows[best.step].get("file", "")
+        out["best_file"] = f
+        out["text"] += f"\nbest step {best.step}: {f or '(no step file)'} - {best.reason}"
+    return out
 
 
 NODES = [CatTrainerNode]

@@ -79,6 +79,15 @@ api.emit("status", { exec_info: { queue_remaining: 0 } });  // another tab queue
 out.otherTab = draw().texts;
 out.state = globalThis.__catLiveView.runs.get("4").state;
 out.baseDraws = baseDraws;
+// a run with validation rows: the step-0 row arrives before the first training step
+api.emit("cat.train.validation", { node: "4", step: 0, total: 4, fit: 0.4, keep_drift: 0, probe_drift: 0 });
+for (let s = 1; s <= 4; s++) {
+  api.emit("cat.train.progress", { node: "4", step: s, total: 4, loss: 0.5 / s, fit: 0.4 / s, keep: 0.01, lr: 1e-4, elapsed: s });
+  if (s % 2 === 0) api.emit("cat.train.validation", { node: "4", step: s, total: 4, fit: 0.3 / s, keep_drift: 0.01 * s, probe_drift: 0.02 * s });
+}
+const v = draw();
+out.validated = { texts: v.texts, strokes: v.strokes.map((x) => x.color),
+  rows: globalThis.__catLiveView.runs.get("4").validation.length, points: globalThis.__catLiveView.runs.get("4").loss.length };
 out.axes = [[0.0107, 1.07], [0.05, 1.1], [0.1, 0.5], [1.07, 1.0700001], [0.0101, 0.0123], [1e-7, 1], [1.1e-4, 1.1]]
   .map((r) => view.yAxis(r));
 console.log(JSON.stringify(out));
@@ -130,6 +139,15 @@ def test_live_view_draws_and_ends_runs(tmp_path):
     assert "done: 3 steps in 0:06 · 0.50 it/s" in out["done"]
     assert "stopped at step 2/9" in out["otherTab"] and out["state"] == "stopped"
     assert out["baseDraws"] == 8  # the node's own drawing ran in each of the 8 draws
+
+
+@pytest.mark.skipif(NODE is None, reason="Node.js is not installed; the web extension test needs `node`")
+def test_live_view_draws_validation_next_to_the_loss(tmp_path):
+    v = run_view(tmp_path)["validated"]
+    assert v["rows"] == 3 and v["points"] == 4  # the step-0 row started the run; training steps continued it
+    assert {"val fit", "keep drift", "probe drift", "loss"} <= set(v["texts"])  # legend
+    for color in ("rgb(240,110,200)", "rgb(190,140,255)", "rgb(120,220,230)"):  # each validation curve stroked
+        assert color in v["strokes"]
 
 
 @pytest.mark.skipif(NODE is None, reason="Node.js is not installed; the web extension test needs `node`")

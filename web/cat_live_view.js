@@ -2,11 +2,14 @@
 // identity term "fit", preservation term "keep"), step, it/s and ETA from the "cat.train.progress" events
 // the trainer sends every step. When the run ends, ComfyUI's execution events decide how it is shown:
 // done, cancelled or failed, with the curve dimmed and no ETA, so a stopped run never looks alive.
+// Validation rows ("cat.train.validation": fit and keep drift at fixed points, every validate_every steps) are drawn
+// on the same axis as dotted lines with a dot per row, so the measured fit and drift sit next to the noisy loss.
 // A trainer node that never trained draws nothing, so the editor behaves as without this extension.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
 const EVENT = "cat.train.progress";
+const VALIDATION_EVENT = "cat.train.validation";
 const TRAINERS = ["CAT_LoraTrainer", "CAT_CatVersionTrainer"]; // both train in cat_train.train.train
 const PLOT_H = 150;
 const APT_H = 62; // APT runs: a band under the loss plot with the overfitting indicator of each timestep bin
@@ -16,10 +19,20 @@ const SERIES = [ // drawn in this order: the dashed lines on top keep "fit" visi
   { key: "fit", label: "fit", color: "rgb(255,170,60)", width: 1.5, dash: [5, 3] },
   { key: "keep", label: "keep", color: "rgb(90,210,120)", width: 1.5, dash: [2, 2] },
 ];
-// node id (string) -> {loss, fit, keep, step, total, elapsed, lr, state: running|done|cancelled|failed, message}
+const VALIDATION = [ // validation rows: {step, fit, keep_drift, probe_drift?}
+  { key: "fit", label: "val fit", color: "rgb(240,110,200)", width: 1.5, dash: [1, 3] },
+  { key: "keep_drift", label: "keep drift", color: "rgb(190,140,255)", width: 1.5, dash: [1, 3] },
+  { key: "probe_drift", label: "probe drift", color: "rgb(120,220,230)", width: 1.5, dash: [1, 3] },
+];
+// node id (string) -> {loss, fit, keep, validation, start, step, total, elapsed, lr, state: running|done|cancelled|failed, message}
 const runs = new Map();
 // Tests (tests/comfy/test_browser.py) and curious users read the state here.
-globalThis.__catLiveView = { runs, PLOT_H, APT_H };
+globalThis.__catLiveView = { runs, PLOT_H, APT_H, VALIDATION };
+
+function newRun(d) {
+  return { loss: [], fit: [], keep: [], validation: [], start: null, step: 0, total: d.total, elapsed: 0, lr: d.lr,
+           state: "running", message: "" };
+}
 
 function ema(values, beta = 0.9) {
   const out = [];
@@ -111,9 +124,10 @@ function onProgress(event) {
     const key = String(d.node);
     let run = runs.get(key);
     if (!run || run.state !== "running" || d.step <= run.step) { // a new run (or a resumed one) starts a fresh curve
-      run = { loss: [], fit: [], keep: [], step: 0, total: d.total, elapsed: 0, lr: d.lr, state: "running", message: "" };
+      run = newRun(d);
       runs.set(key, run);
     }
+    if (run.start === null) run.start = d.step; // loss[i] is step start + i
     run.loss.push(d.loss); run.fit.push(d.fit); run.keep.push(d.keep);
     Object.assign(run, { step: d.step, total: d.total, elapsed: d.elapsed, lr: d.lr });
     if (d.apt) run.apt = d.apt; // {indicator: [per bin, null if not drawn yet], fit_weight, augment_prob, ...}
@@ -123,6 +137,26 @@ function onProgress(event) {
       const need = (node.computeSize?.()[1] ?? node.size[1]) + PLOT_H + (run.apt ? APT_H : 0);
       if (node.size[1] < need) node.setSize([Math.max(node.size[0], 340), need]);
     }
+    redraw(key);
+  } catch (e) {
+    console.warn("[ComfyUI-CAT] live view:", e);
+  }
+}
+
+function onValidation(event) {
+  try {
+    const d = event.detail;
+    if (!d || d.step === undefined) return;
+    const key = String(d.node);
+    let run = runs.get(key);
+    // the step-0 row comes before the first training step; a row for a step the run already reached (its last one,
+    // after the run read "done") belongs to it
+    if (!run || (run.state !== "running" && !(d.step > 0 && d.step <= run.step))) {
+      run = newRun(d);
+      runs.set(key, run);
+    }
+    if (d.total) run.total = d.total;
+    run.validation.push({ step: d.step, fit: d.fit, keep_drift: d.keep_drift, probe_drift: d.probe_drift });
     redraw(key);
   } catch (e) {
     console.warn("[ComfyUI-CAT] live view:", e);
@@ -166,6 +200,22 @@ function drawSeries(ctx, values, axis, x, y, w, h, n, s) {
   return true;
 }
 
+// Validation rows at their steps (loss[i] is step start + i; the step-0 row sits at the left edge), a dot per row.
+export function drawValidation(ctx, rows, s, axis, x, y, w, h, n, start) {
+  const pts = rows.filter((r) => isFinite(r[s.key]) && (r[s.key] > 0 || !axis.log)).map((r) => {
+    const i = Math.min(Math.max(r.step - start, 0), Math.max(n - 1, 0));
+    return [x + (n > 1 ? (w * i) / (n - 1) : 0), rowOf(axis, r[s.key], y, h)];
+  });
+  if (!pts.length) return false;
+  ctx.strokeStyle = s.color; ctx.fillStyle = s.color; ctx.lineWidth = s.width; ctx.setLineDash?.(s.dash);
+  ctx.beginPath();
+  pts.forEach(([px, py], i) => (i ? ctx.lineTo(px, py) : ctx.moveTo(px, py)));
+  ctx.stroke();
+  ctx.setLineDash?.([]);
+  for (const [px, py] of pts) { ctx.beginPath(); ctx.arc?.(px, py, 2.5, 0, 2 * Math.PI); ctx.fill?.(); }
+  return true;
+}
+
 function statusLine(run) {
   const rate = run.elapsed > 0 ? run.step / run.elapsed : 0;
   const at = `${run.step}/${run.total}`;
@@ -191,7 +241,9 @@ export function drawRun(node, ctx, run) {
   const smooth = Object.fromEntries(SERIES.map((s) => [s.key, ema(run[s.key])]));
   // keep is all zeros in a plain-LoRA run (cat_factor 0): leave it out rather than draw a line at the floor
   const shown = SERIES.filter((s) => run[s.key].some((v) => isFinite(v) && v > 0));
-  const axis = yAxis(shown.flatMap((s) => run[s.key]));
+  const val = run.validation ?? [];
+  const valShown = VALIDATION.filter((s) => val.some((r) => isFinite(r[s.key]) && r[s.key] > 0));
+  const axis = yAxis([...shown.flatMap((s) => run[s.key]), ...valShown.flatMap((s) => val.map((r) => r[s.key]))]);
   const drawn = [];
   if (axis) {
     ctx.font = "10px sans-serif"; ctx.textAlign = "right"; ctx.textBaseline = "middle";
@@ -205,6 +257,7 @@ export function drawRun(node, ctx, run) {
     const n = run.loss.length;
     drawSeries(ctx, run.loss, axis, x, y, w, h, n, { color: "rgba(110,160,255,0.3)", width: 1 });
     for (const s of shown) if (drawSeries(ctx, smooth[s.key], axis, x, y, w, h, n, s)) drawn.push(s);
+    for (const s of valShown) if (drawValidation(ctx, val, s, axis, x, y, w, h, n, run.start ?? 1)) drawn.push(s);
     ctx.globalAlpha = 1;
     ctx.textAlign = "left"; ctx.textBaseline = "alphabetic"; // legend, right-aligned above the plot
     let lx = x + w;
@@ -260,6 +313,7 @@ app.registerExtension({
   name: "ComfyUI-CAT.LiveTrainingView",
   setup() {
     api.addEventListener(EVENT, onProgress);
+    api.addEventListener(VALIDATION_EVENT, onValidation);
     api.addEventListener("execution_success", () => endRuns("done"));
     api.addEventListener("execution_interrupted", (e) => endRuns("cancelled", e.detail));
     api.addEventListener("execution_error", (e) => endRuns("failed", e.detail));

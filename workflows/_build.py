@@ -26,7 +26,8 @@ def train_branch(g: dict, first: int, model, clip, vae, dataset, factor: float, 
     g[str(i + 1)] = n("CAT_LoraTrainer", model=model, dataset=dataset, loss_config=[str(i), 0], rank=16, lora_alpha=16.0,
                       target="attn", steps=600, learning_rate=1e-4, lr_schedule="constant", batch_size=1, grad_accum=1,
                       seed=0, dtype="auto", gradient_checkpointing="auto", save_every=100,
-                      checkpoint_name=f"{ckpt_prefix}_{label}", resume_from="")
+                      checkpoint_name=f"{ckpt_prefix}_{label}", resume_from="", preview_every=100, vae=vae,
+                      validate_every=50)
     g[str(i + 2)] = n("CAT_SaveLora", lora=[str(i + 1), 1], name=f"{ckpt_prefix}_{label}")
     g[str(i + 3)] = n("CLIPTextEncode", text=pos, clip=clip)
     g[str(i + 4)] = n("CLIPTextEncode", text=plain, clip=clip)
@@ -44,9 +45,18 @@ def train_branch(g: dict, first: int, model, clip, vae, dataset, factor: float, 
     g[str(i + 11)] = n("SaveImage", images=[str(i + 9), 0], filename_prefix=f"{ckpt_prefix}/{label}_with_trigger")
     g[str(i + 12)] = n("SaveImage", images=[str(i + 10), 0], filename_prefix=f"{ckpt_prefix}/{label}_without_trigger")
     g[str(i + 13)] = n("CAT_KPSEvaluator", images_with_trigger=[str(i + 9), 0], images_without_trigger=[str(i + 10), 0],
-                       prompts=pos, clip_checkpoint="open_clip_vit_b32.safetensors", open_clip_model="ViT-B-32")
-    g[str(i + 14)] = n("PreviewImage", images=[str(i + 1), 2])
-    g[str(i + 15)] = n("PreviewImage", images=[str(i + 13), 4])
+                       reference_images=[dataset[0], DATASET_IMAGES], prompts=pos,
+                       clip_checkpoint="open_clip_vit_b32.safetensors", open_clip_model="ViT-B-32")
+    # charts and grids go to output/ (SaveImage), not temp/; every text result shows on the canvas (Preview Any)
+    g[str(i + 14)] = n("SaveImage", images=[str(i + 1), 2], filename_prefix=f"{ckpt_prefix}/{label}_loss")
+    g[str(i + 15)] = n("SaveImage", images=[str(i + 13), 4], filename_prefix=f"{ckpt_prefix}/{label}_scores")
+    g[str(i + 18)] = n("SaveImage", images=[str(i + 1), 4], filename_prefix=f"{ckpt_prefix}/{label}_previews")
+    g[str(i + 19)] = n("PreviewAny", source=[str(i + 1), 3])  # the trainer's summary (best step, per-step table)
+    g[str(i + 20)] = n("PreviewAny", source=[str(i + 2), 0])  # the saved LoRA's path
+    g[str(i + 21)] = n("PreviewAny", source=[str(i + 13), 3])  # the KPS report
+
+
+DATASET_IMAGES = 3  # CAT Dataset's IMAGE output: the reference images of IS
 
 
 def flux_base(res: int) -> dict:
@@ -88,18 +98,20 @@ def leak_loop() -> dict:
 
     g["10"] = n("CAT_LossConfig", cat_factor=1.0, preservation="class", class_word="dog", token_weights="", preservation_prompts="")
     g["11"] = trainer(10, "loop_first")
-    g["12"] = n("PreviewImage", images=["11", 2])
+    g["12"] = n("SaveImage", images=["11", 2], filename_prefix="loop/first_loss")
     g["13"] = scan(11)
-    g["14"] = n("PreviewImage", images=["13", 2])
-    g["15"] = n("PreviewImage", images=["13", 3])
+    g["14"] = n("SaveImage", images=["13", 2], filename_prefix="loop/first_scan_chart")
+    g["15"] = n("SaveImage", images=["13", 3], filename_prefix="loop/first_scan_grid")
     g["20"] = n("CAT_LossConfig", cat_factor=1.0, preservation="class", class_word="dog", token_weights="",
                 preservation_prompts=["13", 1])
     g["21"] = trainer(20, "loop_preserved")
     g["22"] = n("CAT_SaveLora", lora=["21", 1], name="loop_cat_preserved")
-    g["23"] = n("PreviewImage", images=["21", 2])
+    g["23"] = n("SaveImage", images=["21", 2], filename_prefix="loop/preserved_loss")
     g["24"] = scan(21)
-    g["25"] = n("PreviewImage", images=["24", 2])
-    g["26"] = n("PreviewImage", images=["24", 3])
+    g["25"] = n("SaveImage", images=["24", 2], filename_prefix="loop/preserved_scan_chart")
+    g["26"] = n("SaveImage", images=["24", 3], filename_prefix="loop/preserved_scan_grid")
+    for k, src in ((30, ["11", 3]), (31, ["13", 0]), (32, ["21", 3]), (33, ["22", 0]), (34, ["24", 0])):
+        g[str(k)] = n("PreviewAny", source=src)  # summaries, scan reports, the LoRA path: on the canvas
     return g
 
 
@@ -110,7 +122,7 @@ def catversion_sd15() -> dict:
     g["10"] = n("CAT_CatVersionTrainer", model=["1", 0], clip=["1", 1], dataset=["2", 0], layers=3, embeddings_per_layer=1,
                 steps=1000, learning_rate=1e-2, batch_size=2, cat_factor=0.0, class_word="dog", seed=0)
     g["11"] = n("CAT_SaveCatVersion", catversion=["10", 1], name="catversion_sks_dog")
-    g["12"] = n("PreviewImage", images=["10", 2])
+    g["12"] = n("SaveImage", images=["10", 2], filename_prefix="catversion/loss")
     for k, clip in ((13, ["10", 0]), (14, ["1", 1])):  # with the embeddings / the checkpoint's own CLIP
         g[str(k)] = n("CLIPTextEncode", text=POS, clip=clip)
         g[str(k + 2)] = n("CLIPTextEncode", text="blurry, low quality", clip=clip)
@@ -121,9 +133,12 @@ def catversion_sd15() -> dict:
         g[str(k + 2)] = n("VAEDecode", samples=[str(k), 0], vae=["1", 2])
         g[str(k + 4)] = n("SaveImage", images=[str(k + 2), 0],
                           filename_prefix="catversion/" + ("with_embeddings" if k == 18 else "without_embeddings"))
-    g["24"] = n("CAT_KPSEvaluator", images_with_trigger=["20", 0], images_without_trigger=["21", 0], prompts=POS,
+    g["24"] = n("CAT_KPSEvaluator", images_with_trigger=["20", 0], images_without_trigger=["21", 0],
+                reference_images=["2", DATASET_IMAGES], prompts=POS,
                 clip_checkpoint="open_clip_vit_b32.safetensors", open_clip_model="ViT-B-32")
-    g["25"] = n("PreviewImage", images=["24", 4])
+    g["25"] = n("SaveImage", images=["24", 4], filename_prefix="catversion/scores")
+    for k, src in ((26, ["10", 3]), (27, ["11", 0]), (28, ["24", 3])):
+        g[str(k)] = n("PreviewAny", source=src)  # the summary, the embeddings' path, the KPS report: on the canvas
     return g
 
 
@@ -136,7 +151,7 @@ def workflows() -> dict[str, dict]:
         out[name] = g
     g = base("v1-5-pruned-emaonly.safetensors", 512)
     train_branch(g, 10, ["1", 0], ["1", 1], ["1", 2], ["2", 0], 0.0, "lora_alpha0", 512, 25, POS, PLAIN, "compare")
-    train_branch(g, 30, ["1", 0], ["1", 1], ["1", 2], ["2", 0], 1.0, "cat_alpha1", 512, 25, POS, PLAIN, "compare")
+    train_branch(g, 40, ["1", 0], ["1", 1], ["1", 2], ["2", 0], 1.0, "cat_alpha1", 512, 25, POS, PLAIN, "compare")
     out["cat_vs_lora_sd15"] = g
     g = flux_base(1024)
     train_branch(g, 10, ["1", 0], ["3", 0], ["4", 0], ["2", 0], 1.0, "cat", 1024, 20, POS, PLAIN, "flux", flux=True)
@@ -175,13 +190,13 @@ def control_values(name: str, typ: str, opts: dict) -> list:
 # Sizes the editor gives these nodes (LGraphNode.computeSize in frontend 1.27, measured in Chromium),
 # rounded up; the browser test checks that loading grows none of them. Image outputs get room for a preview.
 SIZES = {
-    "CheckpointLoaderSimple": (340, 100), "CAT_Dataset": (340, 230), "CAT_LossConfig": (340, 250),
+    "CheckpointLoaderSimple": (340, 100), "CAT_Dataset": (340, 240), "CAT_LossConfig": (340, 250),
     "CAT_SaveLora": (340, 60), "CLIPTextEncode": (400, 150), "EmptyLatentImage": (340, 110), "KSampler": (340, 270),
     "VAEDecode": (200, 50), "SaveImage": (320, 320), "CAT_KPSEvaluator": (400, 260), "PreviewImage": (320, 320),
     "Note": (560, 360), "UNETLoader": (340, 110), "DualCLIPLoader": (340, 160), "VAELoader": (340, 80),
-    "FluxGuidance": (340, 80), "EmptySD3LatentImage": (340, 130), "CAT_LeakScan": (420, 560), "CAT_SaveCatVersion": (340, 60),
+    "FluxGuidance": (340, 80), "PreviewAny": (400, 200), "EmptySD3LatentImage": (340, 130), "CAT_LeakScan": (420, 560), "CAT_SaveCatVersion": (340, 60),
 }
-TRAINER_WIDGETS_H = 460  # computeSize height of the trainer: inputs, outputs and 15 widgets
+TRAINER_WIDGETS_H = 610  # computeSize height of the trainer: inputs, outputs and 19 widgets
 LIVE_VIEW_H = 150  # web/cat_live_view.js PLOT_H: reserved under the widgets so the chart covers nothing
 SIZES["CAT_LoraTrainer"] = (380, TRAINER_WIDGETS_H + LIVE_VIEW_H + 10)
 CATVERSION_WIDGETS_H = 310  # computeSize height of the CatVersion trainer (8 widgets and the seed control)
@@ -228,6 +243,9 @@ def note_text(api: dict) -> str:
     if "CAT_LoraTrainer" in types:
         text += ("\n\nThe trainer draws its loss curve live and checkpoints to output/cat_checkpoints/<checkpoint_name>; "
                  "after Cancel, give the last cat-stepNNNNNN.pt to resume_from.")
+        text += (f"\n\nWhile it trains, {how_many('CAT_LoraTrainer', 'CAT LoRA Trainer')} > preview_every draws previews on "
+                 "the node (same noise every round), and validate_every draws fit and keep drift next to the loss. Add a "
+                 "Load CLIP Vision into its clip_vision for IS and KPS at every saved step and the best step's file.")
     if "CAT_LossConfig" in types:
         text += " cat_factor 0 is plain LoRA."
     if "CAT_CatVersionTrainer" in types:
@@ -273,26 +291,34 @@ def layout(api: dict) -> tuple[dict[int, tuple[list[int], list[int]]], list[dict
     if "CAT_LeakScan" in by_type:  # the loop: one row, train -> scan -> retrain -> scan again
         x = 40
         (first, second), (scan1, scan2) = trainers, by_type["CAT_LeakScan"]
-        previews = lambda k: sorted(int(m) for m, v in api.items() if v["class_type"] == "PreviewImage"
-                                    and int(v["inputs"]["images"][0]) == k)
+        previews = lambda k: sorted(int(m) for m, v in api.items() if v["class_type"] in ("PreviewAny", "SaveImage")
+                                    and int(next(iter(v["inputs"].values()))[0]) == k)
         for title, cols, color in (
                 ("1. Training: CAT with the class prompt", [[int(api[str(first)]["inputs"]["loss_config"][0])] + previews(first), [first]], "#8a5a2b"),
                 ("2. Sampling and evaluation: leak scan, base vs CAT (same seeds)", [[scan1], previews(scan1)], "#6a4a8a"),
                 ("3. Training again: the worst probes preserved", [[int(api[str(second)]["inputs"]["loss_config"][0])] + previews(second),
-                                                                   [second] + [k for k in by_type["CAT_SaveLora"]]], "#8a5a2b"),
+                                                                   [second] + [k for k in by_type["CAT_SaveLora"]]
+                                                                   + [p for k in by_type["CAT_SaveLora"] for p in previews(k)]],
+                 "#8a5a2b"),
                 ("4. Sampling and evaluation: leak scan again", [[scan2], previews(scan2)], "#6a4a8a")):
             w, _ = group(title, cols, x, y, color)
             x += w + 60
         trainers = []
     if "CAT_CatVersionTrainer" in by_type:  # train -> sample with/without the embeddings -> KPS, one row
         ids = lambda cls: by_type.get(cls, [])
-        (t,), enc, prev = ids("CAT_CatVersionTrainer"), ids("CLIPTextEncode"), ids("PreviewImage")
+        (t,), enc = ids("CAT_CatVersionTrainer"), ids("CLIPTextEncode")
+        fed_by = lambda cls, k: [int(m) for m, v in sorted(api.items(), key=lambda kv: int(kv[0])) if v["class_type"] == cls
+                                 and int(next(iter(v["inputs"].values()))[0]) == k]
+        save, kps = ids("CAT_SaveCatVersion"), ids("CAT_KPSEvaluator")
+        samples = [k for k in ids("SaveImage") if api[str(k)]["class_type"] == "SaveImage"
+                   and api[str(api[str(k)]["inputs"]["images"][0])]["class_type"] == "VAEDecode"]
         x = 40
         for title, cols, color in (
-                ("Training: CatVersion (K/V embeddings in CLIP)", [[t], ids("CAT_SaveCatVersion") + prev[:1]], "#8a5a2b"),
+                ("Training: CatVersion (K/V embeddings in CLIP)",
+                 [[t] + fed_by("PreviewAny", t), save + fed_by("PreviewAny", save[0]) + fed_by("SaveImage", t)], "#8a5a2b"),
                 ("Sampling: the same seeds, CLIP with and without the embeddings",
-                 [enc + ids("EmptyLatentImage"), ids("KSampler"), ids("VAEDecode"), ids("SaveImage")], "#3f7a4a"),
-                ("Evaluation: PS, IS, KPS", [ids("CAT_KPSEvaluator") + prev[1:]], "#6a4a8a")):
+                 [enc + ids("EmptyLatentImage"), ids("KSampler"), ids("VAEDecode"), samples], "#3f7a4a"),
+                ("Evaluation: PS, IS, KPS", [kps + fed_by("PreviewAny", kps[0]) + fed_by("SaveImage", kps[0])], "#6a4a8a")):
             w, _ = group(title, cols, x, y, color)
             x += w + 60
     for t in trainers:
@@ -302,7 +328,8 @@ def layout(api: dict) -> tuple[dict[int, tuple[list[int], list[int]]], list[dict
         def users(k, cls=None):
             return sorted(int(n) for n, v in api.items() if (cls is None or v["class_type"] == cls)
                           and any(isinstance(x, list) and int(x[0]) == k for x in v["inputs"].values()))
-        save, curve = users(t, "CAT_SaveLora")[0], users(t, "PreviewImage")[0]
+        save, (curve, grid) = users(t, "CAT_SaveLora")[0], users(t, "SaveImage")
+        summary, path_text = users(t, "PreviewAny")[0], users(save, "PreviewAny")[0]
         samplers = users(t, "KSampler")
         pos = [int(api[str(s)]["inputs"]["positive"][0]) for s in samplers]
         neg = int(api[str(samplers[0])]["inputs"]["negative"][0])
@@ -310,17 +337,17 @@ def layout(api: dict) -> tuple[dict[int, tuple[list[int], list[int]]], list[dict
         decodes = [users(s, "VAEDecode")[0] for s in samplers]
         saves = [users(d, "SaveImage")[0] for d in decodes]
         kps = users(decodes[0], "CAT_KPSEvaluator")[0]
-        chart = users(kps, "PreviewImage")[0]
+        chart, report = users(kps, "SaveImage")[0], users(kps, "PreviewAny")[0]
         label = "plain LoRA (cat_factor 0)" if alpha == 0 else f"CAT (cat_factor {alpha:g})"
         x = 40
-        w, h1 = group(f"Training: {label}", [[loss_cfg, save, curve], [t]], x, y, "#8a5a2b")
+        w, h1 = group(f"Training: {label}", [[loss_cfg, save, path_text, curve, grid], [t, summary]], x, y, "#8a5a2b")
         x += w + 60
         guided = [p for p in pos if api[str(p)]["class_type"] == "FluxGuidance"]
         texts = [int(api[str(p)]["inputs"]["conditioning"][0]) for p in guided] if guided else pos
         columns = [texts + [neg, latent]] + ([guided] if guided else []) + [samplers, decodes, saves]
         w, h2 = group("Sampling: the same seeds with and without the trigger", columns, x, y, "#3f7a4a")
         x += w + 60
-        _, h3 = group("Evaluation: PS, IS, KPS", [[kps, chart]], x, y, "#6a4a8a")
+        _, h3 = group("Evaluation: PS, IS, KPS", [[kps, report, chart]], x, y, "#6a4a8a")
         y += max(h1, h2, h3) + 60
     note = {"id": note_id, "type": "Note", "pos": places[note_id][0], "size": places[note_id][1], "flags": {}, "order": 0,
             "mode": 0, "inputs": [], "outputs": [], "properties": {"text": ""},
@@ -353,9 +380,9 @@ def to_ui(api: dict, mappings: dict) -> dict:
             entry = {"name": name, "type": typ, "link": link[0] if link else None}
             if is_widget:
                 entry["widget"] = {"name": name}
-            if link:
+            if link:  # a link carries its source output's type (an ANY input such as Preview Any's takes any)
                 link[4] = len(inputs)
-                link[5] = typ
+                link[5] = mappings[api[str(link[1])]["class_type"]].RETURN_TYPES[link[2]]
             inputs.append(entry)
         rtypes = list(cls.RETURN_TYPES)
         rnames = list(getattr(cls, "RETURN_NAMES", None) or rtypes)
