@@ -74,8 +74,9 @@ class BenchConfig:
     apt_align: float = 1000.0
     # Auto preservation for the cat<alpha>:auto methods: the probes are the world's other class words, so y
     # starts as the class prompt alone and gains the neighbours the run itself finds drifting.
+    # The budget is the list's size: which neighbours are kept is the threshold's call, not the budget's.
     auto_every: int = 50
-    auto_top_k: int = 2
+    auto_top_k: int = 4
     auto_threshold: float = 0.01
 
 
@@ -407,9 +408,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--apt-adaptive", type=non_negative_float, help="APT adaptive gain of the apt methods (default 1)")
     ap.add_argument("--apt-stabilize", type=non_negative_float, help="APT stabilization weight (default 5)")
     ap.add_argument("--apt-align", type=non_negative_float, help="APT attention-alignment weight (default 1000)")
+    ap.add_argument("--auto-every", type=positive_int, help="auto methods: measure the probes every N steps (default 50)")
+    ap.add_argument("--auto-top-k", type=positive_int, help="auto methods: probes added at most (default 4)")
+    ap.add_argument("--auto-threshold", type=non_negative_float, help="auto methods: keep drift a probe must pass (default 0.01)")
     a = ap.parse_args(argv)  # every argument checked here: the run takes minutes and writes only at its end
     kw = dict(QUICK) if a.quick else {}
-    for k in ("steps", "lr", "seeds", "methods", "per_prompt", "sample_steps", "rank", "preset", "apt_adaptive", "apt_stabilize", "apt_align"):
+    for k in ("steps", "lr", "seeds", "methods", "per_prompt", "sample_steps", "rank", "preset", "apt_adaptive", "apt_stabilize", "apt_align",
+              "auto_every", "auto_top_k", "auto_threshold"):
         v = getattr(a, k)
         if v is not None:
             kw[k] = tuple(v) if isinstance(v, list) else v
