@@ -20,6 +20,7 @@ checkpointed state, so a resumed run keeps preserving exactly what the interrupt
 from __future__ import annotations
 
 import json
+import time
 from typing import Any, Sequence
 
 from .auto_config import AutoPreservationConfig, metadata
@@ -40,6 +41,7 @@ class AutoPreservation(StepTerm):
         self.examples: Sequence[Any] = ()
         self.order: list[str] = []  # probes in list order: ties go to the earlier one
         self.validator: Validator | None = None
+        self.seconds = 0.0  # wall time of the measurements in this process: what the option costs
 
     def start(self, examples: Sequence[Any]) -> None:
         if any(getattr(ex, "prompts", None) is not None for ex in examples):
@@ -67,7 +69,9 @@ class AutoPreservation(StepTerm):
     def end_of_step(self, step: int) -> None:
         if step % self.cfg.every:
             return
+        t0 = time.perf_counter()
         self.drift, self.measured = self.validator.probe_drifts(), step
+        self.seconds += time.perf_counter() - t0
         self.added += [(p, step, self.drift[p]) for p in self.worst()]
 
     def worst(self) -> list[str]:
@@ -80,7 +84,7 @@ class AutoPreservation(StepTerm):
     def report(self) -> dict:
         """For the live view and the history: the probes added (probe, step, drift), the last measurement and its step."""
         return {"auto_added": [list(a) for a in self.added], "drift": dict(self.drift), "measured": self.measured,
-                "threshold": self.cfg.threshold, "top_k": self.cfg.top_k}
+                "threshold": self.cfg.threshold, "top_k": self.cfg.top_k, "seconds": self.seconds}
 
     def state_dict(self) -> dict:
         return {"added": [list(a) for a in self.added], "drift": dict(self.drift), "measured": self.measured,

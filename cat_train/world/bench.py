@@ -290,8 +290,14 @@ def run(c: BenchConfig, log=print, world: World | None = None, watch: Callable[.
                 ex, lc, bs = examples_for(m, world, c, seed)
                 hooks = dict(watch(world, m, seed, ex, noise, base)) if watch else {}
                 tc = TrainConfig(steps=c.steps, lr=c.lr, seed=seed, batch_size=bs, save_every=hooks.pop("save_every", 0))
+                reports, cb = {}, hooks.pop("callback", None)
+
+                def callback(info, cb=cb):  # keeps the last reports (auto preservation's measuring time)
+                    reports.update(info.reports)
+                    if cb:
+                        cb(info)
                 t2 = time.perf_counter()
-                tr = train(world.den, ex, lc, spec, tc, keep_adapter=True, **hooks)
+                tr = train(world.den, ex, lc, spec, tc, keep_adapter=True, callback=callback, **hooks)
                 train_seconds = time.perf_counter() - t2
                 try:
                     imgs = {k: world.generate(ps[k], noise[k], c) for k in ps}
@@ -301,6 +307,8 @@ def run(c: BenchConfig, log=print, world: World | None = None, watch: Callable[.
             r["final_fit"] = float(np.mean([h["fit"] for h in tr.history[-20:]]))
             if train_seconds is not None:  # the training alone (sampling excluded): what a regularizer costs per step
                 r["sec_per_step"] = train_seconds / max(1, tr.steps_done)
+                if "auto" in reports:  # of which the probe measurements
+                    r["measure_sec_per_step"] = reports["auto"]["seconds"] / max(1, tr.steps_done)
             results[m].append(r)
             if seed == c.seeds[0]:
                 grid[m], trained[m] = imgs, tr
