@@ -314,7 +314,7 @@ class AptRun(StepTerm):
         self.indicator.load_state_dict(state)
 
     @staticmethod
-    def metadata(cfg: AptConfig) -> dict[str, str]:
+    def metadata(cfg: AptConfig, history=()) -> dict[str, str]:
         return metadata(cfg)
 
     def close(self) -> None:

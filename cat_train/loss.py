@@ -23,6 +23,7 @@ from torch import Tensor
 
 from .adapter import adapter_disabled
 from .apt_config import AptConfig
+from .auto_config import AutoPreservationConfig
 from .denoiser import Cond, Denoiser
 from .plugins import StepTerm
 from .prompts import PreservationMode, parse_class_words
@@ -51,6 +52,10 @@ class CatLossConfig:
     apt: AptConfig = field(default_factory=AptConfig, metadata={"help": (
         "APT's regularizers (AptConfig, cat_train/apt.py), all off by default. In ComfyUI an APT Options node feeds "
         "CAT Loss Config's optional `apt` input; the LoRA records them as `cat_apt`.")})
+    auto: AutoPreservationConfig = field(default_factory=AutoPreservationConfig, metadata={"help": (
+        "auto preservation (AutoPreservationConfig, cat_train/auto.py), off by default: every N steps the probes' keep "
+        "drift is measured and the worst are added to the preservation prompts. In ComfyUI an Auto Preservation node "
+        "feeds CAT Loss Config's optional `auto` input; the LoRA records the settings and the probes added.")})
 
     def __post_init__(self):
         if not self.alpha >= 0:  # also catches NaN
@@ -61,6 +66,11 @@ class CatLossConfig:
         self.preservation_prompts = tuple(p.strip() for p in self.preservation_prompts if p.strip())
         if isinstance(self.apt, dict):  # as stored in a checkpoint
             self.apt = AptConfig(**self.apt)
+        if isinstance(self.auto, dict):
+            self.auto = AutoPreservationConfig(**self.auto)
+        if self.auto.active and self.alpha == 0:
+            raise ValueError("auto preservation adds prompts to the CAT term, which alpha = 0 (plain LoRA) switches off; "
+                             "set the CAT factor > 0 or auto preservation `every` to 0.")
         bad = {t: w for t, w in self.token_weights.items() if not w >= 0}
         if bad:
             raise ValueError(f"token weights must be >= 0, got {bad}.")

@@ -21,6 +21,7 @@ OPTION_CLASSES = [
     ("cat_train.adapter", "LoraSpec", "LoRA"),
     ("cat_train.train", "TrainConfig", "Training"),
     ("cat_train.apt", "AptConfig", "APT"),
+    ("cat_train.auto_config", "AutoPreservationConfig", "Auto preservation"),
     ("cat_train.catversion", "CatVersionSpec", "CatVersion embeddings"),
     ("cat_train.catversion", "CatVersionConfig", "CatVersion training"),
 ]
@@ -30,7 +31,8 @@ OPTION_CLASSES = [
 NODE_WIDGETS: dict[str, list[tuple[str, str]]] = {
     "CAT_LossConfig": [("cat_factor", "CatLossConfig.alpha"), ("preservation", "CatLossConfig.preservation"),
                        ("class_word", "CatLossConfig.class_word"), ("token_weights", "CatLossConfig.token_weights"),
-                       ("preservation_prompts", "CatLossConfig.preservation_prompts"), ("apt", "CatLossConfig.apt")],
+                       ("preservation_prompts", "CatLossConfig.preservation_prompts"), ("apt", "CatLossConfig.apt"),
+                       ("auto", "CatLossConfig.auto")],
     "CAT_LoraTrainer": [("rank", "LoraSpec.rank"), ("lora_alpha", "LoraSpec.alpha"), ("target", "LoraSpec.preset"),
                         ("steps", "TrainConfig.steps"), ("learning_rate", "TrainConfig.lr"),
                         ("lr_schedule", "TrainConfig.lr_schedule"), ("batch_size", "TrainConfig.batch_size"),
@@ -42,6 +44,10 @@ NODE_WIDGETS: dict[str, list[tuple[str, str]]] = {
                        ("ema", "AptConfig.ema"), ("target", "AptConfig.target"), ("min_weight", "AptConfig.min_weight"),
                        ("max_augment", "AptConfig.max_augment"), ("align_distance", "AptConfig.align_distance"),
                        ("stabilize_layers", "AptConfig.stabilize_layers"), ("align_layers", "AptConfig.align_layers")],
+    "CAT_AutoPreservation": [("every", "AutoPreservationConfig.every"), ("source", "AutoPreservationConfig.source"),
+                             ("probes", "AutoPreservationConfig.probes"), ("top_k", "AutoPreservationConfig.top_k"),
+                             ("threshold", "AutoPreservationConfig.threshold"), ("points", "AutoPreservationConfig.points"),
+                             ("images", "AutoPreservationConfig.images"), ("seed", "AutoPreservationConfig.seed")],
     "CAT_CatVersionTrainer": [("layers", "CatVersionSpec.layers"), ("embeddings_per_layer", "CatVersionSpec.length"),
                               ("steps", "CatVersionConfig.steps"), ("learning_rate", "CatVersionConfig.lr"),
                               ("batch_size", "CatVersionConfig.batch_size"), ("cat_factor", "CatVersionConfig.alpha"),
@@ -100,7 +106,8 @@ def render() -> str:
         out.append("")
     out += ["## In ComfyUI: the widget that sets each option", "",
             "Widget defaults are the node's own: the APT Options node starts with adaptive 1, stabilize 5 and align 1000",
-            "(the dataclass: all 0 = off). Widgets not listed (file and folder names, the trainer's `dtype`, `checkpoint_name`",
+            "(the dataclass: all 0 = off); the Auto Preservation node with every 50 and source `common` (the dataclass:",
+            "every 0 = off, source `list`). Widgets not listed (file and folder names, the trainer's `dtype`, `checkpoint_name`",
             "and `resume_from`, the dataset, KPS Evaluator and Leak Scan inputs) are the node's own and documented by",
             "their tooltips.", "",
             "| node | widget | option |", "|---|---|---|"]

@@ -29,6 +29,14 @@ class StepTerm:
     needs_frozen_token_pass = False    # the frozen pass also runs on y_T (its rows come first)
     history_keys: tuple[str, ...] = ()  # entries of report() that go into every history row
 
+    def start(self, examples: Sequence[Any]) -> None:
+        """Once, before the first step (and before a checkpoint's state is loaded): the run's `train.Example`s."""
+
+    def preservation(self, idx: Sequence[int], conds: list[Any], gen: torch.Generator) -> list[Any]:
+        """Each drawn sample's preservation conditioning y (unbatched; `idx`: the examples drawn), possibly replaced:
+        a term may change which prompts the CAT term keeps as the run goes. Draws only from `gen`."""
+        return conds
+
     def augment(self, x0: Tensor, t: Tensor, gen: torch.Generator) -> Tensor:
         """The batch's clean latents, possibly transformed; draws only from `gen` (resumes stay exact)."""
         return x0
@@ -49,6 +57,9 @@ class StepTerm:
         """After each evaluation of the objective (each accumulated batch), before the next draw; `terms`: the
         objective's `loss.LossTerms` (fit, keep, and fit_pre when the frozen y_T pass ran)."""
 
+    def end_of_step(self, step: int) -> None:
+        """After optimizer step `step` (1-based), before that step's checkpoint, report and callback."""
+
     def report(self) -> dict:
         """What the live view and the history show of it."""
         return {}
@@ -60,8 +71,9 @@ class StepTerm:
         pass
 
     @staticmethod
-    def metadata(cfg: Any) -> dict[str, str]:
-        """Its settings for a LoRA file's header (str values), written whether it is on or off."""
+    def metadata(cfg: Any, history: Sequence[dict] = ()) -> dict[str, str]:
+        """Its settings for a LoRA file's header (str values), written whether it is on or off; `history`: the run's
+        rows (with its `history_keys`), for what the run decided (empty where unknown, e.g. mid-run step files)."""
         return {}
 
     def close(self) -> None:

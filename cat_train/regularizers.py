@@ -6,12 +6,15 @@ module, its config field on `CatLossConfig` and one line below.
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 from .apt import AptRun
+from .auto import AutoPreservation
 from .denoiser import Denoiser
 from .loss import CatLossConfig
 from .plugins import StepTerm
 
-REGISTRY: dict[str, type[StepTerm]] = {"apt": AptRun}  # CatLossConfig field -> plug-in (its `name` is the field's)
+REGISTRY: dict[str, type[StepTerm]] = {"apt": AptRun, "auto": AutoPreservation}  # CatLossConfig field -> plug-in (its `name` is the field's)
 
 
 def step_terms(loss_cfg: CatLossConfig, denoiser: Denoiser) -> list[StepTerm]:
@@ -19,6 +22,7 @@ def step_terms(loss_cfg: CatLossConfig, denoiser: Denoiser) -> list[StepTerm]:
     return [cls(denoiser, getattr(loss_cfg, field)) for field, cls in REGISTRY.items() if getattr(loss_cfg, field).active]
 
 
-def metadata(loss_cfg: CatLossConfig) -> dict[str, str]:
-    """Every registered regularizer's settings for a LoRA file's header, on or off (files say what was not used too)."""
-    return {k: v for field, cls in REGISTRY.items() for k, v in cls.metadata(getattr(loss_cfg, field)).items()}
+def metadata(loss_cfg: CatLossConfig, history: Sequence[dict] = ()) -> dict[str, str]:
+    """Every registered regularizer's settings for a LoRA file's header, on or off (files say what was not used too),
+    and what each decided during the run as its history rows tell (auto preservation: the probes it added)."""
+    return {k: v for field, cls in REGISTRY.items() for k, v in cls.metadata(getattr(loss_cfg, field), history).items()}

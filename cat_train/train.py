@@ -25,7 +25,8 @@ from .adapters import AdapterSpec, adapter_for
 from .denoiser import Cond, Denoiser, FlowSchedule, NoiseSchedule
 from .loss import CatLossConfig, cat_objective, repeat_to_common_length
 from .plugins import Adapter, StepTerm
-from .prompts import preservation_prompt
+from .auto_config import image_probes, probe_words
+from .prompts import class_word_for, preservation_prompt
 from .regularizers import step_terms
 from .run_folder import (atomic_save, check_resume, check_space, checkpoint_bytes, claim_or_own, data_fingerprint,
                          result_settings, writable_folder)
@@ -90,6 +91,7 @@ class Example:
     weight: float = 1.0     # weight of its preservation term (per-token weights)
     repeats: int = 1        # sampling weight (kohya repeats)
     prompts: tuple[str, str] | None = None  # (y_T, y) for adapters that encode prompts every step (no cached conds)
+    probes: dict[str, Cond] = field(default_factory=dict)  # auto preservation: {probe: its prompt's cond} for this image
 
 
 @dataclass
@@ -142,7 +144,8 @@ def build_examples(items: Sequence[tuple], encode_text: Callable[[list[str]], Co
                         len(loss_cfg.preservation_prompts), pairs)
     else:
         pres = [[preservation_prompt(cap, trig, loss_cfg.preservation, loss_cfg.class_word)] for _, cap, trig, _ in rows]
-    prompts = sorted({cap for _, cap, _, _ in rows} | {p for ps in pres for p in ps})
+    probes = [_probe_prompts(loss_cfg, cap, trig, ps[0]) for (_, cap, trig, _), ps in zip(rows, pres)]
+    prompts = sorted({cap for _, cap, _, _ in rows} | {p for ps in pres for p in ps} | {p for pr in probes for p in pr.values()})
     # one prompt per call: a batch would pad every prompt to the longest, changing short captions' conditioning
     cond = {}
     for i, p in enumerate(prompts):
@@ -153,8 +156,20 @@ def build_examples(items: Sequence[tuple], encode_text: Callable[[list[str]], Co
     def weight(trig: tuple[str, ...]) -> float:
         return sum(loss_cfg.token_weights.get(t, 1.0) for t in trig) / len(trig) if trig else 1.0
 
-    return [Example(lat.detach().cpu(), cond[cap], cond[p], weight(trig), rep)
-            for (lat, cap, trig, rep), ps in zip(rows, pres) for p in ps]
+    out = []
+    for (lat, cap, trig, rep), ps, pr in zip(rows, pres, probes):
+        image_probes = {name: cond[p] for name, p in pr.items()}  # one dict per image: its rows share it
+        out += [Example(lat.detach().cpu(), cond[cap], cond[p], weight(trig), rep, probes=image_probes) for p in ps]
+    return out
+
+
+def _probe_prompts(loss_cfg: CatLossConfig, caption: str, triggers: tuple[str, ...], y: str) -> dict[str, str]:
+    """Auto preservation's {probe: prompt} for one image (none while it is off): cat_train/auto_config.py."""
+    if not loss_cfg.auto.active:
+        return {}
+    own = ([class_word_for(t, loss_cfg.class_word) for t in triggers] if loss_cfg.preservation == "class" and triggers
+           else [])
+    return image_probes(y, own, probe_words(loss_cfg.auto, loss_cfg.class_word))
 
 
 def lr_factor(cfg: TrainConfig, step: int) -> float:
@@ -189,12 +204,13 @@ class BatchSampler:
         return idx, t, torch.randn((len(idx), *self.examples[idx[0]].latent.shape), generator=gen)
 
 
-def _collate(examples: Sequence[Example], idx: list[int], device: torch.device, dtype: torch.dtype):
+def _collate(examples: Sequence[Example], idx: list[int], device: torch.device, dtype: torch.dtype,
+             pres: list[Cond] | None = None):
     batch = [examples[i] for i in idx]
     stack = lambda conds: {k: torch.stack(repeat_to_common_length([c[k] for c in conds], 0) if k == "context" else
                                           [c[k] for c in conds]).to(device, dtype) for k in conds[0]}
     return (torch.stack([b.latent for b in batch]).to(device, dtype), stack([b.cond_token for b in batch]),
-            stack([b.cond_pres for b in batch]), torch.tensor([b.weight for b in batch], device=device))
+            stack(pres or [b.cond_pres for b in batch]), torch.tensor([b.weight for b in batch], device=device))
 
 
 def _atomic_save(obj, path: Path) -> Path:
@@ -321,6 +337,8 @@ def train(denoiser: Denoiser, examples: Sequence[Example], loss_cfg: CatLossConf
             sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(cfg, s))
             scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
             terms = step_terms(loss_cfg, denoiser)  # after install: hooks see the adapted layers
+            for term in terms:
+                term.start(examples)
             if state is not None:
                 _restore(state, adapter, terms, opt, sched, gen, resume)
                 result.history, result.steps_done = list(state["history"]), int(state["step"])
@@ -340,7 +358,10 @@ def train(denoiser: Denoiser, examples: Sequence[Example], loss_cfg: CatLossConf
                 fit = keep = total = 0.0
                 for _ in range(cfg.grad_accum):
                     idx, t, noise = sampler.draw_batch(gen, denoiser.schedule)
-                    x0, c_tok, c_pres, w = _collate(examples, idx, device, data_dtype)
+                    pres = [examples[i].cond_pres for i in idx]
+                    for term in terms:
+                        pres = term.preservation(idx, pres, gen)
+                    x0, c_tok, c_pres, w = _collate(examples, idx, device, data_dtype, pres)
                     t, noise = t.to(device), noise.to(device, data_dtype)
                     for term in terms:
                         x0 = term.augment(x0, t, gen)
@@ -370,6 +391,8 @@ def train(denoiser: Denoiser, examples: Sequence[Example], loss_cfg: CatLossConf
                     scaler.update()
                 sched.step()
                 result.steps_done = step + 1
+                for term in terms:
+                    term.end_of_step(step + 1)
                 result.history.append(dict(step=step + 1, loss=total, fit=fit, keep=keep, lr=lr))
                 reports = {term.name: term.report() for term in terms}
                 for term in terms:

@@ -47,12 +47,13 @@ class _Image:
     keep: list[Cond] = field(default_factory=list)  # its preservation prompts' conditionings
     noise: Tensor | None = None
     t: Tensor | None = None
+    probes: dict[str, Cond] = field(default_factory=dict)  # its own probe prompts' conditionings (auto preservation)
 
 
 @dataclass
 class _Pass:
     """Prediction rows that share a latent shape, run as one batch: which image, which prompt, what it measures."""
-    rows: list[tuple[int, Cond, str]]  # (image index, unbatched cond, "fit" | "keep" | "probe")
+    rows: list[tuple[int, Cond, str, str]]  # (image index, unbatched cond, "fit" | "keep" | "probe", probe name or "")
 
 
 class Validator:
@@ -62,10 +63,14 @@ class Validator:
     their shared latent and caption conditioning). probes: optional {name: unbatched Cond} of prompts
     without the trigger to watch besides the preservation prompts. batch_size: images per forward pass
     (each brings `points` rows); the frozen and the adapted passes are batched the same way.
+    image_probes: also each example's own `probes` ({name: Cond}, a prompt per image: auto preservation's);
+    kinds: which rows to measure (auto preservation measures only "probe"); max_images: the first n only (0: all).
+    `probe_drifts()` gives each probe's drift alone.
     """
 
     def __init__(self, denoiser: Denoiser, examples: Sequence, probes: Mapping[str, Cond] | None = None,
-                 points: int = 4, seed: int = 0, batch_size: int = 4):
+                 points: int = 4, seed: int = 0, batch_size: int = 4, image_probes: bool = False,
+                 kinds: Sequence[str] = ("fit", "keep", "probe"), max_images: int = 0):
         if points < 1:
             raise ValueError(f"validation points per image must be >= 1, got {points}.")
         if batch_size < 1:
@@ -79,33 +84,37 @@ class Validator:
             img = images.setdefault(key, _Image(ex.latent, ex.cond_token))
             if not any(c is ex.cond_pres for c in img.keep):
                 img.keep.append(ex.cond_pres)
+            if image_probes:
+                img.probes.update(getattr(ex, "probes", None) or {})
         gen = torch.Generator().manual_seed(seed)
         for img in images.values():
             img.t = denoiser.schedule.sample_t(points, gen)
             img.noise = torch.randn((points, *img.latent.shape), generator=gen)
-        self.images = list(images.values())
-        rows_by_shape: dict[tuple, list[tuple[int, Cond, str]]] = {}
+        self.images = list(images.values())[:max_images or None]
+        rows_by_shape: dict[tuple, list[tuple[int, Cond, str, str]]] = {}
         for i, img in enumerate(self.images):
-            rows = [(i, img.cond_token, "fit")] + [(i, c, "keep") for c in img.keep] + [(i, c, "probe") for c in self.probes.values()]
-            rows_by_shape.setdefault(tuple(img.latent.shape), []).extend(rows)
-        per = batch_size * (2 + len(self.probes))  # about batch_size images' rows per pass
+            rows = ([(i, img.cond_token, "fit", "")] + [(i, c, "keep", "") for c in img.keep]
+                    + [(i, c, "probe", n) for n, c in {**self.probes, **img.probes}.items()])
+            rows_by_shape.setdefault(tuple(img.latent.shape), []).extend(r for r in rows if r[2] in kinds)
+        per = batch_size * (2 + len(self.probes) + max(len(img.probes) for img in self.images))  # ~batch_size images' rows
         self.passes = [_Pass(rows[j:j + per]) for rows in rows_by_shape.values() for j in range(0, len(rows), per)]
         self._frozen: list[Tensor] | None = None  # per pass; its "fit" rows hold the targets
 
     def _inputs(self, p: _Pass, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Cond]:
         """x_t, t and target of every row's points, and the rows' conditionings, as one batch on device."""
         k, sched = self.points, self.denoiser.schedule
-        x0 = torch.cat([self.images[i].latent[None].expand(k, *self.images[i].latent.shape) for i, _, _ in p.rows])
-        noise = torch.cat([self.images[i].noise for i, _, _ in p.rows])
-        t = torch.cat([self.images[i].t for i, _, _ in p.rows])
+        x0 = torch.cat([self.images[i].latent[None].expand(k, *self.images[i].latent.shape) for i, *_ in p.rows])
+        noise = torch.cat([self.images[i].noise for i, *_ in p.rows])
+        t = torch.cat([self.images[i].t for i, *_ in p.rows])
         x0, noise, t = x0.to(device, torch.float32), noise.to(device), t.to(device)
-        conds = [c for _, c, _ in p.rows]
+        conds = [c for _, c, *_ in p.rows]
         cond = {key: torch.cat(repeat_to_common_length([c[key].to(device)[None].expand(k, *c[key].shape) for c in conds]))
                 if key == "context" else torch.stack([c[key].to(device) for c in conds]).repeat_interleave(k, 0)
                 for key in conds[0]}
         return sched.add_noise(x0, noise, t), t, sched.target(x0, noise, t, self.denoiser.prediction_type), cond
 
-    def __call__(self, step: int) -> dict:
+    def _drifts(self) -> list[tuple[str, str, Tensor]]:
+        """(kind, probe name, per-point squared difference) of every row, adapted vs frozen (fit rows: vs the target)."""
         den = self.denoiser
         device = next(den.module.parameters()).device
         k = self.points
@@ -116,16 +125,29 @@ class Validator:
                     for p in self.passes:
                         x_t, t, target, cond = self._inputs(p, device)
                         frozen = den.predict(x_t, t, cond).float().cpu()
-                        is_fit = torch.tensor([kind == "fit" for _, _, kind in p.rows]).repeat_interleave(k)
+                        is_fit = torch.tensor([kind == "fit" for _, _, kind, _ in p.rows]).repeat_interleave(k)
                         frozen[is_fit] = target.float().cpu()[is_fit]  # fit rows compare with the target instead
                         self._frozen.append(frozen)
-            sums = {"fit": [], "keep": [], "probe": []}
+            out = []
             with adapter_switched(den.module, True):
                 for p, ref in zip(self.passes, self._frozen):
                     x_t, t, _, cond = self._inputs(p, device)
                     d = mean_sq_diff(den.predict(x_t, t, cond).float().cpu(), ref)
-                    for r, (_, _, kind) in enumerate(p.rows):
-                        sums[kind].append(d[r * k:(r + 1) * k])
+                    out += [(kind, name, d[r * k:(r + 1) * k]) for r, (_, _, kind, name) in enumerate(p.rows)]
+        return out
+
+    def probe_drifts(self) -> dict[str, float]:
+        """Each probe's keep drift alone: mean over the points of every measured image that has the probe."""
+        by: dict[str, list[Tensor]] = {}
+        for kind, name, d in self._drifts():
+            if kind == "probe":
+                by.setdefault(name, []).append(d)
+        return {name: float(torch.cat(ds).double().mean()) for name, ds in by.items()}
+
+    def __call__(self, step: int) -> dict:
+        sums: dict[str, list[Tensor]] = {"fit": [], "keep": [], "probe": []}
+        for kind, _, d in self._drifts():
+            sums[kind].append(d)
         row = {"step": int(step), "fit": float(torch.cat(sums["fit"]).double().mean()),
                "keep_drift": float(torch.cat(sums["keep"] + sums["probe"]).double().mean())}
         if self.probes:

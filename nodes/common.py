@@ -12,6 +12,7 @@ CATEGORY = "CAT (contrastive adapter training)"
 Dataset = io.Custom("CAT_DATASET")
 LossConfig = io.Custom("CAT_LOSS_CONFIG")
 AptOptions = io.Custom("CAT_APT_OPTIONS")
+AutoOptions = io.Custom("CAT_AUTO_PRESERVATION")
 CatVersion = io.Custom("CATVERSION")
 EVENT = "cat.train.progress"  # web/cat_live_view.js listens for it
 PREVIEW_MAX = 768  # px: a preview grid shown on the node is scaled down to this

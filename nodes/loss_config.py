@@ -1,4 +1,5 @@
-"""The CAT Loss Config node: the CAT factor, how y is made from y_T, per-token weights, and APT (optional)."""
+"""The CAT Loss Config node: the CAT factor, how y is made from y_T, per-token weights, APT and auto preservation
+(optional inputs, last, so graphs saved before them still load)."""
 from __future__ import annotations
 
 from comfy_api.latest import io
@@ -6,7 +7,7 @@ from comfy_api.latest import io
 from ..cat_train.checks import parse_token_weights
 from ..cat_train.loss import CatLossConfig
 from ..cat_train.options_doc import help_of
-from .common import CATEGORY, AptOptions, LossConfig
+from .common import CATEGORY, AptOptions, AutoOptions, LossConfig
 
 
 class CatLossConfigNode(io.ComfyNode):
@@ -25,17 +26,18 @@ class CatLossConfigNode(io.ComfyNode):
                 io.String.Input("preservation_prompts", default="", multiline=True, optional=True,
                                 tooltip=help_of(CatLossConfig, "preservation_prompts")),
                 AptOptions.Input("apt", optional=True, tooltip=help_of(CatLossConfig, "apt")),
+                AutoOptions.Input("auto", optional=True, tooltip=help_of(CatLossConfig, "auto")),
             ],
             outputs=[LossConfig.Output(display_name="loss_config")],
         )
 
     @classmethod
-    def execute(cls, cat_factor, preservation, class_word, token_weights, preservation_prompts="", apt=None) -> io.NodeOutput:
+    def execute(cls, cat_factor, preservation, class_word, token_weights, preservation_prompts="", apt=None,
+                auto=None) -> io.NodeOutput:
         weights = parse_token_weights(token_weights)
         prompts = tuple(line.strip() for line in (preservation_prompts or "").splitlines() if line.strip())
-        cfg = CatLossConfig(cat_factor, preservation, class_word.strip(), weights, prompts)
-        if apt is not None:
-            cfg.apt = apt
+        cfg = CatLossConfig(cat_factor, preservation, class_word.strip(), weights, prompts,
+                            **({"apt": apt} if apt is not None else {}), **({"auto": auto} if auto is not None else {}))
         return io.NodeOutput(cfg)
 
 

@@ -144,23 +144,26 @@ def resume_path(resume_from: str | None) -> str:
 def model_examples(mp, dataset, loss_cfg: CatLossConfig, tick=None) -> list[Example]:
     """Examples in the UNet's own latent space (process_latent_in), with SDXL's y per latent size.
 
-    Latents and conditionings are converted once each and shared between examples: 10,000 preservation prompts x 3
-    images cloned a conditioning per pair (+1.4 GB with a tiny CLIP, 12-32x that with a real one). tick() per prompt
-    encoded and per example converted moves the bar and stops at Cancel."""
+    Latents and conditionings (auto preservation's probes too) are converted once each and shared between examples:
+    10,000 preservation prompts x 3 images cloned a conditioning per pair (+1.4 GB with a tiny CLIP, 12-32x that with
+    a real one). tick() per prompt encoded and per example converted moves the bar and stops at Cancel."""
     examples = build_examples([(lat, cap, trig, rep) for lat, cap, trig, rep in dataset.items], dataset.encode_text, loss_cfg,
                               progress=(lambda done, total: tick()) if tick else None)
-    latents, conds, out = {}, {}, []
+    latents, conds, probes, out = {}, {}, {}, []
+
+    def unet_cond(c, w, h):
+        key = (id(c), w, h)
+        if key not in conds:
+            conds[key] = (c, _unet_cond(mp, c, w, h))  # the source kept alive with it: ids stay unique
+        return conds[key][1]
     for ex in examples:
         h, w = ex.latent.shape[-2] * 8, ex.latent.shape[-1] * 8
         if id(ex.latent) not in latents:
             latents[id(ex.latent)] = (ex.latent, mp.model.process_latent_in(ex.latent[None].clone())[0])
-        pair = []
-        for c in (ex.cond_token, ex.cond_pres):
-            key = (id(c), w, h)
-            if key not in conds:
-                conds[key] = (c, _unet_cond(mp, c, w, h))  # the source kept alive with it: ids stay unique
-            pair.append(conds[key][1])
-        out.append(Example(latents[id(ex.latent)][1], pair[0], pair[1], ex.weight, ex.repeats))
+        if (id(ex.probes), w, h) not in probes:  # auto preservation's probes: one dict per image, as build_examples made them
+            probes[(id(ex.probes), w, h)] = {p: unet_cond(c, w, h) for p, c in ex.probes.items()}
+        out.append(Example(latents[id(ex.latent)][1], unet_cond(ex.cond_token, w, h), unet_cond(ex.cond_pres, w, h),
+                           ex.weight, ex.repeats, probes=probes[(id(ex.probes), w, h)]))
         if tick:
             tick()
     return out

@@ -13,6 +13,7 @@ const VALIDATION_EVENT = "cat.train.validation";
 const TRAINERS = ["CAT_LoraTrainer", "CAT_CatVersionTrainer"]; // both train in cat_train.train.train
 const PLOT_H = 150;
 const APT_H = 62; // APT runs: a band under the loss plot with the overfitting indicator of each timestep bin
+const AUTO_H = 34; // auto preservation runs: two lines naming the probes it added, and when
 const LEFT = 44; // room for the y tick labels
 const SERIES = [ // drawn in this order: the dashed lines on top keep "fit" visible where it equals the total
   { key: "loss", label: "loss", color: "rgb(110,160,255)", width: 2.5, dash: [] },
@@ -27,7 +28,7 @@ const VALIDATION = [ // validation rows: {step, fit, keep_drift, probe_drift?}
 // node id (string) -> {loss, fit, keep, validation, start, step, total, elapsed, lr, state: running|done|cancelled|failed, message}
 const runs = new Map();
 // Tests (tests/comfy/test_browser.py) and curious users read the state here.
-globalThis.__catLiveView = { runs, PLOT_H, APT_H, VALIDATION };
+globalThis.__catLiveView = { runs, PLOT_H, APT_H, AUTO_H, VALIDATION };
 
 function newRun(d) {
   return { loss: [], fit: [], keep: [], validation: [], start: null, step: 0, total: d.total, elapsed: 0, lr: d.lr,
@@ -131,10 +132,11 @@ function onProgress(event) {
     run.loss.push(d.loss); run.fit.push(d.fit); run.keep.push(d.keep);
     Object.assign(run, { step: d.step, total: d.total, elapsed: d.elapsed, lr: d.lr });
     if (d.apt) run.apt = d.apt; // {indicator: [per bin, null if not drawn yet], fit_weight, augment_prob, ...}
+    if (d.auto) run.auto = d.auto; // {auto_added: [[probe, step, drift], ...], drift: {probe: drift}, measured, ...}
     if (run.step >= run.total) run.state = "done";
     const node = findNode(d.node);
     if (node) {
-      const need = (node.computeSize?.()[1] ?? node.size[1]) + PLOT_H + (run.apt ? APT_H : 0);
+      const need = (node.computeSize?.()[1] ?? node.size[1]) + PLOT_H + below(run);
       if (node.size[1] < need) node.setSize([Math.max(node.size[0], 340), need]);
     }
     redraw(key);
@@ -231,10 +233,14 @@ function statusLine(run) {
   }
 }
 
+// What regularizers draw under the loss plot: APT's indicator band, auto preservation's lines.
+function below(run) {
+  return (run.apt ? APT_H : 0) + (run.auto ? AUTO_H : 0);
+}
+
 export function drawRun(node, ctx, run) {
   // a legend row, the plot, two text lines: all inside the bottom PLOT_H pixels, under the widgets
-  const below = run.apt ? APT_H : 0;
-  const pad = 8, x = pad + LEFT, w = node.size[0] - 2 * pad - LEFT, top = node.size[1] - PLOT_H - below + 2, y = top + 14, h = PLOT_H - 50;
+  const pad = 8, x = pad + LEFT, w = node.size[0] - 2 * pad - LEFT, top = node.size[1] - PLOT_H - below(run) + 2, y = top + 14, h = PLOT_H - 50;
   const ended = run.state !== "running";
   ctx.save();
   ctx.fillStyle = "rgba(0,0,0,0.35)"; ctx.fillRect(x, y, w, h);
@@ -280,7 +286,28 @@ export function drawRun(node, ctx, run) {
   ctx.fillText(`smoothed loss ${tickLabels([last("loss") ?? 0])[0]} · fit ${tickLabels([last("fit") ?? 0])[0]} · keep ${tickLabels([last("keep") ?? 0])[0]}`,
     pad, y + h + 30);
   if (run.apt) drawIndicator(ctx, run, x, y + h + 40, w, APT_H - 24, ended);
+  if (run.auto) drawAuto(ctx, run, x, y, w, h, pad, y + h + 40 + (run.apt ? APT_H : 0));
   ctx.restore();
+}
+
+// Auto preservation: a dashed mark on the plot at each step where probes were added, and under the plot the
+// probes added (with their step and drift) and the last measurement's worst probe not (yet) added.
+export function drawAuto(ctx, run, x, y, w, h, pad, ty) {
+  const a = run.auto, added = a.auto_added ?? [];
+  ctx.strokeStyle = "rgba(255,120,200,0.8)"; ctx.lineWidth = 1; ctx.setLineDash?.([3, 3]);
+  for (const step of new Set(added.map((e) => e[1]))) {
+    const px = x + (run.total > 1 ? (w * (step - 1)) / (run.total - 1) : 0);
+    ctx.beginPath(); ctx.moveTo(px, y); ctx.lineTo(px, y + h); ctx.stroke();
+  }
+  ctx.setLineDash?.([]);
+  ctx.textAlign = "left"; ctx.textBaseline = "alphabetic"; ctx.font = "11px sans-serif"; ctx.fillStyle = "rgb(255,150,210)";
+  const list = added.map(([p, s, d]) => `${p} (step ${s}, drift ${tickLabels([d])[0]})`).join(", ");
+  ctx.fillText(added.length ? `auto preservation added: ${list}` : `auto preservation: nothing added yet (threshold ${a.threshold})`, pad, ty);
+  const have = new Set(added.map((e) => e[0]));
+  const rest = Object.entries(a.drift ?? {}).filter(([p]) => !have.has(p)).sort((u, v) => v[1] - u[1]);
+  ctx.fillStyle = "#bbb";
+  ctx.fillText(a.measured ? `checked at step ${a.measured}: ${added.length}/${a.top_k} added` +
+    (rest.length ? ` · worst of the rest ${rest[0][0]} ${tickLabels([rest[0][1]])[0]}` : "") : "first check not yet run", pad, ty + 15);
 }
 
 // APT's overfitting indicator per timestep bin (low noise left, high noise right) as bars on a 0..1 scale,

@@ -36,6 +36,7 @@ from .. import metrics
 from ..checks import OneLineParser, non_negative_float, output_folder, positive_float, positive_int
 from ..adapter import LoraSpec, remove_lora
 from ..apt import AptConfig
+from ..auto_config import AutoPreservationConfig
 from ..loss import CatLossConfig
 from .catversion_bench import catversion_alpha, catversion_label, run_catversion
 from ..sampling import sample
@@ -71,6 +72,12 @@ class BenchConfig:
     apt_adaptive: float = 1.0
     apt_stabilize: float = 5.0
     apt_align: float = 1000.0
+    # Auto preservation for the cat<alpha>:auto methods: the probes are the world's other class words, so y
+    # starts as the class prompt alone and gains the neighbours the run itself finds drifting.
+    # The budget is the list's size: which neighbours are kept is the threshold's call, not the budget's.
+    auto_every: int = 50
+    auto_top_k: int = 4
+    auto_threshold: float = 0.01
 
 
 QUICK = dict(seeds=(0,), per_prompt=2, sample_steps=15, prior_images=6)  # same training as the full run, one seed
@@ -80,7 +87,8 @@ LABELS = {"base": "base (no adapter)", "lora": "LoRA (α=0)", "prior": "DreamBoo
 def cat_method(m: str) -> tuple[float, str]:
     """'cat1' -> (1.0, 'class'); 'cat1:empty' -> (1.0, 'empty'): CAT factor and preservation mode.
 
-    Modes: class, strip, empty (CatLossConfig's), and all: y cycles over every class of the world.
+    Modes: class, strip, empty (CatLossConfig's), all: y cycles over every class of the world, and auto: y starts
+    as the class prompt and auto preservation adds the other classes it finds drifting (cat_train/auto.py).
     """
     alpha, _, mode = m[3:].partition(":")
     return float(alpha), mode or "class"
@@ -177,7 +185,8 @@ def examples_for(method: str, world: World, c: BenchConfig, seed: int) -> tuple[
         return build_examples(items, world.encode_text, lc), lc, 1
     if method.startswith("cat"):
         alpha, mode = cat_method(method)
-        lc = CatLossConfig(alpha=alpha, preservation="class" if mode == "all" else mode, class_word=CLASS)
+        lc = CatLossConfig(alpha=alpha, preservation="class" if mode in ("all", "auto") else mode, class_word=CLASS,
+                           auto=auto_config(c) if mode == "auto" else AutoPreservationConfig())
         ex = build_examples(items, world.encode_text, lc)
         if mode == "all":  # each image once per world class as y: the CAT term keeps every class prompt, not only "a circle"
             ys = {(s, sc.background): world.encode_text([f"a {s} on a {sc.background} background"])
@@ -195,6 +204,13 @@ def examples_for(method: str, world: World, c: BenchConfig, seed: int) -> tuple[
         rows = [(*it, n_reg) for it in items] + [(wm.encode(r[None])[0], p, (), n_id) for r, p in zip(reg, reg_prompts)]
         return build_examples(rows, world.encode_text, lc), lc, 2
     raise ValueError(f"unknown method {method!r}; choose from lora, cat<alpha>[:class|strip|empty|all] (e.g. cat1, cat1:all), prior.")
+
+
+def auto_config(c: BenchConfig) -> AutoPreservationConfig:
+    """cat<alpha>:auto's settings: the world's other shapes as probes ("a square on a grey background" for an image
+    of "a sks circle on a grey background")."""
+    return AutoPreservationConfig(every=c.auto_every, probes=tuple(s for s in wg.SHAPES if s != CLASS),
+                                  top_k=c.auto_top_k, threshold=c.auto_threshold)
 
 
 def subject_scores(world: World, imgs: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) -> dict:
@@ -267,24 +283,38 @@ def run(c: BenchConfig, log=print, world: World | None = None, watch: Callable[.
         if seed == c.seeds[0]:
             grid["base"] = base
         for m in c.methods:
-            t1 = time.time()
+            t1, train_seconds = time.time(), None
             if m.startswith("catversion"):  # K/V embeddings in the text encoder, no LoRA: world/catversion_bench.py
                 imgs, tr = run_catversion(world, m, c, seed, ps, noise, identity_items(), CLASS)
             else:
                 ex, lc, bs = examples_for(m, world, c, seed)
                 hooks = dict(watch(world, m, seed, ex, noise, base)) if watch else {}
                 tc = TrainConfig(steps=c.steps, lr=c.lr, seed=seed, batch_size=bs, save_every=hooks.pop("save_every", 0))
-                tr = train(world.den, ex, lc, spec, tc, keep_adapter=True, **hooks)
+                reports, cb = {}, hooks.pop("callback", None)
+
+                def callback(info, cb=cb):  # keeps the last reports (auto preservation's measuring time)
+                    reports.update(info.reports)
+                    if cb:
+                        cb(info)
+                t2 = time.perf_counter()
+                tr = train(world.den, ex, lc, spec, tc, keep_adapter=True, callback=callback, **hooks)
+                train_seconds = time.perf_counter() - t2
                 try:
                     imgs = {k: world.generate(ps[k], noise[k], c) for k in ps}
                 finally:
                     remove_lora(world.den.module)
             r = evaluate(world, imgs, base, ps)
             r["final_fit"] = float(np.mean([h["fit"] for h in tr.history[-20:]]))
+            if train_seconds is not None:  # the training alone (sampling excluded): what a regularizer costs per step
+                r["sec_per_step"] = train_seconds / max(1, tr.steps_done)
+                if "auto" in reports:  # of which the probe measurements
+                    r["measure_sec_per_step"] = reports["auto"]["seconds"] / max(1, tr.steps_done)
             results[m].append(r)
             if seed == c.seeds[0]:
                 grid[m], trained[m] = imgs, tr
-            log(f"seed {seed} {label(m):24s} " + " ".join(f"{k} {v:.3f}" for k, v in r.items()) + f"  ({time.time() - t1:.0f}s)")
+            added = tr.history[-1].get("auto_added") if tr.history else None
+            log(f"seed {seed} {label(m):24s} " + " ".join(f"{k} {v:.3f}" for k, v in r.items()) + f"  ({time.time() - t1:.0f}s)"
+                + (f"  added {[(p, s, round(d, 4)) for p, s, d in added]}" if added is not None else ""))
     summary = {m: {k: {"mean": float(np.mean([r[k] for r in rs])), "std": float(np.std([r[k] for r in rs])),
                        "runs": [r[k] for r in rs]} for k in rs[0]} for m, rs in results.items()}
     return {"note": NOTE, "config": asdict(c), "seconds": time.time() - t0, "methods": summary, "grid": grid,
@@ -363,10 +393,11 @@ def method_name(m: str) -> str:
             alpha, mode = cat_method(m)
         except ValueError:
             alpha, mode = float("nan"), ""
-        if math.isfinite(alpha) and alpha >= 0 and mode in ("class", "strip", "empty", "all"):
+        if math.isfinite(alpha) and alpha >= 0 and mode in ("class", "strip", "empty", "all", "auto") \
+                and not (mode == "auto" and alpha == 0):
             return m
-    raise argparse.ArgumentTypeError(f"unknown method {m!r}; choose from lora, prior, cat<alpha>[:class|strip|empty|all] "
-                                     "(e.g. cat1, cat0.5:strip, cat1:all), apt[:ada|rs|aa], cat<alpha>+apt[:part]")
+    raise argparse.ArgumentTypeError(f"unknown method {m!r}; choose from lora, prior, cat<alpha>[:class|strip|empty|all|auto] "
+                                     "(e.g. cat1, cat0.5:strip, cat1:all, cat1:auto; auto needs alpha > 0), apt[:ada|rs|aa], cat<alpha>+apt[:part]")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -385,9 +416,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--apt-adaptive", type=non_negative_float, help="APT adaptive gain of the apt methods (default 1)")
     ap.add_argument("--apt-stabilize", type=non_negative_float, help="APT stabilization weight (default 5)")
     ap.add_argument("--apt-align", type=non_negative_float, help="APT attention-alignment weight (default 1000)")
+    ap.add_argument("--auto-every", type=positive_int, help="auto methods: measure the probes every N steps (default 50)")
+    ap.add_argument("--auto-top-k", type=positive_int, help="auto methods: probes added at most (default 4)")
+    ap.add_argument("--auto-threshold", type=non_negative_float, help="auto methods: keep drift a probe must pass (default 0.01)")
     a = ap.parse_args(argv)  # every argument checked here: the run takes minutes and writes only at its end
     kw = dict(QUICK) if a.quick else {}
-    for k in ("steps", "lr", "seeds", "methods", "per_prompt", "sample_steps", "rank", "preset", "apt_adaptive", "apt_stabilize", "apt_align"):
+    for k in ("steps", "lr", "seeds", "methods", "per_prompt", "sample_steps", "rank", "preset", "apt_adaptive", "apt_stabilize", "apt_align",
+              "auto_every", "auto_top_k", "auto_threshold"):
         v = getattr(a, k)
         if v is not None:
             kw[k] = tuple(v) if isinstance(v, list) else v

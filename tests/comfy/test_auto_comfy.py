@@ -1,0 +1,49 @@
+"""Auto preservation inside a real ComfyUI: the Auto Preservation node feeds CAT Loss Config's last optional input,
+training on ComfyUI's tiny SD1.x UNet measures the probes (SD's cross-attention conditionings) and adds the worst,
+the LoRA header names them, and the model comes back bit-identical."""
+from __future__ import annotations
+
+import asyncio
+import json
+
+import torch
+
+from conftest import pack_module
+
+
+def test_auto_preservation_node_is_the_loss_config_s_last_optional_input(comfy):
+    nodes = pack_module(comfy, "nodes")
+    listed = {n.define_schema().node_id: n for n in asyncio.run(nodes.CatExtension().get_node_list())}
+    assert "CAT_AutoPreservation" in listed
+    inputs = listed["CAT_LossConfig"].define_schema().inputs
+    assert [i.id for i in inputs][-2:] == ["apt", "auto"]  # appended: saved graphs' widget order is unchanged
+    assert inputs[-1].optional and "CAT_AUTO_PRESERVATION" in str(inputs[-1].get_io_type())
+    auto = listed["CAT_AutoPreservation"].execute(every=25, source="list", probes="cat\n\n wolf \n", top_k=1,
+                                                  threshold=0.02).result[0]
+    assert auto.probes == ("cat", "wolf") and auto.every == 25 and auto.top_k == 1 and auto.threshold == 0.02
+    cfg = listed["CAT_LossConfig"].execute(1.0, "class", "dog", "", "", auto=auto).result[0]
+    assert cfg.auto is auto and not cfg.apt.active
+    assert not listed["CAT_LossConfig"].execute(1.0, "class", "dog", "", "").result[0].auto.active  # off without the node
+
+
+def test_auto_preservation_trains_on_a_comfy_model_and_the_lora_names_the_probes_added(comfy, tiny_sd15, dataset_dir):
+    mp, clip, vae = tiny_sd15
+    tr = pack_module(comfy, "nodes.trainer")
+    loss_nodes = pack_module(comfy, "nodes.loss_config")
+    auto_nodes = pack_module(comfy, "nodes.auto_preservation")
+    A = pack_module(comfy, "cat_train.adapter")
+    T = pack_module(comfy, "cat_train.train")
+    ds = pack_module(comfy, "nodes.dataset").build_dataset(dataset_dir, vae, clip, ("sks",), "dog", ".txt", 128, True)
+    auto = auto_nodes.AutoPreservationNode.execute(every=2, source="list", probes="cat\nwolf\ncar", top_k=2,
+                                                   threshold=0.0, points=2).result[0]
+    loss_cfg = loss_nodes.CatLossConfigNode.execute(1.0, "class", "dog", "", "", auto=auto).result[0]
+    before = {k: v.clone() for k, v in mp.model.diffusion_model.state_dict().items()}
+    _, lora, _, _, res = tr.train_on_model(mp, ds, loss_cfg, A.LoraSpec(rank=4, alpha=4.0),
+                                           T.TrainConfig(steps=4, lr=1e-2, seed=1))
+    added = res.history[-1]["auto_added"]
+    assert [s for _, s, _ in added] == [2, 2] and all(d > 0 for _, _, d in added)  # measured at step 2, two added
+    stored = json.loads(lora.metadata["cat_auto_preservation_added"])
+    assert [a["probe"] for a in stored] == [p for p, _, _ in added] and {a["probe"] for a in stored} <= {"cat", "wolf", "car"}
+    assert json.loads(lora.metadata["cat_auto_preservation"])["every"] == 2
+    after = mp.model.diffusion_model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)

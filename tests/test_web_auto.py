@@ -1,0 +1,68 @@
+"""The live view with auto preservation: the probes added (with step and drift) are named under the loss plot and
+their steps marked on it."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+import pytest
+
+from test_web_extension import NODE, ROOT, STUBS
+
+RUN = """
+import { app } from "./scripts/app.js";
+import { api } from "./scripts/api.js";
+await import("./extensions/ComfyUI-CAT/cat_live_view.js");
+const ext = app.exts[0];
+ext.setup();
+function Node() {}
+await ext.beforeRegisterNodeDef(Node, { name: "CAT_LoraTrainer" });
+const node = Object.assign(new Node(), { id: 4, size: [300, 200], flags: {},
+  computeSize() { return [300, 200]; }, setSize(s) { this.size = s; }, setDirtyCanvas() {} });
+app.nodes[4] = node;
+function draw() {
+  const rec = { texts: [], lines: [] };
+  let from = null;
+  const ctx = { globalAlpha: 1, save() {}, restore() {}, beginPath() {}, stroke() {}, fillRect() {},
+    moveTo(x, y) { from = [x, y]; }, lineTo(x, y) { if (this.strokeStyle.startsWith("rgba(255,120,200")) rec.lines.push([from, [x, y]]); },
+    setLineDash() {}, measureText(t) { return { width: 6 * t.length }; }, fillText(t) { rec.texts.push(String(t)); } };
+  node.onDrawForeground(ctx);
+  return rec;
+}
+const out = {};
+const none = { auto_added: [], drift: {}, measured: 0, threshold: 0.01, top_k: 2 };
+const later = { auto_added: [["wolf", 5, 0.0912], ["cat", 5, 0.0226]], drift: { wolf: 0.0912, cat: 0.0226, fox: 0.004 },
+                measured: 5, threshold: 0.01, top_k: 2 };
+for (let s = 1; s <= 6; s++)
+  api.emit("cat.train.progress", { node: "4", step: s, total: 11, loss: 1 / s, fit: 0.9 / s, keep: 0.01, lr: 1e-4,
+                                   elapsed: s, auto: s < 5 ? none : later });
+out.size = node.size;
+out.draw = draw();
+out.AUTO_H = globalThis.__catLiveView.AUTO_H;
+api.emit("cat.train.progress", { node: "4", step: 1, total: 11, loss: 1, fit: 1, keep: 0, lr: 1e-4, elapsed: 1, auto: none });
+out.fresh = draw();
+console.log(JSON.stringify(out));
+"""
+
+
+@pytest.mark.skipif(NODE is None, reason="Node.js is not installed; the web extension test needs `node`")
+def test_live_view_names_the_probes_auto_preservation_added_and_marks_when(tmp_path):
+    for rel, text in {**STUBS, "run.mjs": RUN}.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(text)
+    (tmp_path / "extensions" / "ComfyUI-CAT").mkdir(parents=True)
+    shutil.copy(ROOT / "web" / "cat_live_view.js", tmp_path / "extensions" / "ComfyUI-CAT" / "cat_live_view.js")
+    (tmp_path / "package.json").write_text('{"type": "module"}')
+    r = subprocess.run([NODE, "run.mjs"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["size"][1] == 200 + 150 + out["AUTO_H"]  # the node grew by the loss plot and the two lines
+    texts = out["draw"]["texts"]
+    assert "auto preservation added: wolf (step 5, drift 0.091), cat (step 5, drift 0.023)" in texts
+    assert "checked at step 5: 2/2 added · worst of the rest fox 4e-3" in texts
+    # one mark, at step 5 of 11 on the plot of the widened node (340 px): from x = 8 + 44 over 340 - 16 - 44 px
+    assert len(out["draw"]["lines"]) == 1
+    (x0, _), (x1, _) = out["draw"]["lines"][0]
+    assert x0 == x1 == pytest.approx(52 + 280 * 4 / 10)
+    assert "auto preservation: nothing added yet (threshold 0.01)" in out["fresh"]["texts"] and not out["fresh"]["lines"]
