@@ -46,6 +46,19 @@ def with_their_plain_twins(prompts: list[str], triggers) -> list[str]:
     return out
 
 
+def vae_decoder(vae, mp):
+    """latents in the model's space -> IMAGE (B, H, W, 3). Loading the VAE may evict the training UNet from the GPU
+    (ComfyUI frees memory by unloading models): it is loaded back as trainable() loads it, the same Parameter
+    objects moved back, before the next training step. Not exercised on a GPU by the tests (CPU only)."""
+    import comfy.model_management as mm
+
+    def decode(z: torch.Tensor) -> torch.Tensor:
+        images = vae.decode(mp.model.process_latent_out(z.float().cpu())).float()
+        mm.load_models_gpu([mp], memory_required=1e20, force_full_load=True)
+        return images
+    return decode
+
+
 class NodeWatch:
     """Hooks for cat_train.train: `callback(info)` (validation and preview rounds) and `on_save(step, weights)` (a
     preview round and IS/KPS for the step file). `image()` is the grid for the node's progress preview."""
@@ -70,8 +83,7 @@ class NodeWatch:
             chosen = split_prompts(prompts) or preview_prompts(first, dataset.triggers, preservation_prompts)
             chosen = with_their_plain_twins(chosen, dataset.triggers)
             self.previewer = Previewer(den, encode, chosen, dataset.triggers, tuple(examples[0].latent.shape),
-                                       lambda z: vae.decode(mp.model.process_latent_out(z.float().cpu())).float(),
-                                       seed=seed, steps=20, cfg=5.0)
+                                       vae_decoder(vae, mp), seed=seed, steps=20, cfg=5.0)
         self.validator = None
         if validate_every:
             probe = {p: {k: v[0] for k, v in encode([p]).items()} for p in split_prompts(probes)}

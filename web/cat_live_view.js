@@ -21,9 +21,9 @@ const SERIES = [ // drawn in this order: the dashed lines on top keep "fit" visi
   { key: "keep", label: "keep", color: "rgb(90,210,120)", width: 1.5, dash: [2, 2] },
 ];
 const VALIDATION = [ // validation rows: {step, fit, keep_drift, probe_drift?}
-  { key: "fit", label: "val fit", color: "rgb(240,110,200)", width: 1.5, dash: [1, 3] },
-  { key: "keep_drift", label: "keep drift", color: "rgb(190,140,255)", width: 1.5, dash: [1, 3] },
-  { key: "probe_drift", label: "probe drift", color: "rgb(120,220,230)", width: 1.5, dash: [1, 3] },
+  { key: "fit", label: "val fit", color: "rgb(240,110,200)", width: 2, dash: [2, 2] },
+  { key: "keep_drift", label: "keep drift", color: "rgb(190,140,255)", width: 2, dash: [2, 2] },
+  { key: "probe_drift", label: "probe drift", color: "rgb(120,220,230)", width: 2, dash: [2, 2] },
 ];
 // node id (string) -> {loss, fit, keep, validation, start, step, total, elapsed, lr, state: running|done|cancelled|failed, message}
 const runs = new Map();
@@ -214,7 +214,7 @@ export function drawValidation(ctx, rows, s, axis, x, y, w, h, n, start) {
   pts.forEach(([px, py], i) => (i ? ctx.lineTo(px, py) : ctx.moveTo(px, py)));
   ctx.stroke();
   ctx.setLineDash?.([]);
-  for (const [px, py] of pts) { ctx.beginPath(); ctx.arc?.(px, py, 2.5, 0, 2 * Math.PI); ctx.fill?.(); }
+  for (const [px, py] of pts) { ctx.beginPath(); ctx.arc?.(px, py, 3, 0, 2 * Math.PI); ctx.fill?.(); }
   return true;
 }
 
@@ -336,6 +336,23 @@ export function drawIndicator(ctx, run, x, y, w, h, ended) {
   ctx.fillText(`APT overfitting indicator per timestep bin, t 0 → T${more}`, x - LEFT + 8, y + h + 12);
 }
 
+// ComfyUI's progress preview (the trainer's preview grid) is a widget that fills the node down to its bottom edge,
+// where the chart is drawn: while a run is shown, it is drawn as if the node ended above the chart.
+const PREVIEW_WIDGET = "$$canvas-image-preview";
+function keepPreviewAboveChart(node) {
+  const w = node.widgets?.find((x) => x.name === PREVIEW_WIDGET);
+  if (!w || w.__catAboveChart || typeof w.drawWidget !== "function") return;
+  const draw = w.drawWidget;
+  w.drawWidget = function (...args) {
+    const run = runs.get(String(node.id));
+    const below = run ? PLOT_H + (run.apt ? APT_H : 0) : 0;
+    const h = node.size[1];
+    node.size[1] = h - below;
+    try { return draw.apply(this, args); } finally { node.size[1] = h; }
+  };
+  w.__catAboveChart = true;
+}
+
 app.registerExtension({
   name: "ComfyUI-CAT.LiveTrainingView",
   setup() {
@@ -362,6 +379,7 @@ app.registerExtension({
       const r = draw?.apply(this, arguments);
       try {
         const run = runs.get(String(this.id));
+        keepPreviewAboveChart(this);
         if (run && !this.flags?.collapsed) drawRun(this, ctx, run);
       } catch (e) {
         console.warn("[ComfyUI-CAT] live view:", e);

@@ -262,3 +262,103 @@ def test_training_from_the_page_draws_live_view_and_shows_cancel(editor, server,
     assert not any("ETA" in t for t in drawn)
     print(f"live view screenshots: {shots / 'trainer_live_view_running.png'}, {shots / 'trainer_live_view_cancelled.png'}")
     assert editor.errors == []
+
+
+def _validation_pixels(page, node_id: str) -> int:
+    """Pixels of the live view's validation colours (val fit, keep drift, probe drift) inside the trainer's chart."""
+    return page.evaluate("""(id) => {
+      const n = app.graph.getNodeById(Number(id)), c = app.canvas, H = window.__catLiveView.PLOT_H;
+      c.draw(true, true);
+      const [x0, y0] = c.ds.convertOffsetToCanvas([n.pos[0], n.pos[1] + n.size[1] - H]);
+      const [x1, y1] = c.ds.convertOffsetToCanvas([n.pos[0] + n.size[0], n.pos[1] + n.size[1]]);
+      const d = c.canvas.getContext("2d").getImageData(Math.round(x0), Math.round(y0), Math.round(x1 - x0), Math.round(y1 - y0)).data;
+      const cols = window.__catLiveView.VALIDATION.map((s) => s.color.match(/\\d+/g).map(Number));
+      let k = 0;
+      for (let i = 0; i < d.length; i += 4)
+        if (cols.some(([r, g, b]) => Math.abs(d[i] - r) < 25 && Math.abs(d[i + 1] - g) < 25 && Math.abs(d[i + 2] - b) < 25)) k++;
+      return k;
+    }""", node_id)
+
+
+def test_trainer_shows_previews_on_the_node_and_validation_in_the_live_view(editor, server, shots):  # noqa: F811
+    """preview_every with the VAE: ComfyUI's progress preview puts the grid on the trainer node while it trains;
+    validate_every: the validation rows arrive and are drawn next to the loss."""
+    url, info, _ = server
+    g = tiny_run(info, 4000, 4, "browser_preview")
+    g["4"]["inputs"].update(vae=["1", 2], preview_every=15, validate_every=5, probe_prompts="a photo of a cat")
+    editor.evaluate(QUEUE_API, g)
+    _wait(editor, "4", lambda s: s["state"] == "running" and s["step"] >= 31, 240, "step 31 (two preview rounds)")
+    preview = editor.wait_for_function("""() => { const n = app.graph.getNodeById(4);
+      const im = n?.imgs?.[0]; return im && im.complete && im.naturalWidth > 0 ? [im.naturalWidth, im.naturalHeight] : null; }""",
+                                       timeout=60_000).json_value()
+    st = _run_state(editor, "4")
+    assert st["state"] == "running", st  # shown while it trains, not after
+    rows = editor.evaluate("() => window.__catLiveView.runs.get('4').validation.map((r) => [r.step, r.keep_drift, r.probe_drift])")
+    assert len(rows) >= 3 and rows[0] == [0, 0, 0] and [r[0] for r in rows[:3]] == [0, 5, 10], rows
+    assert all(r[1] > 0 and r[2] > 0 for r in rows[1:]), rows  # the LoRA moved the prompts without the trigger
+    # the grid: rows base + rounds, columns the prompts (the first caption with and without the trigger, "a photo of dog")
+    assert preview[0] > 3 * 64 and preview[1] > 2 * 64, preview
+    clip = _focus(editor, "4")
+    clip["height"] += 360  # the preview is drawn under the node's widgets; room for it below
+    editor.wait_for_timeout(300)
+    shot = shots / "trainer_preview_running.png"
+    editor.screenshot(path=str(shot), clip=clip)
+    print(f"preview screenshot: {shot}")
+    assert _validation_pixels(editor, "4") > 20
+    assert _chart_pixels(editor, "4") > 50
+    urllib.request.urlopen(urllib.request.Request(url + "/interrupt", data=b"{}", method="POST",
+                                                  headers={"Content-Type": "application/json"}), timeout=10)
+    _wait(editor, "4", lambda s: s["state"] != "running", 60, "the run to end after /interrupt")
+    assert editor.errors == []
+
+
+def test_shipped_sd15_workflow_run_from_the_page_shows_is_kps_and_the_lora_path(editor, server, shots):  # noqa: F811
+    """The shipped SD1.5 graph, shrunk for the CPU as test_workflows does, queued from the page: the Preview Any nodes
+    show the KPS report with IS and KPS, the trainer summary and the saved LoRA's path, read from the page."""
+    from conftest import shrink_for_cpu
+
+    url, info, base = server
+    api = json.loads((WF / "api" / "cat_sd15_train_kps.api.json").read_text())
+    g = shrink_for_cpu(api, "sd15", "ds", "cat_tiny_open_clip.pt")
+    # loaded into the editor (the nodes that show the results), queued for this page (its client id) so the results come here
+    answer = editor.evaluate("""async (g) => { await app.loadApiJson(g, "cat-sd15-shrunk");
+      const r = await fetch('/prompt', {method: 'POST', headers: {'Content-Type': 'application/json'},
+        body: JSON.stringify({prompt: g, client_id: app.api?.clientId ?? app.api?.initialClientId})});
+      return await r.json(); }""", g)
+    assert not answer.get("node_errors") and "prompt_id" in answer, answer
+    end = time.monotonic() + 300
+    while time.monotonic() < end:  # the server's record of the run: done or failed, and why
+        hist = editor.evaluate("async (id) => (await fetch(`/history/${id}`)).json()", answer["prompt_id"])
+        status = hist.get(answer["prompt_id"], {}).get("status", {})
+        if status.get("completed") or status.get("status_str") == "error":
+            break
+        time.sleep(1)
+    assert status.get("status_str") == "success", status
+    kps, save, trainer = (next(k for k, n in g.items() if n["class_type"] == c)
+                          for c in ("CAT_KPSEvaluator", "CAT_SaveLora", "CAT_LoraTrainer"))
+    shown = {g[k]["inputs"]["source"][0]: k for k, n in g.items() if n["class_type"] == "PreviewAny"}
+    assert set(shown) == {kps, save, trainer}
+    read = """(ids) => ids.map((id) => { const n = app.graph.getNodeById(Number(id));
+      const w = n?.widgets?.find((w) => w.name === "preview"); return w?.element?.value ?? w?.value ?? ""; })"""
+    end = time.monotonic() + 30
+    texts = ["", "", ""]
+    while time.monotonic() < end and not all(texts):
+        texts = editor.evaluate(read, [shown[kps], shown[save], shown[trainer]])
+        time.sleep(0.5)
+    report, path, summary = texts
+    assert all(texts), f"the Preview Any nodes show {texts}; page errors {editor.errors}"
+    lines = {line.split()[0]: line for line in report.splitlines() if line.strip()}
+    is_, kps_value = float(lines["IS"].split()[1]), float(lines["KPS"].split()[1])
+    assert 0 <= is_ <= 1 and 0 <= kps_value <= 1 and "no reference images" not in report  # IS as shipped
+    assert path.endswith(".safetensors") and "/loras/" in path and os.path.isfile(path), path
+    assert summary.startswith("CAT LoRA: 3/3 steps") and "validation" in summary and "previews" in summary, summary
+    # and on the page, as a user sees it: the text areas hold the same
+    dom = editor.evaluate("() => Array.from(document.querySelectorAll('textarea')).map((t) => t.value)")
+    assert report in dom and path in dom
+    editor.evaluate("""(id) => { const n = app.graph.getNodeById(Number(id)), c = app.canvas;
+      c.ds.scale = 0.8; c.ds.offset = [60 - n.pos[0], 60 - n.pos[1]]; c.setDirty(true, true); }""", trainer)
+    editor.wait_for_timeout(500)
+    shot = shots / "sd15_workflow_results.png"
+    editor.screenshot(path=str(shot))
+    print(f"shipped workflow results: IS {is_} KPS {kps_value} LoRA {path}; screenshot {shot}")
+    assert editor.errors == []

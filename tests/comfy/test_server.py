@@ -20,8 +20,10 @@ HELPER = '''
 import sys
 sys.path.insert(0, {tests!r})
 from comfy_api.latest import ComfyExtension
-from tiny_models import tiny_checkpoint_node
+from tiny_models import register_tiny_open_clip, tiny_checkpoint_node
+import folder_paths
 TinyCheckpoint = tiny_checkpoint_node()
+register_tiny_open_clip(folder_paths.get_folder_paths("clip")[0])  # the shipped KPS Evaluator runs in the browser test
 
 class Ext(ComfyExtension):
     async def get_node_list(self):

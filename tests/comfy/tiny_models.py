@@ -149,3 +149,26 @@ def tiny_checkpoint_node():
 
     TinyCheckpoint.cache = cache  # tests reach the built models through it
     return TinyCheckpoint
+
+
+TINY_OPEN_CLIP = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 16, "head_width": 16},
+                  "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+
+
+def register_tiny_open_clip(clip_dir) -> str:
+    """open_clip architecture 'CATTinyCLIP' registered in this process, a seeded checkpoint of it in clip_dir
+    (a test server's models/clip, so a shipped KPS Evaluator runs there); returns the file name."""
+    import json
+    import tempfile
+
+    import open_clip
+
+    d = Path(tempfile.mkdtemp())
+    (d / "CATTinyCLIP.json").write_text(json.dumps(TINY_OPEN_CLIP))
+    open_clip.add_model_config(d)
+    path = Path(clip_dir) / "cat_tiny_open_clip.pt"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(0)
+        torch.save(open_clip.create_model("CATTinyCLIP").state_dict(), path)
+    return path.name
