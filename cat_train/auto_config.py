@@ -50,7 +50,7 @@ class AutoPreservationConfig:
     points: int = field(default=4, metadata={"help": (
         "fixed (noise, timestep) points per training image at which a probe's drift is measured.")})
     images: int = field(default=4, metadata={"help": (
-        "training images measured (the first ones; 0 = all): the measurement's cost grows with it.")})
+        "training images measured, spread evenly over the dataset (0 = all): the measurement's cost grows with it.")})
     seed: int = field(default=0, metadata={"help": (
         "seed of the measurement points (their own generator: the training draws are not touched).")})
 

@@ -64,7 +64,8 @@ class Validator:
     without the trigger to watch besides the preservation prompts. batch_size: images per forward pass
     (each brings `points` rows); the frozen and the adapted passes are batched the same way.
     image_probes: also each example's own `probes` ({name: Cond}, a prompt per image: auto preservation's);
-    kinds: which rows to measure (auto preservation measures only "probe"); max_images: the first n only (0: all).
+    kinds: which rows to measure (auto preservation measures only "probe"); max_images: n images spread evenly
+    over the examples' order (0: all).
     `probe_drifts()` gives each probe's drift alone.
     """
 
@@ -90,7 +91,10 @@ class Validator:
         for img in images.values():
             img.t = denoiser.schedule.sample_t(points, gen)
             img.noise = torch.randn((points, *img.latent.shape), generator=gen)
-        self.images = list(images.values())[:max_images or None]
+        found = list(images.values())
+        n = min(max_images, len(found)) if max_images else len(found)
+        # spread over the dataset's order: a multi-concept folder lists one concept's images after another's
+        self.images = [found[i * len(found) // n] for i in range(n)]
         rows_by_shape: dict[tuple, list[tuple[int, Cond, str, str]]] = {}
         for i, img in enumerate(self.images):
             rows = ([(i, img.cond_token, "fit", "")] + [(i, c, "keep", "") for c in img.keep]

@@ -179,3 +179,25 @@ def test_bench_auto_method_starts_from_the_class_prompt_with_the_other_shapes_as
         bench.method_name("cat0:auto")
     a = bench.auto_config(bench.BenchConfig())
     assert set(a.probes) == set(wg.SHAPES) - {wg.IDENTITY_CLASS} and a.active
+
+    class Text:  # the "context" is the prompt's length, so each probe's prompt is readable
+        def encode_text(self, ps):
+            return {"context": torch.tensor([[[float(len(p))]] for p in ps])}
+
+    ex, lc, _ = bench.examples_for("cat1:auto", Text(), bench.BenchConfig(), seed=0)
+    assert len(ex) == 5 and lc.preservation == "class" and lc.auto == a  # y starts as the class prompt alone
+    for e, sc in zip(ex, wg.identity_scenes()):  # each image's probes: the other shapes on its own background
+        assert e.cond_pres["context"].item() == len(f"a circle on a {sc.background} background")
+        assert {p: c["context"].item() for p, c in e.probes.items()} == {
+            s: float(len(f"a {s} on a {sc.background} background")) for s in a.probes}
+
+
+def test_measured_images_are_spread_over_the_dataset(tiny_denoiser, text):
+    """A multi-concept folder lists one concept after the other: the first n images could all be one concept."""
+    from cat_train.validation import Validator
+
+    exs = build_examples(items(4), text, loss_cfg())
+    v = Validator(tiny_denoiser, exs, max_images=2, image_probes=True, kinds=("probe",))
+    assert [img.latent.data_ptr() for img in v.images] == [exs[0].latent.data_ptr(), exs[2].latent.data_ptr()]
+    assert {kind for p in v.passes for _, _, kind, _ in p.rows} == {"probe"}  # no fit or keep rows are run
+    assert sum(len(p.rows) for p in v.passes) == 2 * len(PROBES)

@@ -42,6 +42,9 @@ out.draw = draw();
 out.AUTO_H = globalThis.__catLiveView.AUTO_H;
 api.emit("cat.train.progress", { node: "4", step: 1, total: 11, loss: 1, fit: 1, keep: 0, lr: 1e-4, elapsed: 1, auto: none });
 out.fresh = draw();
+api.emit("cat.train.progress", { node: "4", step: 2, total: 11, loss: 1, fit: 1, keep: 0, lr: 1e-4, elapsed: 2,
+  auto: { ...later, auto_added: [["wolf", 5, 0.09], ["fox", 9, 0.02]], measured: 10 } });
+out.two = draw();
 console.log(JSON.stringify(out));
 """
 
@@ -59,10 +62,12 @@ def test_live_view_names_the_probes_auto_preservation_added_and_marks_when(tmp_p
     out = json.loads(r.stdout)
     assert out["size"][1] == 200 + 150 + out["AUTO_H"]  # the node grew by the loss plot and the two lines
     texts = out["draw"]["texts"]
-    assert "auto preservation added: wolf (step 5, drift 0.091), cat (step 5, drift 0.023)" in texts
+    assert "auto preservation added: wolf, cat (step 5)" in texts
     assert "checked at step 5: 2/2 added · worst of the rest fox 4e-3" in texts
     # one mark, at step 5 of 11 on the plot of the widened node (340 px): from x = 8 + 44 over 340 - 16 - 44 px
     assert len(out["draw"]["lines"]) == 1
     (x0, _), (x1, _) = out["draw"]["lines"][0]
     assert x0 == x1 == pytest.approx(52 + 280 * 4 / 10)
     assert "auto preservation: nothing added yet (threshold 0.01)" in out["fresh"]["texts"] and not out["fresh"]["lines"]
+    assert "auto preservation added: wolf (step 5); fox (step 9)" in out["two"]["texts"]
+    assert len(out["two"]["lines"]) == 2  # a mark per step with additions

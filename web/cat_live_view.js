@@ -301,7 +301,9 @@ export function drawAuto(ctx, run, x, y, w, h, pad, ty) {
   }
   ctx.setLineDash?.([]);
   ctx.textAlign = "left"; ctx.textBaseline = "alphabetic"; ctx.font = "11px sans-serif"; ctx.fillStyle = "rgb(255,150,210)";
-  const list = added.map(([p, s, d]) => `${p} (step ${s}, drift ${tickLabels([d])[0]})`).join(", ");
+  const byStep = new Map(); // "wolf, cat (step 50); fox (step 100)": short enough for the node's width
+  for (const [p, s] of added) byStep.set(s, [...(byStep.get(s) ?? []), p]);
+  const list = [...byStep].map(([s, ps]) => `${ps.join(", ")} (step ${s})`).join("; ");
   ctx.fillText(added.length ? `auto preservation added: ${list}` : `auto preservation: nothing added yet (threshold ${a.threshold})`, pad, ty);
   const have = new Set(added.map((e) => e[0]));
   const rest = Object.entries(a.drift ?? {}).filter(([p]) => !have.has(p)).sort((u, v) => v[1] - u[1]);

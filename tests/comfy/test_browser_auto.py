@@ -27,7 +27,7 @@ def test_live_view_names_the_probes_auto_preservation_added(editor, server, shot
     assert [s for _, s, _ in added] == [4, 4] and {p for p, _, _ in added} <= {"cat", "wolf", "car"}
     drawn = editor.evaluate(DRAWN, "4")
     line = next((t for t in drawn if t.startswith("auto preservation added: ")), None)
-    assert line is not None and all(f"{p} (step 4, drift" in line for p, _, _ in added), drawn
+    assert line == f"auto preservation added: {added[0][0]}, {added[1][0]} (step 4)", drawn
     assert any(t.startswith("checked at step 12: 2/2 added") for t in drawn), drawn
     clip = _focus(editor, "4")
     shot = shots / "auto_preservation_live_view.png"
