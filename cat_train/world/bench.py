@@ -8,16 +8,24 @@ identity, half prior, so its compute per step is about CAT's). APT (arXiv 2507.0
 `apt` (all three parts, alpha 0), `cat<alpha>+apt`, and one part alone: `apt:ada` (adaptive timestep-bin
 weighting and augmentation), `apt:rs` (representation stabilization), `apt:aa` (attention alignment).
 
+Two tasks (`--task`): `novel` (default), an identity the base model never drew (a cyan/magenta striped circle with
+a white dot); `reachable`, one the base model does draw but no prompt asks for (a small yellow circle in the
+top-left corner: colour, shape, smallest size and a corner position of the training distribution; captions
+never name size or position). The trigger, class word and captions are the same in both.
+
 Per method and seed, fixed noise gives paired images: with the trigger ("a sks circle on a grey
 background"), without it ("a circle on a grey background") and other classes ("a red square ...").
     PS, IS, KPS      the paper's scores with world-CLIP (KPS: adapted model, without vs with trigger)
-    identity         share of trigger images the world-CLIP calls 'striped' (was the identity learned?)
-    leak             share of tokenless circles it calls 'striped' (the identity leaking into the class)
+    identity         share of trigger images drawn as the identity (novel: world-CLIP calls it 'striped';
+                     reachable: it calls it yellow and the foreground's centre is within 4 px of the corner's)
+    leak             share of tokenless circles drawn as the identity (the identity leaking into the class)
     drift, drift_other  mean of 1 - S_C(base image, adapted image), same noise, over the tokenless class
                      prompts / the other classes (0 = untouched). An arithmetic mean: one image that
                      changed completely must not decide the score, as it would in a harmonic mean.
     class/colour acc world-CLIP attribute heads on tokenless generations (did a circle stay a circle?)
     colour div       entropy of predicted colours of colour-free "a circle ..." prompts / ln 5 (mode collapse -> 0)
+    <colour> <shape> per other class: share drawn with the prompted shape and colour (a collapsed neighbour shows here,
+                     not in the mean)
 """
 from __future__ import annotations
 
@@ -47,6 +55,8 @@ NOTE = ("Controlled small world (procedural 32 px shapes, a 1.7M-parameter base 
         "NOT Stable Diffusion: the numbers compare methods on this world only.")
 CLASS = wg.IDENTITY_CLASS
 OTHERS = [("red", "square"), ("blue", "triangle"), ("yellow", "star"), ("green", "cross"), ("purple", "circle")]
+TASKS = ("novel", "reachable")
+NEAR = 4.0  # px: the reachable identity's foreground centre must be this close to the corner's
 
 
 @dataclass
@@ -70,6 +80,7 @@ class BenchConfig:
     apt_adaptive: float = 1.0
     apt_stabilize: float = 5.0
     apt_align: float = 1000.0
+    task: str = "novel"
 
 
 QUICK = dict(seeds=(0,), per_prompt=2, sample_steps=15, prior_images=6)  # same training as the full run, one seed
@@ -159,10 +170,29 @@ def _noise(n: int, seed: int) -> torch.Tensor:
     return torch.randn((n, *wm.LATENT_SHAPE), generator=torch.Generator().manual_seed(10_000 + seed))
 
 
-def identity_items() -> list[tuple]:
-    imgs = torch.from_numpy(wg.to_tensor_array(np.stack([wg.draw(s) for s in wg.identity_scenes()])))
+def task_scenes(task: str = "novel") -> list[wg.Scene]:
+    if task not in TASKS:
+        raise ValueError(f"unknown bench task {task!r}; choose from {', '.join(TASKS)}.")
+    return wg.identity_scenes() if task == "novel" else wg.reachable_scenes()
+
+
+def task_images(task: str = "novel") -> torch.Tensor:
+    return torch.from_numpy(wg.to_tensor_array(np.stack([wg.draw(s) for s in task_scenes(task)])))
+
+
+def identity_items(task: str = "novel") -> list[tuple]:
     return [(wm.encode(im[None])[0], f"a {wg.TRIGGER} {CLASS} on a {s.background} background", (wg.TRIGGER,))
-            for im, s in zip(imgs, wg.identity_scenes())]
+            for im, s in zip(task_images(task), task_scenes(task))]
+
+
+def is_identity(task: str, imgs: torch.Tensor, colours: list[str]) -> list[bool]:
+    """Per image: drawn as the task's identity (see the module docstring)."""
+    if task == "novel":
+        return [c == "striped" for c in colours]
+    arr = ((imgs.permute(0, 2, 3, 1).numpy() + 1) * 127.5).clip(0, 255).astype(np.uint8)
+    centres = [wg.foreground_centre(a) for a in arr]
+    return [c == wg.REACHABLE["colour"] and math.hypot(x - wg.REACHABLE["cx"], y - wg.REACHABLE["cy"]) <= NEAR
+            for c, (x, y) in zip(colours, centres)]
 
 
 def examples_for(method: str, world: World, c: BenchConfig, seed: int) -> tuple[list[Example], CatLossConfig, int]:
@@ -170,7 +200,7 @@ def examples_for(method: str, world: World, c: BenchConfig, seed: int) -> tuple[
     if part is not None:  # the base method's examples and loss, with APT's parts switched on
         ex, lc, bs = examples_for(base, world, c, seed)
         return ex, replace(lc, apt=apt_config(part, c)), bs
-    items = identity_items()
+    items = identity_items(c.task)
     if method == "lora":
         lc = CatLossConfig(alpha=0.0, preservation="class", class_word=CLASS)  # y unused at alpha 0
         return build_examples(items, world.encode_text, lc), lc, 1
@@ -180,9 +210,9 @@ def examples_for(method: str, world: World, c: BenchConfig, seed: int) -> tuple[
         ex = build_examples(items, world.encode_text, lc)
         if mode == "all":  # each image once per world class as y: the CAT term keeps every class prompt, not only "a circle"
             ys = {(s, sc.background): world.encode_text([f"a {s} on a {sc.background} background"])
-                  for sc in wg.identity_scenes() for s in wg.SHAPES}
+                  for sc in task_scenes(c.task) for s in wg.SHAPES}
             ex = [replace(e, cond_pres={k: v[0] for k, v in ys[s, sc.background].items()})
-                  for e, sc in zip(ex, wg.identity_scenes()) for s in wg.SHAPES]
+                  for e, sc in zip(ex, task_scenes(c.task)) for s in wg.SHAPES]
         return ex, lc, 1
     if method == "prior":
         lc = CatLossConfig(alpha=0.0, preservation="class", class_word=CLASS)  # y unused at alpha 0
@@ -196,11 +226,12 @@ def examples_for(method: str, world: World, c: BenchConfig, seed: int) -> tuple[
     raise ValueError(f"unknown method {method!r}; choose from lora, cat<alpha>[:class|strip|empty|all] (e.g. cat1, cat1:all), prior.")
 
 
-def evaluate(world: World, imgs: dict[str, torch.Tensor], base: dict[str, torch.Tensor], ps: dict[str, list[str]]) -> dict:
+def evaluate(world: World, imgs: dict[str, torch.Tensor], base: dict[str, torch.Tensor], ps: dict[str, list[str]],
+             task: str = "novel") -> dict:
     clip = world.clip
     emb = {k: clip.encode_image(v) for k, v in imgs.items()}
     bemb = {k: clip.encode_image(v) for k, v in base.items()}
-    ref = clip.encode_image(torch.from_numpy(wg.to_tensor_array(np.stack([wg.draw(s) for s in wg.identity_scenes()]))))
+    ref = clip.encode_image(task_images(task))
     out = {
         "PS": metrics.prompt_similarity(clip.encode_text(ps["token"]), emb["token"]).value,
         "IS": metrics.identity_similarity(ref, emb["token"]).value,
@@ -216,8 +247,11 @@ def evaluate(world: World, imgs: dict[str, torch.Tensor], base: dict[str, torch.
     counts = np.array([col_n.count(k) for k in wg.COLOURS], dtype=float)
     p = counts[counts > 0] / max(1.0, counts.sum())
     out["colour_div"] = max(0.0, float(-(p * np.log(p)).sum() / math.log(len(wg.COLOURS)))) if counts.sum() else 0.0
-    out["leak"] = col_n.count("striped") / len(col_n)
-    out["identity"] = clip.attributes(imgs["token"])[1].count("striped") / len(imgs["token"])
+    out["leak"] = float(np.mean(is_identity(task, imgs["notoken"], col_n)))
+    out["identity"] = float(np.mean(is_identity(task, imgs["token"], clip.attributes(imgs["token"])[1])))
+    for (colour, shape), col in zip(OTHERS, OTHER_COLUMNS):
+        hits = [s == shape and cc == colour for s, cc, w in zip(shp_o, col_o, want) if w == [colour, shape]]
+        out[col] = float(np.mean(hits))
     return out
 
 
@@ -249,13 +283,13 @@ def run(c: BenchConfig, log=print, world: World | None = None) -> dict:
     for seed in c.seeds:
         noise = {k: _noise(len(v), seed * 7 + i) for i, (k, v) in enumerate(ps.items())}
         base = {k: world.generate(ps[k], noise[k], c) for k in ps}
-        results["base"].append(evaluate(world, base, base, ps))
+        results["base"].append(evaluate(world, base, base, ps, c.task))
         if seed == c.seeds[0]:
             grid["base"] = base
         for m in c.methods:
             t1 = time.time()
             if m.startswith("catversion"):  # K/V embeddings in the text encoder, no LoRA: world/catversion_bench.py
-                imgs, tr = run_catversion(world, m, c, seed, ps, noise, identity_items(), CLASS)
+                imgs, tr = run_catversion(world, m, c, seed, ps, noise, identity_items(c.task), CLASS)
             else:
                 ex, lc, bs = examples_for(m, world, c, seed)
                 tc = TrainConfig(steps=c.steps, lr=c.lr, seed=seed, batch_size=bs)
@@ -264,7 +298,7 @@ def run(c: BenchConfig, log=print, world: World | None = None) -> dict:
                     imgs = {k: world.generate(ps[k], noise[k], c) for k in ps}
                 finally:
                     remove_lora(world.den.module)
-            r = evaluate(world, imgs, base, ps)
+            r = evaluate(world, imgs, base, ps, c.task)
             r["final_fit"] = float(np.mean([h["fit"] for h in tr.history[-20:]]))
             results[m].append(r)
             if seed == c.seeds[0]:
@@ -276,7 +310,8 @@ def run(c: BenchConfig, log=print, world: World | None = None) -> dict:
             "trained": trained}
 
 
-COLUMNS = ("PS", "IS", "KPS", "identity", "leak", "drift", "drift_other", "class_acc", "colour_acc", "colour_div")
+OTHER_COLUMNS = tuple(f"{c} {s}" for c, s in OTHERS)
+COLUMNS = ("PS", "IS", "KPS", "identity", "leak", "drift", "drift_other", "class_acc", "colour_acc", "colour_div", *OTHER_COLUMNS)
 
 
 def table(res: dict) -> str:
@@ -284,7 +319,7 @@ def table(res: dict) -> str:
     head = "| method | " + " | ".join(COLUMNS) + " |\n|---|" + "---|" * len(COLUMNS) + "\n"
     cell = (lambda s: f"{s['mean']:.3f} ± {s['std']:.3f}") if n > 1 else (lambda s: f"{s['mean']:.3f}")
     rows = "".join(f"| {label(m)} | " + " | ".join(cell(s[k]) for k in COLUMNS) + " |\n" for m, s in res["methods"].items())
-    return f"{NOTE}\n\n{head}{rows}\n(mean ± std over seeds {list(res['config']['seeds'])}; {res['config']['steps']} steps, lr {res['config']['lr']}, rank {res['config']['rank']} LoRA on {res['config']['preset']} layers)\n"
+    return f"{NOTE}\n\n{head}{rows}\n(task {res['config'].get('task', 'novel')}; mean ± std over seeds {list(res['config']['seeds'])}; {res['config']['steps']} steps, lr {res['config']['lr']}, rank {res['config']['rank']} LoRA on {res['config']['preset']} layers)\n"
 
 
 def save_grid(res: dict, path: Path, per_kind: int = 3, scale: int = 3) -> Path:
@@ -358,6 +393,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = OneLineParser(prog="python -m cat_train bench", description=__doc__.split("\n")[0])
     ap.add_argument("what", choices=["kps"])
     ap.add_argument("--quick", action="store_true", help="one seed, fewer images (< 5 min on CPU)")
+    ap.add_argument("--task", choices=TASKS, help="novel (default): an identity the base never drew; reachable: one it "
+                    "draws but no prompt asks for")
     ap.add_argument("--out", default="bench_out", type=output_folder)
     ap.add_argument("--steps", type=positive_int)
     ap.add_argument("--lr", type=positive_float)
@@ -372,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--apt-align", type=non_negative_float, help="APT attention-alignment weight (default 1000)")
     a = ap.parse_args(argv)  # every argument checked here: the run takes minutes and writes only at its end
     kw = dict(QUICK) if a.quick else {}
-    for k in ("steps", "lr", "seeds", "methods", "per_prompt", "sample_steps", "rank", "preset", "apt_adaptive", "apt_stabilize", "apt_align"):
+    for k in ("steps", "lr", "seeds", "methods", "per_prompt", "sample_steps", "rank", "preset", "apt_adaptive", "apt_stabilize", "apt_align", "task"):
         v = getattr(a, k)
         if v is not None:
             kw[k] = tuple(v) if isinstance(v, list) else v
