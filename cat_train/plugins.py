@@ -29,6 +29,9 @@ class StepTerm:
     needs_frozen_token_pass = False    # the frozen pass also runs on y_T (its rows come first)
     history_keys: tuple[str, ...] = ()  # entries of report() that go into every history row
 
+    def see_batch(self, examples: Sequence[Any]) -> None:
+        """The batch's `train.Example`s, in batch order, before anything else of the step (no draws here)."""
+
     def augment(self, x0: Tensor, t: Tensor, gen: torch.Generator) -> Tensor:
         """The batch's clean latents, possibly transformed; draws only from `gen` (resumes stay exact)."""
         return x0

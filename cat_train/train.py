@@ -88,6 +88,7 @@ class Example:
     weight: float = 1.0     # weight of its preservation term (per-token weights)
     repeats: int = 1        # sampling weight (kohya repeats)
     prompts: tuple[str, str] | None = None  # (y_T, y) for adapters that encode prompts every step (no cached conds)
+    trigger_tokens: tuple[int, ...] = ()  # positions of the trigger's tokens in y_T's context, for step terms that skip them
 
 
 @dataclass
@@ -281,6 +282,7 @@ def train(denoiser: Denoiser, examples: Sequence[Example], loss_cfg: CatLossConf
                     x0, c_tok, c_pres, w = _collate(examples, idx, device, data_dtype)
                     t, noise = t.to(device), noise.to(device, data_dtype)
                     for term in terms:
+                        term.see_batch([examples[i] for i in idx])
                         x0 = term.augment(x0, t, gen)
                     frozen = None
                     with torch.autocast(device.type, dtype=amp) if amp else contextlib.nullcontext():
