@@ -123,8 +123,10 @@ class TrainingOutOfMemory(RuntimeError):
     pass
 
 
-def build_examples(items: Sequence[tuple], encode_text: Callable[[list[str]], Cond], loss_cfg: CatLossConfig) -> list[Example]:
-    """items: (latent, caption, triggers[, repeats]). Each distinct prompt is encoded once."""
+def build_examples(items: Sequence[tuple], encode_text: Callable[[list[str]], Cond], loss_cfg: CatLossConfig,
+                   token_positions: Callable[[str, tuple[str, ...]], tuple[int, ...]] | None = None) -> list[Example]:
+    """items: (latent, caption, triggers[, repeats]). Each distinct prompt is encoded once. token_positions(caption,
+    triggers): where the host's tokenizer puts the trigger's tokens in the caption's context (Example.trigger_tokens)."""
     rows = [(it[0], it[1], tuple(it[2]), it[3] if len(it) > 3 else 1) for it in items]
     if loss_cfg.preservation_prompts:  # every image with every listed y: the CAT term keeps each of them
         pres = [list(loss_cfg.preservation_prompts) for _ in rows]
@@ -137,7 +139,8 @@ def build_examples(items: Sequence[tuple], encode_text: Callable[[list[str]], Co
     def weight(trig: tuple[str, ...]) -> float:
         return sum(loss_cfg.token_weights.get(t, 1.0) for t in trig) / len(trig) if trig else 1.0
 
-    return [Example(lat.detach().cpu(), cond[cap], cond[p], weight(trig), rep)
+    return [Example(lat.detach().cpu(), cond[cap], cond[p], weight(trig), rep,
+                    trigger_tokens=tuple(token_positions(cap, trig)) if token_positions and trig else ())
             for (lat, cap, trig, rep), ps in zip(rows, pres) for p in ps]
 
 
@@ -227,12 +230,13 @@ def _is_oom(e: BaseException) -> bool:
 def train(denoiser: Denoiser, examples: Sequence[Example], loss_cfg: CatLossConfig, spec: AdapterSpec | Adapter,
           cfg: TrainConfig, callback: Callable[[StepInfo], None] | None = None, resume: str | os.PathLike | None = None,
           keep_adapter: bool = False, on_save: Callable[[int, Any], None] | None = None,
-          sampler: BatchSampler | None = None) -> TrainResult:
+          sampler: BatchSampler | None = None, extra_terms: Sequence[StepTerm] = ()) -> TrainResult:
     """Train an adapter (the one `spec` configures, or a `plugins.Adapter` itself) with the CAT objective.
     The model is restored (adapter removed) on return unless keep_adapter.
 
     on_save(step, weights) runs at every `save_every` checkpoint (e.g. to write a loadable adapter file too);
-    sampler: how batches are drawn (default: same-bucket batches weighted by repeats)."""
+    sampler: how batches are drawn (default: same-bucket batches weighted by repeats); extra_terms: step terms an
+    adapter's own trainer adds after the loss config's (e.g. CatVersion's flips)."""
     if not examples:
         raise ValueError("no training examples; the dataset is empty.")
     adapter = adapter_for(spec)
@@ -260,7 +264,7 @@ def train(denoiser: Denoiser, examples: Sequence[Example], loss_cfg: CatLossConf
             opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
             sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(cfg, s))
             scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
-            terms = step_terms(loss_cfg, denoiser)  # after install: hooks see the adapted layers
+            terms = step_terms(loss_cfg, denoiser) + list(extra_terms)  # after install: hooks see the adapted layers
             if state is not None:
                 _restore(state, adapter, terms, opt, sched, gen, resume)
                 result.history, result.steps_done = list(state["history"]), int(state["step"])

@@ -96,8 +96,10 @@ def cat_method(m: str) -> tuple[float, str]:
     return float(alpha), mode or "class"
 
 
-APT_PARTS = {"": ("adaptive", "stabilize", "align"), "ada": ("adaptive",), "rs": ("stabilize",), "aa": ("align",)}
-APT_NAMES = {"": "APT", "ada": "APT adaptive only", "rs": "APT stabilization only", "aa": "APT attention only"}
+ALL3 = ("adaptive", "stabilize", "align")
+APT_PARTS = {"": ALL3, "ada": ("adaptive",), "rs": ("stabilize",), "aa": ("align",), "skip": ALL3, "earlier": ALL3}
+APT_NAMES = {"": "APT", "ada": "APT adaptive only", "rs": "APT stabilization only", "aa": "APT attention only",
+             "skip": "APT, triggers not aligned", "earlier": "APT (earlier choices)"}
 
 
 def apt_method(m: str) -> tuple[str, str | None]:
@@ -116,9 +118,9 @@ def apt_config(part: str, c: BenchConfig) -> AptConfig:
     if part not in APT_PARTS:
         raise ValueError(f"unknown APT part {part!r}; choose from apt, apt:ada, apt:rs, apt:aa")
     on = APT_PARTS[part]
-    return AptConfig(adaptive=c.apt_adaptive if "adaptive" in on else 0.0,
-                     stabilize=c.apt_stabilize if "stabilize" in on else 0.0,
-                     align=c.apt_align if "align" in on else 0.0)
+    weights = dict(adaptive=c.apt_adaptive if "adaptive" in on else 0.0, stabilize=c.apt_stabilize if "stabilize" in on else 0.0,
+                   align=c.apt_align if "align" in on else 0.0, align_skip_triggers=part == "skip")
+    return AptConfig.earlier(**weights) if part == "earlier" else AptConfig(**weights)
 
 
 def label(m: str) -> str:
@@ -160,9 +162,10 @@ class World:
     def encode_text(self, ps: list[str]) -> dict:
         return {k: v.detach() for k, v in self.text.encode(ps).items()}
 
-    def generate(self, ps: list[str], noise: torch.Tensor, c: BenchConfig) -> torch.Tensor:
-        z = sample(self.den, self.encode_text(ps), self.encode_text([""]), tuple(noise.shape), steps=c.sample_steps,
-                   cfg=c.cfg, noise=noise, clip_x0=1.0)
+    def generate(self, ps: list[str], noise: torch.Tensor, c: BenchConfig, uncond: dict | None = None) -> torch.Tensor:
+        """uncond: the unconditional branch's conditioning, when it is not "" as the encoder encodes it now."""
+        z = sample(self.den, self.encode_text(ps), self.encode_text([""]) if uncond is None else uncond,
+                   tuple(noise.shape), steps=c.sample_steps, cfg=c.cfg, noise=noise, clip_x0=1.0)
         return wm.decode(z)
 
 
@@ -195,6 +198,11 @@ def is_identity(task: str, imgs: torch.Tensor, colours: list[str]) -> list[bool]
             for c, (x, y) in zip(colours, centres)]
 
 
+def trigger_positions(caption: str, triggers: tuple[str, ...]) -> tuple[int, ...]:
+    """The world's tokenizer gives each word one token: the trigger's positions are its words' (align_skip_triggers)."""
+    return tuple(i for i, w in enumerate(caption.lower().split()) if w in triggers)
+
+
 def examples_for(method: str, world: World, c: BenchConfig, seed: int) -> tuple[list[Example], CatLossConfig, int]:
     base, part = apt_method(method)
     if part is not None:  # the base method's examples and loss, with APT's parts switched on
@@ -203,11 +211,11 @@ def examples_for(method: str, world: World, c: BenchConfig, seed: int) -> tuple[
     items = identity_items(c.task)
     if method == "lora":
         lc = CatLossConfig(alpha=0.0, preservation="class", class_word=CLASS)  # y unused at alpha 0
-        return build_examples(items, world.encode_text, lc), lc, 1
+        return build_examples(items, world.encode_text, lc, trigger_positions), lc, 1
     if method.startswith("cat"):
         alpha, mode = cat_method(method)
         lc = CatLossConfig(alpha=alpha, preservation="class" if mode == "all" else mode, class_word=CLASS)
-        ex = build_examples(items, world.encode_text, lc)
+        ex = build_examples(items, world.encode_text, lc, trigger_positions)
         if mode == "all":  # each image once per world class as y: the CAT term keeps every class prompt, not only "a circle"
             ys = {(s, sc.background): world.encode_text([f"a {s} on a {sc.background} background"])
                   for sc in task_scenes(c.task) for s in wg.SHAPES}
@@ -222,7 +230,7 @@ def examples_for(method: str, world: World, c: BenchConfig, seed: int) -> tuple[
         n_id, n_reg = len(items), len(reg_prompts)
         # repeats balance the draw: identity and prior are each picked half the time
         rows = [(*it, n_reg) for it in items] + [(wm.encode(r[None])[0], p, (), n_id) for r, p in zip(reg, reg_prompts)]
-        return build_examples(rows, world.encode_text, lc), lc, 2
+        return build_examples(rows, world.encode_text, lc, trigger_positions), lc, 2
     raise ValueError(f"unknown method {method!r}; choose from lora, cat<alpha>[:class|strip|empty|all] (e.g. cat1, cat1:all), prior.")
 
 
@@ -361,8 +369,8 @@ def write(res: dict, out: Path) -> dict[str, Path]:
 
 
 def method_name(m: str) -> str:
-    """argparse type of --methods: lora, prior or cat<alpha>[:class|strip|empty|all], each optionally +apt[:ada|rs|aa]; apt[:part]."""
-    if m.startswith("catversion"):  # catversion, catversion+cat<alpha>
+    """argparse type of --methods: lora, prior or cat<alpha>[:class|strip|empty|all], each optionally +apt[:ada|rs|aa|skip|earlier]; apt[:part]; catversion[:earlier][+cat<alpha>]."""
+    if m.startswith("catversion"):  # catversion[:earlier], catversion[:earlier]+cat<alpha>
         try:
             catversion_alpha(m)
             return m
@@ -371,11 +379,11 @@ def method_name(m: str) -> str:
     try:
         base, part = apt_method(m)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"unknown method {m!r}; APT methods: apt, apt:ada, apt:rs, apt:aa, cat<alpha>+apt[:part]") from None
+        raise argparse.ArgumentTypeError(f"unknown method {m!r}; APT methods: apt[:ada|rs|aa|skip|earlier], cat<alpha>+apt[:part]") from None
     if part is not None:
         if part in APT_PARTS and base != "prior" and (base == "lora" or method_name(base)):
             return m
-        raise argparse.ArgumentTypeError(f"unknown method {m!r}; APT methods: apt, apt:ada, apt:rs, apt:aa, cat<alpha>+apt[:part]")
+        raise argparse.ArgumentTypeError(f"unknown method {m!r}; APT methods: apt[:ada|rs|aa|skip|earlier], cat<alpha>+apt[:part]")
     if m in ("lora", "prior"):
         return m
     if m.startswith("cat"):
@@ -386,7 +394,7 @@ def method_name(m: str) -> str:
         if math.isfinite(alpha) and alpha >= 0 and mode in ("class", "strip", "empty", "all"):
             return m
     raise argparse.ArgumentTypeError(f"unknown method {m!r}; choose from lora, prior, cat<alpha>[:class|strip|empty|all] "
-                                     "(e.g. cat1, cat0.5:strip, cat1:all), apt[:ada|rs|aa], cat<alpha>+apt[:part]")
+                                     "(e.g. cat1, cat0.5:strip, cat1:all), apt[:ada|rs|aa|skip|earlier], cat<alpha>+apt[:part], catversion[:earlier][+cat<alpha>]")
 
 
 def main(argv: list[str] | None = None) -> int:
