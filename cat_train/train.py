@@ -323,7 +323,8 @@ def train(denoiser: Denoiser, examples: Sequence[Example], loss_cfg: CatLossConf
                     if on_save:
                         on_save(result.steps_done, adapter.weights())
                 if callback:
-                    callback(StepInfo(step + 1, cfg.steps, total, fit, keep, lr, time.perf_counter() - t0, reports))
+                    callback(StepInfo(step + 1, cfg.steps, total, fit, keep, lr, time.perf_counter() - t0,
+                                      {k: r for k, r in reports.items() if r}))  # a term with nothing to show: no entry
         except TrainingDiverged:
             raise
         except BaseException as e:  # cancel (ComfyUI's interrupt, Ctrl-C) or a crash: keep what was learned

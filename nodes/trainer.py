@@ -111,13 +111,15 @@ def resume_path(resume_from: str | None) -> str:
 
 def model_examples(mp, dataset, loss_cfg: CatLossConfig) -> list[Example]:
     """Examples in the UNet's own latent space (process_latent_in), with SDXL's y per latent size."""
-    examples = build_examples([(lat, cap, trig, rep) for lat, cap, trig, rep in dataset.items], dataset.encode_text, loss_cfg)
+    positions = dataset.token_positions if loss_cfg.apt.align_skip_triggers else None  # tokenizes only when asked
+    examples = build_examples([(lat, cap, trig, rep) for lat, cap, trig, rep in dataset.items], dataset.encode_text, loss_cfg,
+                              positions)
     out = []
     for ex in examples:
         h, w = ex.latent.shape[-2] * 8, ex.latent.shape[-1] * 8
         x0 = mp.model.process_latent_in(ex.latent[None].clone())[0]
         conds = [_unet_cond(mp, c, w, h) for c in (ex.cond_token, ex.cond_pres)]
-        out.append(Example(x0, conds[0], conds[1], ex.weight, ex.repeats))
+        out.append(Example(x0, conds[0], conds[1], ex.weight, ex.repeats, trigger_tokens=ex.trigger_tokens))
     return out
 
 
