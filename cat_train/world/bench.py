@@ -188,14 +188,19 @@ def identity_items(task: str = "novel") -> list[tuple]:
             for im, s in zip(task_images(task), task_scenes(task))]
 
 
-def is_identity(task: str, imgs: torch.Tensor, colours: list[str]) -> list[bool]:
-    """Per image: drawn as the task's identity (see the module docstring)."""
+def identity_parts(task: str, imgs: torch.Tensor, colours: list[str]) -> tuple[list[bool], list[bool]]:
+    """Per image: (has the identity's colour/pattern, sits where the identity sits). Novel: the stripes, anywhere."""
     if task == "novel":
-        return [c == "striped" for c in colours]
+        return [c == "striped" for c in colours], [True] * len(colours)
     arr = ((imgs.permute(0, 2, 3, 1).numpy() + 1) * 127.5).clip(0, 255).astype(np.uint8)
     centres = [wg.foreground_centre(a) for a in arr]
-    return [c == wg.REACHABLE["colour"] and math.hypot(x - wg.REACHABLE["cx"], y - wg.REACHABLE["cy"]) <= NEAR
-            for c, (x, y) in zip(colours, centres)]
+    return ([c == wg.REACHABLE["colour"] for c in colours],
+            [math.hypot(x - wg.REACHABLE["cx"], y - wg.REACHABLE["cy"]) <= NEAR for x, y in centres])
+
+
+def is_identity(task: str, imgs: torch.Tensor, colours: list[str]) -> list[bool]:
+    """Per image: drawn as the task's identity (see the module docstring)."""
+    return [a and b for a, b in zip(*identity_parts(task, imgs, colours))]
 
 
 def trigger_positions(caption: str, triggers: tuple[str, ...]) -> tuple[int, ...]:
@@ -256,7 +261,10 @@ def evaluate(world: World, imgs: dict[str, torch.Tensor], base: dict[str, torch.
     p = counts[counts > 0] / max(1.0, counts.sum())
     out["colour_div"] = max(0.0, float(-(p * np.log(p)).sum() / math.log(len(wg.COLOURS)))) if counts.sum() else 0.0
     out["leak"] = float(np.mean(is_identity(task, imgs["notoken"], col_n)))
-    out["identity"] = float(np.mean(is_identity(task, imgs["token"], clip.attributes(imgs["token"])[1])))
+    colour_ok, place_ok = identity_parts(task, imgs["token"], clip.attributes(imgs["token"])[1])
+    out["identity"] = float(np.mean([a and b for a, b in zip(colour_ok, place_ok)]))
+    if task == "reachable":  # which half of the identity a method reaches: the colour a prompt can ask for, or the place
+        out["id_colour"], out["id_place"] = float(np.mean(colour_ok)), float(np.mean(place_ok))
     for (colour, shape), col in zip(OTHERS, OTHER_COLUMNS):
         hits = [s == shape and cc == colour for s, cc, w in zip(shp_o, col_o, want) if w == [colour, shape]]
         out[col] = float(np.mean(hits))
