@@ -316,6 +316,9 @@ def run(c: BenchConfig, log=print, world: World | None = None) -> dict:
                     remove_lora(world.den.module)
             r = evaluate(world, imgs, base, ps, c.task)
             r["final_fit"] = float(np.mean([h["fit"] for h in tr.history[-20:]]))
+            if "indicator" in tr.history[-1]:  # APT: how far its indicator rose (1 = the fit term switched off in that bin)
+                seen = [v for v in tr.history[-1]["indicator"] if v is not None]
+                r["apt_indicator"], r["apt_indicator_max"] = float(np.mean(seen)), float(np.max(seen))
             results[m].append(r)
             if seed == c.seeds[0]:
                 grid[m], trained[m] = imgs, tr
