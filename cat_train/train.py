@@ -236,7 +236,7 @@ def train(denoiser: Denoiser, examples: Sequence[Example], loss_cfg: CatLossConf
 
     on_save(step, weights) runs at every `save_every` checkpoint (e.g. to write a loadable adapter file too);
     sampler: how batches are drawn (default: same-bucket batches weighted by repeats); extra_terms: step terms an
-    adapter's own trainer adds after the loss config's (e.g. CatVersion's flips)."""
+    adapter's own trainer adds after the loss config's (e.g. flips of the training images)."""
     if not examples:
         raise ValueError("no training examples; the dataset is empty.")
     adapter = adapter_for(spec)
