@@ -7,7 +7,8 @@ steps, seeds and images as the other methods.
 
 As published (read in the authors' code, RoyZhao926/CatVersion): the training caption is the class prompt without
 the trigger ("a circle on a grey background"), images are flipped with p 0.5, and the sampler's unconditional
-branch is encoded *without* the embeddings (their txt2img loads a precomputed unconditional conditioning). With
+branch is encoded *without* the embeddings (their txt2img loads a saved unconditional conditioning, models/uc.pt,
+instead of encoding "" through the encoder with the adapter loaded; the line that would has been commented out). With
 class captions the concept is asked for the way it was trained, by the class prompt with the embeddings loaded, so
 the bench's "with trigger" images are drawn from the class prompts (same noise as the other rows' trigger images):
 there is no separate trigger, and every tokenless circle is the concept too (leak = identity by construction).
