@@ -1,43 +1,45 @@
 """APT: Adaptive Personalized Training (Chae et al., CVPR 2025, arXiv 2507.02687), composable with CAT.
 
-Three parts, each with its own weight (0 = off):
+Three parts, each with its own weight (0 = off). Defaults follow the paper's form as far as it could be read here;
+this pack's earlier choices stay options (`AptConfig.earlier()`). Sources: the arXiv abstract, the authors' project
+page and figures, and two independent write-ups of the method section (the method section itself was not readable).
 
-1. Adaptive training adjustment (`adaptive`). The timesteps are split into `bins` equal bins. Per bin
-   an overfitting indicator tracks how far the adapted model's denoising error on the training images
-   has fallen below the pretrained model's on the same noisy input:
+1. Adaptive training adjustment (`adaptive`). The timesteps are split into `bins` equal bins (10: write-ups). Per
+   bin an overfitting indicator compares the pretrained and the adapted model's denoising error on the training
+   images, same noisy input, L = ||target - prediction(z_t, t, y_T)||² (one value per sample):
 
-       r = (L_pre - L_ft) / L_pre,   L = ||target - prediction(z_t, t, y_T)||²   (one value per sample)
-       o_b <- ema * o_b + (1 - ema) * r      for the bin b of the sample's t
+       form "paper" (write-ups):   gamma_b = 1 - exp(-T (EMA_b[L_pre] - EMA_b[L_ft]))   T = diffusion steps (1000)
+                                   each loss smoothed on its own, new-value weight 0.1, started from its first value;
+                                   a negative gap reads as 0
+       form "relative" (earlier):  o_b <- ema o_b + (1 - ema) (L_pre - L_ft) / L_pre, from 0
 
-   0 at the start (the adapter is zero), toward 1 as the adapted model reproduces its training images
-   exactly. From o_b, with excess e_b = max(0, o_b - target):
-   (a) the denoising (fit) loss of a sample in bin b is weighted w_b = clip(1 - adaptive * e_b, min_weight, 1);
-   (b) the sample is augmented with probability p_b = clip(adaptive * e_b, 0, max_augment)
-   (the paper: affine augmentations, zoom-out and rotation; flips, shifts and colour jitter are here as
-   options). A bin that overfits is weighted less and augmented more.
-2. Representation stabilization (`stabilize`): for chosen intermediate feature maps, the squared shift
-   of their per-channel spatial mean and variance between the adapted and the frozen model on the
-   same input (noisy latent, timestep, caption y_T):
-       R = mean over layers, channels of  (mu_a - mu_f)² / v_f  +  (v_a - v_f)² / v_f²
-   (with `stabilize_normalize`; without, the raw squared shifts). Raw feature scales differ by orders
-   of magnitude between layers and steps (on the world model one layer's raw variance shift reached
-   10 while the fit loss was 0.2), so the default measures shifts relative to the frozen variance.
-3. Attention alignment (`align`): the distance between the cross-attention probabilities of the
-   adapted and the frozen model on the same input. Probabilities are built only for the regularised
-   layers, from their own q and k projections (captured by hooks); the layers themselves keep their
-   fast fused attention.
+   The scales differ: an absolute gap of 0.003 gives gamma 0.95 in the paper's form; the relative form needs a 95%
+   error drop for that. With excess e_b = max(0, o_b - target) and gain `adaptive` (1 = the paper's response):
+   (a) the fit loss of a sample in bin b is weighted w_b = 1 - adaptive * e_b (write-ups: 1 - gamma_b; the relative
+   form keeps a floor, `min_weight`); (b) the sample is augmented with probability min(adaptive * e_b, p_max)
+   (write-ups; p_max = `max_augment` is unknown here, 0.8 is a choice). Augmentation (authors' figure): zoom-out
+   1-3x with the subject on black, and rotation (its range unknown here; 15 degrees is a choice); earlier: zoom-out
+   to 1.33x with reflection padding. Flips, shifts and colour jitter are options.
+2. Representation stabilization (`stabilize`): for chosen intermediate features, the squared shift of their
+   per-channel mean and standard deviation between the adapted and the frozen model on the same input (noisy
+   latent, timestep, caption y_T), plain L2 (write-ups), on the self-attention modules (the authors' figure; which
+   of them is unknown here: all by default). Earlier: the middle and decoder block outputs, mean and variance in
+   units of the frozen variance (`stabilize_layers`, `stabilize_stat="var"`, `stabilize_normalize`): raw scales
+   differ by orders of magnitude between layers (on the world model one layer's raw variance shift reached 10 while
+   the fit loss was 0.2).
+3. Attention alignment (`align`): the distance between the cross-attention probabilities of the adapted and the
+   frozen model on the same input (MSE by default; the paper's distance is unknown here). Probabilities are built
+   only for the aligned layers, from their own q and k projections (captured by hooks); the layers keep their fused
+   attention. `align_skip_triggers` leaves the trigger's token columns out: the authors' prompts are class nouns,
+   and aligning a rare trigger's map to a base model that never saw it pulls against learning the subject.
 
 One frozen forward serves everything: with CAT (alpha > 0) it is one batched call over [y_T; y]; its
 y_T rows give L_pre and the stabilization/alignment targets, its y rows CAT's target. The adapted
 side is likewise one batched call, as in `loss.cat_objective`.
 
-What the stored copy of the paper states and what is chosen here: the paper defines the indicator per
-timestep bin from the pretrained and fine-tuned denoising losses, sets the augmentation probability
-and scales the denoising loss from it, and regularises mean/variance of feature maps and
-cross-attention maps. Its exact normalisation, EMA, bin count, augmentation magnitudes, layer choice,
-distance and loss weights could not be read here; the forms above (relative loss gap, EMA 0.9, 10 bins,
-linear response with a floor, per-channel spatial moments, MSE on probabilities) are this
-implementation's choices, each an option of `AptConfig`.
+Unknown here, and therefore choices (each an `AptConfig` option): the loss weights (the bench's adaptive 1,
+stabilize 5, align 1000 were set on the world model), p_max, the rotation range, the layer sets, the alignment
+distance, and whether the paper's losses are per-sample means (as here) or sums.
 """
 from __future__ import annotations
 
@@ -67,12 +69,18 @@ class AptTerms(NamedTuple):
 
 # ---------------------------------------------------------------- (1) adaptive training adjustment
 class Indicator:
-    """Per-bin overfitting indicator and what it sets: fit weight and augmentation probability."""
+    """Per-bin overfitting indicator and what it sets: fit weight and augmentation probability.
+
+    `paper`: gamma_b = max(0, 1 - exp(-T (EMA_b[L_pre] - EMA_b[L_ft]))), T the schedule's diffusion steps, each EMA
+    started from its bin's first value; a fine-tuned error above the pretrained one reads as 0, not as a negative
+    indicator (which would weight the bin above 1). `relative`: EMA_b of (L_pre - L_ft) / L_pre, started from 0."""
 
     def __init__(self, cfg: AptConfig, num_timesteps: int):
         self.cfg, self.num_timesteps = cfg, num_timesteps
         self.value = torch.zeros(cfg.bins, dtype=torch.float64)
         self.count = torch.zeros(cfg.bins, dtype=torch.int64)
+        self.pre = torch.zeros(cfg.bins, dtype=torch.float64)  # paper form: EMA_b[L_pre], EMA_b[L_ft]
+        self.ft = torch.zeros(cfg.bins, dtype=torch.float64)
 
     def bin_of(self, t: Tensor) -> Tensor:
         return (t.long().cpu() * self.cfg.bins // self.num_timesteps).clamp(0, self.cfg.bins - 1)
@@ -83,7 +91,8 @@ class Indicator:
     def fit_weight(self, bins: Tensor) -> Tensor:
         if not (self.cfg.adaptive and self.cfg.adapt_weight):
             return torch.ones(len(bins), dtype=torch.float64)
-        return (1 - self.cfg.adaptive * self.excess(bins)).clamp(self.cfg.min_weight, 1.0)
+        floor = self.cfg.min_weight if self.cfg.form == "relative" else 0.0
+        return (1 - self.cfg.adaptive * self.excess(bins)).clamp(floor, 1.0)
 
     def augment_prob(self, bins: Tensor) -> Tensor:
         if not (self.cfg.adaptive and self.cfg.adapt_augment and self.cfg.augment_ops):
@@ -92,20 +101,36 @@ class Indicator:
 
     def update(self, bins: Tensor, loss_pre: Tensor, loss_ft: Tensor) -> None:
         """One EMA step per sample, in batch order (deterministic, so resumes stay bit-exact)."""
-        r = ((loss_pre.double() - loss_ft.double()) / loss_pre.double().clamp(min=1e-12)).cpu()
         d = self.cfg.ema
+        if self.cfg.form == "paper":
+            for b, lp, lf in zip(bins.tolist(), loss_pre.double().cpu().tolist(), loss_ft.double().cpu().tolist()):
+                first = not self.count[b]
+                self.pre[b] = lp if first else d * self.pre[b] + (1 - d) * lp
+                self.ft[b] = lf if first else d * self.ft[b] + (1 - d) * lf
+                self.value[b] = max(0.0, 1 - math.exp(-self.num_timesteps * float(self.pre[b] - self.ft[b])))
+                self.count[b] += 1
+            return
+        r = ((loss_pre.double() - loss_ft.double()) / loss_pre.double().clamp(min=1e-12)).cpu()
         for b, ri in zip(bins.tolist(), r.tolist()):
             self.value[b] = d * self.value[b] + (1 - d) * ri  # from 0: early single samples cannot jump it
             self.count[b] += 1
 
     def state_dict(self) -> dict:
-        return {"value": self.value.clone(), "count": self.count.clone()}
+        return {"value": self.value.clone(), "count": self.count.clone(), "pre": self.pre.clone(), "ft": self.ft.clone(),
+                "form": self.cfg.form}
 
     def load_state_dict(self, state: dict) -> None:
         if state["value"].shape != self.value.shape:
             raise ValueError(f"checkpoint has {len(state['value'])} APT bins, this run {self.cfg.bins}; resume with the same APT settings.")
+        form = state.get("form", "relative")  # checkpoints from before the paper form held the relative indicator
+        if form != self.cfg.form:
+            raise ValueError(f"checkpoint's APT indicator has form {form!r}, this run {self.cfg.form!r}; resume with "
+                             f"AptConfig(form={form!r}).")
         self.value.copy_(state["value"])
         self.count.copy_(state["count"])
+        if "pre" in state:
+            self.pre.copy_(state["pre"])
+            self.ft.copy_(state["ft"])
 
 
 def augment(x0: Tensor, prob: Tensor, cfg: AptConfig, gen: torch.Generator,
@@ -121,7 +146,12 @@ def augment(x0: Tensor, prob: Tensor, cfg: AptConfig, gen: torch.Generator,
     if not bool(apply.any()):
         return x0
     ops = set(cfg.augment_ops)
-    s = 1 - cfg.zoom * u[:, 1] if "zoom" in ops else torch.ones(n, dtype=torch.float64)
+    if "zoom" not in ops:
+        s = torch.ones(n, dtype=torch.float64)
+    elif cfg.zoom_out:
+        s = 1 / (1 + (cfg.zoom_out - 1) * u[:, 1])  # zoom-out factor drawn in [1, zoom_out]
+    else:
+        s = 1 - cfg.zoom * u[:, 1]
     a = math.radians(cfg.rotate) * (2 * u[:, 2] - 1) if "rotate" in ops else torch.zeros(n, dtype=torch.float64)
     tx, ty = ((2 * cfg.shift * (2 * u[:, 3:5] - 1)).unbind(1) if "shift" in ops else
               (torch.zeros(n, dtype=torch.float64),) * 2)
@@ -131,7 +161,11 @@ def augment(x0: Tensor, prob: Tensor, cfg: AptConfig, gen: torch.Generator,
                          torch.stack([fx * a.sin() / s, a.cos() / s, ty], 1)], 1)
     img = space[0](x0) if space else x0
     grid = F.affine_grid(theta.to(img.device, img.dtype), list(img.shape), align_corners=False)
-    out = F.grid_sample(img, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    if cfg.fill == "reflection":
+        out = F.grid_sample(img, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    else:  # black: -1 in the model's [-1, 1] image space; without an image space, 0 in the latent
+        black = -1.0 if space else 0.0
+        out = F.grid_sample(img - black, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + black
     if "color" in ops:
         g = (1 + cfg.color * (2 * u[:, 6] - 1)).to(img)[:, None, None, None]  # contrast about each image's mean
         b = (cfg.color * (2 * u[:, 7] - 1)).to(img)[:, None, None, None]  # brightness
@@ -180,7 +214,8 @@ class Taps:
                 return
             h = (out[0] if isinstance(out, (tuple, list)) else out).float()
             dims = tuple(range(2, h.ndim)) if h.ndim > 3 else (1,)  # (N, C, H, W) spatial; (N, L, C) tokens
-            self.moments[self.kind][name] = (h.mean(dims), h.var(dims, unbiased=False))
+            var = h.var(dims, unbiased=False)
+            self.moments[self.kind][name] = (h.mean(dims), var.clamp_min(1e-12).sqrt() if self.cfg.stabilize_stat == "std" else var)
         return hook
 
     def _q_hook(self, name: str):
@@ -212,7 +247,8 @@ class Taps:
             self._q.clear()
 
     def stabilization(self, rows: int) -> Tensor:
-        """Mean over layers of the squared shift of per-channel mean and variance (first `rows` samples)."""
+        """Mean over layers of the squared shift of per-channel mean and std (or variance) (first `rows` samples);
+        normalized: in units of the frozen channel's variance (std: of its std, so both parts stay scale-free)."""
         terms = []
         missing = [n for n in self.stabilized if n not in self.moments["adapted"] or n not in self.moments["frozen"]]
         if missing:
@@ -222,20 +258,32 @@ class Taps:
             ma, va, mf, vf = ma[:rows], va[:rows], mf[:rows], vf[:rows]
             if self.cfg.stabilize_normalize:
                 s = vf.clamp_min(1e-6)
-                terms.append(((ma - mf).pow(2) / s).mean() + ((va - vf) / s).pow(2).mean())
+                if self.cfg.stabilize_stat == "std":
+                    terms.append(((ma - mf) / s).pow(2).mean() + ((va - vf) / s).pow(2).mean())
+                else:
+                    terms.append(((ma - mf).pow(2) / s).mean() + ((va - vf) / s).pow(2).mean())
             else:
                 terms.append((ma - mf).pow(2).mean() + (va - vf).pow(2).mean())
         return torch.stack(terms).mean()
 
-    def alignment(self, rows: int) -> Tensor:
+    def alignment(self, rows: int, skip: list[tuple[int, ...]] | None = None) -> Tensor:
+        """Distance of adapted from frozen cross-attention probabilities; `skip`: per sample, key (token) positions
+        left out (align_skip_triggers)."""
         terms = []
         missing = [n for n in self.aligned if n not in self.probs["adapted"] or n not in self.probs["frozen"]]
         if missing:
             raise RuntimeError(f"APT align_layers {missing} never computed q and k in this model's forward; choose other layers.")
         for n in self.aligned:
             pa, pf = self.probs["adapted"][n][:rows], self.probs["frozen"][n][:rows]
+            keep = torch.ones(pa.shape[0], pa.shape[-1], dtype=pa.dtype, device=pa.device)
+            for i, pos in enumerate((skip or [])[:rows]):
+                keep[i, [p for p in pos if p < pa.shape[-1]]] = 0
+            keep = keep[:, None, None, :]  # (rows, heads, queries, keys)
             if self.cfg.align_distance == "kl":
-                terms.append((pf * (pf.clamp_min(1e-12).log() - pa.clamp_min(1e-12).log())).sum(-1).mean())
+                d = pf * (pf.clamp_min(1e-12).log() - pa.clamp_min(1e-12).log())
+                terms.append((d * keep).sum(-1).mean())
+            elif skip:
+                terms.append(((pa - pf).pow(2) * keep).sum() / (keep.sum() * pa.shape[1] * pa.shape[2]).clamp_min(1))
             else:
                 terms.append((pa - pf).pow(2).mean())
         return torch.stack(terms).mean()
@@ -268,6 +316,11 @@ class AptRun(StepTerm):
         self.space = getattr(denoiser, "augment_space", None)
         self.last: dict = {}
         self.penalties: dict[str, Tensor] = {}
+        self.skip: list[tuple[int, ...]] | None = None  # the batch's trigger token positions (align_skip_triggers)
+
+    def see_batch(self, examples) -> None:
+        if self.cfg.align_skip_triggers:
+            self.skip = [tuple(getattr(e, "trigger_tokens", ())) for e in examples]
 
     def augment(self, x0: Tensor, t: Tensor, gen: torch.Generator) -> Tensor:
         if not (self.cfg.adaptive and self.cfg.adapt_augment and self.cfg.augment_ops):
@@ -283,7 +336,7 @@ class AptRun(StepTerm):
     def penalty(self, rows: int) -> list[Tensor]:
         zero = torch.zeros(())
         rs = self.taps.stabilization(rows) if self.cfg.stabilize else zero
-        aa = self.taps.alignment(rows) if self.cfg.align else zero
+        aa = self.taps.alignment(rows, self.skip) if self.cfg.align else zero
         self.taps.clear()
         self.penalties = {"stabilize": rs.detach(), "align": aa.detach()}
         self.last = {k: float(v) for k, v in self.penalties.items()}

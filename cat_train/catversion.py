@@ -9,9 +9,13 @@ so a prompt's features get a residual towards the concept, while the UNet and ev
 encoder stay frozen. Defaults follow the authors' released adapters (adapter-transformers "flat" prefix
 tuning on SD1.5's CLIP ViT-L/14 text model): the last 3 of its 12 self-attention layers (9, 10, 11), one
 embedding per layer, initialised N(0, 1), AdamW at lr 1e-2 (their 5e-3 base rate scaled by batch 2),
-batch 2, 1000 steps, the ordinary diffusion loss. Their code also adds +1 to the causal-mask logit of the
-prefix column (it concatenates ones to an additive mask); that quirk is not reproduced: the prefix
-takes part with logit q.k / sqrt(d) like any key.
+batch 2, 1000 steps, the ordinary diffusion loss. As their code trains (read in RoyZhao926/CatVersion, not
+copied): the caption is the class word, no placeholder (`CatVersionConfig.caption="class"`: the trigger replaced
+by the class word), images flipped horizontally with p 0.5 (`flip`), and the sampler's unconditional prompt
+encoded without the embeddings (the hosts: the world bench and Apply CatVersion keep them off it). Their code also
+adds +1 to the prefix column's attention logit (it concatenates ones to an additive mask); that is
+`CatVersionSpec.prefix_bias=1`, off by default (0: the prefix takes part with logit q.k / sqrt(d) like any key).
+This pack's earlier choices are options: captions with the trigger (`caption="trigger"`), no flips (`flip=0`).
 
 Attention modules reached: `torch.nn.MultiheadAttention` (self-attention, packed in_proj; the world's
 encoder) and modules with `q_proj`/`k_proj`/`v_proj`/`out_proj` called as `(x, mask, optimized_attention)`
@@ -40,7 +44,7 @@ from torch import Tensor, nn
 
 from .denoiser import Cond, Denoiser, FlowSchedule, NoiseSchedule
 from .loss import CatLossConfig, cat_cond
-from .plugins import Adapter
+from .plugins import Adapter, StepTerm
 from .prompts import PreservationMode, preservation_prompt
 from .train import BatchSampler, Example, StepInfo, TrainConfig, train
 
@@ -56,6 +60,9 @@ class CatVersionSpec:
     init: Literal["normal", "zeros"] = field(default="normal", metadata={"help": (
         "`normal`: N(0, init_std²) as the reference code (randn); or `zeros`.")})
     init_std: float = field(default=1.0, metadata={"help": "standard deviation of the `normal` init."})
+    prefix_bias: float = field(default=0.0, metadata={"help": (
+        "added to the prefix columns' attention logits (the authors' code: +1, from ones concatenated to an additive "
+        "mask; 0: an ordinary key). Stored in the file, so Apply CatVersion uses what training used.")})
 
     def __post_init__(self):
         if isinstance(self.layers, int):
@@ -120,8 +127,10 @@ def resolve_layers(count: int, layers: int | Sequence[int], output_layer: int | 
 class KVEmbeddings(nn.Module):
     """Keys and Values concatenated per layer, in the projected space: keys/values (n_layers, length, hidden)."""
 
-    def __init__(self, layers: Sequence[int], length: int, hidden: int, heads: int, total_layers: int):
+    def __init__(self, layers: Sequence[int], length: int, hidden: int, heads: int, total_layers: int,
+                 prefix_bias: float = 0.0):
         super().__init__()
+        self.prefix_bias = float(prefix_bias)
         self.layer_indices = tuple(int(i) for i in layers)
         self.hidden, self.heads, self.total_layers, self.length = hidden, heads, total_layers, length
         self.keys = nn.Parameter(torch.zeros(len(self.layer_indices), length, hidden))
@@ -139,7 +148,7 @@ class KVEmbeddings(nn.Module):
 
     def info(self) -> dict:
         return {"hidden": self.hidden, "heads": self.heads, "layers": self.total_layers,
-                "indices": list(self.layer_indices), "length": self.length}
+                "indices": list(self.layer_indices), "length": self.length, "prefix_bias": self.prefix_bias}
 
 
 def new_embeddings(encoder: nn.Module, spec: CatVersionSpec, output_layer: int | None = None,
@@ -147,7 +156,7 @@ def new_embeddings(encoder: nn.Module, spec: CatVersionSpec, output_layer: int |
     attn = find_self_attention(encoder)
     idx = resolve_layers(len(attn), spec.layers, output_layer)
     m = attn[idx[0]][1]
-    return KVEmbeddings(idx, spec.length, hidden_of(m), heads_of(m), len(attn)).initialise(spec, generator)
+    return KVEmbeddings(idx, spec.length, hidden_of(m), heads_of(m), len(attn), spec.prefix_bias).initialise(spec, generator)
 
 
 # ---------------------------------------------------------------- the attention with concatenated K/V
@@ -174,9 +183,14 @@ def _prefix(pk: Tensor, pv: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tenso
     return torch.cat([pk, k], 1), torch.cat([pv, v], 1)
 
 
-def _pad_additive(mask: Tensor | None, n: int) -> Tensor | None:
-    """The prefix columns are visible to every query: 0 in an additive mask."""
-    return None if mask is None else F.pad(mask, (n, 0), value=0.0)
+def _pad_additive(mask: Tensor | None, n: int, bias: float = 0.0, rows: int = 0, dtype=None, device=None) -> Tensor | None:
+    """The prefix columns are visible to every query: `bias` (0 or the authors' +1) in an additive mask; without a
+    mask and with a bias, a (rows, n + rows) one that only biases the prefix."""
+    if mask is None:
+        if not bias:
+            return None
+        mask = torch.zeros(rows, rows, dtype=dtype, device=device)
+    return F.pad(mask, (n, 0), value=bias)
 
 
 class Switch:
@@ -186,8 +200,9 @@ class Switch:
         self.on = True
 
 
-def prefixed_forward(module: nn.Module, pk: Tensor, pv: Tensor, switch: Switch | None = None) -> Callable:
-    """A replacement `forward` for `module` that concatenates pk/pv (length, hidden) to its Keys/Values."""
+def prefixed_forward(module: nn.Module, pk: Tensor, pv: Tensor, switch: Switch | None = None, bias: float = 0.0) -> Callable:
+    """A replacement `forward` for `module` that concatenates pk/pv (length, hidden) to its Keys/Values; `bias` is
+    added to the prefix columns' logits."""
     original = type(module).forward.__get__(module)
     switch = switch or Switch()
     if isinstance(module, nn.MultiheadAttention):
@@ -211,12 +226,14 @@ def prefixed_forward(module: nn.Module, pk: Tensor, pv: Tensor, switch: Switch |
             if attn_mask is not None:  # torch's convention: bool True = may NOT attend, float = additive
                 am = attn_mask.to(q.dtype).masked_fill(attn_mask, float("-inf")).masked_fill(~attn_mask, 0.0) \
                     if attn_mask.dtype == torch.bool else attn_mask.to(q.dtype)
-                am = _pad_additive(am, p)
+                am = _pad_additive(am, p, bias)
                 mask = am.view(b, module.num_heads, n, n + p) if am.ndim == 3 else am
+            elif bias:
+                mask = _pad_additive(None, p, bias, n, q.dtype, q.device)
             if key_padding_mask is not None:
                 kp = key_padding_mask.to(q.dtype).masked_fill(key_padding_mask, float("-inf")) \
                     if key_padding_mask.dtype == torch.bool else key_padding_mask.to(q.dtype)
-                kp = _pad_additive(kp, p).view(b, 1, 1, n + p)
+                kp = _pad_additive(kp, p).view(b, 1, 1, n + p)  # the bias is in `mask` already
                 mask = kp if mask is None else mask + kp
             out = _sdpa(q, k, v, module.num_heads, mask, module.dropout if module.training else 0.0)
             out = module.out_proj(out)
@@ -231,9 +248,13 @@ def prefixed_forward(module: nn.Module, pk: Tensor, pv: Tensor, switch: Switch |
         q, k, v = module.q_proj(x), module.k_proj(x), module.v_proj(x)
         k, v = _prefix(pk, pv, k, v)
         if mask is not None and mask.dtype == torch.bool:
-            mask = F.pad(mask, (pk.shape[0], 0), value=True)
+            if bias:
+                mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf"))
+                mask = _pad_additive(mask, pk.shape[0], bias)
+            else:
+                mask = F.pad(mask, (pk.shape[0], 0), value=True)
         else:
-            mask = _pad_additive(mask, pk.shape[0])
+            mask = _pad_additive(mask, pk.shape[0], bias, x.shape[1], q.dtype, q.device)
         if optimized_attention is None or torch.is_grad_enabled():
             out = _sdpa(q, k, v, heads, mask)  # training: PyTorch SDPA has a backward whatever backend the host picked
         else:
@@ -252,7 +273,7 @@ def installed(encoder: nn.Module, emb: KVEmbeddings) -> Iterator[Switch]:
         for j, i in enumerate(emb.layer_indices):
             m = attn[i][1]
             done.append((m, m.__dict__.get("forward", None)))
-            m.forward = prefixed_forward(m, emb.keys[j], emb.values[j], switch)
+            m.forward = prefixed_forward(m, emb.keys[j], emb.values[j], switch, getattr(emb, "prefix_bias", 0.0))
             if isinstance(m, nn.MultiheadAttention):  # a hook makes TransformerEncoderLayer skip its fused fast path
                 done[-1] += (m.register_forward_pre_hook(lambda *a: None),)
         yield switch
@@ -326,7 +347,8 @@ def load_catversion(path: str | Path, expect: Mapping[str, Mapping] | None = Non
                          "LoRAs go through LoraLoader, CatVersion embeddings through Apply CatVersion.")
     out = {}
     for enc, info in json.loads(meta["catversion_encoders"]).items():
-        emb = KVEmbeddings(info["indices"], int(info["length"]), int(info["hidden"]), int(info["heads"]), int(info["layers"]))
+        emb = KVEmbeddings(info["indices"], int(info["length"]), int(info["hidden"]), int(info["heads"]), int(info["layers"]),
+                           float(info.get("prefix_bias", 0.0)))  # files from before the option: an ordinary key
         with torch.no_grad():
             for j, i in enumerate(emb.layer_indices):
                 for kind, p in (("key", emb.keys), ("value", emb.values)):
@@ -365,12 +387,20 @@ class CatVersionConfig:
         "for alpha > 0 and `class`: y = the caption with the trigger replaced by this word (the node: the dataset's "
         "class word when empty).")})
     seed: int = field(default=0, metadata={"help": "seeds init, batches, timesteps and noise: same seed, same embeddings (bit for bit on CPU)."})
+    caption: Literal["class", "trigger"] = field(default="class", metadata={"help": (
+        "training caption. `class`: the trigger replaced by the class word, no placeholder (the authors' code trains on "
+        "the class word alone; a caption that is just the trigger becomes exactly that); `trigger`: the caption as "
+        "given (this pack's earlier choice).")})
+    flip: float = field(default=0.5, metadata={"help": (
+        "probability of a horizontal flip of each training image (the authors' code: 0.5; earlier: 0).")})
 
     def __post_init__(self):
         for ok, msg in [(self.steps >= 1, f"steps must be >= 1, got {self.steps} (the paper: 1000)."),
                         (self.lr > 0, f"lr must be > 0, got {self.lr} (the paper: 1e-2)."),
                         (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}."),
-                        (self.alpha >= 0, f"CAT factor alpha must be >= 0 (0 = plain CatVersion), got {self.alpha}.")]:
+                        (self.alpha >= 0, f"CAT factor alpha must be >= 0 (0 = plain CatVersion), got {self.alpha}."),
+                        (self.caption in ("class", "trigger"), f"caption must be 'class' or 'trigger', got {self.caption!r}."),
+                        (0 <= self.flip <= 1, f"flip (a probability) must be in [0, 1], got {self.flip}.")]:
             if not ok:
                 raise ValueError(msg)
 
@@ -504,6 +534,36 @@ class ReferenceSampler(BatchSampler):
         return idx, schedule.sample_t(len(idx), gen), noise
 
 
+class Flip(StepTerm):
+    """Horizontal flips of the training images with probability p (CatVersion's data pipeline). One draw per sample
+    every batch from the run's generator, flipped or not, so resumes stay exact. In an image space when the denoiser
+    names one (`augment_space`, as APT's augmentation), otherwise on the latent (SD's VAE: close to the image's flip)."""
+
+    name = "flip"
+
+    def __init__(self, denoiser: Denoiser, p: float):
+        self.p, self.space = p, getattr(denoiser, "augment_space", None)
+
+    def augment(self, x0: Tensor, t: Tensor, gen: torch.Generator) -> Tensor:
+        flip = (torch.rand(x0.shape[0], generator=gen) < self.p).to(x0.device)
+        if not bool(flip.any()):
+            return x0
+        img = self.space[0](x0) if self.space else x0
+        out = self.space[1](img.flip(-1)) if self.space else img.flip(-1)
+        return torch.where(flip[:, None, None, None], out, x0)
+
+
+def training_caption(caption: str, triggers: Sequence[str], cfg: "CatVersionConfig") -> str:
+    """The caption CatVersion trains on: with `caption="class"` the trigger replaced by the class word."""
+    if cfg.caption == "trigger" or not triggers:
+        return caption
+    if not cfg.class_word:
+        raise ValueError("CatVersion caption='class' trains on the class word instead of the trigger, but no class word "
+                         "is set: give class_word (the node: the dataset's class word, or its class_word widget), or "
+                         "set caption='trigger'.")
+    return preservation_prompt(caption, tuple(triggers), "class", cfg.class_word)
+
+
 def train_catversion(denoiser: Denoiser, encoders: Mapping[str, nn.Module], encode: Encode,
                      items: Sequence[tuple[Tensor, str, Sequence[str]]], spec: CatVersionSpec, cfg: CatVersionConfig,
                      output_layers: Mapping[str, int | None] | None = None,
@@ -520,14 +580,14 @@ def train_catversion(denoiser: Denoiser, encoders: Mapping[str, nn.Module], enco
     checkpoint of such a run. Same seed, same embeddings (bit for bit on CPU)."""
     ys = [preservation_prompt(cap, tuple(trig), cfg.preservation, cfg.class_word) if cfg.alpha > 0 else ""
           for _, cap, trig in items]
-    examples = [Example(lat, {}, {}, prompts=(cap, y)) for (lat, cap, _), y in zip(items, ys)]
+    examples = [Example(lat, {}, {}, prompts=(training_caption(cap, trig, cfg), y)) for (lat, cap, trig), y in zip(items, ys)]
     loss_cfg = CatLossConfig(alpha=cfg.alpha, preservation=cfg.preservation, class_word=cfg.class_word)
     tcfg = TrainConfig(steps=cfg.steps, lr=cfg.lr, batch_size=cfg.batch_size, weight_decay=cfg.weight_decay,
                        seed=cfg.seed, **loop)
     adapter = CatVersionAdapter(encoders, encode, spec, output_layers, finish)
     t0 = time.perf_counter()
     r = train(denoiser, examples, loss_cfg, adapter, tcfg, callback=callback, resume=resume,
-              sampler=ReferenceSampler(examples, cfg.batch_size))
+              sampler=ReferenceSampler(examples, cfg.batch_size), extra_terms=[Flip(denoiser, cfg.flip)] if cfg.flip else [])
     return CatVersionResult(r.weights, r.history, time.perf_counter() - t0, r.steps_done, r.last_checkpoint)
 
 

@@ -34,6 +34,7 @@ class Family:
     # APT's default regexes (full match of module names); None: APT has no default layers for this family
     apt_stabilize_layers: ClassVar[str | None] = None
     apt_align_layers: ClassVar[str | None] = None
+    apt_block_layers: ClassVar[str | None] = None  # stabilize_layers of the earlier (block-output) choice
 
     @classmethod
     def detect(cls, net: nn.Module) -> bool:
@@ -77,7 +78,8 @@ class SDUNet(Family):
              "in_layers.2", "out_layers.3", "skip_connection", "emb_layers.1")  # resnets: conv1, conv2, conv_shortcut, time_emb_proj
     targets = {"attn": _attn, "attn_ff": _attn + _ff, "full": _attn + _ff + _rest}
     base_versions = {"SD15": "sd_v1", "SD20": "sd_v2", "SD21UnclipL": "sd_v2", "SD21UnclipH": "sd_v2"}
-    apt_stabilize_layers = r"middle_block|output_blocks\.\d+"
+    apt_stabilize_layers = r".*\.attn1"  # self-attention modules: the authors' figure regularizes self-attention features
+    apt_block_layers = r"middle_block|output_blocks\.\d+"  # this pack's earlier choice: middle and decoder block outputs
     apt_align_layers = r".*\.attn2"  # cross-attention modules
 
     @classmethod

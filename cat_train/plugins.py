@@ -37,6 +37,9 @@ class StepTerm:
         a term may change which prompts the CAT term keeps as the run goes. Draws only from `gen`."""
         return conds
 
+    def see_batch(self, examples: Sequence[Any]) -> None:
+        """The batch's `train.Example`s, in batch order, before anything else of the step (no draws here)."""
+
     def augment(self, x0: Tensor, t: Tensor, gen: torch.Generator) -> Tensor:
         """The batch's clean latents, possibly transformed; draws only from `gen` (resumes stay exact)."""
         return x0

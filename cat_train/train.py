@@ -92,6 +92,7 @@ class Example:
     repeats: int = 1        # sampling weight (kohya repeats)
     prompts: tuple[str, str] | None = None  # (y_T, y) for adapters that encode prompts every step (no cached conds)
     probes: dict[str, Cond] = field(default_factory=dict)  # auto preservation: {probe: its prompt's cond} for this image
+    trigger_tokens: tuple[int, ...] = ()  # positions of the trigger's tokens in y_T's context, for step terms that skip them
 
 
 @dataclass
@@ -131,9 +132,12 @@ PAIRS_WARN = 5000  # image x preservation-prompt pairs past which the preparatio
 
 
 def build_examples(items: Sequence[tuple], encode_text: Callable[[list[str]], Cond], loss_cfg: CatLossConfig,
-                   progress: Callable[[int, int], None] | None = None) -> list[Example]:
+                   progress: Callable[[int, int], None] | None = None,
+                   token_positions: Callable[[str, tuple[str, ...]], tuple[int, ...]] | None = None) -> list[Example]:
     """items: (latent, caption, triggers[, repeats]). Each distinct prompt is encoded once; progress(done, total)
-    after each (a host moves its bar and stops at Cancel there). Examples share their conditionings."""
+    after each (a host moves its bar and stops at Cancel there). Examples share their conditionings.
+    token_positions(caption, triggers): where the host's tokenizer puts the trigger's tokens in the caption's context
+    (Example.trigger_tokens)."""
     rows = [(it[0], it[1], tuple(it[2]), it[3] if len(it) > 3 else 1) for it in items]
     if loss_cfg.preservation_prompts:  # every image with every listed y: the CAT term keeps each of them
         pres = [list(loss_cfg.preservation_prompts) for _ in rows]
@@ -159,7 +163,9 @@ def build_examples(items: Sequence[tuple], encode_text: Callable[[list[str]], Co
     out = []
     for (lat, cap, trig, rep), ps, pr in zip(rows, pres, probes):
         image_probes = {name: cond[p] for name, p in pr.items()}  # one dict per image: its rows share it
-        out += [Example(lat.detach().cpu(), cond[cap], cond[p], weight(trig), rep, probes=image_probes) for p in ps]
+        tokens = tuple(token_positions(cap, trig)) if token_positions and trig else ()
+        out += [Example(lat.detach().cpu(), cond[cap], cond[p], weight(trig), rep, probes=image_probes,
+                        trigger_tokens=tokens) for p in ps]
     return out
 
 
@@ -286,14 +292,15 @@ def _is_oom(e: BaseException) -> bool:
 def train(denoiser: Denoiser, examples: Sequence[Example], loss_cfg: CatLossConfig, spec: AdapterSpec | Adapter,
           cfg: TrainConfig, callback: Callable[[StepInfo], None] | None = None, resume: str | os.PathLike | None = None,
           keep_adapter: bool = False, on_save: Callable[[int, Any], None] | None = None,
-          sampler: BatchSampler | None = None, own_folder: bool = False) -> TrainResult:
+          sampler: BatchSampler | None = None, own_folder: bool = False, extra_terms: Sequence[StepTerm] = ()) -> TrainResult:
     """Train an adapter (the one `spec` configures, or a `plugins.Adapter` itself) with the CAT objective.
     The model is restored (adapter removed) on return unless keep_adapter.
 
     on_save(step, weights) runs at every `save_every` checkpoint (e.g. to write a loadable adapter file too);
     sampler: how batches are drawn (default: same-bucket batches weighted by repeats); own_folder: when
     cfg.checkpoint_dir belongs to another run, write to `<dir>_<run id>` (said in the result's warnings) instead of
-    refusing (run_folder.FolderTaken)."""
+    refusing (run_folder.FolderTaken); extra_terms: step terms an adapter's own trainer adds after the loss config's
+    (e.g. flips of the training images)."""
     if not examples:
         raise ValueError("no training examples; the dataset is empty.")
     adapter = adapter_for(spec)
@@ -336,7 +343,7 @@ def train(denoiser: Denoiser, examples: Sequence[Example], loss_cfg: CatLossConf
             opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
             sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(cfg, s))
             scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
-            terms = step_terms(loss_cfg, denoiser)  # after install: hooks see the adapted layers
+            terms = step_terms(loss_cfg, denoiser) + list(extra_terms)  # after install: hooks see the adapted layers
             for term in terms:
                 term.start(examples)
             if state is not None:
@@ -364,6 +371,7 @@ def train(denoiser: Denoiser, examples: Sequence[Example], loss_cfg: CatLossConf
                     x0, c_tok, c_pres, w = _collate(examples, idx, device, data_dtype, pres)
                     t, noise = t.to(device), noise.to(device, data_dtype)
                     for term in terms:
+                        term.see_batch([examples[i] for i in idx])
                         x0 = term.augment(x0, t, gen)
                     frozen = None
                     with torch.autocast(device.type, dtype=amp) if amp else contextlib.nullcontext():
@@ -402,7 +410,8 @@ def train(denoiser: Denoiser, examples: Sequence[Example], loss_cfg: CatLossConf
                     if on_save:
                         on_save(result.steps_done, adapter.weights())
                 if callback:
-                    callback(StepInfo(step + 1, cfg.steps, total, fit, keep, lr, time.perf_counter() - t0, reports))
+                    callback(StepInfo(step + 1, cfg.steps, total, fit, keep, lr, time.perf_counter() - t0,
+                                      {k: r for k, r in reports.items() if r}))  # a term with nothing to show: no entry
         except TrainingDiverged:
             raise
         except BaseException as e:  # cancel (ComfyUI's interrupt, Ctrl-C) or a crash: keep what was learned

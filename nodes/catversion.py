@@ -26,6 +26,7 @@ from .common import CATEGORY, CatVersion, Dataset, image_of, progress_callback
 from .lora_io import name_problem, safe_lora_path
 
 FOLDER = "catversion"
+_CFG, _SPEC = cv.CatVersionConfig(), cv.CatVersionSpec()  # the widgets' defaults are the core's
 
 
 def register_folder() -> str:
@@ -132,6 +133,13 @@ class CatVersionTrainerNode(io.ComfyNode):
                 io.String.Input("class_word", default="", tooltip=help_of(cv.CatVersionConfig, "class_word")),
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=True,
                              tooltip=help_of(cv.CatVersionConfig, "seed")),
+                # appended (optional): graphs saved before them load with the defaults, the published form
+                io.Combo.Input("caption", options=["class", "trigger"], default=_CFG.caption, optional=True,
+                               tooltip=help_of(cv.CatVersionConfig, "caption")),
+                io.Float.Input("flip", default=_CFG.flip, min=0.0, max=1.0, step=0.05, optional=True,
+                               tooltip=help_of(cv.CatVersionConfig, "flip")),
+                io.Float.Input("prefix_bias", default=_SPEC.prefix_bias, min=-10.0, max=10.0, step=0.5, optional=True,
+                               tooltip=help_of(cv.CatVersionSpec, "prefix_bias")),
             ],
             outputs=[io.Clip.Output(display_name="CLIP"), CatVersion.Output(display_name="catversion"),
                      io.Image.Output(display_name="loss_curve"), io.String.Output(display_name="summary")],
@@ -140,13 +148,19 @@ class CatVersionTrainerNode(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, dataset, layers, embeddings_per_layer, steps, learning_rate, batch_size, cat_factor,
-                class_word, seed) -> io.NodeOutput:
+                class_word, seed, caption=None, flip=None, prefix_bias=None) -> io.NodeOutput:
+        caption = caption or _CFG.caption
         word = class_word.strip() or getattr(dataset, "class_word", "")
         if cat_factor > 0 and not word:
             raise ValueError("cat_factor > 0 needs a class word for y (caption with the trigger replaced); set class_word.")
-        spec = cv.CatVersionSpec(layers=layers, length=embeddings_per_layer)
+        if caption == "class" and not word:
+            raise ValueError("CatVersion Trainer > caption 'class' trains on the class word instead of the trigger (as "
+                             "published), but neither class_word nor the dataset's class word is set: set class_word, "
+                             "or caption 'trigger' to train on the captions as they are.")
+        spec = cv.CatVersionSpec(layers=layers, length=embeddings_per_layer,
+                                 prefix_bias=_SPEC.prefix_bias if prefix_bias is None else prefix_bias)
         cfg = cv.CatVersionConfig(steps=steps, lr=learning_rate, batch_size=batch_size, alpha=cat_factor,
-                                  class_word=word, seed=seed)
+                                  class_word=word, seed=seed, caption=caption, flip=_CFG.flip if flip is None else flip)
         applied, weights, image, summary = train_on_clip(model, clip, dataset, spec, cfg, cls.hidden.unique_id)
         return io.NodeOutput(applied, weights, image, summary, ui={"text": [summary]})
 
@@ -184,16 +198,23 @@ class ApplyCatVersionNode(io.ComfyNode):
         return io.Schema(
             node_id="CAT_ApplyCatVersion", display_name="Apply CatVersion", category=CATEGORY,
             description="CLIP + a CatVersion file from models/catversion -> a CLIP that encodes every prompt with the "
-                        "embeddings (the input CLIP is untouched; the UNet is not changed).",
+                        "embeddings, for the positive prompt, and a CLIP for the negative prompt: without the embeddings "
+                        "as the authors' sampler (their unconditional prompt), or with them (embeddings_on_negative). "
+                        "The input CLIP is untouched; the UNet is not changed.",
             inputs=[io.Clip.Input("clip"),
-                    io.Combo.Input("catversion_name", options=folder_paths.get_filename_list(FOLDER) or ["(none in models/catversion)"])],
-            outputs=[io.Clip.Output(display_name="CLIP")],
+                    io.Combo.Input("catversion_name", options=folder_paths.get_filename_list(FOLDER) or ["(none in models/catversion)"]),
+                    io.Boolean.Input("embeddings_on_negative", default=False, optional=True,
+                                     tooltip="off (the authors' sampler): the second output is the input CLIP, so the "
+                                             "negative prompt is encoded without the embeddings; on: the embeddings "
+                                             "on it too (this pack's earlier behaviour).")],
+            outputs=[io.Clip.Output(display_name="CLIP"), io.Clip.Output(display_name="CLIP for negative")],
         )
 
     @classmethod
-    def execute(cls, clip, catversion_name) -> io.NodeOutput:
+    def execute(cls, clip, catversion_name, embeddings_on_negative=False) -> io.NodeOutput:
         embs, _ = load_file(clip, catversion_name)
-        return io.NodeOutput(apply_catversion(clip, embs, catversion_name))
+        applied = apply_catversion(clip, embs, catversion_name)
+        return io.NodeOutput(applied, applied if embeddings_on_negative else clip)
 
 
 NODES = [CatVersionTrainerNode, SaveCatVersionNode, ApplyCatVersionNode]

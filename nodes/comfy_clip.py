@@ -64,7 +64,8 @@ def apply_catversion(clip, embeddings: dict[str, cv.KVEmbeddings], source: str =
         keys, values = emb.keys.detach(), emb.values.detach()
         for j, i in enumerate(emb.layer_indices):
             path, module = attn[i]
-            n.patcher.add_object_patch(f"{name}.{path}.forward", cv.prefixed_forward(module, keys[j], values[j]))
+            n.patcher.add_object_patch(f"{name}.{path}.forward",
+                                       cv.prefixed_forward(module, keys[j], values[j], bias=getattr(emb, "prefix_bias", 0.0)))
     return n
 
 

@@ -46,6 +46,23 @@ class CatDataset:
             out["pooled"] = torch.stack([r[1] for r in rows])
         return out
 
+    def token_positions(self, caption: str, triggers: tuple[str, ...]) -> tuple[int, ...]:
+        """Where the triggers' tokens sit in the caption's context (77-token chunks back to back), by CLIP's own
+        tokenizer (its first, for SDXL's two: they share positions); for APT's align_skip_triggers."""
+        def ids(text):
+            toks = self.clip.tokenize(text)
+            return [[t[0] for t in chunk] for chunk in toks[next(iter(toks))]]
+        end = ids("")[0][1]  # the empty prompt is start, end, padding
+        flat = [t for chunk in ids(caption) for t in chunk]
+        found = set()
+        for trig in triggers:
+            first = ids(trig)[0]
+            inner = first[1:first.index(end, 1)] if end in first[1:] else first[1:]
+            for i in range(len(flat) - len(inner) + 1):
+                if inner and flat[i:i + len(inner)] == inner:
+                    found.update(range(i, i + len(inner)))
+        return tuple(sorted(found))
+
     @property
     def buckets(self) -> dict[tuple[int, int], int]:
         b: dict[tuple[int, int], int] = {}

@@ -4,6 +4,10 @@ import json
 import torch
 
 from cat_train.adapter import LoraSpec, adapter_disabled, adapter_parameters, inject_lora
+import math
+
+import pytest
+
 from cat_train.apt import AptConfig, AptRun, Indicator, augment, metadata
 from cat_train.loss import CatLossConfig
 from cat_train.train import TrainConfig, build_examples, checkpoint_path, train
@@ -32,25 +36,38 @@ def examples(text, n=3, cfg=None):
 def test_stabilization_is_exactly_zero_at_init_and_positive_after_a_step(tiny_denoiser):
     inject_lora(tiny_denoiser.module, LoraSpec(rank=4, preset="full"))
     run = AptRun(tiny_denoiser, AptConfig(stabilize=1.0))
-    assert len(run.taps.stabilized) == 1 + 4  # middle_block and each output block of the tiny UNet
+    assert len(run.taps.stabilized) == 7 and all(n.endswith(".attn1") for n in run.taps.stabilized)  # every self-attention
+    assert len(AptRun(tiny_denoiser, AptConfig.earlier(stabilize=1.0)).taps.stabilized) == 1 + 4  # middle + output blocks
     at_init = run.objective(*batch(), alpha=1.0, weight=None)
     assert at_init.stabilize.item() == 0.0  # LoRA B = 0: adapted features equal the frozen ones bit for bit
     step_lora(tiny_denoiser)
     after = run.objective(*batch(), alpha=1.0, weight=None)
     assert after.stabilize.item() > 1e-6
-    # its value: squared shifts of per-channel spatial mean and variance, adapted vs frozen, same input
     run.close()
-    run = AptRun(tiny_denoiser, AptConfig(stabilize=1.0, stabilize_layers="middle_block"))
     x0, noise, t, c_tok, _ = batch()
     x_t = tiny_denoiser.schedule.add_noise(x0, noise, t)
-    feats = []
-    hook = tiny_denoiser.module.middle_block.register_forward_hook(lambda m, i, o: feats.append(o))
-    with torch.no_grad():
-        tiny_denoiser.predict(x_t, t, c_tok)
-        with adapter_disabled(tiny_denoiser.module):
+
+    def features(module):
+        feats = []
+        hook = module.register_forward_hook(lambda m, i, o: feats.append(o))
+        with torch.no_grad():
             tiny_denoiser.predict(x_t, t, c_tok)
-    hook.remove()
-    a, f = feats
+            with adapter_disabled(tiny_denoiser.module):
+                tiny_denoiser.predict(x_t, t, c_tok)
+        hook.remove()
+        return feats
+
+    # the paper's form (write-ups): plain L2 of the shift of per-channel mean and std of a self-attention's tokens
+    name = "middle_block.1.transformer_blocks.0.attn1"
+    run = AptRun(tiny_denoiser, AptConfig(stabilize=1.0, stabilize_layers=name.replace(".", r"\.")))
+    a, f = features(dict(tiny_denoiser.module.named_modules())[name])
+    manual = (a.mean(1) - f.mean(1)).pow(2).mean() + (a.std(1, unbiased=False) - f.std(1, unbiased=False)).pow(2).mean()
+    got = run.objective(x0, noise, t, c_tok, c_tok, alpha=0.0, weight=None).stabilize
+    assert torch.allclose(got, manual, rtol=1e-5, atol=0), (got, manual)
+    run.close()
+    # the earlier form: block output, mean and variance in units of the frozen variance
+    run = AptRun(tiny_denoiser, AptConfig.earlier(stabilize=1.0, stabilize_layers="middle_block"))
+    a, f = features(tiny_denoiser.module.middle_block)
     va, vf = a.var((2, 3), unbiased=False), f.var((2, 3), unbiased=False)
     manual = ((a.mean((2, 3)) - f.mean((2, 3))).pow(2) / vf).mean() + ((va - vf) / vf).pow(2).mean()
     got = run.objective(x0, noise, t, c_tok, c_tok, alpha=0.0, weight=None).stabilize
@@ -85,12 +102,28 @@ def test_aligned_attention_maps_are_the_frozen_ones_at_init_and_only_regularised
     run = AptRun(tiny_denoiser, AptConfig(align=1.0))
     assert run.objective(x0, noise, t, c_tok, c_pres, alpha=1.0, weight=None).align.item() == 0.0
     step_lora(tiny_denoiser, scale=0.3)
-    assert run.objective(x0, noise, t, c_tok, c_pres, alpha=1.0, weight=None).align.item() > 1e-8
+    moved = run.objective(x0, noise, t, c_tok, c_pres, alpha=1.0, weight=None)
+    assert moved.align.item() > 1e-8
+    run.close()
+    # align_skip_triggers: the trigger's key columns leave the MSE; the rest is averaged as before
+    run = AptRun(tiny_denoiser, AptConfig(align=1.0, align_skip_triggers=True))
+    run.see_batch([type("E", (), {"trigger_tokens": (1,)})(), type("E", (), {"trigger_tokens": (2, 4)})()])
+    skipped = run.objective(x0, noise, t, c_tok, c_pres, alpha=1.0, weight=None).align
+    with torch.no_grad(), adapter_disabled(tiny_denoiser.module), run.taps.recording("frozen"):
+        tiny_denoiser.predict(x_t, t, c_tok)
+    with torch.no_grad(), run.taps.recording("adapted"):
+        tiny_denoiser.predict(x_t, t, c_tok)
+    manual = []
+    for n in run.taps.aligned:
+        d = (run.taps.probs["adapted"][n] - run.taps.probs["frozen"][n]).pow(2)
+        manual.append(torch.cat([d[0][..., [0, 2, 3, 4, 5]].flatten(), d[1][..., [0, 1, 3, 5]].flatten()]).mean())
+    assert torch.allclose(skipped, torch.stack(manual).mean(), rtol=1e-5), (skipped, manual)
+    assert not torch.allclose(skipped, moved.align, rtol=1e-3)
     run.close()
 
 
 def test_a_bin_whose_indicator_rises_gets_a_lower_weight_and_stronger_augmentation():
-    cfg = AptConfig(adaptive=1.0, bins=10, ema=0.5, min_weight=0.1, max_augment=0.8)
+    cfg = AptConfig(adaptive=1.0, bins=10, ema=0.5, min_weight=0.1, max_augment=0.8, form="relative")
     ind = Indicator(cfg, 1000)
     bins = torch.arange(10)
     assert ind.fit_weight(bins).eq(1).all() and ind.augment_prob(bins).eq(0).all()
@@ -112,6 +145,36 @@ def test_a_bin_whose_indicator_rises_gets_a_lower_weight_and_stronger_augmentati
     assert off.fit_weight(bins).eq(1).all() and off.augment_prob(bins).eq(0).all()  # adaptive = 0: no effect
 
 
+def test_paper_indicator_matches_a_hand_computation_of_the_formula():
+    """gamma_b = 1 - exp(-T (EMA_b[L_pre] - EMA_b[L_ft])), each EMA with new-value weight 0.1 started from its first value;
+    augmentation min(gamma_b, p_max), fit weight 1 - gamma_b."""
+    T = 1000
+    ind = Indicator(AptConfig(adaptive=1.0, max_augment=0.8), T)  # the defaults: form paper, 10 bins, ema 0.9
+    losses = [(0.100, 0.100), (0.104, 0.098), (0.096, 0.094), (0.110, 0.101)]  # (L_pre, L_ft) of samples in bin 7
+    for lp, lf in losses:
+        ind.update(torch.tensor([750]) * 10 // T, torch.tensor([lp], dtype=torch.float64), torch.tensor([lf], dtype=torch.float64))
+    # by hand: EMA[L_pre] 0.1 -> 0.9*0.1 + 0.1*0.104 = 0.1004 -> 0.09036 + 0.0096 = 0.09996 -> 0.089964 + 0.011 = 0.100964
+    #          EMA[L_ft]  0.1 -> 0.09 + 0.0098 = 0.0998 -> 0.08982 + 0.0094 = 0.09922 -> 0.089298 + 0.0101 = 0.099398
+    #          gamma = 1 - exp(-1000 * 0.001566) = 1 - exp(-1.566)
+    gamma = 1 - math.exp(-1.566)
+    assert ind.pre[7].item() == pytest.approx(0.100964, abs=1e-12) and ind.ft[7].item() == pytest.approx(0.099398, abs=1e-12)
+    bins = torch.arange(10)
+    assert ind.value[7].item() == pytest.approx(gamma, abs=1e-12)
+    assert ind.fit_weight(bins)[7].item() == pytest.approx(1 - gamma, abs=1e-12)
+    assert ind.augment_prob(bins)[7].item() == pytest.approx(gamma, abs=1e-12) and 0.79 < gamma < 0.8  # below p_max
+    ind.update(torch.tensor([7]), torch.tensor([0.2]), torch.tensor([0.1]))  # a large gap: p_max caps the probability
+    assert ind.augment_prob(bins)[7].item() == 0.8 and ind.fit_weight(bins)[7].item() < 1e-3
+    assert ind.value[:7].eq(0).all() and ind.fit_weight(bins)[0].item() == 1.0  # untouched bins
+    # the scale the relative form lacks: an absolute gap of 0.003 gives 1 - e^-3 = 0.95
+    one = Indicator(AptConfig(adaptive=1.0), T)
+    one.update(torch.tensor([0]), torch.tensor([0.2], dtype=torch.float64), torch.tensor([0.197], dtype=torch.float64))
+    assert one.value[0].item() == pytest.approx(1 - math.exp(-3), abs=1e-9)
+    one.update(torch.tensor([1]), torch.tensor([0.1]), torch.tensor([0.2]))  # fine-tuned worse: 0, not negative
+    assert one.value[1].item() == 0.0 and one.fit_weight(torch.tensor([1])).item() == 1.0
+    with pytest.raises(ValueError, match="form 'paper', this run 'relative'"):
+        Indicator(AptConfig.earlier(adaptive=1.0), T).load_state_dict(one.state_dict())
+
+
 def test_augmentation_follows_its_probability_and_draws_the_same_amount_either_way():
     x = torch.randn(6, 4, 16, 16)
     cfg = AptConfig(adaptive=1.0, augment_ops=("flip", "zoom", "rotate", "shift", "color"))
@@ -121,8 +184,15 @@ def test_augmentation_follows_its_probability_and_draws_the_same_amount_either_w
     assert torch.equal(out[3:], x[3:]) and all(not torch.allclose(out[i], x[i], atol=1e-3) for i in range(3))
     assert torch.equal(g0.get_state(), g1.get_state())
     flat = torch.full((2, 3, 8, 8), 0.3)
-    zoomed = augment(flat, torch.ones(2, dtype=torch.float64), AptConfig(adaptive=1.0), torch.Generator().manual_seed(1))
-    assert torch.allclose(zoomed, flat, atol=1e-6)  # zoom-out/rotation pad by reflection: no foreign border value
+    zoomed = augment(flat, torch.ones(2, dtype=torch.float64), AptConfig.earlier(adaptive=1.0), torch.Generator().manual_seed(1))
+    assert torch.allclose(zoomed, flat, atol=1e-6)  # earlier: zoom-out/rotation pad by reflection, no foreign border value
+    # the paper's: zoom-out 1-3x onto black (-1 in an image space; the world's latent is one)
+    img = torch.full((400, 3, 32, 32), 0.3)
+    cfg = AptConfig(adaptive=1.0, augment_ops=("zoom",))
+    out = augment(img, torch.ones(400, dtype=torch.float64), cfg, torch.Generator().manual_seed(2), (lambda z: z, lambda z: z))
+    content = (out > 0).double().mean((1, 2, 3))  # area of the subject = 1 / f^2, f uniform in [1, 3]
+    assert out.min().item() == pytest.approx(-1.0, abs=1e-6) and content.min().item() > 1 / 9 - 0.03
+    assert content.max().item() > 0.9 and content.mean().item() == pytest.approx(1 / 3, abs=0.03)  # E[1/f^2] = 1/3
 
 
 def test_apt_with_cat_uses_one_frozen_and_one_adapted_forward(tiny_denoiser):
@@ -160,6 +230,7 @@ def test_resume_with_apt_is_bit_exact_and_keeps_the_indicator(tiny_denoiser, tex
     assert infos[-1].reports["apt"]["indicator"] == full.history[-1]["indicator"] and len(infos[-1].reports["apt"]["fit_weight"]) == apt.bins
     state = torch.load(checkpoint_path(tmp_path / "a", 4), weights_only=True)
     assert state["apt"]["count"].sum().item() == 4 * 2  # every sample of the first 4 steps updated its bin
+    assert state["apt"]["form"] == "paper" and state["apt"]["pre"].gt(0).sum() == state["apt"]["count"].gt(0).sum()
     assert not tiny_denoiser.module.middle_block._forward_hooks  # hooks removed with the adapter
 
 

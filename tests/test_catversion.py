@@ -135,7 +135,7 @@ def _items():
 def test_training_moves_only_the_embeddings_and_is_seeded(base):
     den, text = base
     fp_unet, fp_text = module_fingerprint(den.module), module_fingerprint(text)
-    spec, cfg = cv.CatVersionSpec(layers=2), cv.CatVersionConfig(steps=12, lr=1e-2, batch_size=2, seed=3)
+    spec, cfg = cv.CatVersionSpec(layers=2), cv.CatVersionConfig(steps=12, lr=1e-2, batch_size=2, class_word="circle", seed=3)
     init = cv.new_embeddings(text, spec, generator=torch.Generator().manual_seed(3))
     r1 = cv.train_catversion(den, {"text": text}, text.encode, _items(), spec, cfg)
     r2 = cv.train_catversion(den, {"text": text}, text.encode, _items(), spec, cfg)
@@ -172,7 +172,8 @@ def test_file_round_trip_and_metadata(base, tmp_path):
     loaded, m = cv.load_catversion(path, expect={"text": cv.encoder_info(text)})
     e = loaded["text"]
     assert torch.equal(e.keys, emb.keys) and torch.equal(e.values, emb.values) and e.layer_indices == (1,)
-    assert json.loads(m["catversion_encoders"])["text"] == {"hidden": 64, "heads": 4, "layers": 2, "indices": [1], "length": 2}
+    assert json.loads(m["catversion_encoders"])["text"] == {"hidden": 64, "heads": 4, "layers": 2, "indices": [1], "length": 2,
+                                                        "prefix_bias": 0.0}
     assert m["catversion_steps"] == "7" and json.loads(m["catversion_triggers"]) == ["sks"]
     with torch.no_grad():
         with cv.installed(text, emb):
@@ -284,7 +285,7 @@ def test_a_lora_checkpoint_is_refused_by_name(base, tiny_denoiser, text, tmp_pat
     den, world_text = base
     with pytest.raises(ValueError, match=r"cat-step000001\.pt was written by a lora run, this run trains catversion"):
         cv.train_catversion(den, {"text": world_text}, world_text.encode, _items(), cv.CatVersionSpec(layers=1),
-                            cv.CatVersionConfig(steps=2), resume=checkpoint_path(tmp_path, 1))
+                            cv.CatVersionConfig(steps=2, class_word="circle"), resume=checkpoint_path(tmp_path, 1))
     _assert_left_as_found(den, world_text)
 
 
@@ -338,3 +339,50 @@ def test_out_of_memory_names_the_knobs_and_keeps_a_checkpoint(base, tmp_path):
         den.predict = predict
     assert checkpoint_path(tmp_path, 2).exists()
     _assert_left_as_found(den, text)
+
+
+def test_published_defaults_class_captions_flips_and_the_optional_prefix_logit(base):
+    den, text = base
+    seen = []
+
+    def encode(ps):
+        seen.extend(ps)
+        return text.encode(ps)
+    cfg = cv.CatVersionConfig(steps=3, batch_size=2, class_word="circle", seed=0)
+    assert (cfg.caption, cfg.flip) == ("class", 0.5)
+    cv.train_catversion(den, {"text": text}, encode, _items(), cv.CatVersionSpec(layers=1), cfg)
+    assert seen and not any("sks" in p for p in seen) and "a circle on a grey background" in seen  # no placeholder
+    seen.clear()
+    cv.train_catversion(den, {"text": text}, encode, _items(), cv.CatVersionSpec(layers=1),
+                        cv.CatVersionConfig(steps=1, caption="trigger", flip=0.0, seed=0))  # earlier: the trigger, no class word needed
+    assert any("sks" in p for p in seen)
+    with pytest.raises(ValueError, match="no class word is set"):
+        cv.train_catversion(den, {"text": text}, encode, _items(), cv.CatVersionSpec(layers=1), cv.CatVersionConfig(steps=1))
+    # flips: the rows whose draw falls under p are mirrored in the image space, the others untouched
+    den.augment_space = (lambda z: torch.nn.functional.pixel_shuffle(z, 2), lambda x: torch.nn.functional.pixel_unshuffle(x, 2))
+    try:
+        flip = cv.Flip(den, 0.5)
+        x0 = torch.stack([it[0] for it in _items()])
+        draws = torch.rand(5, generator=torch.Generator().manual_seed(4)) < 0.5
+        out = flip.augment(x0, torch.zeros(5), torch.Generator().manual_seed(4))
+    finally:
+        del den.augment_space
+    assert 0 < draws.sum() < 5
+    for i in range(5):
+        img, got = wm.decode(x0[i:i + 1]), wm.decode(out[i:i + 1])
+        assert torch.equal(got, img.flip(-1) if draws[i] else img)
+    # +1 on the prefix logit (the authors' code): softmax over [q.pk / sqrt(d) + 1, q.k / sqrt(d)]
+    attn = cv.find_self_attention(text)[0][1]
+    pk, pv = torch.randn(1, 64), torch.randn(1, 64)
+    x = torch.randn(1, 3, 64)
+    fwd = cv.prefixed_forward(attn, pk, pv, bias=1.0)
+    got = fwd(x, x, x, need_weights=False)[0]
+    q, k, v = torch.nn.functional.linear(x, attn.in_proj_weight, attn.in_proj_bias).chunk(3, -1)
+    k, v = torch.cat([pk[None], k], 1), torch.cat([pv[None], v], 1)
+    h, d = attn.num_heads, 64 // attn.num_heads
+    qh, kh, vh = (t.view(1, -1, h, d).transpose(1, 2) for t in (q, k, v))
+    logits = qh @ kh.transpose(-1, -2) / d ** 0.5
+    logits[..., 0] += 1
+    manual = attn.out_proj((logits.softmax(-1) @ vh).transpose(1, 2).reshape(1, 3, 64))
+    assert torch.allclose(got, manual, atol=1e-5)
+    assert not torch.allclose(cv.prefixed_forward(attn, pk, pv)(x, x, x, need_weights=False)[0], manual, atol=1e-3)

@@ -53,3 +53,23 @@ def test_cat_methods_name_their_preservation_prompt():
     assert len(ex) == 5 * len(bench_kps.wg.SHAPES)  # every identity image once per class
     grey = [e.cond_pres["context"].item() for e in ex if e.cond_token["context"].item() == len("a sks circle on a grey background")]
     assert sorted(set(grey)) == sorted({float(len(f"a {s} on a grey background")) for s in bench_kps.wg.SHAPES})
+
+
+def test_reachable_task_scores_its_identity_by_colour_and_place():
+    """The reachable identity (a small yellow circle in the corner): its own training images score 1, the same circle
+    elsewhere or in another colour 0; world-CLIP reads its colour; the CLI takes --task."""
+    import pytest
+
+    from cat_train.world import generator as wg
+    from cat_train.world.clip import load_clip
+
+    imgs = bench_kps.task_images("reachable")
+    colours = load_clip().attributes(imgs)[1]
+    assert colours == ["yellow"] * 5 and bench_kps.is_identity("reachable", imgs, colours) == [True] * 5
+    moved = [wg.Scene("circle", "yellow", "grey", 20.0, 20.0, 7.0), wg.Scene("circle", "yellow", "grey", 11.5, 9.0, 7.0)]
+    arr = torch.from_numpy(wg.to_tensor_array(np.stack([wg.draw(s) for s in moved])))
+    assert bench_kps.is_identity("reachable", arr, ["yellow", "yellow"]) == [False, True]  # 2.5 px off still counts
+    assert bench_kps.is_identity("reachable", imgs[:1], ["red"]) == [False]
+    assert bench_kps.identity_items("reachable")[0][1] == "a sks circle on a grey background"  # same captions as novel
+    with pytest.raises(SystemExit):
+        bench_kps.main(["kps", "--task", "familiar"])

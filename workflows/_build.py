@@ -116,16 +116,18 @@ def leak_loop() -> dict:
 
 
 def catversion_sd15() -> dict:
-    """CatVersion: train K/V embeddings on the checkpoint's CLIP, save them, then the same prompt and seeds encoded
-    by the CLIP with and without the embeddings (same UNet), scored by the KPS Evaluator."""
+    """CatVersion as published: train K/V embeddings on the checkpoint's CLIP with class-word captions and flips, save
+    them, then the same class prompt and seeds encoded by the CLIP with and without the embeddings (same UNet), the
+    negative prompt always without them (the authors' sampler), scored by the KPS Evaluator."""
     g = base("v1-5-pruned-emaonly.safetensors", 512)
     g["10"] = n("CAT_CatVersionTrainer", model=["1", 0], clip=["1", 1], dataset=["2", 0], layers=3, embeddings_per_layer=1,
-                steps=1000, learning_rate=1e-2, batch_size=2, cat_factor=0.0, class_word="dog", seed=0)
+                steps=1000, learning_rate=1e-2, batch_size=2, cat_factor=0.0, class_word="dog", seed=0,
+                caption="class", flip=0.5, prefix_bias=0.0)
     g["11"] = n("CAT_SaveCatVersion", catversion=["10", 1], name="catversion_sks_dog")
     g["12"] = n("SaveImage", images=["10", 2], filename_prefix="catversion/loss")
     for k, clip in ((13, ["10", 0]), (14, ["1", 1])):  # with the embeddings / the checkpoint's own CLIP
-        g[str(k)] = n("CLIPTextEncode", text=POS, clip=clip)
-        g[str(k + 2)] = n("CLIPTextEncode", text="blurry, low quality", clip=clip)
+        g[str(k)] = n("CLIPTextEncode", text=PLAIN, clip=clip)  # trained on class captions: the class prompt asks for it
+        g[str(k + 2)] = n("CLIPTextEncode", text="blurry, low quality", clip=["1", 1])
     g["17"] = n("EmptyLatentImage", width=512, height=512, batch_size=4)
     for k, (p, q) in ((18, (13, 15)), (19, (14, 16))):
         g[str(k)] = n("KSampler", model=["1", 0], seed=42, steps=25, cfg=7.0, sampler_name="euler", scheduler="normal",
@@ -134,7 +136,7 @@ def catversion_sd15() -> dict:
         g[str(k + 4)] = n("SaveImage", images=[str(k + 2), 0],
                           filename_prefix="catversion/" + ("with_embeddings" if k == 18 else "without_embeddings"))
     g["24"] = n("CAT_KPSEvaluator", images_with_trigger=["20", 0], images_without_trigger=["21", 0],
-                reference_images=["2", DATASET_IMAGES], prompts=POS,
+                reference_images=["2", DATASET_IMAGES], prompts=PLAIN,
                 clip_checkpoint="open_clip_vit_b32.safetensors", open_clip_model="ViT-B-32")
     g["25"] = n("SaveImage", images=["24", 4], filename_prefix="catversion/scores")
     for k, src in ((26, ["10", 3]), (27, ["11", 0]), (28, ["24", 3])):
@@ -199,7 +201,7 @@ SIZES = {
 TRAINER_WIDGETS_H = 610  # computeSize height of the trainer: inputs, outputs and 19 widgets
 LIVE_VIEW_H = 150  # web/cat_live_view.js PLOT_H: reserved under the widgets so the chart covers nothing
 SIZES["CAT_LoraTrainer"] = (380, TRAINER_WIDGETS_H + LIVE_VIEW_H + 10)
-CATVERSION_WIDGETS_H = 310  # computeSize height of the CatVersion trainer (8 widgets and the seed control)
+CATVERSION_WIDGETS_H = 390  # computeSize height of the CatVersion trainer (11 widgets and the seed control)
 SIZES["CAT_CatVersionTrainer"] = (380, CATVERSION_WIDGETS_H + LIVE_VIEW_H + 10)  # it draws the live chart too
 TITLE_H, GAP, PAD, GROUP_TITLE = 30, 30, 20, 50
 # The view a workflow opens at (the editor restores extra.ds): the Note and the data group at the top left, at a
@@ -228,7 +230,10 @@ def note_text(api: dict) -> str:
         same.append(f"the same class word in {how_many('CAT_LossConfig', 'CAT Loss Config')}")
     if "CAT_CatVersionTrainer" in types:
         same.append("the same class word in CatVersion Trainer > class_word")
-    if "CLIPTextEncode" in types:
+    class_captions = any(v["class_type"] == "CAT_CatVersionTrainer" and v["inputs"].get("caption") == "class" for v in api.values())
+    if "CLIPTextEncode" in types and class_captions:  # CatVersion as published trains on the class word alone
+        same.append("the class word alone, no trigger, in the sampling prompts")
+    elif "CLIPTextEncode" in types:
         same.append("the same trigger in the sampling prompts" + (" (the KPS Evaluator's prompts too)" if "CAT_KPSEvaluator" in types else ""))
     if same:
         data += " Use " + " and ".join(same) + "."
@@ -250,7 +255,9 @@ def note_text(api: dict) -> str:
         text += " cat_factor 0 is plain LoRA."
     if "CAT_CatVersionTrainer" in types:
         text += ("\n\nCatVersion Trainer learns the subject as K/V embeddings in CLIP (UNet and CLIP stay frozen) and "
-                 "draws its loss curve; cat_factor 0 is CatVersion as published.")
+                 "draws its loss curve; cat_factor 0 is CatVersion as published. CatVersion Trainer > caption 'class' trains on "
+                 "the class word instead of the trigger (as published), so the class prompt with the embeddings draws the "
+                 "subject; the negative prompt is encoded without them, as the authors' sampler.")
     return text
 
 

@@ -8,16 +8,24 @@ identity, half prior, so its compute per step is about CAT's). APT (arXiv 2507.0
 `apt` (all three parts, alpha 0), `cat<alpha>+apt`, and one part alone: `apt:ada` (adaptive timestep-bin
 weighting and augmentation), `apt:rs` (representation stabilization), `apt:aa` (attention alignment).
 
+Two tasks (`--task`): `novel` (default), an identity the base model never drew (a cyan/magenta striped circle with
+a white dot); `reachable`, one the base model does draw but no prompt asks for (a small yellow circle in the
+top-left corner: colour, shape, smallest size and a corner position of the training distribution; captions
+never name size or position). The trigger, class word and captions are the same in both.
+
 Per method and seed, fixed noise gives paired images: with the trigger ("a sks circle on a grey
 background"), without it ("a circle on a grey background") and other classes ("a red square ...").
     PS, IS, KPS      the paper's scores with world-CLIP (KPS: adapted model, without vs with trigger)
-    identity         share of trigger images the world-CLIP calls 'striped' (was the identity learned?)
-    leak             share of tokenless circles it calls 'striped' (the identity leaking into the class)
+    identity         share of trigger images drawn as the identity (novel: world-CLIP calls it 'striped';
+                     reachable: it calls it yellow and the foreground's centre is within 4 px of the corner's)
+    leak             share of tokenless circles drawn as the identity (the identity leaking into the class)
     drift, drift_other  mean of 1 - S_C(base image, adapted image), same noise, over the tokenless class
                      prompts / the other classes (0 = untouched). An arithmetic mean: one image that
                      changed completely must not decide the score, as it would in a harmonic mean.
     class/colour acc world-CLIP attribute heads on tokenless generations (did a circle stay a circle?)
     colour div       entropy of predicted colours of colour-free "a circle ..." prompts / ln 5 (mode collapse -> 0)
+    <colour> <shape> per other class: share drawn with the prompted shape and colour (a collapsed neighbour shows here,
+                     not in the mean)
 """
 from __future__ import annotations
 
@@ -49,6 +57,8 @@ NOTE = ("Controlled small world (procedural 32 px shapes, a 1.7M-parameter base 
         "NOT Stable Diffusion: the numbers compare methods on this world only.")
 CLASS = wg.IDENTITY_CLASS
 OTHERS = [("red", "square"), ("blue", "triangle"), ("yellow", "star"), ("green", "cross"), ("purple", "circle")]
+TASKS = ("novel", "reachable")
+NEAR = 4.0  # px: the reachable identity's foreground centre must be this close to the corner's
 
 
 @dataclass
@@ -78,6 +88,7 @@ class BenchConfig:
     auto_every: int = 50
     auto_top_k: int = 4
     auto_threshold: float = 0.01
+    task: str = "novel"
 
 
 QUICK = dict(seeds=(0,), per_prompt=2, sample_steps=15, prior_images=6)  # same training as the full run, one seed
@@ -94,8 +105,10 @@ def cat_method(m: str) -> tuple[float, str]:
     return float(alpha), mode or "class"
 
 
-APT_PARTS = {"": ("adaptive", "stabilize", "align"), "ada": ("adaptive",), "rs": ("stabilize",), "aa": ("align",)}
-APT_NAMES = {"": "APT", "ada": "APT adaptive only", "rs": "APT stabilization only", "aa": "APT attention only"}
+ALL3 = ("adaptive", "stabilize", "align")
+APT_PARTS = {"": ALL3, "ada": ("adaptive",), "rs": ("stabilize",), "aa": ("align",), "skip": ALL3, "earlier": ALL3}
+APT_NAMES = {"": "APT", "ada": "APT adaptive only", "rs": "APT stabilization only", "aa": "APT attention only",
+             "skip": "APT, triggers not aligned", "earlier": "APT (earlier choices)"}
 
 
 def apt_method(m: str) -> tuple[str, str | None]:
@@ -114,9 +127,9 @@ def apt_config(part: str, c: BenchConfig) -> AptConfig:
     if part not in APT_PARTS:
         raise ValueError(f"unknown APT part {part!r}; choose from apt, apt:ada, apt:rs, apt:aa")
     on = APT_PARTS[part]
-    return AptConfig(adaptive=c.apt_adaptive if "adaptive" in on else 0.0,
-                     stabilize=c.apt_stabilize if "stabilize" in on else 0.0,
-                     align=c.apt_align if "align" in on else 0.0)
+    weights = dict(adaptive=c.apt_adaptive if "adaptive" in on else 0.0, stabilize=c.apt_stabilize if "stabilize" in on else 0.0,
+                   align=c.apt_align if "align" in on else 0.0, align_skip_triggers=part == "skip")
+    return AptConfig.earlier(**weights) if part == "earlier" else AptConfig(**weights)
 
 
 def label(m: str) -> str:
@@ -158,9 +171,10 @@ class World:
     def encode_text(self, ps: list[str]) -> dict:
         return {k: v.detach() for k, v in self.text.encode(ps).items()}
 
-    def generate(self, ps: list[str], noise: torch.Tensor, c: BenchConfig) -> torch.Tensor:
-        z = sample(self.den, self.encode_text(ps), self.encode_text([""]), tuple(noise.shape), steps=c.sample_steps,
-                   cfg=c.cfg, noise=noise, clip_x0=1.0)
+    def generate(self, ps: list[str], noise: torch.Tensor, c: BenchConfig, uncond: dict | None = None) -> torch.Tensor:
+        """uncond: the unconditional branch's conditioning, when it is not "" as the encoder encodes it now."""
+        z = sample(self.den, self.encode_text(ps), self.encode_text([""]) if uncond is None else uncond,
+                   tuple(noise.shape), steps=c.sample_steps, cfg=c.cfg, noise=noise, clip_x0=1.0)
         return wm.decode(z)
 
 
@@ -168,10 +182,39 @@ def _noise(n: int, seed: int) -> torch.Tensor:
     return torch.randn((n, *wm.LATENT_SHAPE), generator=torch.Generator().manual_seed(10_000 + seed))
 
 
-def identity_items() -> list[tuple]:
-    imgs = torch.from_numpy(wg.to_tensor_array(np.stack([wg.draw(s) for s in wg.identity_scenes()])))
+def task_scenes(task: str = "novel") -> list[wg.Scene]:
+    if task not in TASKS:
+        raise ValueError(f"unknown bench task {task!r}; choose from {', '.join(TASKS)}.")
+    return wg.identity_scenes() if task == "novel" else wg.reachable_scenes()
+
+
+def task_images(task: str = "novel") -> torch.Tensor:
+    return torch.from_numpy(wg.to_tensor_array(np.stack([wg.draw(s) for s in task_scenes(task)])))
+
+
+def identity_items(task: str = "novel") -> list[tuple]:
     return [(wm.encode(im[None])[0], f"a {wg.TRIGGER} {CLASS} on a {s.background} background", (wg.TRIGGER,))
-            for im, s in zip(imgs, wg.identity_scenes())]
+            for im, s in zip(task_images(task), task_scenes(task))]
+
+
+def identity_parts(task: str, imgs: torch.Tensor, colours: list[str]) -> tuple[list[bool], list[bool]]:
+    """Per image: (has the identity's colour/pattern, sits where the identity sits). Novel: the stripes, anywhere."""
+    if task == "novel":
+        return [c == "striped" for c in colours], [True] * len(colours)
+    arr = ((imgs.permute(0, 2, 3, 1).numpy() + 1) * 127.5).clip(0, 255).astype(np.uint8)
+    centres = [wg.foreground_centre(a) for a in arr]
+    return ([c == wg.REACHABLE["colour"] for c in colours],
+            [math.hypot(x - wg.REACHABLE["cx"], y - wg.REACHABLE["cy"]) <= NEAR for x, y in centres])
+
+
+def is_identity(task: str, imgs: torch.Tensor, colours: list[str]) -> list[bool]:
+    """Per image: drawn as the task's identity (see the module docstring)."""
+    return [a and b for a, b in zip(*identity_parts(task, imgs, colours))]
+
+
+def trigger_positions(caption: str, triggers: tuple[str, ...]) -> tuple[int, ...]:
+    """The world's tokenizer gives each word one token: the trigger's positions are its words' (align_skip_triggers)."""
+    return tuple(i for i, w in enumerate(caption.lower().split()) if w in triggers)
 
 
 def examples_for(method: str, world: World, c: BenchConfig, seed: int) -> tuple[list[Example], CatLossConfig, int]:
@@ -179,20 +222,20 @@ def examples_for(method: str, world: World, c: BenchConfig, seed: int) -> tuple[
     if part is not None:  # the base method's examples and loss, with APT's parts switched on
         ex, lc, bs = examples_for(base, world, c, seed)
         return ex, replace(lc, apt=apt_config(part, c)), bs
-    items = identity_items()
+    items = identity_items(c.task)
     if method == "lora":
         lc = CatLossConfig(alpha=0.0, preservation="class", class_word=CLASS)  # y unused at alpha 0
-        return build_examples(items, world.encode_text, lc), lc, 1
+        return build_examples(items, world.encode_text, lc, token_positions=trigger_positions), lc, 1
     if method.startswith("cat"):
         alpha, mode = cat_method(method)
         lc = CatLossConfig(alpha=alpha, preservation="class" if mode in ("all", "auto") else mode, class_word=CLASS,
                            auto=auto_config(c) if mode == "auto" else AutoPreservationConfig())
-        ex = build_examples(items, world.encode_text, lc)
+        ex = build_examples(items, world.encode_text, lc, token_positions=trigger_positions)
         if mode == "all":  # each image once per world class as y: the CAT term keeps every class prompt, not only "a circle"
             ys = {(s, sc.background): world.encode_text([f"a {s} on a {sc.background} background"])
-                  for sc in wg.identity_scenes() for s in wg.SHAPES}
+                  for sc in task_scenes(c.task) for s in wg.SHAPES}
             ex = [replace(e, cond_pres={k: v[0] for k, v in ys[s, sc.background].items()})
-                  for e, sc in zip(ex, wg.identity_scenes()) for s in wg.SHAPES]
+                  for e, sc in zip(ex, task_scenes(c.task)) for s in wg.SHAPES]
         return ex, lc, 1
     if method == "prior":
         lc = CatLossConfig(alpha=0.0, preservation="class", class_word=CLASS)  # y unused at alpha 0
@@ -202,7 +245,7 @@ def examples_for(method: str, world: World, c: BenchConfig, seed: int) -> tuple[
         n_id, n_reg = len(items), len(reg_prompts)
         # repeats balance the draw: identity and prior are each picked half the time
         rows = [(*it, n_reg) for it in items] + [(wm.encode(r[None])[0], p, (), n_id) for r, p in zip(reg, reg_prompts)]
-        return build_examples(rows, world.encode_text, lc), lc, 2
+        return build_examples(rows, world.encode_text, lc, token_positions=trigger_positions), lc, 2
     raise ValueError(f"unknown method {method!r}; choose from lora, cat<alpha>[:class|strip|empty|all] (e.g. cat1, cat1:all), prior.")
 
 
@@ -213,22 +256,27 @@ def auto_config(c: BenchConfig) -> AutoPreservationConfig:
                                   top_k=c.auto_top_k, threshold=c.auto_threshold)
 
 
-def subject_scores(world: World, imgs: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) -> dict:
+def subject_scores(world: World, imgs: dict[str, torch.Tensor], base: dict[str, torch.Tensor], task: str = "novel") -> dict:
     """IS, KPS, drift, leak and identity: the scores that need only the images with ("token") and without
     ("notoken") the trigger, so a saved step can be scored without drawing the other classes."""
     clip = world.clip
     tok, notok = clip.encode_image(imgs["token"]), clip.encode_image(imgs["notoken"])
-    ref = clip.encode_image(torch.from_numpy(wg.to_tensor_array(np.stack([wg.draw(s) for s in wg.identity_scenes()]))))
+    ref = clip.encode_image(task_images(task))
     col_n = clip.attributes(imgs["notoken"])[1]
-    return {"IS": metrics.identity_similarity(ref, tok).value, "KPS": metrics.kps(notok, tok).value,
-            "drift": float((1 - metrics.cosine(clip.encode_image(base["notoken"]), notok)).mean()),
-            "leak": col_n.count("striped") / len(col_n),
-            "identity": clip.attributes(imgs["token"])[1].count("striped") / len(imgs["token"])}
+    colour_ok, place_ok = identity_parts(task, imgs["token"], clip.attributes(imgs["token"])[1])
+    out = {"IS": metrics.identity_similarity(ref, tok).value, "KPS": metrics.kps(notok, tok).value,
+           "drift": float((1 - metrics.cosine(clip.encode_image(base["notoken"]), notok)).mean()),
+           "leak": float(np.mean(is_identity(task, imgs["notoken"], col_n))),
+           "identity": float(np.mean([a and b for a, b in zip(colour_ok, place_ok)]))}
+    if task == "reachable":  # which half of the identity a method reaches: the colour a prompt can ask for, or the place
+        out["id_colour"], out["id_place"] = float(np.mean(colour_ok)), float(np.mean(place_ok))
+    return out
 
 
-def evaluate(world: World, imgs: dict[str, torch.Tensor], base: dict[str, torch.Tensor], ps: dict[str, list[str]]) -> dict:
+def evaluate(world: World, imgs: dict[str, torch.Tensor], base: dict[str, torch.Tensor], ps: dict[str, list[str]],
+             task: str = "novel") -> dict:
     clip = world.clip
-    subject = subject_scores(world, imgs, base)
+    subject = subject_scores(world, imgs, base, task)
     out = {
         "PS": metrics.prompt_similarity(clip.encode_text(ps["token"]), clip.encode_image(imgs["token"])).value,
         "IS": subject["IS"],
@@ -244,7 +292,10 @@ def evaluate(world: World, imgs: dict[str, torch.Tensor], base: dict[str, torch.
     counts = np.array([col_n.count(k) for k in wg.COLOURS], dtype=float)
     p = counts[counts > 0] / max(1.0, counts.sum())
     out["colour_div"] = max(0.0, float(-(p * np.log(p)).sum() / math.log(len(wg.COLOURS)))) if counts.sum() else 0.0
-    out["leak"], out["identity"] = subject["leak"], subject["identity"]
+    out.update({k: subject[k] for k in ("leak", "identity", "id_colour", "id_place") if k in subject})
+    for (colour, shape), col in zip(OTHERS, OTHER_COLUMNS):
+        hits = [s == shape and cc == colour for s, cc, w in zip(shp_o, col_o, want) if w == [colour, shape]]
+        out[col] = float(np.mean(hits))
     return out
 
 
@@ -279,13 +330,13 @@ def run(c: BenchConfig, log=print, world: World | None = None, watch: Callable[.
     for seed in c.seeds:
         noise = {k: _noise(len(v), seed * 7 + i) for i, (k, v) in enumerate(ps.items())}
         base = {k: world.generate(ps[k], noise[k], c) for k in ps}
-        results["base"].append(evaluate(world, base, base, ps))
+        results["base"].append(evaluate(world, base, base, ps, c.task))
         if seed == c.seeds[0]:
             grid["base"] = base
         for m in c.methods:
             t1, train_seconds = time.time(), None
             if m.startswith("catversion"):  # K/V embeddings in the text encoder, no LoRA: world/catversion_bench.py
-                imgs, tr = run_catversion(world, m, c, seed, ps, noise, identity_items(), CLASS)
+                imgs, tr = run_catversion(world, m, c, seed, ps, noise, identity_items(c.task), CLASS)
             else:
                 ex, lc, bs = examples_for(m, world, c, seed)
                 hooks = dict(watch(world, m, seed, ex, noise, base)) if watch else {}
@@ -303,12 +354,15 @@ def run(c: BenchConfig, log=print, world: World | None = None, watch: Callable[.
                     imgs = {k: world.generate(ps[k], noise[k], c) for k in ps}
                 finally:
                     remove_lora(world.den.module)
-            r = evaluate(world, imgs, base, ps)
+            r = evaluate(world, imgs, base, ps, c.task)
             r["final_fit"] = float(np.mean([h["fit"] for h in tr.history[-20:]]))
             if train_seconds is not None:  # the training alone (sampling excluded): what a regularizer costs per step
                 r["sec_per_step"] = train_seconds / max(1, tr.steps_done)
                 if "auto" in reports:  # of which the probe measurements
                     r["measure_sec_per_step"] = reports["auto"]["seconds"] / max(1, tr.steps_done)
+            if "indicator" in tr.history[-1]:  # APT: how far its indicator rose (1 = the fit term switched off in that bin)
+                seen = [v for v in tr.history[-1]["indicator"] if v is not None]
+                r["apt_indicator"], r["apt_indicator_max"] = float(np.mean(seen)), float(np.max(seen))
             results[m].append(r)
             if seed == c.seeds[0]:
                 grid[m], trained[m] = imgs, tr
@@ -321,7 +375,8 @@ def run(c: BenchConfig, log=print, world: World | None = None, watch: Callable[.
             "trained": trained}
 
 
-COLUMNS = ("PS", "IS", "KPS", "identity", "leak", "drift", "drift_other", "class_acc", "colour_acc", "colour_div")
+OTHER_COLUMNS = tuple(f"{c} {s}" for c, s in OTHERS)
+COLUMNS = ("PS", "IS", "KPS", "identity", "leak", "drift", "drift_other", "class_acc", "colour_acc", "colour_div", *OTHER_COLUMNS)
 
 
 def table(res: dict) -> str:
@@ -329,7 +384,7 @@ def table(res: dict) -> str:
     head = "| method | " + " | ".join(COLUMNS) + " |\n|---|" + "---|" * len(COLUMNS) + "\n"
     cell = (lambda s: f"{s['mean']:.3f} ± {s['std']:.3f}") if n > 1 else (lambda s: f"{s['mean']:.3f}")
     rows = "".join(f"| {label(m)} | " + " | ".join(cell(s[k]) for k in COLUMNS) + " |\n" for m, s in res["methods"].items())
-    return f"{NOTE}\n\n{head}{rows}\n(mean ± std over seeds {list(res['config']['seeds'])}; {res['config']['steps']} steps, lr {res['config']['lr']}, rank {res['config']['rank']} LoRA on {res['config']['preset']} layers)\n"
+    return f"{NOTE}\n\n{head}{rows}\n(task {res['config'].get('task', 'novel')}; mean ± std over seeds {list(res['config']['seeds'])}; {res['config']['steps']} steps, lr {res['config']['lr']}, rank {res['config']['rank']} LoRA on {res['config']['preset']} layers)\n"
 
 
 def save_grid(res: dict, path: Path, per_kind: int = 3, scale: int = 3) -> Path:
@@ -371,8 +426,8 @@ def write(res: dict, out: Path) -> dict[str, Path]:
 
 
 def method_name(m: str) -> str:
-    """argparse type of --methods: lora, prior or cat<alpha>[:class|strip|empty|all], each optionally +apt[:ada|rs|aa]; apt[:part]."""
-    if m.startswith("catversion"):  # catversion, catversion+cat<alpha>
+    """argparse type of --methods: lora, prior or cat<alpha>[:class|strip|empty|all], each optionally +apt[:ada|rs|aa|skip|earlier]; apt[:part]; catversion[:earlier][+cat<alpha>]."""
+    if m.startswith("catversion"):  # catversion[:earlier], catversion[:earlier]+cat<alpha>
         try:
             catversion_alpha(m)
             return m
@@ -381,11 +436,11 @@ def method_name(m: str) -> str:
     try:
         base, part = apt_method(m)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"unknown method {m!r}; APT methods: apt, apt:ada, apt:rs, apt:aa, cat<alpha>+apt[:part]") from None
+        raise argparse.ArgumentTypeError(f"unknown method {m!r}; APT methods: apt[:ada|rs|aa|skip|earlier], cat<alpha>+apt[:part]") from None
     if part is not None:
         if part in APT_PARTS and base != "prior" and (base == "lora" or method_name(base)):
             return m
-        raise argparse.ArgumentTypeError(f"unknown method {m!r}; APT methods: apt, apt:ada, apt:rs, apt:aa, cat<alpha>+apt[:part]")
+        raise argparse.ArgumentTypeError(f"unknown method {m!r}; APT methods: apt[:ada|rs|aa|skip|earlier], cat<alpha>+apt[:part]")
     if m in ("lora", "prior"):
         return m
     if m.startswith("cat"):
@@ -397,13 +452,16 @@ def method_name(m: str) -> str:
                 and not (mode == "auto" and alpha == 0):
             return m
     raise argparse.ArgumentTypeError(f"unknown method {m!r}; choose from lora, prior, cat<alpha>[:class|strip|empty|all|auto] "
-                                     "(e.g. cat1, cat0.5:strip, cat1:all, cat1:auto; auto needs alpha > 0), apt[:ada|rs|aa], cat<alpha>+apt[:part]")
+                                     "(e.g. cat1, cat0.5:strip, cat1:all, cat1:auto; auto needs alpha > 0), apt[:ada|rs|aa|skip|earlier], "
+                                     "cat<alpha>+apt[:part], catversion[:earlier][+cat<alpha>]")
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = OneLineParser(prog="python -m cat_train bench", description=__doc__.split("\n")[0])
     ap.add_argument("what", choices=["kps"])
     ap.add_argument("--quick", action="store_true", help="one seed, fewer images (< 5 min on CPU)")
+    ap.add_argument("--task", choices=TASKS, help="novel (default): an identity the base never drew; reachable: one it "
+                    "draws but no prompt asks for")
     ap.add_argument("--out", default="bench_out", type=output_folder)
     ap.add_argument("--steps", type=positive_int)
     ap.add_argument("--lr", type=positive_float)
@@ -422,7 +480,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)  # every argument checked here: the run takes minutes and writes only at its end
     kw = dict(QUICK) if a.quick else {}
     for k in ("steps", "lr", "seeds", "methods", "per_prompt", "sample_steps", "rank", "preset", "apt_adaptive", "apt_stabilize", "apt_align",
-              "auto_every", "auto_top_k", "auto_threshold"):
+              "auto_every", "auto_top_k", "auto_threshold", "task"):
         v = getattr(a, k)
         if v is not None:
             kw[k] = tuple(v) if isinstance(v, list) else v

@@ -93,6 +93,27 @@ def to_tensor_array(imgs: np.ndarray) -> np.ndarray:
     return (imgs.astype(np.float32) / 127.5 - 1.0).transpose(0, 3, 1, 2)
 
 
+# The reachable identity: one fixed rare combination the world does draw (colour, shape, smallest size, the
+# top-left corner of the position range) but that no prompt asks for: captions never name size or position.
+REACHABLE = dict(shape="circle", colour="yellow", cx=9.0, cy=9.0, r=7.0)
+
+
+def reachable_scenes(n: int = 5) -> list[Scene]:
+    """The personalization set of the reachable task: the same small yellow circle in the corner on each background."""
+    return [Scene(REACHABLE["shape"], REACHABLE["colour"], list(BACKGROUNDS)[i % 3], REACHABLE["cx"], REACHABLE["cy"],
+                  REACHABLE["r"]) for i in range(n)]
+
+
+def foreground_centre(img: np.ndarray) -> tuple[float, float]:
+    """(cx, cy) in pixels of what differs from the image's background (its border's median colour); (nan, nan) if nothing."""
+    border = np.concatenate([img[0], img[-1], img[:, 0], img[:, -1]]).astype(np.float64)
+    fg = np.abs(img.astype(np.float64) - np.median(border, 0)).sum(-1) > 90
+    if not fg.any():
+        return float("nan"), float("nan")
+    y, x = np.nonzero(fg)
+    return float(x.mean() + 0.5), float(y.mean() + 0.5)
+
+
 def identity_scenes(n: int = 5, seed: int = 1234) -> list[Scene]:
     """The personalization set: n striped circles, the only place the world draws `sks`."""
     rng = np.random.default_rng(seed)

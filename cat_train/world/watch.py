@@ -73,7 +73,7 @@ class RunWatch:
         module = self.world.den.module
         with observing(module), adapter_switched(module, True):
             imgs = {k: self.world.generate(self.ps[k], self.noise[k], self.c) for k in ("token", "notoken")}
-        self.scores.append({"step": step, **bench.subject_scores(self.world, imgs, self.base)})
+        self.scores.append({"step": step, **bench.subject_scores(self.world, imgs, self.base, self.c.task)})
         self.seconds["preview"] += t1 - t0
         self.seconds["scores"] += time.perf_counter() - t1
 

@@ -31,6 +31,15 @@ def test_apt_trains_on_a_comfy_model_and_records_its_settings(comfy, tiny_sd15, 
     after = mp.model.diffusion_model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert not any(m._forward_hooks for m in mp.model.diffusion_model.modules())  # APT's hooks are gone
+    assert stored["form"] == "paper" and stored["fill"] == "black" and stored["stabilize_stat"] == "std"  # the node's defaults
+    # align_skip_triggers: the trainer finds the trigger's tokens with CLIP's tokenizer, only when asked
+    assert all(e.trigger_tokens == () for e in tr.model_examples(mp, ds, loss_cfg))
+    skip = apt_nodes.AptOptionsNode.execute(adaptive=1.0, stabilize=5.0, align=1000.0, bins=4, augment="zoom",
+                                            form="relative", align_skip_triggers=True).result[0]
+    assert (skip.form, skip.align_skip_triggers, skip.fill) == ("relative", True, "black")
+    skip_cfg = loss_nodes.CatLossConfigNode.execute(1.0, "class", "dog", "", "", apt=skip).result[0]
+    exs = tr.model_examples(mp, ds, skip_cfg)
+    assert exs and all(len(e.trigger_tokens) >= 1 and 0 not in e.trigger_tokens for e in exs)  # never the start token
 
 
 def test_apt_options_node_is_registered_and_feeds_the_loss_config(comfy):

@@ -95,7 +95,10 @@ def test_trainer_leaves_inputs_and_file_changes_only_conditioning(comfy, kind, r
     path = save.execute(weights, f"{kind}_cv").result[0]
     name = path.split("/")[-1]
     assert name in comfy.folder_paths.get_filename_list("catversion")
-    loaded = apply.execute(clip, name).result[0]
+    loaded, negative = apply.execute(clip, name).result
+    assert negative is clip  # the negative prompt is encoded without the embeddings (the authors' sampler)
+    on_both = apply.execute(clip, name, embeddings_on_negative=True).result
+    assert on_both[1] is on_both[0] and torch.equal(_encode(on_both[1])[0], trained[0])  # the switch: earlier behaviour
     assert loaded is not clip and loaded.patcher is not clip.patcher
     assert not loaded.patcher.patches and all(k.endswith(".self_attn.forward") for k in loaded.patcher.object_patches)
     assert len(loaded.patcher.object_patches) == sum(len(e.layer_indices) for e in weights.values())
@@ -199,3 +202,15 @@ def test_trainer_reports_like_the_lora_trainer_and_cancel_keeps_a_resumable_chec
     for name in full:
         assert torch.equal(full[name].keys, resumed[name].keys) and torch.equal(full[name].values, resumed[name].values)
     assert _same(clip_before, _state(clip.cond_stage_model))
+
+
+def test_trigger_token_positions_come_from_the_clip_tokenizer(comfy, tiny_sd15, dataset_dir):
+    """APT's align_skip_triggers needs where the trigger sits in the caption's context: CLIP's own tokens, start token first."""
+    ds = _dataset(comfy, dataset_dir, tiny_sd15)
+    clip = tiny_sd15[1]
+    toks = clip.tokenize("a photo of sks dog")
+    ids = [t[0] for t in toks[next(iter(toks))][0]]
+    sks = [t[0] for t in clip.tokenize("sks")[next(iter(toks))][0]][1]
+    pos = ds.token_positions("a photo of sks dog", ("sks",))
+    assert pos == (4,) and ids[4] == sks  # start, a, photo, of, sks
+    assert ds.token_positions("a photo of a dog", ("sks",)) == ()
