@@ -87,7 +87,8 @@ class NodeWatch:
         self.validator = None
         if validate_every:
             probe = {p: {k: v[0] for k, v in encode([p]).items()} for p in split_prompts(probes)}
-            self.validator = Validator(den, examples, probes=probe, points=4, seed=seed)
+            # one image per pass, 2 points: a pass is (2 + probes) x 2 samples, small enough beside training at 1024 px
+            self.validator = Validator(den, examples, probes=probe, points=2, seed=seed, batch_size=1)
             self.out_dir.mkdir(parents=True, exist_ok=True)
             self.vlog = ValidationLog(self.out_dir / "validation.csv")
 
