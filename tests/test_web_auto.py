@@ -2,13 +2,9 @@
 their steps marked on it."""
 from __future__ import annotations
 
-import json
-import shutil
-import subprocess
-
 import pytest
 
-from test_web_extension import NODE, ROOT, STUBS
+from test_web_extension import NODE, run_view
 
 RUN = """
 import { app } from "./scripts/app.js";
@@ -51,15 +47,7 @@ console.log(JSON.stringify(out));
 
 @pytest.mark.skipif(NODE is None, reason="Node.js is not installed; the web extension test needs `node`")
 def test_live_view_names_the_probes_auto_preservation_added_and_marks_when(tmp_path):
-    for rel, text in {**STUBS, "run.mjs": RUN}.items():
-        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / rel).write_text(text)
-    (tmp_path / "extensions" / "ComfyUI-CAT").mkdir(parents=True)
-    shutil.copy(ROOT / "web" / "cat_live_view.js", tmp_path / "extensions" / "ComfyUI-CAT" / "cat_live_view.js")
-    (tmp_path / "package.json").write_text('{"type": "module"}')
-    r = subprocess.run([NODE, "run.mjs"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0, r.stderr
-    out = json.loads(r.stdout)
+    out = run_view(tmp_path, RUN)
     assert out["size"][1] == 200 + 150 + out["AUTO_H"]  # the node grew by the loss plot and the two lines
     texts = out["draw"]["texts"]
     assert "auto preservation added: wolf, cat (step 5)" in texts
