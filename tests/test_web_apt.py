@@ -3,19 +3,9 @@ from __future__ import annotations
 
 import pytest
 
-from test_web_extension import NODE, run_view
+from test_web_extension import NODE, run_view, trainer_script
 
-RUN = """
-import { app } from "./scripts/app.js";
-import { api } from "./scripts/api.js";
-await import("./extensions/ComfyUI-CAT/cat_live_view.js");
-const ext = app.exts[0];
-ext.setup();
-function Node() {}
-await ext.beforeRegisterNodeDef(Node, { name: "CAT_LoraTrainer" });
-const node = Object.assign(new Node(), { id: 4, size: [300, 200], flags: {},
-  computeSize() { return [300, 200]; }, setSize(s) { this.size = s; }, setDirtyCanvas() {} });
-app.nodes[4] = node;
+RUN = trainer_script("CAT_LoraTrainer", 4, (300, 200), """
 function draw() {
   const rec = { texts: [], rects: [] };
   const ctx = { globalAlpha: 1, save() {}, restore() {}, beginPath() {}, moveTo() {}, lineTo() {}, stroke() {},
@@ -36,7 +26,7 @@ out.apt = draw();
 out.APT_H = globalThis.__catLiveView.APT_H;
 api.emit("cat.train.progress", { node: "5", step: 1, total: 10, loss: 1, fit: 1, keep: 0, lr: 1e-4, elapsed: 1 });
 console.log(JSON.stringify(out));
-"""
+""")
 
 
 @pytest.mark.skipif(NODE is None, reason="Node.js is not installed; the web extension test needs `node`")

@@ -4,19 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from test_web_extension import NODE, run_view
+from test_web_extension import NODE, run_view, trainer_script
 
-RUN = """
-import { app } from "./scripts/app.js";
-import { api } from "./scripts/api.js";
-await import("./extensions/ComfyUI-CAT/cat_live_view.js");
-const ext = app.exts[0];
-ext.setup();
-function Node() {}
-await ext.beforeRegisterNodeDef(Node, { name: "CAT_LoraTrainer" });
-const node = Object.assign(new Node(), { id: 4, size: [300, 200], flags: {},
-  computeSize() { return [300, 200]; }, setSize(s) { this.size = s; }, setDirtyCanvas() {} });
-app.nodes[4] = node;
+RUN = trainer_script("CAT_LoraTrainer", 4, (300, 200), """
 function draw() {
   const rec = { texts: [], lines: [] };
   let from = null;
@@ -42,7 +32,7 @@ api.emit("cat.train.progress", { node: "4", step: 2, total: 11, loss: 1, fit: 1,
   auto: { ...later, auto_added: [["wolf", 5, 0.09], ["fox", 9, 0.02]], measured: 10 } });
 out.two = draw();
 console.log(JSON.stringify(out));
-"""
+""")
 
 
 @pytest.mark.skipif(NODE is None, reason="Node.js is not installed; the web extension test needs `node`")

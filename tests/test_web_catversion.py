@@ -3,19 +3,9 @@ from __future__ import annotations
 
 import pytest
 
-from test_web_extension import CURVES, NODE, run_view
+from test_web_extension import CURVES, NODE, run_view, trainer_script
 
-RUN = """
-import { app } from "./scripts/app.js";
-import { api } from "./scripts/api.js";
-await import("./extensions/ComfyUI-CAT/cat_live_view.js");
-const ext = app.exts[0];
-ext.setup();
-function Node() {}
-await ext.beforeRegisterNodeDef(Node, { name: "CAT_CatVersionTrainer" });
-const node = Object.assign(new Node(), { id: 10, size: [380, 420], flags: {},
-  computeSize() { return [380, 420]; }, setSize(s) { this.size = s; }, setDirtyCanvas() {} });
-app.nodes[10] = node;
+RUN = trainer_script("CAT_CatVersionTrainer", 10, (380, 420), """
 function draw() {
   const rec = { texts: [], strokes: [] };
   const ctx = { globalAlpha: 1, dash: [], save() {}, restore() {}, fillRect() {}, beginPath() {}, moveTo() {}, lineTo() {},
@@ -32,7 +22,7 @@ for (let s = 1; s <= 2; s++)
 out.size = node.size;
 out.running = draw();
 console.log(JSON.stringify(out));
-"""
+""")
 
 
 @pytest.mark.skipif(NODE is None, reason="Node.js is not installed; the web extension test needs `node`")

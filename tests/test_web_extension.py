@@ -95,6 +95,24 @@ console.log(JSON.stringify(out));
 }
 
 
+def trainer_script(node_type: str, node_id: int, size: tuple[int, int], body: str) -> str:
+    """A run.mjs for run_view: the extension set up on one trainer node of `node_type` (its computeSize = `size`),
+    then `body` (which defines draw(), emits events and prints its JSON)."""
+    w, h = size
+    return f"""
+import {{ app }} from "./scripts/app.js";
+import {{ api }} from "./scripts/api.js";
+await import("./extensions/ComfyUI-CAT/cat_live_view.js");
+const ext = app.exts[0];
+ext.setup();
+function Node() {{}}
+await ext.beforeRegisterNodeDef(Node, {{ name: "{node_type}" }});
+const node = Object.assign(new Node(), {{ id: {node_id}, size: [{w}, {h}], flags: {{}},
+  computeSize() {{ return [{w}, {h}]; }}, setSize(s) {{ this.size = s; }}, setDirtyCanvas() {{}} }});
+app.nodes[{node_id}] = node;
+""" + body
+
+
 def run_view(tmp_path, script: str | None = None):
     """Runs `script` (default: this file's run.mjs) in Node.js against the stubs and the shipped extension; its JSON."""
     for rel, text in {**STUBS, **({"run.mjs": script} if script else {})}.items():
