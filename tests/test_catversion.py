@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from cancel import Cancelled, cancel_at
 from cat_train import catversion as cv
 from cat_train.integrity import changed, module_fingerprint
 from cat_train.world import model as wm
@@ -255,14 +256,8 @@ def test_resume_and_cancel_are_bit_exact(base, tmp_path):
     assert torch.equal(e1.keys, e2.keys) and torch.equal(e1.values, e2.values)
     assert full.history == resumed.history and len(full.history) == 8 and full.history[0]["keep"] > 0
 
-    class Cancel(Exception):
-        pass
-
-    def cancel_at_3(info):
-        if info.step == 3:
-            raise Cancel
-    with pytest.raises(Cancel):
-        _run(base, tmp_path / "c", callback=cancel_at_3)
+    with pytest.raises(Cancelled):
+        _run(base, tmp_path / "c", callback=cancel_at(3))
     _assert_left_as_found(den, text)
     state = torch.load(checkpoint_path(tmp_path / "c", 3), weights_only=True)
     assert state["adapter"] == "catversion" and state["step"] == 3 and set(state["catversion"]) == {"text"}

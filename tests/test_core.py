@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+from cancel import Cancelled, cancel_at
 from cat_train.adapter import (LoraSpec, adapter_disabled, adapter_parameters, inject_lora, lora_layers, lora_weights,
                                remove_lora)
 from cat_train.denoiser import NoiseSchedule
@@ -188,15 +189,8 @@ def test_checkpoints_from_before_adapter_kinds_still_resume_exactly(tiny_denoise
 def test_cancel_keeps_a_checkpoint_that_resumes_exactly(tiny_denoiser, text, tmp_path):
     exs = examples(text)
 
-    class Cancel(Exception):
-        pass
-
-    def cancel_at_3(info):
-        if info.step == 3:
-            raise Cancel
-
-    with pytest.raises(Cancel):
-        run(tiny_denoiser, exs, tmp_path / "x", 8, callback=cancel_at_3)
+    with pytest.raises(Cancelled):
+        run(tiny_denoiser, exs, tmp_path / "x", 8, callback=cancel_at(3))
     assert not lora_layers(tiny_denoiser.module)
     ckpt = checkpoint_path(tmp_path / "x", 3)
     assert ckpt.exists()
