@@ -14,6 +14,7 @@ LossConfig = io.Custom("CAT_LOSS_CONFIG")
 AptOptions = io.Custom("CAT_APT_OPTIONS")
 AutoOptions = io.Custom("CAT_AUTO_PRESERVATION")
 CatVersion = io.Custom("CATVERSION")
+TrainingOptions = io.Custom("CAT_TRAINING_OPTIONS")
 EVENT = "cat.train.progress"  # web/cat_live_view.js listens for it
 PREVIEW_MAX = 768  # px: a preview grid shown on the node is scaled down to this
 

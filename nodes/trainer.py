@@ -29,8 +29,9 @@ from ..cat_train.precision import CHOICES as COMPUTE_CHOICES
 from ..cat_train.precision import mixed_precision_name
 from ..cat_train.train import Example, TrainConfig, build_examples, train
 from .comfy_model import adm_y, base_model_version, trainable
-from .common import CATEGORY, Dataset, LossConfig, feeds, image_of, model_file_name, phase_progress, progress_callback
+from .common import CATEGORY, Dataset, LossConfig, TrainingOptions, feeds, image_of, model_file_name, phase_progress, progress_callback
 from .lora_io import CatLora, name_problem, safe_subpath
+from .training_options import options_for
 from .save_lora import check_lora_folder, loras_folder, metadata, step_lora_writer
 
 log = logging.getLogger("ComfyUI-CAT")
@@ -82,6 +83,8 @@ class CatTrainerNode(io.ComfyNode):
                 io.ClipVision.Input("clip_vision", optional=True,
                                     tooltip="a CLIP vision model (Load CLIP Vision): IS and KPS of every saved step's previews "
                                             "(save_every, needs vae), and the best step picked from them"),
+                TrainingOptions.Input("options", optional=True,
+                                      tooltip="advanced options from a CAT Training Options node (unconnected: defaults)"),
             ],
             outputs=[io.Model.Output(display_name="MODEL"), io.LoraModel.Output(display_name="lora"),
                      io.Image.Output(display_name="loss_curve"), io.String.Output(display_name="summary"),
@@ -97,13 +100,14 @@ class CatTrainerNode(io.ComfyNode):
     @classmethod
     def execute(cls, model, dataset, loss_config, rank, lora_alpha, target, steps, learning_rate, lr_schedule, batch_size,
                 grad_accum, seed, dtype, gradient_checkpointing, save_every, checkpoint_name, resume_from="", preview_every=0,
-                vae=None, preview_prompts="", validate_every=0, probe_prompts="", clip_vision=None) -> io.NodeOutput:
+                vae=None, preview_prompts="", validate_every=0, probe_prompts="", clip_vision=None, options=None) -> io.NodeOutput:
         ckpt_dir = safe_subpath(checkpoints_folder(), checkpoint_name, "checkpoint_name", "output/cat_checkpoints", "cat_run")
+        loss_config = dataclasses.replace(loss_config, **options_for(options, CatLossConfig))  # a fresh copy either way
         check_concepts(dataset.triggers, loss_config)  # before any model work: weights of non-triggers, y = y_T
         resume = resume_path(resume_from)
         cfg = TrainConfig(steps=steps, lr=learning_rate, lr_schedule=lr_schedule, batch_size=batch_size, grad_accum=grad_accum,
-                          seed=seed, save_every=save_every, checkpoint_dir=str(ckpt_dir))
-        spec = LoraSpec(rank=rank, alpha=lora_alpha, preset=target)
+                          seed=seed, save_every=save_every, checkpoint_dir=str(ckpt_dir), **options_for(options, TrainConfig))
+        spec = LoraSpec(rank=rank, alpha=lora_alpha, preset=target, **options_for(options, LoraSpec))
         base = model_file_name(cls.hidden.prompt, cls.hidden.unique_id)
         # step LoRAs (save_every) and a Save CAT LoRA fed by this node write to the loras folder: a read-only or full
         # one is found now, not at step N or after the whole run
