@@ -34,8 +34,10 @@ class NoiseSchedule:
     def num_timesteps(self) -> int:
         return len(self.alphas_cumprod)
 
-    def sample_t(self, n: int, generator: torch.Generator | None = None) -> Tensor:
-        return torch.randint(0, self.num_timesteps, (n,), generator=generator)
+    def sample_t(self, n: int, generator: torch.Generator | None = None, t_min: int = 0, t_max: int | None = None) -> Tensor:
+        """Integer timesteps uniform in [t_min, t_max) (kohya's min_timestep/max_timestep); the full range draws as
+        this always did, one randint over [0, T)."""
+        return torch.randint(t_min, self.num_timesteps if t_max is None else t_max, (n,), generator=generator)
 
     def _coefs(self, t: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
         abar = self.alphas_cumprod.to(t.device)[t].to(like.dtype)
@@ -101,12 +103,19 @@ class FlowSchedule:
     def sigma(self, t: Tensor) -> Tensor:
         return t.double() / self.num_timesteps
 
-    def sample_t(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+    def sample_t(self, n: int, generator: torch.Generator | None = None, t_min: int = 0, t_max: int | None = None) -> Tensor:
+        """t_min/t_max (out of 1000): the drawn sigma is mapped linearly into [t_min, t_max] / 1000, keeping the
+        distribution's shape (kohya's SD3/Flux scripts: `t * (t_max - t_min) + t_min`); the full range leaves it as is,
+        so the draws stay those of every earlier run."""
         if self.sampling == "logit_normal":
             u = torch.sigmoid(self.logit_mean + self.logit_std * torch.randn(n, generator=generator, dtype=torch.float64))
         else:
             u = torch.rand(n, generator=generator, dtype=torch.float64)
-        s = time_shift(self.shift, u).clamp(self.sigma_min, 1 - self.sigma_min)
+        s = time_shift(self.shift, u)
+        lo, hi = t_min / self.num_timesteps, (self.num_timesteps if t_max is None else t_max) / self.num_timesteps
+        if (lo, hi) != (0.0, 1.0):
+            s = lo + (hi - lo) * s
+        s = s.clamp(self.sigma_min, 1 - self.sigma_min)
         return (s * self.num_timesteps).float()
 
     def _sigma_like(self, t: Tensor, like: Tensor) -> Tensor:

@@ -49,6 +49,10 @@ class CatLossConfig:
         "optional prompts each image is paired with as y, every one in turn, so the CAT term keeps all of them (e.g. "
         "neighbouring classes a leak scan flagged); empty: y from the caption by the preservation mode. In the node "
         "one prompt per line.")})
+    min_snr_gamma: float = field(default=0.0, metadata={"since": "0.2.0", "min": 0.0, "max": 100.0, "step": 0.5, "help": (
+        "min-SNR-γ weighting of the fit term (Hang et al. 2023; kohya's and diffusers' min_snr_gamma, 5 is the usual "
+        "value): eps models min(SNR, γ)/SNR, v models min(SNR, γ)/(SNR + 1), flow models min(SNR, γ)·σ², SNR = "
+        "((1-σ)/σ)² (the same x0-space weight). The keep term is not weighted. 0 = off (cat_train/timestep_weighting.py).")})
     apt: AptConfig = field(default_factory=AptConfig, metadata={"help": (
         "APT's regularizers (AptConfig, cat_train/apt.py), all off by default. In ComfyUI an APT Options node feeds "
         "CAT Loss Config's optional `apt` input; the LoRA records them as `cat_apt`.")})
@@ -71,6 +75,8 @@ class CatLossConfig:
         if self.auto.active and self.alpha == 0:
             raise ValueError("auto preservation adds prompts to the CAT term, which alpha = 0 (plain LoRA) switches off; "
                              "set the CAT factor > 0 or auto preservation `every` to 0.")
+        if not (self.min_snr_gamma >= 0 and math.isfinite(self.min_snr_gamma)):
+            raise ValueError(f"min_snr_gamma must be a finite number >= 0 (0 = off; 5 is the usual value), got {self.min_snr_gamma}.")
         bad = {t: w for t, w in self.token_weights.items() if not w >= 0}
         if bad:
             raise ValueError(f"token weights must be >= 0, got {bad}.")

@@ -29,6 +29,11 @@ class StepTerm:
     needs_frozen_token_pass = False    # the frozen pass also runs on y_T (its rows come first)
     history_keys: tuple[str, ...] = ()  # entries of report() that go into every history row
 
+    @staticmethod
+    def switched_on(cfg: Any) -> bool:
+        """Whether its CatLossConfig field's value turns it on (a config object's `active`, by default)."""
+        return bool(cfg.active)
+
     def start(self, examples: Sequence[Any]) -> None:
         """Once, before the first step (and before a checkpoint's state is loaded): the run's `train.Example`s."""
 

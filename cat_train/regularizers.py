@@ -13,13 +13,14 @@ from .auto import AutoPreservation
 from .denoiser import Denoiser
 from .loss import CatLossConfig
 from .plugins import StepTerm
+from .timestep_weighting import MinSnrWeight
 
-REGISTRY: dict[str, type[StepTerm]] = {"apt": AptRun, "auto": AutoPreservation}  # CatLossConfig field -> plug-in (its `name` is the field's)
+REGISTRY: dict[str, type[StepTerm]] = {"apt": AptRun, "auto": AutoPreservation, "min_snr_gamma": MinSnrWeight}  # CatLossConfig field -> plug-in (its `name` is the field's)
 
 
 def step_terms(loss_cfg: CatLossConfig, denoiser: Denoiser) -> list[StepTerm]:
     """The plug-ins this config switches on, attached to the (already adapted) model; close() each when done."""
-    return [cls(denoiser, getattr(loss_cfg, field)) for field, cls in REGISTRY.items() if getattr(loss_cfg, field).active]
+    return [cls(denoiser, getattr(loss_cfg, field)) for field, cls in REGISTRY.items() if cls.switched_on(getattr(loss_cfg, field))]
 
 
 def metadata(loss_cfg: CatLossConfig, history: Sequence[dict] = ()) -> dict[str, str]:

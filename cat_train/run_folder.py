@@ -17,7 +17,7 @@ import os
 import shutil
 import tempfile
 import zlib
-from dataclasses import asdict, is_dataclass
+from dataclasses import MISSING, asdict, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -120,13 +120,24 @@ def _coarse(data: dict) -> dict:
                        for r, v in data["sketch"].items()}}
 
 
+def recorded(options) -> dict:
+    """asdict of an option dataclass, less the options added later (field metadata "since") that are at their default:
+    records and checkpoints of runs from before an option existed lack it, and must still read as the same run."""
+    out = asdict(options)
+    for f in fields(options):
+        default = f.default_factory() if f.default_factory is not MISSING else f.default
+        if "since" in f.metadata and out.get(f.name) == default:
+            del out[f.name]
+    return out
+
+
 def result_settings(cfg, loss_cfg, adapter, data: dict, family: str | None) -> dict:
     """Every setting that changes the trained weights, in a comparable form."""
-    config = {k: v for k, v in asdict(cfg).items() if k not in NOT_RESULT}
+    config = {k: v for k, v in recorded(cfg).items() if k not in NOT_RESULT}
     if cfg.lr_schedule == "cosine":
         config["steps"] = cfg.steps
     spec = getattr(adapter, "spec", None)
-    return {**_plain({"adapter": adapter.name, "spec": spec, "config": config, "loss": loss_cfg, "family": family}),
+    return {**_plain({"adapter": adapter.name, "spec": spec, "config": config, "loss": recorded(loss_cfg), "family": family}),
             "data": data}
 
 

@@ -21,7 +21,9 @@ from typing import Any, Callable, Literal, Sequence
 import torch
 from torch import Tensor
 
+from . import captions as caption_rows
 from .adapters import AdapterSpec, adapter_for
+from .captions import CaptionChoice
 from .denoiser import Cond, Denoiser, FlowSchedule, NoiseSchedule
 from .loss import CatLossConfig, cat_objective, repeat_to_common_length
 from .plugins import Adapter, StepTerm
@@ -63,6 +65,26 @@ class TrainConfig:
     max_grad_norm: float = field(default=0.0, metadata={"help": "gradient clipping norm; 0 = off (the paper uses none)."})
     device: str | None = field(default=None, metadata={"help": (
         "where training runs; None: where the module's parameters are.")})
+    # options added in 0.2.0 ("since"): while at their default a run's recorded settings leave them out
+    # (run_folder.result_settings), so checkpoints and folders of earlier runs still resume as the same run
+    caption_dropout: float = field(default=0.0, metadata={"since": "0.2.0", "min": 0.0, "max": 0.99, "step": 0.01, "help": (
+        "probability that a drawn image trains on the empty caption '' instead of its own (kohya's caption_dropout_rate); "
+        "its CAT keep term is skipped (weight 0), as there is no concept to preserve apart from. 0 = off.")})
+    shuffle_tags: bool = field(default=False, metadata={"since": "0.2.0", "help": (
+        "shuffle the comma-separated tags of each caption (kohya's shuffle_caption), the first `keep_tags` staying in "
+        "place; y is made from the shuffled caption, so y_T and y stay a matched pair. Each caption gets "
+        "`caption_variants` shuffles, encoded once before step 1.")})
+    keep_tags: int = field(default=0, metadata={"since": "0.2.0", "min": 0, "max": 75, "help": (
+        "with shuffle_tags: this many leading tags (e.g. the trigger) keep their place (kohya's keep_tokens).")})
+    caption_variants: int = field(default=8, metadata={"since": "0.2.0", "min": 1, "max": 64, "help": (
+        "with shuffle_tags: shuffled versions of each caption encoded before training, one drawn per use; each costs "
+        "2 text-encoder calls per image (y_T and y) once, none per step.")})
+    timestep_min: int = field(default=0, metadata={"since": "0.2.0", "min": 0, "max": 999, "help": (
+        "lowest training timestep, of 1000 (kohya's min_timestep). SD: integer t drawn uniformly in [min, max); flow "
+        "models: the drawn sigma mapped linearly into [min, max] / 1000.")})
+    timestep_max: int = field(default=1000, metadata={"since": "0.2.0", "min": 1, "max": 1000, "help": (
+        "highest training timestep (exclusive for SD), of 1000 (kohya's max_timestep); 1000 with min 0 = the full "
+        "range, drawn exactly as without the option.")})
 
     def __post_init__(self):
         checks = [
@@ -75,6 +97,11 @@ class TrainConfig:
             (self.lr_schedule in ("constant", "cosine"), f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}."),
             (self.mixed_precision in ("no", "bf16", "fp16"), f"mixed_precision must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}."),
             (self.max_grad_norm >= 0 and math.isfinite(self.max_grad_norm), f"max_grad_norm must be >= 0 (0 = off), got {self.max_grad_norm}."),
+            (0 <= self.caption_dropout < 1, f"caption_dropout must be in [0, 1) (0 = off; kohya users pick 0.05-0.1), got {self.caption_dropout}."),
+            (self.keep_tags >= 0, f"keep_tags must be >= 0, got {self.keep_tags}."),
+            (self.caption_variants >= 1, f"caption_variants must be >= 1, got {self.caption_variants}."),
+            (0 <= self.timestep_min < self.timestep_max <= 1000, f"timesteps must satisfy 0 <= timestep_min < timestep_max "
+             f"<= 1000, got timestep_min {self.timestep_min} and timestep_max {self.timestep_max}; 0 and 1000 = the full range."),
         ]
         for ok, msg in checks:
             if not ok:
@@ -93,6 +120,8 @@ class Example:
     prompts: tuple[str, str] | None = None  # (y_T, y) for adapters that encode prompts every step (no cached conds)
     probes: dict[str, Cond] = field(default_factory=dict)  # auto preservation: {probe: its prompt's cond} for this image
     trigger_tokens: tuple[int, ...] = ()  # positions of the trigger's tokens in y_T's context, for step terms that skip them
+    captions: CaptionChoice | None = None  # caption dropout / tag shuffling: which row a draw of this image uses
+    drawn: bool = True  # False: a caption row (shuffled or dropped caption), reached only through an image's `captions`
 
 
 @dataclass
@@ -133,11 +162,13 @@ PAIRS_WARN = 5000  # image x preservation-prompt pairs past which the preparatio
 
 def build_examples(items: Sequence[tuple], encode_text: Callable[[list[str]], Cond], loss_cfg: CatLossConfig,
                    progress: Callable[[int, int], None] | None = None,
-                   token_positions: Callable[[str, tuple[str, ...]], tuple[int, ...]] | None = None) -> list[Example]:
+                   token_positions: Callable[[str, tuple[str, ...]], tuple[int, ...]] | None = None,
+                   cfg: TrainConfig | None = None) -> list[Example]:
     """items: (latent, caption, triggers[, repeats]). Each distinct prompt is encoded once; progress(done, total)
     after each (a host moves its bar and stops at Cancel there). Examples share their conditionings.
     token_positions(caption, triggers): where the host's tokenizer puts the trigger's tokens in the caption's context
-    (Example.trigger_tokens)."""
+    (Example.trigger_tokens). cfg: its caption_dropout / shuffle_tags add each image's caption rows after the
+    images' own examples (cat_train/captions.py)."""
     rows = [(it[0], it[1], tuple(it[2]), it[3] if len(it) > 3 else 1) for it in items]
     if loss_cfg.preservation_prompts:  # every image with every listed y: the CAT term keeps each of them
         pres = [list(loss_cfg.preservation_prompts) for _ in rows]
@@ -149,7 +180,17 @@ def build_examples(items: Sequence[tuple], encode_text: Callable[[list[str]], Co
     else:
         pres = [[preservation_prompt(cap, trig, loss_cfg.preservation, loss_cfg.class_word)] for _, cap, trig, _ in rows]
     probes = [_probe_prompts(loss_cfg, cap, trig, ps[0]) for (_, cap, trig, _), ps in zip(rows, pres)]
-    prompts = sorted({cap for _, cap, _, _ in rows} | {p for ps in pres for p in ps} | {p for pr in probes for p in pr.values()})
+    with_rows = caption_rows.active(cfg)
+    shuffle_gen = torch.Generator().manual_seed(cfg.seed) if with_rows else None  # not the run's: it exists only in train()
+    # per image, per example of it: [(y_T, y)] of each caption variant
+    pairs = [[[(v, p if loss_cfg.preservation_prompts else preservation_prompt(v, trig, loss_cfg.preservation,
+                                                                                 loss_cfg.class_word))
+               for v in vs] for p in ps]
+             for (_, cap, trig, _), ps, vs in zip(rows, pres, [caption_rows.variants(r[1], cfg, shuffle_gen) for r in rows])
+             ] if with_rows else []
+    extra = {p for per_image in pairs for per_ex in per_image for pair in per_ex for p in pair} | ({""} if with_rows else set())
+    prompts = sorted({cap for _, cap, _, _ in rows} | {p for ps in pres for p in ps} | {p for pr in probes for p in pr.values()}
+                     | extra)
     # one prompt per call: a batch would pad every prompt to the longest, changing short captions' conditioning
     cond = {}
     for i, p in enumerate(prompts):
@@ -166,7 +207,29 @@ def build_examples(items: Sequence[tuple], encode_text: Callable[[list[str]], Co
         tokens = tuple(token_positions(cap, trig)) if token_positions and trig else ()
         out += [Example(lat.detach().cpu(), cond[cap], cond[p], weight(trig), rep, probes=image_probes,
                         trigger_tokens=tokens) for p in ps]
+    if with_rows:
+        out = _with_caption_rows(out, rows, pairs, cond, weight, cfg, token_positions)
     return out
+
+
+def _with_caption_rows(out: list[Example], rows, pairs, cond, weight, cfg: TrainConfig, token_positions) -> list[Example]:
+    """The examples, each given its CaptionChoice, followed by their caption rows (`drawn=False`)."""
+    extra: list[Example] = []
+    primary = iter(enumerate(out))
+    for (_, _, trig, _), per_image in zip(rows, pairs):
+        for per_ex in per_image:
+            i, ex = next(primary)
+            start = len(out) + len(extra)
+            extra += [Example(ex.latent, cond[v], cond[y], weight(trig), ex.repeats, probes=ex.probes, drawn=False,
+                              trigger_tokens=tuple(token_positions(v, trig)) if token_positions and trig else ())
+                      for v, y in per_ex] if cfg.shuffle_tags else []
+            variant_rows = tuple(range(start, len(out) + len(extra))) or (i,)  # not shuffling: its own caption
+            dropped = None
+            if cfg.caption_dropout > 0:  # no concept in "": nothing to keep apart from, keep weight 0
+                dropped = len(out) + len(extra)
+                extra.append(Example(ex.latent, cond[""], cond[""], 0.0, ex.repeats, probes=ex.probes, drawn=False))
+            ex.captions = CaptionChoice(cfg.caption_dropout, dropped, variant_rows)
+    return out + extra
 
 
 def _probe_prompts(loss_cfg: CatLossConfig, caption: str, triggers: tuple[str, ...], y: str) -> dict[str, str]:
@@ -189,11 +252,12 @@ def lr_factor(cfg: TrainConfig, step: int) -> float:
 class BatchSampler:
     """Draws same-shape (same bucket) batches, each example weighted by its repeats."""
 
-    def __init__(self, examples: Sequence[Example], batch_size: int):
-        self.examples, self.batch_size = examples, batch_size
+    def __init__(self, examples: Sequence[Example], batch_size: int, timesteps: tuple[int, int | None] = (0, None)):
+        self.examples, self.batch_size, self.timesteps = examples, batch_size, timesteps
         groups: dict[tuple, list[int]] = {}
         for i, ex in enumerate(examples):
-            groups.setdefault(tuple(ex.latent.shape), []).append(i)
+            if ex.drawn:  # caption rows come only through their image's CaptionChoice
+                groups.setdefault(tuple(ex.latent.shape), []).append(i)
         self.groups = list(groups.values())
         self.group_weights = torch.tensor([sum(examples[i].repeats for i in g) for g in self.groups], dtype=torch.float64)
 
@@ -204,9 +268,10 @@ class BatchSampler:
         return [group[int(i)] for i in picks]
 
     def draw_batch(self, gen: torch.Generator, schedule: NoiseSchedule | FlowSchedule) -> tuple[list[int], Tensor, Tensor]:
-        """Examples, timesteps and noise of one batch (on the CPU), in the order this sampler draws them."""
-        idx = self.draw(gen)
-        t = schedule.sample_t(len(idx), gen)
+        """Examples (each image's caption row where it has a choice), timesteps in the range and noise of one batch (on
+        the CPU), in the order this sampler draws them."""
+        idx = caption_rows.pick_rows(self.examples, self.draw(gen), gen)
+        t = schedule.sample_t(len(idx), gen, *self.timesteps)
         return idx, t, torch.randn((len(idx), *self.examples[idx[0]].latent.shape), generator=gen)
 
 
@@ -311,7 +376,8 @@ def train(denoiser: Denoiser, examples: Sequence[Example], loss_cfg: CatLossConf
     if amp == torch.float16 and device.type != "cuda":
         raise ValueError(f"mixed_precision 'fp16' needs a GPU (it trains with a grad scaler); use 'bf16' or 'no' on {device}.")
     data_dtype = torch.float32  # latents, noise and targets stay fp32; the forward casts to the compute dtype
-    sampler = sampler or BatchSampler(examples, cfg.batch_size)
+    caption_rows.check_examples(examples, cfg)
+    sampler = sampler or BatchSampler(examples, cfg.batch_size, (cfg.timestep_min, cfg.timestep_max))
     ckpt_dir = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
     state = load_checkpoint(resume) if resume else None
     settings = result_settings(cfg, loss_cfg, adapter, data_fingerprint(examples), _family_name(denoiser))
@@ -450,7 +516,7 @@ def _family_name(denoiser: Denoiser) -> str | None:
 def batch_note(examples: Sequence[Example], cfg: TrainConfig) -> str | None:
     """Batches come from one bucket; one smaller than batch_size repeats its images inside every batch."""
     sizes: dict[tuple, int] = {}
-    for ex in examples:
+    for ex in (ex for ex in examples if ex.drawn):
         sizes[tuple(ex.latent.shape)] = sizes.get(tuple(ex.latent.shape), 0) + 1
     largest = max(sizes.values())
     if cfg.batch_size <= largest:

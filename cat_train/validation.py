@@ -80,7 +80,8 @@ class Validator:
             raise ValueError("validation needs the training examples; the dataset is empty.")
         self.denoiser, self.points, self.probes = denoiser, points, dict(probes or {})
         images: dict[tuple, _Image] = {}
-        for ex in examples:  # build_examples shares one latent storage and one caption dict across an image's rows
+        for ex in (ex for ex in examples if getattr(ex, "drawn", True)):  # caption rows are no images of their own
+            # build_examples shares one latent storage and one caption dict across an image's rows
             key = (ex.latent.data_ptr(), tuple(ex.latent.shape), id(ex.cond_token))
             img = images.setdefault(key, _Image(ex.latent, ex.cond_token))
             if not any(c is ex.cond_pres for c in img.keep):
