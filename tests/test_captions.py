@@ -1,5 +1,6 @@
 """Caption dropout and tag shuffling: caption rows built once, picked per draw from the run's generator."""
 import math
+import zlib
 
 import pytest
 import torch
@@ -35,18 +36,29 @@ def test_shuffle_keeps_the_first_n_tags_and_permutes_the_rest():
     assert shuffled("a photo of sks dog", 0, g) == "a photo of sks dog"  # one tag: nothing to move
 
 
-def test_y_is_built_from_the_shuffled_y_t(text):
+class WholePromptText:
+    """A context per whole prompt (the toy encoder sees only 6 tokens, so shuffles past them would look alike)."""
+
+    def __init__(self):
+        self.prompts = {}
+
+    def __call__(self, prompts):
+        g = torch.Generator().manual_seed(zlib.crc32(prompts[0].encode()))
+        ctx = torch.randn(1, 6, 64, generator=g)
+        self.prompts[ctx.numpy().tobytes()] = prompts[0]
+        return {"context": ctx}
+
+
+def test_y_is_built_from_the_shuffled_y_t():
+    text = WholePromptText()
     exs = build(text, shuffle_tags=True, keep_tags=1, caption_variants=4)
     rows = [e for e in exs if not e.drawn]
     assert len(exs) == 3 + 3 * 4 and len(rows) == 12 and all(e.captions is not None for e in exs if e.drawn)
-    encoded = {p for call in text.calls for p in call}
-    by_cond = {}
-    for p in encoded:
-        by_cond[text([p])["context"][0].numpy().tobytes()] = p
+    by_cond = text.prompts
     shuffles = set()
     for r in rows:
-        y_t = by_cond[r.cond_token["context"].numpy().tobytes()]
-        y = by_cond[r.cond_pres["context"].numpy().tobytes()]
+        y_t = by_cond[r.cond_token["context"][None].numpy().tobytes()]
+        y = by_cond[r.cond_pres["context"][None].numpy().tobytes()]
         assert tags(y_t)[0] == "sks dog" and set(tags(y_t)) - {f"pose {i}" for i in range(3)} == set(tags(CAPTION))
         assert y == preservation_prompt(y_t, ("sks",), "class", "dog")  # 'dog, ...' in the same shuffled order
         shuffles.add(y_t)
