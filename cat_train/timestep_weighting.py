@@ -63,3 +63,8 @@ class MinSnrWeight(StepTerm):
     @staticmethod
     def metadata(gamma: float, history=()) -> dict[str, str]:
         return {"ss_min_snr_gamma": f"{gamma:g}" if gamma > 0 else "None"}  # kohya writes None when off
+
+
+def range_metadata(cfg) -> dict[str, str]:
+    """The timestep range for a LoRA header (kohya records no key for its min/max_timestep: CAT's own names)."""
+    return {"cat_timestep_min": str(int(cfg.timestep_min)), "cat_timestep_max": str(int(cfg.timestep_max))}

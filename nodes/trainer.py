@@ -145,15 +145,16 @@ def resume_path(resume_from: str | None) -> str:
     return resume
 
 
-def model_examples(mp, dataset, loss_cfg: CatLossConfig, tick=None) -> list[Example]:
+def model_examples(mp, dataset, loss_cfg: CatLossConfig, tick=None, cfg: TrainConfig | None = None) -> list[Example]:
     """Examples in the UNet's own latent space (process_latent_in), with SDXL's y per latent size.
 
     Latents and conditionings (auto preservation's probes too) are converted once each and shared between examples:
     10,000 preservation prompts x 3 images cloned a conditioning per pair (+1.4 GB with a tiny CLIP, 12-32x that with
-    a real one). tick() per prompt encoded and per example converted moves the bar and stops at Cancel."""
+    a real one). tick() per prompt encoded and per example converted moves the bar and stops at Cancel. cfg: its caption
+    options add caption rows (cat_train/captions.py), converted like the rest."""
     positions = dataset.token_positions if loss_cfg.apt.align_skip_triggers else None  # tokenizes only when asked
     examples = build_examples([(lat, cap, trig, rep) for lat, cap, trig, rep in dataset.items], dataset.encode_text, loss_cfg,
-                              progress=(lambda done, total: tick()) if tick else None, token_positions=positions)
+                              progress=(lambda done, total: tick()) if tick else None, token_positions=positions, cfg=cfg)
     latents, conds, probes, out = {}, {}, {}, []
 
     def unet_cond(c, w, h):
@@ -167,18 +168,19 @@ def model_examples(mp, dataset, loss_cfg: CatLossConfig, tick=None) -> list[Exam
             latents[id(ex.latent)] = (ex.latent, mp.model.process_latent_in(ex.latent[None].clone())[0])
         if (id(ex.probes), w, h) not in probes:  # auto preservation's probes: one dict per image, as build_examples made them
             probes[(id(ex.probes), w, h)] = {p: unet_cond(c, w, h) for p, c in ex.probes.items()}
-        out.append(Example(latents[id(ex.latent)][1], unet_cond(ex.cond_token, w, h), unet_cond(ex.cond_pres, w, h),
-                           ex.weight, ex.repeats, probes=probes[(id(ex.probes), w, h)], trigger_tokens=ex.trigger_tokens))
+        out.append(dataclasses.replace(ex, latent=latents[id(ex.latent)][1], cond_token=unet_cond(ex.cond_token, w, h),
+                                       cond_pres=unet_cond(ex.cond_pres, w, h), probes=probes[(id(ex.probes), w, h)]))
         if tick:
             tick()
     return out
 
 
-def preparation_steps(dataset, loss_cfg: CatLossConfig) -> int:
+def preparation_steps(dataset, loss_cfg: CatLossConfig, cfg: TrainConfig | None = None) -> int:
     """Ticks model_examples makes: prompts to encode (an upper bound) plus examples to convert."""
     n = len(dataset.items)
     pres = len(loss_cfg.preservation_prompts) or 1
-    return 2 * n + len(loss_cfg.preservation_prompts) + n * pres
+    rows = (cfg.caption_variants if cfg is not None and cfg.shuffle_tags else 0) + (1 if cfg is not None and cfg.caption_dropout else 0)
+    return 2 * n + len(loss_cfg.preservation_prompts) + n * pres + rows * (2 * n * pres + n * pres) + (1 if rows else 0)
 
 
 def _unet_cond(mp, c: dict, width: int, height: int) -> dict:
@@ -228,10 +230,10 @@ def train_on_model(mp, dataset, loss_cfg: CatLossConfig, spec: LoraSpec, cfg: Tr
     import comfy.sd
 
     t0 = time.perf_counter()
-    prep = phase_progress(preparation_steps(dataset, loss_cfg))  # Cancel during preparation: within one item
+    prep = phase_progress(preparation_steps(dataset, loss_cfg, cfg))  # Cancel during preparation: within one item
     prep.check()
     with trainable(mp, compute) as den:  # raises if the shared UNet did not come back bit-identical
-        examples = model_examples(mp, dataset, loss_cfg, prep)
+        examples = model_examples(mp, dataset, loss_cfg, prep, cfg)
         prep.check()
         budget = memory_budget(den, examples, spec, loss_cfg, cfg)
         prep.check()  # after the probe forward, before step 1 and its checkpoint

@@ -13,11 +13,15 @@ import typing
 
 from comfy_api.latest import io
 
+from ..cat_train.loss import CatLossConfig
 from ..cat_train.options_doc import help_of
+from ..cat_train.train import TrainConfig
 from .common import CATEGORY, TrainingOptions, range_problem
 
 # (option dataclass, its fields that are widgets here), in widget order; a feature appends its own line
 GROUPS: list[tuple[type, tuple[str, ...]]] = []
+GROUPS.append((TrainConfig, ("caption_dropout", "shuffle_tags", "keep_tags", "caption_variants", "timestep_min", "timestep_max")))
+GROUPS.append((CatLossConfig, ("min_snr_gamma",)))
 
 
 def _fields(cls: type) -> dict[str, dataclasses.Field]:
