@@ -52,6 +52,7 @@ NODE_WIDGETS: dict[str, list[tuple[str, str]]] = {
                               ("steps", "CatVersionConfig.steps"), ("learning_rate", "CatVersionConfig.lr"),
                               ("batch_size", "CatVersionConfig.batch_size"), ("cat_factor", "CatVersionConfig.alpha"),
                               ("class_word", "CatVersionConfig.class_word"), ("seed", "CatVersionConfig.seed")],
+    "CAT_TrainingOptions": [("ema_decay", "TrainConfig.ema_decay"), ("ema_start_step", "TrainConfig.ema_start_step")],
 }
 
 

@@ -28,6 +28,7 @@ from .plugins import Adapter, StepTerm
 from .auto_config import image_probes, probe_words
 from .prompts import class_word_for, preservation_prompt
 from .regularizers import step_terms
+from .weight_terms import weight_terms
 from .run_folder import (atomic_save, check_resume, check_space, checkpoint_bytes, claim_or_own, data_fingerprint,
                          result_settings, writable_folder)
 
@@ -63,6 +64,13 @@ class TrainConfig:
     max_grad_norm: float = field(default=0.0, metadata={"help": "gradient clipping norm; 0 = off (the paper uses none)."})
     device: str | None = field(default=None, metadata={"help": (
         "where training runs; None: where the module's parameters are.")})
+    ema_decay: float = field(default=0.0, metadata={"min": 0.0, "max": 0.9999, "step": 0.0001, "help": (
+        "exponential moving average of the adapter weights (fp32), updated after each optimizer step: shadow = decay "
+        "* shadow + (1 - decay) * weights; the LoRA written (the result and every save_every file) is the average. "
+        "0 = off; 0.99-0.999 are usual (about 1/(1 - decay) steps averaged).")})
+    ema_start_step: int = field(default=0, metadata={"min": 0, "max": 100000, "help": (
+        "the average starts here: up to this step it is a copy of the weights, so the untrained start (a LoRA's "
+        "zero up-weights) is not averaged in; 0: from the initial weights.")})
 
     def __post_init__(self):
         checks = [
@@ -75,6 +83,8 @@ class TrainConfig:
             (self.lr_schedule in ("constant", "cosine"), f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}."),
             (self.mixed_precision in ("no", "bf16", "fp16"), f"mixed_precision must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}."),
             (self.max_grad_norm >= 0 and math.isfinite(self.max_grad_norm), f"max_grad_norm must be >= 0 (0 = off), got {self.max_grad_norm}."),
+            (0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1) (0 = off), got {self.ema_decay}; 0.999 averages about 1000 steps."),
+            (self.ema_start_step >= 0, f"ema_start_step must be >= 0, got {self.ema_start_step}."),
         ]
         for ok, msg in checks:
             if not ok:
@@ -343,7 +353,8 @@ def train(denoiser: Denoiser, examples: Sequence[Example], loss_cfg: CatLossConf
             opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
             sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(cfg, s))
             scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
-            terms = step_terms(loss_cfg, denoiser) + list(extra_terms)  # after install: hooks see the adapted layers
+            # after install: hooks see the adapted layers
+            terms = step_terms(loss_cfg, denoiser) + weight_terms(cfg, adapter) + list(extra_terms)
             for term in terms:
                 term.start(examples)
             if state is not None:
@@ -407,8 +418,11 @@ def train(denoiser: Denoiser, examples: Sequence[Example], loss_cfg: CatLossConf
                     result.history[-1].update({k: reports[term.name][k] for k in term.history_keys})
                 if cfg.save_every and result.steps_done % cfg.save_every == 0:
                     save(result.steps_done)
-                    if on_save:
-                        on_save(result.steps_done, adapter.weights())
+                    if on_save:  # inside: the model holds what the file gets (the watch scores and previews it)
+                        with contextlib.ExitStack() as exported:
+                            for term in terms:
+                                exported.enter_context(term.exporting())
+                            on_save(result.steps_done, adapter.weights())
                 if callback:
                     callback(StepInfo(step + 1, cfg.steps, total, fit, keep, lr, time.perf_counter() - t0,
                                       {k: r for k, r in reports.items() if r}))  # a term with nothing to show: no entry

@@ -14,10 +14,13 @@ import typing
 from comfy_api.latest import io
 
 from ..cat_train.options_doc import help_of
+from ..cat_train.train import TrainConfig
 from .common import CATEGORY, TrainingOptions, range_problem
 
 # (option dataclass, its fields that are widgets here), in widget order; a feature appends its own line
-GROUPS: list[tuple[type, tuple[str, ...]]] = []
+GROUPS: list[tuple[type, tuple[str, ...]]] = [
+    (TrainConfig, ("ema_decay", "ema_start_step")),
+]
 
 
 def _fields(cls: type) -> dict[str, dataclasses.Field]:
