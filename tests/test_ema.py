@@ -119,3 +119,22 @@ def test_config_checks_and_metadata():
     assert metadata(TrainConfig()) == {"cat_ema_decay": "0.0", "cat_ema_start_step": "0"}
     assert metadata(dataclasses.replace(TrainConfig(), ema_decay=0.999, ema_start_step=100)) == {
         "cat_ema_decay": "0.999", "cat_ema_start_step": "100"}
+
+
+def test_catversion_embeddings_are_averaged_too(tmp_path):
+    """The EMA acts on any plugins.Adapter's parameters: CatVersion's embeddings (train_catversion's loop settings)."""
+    from cat_train import catversion as cv
+    from cat_train.world import model as wm
+    from test_catversion import _assert_left_as_found, _items
+
+    den, text = wm.load_base()
+    cfg = cv.CatVersionConfig(steps=4, lr=1e-2, batch_size=2, alpha=1.0, class_word="circle", seed=5)
+    r = cv.train_catversion(den, {"text": text}, text.encode, _items(), cv.CatVersionSpec(layers=2), cfg,
+                            checkpoint_dir=str(tmp_path), save_every=4, ema_decay=0.5)
+    state = torch.load(checkpoint_path(tmp_path, 4), weights_only=True)
+    e = r.embeddings["text"]
+    got = {t.detach().numpy().tobytes() for t in (e.keys, e.values)}
+    assert got == {t.numpy().tobytes() for t in state["ema"]["shadow"]}
+    trained = state["catversion"]["text"]
+    assert not torch.equal(e.keys, trained["keys"]) and not torch.equal(e.values, trained["values"])
+    _assert_left_as_found(den, text)
