@@ -66,11 +66,11 @@ class TrainConfig:
         "where training runs; None: where the module's parameters are.")})
     ema_decay: float = field(default=0.0, metadata={"min": 0.0, "max": 0.9999, "step": 0.0001, "help": (
         "exponential moving average of the adapter weights (fp32), updated after each optimizer step: shadow = decay "
-        "* shadow + (1 - decay) * weights; the LoRA written (the result and every save_every file) is the average. "
+        "* shadow + (1 - decay) * weights; the weights written (the result and every save_every file) are the average. "
         "0 = off; 0.99-0.999 are usual (about 1/(1 - decay) steps averaged).")})
     ema_start_step: int = field(default=0, metadata={"min": 0, "max": 100000, "help": (
-        "the average starts here: up to this step it is a copy of the weights, so the untrained start (a LoRA's "
-        "zero up-weights) is not averaged in; 0: from the initial weights.")})
+        "the average starts here: up to this step it is a copy of the weights, so the untrained start (e.g. zero "
+        "up-weights) is not averaged in; 0: from the initial weights.")})
 
     def __post_init__(self):
         checks = [
