@@ -2,10 +2,14 @@
 Ids are prefixed CAT_ so they never clash with built-ins; the shared socket types and helpers are in common.py."""
 from __future__ import annotations
 
+import logging
+
 from comfy_api.latest import ComfyExtension, io
 
-from . import (apt, auto_preservation, catversion, dataset, evaluate, leak_scan, lora_family_warning, loss_config, save_lora,
-               trainer, training_options)
+from . import (apt, auto_preservation, catversion, dataset, early_cancel, evaluate, leak_scan, lora_family_warning, loss_config,
+               save_lora, trainer, training_options)
+
+log = logging.getLogger("ComfyUI-CAT")
 
 
 class CatExtension(ComfyExtension):
@@ -26,6 +30,8 @@ def _register_server_hooks() -> None:
     server = getattr(PromptServer, "instance", None)
     if server is not None:
         lora_family_warning.register(server)
+        if not early_cancel.register(server):
+            log.warning("ComfyUI-CAT: the server's app already runs; a Cancel sent before a run starts is not kept")
 
 
 async def comfy_entrypoint() -> ComfyExtension:

@@ -116,3 +116,67 @@ def test_matching_families_and_odd_graphs_say_nothing(server):  # noqa: F811
         status, resp, events = asyncio.run(_queue(url, body, "w3", settle=0.5))
         assert status in (400, 500) and events == [], (body, status, resp)  # ComfyUI's own refusal (its 500 for "2": 5)
     assert (base / "server.log").read_text().count("on_prompt_handler") == before  # no handler error logged
+
+
+def test_a_cancel_sent_while_the_run_is_queued_stops_it_when_it_starts(server):  # noqa: F811
+    """Run A keeps the worker busy; B (5000 steps) is queued behind it and cancelled at once by its prompt id, which
+    ComfyUI skips ("not currently running"). A must finish untouched; B must stop as it starts, before any step."""
+    import aiohttp
+
+    from test_server import train_graph
+
+    url, _, base = server
+    a = train_graph(steps=20, seed=11, checkpoint_name="busy_a", save_name="busy_a")
+    b = train_graph(steps=5000, seed=12, checkpoint_name="early_b", save_name="never_b")
+
+    async def go():
+        current, seen = None, {}
+        async with aiohttp.ClientSession() as s, s.ws_connect(f"{url.replace('http', 'ws')}/ws?clientId=ec") as ws:
+            ids = []
+            for g in (a, b):
+                r = await s.post(url + "/prompt", json={"prompt": g, "client_id": "ec"})
+                ids.append((await r.json())["prompt_id"])
+            await s.post(url + "/interrupt", json={"prompt_id": ids[1]})
+            t_cancel = time.monotonic()
+            while True:
+                m = await ws.receive(timeout=300)
+                if m.type != aiohttp.WSMsgType.TEXT:
+                    continue
+                d = json.loads(m.data)
+                kind, data = d["type"], d.get("data") or {}
+                if kind == "execution_start":
+                    current = data["prompt_id"]
+                    seen[current] = {"start": time.monotonic(), "steps": 0}
+                elif kind == "cat.train.progress" and current:
+                    seen[current]["steps"] += 1
+                elif kind in ("execution_success", "execution_interrupted", "execution_error") and current:
+                    seen[current].update(end=time.monotonic(), how=kind)
+                    if current == ids[1]:
+                        return ids, seen, t_cancel
+
+    ids, seen, t_cancel = asyncio.run(go())
+    ra, rb = seen[ids[0]], seen[ids[1]]
+    assert ra["how"] == "execution_success" and ra["steps"] == 20, ra  # the Cancel was not A's
+    assert rb["start"] > t_cancel  # B was still queued when its Cancel came
+    assert rb["how"] == "execution_interrupted" and rb["steps"] == 0, rb
+    stop = rb["end"] - rb["start"]
+    print(f"B stopped {stop:.2f} s after it started ({rb['end'] - t_cancel:.2f} s after Cancel, A ran in between)")
+    assert stop < 10
+    assert not list((base / "models" / "loras").glob("never_b*"))
+    assert not (base / "output" / "cat_checkpoints" / "early_b").exists()  # stopped before the trainer's first work
+
+
+def test_what_each_interrupt_is_aimed_at(comfy):
+    from conftest import pack_module
+
+    ec = pack_module(comfy, "nodes.early_cancel")
+    running, pending = [(3, "r")], [(9, "later"), (-1, "front"), (5, "next")]
+    assert ec.targets({"prompt_id": "b"}, running, pending) == ["b"]  # named: that one, running or not
+    assert ec.targets({}, running, pending) == ["r"]  # global: the running one, as ComfyUI means it
+    assert ec.targets(None, [], pending) == ["front"]  # nothing running: the next to run (queued at the front)
+    assert ec.targets({}, [], []) == []
+    ec.record(["x"])
+    assert ec.requested("x") and not ec.requested("x")  # taken once
+    assert not ec.requested(None) and not ec.requested("never")
+    ec.record([f"p{i}" for i in range(ec.KEEP + 5)])
+    assert not ec.requested("p0") and ec.requested(f"p{ec.KEEP + 4}")  # old records age out
