@@ -180,3 +180,14 @@ def test_what_each_interrupt_is_aimed_at(comfy):
     assert not ec.requested(None) and not ec.requested("never")
     ec.record([f"p{i}" for i in range(ec.KEEP + 5)])
     assert not ec.requested("p0") and ec.requested(f"p{ec.KEEP + 4}")  # old records age out
+
+
+def test_the_prompt_hook_returns_every_body_as_received(comfy):
+    from conftest import pack_module
+
+    hook = pack_module(comfy, "nodes.lora_family_warning")
+    bodies = [{"prompt": {"1": {"class_type": "LoraLoader", "inputs": None}}}, {"prompt": "x"}, {}, [], None, "text",
+              {"prompt": {"1": {"class_type": "LoraLoaderModelOnly", "inputs": {"model": ["1", 0], "lora_name": "a"}}}}]
+    for body in bodies:
+        snapshot = json.dumps(body)
+        assert hook.on_prompt(body) is body and json.dumps(body) == snapshot
