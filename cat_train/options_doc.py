@@ -48,15 +48,20 @@ NODE_WIDGETS: dict[str, list[tuple[str, str]]] = {
                              ("probes", "AutoPreservationConfig.probes"), ("top_k", "AutoPreservationConfig.top_k"),
                              ("threshold", "AutoPreservationConfig.threshold"), ("points", "AutoPreservationConfig.points"),
                              ("images", "AutoPreservationConfig.images"), ("seed", "AutoPreservationConfig.seed")],
-    "CAT_TrainingOptions": [("caption_dropout", "TrainConfig.caption_dropout"), ("shuffle_tags", "TrainConfig.shuffle_tags"),
-                            ("keep_tags", "TrainConfig.keep_tags"), ("caption_variants", "TrainConfig.caption_variants"),
-                            ("timestep_min", "TrainConfig.timestep_min"), ("timestep_max", "TrainConfig.timestep_max"),
-                            ("min_snr_gamma", "CatLossConfig.min_snr_gamma")],
     "CAT_CatVersionTrainer": [("layers", "CatVersionSpec.layers"), ("embeddings_per_layer", "CatVersionSpec.length"),
                               ("steps", "CatVersionConfig.steps"), ("learning_rate", "CatVersionConfig.lr"),
                               ("batch_size", "CatVersionConfig.batch_size"), ("cat_factor", "CatVersionConfig.alpha"),
                               ("class_word", "CatVersionConfig.class_word"), ("seed", "CatVersionConfig.seed")],
 }
+
+# The CAT Training Options node's widgets, in order: (option class, its fields that are widgets there). The node
+# (nodes/training_options.py) builds each widget from its field; a feature appends its own entry.
+TRAINING_OPTIONS: list[tuple[str, tuple[str, ...]]] = [
+    ("TrainConfig", ("caption_dropout", "shuffle_tags", "keep_tags", "caption_variants", "timestep_min", "timestep_max")),
+    ("CatLossConfig", ("min_snr_gamma",)),
+    ("TrainConfig", ("ema_decay", "ema_start_step")),
+]
+NODE_WIDGETS["CAT_TrainingOptions"] = [(n, f"{c}.{n}") for c, names in TRAINING_OPTIONS for n in names]
 
 
 def help_of(cls: type, name: str) -> str:

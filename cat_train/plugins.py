@@ -68,6 +68,12 @@ class StepTerm:
     def end_of_step(self, step: int) -> None:
         """After optimizer step `step` (1-based), before that step's checkpoint, report and callback."""
 
+    def exporting(self) -> ContextManager:
+        """Entered around a mid-run save (`on_save` with the adapter's weights(), `save_every` files): a term that keeps
+        other weights than the trained ones (the EMA) puts them in the parameters for the duration, then the trained
+        ones back. The run's final weights are read after close(), which leaves what the term exports in place."""
+        return contextlib.nullcontext()
+
     def report(self) -> dict:
         """What the live view and the history show of it."""
         return {}
@@ -85,7 +91,8 @@ class StepTerm:
         return {}
 
     def close(self) -> None:
-        """Undo whatever the constructor attached to the model."""
+        """Undo whatever the constructor attached to the model. Runs before the run's weights are read, so a term
+        whose weights are exported instead of the trained ones (the EMA) puts them in the adapter here."""
 
 
 class Adapter:

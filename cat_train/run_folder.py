@@ -28,6 +28,10 @@ RUN_FILE = "cat-run.json"
 # gradient checkpointing (the same numbers, recomputed). `steps` changes them only through a cosine schedule
 # (a constant-lr run resumed to train longer is the same run).
 NOT_RESULT = ("save_every", "checkpoint_dir", "device", "gradient_checkpointing", "steps")
+# Options added after runs began recording their settings, recorded only while the first named switches them on:
+# a run with them off is the run earlier versions recorded (its checkpoints resume, its folder stays its own), and
+# the settings of an option that is off change nothing.
+RECORDED_WHEN_ON = {"ema_decay": "ema_decay", "ema_start_step": "ema_decay"}
 
 
 FAMILY_NAMES = {"sd": "SD1.x/SD2", "sdxl": "SDXL", "flux": "Flux", "sd3": "SD3", None: "unknown"}
@@ -133,7 +137,8 @@ def recorded(options) -> dict:
 
 def result_settings(cfg, loss_cfg, adapter, data: dict, family: str | None) -> dict:
     """Every setting that changes the trained weights, in a comparable form."""
-    config = {k: v for k, v in recorded(cfg).items() if k not in NOT_RESULT}
+    config = {k: v for k, v in recorded(cfg).items()
+              if k not in NOT_RESULT and (k not in RECORDED_WHEN_ON or getattr(cfg, RECORDED_WHEN_ON[k]))}
     if cfg.lr_schedule == "cosine":
         config["steps"] = cfg.steps
     spec = getattr(adapter, "spec", None)

@@ -30,6 +30,7 @@ from .plugins import Adapter, StepTerm
 from .auto_config import image_probes, probe_words
 from .prompts import class_word_for, preservation_prompt
 from .regularizers import step_terms
+from .weight_terms import weight_terms
 from .run_folder import (atomic_save, check_resume, check_space, checkpoint_bytes, claim_or_own, data_fingerprint,
                          result_settings, writable_folder)
 
@@ -85,6 +86,13 @@ class TrainConfig:
     timestep_max: int = field(default=1000, metadata={"since": "0.2.0", "min": 1, "max": 1000, "help": (
         "highest training timestep (exclusive for SD), of 1000 (kohya's max_timestep); 1000 with min 0 = the full "
         "range, drawn exactly as without the option.")})
+    ema_decay: float = field(default=0.0, metadata={"since": "0.2.0", "min": 0.0, "max": 0.9999, "step": 0.0001, "help": (
+        "exponential moving average of the adapter weights (fp32), updated after each optimizer step: shadow = decay "
+        "* shadow + (1 - decay) * weights; the weights written (the result and every save_every file) are the average. "
+        "0 = off; 0.99-0.999 are usual (about 1/(1 - decay) steps averaged).")})
+    ema_start_step: int = field(default=0, metadata={"since": "0.2.0", "min": 0, "max": 100000, "help": (
+        "the average starts here: up to this step it is a copy of the weights, so the untrained start (e.g. zero "
+        "up-weights) is not averaged in; 0: from the initial weights.")})
 
     def __post_init__(self):
         checks = [
@@ -102,6 +110,8 @@ class TrainConfig:
             (self.caption_variants >= 1, f"caption_variants must be >= 1, got {self.caption_variants}."),
             (0 <= self.timestep_min < self.timestep_max <= 1000, f"timesteps must satisfy 0 <= timestep_min < timestep_max "
              f"<= 1000, got timestep_min {self.timestep_min} and timestep_max {self.timestep_max}; 0 and 1000 = the full range."),
+            (0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1) (0 = off), got {self.ema_decay}; 0.999 averages about 1000 steps."),
+            (self.ema_start_step >= 0, f"ema_start_step must be >= 0, got {self.ema_start_step}."),
         ]
         for ok, msg in checks:
             if not ok:
@@ -409,7 +419,8 @@ def train(denoiser: Denoiser, examples: Sequence[Example], loss_cfg: CatLossConf
             opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
             sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(cfg, s))
             scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
-            terms = step_terms(loss_cfg, denoiser) + list(extra_terms)  # after install: hooks see the adapted layers
+            # after install: hooks see the adapted layers
+            terms = step_terms(loss_cfg, denoiser) + weight_terms(cfg, adapter) + list(extra_terms)
             for term in terms:
                 term.start(examples)
             if state is not None:
@@ -473,8 +484,11 @@ def train(denoiser: Denoiser, examples: Sequence[Example], loss_cfg: CatLossConf
                     result.history[-1].update({k: reports[term.name][k] for k in term.history_keys})
                 if cfg.save_every and result.steps_done % cfg.save_every == 0:
                     save(result.steps_done)
-                    if on_save:
-                        on_save(result.steps_done, adapter.weights())
+                    if on_save:  # inside: the model holds what the file gets (the watch scores and previews it)
+                        with contextlib.ExitStack() as exported:
+                            for term in terms:
+                                exported.enter_context(term.exporting())
+                            on_save(result.steps_done, adapter.weights())
                 if callback:
                     callback(StepInfo(step + 1, cfg.steps, total, fit, keep, lr, time.perf_counter() - t0,
                                       {k: r for k, r in reports.items() if r}))  # a term with nothing to show: no entry

@@ -22,6 +22,7 @@ from ..cat_train.plot import loss_curve
 from ..cat_train.precision import mixed_precision_name
 from .comfy_clip import apply_catversion, clip_encoders, encoder_fn, infos, out_of_place_residuals, output_layer
 from .comfy_model import leave_inference_mode, adm_y, trainable
+from . import early_cancel
 from .common import CATEGORY, CatVersion, Dataset, image_of, progress_callback
 from .lora_io import name_problem, safe_lora_path
 
@@ -149,6 +150,7 @@ class CatVersionTrainerNode(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, dataset, layers, embeddings_per_layer, steps, learning_rate, batch_size, cat_factor,
                 class_word, seed, caption=None, flip=None, prefix_bias=None) -> io.NodeOutput:
+        early_cancel.check()  # a Cancel sent before this prompt started (ComfyUI drops it)
         caption = caption or _CFG.caption
         word = class_word.strip() or getattr(dataset, "class_word", "")
         if cat_factor > 0 and not word:

@@ -120,16 +120,26 @@ def model_file_name(prompt: dict | None, node_id: str | None, input_name: str = 
     (through LoRA loaders, ModelSampling and the like, which pass it on as their own `model` input) to the
     loader that names a file. '' where the graph does not say (a MODEL built in code, a loop, a missing node).
     ComfyUI keeps no file name on the MODEL itself; kohya's ss_sd_model_name wants one."""
+    found = model_file(prompt, node_id, input_name, hops)
+    return found[1] if found else ""
+
+
+def model_file(prompt: dict | None, node_id: str | None, input_name: str = "model",
+               hops: int = 32) -> tuple[str, str] | None:
+    """(the loader's input, the file it names) that model_file_name follows to: `ckpt_name` files are in the
+    checkpoints folder, `unet_name` ones in diffusion_models. None where the graph does not say."""
     node = (prompt or {}).get(str(node_id)) if node_id is not None else None
     for _ in range(hops):
         if not isinstance(node, dict):
-            return ""
+            return None
         inputs = node.get("inputs", {})
-        named = next((inputs[k] for k in MODEL_FILE_INPUTS if isinstance(inputs.get(k), str)), None)
+        if not isinstance(inputs, dict):
+            return None
+        named = next((k for k in MODEL_FILE_INPUTS if isinstance(inputs.get(k), str)), None)
         if named is not None:
-            return named
+            return named, inputs[named]
         link = inputs.get(input_name)
         if not (isinstance(link, list) and len(link) == 2):
-            return ""
+            return None
         node, input_name = prompt.get(str(link[0])), "model"
-    return ""
+    return None

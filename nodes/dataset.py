@@ -10,6 +10,7 @@ from comfy_api.latest import io
 
 from ..cat_train.dataset import DatasetError, caption_suffix, check_resolution, folders, plan_dataset
 from ..cat_train.loss import repeat_to_common_length
+from . import early_cancel
 from .common import CATEGORY, Dataset, input_path, phase_progress, range_problem
 
 log = logging.getLogger("ComfyUI-CAT")
@@ -157,6 +158,7 @@ class CatDatasetNode(io.ComfyNode):
 
     @classmethod
     def execute(cls, vae, clip, folder, triggers, class_word, caption_extension, resolution, buckets) -> io.NodeOutput:
+        early_cancel.check()  # a Cancel sent before this prompt started (ComfyUI drops it)
         trig = tuple(t.strip() for t in triggers.split(",") if t.strip())
         ds = build_dataset(input_path(folder), vae, clip, trig, class_word.strip(), caption_extension, resolution, buckets)
         return io.NodeOutput(ds, len(ds.items), info(ds), image_batch(ds.pixels))

@@ -13,6 +13,7 @@ from ..cat_train.export import save_lora, to_kohya, training_metadata
 from ..cat_train.regularizers import metadata as regularizer_metadata
 from ..cat_train.run_folder import check_space, writable_folder
 from ..cat_train.timestep_weighting import range_metadata
+from ..cat_train.weight_terms import metadata as weight_term_metadata
 from .comfy_model import base_model_version, family_of
 from .common import CATEGORY
 from .lora_io import name_problem, safe_lora_path
@@ -34,7 +35,8 @@ def metadata(loss_cfg, spec, cfg, dataset, steps_done: int, history: list[dict],
         comment="Contrastive Adapter Training (CAT, arXiv 2404.07554), ComfyUI-CAT",
         extra={"ss_lr_scheduler": cfg.lr_schedule, "cat_preservation_prompts": json.dumps(list(loss_cfg.preservation_prompts)),
                "cat_final_loss": f"{history[-1]['loss']:.6g}" if history else "", **regularizer_metadata(loss_cfg, history),
-               **caption_metadata(cfg), **range_metadata(cfg)})
+               **caption_metadata(cfg), **range_metadata(cfg),
+               **weight_term_metadata(cfg)})
 
 
 def step_lora_writer(mp, folder, name: str, loss_cfg, spec, cfg, dataset, base_model: str = ""):

@@ -29,6 +29,7 @@ from ..cat_train.precision import CHOICES as COMPUTE_CHOICES
 from ..cat_train.precision import mixed_precision_name
 from ..cat_train.train import Example, TrainConfig, build_examples, train
 from .comfy_model import adm_y, base_model_version, trainable
+from . import early_cancel
 from .common import CATEGORY, Dataset, LossConfig, TrainingOptions, feeds, image_of, model_file_name, phase_progress, progress_callback
 from .lora_io import CatLora, name_problem, safe_subpath
 from .training_options import options_for
@@ -101,6 +102,7 @@ class CatTrainerNode(io.ComfyNode):
     def execute(cls, model, dataset, loss_config, rank, lora_alpha, target, steps, learning_rate, lr_schedule, batch_size,
                 grad_accum, seed, dtype, gradient_checkpointing, save_every, checkpoint_name, resume_from="", preview_every=0,
                 vae=None, preview_prompts="", validate_every=0, probe_prompts="", clip_vision=None, options=None) -> io.NodeOutput:
+        early_cancel.check()  # a Cancel sent before this prompt started (ComfyUI drops it)
         ckpt_dir = safe_subpath(checkpoints_folder(), checkpoint_name, "checkpoint_name", "output/cat_checkpoints", "cat_run")
         loss_config = dataclasses.replace(loss_config, **options_for(options, CatLossConfig))  # a fresh copy either way
         check_concepts(dataset.triggers, loss_config)  # before any model work: weights of non-triggers, y = y_T

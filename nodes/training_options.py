@@ -13,15 +13,11 @@ import typing
 
 from comfy_api.latest import io
 
-from ..cat_train.loss import CatLossConfig
-from ..cat_train.options_doc import help_of
-from ..cat_train.train import TrainConfig
+from ..cat_train.options_doc import TRAINING_OPTIONS, help_of, option_classes
 from .common import CATEGORY, TrainingOptions, range_problem
 
-# (option dataclass, its fields that are widgets here), in widget order; a feature appends its own line
-GROUPS: list[tuple[type, tuple[str, ...]]] = []
-GROUPS.append((TrainConfig, ("caption_dropout", "shuffle_tags", "keep_tags", "caption_variants", "timestep_min", "timestep_max")))
-GROUPS.append((CatLossConfig, ("min_snr_gamma",)))
+# (option dataclass, its fields that are widgets here), in widget order: cat_train/options_doc.TRAINING_OPTIONS
+GROUPS: list[tuple[type, tuple[str, ...]]] = [(option_classes()[c], names) for c, names in TRAINING_OPTIONS]
 
 
 def _fields(cls: type) -> dict[str, dataclasses.Field]:

@@ -160,12 +160,11 @@ def _examples(text):
     return build_examples(items, text, CatLossConfig(class_word="dog"))
 
 
-def test_flow_denoiser_trains_with_both():
+def test_flow_denoiser_trains_with_both(text):
     from cat_train.world.unet import TINY_CONFIG, UNet
 
     torch.manual_seed(0)
     den = ModuleDenoiser(UNet(**TINY_CONFIG), "flow", FlowSchedule())
-    from conftest import RecordingText
-    r = train(den, _examples(RecordingText()), CatLossConfig(class_word="dog", min_snr_gamma=5.0), LoraSpec(rank=2),
+    r = train(den, _examples(text), CatLossConfig(class_word="dog", min_snr_gamma=5.0), LoraSpec(rank=2),
               TrainConfig(steps=2, timestep_min=100, timestep_max=900))
     assert r.steps_done == 2 and all(math.isfinite(h["loss"]) for h in r.history)
