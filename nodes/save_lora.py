@@ -8,6 +8,7 @@ import logging
 
 from comfy_api.latest import io
 
+from ..cat_train.algorithms import ALGORITHMS
 from ..cat_train.export import save_lora, to_kohya, training_metadata
 from ..cat_train.regularizers import metadata as regularizer_metadata
 from ..cat_train.run_folder import check_space, writable_folder
@@ -31,7 +32,8 @@ def metadata(loss_cfg, spec, cfg, dataset, steps_done: int, history: list[dict],
         base_model_version=base_version, base_model=base_model, output_name=output_name, captions=[it[1] for it in dataset.items],
         comment="Contrastive Adapter Training (CAT, arXiv 2404.07554), ComfyUI-CAT",
         extra={"ss_lr_scheduler": cfg.lr_schedule, "cat_preservation_prompts": json.dumps(list(loss_cfg.preservation_prompts)),
-               "cat_final_loss": f"{history[-1]['loss']:.6g}" if history else "", **regularizer_metadata(loss_cfg, history)})
+               "cat_final_loss": f"{history[-1]['loss']:.6g}" if history else "", **regularizer_metadata(loss_cfg, history),
+               **ALGORITHMS[spec.algorithm].metadata()})  # LyCORIS's ss_network_module/args for LoHa, LoKr, DoRA
 
 
 def step_lora_writer(mp, folder, name: str, loss_cfg, spec, cfg, dataset, base_model: str = ""):
