@@ -1,0 +1,63 @@
+"""DoRA, LoHa, LoKr (and LoRA) files through ComfyUI's stock LoraLoaderModelOnly: the loaded model predicts what the
+trainer's peft adapter predicts (docs/algorithms.md has the figures)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import adapted_vs_stock_predictions, pack_module
+
+FILE_KEYS = {"lora": {"lora_down.weight", "lora_up.weight", "alpha"},
+             "dora": {"lora_down.weight", "lora_up.weight", "dora_scale", "alpha"},
+             "loha": {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "alpha"},
+             "lokr": {"lokr_w1", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "alpha"}}  # LoKr: w2 full or factored per layer
+
+
+@pytest.mark.parametrize("algo,rank", [("lora", 4), ("dora", 4), ("loha", 4), ("lokr", 4), ("lokr", 2)])
+def test_algorithm_file_through_stock_loader_predicts_as_trained(comfy, tiny_sd15, dataset_dir, tmp_path, algo, rank):
+    import comfy.model_management as mm
+    from safetensors import safe_open
+
+    mp, clip, vae = tiny_sd15
+    tr = pack_module(comfy, "nodes.trainer")
+    A = pack_module(comfy, "cat_train.adapter")
+    L = pack_module(comfy, "cat_train.loss")
+    T = pack_module(comfy, "cat_train.train")
+    cm = pack_module(comfy, "nodes.comfy_model")
+    ds = pack_module(comfy, "nodes.dataset").build_dataset(dataset_dir, vae, clip, ("sks",), "dog", ".txt", 128, True)
+    unet = mp.model.diffusion_model
+    mm.load_models_gpu([mp])  # an earlier test's patched clone of this shared model may still hold its weights merged
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    spec = A.LoraSpec(rank=rank, alpha=2.0 * rank, preset="full", algorithm=algo)  # full: the resnet convs too
+    cfg = T.TrainConfig(steps=4, lr=1e-2, seed=1, checkpoint_dir=str(tmp_path / "ck"))
+    loss = L.CatLossConfig(1.0, "class", "dog")
+    patched, lora, _, summary, result = tr.train_on_model(mp, ds, loss, spec, cfg, "7")
+    after = unet.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+    save = comfy.nodes.NODE_CLASS_MAPPINGS["CAT_SaveLora"]
+    path = save.execute(lora, f"algo_{algo}_{rank}").result[0]
+    with safe_open(path, "pt") as f:
+        keys, meta = set(f.keys()), f.metadata()
+    suffixes = {k.split(".", 1)[1] for k in keys}
+    assert suffixes <= FILE_KEYS[algo] and "alpha" in suffixes, suffixes
+    assert (meta["ss_network_module"], meta.get("cat_algorithm")) == (
+        ("networks.lora", None) if algo == "lora" else ("lycoris.kohya", algo))
+
+    stock = comfy.nodes.NODE_CLASS_MAPPINGS["LoraLoaderModelOnly"]()
+    (loaded,) = stock.load_lora_model_only(mp, path.split("/loras/")[-1], 1.0)
+    patched_keys = {k[len("diffusion_model."):-len(".weight")] for k in loaded.patches}
+    assert patched_keys == set(result.weights)  # every adapted module mapped, nothing else
+    kinds = {type(p[1]).__name__ for v in loaded.patches.values() for p in v}  # ComfyUI's adapter class per patch
+    assert kinds == {{"lora": "LoRAAdapter", "dora": "LoRAAdapter", "loha": "LoHaAdapter", "lokr": "LoKrAdapter"}[algo]}
+
+    ex = tr.model_examples(mp, ds, loss)[0]
+    worst = 0.0
+    for t in (100, 500, 900):
+        base, adapted, stock_pred, restored = adapted_vs_stock_predictions(
+            comfy, mp, cm.ComfyDenoiser(mp), ex, result.weights, spec, loaded, torch.tensor([t]))
+        assert (adapted - base).abs().max() > 1e-3  # the adapter changes the prediction...
+        torch.testing.assert_close(stock_pred, adapted, atol=1e-4, rtol=1e-4)  # ...as ComfyUI's merged weights do
+        assert torch.equal(restored, base)  # and the input MODEL is bit-identical again
+        worst = max(worst, (stock_pred - adapted).abs().max().item())
+    print(f"{algo} rank {rank}: max |stock - peft| {worst:.3g}, |adapted - base| {(adapted - base).abs().max():.3g}")
