@@ -61,3 +61,15 @@ def test_algorithm_file_through_stock_loader_predicts_as_trained(comfy, tiny_sd1
         assert torch.equal(restored, base)  # and the input MODEL is bit-identical again
         worst = max(worst, (stock_pred - adapted).abs().max().item())
     print(f"{algo} rank {rank}: max |stock - peft| {worst:.3g}, |adapted - base| {(adapted - base).abs().max():.3g}")
+
+
+def test_training_options_node_sets_the_algorithm(comfy):
+    node = comfy.nodes.NODE_CLASS_MAPPINGS["CAT_TrainingOptions"]
+    A = pack_module(comfy, "cat_train.adapter")
+    TO = pack_module(comfy, "nodes.training_options")
+    (widget,) = [i for i in node.define_schema().inputs if i.id == "algorithm"]
+    assert widget.options == ["lora", "dora", "loha", "lokr"] and widget.default == "lora"
+    out = node.execute(algorithm="lokr").result[0]
+    spec = A.LoraSpec(rank=8, alpha=8.0, preset="attn", **TO.options_for(out, A.LoraSpec))
+    assert spec.algorithm == "lokr"
+    assert A.LoraSpec(rank=8, **TO.options_for(None, A.LoraSpec)).algorithm == "lora"  # unconnected: LoRA as before
