@@ -102,6 +102,7 @@ def inject_lora(unet: nn.Module, spec: LoraSpec) -> list[str]:
         for p in _adapter_params(layer):
             p.data = p.data.float()
             p.requires_grad_(True)
+        of_layer(layer).prepare(layer)
     return names
 
 

@@ -122,6 +122,10 @@ class Algorithm:
         raise NotImplementedError
 
     @classmethod
+    def prepare(cls, layer: nn.Module) -> None:
+        """After injection and the fp32 cast of its tensors: whatever makes the adapted layer equal its base again."""
+
+    @classmethod
     def weights(cls, layer: nn.Module):
         """A detached copy of the layer's adapter, as export and load_lora_weights take it."""
         raise NotImplementedError
@@ -203,6 +207,17 @@ class Dora(Lora):
     @classmethod
     def param_count(cls, base, spec):
         return super().param_count(base, spec) + _fans(base)[0]
+
+    @classmethod
+    @torch.no_grad()
+    def prepare(cls, layer):
+        # peft takes m = ||W|| in the base's dtype; its forward recomputes the norm in the dtype it computes in (a
+        # Linear: its input's, cast to the fp32 LoRA weights; a conv: the base weight's). A bf16 base then started
+        # 2e-2 away from the frozen model; m from the same computation as the forward's makes m / ||W|| exactly 1.
+        dora, base = layer.lora_magnitude_vector[ADAPTER], layer.get_base_layer().weight
+        w = base.float() if isinstance(layer.get_base_layer(), nn.Linear) else base
+        norm = dora.get_weight_norm(weight=w, lora_weight=torch.zeros_like(w), scaling=layer.scaling[ADAPTER])
+        dora.weight.copy_(norm.reshape(dora.weight.shape))
 
     @classmethod
     def weights(cls, layer):
