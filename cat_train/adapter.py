@@ -86,6 +86,14 @@ def lora_param_count(unet: nn.Module, spec: LoraSpec) -> int:
     return sum(algo.param_count(unet.get_submodule(name), spec) for name in target_modules(unet, spec))
 
 
+def lora_saved_bytes(unet: nn.Module, spec: LoraSpec) -> int:
+    """Bytes the algorithm's forward keeps for backward beyond what a probe of the bare model sees, weights-sized
+    (LoRA: 0; LoHa/LoKr: one fp32 copy of every adapted weight, their materialised deltas). Approximate: measured
+    0.5-1.0x of that for LoHa/LoKr on the tiny UNet; DoRA also keeps activations this does not count."""
+    copies = ALGORITHMS[spec.algorithm].weight_copies
+    return 4 * copies * sum(unet.get_submodule(n).weight.numel() for n in target_modules(unet, spec)) if copies else 0
+
+
 def inject_lora(unet: nn.Module, spec: LoraSpec) -> list[str]:
     """Inject the spec's adapter layers (each algorithm zeroes one factor, so the adapted model equals the base at
     first); freeze the base."""

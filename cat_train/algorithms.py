@@ -98,6 +98,9 @@ class Algorithm:
 
     name: ClassVar[str]
     network: ClassVar[dict[str, str]] = {}  # kohya/LyCORIS header keys of its files (LoRA: the defaults)
+    # fp32 copies of each adapted weight its forward keeps for backward (LoHa/LoKr: the materialised delta that
+    # F.linear/conv2d saves for the input's gradient); the memory budget adds them (docs/algorithms.md)
+    weight_copies: ClassVar[int] = 0
 
     @classmethod
     def config(cls, spec, names: list[str]):
@@ -185,6 +188,7 @@ class Dora(Lora):
     hits the 1-D broadcasting bug of ComfyUI issue #12938."""
 
     name = "dora"
+    weight_copies = 1  # and about one more output per adapted layer, which the budget does not count
     network = {"ss_network_module": "lycoris.kohya",
                "ss_network_args": json.dumps({"algo": "lora", "dora_wd": "True", "wd_on_output": "True"})}
 
@@ -268,6 +272,7 @@ class Loha(Lycoris):
     """Hadamard product of two rank-r products: dW = (alpha / r) (w1_a w1_b) * (w2_a w2_b); peft zeroes w2_b at init."""
 
     name = "loha"
+    weight_copies = 1
     layer_class = "peft.tuners.loha.LoHaLayer"
     network = {"ss_network_module": "lycoris.kohya", "ss_network_args": json.dumps({"algo": "loha"})}
 
@@ -291,6 +296,7 @@ class Lokr(Lycoris):
     w1 at init."""
 
     name = "lokr"
+    weight_copies = 1
     layer_class = "peft.tuners.lokr.LoKrLayer"
     weights_class = LokrWeights
     network = {"ss_network_module": "lycoris.kohya", "ss_network_args": json.dumps({"algo": "lokr"})}

@@ -18,7 +18,7 @@ import torch
 from comfy_api.latest import io
 
 from ..cat_train import families
-from ..cat_train.adapter import LoraSpec, lora_param_count
+from ..cat_train.adapter import LoraSpec, lora_param_count, lora_saved_bytes
 from ..cat_train.budget import DoesNotFit, MemoryBudget, adapter_bytes, probe_activations, tensor_bytes
 from ..cat_train.checks import check_concepts
 from ..cat_train.export import to_kohya
@@ -210,7 +210,8 @@ def memory_budget(den, examples: list[Example], spec: LoraSpec, loss_cfg: CatLos
                          "before training: lower the resolution, or free the GPU of other programs.") from e
     batch = cfg.batch_size * (2 if loss_cfg.alpha > 0 else 1)  # CAT: y_T and y rows in one adapted pass
     free = mm.get_free_memory(device)
-    return MemoryBudget(weights=tensor_bytes(module.parameters()), adapter=adapter_bytes(lora_param_count(module, spec)),
+    adapter = adapter_bytes(lora_param_count(module, spec)) + lora_saved_bytes(module, spec)  # LoHa/LoKr: + their deltas
+    return MemoryBudget(weights=tensor_bytes(module.parameters()), adapter=adapter,
                         activations_plain=probe.plain * batch, activations_checkpointed=probe.checkpointed * batch,
                         free=int(free) if free else None, device=str(device))
 
