@@ -97,6 +97,7 @@ class Algorithm:
     """One adapter algorithm as peft injects it and ComfyUI loads it. Used as a class (no instances)."""
 
     name: ClassVar[str]
+    title: ClassVar[str]  # as users write it, in summaries
     network: ClassVar[dict[str, str]] = {}  # kohya/LyCORIS header keys of its files (LoRA: the defaults)
     # fp32 copies of each adapted weight its forward keeps for backward (LoHa/LoKr: the materialised delta that
     # F.linear/conv2d saves for the input's gradient); the memory budget adds them (docs/algorithms.md)
@@ -145,6 +146,7 @@ def _copy(t: Tensor) -> Tensor:
 
 class Lora(Algorithm):
     name = "lora"
+    title = "LoRA"
 
     @classmethod
     def config(cls, spec, names):
@@ -188,6 +190,7 @@ class Dora(Lora):
     hits the 1-D broadcasting bug of ComfyUI issue #12938."""
 
     name = "dora"
+    title = "DoRA"
     weight_copies = 1  # and about one more output per adapted layer, which the budget does not count
     network = {"ss_network_module": "lycoris.kohya",
                "ss_network_args": json.dumps({"algo": "lora", "dora_wd": "True", "wd_on_output": "True"})}
@@ -272,6 +275,7 @@ class Loha(Lycoris):
     """Hadamard product of two rank-r products: dW = (alpha / r) (w1_a w1_b) * (w2_a w2_b); peft zeroes w2_b at init."""
 
     name = "loha"
+    title = "LoHa"
     weight_copies = 1
     layer_class = "peft.tuners.loha.LoHaLayer"
     network = {"ss_network_module": "lycoris.kohya", "ss_network_args": json.dumps({"algo": "loha"})}
@@ -296,6 +300,7 @@ class Lokr(Lycoris):
     w1 at init."""
 
     name = "lokr"
+    title = "LoKr"
     weight_copies = 1
     layer_class = "peft.tuners.lokr.LoKrLayer"
     weights_class = LokrWeights

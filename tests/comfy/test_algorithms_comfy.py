@@ -13,12 +13,24 @@ FILE_KEYS = {"lora": {"lora_down.weight", "lora_up.weight", "alpha"},
              "lokr": {"lokr_w1", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "alpha"}}  # LoKr: w2 full or factored per layer
 
 
-@pytest.mark.parametrize("algo,rank", [("lora", 4), ("dora", 4), ("loha", 4), ("lokr", 4), ("lokr", 2)])
-def test_algorithm_file_through_stock_loader_predicts_as_trained(comfy, tiny_sd15, dataset_dir, tmp_path, algo, rank):
+CASES = [("sd15", "lora", 4), ("sd15", "dora", 4), ("sd15", "loha", 4), ("sd15", "lokr", 4), ("sd15", "lokr", 2),
+         ("sdxl", "dora", 4), ("sdxl", "loha", 4), ("sdxl", "lokr", 2),
+         ("flux", "dora", 4), ("flux", "loha", 4), ("flux", "lokr", 2), ("sd3", "lokr", 4)]
+
+
+@pytest.fixture(scope="module")
+def models(comfy, tiny_sd15, tiny_sdxl):
+    from tiny_models import tiny_model
+
+    return {"sd15": tiny_sd15, "sdxl": tiny_sdxl, "flux": tiny_model("flux", seed=11), "sd3": tiny_model("sd3", seed=11)}
+
+
+@pytest.mark.parametrize("kind,algo,rank", CASES)
+def test_algorithm_file_through_stock_loader_predicts_as_trained(comfy, models, dataset_dir, tmp_path, kind, algo, rank):
     import comfy.model_management as mm
     from safetensors import safe_open
 
-    mp, clip, vae = tiny_sd15
+    mp, clip, vae = models[kind]
     tr = pack_module(comfy, "nodes.trainer")
     A = pack_module(comfy, "cat_train.adapter")
     L = pack_module(comfy, "cat_train.loss")
@@ -28,15 +40,18 @@ def test_algorithm_file_through_stock_loader_predicts_as_trained(comfy, tiny_sd1
     unet = mp.model.diffusion_model
     mm.load_models_gpu([mp])  # an earlier test's patched clone of this shared model may still hold its weights merged
     before = {k: v.clone() for k, v in unet.state_dict().items()}
-    spec = A.LoraSpec(rank=rank, alpha=2.0 * rank, preset="full", algorithm=algo)  # full: the resnet convs too
+    flow = kind in ("flux", "sd3")
+    # UNets: `full`, so the resnet convs too; flow transformers: attention and MLPs (their `full` adds modulation)
+    spec = A.LoraSpec(rank=rank, alpha=2.0 * rank, preset="attn_ff" if flow else "full", algorithm=algo)
     cfg = T.TrainConfig(steps=4, lr=1e-2, seed=1, checkpoint_dir=str(tmp_path / "ck"))
     loss = L.CatLossConfig(1.0, "class", "dog")
     patched, lora, _, summary, result = tr.train_on_model(mp, ds, loss, spec, cfg, "7")
     after = unet.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert summary.startswith({"lora": "CAT LoRA", "dora": "CAT DoRA", "loha": "CAT LoHa", "lokr": "CAT LoKr"}[algo])
 
     save = comfy.nodes.NODE_CLASS_MAPPINGS["CAT_SaveLora"]
-    path = save.execute(lora, f"algo_{algo}_{rank}").result[0]
+    path = save.execute(lora, f"algo_{kind}_{algo}_{rank}").result[0]
     with safe_open(path, "pt") as f:
         keys, meta = set(f.keys()), f.metadata()
     suffixes = {k.split(".", 1)[1] for k in keys}
@@ -52,15 +67,16 @@ def test_algorithm_file_through_stock_loader_predicts_as_trained(comfy, tiny_sd1
     assert kinds == {{"lora": "LoRAAdapter", "dora": "LoRAAdapter", "loha": "LoHaAdapter", "lokr": "LoKrAdapter"}[algo]}
 
     ex = tr.model_examples(mp, ds, loss)[0]
-    worst = 0.0
-    for t in (100, 500, 900):
+    worst = effect = 0.0
+    for t in ((200.0, 600.0) if flow else (100, 500, 900)):
         base, adapted, stock_pred, restored = adapted_vs_stock_predictions(
             comfy, mp, cm.ComfyDenoiser(mp), ex, result.weights, spec, loaded, torch.tensor([t]))
         assert (adapted - base).abs().max() > 1e-3  # the adapter changes the prediction...
         torch.testing.assert_close(stock_pred, adapted, atol=1e-4, rtol=1e-4)  # ...as ComfyUI's merged weights do
         assert torch.equal(restored, base)  # and the input MODEL is bit-identical again
         worst = max(worst, (stock_pred - adapted).abs().max().item())
-    print(f"{algo} rank {rank}: max |stock - peft| {worst:.3g}, |adapted - base| {(adapted - base).abs().max():.3g}")
+        effect = max(effect, (adapted - base).abs().max().item())
+    print(f"{kind} {algo} rank {rank}: max |stock - peft| {worst:.3g}, max |adapted - base| {effect:.3g}")
 
 
 def test_training_options_node_sets_the_algorithm(comfy):
