@@ -89,3 +89,5 @@ def test_training_options_node_sets_the_algorithm(comfy):
     spec = A.LoraSpec(rank=8, alpha=8.0, preset="attn", **TO.options_for(out, A.LoraSpec))
     assert spec.algorithm == "lokr"
     assert A.LoraSpec(rank=8, **TO.options_for(None, A.LoraSpec)).algorithm == "lora"  # unconnected: LoRA as before
+    assert node.validate_inputs(algorithm="loha") is True
+    assert node.validate_inputs(algorithm="oft") == "algorithm 'oft' is not one of lora, dora, loha, lokr."
