@@ -218,12 +218,12 @@ class Dora(Lora):
     @classmethod
     @torch.no_grad()
     def prepare(cls, layer):
-        # peft takes m = ||W|| in the base's dtype; its forward recomputes the norm in the dtype it computes in (a
-        # Linear: its input's, cast to the fp32 LoRA weights; a conv: the base weight's). A bf16 base then started
-        # 2e-2 away from the frozen model; m from the same computation as the forward's makes m / ||W|| exactly 1.
+        # peft takes the row norm in whatever dtype its forward computes in (the base's, the input's, autocast's), and
+        # took m = ||W|| at injection in yet another: a bf16 base started 2e-2 away from the frozen model. The norm in
+        # fp32 at both places makes m / ||W|| exactly 1 at init whatever the base dtype and autocast.
         dora, base = layer.lora_magnitude_vector[ADAPTER], layer.get_base_layer().weight
-        w = base.float() if isinstance(layer.get_base_layer(), nn.Linear) else base
-        norm = dora.get_weight_norm(weight=w, lora_weight=torch.zeros_like(w), scaling=layer.scaling[ADAPTER])
+        dora.get_weight_norm = _fp32_norm(dora)
+        norm = dora.get_weight_norm(weight=base, lora_weight=torch.zeros_like(base), scaling=layer.scaling[ADAPTER])
         dora.weight.copy_(norm.reshape(dora.weight.shape))
 
     @classmethod
@@ -238,6 +238,15 @@ class Dora(Lora):
             norm_adapted = adapted.reshape(base.shape[0], -1).norm(dim=1).reshape(rows)
             scale = magnitude.float().reshape(rows) * norm_base / norm_adapted
         return DoraWeights(lora.down, lora.up, lora.alpha, magnitude, scale.cpu())
+
+
+def _fp32_norm(dora: nn.Module):
+    """peft's row norm of W + s dW for this DoRA layer, computed in fp32."""
+    norm = type(dora).get_weight_norm
+
+    def fp32(weight, lora_weight, scaling, adapter_name=None):
+        return norm(dora, weight.float(), lora_weight.float(), scaling, adapter_name=adapter_name)
+    return fp32
 
 
 class Lycoris(Algorithm):
