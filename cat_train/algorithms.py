@@ -51,6 +51,10 @@ class LoraWeights:
         """{key suffix: tensor} of the LoRA file, alpha apart (export writes it as a 0-d float32)."""
         return {"lora_down.weight": self.down, "lora_up.weight": self.up}
 
+    @property
+    def file_alpha(self) -> float:
+        return float(self.alpha)
+
 
 @dataclass
 class DoraWeights(LoraWeights):
@@ -75,6 +79,10 @@ class LycorisWeights:
 
     def file_tensors(self) -> dict[str, Tensor]:
         return dict(self.tensors)
+
+    @property
+    def file_alpha(self) -> float:
+        return float(self.alpha)
 
 
 @dataclass
@@ -127,7 +135,8 @@ class Algorithm:
 
     @classmethod
     def prepare(cls, layer: nn.Module) -> None:
-        """After injection and the fp32 cast of its tensors: whatever makes the adapted layer equal its base again."""
+        """After injection and the fp32 cast of its tensors: what it changes on peft's layer (DoRA: its norm in fp32,
+        so the adapted layer equals its base at init)."""
 
     @classmethod
     def weights(cls, layer: nn.Module):
@@ -342,7 +351,3 @@ def of_layer(layer: nn.Module) -> type[Algorithm]:
         if algo.owns(layer):
             return algo
     raise TypeError(f"{type(layer).__name__} is a peft layer of no algorithm CAT trains ({', '.join(ALGORITHMS)}).")
-
-
-def file_alpha(w) -> float:
-    return float(getattr(w, "file_alpha", w.alpha))

@@ -18,7 +18,6 @@ import torch
 from torch import Tensor
 
 from .adapter import LoraWeights
-from .algorithms import file_alpha
 
 PREFIX = "lora_unet_"
 
@@ -50,7 +49,7 @@ def to_kohya(weights: Mapping[str, LoraWeights], names: Mapping[str, str],
     for p, w in weights.items():
         for suffix, t in w.file_tensors().items():  # LoRA: lora_down.weight, lora_up.weight (algorithms.py: the others)
             sd[f"{keys[p]}.{suffix}"] = put(t)
-        sd[f"{keys[p]}.alpha"] = torch.tensor(file_alpha(w), dtype=torch.float32)  # loaders read it with .item()
+        sd[f"{keys[p]}.alpha"] = torch.tensor(w.file_alpha, dtype=torch.float32)  # loaders read it with .item()
     return sd
 
 
