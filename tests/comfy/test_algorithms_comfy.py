@@ -91,3 +91,33 @@ def test_training_options_node_sets_the_algorithm(comfy):
     assert A.LoraSpec(rank=8, **TO.options_for(None, A.LoraSpec)).algorithm == "lora"  # unconnected: LoRA as before
     assert node.validate_inputs(algorithm="loha") is True
     assert node.validate_inputs(algorithm="oft") == "algorithm 'oft' is not one of lora, dora, loha, lokr."
+
+
+def test_shipped_graph_with_options_node_trains_and_samples_with_loha(comfy, test_checkpoint_node, tiny_open_clip,
+                                                                       dataset_dir):
+    """The SD1.5 workflow as shipped, plus a CAT Training Options node (algorithm loha) on the trainer's `options`
+    input, through ComfyUI's executor: it trains LoHa, samples with it, and saves a LoHa file."""
+    import json
+    from pathlib import Path
+
+    from conftest import ROOT, run_prompt, shrink_for_cpu
+    from safetensors import safe_open
+
+    g = shrink_for_cpu(json.loads((ROOT / "workflows" / "api" / "cat_sd15_train_kps.api.json").read_text()), "sd15",
+                       dataset_dir, tiny_open_clip)
+    trainer = next(k for k, n in g.items() if n["class_type"] == "CAT_LoraTrainer")
+    save_node = next(k for k, n in g.items() if n["class_type"] == "CAT_SaveLora")
+    g["90"] = {"class_type": "CAT_TrainingOptions", "inputs": {"algorithm": "loha"}}
+    g[trainer]["inputs"]["options"] = ["90", 0]
+    ex = run_prompt(g)
+    assert ex.success, ex.status_messages[-1]
+    out = ex.history_result["outputs"]
+    shown = {g[k]["inputs"]["source"][0]: out[k]["text"][0] for k, n in g.items() if n["class_type"] == "PreviewAny"}
+    assert shown[trainer].startswith("CAT LoHa: 3/3 steps")
+    saved = Path(out[save_node]["text"][0])
+    with safe_open(str(saved), "pt") as f:
+        keys, meta = list(f.keys()), f.metadata()
+    assert meta["cat_algorithm"] == "loha" and json.loads(meta["ss_network_args"]) == {"algo": "loha"}
+    assert keys and all(k.endswith((".hada_w1_a", ".hada_w1_b", ".hada_w2_a", ".hada_w2_b", ".alpha")) for k in keys)
+    imgs = [k for k, n in g.items() if n["class_type"] == "SaveImage"]
+    assert all(out[k]["images"] for k in imgs)  # sampled with the LoHa-patched MODEL
