@@ -1,5 +1,7 @@
 """LoRA on a UNet through peft: inject, switch on/off, read, load, remove: each its own function.
 
+The algorithm (LoRA, DoRA, LoHa, LoKr: `LoraSpec.algorithm`) is one class in algorithms.py; nothing here asks which.
+
 One module tree serves the frozen and the adapted prediction: `adapter_disabled(unet)` turns
 every injected layer into its base layer for the duration, with no copy of the UNet. Layer names
 are the UNet's own module paths (ldm names for SD), which its model family (`families`) maps to kohya keys.
@@ -8,15 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Iterator
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from . import families
-
-ADAPTER = "default"
+from .algorithms import ADAPTER, ALGORITHMS, LoraWeights, of_layer  # noqa: F401  (LoraWeights: its old home)
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,11 @@ class LoraSpec:
         "feed-forward; `full`: + proj_in/out and the resnet convs (conv1, conv2, conv_shortcut, time_emb_proj). On "
         "SD3/Flux each picks that family's own layers (docs/families.md), or name one (`flux_attn`, `sd3_attn_mlp`, ...).")})
     extra_targets: tuple[str, ...] = field(default_factory=tuple, metadata={"help": "more module-path suffixes to adapt."})
+    algorithm: str = field(default="lora", metadata={"choices": tuple(ALGORITHMS), "help": (
+        "the adapter's algorithm, through peft. `lora`: low-rank B A; `dora`: LoRA plus a trained per-output-row "
+        "magnitude (weight decomposition); `loha`: Hadamard product of two rank-r products; `lokr`: Kronecker product "
+        "(its low-rank factor has rank `rank`). All load through ComfyUI's stock LoRA loaders (docs/algorithms.md). "
+        "`dropout` is LoRA's input dropout and LoHa/LoKr's module dropout.")})
 
     def __post_init__(self):
         if self.rank < 1:
@@ -40,6 +46,16 @@ class LoraSpec:
             raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}.")
         if self.preset not in families.TARGETS:
             raise ValueError(f"unknown target preset {self.preset!r}; choose one of {sorted(families.TARGETS)}.")
+        if self.algorithm not in ALGORITHMS:
+            raise ValueError(f"unknown adapter algorithm {self.algorithm!r}; choose one of {', '.join(ALGORITHMS)}.")
+
+    def saved(self) -> dict:
+        """The spec as checkpoints and run settings record it: a LoRA spec without `algorithm`, as before there
+        were others, so LoRA checkpoints and run folders from earlier versions still resume."""
+        d = asdict(self)
+        if d["algorithm"] == "lora":
+            del d["algorithm"]
+        return d
 
     @property
     def suffixes(self) -> tuple[str, ...]:
@@ -64,46 +80,49 @@ def target_modules(unet: nn.Module, spec: LoraSpec) -> list[str]:
 
 
 def lora_param_count(unet: nn.Module, spec: LoraSpec) -> int:
-    """Parameters the spec would add: rank * (fan_in + fan_out) per adapted layer (before injecting)."""
-    n = 0
-    for name in target_modules(unet, spec):
-        m = unet.get_submodule(name)
-        fan_in = m.in_features if isinstance(m, nn.Linear) else m.in_channels * m.kernel_size[0] * m.kernel_size[1]
-        fan_out = m.out_features if isinstance(m, nn.Linear) else m.out_channels
-        n += spec.rank * (fan_in + fan_out)
-    return n
+    """Parameters the spec would add (before injecting), exactly as peft builds them: LoRA rank * (fan_in + fan_out)
+    per adapted layer, DoRA + fan_out, LoHa twice LoRA, LoKr its Kronecker factors (algorithms.py)."""
+    algo = ALGORITHMS[spec.algorithm]
+    return sum(algo.param_count(unet.get_submodule(name), spec) for name in target_modules(unet, spec))
+
+
+def lora_saved_bytes(unet: nn.Module, spec: LoraSpec) -> int:
+    """Bytes the algorithm's forward keeps for backward beyond what a probe of the bare model sees, weights-sized
+    (LoRA: 0; LoHa/LoKr: one fp32 copy of every adapted weight, their materialised deltas). Approximate: measured
+    0.5-1.0x of that for LoHa/LoKr on the tiny UNet; DoRA also keeps activations this does not count."""
+    copies = ALGORITHMS[spec.algorithm].weight_copies
+    return 4 * copies * sum(unet.get_submodule(n).weight.numel() for n in target_modules(unet, spec)) if copies else 0
 
 
 def inject_lora(unet: nn.Module, spec: LoraSpec) -> list[str]:
-    """Inject LoRA layers (B = 0, so the adapted model equals the base at first); freeze the base."""
-    from peft import LoraConfig, inject_adapter_in_model
+    """Inject the spec's adapter layers (each algorithm zeroes one factor, so the adapted model equals the base at
+    first); freeze the base."""
+    from peft import inject_adapter_in_model
 
     if lora_layers(unet):
         raise RuntimeError("this model already carries CAT/peft LoRA layers; remove_lora() it first.")
     names = target_modules(unet, spec)
     unet.requires_grad_(False)
-    config = LoraConfig(r=spec.rank, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=names,
-                        init_lora_weights=True)
-    inject_adapter_in_model(config, unet, adapter_name=ADAPTER)
+    inject_adapter_in_model(ALGORITHMS[spec.algorithm].config(spec, names), unet, adapter_name=ADAPTER)
     for _, layer in lora_layers(unet).items():
-        # peft gives the adapter its base layer's dtype (bf16, fp16, even fp8); LoRA weights and their
+        # peft gives the adapter its base layer's dtype (bf16, fp16, even fp8); adapter weights and their
         # optimizer state must be fp32 whatever the base is stored in, so cast them back.
-        layer.lora_A[ADAPTER].float()
-        layer.lora_B[ADAPTER].float()
         for p in _adapter_params(layer):
+            p.data = p.data.float()
             p.requires_grad_(True)
+        of_layer(layer).prepare(layer)
     return names
 
 
 def lora_layers(unet: nn.Module) -> dict[str, nn.Module]:
-    from peft.tuners.lora import LoraLayer
+    """The injected peft layers (LoraLayer for LoRA/DoRA, LycorisLayer for LoHa/LoKr), by module path."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
 
-    return {n: m for n, m in unet.named_modules() if isinstance(m, LoraLayer)}
+    return {n: m for n, m in unet.named_modules() if isinstance(m, BaseTunerLayer)}
 
 
 def _adapter_params(layer: nn.Module) -> Iterator[nn.Parameter]:
-    yield from layer.lora_A[ADAPTER].parameters()
-    yield from layer.lora_B[ADAPTER].parameters()
+    yield from of_layer(layer).parameters(layer).values()
 
 
 def adapter_parameters(unet: nn.Module) -> list[nn.Parameter]:
@@ -138,45 +157,40 @@ def adapter_switched(unet: nn.Module, enabled: bool) -> Iterator[None]:
             layer._disable_adapters = before.get(n, layer._disable_adapters)
 
 
-@dataclass
-class LoraWeights:
-    down: Tensor   # (rank, in) or (rank, in, kh, kw): kohya lora_down, peft lora_A
-    up: Tensor     # (out, rank) or (out, rank, 1, 1): kohya lora_up, peft lora_B
-    alpha: float
-
-    @property
-    def rank(self) -> int:
-        return self.down.shape[0]
-
-    def delta(self) -> Tensor:
-        """The weight change W' - W this LoRA applies: (alpha / rank) * up @ down."""
-        scale = self.alpha / self.rank
-        if self.down.ndim == 2:
-            return scale * self.up @ self.down
-        return scale * torch.einsum("or,rikl->oikl", self.up.flatten(1), self.down)
+def lora_weights(unet: nn.Module) -> dict:
+    """{module path: a detached copy of its adapter}: LoraWeights for LoRA, the algorithm's own type otherwise."""
+    return {n: of_layer(layer).weights(layer) for n, layer in lora_layers(unet).items()}
 
 
-def lora_weights(unet: nn.Module) -> dict[str, LoraWeights]:
-    return {n: LoraWeights(layer.lora_A[ADAPTER].weight.detach().clone(), layer.lora_B[ADAPTER].weight.detach().clone(),
-                           float(layer.lora_alpha[ADAPTER]))
-            for n, layer in lora_layers(unet).items()}
+def lora_state(unet: nn.Module) -> dict[str, dict]:
+    """{module path: {tensor name: tensor, "alpha": float}}: what a checkpoint holds (LoRA: down, up, alpha)."""
+    return {n: {**w.state(), "alpha": w.alpha} for n, w in lora_weights(unet).items()}
+
+
+def load_lora_weights(unet: nn.Module, weights: dict) -> None:
+    """Copy lora_weights()'s snapshots (of the same algorithm) back into the injected layers."""
+    load_lora_state(unet, {n: w.state() for n, w in weights.items()})
 
 
 @torch.no_grad()
-def load_lora_weights(unet: nn.Module, weights: dict[str, LoraWeights]) -> None:
+def load_lora_state(unet: nn.Module, state: dict[str, dict]) -> None:
     layers = lora_layers(unet)
-    missing, unknown = set(layers) - set(weights), set(weights) - set(layers)
+    missing, unknown = set(layers) - set(state), set(state) - set(layers)
     if missing or unknown:
         raise ValueError(f"LoRA does not fit this model: {len(missing)} adapted modules have no weights "
                          f"(e.g. {sorted(missing)[:2]}), {len(unknown)} weights name no adapted module "
                          f"(e.g. {sorted(unknown)[:2]}); was it trained with the same target preset?")
-    for name, w in weights.items():
-        layer = layers[name]
-        if layer.lora_A[ADAPTER].weight.shape != w.down.shape or layer.lora_B[ADAPTER].weight.shape != w.up.shape:
-            raise ValueError(f"LoRA shape mismatch at {name}: expected down {tuple(layer.lora_A[ADAPTER].weight.shape)}, "
-                             f"got {tuple(w.down.shape)}; was it trained with the same rank?")
-        layer.lora_A[ADAPTER].weight.copy_(w.down)
-        layer.lora_B[ADAPTER].weight.copy_(w.up)
+    for name, tensors in state.items():
+        params = of_layer(layers[name]).parameters(layers[name])
+        given = {k: v for k, v in tensors.items() if k != "alpha"}
+        if set(given) != set(params):
+            raise ValueError(f"adapter weights for {name} hold {sorted(given)}, this {of_layer(layers[name]).name} "
+                             f"layer has {sorted(params)}; was it trained with the same algorithm and rank?")
+        for k, p in params.items():
+            if p.shape != given[k].shape:
+                raise ValueError(f"LoRA shape mismatch at {name}: expected {k} {tuple(p.shape)}, got "
+                                 f"{tuple(given[k].shape)}; was it trained with the same rank?")
+            p.copy_(given[k])
 
 
 def remove_lora(unet: nn.Module) -> None:

@@ -5,20 +5,20 @@ encoders and their encode function, is built by catversion.train_catversion and 
 """
 from __future__ import annotations
 
-from dataclasses import asdict
 from typing import ContextManager
 
 import torch
 from torch import nn
 
-from .adapter import (LoraSpec, LoraWeights, adapter_disabled, adapter_parameters, inject_lora, load_lora_weights,
+from .adapter import (LoraSpec, adapter_disabled, adapter_parameters, inject_lora, load_lora_state, lora_state,
                       lora_weights, remove_lora)
 from .denoiser import Denoiser
 from .plugins import Adapter
 
 
 class LoraAdapter(Adapter):
-    """LoRA in the denoiser's network through peft. A checkpoint keeps format 1's keys: "lora" and "spec"."""
+    """LoRA (or DoRA, LoHa, LoKr: the spec's algorithm) in the denoiser's network through peft. A checkpoint keeps
+    format 1's keys: "lora" ({module: {tensor name: tensor, "alpha"}}) and "spec"."""
 
     name = "lora"
     size_hint = "the LoRA rank"
@@ -37,16 +37,15 @@ class LoraAdapter(Adapter):
         return adapter_disabled(self.module)
 
     def state_dict(self) -> dict:
-        return {"lora": {n: {"down": w.down, "up": w.up, "alpha": w.alpha} for n, w in lora_weights(self.module).items()},
-                "spec": asdict(self.spec)}
+        return {"lora": lora_state(self.module), "spec": self.spec.saved()}
 
     def load_state_dict(self, state: dict, where: str) -> None:
         saved = LoraSpec(**{**state["spec"], "extra_targets": tuple(state["spec"].get("extra_targets", ()))})
         if saved != self.spec:
             raise ValueError(f"checkpoint {where} was trained with {saved}, not {self.spec}; resume with the same LoRA settings.")
-        load_lora_weights(self.module, {n: LoraWeights(w["down"], w["up"], w["alpha"]) for n, w in state["lora"].items()})
+        load_lora_state(self.module, state["lora"])
 
-    def weights(self) -> dict[str, LoraWeights]:
+    def weights(self) -> dict:
         return lora_weights(self.module)
 
     def remove(self) -> None:

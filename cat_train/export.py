@@ -28,7 +28,8 @@ def kohya_name(diffusers_path: str) -> str:
 
 def to_kohya(weights: Mapping[str, LoraWeights], names: Mapping[str, str],
              dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
-    """{ldm path: LoraWeights} -> kohya state dict (lora_down/lora_up in `dtype`, alpha as a 0-d float32)."""
+    """{ldm path: LoraWeights (or another algorithm's weights)} -> kohya state dict (tensors in `dtype`, alpha as a
+    0-d float32). LoHa/LoKr/DoRA keys are LyCORIS's (hada_w*, lokr_w*, dora_scale), which ComfyUI's loader maps."""
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"LoRA save dtype must be float32, float16 or bfloat16, got {dtype}.")
     missing = [p for p in weights if p not in names]
@@ -46,9 +47,9 @@ def to_kohya(weights: Mapping[str, LoraWeights], names: Mapping[str, str],
 
     sd: dict[str, Tensor] = {}
     for p, w in weights.items():
-        sd[f"{keys[p]}.lora_down.weight"] = put(w.down)
-        sd[f"{keys[p]}.lora_up.weight"] = put(w.up)
-        sd[f"{keys[p]}.alpha"] = torch.tensor(float(w.alpha), dtype=torch.float32)  # loaders read it with .item()
+        for suffix, t in w.file_tensors().items():  # LoRA: lora_down.weight, lora_up.weight (algorithms.py: the others)
+            sd[f"{keys[p]}.{suffix}"] = put(t)
+        sd[f"{keys[p]}.alpha"] = torch.tensor(w.file_alpha, dtype=torch.float32)  # loaders read it with .item()
     return sd
 
 

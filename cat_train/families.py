@@ -17,7 +17,7 @@ from torch import nn
 
 from .ldm_names import ldm_to_diffusers
 
-_PEFT = re.compile(r"\.(base_layer|lora_[A-Za-z_]+)(\.|$)")  # peft wrapper internals: not the network's modules
+_PEFT = re.compile(r"\.(base_layer|lora_[A-Za-z_]+|hada_\w+|lokr_\w+)(\.|$)")  # peft wrapper internals: not the network's modules
 GENERIC_TARGETS = ("attn", "attn_ff", "full")  # the trainer's choices every family answers with its own
 
 

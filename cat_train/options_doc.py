@@ -57,6 +57,7 @@ NODE_WIDGETS: dict[str, list[tuple[str, str]]] = {
 # The CAT Training Options node's widgets, in order: (option class, its fields that are widgets there). The node
 # (nodes/training_options.py) builds each widget from its field; a feature appends its own entry.
 TRAINING_OPTIONS: list[tuple[str, tuple[str, ...]]] = [
+    ("LoraSpec", ("algorithm",)),
     ("TrainConfig", ("caption_dropout", "shuffle_tags", "keep_tags", "caption_variants", "timestep_min", "timestep_max")),
     ("CatLossConfig", ("min_snr_gamma",)),
     ("TrainConfig", ("ema_decay", "ema_start_step")),

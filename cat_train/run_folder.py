@@ -142,6 +142,7 @@ def result_settings(cfg, loss_cfg, adapter, data: dict, family: str | None) -> d
     if cfg.lr_schedule == "cosine":
         config["steps"] = cfg.steps
     spec = getattr(adapter, "spec", None)
+    spec = spec.saved() if hasattr(spec, "saved") else spec  # LoRA specs as before there were other algorithms
     return {**_plain({"adapter": adapter.name, "spec": spec, "config": config, "loss": recorded(loss_cfg), "family": family}),
             "data": data}
 

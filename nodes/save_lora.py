@@ -9,6 +9,7 @@ import logging
 from comfy_api.latest import io
 
 from ..cat_train.captions import metadata as caption_metadata
+from ..cat_train.algorithms import ALGORITHMS
 from ..cat_train.export import save_lora, to_kohya, training_metadata
 from ..cat_train.regularizers import metadata as regularizer_metadata
 from ..cat_train.run_folder import check_space, writable_folder
@@ -36,7 +37,8 @@ def metadata(loss_cfg, spec, cfg, dataset, steps_done: int, history: list[dict],
         extra={"ss_lr_scheduler": cfg.lr_schedule, "cat_preservation_prompts": json.dumps(list(loss_cfg.preservation_prompts)),
                "cat_final_loss": f"{history[-1]['loss']:.6g}" if history else "", **regularizer_metadata(loss_cfg, history),
                **caption_metadata(cfg), **range_metadata(cfg),
-               **weight_term_metadata(cfg)})
+               **weight_term_metadata(cfg),
+               **ALGORITHMS[spec.algorithm].metadata()})  # LyCORIS's ss_network_module/args for LoHa, LoKr, DoRA
 
 
 def step_lora_writer(mp, folder, name: str, loss_cfg, spec, cfg, dataset, base_model: str = ""):

@@ -18,7 +18,8 @@ import torch
 from comfy_api.latest import io
 
 from ..cat_train import families
-from ..cat_train.adapter import LoraSpec, lora_param_count
+from ..cat_train.adapter import LoraSpec, lora_param_count, lora_saved_bytes
+from ..cat_train.algorithms import ALGORITHMS
 from ..cat_train.budget import DoesNotFit, MemoryBudget, adapter_bytes, probe_activations, tensor_bytes
 from ..cat_train.checks import check_concepts
 from ..cat_train.export import to_kohya
@@ -214,7 +215,8 @@ def memory_budget(den, examples: list[Example], spec: LoraSpec, loss_cfg: CatLos
                          "before training: lower the resolution, or free the GPU of other programs.") from e
     batch = cfg.batch_size * (2 if loss_cfg.alpha > 0 else 1)  # CAT: y_T and y rows in one adapted pass
     free = mm.get_free_memory(device)
-    return MemoryBudget(weights=tensor_bytes(module.parameters()), adapter=adapter_bytes(lora_param_count(module, spec)),
+    adapter = adapter_bytes(lora_param_count(module, spec)) + lora_saved_bytes(module, spec)  # LoHa/LoKr: + their deltas
+    return MemoryBudget(weights=tensor_bytes(module.parameters()), adapter=adapter,
                         activations_plain=probe.plain * batch, activations_checkpointed=probe.checkpointed * batch,
                         free=int(free) if free else None, device=str(device))
 
@@ -273,7 +275,7 @@ def train_on_model(mp, dataset, loss_cfg: CatLossConfig, spec: LoraSpec, cfg: Tr
     sd.metadata = metadata(loss_cfg, spec, cfg, dataset, result.steps_done, result.history, base_model_version(mp), base_model)
     patched, _ = comfy.sd.load_lora_for_models(mp, None, dict(sd), 1.0, 0)
     hist = result.history
-    summary = (f"CAT LoRA: {result.steps_done}/{cfg.steps} steps in {time.perf_counter() - t0:.1f}s, "
+    summary = (f"CAT {ALGORITHMS[spec.algorithm].title}: {result.steps_done}/{cfg.steps} steps in {time.perf_counter() - t0:.1f}s, "
                f"{len(result.weights)} modules, rank {spec.rank}, alpha {spec.alpha}, CAT factor {loss_cfg.alpha}\n"
                f"loss first {hist[0]['loss']:.5f} last {hist[-1]['loss']:.5f}; fit {hist[-1]['fit']:.5f} keep {hist[-1]['keep']:.6f}\n"
                f"{len(dataset.items)} images, buckets {dataset.buckets}"

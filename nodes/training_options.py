@@ -61,7 +61,13 @@ class TrainingOptionsNode(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, **kw):
-        return range_problem(cls, **kw)  # **kw turns ComfyUI's own range checks off
+        # **kw turns ComfyUI's own checks off, the choice lists' too: an API prompt's `algorithm: oft` would otherwise
+        # reach the trainer
+        for i in cls.define_schema().inputs:
+            options = getattr(i, "options", None)
+            if options and i.id in kw and kw[i.id] not in options:
+                return f"{i.id} {kw[i.id]!r} is not one of {', '.join(map(str, options))}."
+        return range_problem(cls, **kw)
 
     @classmethod
     def execute(cls, **kw) -> io.NodeOutput:
