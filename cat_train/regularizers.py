@@ -12,9 +12,11 @@ from .apt import AptRun
 from .auto import AutoPreservation
 from .denoiser import Denoiser
 from .loss import CatLossConfig
+from .mask import MaskedLoss
 from .plugins import StepTerm
 
-REGISTRY: dict[str, type[StepTerm]] = {"apt": AptRun, "auto": AutoPreservation}  # CatLossConfig field -> plug-in (its `name` is the field's)
+# CatLossConfig field (or property: `mask` gathers mask_floor and mask_keep) -> plug-in (its `name` is the field's)
+REGISTRY: dict[str, type[StepTerm]] = {"apt": AptRun, "auto": AutoPreservation, "mask": MaskedLoss}
 
 
 def step_terms(loss_cfg: CatLossConfig, denoiser: Denoiser) -> list[StepTerm]:

@@ -17,7 +17,7 @@ import os
 import shutil
 import tempfile
 import zlib
-from dataclasses import asdict, is_dataclass
+from dataclasses import MISSING, asdict, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -93,6 +93,8 @@ def data_fingerprint(examples: Sequence) -> dict:
                 scale[role] += w * norm
                 exact.update(f"{role}:{key}:{tuple(tensors[key].shape)};".encode())
         exact.update(repr((float(ex.weight), int(ex.repeats), getattr(ex, "prompts", None))).encode())
+        if getattr(ex, "mask", None) is not None:  # masks are read from files, not re-encoded: exact to 1e-4
+            exact.update(b"mask:" + (ex.mask.detach().cpu().float() * 1e4).round().to(torch.int32).numpy().tobytes())
     return {"n": len(examples), "exact": exact.hexdigest()[:16],
             "sketch": {r: [float(x) for x in v] for r, v in sketch.items()}, "scale": scale}
 
@@ -126,8 +128,21 @@ def result_settings(cfg, loss_cfg, adapter, data: dict, family: str | None) -> d
     if cfg.lr_schedule == "cosine":
         config["steps"] = cfg.steps
     spec = getattr(adapter, "spec", None)
-    return {**_plain({"adapter": adapter.name, "spec": spec, "config": config, "loss": loss_cfg, "family": family}),
-            "data": data}
+    return {**_plain({"adapter": adapter.name, "spec": spec, "config": config, "loss": _recorded(loss_cfg),
+                      "family": family}), "data": data}
+
+
+def _recorded(cfg: Any) -> Any:
+    """A config as settings record it: a field marked `recorded_if_set` (added after runs recorded their settings)
+    is left out while at its default, so the checkpoints and folders of runs from before it still match."""
+    if not (is_dataclass(cfg) and not isinstance(cfg, type)):
+        return cfg
+    out = asdict(cfg)
+    for f in fields(cfg):
+        default = f.default if f.default is not MISSING else MISSING
+        if f.metadata.get("recorded_if_set") and out[f.name] == default:
+            del out[f.name]
+    return out
 
 
 def run_id(settings: dict) -> str:

@@ -93,6 +93,7 @@ class Example:
     prompts: tuple[str, str] | None = None  # (y_T, y) for adapters that encode prompts every step (no cached conds)
     probes: dict[str, Cond] = field(default_factory=dict)  # auto preservation: {probe: its prompt's cond} for this image
     trigger_tokens: tuple[int, ...] = ()  # positions of the trigger's tokens in y_T's context, for step terms that skip them
+    mask: Tensor | None = None  # (1, H, W) at the latent's size in [0, 1], 1 = subject: masked training (cat_train/mask.py)
 
 
 @dataclass
@@ -134,11 +135,12 @@ PAIRS_WARN = 5000  # image x preservation-prompt pairs past which the preparatio
 def build_examples(items: Sequence[tuple], encode_text: Callable[[list[str]], Cond], loss_cfg: CatLossConfig,
                    progress: Callable[[int, int], None] | None = None,
                    token_positions: Callable[[str, tuple[str, ...]], tuple[int, ...]] | None = None) -> list[Example]:
-    """items: (latent, caption, triggers[, repeats]). Each distinct prompt is encoded once; progress(done, total)
+    """items: (latent, caption, triggers[, repeats[, mask]]) (mask: (1, H, W) at the latent's size, or None). Each distinct prompt is encoded once; progress(done, total)
     after each (a host moves its bar and stops at Cancel there). Examples share their conditionings.
     token_positions(caption, triggers): where the host's tokenizer puts the trigger's tokens in the caption's context
     (Example.trigger_tokens)."""
     rows = [(it[0], it[1], tuple(it[2]), it[3] if len(it) > 3 else 1) for it in items]
+    masks = [it[4] if len(it) > 4 else None for it in items]
     if loss_cfg.preservation_prompts:  # every image with every listed y: the CAT term keeps each of them
         pres = [list(loss_cfg.preservation_prompts) for _ in rows]
         pairs = len(rows) * len(loss_cfg.preservation_prompts)
@@ -161,11 +163,15 @@ def build_examples(items: Sequence[tuple], encode_text: Callable[[list[str]], Co
         return sum(loss_cfg.token_weights.get(t, 1.0) for t in trig) / len(trig) if trig else 1.0
 
     out = []
-    for (lat, cap, trig, rep), ps, pr in zip(rows, pres, probes):
+    for (lat, cap, trig, rep), ps, pr, mask in zip(rows, pres, probes, masks):
         image_probes = {name: cond[p] for name, p in pr.items()}  # one dict per image: its rows share it
         tokens = tuple(token_positions(cap, trig)) if token_positions and trig else ()
+        if mask is not None and tuple(mask.shape[-2:]) != tuple(lat.shape[-2:]):
+            raise ValueError(f"the mask of {cap!r} is {tuple(mask.shape[-2:])}, its latent {tuple(lat.shape[-2:])}; "
+                             "bring masks to the latent's size (cat_train.mask.latent_mask).")
+        mask = None if mask is None else mask.detach().float().cpu().reshape(1, *lat.shape[-2:])
         out += [Example(lat.detach().cpu(), cond[cap], cond[p], weight(trig), rep, probes=image_probes,
-                        trigger_tokens=tokens) for p in ps]
+                        trigger_tokens=tokens, mask=mask) for p in ps]
     return out
 
 
