@@ -48,6 +48,7 @@ NODE_WIDGETS: dict[str, list[tuple[str, str]]] = {
                              ("probes", "AutoPreservationConfig.probes"), ("top_k", "AutoPreservationConfig.top_k"),
                              ("threshold", "AutoPreservationConfig.threshold"), ("points", "AutoPreservationConfig.points"),
                              ("images", "AutoPreservationConfig.images"), ("seed", "AutoPreservationConfig.seed")],
+    "CAT_TrainingOptions": [("mask_floor", "CatLossConfig.mask_floor"), ("mask_keep", "CatLossConfig.mask_keep")],
     "CAT_CatVersionTrainer": [("layers", "CatVersionSpec.layers"), ("embeddings_per_layer", "CatVersionSpec.length"),
                               ("steps", "CatVersionConfig.steps"), ("learning_rate", "CatVersionConfig.lr"),
                               ("batch_size", "CatVersionConfig.batch_size"), ("cat_factor", "CatVersionConfig.alpha"),

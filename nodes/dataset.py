@@ -8,7 +8,9 @@ from pathlib import Path
 import torch
 from comfy_api.latest import io
 
-from ..cat_train.dataset import DatasetError, caption_suffix, check_resolution, folders, plan_dataset
+from ..cat_train.dataset import (MASK_SOURCES, DatasetError, caption_suffix, check_mask_source, check_resolution, folders,
+                                  plan_dataset)
+from ..cat_train.mask import latent_mask
 from ..cat_train.loss import repeat_to_common_length
 from .common import CATEGORY, Dataset, input_path, phase_progress, range_problem
 
@@ -28,6 +30,7 @@ class CatDataset:
     warnings: list[str] = field(default_factory=list)  # legacy caption encodings, tiny images: shown in the node's info
     budget: str = ""  # the memory line printed before decoding
     pixels: list[torch.Tensor] = field(default_factory=list, repr=False)  # reference images, uint8 (H, W, 3): see build_dataset
+    masks: list[torch.Tensor | None] = field(default_factory=list, repr=False)  # per item: (1, h, w) at its latent's size, or None
     _text_cache: dict = field(default_factory=dict, repr=False)
 
     def encode_text(self, prompts: list[str]) -> dict[str, torch.Tensor]:
@@ -73,26 +76,29 @@ class CatDataset:
 
 
 def build_dataset(folder: Path, vae, clip, triggers: tuple[str, ...], class_word: str, caption_ext: str,
-                  res: int, buckets: bool, where: str = "prepend", tick=None) -> CatDataset:
+                  res: int, buckets: bool, where: str = "prepend", tick=None, masks: str = "off") -> CatDataset:
     """Images decoded, bucketed and captioned by the core (errors name the file and the fix), one at a time: each is
     encoded here, in ComfyUI's IMAGE layout (1, H, W, 3) in [0, 1], before the next is decoded, so memory holds the
     latents and one image (2000 images at 512 px: 6.8 GB of float32 pixels at once before). tick() per image moves
     the progress bar and honours Cancel. The first REFERENCE_IMAGES images are kept as uint8 for the node's IMAGE
-    output (the KPS Evaluator's reference images pair with a few generated ones): bounded, 0.75 MB each at 512 px."""
-    plan = plan_dataset(folder, triggers, class_word, caption_ext, where, res, buckets)
+    output (the KPS Evaluator's reference images pair with a few generated ones): bounded, 0.75 MB each at 512 px.
+    masks (cat_train.dataset.MASK_SOURCES): each image's mask, averaged down to its latent's size."""
+    plan = plan_dataset(folder, triggers, class_word, caption_ext, where, res, buckets, masks=masks)
     log.info("ComfyUI-CAT %s", plan.budget())
     tick = tick or phase_progress(len(plan.records))
-    items, pixels = [], []
+    items, pixels, latent_masks = [], [], []
     for it in plan.decode():
         image = ((it.pixels.permute(1, 2, 0) + 1) / 2).clamp(0, 1)
         latent = vae.encode(image[None])
         items.append((latent[0].detach().float().cpu().clone(), it.caption, it.triggers, it.repeats))
+        latent_masks.append(None if it.mask is None else latent_mask(it.mask, tuple(latent.shape[-2:])))
         if len(pixels) < REFERENCE_IMAGES:
             pixels.append((image.detach().float().cpu() * 255).round().to(torch.uint8))
         tick()
     warnings = plan.finish(len(items))
     return CatDataset(items, tuple(dict.fromkeys(triggers)), class_word, clip, str(folder),
-                      skipped=[str(p) for p, _ in plan.skipped], warnings=warnings, budget=plan.budget(), pixels=pixels)
+                      skipped=[str(p) for p, _ in plan.skipped], warnings=warnings, budget=plan.budget(), pixels=pixels,
+                      masks=latent_masks)
 
 
 def image_batch(pixels: list[torch.Tensor]) -> torch.Tensor:
@@ -122,6 +128,12 @@ class CatDatasetNode(io.ComfyNode):
                 io.String.Input("caption_extension", default=".txt"),
                 io.Int.Input("resolution", default=512, min=64, max=4096, step=64),
                 io.Boolean.Input("buckets", default=True, tooltip="keep aspect ratios (sides multiples of 64)"),
+                # new inputs only at the end, all optional: shipped workflows keep their widget order
+                io.Combo.Input("masks", options=list(MASK_SOURCES), default="off", optional=True,
+                               tooltip="masked training: read a mask per image (white = subject). auto: <name>-masklabel.png "
+                                       "beside the image, else its alpha channel; file / alpha: only that; off: none. "
+                                       "Weighted by the trainer's mask_floor / mask_keep (CAT Training Options). The "
+                                       "info output says how many images have one"),
             ],
             # outputs are linked by slot index: new ones go at the end. The INT is the image count; "images" is the
             # IMAGE batch (reference images for the KPS Evaluator's IS), which ComfyUI core cannot load from a folder
@@ -130,7 +142,7 @@ class CatDatasetNode(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, caption_extension=None, resolution=None):
+    def validate_inputs(cls, caption_extension=None, resolution=None, masks=None):
         """ComfyUI checks min/max but not step: resolution 100 over the API trained at 64x128. Naming `resolution`
         here turns ComfyUI's own range check off for it, so range_problem does it."""
         ranged = range_problem(cls, resolution=resolution)
@@ -141,6 +153,8 @@ class CatDatasetNode(io.ComfyNode):
                 caption_suffix(caption_extension)
             if resolution is not None:
                 check_resolution(resolution)
+            if masks is not None:
+                check_mask_source(masks)
         except DatasetError as e:
             return str(e)
         return True
@@ -156,9 +170,11 @@ class CatDatasetNode(io.ComfyNode):
         return tuple(sorted((str(p), p.stat().st_mtime_ns) for g, *_ in groups for p in g.iterdir() if p.is_file()))
 
     @classmethod
-    def execute(cls, vae, clip, folder, triggers, class_word, caption_extension, resolution, buckets) -> io.NodeOutput:
+    def execute(cls, vae, clip, folder, triggers, class_word, caption_extension, resolution, buckets,
+                masks="off") -> io.NodeOutput:
         trig = tuple(t.strip() for t in triggers.split(",") if t.strip())
-        ds = build_dataset(input_path(folder), vae, clip, trig, class_word.strip(), caption_extension, resolution, buckets)
+        ds = build_dataset(input_path(folder), vae, clip, trig, class_word.strip(), caption_extension, resolution, buckets,
+                           masks=masks)
         return io.NodeOutput(ds, len(ds.items), info(ds), image_batch(ds.pixels))
 
 

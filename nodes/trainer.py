@@ -152,7 +152,9 @@ def model_examples(mp, dataset, loss_cfg: CatLossConfig, tick=None) -> list[Exam
     10,000 preservation prompts x 3 images cloned a conditioning per pair (+1.4 GB with a tiny CLIP, 12-32x that with
     a real one). tick() per prompt encoded and per example converted moves the bar and stops at Cancel."""
     positions = dataset.token_positions if loss_cfg.apt.align_skip_triggers else None  # tokenizes only when asked
-    examples = build_examples([(lat, cap, trig, rep) for lat, cap, trig, rep in dataset.items], dataset.encode_text, loss_cfg,
+    masks = getattr(dataset, "masks", None) or [None] * len(dataset.items)  # masked training: per item, or none
+    examples = build_examples([(lat, cap, trig, rep, m) for (lat, cap, trig, rep), m in zip(dataset.items, masks)],
+                              dataset.encode_text, loss_cfg,
                               progress=(lambda done, total: tick()) if tick else None, token_positions=positions)
     latents, conds, probes, out = {}, {}, {}, []
 
@@ -168,7 +170,8 @@ def model_examples(mp, dataset, loss_cfg: CatLossConfig, tick=None) -> list[Exam
         if (id(ex.probes), w, h) not in probes:  # auto preservation's probes: one dict per image, as build_examples made them
             probes[(id(ex.probes), w, h)] = {p: unet_cond(c, w, h) for p, c in ex.probes.items()}
         out.append(Example(latents[id(ex.latent)][1], unet_cond(ex.cond_token, w, h), unet_cond(ex.cond_pres, w, h),
-                           ex.weight, ex.repeats, probes=probes[(id(ex.probes), w, h)], trigger_tokens=ex.trigger_tokens))
+                           ex.weight, ex.repeats, probes=probes[(id(ex.probes), w, h)], trigger_tokens=ex.trigger_tokens,
+                           mask=ex.mask))
         if tick:
             tick()
     return out

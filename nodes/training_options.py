@@ -13,11 +13,14 @@ import typing
 
 from comfy_api.latest import io
 
+from ..cat_train.loss import CatLossConfig
 from ..cat_train.options_doc import help_of
 from .common import CATEGORY, TrainingOptions, range_problem
 
 # (option dataclass, its fields that are widgets here), in widget order; a feature appends its own line
-GROUPS: list[tuple[type, tuple[str, ...]]] = []
+GROUPS: list[tuple[type, tuple[str, ...]]] = [
+    (CatLossConfig, ("mask_floor", "mask_keep")),
+]
 
 
 def _fields(cls: type) -> dict[str, dataclasses.Field]:
