@@ -103,7 +103,7 @@ class LossTerms(NamedTuple):
     loss: Tensor  # scalar to minimise
     fit: Tensor   # per-sample ||target - eps_θ'(z_t, t, y_T)||²
     keep: Tensor  # per-sample ||eps_θ(z_t, t, y) - eps_θ'(z_t, t, y)||² (zeros when alpha = 0)
-    fit_pre: Tensor | None = None  # per-sample ||target - eps_θ(z_t, t, y_T)||²: when a term asked for the frozen y_T pass
+    fit_pre: Tensor | None = None  # per-sample ||target - eps_θ(z_t, t, y_T)||² (weighted as fit): when a term asked for the frozen y_T pass
 
 
 def mean_sq_diff(a: Tensor, b: Tensor) -> Tensor:
@@ -212,7 +212,11 @@ def cat_objective(denoiser: Denoiser, x0: Tensor, noise: Tensor, t: Tensor, cond
     penalties = [p for term in terms for p in term.penalty(n)]
     result = cat_loss(pred[:n], target, pred[n:] if alpha else None, out[-n:] if alpha else None, alpha, weight,
                       fit_weight, penalties, element_weight)
-    return result._replace(fit_pre=mean_sq_diff(out[:n], target).detach()) if token_pass else result
+    if not token_pass:
+        return result
+    # the frozen model's fit weighed as the adapted one's (APT compares the two)
+    fit_pre = mean_sq_diff(out[:n], target) if element_weight is None else weighted_mean_sq_diff(out[:n], target, element_weight)
+    return result._replace(fit_pre=fit_pre.detach())
 
 
 def _rows(x_t: Tensor, t: Tensor, conds: list[Cond]) -> tuple[Tensor, Tensor, Cond]:

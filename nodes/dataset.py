@@ -181,6 +181,8 @@ class CatDatasetNode(io.ComfyNode):
 def info(ds: CatDataset) -> str:
     """The node's info output: buckets, skipped files, warnings."""
     text = f"{len(ds.items)} images in {len(ds.buckets)} bucket(s): " + ", ".join(f"{w}x{h}: {n}" for (w, h), n in sorted(ds.buckets.items()))
+    masked = sum(m is not None for m in ds.masks)
+    text += f"; {masked} with masks" if masked else ""
     if ds.skipped:
         text += f"\nskipped {len(ds.skipped)} unreadable or unsupported file(s): " + ", ".join(ds.skipped)
     if ds.warnings:

@@ -235,6 +235,10 @@ def train_on_model(mp, dataset, loss_cfg: CatLossConfig, spec: LoraSpec, cfg: Tr
     prep.check()
     with trainable(mp, compute) as den:  # raises if the shared UNet did not come back bit-identical
         examples = model_examples(mp, dataset, loss_cfg, prep)
+        if any(e.mask is not None for e in examples) and not loss_cfg.mask.active:
+            log.warning("ComfyUI-CAT: %d training images have masks, but mask_floor is 1 and mask_keep 0 (CAT Training "
+                        "Options), so the masks weigh nothing: set mask_floor below 1 (e.g. 0.1) or mask_keep above 0.",
+                        sum(e.mask is not None for e in examples))
         prep.check()
         budget = memory_budget(den, examples, spec, loss_cfg, cfg)
         prep.check()  # after the probe forward, before step 1 and its checkpoint
