@@ -164,3 +164,15 @@ def test_masks_without_mask_settings_train_as_before(tiny_denoiser, text, tmp_pa
     a = run(tiny_denoiser, masked, tmp_path / "a", 3, loss)
     b = run(tiny_denoiser, plain, tmp_path / "b", 3, loss)
     assert [h["loss"] for h in a.history] == [h["loss"] for h in b.history]
+
+
+def test_frozen_fit_is_weighted_as_the_adapted_fit(tiny_denoiser):
+    """APT compares fit with fit_pre: both must be the same mask-weighted mean."""
+    inject_lora(tiny_denoiser.module, LoraSpec(rank=4))
+    x0, noise, t, c_tok, c_pres = batch()
+    terms = cat_objective(tiny_denoiser, x0, noise, t, c_tok, c_pres, alpha=1.0, terms=[term_with(0.0, 1.0, [half_mask()] * 2)])
+    assert torch.allclose(terms.fit_pre, terms.fit, rtol=1e-6)  # LoRA B = 0: the same predictions
+    with torch.no_grad():
+        x_t = tiny_denoiser.schedule.add_noise(x0, noise, t)
+        d2 = (tiny_denoiser.predict(x_t, t, c_tok) - noise).pow(2)
+    assert terms.fit_pre[0].item() == pytest.approx(d2[0, :, :, :4].mean().item(), rel=1e-5)  # floor 0: the subject only
