@@ -274,7 +274,8 @@ def load_mask(path: Path, mask_file: Path | None, masks: str) -> tuple[Image.Ima
             raise DatasetError(f"mask {mask_file} is {mask.width}x{mask.height} but its image {path.name} is "
                                f"{img.width}x{img.height}; save the mask at the image's size.")
     elif masks in ("auto", "alpha") and _has_alpha(img):
-        mask = img.convert("RGBA").getchannel("A")
+        alpha = img.convert("RGBA").getchannel("A")
+        mask = alpha if alpha.getextrema()[0] < 255 else None  # all opaque: no mask
     return _flatten(img), mask
 
 
@@ -415,8 +416,11 @@ class DatasetPlan:
                     "trained as images either); set masks to auto or file to train with them.") if files else None
         where = {"auto": f"{MASK_SUFFIX} files or alpha channels", "file": f"{MASK_SUFFIX} files",
                  "alpha": "alpha channels"}[self.masks]
+        if self.masks == "auto" and not self.masked:  # nothing asked for, nothing found: nothing to say
+            return None
         return (f"masks ({self.masks}): {self.masked} of {n_items} images have a mask ({where}); the others weigh 1 "
-                "everywhere." + ("" if self.masked else " Masked training changes nothing without masks."))
+                "everywhere. Masks weigh something only with mask_floor < 1 or mask_keep > 0 (CAT Training Options)."
+                + ("" if self.masked else " Masked training changes nothing without masks."))
 
     def finish(self, n_items: int) -> list[str]:
         """After decode(): refuse an all-unreadable folder; the warnings to show (also logged)."""

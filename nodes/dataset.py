@@ -8,8 +8,7 @@ from pathlib import Path
 import torch
 from comfy_api.latest import io
 
-from ..cat_train.dataset import (MASK_SOURCES, DatasetError, caption_suffix, check_mask_source, check_resolution, folders,
-                                  plan_dataset)
+from ..cat_train.dataset import DatasetError, caption_suffix, check_resolution, folders, plan_dataset
 from ..cat_train.mask import latent_mask
 from ..cat_train.loss import repeat_to_common_length
 from .common import CATEGORY, Dataset, input_path, phase_progress, range_problem
@@ -76,13 +75,15 @@ class CatDataset:
 
 
 def build_dataset(folder: Path, vae, clip, triggers: tuple[str, ...], class_word: str, caption_ext: str,
-                  res: int, buckets: bool, where: str = "prepend", tick=None, masks: str = "off") -> CatDataset:
+                  res: int, buckets: bool, where: str = "prepend", tick=None, masks: str = "auto") -> CatDataset:
     """Images decoded, bucketed and captioned by the core (errors name the file and the fix), one at a time: each is
     encoded here, in ComfyUI's IMAGE layout (1, H, W, 3) in [0, 1], before the next is decoded, so memory holds the
     latents and one image (2000 images at 512 px: 6.8 GB of float32 pixels at once before). tick() per image moves
     the progress bar and honours Cancel. The first REFERENCE_IMAGES images are kept as uint8 for the node's IMAGE
     output (the KPS Evaluator's reference images pair with a few generated ones): bounded, 0.75 MB each at 512 px.
-    masks (cat_train.dataset.MASK_SOURCES): each image's mask, averaged down to its latent's size."""
+    masks (cat_train.dataset.MASK_SOURCES; auto: a <name>-masklabel file, else an alpha channel that is not all
+    opaque): each image's mask, averaged down to its latent's size. Read whenever present, used only when the
+    trainer's mask_floor < 1 or mask_keep > 0 (a widget here would shift every shipped workflow's widget values)."""
     plan = plan_dataset(folder, triggers, class_word, caption_ext, where, res, buckets, masks=masks)
     log.info("ComfyUI-CAT %s", plan.budget())
     tick = tick or phase_progress(len(plan.records))
@@ -119,7 +120,8 @@ class CatDatasetNode(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="CAT_Dataset", display_name="CAT Dataset", category=CATEGORY,
-            description="Images + same-name captions from a folder, encoded once with the graph's VAE and CLIP.",
+            description="Images + same-name captions from a folder, encoded once with the graph's VAE and CLIP; masks "
+                        "(<name>-masklabel.png or alpha) for masked training (CAT Training Options).",
             inputs=[
                 io.Vae.Input("vae"), io.Clip.Input("clip"),
                 io.String.Input("folder", default="cat_dataset", tooltip="subfolder of ComfyUI's input folder, or a full path"),
@@ -128,12 +130,6 @@ class CatDatasetNode(io.ComfyNode):
                 io.String.Input("caption_extension", default=".txt"),
                 io.Int.Input("resolution", default=512, min=64, max=4096, step=64),
                 io.Boolean.Input("buckets", default=True, tooltip="keep aspect ratios (sides multiples of 64)"),
-                # new inputs only at the end, all optional: shipped workflows keep their widget order
-                io.Combo.Input("masks", options=list(MASK_SOURCES), default="off", optional=True,
-                               tooltip="masked training: read a mask per image (white = subject). auto: <name>-masklabel.png "
-                                       "beside the image, else its alpha channel; file / alpha: only that; off: none. "
-                                       "Weighted by the trainer's mask_floor / mask_keep (CAT Training Options). The "
-                                       "info output says how many images have one"),
             ],
             # outputs are linked by slot index: new ones go at the end. The INT is the image count; "images" is the
             # IMAGE batch (reference images for the KPS Evaluator's IS), which ComfyUI core cannot load from a folder
@@ -142,7 +138,7 @@ class CatDatasetNode(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, caption_extension=None, resolution=None, masks=None):
+    def validate_inputs(cls, caption_extension=None, resolution=None):
         """ComfyUI checks min/max but not step: resolution 100 over the API trained at 64x128. Naming `resolution`
         here turns ComfyUI's own range check off for it, so range_problem does it."""
         ranged = range_problem(cls, resolution=resolution)
@@ -153,8 +149,6 @@ class CatDatasetNode(io.ComfyNode):
                 caption_suffix(caption_extension)
             if resolution is not None:
                 check_resolution(resolution)
-            if masks is not None:
-                check_mask_source(masks)
         except DatasetError as e:
             return str(e)
         return True
@@ -170,11 +164,9 @@ class CatDatasetNode(io.ComfyNode):
         return tuple(sorted((str(p), p.stat().st_mtime_ns) for g, *_ in groups for p in g.iterdir() if p.is_file()))
 
     @classmethod
-    def execute(cls, vae, clip, folder, triggers, class_word, caption_extension, resolution, buckets,
-                masks="off") -> io.NodeOutput:
+    def execute(cls, vae, clip, folder, triggers, class_word, caption_extension, resolution, buckets) -> io.NodeOutput:
         trig = tuple(t.strip() for t in triggers.split(",") if t.strip())
-        ds = build_dataset(input_path(folder), vae, clip, trig, class_word.strip(), caption_extension, resolution, buckets,
-                           masks=masks)
+        ds = build_dataset(input_path(folder), vae, clip, trig, class_word.strip(), caption_extension, resolution, buckets)
         return io.NodeOutput(ds, len(ds.items), info(ds), image_batch(ds.pixels))
 
 

@@ -152,7 +152,8 @@ def model_examples(mp, dataset, loss_cfg: CatLossConfig, tick=None) -> list[Exam
     10,000 preservation prompts x 3 images cloned a conditioning per pair (+1.4 GB with a tiny CLIP, 12-32x that with
     a real one). tick() per prompt encoded and per example converted moves the bar and stops at Cancel."""
     positions = dataset.token_positions if loss_cfg.apt.align_skip_triggers else None  # tokenizes only when asked
-    masks = getattr(dataset, "masks", None) or [None] * len(dataset.items)  # masked training: per item, or none
+    # masks only where they weigh something: off, the examples (and the run's data fingerprint) are as without them
+    masks = (getattr(dataset, "masks", None) if loss_cfg.mask.active else None) or [None] * len(dataset.items)
     examples = build_examples([(lat, cap, trig, rep, m) for (lat, cap, trig, rep), m in zip(dataset.items, masks)],
                               dataset.encode_text, loss_cfg,
                               progress=(lambda done, total: tick()) if tick else None, token_positions=positions)
@@ -235,10 +236,10 @@ def train_on_model(mp, dataset, loss_cfg: CatLossConfig, spec: LoraSpec, cfg: Tr
     prep.check()
     with trainable(mp, compute) as den:  # raises if the shared UNet did not come back bit-identical
         examples = model_examples(mp, dataset, loss_cfg, prep)
-        if any(e.mask is not None for e in examples) and not loss_cfg.mask.active:
-            log.warning("ComfyUI-CAT: %d training images have masks, but mask_floor is 1 and mask_keep 0 (CAT Training "
-                        "Options), so the masks weigh nothing: set mask_floor below 1 (e.g. 0.1) or mask_keep above 0.",
-                        sum(e.mask is not None for e in examples))
+        masked = sum(m is not None for m in getattr(dataset, "masks", []))
+        if masked and not loss_cfg.mask.active:
+            log.info("ComfyUI-CAT: %d training images have masks; they weigh nothing while mask_floor is 1 and mask_keep "
+                     "0 (CAT Training Options: e.g. mask_floor 0.1 to train on them).", masked)
         prep.check()
         budget = memory_budget(den, examples, spec, loss_cfg, cfg)
         prep.check()  # after the probe forward, before step 1 and its checkpoint

@@ -107,3 +107,13 @@ def test_images_are_bit_identical_with_masks_on(tmp_path):
     off = by_name(load_dataset(tmp_path, ["sks"], resolution=64))
     on = by_name(load_dataset(tmp_path, ["sks"], resolution=64, masks="auto"))
     assert all(torch.equal(off[k].pixels, on[k].pixels) for k in off)
+
+
+def test_opaque_alpha_is_no_mask_and_auto_without_masks_says_nothing(tmp_path):
+    rgb(tmp_path / "a.png")
+    Image.new("RGBA", (128, 64), (1, 2, 3, 255)).save(tmp_path / "b.png")
+    ds = load_dataset(tmp_path, ["sks"], resolution=64, masks="auto")
+    assert all(it.mask is None for it in ds.items)
+    assert ds.warnings == [] and "with masks" not in ds.summary()
+    alpha = load_dataset(tmp_path, ["sks"], resolution=64, masks="alpha")
+    assert any("0 of 2 images have a mask" in w for w in alpha.warnings)  # asked for and none found: said

@@ -1,5 +1,6 @@
 """Masked training inside a real ComfyUI: a dataset folder with mask files and an alpha channel trains through the
-nodes (CAT Dataset `masks` -> CAT Training Options mask_floor / mask_keep -> trainer), and the LoRA records it."""
+nodes (CAT Dataset reads the masks -> CAT Training Options mask_floor / mask_keep -> trainer), and the LoRA records
+it; CAT Dataset's widgets are unchanged (shipped workflows keep their widget values)."""
 from __future__ import annotations
 
 import json
@@ -30,14 +31,14 @@ def masked_folder(root: Path) -> Path:
     return root
 
 
-def graph(folder: str, masks: str, floor: float, keep: float) -> dict:
+def graph(folder: str, floor: float, keep: float) -> dict:
     from test_bad_inputs import _defaults
 
     return {
         "1": {"class_type": "CATTest_TinyCheckpoint", "inputs": {"kind": "sd15"}},
         "2": {"class_type": "CAT_Dataset", "inputs": {"vae": ["1", 2], "clip": ["1", 1], "folder": folder, "triggers": "sks",
                                                       "class_word": "dog", "caption_extension": ".txt", "resolution": 128,
-                                                      "buckets": True, "masks": masks}},
+                                                      "buckets": True}},
         "3": {"class_type": "CAT_LossConfig", "inputs": {"cat_factor": 1.0, "preservation": "class", "class_word": "dog",
                                                          "token_weights": ""}},
         "6": {"class_type": "CAT_TrainingOptions", "inputs": {"mask_floor": floor, "mask_keep": keep}},
@@ -53,9 +54,12 @@ def test_masked_dataset_trains_through_the_nodes(comfy, test_checkpoint_node):
     from safetensors import safe_open
 
     masked_folder(Path(comfy.folder_paths.get_input_directory()) / "cat_mask_ds")
-    ex = run_prompt(graph("cat_mask_ds", "auto", 0.1, 1.0))
+    ex = run_prompt(graph("cat_mask_ds", 0.1, 1.0))
     assert ex.success, ex.status_messages[-1]
     out = ex.history_result["outputs"]
+    schema = comfy.nodes.NODE_CLASS_MAPPINGS["CAT_Dataset"].define_schema()
+    assert [i.id for i in schema.inputs] == ["vae", "clip", "folder", "triggers", "class_word", "caption_extension",
+                                             "resolution", "buckets"]
     with safe_open(out["5"]["text"][0], "pt") as f:
         meta = f.metadata()
     assert (meta["cat_mask_floor"], meta["cat_mask_keep"]) == ("0.1", "1.0")
@@ -70,17 +74,20 @@ def test_masks_reach_the_examples_and_the_loss(comfy, tiny_sd15):
     A = pack_module(comfy, "cat_train.adapter")
     T = pack_module(comfy, "cat_train.train")
     L = pack_module(comfy, "cat_train.loss")
-    ds = nd.build_dataset(folder, vae, clip, ("sks",), "dog", ".txt", 128, True, masks="auto")
+    ds = nd.build_dataset(folder, vae, clip, ("sks",), "dog", ".txt", 128, True)  # the node's call: masks auto
+    assert "3 images in 1 bucket(s): 128x128: 3; 2 with masks" in nd.info(ds)
     assert "masks (auto): 2 of 3 images have a mask" in nd.info(ds)
     lat_hw = tuple(ds.items[0][0].shape[-2:])
     assert [None if m is None else tuple(m.shape) for m in ds.masks] == [(1, *lat_hw), None, (1, *lat_hw)]
     assert ds.masks[0].mean().item() == 0.25 and ds.masks[2].mean().item() == 0.5  # a: left quarter; c: left half
-    off = nd.build_dataset(folder, vae, clip, ("sks",), "dog", ".txt", 128, True)
+    off = nd.build_dataset(folder, vae, clip, ("sks",), "dog", ".txt", 128, True, masks="off")
     assert off.masks == [None] * 3 and "masks is off" in nd.info(off)
     assert all(torch.equal(a[0], b[0]) for a, b in zip(ds.items, off.items))  # same latents either way
     loss = L.CatLossConfig(1.0, "class", "dog", mask_floor=0.1, mask_keep=1.0)
     exs = tr.model_examples(mp, ds, loss)
     assert [e.mask is not None for e in exs] == [True, False, True]
+    unused = tr.model_examples(mp, ds, L.CatLossConfig(1.0, "class", "dog"))  # masks weigh nothing: not on the examples
+    assert all(e.mask is None for e in unused)
     before = {k: v.clone() for k, v in mp.model.diffusion_model.state_dict().items()}
     *_, res = tr.train_on_model(mp, ds, loss, A.LoraSpec(rank=4, alpha=4.0), T.TrainConfig(steps=3, lr=1e-2, seed=1))
     assert len(res.history) == 3 and res.history[-1]["background_keep"] > 0
