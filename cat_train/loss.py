@@ -62,8 +62,8 @@ class CatLossConfig:
     mask_floor: float = field(default=1.0, metadata={"recorded_if_set": True, "min": 0.0, "max": 1.0, "step": 0.01, "help": (
         "masked training: fit weight of the background (mask 0), the subject weighing 1; 1 = masks off, 0 = the "
         "background is not fitted at all (OneTrainer's default unmasked weight: 0.1). The fit is the mask-weighted mean "
-        "over the latent. Masks come from the dataset (CAT Dataset's `masks`: <name>-masklabel.png files or the alpha "
-        "channel); images without one weigh 1 everywhere. Not with APT's augmentations.")})
+        "over the latent. Masks come from the dataset (<name>-masklabel.png beside the image, else its alpha channel; "
+        "docs/dataset.md); images without one weigh 1 everywhere. Not with APT's augmentations.")})
     mask_keep: float = field(default=0.0, metadata={"recorded_if_set": True, "min": 0.0, "max": 100.0, "step": 0.1, "help": (
         "masked training: weight of the background keep term (ai-toolkit's \"inverted-mask prior\"): outside the mask the "
         "adapted prediction on the caption y_T is pulled to the frozen model's on the same y_T, noise and timestep, so "

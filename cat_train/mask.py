@@ -78,8 +78,8 @@ class MaskedLoss(StepTerm):
         n = sum(getattr(e, "mask", None) is not None for e in examples)
         if not n:
             log.warning("mask_floor %s / mask_keep %s are set but no training image has a mask: they change nothing. "
-                        "Turn on the dataset's `masks` option and put <name>-masklabel.png files beside the images "
-                        "(or give them an alpha channel).", self.cfg.floor, self.cfg.keep)
+                        "Put <name>-masklabel.png files (white = subject) beside the images, or give them an alpha "
+                        "channel.", self.cfg.floor, self.cfg.keep)
 
     def see_batch(self, examples) -> None:
         self.masks = [getattr(e, "mask", None) for e in examples]
