@@ -139,8 +139,7 @@ def _recorded(cfg: Any) -> Any:
         return cfg
     out = asdict(cfg)
     for f in fields(cfg):
-        default = f.default if f.default is not MISSING else MISSING
-        if f.metadata.get("recorded_if_set") and out[f.name] == default:
+        if f.metadata.get("recorded_if_set") and f.default is not MISSING and out[f.name] == f.default:
             del out[f.name]
     return out
 

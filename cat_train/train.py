@@ -135,8 +135,9 @@ PAIRS_WARN = 5000  # image x preservation-prompt pairs past which the preparatio
 def build_examples(items: Sequence[tuple], encode_text: Callable[[list[str]], Cond], loss_cfg: CatLossConfig,
                    progress: Callable[[int, int], None] | None = None,
                    token_positions: Callable[[str, tuple[str, ...]], tuple[int, ...]] | None = None) -> list[Example]:
-    """items: (latent, caption, triggers[, repeats[, mask]]) (mask: (1, H, W) at the latent's size, or None). Each distinct prompt is encoded once; progress(done, total)
-    after each (a host moves its bar and stops at Cancel there). Examples share their conditionings.
+    """items: (latent, caption, triggers[, repeats[, mask]]), mask (1, H, W) at the latent's size or None. Each distinct
+    prompt is encoded once; progress(done, total) after each (a host moves its bar and stops at Cancel there).
+    Examples share their conditionings.
     token_positions(caption, triggers): where the host's tokenizer puts the trigger's tokens in the caption's context
     (Example.trigger_tokens)."""
     rows = [(it[0], it[1], tuple(it[2]), it[3] if len(it) > 3 else 1) for it in items]
