@@ -176,3 +176,16 @@ def test_frozen_fit_is_weighted_as_the_adapted_fit(tiny_denoiser):
         x_t = tiny_denoiser.schedule.add_noise(x0, noise, t)
         d2 = (tiny_denoiser.predict(x_t, t, c_tok) - noise).pow(2)
     assert terms.fit_pre[0].item() == pytest.approx(d2[0, :, :, :4].mean().item(), rel=1e-5)  # floor 0: the subject only
+
+
+def test_run_settings_leave_mask_fields_out_at_their_defaults():
+    """Checkpoints and run folders from before masked training recorded no mask fields: runs with masks off match them."""
+    from types import SimpleNamespace
+
+    from cat_train.run_folder import result_settings
+
+    lora = SimpleNamespace(name="lora", spec=None)
+    off = result_settings(TrainConfig(), CatLossConfig(), lora, {}, None)["loss"]
+    assert "mask_floor" not in off and "mask_keep" not in off and "alpha" in off
+    on = result_settings(TrainConfig(), CatLossConfig(mask_floor=0.1), lora, {}, None)["loss"]
+    assert on["mask_floor"] == repr(0.1) and "mask_keep" not in on
