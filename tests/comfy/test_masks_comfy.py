@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -94,3 +95,23 @@ def test_masks_reach_the_examples_and_the_loss(comfy, tiny_sd15):
     after = mp.model.diffusion_model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert json.dumps(res.history[-1])  # plain numbers: the live view and checkpoints store them
+
+
+@pytest.mark.parametrize("kind", ["sd3", "flux"])
+def test_masked_training_on_flow_models(comfy, kind, tmp_path):
+    """16-channel latents and velocity targets: the masks follow the latent's size and the keep term comes alive."""
+    from tiny_models import tiny_model
+
+    mp, clip, vae = tiny_model(kind, seed=11)
+    folder = masked_folder(tmp_path / "ds")
+    ds = pack_module(comfy, "nodes.dataset").build_dataset(folder, vae, clip, ("sks",), "dog", ".txt", 128, True)
+    assert all(m is None or m.shape[-2:] == lat.shape[-2:] for m, (lat, *_) in zip(ds.masks, ds.items))
+    tr = pack_module(comfy, "nodes.trainer")
+    A, T, L = (pack_module(comfy, m) for m in ("cat_train.adapter", "cat_train.train", "cat_train.loss"))
+    before = {k: v.clone() for k, v in mp.model.diffusion_model.state_dict().items()}
+    *_, res = tr.train_on_model(mp, ds, L.CatLossConfig(1.0, "class", "dog", mask_floor=0.0, mask_keep=1.0),
+                                A.LoraSpec(rank=4, alpha=4.0, preset="attn_ff"), T.TrainConfig(steps=3, lr=1e-2, seed=1))
+    bg = [h["background_keep"] for h in res.history]
+    assert bg[0] < 1e-8 < bg[-1]  # LoRA B = 0 at step 1: adapted == frozen on the background
+    after = mp.model.diffusion_model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
