@@ -5,6 +5,11 @@
 
 Images come out as float tensors (3, H, W) in [-1, 1] at their bucket size; the caller encodes them
 (VAE) once. Repeats are kept as sampling weights, not copies.
+
+Masks (masked training, cat_train/mask.py), read only when asked (`masks`): a mask file beside the image named as
+OneTrainer names them, `a-masklabel.png` for `a.png` (white = subject, black = background, grey between), or else
+the image's own alpha channel (kohya's `alpha_mask`). A mask goes through the same EXIF turn, cover-resize and
+centre crop as its image, so it lies on the same pixels in every bucket. Mask files are never training images.
 """
 from __future__ import annotations
 
@@ -32,6 +37,9 @@ Insert = Literal["prepend", "append", "off"]
 # Smaller sides are upscaled many times to reach a bucket: the VAE then encodes blur, and with 8 px per
 # latent pixel the subject spans a handful of latents. Warned about, not refused: it may be intended.
 MIN_SIDE = 64
+MASK_SUFFIX = "-masklabel"  # OneTrainer's: a.png's mask is a-masklabel.png
+MaskSource = Literal["off", "auto", "file", "alpha"]
+MASK_SOURCES = ("off", "auto", "file", "alpha")
 
 
 class DatasetError(ValueError):
@@ -46,6 +54,7 @@ class ImageRecord:
     repeats: int
     caption_file: Path | None = None
     caption_encoding: str | None = None  # the legacy encoding a non-UTF-8 caption file was read with
+    mask_file: Path | None = None  # its <stem>-masklabel file, if there is one (used when masks are on)
 
 
 def read_caption(path: Path) -> tuple[str, str | None]:
@@ -81,8 +90,27 @@ def legacy_caption_note(records: Sequence[ImageRecord]) -> str | None:
             "if a letter looks wrong, re-save the file as UTF-8.")
 
 
+def is_mask_file(p: Path) -> bool:
+    return p.stem.lower().endswith(MASK_SUFFIX)
+
+
 def _images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS and not is_mask_file(p))
+
+
+def mask_file_of(path: Path) -> Path | None:
+    """`a-masklabel.png` (or another image extension, PNG first) beside `a.jpg`."""
+    for ext in (".png",) + tuple(e for e in IMAGE_EXTS if e != ".png"):
+        for cand in (path.with_name(path.stem + MASK_SUFFIX + ext), path.with_name(path.stem + MASK_SUFFIX + ext.upper())):
+            if cand.is_file():
+                return cand
+    return None
+
+
+def check_mask_source(masks: str) -> None:
+    if masks not in MASK_SOURCES:
+        raise DatasetError(f"masks must be one of {', '.join(MASK_SOURCES)} (auto: a <name>{MASK_SUFFIX}.png file, else "
+                           f"the alpha channel), got {masks!r}.")
 
 
 def caption_suffix(caption_ext: str) -> str:
@@ -179,7 +207,7 @@ def scan_folder(root: str | Path, triggers: Sequence[str], class_word: str = "",
                 own = triggers_in(name, triggers)
                 caption = ensure_trigger(caption, own[0] if own else triggers[0], insert_trigger)
             records.append(ImageRecord(path, caption, triggers_in(caption, triggers), repeats,
-                                       cap_file if cap_file.is_file() else None, encoding))
+                                       cap_file if cap_file.is_file() else None, encoding, mask_file_of(path)))
     if not records:
         raise DatasetError(f"no images in {root} or its 'N_name' subfolders; accepted: {', '.join(IMAGE_EXTS)}.")
     note = legacy_caption_note(records)
@@ -202,7 +230,11 @@ def _to_8bit(img: Image.Image) -> Image.Image:
 
 def load_image(path: str | Path) -> Image.Image:
     """RGB with EXIF orientation applied; alpha composited on white; 16-bit and grayscale handled."""
-    path = Path(path)
+    return _flatten(_open(Path(path)))
+
+
+def _open(path: Path) -> Image.Image:
+    """The decoded image with EXIF orientation applied, in its own mode."""
     try:
         with Image.open(path) as im:
             im.load()
@@ -212,6 +244,14 @@ def load_image(path: str | Path) -> Image.Image:
                            "long side; it is resized to the training resolution anyway) or remove it.") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise DatasetError(f"cannot read image {path} ({type(e).__name__}: {e}); re-save it as PNG or JPEG, or remove it.") from e
+    return img
+
+
+def _has_alpha(img: Image.Image) -> bool:
+    return img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info)
+
+
+def _flatten(img: Image.Image) -> Image.Image:
     if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
         img = _to_8bit(img)
     if img.mode == "P":
@@ -220,6 +260,23 @@ def load_image(path: str | Path) -> Image.Image:
         rgba = img.convert("RGBA")
         img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
     return img.convert("RGB")
+
+
+def load_mask(path: Path, mask_file: Path | None, masks: str) -> tuple[Image.Image, Image.Image | None]:
+    """The image (as load_image gives it) and its mask ("L", the image's size), or None where it has none: the mask
+    file when `masks` is auto or file, else (auto, alpha) the image's alpha channel."""
+    img = _open(path)
+    mask = None
+    if masks in ("auto", "file") and mask_file is not None:
+        m = _open(mask_file)
+        mask = _to_8bit(m) if m.mode in ("I", "I;16", "I;16B", "I;16L", "F") else m.convert("L")
+        if mask.size != img.size:
+            raise DatasetError(f"mask {mask_file} is {mask.width}x{mask.height} but its image {path.name} is "
+                               f"{img.width}x{img.height}; save the mask at the image's size.")
+    elif masks in ("auto", "alpha") and _has_alpha(img):
+        alpha = img.convert("RGBA").getchannel("A")
+        mask = alpha if alpha.getextrema()[0] < 255 else None  # all opaque: no mask
+    return _flatten(img), mask
 
 
 def make_buckets(resolution: int = 512, step: int = 64, max_aspect: float = 2.0) -> list[tuple[int, int]]:
@@ -240,14 +297,24 @@ def nearest_bucket(w: int, h: int, buckets: Sequence[tuple[int, int]]) -> tuple[
     return min(buckets, key=lambda b: (abs(math.log(b[0] / b[1]) - r), -b[0] * b[1]))
 
 
-def fit_to(img: Image.Image, size: tuple[int, int]) -> torch.Tensor:
-    """Resize to cover (w, h), centre-crop, -> (3, h, w) float32 in [-1, 1]."""
+def _cover(img: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """Resized to cover (w, h), centre-cropped: an image and its mask alike."""
     tw, th = size
     s = max(tw / img.width, th / img.height)
     img = img.resize((max(tw, round(img.width * s)), max(th, round(img.height * s))), Image.LANCZOS)
     left, top = (img.width - tw) // 2, (img.height - th) // 2
-    a = np.asarray(img.crop((left, top, left + tw, top + th)), dtype=np.float32)
+    return img.crop((left, top, left + tw, top + th))
+
+
+def fit_to(img: Image.Image, size: tuple[int, int]) -> torch.Tensor:
+    """Resize to cover (w, h), centre-crop, -> (3, h, w) float32 in [-1, 1]."""
+    a = np.asarray(_cover(img, size), dtype=np.float32)
     return torch.from_numpy(a).permute(2, 0, 1) / 127.5 - 1.0
+
+
+def fit_mask_to(mask: Image.Image, size: tuple[int, int]) -> torch.Tensor:
+    """A mask ("L") resized and cropped as fit_to does its image -> (h, w) float32 in [0, 1]."""
+    return torch.from_numpy(np.asarray(_cover(mask, size), dtype=np.float32) / 255.0)
 
 
 @dataclass
@@ -257,6 +324,7 @@ class DatasetItem:
     triggers: tuple[str, ...]
     repeats: int
     path: Path
+    mask: torch.Tensor | None = None  # (H, W) in [0, 1], 1 = subject, on the same pixels as `pixels`
 
 
 @dataclass
@@ -276,6 +344,8 @@ class Dataset:
     def summary(self) -> str:
         b = ", ".join(f"{w}x{h}: {n}" for (w, h), n in sorted(self.buckets.items()))
         s = f"{len(self.items)} images, {len(self.buckets)} bucket{'s' * (len(self.buckets) != 1)} ({b})"
+        masked = sum(it.mask is not None for it in self.items)
+        s += f", {masked} with masks" if masked else ""
         return s + (f", {len(self.skipped)} skipped" if self.skipped else "")
 
 
@@ -313,6 +383,8 @@ class DatasetPlan:
     skipped: list[tuple[Path, str]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     small: list[str] = field(default_factory=list)
+    masks: str = "off"  # MASK_SOURCES
+    masked: int = 0     # images decoded with a mask
 
     def budget(self, latent_channels: int = 4, scale: int = 8) -> str:
         """The memory line printed before decoding: one image's pixels at a time, every latent kept."""
@@ -325,14 +397,30 @@ class DatasetPlan:
         """Each readable image at its bucket size; an unreadable one goes to `skipped` (named, with why)."""
         for r in self.records:
             try:
-                img = load_image(r.path)
+                img, mask = load_mask(r.path, r.mask_file, self.masks) if self.masks != "off" else (load_image(r.path), None)
             except DatasetError as e:
                 self.skipped.append((r.path, str(e)))
                 continue
             if min(img.size) < MIN_SIDE:
                 self.small.append(f"{r.path.name} ({img.width}x{img.height})")
-            yield DatasetItem(fit_to(img, nearest_bucket(img.width, img.height, self.sizes)), r.caption, r.triggers,
-                              r.repeats, r.path)
+            size = nearest_bucket(img.width, img.height, self.sizes)
+            self.masked += mask is not None
+            yield DatasetItem(fit_to(img, size), r.caption, r.triggers, r.repeats, r.path,
+                              None if mask is None else fit_mask_to(mask, size))
+
+    def mask_note(self, n_items: int) -> str | None:
+        """How many images have masks (masks on), or that mask files were found and not used (masks off)."""
+        files = sum(r.mask_file is not None for r in self.records)
+        if self.masks == "off":
+            return (f"{files} mask file(s) (<name>{MASK_SUFFIX}.png) found and not used: masks is off (they are not "
+                    "trained as images either); set masks to auto or file to train with them.") if files else None
+        where = {"auto": f"{MASK_SUFFIX} files or alpha channels", "file": f"{MASK_SUFFIX} files",
+                 "alpha": "alpha channels"}[self.masks]
+        if self.masks == "auto" and not self.masked:  # nothing asked for, nothing found: nothing to say
+            return None
+        return (f"masks ({self.masks}): {self.masked} of {n_items} images have a mask ({where}); the others weigh 1 "
+                "everywhere. Masks weigh something only with mask_floor < 1 or mask_keep > 0 (CAT Training Options)."
+                + ("" if self.masked else " Masked training changes nothing without masks."))
 
     def finish(self, n_items: int) -> list[str]:
         """After decode(): refuse an all-unreadable folder; the warnings to show (also logged)."""
@@ -343,6 +431,10 @@ class DatasetPlan:
             raise DatasetError(f"no readable image in {self.root}; all {len(self.skipped)} failed to decode: "
                                + "; ".join(f"{p.name}: {why}" for p, why in self.skipped))
         warnings = list(self.warnings)
+        note = self.mask_note(n_items)
+        if note:
+            warnings.append(note)
+            log.warning(note)
         if self.small:
             warnings.append(f"{len(self.small)} image(s) in {self.root} are smaller than {MIN_SIDE} px on a side: "
                             f"{', '.join(self.small[:5])}{f' and {len(self.small) - 5} more' if len(self.small) > 5 else ''}; "
@@ -354,8 +446,9 @@ class DatasetPlan:
 
 def plan_dataset(root: str | Path, triggers: Sequence[str], class_word: str = "", caption_ext: str = ".txt",
                  insert_trigger: Insert = "prepend", resolution: int = 512, buckets: bool = True,
-                 bucket_step: int = 64) -> DatasetPlan:
+                 bucket_step: int = 64, masks: MaskSource = "off") -> DatasetPlan:
     check_resolution(resolution, bucket_step)
+    check_mask_source(masks)
     records = scan_folder(root, triggers, class_word, caption_ext, insert_trigger)
     groups, folder_notes = folders(root)
     unsupported = unsupported_files(groups)
@@ -367,20 +460,20 @@ def plan_dataset(root: str | Path, triggers: Sequence[str], class_word: str = ""
         log.warning(n)
     notes = folder_notes + [n for n in [legacy_caption_note(records)] if n] + tnotes
     sizes = make_buckets(resolution, bucket_step) if buckets else [(resolution, resolution)]
-    return DatasetPlan(Path(root).expanduser(), records, sizes, resolution, list(unsupported), notes)
+    return DatasetPlan(Path(root).expanduser(), records, sizes, resolution, list(unsupported), notes, masks=masks)
 
 
 def load_dataset(root: str | Path, triggers: Sequence[str], class_word: str = "", caption_ext: str = ".txt",
                  insert_trigger: Insert = "prepend", resolution: int = 512, buckets: bool = True,
-                 bucket_step: int = 64) -> Dataset:
+                 bucket_step: int = 64, masks: MaskSource = "off") -> Dataset:
     """Every image decoded into memory (scripts and tests); a host with many images decodes plan_dataset's
     images one at a time instead."""
-    plan = plan_dataset(root, triggers, class_word, caption_ext, insert_trigger, resolution, buckets, bucket_step)
+    plan = plan_dataset(root, triggers, class_word, caption_ext, insert_trigger, resolution, buckets, bucket_step, masks)
     items = list(plan.decode())
     warnings = plan.finish(len(items))
     return Dataset(items, plan.skipped, warnings)
 
 
 __all__ = ["DatasetError", "Dataset", "DatasetItem", "DatasetPlan", "ImageRecord", "IMAGE_EXTS", "MIN_SIDE", "UNSUPPORTED_EXTS",
-           "caption_suffix", "check_resolution", "fit_to", "folders", "load_dataset", "plan_dataset",
+           "caption_suffix", "check_resolution", "fit_mask_to", "fit_to", "is_mask_file", "load_mask", "mask_file_of", "folders", "load_dataset", "plan_dataset",
            "load_image", "make_buckets", "nearest_bucket", "read_caption", "scan_folder"]

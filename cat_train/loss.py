@@ -7,8 +7,9 @@ in the model's own output space (eps, v, or the velocity eps - x0 of flow models
 weight of the sample's trigger token (multi-concept).
 α = 0 is plain LoRA and skips the preservation passes entirely.
 
-Regularizers plug in as `plugins.StepTerm`s (APT: cat_train/apt.py): they may ask for the frozen pass on y_T
-too, weight the fit term per sample and add penalties, never an extra forward pass.
+Regularizers plug in as `plugins.StepTerm`s (APT: cat_train/apt.py; masks: cat_train/mask.py): they may ask for
+the frozen pass on y_T too, weight the fit term per sample or per element and add penalties, never an extra
+forward pass.
 """
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ from .adapter import adapter_disabled
 from .apt_config import AptConfig
 from .auto_config import AutoPreservationConfig
 from .denoiser import Cond, Denoiser
+from .mask import MaskSettings
+from .mask import check_settings as check_mask_settings
 from .plugins import StepTerm
 from .prompts import PreservationMode, parse_class_words
 
@@ -60,6 +63,15 @@ class CatLossConfig:
         "auto preservation (AutoPreservationConfig, cat_train/auto.py), off by default: every N steps the probes' keep "
         "drift is measured and the worst are added to the preservation prompts. In ComfyUI an Auto Preservation node "
         "feeds CAT Loss Config's optional `auto` input; the LoRA records the settings and the probes added.")})
+    mask_floor: float = field(default=1.0, metadata={"since": "0.2.0", "min": 0.0, "max": 1.0, "step": 0.01, "help": (
+        "masked training: fit weight of the background (mask 0), the subject weighing 1; 1 = masks off, 0 = the "
+        "background is not fitted at all (OneTrainer's default unmasked weight: 0.1). The fit is the mask-weighted mean "
+        "over the latent. Masks come from the dataset (<name>-masklabel.png beside the image, else its alpha channel; "
+        "docs/dataset.md); images without one weigh 1 everywhere. Not with APT's augmentations.")})
+    mask_keep: float = field(default=0.0, metadata={"since": "0.2.0", "min": 0.0, "max": 100.0, "step": 0.1, "help": (
+        "masked training: weight of the background keep term (ai-toolkit's \"inverted-mask prior\"): outside the mask the "
+        "adapted prediction on the caption y_T is pulled to the frozen model's on the same y_T, noise and timestep, so "
+        "the LoRA does not learn the backgrounds; 0 = off. Runs the frozen y_T pass (as APT does).")})
 
     def __post_init__(self):
         if not self.alpha >= 0:  # also catches NaN
@@ -77,16 +89,27 @@ class CatLossConfig:
                              "set the CAT factor > 0 or auto preservation `every` to 0.")
         if not (self.min_snr_gamma >= 0 and math.isfinite(self.min_snr_gamma)):
             raise ValueError(f"min_snr_gamma must be a finite number >= 0 (0 = off; 5 is the usual value), got {self.min_snr_gamma}.")
+        check_mask_settings(self.mask_floor, self.mask_keep)
+        apt = self.apt
+        if self.mask.active and apt.adaptive and apt.adapt_augment and apt.augment_ops:
+            raise ValueError("masked training (mask_floor < 1 or mask_keep > 0) weights the latent where the image's "
+                             "mask is, which APT's augmentations move; turn one off: APT's augment_ops empty (or "
+                             "adapt_augment off), or mask_floor 1 and mask_keep 0.")
         bad = {t: w for t, w in self.token_weights.items() if not w >= 0}
         if bad:
             raise ValueError(f"token weights must be >= 0, got {bad}.")
+
+    @property
+    def mask(self) -> MaskSettings:
+        """The masked-training settings as one plug-in config (the step-term registry's `mask` entry)."""
+        return MaskSettings(self.mask_floor, self.mask_keep)
 
 
 class LossTerms(NamedTuple):
     loss: Tensor  # scalar to minimise
     fit: Tensor   # per-sample ||target - eps_θ'(z_t, t, y_T)||²
     keep: Tensor  # per-sample ||eps_θ(z_t, t, y) - eps_θ'(z_t, t, y)||² (zeros when alpha = 0)
-    fit_pre: Tensor | None = None  # per-sample ||target - eps_θ(z_t, t, y_T)||²: when a term asked for the frozen y_T pass
+    fit_pre: Tensor | None = None  # per-sample ||target - eps_θ(z_t, t, y_T)||² (weighted as fit): when a term asked for the frozen y_T pass
 
 
 def mean_sq_diff(a: Tensor, b: Tensor) -> Tensor:
@@ -94,10 +117,18 @@ def mean_sq_diff(a: Tensor, b: Tensor) -> Tensor:
     return (a.float() - b.float()).pow(2).flatten(1).mean(1)
 
 
+def weighted_mean_sq_diff(a: Tensor, b: Tensor, w: Tensor) -> Tensor:
+    """Per-sample sum(w * d²) / sum(w) in fp32, w broadcast against a (masked training); w = 1 gives mean_sq_diff's
+    bits (x * 1 and a mean of ones are exact)."""
+    w = w.to(a.device, torch.float32).expand_as(a)
+    return ((a.float() - b.float()).pow(2) * w).flatten(1).mean(1) / w.flatten(1).mean(1).clamp_min(1e-12)
+
+
 def cat_loss(pred_token: Tensor, target: Tensor, pred_pres: Tensor | None, frozen_pres: Tensor | None,
              alpha: float, weight: Tensor | None = None, fit_weight: Tensor | None = None,
-             penalties: Sequence[Tensor] = ()) -> LossTerms:
-    fit = mean_sq_diff(pred_token, target)
+             penalties: Sequence[Tensor] = (), element_weight: Tensor | None = None) -> LossTerms:
+    fit = mean_sq_diff(pred_token, target) if element_weight is None else \
+        weighted_mean_sq_diff(pred_token, target, element_weight)
     if alpha == 0:
         keep = torch.zeros_like(fit)
     else:
@@ -183,10 +214,15 @@ def cat_objective(denoiser: Denoiser, x0: Tensor, noise: Tensor, t: Tensor, cond
     with _recording(terms, "adapted"):
         pred = denoiser.predict(*_rows(x_t, t, [cond_token] + ([cond_pres] if alpha else [])))
     fit_weight = _product([term.fit_weight(t) for term in terms])
+    element_weight = _product([term.element_weight(pred[:n], out[:n] if token_pass else None) for term in terms])
     penalties = [p for term in terms for p in term.penalty(n)]
     result = cat_loss(pred[:n], target, pred[n:] if alpha else None, out[-n:] if alpha else None, alpha, weight,
-                      fit_weight, penalties)
-    return result._replace(fit_pre=mean_sq_diff(out[:n], target).detach()) if token_pass else result
+                      fit_weight, penalties, element_weight)
+    if not token_pass:
+        return result
+    # the frozen model's fit weighed as the adapted one's (APT compares the two)
+    fit_pre = mean_sq_diff(out[:n], target) if element_weight is None else weighted_mean_sq_diff(out[:n], target, element_weight)
+    return result._replace(fit_pre=fit_pre.detach())
 
 
 def _rows(x_t: Tensor, t: Tensor, conds: list[Cond]) -> tuple[Tensor, Tensor, Cond]:

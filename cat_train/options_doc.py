@@ -61,6 +61,7 @@ TRAINING_OPTIONS: list[tuple[str, tuple[str, ...]]] = [
     ("TrainConfig", ("caption_dropout", "shuffle_tags", "keep_tags", "caption_variants", "timestep_min", "timestep_max")),
     ("CatLossConfig", ("min_snr_gamma",)),
     ("TrainConfig", ("ema_decay", "ema_start_step")),
+    ("CatLossConfig", ("mask_floor", "mask_keep")),
 ]
 NODE_WIDGETS["CAT_TrainingOptions"] = [(n, f"{c}.{n}") for c, names in TRAINING_OPTIONS for n in names]
 

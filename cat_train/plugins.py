@@ -53,6 +53,13 @@ class StepTerm:
         """Per-sample weight of the fit term from the timesteps; None: 1."""
         return None
 
+    def element_weight(self, pred_token: Tensor, frozen_token: Tensor | None) -> Tensor | None:
+        """Per-element weight of the fit term, broadcast against the prediction (e.g. (B, 1, h, w)); the fit becomes
+        its weighted mean; None: every element 1. Called once per evaluation, after both passes and before penalty(),
+        with the batch's y_T predictions: adapted (with grad) and frozen (None unless the frozen y_T pass ran), which
+        a term may keep for its penalty."""
+        return None
+
     def recording(self, kind: str) -> ContextManager:
         """Entered around the frozen ("frozen") and the adapted ("adapted") forward."""
         return contextlib.nullcontext()

@@ -12,10 +12,13 @@ from .apt import AptRun
 from .auto import AutoPreservation
 from .denoiser import Denoiser
 from .loss import CatLossConfig
+from .mask import MaskedLoss
 from .plugins import StepTerm
 from .timestep_weighting import MinSnrWeight
 
-REGISTRY: dict[str, type[StepTerm]] = {"apt": AptRun, "auto": AutoPreservation, "min_snr_gamma": MinSnrWeight}  # CatLossConfig field -> plug-in (its `name` is the field's)
+# CatLossConfig field (or property: `mask` gathers mask_floor and mask_keep) -> plug-in (its `name` is the field's)
+REGISTRY: dict[str, type[StepTerm]] = {"apt": AptRun, "auto": AutoPreservation, "min_snr_gamma": MinSnrWeight,
+                                       "mask": MaskedLoss}
 
 
 def step_terms(loss_cfg: CatLossConfig, denoiser: Denoiser) -> list[StepTerm]:

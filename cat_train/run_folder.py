@@ -97,6 +97,8 @@ def data_fingerprint(examples: Sequence) -> dict:
                 scale[role] += w * norm
                 exact.update(f"{role}:{key}:{tuple(tensors[key].shape)};".encode())
         exact.update(repr((float(ex.weight), int(ex.repeats), getattr(ex, "prompts", None))).encode())
+        if getattr(ex, "mask", None) is not None:  # masks are read from files, not re-encoded: exact to 1e-4
+            exact.update(b"mask:" + (ex.mask.detach().cpu().float() * 1e4).round().to(torch.int32).numpy().tobytes())
     return {"n": len(examples), "exact": exact.hexdigest()[:16],
             "sketch": {r: [float(x) for x in v] for r, v in sketch.items()}, "scale": scale}
 

@@ -132,6 +132,7 @@ class Example:
     trigger_tokens: tuple[int, ...] = ()  # positions of the trigger's tokens in y_T's context, for step terms that skip them
     captions: CaptionChoice | None = None  # caption dropout / tag shuffling: which row a draw of this image uses
     drawn: bool = True  # False: a caption row (shuffled or dropped caption), reached only through an image's `captions`
+    mask: Tensor | None = None  # (1, H, W) at the latent's size in [0, 1], 1 = subject: masked training (cat_train/mask.py)
 
 
 @dataclass
@@ -174,12 +175,14 @@ def build_examples(items: Sequence[tuple], encode_text: Callable[[list[str]], Co
                    progress: Callable[[int, int], None] | None = None,
                    token_positions: Callable[[str, tuple[str, ...]], tuple[int, ...]] | None = None,
                    cfg: TrainConfig | None = None) -> list[Example]:
-    """items: (latent, caption, triggers[, repeats]). Each distinct prompt is encoded once; progress(done, total)
-    after each (a host moves its bar and stops at Cancel there). Examples share their conditionings.
+    """items: (latent, caption, triggers[, repeats[, mask]]), mask (1, H, W) at the latent's size or None. Each distinct
+    prompt is encoded once; progress(done, total) after each (a host moves its bar and stops at Cancel there).
+    Examples share their conditionings.
     token_positions(caption, triggers): where the host's tokenizer puts the trigger's tokens in the caption's context
     (Example.trigger_tokens). cfg: its caption_dropout / shuffle_tags add each image's caption rows after the
     images' own examples (cat_train/captions.py)."""
     rows = [(it[0], it[1], tuple(it[2]), it[3] if len(it) > 3 else 1) for it in items]
+    masks = [it[4] if len(it) > 4 else None for it in items]
     if loss_cfg.preservation_prompts:  # every image with every listed y: the CAT term keeps each of them
         pres = [list(loss_cfg.preservation_prompts) for _ in rows]
         pairs = len(rows) * len(loss_cfg.preservation_prompts)
@@ -212,11 +215,15 @@ def build_examples(items: Sequence[tuple], encode_text: Callable[[list[str]], Co
         return sum(loss_cfg.token_weights.get(t, 1.0) for t in trig) / len(trig) if trig else 1.0
 
     out = []
-    for (lat, cap, trig, rep), ps, pr in zip(rows, pres, probes):
+    for (lat, cap, trig, rep), ps, pr, mask in zip(rows, pres, probes, masks):
         image_probes = {name: cond[p] for name, p in pr.items()}  # one dict per image: its rows share it
         tokens = tuple(token_positions(cap, trig)) if token_positions and trig else ()
+        if mask is not None and tuple(mask.shape[-2:]) != tuple(lat.shape[-2:]):
+            raise ValueError(f"the mask of {cap!r} is {tuple(mask.shape[-2:])}, its latent {tuple(lat.shape[-2:])}; "
+                             "bring masks to the latent's size (cat_train.mask.latent_mask).")
+        mask = None if mask is None else mask.detach().float().cpu().reshape(1, *lat.shape[-2:])
         out += [Example(lat.detach().cpu(), cond[cap], cond[p], weight(trig), rep, probes=image_probes,
-                        trigger_tokens=tokens) for p in ps]
+                        trigger_tokens=tokens, mask=mask) for p in ps]
     if with_rows:
         out = _with_caption_rows(out, rows, pairs, cond, weight, cfg, token_positions)
     return out

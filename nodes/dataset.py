@@ -9,6 +9,7 @@ import torch
 from comfy_api.latest import io
 
 from ..cat_train.dataset import DatasetError, caption_suffix, check_resolution, folders, plan_dataset
+from ..cat_train.mask import latent_mask
 from ..cat_train.loss import repeat_to_common_length
 from . import early_cancel
 from .common import CATEGORY, Dataset, input_path, phase_progress, range_problem
@@ -29,6 +30,7 @@ class CatDataset:
     warnings: list[str] = field(default_factory=list)  # legacy caption encodings, tiny images: shown in the node's info
     budget: str = ""  # the memory line printed before decoding
     pixels: list[torch.Tensor] = field(default_factory=list, repr=False)  # reference images, uint8 (H, W, 3): see build_dataset
+    masks: list[torch.Tensor | None] = field(default_factory=list, repr=False)  # per item: (1, h, w) at its latent's size, or None
     _text_cache: dict = field(default_factory=dict, repr=False)
 
     def encode_text(self, prompts: list[str]) -> dict[str, torch.Tensor]:
@@ -74,26 +76,31 @@ class CatDataset:
 
 
 def build_dataset(folder: Path, vae, clip, triggers: tuple[str, ...], class_word: str, caption_ext: str,
-                  res: int, buckets: bool, where: str = "prepend", tick=None) -> CatDataset:
+                  res: int, buckets: bool, where: str = "prepend", tick=None, masks: str = "auto") -> CatDataset:
     """Images decoded, bucketed and captioned by the core (errors name the file and the fix), one at a time: each is
     encoded here, in ComfyUI's IMAGE layout (1, H, W, 3) in [0, 1], before the next is decoded, so memory holds the
     latents and one image (2000 images at 512 px: 6.8 GB of float32 pixels at once before). tick() per image moves
     the progress bar and honours Cancel. The first REFERENCE_IMAGES images are kept as uint8 for the node's IMAGE
-    output (the KPS Evaluator's reference images pair with a few generated ones): bounded, 0.75 MB each at 512 px."""
-    plan = plan_dataset(folder, triggers, class_word, caption_ext, where, res, buckets)
+    output (the KPS Evaluator's reference images pair with a few generated ones): bounded, 0.75 MB each at 512 px.
+    masks (cat_train.dataset.MASK_SOURCES; auto: a <name>-masklabel file, else an alpha channel that is not all
+    opaque): each image's mask, averaged down to its latent's size. Read whenever present, used only when the
+    trainer's mask_floor < 1 or mask_keep > 0 (a widget here would shift every shipped workflow's widget values)."""
+    plan = plan_dataset(folder, triggers, class_word, caption_ext, where, res, buckets, masks=masks)
     log.info("ComfyUI-CAT %s", plan.budget())
     tick = tick or phase_progress(len(plan.records))
-    items, pixels = [], []
+    items, pixels, latent_masks = [], [], []
     for it in plan.decode():
         image = ((it.pixels.permute(1, 2, 0) + 1) / 2).clamp(0, 1)
         latent = vae.encode(image[None])
         items.append((latent[0].detach().float().cpu().clone(), it.caption, it.triggers, it.repeats))
+        latent_masks.append(None if it.mask is None else latent_mask(it.mask, tuple(latent.shape[-2:])))
         if len(pixels) < REFERENCE_IMAGES:
             pixels.append((image.detach().float().cpu() * 255).round().to(torch.uint8))
         tick()
     warnings = plan.finish(len(items))
     return CatDataset(items, tuple(dict.fromkeys(triggers)), class_word, clip, str(folder),
-                      skipped=[str(p) for p, _ in plan.skipped], warnings=warnings, budget=plan.budget(), pixels=pixels)
+                      skipped=[str(p) for p, _ in plan.skipped], warnings=warnings, budget=plan.budget(), pixels=pixels,
+                      masks=latent_masks)
 
 
 def image_batch(pixels: list[torch.Tensor]) -> torch.Tensor:
@@ -114,7 +121,8 @@ class CatDatasetNode(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="CAT_Dataset", display_name="CAT Dataset", category=CATEGORY,
-            description="Images + same-name captions from a folder, encoded once with the graph's VAE and CLIP.",
+            description="Images + same-name captions from a folder, encoded once with the graph's VAE and CLIP; masks "
+                        "(<name>-masklabel.png or alpha) for masked training (CAT Training Options).",
             inputs=[
                 io.Vae.Input("vae"), io.Clip.Input("clip"),
                 io.String.Input("folder", default="cat_dataset", tooltip="subfolder of ComfyUI's input folder, or a full path"),
@@ -167,6 +175,8 @@ class CatDatasetNode(io.ComfyNode):
 def info(ds: CatDataset) -> str:
     """The node's info output: buckets, skipped files, warnings."""
     text = f"{len(ds.items)} images in {len(ds.buckets)} bucket(s): " + ", ".join(f"{w}x{h}: {n}" for (w, h), n in sorted(ds.buckets.items()))
+    masked = sum(m is not None for m in ds.masks)
+    text += f"; {masked} with masks" if masked else ""
     if ds.skipped:
         text += f"\nskipped {len(ds.skipped)} unreadable or unsupported file(s): " + ", ".join(ds.skipped)
     if ds.warnings:

@@ -156,7 +156,10 @@ def model_examples(mp, dataset, loss_cfg: CatLossConfig, tick=None, cfg: TrainCo
     a real one). tick() per prompt encoded and per example converted moves the bar and stops at Cancel. cfg: its caption
     options add caption rows (cat_train/captions.py), converted like the rest."""
     positions = dataset.token_positions if loss_cfg.apt.align_skip_triggers else None  # tokenizes only when asked
-    examples = build_examples([(lat, cap, trig, rep) for lat, cap, trig, rep in dataset.items], dataset.encode_text, loss_cfg,
+    # masks only where they weigh something: off, the examples (and the run's data fingerprint) are as without them
+    masks = (getattr(dataset, "masks", None) if loss_cfg.mask.active else None) or [None] * len(dataset.items)
+    examples = build_examples([(lat, cap, trig, rep, m) for (lat, cap, trig, rep), m in zip(dataset.items, masks)],
+                              dataset.encode_text, loss_cfg,
                               progress=(lambda done, total: tick()) if tick else None, token_positions=positions, cfg=cfg)
     latents, conds, probes, out = {}, {}, {}, []
 
@@ -238,6 +241,10 @@ def train_on_model(mp, dataset, loss_cfg: CatLossConfig, spec: LoraSpec, cfg: Tr
     prep.check()
     with trainable(mp, compute) as den:  # raises if the shared UNet did not come back bit-identical
         examples = model_examples(mp, dataset, loss_cfg, prep, cfg)
+        masked = sum(m is not None for m in getattr(dataset, "masks", []))
+        if masked and not loss_cfg.mask.active:
+            log.info("ComfyUI-CAT: %d training images have masks; they weigh nothing while mask_floor is 1 and mask_keep "
+                     "0 (CAT Training Options: e.g. mask_floor 0.1 to train on them).", masked)
         prep.check()
         budget = memory_budget(den, examples, spec, loss_cfg, cfg)
         prep.check()  # after the probe forward, before step 1 and its checkpoint

@@ -28,6 +28,7 @@ def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     (("bench", "kps", "--steps", "-1"), "python -m cat_train bench: error: argument --steps: '-1' is not a whole number >= 1"),
     (("bench", "kps", "--methods", "lora", "cat1:nope"), "argument --methods: unknown method 'cat1:nope'"),
     (("bench", "kps", "--lr", "nan"), "argument --lr: 'nan' is not a number > 0"),
+    (("bench", "masked", "--methods", "cat1+nope"), "argument --methods: unknown method 'cat1+nope'"),
 ])
 def test_bad_arguments_end_in_one_line_before_any_work(tmp_path, args, message):
     file = tmp_path / "a_file"

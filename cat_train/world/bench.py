@@ -458,7 +458,8 @@ def method_name(m: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = OneLineParser(prog="python -m cat_train bench", description=__doc__.split("\n")[0])
-    ap.add_argument("what", choices=["kps"])
+    ap.add_argument("what", choices=["kps"], help="kps: this benchmark; `bench masked` is masked training "
+                    "(world/masked_bench.py, `bench masked --help`)")
     ap.add_argument("--quick", action="store_true", help="one seed, fewer images (< 5 min on CPU)")
     ap.add_argument("--task", choices=TASKS, help="novel (default): an identity the base never drew; reachable: one it "
                     "draws but no prompt asks for")
