@@ -3,6 +3,7 @@ nodes (CAT Dataset reads the masks -> CAT Training Options mask_floor / mask_kee
 it; CAT Dataset's widgets are unchanged (shipped workflows keep their widget values)."""
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 
@@ -89,7 +90,8 @@ def test_masks_reach_the_examples_and_the_loss(comfy, tiny_sd15):
     assert [e.mask is not None for e in exs] == [True, False, True]
     unused = tr.model_examples(mp, ds, L.CatLossConfig(1.0, "class", "dog"))  # masks weigh nothing: not on the examples
     assert all(e.mask is None for e in unused)
-    before = {k: v.clone() for k, v in mp.model.diffusion_model.state_dict().items()}
+    importlib.import_module("comfy.model_management").unload_all_models()  # a LoRA-patched clone loaded by an earlier test leaves its patches in the
+    before = {k: v.clone() for k, v in mp.model.diffusion_model.state_dict().items()}  # shared weights until then
     *_, res = tr.train_on_model(mp, ds, loss, A.LoraSpec(rank=4, alpha=4.0), T.TrainConfig(steps=3, lr=1e-2, seed=1))
     assert len(res.history) == 3 and res.history[-1]["background_keep"] > 0
     after = mp.model.diffusion_model.state_dict()
@@ -108,7 +110,8 @@ def test_masked_training_on_flow_models(comfy, kind, tmp_path):
     assert all(m is None or m.shape[-2:] == lat.shape[-2:] for m, (lat, *_) in zip(ds.masks, ds.items))
     tr = pack_module(comfy, "nodes.trainer")
     A, T, L = (pack_module(comfy, m) for m in ("cat_train.adapter", "cat_train.train", "cat_train.loss"))
-    before = {k: v.clone() for k, v in mp.model.diffusion_model.state_dict().items()}
+    importlib.import_module("comfy.model_management").unload_all_models()  # a LoRA-patched clone loaded by an earlier test leaves its patches in the
+    before = {k: v.clone() for k, v in mp.model.diffusion_model.state_dict().items()}  # shared weights until then
     *_, res = tr.train_on_model(mp, ds, L.CatLossConfig(1.0, "class", "dog", mask_floor=0.0, mask_keep=1.0),
                                 A.LoraSpec(rank=4, alpha=4.0, preset="attn_ff"), T.TrainConfig(steps=3, lr=1e-2, seed=1))
     bg = [h["background_keep"] for h in res.history]
