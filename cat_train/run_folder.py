@@ -126,8 +126,20 @@ def result_settings(cfg, loss_cfg, adapter, data: dict, family: str | None) -> d
     if cfg.lr_schedule == "cosine":
         config["steps"] = cfg.steps
     spec = getattr(adapter, "spec", None)
-    return {**_plain({"adapter": adapter.name, "spec": spec, "config": config, "loss": loss_cfg, "family": family}),
+    return {**_plain({"adapter": adapter.name, "spec": spec, "config": config, "loss": _loss(loss_cfg), "family": family}),
             "data": data}
+
+
+# Loss options added after runs began recording their settings, with the value that means "as before": left out of
+# the settings at that value, so earlier checkpoints and run folders still match; any other value is compared.
+LATER_LOSS_OPTIONS = {"keep_every": 1, "keep_fraction": 1.0}
+
+
+def _loss(loss_cfg) -> Any:
+    loss = asdict(loss_cfg) if is_dataclass(loss_cfg) and not isinstance(loss_cfg, type) else loss_cfg
+    if not isinstance(loss, dict):
+        return loss
+    return {k: v for k, v in loss.items() if not (k in LATER_LOSS_OPTIONS and v == LATER_LOSS_OPTIONS[k])}
 
 
 def run_id(settings: dict) -> str:
@@ -223,7 +235,7 @@ def check_resume(state: dict, settings: dict, steps: int, path) -> None:
     if saved is None:  # written before runs recorded their settings: compare what the file holds
         saved = {"config": _plain({k: v for k, v in (state.get("config") or {}).items()
                                    if k in settings["config"]}),
-                 "loss": _plain(state.get("loss")) if "loss" in state else settings["loss"]}
+                 "loss": _plain(_loss(state.get("loss"))) if "loss" in state else settings["loss"]}
         now = {"config": {k: v for k, v in settings["config"].items() if k in saved["config"]}, "loss": settings["loss"]}
     else:
         now = settings
