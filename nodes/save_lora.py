@@ -31,7 +31,9 @@ def metadata(loss_cfg, spec, cfg, dataset, steps_done: int, history: list[dict],
         base_model_version=base_version, base_model=base_model, output_name=output_name, captions=[it[1] for it in dataset.items],
         comment="Contrastive Adapter Training (CAT, arXiv 2404.07554), ComfyUI-CAT",
         extra={"ss_lr_scheduler": cfg.lr_schedule, "cat_preservation_prompts": json.dumps(list(loss_cfg.preservation_prompts)),
-               "cat_final_loss": f"{history[-1]['loss']:.6g}" if history else "", **regularizer_metadata(loss_cfg, history)})
+               "cat_final_loss": f"{history[-1]['loss']:.6g}" if history else "",
+               "cat_keep_every": str(loss_cfg.keep_every), "cat_keep_fraction": str(float(loss_cfg.keep_fraction)),
+               **regularizer_metadata(loss_cfg, history)})
 
 
 def step_lora_writer(mp, folder, name: str, loss_cfg, spec, cfg, dataset, base_model: str = ""):

@@ -16,4 +16,4 @@ def test_widget_tooltips_are_the_option_help(comfy):
             assert widget in inputs, f"{node_id} has no widget {widget!r}"
             assert inputs[widget].tooltip == options_doc.help_of(classes[cls_name], field_name), f"{node_id}.{widget}"
             checked += 1
-    assert checked == sum(len(w) for w in options_doc.NODE_WIDGETS.values()) == 46  # 37 + Loss Config `auto` + 8 Auto Preservation
+    assert checked == sum(len(w) for w in options_doc.NODE_WIDGETS.values()) == 48  # 37 + Loss Config `auto` + 8 Auto Preservation + Loss Config keep_every, keep_fraction
