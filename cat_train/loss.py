@@ -96,11 +96,6 @@ class CatLossConfig:
             raise ValueError(f"token weights must be >= 0, got {bad}.")
 
 
-    @property
-    def cheaper(self) -> bool:
-        return self.keep_every != 1 or self.keep_fraction != 1
-
-
 def preservation_rows(cfg: CatLossConfig, step: int, n: int, gen: torch.Generator) -> tuple[float, Tensor | None]:
     """This batch's CAT factor and the rows that get the CAT term (None: all) at 0-based optimizer step `step`.
     Draws from `gen` only when keep_fraction < 1 on a step with the term, so exact CAT's draws are untouched."""
