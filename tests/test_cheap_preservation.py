@@ -119,7 +119,7 @@ def test_scaled_alpha_keeps_the_expected_loss(tiny_denoiser):
         by_hand = (fit + alpha / p * torch.tensor(picked, dtype=torch.float64) * keep).mean()
         assert float(thinned.loss.detach()) == pytest.approx(float(by_hand), rel=1e-6)  # the fixed draw, by hand
         expected += p ** sum(picked) * (1 - p) ** (4 - sum(picked)) * float(thinned.loss.detach())
-    assert expected == pytest.approx(float(exact.loss), rel=1e-6)
+    assert expected == pytest.approx(float(exact.loss.detach()), rel=1e-6)
     phases = [preservation_rows(CatLossConfig(alpha=alpha, keep_every=k), step, 4, torch.Generator())[0]
               for step in range(k)]
     assert phases == [alpha * k, 0.0, 0.0]
