@@ -8,7 +8,8 @@ peak RSS (ru_maxrss) and its growth over the process after the model was built.
 
     COMFYUI_PATH=/path/to/ComfyUI python benchmarks/native_vs_cat.py --unet sd15 --res 256 --steps 4
 
-Measured on the shared 2-core CPU machine, 1 torch thread, ComfyUI a125cd84, one run each:
+`cheap` is CAT with the CAT term every --keep-every steps (α scaled by it; CatLossConfig.keep_every), timed over
+whole cycles. Measured on the shared 2-core CPU machine, 1 torch thread, ComfyUI a125cd84, one run each:
   SD1.5 UNet shape (859,520,964 params), 256 px, rank 16, 2 timed steps (--unet sd15 --res 256 --steps 2 --threads 1):
     native TrainLoraNode   20.44 s/step  peak RSS 9412 MB
     CAT alpha=0             8.30 s/step  peak RSS 5197 MB   -> 2.46x steps/s, 0.55x peak memory
@@ -116,7 +117,7 @@ def run_native(kind, res, steps, rank) -> dict:
     return {"method": "native TrainLoraNode", "step_s": (tn - t1) / steps, "base_rss_mb": base_rss, **peak(torch)}
 
 
-def run_ours(kind, res, steps, rank, alpha) -> dict:
+def run_ours(kind, res, steps, rank, alpha, every=1) -> dict:
     import torch
 
     spec = importlib.util.spec_from_file_location("comfyui_cat", ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
@@ -135,10 +136,12 @@ def run_ours(kind, res, steps, rank, alpha) -> dict:
     stamps = []
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
+    steps = -(-steps // every) * every  # keep_every: whole cycles after the first step (which has the CAT term)
     with torch.inference_mode(False), trainable(mp) as den:
-        train(den, examples, CatLossConfig(alpha=alpha, preservation="empty"), LoraSpec(rank=rank, alpha=rank),
+        train(den, examples, CatLossConfig(alpha=alpha, preservation="empty", keep_every=every), LoraSpec(rank=rank, alpha=rank),
               TrainConfig(steps=1 + steps, lr=1e-4), callback=lambda info: stamps.append(time.perf_counter()))
-    return {"method": f"ComfyUI-CAT alpha={alpha:g}", "step_s": (stamps[-1] - stamps[0]) / steps, "base_rss_mb": base_rss, **peak(torch)}
+    name = f"ComfyUI-CAT alpha={alpha:g}" + (f" keep_every={every}" if every > 1 else "")
+    return {"method": name, "step_s": (stamps[-1] - stamps[0]) / steps, "base_rss_mb": base_rss, **peak(torch)}
 
 
 def main(argv=None) -> int:
@@ -148,7 +151,10 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    ap.add_argument("--one", choices=["native", "ours0", "ours1"], help=argparse.SUPPRESS)
+    ap.add_argument("--keep-every", type=int, default=4, help="the cheaper CAT row: the CAT term every N-th step (keep_every)")
+    ap.add_argument("--methods", nargs="+", choices=["native", "ours0", "ours1", "cheap"], default=["native", "ours0", "ours1", "cheap"],
+                    help="rows to run (native is always run first: the others compare with it)")
+    ap.add_argument("--one", choices=["native", "ours0", "ours1", "cheap"], help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.one:
         import torch
@@ -156,13 +162,13 @@ def main(argv=None) -> int:
             torch.set_num_threads(a.threads)
         boot()
         r = run_native(a.unet, a.res, a.steps, a.rank) if a.one == "native" else \
-            run_ours(a.unet, a.res, a.steps, a.rank, 0.0 if a.one == "ours0" else 1.0)
+            run_ours(a.unet, a.res, a.steps, a.rank, 0.0 if a.one == "ours0" else 1.0, a.keep_every if a.one == "cheap" else 1)
         print("RESULT " + json.dumps(r))
         return 0
     rows = []
-    for which in ("native", "ours0", "ours1"):
+    for which in dict.fromkeys(["native", *a.methods]):
         cmd = [sys.executable, __file__, "--one", which, "--unet", a.unet, "--res", str(a.res), "--steps", str(a.steps),
-               "--rank", str(a.rank), "--threads", str(a.threads)]
+               "--rank", str(a.rank), "--threads", str(a.threads), "--keep-every", str(a.keep_every)]
         p = subprocess.run(cmd, capture_output=True, text=True)
         line = next((l for l in p.stdout.splitlines() if l.startswith("RESULT ")), None)
         if line is None:
@@ -171,11 +177,11 @@ def main(argv=None) -> int:
         rows.append(json.loads(line[7:]))
     print(f"UNet {a.unet}, {a.res}px, batch 1, rank {a.rank}, {a.steps} timed steps, fp32, "
           f"{'GPU' if 'cuda' in rows[0]['memory'] else 'CPU'} ({rows[0]['memory']})")
-    print(f"{'method':26s} {'step s':>9s} {'steps/s':>9s} {'peak MB':>9s} {'growth MB':>10s}")
+    print(f"{'method':34s} {'step s':>9s} {'steps/s':>9s} {'peak MB':>9s} {'growth MB':>10s}")
     for r in rows:
         growth = r["peak_mb"] - r["base_rss_mb"] if "RSS" in r["memory"] else r["peak_mb"]
         r["growth_mb"] = growth
-        print(f"{r['method']:26s} {r['step_s']:9.4f} {1 / r['step_s']:9.2f} {r['peak_mb']:9.0f} {growth:10.0f}")
+        print(f"{r['method']:34s} {r['step_s']:9.4f} {1 / r['step_s']:9.2f} {r['peak_mb']:9.0f} {growth:10.0f}")
     nat = rows[0]
     for r in rows[1:]:
         print(f"{r['method']} vs native: {nat['step_s'] / r['step_s']:.2f}x steps/s, "

@@ -7,6 +7,11 @@ in the model's own output space (eps, v, or the velocity eps - x0 of flow models
 weight of the sample's trigger token (multi-concept).
 α = 0 is plain LoRA and skips the preservation passes entirely.
 
+Cheaper preservation (`keep_every` k, `keep_fraction` p; both 1 by default = exact CAT): the CAT term runs on every
+k-th step only and, on those, on each row of the batch with probability p (an independent draw from the run's
+generator per row), weighted α·k/p. Its indicator m has E[m] = p/k over steps and draws, so the expected loss and
+gradient equal exact CAT's; steps and rows without it skip the frozen pass and the adapted y rows (docs/method.md).
+
 Regularizers plug in as `plugins.StepTerm`s (APT: cat_train/apt.py; masks: cat_train/mask.py): they may ask for
 the frozen pass on y_T too, weight the fit term per sample or per element and add penalties, never an extra
 forward pass.
@@ -72,6 +77,14 @@ class CatLossConfig:
         "masked training: weight of the background keep term (ai-toolkit's \"inverted-mask prior\"): outside the mask the "
         "adapted prediction on the caption y_T is pulled to the frozen model's on the same y_T, noise and timestep, so "
         "the LoRA does not learn the backgrounds; 0 = off. Runs the frozen y_T pass (as APT does).")})
+    keep_every: int = field(default=1, metadata={"since": "0.2.0", "min": 1, "max": 1000, "help": (
+        "cheaper preservation: the CAT term on every k-th step only (steps 1, k+1, 2k+1, ...), weighted α·k so the "
+        "expected loss is exact CAT's; the other steps cost a plain LoRA step (no frozen pass, no doubled batch). "
+        "1 = every step (exact CAT).")})
+    keep_fraction: float = field(default=1.0, metadata={"since": "0.2.0", "min": 0.01, "max": 1.0, "step": 0.01, "help": (
+        "cheaper preservation: on a step with the CAT term, each batch row gets it with this probability (drawn from "
+        "the run's seed), weighted α/p so the expected loss is exact CAT's; rows without it skip the frozen pass and "
+        "their adapted y row. 1 = every row (exact CAT).")})
 
     def __post_init__(self):
         if not self.alpha >= 0:  # also catches NaN
@@ -95,6 +108,13 @@ class CatLossConfig:
             raise ValueError("masked training (mask_floor < 1 or mask_keep > 0) weights the latent where the image's "
                              "mask is, which APT's augmentations move; turn one off: APT's augment_ops empty (or "
                              "adapt_augment off), or mask_floor 1 and mask_keep 0.")
+        if isinstance(self.keep_every, bool) or not isinstance(self.keep_every, int) or self.keep_every < 1:
+            raise ValueError(f"keep_every must be a whole number >= 1 (1 = the CAT term on every step), got {self.keep_every!r}.")
+        if not 0 < self.keep_fraction <= 1:
+            raise ValueError(f"keep_fraction must be in (0, 1] (1 = the CAT term on every row), got {self.keep_fraction!r}.")
+        if self.alpha == 0 and (self.keep_every != 1 or self.keep_fraction != 1):
+            raise ValueError("keep_every and keep_fraction thin out the CAT term, which alpha = 0 (plain LoRA) switches "
+                             "off; set both to 1, or the CAT factor > 0.")
         bad = {t: w for t, w in self.token_weights.items() if not w >= 0}
         if bad:
             raise ValueError(f"token weights must be >= 0, got {bad}.")
@@ -105,10 +125,22 @@ class CatLossConfig:
         return MaskSettings(self.mask_floor, self.mask_keep)
 
 
+def preservation_rows(cfg: CatLossConfig, step: int, n: int, gen: torch.Generator) -> tuple[float, Tensor | None]:
+    """This batch's CAT factor and the rows that get the CAT term (None: all) at 0-based optimizer step `step`.
+    Draws from `gen` only when keep_fraction < 1 on a step with the term, so exact CAT's draws are untouched."""
+    if cfg.alpha == 0 or step % cfg.keep_every:
+        return 0.0, None
+    alpha = cfg.alpha * cfg.keep_every
+    if cfg.keep_fraction == 1:
+        return alpha, None
+    picked = torch.rand(n, generator=gen, dtype=torch.float64) < cfg.keep_fraction
+    return alpha / cfg.keep_fraction, picked.nonzero().flatten()
+
+
 class LossTerms(NamedTuple):
     loss: Tensor  # scalar to minimise
     fit: Tensor   # per-sample ||target - eps_θ'(z_t, t, y_T)||²
-    keep: Tensor  # per-sample ||eps_θ(z_t, t, y) - eps_θ'(z_t, t, y)||² (zeros when alpha = 0)
+    keep: Tensor  # per-sample ||eps_θ(z_t, t, y) - eps_θ'(z_t, t, y)||² (zeros when alpha = 0 and on rows without the term)
     fit_pre: Tensor | None = None  # per-sample ||target - eps_θ(z_t, t, y_T)||² (weighted as fit): when a term asked for the frozen y_T pass
 
 
@@ -126,13 +158,16 @@ def weighted_mean_sq_diff(a: Tensor, b: Tensor, w: Tensor) -> Tensor:
 
 def cat_loss(pred_token: Tensor, target: Tensor, pred_pres: Tensor | None, frozen_pres: Tensor | None,
              alpha: float, weight: Tensor | None = None, fit_weight: Tensor | None = None,
-             penalties: Sequence[Tensor] = (), element_weight: Tensor | None = None) -> LossTerms:
+             penalties: Sequence[Tensor] = (), element_weight: Tensor | None = None,
+             keep_rows: Tensor | None = None) -> LossTerms:
     fit = mean_sq_diff(pred_token, target) if element_weight is None else \
         weighted_mean_sq_diff(pred_token, target, element_weight)
     if alpha == 0:
         keep = torch.zeros_like(fit)
-    else:
+    elif keep_rows is None:
         keep = mean_sq_diff(pred_pres, frozen_pres)
+    else:  # pred_pres and frozen_pres hold only the rows in keep_rows
+        keep = torch.zeros_like(fit).index_put((keep_rows,), mean_sq_diff(pred_pres, frozen_pres))
     w = torch.ones_like(fit) if weight is None else weight.to(fit)
     loss = ((fit if fit_weight is None else fit_weight.to(fit) * fit) + alpha * w * keep).mean()
     for p in penalties:  # one by one, in the plug-ins' order: the sum's rounding is part of a run's bits
@@ -193,31 +228,36 @@ def cat_cond(*conds: Cond) -> Cond:
 def cat_objective(denoiser: Denoiser, x0: Tensor, noise: Tensor, t: Tensor, cond_token: Cond, cond_pres: Cond,
                   alpha: float, weight: Tensor | None = None, terms: Sequence[StepTerm] = (),
                   frozen: tuple[Cond, Cond] | None = None,
-                  disabled: Callable[[], ContextManager] | None = None) -> LossTerms:
+                  disabled: Callable[[], ContextManager] | None = None, keep_rows: Tensor | None = None) -> LossTerms:
     """One CAT evaluation: frozen pass once without grad; adapted y_T and y passes as one batched forward.
 
     terms: plugged-in regularizers; frozen: the frozen model's (y_T, y) conditionings where they differ from the
-    adapted ones (an adapter in the text encoder); disabled: the context giving the frozen model (default: LoRA off)."""
+    adapted ones (an adapter in the text encoder); disabled: the context giving the frozen model (default: LoRA off);
+    keep_rows: the rows that get the CAT term (`preservation_rows`; None: all), the only y rows either pass runs."""
     sched, n = denoiser.schedule, x0.shape[0]
     x_t = sched.add_noise(x0, noise, t)
     target = sched.target(x0, noise, t, denoiser.prediction_type)
     frozen_token, frozen_pres = frozen or (cond_token, cond_pres)
+    if keep_rows is not None and len(keep_rows) == 0:
+        alpha = 0.0
     token_pass = any(term.needs_frozen_token_pass for term in terms)
-    frozen_conds = ([frozen_token] if token_pass else []) + ([frozen_pres] if alpha else [])
+    pres = _select(keep_rows, x_t, t)
+    frozen_rows = ([(x_t, t, frozen_token)] if token_pass else []) + ([(*pres, _select(keep_rows, frozen_pres))] if alpha else [])
     out = None
-    if frozen_conds:
+    if frozen_rows:
         disabled = disabled or (lambda: adapter_disabled(denoiser.module))
         with torch.no_grad(), disabled(), _recording(terms, "frozen"):
-            out = denoiser.predict(*_rows(x_t, t, frozen_conds))
+            out = denoiser.predict(*_rows(frozen_rows))
     # At init (LoRA B = 0) the adapted y rows equal the frozen pass up to CPU GEMM rounding between
     # batch sizes 2B and B (~1e-13 here); an extra frozen forward to make it bit-exact would cost 1/3 more.
     with _recording(terms, "adapted"):
-        pred = denoiser.predict(*_rows(x_t, t, [cond_token] + ([cond_pres] if alpha else [])))
+        pred = denoiser.predict(*_rows([(x_t, t, cond_token)] + ([(*pres, _select(keep_rows, cond_pres))] if alpha else [])))
     fit_weight = _product([term.fit_weight(t) for term in terms])
     element_weight = _product([term.element_weight(pred[:n], out[:n] if token_pass else None) for term in terms])
     penalties = [p for term in terms for p in term.penalty(n)]
-    result = cat_loss(pred[:n], target, pred[n:] if alpha else None, out[-n:] if alpha else None, alpha, weight,
-                      fit_weight, penalties, element_weight)
+    m = n if keep_rows is None else len(keep_rows)
+    result = cat_loss(pred[:n], target, pred[n:] if alpha else None, out[-m:] if alpha else None, alpha, weight,
+                      fit_weight, penalties, element_weight, keep_rows if alpha else None)
     if not token_pass:
         return result
     # the frozen model's fit weighed as the adapted one's (APT compares the two)
@@ -225,11 +265,21 @@ def cat_objective(denoiser: Denoiser, x0: Tensor, noise: Tensor, t: Tensor, cond
     return result._replace(fit_pre=fit_pre.detach())
 
 
-def _rows(x_t: Tensor, t: Tensor, conds: list[Cond]) -> tuple[Tensor, Tensor, Cond]:
-    """One forward's input: the noisy batch once per conditioning, stacked along the batch."""
-    if len(conds) == 1:
-        return x_t, t, conds[0]
-    return torch.cat([x_t] * len(conds)), torch.cat([t] * len(conds)), cat_cond(*conds)
+def _rows(groups: list[tuple[Tensor, Tensor, Cond]]) -> tuple[Tensor, Tensor, Cond]:
+    """One forward's input: each (noisy rows, timesteps, conditioning) group stacked along the batch."""
+    if len(groups) == 1:
+        return groups[0]
+    xs, ts, conds = zip(*groups)
+    return torch.cat(xs), torch.cat(ts), cat_cond(*conds)
+
+
+def _select(rows: Tensor | None, *batched):
+    """The given rows of batched tensors or conditionings (all of them for rows None)."""
+    if rows is None:
+        return batched if len(batched) > 1 else batched[0]
+    picked = [{k: v[rows.to(v.device)] for k, v in b.items()} if isinstance(b, dict) else b[rows.to(b.device)]
+              for b in batched]
+    return picked if len(picked) > 1 else picked[0]
 
 
 @contextlib.contextmanager

@@ -25,7 +25,7 @@ from . import captions as caption_rows
 from .adapters import AdapterSpec, adapter_for
 from .captions import CaptionChoice
 from .denoiser import Cond, Denoiser, FlowSchedule, NoiseSchedule
-from .loss import CatLossConfig, cat_objective, repeat_to_common_length
+from .loss import CatLossConfig, cat_objective, preservation_rows, repeat_to_common_length
 from .plugins import Adapter, StepTerm
 from .auto_config import image_probes, probe_words
 from .prompts import class_word_for, preservation_prompt
@@ -458,12 +458,14 @@ def train(denoiser: Denoiser, examples: Sequence[Example], loss_cfg: CatLossConf
                         term.see_batch([examples[i] for i in idx])
                         x0 = term.augment(x0, t, gen)
                     frozen = None
+                    alpha, rows = preservation_rows(loss_cfg, step, len(idx), gen)
+                    rows = None if rows is None else rows.to(device)
                     with torch.autocast(device.type, dtype=amp) if amp else contextlib.nullcontext():
                         if adapter.encodes_prompts:  # the conditionings change with the weights: encode them now
                             (c_tok, c_pres), frozen = adapter.conditionings([examples[i].prompts for i in idx], x0,
-                                                                             loss_cfg.alpha > 0)
-                        lt = cat_objective(denoiser, x0, noise, t, c_tok, c_pres, loss_cfg.alpha, w, terms, frozen,
-                                           adapter.disabled)
+                                                                             alpha > 0)
+                        lt = cat_objective(denoiser, x0, noise, t, c_tok, c_pres, alpha, w, terms, frozen,
+                                           adapter.disabled, rows)
                     if not torch.isfinite(lt.loss):
                         raise TrainingDiverged(step + 1, save(step) if step > 0 else None)
                     for term in terms:

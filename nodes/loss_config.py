@@ -1,5 +1,5 @@
-"""The CAT Loss Config node: the CAT factor, how y is made from y_T, per-token weights, APT and auto preservation
-(optional inputs, last, so graphs saved before them still load)."""
+"""The CAT Loss Config node: the CAT factor, how y is made from y_T, per-token weights, APT, auto preservation and
+cheaper preservation (optional inputs, last, so graphs saved before them still load)."""
 from __future__ import annotations
 
 from comfy_api.latest import io
@@ -27,17 +27,22 @@ class CatLossConfigNode(io.ComfyNode):
                                 tooltip=help_of(CatLossConfig, "preservation_prompts")),
                 AptOptions.Input("apt", optional=True, tooltip=help_of(CatLossConfig, "apt")),
                 AutoOptions.Input("auto", optional=True, tooltip=help_of(CatLossConfig, "auto")),
+                io.Int.Input("keep_every", default=1, min=1, max=1000, optional=True,
+                             tooltip=help_of(CatLossConfig, "keep_every")),
+                io.Float.Input("keep_fraction", default=1.0, min=0.01, max=1.0, step=0.05, optional=True,
+                               tooltip=help_of(CatLossConfig, "keep_fraction")),
             ],
             outputs=[LossConfig.Output(display_name="loss_config")],
         )
 
     @classmethod
     def execute(cls, cat_factor, preservation, class_word, token_weights, preservation_prompts="", apt=None,
-                auto=None) -> io.NodeOutput:
+                auto=None, keep_every=1, keep_fraction=1.0) -> io.NodeOutput:
         weights = parse_token_weights(token_weights)
         prompts = tuple(line.strip() for line in (preservation_prompts or "").splitlines() if line.strip())
         cfg = CatLossConfig(cat_factor, preservation, class_word.strip(), weights, prompts,
-                            **({"apt": apt} if apt is not None else {}), **({"auto": auto} if auto is not None else {}))
+                            **({"apt": apt} if apt is not None else {}), **({"auto": auto} if auto is not None else {}),
+                            keep_every=int(keep_every), keep_fraction=float(keep_fraction))
         return io.NodeOutput(cfg)
 
 

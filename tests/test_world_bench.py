@@ -73,3 +73,21 @@ def test_reachable_task_scores_its_identity_by_colour_and_place():
     assert bench_kps.identity_items("reachable")[0][1] == "a sks circle on a grey background"  # same captions as novel
     with pytest.raises(SystemExit):
         bench_kps.main(["kps", "--task", "familiar"])
+
+
+def test_cheaper_preservation_methods_set_keep_every_and_fraction():
+    class Text:
+        def encode_text(self, ps):
+            return {"context": torch.tensor([[[float(len(p))]] for p in ps])}
+
+    _, lc, _ = bench_kps.examples_for("cat1:empty/k4/p0.5", Text(), bench_kps.BenchConfig(), seed=0)
+    assert (lc.alpha, lc.preservation, lc.keep_every, lc.keep_fraction) == (1.0, "empty", 4, 0.5)
+    assert bench_kps.label("cat1/k4") == "CAT (α=1), term every 4 steps"
+    assert bench_kps.method_name("cat0.5+apt/p0.25") == "cat0.5+apt/p0.25"
+    for bad in ("cat0/k2", "lora/k2", "cat1/k0", "cat1/p1.5", "cat1/q2"):
+        try:
+            bench_kps.method_name(bad)
+        except Exception as e:
+            assert "cheaper preservation" in str(e), bad
+        else:
+            raise AssertionError(f"{bad} was accepted")
