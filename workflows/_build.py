@@ -192,7 +192,7 @@ def control_values(name: str, typ: str, opts: dict) -> list:
 # Sizes the editor gives these nodes (LGraphNode.computeSize in frontend 1.27, measured in Chromium),
 # rounded up; the browser test checks that loading grows none of them. Image outputs get room for a preview.
 SIZES = {
-    "CheckpointLoaderSimple": (340, 100), "CAT_Dataset": (340, 240), "CAT_LossConfig": (340, 250),
+    "CheckpointLoaderSimple": (340, 100), "CAT_Dataset": (340, 240), "CAT_LossConfig": (340, 290),
     "CAT_SaveLora": (340, 60), "CLIPTextEncode": (400, 150), "EmptyLatentImage": (340, 110), "KSampler": (340, 270),
     "VAEDecode": (200, 50), "SaveImage": (320, 320), "CAT_KPSEvaluator": (400, 260), "PreviewImage": (320, 320),
     "Note": (560, 360), "UNETLoader": (340, 110), "DualCLIPLoader": (340, 160), "VAELoader": (340, 80),
