@@ -113,13 +113,14 @@ app.nodes[{node_id}] = node;
 """ + body
 
 
-def run_view(tmp_path, script: str | None = None):
-    """Runs `script` (default: this file's run.mjs) in Node.js against the stubs and the shipped extension; its JSON."""
+def run_view(tmp_path, script: str | None = None, extension: str = "cat_live_view.js"):
+    """Runs `script` (default: this file's run.mjs) in Node.js against the stubs and the shipped extension file
+    `web/<extension>`; its JSON."""
     for rel, text in {**STUBS, **({"run.mjs": script} if script else {})}.items():
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_text(text)
     (tmp_path / "extensions" / "ComfyUI-CAT").mkdir(parents=True)
-    shutil.copy(ROOT / "web" / "cat_live_view.js", tmp_path / "extensions" / "ComfyUI-CAT" / "cat_live_view.js")
+    shutil.copy(ROOT / "web" / extension, tmp_path / "extensions" / "ComfyUI-CAT" / extension)
     (tmp_path / "package.json").write_text('{"type": "module"}')
     r = subprocess.run([NODE, "run.mjs"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr

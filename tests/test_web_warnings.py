@@ -1,13 +1,10 @@
 """web/cat_warnings.js in Node.js with stub `app`/`api` modules: each `cat.warning` text becomes a toast."""
 from __future__ import annotations
 
-import json
-import shutil
-import subprocess
 
 import pytest
 
-from test_web_extension import NODE, ROOT, STUBS
+from test_web_extension import NODE, run_view
 
 SCRIPT = """
 import { app } from "./scripts/app.js";
@@ -25,15 +22,7 @@ console.log(JSON.stringify({ toasts, shown: globalThis.__catWarnings, names: app
 
 @pytest.mark.skipif(NODE is None, reason="Node.js is not installed; the web extension test needs `node`")
 def test_each_warning_is_one_toast(tmp_path):
-    for rel, text in {**STUBS, "run.mjs": SCRIPT}.items():
-        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / rel).write_text(text)
-    (tmp_path / "extensions" / "ComfyUI-CAT").mkdir(parents=True)
-    shutil.copy(ROOT / "web" / "cat_warnings.js", tmp_path / "extensions" / "ComfyUI-CAT" / "cat_warnings.js")
-    (tmp_path / "package.json").write_text('{"type": "module"}')
-    r = subprocess.run([NODE, "run.mjs"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0, r.stderr
-    out = json.loads(r.stdout)
+    out = run_view(tmp_path, SCRIPT, "cat_warnings.js")
     assert out["names"] == ["ComfyUI-CAT.warnings"]
     assert [t["detail"] for t in out["toasts"]] == ["node 10: first", "node 12: second"]
     assert {t["severity"] for t in out["toasts"]} == {"warn"} and out["toasts"][0]["summary"] == "LoRA for another model family"
