@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from cat_train.adapter import LoraSpec  # noqa: E402
+from cat_train.lora import LoraSpec  # noqa: E402
 from cat_train.denoiser import ModuleDenoiser  # noqa: E402
 from cat_train.apt import AptConfig  # noqa: E402
 from cat_train.loss import CatLossConfig  # noqa: E402

@@ -1,7 +1,7 @@
 """Contrastive Adapter Training (CAT) for Stable Diffusion LoRAs, host-agnostic.
 
     denoiser.py  the protocol a trainer needs (module, predict, prediction type, noise schedule)
-    adapter.py   LoRA via peft: inject, switch off for the frozen pass, read, load, remove
+    lora.py   LoRA via peft: inject, switch off for the frozen pass, read, load, remove
     algorithms.py  LoRA, DoRA, LoHa, LoKr: one class each (peft config, tensors, file keys)
     loss.py      the CAT objective (cat_objective) and its config
     train.py     the training loop, checkpoints and exact resume

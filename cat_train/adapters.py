@@ -1,6 +1,6 @@
 """Adapter kinds the loop trains, and which one a spec asks for (the shape of ComfyUI's comfy/weight_adapter registry).
 
-LoRA lives here as a `plugins.Adapter` over adapter.py's functions; CatVersion, whose adapter needs the text
+LoRA lives here as a `plugins.Adapter` over lora.py's functions; CatVersion, whose adapter needs the text
 encoders and their encode function, is built by catversion.train_catversion and passed to the loop directly.
 """
 from __future__ import annotations
@@ -10,7 +10,7 @@ from typing import ContextManager
 import torch
 from torch import nn
 
-from .adapter import (LoraSpec, adapter_disabled, adapter_parameters, inject_lora, load_lora_state, lora_state,
+from .lora import (LoraSpec, adapter_disabled, adapter_parameters, inject_lora, load_lora_state, lora_state,
                       lora_weights, remove_lora)
 from .denoiser import Denoiser
 from .plugins import Adapter

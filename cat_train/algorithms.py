@@ -1,5 +1,5 @@
 """Adapter algorithms (LoRA, DoRA, LoHa, LoKr): one small class each, the shape of ComfyUI's comfy/weight_adapter
-registry and peft's variants. The loop and adapter.py never ask which one runs: they call these hooks.
+registry and peft's variants. The loop and lora.py never ask which one runs: they call these hooks.
 
 Each says which peft config injects it, which injected layers are its own, its trainable tensors by name (the
 checkpoint's names), what one adapted layer adds in parameters (the memory budget), the weights snapshot export

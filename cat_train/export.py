@@ -17,7 +17,7 @@ from typing import Iterable, Mapping
 import torch
 from torch import Tensor
 
-from .adapter import LoraWeights
+from .lora import LoraWeights
 
 PREFIX = "lora_unet_"
 

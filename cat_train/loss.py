@@ -27,7 +27,7 @@ from typing import Callable, ContextManager, Iterator, NamedTuple, Sequence
 import torch
 from torch import Tensor
 
-from .adapter import adapter_disabled
+from .lora import adapter_disabled
 from .apt_config import AptConfig
 from .auto_config import AutoPreservationConfig
 from .denoiser import Cond, Denoiser

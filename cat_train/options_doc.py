@@ -18,7 +18,7 @@ REGENERATE = "python -m cat_train options-doc"
 # (module, class, heading): the user-facing option dataclasses, in the order the doc lists them
 OPTION_CLASSES = [
     ("cat_train.loss", "CatLossConfig", "Loss"),
-    ("cat_train.adapter", "LoraSpec", "LoRA"),
+    ("cat_train.lora", "LoraSpec", "LoRA"),
     ("cat_train.train", "TrainConfig", "Training"),
     ("cat_train.apt", "AptConfig", "APT"),
     ("cat_train.auto_config", "AutoPreservationConfig", "Auto preservation"),

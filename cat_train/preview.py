@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .adapter import adapter_switched
+from .lora import adapter_switched
 from .denoiser import Cond, Denoiser
 from .observe import observing
 from .prompts import preservation_prompt, triggers_in

@@ -32,7 +32,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from .adapter import adapter_switched
+from .lora import adapter_switched
 from .denoiser import Cond, Denoiser
 from .loss import mean_sq_diff, repeat_to_common_length
 from .observe import observing

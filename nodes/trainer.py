@@ -18,7 +18,7 @@ import torch
 from comfy_api.latest import io
 
 from ..cat_train import families
-from ..cat_train.adapter import LoraSpec, lora_param_count, lora_saved_bytes
+from ..cat_train.lora import LoraSpec, lora_param_count, lora_saved_bytes
 from ..cat_train.algorithms import ALGORITHMS
 from ..cat_train.budget import DoesNotFit, MemoryBudget, adapter_bytes, probe_activations, tensor_bytes
 from ..cat_train.checks import check_concepts

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from cat_train import export as E
-from cat_train.adapter import (LoraSpec, adapter_disabled, adapter_parameters, inject_lora, lora_layers, lora_param_count,
+from cat_train.lora import (LoraSpec, adapter_disabled, adapter_parameters, inject_lora, lora_layers, lora_param_count,
                                lora_weights, remove_lora)
 from cat_train.families import SDUNet
 from cat_train.loss import CatLossConfig, cat_objective
@@ -64,7 +64,7 @@ def test_param_counts_differ_as_the_algorithms_do(tiny_denoiser):
 
 
 def lora_weights_names(unet, s):
-    from cat_train.adapter import target_modules
+    from cat_train.lora import target_modules
     return target_modules(unet, s)
 
 
@@ -254,7 +254,7 @@ def saved_for_backward(den, unet, s, b=2):
 
 
 def test_memory_budget_counts_the_deltas_loha_and_lokr_keep_for_backward(tiny_denoiser):
-    from cat_train.adapter import lora_saved_bytes
+    from cat_train.lora import lora_saved_bytes
 
     unet = tiny_denoiser.module
     assert lora_saved_bytes(unet, spec("lora")) == 0  # LoRA's budget is what it was

@@ -3,7 +3,7 @@ import json
 
 import torch
 
-from cat_train.adapter import LoraSpec, adapter_disabled, adapter_parameters, inject_lora
+from cat_train.lora import LoraSpec, adapter_disabled, adapter_parameters, inject_lora
 import math
 
 import pytest

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from cat_train.adapter import LoraSpec, inject_lora, lora_layers
+from cat_train.lora import LoraSpec, inject_lora, lora_layers
 from cat_train.auto import AutoPreservation, added_probes
 from cat_train.auto_config import COMMON_SUBJECTS, AutoPreservationConfig, image_probes, probe_words
 from cat_train.loss import CatLossConfig

@@ -5,7 +5,7 @@ import zlib
 import pytest
 import torch
 
-from cat_train.adapter import LoraSpec
+from cat_train.lora import LoraSpec
 from cat_train.captions import shuffled, tags
 from cat_train.denoiser import NoiseSchedule
 from cat_train.loss import CatLossConfig

@@ -271,7 +271,7 @@ def test_resume_and_cancel_are_bit_exact(base, tmp_path):
 
 
 def test_a_lora_checkpoint_is_refused_by_name(base, tiny_denoiser, text, tmp_path):
-    from cat_train.adapter import LoraSpec
+    from cat_train.lora import LoraSpec
     from cat_train.loss import CatLossConfig
     from cat_train.train import TrainConfig, build_examples, checkpoint_path, train
     lc = CatLossConfig(alpha=0.0, preservation="strip")

@@ -5,7 +5,7 @@ import itertools
 import pytest
 import torch
 
-from cat_train.adapter import LoraSpec, adapter_parameters, inject_lora
+from cat_train.lora import LoraSpec, adapter_parameters, inject_lora
 from cat_train.loss import CatLossConfig, cat_objective, preservation_rows
 from cat_train.run_folder import result_settings
 from cat_train.train import TrainConfig, build_examples, checkpoint_path, train

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from cancel import Cancelled, cancel_at
-from cat_train.adapter import (LoraSpec, adapter_disabled, adapter_parameters, inject_lora, lora_layers, lora_weights,
+from cat_train.lora import (LoraSpec, adapter_disabled, adapter_parameters, inject_lora, lora_layers, lora_weights,
                                remove_lora)
 from cat_train.denoiser import NoiseSchedule
 from cat_train.loss import CatLossConfig, cat_loss, cat_objective

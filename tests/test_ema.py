@@ -4,7 +4,7 @@ import dataclasses
 import pytest
 import torch
 
-from cat_train.adapter import LoraSpec, lora_layers, lora_weights
+from cat_train.lora import LoraSpec, lora_layers, lora_weights
 from cat_train.adapters import LoraAdapter
 from cat_train.loss import CatLossConfig
 from cat_train.run_folder import result_settings

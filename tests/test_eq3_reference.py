@@ -10,7 +10,7 @@ import copy
 import pytest
 import torch
 
-from cat_train.adapter import LoraSpec, inject_lora, lora_layers
+from cat_train.lora import LoraSpec, inject_lora, lora_layers
 from cat_train.denoiser import ModuleDenoiser
 from cat_train.loss import cat_objective
 from cat_train.world.unet import TINY_CONFIG, UNet

@@ -3,7 +3,7 @@ transformer families need ComfyUI's classes and are checked in tests/comfy/test_
 import pytest
 import torch
 
-from cat_train import adapter as A
+from cat_train import lora as A
 from cat_train import export as E
 from cat_train import families as F
 from cat_train.apt import AptConfig

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from cat_train.adapter import LoraSpec, inject_lora
+from cat_train.lora import LoraSpec, inject_lora
 from cat_train.denoiser import FlowSchedule, ModuleDenoiser, NoiseSchedule, time_shift
 from cat_train.loss import CatLossConfig, cat_objective
 from cat_train.train import Example, TrainConfig, train

@@ -4,7 +4,7 @@ import dataclasses
 import pytest
 import torch
 
-from cat_train.adapter import LoraSpec, adapter_parameters, inject_lora
+from cat_train.lora import LoraSpec, adapter_parameters, inject_lora
 from cat_train.loss import CatLossConfig, cat_objective
 from cat_train.apt_config import AptConfig
 from cat_train.mask import MaskedLoss, MaskSettings, latent_mask
@@ -102,7 +102,7 @@ def test_background_keep_hand_computed(tiny_denoiser):
     with torch.no_grad():
         x_t = tiny_denoiser.schedule.add_noise(x0, noise, t)
         adapted = tiny_denoiser.predict(x_t, t, c_tok)
-        from cat_train.adapter import adapter_disabled
+        from cat_train.lora import adapter_disabled
         with adapter_disabled(tiny_denoiser.module):
             frozen = tiny_denoiser.predict(x_t, t, c_tok)
     by_hand = (adapted - frozen)[..., 4:].pow(2).sum() / adapted.numel()  # background: the right half

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from cat_train.adapter import LoraSpec, adapter_parameters, inject_lora, lora_layers
+from cat_train.lora import LoraSpec, adapter_parameters, inject_lora, lora_layers
 from cat_train.denoiser import FlowSchedule, ModuleDenoiser, NoiseSchedule
 from cat_train.loss import CatLossConfig
 from cat_train.preview import HEADER, LABEL_W, PAD, Previewer, preview_prompts

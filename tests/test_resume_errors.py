@@ -7,7 +7,7 @@ import traceback
 import pytest
 import torch
 
-from cat_train.adapter import LoraSpec, lora_layers
+from cat_train.lora import LoraSpec, lora_layers
 from cat_train.export import save_lora
 from cat_train.loss import CatLossConfig
 from cat_train.train import TrainConfig, build_examples, train

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from cat_train import metrics as M
-from cat_train.adapter import LoraSpec
+from cat_train.lora import LoraSpec
 from cat_train.apt_config import AptConfig
 from cat_train.checks import check_image_batch
 from cat_train.export import save_lora

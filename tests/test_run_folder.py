@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from cat_train import run_folder
-from cat_train.adapter import LoraSpec, lora_layers
+from cat_train.lora import LoraSpec, lora_layers
 from cat_train.loss import CatLossConfig
 from cat_train.run_folder import RUN_FILE, StorageError
 from cat_train.train import TrainConfig, build_examples, train

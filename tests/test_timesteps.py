@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from cat_train.adapter import LoraSpec
+from cat_train.lora import LoraSpec
 from cat_train.denoiser import FlowSchedule, ModuleDenoiser, NoiseSchedule, time_shift
 from cat_train.loss import CatLossConfig, cat_objective
 from cat_train.regularizers import step_terms
@@ -46,7 +46,7 @@ def test_min_snr_weight_flow_by_hand():
 
 
 def test_min_snr_weights_the_fit_term_only(tiny_denoiser):
-    from cat_train.adapter import inject_lora
+    from cat_train.lora import inject_lora
 
     inject_lora(tiny_denoiser.module, LoraSpec(rank=4, preset="full"))
     g = torch.Generator().manual_seed(0)

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from cat_train.adapter import LoraSpec, adapter_parameters, inject_lora, lora_layers
+from cat_train.lora import LoraSpec, adapter_parameters, inject_lora, lora_layers
 from cat_train.loss import CatLossConfig
 from cat_train.train import TrainConfig, build_examples, train
 from cat_train.validation import ValidationLog, Validator, every, read_validation_csv

@@ -44,7 +44,7 @@ import torch
 
 from .. import metrics
 from ..checks import OneLineParser, non_negative_float, output_folder, positive_float, positive_int
-from ..adapter import LoraSpec, remove_lora
+from ..lora import LoraSpec, remove_lora
 from ..apt import AptConfig
 from ..auto_config import AutoPreservationConfig
 from ..loss import CatLossConfig

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from .. import metrics
-from ..adapter import LoraSpec, remove_lora
+from ..lora import LoraSpec, remove_lora
 from ..checks import non_negative_float, output_folder, positive_float, positive_int
 from ..loss import CatLossConfig
 from ..mask import latent_mask

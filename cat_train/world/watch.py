@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from ..adapter import adapter_switched
+from ..lora import adapter_switched
 from ..best_step import pick_best_step
 from ..observe import observing
 from ..preview import Previewer, preview_prompts

@@ -19,7 +19,7 @@ def flow_models(comfy):
 
 
 def _mods(comfy):
-    return [pack_module(comfy, m) for m in ("nodes.trainer", "nodes.comfy_model", "cat_train.adapter",
+    return [pack_module(comfy, m) for m in ("nodes.trainer", "nodes.comfy_model", "cat_train.lora",
                                             "cat_train.loss", "cat_train.train")]
 
 

@@ -53,7 +53,7 @@ def test_train_patch_roundtrip(comfy, kind, request, dataset_dir, tmp_path):
     trained modules and predicts what the trainer's adapted UNet predicts."""
     mp, clip, vae = request.getfixturevalue(f"tiny_{kind}")
     tr = pack_module(comfy, "nodes.trainer")
-    A = pack_module(comfy, "cat_train.adapter")
+    A = pack_module(comfy, "cat_train.lora")
     L = pack_module(comfy, "cat_train.loss")
     cm = pack_module(comfy, "nodes.comfy_model")
     ds = _dataset(comfy, dataset_dir, (mp, clip, vae))
@@ -113,7 +113,7 @@ def test_cancel_keeps_checkpoint_and_resumes(comfy, tiny_sd15, dataset_dir, tmp_
 
     mp, clip, vae = tiny_sd15
     tr = pack_module(comfy, "nodes.trainer")
-    A = pack_module(comfy, "cat_train.adapter")
+    A = pack_module(comfy, "cat_train.lora")
     L = pack_module(comfy, "cat_train.loss")
     T = pack_module(comfy, "cat_train.train")
     ds = _dataset(comfy, dataset_dir, tiny_sd15)
@@ -138,7 +138,7 @@ def test_cancel_keeps_checkpoint_and_resumes(comfy, tiny_sd15, dataset_dir, tmp_
 def test_gradient_checkpointing_same_lora_and_unwrapped_after(comfy, tiny_sd15, dataset_dir, tmp_path):
     mp, clip, vae = tiny_sd15
     tr = pack_module(comfy, "nodes.trainer")
-    A = pack_module(comfy, "cat_train.adapter")
+    A = pack_module(comfy, "cat_train.lora")
     L = pack_module(comfy, "cat_train.loss")
     ds = _dataset(comfy, dataset_dir, tiny_sd15)
     blocks = [layer for b in [*mp.model.diffusion_model.input_blocks, mp.model.diffusion_model.middle_block] for layer in b]
@@ -181,7 +181,7 @@ def test_v_prediction_model(comfy, dataset_dir, tmp_path):
         x0 = mp.model.apply_model(x_k, s, c_crossattn=c["context"])
     torch.testing.assert_close(x0, x_k / (s * s + 1) - v * s / (s * s + 1).sqrt(), atol=1e-5, rtol=1e-4)
     tr = pack_module(comfy, "nodes.trainer")
-    A = pack_module(comfy, "cat_train.adapter")
+    A = pack_module(comfy, "cat_train.lora")
     L = pack_module(comfy, "cat_train.loss")
     ds = _dataset(comfy, dataset_dir, (mp, clip, vae))
     res = tr.train_on_model(mp, ds, L.CatLossConfig(0.0, "strip"), A.LoraSpec(rank=2, alpha=2.0),

@@ -14,7 +14,7 @@ from test_clip_vision import tiny_clip_vision  # noqa: F401  (fixture)
 
 def _run(comfy, tiny_sd15, dataset_dir, tmp_path, name, watch, save_every=2):
     tr = pack_module(comfy, "nodes.trainer")
-    A = pack_module(comfy, "cat_train.adapter")
+    A = pack_module(comfy, "cat_train.lora")
     L = pack_module(comfy, "cat_train.loss")
     ds_mod = pack_module(comfy, "nodes.dataset")
     T = pack_module(comfy, "cat_train.train")
