@@ -17,7 +17,7 @@ def _dataset(comfy, folder, clip, vae, res=64):
 
 def _train(comfy, mp, ds, alpha=1.0, steps=3, compute="auto", **kw):
     tr = pack_module(comfy, "nodes.trainer")
-    A, L, T = (pack_module(comfy, f"cat_train.{m}") for m in ("adapter", "loss", "train"))
+    A, L, T = (pack_module(comfy, f"cat_train.{m}") for m in ("lora", "loss", "train"))
     cfg = T.TrainConfig(steps=steps, lr=1e-2, seed=1, **kw)
     return tr.train_on_model(mp, ds, L.CatLossConfig(alpha, "class", "dog"), A.LoraSpec(rank=4, alpha=4.0), cfg,
                              compute=compute)
@@ -182,7 +182,7 @@ def test_budget_before_step_one_and_auto_checkpointing(comfy, dataset_dir, monke
     mp, clip, vae = tiny_model("sd15", seed=11, dtype=torch.bfloat16)
     ds = _dataset(comfy, dataset_dir, clip, vae)
     tr = pack_module(comfy, "nodes.trainer")
-    A, L, T, B = (pack_module(comfy, f"cat_train.{m}") for m in ("adapter", "loss", "train", "budget"))
+    A, L, T, B = (pack_module(comfy, f"cat_train.{m}") for m in ("lora", "loss", "train", "budget"))
     spec, loss = A.LoraSpec(rank=4, alpha=4.0), L.CatLossConfig(1.0, "class", "dog")
     cm = pack_module(comfy, "nodes.comfy_model")
     with torch.inference_mode(False), cm.trainable(mp) as den:
@@ -209,7 +209,7 @@ def test_save_every_writes_loadable_lora_files(comfy, dataset_dir, tmp_path):
     mp, clip, vae = tiny_model("sdxl", seed=12)
     ds = _dataset(comfy, dataset_dir, clip, vae)
     tr = pack_module(comfy, "nodes.trainer")
-    A, L, T = (pack_module(comfy, f"cat_train.{m}") for m in ("adapter", "loss", "train"))
+    A, L, T = (pack_module(comfy, f"cat_train.{m}") for m in ("lora", "loss", "train"))
     spec, loss = A.LoraSpec(rank=4, alpha=4.0), L.CatLossConfig(1.0, "class", "dog")
     cfg = T.TrainConfig(steps=4, lr=1e-2, seed=1, save_every=2, checkpoint_dir=str(tmp_path / "ck"))
     loras = tmp_path / "loras"

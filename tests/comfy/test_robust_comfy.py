@@ -107,7 +107,7 @@ def test_cancel_during_the_trainers_preparation_stops_before_step_1(ready, tiny_
 
     mp, clip, vae = tiny_sd15
     tr = pack_module(ready, "nodes.trainer")
-    A, L, T = (pack_module(ready, f"cat_train.{m}") for m in ("adapter", "loss", "train"))
+    A, L, T = (pack_module(ready, f"cat_train.{m}") for m in ("lora", "loss", "train"))
     ds = pack_module(ready, "nodes.dataset").build_dataset(dataset_dir, vae, clip, ("sks",), "dog", ".txt", 128, True)
     ds._text_cache.clear()
     seen = []
@@ -237,7 +237,7 @@ def test_a_trigger_on_a_75_token_boundary_pads_to_the_longest_caption_not_420_ch
 
 def test_an_sd15_checkpoint_resumed_on_sdxl_names_both_families(ready, tiny_sd15, tiny_sdxl, dataset_dir, tmp_path):
     tr = pack_module(ready, "nodes.trainer")
-    A, L, T = (pack_module(ready, f"cat_train.{m}") for m in ("adapter", "loss", "train"))
+    A, L, T = (pack_module(ready, f"cat_train.{m}") for m in ("lora", "loss", "train"))
     dsn = pack_module(ready, "nodes.dataset")
     mp, clip, vae = tiny_sd15
     ds = dsn.build_dataset(dataset_dir, vae, clip, ("sks",), "dog", ".txt", 128, True)
