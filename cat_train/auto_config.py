@@ -16,8 +16,10 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Literal, Mapping, Sequence
 
-ProbeSource = Literal["list", "dataset", "common"]
-SOURCES = ("list", "dataset", "common")
+from .auto_checks import RULES, Rule
+
+ProbeSource = Literal["list", "dataset", "common", "nearest"]
+SOURCES = ("list", "dataset", "common", "nearest")
 
 # Common subjects of photos, for `source = common`: people, animals, objects and scenes, styles. A class
 # word's neighbours are unknown to the trainer; these are what personalisation datasets usually sit beside.
@@ -38,15 +40,28 @@ class AutoPreservationConfig:
     source: ProbeSource = field(default="list", metadata={"help": (
         "where the probes come from: `list` (the `probes` given), `dataset` (the other class words of a "
         "multi-concept dataset: each image is probed with every class word but its own), `common` (a shipped "
-        "list of 34 common photo subjects: people, animals, objects, scenes, styles; docs/auto-preservation.md).")})
+        "list of 34 common photo subjects: people, animals, objects, scenes, styles; docs/auto-preservation.md), `nearest` "
+        "(the `neighbours` words of a shipped 12,800-word vocabulary and the dataset's other class words that the model's own "
+        "text encoder puts closest to the class word: cat_train/nearest.py).")})
     probes: tuple[str, ...] = field(default=(), metadata={"help": (
         "for `list`: the probe class words (short phrases); each replaces the image's class word in its "
         "preservation prompt. In the node one per line.")})
+    neighbours: int = field(default=8, metadata={"since": "0.2.0", "min": 1, "max": 100, "help": (
+        "for `nearest`: how many of the candidates closest to the class word become probes (each costs images x points "
+        "no-grad forwards per measurement). The ranking encodes the whole vocabulary once per run.")})
     top_k: int = field(default=2, metadata={"help": (
         "budget: at most this many probes are added over the whole run (the worst first).")})
     threshold: float = field(default=0.01, metadata={"help": (
-        "a probe is added only when its keep drift (mean squared difference, frozen vs adapted prediction, in the "
-        "model's own units: eps, v or flow velocity) is above this.")})
+        "a probe is added only when its score is above this. Its score (`rule`): `absolute`, its keep drift (mean "
+        "squared difference, frozen vs adapted prediction, in the model's own units: eps, v or flow velocity); "
+        "`relative`, that drift divided by the drift of the image's own preservation prompt at the same points (no "
+        "units: 1 = the neighbour moved as much as the class prompt CAT keeps).")})
+    rule: Rule = field(default="absolute", metadata={"since": "0.2.0", "help": (
+        "what `threshold` is compared with: `absolute` (the drift in the model's units) or `relative` (the drift over "
+        "the kept class prompt's: the same on any model and at any step; cat_train/auto_checks.py).")})
+    first: int = field(default=0, metadata={"since": "0.2.0", "min": 0, "max": 100000, "help": (
+        "step of the first measurement, then at each doubling of it below `every` (5 with every 50: steps 5, 10, 20, "
+        "40, 50, 100, ...), so a neighbour that moves in the first steps is caught early; 0 = first at `every`.")})
     points: int = field(default=4, metadata={"help": (
         "fixed (noise, timestep) points per training image at which a probe's drift is measured.")})
     images: int = field(default=4, metadata={"help": (
@@ -62,6 +77,9 @@ class AutoPreservationConfig:
             (self.top_k >= 1, f"auto preservation `top_k` must be >= 1, got {self.top_k}."),
             (self.threshold >= 0, f"auto preservation `threshold` must be >= 0, got {self.threshold}."),
             (self.points >= 1, f"auto preservation `points` must be >= 1, got {self.points}."),
+            (self.rule in RULES, f"auto preservation `rule` must be one of {', '.join(RULES)}, got {self.rule!r}."),
+            (self.first >= 0, f"auto preservation `first` must be >= 0 (0 = at `every`), got {self.first}."),
+            (self.neighbours >= 1, f"auto preservation `neighbours` must be >= 1, got {self.neighbours}."),
             (self.images >= 0, f"auto preservation `images` must be >= 0 (0 = all), got {self.images}."),
             (not (self.every and self.source == "list" and not self.probes),
              "auto preservation with source `list` needs probes (class words, one per line, e.g. 'cat'), "
@@ -82,6 +100,9 @@ def probe_words(cfg: AutoPreservationConfig, class_word: str | Mapping[str, str]
         return cfg.probes
     if cfg.source == "common":
         return COMMON_SUBJECTS
+    if cfg.source == "nearest":
+        raise ValueError("auto preservation source `nearest` ranks words with the text encoder: its probes come from "
+                         "cat_train.nearest.choose (train.build_examples calls it), not from probe_words.")
     words = tuple(dict.fromkeys(class_word.values())) if isinstance(class_word, Mapping) else ()
     if len(words) < 2:
         raise ValueError("auto preservation source `dataset` needs a multi-concept dataset with two or more class words "

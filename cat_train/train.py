@@ -28,6 +28,7 @@ from .denoiser import Cond, Denoiser, FlowSchedule, NoiseSchedule
 from .loss import CatLossConfig, cat_objective, preservation_rows, repeat_to_common_length
 from .plugins import Adapter, StepTerm
 from .auto_config import image_probes, probe_words
+from . import nearest as nearest_probes
 from .prompts import class_word_for, preservation_prompt
 from .regularizers import step_terms
 from .weight_terms import weight_terms
@@ -133,6 +134,7 @@ class Example:
     captions: CaptionChoice | None = None  # caption dropout / tag shuffling: which row a draw of this image uses
     drawn: bool = True  # False: a caption row (shuffled or dropped caption), reached only through an image's `captions`
     mask: Tensor | None = None  # (1, H, W) at the latent's size in [0, 1], 1 = subject: masked training (cat_train/mask.py)
+    nearest: tuple = ()  # auto preservation `nearest`: the NearestProbes of this image's class word(s) (cat_train/nearest.py)
 
 
 @dataclass
@@ -174,7 +176,7 @@ PAIRS_WARN = 5000  # image x preservation-prompt pairs past which the preparatio
 def build_examples(items: Sequence[tuple], encode_text: Callable[[list[str]], Cond], loss_cfg: CatLossConfig,
                    progress: Callable[[int, int], None] | None = None,
                    token_positions: Callable[[str, tuple[str, ...]], tuple[int, ...]] | None = None,
-                   cfg: TrainConfig | None = None) -> list[Example]:
+                   cfg: TrainConfig | None = None, rank_text: Callable[[list[str]], Tensor] | None = None) -> list[Example]:
     """items: (latent, caption, triggers[, repeats[, mask]]), mask (1, H, W) at the latent's size or None. Each distinct
     prompt is encoded once; progress(done, total) after each (a host moves its bar and stops at Cancel there).
     Examples share their conditionings.
@@ -192,7 +194,12 @@ def build_examples(items: Sequence[tuple], encode_text: Callable[[list[str]], Co
                         len(loss_cfg.preservation_prompts), pairs)
     else:
         pres = [[preservation_prompt(cap, trig, loss_cfg.preservation, loss_cfg.class_word)] for _, cap, trig, _ in rows]
-    probes = [_probe_prompts(loss_cfg, cap, trig, ps[0]) for (_, cap, trig, _), ps in zip(rows, pres)]
+    ranked = nearest_probes.choose(loss_cfg, [(cap, trig, ps[0]) for (_, cap, trig, _), ps in zip(rows, pres)],
+                                   rank_text or nearest_probes.context_encoder(encode_text))
+    near = [tuple(ranked[w] for w in nearest_probes.class_words_of(trig, loss_cfg)) if ranked else ()
+            for _, _, trig, _ in rows]
+    probes = [_probe_prompts(loss_cfg, cap, trig, ps[0], tuple(w for n in nr for w in n.words))
+              for (_, cap, trig, _), ps, nr in zip(rows, pres, near)]
     with_rows = caption_rows.active(cfg)
     shuffle_gen = torch.Generator().manual_seed(cfg.seed) if with_rows else None  # not the run's: it exists only in train()
     # per image, per example of it: [(y_T, y)] of each caption variant
@@ -215,7 +222,7 @@ def build_examples(items: Sequence[tuple], encode_text: Callable[[list[str]], Co
         return sum(loss_cfg.token_weights.get(t, 1.0) for t in trig) / len(trig) if trig else 1.0
 
     out = []
-    for (lat, cap, trig, rep), ps, pr, mask in zip(rows, pres, probes, masks):
+    for (lat, cap, trig, rep), ps, pr, mask, nr in zip(rows, pres, probes, masks, near):
         image_probes = {name: cond[p] for name, p in pr.items()}  # one dict per image: its rows share it
         tokens = tuple(token_positions(cap, trig)) if token_positions and trig else ()
         if mask is not None and tuple(mask.shape[-2:]) != tuple(lat.shape[-2:]):
@@ -223,7 +230,7 @@ def build_examples(items: Sequence[tuple], encode_text: Callable[[list[str]], Co
                              "bring masks to the latent's size (cat_train.mask.latent_mask).")
         mask = None if mask is None else mask.detach().float().cpu().reshape(1, *lat.shape[-2:])
         out += [Example(lat.detach().cpu(), cond[cap], cond[p], weight(trig), rep, probes=image_probes,
-                        trigger_tokens=tokens, mask=mask) for p in ps]
+                        trigger_tokens=tokens, mask=mask, nearest=nr) for p in ps]
     if with_rows:
         out = _with_caption_rows(out, rows, pairs, cond, weight, cfg, token_positions)
     return out
@@ -249,13 +256,16 @@ def _with_caption_rows(out: list[Example], rows, pairs, cond, weight, cfg: Train
     return out + extra
 
 
-def _probe_prompts(loss_cfg: CatLossConfig, caption: str, triggers: tuple[str, ...], y: str) -> dict[str, str]:
-    """Auto preservation's {probe: prompt} for one image (none while it is off): cat_train/auto_config.py."""
+def _probe_prompts(loss_cfg: CatLossConfig, caption: str, triggers: tuple[str, ...], y: str,
+                   nearest: tuple[str, ...] = ()) -> dict[str, str]:
+    """Auto preservation's {probe: prompt} for one image (none while it is off): cat_train/auto_config.py; nearest: the
+    image's ranked probes when the source is `nearest`."""
     if not loss_cfg.auto.active:
         return {}
     own = ([class_word_for(t, loss_cfg.class_word) for t in triggers] if loss_cfg.preservation == "class" and triggers
            else [])
-    return image_probes(y, own, probe_words(loss_cfg.auto, loss_cfg.class_word))
+    words = nearest if loss_cfg.auto.source == "nearest" else probe_words(loss_cfg.auto, loss_cfg.class_word)
+    return image_probes(y, own, words)
 
 
 def lr_factor(cfg: TrainConfig, step: int) -> float:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
+from ..cat_train.auto_checks import RULES
 from ..cat_train.auto_config import SOURCES, AutoPreservationConfig
 from ..cat_train.options_doc import help_of
 from .common import CATEGORY, AutoOptions
@@ -35,6 +36,13 @@ class AutoPreservationNode(io.ComfyNode):
                              tooltip=help_of(AutoPreservationConfig, "images")),
                 io.Int.Input("seed", default=_D.seed, min=0, max=2**31 - 1, optional=True,
                              tooltip=help_of(AutoPreservationConfig, "seed")),
+                # after seed: graphs saved before them keep their widget values in place
+                io.Int.Input("neighbours", default=_D.neighbours, min=1, max=100, optional=True,
+                             tooltip=help_of(AutoPreservationConfig, "neighbours")),
+                io.Combo.Input("rule", options=list(RULES), default=_D.rule, optional=True,
+                               tooltip=help_of(AutoPreservationConfig, "rule")),
+                io.Int.Input("first", default=_D.first, min=0, max=100000, optional=True,
+                             tooltip=help_of(AutoPreservationConfig, "first")),
             ],
             outputs=[AutoOptions.Output(display_name="auto")],
         )

@@ -160,7 +160,8 @@ def model_examples(mp, dataset, loss_cfg: CatLossConfig, tick=None, cfg: TrainCo
     masks = (getattr(dataset, "masks", None) if loss_cfg.mask.active else None) or [None] * len(dataset.items)
     examples = build_examples([(lat, cap, trig, rep, m) for (lat, cap, trig, rep), m in zip(dataset.items, masks)],
                               dataset.encode_text, loss_cfg,
-                              progress=(lambda done, total: tick()) if tick else None, token_positions=positions, cfg=cfg)
+                              progress=(lambda done, total: tick()) if tick else None, token_positions=positions, cfg=cfg,
+                              rank_text=getattr(dataset, "rank_text", None))
     latents, conds, probes, out = {}, {}, {}, []
 
     def unet_cond(c, w, h):
