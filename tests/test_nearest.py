@@ -186,6 +186,7 @@ def test_the_lora_header_and_the_report_record_the_chosen_probes_and_their_simil
     assert settings["source"] == "nearest" and settings["neighbours"] == 3 and settings["rule"] == "relative"
     added = json.loads(meta["cat_auto_preservation_added"])
     assert [a["step"] for a in added] == [1, 1] and {a["probe"] for a in added} <= set(chosen.words)  # first check: step 1
+    assert [i.reports["auto"]["measured"] for i in infos] == [1, 1, 1, 1]  # budget spent at step 1: no check at 2 or 4
     assert "cat_auto_preservation_nearest" not in regularizer_metadata(CatLossConfig())
 
 
