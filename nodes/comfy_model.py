@@ -23,6 +23,7 @@ from ..cat_train import families
 from ..cat_train.denoiser import Cond, FlowSchedule, NoiseSchedule
 from ..cat_train.integrity import changed, module_fingerprint
 from ..cat_train.precision import compute_dtype
+from . import compat
 
 log = logging.getLogger("ComfyUI-CAT")
 
@@ -257,7 +258,8 @@ def _cast_layers_to(module, dtype: torch.dtype) -> list[tuple[torch.nn.Module, b
 @contextlib.contextmanager
 def trainable(mp, compute: str = "auto") -> Iterator[ComfyDenoiser]:
     """Load the model (with any patches the MODEL already carries) and yield a Denoiser that computes in the
-    chosen dtype while every base weight keeps its stored dtype and device.
+    chosen dtype while every base weight keeps its stored dtype and device. The training passes run with
+    ComfyUI's training flag set (`compat.training_passes`), cleared again when this exits.
 
     Other models are evicted first (ComfyUI's own trainer does the same). On exit the UNet's tensors are
     checked against per-tensor checksums taken on entry (bits, dtype, device, shape): the input MODEL must
@@ -279,7 +281,8 @@ def trainable(mp, compute: str = "auto") -> Iterator[ComfyDenoiser]:
     for norm in guarded:  # an instance attribute, deleted on exit: the shared network is left as found
         norm.forward = _copy_input(norm.forward)
     try:
-        yield ComfyDenoiser(mp, dtype)
+        with compat.training_passes():
+            yield ComfyDenoiser(mp, dtype)
     finally:
         for norm in guarded:
             del norm.forward

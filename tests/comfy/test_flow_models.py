@@ -205,6 +205,44 @@ def test_video_model_refused_before_anything_is_loaded(comfy, monkeypatch):
     assert loads == [] and {n: p.dtype for n, p in base.diffusion_model.named_parameters()} == dtypes
 
 
+def test_training_flag_set_for_the_trainers_passes_only(comfy, flow_models, tmp_path):
+    """ComfyUI v0.33 runs Flux's rotary embedding through a comfy_kitchen kernel without a backward unless
+    comfy.model_management.in_training is set: every training forward (Flux, checkpointed too) sees it set, and it is
+    clear again after the trainer returns, raises or is cancelled. Where ComfyUI has no such flag (v0.3.64) it stays
+    absent."""
+    import comfy.model_management as mm
+
+    from conftest import cancelled_after
+
+    mp = flow_models["flux"][0]
+    tr, _, A, L, T = _mods(comfy)
+    has_flag = hasattr(mm, "in_training")
+    idle = False if has_flag else None
+    seen = []
+    hook = mp.model.diffusion_model.double_blocks[0].register_forward_pre_hook(
+        lambda m, a: seen.append((torch.is_grad_enabled(), getattr(mm, "in_training", None))))
+
+    def disk_full(step, weights):
+        raise OSError("disk full")
+    try:
+        assert getattr(mm, "in_training", None) is idle
+        for ckpt in ("off", "on"):
+            res = tr.train_on_model(mp, _Latents("flux"), L.CatLossConfig(1.0, "class", "dog"), A.LoraSpec(rank=2, alpha=2.0),
+                                    T.TrainConfig(steps=2, lr=1e-2, seed=1), checkpointing=ckpt)[4]
+            assert res.steps_done == 2 and getattr(mm, "in_training", None) is idle
+        assert any(grad for grad, _ in seen) and {flag for _, flag in seen} == {True if has_flag else None}
+        with pytest.raises(OSError, match="disk full"):
+            tr.train_on_model(mp, _Latents("flux"), L.CatLossConfig(1.0, "class", "dog"), A.LoraSpec(rank=2, alpha=2.0),
+                              T.TrainConfig(steps=3, lr=1e-2, save_every=1, checkpoint_dir=str(tmp_path / "err")), on_save=disk_full)
+        assert getattr(mm, "in_training", None) is idle
+        with cancelled_after(1, total=3):
+            tr.train_on_model(mp, _Latents("flux"), L.CatLossConfig(1.0, "class", "dog"), A.LoraSpec(rank=2, alpha=2.0),
+                              T.TrainConfig(steps=3, lr=1e-2, checkpoint_dir=str(tmp_path / "cancel")), "9")
+        assert getattr(mm, "in_training", None) is idle
+    finally:
+        hook.remove()
+
+
 def test_family_presets_resolve_and_name_their_choices(comfy, flow_models):
     _, _, A, _, _ = _mods(comfy)
     flux, sd3 = flow_models["flux"][0].model.diffusion_model, flow_models["sd3"][0].model.diffusion_model
