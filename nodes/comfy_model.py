@@ -33,6 +33,8 @@ SUPPORTED = ("SD1.x and SD2.x (eps or v prediction) and SDXL UNets with a discre
 FLUX_GUIDANCE = 1.0  # Flux dev's distilled guidance input while training: kohya's recommended --guidance_scale 1.0
 # Patcher-level wrappers that act on the sampler, not on one network call: training never runs them.
 _SAMPLING_ONLY = {"outer_sample", "prepare_sampling", "sampler_sample", "predict_noise", "calc_cond_batch"}
+# ComfyUI model classes built on its Flux class that are not Flux.1, as users know them
+_FLUX_VARIANTS = {"Flux2": "Flux.2", "LongCatImage": "LongCat-Image"}
 
 
 def family_of(mp) -> type[families.Family]:
@@ -55,6 +57,10 @@ def family_of(mp) -> type[families.Family]:
     if family is None or not written_for.get(family, False):
         raise ValueError(f"CAT trains {SUPPORTED}; this MODEL is a {type(base).__name__} with a "
                          f"{type(net).__name__} network, which is not supported (video, audio and other image models are refused).")
+    if family is families.Flux and type(base) is not mb.Flux:  # v0.33: Flux2, LongCatImage subclass ComfyUI's Flux
+        name = type(base).__name__
+        raise ValueError(f"CAT trains {SUPPORTED}; this MODEL is {_FLUX_VARIANTS.get(name, name)} (ComfyUI's {name}), "
+                         "which runs on Flux's network but is not Flux.1 and is not supported yet: train a Flux.1 model.")
     if family is families.Flux and net.params.in_channels != net.params.out_channels:
         p = net.params
         raise ValueError(f"CAT trains {SUPPORTED}; this Flux takes {p.in_channels} input channels for "

@@ -3,6 +3,7 @@ by ComfyUI's own classes, with their own tiny text encoders (SD3: CLIP-L/G; Flux
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -203,6 +204,28 @@ def test_video_model_refused_before_anything_is_loaded(comfy, monkeypatch):
     with pytest.raises(ValueError, match=r"CAT trains SD1\.x.*SDXL.*SD3.*Flux.*WAN21 with a WanModel network, which is not supported"):
         tr.train_on_model(mp, _Latents("flux"), L.CatLossConfig(1.0), A.LoraSpec(), T.TrainConfig(steps=1))
     assert loads == [] and {n: p.dtype for n, p in base.diffusion_model.named_parameters()} == dtypes
+
+
+@pytest.mark.parametrize("variant, named", [("Flux2", "Flux.2"), ("LongCatImage", "LongCat-Image")])
+def test_flux_variants_refused_by_name_before_anything_is_loaded(comfy, flow_models, monkeypatch, variant, named):
+    """ComfyUI v0.33's Flux.2 and LongCat-Image model classes subclass its Flux class and run the Flux network, so they
+    passed the Flux check untrained and untested: refused in one line that names them, nothing loaded or cast. The
+    refusal goes by class; v0.3.64 has neither class, so a subclass of Flux under that name stands in there."""
+    import comfy.model_base as mb
+    import comfy.model_management as mm
+    from comfy import model_patcher
+
+    cls = getattr(mb, variant, None) or type(variant, (mb.Flux,), {})
+    base = cls(flow_models["flux"][0].model.model_config)  # the tiny Flux network inside the variant's model class
+    mp = model_patcher.ModelPatcher(base, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+    loads = []
+    monkeypatch.setattr(mm, "load_models_gpu", lambda *a, **k: loads.append(a))
+    tr, cm, A, L, T = _mods(comfy)
+    with pytest.raises(ValueError, match=rf"this MODEL is {re.escape(named)} \(ComfyUI's {variant}\), which runs on Flux's "
+                                         r"network but is not Flux\.1 and is not supported yet: train a Flux\.1 model\.$") as e:
+        tr.train_on_model(mp, _Latents("flux"), L.CatLossConfig(1.0), A.LoraSpec(), T.TrainConfig(steps=1))
+    assert "\n" not in str(e.value) and loads == []
+    assert cm.family_of(flow_models["flux"][0]) is pack_module(comfy, "cat_train.families").Flux  # Flux.1 still trains
 
 
 def test_training_flag_set_for_the_trainers_passes_only(comfy, flow_models, tmp_path):
