@@ -264,8 +264,9 @@ def _cast_layers_to(module, dtype: torch.dtype) -> list[tuple[torch.nn.Module, b
 @contextlib.contextmanager
 def trainable(mp, compute: str = "auto") -> Iterator[ComfyDenoiser]:
     """Load the model (with any patches the MODEL already carries) and yield a Denoiser that computes in the
-    chosen dtype while every base weight keeps its stored dtype and device. The training passes run with
-    ComfyUI's training flag set (`compat.training_passes`), cleared again when this exits.
+    chosen dtype while every base weight keeps its stored dtype and device. A DynamicVRAM MODEL trains on a
+    non-dynamic copy (`compat.training_patcher`); the training passes run with ComfyUI's training flag set
+    (`compat.training_passes`), cleared again when this exits.
 
     Other models are evicted first (ComfyUI's own trainer does the same). On exit the UNet's tensors are
     checked against per-tensor checksums taken on entry (bits, dtype, device, shape): the input MODEL must
@@ -274,6 +275,7 @@ def trainable(mp, compute: str = "auto") -> Iterator[ComfyDenoiser]:
     import comfy.model_management as mm
 
     check_supported(mp)  # before anything is loaded or cast
+    mp = compat.training_patcher(mp)  # DynamicVRAM: a non-dynamic copy, so the weights sit on the load device
     mm.load_models_gpu([mp], memory_required=1e20, force_full_load=True)
     module = mp.model.diffusion_model
     leave_inference_mode(module)
