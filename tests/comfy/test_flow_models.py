@@ -223,7 +223,7 @@ def test_flux_variants_refused_by_name_before_anything_is_loaded(comfy, flow_mod
     tr, cm, A, L, T = _mods(comfy)
     with pytest.raises(ValueError, match=rf"this MODEL is {re.escape(named)} \(ComfyUI's {variant}\), which runs on Flux's "
                                          r"network but is not Flux\.1 and is not supported yet: train a Flux\.1 model\.$") as e:
-        tr.train_on_model(mp, _Latents("flux"), L.CatLossConfig(1.0), A.LoraSpec(), T.TrainConfig(steps=1))
+        tr.train_on_model(mp, _Latents("flux"), L.CatLossConfig(1.0, "class", "dog"), A.LoraSpec(), T.TrainConfig(steps=1))
     assert "\n" not in str(e.value) and loads == []
     assert cm.family_of(flow_models["flux"][0]) is pack_module(comfy, "cat_train.families").Flux  # Flux.1 still trains
 
@@ -298,7 +298,6 @@ def test_dynamic_vram_model_trains_on_a_non_dynamic_copy(comfy, monkeypatch, tmp
     import comfy.model_management as mm
 
     tr, _, A, L, T = _mods(comfy)
-    compat = pack_module(comfy, "nodes.compat")
     loaded, real_load = [], mm.load_models_gpu
 
     def recording_load(models, *args, **kwargs):
@@ -311,7 +310,6 @@ def test_dynamic_vram_model_trains_on_a_non_dynamic_copy(comfy, monkeypatch, tmp
                                  T.TrainConfig(steps=2, lr=1e-2, seed=1, checkpoint_dir=str(tmp_path / name)))
 
     plain = tiny_model("flux", seed=13)[0]
-    assert not compat.is_dynamic(plain) and compat.training_patcher(plain) is plain
     train(plain, "plain")
     assert loaded and all(m is plain for m in loaded)
 
@@ -327,7 +325,7 @@ def test_dynamic_vram_model_trains_on_a_non_dynamic_copy(comfy, monkeypatch, tmp
         return (m,)
     src = tiny_model("flux", seed=13)[0]
     dyn = dynamic_class(src.model, src.load_device, src.offload_device)
-    assert compat.is_dynamic(dyn)
+    assert dyn.is_dynamic()
     before = _state(dyn)
     calls = []
     hook = dyn.model.diffusion_model.register_forward_pre_hook(lambda m, a: calls.append(1))
