@@ -10,8 +10,9 @@ from typing import Iterator
 def training_passes() -> Iterator[None]:
     """`comfy.model_management.in_training` (v0.33; v0.3.64 has no such flag): unset, Flux's `apply_rope`
     (comfy/ldm/flux/math.py) runs a comfy_kitchen kernel that has no backward; set, the plain torch ops that
-    ComfyUI's own trainer uses. Set for the trainer's forwards and backwards, back to what it was on return,
-    error or Cancel: sampling elsewhere keeps the fast kernels."""
+    ComfyUI's own trainer uses. Set for the whole training run, backwards included (a checkpointed block runs its
+    forward again there), and back to what it was on return, error or Cancel: sampling elsewhere keeps the fast
+    kernels."""
     import comfy.model_management as mm
 
     if not hasattr(mm, "in_training"):
