@@ -150,7 +150,7 @@ class Sweep:
                  + (f" (behind {queued} queued)" if queued else "") + (f", attempt {r.attempts}" if r.attempts > 1 else ""))
         if not self.poll and (s.ws is None or s.ws.closed):
             s.ws = connect_ws(s.client, self.log)
-        pid = uuid.uuid4().hex
+        pid = str(uuid.uuid4())  # canonical form: ComfyUI >= 0.33 refuses any other prompt id (400)
         self.posted.add(pid)
         try:
             pid = s.client.post(r.graph, pid)
