@@ -367,6 +367,7 @@ class Sweep:
                 raise QueueError(f"no server answered for {self.timeout:.0f}s; {left} run(s) not finished "
                                  "(--resume continues them once a server is up).")
             if not any(r.state != "done" for r in self.runs):
+                self.events(0.0)  # what came with the last runs' ends (a warning sent as it was queued) is still read
                 return
             nxt = [s.t_check for s in self.servers if s.up and s.active] + \
                   [s.t_probe for s in self.servers if not s.up and s.usable]
