@@ -6,8 +6,8 @@ LoraLoader / LoraLoaderModelOnly apply an SD1.5 LoRA to an SDXL or Flux model wi
 header of the checkpoint its MODEL comes from (cat_train/lora_family.py; no tensor is loaded), and on a mismatch logs
 a warning and sends `cat.warning` to the client that queued it (web/cat_warnings.js shows a toast; `python -m cat_train
 queue` prints it under its run, by the prompt id the event carries when the client chose one). The same hook warns of
-a BOOLEAN input that holds text: ComfyUI's validation turns it into bool(text), so "false" runs as true, and by then
-no node can tell (measured on 0.3.64 and 0.33). The graph is returned as received: nothing is blocked or changed, and
+a BOOLEAN input holding a text that means false ("false", "no", ...): ComfyUI's validation turns it into bool(text),
+so it runs as true, and by then no node can tell (measured on 0.3.64 and 0.33). The graph is returned as received: nothing is blocked or changed, and
 any failure here is swallowed (an odd graph must queue as it would without this pack).
 """
 from __future__ import annotations
@@ -46,23 +46,26 @@ def lora_warnings(prompt, full_path: Callable[[str, str], str | None]) -> list[s
     return out
 
 
+FALSE_TEXTS = ("false", "no", "off", "0", "none", "null", "disabled")
+
+
 def boolean_text_warnings(prompt, input_types: Callable[[str], dict | None]) -> list[str]:
-    """One sentence per BOOLEAN input of an API graph that holds text ComfyUI reads as true though it does not say
-    true ("false", "no", "off"...: any non-empty text is true); input_types(class_type): the class's INPUT_TYPES()."""
+    """One sentence per BOOLEAN input of an API graph that holds a text meaning false ("false", "no", "off", ...),
+    which ComfyUI reads as true (any non-empty text is); input_types(class_type): the class's INPUT_TYPES(), asked
+    only of nodes holding such a text (a folder-listing INPUT_TYPES is not run on every queue)."""
     if not isinstance(prompt, dict):
         return []
     out = []
     for node_id, node in prompt.items():
         inputs = node.get("inputs") if isinstance(node, dict) else None
-        texts = {k: v for k, v in inputs.items() if isinstance(v, str) and v.strip()
-                 and v.strip().lower() not in ("true", "yes", "on", "1")} if isinstance(inputs, dict) else {}
+        texts = {k: v for k, v in inputs.items() if isinstance(v, str) and v.strip().lower() in FALSE_TEXTS} \
+            if isinstance(inputs, dict) else {}
         types = input_types(node.get("class_type")) if texts else None
         for name, value in texts.items() if isinstance(types, dict) else ():
             spec = (types.get("required") or {}).get(name) or (types.get("optional") or {}).get(name)
             if isinstance(spec, (list, tuple)) and spec and spec[0] == "BOOLEAN":
-                meant = "false" if value.strip().lower() in ("false", "no", "off", "0") else "true or false"
                 out.append(f"node {node_id} ({node.get('class_type')}): {name} is the text {value!r}, which ComfyUI "
-                           f"reads as true (any non-empty text is); send {meant} without quotes.")
+                           "reads as true (any non-empty text is); send false without quotes.")
     return out
 
 

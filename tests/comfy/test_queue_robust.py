@@ -104,3 +104,24 @@ def test_a_storage_error_is_printed_as_its_message(server, tmp_path, capsys):  #
     types = [m[1]["exception_type"] for e in hist.values() for m in e["status"]["messages"] if m[0] == "execution_error"
              and "q_blocked" in m[1]["exception_message"]]
     assert types and types[-1].endswith(".StorageError") and "/" in types[-1], types  # what ComfyUI itself records
+
+
+def test_which_boolean_texts_the_hook_warns_of(comfy):
+    from conftest import pack_module
+
+    hook = pack_module(comfy, "nodes.lora_family_warning")
+    asked = []
+
+    def input_types(cls):
+        asked.append(cls)
+        return {"required": {"flag": ("BOOLEAN", {}), "text": ("STRING", {})}, "optional": {"other": ("BOOLEAN", {})}}
+    prompt = {"1": {"class_type": "A", "inputs": {"flag": "false", "other": " No ", "text": "false"}},
+              "2": {"class_type": "B", "inputs": {"flag": "true", "other": "", "text": "a photo of sks dog"}},
+              "3": {"class_type": "C", "inputs": {"flag": False, "other": ["1", 0]}}, "4": "odd", "5": {"inputs": None}}
+    warned = hook.boolean_text_warnings(prompt, input_types)
+    assert warned == ["node 1 (A): flag is the text 'false', which ComfyUI reads as true (any non-empty text is); "
+                      "send false without quotes.",
+                      "node 1 (A): other is the text ' No ', which ComfyUI reads as true (any non-empty text is); "
+                      "send false without quotes."]
+    assert asked == ["A"]  # the node classes are asked for their inputs only where a text says false
+    assert hook.boolean_text_warnings([1], input_types) == [] and hook.boolean_text_warnings(None, input_types) == []
