@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 import urllib.parse
+import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -70,6 +71,13 @@ FAILED = {"outputs": {}, "status": {"status_str": "error", "completed": False, "
     ["execution_start", {"prompt_id": "PID"}],
     ["execution_error", {"prompt_id": "PID", "node_id": "1", "node_type": "CheckpointLoaderSimple",
                          "exception_message": "Value not in list: ckpt_name: 'x.safetensors' not in []"}]]}}
+
+
+def canonical_uuid(value) -> bool:
+    try:
+        return isinstance(value, str) and str(uuid.UUID(value)) == value
+    except ValueError:
+        return False
 
 
 class FakeComfy:
@@ -219,6 +227,10 @@ class FakeComfy:
                 if pid in self.jobs and self.where(self.jobs[pid], time.monotonic()) == "pending":
                     self.jobs[pid]["state"] = "deleted"
             return self.send(h, 200, {})
+        if not canonical_uuid(body.get("prompt_id", str(uuid.uuid4()))):  # as ComfyUI v0.33 refuses it
+            return self.send(h, 400, {"error": {"type": "invalid_prompt_id", "message": "prompt_id must be a valid UUID",
+                                                "details": "prompt_id must be a UUID string in canonical lowercase hyphenated "
+                                                           "form; omit it to let the server generate one"}, "node_errors": {}})
         if body["prompt"]["4"]["inputs"].get("steps") == -1:  # what ComfyUI answers to an invalid value
             return self.send(h, 400, {"error": {"type": "prompt_outputs_failed_validation", "message": "Prompt outputs failed validation",
                                                 "details": ""},
