@@ -39,15 +39,20 @@ def pick(name: str, *modules: str):
     raise ImportError(f"{name} is in none of {modules}")
 
 
-train = pick("train", "cat_train.train")
-TrainConfig = pick("TrainConfig", "cat_train.train")
-build_examples = pick("build_examples", "cat_train.train")
-CatLossConfig = pick("CatLossConfig", "cat_train.loss")
-LoraSpec = pick("LoraSpec", "cat_train.lora")
-remove_lora = pick("remove_lora", "cat_train.lora")
-AptConfig = pick("AptConfig", "cat_train.apt_config")
-latent_mask = pick("latent_mask", "cat_train.mask")
-catversion = importlib.import_module("cat_train.catversion")
+train = pick("train", "cat_train.training.loop", "cat_train.train")
+TrainConfig = pick("TrainConfig", "cat_train.training.config", "cat_train.training.loop", "cat_train.train")
+build_examples = pick("build_examples", "cat_train.training.examples", "cat_train.training.loop",
+                      "cat_train.train")
+CatLossConfig = pick("CatLossConfig", "cat_train.training.config", "cat_train.step.objective", "cat_train.loss")
+LoraSpec = pick("LoraSpec", "cat_train.adapters.lora", "cat_train.lora")
+remove_lora = pick("remove_lora", "cat_train.adapters.lora", "cat_train.lora")
+AptConfig = pick("AptConfig", "cat_train.terms.apt_config", "cat_train.apt_config")
+latent_mask = pick("latent_mask", "cat_train.data.masks", "cat_train.terms.mask", "cat_train.mask")
+train_catversion = pick("train_catversion", "cat_train.training.catversion", "cat_train.adapters.catversion",
+                        "cat_train.catversion")
+CatVersionSpec = pick("CatVersionSpec", "cat_train.adapters.catversion", "cat_train.catversion")
+CatVersionConfig = pick("CatVersionConfig", "cat_train.training.catversion", "cat_train.adapters.catversion",
+                        "cat_train.catversion")
 bench = importlib.import_module("cat_train.world.bench")
 masked_bench = importlib.import_module("cat_train.world.masked_bench")
 wm = importlib.import_module("cat_train.world.model")
@@ -56,12 +61,14 @@ wg = importlib.import_module("cat_train.world.generator")
 
 def header_of_terms(loss_cfg, cfg, history) -> dict:
     """The step terms' settings for a LoRA header (APT, auto, min-SNR, mask, EMA), however a commit composes them."""
-    try:
-        regularizers = importlib.import_module("cat_train.regularizers")
-        weight_terms = importlib.import_module("cat_train.weight_terms")
-        return {**regularizers.metadata(loss_cfg, history), **weight_terms.metadata(cfg)}
-    except ImportError:
-        return pick("metadata", "cat_train.terms.registry")(loss_cfg, cfg, history)
+    for regularizers, weight_terms in (("cat_train.terms.registry", "cat_train.terms.weight_terms"),
+                                       ("cat_train.regularizers", "cat_train.weight_terms")):
+        try:
+            r, w = importlib.import_module(regularizers), importlib.import_module(weight_terms)
+            return {**r.metadata(loss_cfg, history), **w.metadata(cfg)}
+        except ImportError:
+            continue
+    return pick("metadata", "cat_train.terms.registry")(loss_cfg, cfg, history)
 
 
 def sha(data: bytes) -> str:
@@ -143,12 +150,12 @@ def main() -> int:
         lora_run("ema", world, ex, lc, tmp, ema_decay=0.9, ema_start_step=5)
         lora_run("loha", world, ex, lc, tmp, spec=LoraSpec(rank=4, alpha=4, preset="full", algorithm="loha"))
 
-        spec = catversion.CatVersionSpec(layers=2)
-        cfg = catversion.CatVersionConfig(steps=30, lr=1e-2, batch_size=2, alpha=1.0, class_word=wg.IDENTITY_CLASS,
-                                          seed=0, flip=0.5)
+        spec = CatVersionSpec(layers=2)
+        cfg = CatVersionConfig(steps=30, lr=1e-2, batch_size=2, alpha=1.0, class_word=wg.IDENTITY_CLASS, seed=0,
+                               flip=0.5)
         folder = Path(tmp) / "catversion"
-        r = catversion.train_catversion(world.den, {"text": world.text}, world.text.encode, items, spec, cfg,
-                                        checkpoint_dir=str(folder), save_every=30)
+        r = train_catversion(world.den, {"text": world.text}, world.text.encode, items, spec, cfg,
+                             checkpoint_dir=str(folder), save_every=30)
         show("catversion", r, folder)
     return 0
 

@@ -79,8 +79,8 @@ def budget_row(kind: str, res: int, rank: int = 16, alpha: float = 1.0, batch: i
     import torch
 
     _pack()
-    from comfyui_cat.cat_train.lora import LoraSpec, lora_param_count
-    from comfyui_cat.cat_train.budget import adapter_bytes, probe_activations, tensor_bytes
+    from comfyui_cat.cat_train.adapters.lora import LoraSpec, lora_param_count
+    from comfyui_cat.cat_train.training.budget import adapter_bytes, probe_activations, tensor_bytes
     from comfyui_cat.cat_train import families
     from comfyui_cat.nodes.comfy_model import _sdpa
 
@@ -130,10 +130,10 @@ def measure(kind: str, res: int, steps: int, checkpointing: str) -> dict:
 
     boot()
     _pack()
-    from comfyui_cat.cat_train.lora import LoraSpec
-    from comfyui_cat.cat_train.loss import CatLossConfig
-    from comfyui_cat.cat_train.precision import mixed_precision_name
-    from comfyui_cat.cat_train.train import Example, TrainConfig, train
+    from comfyui_cat.cat_train.adapters.lora import LoraSpec
+    from comfyui_cat.cat_train.step.objective import CatLossConfig
+    from comfyui_cat.cat_train.training.precision import mixed_precision_name
+    from comfyui_cat.cat_train.training.loop import Example, TrainConfig, train
     from comfyui_cat.nodes.comfy_model import trainable
     from comfyui_cat.nodes.trainer import memory_budget
 

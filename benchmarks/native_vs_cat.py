@@ -124,9 +124,9 @@ def run_ours(kind, res, steps, rank, alpha, every=1) -> dict:
     pack = importlib.util.module_from_spec(spec)
     sys.modules["comfyui_cat"] = pack
     spec.loader.exec_module(pack)
-    from comfyui_cat.cat_train.lora import LoraSpec
-    from comfyui_cat.cat_train.loss import CatLossConfig
-    from comfyui_cat.cat_train.train import Example, TrainConfig, train
+    from comfyui_cat.cat_train.adapters.lora import LoraSpec
+    from comfyui_cat.cat_train.step.objective import CatLossConfig
+    from comfyui_cat.cat_train.training.loop import Example, TrainConfig, train
     from comfyui_cat.nodes.comfy_model import trainable
 
     mp, ctx_dim = build(kind)

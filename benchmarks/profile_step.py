@@ -17,10 +17,10 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from cat_train.lora import LoraSpec  # noqa: E402
-from cat_train.denoiser import ModuleDenoiser  # noqa: E402
-from cat_train.loss import CatLossConfig  # noqa: E402
-from cat_train.train import Example, TrainConfig, train  # noqa: E402
+from cat_train.adapters.lora import LoraSpec  # noqa: E402
+from cat_train.step.denoiser import ModuleDenoiser  # noqa: E402
+from cat_train.step.objective import CatLossConfig  # noqa: E402
+from cat_train.training.loop import Example, TrainConfig, train  # noqa: E402
 from cat_train.world.unet import SD15_CONFIG, TINY_CONFIG, UNet  # noqa: E402
 
 CONFIGS = {"sd15": SD15_CONFIG, "tiny": TINY_CONFIG}

@@ -1,6 +1,6 @@
 """Step time and peak memory of plain LoRA (alpha 0) against CAT (alpha 1), one UNet config, one run.
 
-`--methods` adds APT (cat_train/apt.py) rows: apt:ada (adaptive bins), apt:rs (stabilization),
+`--methods` adds APT (cat_train/terms/apt.py) rows: apt:ada (adaptive bins), apt:rs (stabilization),
 apt:aa (attention alignment), apt (all three), cat+apt (CAT alpha 1 with all three), and cheaper
 preservation rows (CatLossConfig.keep_every / keep_fraction): cat/k<N> (the CAT term every N-th step),
 cat/p<F> (on a fraction F of the rows; at batch 1, of the steps). Their step time is the mean over the
@@ -30,11 +30,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from cat_train.lora import LoraSpec  # noqa: E402
-from cat_train.denoiser import ModuleDenoiser  # noqa: E402
-from cat_train.apt import AptConfig  # noqa: E402
-from cat_train.loss import CatLossConfig  # noqa: E402
-from cat_train.train import Example, TrainConfig, train  # noqa: E402
+from cat_train.adapters.lora import LoraSpec  # noqa: E402
+from cat_train.step.denoiser import ModuleDenoiser  # noqa: E402
+from cat_train.terms.apt import AptConfig  # noqa: E402
+from cat_train.step.objective import CatLossConfig  # noqa: E402
+from cat_train.training.loop import Example, TrainConfig, train  # noqa: E402
 from cat_train.world.unet import SD15_CONFIG, SDXL_CONFIG, TINY_CONFIG, UNet  # noqa: E402
 
 CONFIGS = {"sd15": SD15_CONFIG, "sdxl": SDXL_CONFIG, "tiny": TINY_CONFIG}

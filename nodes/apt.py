@@ -1,4 +1,4 @@
-"""The APT Options node: APT's three parts (arXiv 2507.02687, cat_train/apt.py) for the CAT Loss Config node.
+"""The APT Options node: APT's three parts (arXiv 2507.02687, cat_train/terms/apt.py) for the CAT Loss Config node.
 
 A separate node so a graph without APT stays as it was: the Loss Config's optional `apt` input takes it.
 """
@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..cat_train.apt import AUGMENT_OPS, AptConfig
-from ..cat_train.apt_config import FILLS, FORMS, STATS, pattern_problem
-from ..cat_train.options_doc import help_of
+from ..cat_train.terms.apt import AUGMENT_OPS, AptConfig
+from ..cat_train.terms.apt_config import FILLS, FORMS, STATS, pattern_problem
+from ..cat_train.options import help_of
 from .common import CATEGORY, AptOptions, range_problem
 
 _D = AptConfig()

@@ -1,4 +1,4 @@
-"""The Auto Preservation node: the leak scan inside the training run (cat_train/auto.py) for the CAT Loss Config node.
+"""The Auto Preservation node: the leak scan inside the training run (cat_train/terms/auto.py) for the CAT Loss Config node.
 
 A separate node so a graph without it stays as it was: the Loss Config's optional `auto` input, its last, takes it.
 """
@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..cat_train.auto_config import SOURCES, AutoPreservationConfig
-from ..cat_train.options_doc import help_of
+from ..cat_train.terms.auto_config import SOURCES, AutoPreservationConfig
+from ..cat_train.options import help_of
 from .common import CATEGORY, AutoOptions
 
 _D = AutoPreservationConfig()

@@ -15,11 +15,11 @@ import time
 import torch
 from comfy_api.latest import io
 
-from ..cat_train import catversion as cv
-from ..cat_train.integrity import changed, module_fingerprint
-from ..cat_train.options_doc import help_of
-from ..cat_train.plot import loss_curve
-from ..cat_train.precision import mixed_precision_name
+from ..cat_train.adapters import catversion as cv
+from ..cat_train.training.integrity import changed, module_fingerprint
+from ..cat_train.options import help_of
+from ..cat_train.measure.plot import loss_curve
+from ..cat_train.training.precision import mixed_precision_name
 from .comfy_clip import apply_catversion, clip_encoders, encoder_fn, infos, out_of_place_residuals, output_layer
 from .comfy_model import leave_inference_mode, adm_y, trainable
 from . import early_cancel

@@ -7,7 +7,7 @@ import logging
 
 import torch
 
-from ..cat_train import catversion as cv
+from ..cat_train.adapters import catversion as cv
 
 log = logging.getLogger("ComfyUI-CAT")
 

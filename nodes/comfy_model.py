@@ -20,9 +20,9 @@ import torch
 from torch import Tensor
 
 from ..cat_train import families
-from ..cat_train.denoiser import Cond, FlowSchedule, NoiseSchedule
-from ..cat_train.integrity import changed, module_fingerprint
-from ..cat_train.precision import compute_dtype
+from ..cat_train.step.denoiser import Cond, FlowSchedule, NoiseSchedule
+from ..cat_train.training.integrity import changed, module_fingerprint
+from ..cat_train.training.precision import compute_dtype
 
 log = logging.getLogger("ComfyUI-CAT")
 

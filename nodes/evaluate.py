@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from comfy_api.latest import io
 
-from ..cat_train.checks import check_image_batch
-from ..cat_train.metrics import ClipScorer, identity_similarity, score_images, scores_from_embeddings
-from ..cat_train.plot import bar_chart
+from ..cat_train.training.checks import check_image_batch
+from ..cat_train.measure.metrics import ClipScorer, identity_similarity, score_images, scores_from_embeddings
+from ..cat_train.measure.plot import bar_chart
 from .common import CATEGORY, image_of
 
 _SCORERS: dict[tuple[str, str], ClipScorer] = {}
@@ -27,7 +27,7 @@ def scorer(checkpoint: str, arch: str) -> ClipScorer:
 
 
 def chart(values: dict[str, float], size=(480, 260)) -> torch.Tensor:
-    """PS / IS / KPS bars as a ComfyUI IMAGE (1, H, W, 3), drawn by cat_train.plot (scalable font, 4 decimals)."""
+    """PS / IS / KPS bars as a ComfyUI IMAGE (1, H, W, 3), drawn by cat_train.measure.plot (scalable font, 4 decimals)."""
     return image_of(bar_chart(values, size, title="CAT scores (CLIP; higher is better)",
                               hints={"PS": "follows the prompt", "IS": "is the subject", "KPS": "keeps the class"}))
 
@@ -91,7 +91,7 @@ def _scores(with_t, without_t, refs, lines, checkpoint, arch, clip_vision) -> tu
 
 def evaluate(with_t, without_t, refs, prompts: str, checkpoint: str, arch: str, reference_masks=None, generated_masks=None,
              clip_vision=None):
-    """IMAGE batches (B,H,W,3) -> PS, IS, KPS (cat_train.metrics definitions), a report, a chart IMAGE and IS on
+    """IMAGE batches (B,H,W,3) -> PS, IS, KPS (cat_train.measure.metrics definitions), a report, a chart IMAGE and IS on
     masked images (NaN without masks; generated_masks go with images_with_trigger). clip_vision: a CLIP_VISION
     model that makes the image embeddings of IS and KPS instead of open_clip."""
     if with_t.shape[0] != without_t.shape[0]:

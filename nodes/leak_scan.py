@@ -1,11 +1,11 @@
 """The CAT Leak Scan node: sample every probe prompt with the base and the adapted MODEL from the same seeds through
-ComfyUI's own sampler, decode, embed with open_clip, and rank the probes by drift (cat_train.leak)."""
+ComfyUI's own sampler, decode, embed with open_clip, and rank the probes by drift (cat_train.measure.leak)."""
 from __future__ import annotations
 
 import torch
 from comfy_api.latest import io
 
-from ..cat_train import leak
+from ..cat_train.measure import leak
 from .common import CATEGORY, image_of
 from .evaluate import clip_checkpoints, scorer
 

@@ -1,6 +1,6 @@
 """The LORA object the nodes pass around, and safe file names in the loras folder.
 
-The file format itself (kohya keys, atomic writes, metadata) is cat_train.export's.
+The file format itself (kohya keys, atomic writes, metadata) is cat_train.adapters.export's.
 """
 from __future__ import annotations
 

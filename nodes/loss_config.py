@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..cat_train.checks import parse_token_weights
-from ..cat_train.loss import CatLossConfig
-from ..cat_train.options_doc import help_of
+from ..cat_train.training.checks import parse_token_weights
+from ..cat_train.step.objective import CatLossConfig
+from ..cat_train.options import help_of
 from .common import CATEGORY, AptOptions, AutoOptions, LossConfig
 
 

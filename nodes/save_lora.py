@@ -1,6 +1,6 @@
 """LoRA files the nodes write: the header metadata of a trained LoRA, the trainer's mid-run LoRA writer, and the
 Save CAT LoRA node. File names and the LORA object are lora_io's (loadable without ComfyUI); the format itself
-(kohya keys, atomic writes, metadata keys) is cat_train.export's."""
+(kohya keys, atomic writes, metadata keys) is cat_train.adapters.export's."""
 from __future__ import annotations
 
 import json
@@ -8,13 +8,13 @@ import logging
 
 from comfy_api.latest import io
 
-from ..cat_train.captions import metadata as caption_metadata
-from ..cat_train.algorithms import ALGORITHMS
-from ..cat_train.export import save_lora, to_kohya, training_metadata
-from ..cat_train.regularizers import metadata as regularizer_metadata
-from ..cat_train.run_folder import check_space, writable_folder
-from ..cat_train.timestep_weighting import range_metadata
-from ..cat_train.weight_terms import metadata as weight_term_metadata
+from ..cat_train.data.captions import metadata as caption_metadata
+from ..cat_train.adapters.algorithms import ALGORITHMS
+from ..cat_train.adapters.export import save_lora, to_kohya, training_metadata
+from ..cat_train.terms.registry import metadata as regularizer_metadata
+from ..cat_train.training.run_folder import check_space, writable_folder
+from ..cat_train.terms.min_snr import range_metadata
+from ..cat_train.terms.weight_terms import metadata as weight_term_metadata
 from .comfy_model import base_model_version, family_of
 from .common import CATEGORY
 from .lora_io import name_problem, safe_lora_path

@@ -1,7 +1,7 @@
 """The CAT LoRA Trainer node, and its work outside the node class so tests can call it: CAT on a ModelPatcher.
 
 Flow: dataset items -> Examples (captions encoded once, SDXL `y` built per latent size by the model's
-encode_adm) -> cat_train.train on the shared UNet (adapter injected, then removed: the UNet is left
+encode_adm) -> cat_train.training.loop on the shared UNet (adapter injected, then removed: the UNet is left
 bit-identical) -> kohya state dict -> a *clone* of the MODEL patched the stock way (add_patches via
 comfy.sd.load_lora_for_models), so any sampler uses it and the input MODEL is untouched.
 """
@@ -18,17 +18,17 @@ import torch
 from comfy_api.latest import io
 
 from ..cat_train import families
-from ..cat_train.lora import LoraSpec, lora_param_count, lora_saved_bytes
-from ..cat_train.algorithms import ALGORITHMS
-from ..cat_train.budget import DoesNotFit, MemoryBudget, adapter_bytes, probe_activations, tensor_bytes
-from ..cat_train.checks import check_concepts
-from ..cat_train.export import to_kohya
-from ..cat_train.loss import CatLossConfig
-from ..cat_train.options_doc import help_of
-from ..cat_train.plot import loss_curve
-from ..cat_train.precision import CHOICES as COMPUTE_CHOICES
-from ..cat_train.precision import mixed_precision_name
-from ..cat_train.train import Example, TrainConfig, build_examples, train
+from ..cat_train.adapters.lora import LoraSpec, lora_param_count, lora_saved_bytes
+from ..cat_train.adapters.algorithms import ALGORITHMS
+from ..cat_train.training.budget import DoesNotFit, MemoryBudget, adapter_bytes, probe_activations, tensor_bytes
+from ..cat_train.training.checks import check_concepts
+from ..cat_train.adapters.export import to_kohya
+from ..cat_train.step.objective import CatLossConfig
+from ..cat_train.options import help_of
+from ..cat_train.measure.plot import loss_curve
+from ..cat_train.training.precision import CHOICES as COMPUTE_CHOICES
+from ..cat_train.training.precision import mixed_precision_name
+from ..cat_train.training.loop import Example, TrainConfig, build_examples, train
 from .comfy_model import adm_y, base_model_version, trainable
 from . import early_cancel
 from .common import CATEGORY, Dataset, LossConfig, TrainingOptions, feeds, image_of, model_file_name, phase_progress, progress_callback
@@ -154,7 +154,7 @@ def model_examples(mp, dataset, loss_cfg: CatLossConfig, tick=None, cfg: TrainCo
     Latents and conditionings (auto preservation's probes too) are converted once each and shared between examples:
     10,000 preservation prompts x 3 images cloned a conditioning per pair (+1.4 GB with a tiny CLIP, 12-32x that with
     a real one). tick() per prompt encoded and per example converted moves the bar and stops at Cancel. cfg: its caption
-    options add caption rows (cat_train/captions.py), converted like the rest."""
+    options add caption rows (cat_train/data/captions.py), converted like the rest."""
     positions = dataset.token_positions if loss_cfg.apt.align_skip_triggers else None  # tokenizes only when asked
     # masks only where they weigh something: off, the examples (and the run's data fingerprint) are as without them
     masks = (getattr(dataset, "masks", None) if loss_cfg.mask.active else None) or [None] * len(dataset.items)
@@ -230,7 +230,7 @@ def train_on_model(mp, dataset, loss_cfg: CatLossConfig, spec: LoraSpec, cfg: Tr
                    on_save=None, base_model: str = "", watch: dict | None = None):
     """Returns (patched clone, CatLora, loss-curve IMAGE, summary, TrainResult).
 
-    compute: the forward's dtype (cat_train.precision); checkpointing: auto/on/off (None: cfg's bool);
+    compute: the forward's dtype (cat_train.training.precision); checkpointing: auto/on/off (None: cfg's bool);
     on_save(step, weights): called with the LoRA at every `save_every` checkpoint; base_model: the checkpoint file
     the MODEL came from, for the LoRA header; watch: NodeWatch's options (previews, validation, per-step scores),
     whose results land in result.measured."""

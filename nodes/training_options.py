@@ -13,7 +13,7 @@ import typing
 
 from comfy_api.latest import io
 
-from ..cat_train.options_doc import TRAINING_OPTIONS, help_of, option_classes
+from ..cat_train.options import TRAINING_OPTIONS, help_of, option_classes
 from .common import CATEGORY, TrainingOptions, range_problem
 
 # (option dataclass, its fields that are widgets here), in widget order: cat_train/options_doc.TRAINING_OPTIONS

@@ -1,6 +1,6 @@
 """The trainer node watching its run: preview rounds, validation and, per saved step, IS/KPS and the best step.
 
-The pieces are the core's (cat_train.preview, .validation, .metrics, .best_step; docs/measuring.md); this module
+The pieces are the core's (cat_train.measure.preview, .validation, .metrics, .best_step; docs/measuring.md); this module
 gives them what only ComfyUI has: the dataset's CLIP for prompts, the graph's VAE to decode previews, a
 CLIP_VISION for image embeddings, ComfyUI's folders, the node's progress preview and the live view's events.
 Nothing here draws from the training RNG or changes a mode or the adapter switch for good (the pieces run under
@@ -19,11 +19,11 @@ from pathlib import Path
 
 import torch
 
-from ..cat_train.best_step import pick_best_step
-from ..cat_train.metrics import score_images
-from ..cat_train.preview import Previewer, preview_prompts
-from ..cat_train.prompts import preservation_prompt, triggers_in
-from ..cat_train.validation import ValidationLog, Validator
+from ..cat_train.measure.best_step import pick_best_step
+from ..cat_train.measure.metrics import score_images
+from ..cat_train.measure.preview import Previewer, preview_prompts
+from ..cat_train.data.prompts import preservation_prompt, triggers_in
+from ..cat_train.measure.validation import ValidationLog, Validator
 from .common import send_event
 
 log = logging.getLogger("ComfyUI-CAT")
@@ -60,7 +60,7 @@ def vae_decoder(vae, mp):
 
 
 class NodeWatch:
-    """Hooks for cat_train.train: `callback(info)` (validation and preview rounds) and `on_save(step, weights)` (a
+    """Hooks for cat_train.training.loop: `callback(info)` (validation and preview rounds) and `on_save(step, weights)` (a
     preview round and IS/KPS for the step file). `image()` is the grid for the node's progress preview."""
 
     def __init__(self, den, mp, dataset, examples, out_dir: Path, node_id, prompt_id, seed: int, vae=None,
@@ -221,7 +221,7 @@ class NodeWatch:
 
 def step_chart(rows: list[dict]):
     """IS, KPS, keep drift and fit per saved step as a ComfyUI IMAGE, or None without rows."""
-    from ..cat_train.plot import loss_curve
+    from ..cat_train.measure.plot import loss_curve
     from .common import image_of
 
     keys = tuple(k for k in ("IS", "KPS", "keep_drift", "fit")

@@ -8,7 +8,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from cat_train.denoiser import ModuleDenoiser  # noqa: E402
+from cat_train.step.denoiser import ModuleDenoiser  # noqa: E402
 from cat_train.world.toytext import HashTextEncoder  # noqa: E402
 from cat_train.world.unet import TINY_CONFIG, UNet  # noqa: E402
 

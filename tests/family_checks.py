@@ -1,4 +1,4 @@
-"""What every model family in cat_train/families.py must hold on its tiny model (no pytest here: the host-agnostic
+"""What every model family in cat_train/families/ must hold on its tiny model (no pytest here: the host-agnostic
 test and the ComfyUI one call it with their own imports of the pack)."""
 from __future__ import annotations
 

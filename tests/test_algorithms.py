@@ -5,12 +5,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cat_train import export as E
-from cat_train.lora import (LoraSpec, adapter_disabled, adapter_parameters, inject_lora, lora_layers, lora_param_count,
+from cat_train.adapters import export as E
+from cat_train.adapters.lora import (LoraSpec, adapter_disabled, adapter_parameters, inject_lora, lora_layers, lora_param_count,
                                lora_weights, remove_lora)
 from cat_train.families import SDUNet
-from cat_train.loss import CatLossConfig, cat_objective
-from cat_train.train import TrainConfig, build_examples, checkpoint_path, load_checkpoint, train
+from cat_train.step.objective import CatLossConfig, cat_objective
+from cat_train.training.loop import TrainConfig, build_examples, checkpoint_path, load_checkpoint, train
 
 ALGOS = ["lora", "dora", "loha", "lokr"]
 FILE_KEYS = {"lora": {"lora_down.weight", "lora_up.weight", "alpha"},
@@ -64,7 +64,7 @@ def test_param_counts_differ_as_the_algorithms_do(tiny_denoiser):
 
 
 def lora_weights_names(unet, s):
-    from cat_train.lora import target_modules
+    from cat_train.adapters.lora import target_modules
     return target_modules(unet, s)
 
 
@@ -211,7 +211,7 @@ def test_frozen_switch_turns_every_algorithm_off(tiny_denoiser):
 
 
 def test_lycoris_metadata_and_lora_header_unchanged():
-    from cat_train.algorithms import ALGORITHMS
+    from cat_train.adapters.algorithms import ALGORITHMS
 
     assert ALGORITHMS["lora"].metadata() == {}
     meta = ALGORITHMS["loha"].metadata()
@@ -254,7 +254,7 @@ def saved_for_backward(den, unet, s, b=2):
 
 
 def test_memory_budget_counts_the_deltas_loha_and_lokr_keep_for_backward(tiny_denoiser):
-    from cat_train.lora import lora_saved_bytes
+    from cat_train.adapters.lora import lora_saved_bytes
 
     unet = tiny_denoiser.module
     assert lora_saved_bytes(unet, spec("lora")) == 0  # LoRA's budget is what it was

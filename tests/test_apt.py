@@ -3,14 +3,14 @@ import json
 
 import torch
 
-from cat_train.lora import LoraSpec, adapter_disabled, adapter_parameters, inject_lora
+from cat_train.adapters.lora import LoraSpec, adapter_disabled, adapter_parameters, inject_lora
 import math
 
 import pytest
 
-from cat_train.apt import AptConfig, AptRun, Indicator, augment, metadata
-from cat_train.loss import CatLossConfig
-from cat_train.train import TrainConfig, build_examples, checkpoint_path, train
+from cat_train.terms.apt import AptConfig, AptRun, Indicator, augment, metadata
+from cat_train.step.objective import CatLossConfig
+from cat_train.training.loop import TrainConfig, build_examples, checkpoint_path, train
 
 
 def batch(b=2, seed=0, hw=8):

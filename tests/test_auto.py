@@ -5,12 +5,12 @@ import json
 import pytest
 import torch
 
-from cat_train.lora import LoraSpec, inject_lora, lora_layers
-from cat_train.auto import AutoPreservation, added_probes
-from cat_train.auto_config import COMMON_SUBJECTS, AutoPreservationConfig, image_probes, probe_words
-from cat_train.loss import CatLossConfig
-from cat_train.regularizers import metadata as regularizer_metadata
-from cat_train.train import TrainConfig, build_examples, checkpoint_path, train
+from cat_train.adapters.lora import LoraSpec, inject_lora, lora_layers
+from cat_train.terms.auto import AutoPreservation, added_probes
+from cat_train.terms.auto_config import COMMON_SUBJECTS, AutoPreservationConfig, image_probes, probe_words
+from cat_train.step.objective import CatLossConfig
+from cat_train.terms.registry import metadata as regularizer_metadata
+from cat_train.training.loop import TrainConfig, build_examples, checkpoint_path, train
 
 PROBES = ("cat", "wolf", "fox", "car")
 
@@ -194,7 +194,7 @@ def test_bench_auto_method_starts_from_the_class_prompt_with_the_other_shapes_as
 
 def test_measured_images_are_spread_over_the_dataset(tiny_denoiser, text):
     """A multi-concept folder lists one concept after the other: the first n images could all be one concept."""
-    from cat_train.validation import Validator
+    from cat_train.measure.validation import Validator
 
     exs = build_examples(items(4), text, loss_cfg())
     v = Validator(tiny_denoiser, exs, max_images=2, image_probes=True, kinds=("probe",))

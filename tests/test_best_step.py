@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from cat_train.best_step import pick_best_step
+from cat_train.measure.best_step import pick_best_step
 
 
 def table(*rows):

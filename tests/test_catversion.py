@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from cancel import Cancelled, cancel_at
-from cat_train import catversion as cv
-from cat_train.integrity import changed, module_fingerprint
+from cat_train.adapters import catversion as cv
+from cat_train.training.integrity import changed, module_fingerprint
 from cat_train.world import model as wm
 from cat_train.world.text import WorldTextEncoder, token_ids
 
@@ -198,7 +198,7 @@ def test_bad_files_name_the_mismatch(base, tmp_path):
     p = cv.save_catversion(tmp_path / "sdxl.safetensors", {"clip_g": cv.KVEmbeddings((0,), 1, 64, 4, 2)})
     with pytest.raises(ValueError, match=r"sdxl\.safetensors holds embeddings for text encoder\(s\) \['clip_g'\]"):
         cv.load_catversion(p, expect=expect)
-    from cat_train.export import save_lora
+    from cat_train.adapters.export import save_lora
     lora = save_lora(tmp_path / "lora.safetensors", {"x": torch.zeros(1)}, {"ss_network_dim": "4"})
     with pytest.raises(ValueError, match="lora.safetensors is not a CatVersion file"):
         cv.load_catversion(lora)
@@ -248,7 +248,7 @@ def _assert_left_as_found(den, text):
 
 
 def test_resume_and_cancel_are_bit_exact(base, tmp_path):
-    from cat_train.train import checkpoint_path
+    from cat_train.training.loop import checkpoint_path
     den, text = base
     full = _run(base, tmp_path / "a", save_every=2)
     resumed = _run(base, tmp_path / "b", resume=checkpoint_path(tmp_path / "a", 4))
@@ -271,9 +271,9 @@ def test_resume_and_cancel_are_bit_exact(base, tmp_path):
 
 
 def test_a_lora_checkpoint_is_refused_by_name(base, tiny_denoiser, text, tmp_path):
-    from cat_train.lora import LoraSpec
-    from cat_train.loss import CatLossConfig
-    from cat_train.train import TrainConfig, build_examples, checkpoint_path, train
+    from cat_train.adapters.lora import LoraSpec
+    from cat_train.step.objective import CatLossConfig
+    from cat_train.training.loop import TrainConfig, build_examples, checkpoint_path, train
     lc = CatLossConfig(alpha=0.0, preservation="strip")
     exs = build_examples([(torch.randn(4, 8, 8), "sks dog", ("sks",))], text, lc)
     train(tiny_denoiser, exs, lc, LoraSpec(rank=2), TrainConfig(steps=1, save_every=1, checkpoint_dir=str(tmp_path)))
@@ -317,7 +317,7 @@ def test_mixed_precision_computes_in_bf16_and_keeps_fp32_embeddings(base, tmp_pa
 
 
 def test_out_of_memory_names_the_knobs_and_keeps_a_checkpoint(base, tmp_path):
-    from cat_train.train import TrainingOutOfMemory, checkpoint_path
+    from cat_train.training.loop import TrainingOutOfMemory, checkpoint_path
     den, text = base
     calls, predict = [], den.predict
 

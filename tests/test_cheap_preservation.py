@@ -5,10 +5,10 @@ import itertools
 import pytest
 import torch
 
-from cat_train.lora import LoraSpec, adapter_parameters, inject_lora
-from cat_train.loss import CatLossConfig, cat_objective, preservation_rows
-from cat_train.run_folder import result_settings
-from cat_train.train import TrainConfig, build_examples, checkpoint_path, train
+from cat_train.adapters.lora import LoraSpec, adapter_parameters, inject_lora
+from cat_train.step.objective import CatLossConfig, cat_objective, preservation_rows
+from cat_train.training.run_folder import result_settings
+from cat_train.training.loop import TrainConfig, build_examples, checkpoint_path, train
 
 
 def batch(b=4, seed=0, hw=8):

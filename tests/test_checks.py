@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from cat_train.checks import check_concepts, parse_token_weights
-from cat_train.loss import CatLossConfig
+from cat_train.training.checks import check_concepts, parse_token_weights
+from cat_train.step.objective import CatLossConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 

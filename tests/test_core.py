@@ -5,11 +5,11 @@ import pytest
 import torch
 
 from cancel import Cancelled, cancel_at
-from cat_train.lora import (LoraSpec, adapter_disabled, adapter_parameters, inject_lora, lora_layers, lora_weights,
+from cat_train.adapters.lora import (LoraSpec, adapter_disabled, adapter_parameters, inject_lora, lora_layers, lora_weights,
                                remove_lora)
-from cat_train.denoiser import NoiseSchedule
-from cat_train.loss import CatLossConfig, cat_loss, cat_objective
-from cat_train.train import (TrainConfig, TrainingDiverged, TrainingOutOfMemory, build_examples, checkpoint_path,
+from cat_train.step.denoiser import NoiseSchedule
+from cat_train.step.objective import CatLossConfig, cat_loss, cat_objective
+from cat_train.training.loop import (TrainConfig, TrainingDiverged, TrainingOutOfMemory, build_examples, checkpoint_path,
                              lr_factor, train)
 
 
@@ -257,7 +257,7 @@ def test_long_caption_leaves_short_captions_conditioning_unchanged():
                            CatLossConfig(alpha=0.0, preservation="strip"))
     assert torch.equal(mixed[0].cond_token["context"], alone[0].cond_token["context"])
     assert mixed[0].cond_token["context"].shape[0] == 77
-    from cat_train.train import _collate
+    from cat_train.training.loop import _collate
     _, c_tok, _, _ = _collate(mixed, [0, 1], torch.device("cpu"), torch.float32)
     assert torch.equal(c_tok["context"][0], enc["short"].repeat(2, 1)) and torch.equal(c_tok["context"][1], enc["long"])
     # cross-attention cannot tell a sequence from itself repeated: the padded row predicts what it did alone

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cat_train.dataset import DatasetError, fit_to, load_dataset, load_image, make_buckets, nearest_bucket, scan_folder
+from cat_train.data.dataset import DatasetError, fit_to, load_dataset, load_image, make_buckets, nearest_bucket, scan_folder
 
 
 def png(path: Path, size=(40, 20), color=(10, 20, 30), mode="RGB") -> Path:
@@ -179,7 +179,7 @@ def test_trigger_equal_to_the_class_word_is_refused(tmp_path, trigger, class_wor
 def test_per_trigger_class_words_name_captionless_images(tmp_path):
     from PIL import Image
 
-    from cat_train.dataset import DatasetError, scan_folder
+    from cat_train.data.dataset import DatasetError, scan_folder
 
     Image.new("RGB", (96, 96), (10, 200, 30)).save(tmp_path / "a.png")  # no caption file
     recs = scan_folder(tmp_path, ("zwx", "sks"), "sks=dog, zwx=cat")

@@ -7,8 +7,8 @@ import time
 import pytest
 from PIL import Image
 
-from cat_train import dataset as ds_mod
-from cat_train.dataset import DatasetError, load_dataset, plan_dataset, scan_folder
+from cat_train.data import dataset as ds_mod
+from cat_train.data.dataset import DatasetError, load_dataset, plan_dataset, scan_folder
 from tests.test_dataset import png
 
 

@@ -4,7 +4,7 @@ import json
 from safetensors import safe_open
 
 from cat_train.__main__ import main
-from cat_train.validation import read_validation_csv
+from cat_train.measure.validation import read_validation_csv
 
 
 # The fewest steps at which plain LoRA already leaks on this world (80: leak 0.83, identity 0.50; 50: no leak yet),
@@ -36,7 +36,7 @@ def test_demo_writes_grid_table_loras_curve_and_report(tmp_path, capsys):
     assert sorted(p.name for p in (tmp_path / "previews").iterdir()) == \
         ["cat_step000040.png", "cat_step000080.png", "lora_step000040.png", "lora_step000080.png"]
     from PIL import Image
-    from cat_train.preview import HEADER, LABEL_W, PAD
+    from cat_train.measure.preview import HEADER, LABEL_W, PAD
     assert Image.open(tmp_path / "previews" / "cat_step000080.png").size == \
         (LABEL_W + 4 * (96 + PAD) + PAD, HEADER + 3 * (96 + PAD) + PAD)  # 4 prompts; rows base, 40, 80 at 3x of 32 px
     rows = read_validation_csv(tmp_path / "validation.csv")

@@ -4,12 +4,12 @@ import dataclasses
 import pytest
 import torch
 
-from cat_train.lora import LoraSpec, lora_layers, lora_weights
-from cat_train.adapters import LoraAdapter
-from cat_train.loss import CatLossConfig
-from cat_train.run_folder import result_settings
-from cat_train.train import TrainConfig, build_examples, checkpoint_path, train
-from cat_train.weight_terms import metadata
+from cat_train.adapters.lora import LoraSpec, lora_layers, lora_weights
+from cat_train.adapters.registry import LoraAdapter
+from cat_train.step.objective import CatLossConfig
+from cat_train.training.run_folder import result_settings
+from cat_train.training.loop import TrainConfig, build_examples, checkpoint_path, train
+from cat_train.terms.weight_terms import metadata
 
 
 def examples(text, n=3):
@@ -123,7 +123,7 @@ def test_config_checks_and_metadata():
 
 def test_catversion_embeddings_are_averaged_too(tmp_path):
     """The EMA acts on any plugins.Adapter's parameters: CatVersion's embeddings (train_catversion's loop settings)."""
-    from cat_train import catversion as cv
+    from cat_train.adapters import catversion as cv
     from cat_train.world import model as wm
     from test_catversion import _assert_left_as_found, _items
 

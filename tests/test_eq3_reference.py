@@ -10,9 +10,9 @@ import copy
 import pytest
 import torch
 
-from cat_train.lora import LoraSpec, inject_lora, lora_layers
-from cat_train.denoiser import ModuleDenoiser
-from cat_train.loss import cat_objective
+from cat_train.adapters.lora import LoraSpec, inject_lora, lora_layers
+from cat_train.step.denoiser import ModuleDenoiser
+from cat_train.step.objective import cat_objective
 from cat_train.world.unet import TINY_CONFIG, UNet
 
 RANK, LORA_ALPHA = 4, 8.0

@@ -6,9 +6,9 @@ import sys
 import pytest
 import torch
 
-from cat_train import export as E
-from cat_train.lora import LoraSpec, inject_lora, lora_layers, lora_weights, remove_lora
-from cat_train.ldm_names import ldm_to_diffusers
+from cat_train.adapters import export as E
+from cat_train.adapters.lora import LoraSpec, inject_lora, lora_layers, lora_weights, remove_lora
+from cat_train.families.ldm_names import ldm_to_diffusers
 from cat_train.world.unet import SD15_CONFIG, SDXL_CONFIG, TINY_CONFIG, UNet
 
 
@@ -319,7 +319,7 @@ def test_comfyui_lora_key_map_resolves_every_key(kind):
     mp = tiny_model(kind)[0]
     unet = mp.model.diffusion_model
     names = ldm_to_diffusers(n for n, _ in unet.named_modules())
-    from cat_train.lora import target_modules
+    from cat_train.adapters.lora import target_modules
     paths = target_modules(unet, LoraSpec(preset="full"))
     keymap = comfy.lora.model_lora_keys_unet(mp.model, {})
     assert len(paths) > 50

@@ -3,10 +3,10 @@ transformer families need ComfyUI's classes and are checked in tests/comfy/test_
 import pytest
 import torch
 
-from cat_train import lora as A
-from cat_train import export as E
+from cat_train.adapters import lora as A
+from cat_train.adapters import export as E
 from cat_train import families as F
-from cat_train.apt import AptConfig
+from cat_train.terms.apt import AptConfig
 from cat_train.world.unet import TINY_CONFIG, UNet
 from family_checks import check_family
 
@@ -30,7 +30,7 @@ def test_every_family_has_a_tiny_model_somewhere():
 
 
 def test_unknown_network_is_refused_by_name():
-    with pytest.raises(ValueError, match="Sequential matches no family CAT knows .*families.py"):
+    with pytest.raises(ValueError, match="Sequential matches no family CAT knows .*cat_train/families/"):
         F.of(torch.nn.Sequential(torch.nn.Linear(2, 2)))
 
 

@@ -8,8 +8,8 @@ import stat
 import pytest
 import torch
 
-from cat_train.export import save_lora
-from cat_train.train import _atomic_save, checkpoint_path
+from cat_train.adapters.export import save_lora
+from cat_train.training.loop import _atomic_save, checkpoint_path
 
 
 @pytest.fixture(params=[0o022, 0o027, 0o077])

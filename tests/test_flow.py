@@ -4,10 +4,10 @@ import math
 import pytest
 import torch
 
-from cat_train.lora import LoraSpec, inject_lora
-from cat_train.denoiser import FlowSchedule, ModuleDenoiser, NoiseSchedule, time_shift
-from cat_train.loss import CatLossConfig, cat_objective
-from cat_train.train import Example, TrainConfig, train
+from cat_train.adapters.lora import LoraSpec, inject_lora
+from cat_train.step.denoiser import FlowSchedule, ModuleDenoiser, NoiseSchedule, time_shift
+from cat_train.step.objective import CatLossConfig, cat_objective
+from cat_train.training.loop import Example, TrainConfig, train
 from cat_train.world.unet import TINY_CONFIG, UNet
 
 

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from cat_train import leak
+from cat_train.measure import leak
 
 PROMPTS = ["a photo of a dog", "a photo of a cat", "a photo of a wolf", "a red car"]
 SIMS = [[1.0, 1.0], [0.5, 0.7], [0.9, 0.1], [0.8, 0.8]]  # means 1.0, 0.6, 0.5, 0.8 -> drifts 0, 0.4, 0.5, 0.2

@@ -1,10 +1,10 @@
-"""LoRA and checkpoint families from safetensors headers (cat_train/lora_family.py): what the queue-time warning reads."""
+"""LoRA and checkpoint families from safetensors headers (cat_train/families/headers.py): what the queue-time warning reads."""
 from __future__ import annotations
 
 import torch
 from safetensors.torch import save_file
 
-from cat_train import lora_family as lf
+from cat_train.families import headers as lf
 
 T = torch.zeros(1)
 

@@ -1,15 +1,15 @@
-"""Masked training (cat_train/mask.py): the mask-weighted fit, the background keep term, and the off switch."""
+"""Masked training (cat_train/terms/mask.py): the mask-weighted fit, the background keep term, and the off switch."""
 import dataclasses
 
 import pytest
 import torch
 
-from cat_train.lora import LoraSpec, adapter_parameters, inject_lora
-from cat_train.loss import CatLossConfig, cat_objective
-from cat_train.apt_config import AptConfig
-from cat_train.mask import MaskedLoss, MaskSettings, latent_mask
-from cat_train.regularizers import metadata, step_terms
-from cat_train.train import Example, TrainConfig, build_examples, checkpoint_path, train
+from cat_train.adapters.lora import LoraSpec, adapter_parameters, inject_lora
+from cat_train.step.objective import CatLossConfig, cat_objective
+from cat_train.terms.apt_config import AptConfig
+from cat_train.terms.mask import MaskedLoss, MaskSettings, latent_mask
+from cat_train.terms.registry import metadata, step_terms
+from cat_train.training.loop import Example, TrainConfig, build_examples, checkpoint_path, train
 
 
 def batch(b=2, seed=0, hw=8):
@@ -102,7 +102,7 @@ def test_background_keep_hand_computed(tiny_denoiser):
     with torch.no_grad():
         x_t = tiny_denoiser.schedule.add_noise(x0, noise, t)
         adapted = tiny_denoiser.predict(x_t, t, c_tok)
-        from cat_train.lora import adapter_disabled
+        from cat_train.adapters.lora import adapter_disabled
         with adapter_disabled(tiny_denoiser.module):
             frozen = tiny_denoiser.predict(x_t, t, c_tok)
     by_hand = (adapted - frozen)[..., 4:].pow(2).sum() / adapted.numel()  # background: the right half
@@ -182,7 +182,7 @@ def test_run_settings_leave_mask_fields_out_at_their_defaults():
     """Checkpoints and run folders from before masked training recorded no mask fields: runs with masks off match them."""
     from types import SimpleNamespace
 
-    from cat_train.run_folder import result_settings
+    from cat_train.training.run_folder import result_settings
 
     lora = SimpleNamespace(name="lora", spec=None)
     off = result_settings(TrainConfig(), CatLossConfig(), lora, {}, None)["loss"]

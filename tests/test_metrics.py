@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cat_train import metrics as M
+from cat_train.measure import metrics as M
 
 
 def unit_pairs(cosines):

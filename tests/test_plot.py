@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from cat_train.plot import PALETTE, bar_chart, font, labels, log_ticks, loss_curve, nice_ticks, text
+from cat_train.measure.plot import PALETTE, bar_chart, font, labels, log_ticks, loss_curve, nice_ticks, text
 
 
 @pytest.mark.parametrize("lo, hi", [(1.07e-2, 1.07), (1e-6, 0.3), (0.1, 0.11), (0.5, 0.52), (2e-4, 3e-4), (3.0, 9000.0)])

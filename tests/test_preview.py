@@ -3,11 +3,11 @@ import numpy as np
 import pytest
 import torch
 
-from cat_train.lora import LoraSpec, adapter_parameters, inject_lora, lora_layers
-from cat_train.denoiser import FlowSchedule, ModuleDenoiser, NoiseSchedule
-from cat_train.loss import CatLossConfig
-from cat_train.preview import HEADER, LABEL_W, PAD, Previewer, preview_prompts
-from cat_train.train import TrainConfig, build_examples, train
+from cat_train.adapters.lora import LoraSpec, adapter_parameters, inject_lora, lora_layers
+from cat_train.step.denoiser import FlowSchedule, ModuleDenoiser, NoiseSchedule
+from cat_train.step.objective import CatLossConfig
+from cat_train.measure.preview import HEADER, LABEL_W, PAD, Previewer, preview_prompts
+from cat_train.training.loop import TrainConfig, build_examples, train
 
 CAPTION = "a photo of sks dog on grass"
 

@@ -626,7 +626,7 @@ def test_the_names_docs_batch_md_gives_for_python_are_importable_from_the_packag
 
 
 def test_leak_scan_report_is_read():
-    from cat_train import leak
+    from cat_train.measure import leak
 
     ranked = leak.rank_probes(["a photo of a dog", "a photo of a cat"], [[0.9, 0.8], [0.5, 0.7]])
     entry = {"outputs": {"13": {"text": [leak.report(ranked, leak.worst_probes(ranked, 1))]},

@@ -10,11 +10,11 @@ import types
 import pytest
 import torch
 
-from cat_train import run_folder
-from cat_train.lora import LoraSpec, lora_layers
-from cat_train.loss import CatLossConfig
-from cat_train.run_folder import RUN_FILE, StorageError
-from cat_train.train import TrainConfig, build_examples, train
+from cat_train.training import run_folder
+from cat_train.adapters.lora import LoraSpec, lora_layers
+from cat_train.step.objective import CatLossConfig
+from cat_train.training.run_folder import RUN_FILE, StorageError
+from cat_train.training.loop import TrainConfig, build_examples, train
 
 LOSS = CatLossConfig(class_word="dog")
 
@@ -187,7 +187,7 @@ def test_with_own_folder_a_second_run_gets_its_own_folder_and_finds_it_again(tin
 
 
 def test_a_re_encode_that_differs_in_the_last_bits_is_the_same_dataset_another_image_is_not(text):
-    from cat_train.run_folder import data_fingerprint, same_data
+    from cat_train.training.run_folder import data_fingerprint, same_data
 
     g = torch.Generator().manual_seed(0)
     items = [(torch.randn(4, 8, 8, generator=g), f"a photo of sks dog {i}", ("sks",)) for i in range(50)]

@@ -6,10 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from cat_train.threads import free_cores
+from cat_train.training.threads import free_cores
 
 ROOT = Path(__file__).resolve().parents[1]
-PROBE = ("import os, cat_train.threads as t; t.configure_cpu_threads(); import torch; n = t.configure_cpu_threads(); "
+PROBE = ("import os, cat_train.training.threads as t; t.configure_cpu_threads(); import torch; n = t.configure_cpu_threads(); "
          "print(os.environ.get('OMP_WAIT_POLICY'), n, torch.get_num_threads())")
 
 

@@ -4,13 +4,13 @@ import math
 import pytest
 import torch
 
-from cat_train.lora import LoraSpec
-from cat_train.denoiser import FlowSchedule, ModuleDenoiser, NoiseSchedule, time_shift
-from cat_train.loss import CatLossConfig, cat_objective
-from cat_train.regularizers import step_terms
-from cat_train.run_folder import result_settings
-from cat_train.timestep_weighting import MinSnrWeight, min_snr_weight
-from cat_train.train import BatchSampler, TrainConfig, build_examples, checkpoint_path, train
+from cat_train.adapters.lora import LoraSpec
+from cat_train.step.denoiser import FlowSchedule, ModuleDenoiser, NoiseSchedule, time_shift
+from cat_train.step.objective import CatLossConfig, cat_objective
+from cat_train.terms.registry import step_terms
+from cat_train.training.run_folder import result_settings
+from cat_train.terms.min_snr import MinSnrWeight, min_snr_weight
+from cat_train.training.loop import BatchSampler, TrainConfig, build_examples, checkpoint_path, train
 
 
 def abar_by_hand(t: int) -> float:
@@ -46,7 +46,7 @@ def test_min_snr_weight_flow_by_hand():
 
 
 def test_min_snr_weights_the_fit_term_only(tiny_denoiser):
-    from cat_train.lora import inject_lora
+    from cat_train.adapters.lora import inject_lora
 
     inject_lora(tiny_denoiser.module, LoraSpec(rank=4, preset="full"))
     g = torch.Generator().manual_seed(0)

@@ -2,10 +2,10 @@
 import pytest
 import torch
 
-from cat_train.lora import LoraSpec, adapter_parameters, inject_lora, lora_layers
-from cat_train.loss import CatLossConfig
-from cat_train.train import TrainConfig, build_examples, train
-from cat_train.validation import ValidationLog, Validator, every, read_validation_csv
+from cat_train.adapters.lora import LoraSpec, adapter_parameters, inject_lora, lora_layers
+from cat_train.step.objective import CatLossConfig
+from cat_train.training.loop import TrainConfig, build_examples, train
+from cat_train.measure.validation import ValidationLog, Validator, every, read_validation_csv
 
 
 def examples(text, n=3, pres=()):
@@ -138,7 +138,7 @@ def test_batching_and_buckets_do_not_change_the_numbers(tiny_denoiser, text):
 
 @pytest.mark.parametrize("ptype", ["v", "flow"])
 def test_fit_uses_the_model_s_own_target_and_schedule(tiny_denoiser, text, ptype):
-    from cat_train.denoiser import FlowSchedule, ModuleDenoiser, NoiseSchedule
+    from cat_train.step.denoiser import FlowSchedule, ModuleDenoiser, NoiseSchedule
     sched = FlowSchedule(shift=3.0) if ptype == "flow" else NoiseSchedule.scaled_linear()
     den = ModuleDenoiser(tiny_denoiser.module, ptype, sched)
     inject_lora(den.module, LoraSpec(rank=4, preset="full"))

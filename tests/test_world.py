@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from cat_train.denoiser import FlowSchedule, NoiseSchedule
-from cat_train.sampling import flow_sigmas, sample, timesteps
+from cat_train.step.denoiser import FlowSchedule, NoiseSchedule
+from cat_train.measure.sampling import flow_sigmas, sample, timesteps
 from cat_train.world import generator as wg
 from cat_train.world.text import LENGTH, SPARE, WORDS, token_ids
 
@@ -127,7 +127,7 @@ def test_base_weights_say_how_they_predict(world):
 
 def test_min_snr_weight_is_min_snr_gamma_on_the_x0_error():
     # ||v err||^2 = (SNR + 1) ||x0 err||^2 and ||eps err||^2 = SNR ||x0 err||^2: both weighted losses are min(SNR, 5) ||x0 err||^2
-    from cat_train.denoiser import NoiseSchedule
+    from cat_train.step.denoiser import NoiseSchedule
     from cat_train.world.pretrain import min_snr_weight
     ns, t = NoiseSchedule.scaled_linear(), torch.tensor([0, 200, 500, 999])
     abar = ns.alphas_cumprod[t]

@@ -112,10 +112,10 @@ def csv_table(columns: list[str], rows: list[dict]) -> str:
 
 def chart(points: list[tuple[str, float, float]], best: str | None, size=(720, 460)):
     """IS (x) against KPS (y), one dot per run labelled with its swept values; the best-balanced run ringed.
-    A PIL image; cat_train.plot supplies fonts, ticks and colours (Pillow is needed here only)."""
+    A PIL image; cat_train.measure.plot supplies fonts, ticks and colours (Pillow is needed here only)."""
     from PIL import Image, ImageDraw
 
-    from .. import plot
+    from ..measure import plot
 
     w, h = size
     f, fs = plot.font(13), plot.font(11)

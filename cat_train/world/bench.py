@@ -4,7 +4,7 @@ NOT Stable Diffusion: the base model is the 1.7M-parameter world model in `cat_t
 shapes, 32 px), scored by a world-CLIP trained on the same world. Methods, same steps and seeds:
 plain LoRA (alpha 0), CAT (alpha 0.5, 1, 2; y = the class prompt), and DreamBooth-style prior
 preservation (alpha 0; each step also fits one base-model sample of the class prompt: batch 2, half
-identity, half prior, so its compute per step is about CAT's). APT (arXiv 2507.02687, cat_train/apt.py):
+identity, half prior, so its compute per step is about CAT's). APT (arXiv 2507.02687, cat_train/terms/apt.py):
 `apt` (all three parts, alpha 0), `cat<alpha>+apt`, and one part alone: `apt:ada` (adaptive timestep-bin
 weighting and augmentation), `apt:rs` (representation stabilization), `apt:aa` (attention alignment). Cheaper preservation of a CAT method:
 `/k<every>` and `/p<fraction>` suffixes (`cat1/k4`: the CAT term every 4th step, weighted 4α; `cat1/p0.5`: on half
@@ -42,15 +42,15 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .. import metrics
-from ..checks import OneLineParser, non_negative_float, output_folder, positive_float, positive_int
-from ..lora import LoraSpec, remove_lora
-from ..apt import AptConfig
-from ..auto_config import AutoPreservationConfig
-from ..loss import CatLossConfig
+from ..measure import metrics
+from ..training.checks import OneLineParser, non_negative_float, output_folder, positive_float, positive_int
+from ..adapters.lora import LoraSpec, remove_lora
+from ..terms.apt import AptConfig
+from ..terms.auto_config import AutoPreservationConfig
+from ..step.objective import CatLossConfig
 from .catversion_bench import catversion_alpha, catversion_label, run_catversion
-from ..sampling import sample
-from ..train import Example, TrainConfig, build_examples, train
+from ..measure.sampling import sample
+from ..training.loop import Example, TrainConfig, build_examples, train
 from . import generator as wg
 from . import model as wm
 from .clip import load_clip
@@ -101,7 +101,7 @@ def cat_method(m: str) -> tuple[float, str]:
     """'cat1' -> (1.0, 'class'); 'cat1:empty' -> (1.0, 'empty'): CAT factor and preservation mode.
 
     Modes: class, strip, empty (CatLossConfig's), all: y cycles over every class of the world, and auto: y starts
-    as the class prompt and auto preservation adds the other classes it finds drifting (cat_train/auto.py).
+    as the class prompt and auto preservation adds the other classes it finds drifting (cat_train/terms/auto.py).
     """
     alpha, _, mode = m[3:].partition(":")
     return float(alpha), mode or "class"
@@ -415,7 +415,7 @@ def save_grid(res: dict, path: Path, per_kind: int = 3, scale: int = 3) -> Path:
     """Rows: methods. Columns: with trigger | without trigger | other classes (seed 0)."""
     from PIL import Image, ImageDraw
 
-    from ..plot import font, text
+    from ..measure.plot import font, text
     grid = res["grid"]
     f = font(13)
     names = {m: label(m).replace("α", "alpha") for m in grid}  # Pillow's embedded font has no α

@@ -13,11 +13,11 @@ import json
 from pathlib import Path
 
 from . import bench
-from ..checks import OneLineParser, non_negative_float, non_negative_int, output_folder, positive_float, positive_int
+from ..training.checks import OneLineParser, non_negative_float, non_negative_int, output_folder, positive_float, positive_int
 from .. import families
-from ..export import next_free_path, save_lora, to_kohya, training_metadata
-from ..plot import loss_curve
-from ..validation import ValidationLog
+from ..adapters.export import next_free_path, save_lora, to_kohya, training_metadata
+from ..measure.plot import loss_curve
+from ..measure.validation import ValidationLog
 from . import generator as wg
 from . import model as wm
 from .watch import RunWatch

@@ -28,12 +28,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import metrics
-from ..lora import LoraSpec, remove_lora
-from ..checks import non_negative_float, output_folder, positive_float, positive_int
-from ..loss import CatLossConfig
-from ..mask import latent_mask
-from ..train import TrainConfig, build_examples, train
+from ..measure import metrics
+from ..adapters.lora import LoraSpec, remove_lora
+from ..training.checks import non_negative_float, output_folder, positive_float, positive_int
+from ..step.objective import CatLossConfig
+from ..terms.mask import latent_mask
+from ..training.loop import TrainConfig, build_examples, train
 from . import generator as wg
 from . import model as wm
 
@@ -239,7 +239,7 @@ def write(res: dict, out: Path) -> dict[str, Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..checks import OneLineParser
+    from ..training.checks import OneLineParser
 
     ap = OneLineParser(prog="python -m cat_train bench masked", description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="one seed, 2 images per background and prompt kind, 15 sampling steps")

@@ -10,8 +10,8 @@ from pathlib import Path
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..denoiser import ModuleDenoiser, NoiseSchedule
-from ..export import read_safetensors
+from ..step.denoiser import ModuleDenoiser, NoiseSchedule
+from ..adapters.export import read_safetensors
 from .unet import UNet
 from .text import DIM, WorldTextEncoder
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from ..denoiser import NoiseSchedule
+from ..step.denoiser import NoiseSchedule
 from . import model as wm
 from .generator import training_batch
 

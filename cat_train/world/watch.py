@@ -12,12 +12,12 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from ..lora import adapter_switched
-from ..best_step import pick_best_step
-from ..observe import observing
-from ..preview import Previewer, preview_prompts
-from ..prompts import preservation_prompt
-from ..validation import ValidationLog, Validator, every
+from ..adapters.lora import adapter_switched
+from ..measure.best_step import pick_best_step
+from ..measure.observe import observing
+from ..measure.preview import Previewer, preview_prompts
+from ..data.prompts import preservation_prompt
+from ..measure.validation import ValidationLog, Validator, every
 from . import bench
 from . import generator as wg
 from . import model as wm

@@ -186,7 +186,7 @@ def adapted_vs_stock_predictions(comfy, mp, den, example, weights, spec, loaded,
     the shared UNet), and the base again after ComfyUI unpatched it."""
     import comfy.model_management as mm
 
-    A = pack_module(comfy, "cat_train.lora")
+    A = pack_module(comfy, "cat_train.adapters.lora")
     unet = mp.model.diffusion_model
     x_t = den.schedule.add_noise(example.latent[None], torch.randn_like(example.latent[None]), t)
     cond = {k: v[None] for k, v in example.cond_token.items()}

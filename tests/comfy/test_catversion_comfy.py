@@ -48,7 +48,7 @@ def test_kv_concat_matches_comfy_attention_and_input_clip_is_untouched(comfy, ti
     and after (ComfyUI swaps the object patches when clones of one CLIP load in turn)."""
     _, clip, _ = tiny_sd15
     N = pack_module(comfy, "nodes.comfy_clip")
-    cv = pack_module(comfy, "cat_train.catversion")
+    cv = pack_module(comfy, "cat_train.adapters.catversion")
     before = _encode(clip)
     enc = N.clip_encoders(clip)
     assert list(enc) == ["clip_l"] and cv.encoder_info(enc["clip_l"]) == {"hidden": 64, "heads": 2, "layers": 3}
@@ -72,7 +72,7 @@ def test_kv_concat_matches_comfy_attention_and_input_clip_is_untouched(comfy, ti
 def test_trainer_leaves_inputs_and_file_changes_only_conditioning(comfy, kind, request, dataset_dir, cvdir):
     mp, clip, vae = request.getfixturevalue(f"tiny_{kind}")
     N = pack_module(comfy, "nodes.catversion")
-    cv = pack_module(comfy, "cat_train.catversion")
+    cv = pack_module(comfy, "cat_train.adapters.catversion")
     ds = _dataset(comfy, dataset_dir, (mp, clip, vae))
     clip_before, unet_before, cond_before = _state(clip.cond_stage_model), _state(mp.model.diffusion_model), _encode(clip)
     layers = 3 if kind == "sd15" else 2  # SDXL's CLIPs output their penultimate layer: 2 of the tiny 3 reach it
@@ -113,7 +113,7 @@ def test_trainer_leaves_inputs_and_file_changes_only_conditioning(comfy, kind, r
 
 
 def test_bad_files_name_the_mismatch(comfy, tiny_sd15, tiny_sdxl, cvdir):
-    cv = pack_module(comfy, "cat_train.catversion")
+    cv = pack_module(comfy, "cat_train.adapters.catversion")
     apply = comfy.nodes.NODE_CLASS_MAPPINGS["CAT_ApplyCatVersion"]
     _, clip15, _ = tiny_sd15
     _, clipxl, _ = tiny_sdxl
@@ -176,7 +176,7 @@ def test_trainer_reports_like_the_lora_trainer_and_cancel_keeps_a_resumable_chec
 
     mp, clip, vae = tiny_sd15
     N = pack_module(comfy, "nodes.catversion")
-    cv = pack_module(comfy, "cat_train.catversion")
+    cv = pack_module(comfy, "cat_train.adapters.catversion")
     tr = pack_module(comfy, "nodes.common")  # the one progress callback both trainers use
     ds = _dataset(comfy, dataset_dir, tiny_sd15)
     events = []

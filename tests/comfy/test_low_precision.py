@@ -17,7 +17,7 @@ def _dataset(comfy, folder, clip, vae, res=64):
 
 def _train(comfy, mp, ds, alpha=1.0, steps=3, compute="auto", **kw):
     tr = pack_module(comfy, "nodes.trainer")
-    A, L, T = (pack_module(comfy, f"cat_train.{m}") for m in ("lora", "loss", "train"))
+    A, L, T = (pack_module(comfy, f"cat_train.{m}") for m in ("adapters.lora", "step.objective", "training.loop"))
     cfg = T.TrainConfig(steps=steps, lr=1e-2, seed=1, **kw)
     return tr.train_on_model(mp, ds, L.CatLossConfig(alpha, "class", "dog"), A.LoraSpec(rank=4, alpha=4.0), cfg,
                              compute=compute)
@@ -51,7 +51,7 @@ def test_low_precision_model_trains_and_stays_as_loaded(comfy, dataset_dir, kind
 
 
 def test_compute_dtype_choice(comfy):
-    P = pack_module(comfy, "cat_train.precision")
+    P = pack_module(comfy, "cat_train.training.precision")
     assert P.compute_dtype("auto", "cpu", torch.bfloat16) == torch.bfloat16
     assert P.compute_dtype("auto", "cpu", torch.float16) == torch.float32
     assert P.compute_dtype("auto", "cuda", torch.float16, bf16_supported=True) == torch.bfloat16
@@ -65,7 +65,7 @@ def test_compute_dtype_choice(comfy):
 def test_oom_in_first_forward_leaves_model_bit_identical(comfy, dataset_dir, monkeypatch):
     mp, clip, vae = tiny_model("sd15", seed=6, dtype=torch.bfloat16)
     ds = _dataset(comfy, dataset_dir, clip, vae)
-    T = pack_module(comfy, "cat_train.train")
+    T = pack_module(comfy, "cat_train.training.loop")
     before = _state(mp)
     unet = mp.model.diffusion_model
     real = type(unet).forward
@@ -81,7 +81,7 @@ def test_oom_in_first_forward_leaves_model_bit_identical(comfy, dataset_dir, mon
     with pytest.raises(T.TrainingOutOfMemory, match="out of memory at step 1.*gradient_checkpointing"):
         _train(comfy, mp, ds)
     assert _same(before, _state(mp))
-    B = pack_module(comfy, "cat_train.budget")
+    B = pack_module(comfy, "cat_train.training.budget")
     monkeypatch.setattr(type(unet), "forward", oom_when(grad=False))  # the budget's probe, before training
     with pytest.raises(B.DoesNotFit, match="out of memory in one no-grad forward.*lower the resolution"):
         _train(comfy, mp, ds)
@@ -94,7 +94,7 @@ def test_model_sampling_node_upstream_sets_the_target(comfy, dataset_dir):
     """ModelSamplingDiscrete(v_prediction) on an eps checkpoint: the loss's target is v, not eps."""
     mp, clip, vae = tiny_model("sd15", seed=7)
     cm = pack_module(comfy, "nodes.comfy_model")
-    L = pack_module(comfy, "cat_train.loss")
+    L = pack_module(comfy, "cat_train.step.objective")
     (mp_v,) = comfy.nodes.NODE_CLASS_MAPPINGS["ModelSamplingDiscrete"]().patch(mp, "v_prediction", False)
     assert cm.ComfyDenoiser(mp).prediction_type == "eps" and cm.ComfyDenoiser(mp_v).prediction_type == "v"
     den = cm.ComfyDenoiser(mp_v)
@@ -182,7 +182,7 @@ def test_budget_before_step_one_and_auto_checkpointing(comfy, dataset_dir, monke
     mp, clip, vae = tiny_model("sd15", seed=11, dtype=torch.bfloat16)
     ds = _dataset(comfy, dataset_dir, clip, vae)
     tr = pack_module(comfy, "nodes.trainer")
-    A, L, T, B = (pack_module(comfy, f"cat_train.{m}") for m in ("lora", "loss", "train", "budget"))
+    A, L, T, B = (pack_module(comfy, f"cat_train.{m}") for m in ("adapters.lora", "step.objective", "training.loop", "training.budget"))
     spec, loss = A.LoraSpec(rank=4, alpha=4.0), L.CatLossConfig(1.0, "class", "dog")
     cm = pack_module(comfy, "nodes.comfy_model")
     with torch.inference_mode(False), cm.trainable(mp) as den:
@@ -209,7 +209,7 @@ def test_save_every_writes_loadable_lora_files(comfy, dataset_dir, tmp_path):
     mp, clip, vae = tiny_model("sdxl", seed=12)
     ds = _dataset(comfy, dataset_dir, clip, vae)
     tr = pack_module(comfy, "nodes.trainer")
-    A, L, T = (pack_module(comfy, f"cat_train.{m}") for m in ("lora", "loss", "train"))
+    A, L, T = (pack_module(comfy, f"cat_train.{m}") for m in ("adapters.lora", "step.objective", "training.loop"))
     spec, loss = A.LoraSpec(rank=4, alpha=4.0), L.CatLossConfig(1.0, "class", "dog")
     cfg = T.TrainConfig(steps=4, lr=1e-2, seed=1, save_every=2, checkpoint_dir=str(tmp_path / "ck"))
     loras = tmp_path / "loras"

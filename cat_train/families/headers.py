@@ -12,7 +12,7 @@ import os
 import struct
 from pathlib import Path
 
-from .run_folder import FAMILY_NAMES
+from ..training.run_folder import FAMILY_NAMES
 
 HEADER_LIMIT = 64 * 2**20  # a real header is far smaller; a larger length field means "not safetensors"
 _CACHE: dict[tuple[str, int, int], dict | None] = {}  # (path, size, mtime_ns) -> header: a queue re-reads nothing

@@ -42,11 +42,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .denoiser import Cond, Denoiser, FlowSchedule, NoiseSchedule
-from .loss import CatLossConfig, cat_cond
-from .plugins import Adapter, StepTerm
-from .prompts import PreservationMode, preservation_prompt
-from .train import BatchSampler, Example, StepInfo, TrainConfig, train
+from ...step.denoiser import Cond, Denoiser, FlowSchedule, NoiseSchedule
+from ...step.objective import CatLossConfig, cat_cond
+from ...step.plugs import Adapter, StepTerm
+from ...data.prompts import PreservationMode, preservation_prompt
+from ...training.loop import BatchSampler, Example, StepInfo, TrainConfig, train
 
 FORMAT = "cat_train.catversion/1"
 PAPER_LAYERS = 3  # last 3 of CLIP ViT-L/14's 12 layers in the released adapters
@@ -320,7 +320,7 @@ def check_compatible(file_info: Mapping, enc_info: Mapping, where: str, encoder:
 
 def save_catversion(path: str | Path, embeddings: Mapping[str, KVEmbeddings], metadata: Mapping[str, str] | None = None) -> Path:
     """safetensors: `<encoder>.<layer>.key` / `.value` (length, hidden) fp32, header metadata with the shapes."""
-    from .export import save_lora
+    from ..export import save_lora
 
     tensors, info = {}, {}
     for enc, emb in embeddings.items():
@@ -338,7 +338,7 @@ def load_catversion(path: str | Path, expect: Mapping[str, Mapping] | None = Non
 
     expect: {encoder name: encoder_info(...)} of the text encoders it will be applied to; a file made for
     another encoder (hidden size, layer count, heads, missing encoder) is refused naming the file."""
-    from .export import load_lora
+    from ..export import load_lora
 
     path = Path(path)
     tensors, meta = load_lora(path)

@@ -1,4 +1,4 @@
-"""APT's settings (cat_train/apt.py describes the method), apart from the plug-in itself.
+"""APT's settings (cat_train/terms/apt.py describes the method), apart from the plug-in itself.
 
 It imports only `families` (the default layers): `loss.CatLossConfig` carries an `AptConfig` without the objective importing the regularizer that
 plugs into it (apt.py imports loss.py's protocol, never the reverse).
@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, field
 
-from .families import SDUNet
+from ..families import SDUNet
 
 AUGMENT_OPS = ("flip", "zoom", "rotate", "shift", "color")
 FORMS = ("paper", "relative")

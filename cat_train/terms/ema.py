@@ -12,7 +12,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from .plugins import Adapter, StepTerm
+from ..step.plugs import Adapter, StepTerm
 
 
 class WeightEma(StepTerm):

@@ -6,7 +6,7 @@
 Images come out as float tensors (3, H, W) in [-1, 1] at their bucket size; the caller encodes them
 (VAE) once. Repeats are kept as sampling weights, not copies.
 
-Masks (masked training, cat_train/mask.py), read only when asked (`masks`): a mask file beside the image named as
+Masks (masked training, cat_train/terms/mask.py), read only when asked (`masks`): a mask file beside the image named as
 OneTrainer names them, `a-masklabel.png` for `a.png` (white = subject, black = background, grey between), or else
 the image's own alpha channel (kohya's `alpha_mask`). A mask goes through the same EXIF turn, cover-resize and
 centre crop as its image, so it lies on the same pixels in every bucket. Mask files are never training images.
@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .checks import check_trigger_not_class_word
+from ..training.checks import check_trigger_not_class_word
 from .prompts import ensure_trigger, parse_class_words, triggers_in
 
 log = logging.getLogger("cat_train")

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 
 class StepTerm:
-    """A regularizer evaluated in the CAT step (APT is one: cat_train/apt.py).
+    """A regularizer evaluated in the CAT step (APT is one: cat_train/terms/apt.py).
 
     It adds no forward pass of its own: it may ask for the frozen pass on y_T too, records what it needs while the
     frozen and the adapted passes run, and turns that into per-sample fit weights and penalties."""

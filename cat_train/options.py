@@ -17,13 +17,13 @@ REGENERATE = "python -m cat_train options-doc"
 
 # (module, class, heading): the user-facing option dataclasses, in the order the doc lists them
 OPTION_CLASSES = [
-    ("cat_train.loss", "CatLossConfig", "Loss"),
-    ("cat_train.lora", "LoraSpec", "LoRA"),
-    ("cat_train.train", "TrainConfig", "Training"),
-    ("cat_train.apt", "AptConfig", "APT"),
-    ("cat_train.auto_config", "AutoPreservationConfig", "Auto preservation"),
-    ("cat_train.catversion", "CatVersionSpec", "CatVersion embeddings"),
-    ("cat_train.catversion", "CatVersionConfig", "CatVersion training"),
+    ("cat_train.step.objective", "CatLossConfig", "Loss"),
+    ("cat_train.adapters.lora", "LoraSpec", "LoRA"),
+    ("cat_train.training.loop", "TrainConfig", "Training"),
+    ("cat_train.terms.apt", "AptConfig", "APT"),
+    ("cat_train.terms.auto_config", "AutoPreservationConfig", "Auto preservation"),
+    ("cat_train.adapters.catversion", "CatVersionSpec", "CatVersion embeddings"),
+    ("cat_train.adapters.catversion", "CatVersionConfig", "CatVersion training"),
 ]
 
 # node id -> (widget, "Class.field") for every widget that sets an option; its tooltip is that field's help.

@@ -10,8 +10,8 @@ import tempfile
 from pathlib import Path
 from typing import Sequence
 
-from .loss import CatLossConfig
-from .prompts import preservation_prompt
+from ..step.objective import CatLossConfig
+from ..data.prompts import preservation_prompt
 
 TOKEN_WEIGHTS_FORMAT = "one 'token=weight' per line (or comma separated), e.g. 'sks=1.5'"
 

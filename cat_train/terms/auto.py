@@ -14,7 +14,7 @@ image (`StepTerm.preservation`), so every kept prompt gets an equal share of the
 are given by hand. Until the first probe is added the run is the plain CAT run, bit for bit: the measurement
 draws from its own generator and the turn-taking draws nothing.
 
-Probes and their per-image prompts: cat_train/auto_config.py. The added set (probe, step, drift) is the
+Probes and their per-image prompts: cat_train/terms/auto_config.py. The added set (probe, step, drift) is the
 checkpointed state, so a resumed run keeps preserving exactly what the interrupted one had added.
 """
 from __future__ import annotations
@@ -24,8 +24,8 @@ import time
 from typing import Any, Sequence
 
 from .auto_config import AutoPreservationConfig, metadata
-from .plugins import StepTerm
-from .validation import Validator
+from ..step.plugs import StepTerm
+from ..measure.validation import Validator
 
 
 class AutoPreservation(StepTerm):

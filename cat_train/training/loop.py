@@ -21,16 +21,16 @@ from typing import Any, Callable, Literal, Sequence
 import torch
 from torch import Tensor
 
-from . import captions as caption_rows
-from .adapters import AdapterSpec, adapter_for
-from .captions import CaptionChoice
-from .denoiser import Cond, Denoiser, FlowSchedule, NoiseSchedule
-from .loss import CatLossConfig, cat_objective, preservation_rows, repeat_to_common_length
-from .plugins import Adapter, StepTerm
-from .auto_config import image_probes, probe_words
-from .prompts import class_word_for, preservation_prompt
-from .regularizers import step_terms
-from .weight_terms import weight_terms
+from ..data import captions as caption_rows
+from ..adapters.registry import AdapterSpec, adapter_for
+from ..data.captions import CaptionChoice
+from ..step.denoiser import Cond, Denoiser, FlowSchedule, NoiseSchedule
+from ..step.objective import CatLossConfig, cat_objective, preservation_rows, repeat_to_common_length
+from ..step.plugs import Adapter, StepTerm
+from ..terms.auto_config import image_probes, probe_words
+from ..data.prompts import class_word_for, preservation_prompt
+from ..terms.registry import step_terms
+from ..terms.weight_terms import weight_terms
 from .run_folder import (atomic_save, check_resume, check_space, checkpoint_bytes, claim_or_own, data_fingerprint,
                          result_settings, writable_folder)
 
@@ -132,7 +132,7 @@ class Example:
     trigger_tokens: tuple[int, ...] = ()  # positions of the trigger's tokens in y_T's context, for step terms that skip them
     captions: CaptionChoice | None = None  # caption dropout / tag shuffling: which row a draw of this image uses
     drawn: bool = True  # False: a caption row (shuffled or dropped caption), reached only through an image's `captions`
-    mask: Tensor | None = None  # (1, H, W) at the latent's size in [0, 1], 1 = subject: masked training (cat_train/mask.py)
+    mask: Tensor | None = None  # (1, H, W) at the latent's size in [0, 1], 1 = subject: masked training (cat_train/terms/mask.py)
 
 
 @dataclass
@@ -180,7 +180,7 @@ def build_examples(items: Sequence[tuple], encode_text: Callable[[list[str]], Co
     Examples share their conditionings.
     token_positions(caption, triggers): where the host's tokenizer puts the trigger's tokens in the caption's context
     (Example.trigger_tokens). cfg: its caption_dropout / shuffle_tags add each image's caption rows after the
-    images' own examples (cat_train/captions.py)."""
+    images' own examples (cat_train/data/captions.py)."""
     rows = [(it[0], it[1], tuple(it[2]), it[3] if len(it) > 3 else 1) for it in items]
     masks = [it[4] if len(it) > 4 else None for it in items]
     if loss_cfg.preservation_prompts:  # every image with every listed y: the CAT term keeps each of them
@@ -220,7 +220,7 @@ def build_examples(items: Sequence[tuple], encode_text: Callable[[list[str]], Co
         tokens = tuple(token_positions(cap, trig)) if token_positions and trig else ()
         if mask is not None and tuple(mask.shape[-2:]) != tuple(lat.shape[-2:]):
             raise ValueError(f"the mask of {cap!r} is {tuple(mask.shape[-2:])}, its latent {tuple(lat.shape[-2:])}; "
-                             "bring masks to the latent's size (cat_train.mask.latent_mask).")
+                             "bring masks to the latent's size (cat_train.terms.mask.latent_mask).")
         mask = None if mask is None else mask.detach().float().cpu().reshape(1, *lat.shape[-2:])
         out += [Example(lat.detach().cpu(), cond[cap], cond[p], weight(trig), rep, probes=image_probes,
                         trigger_tokens=tokens, mask=mask) for p in ps]
@@ -250,7 +250,7 @@ def _with_caption_rows(out: list[Example], rows, pairs, cond, weight, cfg: Train
 
 
 def _probe_prompts(loss_cfg: CatLossConfig, caption: str, triggers: tuple[str, ...], y: str) -> dict[str, str]:
-    """Auto preservation's {probe: prompt} for one image (none while it is off): cat_train/auto_config.py."""
+    """Auto preservation's {probe: prompt} for one image (none while it is off): cat_train/terms/auto_config.py."""
     if not loss_cfg.auto.active:
         return {}
     own = ([class_word_for(t, loss_cfg.class_word) for t in triggers] if loss_cfg.preservation == "class" and triggers
@@ -528,7 +528,7 @@ def train(denoiser: Denoiser, examples: Sequence[Example], loss_cfg: CatLossConf
 def _family_name(denoiser: Denoiser) -> str | None:
     family = getattr(denoiser, "family", None)
     if family is None:
-        from . import families
+        from .. import families
         try:
             family = families.of(denoiser.module)
         except Exception:  # a network no family describes (tests' toys): nothing to compare

@@ -12,7 +12,7 @@ k-th step only and, on those, on each row of the batch with probability p (an in
 generator per row), weighted α·k/p. Its indicator m has E[m] = p/k over steps and draws, so the expected loss and
 gradient equal exact CAT's; steps and rows without it skip the frozen pass and the adapted y rows (docs/method.md).
 
-Regularizers plug in as `plugins.StepTerm`s (APT: cat_train/apt.py; masks: cat_train/mask.py): they may ask for
+Regularizers plug in as `plugins.StepTerm`s (APT: cat_train/terms/apt.py; masks: cat_train/terms/mask.py): they may ask for
 the frozen pass on y_T too, weight the fit term per sample or per element and add penalties, never an extra
 forward pass.
 """
@@ -27,14 +27,14 @@ from typing import Callable, ContextManager, Iterator, NamedTuple, Sequence
 import torch
 from torch import Tensor
 
-from .lora import adapter_disabled
-from .apt_config import AptConfig
-from .auto_config import AutoPreservationConfig
+from ..adapters.lora import adapter_disabled
+from ..terms.apt_config import AptConfig
+from ..terms.auto_config import AutoPreservationConfig
 from .denoiser import Cond, Denoiser
-from .mask import MaskSettings
-from .mask import check_settings as check_mask_settings
-from .plugins import StepTerm
-from .prompts import PreservationMode, parse_class_words
+from ..terms.mask import MaskSettings
+from ..terms.mask import check_settings as check_mask_settings
+from .plugs import StepTerm
+from ..data.prompts import PreservationMode, parse_class_words
 
 log = logging.getLogger("cat_train")
 
@@ -60,12 +60,12 @@ class CatLossConfig:
     min_snr_gamma: float = field(default=0.0, metadata={"since": "0.2.0", "min": 0.0, "max": 100.0, "step": 0.5, "help": (
         "min-SNR-γ weighting of the fit term (Hang et al. 2023; kohya's and diffusers' min_snr_gamma, 5 is the usual "
         "value): eps models min(SNR, γ)/SNR, v models min(SNR, γ)/(SNR + 1), flow models min(SNR, γ)·σ², SNR = "
-        "((1-σ)/σ)² (the same x0-space weight). The keep term is not weighted. 0 = off (cat_train/timestep_weighting.py).")})
+        "((1-σ)/σ)² (the same x0-space weight). The keep term is not weighted. 0 = off (cat_train/terms/min_snr.py).")})
     apt: AptConfig = field(default_factory=AptConfig, metadata={"help": (
-        "APT's regularizers (AptConfig, cat_train/apt.py), all off by default. In ComfyUI an APT Options node feeds "
+        "APT's regularizers (AptConfig, cat_train/terms/apt.py), all off by default. In ComfyUI an APT Options node feeds "
         "CAT Loss Config's optional `apt` input; the LoRA records them as `cat_apt`.")})
     auto: AutoPreservationConfig = field(default_factory=AutoPreservationConfig, metadata={"help": (
-        "auto preservation (AutoPreservationConfig, cat_train/auto.py), off by default: every N steps the probes' keep "
+        "auto preservation (AutoPreservationConfig, cat_train/terms/auto.py), off by default: every N steps the probes' keep "
         "drift is measured and the worst are added to the preservation prompts. In ComfyUI an Auto Preservation node "
         "feeds CAT Loss Config's optional `auto` input; the LoRA records the settings and the probes added.")})
     mask_floor: float = field(default=1.0, metadata={"since": "0.2.0", "min": 0.0, "max": 1.0, "step": 0.01, "help": (

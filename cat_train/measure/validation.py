@@ -32,9 +32,9 @@ from typing import Callable, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from .lora import adapter_switched
-from .denoiser import Cond, Denoiser
-from .loss import mean_sq_diff, repeat_to_common_length
+from ..adapters.lora import adapter_switched
+from ..step.denoiser import Cond, Denoiser
+from ..step.objective import mean_sq_diff, repeat_to_common_length
 from .observe import observing
 
 log = logging.getLogger("cat_train")

@@ -12,8 +12,8 @@ from torch import nn
 
 from .lora import (LoraSpec, adapter_disabled, adapter_parameters, inject_lora, load_lora_state, lora_state,
                       lora_weights, remove_lora)
-from .denoiser import Denoiser
-from .plugins import Adapter
+from ..step.denoiser import Denoiser
+from ..step.plugs import Adapter
 
 
 class LoraAdapter(Adapter):

@@ -10,11 +10,11 @@ from typing import Sequence
 
 from .apt import AptRun
 from .auto import AutoPreservation
-from .denoiser import Denoiser
-from .loss import CatLossConfig
+from ..step.denoiser import Denoiser
+from ..step.objective import CatLossConfig
 from .mask import MaskedLoss
-from .plugins import StepTerm
-from .timestep_weighting import MinSnrWeight
+from ..step.plugs import StepTerm
+from .min_snr import MinSnrWeight
 
 # CatLossConfig field (or property: `mask` gathers mask_floor and mask_keep) -> plug-in (its `name` is the field's)
 REGISTRY: dict[str, type[StepTerm]] = {"apt": AptRun, "auto": AutoPreservation, "min_snr_gamma": MinSnrWeight,

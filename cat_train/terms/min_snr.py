@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .denoiser import Denoiser, FlowSchedule, NoiseSchedule, PredictionType
-from .plugins import StepTerm
+from ..step.denoiser import Denoiser, FlowSchedule, NoiseSchedule, PredictionType
+from ..step.plugs import StepTerm
 
 
 def snr(schedule: NoiseSchedule | FlowSchedule, t: Tensor) -> Tensor:

@@ -52,9 +52,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .apt_config import AUGMENT_OPS, AptConfig, metadata  # noqa: F401  (re-exported: `cat_train.apt.AptConfig` stays the public name)
-from .loss import cat_objective
-from .plugins import StepTerm
+from .apt_config import AUGMENT_OPS, AptConfig, metadata  # noqa: F401  (re-exported: `cat_train.terms.apt.AptConfig` stays the public name)
+from ..step.objective import cat_objective
+from ..step.plugs import StepTerm
 
 
 class AptTerms(NamedTuple):

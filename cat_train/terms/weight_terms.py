@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from .ema import WeightEma
-from .plugins import Adapter, StepTerm
+from ..step.plugs import Adapter, StepTerm
 
 # TrainConfig field that switches it on (0 / False: off) -> (plug-in, its constructor's arguments from the config)
 REGISTRY: dict[str, tuple[type[StepTerm], Any]] = {

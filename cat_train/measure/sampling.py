@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .denoiser import Cond, Denoiser, FlowSchedule, time_shift
+from ..step.denoiser import Cond, Denoiser, FlowSchedule, time_shift
 
 
 def timesteps(num_timesteps: int, steps: int) -> list[int]:

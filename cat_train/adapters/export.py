@@ -2,7 +2,7 @@
 
 Kohya keys name diffusers module paths (`lora_unet_down_blocks_0_attentions_0_..._to_q.lora_down.weight`);
 our layers carry the network's own names (`input_blocks.1.1....to_q`); each model family's `kohya_names`
-(cat_train/families.py) gives the map. Files are written atomically and never silently overwritten.
+(cat_train/families/) gives the map. Files are written atomically and never silently overwritten.
 """
 from __future__ import annotations
 
@@ -80,7 +80,7 @@ def from_kohya(tensors: Mapping[str, Tensor], names: Mapping[str, str]) -> dict[
 
 
 def _unwritable(path: Path, e: OSError):
-    from .run_folder import StorageError
+    from ..training.run_folder import StorageError
     raise StorageError(e.errno, f"cannot write {path}: its folder is not writable ({e.strerror or e}); make it writable "
                                 "or save into another folder.") from None
 
@@ -124,7 +124,7 @@ def save_lora(path: str | os.PathLike, tensors: Mapping[str, Tensor], metadata: 
                 f.flush()
                 os.fsync(f.fileno())
         except OSError as e:  # a full disk: say which file and what to do (the temp file goes in `finally`)
-            from .run_folder import StorageError
+            from ..training.run_folder import StorageError
             raise StorageError(e.errno, f"cannot write {path} ({e.strerror or e}; {len(data) / 2**20:.1f} MB); free "
                                         "space on that disk or save into another folder.") from e
         if overwrite:
@@ -187,7 +187,7 @@ def training_metadata(*, cat_factor: float, triggers: Iterable[str], preservatio
                       captions: Iterable[str] = (), steps_done: int | None = None,
                       extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """Kohya's ss_* header keys (what A1111/Forge and LoRA browsers show) plus CAT's own cat_* keys; all str."""
-    from . import __version__
+    from .. import __version__
 
     w, h = (resolution, resolution) if isinstance(resolution, int) else resolution
     tags = Counter(t.strip() for c in captions for t in c.split(",") if t.strip())

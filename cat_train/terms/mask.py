@@ -1,7 +1,7 @@
 """Masked training: the fit term weighted per latent element by the image's mask, and the background kept.
 
 Each `train.Example` may carry a mask (1, h, w) at its latent's size, 1 on the subject and 0 on the background (the
-dataset reads mask files or alpha channels: cat_train/dataset.py). Per latent element the fit's weight is
+dataset reads mask files or alpha channels: cat_train/data/dataset.py). Per latent element the fit's weight is
 
     w = m + floor * (1 - m)          (1 on the subject, `floor` on the background; exactly 1 where m = 1)
 
@@ -25,7 +25,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .plugins import StepTerm
+from ..step.plugs import StepTerm
 
 log = logging.getLogger("cat_train")
 
@@ -92,7 +92,7 @@ class MaskedLoss(StepTerm):
         m = m.to(pred_token.device, torch.float32)
         if m.shape[-2:] != pred_token.shape[-2:]:
             raise ValueError(f"a mask of {tuple(m.shape[-2:])} does not match its latent's {tuple(pred_token.shape[-2:])}; "
-                             "build masks at the latent size (cat_train.mask.latent_mask).")
+                             "build masks at the latent size (cat_train.terms.mask.latent_mask).")
         if self.cfg.keep and frozen_token is not None:
             diff = (pred_token.float() - frozen_token.float()).pow(2)
             self.background = ((1.0 - m) * diff).flatten(1).mean(1)

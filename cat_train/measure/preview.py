@@ -22,10 +22,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .lora import adapter_switched
-from .denoiser import Cond, Denoiser
+from ..adapters.lora import adapter_switched
+from ..step.denoiser import Cond, Denoiser
 from .observe import observing
-from .prompts import preservation_prompt, triggers_in
+from ..data.prompts import preservation_prompt, triggers_in
 from .sampling import sample
 
 PAD, LABEL_W, LINE, HEADER_LINES = 4, 84, 13, 3

@@ -16,7 +16,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from . import families
+from .. import families
 from .algorithms import ADAPTER, ALGORITHMS, LoraWeights, of_layer  # noqa: F401  (LoraWeights: its old home)
 
 

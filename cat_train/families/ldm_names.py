@@ -2,7 +2,7 @@
 
 `ldm_to_diffusers` reads the block layout off the module names alone (which child is a ResBlock, a
 transformer, a down/upsampler), so one function serves SD1.x, SD2, SDXL and toy UNets without a config.
-The SD UNet families (cat_train/families.py) name their kohya keys with it.
+The SD UNet families (cat_train/families/) name their kohya keys with it.
 """
 from __future__ import annotations
 

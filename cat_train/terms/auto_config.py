@@ -1,4 +1,4 @@
-"""Auto preservation's settings and probe prompts (cat_train/auto.py is the plug-in), apart from the plug-in itself.
+"""Auto preservation's settings and probe prompts (cat_train/terms/auto.py is the plug-in), apart from the plug-in itself.
 
 Like apt_config.py it imports nothing of the method: `loss.CatLossConfig` carries an `AutoPreservationConfig`
 and `train.build_examples` turns its probes into prompts without importing the regularizer that plugs in.
