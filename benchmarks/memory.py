@@ -131,9 +131,8 @@ def measure(kind: str, res: int, steps: int, checkpointing: str) -> dict:
     boot()
     _pack()
     from comfyui_cat.cat_train.adapters.lora import LoraSpec
-    from comfyui_cat.cat_train.step.objective import CatLossConfig
+    from comfyui_cat.cat_train.training import CatLossConfig, Example, TrainConfig, train
     from comfyui_cat.cat_train.training.precision import mixed_precision_name
-    from comfyui_cat.cat_train.training.loop import Example, TrainConfig, train
     from comfyui_cat.nodes.comfy_model import trainable
     from comfyui_cat.nodes.trainer import memory_budget
 

@@ -125,8 +125,7 @@ def run_ours(kind, res, steps, rank, alpha, every=1) -> dict:
     sys.modules["comfyui_cat"] = pack
     spec.loader.exec_module(pack)
     from comfyui_cat.cat_train.adapters.lora import LoraSpec
-    from comfyui_cat.cat_train.step.objective import CatLossConfig
-    from comfyui_cat.cat_train.training.loop import Example, TrainConfig, train
+    from comfyui_cat.cat_train.training import CatLossConfig, Example, TrainConfig, train
     from comfyui_cat.nodes.comfy_model import trainable
 
     mp, ctx_dim = build(kind)

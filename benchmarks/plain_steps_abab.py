@@ -18,8 +18,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cat_train.adapters.lora import LoraSpec  # noqa: E402
 from cat_train.step.denoiser import ModuleDenoiser  # noqa: E402
-from cat_train.step.objective import CatLossConfig  # noqa: E402
-from cat_train.training.loop import Example, TrainConfig, train  # noqa: E402
+from cat_train.training import CatLossConfig  # noqa: E402
+from cat_train.training import Example, TrainConfig, train  # noqa: E402
 from cat_train.world.unet import SD15_CONFIG, UNet  # noqa: E402
 
 

@@ -1,8 +1,16 @@
-"""Each option is documented once: the `help` in its dataclass field's metadata (peft's LoraConfig style).
+"""Options are dataclass fields, and each field's metadata is the one place that says two things about it.
 
-`python -m cat_train options-doc` renders that text into docs/options.md (`--check` only compares), and the
-ComfyUI nodes take their widget tooltips from it through `help_of`, so the doc, the tooltip and the code
-cannot drift apart. Nothing here imports torch until `render` runs.
+`help`: what it means (peft's LoraConfig style). `python -m cat_train options-doc` renders that text into
+docs/options.md (`--check` only compares), and the ComfyUI nodes take their widget tooltips from it through
+`help_of`, so the doc, the tooltip and the code cannot drift apart.
+
+`recorded`: when a run records it (`recorded`, absent: always). A run's recorded settings name its checkpoint folder
+and are what a resume compares (training/run_folder.py), so a rule may only leave out a value that does not change
+the trained weights, or the value every run before the option existed had (their folders and checkpoints must still
+read as the same run).
+
+A leaf: nothing here imports the method (the option classes are found by name when the doc is rendered), so every
+option class can import its rules.
 """
 from __future__ import annotations
 
@@ -12,18 +20,19 @@ import importlib
 import sys
 from pathlib import Path
 
-DOC = Path(__file__).resolve().parent.parent / "docs" / "options.md"
+ROOT = Path(__file__).resolve().parent.parent
+DOC = ROOT / "docs" / "options.md"
 REGENERATE = "python -m cat_train options-doc"
 
 # (module, class, heading): the user-facing option dataclasses, in the order the doc lists them
 OPTION_CLASSES = [
-    ("cat_train.step.objective", "CatLossConfig", "Loss"),
+    ("cat_train.training.config", "CatLossConfig", "Loss"),
     ("cat_train.adapters.lora", "LoraSpec", "LoRA"),
-    ("cat_train.training.loop", "TrainConfig", "Training"),
-    ("cat_train.terms.apt", "AptConfig", "APT"),
+    ("cat_train.training.config", "TrainConfig", "Training"),
+    ("cat_train.terms.apt_config", "AptConfig", "APT"),
     ("cat_train.terms.auto_config", "AutoPreservationConfig", "Auto preservation"),
-    ("cat_train.adapters.catversion", "CatVersionSpec", "CatVersion embeddings"),
-    ("cat_train.adapters.catversion", "CatVersionConfig", "CatVersion training"),
+    ("cat_train.adapters.catversion.spec", "CatVersionSpec", "CatVersion embeddings"),
+    ("cat_train.training.catversion", "CatVersionConfig", "CatVersion training"),
 ]
 
 # node id -> (widget, "Class.field") for every widget that sets an option; its tooltip is that field's help.
@@ -78,6 +87,38 @@ def help_of(cls: type, name: str) -> str:
     return text
 
 
+# When a run records an option: rule(options, value, default) -> bool, as the field's metadata "recorded".
+def NEVER(options, value, default) -> bool:
+    """Where files go and how often, where it runs, how gradients are recomputed: the same weights either way."""
+    return False
+
+
+def CHANGED(options, value, default) -> bool:
+    """Added after runs began recording their settings: left out while at its default, as those runs had it."""
+    return value != default
+
+
+def changed_while(switch: str):
+    """CHANGED, and only while the option `switch` is on: its settings change nothing while it is off."""
+    return lambda options, value, default: value != default and bool(getattr(options, switch))
+
+
+def when(holds):
+    """Only while holds(options): e.g. the step count, which changes the weights through a cosine schedule alone."""
+    return lambda options, value, default: bool(holds(options))
+
+
+def recorded(options) -> dict:
+    """asdict of an option dataclass as a run records it: each field kept or left out by its "recorded" rule."""
+    out = dataclasses.asdict(options)
+    for f in dataclasses.fields(options):
+        rule = f.metadata.get("recorded")
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if rule is not None and not rule(options, out[f.name], default):
+            del out[f.name]
+    return out
+
+
 def option_classes() -> dict[str, type]:
     # relative to this package: inside ComfyUI the pack's folder, not `cat_train`, is the top-level name
     return {name: getattr(importlib.import_module(mod.replace("cat_train", "", 1), __package__), name)
@@ -112,7 +153,8 @@ def render() -> str:
            ""]
     for mod, name, heading in OPTION_CLASSES:
         cls = classes[name]
-        out += [f"## {heading}: `{name}` (`{mod.replace('.', '/')}.py`)", "",
+        where = Path(sys.modules[cls.__module__].__file__).resolve().relative_to(ROOT).as_posix()
+        out += [f"## {heading}: `{name}` (`{where}`)", "",
                 "| option | default | meaning |", "|---|---|---|"]
         out += [f"| `{f.name}` | {_cell(_default(f), code=True)} | {_cell(help_of(cls, f.name))} |" for f in dataclasses.fields(cls)]
         out.append("")

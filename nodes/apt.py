@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..cat_train.terms.apt import AUGMENT_OPS, AptConfig
+from ..cat_train.terms.apt_config import AUGMENT_OPS, AptConfig
 from ..cat_train.terms.apt_config import FILLS, FORMS, STATS, pattern_problem
 from ..cat_train.options import help_of
 from .common import CATEGORY, AptOptions, range_problem

@@ -16,6 +16,7 @@ import torch
 from comfy_api.latest import io
 
 from ..cat_train.adapters import catversion as cv
+from ..cat_train.training.catversion import CatVersionConfig, train_catversion, training_metadata
 from ..cat_train.training.integrity import changed, module_fingerprint
 from ..cat_train.options import help_of
 from ..cat_train.measure.plot import loss_curve
@@ -27,7 +28,7 @@ from .common import CATEGORY, CatVersion, Dataset, image_of, progress_callback
 from .lora_io import name_problem, safe_lora_path
 
 FOLDER = "catversion"
-_CFG, _SPEC = cv.CatVersionConfig(), cv.CatVersionSpec()  # the widgets' defaults are the core's
+_CFG, _SPEC = CatVersionConfig(), cv.CatVersionSpec()  # the widgets' defaults are the core's
 
 
 def register_folder() -> str:
@@ -71,11 +72,11 @@ def _finish(mp):
 
 
 @torch.inference_mode(False)
-def train_on_clip(mp, clip, dataset, spec: cv.CatVersionSpec, cfg: cv.CatVersionConfig, node_id: str | None = None,
+def train_on_clip(mp, clip, dataset, spec: cv.CatVersionSpec, cfg: CatVersionConfig, node_id: str | None = None,
                   compute: str = "auto", **loop):
     """(CLIP clone with the embeddings, CatVersionWeights, loss-curve IMAGE, summary). The input MODEL and CLIP are
     checked bit for bit afterwards; a difference is raised, never passed over. `loop`: further TrainConfig settings
-    (checkpoint_dir, save_every, grad_accum, ...) and resume, as `cv.train_catversion` takes them."""
+    (checkpoint_dir, save_every, grad_accum, ...) and resume, as `train_catversion` takes them."""
     t0 = time.perf_counter()
     items = []
     with trainable(mp, compute) as den:
@@ -90,9 +91,9 @@ def train_on_clip(mp, clip, dataset, spec: cv.CatVersionSpec, cfg: cv.CatVersion
         loop.setdefault("mixed_precision", mixed_precision_name(den.compute_dtype))
         try:
             with torch.enable_grad(), out_of_place_residuals(encs):
-                result = cv.train_catversion(den, encs, encoder_fn(clip), items, spec, cfg,
-                                             {n: output_layer(clip, e) for n, e in encs.items()},
-                                             progress_callback(node_id, cfg.steps), _finish(mp), **loop)
+                result = train_catversion(den, encs, encoder_fn(clip), items, spec, cfg,
+                                          {n: output_layer(clip, e) for n, e in encs.items()},
+                                          progress_callback(node_id, cfg.steps), _finish(mp), **loop)
         finally:
             cs.reset_clip_options()
             bad = changed(before, module_fingerprint(cs))
@@ -100,8 +101,8 @@ def train_on_clip(mp, clip, dataset, spec: cv.CatVersionSpec, cfg: cv.CatVersion
                 raise RuntimeError(f"the CLIP changed during CatVersion training ({len(bad)} tensors, e.g. {bad[:2]}); "
                                    "please report this: the input CLIP must stay untouched.")
     weights = CatVersionWeights(result.embeddings)
-    weights.metadata = cv.training_metadata(spec, cfg, dataset.triggers, type(clip.cond_stage_model).__name__,
-                                            len(dataset.items), len(result.history))
+    weights.metadata = training_metadata(spec, cfg, dataset.triggers, type(clip.cond_stage_model).__name__,
+                                         len(dataset.items), len(result.history))
     applied = apply_catversion(clip, result.embeddings, "the trained embeddings")
     hist = result.history
     layers = ", ".join(f"{n}: layers {list(e.layer_indices)}" for n, e in result.embeddings.items())
@@ -126,19 +127,19 @@ class CatVersionTrainerNode(io.ComfyNode):
                 io.Model.Input("model"), io.Clip.Input("clip"), Dataset.Input("dataset"),
                 io.Int.Input("layers", default=3, min=1, max=64, tooltip=help_of(cv.CatVersionSpec, "layers")),
                 io.Int.Input("embeddings_per_layer", default=1, min=1, max=64, tooltip=help_of(cv.CatVersionSpec, "length")),
-                io.Int.Input("steps", default=1000, min=1, max=100000, tooltip=help_of(cv.CatVersionConfig, "steps")),
-                io.Float.Input("learning_rate", default=1e-2, min=1e-6, max=1.0, step=1e-4, tooltip=help_of(cv.CatVersionConfig, "lr")),
-                io.Int.Input("batch_size", default=2, min=1, max=64, tooltip=help_of(cv.CatVersionConfig, "batch_size")),
+                io.Int.Input("steps", default=1000, min=1, max=100000, tooltip=help_of(CatVersionConfig, "steps")),
+                io.Float.Input("learning_rate", default=1e-2, min=1e-6, max=1.0, step=1e-4, tooltip=help_of(CatVersionConfig, "lr")),
+                io.Int.Input("batch_size", default=2, min=1, max=64, tooltip=help_of(CatVersionConfig, "batch_size")),
                 io.Float.Input("cat_factor", default=0.0, min=0.0, max=10.0, step=0.05,
-                               tooltip=help_of(cv.CatVersionConfig, "alpha")),
-                io.String.Input("class_word", default="", tooltip=help_of(cv.CatVersionConfig, "class_word")),
+                               tooltip=help_of(CatVersionConfig, "alpha")),
+                io.String.Input("class_word", default="", tooltip=help_of(CatVersionConfig, "class_word")),
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=True,
-                             tooltip=help_of(cv.CatVersionConfig, "seed")),
+                             tooltip=help_of(CatVersionConfig, "seed")),
                 # appended (optional): graphs saved before them load with the defaults, the published form
                 io.Combo.Input("caption", options=["class", "trigger"], default=_CFG.caption, optional=True,
-                               tooltip=help_of(cv.CatVersionConfig, "caption")),
+                               tooltip=help_of(CatVersionConfig, "caption")),
                 io.Float.Input("flip", default=_CFG.flip, min=0.0, max=1.0, step=0.05, optional=True,
-                               tooltip=help_of(cv.CatVersionConfig, "flip")),
+                               tooltip=help_of(CatVersionConfig, "flip")),
                 io.Float.Input("prefix_bias", default=_SPEC.prefix_bias, min=-10.0, max=10.0, step=0.5, optional=True,
                                tooltip=help_of(cv.CatVersionSpec, "prefix_bias")),
             ],
@@ -161,8 +162,8 @@ class CatVersionTrainerNode(io.ComfyNode):
                              "or caption 'trigger' to train on the captions as they are.")
         spec = cv.CatVersionSpec(layers=layers, length=embeddings_per_layer,
                                  prefix_bias=_SPEC.prefix_bias if prefix_bias is None else prefix_bias)
-        cfg = cv.CatVersionConfig(steps=steps, lr=learning_rate, batch_size=batch_size, alpha=cat_factor,
-                                  class_word=word, seed=seed, caption=caption, flip=_CFG.flip if flip is None else flip)
+        cfg = CatVersionConfig(steps=steps, lr=learning_rate, batch_size=batch_size, alpha=cat_factor,
+                               class_word=word, seed=seed, caption=caption, flip=_CFG.flip if flip is None else flip)
         applied, weights, image, summary = train_on_clip(model, clip, dataset, spec, cfg, cls.hidden.unique_id)
         return io.NodeOutput(applied, weights, image, summary, ui={"text": [summary]})
 

@@ -9,8 +9,8 @@ import torch
 from comfy_api.latest import io
 
 from ..cat_train.data.dataset import DatasetError, caption_suffix, check_resolution, folders, plan_dataset
-from ..cat_train.terms.mask import latent_mask
-from ..cat_train.step.objective import repeat_to_common_length
+from ..cat_train.data.masks import latent_mask
+from ..cat_train.step.conds import repeat_to_common_length
 from . import early_cancel
 from .common import CATEGORY, Dataset, input_path, phase_progress, range_problem
 
@@ -82,7 +82,7 @@ def build_dataset(folder: Path, vae, clip, triggers: tuple[str, ...], class_word
     latents and one image (2000 images at 512 px: 6.8 GB of float32 pixels at once before). tick() per image moves
     the progress bar and honours Cancel. The first REFERENCE_IMAGES images are kept as uint8 for the node's IMAGE
     output (the KPS Evaluator's reference images pair with a few generated ones): bounded, 0.75 MB each at 512 px.
-    masks (cat_train.data.dataset.MASK_SOURCES; auto: a <name>-masklabel file, else an alpha channel that is not all
+    masks (cat_train.data.masks.MASK_SOURCES; auto: a <name>-masklabel file, else an alpha channel that is not all
     opaque): each image's mask, averaged down to its latent's size. Read whenever present, used only when the
     trainer's mask_floor < 1 or mask_keep > 0 (a widget here would shift every shipped workflow's widget values)."""
     plan = plan_dataset(folder, triggers, class_word, caption_ext, where, res, buckets, masks=masks)

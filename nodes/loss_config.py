@@ -5,7 +5,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..cat_train.training.checks import parse_token_weights
-from ..cat_train.step.objective import CatLossConfig
+from ..cat_train.training import CatLossConfig
 from ..cat_train.options import help_of
 from .common import CATEGORY, AptOptions, AutoOptions, LossConfig
 

@@ -23,12 +23,12 @@ from ..cat_train.adapters.algorithms import ALGORITHMS
 from ..cat_train.training.budget import DoesNotFit, MemoryBudget, adapter_bytes, probe_activations, tensor_bytes
 from ..cat_train.training.checks import check_concepts
 from ..cat_train.adapters.export import to_kohya
-from ..cat_train.step.objective import CatLossConfig
+from ..cat_train.training import CatLossConfig
 from ..cat_train.options import help_of
 from ..cat_train.measure.plot import loss_curve
 from ..cat_train.training.precision import CHOICES as COMPUTE_CHOICES
 from ..cat_train.training.precision import mixed_precision_name
-from ..cat_train.training.loop import Example, TrainConfig, build_examples, train
+from ..cat_train.training import Example, TrainConfig, build_examples, train
 from .comfy_model import adm_y, base_model_version, trainable
 from . import early_cancel
 from .common import CATEGORY, Dataset, LossConfig, TrainingOptions, feeds, image_of, model_file_name, phase_progress, progress_callback

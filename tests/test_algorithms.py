@@ -9,8 +9,9 @@ from cat_train.adapters import export as E
 from cat_train.adapters.lora import (LoraSpec, adapter_disabled, adapter_parameters, inject_lora, lora_layers, lora_param_count,
                                lora_weights, remove_lora)
 from cat_train.families import SDUNet
-from cat_train.step.objective import CatLossConfig, cat_objective
-from cat_train.training.loop import TrainConfig, build_examples, checkpoint_path, load_checkpoint, train
+from cat_train.training import CatLossConfig
+from lora_objective import objective
+from cat_train.training import TrainConfig, build_examples, checkpoint_path, load_checkpoint, train
 
 ALGOS = ["lora", "dora", "loha", "lokr"]
 FILE_KEYS = {"lora": {"lora_down.weight", "lora_up.weight", "alpha"},
@@ -50,7 +51,7 @@ def test_adapted_equals_frozen_at_init_and_param_count_is_exact(tiny_denoiser, a
         assert {p.dtype for p in params} == {torch.float32} and all(p.requires_grad for p in params)
         with torch.no_grad():
             adapted = tiny_denoiser.predict(tiny_denoiser.schedule.add_noise(x0, noise, t), t, c_tok)
-            terms = cat_objective(tiny_denoiser, x0, noise, t, c_tok, c_pres, alpha=1.0)
+            terms = objective(tiny_denoiser, x0, noise, t, c_tok, c_pres, alpha=1.0)
         assert torch.equal(adapted, base)  # peft zeroes one factor (LoRA B, LoHa w2_b, LoKr w1; DoRA m = ||W||)
         assert terms.keep.abs().max() < 1e-10 and terms.fit.min() > 0.1  # batch-size GEMM rounding only
         remove_lora(unet)
@@ -74,7 +75,7 @@ def fixed_fit(den, exs):
     g = torch.Generator().manual_seed(9)
     noise, t = torch.randn(x0.shape, generator=g), torch.tensor([200, 500, 800])
     with torch.no_grad():
-        return cat_objective(den, x0, noise, t, c, c, alpha=0.0).loss.item()
+        return objective(den, x0, noise, t, c, c, alpha=0.0).loss.item()
 
 
 @pytest.mark.parametrize("algo", ALGOS)
@@ -278,7 +279,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_denoiser, algo):
         unet.gradient_checkpointing = on
         unet.zero_grad()
         torch.manual_seed(5)
-        cat_objective(tiny_denoiser, *batch(), alpha=1.0).loss.backward()
+        objective(tiny_denoiser, *batch(), alpha=1.0).loss.backward()
         # a layer module dropout skipped has no grad: the same layers must be skipped on the recompute
         grads.append([torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in adapter_parameters(unet)])
     unet.gradient_checkpointing = False

@@ -1,16 +1,16 @@
 """APT's three parts on the tiny UNet: each one's defining property, composition with CAT, exact resume."""
 import json
+import math
+from types import SimpleNamespace
 
+import pytest
 import torch
 
 from cat_train.adapters.lora import LoraSpec, adapter_disabled, adapter_parameters, inject_lora
-import math
-
-import pytest
-
-from cat_train.terms.apt import AptConfig, AptRun, Indicator, augment, metadata
-from cat_train.step.objective import CatLossConfig
-from cat_train.training.loop import TrainConfig, build_examples, checkpoint_path, train
+from cat_train.terms.apt import AptRun, Indicator, augment
+from cat_train.terms.apt_config import AptConfig
+from cat_train.training import CatLossConfig, TrainConfig, build_examples, checkpoint_path, train
+from lora_objective import objective
 
 
 def batch(b=2, seed=0, hw=8):
@@ -18,6 +18,15 @@ def batch(b=2, seed=0, hw=8):
     x0 = torch.randn(b, 4, hw, hw, generator=g)
     return x0, torch.randn(x0.shape, generator=g), torch.randint(0, 1000, (b,), generator=g), \
         {"context": torch.randn(b, 6, 64, generator=g)}, {"context": torch.randn(b, 6, 64, generator=g)}
+
+
+def evaluate(run, x0, noise, t, cond_token, cond_pres, alpha):
+    """One evaluation of CAT with APT alone plugged in, as the loop makes it (the indicator moves after it): the
+    objective's terms, the fit weight it applied and APT's two penalties."""
+    fit_weight = run.fit_weight(t)  # as the objective applies it, before the indicator moves
+    terms = objective(run.denoiser, x0, noise, t, cond_token, cond_pres, alpha, terms=(run,))
+    run.after_objective(t, terms)
+    return SimpleNamespace(**terms._asdict(), fit_weight=fit_weight.to(terms.fit), **run.penalties)
 
 
 def step_lora(den, seed=1, scale=0.05):
@@ -38,10 +47,10 @@ def test_stabilization_is_exactly_zero_at_init_and_positive_after_a_step(tiny_de
     run = AptRun(tiny_denoiser, AptConfig(stabilize=1.0))
     assert len(run.taps.stabilized) == 7 and all(n.endswith(".attn1") for n in run.taps.stabilized)  # every self-attention
     assert len(AptRun(tiny_denoiser, AptConfig.earlier(stabilize=1.0)).taps.stabilized) == 1 + 4  # middle + output blocks
-    at_init = run.objective(*batch(), alpha=1.0, weight=None)
+    at_init = evaluate(run, *batch(), alpha=1.0)
     assert at_init.stabilize.item() == 0.0  # LoRA B = 0: adapted features equal the frozen ones bit for bit
     step_lora(tiny_denoiser)
-    after = run.objective(*batch(), alpha=1.0, weight=None)
+    after = evaluate(run, *batch(), alpha=1.0)
     assert after.stabilize.item() > 1e-6
     run.close()
     x0, noise, t, c_tok, _ = batch()
@@ -62,7 +71,7 @@ def test_stabilization_is_exactly_zero_at_init_and_positive_after_a_step(tiny_de
     run = AptRun(tiny_denoiser, AptConfig(stabilize=1.0, stabilize_layers=name.replace(".", r"\.")))
     a, f = features(dict(tiny_denoiser.module.named_modules())[name])
     manual = (a.mean(1) - f.mean(1)).pow(2).mean() + (a.std(1, unbiased=False) - f.std(1, unbiased=False)).pow(2).mean()
-    got = run.objective(x0, noise, t, c_tok, c_tok, alpha=0.0, weight=None).stabilize
+    got = evaluate(run, x0, noise, t, c_tok, c_tok, alpha=0.0).stabilize
     assert torch.allclose(got, manual, rtol=1e-5, atol=0), (got, manual)
     run.close()
     # the earlier form: block output, mean and variance in units of the frozen variance
@@ -70,7 +79,7 @@ def test_stabilization_is_exactly_zero_at_init_and_positive_after_a_step(tiny_de
     a, f = features(tiny_denoiser.module.middle_block)
     va, vf = a.var((2, 3), unbiased=False), f.var((2, 3), unbiased=False)
     manual = ((a.mean((2, 3)) - f.mean((2, 3))).pow(2) / vf).mean() + ((va - vf) / vf).pow(2).mean()
-    got = run.objective(x0, noise, t, c_tok, c_tok, alpha=0.0, weight=None).stabilize
+    got = evaluate(run, x0, noise, t, c_tok, c_tok, alpha=0.0).stabilize
     assert torch.allclose(got, manual, rtol=1e-5, atol=0), (got, manual)
     run.close()
     assert not tiny_denoiser.module.middle_block._forward_hooks
@@ -100,15 +109,15 @@ def test_aligned_attention_maps_are_the_frozen_ones_at_init_and_only_regularised
     run.close()
     assert torch.equal(hooked, attn(x, ctx))
     run = AptRun(tiny_denoiser, AptConfig(align=1.0))
-    assert run.objective(x0, noise, t, c_tok, c_pres, alpha=1.0, weight=None).align.item() == 0.0
+    assert evaluate(run, x0, noise, t, c_tok, c_pres, alpha=1.0).align.item() == 0.0
     step_lora(tiny_denoiser, scale=0.3)
-    moved = run.objective(x0, noise, t, c_tok, c_pres, alpha=1.0, weight=None)
+    moved = evaluate(run, x0, noise, t, c_tok, c_pres, alpha=1.0)
     assert moved.align.item() > 1e-8
     run.close()
     # align_skip_triggers: the trigger's key columns leave the MSE; the rest is averaged as before
     run = AptRun(tiny_denoiser, AptConfig(align=1.0, align_skip_triggers=True))
     run.see_batch([type("E", (), {"trigger_tokens": (1,)})(), type("E", (), {"trigger_tokens": (2, 4)})()])
-    skipped = run.objective(x0, noise, t, c_tok, c_pres, alpha=1.0, weight=None).align
+    skipped = evaluate(run, x0, noise, t, c_tok, c_pres, alpha=1.0).align
     with torch.no_grad(), adapter_disabled(tiny_denoiser.module), run.taps.recording("frozen"):
         tiny_denoiser.predict(x_t, t, c_tok)
     with torch.no_grad(), run.taps.recording("adapted"):
@@ -201,12 +210,12 @@ def test_apt_with_cat_uses_one_frozen_and_one_adapted_forward(tiny_denoiser):
     run = AptRun(tiny_denoiser, AptConfig(adaptive=1.0, stabilize=1.0, align=1.0))
     calls, predict = [], tiny_denoiser.predict
     tiny_denoiser.predict = lambda x, t_, c: calls.append((x.shape[0], torch.is_grad_enabled())) or predict(x, t_, c)
-    terms = run.objective(*batch(), alpha=1.0, weight=None)
+    terms = evaluate(run, *batch(), alpha=1.0)
     assert calls == [(4, False), (4, True)]  # [y_T; y] frozen (targets for CAT and APT), [y_T; y] adapted
     assert terms.keep.min() > 0 and terms.fit_pre.min() > 0
     assert torch.allclose(terms.loss, (terms.fit_weight * terms.fit + terms.keep).mean() + terms.stabilize + terms.align)
     calls.clear()
-    run.objective(*batch(), alpha=0.0, weight=None)
+    evaluate(run, *batch(), alpha=0.0)
     assert calls == [(2, False), (2, True)]  # APT alone: y_T rows only
     run.close()
 
@@ -236,11 +245,11 @@ def test_resume_with_apt_is_bit_exact_and_keeps_the_indicator(tiny_denoiser, tex
 
 def test_lora_metadata_records_every_apt_setting():
     cfg = AptConfig(adaptive=0.5, stabilize=2.0, align=0.1, bins=4, augment_ops=("flip",))
-    meta = metadata(cfg)
+    meta = cfg.metadata()
     assert all(isinstance(v, str) for v in meta.values())
     stored = json.loads(meta["cat_apt"])
     assert stored == {k: list(v) if isinstance(v, tuple) else v for k, v in vars(cfg).items()}
-    assert meta["cat_apt_active"] == "true" and metadata(AptConfig())["cat_apt_active"] == "false"
+    assert meta["cat_apt_active"] == "true" and AptConfig().metadata()["cat_apt_active"] == "false"
 
 
 def test_bench_apt_methods_switch_on_the_named_parts_over_their_base_method():

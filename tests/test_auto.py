@@ -8,9 +8,9 @@ import torch
 from cat_train.adapters.lora import LoraSpec, inject_lora, lora_layers
 from cat_train.terms.auto import AutoPreservation, added_probes
 from cat_train.terms.auto_config import COMMON_SUBJECTS, AutoPreservationConfig, image_probes, probe_words
-from cat_train.step.objective import CatLossConfig
-from cat_train.terms.registry import metadata as regularizer_metadata
-from cat_train.training.loop import TrainConfig, build_examples, checkpoint_path, train
+from cat_train.training import CatLossConfig
+from cat_train.terms import registry
+from cat_train.training import TrainConfig, build_examples, checkpoint_path, train
 
 PROBES = ("cat", "wolf", "fox", "car")
 
@@ -160,12 +160,12 @@ def test_resume_with_other_probes_is_refused_naming_them(tiny_denoiser, text, tm
 def test_lora_metadata_records_the_settings_and_the_probes_added():
     lc = loss_cfg()
     history = [{"step": 1}, {"step": 2, "auto_added": [["wolf", 2, 0.0912345678]]}]
-    meta = regularizer_metadata(lc, history)
+    meta = registry.metadata(lc, TrainConfig(), history)
     assert all(isinstance(v, str) for v in meta.values())
     assert json.loads(meta["cat_auto_preservation_added"]) == [{"probe": "wolf", "step": 2, "drift": 0.091235}]
     assert json.loads(meta["cat_auto_preservation"])["probes"] == list(PROBES)
     assert meta["cat_auto_preservation_active"] == "true"
-    off = regularizer_metadata(CatLossConfig())
+    off = registry.metadata(CatLossConfig(), TrainConfig())
     assert off["cat_auto_preservation_active"] == "false" and off["cat_auto_preservation_added"] == "[]"
     assert "cat_apt" in off  # APT's keys stay
 

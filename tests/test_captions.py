@@ -8,9 +8,9 @@ import torch
 from cat_train.adapters.lora import LoraSpec
 from cat_train.data.captions import shuffled, tags
 from cat_train.step.denoiser import NoiseSchedule
-from cat_train.step.objective import CatLossConfig
+from cat_train.training import CatLossConfig
 from cat_train.data.prompts import preservation_prompt
-from cat_train.training.loop import BatchSampler, TrainConfig, build_examples, checkpoint_path, train
+from cat_train.training import BatchSampler, TrainConfig, build_examples, checkpoint_path, train
 
 CAPTION = "sks dog, red collar, on grass, sunny, side view, close-up"
 

@@ -10,6 +10,9 @@ from torch import nn
 
 from cancel import Cancelled, cancel_at
 from cat_train.adapters import catversion as cv
+from cat_train.adapters.catversion.attention import _sdpa
+from cat_train.terms.flip import Flip
+from cat_train.training import catversion as cvt
 from cat_train.training.integrity import changed, module_fingerprint
 from cat_train.world import model as wm
 from cat_train.world.text import WorldTextEncoder, token_ids
@@ -30,7 +33,7 @@ def _encode(text, prompts=PROMPTS):
 def test_paper_defaults():
     spec = cv.CatVersionSpec()
     assert (spec.layers, spec.length, spec.init, spec.init_std) == (3, 1, "normal", 1.0)
-    cfg = cv.CatVersionConfig()
+    cfg = cvt.CatVersionConfig()
     assert (cfg.steps, cfg.lr, cfg.batch_size, cfg.alpha) == (1000, 1e-2, 2, 0.0)
     assert cv.resolve_layers(12, 3) == (9, 10, 11)          # the released adapters' layers of CLIP ViT-L/14
     assert cv.resolve_layers(12, 3, output_layer=-2) == (8, 9, 10)  # clip skip 2 / SDXL: layers that reach the output
@@ -117,7 +120,7 @@ def test_proj_attention_against_the_formula():
     emb = cv.KVEmbeddings((0,), 3, 32, 4, 1).initialise(cv.CatVersionSpec(length=3), torch.Generator().manual_seed(0))
 
     def attn(q, k, v, heads, mask):
-        return cv._sdpa(q, k, v, heads, mask)
+        return _sdpa(q, k, v, heads, mask)
     with torch.no_grad(), cv.installed(nn.Sequential(m), emb):
         got = m(x, mask, attn)
     want = _manual(m, x, emb.keys[0], emb.values[0], mask)
@@ -136,10 +139,10 @@ def _items():
 def test_training_moves_only_the_embeddings_and_is_seeded(base):
     den, text = base
     fp_unet, fp_text = module_fingerprint(den.module), module_fingerprint(text)
-    spec, cfg = cv.CatVersionSpec(layers=2), cv.CatVersionConfig(steps=12, lr=1e-2, batch_size=2, class_word="circle", seed=3)
+    spec, cfg = cv.CatVersionSpec(layers=2), cvt.CatVersionConfig(steps=12, lr=1e-2, batch_size=2, class_word="circle", seed=3)
     init = cv.new_embeddings(text, spec, generator=torch.Generator().manual_seed(3))
-    r1 = cv.train_catversion(den, {"text": text}, text.encode, _items(), spec, cfg)
-    r2 = cv.train_catversion(den, {"text": text}, text.encode, _items(), spec, cfg)
+    r1 = cvt.train_catversion(den, {"text": text}, text.encode, _items(), spec, cfg)
+    r2 = cvt.train_catversion(den, {"text": text}, text.encode, _items(), spec, cfg)
     e1, e2 = r1.embeddings["text"], r2.embeddings["text"]
     assert e1.layer_indices == (0, 1) and e1.keys.shape == (2, 1, 64)
     assert torch.equal(e1.keys, e2.keys) and torch.equal(e1.values, e2.values)  # same seed, same embeddings
@@ -153,8 +156,8 @@ def test_training_moves_only_the_embeddings_and_is_seeded(base):
 def test_cat_term_compares_with_the_encoder_without_embeddings(base):
     den, text = base
     spec = cv.CatVersionSpec(layers=1)
-    r = cv.train_catversion(den, {"text": text}, text.encode, _items(), spec,
-                            cv.CatVersionConfig(steps=3, alpha=1.0, class_word="circle", seed=0))
+    r = cvt.train_catversion(den, {"text": text}, text.encode, _items(), spec,
+                             cvt.CatVersionConfig(steps=3, alpha=1.0, class_word="circle", seed=0))
     # step 1's keep term: the frozen pass (no embeddings) against the adapted pass on y, before any update
     emb = cv.new_embeddings(text, spec, generator=torch.Generator().manual_seed(0))
     assert r.history[0]["keep"] > 0 and all(h["loss"] >= h["fit"] for h in r.history)
@@ -168,7 +171,7 @@ def test_cat_term_compares_with_the_encoder_without_embeddings(base):
 def test_file_round_trip_and_metadata(base, tmp_path):
     _, text = base
     emb = cv.new_embeddings(text, cv.CatVersionSpec(layers=(1,), length=2), generator=torch.Generator().manual_seed(5))
-    meta = cv.training_metadata(cv.CatVersionSpec(layers=(1,), length=2), cv.CatVersionConfig(steps=7), ["sks"])
+    meta = cvt.training_metadata(cv.CatVersionSpec(layers=(1,), length=2), cvt.CatVersionConfig(steps=7), ["sks"])
     path = cv.save_catversion(tmp_path / "c.safetensors", {"text": emb}, meta)
     loaded, m = cv.load_catversion(path, expect={"text": cv.encoder_info(text)})
     e = loaded["text"]
@@ -237,9 +240,9 @@ def test_bench_method_names():
 
 def _run(base, tmp, steps=8, **kw):
     den, text = base
-    cfg = cv.CatVersionConfig(steps=steps, lr=1e-2, batch_size=2, alpha=1.0, class_word="circle", seed=5)
-    return cv.train_catversion(den, {"text": text}, text.encode, _items(), cv.CatVersionSpec(layers=2), cfg,
-                               checkpoint_dir=str(tmp), **kw)
+    cfg = cvt.CatVersionConfig(steps=steps, lr=1e-2, batch_size=2, alpha=1.0, class_word="circle", seed=5)
+    return cvt.train_catversion(den, {"text": text}, text.encode, _items(), cv.CatVersionSpec(layers=2), cfg,
+                                checkpoint_dir=str(tmp), **kw)
 
 
 def _assert_left_as_found(den, text):
@@ -248,7 +251,7 @@ def _assert_left_as_found(den, text):
 
 
 def test_resume_and_cancel_are_bit_exact(base, tmp_path):
-    from cat_train.training.loop import checkpoint_path
+    from cat_train.training import checkpoint_path
     den, text = base
     full = _run(base, tmp_path / "a", save_every=2)
     resumed = _run(base, tmp_path / "b", resume=checkpoint_path(tmp_path / "a", 4))
@@ -264,23 +267,23 @@ def test_resume_and_cancel_are_bit_exact(base, tmp_path):
     after_cancel = _run(base, tmp_path / "d", resume=checkpoint_path(tmp_path / "c", 3))
     assert torch.equal(after_cancel.embeddings["text"].keys, e1.keys) and after_cancel.history == full.history
     with pytest.raises(ValueError, match=r"cat-step000003\.pt was written by a run with other settings: .*spec\.layers 2 -> 1"):
-        cv.train_catversion(den, {"text": text}, text.encode, _items(), cv.CatVersionSpec(layers=1),
-                            cv.CatVersionConfig(steps=4, alpha=1.0, class_word="circle"),
-                            resume=checkpoint_path(tmp_path / "c", 3))
+        cvt.train_catversion(den, {"text": text}, text.encode, _items(), cv.CatVersionSpec(layers=1),
+                             cvt.CatVersionConfig(steps=4, alpha=1.0, class_word="circle"),
+                             resume=checkpoint_path(tmp_path / "c", 3))
     _assert_left_as_found(den, text)
 
 
 def test_a_lora_checkpoint_is_refused_by_name(base, tiny_denoiser, text, tmp_path):
     from cat_train.adapters.lora import LoraSpec
-    from cat_train.step.objective import CatLossConfig
-    from cat_train.training.loop import TrainConfig, build_examples, checkpoint_path, train
+    from cat_train.training import CatLossConfig
+    from cat_train.training import TrainConfig, build_examples, checkpoint_path, train
     lc = CatLossConfig(alpha=0.0, preservation="strip")
     exs = build_examples([(torch.randn(4, 8, 8), "sks dog", ("sks",))], text, lc)
     train(tiny_denoiser, exs, lc, LoraSpec(rank=2), TrainConfig(steps=1, save_every=1, checkpoint_dir=str(tmp_path)))
     den, world_text = base
     with pytest.raises(ValueError, match=r"cat-step000001\.pt was written by a lora run, this run trains catversion"):
-        cv.train_catversion(den, {"text": world_text}, world_text.encode, _items(), cv.CatVersionSpec(layers=1),
-                            cv.CatVersionConfig(steps=2, class_word="circle"), resume=checkpoint_path(tmp_path, 1))
+        cvt.train_catversion(den, {"text": world_text}, world_text.encode, _items(), cv.CatVersionSpec(layers=1),
+                             cvt.CatVersionConfig(steps=2, class_word="circle"), resume=checkpoint_path(tmp_path, 1))
     _assert_left_as_found(den, world_text)
 
 
@@ -317,7 +320,7 @@ def test_mixed_precision_computes_in_bf16_and_keeps_fp32_embeddings(base, tmp_pa
 
 
 def test_out_of_memory_names_the_knobs_and_keeps_a_checkpoint(base, tmp_path):
-    from cat_train.training.loop import TrainingOutOfMemory, checkpoint_path
+    from cat_train.training import TrainingOutOfMemory, checkpoint_path
     den, text = base
     calls, predict = [], den.predict
 
@@ -343,20 +346,20 @@ def test_published_defaults_class_captions_flips_and_the_optional_prefix_logit(b
     def encode(ps):
         seen.extend(ps)
         return text.encode(ps)
-    cfg = cv.CatVersionConfig(steps=3, batch_size=2, class_word="circle", seed=0)
+    cfg = cvt.CatVersionConfig(steps=3, batch_size=2, class_word="circle", seed=0)
     assert (cfg.caption, cfg.flip) == ("class", 0.5)
-    cv.train_catversion(den, {"text": text}, encode, _items(), cv.CatVersionSpec(layers=1), cfg)
+    cvt.train_catversion(den, {"text": text}, encode, _items(), cv.CatVersionSpec(layers=1), cfg)
     assert seen and not any("sks" in p for p in seen) and "a circle on a grey background" in seen  # no placeholder
     seen.clear()
-    cv.train_catversion(den, {"text": text}, encode, _items(), cv.CatVersionSpec(layers=1),
-                        cv.CatVersionConfig(steps=1, caption="trigger", flip=0.0, seed=0))  # earlier: the trigger, no class word needed
+    cvt.train_catversion(den, {"text": text}, encode, _items(), cv.CatVersionSpec(layers=1),
+                         cvt.CatVersionConfig(steps=1, caption="trigger", flip=0.0, seed=0))  # earlier: the trigger, no class word needed
     assert any("sks" in p for p in seen)
     with pytest.raises(ValueError, match="no class word is set"):
-        cv.train_catversion(den, {"text": text}, encode, _items(), cv.CatVersionSpec(layers=1), cv.CatVersionConfig(steps=1))
+        cvt.train_catversion(den, {"text": text}, encode, _items(), cv.CatVersionSpec(layers=1), cvt.CatVersionConfig(steps=1))
     # flips: the rows whose draw falls under p are mirrored in the image space, the others untouched
     den.augment_space = (lambda z: torch.nn.functional.pixel_shuffle(z, 2), lambda x: torch.nn.functional.pixel_unshuffle(x, 2))
     try:
-        flip = cv.Flip(den, 0.5)
+        flip = Flip(den, 0.5)
         x0 = torch.stack([it[0] for it in _items()])
         draws = torch.rand(5, generator=torch.Generator().manual_seed(4)) < 0.5
         out = flip.augment(x0, torch.zeros(5), torch.Generator().manual_seed(4))

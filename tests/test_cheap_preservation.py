@@ -6,9 +6,11 @@ import pytest
 import torch
 
 from cat_train.adapters.lora import LoraSpec, adapter_parameters, inject_lora
-from cat_train.step.objective import CatLossConfig, cat_objective, preservation_rows
+from cat_train.training import CatLossConfig
+from cat_train.step.objective import preservation_rows
+from lora_objective import objective
 from cat_train.training.run_folder import result_settings
-from cat_train.training.loop import TrainConfig, build_examples, checkpoint_path, train
+from cat_train.training import TrainConfig, build_examples, checkpoint_path, train
 
 
 def batch(b=4, seed=0, hw=8):
@@ -61,8 +63,8 @@ def test_options_at_one_are_exact_cat_bit_for_bit(tiny_denoiser):
     assert preservation_rows(cfg, 3, 4, gen) == (1.5, None)
     assert torch.equal(gen.get_state(), before)  # no draw: exact CAT's batches, timesteps and noise are untouched
     den = adapted(tiny_denoiser)
-    full = cat_objective(den, *batch(), alpha=1.5)
-    every_row = cat_objective(den, *batch(), alpha=1.5, keep_rows=torch.arange(4))  # the subset path, all rows picked
+    full = objective(den, *batch(), alpha=1.5)
+    every_row = objective(den, *batch(), alpha=1.5, keep_rows=torch.arange(4))  # the subset path, all rows picked
     assert torch.equal(full.loss, every_row.loss) and torch.equal(full.keep, every_row.keep)
 
 
@@ -90,8 +92,8 @@ def test_skipped_steps_run_no_frozen_pass_and_no_doubled_batch(tiny_denoiser, te
 def test_fraction_runs_the_frozen_and_y_passes_on_the_drawn_rows_only(tiny_denoiser):
     den = adapted(tiny_denoiser)
     calls = counting(den)
-    cat_objective(den, *batch(), alpha=2.0, keep_rows=torch.tensor([1, 3]))
-    cat_objective(den, *batch(), alpha=2.0, keep_rows=torch.tensor([], dtype=torch.long))
+    objective(den, *batch(), alpha=2.0, keep_rows=torch.tensor([1, 3]))
+    objective(den, *batch(), alpha=2.0, keep_rows=torch.tensor([], dtype=torch.long))
     assert [(rows, grad) for rows, grad, _, _ in calls] == [(2, False), (6, True), (4, True)]
 
 
@@ -99,7 +101,7 @@ def test_frozen_pass_runs_in_the_compute_dtype(tiny_denoiser):
     den = adapted(tiny_denoiser)
     calls = counting(den)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        cat_objective(den, *batch(), alpha=1.0, keep_rows=torch.tensor([0, 2]))
+        objective(den, *batch(), alpha=1.0, keep_rows=torch.tensor([0, 2]))
     (rows, grad, dtype, graph), adapted_pass = calls
     assert (rows, grad, dtype, graph) == (2, False, torch.bfloat16, False)
     assert adapted_pass[:3] == (6, True, torch.bfloat16)
@@ -110,12 +112,12 @@ def test_scaled_alpha_keeps_the_expected_loss(tiny_denoiser):
     rows) is exact CAT's loss; over the k = 3 step phases, the mean of the thinned losses (α·k on one) is too."""
     den, (x0, noise, t, c_tok, c_pres) = adapted(tiny_denoiser), batch()
     alpha, p, k = 1.5, 0.25, 3
-    exact = cat_objective(den, x0, noise, t, c_tok, c_pres, alpha)
+    exact = objective(den, x0, noise, t, c_tok, c_pres, alpha)
     fit, keep = exact.fit.double(), exact.keep.double()
     expected = 0.0
     for picked in itertools.product([0, 1], repeat=4):
         rows = torch.tensor([i for i, m in enumerate(picked) if m], dtype=torch.long)
-        thinned = cat_objective(den, x0, noise, t, c_tok, c_pres, alpha / p, keep_rows=rows)
+        thinned = objective(den, x0, noise, t, c_tok, c_pres, alpha / p, keep_rows=rows)
         by_hand = (fit + alpha / p * torch.tensor(picked, dtype=torch.float64) * keep).mean()
         assert float(thinned.loss.detach()) == pytest.approx(float(by_hand), rel=1e-6)  # the fixed draw, by hand
         expected += p ** sum(picked) * (1 - p) ** (4 - sum(picked)) * float(thinned.loss.detach())
@@ -123,7 +125,7 @@ def test_scaled_alpha_keeps_the_expected_loss(tiny_denoiser):
     phases = [preservation_rows(CatLossConfig(alpha=alpha, keep_every=k), step, 4, torch.Generator())[0]
               for step in range(k)]
     assert phases == [alpha * k, 0.0, 0.0]
-    per_step = [float(cat_objective(den, x0, noise, t, c_tok, c_pres, a).loss.detach()) for a in phases]
+    per_step = [float(objective(den, x0, noise, t, c_tok, c_pres, a).loss.detach()) for a in phases]
     assert sum(per_step) / k == pytest.approx(float(exact.loss.detach()), rel=1e-6)
     assert float(keep.mean()) > 1e-4  # the term is not vanishing, so the checks above weigh it
 

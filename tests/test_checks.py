@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from cat_train.training.checks import check_concepts, parse_token_weights
-from cat_train.step.objective import CatLossConfig
+from cat_train.training import CatLossConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 

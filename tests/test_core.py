@@ -8,9 +8,10 @@ from cancel import Cancelled, cancel_at
 from cat_train.adapters.lora import (LoraSpec, adapter_disabled, adapter_parameters, inject_lora, lora_layers, lora_weights,
                                remove_lora)
 from cat_train.step.denoiser import NoiseSchedule
-from cat_train.step.objective import CatLossConfig, cat_loss, cat_objective
-from cat_train.training.loop import (TrainConfig, TrainingDiverged, TrainingOutOfMemory, build_examples, checkpoint_path,
-                             lr_factor, train)
+from cat_train.training import CatLossConfig
+from cat_train.step.objective import cat_loss
+from lora_objective import objective
+from cat_train.training import TrainConfig, TrainingDiverged, TrainingOutOfMemory, build_examples, checkpoint_path, lr_factor, train
 
 
 def batch(b=2, seed=0, hw=8):
@@ -34,7 +35,7 @@ def examples(text, n=3, hw=8, caption="a photo of sks dog"):
 
 def test_cat_term_is_zero_at_init(tiny_denoiser):
     inject_lora(tiny_denoiser.module, LoraSpec(rank=4, preset="full"))
-    terms = cat_objective(tiny_denoiser, *batch(), alpha=1.0)
+    terms = objective(tiny_denoiser, *batch(), alpha=1.0)
     assert terms.keep.abs().max() < 1e-10  # LoRA B = 0: eps_θ' == eps_θ up to batch-size GEMM rounding
     assert terms.fit.min() > 0.1
     same = torch.randn(3, 4, 8, 8)
@@ -48,13 +49,13 @@ def test_alpha_zero_is_plain_lora_loss_and_skips_preservation(tiny_denoiser):
     calls = []
     predict = tiny_denoiser.predict
     tiny_denoiser.predict = lambda x, t_, c: calls.append(x.shape[0]) or predict(x, t_, c)
-    terms = cat_objective(tiny_denoiser, x0, noise, t, c_tok, c_pres, alpha=0.0)
+    terms = objective(tiny_denoiser, x0, noise, t, c_tok, c_pres, alpha=0.0)
     x_t = tiny_denoiser.schedule.add_noise(x0, noise, t)
     plain = (predict(x_t, t, c_tok) - noise).pow(2).mean()
     assert calls == [2]  # one adapted pass on y_T only
     assert torch.allclose(terms.loss, plain, rtol=1e-6, atol=0)
     calls.clear()
-    cat = cat_objective(tiny_denoiser, x0, noise, t, c_tok, c_pres, alpha=1.5)
+    cat = objective(tiny_denoiser, x0, noise, t, c_tok, c_pres, alpha=1.5)
     assert calls == [2, 4]  # one frozen pass on y (no grad), one batched adapted pass on [y_T, y]
     assert cat.keep.min() > 0 and torch.allclose(cat.loss, (cat.fit + 1.5 * cat.keep).mean())
 
@@ -73,7 +74,7 @@ def test_only_adapter_parameters_get_gradients(tiny_denoiser):
     unet = tiny_denoiser.module
     inject_lora(unet, LoraSpec(rank=4, preset="full"))
     randomize_lora(unet)
-    cat_objective(tiny_denoiser, *batch(), alpha=1.0).loss.backward()
+    objective(tiny_denoiser, *batch(), alpha=1.0).loss.backward()
     adapter = {id(p) for p in adapter_parameters(unet)}
     params = dict(unet.named_parameters())
     with_grad = [n for n, p in params.items() if p.grad is not None]
@@ -126,7 +127,7 @@ def test_loss_falls_when_overfitting_three_images(tiny_denoiser, text):
 
     def fit():
         with torch.no_grad():
-            return cat_objective(tiny_denoiser, x0, noise, t, c, c, alpha=0.0).loss.item()
+            return objective(tiny_denoiser, x0, noise, t, c, c, alpha=0.0).loss.item()
 
     inject_lora(tiny_denoiser.module, LoraSpec(rank=8))
     start = fit()
@@ -257,8 +258,8 @@ def test_long_caption_leaves_short_captions_conditioning_unchanged():
                            CatLossConfig(alpha=0.0, preservation="strip"))
     assert torch.equal(mixed[0].cond_token["context"], alone[0].cond_token["context"])
     assert mixed[0].cond_token["context"].shape[0] == 77
-    from cat_train.training.loop import _collate
-    _, c_tok, _, _ = _collate(mixed, [0, 1], torch.device("cpu"), torch.float32)
+    from cat_train.training.batch import collate
+    _, c_tok, _, _ = collate(mixed, [0, 1], torch.device("cpu"), torch.float32)
     assert torch.equal(c_tok["context"][0], enc["short"].repeat(2, 1)) and torch.equal(c_tok["context"][1], enc["long"])
     # cross-attention cannot tell a sequence from itself repeated: the padded row predicts what it did alone
     q = torch.randn(1, 5, 8, generator=g)
@@ -276,7 +277,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_denoiser):
     for on in (False, True):
         unet.gradient_checkpointing = on
         unet.zero_grad()
-        cat_objective(tiny_denoiser, *batch(), alpha=1.0).loss.backward()
+        objective(tiny_denoiser, *batch(), alpha=1.0).loss.backward()
         grads.append([p.grad.clone() for p in adapter_parameters(unet)])
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
 

@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from cat_train.data.dataset import DatasetError, load_dataset, scan_folder
-from cat_train.terms.mask import latent_mask
+from cat_train.data.masks import latent_mask
 
 
 def left_white(path: Path, size, frac=0.5, mode="L") -> Path:

@@ -6,10 +6,9 @@ import torch
 
 from cat_train.adapters.lora import LoraSpec, lora_layers, lora_weights
 from cat_train.adapters.registry import LoraAdapter
-from cat_train.step.objective import CatLossConfig
+from cat_train.training import CatLossConfig
 from cat_train.training.run_folder import result_settings
-from cat_train.training.loop import TrainConfig, build_examples, checkpoint_path, train
-from cat_train.terms.weight_terms import metadata
+from cat_train.training import TrainConfig, build_examples, checkpoint_path, train
 
 
 def examples(text, n=3):
@@ -116,21 +115,22 @@ def test_config_checks_and_metadata():
         TrainConfig(ema_decay=1.0)
     with pytest.raises(ValueError, match="ema_start_step must be >= 0"):
         TrainConfig(ema_start_step=-1)
-    assert metadata(TrainConfig()) == {"cat_ema_decay": "0.0", "cat_ema_start_step": "0"}
-    assert metadata(dataclasses.replace(TrainConfig(), ema_decay=0.999, ema_start_step=100)) == {
+    assert TrainConfig().ema.metadata() == {"cat_ema_decay": "0.0", "cat_ema_start_step": "0"}
+    assert dataclasses.replace(TrainConfig(), ema_decay=0.999, ema_start_step=100).ema.metadata() == {
         "cat_ema_decay": "0.999", "cat_ema_start_step": "100"}
 
 
 def test_catversion_embeddings_are_averaged_too(tmp_path):
     """The EMA acts on any plugins.Adapter's parameters: CatVersion's embeddings (train_catversion's loop settings)."""
     from cat_train.adapters import catversion as cv
+    from cat_train.training import catversion as cvt
     from cat_train.world import model as wm
     from test_catversion import _assert_left_as_found, _items
 
     den, text = wm.load_base()
-    cfg = cv.CatVersionConfig(steps=4, lr=1e-2, batch_size=2, alpha=1.0, class_word="circle", seed=5)
-    r = cv.train_catversion(den, {"text": text}, text.encode, _items(), cv.CatVersionSpec(layers=2), cfg,
-                            checkpoint_dir=str(tmp_path), save_every=4, ema_decay=0.5)
+    cfg = cvt.CatVersionConfig(steps=4, lr=1e-2, batch_size=2, alpha=1.0, class_word="circle", seed=5)
+    r = cvt.train_catversion(den, {"text": text}, text.encode, _items(), cv.CatVersionSpec(layers=2), cfg,
+                             checkpoint_dir=str(tmp_path), save_every=4, ema_decay=0.5)
     state = torch.load(checkpoint_path(tmp_path, 4), weights_only=True)
     e = r.embeddings["text"]
     got = {t.detach().numpy().tobytes() for t in (e.keys, e.values)}

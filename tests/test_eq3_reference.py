@@ -12,7 +12,7 @@ import torch
 
 from cat_train.adapters.lora import LoraSpec, inject_lora, lora_layers
 from cat_train.step.denoiser import ModuleDenoiser
-from cat_train.step.objective import cat_objective
+from lora_objective import objective
 from cat_train.world.unet import TINY_CONFIG, UNet
 
 RANK, LORA_ALPHA = 4, 8.0
@@ -94,7 +94,7 @@ def test_cat_objective_equals_eq3_by_hand(models, alpha, prediction):
     x0, noise, t, c_tok, c_pres, w = _inputs()
     fit, keep, loss = _by_hand(frozen, merged, x0, noise, t, c_tok, c_pres, w, alpha, prediction)
     assert keep.min() > 1e-4  # the preservation term is not trivially zero, so alpha is really tested
-    terms = cat_objective(ModuleDenoiser(adapted, prediction_type=prediction), x0, noise, t, c_tok, c_pres, alpha, w)
+    terms = objective(ModuleDenoiser(adapted, prediction_type=prediction), x0, noise, t, c_tok, c_pres, alpha, w)
     assert abs(terms.loss.item() - loss.item()) < 1e-6
     assert torch.allclose(terms.fit.double(), fit, rtol=0, atol=1e-6)
     if alpha == 0:

@@ -6,7 +6,7 @@ import torch
 from cat_train.adapters import lora as A
 from cat_train.adapters import export as E
 from cat_train import families as F
-from cat_train.terms.apt import AptConfig
+from cat_train.terms.apt_config import AptConfig
 from cat_train.world.unet import TINY_CONFIG, UNet
 from family_checks import check_family
 

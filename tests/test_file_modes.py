@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from cat_train.adapters.export import save_lora
-from cat_train.training.loop import _atomic_save, checkpoint_path
+from cat_train.training.checkpoints import save as save_checkpoint
+from cat_train.training import checkpoint_path
 
 
 @pytest.fixture(params=[0o022, 0o027, 0o077])
@@ -26,6 +27,6 @@ def test_lora_and_checkpoint_modes_follow_the_umask(tmp_path, umask):
     assert stat.S_IMODE(lora.stat().st_mode) == want, oct(lora.stat().st_mode)
     again = save_lora(lora, {"w": torch.ones(2)}, {}, overwrite=True)  # the os.replace path
     assert stat.S_IMODE(again.stat().st_mode) == want
-    ckpt = _atomic_save({"step": 1}, checkpoint_path(tmp_path / "ckpt", 1))
+    ckpt = save_checkpoint({"step": 1}, checkpoint_path(tmp_path / "ckpt", 1))
     assert stat.S_IMODE(ckpt.stat().st_mode) == want
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors", "ckpt"]  # no temp file left behind

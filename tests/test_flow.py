@@ -6,8 +6,9 @@ import torch
 
 from cat_train.adapters.lora import LoraSpec, inject_lora
 from cat_train.step.denoiser import FlowSchedule, ModuleDenoiser, NoiseSchedule, time_shift
-from cat_train.step.objective import CatLossConfig, cat_objective
-from cat_train.training.loop import Example, TrainConfig, train
+from cat_train.training import CatLossConfig
+from lora_objective import objective
+from cat_train.training import Example, TrainConfig, train
 from cat_train.world.unet import TINY_CONFIG, UNet
 
 
@@ -90,7 +91,7 @@ def test_cat_term_zero_at_init_and_flow_target_used():
     x0, noise = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
     t = den.schedule.sample_t(2, g)
     c_tok, c_pres = {"context": torch.randn(2, 6, 64, generator=g)}, {"context": torch.randn(2, 6, 64, generator=g)}
-    terms = cat_objective(den, x0, noise, t, c_tok, c_pres, alpha=1.0)
+    terms = objective(den, x0, noise, t, c_tok, c_pres, alpha=1.0)
     assert float(terms.keep.abs().max()) < 1e-10
     with torch.no_grad():
         pred = den.predict(den.schedule.add_noise(x0, noise, t), t, c_tok)

@@ -5,11 +5,13 @@ import pytest
 import torch
 
 from cat_train.adapters.lora import LoraSpec, adapter_parameters, inject_lora
-from cat_train.step.objective import CatLossConfig, cat_objective
+from cat_train.training import CatLossConfig
+from lora_objective import objective
 from cat_train.terms.apt_config import AptConfig
-from cat_train.terms.mask import MaskedLoss, MaskSettings, latent_mask
-from cat_train.terms.registry import metadata, step_terms
-from cat_train.training.loop import Example, TrainConfig, build_examples, checkpoint_path, train
+from cat_train.data.masks import latent_mask
+from cat_train.terms.mask import MaskedLoss, MaskSettings
+from cat_train.terms import registry
+from cat_train.training import Example, TrainConfig, build_examples, checkpoint_path, train
 
 
 def batch(b=2, seed=0, hw=8):
@@ -42,7 +44,7 @@ def test_masked_fit_is_the_hand_computed_weighted_mean(tiny_denoiser):
     randomize(tiny_denoiser.module)
     x0, noise, t, c_tok, c_pres = batch()
     masks = [half_mask(), None]  # the second image has no mask: weight 1 everywhere
-    terms = cat_objective(tiny_denoiser, x0, noise, t, c_tok, c_pres, alpha=1.0, terms=[term_with(0.25, 0.0, masks)])
+    terms = objective(tiny_denoiser, x0, noise, t, c_tok, c_pres, alpha=1.0, terms=[term_with(0.25, 0.0, masks)])
     with torch.no_grad():
         x_t = tiny_denoiser.schedule.add_noise(x0, noise, t)
         d2 = (tiny_denoiser.predict(x_t, t, c_tok) - noise).pow(2)  # (2, 4, 8, 8), eps target
@@ -51,7 +53,7 @@ def test_masked_fit_is_the_hand_computed_weighted_mean(tiny_denoiser):
     by_hand0 = (d2[0] * w0).sum() / (4 * w0.sum())
     assert terms.fit[0].item() == pytest.approx(by_hand0.item(), rel=1e-5)
     assert terms.fit[1].item() == pytest.approx(d2[1].mean().item(), rel=1e-5)
-    plain = cat_objective(tiny_denoiser, x0, noise, t, c_tok, c_pres, alpha=1.0)
+    plain = objective(tiny_denoiser, x0, noise, t, c_tok, c_pres, alpha=1.0)
     assert abs(terms.fit[0] - plain.fit[0]) > 1e-4  # the weighting changed something
     assert torch.allclose(terms.loss, (terms.fit + terms.keep).mean(), rtol=1e-6)
 
@@ -60,12 +62,12 @@ def test_all_ones_mask_equals_unmasked_bit_for_bit(tiny_denoiser):
     inject_lora(tiny_denoiser.module, LoraSpec(rank=4))
     randomize(tiny_denoiser.module)
     args = batch()
-    plain = cat_objective(tiny_denoiser, *args, alpha=1.0)
+    plain = objective(tiny_denoiser, *args, alpha=1.0)
     plain.loss.backward()
     g_plain = [p.grad.clone() for p in adapter_parameters(tiny_denoiser.module)]
     for p in adapter_parameters(tiny_denoiser.module):
         p.grad = None
-    ones = cat_objective(tiny_denoiser, *args, alpha=1.0, terms=[term_with(0.1, 0.0, [torch.ones(1, 8, 8)] * 2)])
+    ones = objective(tiny_denoiser, *args, alpha=1.0, terms=[term_with(0.1, 0.0, [torch.ones(1, 8, 8)] * 2)])
     ones.loss.backward()
     assert torch.equal(plain.loss, ones.loss) and torch.equal(plain.fit, ones.fit)
     assert all(torch.equal(a, p.grad) for a, p in zip(g_plain, adapter_parameters(tiny_denoiser.module)))
@@ -79,16 +81,16 @@ def test_background_keep_is_zero_at_init_and_where_all_is_subject(tiny_denoiser)
     tiny_denoiser.predict = lambda x, t_, c: calls.append(x.shape[0]) or predict(x, t_, c)
     term = term_with(1.0, 2.0, [half_mask()] * 2)
     assert term.needs_frozen_token_pass
-    at_init = cat_objective(tiny_denoiser, *args, alpha=1.0, terms=[term])
+    at_init = objective(tiny_denoiser, *args, alpha=1.0, terms=[term])
     assert calls == [4, 4]  # frozen [y_T, y], adapted [y_T, y]: no pass of its own
     assert term.report()["background_keep"] < 1e-12  # LoRA B = 0: adapted == frozen
     randomize(tiny_denoiser.module)
-    trained = cat_objective(tiny_denoiser, *args, alpha=1.0, terms=[term])
+    trained = objective(tiny_denoiser, *args, alpha=1.0, terms=[term])
     bg = term.report()["background_keep"]
     assert bg > 1e-6
     assert torch.allclose(trained.loss, (trained.fit + trained.keep).mean() + 2.0 * bg, rtol=1e-5)
     full = term_with(1.0, 2.0, [torch.ones(1, 8, 8)] * 2)
-    cat_objective(tiny_denoiser, *args, alpha=1.0, terms=[full])
+    objective(tiny_denoiser, *args, alpha=1.0, terms=[full])
     assert full.report()["background_keep"] == 0.0
     assert at_init.loss.isfinite()
 
@@ -98,7 +100,7 @@ def test_background_keep_hand_computed(tiny_denoiser):
     randomize(tiny_denoiser.module)
     x0, noise, t, c_tok, c_pres = batch()
     term = term_with(1.0, 1.0, [half_mask(), half_mask()])
-    cat_objective(tiny_denoiser, x0, noise, t, c_tok, c_pres, alpha=0.0, terms=[term])
+    objective(tiny_denoiser, x0, noise, t, c_tok, c_pres, alpha=0.0, terms=[term])
     with torch.no_grad():
         x_t = tiny_denoiser.schedule.add_noise(x0, noise, t)
         adapted = tiny_denoiser.predict(x_t, t, c_tok)
@@ -111,8 +113,9 @@ def test_background_keep_hand_computed(tiny_denoiser):
 
 def test_off_by_default_and_settings_checked():
     cfg = CatLossConfig()
-    assert not cfg.mask.active and step_terms(cfg, None) == []
-    assert metadata(cfg)["cat_mask_floor"] == "1.0" and metadata(cfg)["cat_mask_keep"] == "0.0"
+    assert not cfg.mask.active and registry.build(cfg, TrainConfig(), None, None) == []
+    meta = registry.metadata(cfg, TrainConfig())
+    assert meta["cat_mask_floor"] == "1.0" and meta["cat_mask_keep"] == "0.0"
     with pytest.raises(ValueError, match="mask_floor"):
         CatLossConfig(mask_floor=1.5)
     with pytest.raises(ValueError, match="mask_keep"):
@@ -170,7 +173,7 @@ def test_frozen_fit_is_weighted_as_the_adapted_fit(tiny_denoiser):
     """APT compares fit with fit_pre: both must be the same mask-weighted mean."""
     inject_lora(tiny_denoiser.module, LoraSpec(rank=4))
     x0, noise, t, c_tok, c_pres = batch()
-    terms = cat_objective(tiny_denoiser, x0, noise, t, c_tok, c_pres, alpha=1.0, terms=[term_with(0.0, 1.0, [half_mask()] * 2)])
+    terms = objective(tiny_denoiser, x0, noise, t, c_tok, c_pres, alpha=1.0, terms=[term_with(0.0, 1.0, [half_mask()] * 2)])
     assert torch.allclose(terms.fit_pre, terms.fit, rtol=1e-6)  # LoRA B = 0: the same predictions
     with torch.no_grad():
         x_t = tiny_denoiser.schedule.add_noise(x0, noise, t)

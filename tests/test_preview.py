@@ -5,9 +5,9 @@ import torch
 
 from cat_train.adapters.lora import LoraSpec, adapter_parameters, inject_lora, lora_layers
 from cat_train.step.denoiser import FlowSchedule, ModuleDenoiser, NoiseSchedule
-from cat_train.step.objective import CatLossConfig
+from cat_train.training import CatLossConfig
 from cat_train.measure.preview import HEADER, LABEL_W, PAD, Previewer, preview_prompts
-from cat_train.training.loop import TrainConfig, build_examples, train
+from cat_train.training import TrainConfig, build_examples, train
 
 CAPTION = "a photo of sks dog on grass"
 

@@ -9,8 +9,8 @@ import torch
 
 from cat_train.adapters.lora import LoraSpec, lora_layers
 from cat_train.adapters.export import save_lora
-from cat_train.step.objective import CatLossConfig
-from cat_train.training.loop import TrainConfig, build_examples, train
+from cat_train.training import CatLossConfig
+from cat_train.training import TrainConfig, build_examples, train
 
 NOT_OURS = "is not a CAT training checkpoint (cat-stepNNNNNN.pt written by this trainer)"
 

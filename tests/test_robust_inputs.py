@@ -13,7 +13,7 @@ from cat_train.terms.apt_config import AptConfig
 from cat_train.training.checks import check_image_batch
 from cat_train.adapters.export import save_lora
 from cat_train.training.run_folder import StorageError
-from cat_train.training.loop import TrainConfig
+from cat_train.training import TrainConfig
 from tests.test_metrics import tiny_clip  # noqa: F401 - the fixture
 
 
@@ -99,7 +99,7 @@ def test_a_read_only_loras_folder_names_the_file(tmp_path, monkeypatch):
 
 
 def test_a_chunk_boundary_caption_is_padded_to_the_longest_not_to_the_common_multiple(caplog):
-    from cat_train.step.objective import repeat_to_common_length
+    from cat_train.step.conds import repeat_to_common_length
 
     y_t, y = torch.randn(1, 77 * 21, 8), torch.randn(1, 77 * 20, 8)  # a trigger on the 75-token boundary: one chunk more
     with caplog.at_level("WARNING", logger="cat_train"):
@@ -113,8 +113,8 @@ def test_a_chunk_boundary_caption_is_padded_to_the_longest_not_to_the_common_mul
 
 
 def test_preservation_prompts_share_conditionings_report_progress_and_warn_when_many(text, caplog):
-    from cat_train.step.objective import CatLossConfig
-    from cat_train.training.loop import build_examples
+    from cat_train.training import CatLossConfig
+    from cat_train.training import build_examples
 
     prompts = tuple(f"a photo of thing {i}" for i in range(2000))
     loss = CatLossConfig(preservation_prompts=prompts)
@@ -128,8 +128,8 @@ def test_preservation_prompts_share_conditionings_report_progress_and_warn_when_
 
 
 def test_batch_size_over_the_images_is_warned_in_the_result(tiny_denoiser, text):
-    from cat_train.step.objective import CatLossConfig
-    from cat_train.training.loop import build_examples, train
+    from cat_train.training import CatLossConfig
+    from cat_train.training import build_examples, train
 
     loss = CatLossConfig(class_word="dog")
     exs = build_examples([(torch.randn(4, 8, 8), "sks dog", ("sks",)) for _ in range(3)], text, loss)

@@ -12,9 +12,9 @@ import torch
 
 from cat_train.training import run_folder
 from cat_train.adapters.lora import LoraSpec, lora_layers
-from cat_train.step.objective import CatLossConfig
+from cat_train.training import CatLossConfig
 from cat_train.training.run_folder import RUN_FILE, StorageError
-from cat_train.training.loop import TrainConfig, build_examples, train
+from cat_train.training import TrainConfig, build_examples, train
 
 LOSS = CatLossConfig(class_word="dog")
 

@@ -6,11 +6,12 @@ import torch
 
 from cat_train.adapters.lora import LoraSpec
 from cat_train.step.denoiser import FlowSchedule, ModuleDenoiser, NoiseSchedule, time_shift
-from cat_train.step.objective import CatLossConfig, cat_objective
-from cat_train.terms.registry import step_terms
+from cat_train.training import CatLossConfig
+from lora_objective import objective
+from cat_train.terms import registry
 from cat_train.training.run_folder import result_settings
 from cat_train.terms.min_snr import MinSnrWeight, min_snr_weight
-from cat_train.training.loop import BatchSampler, TrainConfig, build_examples, checkpoint_path, train
+from cat_train.training import BatchSampler, TrainConfig, build_examples, checkpoint_path, train
 
 
 def abar_by_hand(t: int) -> float:
@@ -54,8 +55,8 @@ def test_min_snr_weights_the_fit_term_only(tiny_denoiser):
     t = torch.tensor([5, 300, 900])
     c = {"context": torch.randn(3, 6, 64, generator=g)}
     term = MinSnrWeight(tiny_denoiser, 5.0)
-    plain = cat_objective(tiny_denoiser, x0, noise, t, c, c, 1.0)
-    weighted = cat_objective(tiny_denoiser, x0, noise, t, c, c, 1.0, terms=[term])
+    plain = objective(tiny_denoiser, x0, noise, t, c, c, 1.0)
+    weighted = objective(tiny_denoiser, x0, noise, t, c, c, 1.0, terms=[term])
     w = min_snr_weight(tiny_denoiser.schedule, "eps", t, 5.0).float()
     assert float(w[0]) < 0.1 and float(w[2]) == 1.0
     torch.testing.assert_close(weighted.fit, plain.fit)
@@ -63,8 +64,8 @@ def test_min_snr_weights_the_fit_term_only(tiny_denoiser):
 
 
 def test_min_snr_off_adds_no_term_and_on_is_registered(tiny_denoiser):
-    assert step_terms(CatLossConfig(), tiny_denoiser) == []
-    terms = step_terms(CatLossConfig(min_snr_gamma=5.0), tiny_denoiser)
+    assert registry.build(CatLossConfig(), TrainConfig(), tiny_denoiser, None) == []
+    terms = registry.build(CatLossConfig(min_snr_gamma=5.0), TrainConfig(), tiny_denoiser, None)
     assert [type(x) for x in terms] == [MinSnrWeight]
     with pytest.raises(ValueError, match="min_snr_gamma must be a finite number >= 0"):
         CatLossConfig(min_snr_gamma=-1.0)

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from cat_train.adapters.lora import LoraSpec, adapter_parameters, inject_lora, lora_layers
-from cat_train.step.objective import CatLossConfig
-from cat_train.training.loop import TrainConfig, build_examples, train
+from cat_train.training import CatLossConfig
+from cat_train.training import TrainConfig, build_examples, train
 from cat_train.measure.validation import ValidationLog, Validator, every, read_validation_csv
 
 

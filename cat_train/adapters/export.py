@@ -22,6 +22,10 @@ from .lora import LoraWeights
 PREFIX = "lora_unet_"
 
 
+class StorageError(OSError):
+    """A folder that cannot take the files a run writes (LoRA files, checkpoints); the message names it and the fix."""
+
+
 def kohya_name(diffusers_path: str) -> str:
     return PREFIX + diffusers_path.replace(".", "_")
 
@@ -80,7 +84,6 @@ def from_kohya(tensors: Mapping[str, Tensor], names: Mapping[str, str]) -> dict[
 
 
 def _unwritable(path: Path, e: OSError):
-    from ..training.run_folder import StorageError
     raise StorageError(e.errno, f"cannot write {path}: its folder is not writable ({e.strerror or e}); make it writable "
                                 "or save into another folder.") from None
 
@@ -124,8 +127,7 @@ def save_lora(path: str | os.PathLike, tensors: Mapping[str, Tensor], metadata: 
                 f.flush()
                 os.fsync(f.fileno())
         except OSError as e:  # a full disk: say which file and what to do (the temp file goes in `finally`)
-            from ..training.run_folder import StorageError
-            raise StorageError(e.errno, f"cannot write {path} ({e.strerror or e}; {len(data) / 2**20:.1f} MB); free "
+                    raise StorageError(e.errno, f"cannot write {path} ({e.strerror or e}; {len(data) / 2**20:.1f} MB); free "
                                         "space on that disk or save into another folder.") from e
         if overwrite:
             os.replace(tmp, path)

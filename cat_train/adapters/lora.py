@@ -5,18 +5,22 @@ The algorithm (LoRA, DoRA, LoHa, LoKr: `LoraSpec.algorithm`) is one class in alg
 One module tree serves the frozen and the adapted prediction: `adapter_disabled(unet)` turns
 every injected layer into its base layer for the duration, with no copy of the UNet. Layer names
 are the UNet's own module paths (ldm names for SD), which its model family (`families`) maps to kohya keys.
+`LoraAdapter` is all of it as the loop's adapter (`plugs.Adapter`).
 """
 from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import asdict, dataclass, field
-from typing import Iterator
+from dataclasses import dataclass, field
+from typing import ContextManager, Iterator
 
 import torch
 from torch import nn
 
 from .. import families
+from ..options import CHANGED, recorded
+from ..step.denoiser import Denoiser
+from ..step.plugs import Adapter
 from .algorithms import ADAPTER, ALGORITHMS, LoraWeights, of_layer  # noqa: F401  (LoraWeights: its old home)
 
 
@@ -30,7 +34,7 @@ class LoraSpec:
         "feed-forward; `full`: + proj_in/out and the resnet convs (conv1, conv2, conv_shortcut, time_emb_proj). On "
         "SD3/Flux each picks that family's own layers (docs/families.md), or name one (`flux_attn`, `sd3_attn_mlp`, ...).")})
     extra_targets: tuple[str, ...] = field(default_factory=tuple, metadata={"help": "more module-path suffixes to adapt."})
-    algorithm: str = field(default="lora", metadata={"choices": tuple(ALGORITHMS), "help": (
+    algorithm: str = field(default="lora", metadata={"recorded": CHANGED, "choices": tuple(ALGORITHMS), "help": (
         "the adapter's algorithm, through peft. `lora`: low-rank B A; `dora`: LoRA plus a trained per-output-row "
         "magnitude (weight decomposition); `loha`: Hadamard product of two rank-r products; `lokr`: Kronecker product "
         "(its low-rank factor has rank `rank`). All load through ComfyUI's stock LoRA loaders (docs/algorithms.md). "
@@ -48,14 +52,6 @@ class LoraSpec:
             raise ValueError(f"unknown target preset {self.preset!r}; choose one of {sorted(families.TARGETS)}.")
         if self.algorithm not in ALGORITHMS:
             raise ValueError(f"unknown adapter algorithm {self.algorithm!r}; choose one of {', '.join(ALGORITHMS)}.")
-
-    def saved(self) -> dict:
-        """The spec as checkpoints and run settings record it: a LoRA spec without `algorithm`, as before there
-        were others, so LoRA checkpoints and run folders from earlier versions still resume."""
-        d = asdict(self)
-        if d["algorithm"] == "lora":
-            del d["algorithm"]
-        return d
 
     @property
     def suffixes(self) -> tuple[str, ...]:
@@ -200,3 +196,39 @@ def remove_lora(unet: nn.Module) -> None:
         setattr(unet.get_submodule(parent_name) if parent_name else unet, child, layer.get_base_layer())
     if "peft_config" in vars(unet):  # inject_adapter_in_model leaves its config on the model
         del unet.peft_config
+
+
+class LoraAdapter(Adapter):
+    """LoRA (or DoRA, LoHa, LoKr: the spec's algorithm) in the denoiser's network through peft. A checkpoint keeps
+    format 1's keys: "lora" ({module: {tensor name: tensor, "alpha"}}) and "spec"."""
+
+    name = "lora"
+    size_hint = "the LoRA rank"
+
+    def __init__(self, spec: LoraSpec):
+        self.spec, self.module = spec, None
+
+    def install(self, denoiser: Denoiser, gen: torch.Generator) -> None:
+        self.module = denoiser.module
+        inject_lora(self.module, self.spec)  # A's init draws from the global RNG, which the loop seeded
+
+    def parameters(self) -> list[nn.Parameter]:
+        return adapter_parameters(self.module)
+
+    def disabled(self) -> ContextManager:
+        return adapter_disabled(self.module)
+
+    def state_dict(self) -> dict:
+        return {"lora": lora_state(self.module), "spec": recorded(self.spec)}
+
+    def load_state_dict(self, state: dict, where: str) -> None:
+        saved = LoraSpec(**{**state["spec"], "extra_targets": tuple(state["spec"].get("extra_targets", ()))})
+        if saved != self.spec:
+            raise ValueError(f"checkpoint {where} was trained with {saved}, not {self.spec}; resume with the same LoRA settings.")
+        load_lora_state(self.module, state["lora"])
+
+    def weights(self) -> dict:
+        return lora_weights(self.module)
+
+    def remove(self) -> None:
+        remove_lora(self.module)

@@ -6,44 +6,32 @@
 Images come out as float tensors (3, H, W) in [-1, 1] at their bucket size; the caller encodes them
 (VAE) once. Repeats are kept as sampling weights, not copies.
 
-Masks (masked training, cat_train/terms/mask.py), read only when asked (`masks`): a mask file beside the image named as
-OneTrainer names them, `a-masklabel.png` for `a.png` (white = subject, black = background, grey between), or else
-the image's own alpha channel (kohya's `alpha_mask`). A mask goes through the same EXIF turn, cover-resize and
-centre crop as its image, so it lies on the same pixels in every bucket. Mask files are never training images.
+Masks (masked training: terms/mask.py weighs them, data/masks.py reads them) only when asked (`masks`): a mask
+file beside the image named as OneTrainer names them, `a-masklabel.png` for `a.png` (white = subject, black =
+background, grey between), or else the image's own alpha channel (kohya's `alpha_mask`). A mask goes through the
+same EXIF turn, cover-resize and centre crop as its image, so it lies on the same pixels in every bucket. Mask
+files are never training images. Decoding and buckets: data/images.py.
 """
 from __future__ import annotations
 
 import logging
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Literal, Sequence
 
-import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
 
-from ..training.checks import check_trigger_not_class_word
-from .prompts import ensure_trigger, parse_class_words, triggers_in
+from .images import IMAGE_EXTS, UNSUPPORTED_EXTS, DatasetError, fit_to, load_image, make_buckets, nearest_bucket
+from .masks import MASK_SUFFIX, MaskSource, check_mask_source, fit_mask_to, is_mask_file, load_mask, mask_file_of
+from .prompts import check_trigger_not_class_word, ensure_trigger, parse_class_words, triggers_in
 
 log = logging.getLogger("cat_train")
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
-# Pictures the decoder is not asked to read (animations, vector art, camera and phone formats): named as skipped,
-# so a user who put them in the folder learns why they were not trained on.
-UNSUPPORTED_EXTS = (".gif", ".heic", ".heif", ".avif", ".svg", ".jxl", ".psd", ".ico", ".dng", ".cr2", ".nef", ".arw", ".raw")
 MAX_FILES = 100_000  # entries read in a dataset folder and its N_name folders; beyond it the folder is refused
 Insert = Literal["prepend", "append", "off"]
 # Smaller sides are upscaled many times to reach a bucket: the VAE then encodes blur, and with 8 px per
 # latent pixel the subject spans a handful of latents. Warned about, not refused: it may be intended.
 MIN_SIDE = 64
-MASK_SUFFIX = "-masklabel"  # OneTrainer's: a.png's mask is a-masklabel.png
-MaskSource = Literal["off", "auto", "file", "alpha"]
-MASK_SOURCES = ("off", "auto", "file", "alpha")
-
-
-class DatasetError(ValueError):
-    pass
 
 
 @dataclass
@@ -90,27 +78,8 @@ def legacy_caption_note(records: Sequence[ImageRecord]) -> str | None:
             "if a letter looks wrong, re-save the file as UTF-8.")
 
 
-def is_mask_file(p: Path) -> bool:
-    return p.stem.lower().endswith(MASK_SUFFIX)
-
-
 def _images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS and not is_mask_file(p))
-
-
-def mask_file_of(path: Path) -> Path | None:
-    """`a-masklabel.png` (or another image extension, PNG first) beside `a.jpg`."""
-    for ext in (".png",) + tuple(e for e in IMAGE_EXTS if e != ".png"):
-        for cand in (path.with_name(path.stem + MASK_SUFFIX + ext), path.with_name(path.stem + MASK_SUFFIX + ext.upper())):
-            if cand.is_file():
-                return cand
-    return None
-
-
-def check_mask_source(masks: str) -> None:
-    if masks not in MASK_SOURCES:
-        raise DatasetError(f"masks must be one of {', '.join(MASK_SOURCES)} (auto: a <name>{MASK_SUFFIX}.png file, else "
-                           f"the alpha channel), got {masks!r}.")
 
 
 def caption_suffix(caption_ext: str) -> str:
@@ -214,107 +183,6 @@ def scan_folder(root: str | Path, triggers: Sequence[str], class_word: str = "",
     if note:
         log.warning(note)
     return records
-
-
-def _to_8bit(img: Image.Image) -> Image.Image:
-    """16/32-bit integer and float images scaled (not clipped) to 8 bits."""
-    a = np.asarray(img)
-    if img.mode.startswith("I;16") or (img.mode == "I" and a.max(initial=0) > 255):
-        a = a.astype(np.float64) / 65535.0
-    elif img.mode == "F":
-        a = a.astype(np.float64) / max(1.0, float(a.max(initial=0)))
-    else:
-        a = a.astype(np.float64) / 255.0
-    return Image.fromarray((np.clip(a, 0, 1) * 255 + 0.5).astype(np.uint8), "L")
-
-
-def load_image(path: str | Path) -> Image.Image:
-    """RGB with EXIF orientation applied; alpha composited on white; 16-bit and grayscale handled."""
-    return _flatten(_open(Path(path)))
-
-
-def _open(path: Path) -> Image.Image:
-    """The decoded image with EXIF orientation applied, in its own mode."""
-    try:
-        with Image.open(path) as im:
-            im.load()
-            img = ImageOps.exif_transpose(im)
-    except Image.DecompressionBombError as e:  # Pillow refuses > 2x MAX_IMAGE_PIXELS before decoding
-        raise DatasetError(f"image {path} is too large to decode safely ({e}); downscale it (e.g. to 4096 px on the "
-                           "long side; it is resized to the training resolution anyway) or remove it.") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise DatasetError(f"cannot read image {path} ({type(e).__name__}: {e}); re-save it as PNG or JPEG, or remove it.") from e
-    return img
-
-
-def _has_alpha(img: Image.Image) -> bool:
-    return img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info)
-
-
-def _flatten(img: Image.Image) -> Image.Image:
-    if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-        img = _to_8bit(img)
-    if img.mode == "P":
-        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
-    if img.mode in ("RGBA", "LA", "PA"):
-        rgba = img.convert("RGBA")
-        img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
-    return img.convert("RGB")
-
-
-def load_mask(path: Path, mask_file: Path | None, masks: str) -> tuple[Image.Image, Image.Image | None]:
-    """The image (as load_image gives it) and its mask ("L", the image's size), or None where it has none: the mask
-    file when `masks` is auto or file, else (auto, alpha) the image's alpha channel."""
-    img = _open(path)
-    mask = None
-    if masks in ("auto", "file") and mask_file is not None:
-        m = _open(mask_file)
-        mask = _to_8bit(m) if m.mode in ("I", "I;16", "I;16B", "I;16L", "F") else m.convert("L")
-        if mask.size != img.size:
-            raise DatasetError(f"mask {mask_file} is {mask.width}x{mask.height} but its image {path.name} is "
-                               f"{img.width}x{img.height}; save the mask at the image's size.")
-    elif masks in ("auto", "alpha") and _has_alpha(img):
-        alpha = img.convert("RGBA").getchannel("A")
-        mask = alpha if alpha.getextrema()[0] < 255 else None  # all opaque: no mask
-    return _flatten(img), mask
-
-
-def make_buckets(resolution: int = 512, step: int = 64, max_aspect: float = 2.0) -> list[tuple[int, int]]:
-    """(w, h), sides multiples of step, w*h <= resolution^2, aspect within max_aspect: for each side length
-    the largest partner, so portrait and landscape buckets come in pairs."""
-    area, sides = resolution * resolution, range(step, int(resolution * math.sqrt(max_aspect)) + 1, step)
-
-    def partner(a: int) -> int:
-        return min(area // a // step * step, int(a * max_aspect) // step * step)
-
-    tall = {(w, partner(w)) for w in sides if partner(w) >= step and partner(w) * step >= w * step / max_aspect}
-    wide = {(partner(h), h) for h in sides if partner(h) >= step}
-    return sorted(b for b in tall | wide if max(b[0] / b[1], b[1] / b[0]) <= max_aspect)
-
-
-def nearest_bucket(w: int, h: int, buckets: Sequence[tuple[int, int]]) -> tuple[int, int]:
-    r = math.log(w / h)
-    return min(buckets, key=lambda b: (abs(math.log(b[0] / b[1]) - r), -b[0] * b[1]))
-
-
-def _cover(img: Image.Image, size: tuple[int, int]) -> Image.Image:
-    """Resized to cover (w, h), centre-cropped: an image and its mask alike."""
-    tw, th = size
-    s = max(tw / img.width, th / img.height)
-    img = img.resize((max(tw, round(img.width * s)), max(th, round(img.height * s))), Image.LANCZOS)
-    left, top = (img.width - tw) // 2, (img.height - th) // 2
-    return img.crop((left, top, left + tw, top + th))
-
-
-def fit_to(img: Image.Image, size: tuple[int, int]) -> torch.Tensor:
-    """Resize to cover (w, h), centre-crop, -> (3, h, w) float32 in [-1, 1]."""
-    a = np.asarray(_cover(img, size), dtype=np.float32)
-    return torch.from_numpy(a).permute(2, 0, 1) / 127.5 - 1.0
-
-
-def fit_mask_to(mask: Image.Image, size: tuple[int, int]) -> torch.Tensor:
-    """A mask ("L") resized and cropped as fit_to does its image -> (h, w) float32 in [0, 1]."""
-    return torch.from_numpy(np.asarray(_cover(mask, size), dtype=np.float32) / 255.0)
 
 
 @dataclass

@@ -86,3 +86,13 @@ def preservation_prompt(caption: str, triggers: Sequence[str], mode: Preservatio
             out = re.sub(rf"{trigger_pattern(t).pattern}(\s+{cw}(?![^{_EDGE}]))", r"\1", out)
             out = trigger_pattern(t).sub(word, out)
     return _tidy(out)
+
+
+def check_trigger_not_class_word(triggers: Sequence[str], class_word: str, field: str = "class_word") -> None:
+    """A dataset whose trigger is its class word: captions 'a toy' would train the class itself."""
+    same = [t for t in triggers if t.strip() and t.strip().lower() == class_word.strip().lower()]
+    if same:
+        raise ValueError(f"trigger {same[0]!r} is the same word as {field} {class_word.strip()!r}: the prompt without the "
+                         "trigger (y) would equal the training caption (y_T), so CAT could not tell the subject from its "
+                         f"class. Use a token the model does not know as the trigger (e.g. 'sks') and keep "
+                         f"{class_word.strip()!r} as the class word.")

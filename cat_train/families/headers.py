@@ -3,7 +3,8 @@
 Only the header is read (its JSON: metadata, tensor names and shapes; a few KB to a few MB), never a tensor, so a
 LoRA about to be applied to another family can be named cheaply before anything runs. ComfyUI's stock LoRA loaders
 apply an SD1.5 LoRA to an SDXL or Flux model without a word beyond console "lora key not loaded" lines.
-Families are named as run_folder.FAMILY_NAMES names them; None: the file does not say (no warning then).
+What marks each family's files is that family's class (family.py: `lora_tags`, `lora_keys_say`, `checkpoint_says`);
+families are returned by name, None where the file does not say (no warning then).
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import os
 import struct
 from pathlib import Path
 
-from ..training.run_folder import FAMILY_NAMES
+from .family import FAMILIES, title
 
 HEADER_LIMIT = 64 * 2**20  # a real header is far smaller; a larger length field means "not safetensors"
 _CACHE: dict[tuple[str, int, int], dict | None] = {}  # (path, size, mtime_ns) -> header: a queue re-reads nothing
@@ -48,46 +49,25 @@ def _read(p: Path, size: int) -> dict | None:
     return header if isinstance(header, dict) else None
 
 
-# kohya's ss_base_model_version prefixes (sd-scripts, and this pack's nodes: families.*.base_versions)
-_VERSION_PREFIXES = (("sdxl", "sdxl"), ("sd_v1", "sd"), ("sd_v2", "sd"), ("sd_2", "sd"), ("sd3", "sd3"),
-                     ("flux", "flux"))
-SDXL_ADM_WIDTHS = (2816, 2560)  # label_emb input of SDXL base / refiner (SD2 unCLIP has one of another width)
-
-
 def lora_family(header: dict | None) -> str | None:
     """From ss_base_model_version, else from key names that only one family's LoRAs have."""
     if not header:
         return None
     version = str((header.get("__metadata__") or {}).get("ss_base_model_version", "")).strip().lower()
-    for prefix, family in _VERSION_PREFIXES:
-        if version.startswith(prefix):
-            return family
-    keys = [k for k in header if k != "__metadata__"]
-    if any("double_blocks" in k or "single_blocks" in k for k in keys):
-        return "flux"
-    if any("joint_blocks" in k for k in keys):
-        return "sd3"
-    if any(k.startswith("lora_te2_") for k in keys):
-        return "sdxl"
-    return None
+    found = next((f for f in FAMILIES if any(version.startswith(tag) for tag in f.lora_tags)), None)
+    if found is None:
+        keys = [k for k in header if k != "__metadata__"]
+        found = next((f for f in FAMILIES if f.lora_keys_say(keys)), None)
+    return found.name if found else None
 
 
 def model_family(header: dict | None) -> str | None:
     """From the denoiser's key names in a checkpoint (model.diffusion_model.*) or a diffusion-model file (bare)."""
     if not header:
         return None
-    keys = [k.removeprefix("model.diffusion_model.") for k in header if k != "__metadata__"]
-    if any(k.startswith(("double_blocks.", "single_blocks.")) for k in keys):
-        return "flux"
-    if any(k.startswith("joint_blocks.") for k in keys):
-        return "sd3"
-    if not any(k.startswith("input_blocks.") for k in keys):
-        return None  # diffusers layout, another architecture: not ours to judge
-    adm = next((header[k] for k in header if k.removeprefix("model.diffusion_model.") == "label_emb.0.0.weight"), None)
-    if adm is None:
-        return "sd"
-    shape = adm.get("shape", []) if isinstance(adm, dict) else []
-    return "sdxl" if len(shape) == 2 and shape[1] in SDXL_ADM_WIDTHS else None
+    tensors = {k.removeprefix("model.diffusion_model."): v for k, v in header.items() if k != "__metadata__"}
+    found = next((f for f in FAMILIES if f.checkpoint_says(tensors)), None)  # diffusers layout and others: not ours
+    return found.name if found else None
 
 
 def mismatch(lora_path, model_path) -> str | None:
@@ -95,7 +75,7 @@ def mismatch(lora_path, model_path) -> str | None:
     lora, model = lora_family(read_header(lora_path)), model_family(read_header(model_path))
     if lora is None or model is None or lora == model:
         return None
-    return (f"LoRA {Path(lora_path).name} was trained for {FAMILY_NAMES[lora]}, but the model it is applied to "
-            f"({Path(model_path).name}) is {FAMILY_NAMES[model]}: most of its weights will not load (ComfyUI logs "
+    return (f"LoRA {Path(lora_path).name} was trained for {title(lora)}, but the model it is applied to "
+            f"({Path(model_path).name}) is {title(model)}: most of its weights will not load (ComfyUI logs "
             f"'lora key not loaded') and the rest change the model at random; use a LoRA trained for "
-            f"{FAMILY_NAMES[model]}, or apply this one to a {FAMILY_NAMES[lora]} model.")
+            f"{title(model)}, or apply this one to a {title(lora)} model.")

@@ -34,7 +34,8 @@ from torch import Tensor
 
 from ..adapters.lora import adapter_switched
 from ..step.denoiser import Cond, Denoiser
-from ..step.objective import mean_sq_diff, repeat_to_common_length
+from ..step.objective import mean_sq_diff
+from ..step.conds import repeat_to_common_length
 from .observe import observing
 
 log = logging.getLogger("cat_train")

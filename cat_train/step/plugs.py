@@ -1,11 +1,25 @@
-"""The two plug points of a CAT training step: what is trained (`Adapter`) and what else the loss weighs (`StepTerm`).
+"""The plug points of a CAT training step: what is trained (`Adapter`) and what else a run plugs in, by role.
 
-The loop (`train.train`) and the objective (`loss.cat_objective`) call only these hooks, so a new adapter kind or
-regularizer is one subclass, never a branch in the loop. Every hook has a do-nothing default here; a plug-in
-overrides the ones it needs (the shape of peft's `LoraVariant` static hooks and kohya's trainer override points).
+A step term implements the roles it needs and nothing more:
 
-This module is a leaf: it imports nothing from the method, so the objective, the loop and every plug-in can
-import it without a cycle.
+    BatchTerm  shapes what the step trains on (the loop calls it): preservation prompts, the batch, augmentation
+    LossTerm   shapes the loss (the objective calls it): fit weights, penalties, what the forward passes record
+    RunHook    hooks the run's lifecycle (the loop calls it): start, after each optimizer step, saves, state, end
+
+APT is all three; min-SNR one small LossTerm; the EMA a RunHook; CatVersion's flips a BatchTerm. The loop
+(`training.loop`) and the objective (`step.objective`) call only these hooks, so a new adapter kind or term is a
+class, never a branch in the loop. A term's settings, and how to build it, are its config class in the registry
+(`terms.registry`).
+
+The rule for a new hook: it needs two users. A hook with one user is that user's branch in the loop under another
+name; the hooks here each serve two terms, except five that are the only way their term sees what it needs
+(`preservation`: auto preservation's prompt turns; `element_weight`: masks; `recording` and `after_objective`: APT's
+passes and its indicator; `exporting`: the EMA's weights in mid-run saves). The shapes follow peft's `LoraVariant`
+(static hooks of one role), ComfyUI's comfy/weight_adapter (a few members per kind), kohya's `post_process_loss`
+and Hugging Face's `TrainerCallback` (the lifecycle).
+
+This module is a leaf: it imports nothing from the method, so the objective, the loop and every plug-in can import
+it without a cycle.
 """
 from __future__ import annotations
 
@@ -19,23 +33,15 @@ if TYPE_CHECKING:
     from .denoiser import Denoiser
 
 
-class StepTerm:
-    """A regularizer evaluated in the CAT step (APT is one: cat_train/terms/apt.py).
+class Term:
+    """Anything a run plugs into its step besides the adapter; `name` is its key in checkpoints, reports and the
+    live view (one name per term of a run)."""
 
-    It adds no forward pass of its own: it may ask for the frozen pass on y_T too, records what it needs while the
-    frozen and the adapted passes run, and turns that into per-sample fit weights and penalties."""
+    name = ""
 
-    name = ""                          # its key in checkpoints, live-view reports and the LoRA metadata
-    needs_frozen_token_pass = False    # the frozen pass also runs on y_T (its rows come first)
-    history_keys: tuple[str, ...] = ()  # entries of report() that go into every history row
 
-    @staticmethod
-    def switched_on(cfg: Any) -> bool:
-        """Whether its CatLossConfig field's value turns it on (a config object's `active`, by default)."""
-        return bool(cfg.active)
-
-    def start(self, examples: Sequence[Any]) -> None:
-        """Once, before the first step (and before a checkpoint's state is loaded): the run's `train.Example`s."""
+class BatchTerm(Term):
+    """Shapes what one micro-batch trains on; the loop calls these in the terms' order, before the objective."""
 
     def preservation(self, idx: Sequence[int], conds: list[Any], gen: torch.Generator) -> list[Any]:
         """Each drawn sample's preservation conditioning y (unbatched; `idx`: the examples drawn), possibly replaced:
@@ -43,11 +49,18 @@ class StepTerm:
         return conds
 
     def see_batch(self, examples: Sequence[Any]) -> None:
-        """The batch's `train.Example`s, in batch order, before anything else of the step (no draws here)."""
+        """The batch's `Example`s, in batch order, before its own augment() (no draws here)."""
 
     def augment(self, x0: Tensor, t: Tensor, gen: torch.Generator) -> Tensor:
         """The batch's clean latents, possibly transformed; draws only from `gen` (resumes stay exact)."""
         return x0
+
+
+class LossTerm(Term):
+    """Shapes the loss without a forward pass of its own: it may ask for the frozen pass on y_T too, records what it
+    needs while the frozen and the adapted passes run, and turns that into fit weights and penalties."""
+
+    needs_frozen_token_pass = False  # the frozen pass also runs on y_T (its rows come first)
 
     def fit_weight(self, t: Tensor) -> Tensor | None:
         """Per-sample weight of the fit term from the timesteps; None: 1."""
@@ -68,9 +81,18 @@ class StepTerm:
         """Weighted scalars added to the loss, in order, from what the passes recorded (first `rows` samples: y_T)."""
         return ()
 
-    def after_step(self, t: Tensor, terms: NamedTuple) -> None:
-        """After each evaluation of the objective (each accumulated batch), before the next draw; `terms`: the
-        objective's `loss.LossTerms` (fit, keep, and fit_pre when the frozen y_T pass ran)."""
+    def after_objective(self, t: Tensor, terms: NamedTuple) -> None:
+        """After each evaluation of the objective whose loss is finite (each accumulated batch), before the next
+        draw; `terms`: the objective's `LossTerms` (fit, keep, and fit_pre when the frozen y_T pass ran)."""
+
+
+class RunHook(Term):
+    """The run's lifecycle, and what a resume must restore (the shape of Hugging Face's TrainerCallback)."""
+
+    history_keys: tuple[str, ...] = ()  # entries of report() that go into every history row
+
+    def start(self, examples: Sequence[Any]) -> None:
+        """Once, before the first step (and before a checkpoint's state is loaded): the run's `Example`s."""
 
     def end_of_step(self, step: int) -> None:
         """After optimizer step `step` (1-based), before that step's checkpoint, report and callback."""
@@ -91,19 +113,13 @@ class StepTerm:
     def load_state_dict(self, state: dict) -> None:
         pass
 
-    @staticmethod
-    def metadata(cfg: Any, history: Sequence[dict] = ()) -> dict[str, str]:
-        """Its settings for a LoRA file's header (str values), written whether it is on or off; `history`: the run's
-        rows (with its `history_keys`), for what the run decided (empty where unknown, e.g. mid-run step files)."""
-        return {}
-
     def close(self) -> None:
         """Undo whatever the constructor attached to the model. Runs before the run's weights are read, so a term
         whose weights are exported instead of the trained ones (the EMA) puts them in the adapter here."""
 
 
 class Adapter:
-    """What the loop trains: LoRA in the UNet (adapters.LoraAdapter), CatVersion in the text encoder (catversion.py).
+    """What the loop trains: LoRA in the UNet (adapters/lora.py), CatVersion in the text encoder (adapters/catversion/).
 
     install() puts it on the model, disabled() gives the frozen model for the frozen pass, remove() leaves the model
     as found. An adapter whose weights act in the text encoder sets `encodes_prompts`: the conditionings then change

@@ -35,36 +35,27 @@ page and figures, and two independent write-ups of the method section (the metho
 
 One frozen forward serves everything: with CAT (alpha > 0) it is one batched call over [y_T; y]; its
 y_T rows give L_pre and the stabilization/alignment targets, its y rows CAT's target. The adapted
-side is likewise one batched call, as in `loss.cat_objective`.
+side is likewise one batched call, as in `objective.cat_objective`.
 
 Unknown here, and therefore choices (each an `AptConfig` option): the loss weights (the bench's adaptive 1,
 stabilize 5, align 1000 were set on the world model), p_max, the rotation range, the layer sets, the alignment
 distance, and whether the paper's losses are per-sample means (as here) or sums.
+
+The settings are `AptConfig` (terms/apt_config.py), which builds the term (`AptConfig.build`); every `cfg` here is
+one, and this module does not import it back.
 """
 from __future__ import annotations
 
 import contextlib
 import math
 import re
-from typing import Callable, Iterator, NamedTuple
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .apt_config import AUGMENT_OPS, AptConfig, metadata  # noqa: F401  (re-exported: `cat_train.terms.apt.AptConfig` stays the public name)
-from ..step.objective import cat_objective
-from ..step.plugs import StepTerm
-
-
-class AptTerms(NamedTuple):
-    loss: Tensor      # scalar to minimise
-    fit: Tensor       # per-sample ||target - eps_θ'(z_t, t, y_T)||² (unweighted)
-    keep: Tensor      # per-sample CAT term (zeros when alpha = 0)
-    fit_pre: Tensor   # per-sample ||target - eps_θ(z_t, t, y_T)||²: the pretrained model's error, for the indicator
-    fit_weight: Tensor  # per-sample adaptive weight applied to fit
-    stabilize: Tensor   # scalar representation-stabilization penalty (0 when off)
-    align: Tensor       # scalar attention-alignment penalty (0 when off)
+from ..step.plugs import BatchTerm, LossTerm, RunHook
 
 
 # ---------------------------------------------------------------- (1) adaptive training adjustment
@@ -75,7 +66,7 @@ class Indicator:
     started from its bin's first value; a fine-tuned error above the pretrained one reads as 0, not as a negative
     indicator (which would weight the bin above 1). `relative`: EMA_b of (L_pre - L_ft) / L_pre, started from 0."""
 
-    def __init__(self, cfg: AptConfig, num_timesteps: int):
+    def __init__(self, cfg, num_timesteps: int):
         self.cfg, self.num_timesteps = cfg, num_timesteps
         self.value = torch.zeros(cfg.bins, dtype=torch.float64)
         self.count = torch.zeros(cfg.bins, dtype=torch.int64)
@@ -133,7 +124,7 @@ class Indicator:
             self.ft.copy_(state["ft"])
 
 
-def augment(x0: Tensor, prob: Tensor, cfg: AptConfig, gen: torch.Generator,
+def augment(x0: Tensor, prob: Tensor, cfg, gen: torch.Generator,
             space: tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]] | None = None) -> Tensor:
     """Each sample augmented with its own probability: one random affine (zoom-out, rotation, shift, flip as
     enabled) and optional colour jitter. The same number of draws every call, applied or not, so the RNG
@@ -181,7 +172,7 @@ class Taps:
     stabilized layers and cross-attention probabilities of the aligned layers. Outside such blocks (e.g. the
     recompute of gradient checkpointing in backward) they do nothing."""
 
-    def __init__(self, module: nn.Module, cfg: AptConfig):
+    def __init__(self, module: nn.Module, cfg):
         self.cfg, self.kind = cfg, None
         self.moments: dict[str, dict[str, tuple[Tensor, Tensor]]] = {"frozen": {}, "adapted": {}}
         self.probs: dict[str, dict[str, Tensor]] = {"frozen": {}, "adapted": {}}
@@ -300,7 +291,7 @@ class Taps:
 
 
 # ---------------------------------------------------------------- the plug-in
-class AptRun(StepTerm):
+class AptRun(BatchTerm, LossTerm, RunHook):
     """APT as a term of the CAT step (`loss.cat_objective`): the frozen pass also runs on y_T, whose rows give the
     pretrained error for the indicator and the targets of the penalties; the fit term is weighted per bin; after
     each evaluation the indicator moves. Keeps the indicator (checkpointed) and the hooks (removed by close())."""
@@ -309,7 +300,7 @@ class AptRun(StepTerm):
     needs_frozen_token_pass = True
     history_keys = ("stabilize", "align", "indicator")
 
-    def __init__(self, denoiser, cfg: AptConfig):
+    def __init__(self, denoiser, cfg):
         self.denoiser, self.cfg = denoiser, cfg
         self.indicator = Indicator(cfg, denoiser.schedule.num_timesteps)
         self.taps = Taps(denoiser.module, cfg)  # after LoRA injection: to_q/to_k hooks see the wrapped layers
@@ -342,16 +333,8 @@ class AptRun(StepTerm):
         self.last = {k: float(v) for k, v in self.penalties.items()}
         return [w * v for w, v in ((self.cfg.stabilize, rs), (self.cfg.align, aa)) if w]  # a part that is off adds nothing
 
-    def after_step(self, t: Tensor, terms) -> None:
+    def after_objective(self, t: Tensor, terms) -> None:
         self.indicator.update(self.indicator.bin_of(t), terms.fit_pre, terms.fit)
-
-    def objective(self, x0, noise, t, cond_token, cond_pres, alpha, weight) -> AptTerms:
-        """One evaluation of CAT with APT alone plugged in, and the indicator's update (the loop does the same)."""
-        fit_weight = self.fit_weight(t)  # as the objective applies it, before the indicator moves
-        terms = cat_objective(self.denoiser, x0, noise, t, cond_token, cond_pres, alpha, weight, terms=(self,))
-        self.after_step(t, terms)
-        return AptTerms(terms.loss, terms.fit, terms.keep, terms.fit_pre, fit_weight.to(terms.fit),
-                        self.penalties["stabilize"], self.penalties["align"])
 
     def report(self) -> dict:
         """For history and live views: the indicator per bin (None where a bin was never drawn) and the penalties."""
@@ -365,10 +348,6 @@ class AptRun(StepTerm):
 
     def load_state_dict(self, state: dict) -> None:
         self.indicator.load_state_dict(state)
-
-    @staticmethod
-    def metadata(cfg: AptConfig, history=()) -> dict[str, str]:
-        return metadata(cfg)
 
     def close(self) -> None:
         self.taps.remove()

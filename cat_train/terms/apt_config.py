@@ -1,14 +1,16 @@
-"""APT's settings (cat_train/terms/apt.py describes the method), apart from the plug-in itself.
+"""APT's settings (cat_train/terms/apt.py describes the method and holds the term), and the term they build.
 
-It imports only `families` (the default layers): `loss.CatLossConfig` carries an `AptConfig` without the objective importing the regularizer that
-plugs into it (apt.py imports loss.py's protocol, never the reverse).
+Its default layers are family knowledge (`families`); the composition root (training/config.py) carries an
+`AptConfig` on `CatLossConfig`, and the terms registry builds the term from it.
 """
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import asdict, dataclass, field
 
 from ..families import SDUNet
+from .apt import AptRun
 
 AUGMENT_OPS = ("flip", "zoom", "rotate", "shift", "color")
 FORMS = ("paper", "relative")
@@ -111,6 +113,13 @@ class AptConfig:
     def active(self) -> bool:
         return bool(self.adaptive or self.stabilize or self.align)
 
+    def metadata(self, history=()) -> dict[str, str]:
+        """Every APT setting for a LoRA file's header (all str, as safetensors metadata must be)."""
+        return {"cat_apt": json.dumps(asdict(self), sort_keys=True), "cat_apt_active": str(self.active).lower()}
+
+    def build(self, denoiser, adapter=None) -> AptRun:
+        return AptRun(denoiser, self)
+
 
 def pattern_problem(field: str, pattern) -> str | None:
     """A layer pattern that is no regular expression, named by its field (a bare re.error named none)."""
@@ -122,13 +131,6 @@ def pattern_problem(field: str, pattern) -> str | None:
         return (f"APT {field} {pattern!r} is not a valid regular expression ({e}); it is matched against module names, "
                 "e.g. '.*attn2' (leave the default to use the family's layers).")
     return None
-
-
-def metadata(cfg: AptConfig) -> dict[str, str]:
-    """Every APT setting for a LoRA file's header (all str, as safetensors metadata must be)."""
-    import json
-
-    return {"cat_apt": json.dumps(asdict(cfg), sort_keys=True), "cat_apt_active": str(cfg.active).lower()}
 
 
 EARLIER = dict(form="relative", zoom_out=0.0, fill="reflection", stabilize_layers=SDUNet.apt_block_layers,

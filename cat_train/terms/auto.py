@@ -10,29 +10,29 @@ probe's keep drift,
 (`validation.Validator`: frozen vs adapted prediction, a few no-grad forwards, no sampling), and adds the
 worst probes above `threshold` to the preservation prompts, `top_k` at most over the whole run. From then on
 each drawn sample's y is, in turn, its own preservation prompt or one of the added probes' prompts for that
-image (`StepTerm.preservation`), so every kept prompt gets an equal share of the CAT term, as when the prompts
+image (`BatchTerm.preservation`), so every kept prompt gets an equal share of the CAT term, as when the prompts
 are given by hand. Until the first probe is added the run is the plain CAT run, bit for bit: the measurement
 draws from its own generator and the turn-taking draws nothing.
 
-Probes and their per-image prompts: cat_train/terms/auto_config.py. The added set (probe, step, drift) is the
+The settings, probes and their per-image prompts: cat_train/terms/auto_config.py, which builds this term. The added set (probe, step, drift) is the
 checkpointed state, so a resumed run keeps preserving exactly what the interrupted one had added.
 """
 from __future__ import annotations
 
-import json
 import time
 from typing import Any, Sequence
 
-from .auto_config import AutoPreservationConfig, metadata
-from ..step.plugs import StepTerm
 from ..measure.validation import Validator
+from ..step.plugs import BatchTerm, RunHook
 
 
-class AutoPreservation(StepTerm):
+class AutoPreservation(BatchTerm, RunHook):
+    """cfg: its AutoPreservationConfig."""
+
     name = "auto"
     history_keys = ("auto_added",)
 
-    def __init__(self, denoiser, cfg: AutoPreservationConfig):
+    def __init__(self, denoiser, cfg):
         self.denoiser, self.cfg = denoiser, cfg
         self.added: list[tuple[str, int, float]] = []  # (probe, step added, its drift then), in the order added
         self.drift: dict[str, float] = {}  # the last measurement
@@ -97,12 +97,6 @@ class AutoPreservation(StepTerm):
                              "resume with the same probes (source and list) and dataset.")
         self.added = [(str(p), int(s), float(d)) for p, s, d in state["added"]]
         self.drift, self.measured, self.turn = dict(state["drift"]), int(state["measured"]), int(state["turn"])
-
-    @staticmethod
-    def metadata(cfg: AutoPreservationConfig, history: Sequence[dict] = ()) -> dict[str, str]:
-        added = next((row["auto_added"] for row in reversed(history) if "auto_added" in row), [])
-        return {**metadata(cfg), "cat_auto_preservation_added": json.dumps(
-            [{"probe": p, "step": s, "drift": round(d, 6)} for p, s, d in added])}
 
 
 def added_probes(history: Sequence[dict]) -> list[str]:

@@ -1,7 +1,8 @@
-"""Auto preservation's settings and probe prompts (cat_train/terms/auto.py is the plug-in), apart from the plug-in itself.
+"""Auto preservation's settings and probe prompts, and the term they build (cat_train/terms/auto.py).
 
-Like apt_config.py it imports nothing of the method: `loss.CatLossConfig` carries an `AutoPreservationConfig`
-and `train.build_examples` turns its probes into prompts without importing the regularizer that plugs in.
+The composition root (training/config.py) carries an `AutoPreservationConfig` on `CatLossConfig`; before step 1
+`training.build_examples` asks the terms registry for each image's probe prompts (`extra_prompts`), so they are
+encoded once with the rest.
 
 A probe is a class word (or short phrase: "teddy bear"). Its prompt for an image is the image's preservation
 prompt y with the image's class word replaced by the probe, so it keeps the caption's context: training
@@ -15,6 +16,8 @@ import json
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Literal, Mapping, Sequence
+
+from .auto import AutoPreservation
 
 ProbeSource = Literal["list", "dataset", "common"]
 SOURCES = ("list", "dataset", "common")
@@ -75,6 +78,21 @@ class AutoPreservationConfig:
     def active(self) -> bool:
         return self.every > 0
 
+    def metadata(self, history: Sequence[dict] = ()) -> dict[str, str]:
+        """The settings for a LoRA file's header (str values), and the probes the run added as its history tells."""
+        added = next((row["auto_added"] for row in reversed(history) if "auto_added" in row), [])
+        return {"cat_auto_preservation": json.dumps(asdict(self), sort_keys=True),
+                "cat_auto_preservation_active": str(self.active).lower(),
+                "cat_auto_preservation_added": json.dumps([{"probe": p, "step": s, "drift": round(d, 6)}
+                                                           for p, s, d in added])}
+
+    def build(self, denoiser, adapter=None) -> AutoPreservation:
+        return AutoPreservation(denoiser, self)
+
+    def extra_prompts(self, y: str, own_words: Sequence[str], class_word: str | Mapping[str, str]) -> dict[str, str]:
+        """{probe: prompt} for one image whose preservation prompt is y and whose class words are own_words."""
+        return image_probes(y, own_words, probe_words(self, class_word))
+
 
 def probe_words(cfg: AutoPreservationConfig, class_word: str | Mapping[str, str]) -> tuple[str, ...]:
     """Every probe of the run (an image is not probed with its own class word: `image_probes`)."""
@@ -102,9 +120,3 @@ def image_probes(y: str, own_words: Sequence[str], probes: Sequence[str]) -> dic
             prompt = re.sub(rf"(?<!\w){re.escape(w)}(?!\w)", p, prompt)
         out[p] = prompt if found else p
     return out
-
-
-def metadata(cfg: AutoPreservationConfig) -> dict[str, str]:
-    """The settings for a LoRA file's header (str values)."""
-    return {"cat_auto_preservation": json.dumps(asdict(cfg), sort_keys=True),
-            "cat_auto_preservation_active": str(cfg.active).lower()}

@@ -2,20 +2,38 @@
 
 After optimizer step s the shadow is a copy of the weights while s <= ema_start_step, then
 shadow <- decay * shadow + (1 - decay) * weights. What a run writes (its result, each save_every file) is the shadow;
-training itself never sees it, so the optimizer's path is the same as without it. A plug-in (`plugins.StepTerm`): its
+training itself never sees it, so the optimizer's path is the same as without it. A `plugs.RunHook`: its
 state goes into checkpoints under "ema" (a resume continues the same average), its settings into the LoRA header.
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Iterator, Sequence
 
 import torch
 
-from ..step.plugs import Adapter, StepTerm
+from ..step.plugs import Adapter, RunHook
 
 
-class WeightEma(StepTerm):
+@dataclass(frozen=True)
+class EmaSettings:
+    """`TrainConfig.ema_decay` and `ema_start_step` as the terms registry sees them (TrainConfig.ema)."""
+    decay: float = 0.0
+    start_step: int = 0
+
+    @property
+    def active(self) -> bool:
+        return bool(self.decay)
+
+    def metadata(self, history: Sequence[dict] = ()) -> dict[str, str]:
+        return {"cat_ema_decay": str(float(self.decay)), "cat_ema_start_step": str(int(self.start_step))}
+
+    def build(self, denoiser, adapter: Adapter) -> "WeightEma":
+        return WeightEma(adapter, self.decay, self.start_step)
+
+
+class WeightEma(RunHook):
     name = "ema"
 
     def __init__(self, adapter: Adapter, decay: float, start_step: int = 0):
@@ -62,7 +80,3 @@ class WeightEma(StepTerm):
                              "resume with the same adapter settings, or start afresh without resume_from.")
         for s, v in zip(self.shadow, saved):
             s.copy_(v)
-
-    @staticmethod
-    def metadata(cfg: Any, history: Sequence[dict] = ()) -> dict[str, str]:
-        return {"cat_ema_decay": str(float(cfg.ema_decay)), "cat_ema_start_step": str(int(cfg.ema_start_step))}

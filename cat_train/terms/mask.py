@@ -12,7 +12,7 @@ latent, outside the mask,
 
     keep_bg = mean over elements of (1 - m) * ||eps_θ(z_t, t, y_T) - eps_θ'(z_t, t, y_T)||²,   loss += keep * keep_bg
 
-from the frozen y_T pass that APT asks for too (`StepTerm.needs_frozen_token_pass`): no forward pass of its own.
+from the frozen y_T pass that APT asks for too (`LossTerm.needs_frozen_token_pass`): no forward pass of its own.
 Examples without a mask weigh every element 1 and have no background. Off (floor 1, keep 0) the term is not built
 and the run is bit for bit the unmasked one.
 """
@@ -25,7 +25,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from ..step.plugs import StepTerm
+from ..step.plugs import BatchTerm, LossTerm, RunHook
 
 log = logging.getLogger("cat_train")
 
@@ -36,9 +36,18 @@ class MaskSettings:
     floor: float = 1.0
     keep: float = 0.0
 
+    def __post_init__(self):
+        check_settings(self.floor, self.keep)
+
     @property
     def active(self) -> bool:
         return self.floor < 1.0 or self.keep > 0.0
+
+    def metadata(self, history: Sequence[dict] = ()) -> dict[str, str]:
+        return {"cat_mask_floor": str(self.floor), "cat_mask_keep": str(self.keep)}
+
+    def build(self, denoiser, adapter=None) -> "MaskedLoss":
+        return MaskedLoss(denoiser, self)
 
 
 def check_settings(floor: float, keep: float) -> None:
@@ -54,15 +63,9 @@ def fit_weights(mask: Tensor, floor: float) -> Tensor:
     return mask + floor * (1.0 - mask)
 
 
-def latent_mask(mask: Tensor, size: tuple[int, int]) -> Tensor:
-    """A pixel mask (H, W) or (1, H, W) in [0, 1] averaged down to the latent's (h, w): each latent element weighs as
-    much as the share of its pixels that are subject (area interpolation, the pixels it encodes)."""
-    m = mask.float().reshape(1, 1, *mask.shape[-2:])
-    return torch.nn.functional.interpolate(m, size=tuple(size), mode="area")[0].clamp(0, 1)
-
-
-class MaskedLoss(StepTerm):
-    """Weights the fit per element by the batch's masks and adds the background keep term."""
+class MaskedLoss(BatchTerm, LossTerm, RunHook):
+    """Weights the fit per element by the batch's masks (it sees the batch, shapes the loss) and adds the background
+    keep term (reported in the history)."""
 
     name = "mask"
 
@@ -92,7 +95,7 @@ class MaskedLoss(StepTerm):
         m = m.to(pred_token.device, torch.float32)
         if m.shape[-2:] != pred_token.shape[-2:]:
             raise ValueError(f"a mask of {tuple(m.shape[-2:])} does not match its latent's {tuple(pred_token.shape[-2:])}; "
-                             "build masks at the latent size (cat_train.terms.mask.latent_mask).")
+                             "build masks at the latent size (cat_train.data.masks.latent_mask).")
         if self.cfg.keep and frozen_token is not None:
             diff = (pred_token.float() - frozen_token.float()).pow(2)
             self.background = ((1.0 - m) * diff).flatten(1).mean(1)
@@ -108,7 +111,3 @@ class MaskedLoss(StepTerm):
 
     def report(self) -> dict:
         return dict(self.last)
-
-    @staticmethod
-    def metadata(cfg: MaskSettings, history: Sequence[dict] = ()) -> dict[str, str]:
-        return {"cat_mask_floor": str(cfg.floor), "cat_mask_keep": str(cfg.keep)}

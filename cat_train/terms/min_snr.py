@@ -1,4 +1,4 @@
-"""min-SNR-γ: a per-timestep weight of the fit term, plugged in as a `plugins.StepTerm` (its `fit_weight`).
+"""min-SNR-γ: a per-timestep weight of the fit term, plugged in as a `plugs.LossTerm` (its `fit_weight`).
 
 Hang et al. 2023 weight the x0-space loss by min(SNR, γ): the easy low-noise steps stop dominating the gradient. In
 the space a model is trained in that is (kohya's apply_snr_weight, diffusers' compute_snr, OneTrainer):
@@ -14,11 +14,14 @@ factor α sets its scale.
 """
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
 from ..step.denoiser import Denoiser, FlowSchedule, NoiseSchedule, PredictionType
-from ..step.plugs import StepTerm
+from ..step.plugs import LossTerm
 
 
 def snr(schedule: NoiseSchedule | FlowSchedule, t: Tensor) -> Tensor:
@@ -44,8 +47,28 @@ def min_snr_weight(schedule: NoiseSchedule | FlowSchedule, prediction_type: Pred
     raise ValueError(f"min_snr_gamma knows eps, v and flow predictions, not {prediction_type!r}; set min_snr_gamma to 0.")
 
 
-class MinSnrWeight(StepTerm):
-    """The CatLossConfig field `min_snr_gamma` > 0 switches it on; stateless, so checkpoints hold nothing of it."""
+@dataclass(frozen=True)
+class MinSnr:
+    """`CatLossConfig.min_snr_gamma` as the terms registry sees it (CatLossConfig.min_snr)."""
+    gamma: float = 0.0
+
+    def __post_init__(self):
+        if not (self.gamma >= 0 and math.isfinite(self.gamma)):
+            raise ValueError(f"min_snr_gamma must be a finite number >= 0 (0 = off; 5 is the usual value), got {self.gamma}.")
+
+    @property
+    def active(self) -> bool:
+        return self.gamma > 0
+
+    def metadata(self, history=()) -> dict[str, str]:
+        return {"ss_min_snr_gamma": f"{self.gamma:g}" if self.gamma > 0 else "None"}  # kohya writes None when off
+
+    def build(self, denoiser: Denoiser, adapter=None) -> "MinSnrWeight":
+        return MinSnrWeight(denoiser, self.gamma)
+
+
+class MinSnrWeight(LossTerm):
+    """Stateless: a checkpoint holds an empty entry under its name."""
 
     name = "min_snr_gamma"
 
@@ -53,18 +76,5 @@ class MinSnrWeight(StepTerm):
         self.schedule, self.prediction_type, self.gamma = denoiser.schedule, denoiser.prediction_type, float(gamma)
         min_snr_weight(self.schedule, self.prediction_type, torch.tensor([self.schedule.num_timesteps // 2]), self.gamma)
 
-    @staticmethod
-    def switched_on(gamma: float) -> bool:
-        return gamma > 0
-
     def fit_weight(self, t: Tensor) -> Tensor:
         return min_snr_weight(self.schedule, self.prediction_type, t, self.gamma).to(t.device, torch.float32)
-
-    @staticmethod
-    def metadata(gamma: float, history=()) -> dict[str, str]:
-        return {"ss_min_snr_gamma": f"{gamma:g}" if gamma > 0 else "None"}  # kohya writes None when off
-
-
-def range_metadata(cfg) -> dict[str, str]:
-    """The timestep range for a LoRA header (kohya records no key for its min/max_timestep: CAT's own names)."""
-    return {"cat_timestep_min": str(int(cfg.timestep_min)), "cat_timestep_max": str(int(cfg.timestep_max))}

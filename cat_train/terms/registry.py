@@ -1,32 +1,63 @@
-"""The regularizers a CAT run can plug in, each under the `CatLossConfig` field that configures it.
+"""The one registry of step terms: each entry the config class of one term, and where a run's configuration holds it.
 
-The registry is the only place that names them (the shape of ComfyUI's comfy/weight_adapter registry): the loop
-builds what is switched on from here and knows each only as a `plugins.StepTerm`. A new regularizer is its
-module, its config field on `CatLossConfig` and one line below.
+A config class has `active` (does it switch its term on), `metadata(history)` (its settings for a LoRA file's
+header, written whether it is on or off, with what the run decided as its history rows tell) and
+`build(denoiser, adapter)` (its term, attached to the adapted model). The loop builds what is on from here, asks
+here for the prompts a term needs per image before step 1 (`extra_prompts`), and knows each term only by its roles
+(`step.plugs`). A new term is its module, its config class, a field (or property) on CatLossConfig or TrainConfig
+(training/config.py) and one line below.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
-from .apt import AptRun
-from .auto import AutoPreservation
-from ..step.denoiser import Denoiser
-from ..step.objective import CatLossConfig
-from .mask import MaskedLoss
-from ..step.plugs import StepTerm
-from .min_snr import MinSnrWeight
+from ..step.plugs import Term
+from .apt_config import AptConfig
+from .auto_config import AutoPreservationConfig
+from .ema import EmaSettings
+from .mask import MaskSettings
+from .min_snr import MinSnr
 
-# CatLossConfig field (or property: `mask` gathers mask_floor and mask_keep) -> plug-in (its `name` is the field's)
-REGISTRY: dict[str, type[StepTerm]] = {"apt": AptRun, "auto": AutoPreservation, "min_snr_gamma": MinSnrWeight,
-                                       "mask": MaskedLoss}
+# config class -> where its settings are: "loss" (CatLossConfig) or "train" (TrainConfig), and the attribute there.
+# In this order terms are built and called (a penalty's place in the loss sum is part of a run's bits).
+REGISTRY: dict[type, tuple[str, str]] = {
+    AptConfig: ("loss", "apt"),
+    AutoPreservationConfig: ("loss", "auto"),
+    MinSnr: ("loss", "min_snr"),
+    MaskSettings: ("loss", "mask"),
+    EmaSettings: ("train", "ema"),
+}
 
 
-def step_terms(loss_cfg: CatLossConfig, denoiser: Denoiser) -> list[StepTerm]:
-    """The plug-ins this config switches on, attached to the (already adapted) model; close() each when done."""
-    return [cls(denoiser, getattr(loss_cfg, field)) for field, cls in REGISTRY.items() if cls.switched_on(getattr(loss_cfg, field))]
+def settings(loss_cfg: Any, cfg: Any = None) -> list:
+    """Every registered term's settings in this run's configuration (the TrainConfig's left out where cfg is None)."""
+    out = []
+    for cls, (where, attr) in REGISTRY.items():
+        if where == "train" and cfg is None:
+            continue
+        found = getattr(loss_cfg if where == "loss" else cfg, attr)
+        if not isinstance(found, cls):
+            raise TypeError(f"{where} config's {attr} is a {type(found).__name__}, the registry expects a {cls.__name__}.")
+        out.append(found)
+    return out
 
 
-def metadata(loss_cfg: CatLossConfig, history: Sequence[dict] = ()) -> dict[str, str]:
-    """Every registered regularizer's settings for a LoRA file's header, on or off (files say what was not used too),
-    and what each decided during the run as its history rows tell (auto preservation: the probes it added)."""
-    return {k: v for field, cls in REGISTRY.items() for k, v in cls.metadata(getattr(loss_cfg, field), history).items()}
+def build(loss_cfg: Any, cfg: Any, denoiser: Any, adapter: Any) -> list[Term]:
+    """The terms this configuration switches on, attached to the (already adapted) model."""
+    return [s.build(denoiser, adapter) for s in settings(loss_cfg, cfg) if s.active]
+
+
+def metadata(loss_cfg: Any, cfg: Any, history: Sequence[dict] = ()) -> dict[str, str]:
+    """Every registered term's settings for a LoRA file's header, on or off (files say what was not used too), and
+    what each decided during the run as its history rows tell (auto preservation: the probes it added)."""
+    return {k: v for s in settings(loss_cfg, cfg) for k, v in s.metadata(history).items()}
+
+
+def extra_prompts(loss_cfg: Any, y: str, own_words: Callable[[], Sequence[str]]) -> dict[str, str]:
+    """{name: prompt} the active terms need encoded for one image whose preservation prompt is y and whose class
+    words own_words() gives (auto preservation's probes)."""
+    out: dict[str, str] = {}
+    for s in settings(loss_cfg):
+        if s.active and hasattr(s, "extra_prompts"):
+            out.update(s.extra_prompts(y, own_words(), loss_cfg.class_word))
+    return out

@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 from typing import Sequence
 
-from ..step.objective import CatLossConfig
+from .config import CatLossConfig
 from ..data.prompts import preservation_prompt
 
 TOKEN_WEIGHTS_FORMAT = "one 'token=weight' per line (or comma separated), e.g. 'sks=1.5'"
@@ -61,16 +61,6 @@ def check_concepts(triggers: Sequence[str], loss_cfg: CatLossConfig) -> None:
                                  "(y) would equal the training caption (y_T), so the CAT term would compare a prompt "
                                  "with itself and preserve nothing. Use a token the model does not know as the trigger "
                                  f"(e.g. 'sks') and keep {t!r} as the class word.")
-
-
-def check_trigger_not_class_word(triggers: Sequence[str], class_word: str, field: str = "class_word") -> None:
-    """A dataset whose trigger is its class word: captions 'a toy' would train the class itself."""
-    same = [t for t in triggers if t.strip() and t.strip().lower() == class_word.strip().lower()]
-    if same:
-        raise ValueError(f"trigger {same[0]!r} is the same word as {field} {class_word.strip()!r}: the prompt without the "
-                         "trigger (y) would equal the training caption (y_T), so CAT could not tell the subject from its "
-                         f"class. Use a token the model does not know as the trigger (e.g. 'sks') and keep "
-                         f"{class_word.strip()!r} as the class word.")
 
 
 def check_image_batch(images, what: str) -> None:

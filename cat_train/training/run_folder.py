@@ -17,24 +17,17 @@ import os
 import shutil
 import tempfile
 import zlib
-from dataclasses import MISSING, asdict, fields, is_dataclass
+from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
+from .. import families
+from ..options import recorded
+from ..adapters.export import StorageError
+
 RUN_FILE = "cat-run.json"
-# Settings of TrainConfig that do not change the weights: where files go and how often, where it runs, and
-# gradient checkpointing (the same numbers, recomputed). `steps` changes them only through a cosine schedule
-# (a constant-lr run resumed to train longer is the same run).
-NOT_RESULT = ("save_every", "checkpoint_dir", "device", "gradient_checkpointing", "steps")
-# Options added after runs began recording their settings, recorded only while the first named switches them on:
-# a run with them off is the run earlier versions recorded (its checkpoints resume, its folder stays its own), and
-# the settings of an option that is off change nothing.
-RECORDED_WHEN_ON = {"ema_decay": "ema_decay", "ema_start_step": "ema_decay"}
-
-
-FAMILY_NAMES = {"sd": "SD1.x/SD2", "sdxl": "SDXL", "flux": "Flux", "sd3": "SD3", None: "unknown"}
 
 
 class FolderTaken(ValueError):
@@ -43,10 +36,6 @@ class FolderTaken(ValueError):
     def __init__(self, message: str, folder: Path, run_id: str, why: str):
         super().__init__(message)
         self.folder, self.run_id, self.why = folder, run_id, why
-
-
-class StorageError(OSError):
-    """A folder that cannot take the files a run writes; the message names it and the fix."""
 
 
 def _plain(value: Any) -> Any:
@@ -126,27 +115,13 @@ def _coarse(data: dict) -> dict:
                        for r, v in data["sketch"].items()}}
 
 
-def recorded(options) -> dict:
-    """asdict of an option dataclass, less the options added later (field metadata "since") that are at their default:
-    records and checkpoints of runs from before an option existed lack it, and must still read as the same run."""
-    out = asdict(options)
-    for f in fields(options):
-        default = f.default_factory() if f.default_factory is not MISSING else f.default
-        if "since" in f.metadata and out.get(f.name) == default:
-            del out[f.name]
-    return out
-
-
 def result_settings(cfg, loss_cfg, adapter, data: dict, family: str | None) -> dict:
-    """Every setting that changes the trained weights, in a comparable form."""
-    config = {k: v for k, v in recorded(cfg).items()
-              if k not in NOT_RESULT and (k not in RECORDED_WHEN_ON or getattr(cfg, RECORDED_WHEN_ON[k]))}
-    if cfg.lr_schedule == "cosine":
-        config["steps"] = cfg.steps
+    """Every setting that changes the trained weights, in a comparable form: each option as its field's "recorded"
+    rule says (cat_train/options.py)."""
     spec = getattr(adapter, "spec", None)
-    spec = spec.saved() if hasattr(spec, "saved") else spec  # LoRA specs as before there were other algorithms
-    return {**_plain({"adapter": adapter.name, "spec": spec, "config": config, "loss": recorded(loss_cfg), "family": family}),
-            "data": data}
+    spec = recorded(spec) if is_dataclass(spec) else spec
+    return {**_plain({"adapter": adapter.name, "spec": spec, "config": recorded(cfg), "loss": recorded(loss_cfg),
+                      "family": family}), "data": data}
 
 
 def run_id(settings: dict) -> str:
@@ -236,7 +211,7 @@ def check_resume(state: dict, settings: dict, steps: int, path) -> None:
                          "resume it with the trainer that wrote it, or start afresh without a checkpoint.")
     saved = state.get("run_settings")
     if saved is not None and saved.get("family") != settings.get("family"):
-        was, now = (FAMILY_NAMES.get(f, str(f)) for f in (saved.get("family"), settings.get("family")))
+        was, now = (families.title(f) for f in (saved.get("family"), settings.get("family")))
         raise ValueError(f"checkpoint {path} was trained on an {was} model, this model is {now}; resume it on the "
                          f"{was} model it was trained on, or start afresh without resume_from.")
     if saved is None:  # written before runs recorded their settings: compare what the file holds

@@ -45,12 +45,12 @@ import torch
 from ..measure import metrics
 from ..training.checks import OneLineParser, non_negative_float, output_folder, positive_float, positive_int
 from ..adapters.lora import LoraSpec, remove_lora
-from ..terms.apt import AptConfig
+from ..terms.apt_config import AptConfig
 from ..terms.auto_config import AutoPreservationConfig
-from ..step.objective import CatLossConfig
+from ..training import CatLossConfig
 from .catversion_bench import catversion_alpha, catversion_label, run_catversion
 from ..measure.sampling import sample
-from ..training.loop import Example, TrainConfig, build_examples, train
+from ..training import Example, TrainConfig, build_examples, train
 from . import generator as wg
 from . import model as wm
 from .clip import load_clip

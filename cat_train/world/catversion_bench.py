@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import math
 
-from ..adapters.catversion import PAPER_LAYERS, CatVersionConfig, CatVersionSpec, disabled, find_self_attention, installed, train_catversion
+from ..adapters.catversion import PAPER_LAYERS, CatVersionSpec, disabled, find_self_attention, installed
+from ..training import CatVersionConfig, train_catversion
 
 LR, BATCH = 1e-2, 2  # the paper's (5e-3 base rate x batch 2)
 

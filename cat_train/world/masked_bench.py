@@ -31,9 +31,9 @@ import torch
 from ..measure import metrics
 from ..adapters.lora import LoraSpec, remove_lora
 from ..training.checks import non_negative_float, output_folder, positive_float, positive_int
-from ..step.objective import CatLossConfig
-from ..terms.mask import latent_mask
-from ..training.loop import TrainConfig, build_examples, train
+from ..training import CatLossConfig
+from ..data.masks import latent_mask
+from ..training import TrainConfig, build_examples, train
 from . import generator as wg
 from . import model as wm
 

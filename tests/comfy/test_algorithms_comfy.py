@@ -33,8 +33,8 @@ def test_algorithm_file_through_stock_loader_predicts_as_trained(comfy, models, 
     mp, clip, vae = models[kind]
     tr = pack_module(comfy, "nodes.trainer")
     A = pack_module(comfy, "cat_train.adapters.lora")
-    L = pack_module(comfy, "cat_train.step.objective")
-    T = pack_module(comfy, "cat_train.training.loop")
+    L = pack_module(comfy, "cat_train.training")
+    T = pack_module(comfy, "cat_train.training")
     cm = pack_module(comfy, "nodes.comfy_model")
     ds = pack_module(comfy, "nodes.dataset").build_dataset(dataset_dir, vae, clip, ("sks",), "dog", ".txt", 128, True)
     unet = mp.model.diffusion_model

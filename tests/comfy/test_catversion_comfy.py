@@ -73,11 +73,12 @@ def test_trainer_leaves_inputs_and_file_changes_only_conditioning(comfy, kind, r
     mp, clip, vae = request.getfixturevalue(f"tiny_{kind}")
     N = pack_module(comfy, "nodes.catversion")
     cv = pack_module(comfy, "cat_train.adapters.catversion")
+    cvt = pack_module(comfy, "cat_train.training.catversion")
     ds = _dataset(comfy, dataset_dir, (mp, clip, vae))
     clip_before, unet_before, cond_before = _state(clip.cond_stage_model), _state(mp.model.diffusion_model), _encode(clip)
     layers = 3 if kind == "sd15" else 2  # SDXL's CLIPs output their penultimate layer: 2 of the tiny 3 reach it
     spec = cv.CatVersionSpec(layers=layers)
-    cfg = cv.CatVersionConfig(steps=3, lr=1e-2, batch_size=2, alpha=0.5 if kind == "sdxl" else 0.0, class_word="dog", seed=1)
+    cfg = cvt.CatVersionConfig(steps=3, lr=1e-2, batch_size=2, alpha=0.5 if kind == "sdxl" else 0.0, class_word="dog", seed=1)
     applied, weights, image, summary = N.train_on_clip(mp, clip, ds, spec, cfg, "7")
     assert "3/3 steps" in summary and image.shape[-1] == 3
     assert set(weights) == ({"clip_l"} if kind == "sd15" else {"clip_l", "clip_g"})
@@ -177,12 +178,13 @@ def test_trainer_reports_like_the_lora_trainer_and_cancel_keeps_a_resumable_chec
     mp, clip, vae = tiny_sd15
     N = pack_module(comfy, "nodes.catversion")
     cv = pack_module(comfy, "cat_train.adapters.catversion")
+    cvt = pack_module(comfy, "cat_train.training.catversion")
     tr = pack_module(comfy, "nodes.common")  # the one progress callback both trainers use
     ds = _dataset(comfy, dataset_dir, tiny_sd15)
     events = []
     monkeypatch.setattr(tr, "send_event", lambda event, data: events.append((event, data)))
     spec = cv.CatVersionSpec(layers=2)
-    cfg = cv.CatVersionConfig(steps=4, lr=1e-2, batch_size=2, alpha=0.5, class_word="dog", seed=2)
+    cfg = cvt.CatVersionConfig(steps=4, lr=1e-2, batch_size=2, alpha=0.5, class_word="dog", seed=2)
     clip_before = _state(clip.cond_stage_model)
     _, full, _, _ = N.train_on_clip(mp, clip, ds, spec, cfg, "9")
     assert [e for e, _ in events] == [tr.EVENT] * 4

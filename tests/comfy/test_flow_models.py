@@ -20,7 +20,7 @@ def flow_models(comfy):
 
 def _mods(comfy):
     return [pack_module(comfy, m) for m in ("nodes.trainer", "nodes.comfy_model", "cat_train.adapters.lora",
-                                            "cat_train.step.objective", "cat_train.training.loop")]
+                                            "cat_train.training", "cat_train.training")]
 
 
 def _state(mp):

@@ -15,7 +15,7 @@ def _dataset(comfy, folder, mp_clip_vae, res=128):
 
 
 def _cfg(comfy, **kw):
-    T = pack_module(comfy, "cat_train.training.loop")
+    T = pack_module(comfy, "cat_train.training")
     return T.TrainConfig(**{"steps": 4, "lr": 1e-2, "seed": 1, **kw})
 
 
@@ -54,7 +54,7 @@ def test_train_patch_roundtrip(comfy, kind, request, dataset_dir, tmp_path):
     mp, clip, vae = request.getfixturevalue(f"tiny_{kind}")
     tr = pack_module(comfy, "nodes.trainer")
     A = pack_module(comfy, "cat_train.adapters.lora")
-    L = pack_module(comfy, "cat_train.step.objective")
+    L = pack_module(comfy, "cat_train.training")
     cm = pack_module(comfy, "nodes.comfy_model")
     ds = _dataset(comfy, dataset_dir, (mp, clip, vae))
     assert len(ds.items) == 3 and len(ds.buckets) == 2  # 128x128 and 256x128 -> buckets 128x128, 192x64
@@ -114,8 +114,8 @@ def test_cancel_keeps_checkpoint_and_resumes(comfy, tiny_sd15, dataset_dir, tmp_
     mp, clip, vae = tiny_sd15
     tr = pack_module(comfy, "nodes.trainer")
     A = pack_module(comfy, "cat_train.adapters.lora")
-    L = pack_module(comfy, "cat_train.step.objective")
-    T = pack_module(comfy, "cat_train.training.loop")
+    L = pack_module(comfy, "cat_train.training")
+    T = pack_module(comfy, "cat_train.training")
     ds = _dataset(comfy, dataset_dir, tiny_sd15)
     mm.load_models_gpu([mp])  # the MODEL's own weights, not a still-loaded patched clone's
     before = {k: v.clone() for k, v in mp.model.diffusion_model.state_dict().items()}
@@ -139,7 +139,7 @@ def test_gradient_checkpointing_same_lora_and_unwrapped_after(comfy, tiny_sd15, 
     mp, clip, vae = tiny_sd15
     tr = pack_module(comfy, "nodes.trainer")
     A = pack_module(comfy, "cat_train.adapters.lora")
-    L = pack_module(comfy, "cat_train.step.objective")
+    L = pack_module(comfy, "cat_train.training")
     ds = _dataset(comfy, dataset_dir, tiny_sd15)
     blocks = [layer for b in [*mp.model.diffusion_model.input_blocks, mp.model.diffusion_model.middle_block] for layer in b]
     calls = []
@@ -182,7 +182,7 @@ def test_v_prediction_model(comfy, dataset_dir, tmp_path):
     torch.testing.assert_close(x0, x_k / (s * s + 1) - v * s / (s * s + 1).sqrt(), atol=1e-5, rtol=1e-4)
     tr = pack_module(comfy, "nodes.trainer")
     A = pack_module(comfy, "cat_train.adapters.lora")
-    L = pack_module(comfy, "cat_train.step.objective")
+    L = pack_module(comfy, "cat_train.training")
     ds = _dataset(comfy, dataset_dir, (mp, clip, vae))
     res = tr.train_on_model(mp, ds, L.CatLossConfig(0.0, "strip"), A.LoraSpec(rank=2, alpha=2.0),
                             _cfg(comfy, steps=2, checkpoint_dir=str(tmp_path)))[4]

@@ -107,7 +107,7 @@ def test_cancel_during_the_trainers_preparation_stops_before_step_1(ready, tiny_
 
     mp, clip, vae = tiny_sd15
     tr = pack_module(ready, "nodes.trainer")
-    A, L, T = (pack_module(ready, f"cat_train.{m}") for m in ("adapters.lora", "step.objective", "training.loop"))
+    A, L, T = (pack_module(ready, f"cat_train.{m}") for m in ("adapters.lora", "training", "training"))
     ds = pack_module(ready, "nodes.dataset").build_dataset(dataset_dir, vae, clip, ("sks",), "dog", ".txt", 128, True)
     ds._text_cache.clear()
     seen = []
@@ -222,7 +222,7 @@ def test_two_queued_runs_with_one_checkpoint_name_keep_their_own_checkpoints(rea
 def test_a_trigger_on_a_75_token_boundary_pads_to_the_longest_caption_not_420_chunks(ready, tiny_sd15):
     _, clip, _ = tiny_sd15
     CD = pack_module(ready, "nodes.dataset").CatDataset
-    L = pack_module(ready, "cat_train.step.objective")
+    L = pack_module(ready, "cat_train.step.conds")
     P = pack_module(ready, "cat_train.data.prompts")
     caption = "a " * (75 * 20 - 1) + "sks dog"  # without the trigger 20 full chunks; the trigger opens the 21st
     y = P.preservation_prompt(caption, ["sks"], "strip", "dog")
@@ -237,7 +237,7 @@ def test_a_trigger_on_a_75_token_boundary_pads_to_the_longest_caption_not_420_ch
 
 def test_an_sd15_checkpoint_resumed_on_sdxl_names_both_families(ready, tiny_sd15, tiny_sdxl, dataset_dir, tmp_path):
     tr = pack_module(ready, "nodes.trainer")
-    A, L, T = (pack_module(ready, f"cat_train.{m}") for m in ("adapters.lora", "step.objective", "training.loop"))
+    A, L, T = (pack_module(ready, f"cat_train.{m}") for m in ("adapters.lora", "training", "training"))
     dsn = pack_module(ready, "nodes.dataset")
     mp, clip, vae = tiny_sd15
     ds = dsn.build_dataset(dataset_dir, vae, clip, ("sks",), "dog", ".txt", 128, True)

@@ -15,9 +15,9 @@ from test_clip_vision import tiny_clip_vision  # noqa: F401  (fixture)
 def _run(comfy, tiny_sd15, dataset_dir, tmp_path, name, watch, save_every=2):
     tr = pack_module(comfy, "nodes.trainer")
     A = pack_module(comfy, "cat_train.adapters.lora")
-    L = pack_module(comfy, "cat_train.step.objective")
+    L = pack_module(comfy, "cat_train.training")
     ds_mod = pack_module(comfy, "nodes.dataset")
-    T = pack_module(comfy, "cat_train.training.loop")
+    T = pack_module(comfy, "cat_train.training")
     sv = pack_module(comfy, "nodes.save_lora")
     mp, clip, vae = tiny_sd15
     ds = ds_mod.build_dataset(dataset_dir, vae, clip, ("sks",), "dog", ".txt", 128, True)
