@@ -28,14 +28,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..measure import metrics
 from ..adapters.lora import LoraSpec, remove_lora
-from ..training.checks import non_negative_float, output_folder, positive_float, positive_int
-from ..training import CatLossConfig
 from ..data.masks import latent_mask
-from ..training import TrainConfig, build_examples, train
+from ..measure import metrics
+from ..training import CatLossConfig, TrainConfig, build_examples, train
+from ..training.checks import non_negative_float, output_folder, positive_float, positive_int
 from . import generator as wg
 from . import model as wm
+from .runner import run_seeds, summarize
 
 CAPTION = f"a {wg.TRIGGER} {wg.IDENTITY_CLASS}"
 RING = 3      # px: the border ring whose colour is the background's
@@ -149,7 +149,7 @@ def label(m: str, c: MaskedBenchConfig) -> str:
 
 
 def run(c: MaskedBenchConfig, log=print) -> dict:
-    from .bench import World, _noise
+    from .bench import World
 
     torch.manual_seed(0)
     world = World()
@@ -159,33 +159,20 @@ def run(c: MaskedBenchConfig, log=print) -> dict:
              for im, m in zip(x, masks)]
     ps = prompts(c.per_prompt)
     spec = LoraSpec(rank=c.rank, alpha=c.rank, preset=c.preset)
-    results: dict[str, list[dict]] = {m: [] for m in ("base", *c.methods)}
-    grid: dict[str, dict[str, torch.Tensor]] = {}
     t0 = time.time()
-    for seed in c.seeds:
-        noise = {k: _noise(len(v), 3000 + seed * 7 + i) for i, (k, v) in enumerate(ps.items())}
-        base = {k: world.generate(ps[k], noise[k], c) for k in ps}
-        results["base"].append({**evaluate(world, base, base, ps), "final_fit": float("nan")})
-        if seed == c.seeds[0]:
-            grid["base"] = base
-        for m in c.methods:
-            t1 = time.time()
-            lc = loss_config(m, c)
-            ex = build_examples(items, world.encode_text, lc)
-            tr = train(world.den, ex, lc, spec, TrainConfig(steps=c.steps, lr=c.lr, seed=seed), keep_adapter=True)
-            try:
-                out = {k: world.generate(ps[k], noise[k], c) for k in ps}
-            finally:
-                remove_lora(world.den.module)
-            r = {**evaluate(world, out, base, ps), "final_fit": float(np.mean([h["fit"] for h in tr.history[-20:]]))}
-            results[m].append(r)
-            if seed == c.seeds[0]:
-                grid[m] = out
-            log(f"seed {seed} {label(m, c):45s} " + " ".join(f"{k} {v:.3f}" for k, v in r.items())
-                + f"  ({time.time() - t1:.0f}s)")
-    summary = {m: {k: {"mean": float(np.mean([r[k] for r in rs])), "std": float(np.std([r[k] for r in rs])),
-                       "runs": [r[k] for r in rs]} for k in rs[0]} for m, rs in results.items()}
-    return {"config": asdict(c), "seconds": time.time() - t0, "methods": summary, "grid": grid,
+
+    def train_method(m, seed, noise, base):
+        lc = loss_config(m, c)
+        ex = build_examples(items, world.encode_text, lc)
+        tr = train(world.den, ex, lc, spec, TrainConfig(steps=c.steps, lr=c.lr, seed=seed), keep_adapter=True)
+        try:
+            return {k: world.generate(ps[k], noise[k], c) for k in ps}, tr, {}
+        finally:
+            remove_lora(world.den.module)
+    results, grid, _ = run_seeds(world, c, c.methods, ps, lambda out, base: evaluate(world, out, base, ps), train_method,
+                                 lambda m: f"{label(m, c):45s}", log, noise_offset=3000,
+                                 base_row={"final_fit": float("nan")})
+    return {"config": asdict(c), "seconds": time.time() - t0, "methods": summarize(results), "grid": grid,
             "train_images": x, "masks": masks}
 
 
