@@ -14,4 +14,21 @@
 Each part's docstring says what it may import (docs/architecture.md draws it). Nothing here imports ComfyUI;
 `nodes/` adapts ComfyUI's ModelPatcher to `step.denoiser.Denoiser`.
 """
-__version__ = "0.1.0"
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+
+def _version() -> str:
+    """The pack's version as pyproject.toml beside this package says (the registry reads it there too)."""
+    try:
+        text = (Path(__file__).resolve().parent.parent / "pyproject.toml").read_text(encoding="utf-8")
+    except OSError:
+        return "unknown"
+    project = re.search(r"^\[project\]\s*$(.*?)(?=^\[|\Z)", text, re.M | re.S)
+    found = project and re.search(r'^version\s*=\s*"([^"]+)"', project.group(1), re.M)
+    return found.group(1) if found else "unknown"
+
+
+__version__ = _version()

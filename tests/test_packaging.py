@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -35,6 +36,22 @@ def test_registry_id_and_version():
     assert top and top.group(1) == PROJECT["version"], "CHANGELOG.md's newest entry names the pyproject version"
     assert (ROOT / PROJECT["license"]["file"]).is_file()
     assert PROJECT["description"].strip()
+
+
+def test_the_version_every_lora_header_records_is_the_pyproject_one(tmp_path):
+    import cat_train
+    from cat_train.adapters.export import training_metadata
+
+    assert cat_train.__version__ == PROJECT["version"]
+    meta = training_metadata(cat_factor=1.0, triggers=["sks"], preservation="class", steps=1, rank=4, alpha=4, lr=1e-4)
+    assert meta["cat_version"] == PROJECT["version"]
+    # read as written, whatever else the file holds: a pyproject with another version gives that one
+    (tmp_path / "cat_train").mkdir()
+    (tmp_path / "cat_train" / "__init__.py").write_text((ROOT / "cat_train" / "__init__.py").read_text())
+    (tmp_path / "pyproject.toml").write_text('[tool.x]\nversion = "9.9.9"\n[project]\nname = "x"\nversion = "1.2.3"\n')
+    out = subprocess.run([sys.executable, "-c", "import cat_train; print(cat_train.__version__)"], cwd=tmp_path,
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "1.2.3"
 
 
 def test_tool_comfy_table_as_the_registry_reads_it():
