@@ -28,7 +28,7 @@ from ..cat_train.options import help_of
 from ..cat_train.measure.plot import loss_curve
 from ..cat_train.training.precision import CHOICES as COMPUTE_CHOICES
 from ..cat_train.training.precision import mixed_precision_name
-from ..cat_train.training import Example, TrainConfig, build_examples, train
+from ..cat_train.training import Example, TrainConfig, TrainResult, build_examples, train
 from .comfy_model import adm_y, base_model_version, trainable
 from . import early_cancel
 from .common import CATEGORY, Dataset, LossConfig, TrainingOptions, feeds, image_of, model_file_name, phase_progress, progress_callback
@@ -224,16 +224,22 @@ def memory_budget(den, examples: list[Example], spec: LoraSpec, loss_cfg: CatLos
                         free=int(free) if free else None, device=str(device))
 
 
+@dataclasses.dataclass
+class TrainedOnModel(TrainResult):
+    """The core's TrainResult and what the node's watch measured: preview grid, per-step chart, best step's file."""
+    measured: dict = dataclasses.field(default_factory=dict)
+
+
 @torch.inference_mode(False)
 def train_on_model(mp, dataset, loss_cfg: CatLossConfig, spec: LoraSpec, cfg: TrainConfig, node_id: str | None = None,
                    resume: str | None = None, compute: str = "auto", checkpointing: str | None = None,
                    on_save=None, base_model: str = "", watch: dict | None = None):
-    """Returns (patched clone, CatLora, loss-curve IMAGE, summary, TrainResult).
+    """Returns (patched clone, CatLora, loss-curve IMAGE, summary, TrainedOnModel).
 
     compute: the forward's dtype (cat_train.training.precision); checkpointing: auto/on/off (None: cfg's bool);
     on_save(step, weights): called with the LoRA at every `save_every` checkpoint; base_model: the checkpoint file
     the MODEL came from, for the LoRA header; watch: NodeWatch's options (previews, validation, per-step scores),
-    whose results land in result.measured."""
+    whose results land in the result's `measured` (a `TrainedOnModel`)."""
     import comfy.sd
 
     t0 = time.perf_counter()
@@ -289,7 +295,8 @@ def train_on_model(mp, dataset, loss_cfg: CatLossConfig, spec: LoraSpec, cfg: Tr
                + (f"\ncheckpoint {result.last_checkpoint}" if result.last_checkpoint else "")
                + "".join(f"\nwarning: {w}" for w in result.warnings))
     image = image_of(loss_curve(hist, keys=("loss", "fit", "keep") if loss_cfg.alpha else ("loss",), title="CAT training loss"))
-    result.measured = measured(w) if w else {}
+    result = TrainedOnModel(**{f.name: getattr(result, f.name) for f in dataclasses.fields(result)},
+                            measured=measured(w) if w else {})
     if result.measured.get("text"):
         summary += "\n" + result.measured["text"]
     return patched, sd, image, summary, result
