@@ -289,7 +289,7 @@ def train_on_model(mp, dataset, loss_cfg: CatLossConfig, spec: LoraSpec, cfg: Tr
     patched, _ = comfy.sd.load_lora_for_models(mp, None, dict(sd), 1.0, 0)
     hist = result.history
     summary = (f"CAT {ALGORITHMS[spec.algorithm].title}: {result.steps_done}/{cfg.steps} steps in {time.perf_counter() - t0:.1f}s, "
-               f"{len(result.weights)} modules, rank {spec.rank}, alpha {spec.alpha}, CAT factor {loss_cfg.alpha}\n"
+               f"{len(result.weights)} modules, rank {spec.rank}, LoRA alpha {spec.alpha}, CAT factor {loss_cfg.alpha}\n"
                f"loss first {hist[0]['loss']:.5f} last {hist[-1]['loss']:.5f}; fit {hist[-1]['fit']:.5f} keep {hist[-1]['keep']:.6f}\n"
                f"{len(dataset.items)} images, buckets {dataset.buckets}"
                + (f"\ncheckpoint {result.last_checkpoint}" if result.last_checkpoint else "")

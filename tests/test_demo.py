@@ -26,7 +26,7 @@ def test_demo_writes_grid_table_loras_curve_and_report(tmp_path, capsys):
     for name, run in report["runs"].items():
         assert run["final_fit"] > 0
         with safe_open(str(tmp_path / f"demo_{name}.safetensors"), "pt") as f:
-            assert float(f.metadata()["cat_factor"]) == run["alpha"]
+            assert float(f.metadata()["cat_factor"]) == run["cat_factor"]
             assert any(k.startswith("lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k") for k in f.keys())
     for f in ("loss_curve.png", "kps_grid.png"):
         assert (tmp_path / f).stat().st_size > 1000

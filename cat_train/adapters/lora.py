@@ -27,7 +27,9 @@ from .algorithms import ADAPTER, ALGORITHMS, LoraWeights, of_layer  # noqa: F401
 @dataclass(frozen=True)
 class LoraSpec:
     rank: int = field(default=16, metadata={"help": "LoRA rank (>= 1; typical values are 4 to 64)."})
-    alpha: float = field(default=16.0, metadata={"help": "LoRA alpha; scale = alpha / rank (alpha = rank: scale 1)."})
+    alpha: float = field(default=16.0, metadata={"help": (
+        "LoRA alpha (the trainer node's `lora_alpha`): the LoRA's scale is lora_alpha / rank (lora_alpha = rank: scale "
+        "1). Not the CAT factor α (`CatLossConfig.alpha`).")})
     dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input, in [0, 1)."})
     preset: str = field(default="attn", metadata={"help": (
         "which layers get a LoRA. `attn`: to_q, to_k, to_v, to_out.0 of self- and cross-attention; `attn_ff`: + "

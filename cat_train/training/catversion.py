@@ -35,9 +35,9 @@ class CatVersionConfig:
         "CAT factor: 0 = CatVersion as published; > 0 adds the CAT term, which keeps the preservation prompt's "
         "conditioning (UNet on y encoded without the embeddings vs with them).")})
     preservation: PreservationMode = field(default="class", metadata={"help": (
-        "for alpha > 0, how y is made from the caption: `class`, `strip` or `empty` (as CatLossConfig).")})
+        "for a CAT factor > 0, how y is made from the caption: `class`, `strip` or `empty` (as CatLossConfig).")})
     class_word: str | dict[str, str] = field(default="", metadata={"help": (
-        "for alpha > 0 and `class`: y = the caption with the trigger replaced by this word (the node: the dataset's "
+        "for a CAT factor > 0 and `class`: y = the caption with the trigger replaced by this word (the node: the dataset's "
         "class word when empty).")})
     seed: int = field(default=0, metadata={"help": "seeds init, batches, timesteps and noise: same seed, same embeddings (bit for bit on CPU)."})
     caption: Literal["class", "trigger"] = field(default="class", metadata={"help": (

@@ -114,8 +114,8 @@ class TrainConfig:
 @dataclass
 class CatLossConfig:
     alpha: float = field(default=1.0, metadata={"help": (
-        "CAT factor α, the weight of the CAT term; 0 = plain LoRA (the preservation passes are skipped). Must be >= 0; "
-        "the paper tried 0.5, 1, 1.5 and 2.")})
+        "CAT factor α (the nodes' `cat_factor`), the weight of the CAT term; 0 = plain LoRA (the preservation passes are "
+        "skipped). Must be >= 0; the paper tried 0.5, 1, 1.5 and 2. Not the LoRA alpha (`LoraSpec.alpha`).")})
     preservation: PreservationMode = field(default="class", metadata={"help": (
         "how y is made from the caption y_T: `class` (trigger replaced by the class word: 'sks dog' -> 'dog', not "
         "'dog dog'), `strip` (trigger removed) or `empty` ('').")})

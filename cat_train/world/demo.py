@@ -36,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True, type=output_folder,
                     help="output folder (created; LoRA files already there are never overwritten)")
     ap.add_argument("--steps", type=positive_int, default=bench.BenchConfig.steps)
-    ap.add_argument("--alpha", type=non_negative_float, default=1.0, help="CAT factor of the CAT run (the other run is alpha 0)")
+    ap.add_argument("--cat-factor", "--alpha", dest="alpha", type=non_negative_float, default=1.0,
+                    help="CAT factor α of the CAT run (the other run is plain LoRA, CAT factor 0)")
     ap.add_argument("--lr", type=positive_float, default=bench.BenchConfig.lr,
                     help="higher than the paper's 1e-4: a 1.7M-parameter model and few steps")
     ap.add_argument("--seed", type=int, default=0)
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
                                  base_model="cat_train world base (not SD)", output_name=path.stem)
         save_lora(path, to_kohya(tr.weights, names), meta)
         scores = {k: res["methods"][key][k]["mean"] for k in SCORES}
-        report["runs"][name] = {"alpha": alpha, "final_fit": tr.history[-1]["fit"], "lora": str(path), **scores}
+        report["runs"][name] = {"cat_factor": alpha, "final_fit": tr.history[-1]["fit"], "lora": str(path), **scores}
     base = {k: res["methods"]["base"][k]["mean"] for k in SCORES}
     report["base"] = base
     hl, hc = res["trained"]["lora"].history, res["trained"][cat].history
@@ -91,12 +92,12 @@ def main(argv: list[str] | None = None) -> int:
     lo, ca = report["runs"]["lora"], report["runs"]["cat"]
     print("\n" + bench.table(res))
     print(f"with the trigger ('a {wg.TRIGGER} {wg.IDENTITY_CLASS}'), share drawn as the identity and identity similarity IS:\n"
-          f"  plain LoRA (alpha 0):  {lo['identity']:.2f}   IS {lo['IS']:.3f}\n"
-          f"  CAT (alpha {args.alpha:g}):         {ca['identity']:.2f}   IS {ca['IS']:.3f}\n"
+          f"  plain LoRA (CAT factor 0):  {lo['identity']:.2f}   IS {lo['IS']:.3f}\n"
+          f"  CAT (CAT factor {args.alpha:g}):         {ca['identity']:.2f}   IS {ca['IS']:.3f}\n"
           f"without it ('a {wg.IDENTITY_CLASS}'), share of circles that turned into the identity (leak):\n"
-          f"  base model:            {base['leak']:.2f}\n"
-          f"  plain LoRA (alpha 0):  {lo['leak']:.2f}   KPS {lo['KPS']:.3f}   drift from base {lo['drift']:.3f}\n"
-          f"  CAT (alpha {args.alpha:g}):         {ca['leak']:.2f}   KPS {ca['KPS']:.3f}   drift from base {ca['drift']:.3f}\n"
+          f"  base model:                 {base['leak']:.2f}\n"
+          f"  plain LoRA (CAT factor 0):  {lo['leak']:.2f}   KPS {lo['KPS']:.3f}   drift from base {lo['drift']:.3f}\n"
+          f"  CAT (CAT factor {args.alpha:g}):         {ca['leak']:.2f}   KPS {ca['KPS']:.3f}   drift from base {ca['drift']:.3f}\n"
           f"wrote {paths['grid']} (rows: methods; columns: with sks, without, other classes), {paths['table']},\n"
           f"      {lo['lora']}, {ca['lora']}, {out / 'loss_curve.png'}, {out / 'report.json'} in {res['seconds']:.0f}s")
     if watches:
