@@ -14,7 +14,7 @@ from cat_train.training.checks import check_image_batch
 from cat_train.adapters.export import save_lora
 from cat_train.training.run_folder import StorageError
 from cat_train.training import TrainConfig
-from tests.test_metrics import tiny_clip  # noqa: F401 - the fixture
+from tests.measure.test_metrics import tiny_clip  # noqa: F401 - the fixture
 
 
 @pytest.mark.parametrize("alpha", [math.nan, math.inf, -1.0, 0.0])

@@ -24,7 +24,7 @@ def test_family_holds_on_its_tiny_model(family):
 def test_every_family_has_a_tiny_model_somewhere():
     from pathlib import Path
 
-    comfy_test = (Path(__file__).parent / "comfy" / "test_families_comfy.py").read_text()
+    comfy_test = (Path(__file__).parents[1] / "comfy" / "test_families_comfy.py").read_text()
     for f in F.FAMILIES:  # host-agnostic here, or by ComfyUI's classes in the ComfyUI test
         assert f in TINY or f"\"{f.__name__}\":" in comfy_test, f"{f.__name__} has no tiny test model"
 

@@ -27,7 +27,7 @@ from cat_train.queue import client as queue_client
 from cat_train.queue.history import scores_of
 from cat_train.queue.report import best_balanced
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 GRAPH = {
     "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "x.safetensors"}},
     "3": {"class_type": "CAT_LossConfig", "inputs": {"cat_factor": 1.0, "preservation": "class", "class_word": "dog", "token_weights": ""}},

@@ -9,7 +9,7 @@ from PIL import Image
 
 from cat_train.data import dataset as ds_mod
 from cat_train.data.dataset import DatasetError, load_dataset, plan_dataset, scan_folder
-from tests.test_dataset import png
+from test_dataset import png
 
 
 def test_a_decompression_bomb_is_named_and_skipped_like_other_unreadable_files(tmp_path, monkeypatch):

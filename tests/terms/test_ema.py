@@ -125,7 +125,7 @@ def test_catversion_embeddings_are_averaged_too(tmp_path):
     from cat_train.adapters import catversion as cv
     from cat_train.training import catversion as cvt
     from cat_train.world import model as wm
-    from test_catversion import _assert_left_as_found, _items
+    from tests.adapters.test_catversion import _assert_left_as_found, _items
 
     den, text = wm.load_base()
     cfg = cvt.CatVersionConfig(steps=4, lr=1e-2, batch_size=2, alpha=1.0, class_word="circle", seed=5)

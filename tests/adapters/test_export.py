@@ -285,7 +285,7 @@ def _import_comfy():
         pytest.skip("COMFYUI_PATH is not set: no ComfyUI checkout to compare against")
     if root not in sys.path:  # first, as tests/comfy/conftest.py puts it: ComfyUI's nodes.py before this pack's nodes/
         sys.path.insert(0, root)
-    helpers = os.path.join(os.path.dirname(__file__), "comfy")  # tiny_models: tiny SD1.x/SDXL from ComfyUI's classes
+    helpers = os.path.join(os.path.dirname(os.path.dirname(__file__)), "comfy")  # tiny_models: tiny SD1.x/SDXL from ComfyUI's classes
     if helpers not in sys.path:
         sys.path.append(helpers)
     import comfy.options

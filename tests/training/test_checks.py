@@ -9,7 +9,7 @@ import pytest
 from cat_train.training.checks import check_concepts, parse_token_weights
 from cat_train.training import CatLossConfig
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def lora_io():

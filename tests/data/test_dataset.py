@@ -116,7 +116,7 @@ def test_missing_and_empty_folders_and_triggers(tmp_path):
 
 
 def test_real_photos_when_present():
-    folder = Path(__file__).resolve().parents[2] / "shared" / "data" / "dreambooth-512" / "dog"
+    folder = Path(__file__).resolve().parents[3] / "shared" / "data" / "dreambooth-512" / "dog"
     if not folder.is_dir():
         pytest.skip(f"{folder} is absent (the DreamBooth photos live outside the project)")
     ds = load_dataset(folder, ["sks"], class_word="dog", resolution=256)
