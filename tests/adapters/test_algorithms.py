@@ -186,7 +186,9 @@ def test_export_keys_shapes_and_file_math_equal_peft(tiny_denoiser, algo, rank):
             file_out = (F.conv2d(x, merged, base.bias, base.stride, base.padding) if w.dim() == 4 else
                         F.linear(x, merged, base.bias))
         worst = max(worst, ((peft_out - file_out).abs().max() / peft_out.abs().max()).item())
-    assert worst < 1e-5, worst
+    # peft's forward vs the file's merged weight: two routes through float32 (and a conv algorithm each CPU picks);
+    # a wrong key, shape or scale is off by O(1)
+    assert worst < 1e-4, worst
     if algo == "lokr":
         forms = {frozenset(k.rsplit(".", 1)[-1] for k in sd if k.startswith(E.kohya_name(names[p]) + ".")) for p in layers}
         assert (frozenset({"lokr_w1", "lokr_w2", "alpha"}) in forms) == (rank == 4)  # rank 4: both factors full somewhere

@@ -47,7 +47,8 @@ def test_keep_drift_is_exactly_zero_at_init_and_fit_is_the_hand_computed_mse(tin
             x_t = den.schedule.add_noise(x0, img.noise, img.t)
             pred = den.predict(x_t, img.t, {k: c[None].expand(3, *c.shape) for k, c in img.cond_token.items()})
             sq.append(((pred - den.schedule.target(x0, img.noise, img.t, "eps")) ** 2).flatten(1).mean(1))
-    assert row["fit"] == pytest.approx(float(torch.cat(sq).double().mean()), rel=1e-6) and row["fit"] > 0.1
+    # the validator batches images 4 at a time, this recomputation one image at a time: other GEMM blocks
+    assert row["fit"] == pytest.approx(float(torch.cat(sq).double().mean()), rel=1e-5) and row["fit"] > 0.1
     with torch.no_grad():
         for p in adapter_parameters(tiny_denoiser.module):
             p.normal_(0, 0.05)

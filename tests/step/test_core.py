@@ -53,7 +53,8 @@ def test_alpha_zero_is_plain_lora_loss_and_skips_preservation(tiny_denoiser):
     x_t = tiny_denoiser.schedule.add_noise(x0, noise, t)
     plain = (predict(x_t, t, c_tok) - noise).pow(2).mean()
     assert calls == [2]  # one adapted pass on y_T only
-    assert torch.allclose(terms.loss, plain, rtol=1e-6, atol=0)
+    # the same squares summed per sample then averaged vs in one mean: float32 sums of 512 terms in two orders
+    assert torch.allclose(terms.loss, plain, rtol=1e-5, atol=0)
     calls.clear()
     cat = objective(tiny_denoiser, x0, noise, t, c_tok, c_pres, alpha=1.5)
     assert calls == [2, 4]  # one frozen pass on y (no grad), one batched adapted pass on [y_T, y]

@@ -95,12 +95,13 @@ def test_cat_objective_equals_eq3_by_hand(models, alpha, prediction):
     fit, keep, loss = _by_hand(frozen, merged, x0, noise, t, c_tok, c_pres, w, alpha, prediction)
     assert keep.min() > 1e-4  # the preservation term is not trivially zero, so alpha is really tested
     terms = objective(ModuleDenoiser(adapted, prediction_type=prediction), x0, noise, t, c_tok, c_pres, alpha, w)
-    assert abs(terms.loss.item() - loss.item()) < 1e-6
-    assert torch.allclose(terms.fit.double(), fit, rtol=0, atol=1e-6)
+    # float32 passes against a float64 formula over peft's and the hand-merged model: relative, in the loss's own scale
+    assert terms.loss.item() == pytest.approx(loss.item(), rel=1e-5)
+    assert torch.allclose(terms.fit.double(), fit, rtol=1e-5, atol=0)
     if alpha == 0:
         assert terms.keep.eq(0).all()  # plain LoRA: no preservation pass at all
     else:
-        assert torch.allclose(terms.keep.double(), keep, rtol=0, atol=1e-6)
+        assert torch.allclose(terms.keep.double(), keep, rtol=1e-5, atol=0)
 
 
 def test_reference_tells_eps_from_v_and_alpha_apart(models):
