@@ -104,8 +104,8 @@ def show(name: str, result, folder: Path | None = None, header: dict | None = No
     hist = result.history
     print(f"{name:14s} steps {len(hist):3d}  loss {hist[-1]['loss']!r}  history {history_hash(hist)}  "
           f"weights {weights_hash(result.weights if hasattr(result, 'weights') else result.embeddings)}"
-          + (f"  run {run_id(folder)}" if folder else "") + (f"  header {sha(json.dumps(header, sort_keys=True).encode())}"
-                                                               if header is not None else ""))
+          + (f"  run {run_id(folder)}" if folder else "")
+          + (f"  header {sha(json.dumps(header, sort_keys=True).encode())}" if header is not None else ""))
 
 
 def lora_run(name, world, examples, loss_cfg, tmp, steps=30, spec=None, **cfg_kw) -> None:

@@ -55,7 +55,8 @@ def main() -> None:
     for k, v in times.items():
         print(f"{k}: {len(v)} steps, mean {mean[k]:.3f} s")
     plain, own, cat = mean["LoRA run"], mean["keep_every 4, plain steps"], mean["keep_every 4, CAT steps"]
-    print(f"CAT step / LoRA-run step: {cat / plain:.2f}x; plain step inside keep_every 4 / LoRA-run step: {own / plain:.2f}x")
+    print(f"CAT step / LoRA-run step: {cat / plain:.2f}x; plain step inside keep_every 4 / LoRA-run step: "
+          f"{own / plain:.2f}x")
     for k in (4, 5):
         print(f"keep_every {k} cycle / LoRA-run step: {(cat + (k - 1) * own) / k / plain:.2f}x")
 

@@ -15,8 +15,10 @@ if not __package__:  # `python path/to/cat_train ...` from any folder: make the 
     sys.path[:] = [str(_here.parent)] + [p for p in sys.path if Path(p or ".").resolve() != _here]
 
 COMMANDS = {
-    "demo": ("cat_train.world.demo", "plain LoRA vs CAT on the embedded world model: image grid, PS/IS/KPS table, LoRAs, loss curve"),
-    "bench": ("cat_train.world.benches", "knowledge-preservation benchmark ('bench kps [--quick]'; 'bench masked': masked training)"),
+    "demo": ("cat_train.world.demo", "plain LoRA vs CAT on the embedded world model: image grid, PS/IS/KPS table, "
+                                     "LoRAs, loss curve"),
+    "bench": ("cat_train.world.benches", "knowledge-preservation benchmark ('bench kps [--quick]'; 'bench masked': "
+                                         "masked training)"),
     "queue": ("cat_train.queue.cli", "post an API-format workflow to a running ComfyUI server, with overrides"),
     "options-doc": ("cat_train.options", "render every option's help into docs/options.md ('--check': compare only)"),
 }

@@ -19,11 +19,11 @@ class AptOptionsNode(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="CAT_AptOptions", display_name="APT Options", category=CATEGORY,
-            description="Adaptive Personalized Training (Chae et al., CVPR 2025) for the CAT Loss Config: per-timestep-bin "
-                        "overfitting indicator setting loss weight and augmentation, feature-statistics stabilization, "
-                        "cross-attention alignment, in the paper's form by default (form, zoom_out, fill, stabilize_stat, "
-                        "stabilize_normalize select this pack's earlier choices). Each weight 0 = off; all combine with "
-                        "the CAT factor.",
+            description="Adaptive Personalized Training (Chae et al., CVPR 2025) for the CAT Loss Config: "
+                        "per-timestep-bin overfitting indicator setting loss weight and augmentation, "
+                        "feature-statistics stabilization, cross-attention alignment, in the paper's form by default "
+                        "(form, zoom_out, fill, stabilize_stat, stabilize_normalize select this pack's earlier "
+                        "choices). Each weight 0 = off; all combine with the CAT factor.",
             inputs=[
                 io.Float.Input("adaptive", default=1.0, min=0.0, max=10.0, step=0.05,
                                tooltip=help_of(AptConfig, "adaptive")),
@@ -48,11 +48,14 @@ class AptOptionsNode(io.ComfyNode):
                                 tooltip=help_of(AptConfig, "stabilize_layers")),
                 io.String.Input("align_layers", default=_D.align_layers, optional=True,
                                 tooltip=help_of(AptConfig, "align_layers")),
-                # appended: the paper's form and this pack's earlier choices (graphs saved before load with the defaults)
-                io.Combo.Input("form", options=list(FORMS), default=_D.form, optional=True, tooltip=help_of(AptConfig, "form")),
+                # appended: the paper's form and this pack's earlier choices (graphs saved before load with the
+                # defaults)
+                io.Combo.Input("form", options=list(FORMS), default=_D.form, optional=True,
+                               tooltip=help_of(AptConfig, "form")),
                 io.Float.Input("zoom_out", default=_D.zoom_out, min=0.0, max=10.0, step=0.05, optional=True,
                                tooltip=help_of(AptConfig, "zoom_out")),
-                io.Combo.Input("fill", options=list(FILLS), default=_D.fill, optional=True, tooltip=help_of(AptConfig, "fill")),
+                io.Combo.Input("fill", options=list(FILLS), default=_D.fill, optional=True,
+                               tooltip=help_of(AptConfig, "fill")),
                 io.Combo.Input("stabilize_stat", options=list(STATS), default=_D.stabilize_stat, optional=True,
                                tooltip=help_of(AptConfig, "stabilize_stat")),
                 io.Boolean.Input("stabilize_normalize", default=_D.stabilize_normalize, optional=True,

@@ -1,4 +1,5 @@
-"""The CAT Dataset node: a kohya-style folder (read by cat_train.data.dataset) encoded once with the graph's VAE and CLIP."""
+"""The CAT Dataset node: a kohya-style folder (read by cat_train.data.dataset) encoded once with the graph's VAE and
+CLIP."""
 from __future__ import annotations
 
 import logging
@@ -29,8 +30,10 @@ class CatDataset:
     skipped: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)  # legacy caption encodings, tiny images: shown in the node's info
     budget: str = ""  # the memory line printed before decoding
-    pixels: list[torch.Tensor] = field(default_factory=list, repr=False)  # reference images, uint8 (H, W, 3): see build_dataset
-    masks: list[torch.Tensor | None] = field(default_factory=list, repr=False)  # per item: (1, h, w) at its latent's size, or None
+    # reference images, uint8 (H, W, 3): see build_dataset
+    pixels: list[torch.Tensor] = field(default_factory=list, repr=False)
+    # per item: (1, h, w) at its latent's size, or None
+    masks: list[torch.Tensor | None] = field(default_factory=list, repr=False)
     _text_cache: dict = field(default_factory=dict, repr=False)
 
     def encode_text(self, prompts: list[str]) -> dict[str, torch.Tensor]:
@@ -111,7 +114,8 @@ def image_batch(pixels: list[torch.Tensor]) -> torch.Tensor:
     pixels = [p.float() / 255 for p in pixels]
     h, w = pixels[0].shape[:2]
     out = [p if p.shape[:2] == (h, w) else
-           torch.nn.functional.interpolate(p.permute(2, 0, 1)[None], size=(h, w), mode="bilinear", align_corners=False)[0].permute(1, 2, 0)
+           torch.nn.functional.interpolate(p.permute(2, 0, 1)[None], size=(h, w), mode="bilinear",
+                                           align_corners=False)[0].permute(1, 2, 0)
            for p in pixels]
     return torch.stack(out).clamp(0, 1)
 
@@ -125,7 +129,8 @@ class CatDatasetNode(io.ComfyNode):
                         "(<name>-masklabel.png or alpha) for masked training (CAT Training Options).",
             inputs=[
                 io.Vae.Input("vae"), io.Clip.Input("clip"),
-                io.String.Input("folder", default="cat_dataset", tooltip="subfolder of ComfyUI's input folder, or a full path"),
+                io.String.Input("folder", default="cat_dataset", tooltip=
+                        "subfolder of ComfyUI's input folder, or a full path"),
                 io.String.Input("triggers", default="sks", tooltip="trigger token(s), comma separated"),
                 io.String.Input("class_word", default="", tooltip="e.g. 'dog'; used for captionless images"),
                 io.String.Input("caption_extension", default=".txt"),
@@ -168,13 +173,15 @@ class CatDatasetNode(io.ComfyNode):
     def execute(cls, vae, clip, folder, triggers, class_word, caption_extension, resolution, buckets) -> io.NodeOutput:
         early_cancel.check()  # a Cancel sent before this prompt started (ComfyUI drops it)
         trig = tuple(t.strip() for t in triggers.split(",") if t.strip())
-        ds = build_dataset(input_path(folder), vae, clip, trig, class_word.strip(), caption_extension, resolution, buckets)
+        ds = build_dataset(input_path(folder), vae, clip, trig, class_word.strip(), caption_extension, resolution,
+                           buckets)
         return io.NodeOutput(ds, len(ds.items), info(ds), image_batch(ds.pixels))
 
 
 def info(ds: CatDataset) -> str:
     """The node's info output: buckets, skipped files, warnings."""
-    text = f"{len(ds.items)} images in {len(ds.buckets)} bucket(s): " + ", ".join(f"{w}x{h}: {n}" for (w, h), n in sorted(ds.buckets.items()))
+    text = (f"{len(ds.items)} images in {len(ds.buckets)} bucket(s): "
+            + ", ".join(f"{w}x{h}: {n}" for (w, h), n in sorted(ds.buckets.items())))
     masked = sum(m is not None for m in ds.masks)
     text += f"; {masked} with masks" if masked else ""
     if ds.skipped:

@@ -3,8 +3,8 @@
 LoraLoader / LoraLoaderModelOnly apply an SD1.5 LoRA to an SDXL or Flux model with nothing but console
 "lora key not loaded" lines. This pack cannot change those nodes, so it looks at each graph as it is queued
 (`PromptServer.add_on_prompt_handler`): for every stock LoRA loader it reads the LoRA's safetensors header and the
-header of the checkpoint its MODEL comes from (cat_train/families/headers.py; no tensor is loaded), and on a mismatch logs
-a warning and sends `cat.warning` to the client that queued it (web/cat_warnings.js shows a toast). The graph is
+header of the checkpoint its MODEL comes from (cat_train/families/headers.py; no tensor is loaded), and on a mismatch
+logs a warning and sends `cat.warning` to the client that queued it (web/cat_warnings.js shows a toast). The graph is
 returned as received: nothing is blocked or changed, and any failure here is swallowed (an odd graph must queue as
 it would without this pack).
 """

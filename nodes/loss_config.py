@@ -15,14 +15,17 @@ class CatLossConfigNode(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="CAT_LossConfig", display_name="CAT Loss Config", category=CATEGORY,
-            description="L = ||eps - eps'(z,t,y_T)||^2 + cat_factor * ||eps(z,t,y) - eps'(z,t,y)||^2; cat_factor 0 = plain LoRA.",
+            description="L = ||eps - eps'(z,t,y_T)||^2 + cat_factor * ||eps(z,t,y) - eps'(z,t,y)||^2; cat_factor 0 = "
+                        "plain LoRA.",
             inputs=[
-                io.Float.Input("cat_factor", default=1.0, min=0.0, max=10.0, step=0.05, tooltip=help_of(CatLossConfig, "alpha")),
+                io.Float.Input("cat_factor", default=1.0, min=0.0, max=10.0, step=0.05,
+                               tooltip=help_of(CatLossConfig, "alpha")),
                 io.Combo.Input("preservation", options=["class", "strip", "empty"], default="class",
                                tooltip=help_of(CatLossConfig, "preservation")),
                 io.String.Input("class_word", default="",
                                 tooltip=help_of(CatLossConfig, "class_word")),
-                io.String.Input("token_weights", default="", multiline=True, tooltip=help_of(CatLossConfig, "token_weights")),
+                io.String.Input("token_weights", default="", multiline=True, tooltip=help_of(CatLossConfig,
+                        "token_weights")),
                 io.String.Input("preservation_prompts", default="", multiline=True, optional=True,
                                 tooltip=help_of(CatLossConfig, "preservation_prompts")),
                 AptOptions.Input("apt", optional=True, tooltip=help_of(CatLossConfig, "apt")),

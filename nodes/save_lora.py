@@ -47,7 +47,8 @@ def check_lora_folder(folder, need_bytes: int, field: str) -> None:
     used to fail after training, or at the first mid-run save)."""
     from pathlib import Path
 
-    fix = f"free space there, or point ComfyUI's loras folder (extra_model_paths.yaml) elsewhere; {field} picks the name."
+    fix = (f"free space there, or point ComfyUI's loras folder (extra_model_paths.yaml) elsewhere; {field} picks the "
+           "name.")
     writable_folder(Path(folder), "loras folder", fix)
     check_space(Path(folder), need_bytes + 2**20, "loras folder", fix)
 
@@ -75,7 +76,8 @@ class SaveCatLoraNode(io.ComfyNode):
     @classmethod
     def execute(cls, lora, name) -> io.NodeOutput:
         check_lora_folder(loras_folder(), sum(t.numel() * t.element_size() for t in lora.values()), "name")
-        meta = {**getattr(lora, "metadata", {}), "ss_output_name": name.strip()}  # the name chosen here, as kohya's --output_name
+        # the name chosen here, as kohya's --output_name
+        meta = {**getattr(lora, "metadata", {}), "ss_output_name": name.strip()}
         path = save_lora(safe_lora_path(loras_folder(), name), dict(lora), meta)
         return io.NodeOutput(str(path), ui={"text": [str(path)]})
 

@@ -53,8 +53,8 @@ class TrainingOptionsNode(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="CAT_TrainingOptions", display_name="CAT Training Options", category=CATEGORY,
-            description="Advanced trainer options for the CAT LoRA Trainer's optional `options` input; unconnected, the "
-                        "trainer uses each option's default (docs/options.md).",
+            description="Advanced trainer options for the CAT LoRA Trainer's optional `options` input; unconnected, "
+                        "the trainer uses each option's default (docs/options.md).",
             inputs=[widget(c, n) for c, names in GROUPS for n in names],
             outputs=[TrainingOptions.Output(display_name="options")],
         )

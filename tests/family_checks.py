@@ -18,7 +18,8 @@ def check_family(F, A, E, family, net: torch.nn.Module) -> dict[str, int]:
     previous: list[str] = []
     for choice, suffixes in family.targets.items():
         for s in suffixes:
-            assert any(n == s or n.endswith("." + s) for n in layers), f"{family.name} target {choice}: {s} names no layer"
+            assert any(n == s or n.endswith("." + s) for n in layers), (f"{family.name} target {choice}: {s} names no "
+                                                                        "layer")
         chosen = A.target_modules(net, A.LoraSpec(preset=choice))
         assert set(previous) < set(chosen), (choice, len(previous), len(chosen))
         previous = chosen

@@ -36,7 +36,8 @@ def module_graph() -> dict[str, set[str]]:
         deps = set()
         for node in ast.walk(ast.parse(f.read_text())):
             if isinstance(node, ast.ImportFrom) and node.level:
-                base = ".".join(pkg.split(".")[:len(pkg.split(".")) - node.level + 1] + ([node.module] if node.module else []))
+                up = pkg.split(".")[:len(pkg.split(".")) - node.level + 1]
+                base = ".".join(up + ([node.module] if node.module else []))
                 deps |= {f"{base}.{a.name}" for a in node.names} if node.module is None else {base}
         graph[mod] = deps
     return {m: {d for d in ds if d in graph and d != m} for m, ds in graph.items()}
@@ -88,7 +89,8 @@ def test_each_part_imports_only_the_parts_below_it():
 def test_every_package_says_what_it_is_and_what_it_may_import():
     for init in sorted(PKG.glob("*/__init__.py")):
         doc = ast.get_docstring(ast.parse(init.read_text())) or ""
-        assert doc and re.search(r"\bimport", doc, re.IGNORECASE), f"{init.relative_to(ROOT)} must say what it may import"
+        assert doc and re.search(r"\bimport", doc, re.IGNORECASE), (f"{init.relative_to(ROOT)} must say what it may "
+                                                                    "import")
 
 
 def test_the_objective_imports_no_plug_in_and_plug_ins_import_downwards():

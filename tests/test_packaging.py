@@ -20,7 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CONF = tomllib.loads((ROOT / "pyproject.toml").read_text())
 PROJECT, COMFY = CONF["project"], CONF["tool"]["comfy"]
 OS_PREFIXES = ("Microsoft", "POSIX", "MacOS", "OS Independent")
-ACCELERATORS = {"GPU :: NVIDIA CUDA", "GPU :: AMD ROCm", "GPU :: Intel Arc", "NPU :: Huawei Ascend", "GPU :: Apple Metal"}
+ACCELERATORS = {"GPU :: NVIDIA CUDA", "GPU :: AMD ROCm", "GPU :: Intel Arc", "NPU :: Huawei Ascend",
+        "GPU :: Apple Metal"}
 VERSION_SPEC = re.compile(r"^(?:(==|>=|<=|!=|~=|>|<|<>|=)\s*)?(\d+\.\d+\.\d+(?:-[a-zA-Z0-9]+)?)?$")
 # Our bound, not a documented registry number (comfy-cli checks none): the biggest file today is the demo's
 # 7.2 MB world UNet; anything near this is a model file that belongs in the user's models folder instead.
@@ -88,11 +89,14 @@ def test_requirements_leave_torch_to_the_host():
 
 def _package_files() -> list[str]:
     try:
-        tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+        tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True,
+                                 check=True).stdout.split()
     except (OSError, subprocess.CalledProcessError):
         pytest.skip("not a git checkout: the registry package is made from git-tracked files")
-    ignored = [ln.strip() for ln in (ROOT / ".comfyignore").read_text().splitlines() if ln.strip() and not ln.startswith("#")]
-    assert all(p.endswith("/") and "*" not in p for p in ignored), "keep .comfyignore to folder names (read here without pathspec)"
+    ignored = [ln.strip() for ln in (ROOT / ".comfyignore").read_text().splitlines()
+               if ln.strip() and not ln.startswith("#")]
+    assert all(p.endswith("/") and "*" not in p for p in ignored), ("keep .comfyignore to folder names (read here "
+                                                                    "without pathspec)")
     forced = [i.rstrip("/") + "/" for i in COMFY["includes"]]
     return [f for f in tracked if any(f.startswith(i) for i in forced) or not any(f.startswith(p) for p in ignored)]
 

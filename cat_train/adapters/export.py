@@ -39,8 +39,8 @@ def to_kohya(weights: Mapping[str, LoraWeights], names: Mapping[str, str],
     missing = [p for p in weights if p not in names]
     if missing:
         raise ValueError(f"no diffusers name for adapted modules {missing[:3]} ({len(missing)} in all); "
-                         "pass the names of every module of the network the LoRA was trained on: families.of(net).kohya_names(net) "
-                         "(it reads all of net.named_modules()).")
+                         "pass the names of every module of the network the LoRA was trained on: "
+                         "families.of(net).kohya_names(net) (it reads all of net.named_modules()).")
     keys = {p: kohya_name(names[p]) for p in weights}
     dupes = [k for k, c in Counter(keys.values()).items() if c > 1]
     if dupes:
@@ -84,8 +84,8 @@ def from_kohya(tensors: Mapping[str, Tensor], names: Mapping[str, str]) -> dict[
 
 
 def _unwritable(path: Path, e: OSError):
-    raise StorageError(e.errno, f"cannot write {path}: its folder is not writable ({e.strerror or e}); make it writable "
-                                "or save into another folder.") from None
+    raise StorageError(e.errno, f"cannot write {path}: its folder is not writable ({e.strerror or e}); make it "
+                                "writable or save into another folder.") from None
 
 
 def save_lora(path: str | os.PathLike, tensors: Mapping[str, Tensor], metadata: Mapping[str, str],
@@ -127,15 +127,16 @@ def save_lora(path: str | os.PathLike, tensors: Mapping[str, Tensor], metadata: 
                 f.flush()
                 os.fsync(f.fileno())
         except OSError as e:  # a full disk: say which file and what to do (the temp file goes in `finally`)
-                    raise StorageError(e.errno, f"cannot write {path} ({e.strerror or e}; {len(data) / 2**20:.1f} MB); free "
-                                        "space on that disk or save into another folder.") from e
+                    raise StorageError(e.errno, f"cannot write {path} ({e.strerror or e}; {len(data) / 2**20:.1f} MB); "
+                                        "free space on that disk or save into another folder.") from e
         if overwrite:
             os.replace(tmp, path)
         else:
             try:
                 os.link(tmp, path)  # atomic no-clobber
             except FileExistsError:
-                raise FileExistsError(f"{path} appeared while saving; pass overwrite=True or choose a free name.") from None
+                raise FileExistsError(f"{path} appeared while saving; pass overwrite=True or choose a free "
+                                      "name.") from None
             except OSError:  # filesystem without hard links
                 if path.exists():
                     raise FileExistsError(f"{path} exists; pass overwrite=True or choose a free name.") from None
@@ -174,7 +175,8 @@ def load_lora(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, str
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"LoRA file {path} does not exist; check the path (ComfyUI keeps LoRAs in models/loras).")
+        raise FileNotFoundError(f"LoRA file {path} does not exist; check the path (ComfyUI keeps LoRAs in "
+                                "models/loras).")
     try:
         return read_safetensors(path)
     except (SafetensorError, OSError, ValueError) as e:

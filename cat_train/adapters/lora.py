@@ -34,8 +34,10 @@ class LoraSpec:
     preset: str = field(default="attn", metadata={"help": (
         "which layers get a LoRA. `attn`: to_q, to_k, to_v, to_out.0 of self- and cross-attention; `attn_ff`: + "
         "feed-forward; `full`: + proj_in/out and the resnet convs (conv1, conv2, conv_shortcut, time_emb_proj). On "
-        "SD3/Flux each picks that family's own layers (docs/families.md), or name one (`flux_attn`, `sd3_attn_mlp`, ...).")})
-    extra_targets: tuple[str, ...] = field(default_factory=tuple, metadata={"help": "more module-path suffixes to adapt."})
+        "SD3/Flux each picks that family's own layers (docs/families.md), or name one (`flux_attn`, `sd3_attn_mlp`, "
+        "...).")})
+    extra_targets: tuple[str, ...] = field(default_factory=tuple, metadata={"help": "more module-path suffixes to "
+                                                                                    "adapt."})
     algorithm: str = field(default="lora", metadata={"recorded": CHANGED, "choices": tuple(ALGORITHMS), "help": (
         "the adapter's algorithm, through peft. `lora`: low-rank B A; `dora`: LoRA plus a trained per-output-row "
         "magnitude (weight decomposition); `loha`: Hadamard product of two rank-r products; `lokr`: Kronecker product "
@@ -72,8 +74,8 @@ def target_modules(unet: nn.Module, spec: LoraSpec) -> list[str]:
              if isinstance(m, (nn.Linear, nn.Conv2d)) and any(n == s or n.endswith("." + s) for s in suffixes)]
     if not names:
         family = families.of(unet)
-        raise ValueError(f"no module of this {family.name} model matches LoRA preset {spec.preset!r} (targets {suffixes}); "
-                         f"presets for it: {family.preset_hint()}.")
+        raise ValueError(f"no module of this {family.name} model matches LoRA preset {spec.preset!r} (targets "
+                         f"{suffixes}); presets for it: {family.preset_hint()}.")
     return names
 
 
@@ -226,7 +228,8 @@ class LoraAdapter(Adapter):
     def load_state_dict(self, state: dict, where: str) -> None:
         saved = LoraSpec(**{**state["spec"], "extra_targets": tuple(state["spec"].get("extra_targets", ()))})
         if saved != self.spec:
-            raise ValueError(f"checkpoint {where} was trained with {saved}, not {self.spec}; resume with the same LoRA settings.")
+            raise ValueError(f"checkpoint {where} was trained with {saved}, not {self.spec}; resume with the same "
+                             "LoRA settings.")
         load_lora_state(self.module, state["lora"])
 
     def weights(self) -> dict:

@@ -71,11 +71,12 @@ def pick_rows(examples: Sequence[Any], idx: list[int], gen: torch.Generator) -> 
 def check_examples(examples: Sequence[Any], cfg: Any) -> None:
     """Caption options that the examples were not built with would silently train without them."""
     if active(cfg) and not any(getattr(ex, "captions", None) is not None for ex in examples):
-        raise ValueError("caption_dropout / shuffle_tags are set but the training examples carry no caption rows: build "
-                         "them with train.build_examples(..., cfg=the TrainConfig), or set both options off.")
+        raise ValueError("caption_dropout / shuffle_tags are set but the training examples carry no caption rows: "
+                         "build them with train.build_examples(..., cfg=the TrainConfig), or set both options off.")
 
 
 def metadata(cfg: Any) -> dict[str, str]:
     """The caption options for a LoRA header, under kohya's names where it has them (written on or off)."""
-    return {"ss_caption_dropout_rate": str(float(cfg.caption_dropout)), "ss_shuffle_caption": str(bool(cfg.shuffle_tags)),
+    return {"ss_caption_dropout_rate": str(float(cfg.caption_dropout)),
+            "ss_shuffle_caption": str(bool(cfg.shuffle_tags)),
             "ss_keep_tokens": str(int(cfg.keep_tags)), "cat_caption_variants": str(int(cfg.caption_variants))}

@@ -227,8 +227,8 @@ def trigger_notes(triggers: Sequence[str], records: Sequence[ImageRecord]) -> li
     unused = [t for t in dict.fromkeys(listed) if not any(t in r.triggers for r in records)]
     if unused:
         shown = ", ".join(repr(t) for t in unused[:8]) + (f" and {len(unused) - 8} more" if len(unused) > 8 else "")
-        notes.append(f"{len(unused)} of {len(set(listed))} triggers appear in no caption ({shown}): they are not trained; "
-                     "add them to the captions (or folder names), or remove them from triggers.")
+        notes.append(f"{len(unused)} of {len(set(listed))} triggers appear in no caption ({shown}): they are not "
+                     "trained; add them to the captions (or folder names), or remove them from triggers.")
     return notes
 
 
@@ -236,8 +236,8 @@ def check_resolution(resolution: int, step: int = 64) -> None:
     """Bucket sides are multiples of `step`: another resolution trained at a surprise size (100 -> 64x128)."""
     if not isinstance(resolution, int) or resolution < step or resolution % step:
         near = max(step, round(resolution / step) * step) if isinstance(resolution, (int, float)) else 512
-        raise DatasetError(f"resolution {resolution} is not a multiple of {step} (>= {step}); bucket sides are multiples "
-                           f"of {step}: use {near}.")
+        raise DatasetError(f"resolution {resolution} is not a multiple of {step} (>= {step}); bucket sides are "
+                           f"multiples of {step}: use {near}.")
 
 
 @dataclass
@@ -265,7 +265,8 @@ class DatasetPlan:
         """Each readable image at its bucket size; an unreadable one goes to `skipped` (named, with why)."""
         for r in self.records:
             try:
-                img, mask = load_mask(r.path, r.mask_file, self.masks) if self.masks != "off" else (load_image(r.path), None)
+                img, mask = (load_mask(r.path, r.mask_file, self.masks) if self.masks != "off"
+                             else (load_image(r.path), None))
             except DatasetError as e:
                 self.skipped.append((r.path, str(e)))
                 continue
@@ -304,8 +305,9 @@ class DatasetPlan:
             warnings.append(note)
             log.warning(note)
         if self.small:
+            more = f" and {len(self.small) - 5} more" if len(self.small) > 5 else ""
             warnings.append(f"{len(self.small)} image(s) in {self.root} are smaller than {MIN_SIDE} px on a side: "
-                            f"{', '.join(self.small[:5])}{f' and {len(self.small) - 5} more' if len(self.small) > 5 else ''}; "
+                            f"{', '.join(self.small[:5])}{more}; "
                             f"they are upscaled to a bucket of about {self.resolution} px and teach mostly blur: use "
                             "larger images or remove them.")
             log.warning(warnings[-1])
@@ -336,12 +338,15 @@ def load_dataset(root: str | Path, triggers: Sequence[str], class_word: str = ""
                  bucket_step: int = 64, masks: MaskSource = "off") -> Dataset:
     """Every image decoded into memory (scripts and tests); a host with many images decodes plan_dataset's
     images one at a time instead."""
-    plan = plan_dataset(root, triggers, class_word, caption_ext, insert_trigger, resolution, buckets, bucket_step, masks)
+    plan = plan_dataset(root, triggers, class_word, caption_ext, insert_trigger, resolution, buckets, bucket_step,
+                        masks)
     items = list(plan.decode())
     warnings = plan.finish(len(items))
     return Dataset(items, plan.skipped, warnings)
 
 
-__all__ = ["DatasetError", "Dataset", "DatasetItem", "DatasetPlan", "ImageRecord", "IMAGE_EXTS", "MIN_SIDE", "UNSUPPORTED_EXTS",
-           "caption_suffix", "check_resolution", "fit_mask_to", "fit_to", "is_mask_file", "load_mask", "mask_file_of", "folders", "load_dataset", "plan_dataset",
+__all__ = ["DatasetError", "Dataset", "DatasetItem", "DatasetPlan", "ImageRecord", "IMAGE_EXTS", "MIN_SIDE",
+        "UNSUPPORTED_EXTS",
+           "caption_suffix", "check_resolution", "fit_mask_to", "fit_to", "is_mask_file", "load_mask", "mask_file_of",
+           "folders", "load_dataset", "plan_dataset",
            "load_image", "make_buckets", "nearest_bucket", "read_caption", "scan_folder"]

@@ -12,7 +12,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 # Pictures the decoder is not asked to read (animations, vector art, camera and phone formats): named as skipped,
 # so a user who put them in the folder learns why they were not trained on.
-UNSUPPORTED_EXTS = (".gif", ".heic", ".heif", ".avif", ".svg", ".jxl", ".psd", ".ico", ".dng", ".cr2", ".nef", ".arw", ".raw")
+UNSUPPORTED_EXTS = (".gif", ".heic", ".heif", ".avif", ".svg", ".jxl", ".psd", ".ico", ".dng", ".cr2", ".nef", ".arw",
+                    ".raw")
 
 
 class DatasetError(ValueError):
@@ -46,7 +47,8 @@ def _open(path: Path) -> Image.Image:
         raise DatasetError(f"image {path} is too large to decode safely ({e}); downscale it (e.g. to 4096 px on the "
                            "long side; it is resized to the training resolution anyway) or remove it.") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise DatasetError(f"cannot read image {path} ({type(e).__name__}: {e}); re-save it as PNG or JPEG, or remove it.") from e
+        raise DatasetError(f"cannot read image {path} ({type(e).__name__}: {e}); re-save it as PNG or JPEG, or "
+                           "remove it.") from e
     return img
 
 

@@ -28,7 +28,8 @@ def is_mask_file(p: Path) -> bool:
 def mask_file_of(path: Path) -> Path | None:
     """`a-masklabel.png` (or another image extension, PNG first) beside `a.jpg`."""
     for ext in (".png",) + tuple(e for e in IMAGE_EXTS if e != ".png"):
-        for cand in (path.with_name(path.stem + MASK_SUFFIX + ext), path.with_name(path.stem + MASK_SUFFIX + ext.upper())):
+        for cand in (path.with_name(path.stem + MASK_SUFFIX + ext),
+                     path.with_name(path.stem + MASK_SUFFIX + ext.upper())):
             if cand.is_file():
                 return cand
     return None
@@ -36,8 +37,8 @@ def mask_file_of(path: Path) -> Path | None:
 
 def check_mask_source(masks: str) -> None:
     if masks not in MASK_SOURCES:
-        raise DatasetError(f"masks must be one of {', '.join(MASK_SOURCES)} (auto: a <name>{MASK_SUFFIX}.png file, else "
-                           f"the alpha channel), got {masks!r}.")
+        raise DatasetError(f"masks must be one of {', '.join(MASK_SOURCES)} (auto: a <name>{MASK_SUFFIX}.png file, "
+                           f"else the alpha channel), got {masks!r}.")
 
 
 def load_mask(path: Path, mask_file: Path | None, masks: str) -> tuple[Image.Image, Image.Image | None]:

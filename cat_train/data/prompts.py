@@ -54,11 +54,12 @@ def class_word_for(trigger: str, class_word: str | Mapping[str, str]) -> str:
     if not word.strip():
         if isinstance(class_word, Mapping):
             raise ValueError(f"trigger {trigger!r} has no class word in {dict(class_word)}; add '{trigger}=<word>'.")
-        raise ValueError("preservation mode 'class' needs a class word (e.g. 'dog'); set class_word or use mode 'strip'.")
+        raise ValueError("preservation mode 'class' needs a class word (e.g. 'dog'); set class_word or use mode "
+                         "'strip'.")
     if word.strip() == trigger:  # y would equal y_T: the CAT term would compare a prompt with itself
-        raise ValueError(f"the class word of trigger {trigger!r} is the trigger itself, so the preservation prompt would "
-                         "equal the training caption; pick a trigger the model does not know (e.g. 'sks') and the class "
-                         f"as the class word (e.g. '{trigger}').")
+        raise ValueError(f"the class word of trigger {trigger!r} is the trigger itself, so the preservation prompt "
+                         "would equal the training caption; pick a trigger the model does not know (e.g. 'sks') and "
+                         f"the class as the class word (e.g. '{trigger}').")
     return word.strip()
 
 
@@ -75,7 +76,8 @@ def preservation_prompt(caption: str, triggers: Sequence[str], mode: Preservatio
         raise ValueError(f"unknown preservation mode {mode!r}; choose 'empty', 'strip' or 'class'.")
     class_word = parse_class_words(class_word)
     if mode == "class" and isinstance(class_word, str) and not class_word:
-        raise ValueError("preservation mode 'class' needs a class word (e.g. 'dog'); set class_word or use mode 'strip'.")
+        raise ValueError("preservation mode 'class' needs a class word (e.g. 'dog'); set class_word or use mode "
+                         "'strip'.")
     out = caption
     for t in triggers:
         if mode == "strip":
@@ -92,7 +94,7 @@ def check_trigger_not_class_word(triggers: Sequence[str], class_word: str, field
     """A dataset whose trigger is its class word: captions 'a toy' would train the class itself."""
     same = [t for t in triggers if t.strip() and t.strip().lower() == class_word.strip().lower()]
     if same:
-        raise ValueError(f"trigger {same[0]!r} is the same word as {field} {class_word.strip()!r}: the prompt without the "
-                         "trigger (y) would equal the training caption (y_T), so CAT could not tell the subject from its "
-                         f"class. Use a token the model does not know as the trigger (e.g. 'sks') and keep "
+        raise ValueError(f"trigger {same[0]!r} is the same word as {field} {class_word.strip()!r}: the prompt without "
+                         "the trigger (y) would equal the training caption (y_T), so CAT could not tell the subject "
+                         "from its class. Use a token the model does not know as the trigger (e.g. 'sks') and keep "
                          f"{class_word.strip()!r} as the class word.")

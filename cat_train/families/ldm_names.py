@@ -11,16 +11,19 @@ from typing import Iterable
 
 RESNET = {"in_layers.0": "norm1", "in_layers.2": "conv1", "out_layers.0": "norm2", "out_layers.3": "conv2",
           "emb_layers.1": "time_emb_proj", "skip_connection": "conv_shortcut"}
-BASIC = {"input_blocks.0.0": "conv_in", "time_embed.0": "time_embedding.linear_1", "time_embed.2": "time_embedding.linear_2",
+BASIC = {"input_blocks.0.0": "conv_in", "time_embed.0": "time_embedding.linear_1",
+         "time_embed.2": "time_embedding.linear_2",
          "label_emb.0.0": "add_embedding.linear_1", "label_emb.0.2": "add_embedding.linear_2",
          "out.0": "conv_norm_out", "out.2": "conv_out"}
-_PEFT = re.compile(r"\.(base_layer|lora_[A-Za-z_]+|hada_\w+|lokr_\w+)(\.|$)")  # peft wrapper internals: not UNet modules
+# peft wrapper internals: not UNet modules
+_PEFT = re.compile(r"\.(base_layer|lora_[A-Za-z_]+|hada_\w+|lokr_\w+)(\.|$)")
 _ALL_NAMES = "pass every module name: ldm_to_diffusers(n for n, _ in unet.named_modules())"
 
 
 def _kind(names: set[str], p: str) -> str | None:
     """What the module at path p is, judged by its children's names (ldm's own)."""
-    for child, kind in (("in_layers", "res"), ("transformer_blocks", "attn"), ("proj_in", "attn"), ("op", "down"), ("conv", "up")):
+    for child, kind in (("in_layers", "res"), ("transformer_blocks", "attn"), ("proj_in", "attn"), ("op", "down"),
+                        ("conv", "up")):
         if f"{p}.{child}" in names:
             return kind
     return None

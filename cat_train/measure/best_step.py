@@ -38,7 +38,8 @@ def _finite(x) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
 
 
-def pick_best_step(rows: Sequence[Mapping], is_tolerance: float = 0.02, max_keep_drift: float | None = None) -> BestStep:
+def pick_best_step(rows: Sequence[Mapping], is_tolerance: float = 0.02,
+                   max_keep_drift: float | None = None) -> BestStep:
     """The step the module docstring's rule picks from rows of {"step", "IS"[, "keep_drift", ...]}."""
     if not is_tolerance >= 0:
         raise ValueError(f"IS tolerance must be >= 0, got {is_tolerance}.")
@@ -46,8 +47,8 @@ def pick_best_step(rows: Sequence[Mapping], is_tolerance: float = 0.02, max_keep
         raise ValueError(f"keep-drift bound must be >= 0 (or None for no bound), got {max_keep_drift}.")
     steps = [r["step"] for r in rows]
     if len(set(steps)) != len(steps):
-        raise ValueError(f"the per-step table lists a step twice ({sorted(s for s in set(steps) if steps.count(s) > 1)}); "
-                         "give one row per saved step.")
+        raise ValueError("the per-step table lists a step twice "
+                         f"({sorted(s for s in set(steps) if steps.count(s) > 1)}); give one row per saved step.")
     scored = sorted((r for r in rows if _finite(r.get("IS"))), key=lambda r: r["step"])
     if not scored:
         raise ValueError("no step has a finite IS; the best step is picked on IS, so score each saved step's trigger "
@@ -73,6 +74,7 @@ def pick_best_step(rows: Sequence[Mapping], is_tolerance: float = 0.02, max_keep
                                f"{drift(r):.4g} <= {max_keep_drift:g}")
     known = [r for r in near if drift(r) is not None]
     r = min(known, key=lambda r: (drift(r), r["step"])) if known else near[0]
-    what = f"the least keep drift among them ({drift(r):.4g})" if known else "the earliest of them (no keep drift measured)"
+    what = f"the least keep drift among them ({drift(r):.4g})" if known else ("the earliest of them (no keep drift "
+                                                                              "measured)")
     return result(r, False, f"no step near the best IS ({near_text}) kept its keep drift <= {max_keep_drift:g}; "
                             f"picked {what}. Lower the learning rate or the steps, or raise the CAT factor.")

@@ -119,7 +119,8 @@ def chart(ranked: Sequence[ProbeDrift], worst: Sequence[str] = (), width: int = 
     bar_x0, bar_x1 = pad + label_w, width - pad - 60
     scale = max(max(r.drift for r in ranked), 1e-3)  # longest bar = worst drift; all-zero drifts draw no bars
     d.text((pad, 6), "drift = 1 - CLIP similarity, base vs adapted (same seeds)", font=font, fill=(0, 0, 0))
-    d.text((pad, 24), f"red: the {len(worst)} to preserve" if worst else "no probe drifted", font=font, fill=(90, 90, 90))
+    d.text((pad, 24), f"red: the {len(worst)} to preserve" if worst else "no probe drifted", font=font,
+           fill=(90, 90, 90))
     bad = set(worst)
     for i, r in enumerate(ranked):
         y = top + i * row_h

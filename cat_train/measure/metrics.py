@@ -39,11 +39,13 @@ def cosine(a: Tensor, b: Tensor) -> Tensor:
     so identical image sets give KPS exactly 0.
     """
     if a.ndim != 2 or a.shape != b.shape:
-        raise ValueError(f"cosine needs two (N, D) tensors of the same shape, got {tuple(a.shape)} and {tuple(b.shape)}.")
+        raise ValueError(f"cosine needs two (N, D) tensors of the same shape, got {tuple(a.shape)} and "
+                         f"{tuple(b.shape)}.")
     a, b = a.double(), b.double()
     na, nb = (a * a).sum(-1), (b * b).sum(-1)
     if bool((na == 0).any() | (nb == 0).any()):
-        raise ValueError("an embedding row is all zeros; its cosine similarity is undefined (a blank or failed image?).")
+        raise ValueError("an embedding row is all zeros; its cosine similarity is undefined (a blank or failed "
+                         "image?).")
     return ((a * b).sum(-1) / torch.sqrt(na * nb)).clamp(-1.0, 1.0)
 
 
@@ -127,7 +129,8 @@ def score_images(embed_images: Callable[[Sequence], Tensor], tok_images: Sequenc
     vision model (ComfyUI's CLIP_VISION), or the world's CLIP. PS needs a text encoder in the same space
     (`embed_texts`); without one it is None."""
     if prompts is not None and embed_texts is None:
-        raise ValueError("PS needs a text encoder in the image encoder's space; give embed_texts (open_clip) or leave prompts out.")
+        raise ValueError("PS needs a text encoder in the image encoder's space; give embed_texts (open_clip) or leave "
+                         "prompts out.")
     return scores_from_embeddings(embed_images(tok_images),
                                   embed_images(notok_images) if notok_images is not None else None,
                                   embed_images(ref_images) if ref_images is not None else None,
@@ -151,7 +154,8 @@ def _to_pil(img):
 def _unreadable(e: BaseException) -> bool:
     """torch.load's failures on a file that is no checkpoint at all (zip, pickle, safe-loader refusals)."""
     text = str(e)
-    return any(k in text for k in ("weights_only", "Weights only load failed", "PytorchStreamReader", "invalid load key",
+    return any(k in text for k in ("weights_only", "Weights only load failed", "PytorchStreamReader",
+                                   "invalid load key",
                                    "header too large", "Error while deserializing"))
 
 
@@ -177,18 +181,20 @@ class ClipScorer:
         path = Path(checkpoint_path).expanduser().resolve()  # absolute: can never be mistaken for a download tag
         model_name = model_name.replace("/", "-")  # 'ViT-L/14' -> 'ViT-L-14', as open_clip itself does
         if not path.is_file():
-            raise FileNotFoundError(f"CLIP checkpoint {path} does not exist; put the open_clip weights for {model_name!r} "
-                                    "there (e.g. ComfyUI/models/clip_vision/open_clip_pytorch_model.bin; nothing is downloaded).")
+            raise FileNotFoundError(f"CLIP checkpoint {path} does not exist; put the open_clip weights for "
+                                    f"{model_name!r} there (e.g. "
+                                    "ComfyUI/models/clip_vision/open_clip_pytorch_model.bin; nothing is downloaded).")
         cfg = open_clip.get_model_config(model_name) if ":" not in model_name else None
         if cfg is None:
             known = open_clip.list_models()
-            raise ValueError(f"unknown open_clip model {model_name!r}; valid names include "
-                             f"{[n for n in known if n.startswith(('ViT-B-32', 'ViT-L-14', 'ViT-H-14'))][:6] or known[:6]} "
+            usual = [n for n in known if n.startswith(("ViT-B-32", "ViT-L-14", "ViT-H-14"))][:6] or known[:6]
+            raise ValueError(f"unknown open_clip model {model_name!r}; valid names include {usual} "
                              "(open_clip.list_models() lists all).")
         text_cfg = cfg.get("text_cfg", {})
         if "hf_model_name" in text_cfg or "hf_tokenizer_name" in text_cfg or "siglip" in model_name.lower():
-            raise ValueError(f"open_clip model {model_name!r} uses a Hugging Face tokenizer or text tower, which would be "
-                             "downloaded; pick a CLIP architecture with the built-in tokenizer (e.g. ViT-L-14, ViT-B-32).")
+            raise ValueError(f"open_clip model {model_name!r} uses a Hugging Face tokenizer or text tower, which would "
+                             "be downloaded; pick a CLIP architecture with the built-in tokenizer (e.g. ViT-L-14, "
+                             "ViT-B-32).")
         # A file path as `pretrained` is loaded as is (strict); open_clip only downloads for tags and hf-hub names.
         try:
             model, _, self.preprocess = open_clip.create_model_and_transforms(
@@ -197,9 +203,9 @@ class ClipScorer:
         except (RuntimeError, AssertionError, KeyError) as e:
             if _unreadable(e):
                 raise ValueError(_not_a_checkpoint(path, e)) from None
-            raise ValueError(f"checkpoint {path} does not fit open_clip model {model_name!r} ({str(e).splitlines()[0][:200]}); "
-                             "pass the model name these weights were trained as (e.g. 'ViT-L-14' for a ViT-L/14 "
-                             "checkpoint) or the checkpoint of that model.") from e
+            raise ValueError(f"checkpoint {path} does not fit open_clip model {model_name!r} "
+                             f"({str(e).splitlines()[0][:200]}); pass the model name these weights were trained as "
+                             "(e.g. 'ViT-L-14' for a ViT-L/14 checkpoint) or the checkpoint of that model.") from e
         except Exception as e:  # noqa: BLE001 - torch.load's unpickling errors share no base class
             raise ValueError(_not_a_checkpoint(path, e)) from None
         self.model = model.to(device).eval()

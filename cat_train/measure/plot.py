@@ -92,7 +92,8 @@ def log_ticks(lo: float, hi: float) -> list[float]:
     return [v for v in nice_ticks(10 ** lo, 10 ** hi, 4) if v > 0]
 
 
-def _polyline(d: ImageDraw.ImageDraw, pts: Sequence[tuple[float, float]], fill, width: int, dash: int = 0, gap: int = 0):
+def _polyline(d: ImageDraw.ImageDraw, pts: Sequence[tuple[float, float]], fill, width: int, dash: int = 0,
+              gap: int = 0):
     if len(pts) < 2:
         return
     if not dash:

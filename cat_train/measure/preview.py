@@ -35,7 +35,8 @@ BLANK = (200, 200, 200)
 
 def preview_prompts(first_caption: str, triggers: Sequence[str], preservation_prompts: Sequence[str] = ()) -> list[str]:
     """The first caption, it without its triggers, then each preservation prompt; each prompt once, in that order."""
-    out = [first_caption.strip(), preservation_prompt(first_caption, triggers, "strip"), *(p.strip() for p in preservation_prompts)]
+    out = [first_caption.strip(), preservation_prompt(first_caption, triggers, "strip"),
+           *(p.strip() for p in preservation_prompts)]
     return list(dict.fromkeys(out))
 
 
@@ -47,13 +48,16 @@ class Previewer:
     """
 
     def __init__(self, denoiser: Denoiser, encode_text: Callable[[list[str]], Cond], prompts: Sequence[str],
-                 triggers: Sequence[str], latent_shape: Sequence[int], decode: Callable[[Tensor], Tensor], seed: int = 0,
+                 triggers: Sequence[str], latent_shape: Sequence[int], decode: Callable[[Tensor], Tensor],
+                 seed: int = 0,
                  steps: int = 20, cfg: float = 3.0, negative: str = "", clip_x0: float | None = None, scale: int = 1):
         if not prompts:
-            raise ValueError("no preview prompts; give at least one (the default is the first caption with and without its trigger).")
+            raise ValueError("no preview prompts; give at least one (the default is the first caption with and "
+                             "without its trigger).")
         if scale < 1:
             raise ValueError(f"preview scale must be a whole number >= 1, got {scale}.")
-        self.denoiser, self.decode, self.steps, self.cfg, self.clip_x0, self.scale = denoiser, decode, steps, cfg, clip_x0, scale
+        self.denoiser, self.decode, self.steps, self.cfg = denoiser, decode, steps, cfg
+        self.clip_x0, self.scale = clip_x0, scale
         self.prompts = list(prompts)
         self.has_trigger = [bool(triggers_in(p, triggers)) for p in self.prompts]
         rows = [encode_text([p]) for p in self.prompts]  # one prompt per call: batching would pad short prompts
@@ -67,7 +71,8 @@ class Previewer:
         module = self.denoiser.module
         cond = {k: v[which] for k, v in self.cond.items()}
         with observing(module), adapter_switched(module, adapter_on):
-            z = sample(self.denoiser, cond, self.uncond, (len(which), *self.noise.shape[1:]), steps=self.steps, cfg=self.cfg,
+            z = sample(self.denoiser, cond, self.uncond, (len(which), *self.noise.shape[1:]), steps=self.steps,
+                       cfg=self.cfg,
                        noise=self.noise.repeat(len(which), *[1] * (self.noise.ndim - 1)), clip_x0=self.clip_x0)
             imgs = self.decode(z).float().cpu().clamp(0, 1)
         if imgs.ndim != 4 or imgs.shape[-1] != 3:
@@ -98,7 +103,8 @@ class Previewer:
                             for _, row in self.rows])
 
     def grid(self) -> np.ndarray:
-        """(H, W, 3) uint8: LABEL_W px of row labels, HEADER px of prompts, then rows x columns cells with PAD between."""
+        """(H, W, 3) uint8: LABEL_W px of row labels, HEADER px of prompts, then rows x columns cells with PAD
+        between."""
         from PIL import Image, ImageDraw
 
         from .plot import font, text

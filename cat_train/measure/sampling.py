@@ -25,7 +25,9 @@ def timesteps(num_timesteps: int, steps: int) -> list[int]:
     """`steps` timesteps from T-1 down to 0, evenly spaced ('trailing': the first step starts at pure noise)."""
     if not 1 <= steps <= num_timesteps:
         raise ValueError(f"steps must be in [1, {num_timesteps}], got {steps}.")
-    return [round(num_timesteps - 1 - i * (num_timesteps - 1) / max(1, steps - 1)) for i in range(steps)] if steps > 1 else [num_timesteps - 1]
+    if steps == 1:
+        return [num_timesteps - 1]
+    return [round(num_timesteps - 1 - i * (num_timesteps - 1) / (steps - 1)) for i in range(steps)]
 
 
 def flow_sigmas(schedule: FlowSchedule, steps: int) -> list[float]:
@@ -45,7 +47,8 @@ def _levels(denoiser: Denoiser, steps: int) -> tuple[list[Tensor], list[tuple[fl
     sched = denoiser.schedule
     if isinstance(sched, FlowSchedule):
         if denoiser.prediction_type != "flow":
-            raise ValueError(f"a flow schedule samples velocity predictions ('flow'), not {denoiser.prediction_type!r}.")
+            raise ValueError(f"a flow schedule samples velocity predictions ('flow'), not "
+                             f"{denoiser.prediction_type!r}.")
         sig = flow_sigmas(sched, steps)
         return [torch.tensor(s * sched.num_timesteps, dtype=torch.float32) for s in sig[:-1]], [(1 - s, s) for s in sig]
     ts = timesteps(sched.num_timesteps, steps)
@@ -62,9 +65,12 @@ def _eps_x0(prediction_type: str, out: Tensor, x: Tensor, a: float, s: float) ->
 
 
 @torch.no_grad()
-def sample(denoiser: Denoiser, cond: Cond, uncond: Cond | None, shape: tuple[int, ...], steps: int = 20, cfg: float = 3.0,
-           generator: torch.Generator | None = None, noise: Tensor | None = None, clip_x0: float | None = None) -> Tensor:
-    """Latents of shape `shape` (B, C, H, W). cond/uncond are batched (B or 1 rows); uncond=None or cfg=1: no guidance."""
+def sample(denoiser: Denoiser, cond: Cond, uncond: Cond | None, shape: tuple[int, ...], steps: int = 20,
+           cfg: float = 3.0,
+           generator: torch.Generator | None = None, noise: Tensor | None = None,
+           clip_x0: float | None = None) -> Tensor:
+    """Latents of shape `shape` (B, C, H, W). cond/uncond are batched (B or 1 rows); uncond=None or cfg=1: no
+    guidance."""
     b = shape[0]
     param = next(denoiser.module.parameters())
     x = noise.to(param) if noise is not None else torch.randn(shape, generator=generator).to(param)

@@ -102,7 +102,8 @@ class Validator:
             rows = ([(i, img.cond_token, "fit", "")] + [(i, c, "keep", "") for c in img.keep]
                     + [(i, c, "probe", n) for n, c in {**self.probes, **img.probes}.items()])
             rows_by_shape.setdefault(tuple(img.latent.shape), []).extend(r for r in rows if r[2] in kinds)
-        per = batch_size * (2 + len(self.probes) + max(len(img.probes) for img in self.images))  # ~batch_size images' rows
+        # ~batch_size images' rows
+        per = batch_size * (2 + len(self.probes) + max(len(img.probes) for img in self.images))
         self.passes = [_Pass(rows[j:j + per]) for rows in rows_by_shape.values() for j in range(0, len(rows), per)]
         self._frozen: list[Tensor] | None = None  # per pass; its "fit" rows hold the targets
 
@@ -114,13 +115,14 @@ class Validator:
         t = torch.cat([self.images[i].t for i, *_ in p.rows])
         x0, noise, t = x0.to(device, torch.float32), noise.to(device), t.to(device)
         conds = [c for _, c, *_ in p.rows]
-        cond = {key: torch.cat(repeat_to_common_length([c[key].to(device)[None].expand(k, *c[key].shape) for c in conds]))
-                if key == "context" else torch.stack([c[key].to(device) for c in conds]).repeat_interleave(k, 0)
-                for key in conds[0]}
+        rows = lambda key: [c[key].to(device)[None].expand(k, *c[key].shape) for c in conds]
+        cond = {key: torch.cat(repeat_to_common_length(rows(key))) if key == "context"
+                else torch.stack([c[key].to(device) for c in conds]).repeat_interleave(k, 0) for key in conds[0]}
         return sched.add_noise(x0, noise, t), t, sched.target(x0, noise, t, self.denoiser.prediction_type), cond
 
     def _drifts(self) -> list[tuple[str, str, Tensor]]:
-        """(kind, probe name, per-point squared difference) of every row, adapted vs frozen (fit rows: vs the target)."""
+        """(kind, probe name, per-point squared difference) of every row, adapted vs frozen (fit rows: vs the
+        target)."""
         den = self.denoiser
         device = next(den.module.parameters()).device
         k = self.points

@@ -42,10 +42,10 @@ def _cyclic_to_longest(contexts: list[Tensor], dim: int, n: int) -> list[Tensor]
     key = tuple(sorted({c.shape[dim] for c in contexts}))
     if key not in _warned:
         _warned.add(key)
-        log.warning("conditionings of %s tokens would be padded to their common multiple (%d tokens, %dx the shortest); "
-                    "the shorter ones are repeated up to the longest (%d tokens) instead, an approximation. Shorten "
-                    "long captions below 75 tokens, or keep the trigger away from a 75-token boundary, to train them "
-                    "exactly.", " and ".join(map(str, key)), math.lcm(*key), math.lcm(*key) // key[0], n)
+        log.warning("conditionings of %s tokens would be padded to their common multiple (%d tokens, %dx the "
+                    "shortest); the shorter ones are repeated up to the longest (%d tokens) instead, an approximation. "
+                    "Shorten long captions below 75 tokens, or keep the trigger away from a 75-token boundary, to "
+                    "train them exactly.", " and ".join(map(str, key)), math.lcm(*key), math.lcm(*key) // key[0], n)
     out = []
     for c in contexts:
         k = c.shape[dim]
@@ -61,6 +61,7 @@ def cat_cond(*conds: Cond) -> Cond:
     for c in conds[1:]:
         if c.keys() != keys or any(c[k].shape[2:] != conds[0][k].shape[2:] for k in keys if k == "context") \
                 or any(c[k].shape[1:] != conds[0][k].shape[1:] for k in keys if k != "context"):
-            raise ValueError("token and preservation conditionings differ in shape; encode both with the same text encoder.")
+            raise ValueError("token and preservation conditionings differ in shape; encode both with the same text "
+                             "encoder.")
     return {k: torch.cat(repeat_to_common_length([c[k] for c in conds]) if k == "context" else [c[k] for c in conds])
             for k in keys}

@@ -2,7 +2,8 @@
 
 A `Denoiser` is the torch module to adapt, one prediction call, the prediction type and the
 noise schedule. ComfyUI's ModelPatcher implements it in `nodes/`; tests and the demo implement it
-with `cat_train.world.unet.UNet`. UNets (SD1.x/SDXL) are in DDPM space: `x_t = sqrt(abar_t) x_0 + sqrt(1-abar_t) eps`, integer timesteps
+with `cat_train.world.unet.UNet`. UNets (SD1.x/SDXL) are in DDPM space: `x_t = sqrt(abar_t) x_0 + sqrt(1-abar_t) eps`,
+integer timesteps
 `t in [0, T)`, which is exactly what an SD UNet receives inside ComfyUI too. Flow-matching transformers
 (SD3, Flux) use `FlowSchedule`: `x_t = (1 - sigma) x_0 + sigma eps`, target the velocity `eps - x_0`
 (prediction type "flow"), with the same `sample_t / add_noise / target` interface.
@@ -34,7 +35,8 @@ class NoiseSchedule:
     def num_timesteps(self) -> int:
         return len(self.alphas_cumprod)
 
-    def sample_t(self, n: int, generator: torch.Generator | None = None, t_min: int = 0, t_max: int | None = None) -> Tensor:
+    def sample_t(self, n: int, generator: torch.Generator | None = None, t_min: int = 0,
+                 t_max: int | None = None) -> Tensor:
         """Integer timesteps uniform in [t_min, t_max) (kohya's min_timestep/max_timestep); the full range draws as
         this always did, one randint over [0, T)."""
         return torch.randint(t_min, self.num_timesteps if t_max is None else t_max, (n,), generator=generator)
@@ -103,12 +105,14 @@ class FlowSchedule:
     def sigma(self, t: Tensor) -> Tensor:
         return t.double() / self.num_timesteps
 
-    def sample_t(self, n: int, generator: torch.Generator | None = None, t_min: int = 0, t_max: int | None = None) -> Tensor:
+    def sample_t(self, n: int, generator: torch.Generator | None = None, t_min: int = 0,
+                 t_max: int | None = None) -> Tensor:
         """t_min/t_max (out of 1000): the drawn sigma is mapped linearly into [t_min, t_max] / 1000, keeping the
         distribution's shape (kohya's SD3/Flux scripts: `t * (t_max - t_min) + t_min`); the full range leaves it as is,
         so the draws stay those of every earlier run."""
         if self.sampling == "logit_normal":
-            u = torch.sigmoid(self.logit_mean + self.logit_std * torch.randn(n, generator=generator, dtype=torch.float64))
+            z = torch.randn(n, generator=generator, dtype=torch.float64)
+            u = torch.sigmoid(self.logit_mean + self.logit_std * z)
         else:
             u = torch.rand(n, generator=generator, dtype=torch.float64)
         s = time_shift(self.shift, u)

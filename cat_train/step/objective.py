@@ -31,7 +31,8 @@ from .plugs import LossTerm
 
 def preservation_rows(cfg, step: int, n: int, gen: torch.Generator) -> tuple[float, Tensor | None]:
     """This batch's CAT factor and the rows that get the CAT term (None: all) at 0-based optimizer step `step`
-    (cfg: a `CatLossConfig`). Draws from `gen` only when keep_fraction < 1 on a step with the term, so exact CAT's draws are untouched."""
+    (cfg: a `CatLossConfig`). Draws from `gen` only when keep_fraction < 1 on a step with the term, so exact CAT's
+    draws are untouched."""
     if cfg.alpha == 0 or step % cfg.keep_every:
         return 0.0, None
     alpha = cfg.alpha * cfg.keep_every
@@ -44,8 +45,10 @@ def preservation_rows(cfg, step: int, n: int, gen: torch.Generator) -> tuple[flo
 class LossTerms(NamedTuple):
     loss: Tensor  # scalar to minimise
     fit: Tensor   # per-sample ||target - eps_θ'(z_t, t, y_T)||²
-    keep: Tensor  # per-sample ||eps_θ(z_t, t, y) - eps_θ'(z_t, t, y)||² (zeros when alpha = 0 and on rows without the term)
-    fit_pre: Tensor | None = None  # per-sample ||target - eps_θ(z_t, t, y_T)||² (weighted as fit): when a term asked for the frozen y_T pass
+    # per-sample ||eps_θ(z_t, t, y) - eps_θ'(z_t, t, y)||² (zeros when alpha = 0 and on rows without the term)
+    keep: Tensor
+    # per-sample ||target - eps_θ(z_t, t, y_T)||² (weighted as fit): when a term asked for the frozen y_T pass
+    fit_pre: Tensor | None = None
 
 
 def mean_sq_diff(a: Tensor, b: Tensor) -> Tensor:
@@ -97,7 +100,8 @@ def cat_objective(denoiser: Denoiser, frozen_model: Callable[[], ContextManager]
         alpha = 0.0
     token_pass = any(term.needs_frozen_token_pass for term in terms)
     pres = _select(keep_rows, x_t, t)
-    frozen_rows = ([(x_t, t, frozen_token)] if token_pass else []) + ([(*pres, _select(keep_rows, frozen_pres))] if alpha else [])
+    frozen_rows = (([(x_t, t, frozen_token)] if token_pass else [])
+                   + ([(*pres, _select(keep_rows, frozen_pres))] if alpha else []))
     out = None
     if frozen_rows:
         with torch.no_grad(), frozen_model(), _recording(terms, "frozen"):
@@ -105,7 +109,8 @@ def cat_objective(denoiser: Denoiser, frozen_model: Callable[[], ContextManager]
     # At init (LoRA B = 0) the adapted y rows equal the frozen pass up to CPU GEMM rounding between
     # batch sizes 2B and B (~1e-13 here); an extra frozen forward to make it bit-exact would cost 1/3 more.
     with _recording(terms, "adapted"):
-        pred = denoiser.predict(*_rows([(x_t, t, cond_token)] + ([(*pres, _select(keep_rows, cond_pres))] if alpha else [])))
+        pred = denoiser.predict(*_rows([(x_t, t,
+                                         cond_token)] + ([(*pres, _select(keep_rows, cond_pres))] if alpha else [])))
     fit_weight = _product([term.fit_weight(t) for term in terms])
     element_weight = _product([term.element_weight(pred[:n], out[:n] if token_pass else None) for term in terms])
     penalties = [p for term in terms for p in term.penalty(n)]
@@ -115,7 +120,8 @@ def cat_objective(denoiser: Denoiser, frozen_model: Callable[[], ContextManager]
     if not token_pass:
         return result
     # the frozen model's fit weighed as the adapted one's (APT compares the two)
-    fit_pre = mean_sq_diff(out[:n], target) if element_weight is None else weighted_mean_sq_diff(out[:n], target, element_weight)
+    fit_pre = (mean_sq_diff(out[:n], target) if element_weight is None
+               else weighted_mean_sq_diff(out[:n], target, element_weight))
     return result._replace(fit_pre=fit_pre.detach())
 
 

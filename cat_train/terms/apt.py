@@ -107,12 +107,14 @@ class Indicator:
             self.count[b] += 1
 
     def state_dict(self) -> dict:
-        return {"value": self.value.clone(), "count": self.count.clone(), "pre": self.pre.clone(), "ft": self.ft.clone(),
+        return {"value": self.value.clone(), "count": self.count.clone(), "pre": self.pre.clone(),
+                "ft": self.ft.clone(),
                 "form": self.cfg.form}
 
     def load_state_dict(self, state: dict) -> None:
         if state["value"].shape != self.value.shape:
-            raise ValueError(f"checkpoint has {len(state['value'])} APT bins, this run {self.cfg.bins}; resume with the same APT settings.")
+            raise ValueError(f"checkpoint has {len(state['value'])} APT bins, this run {self.cfg.bins}; resume with "
+                             "the same APT settings.")
         form = state.get("form", "relative")  # checkpoints from before the paper form held the relative indicator
         if form != self.cfg.form:
             raise ValueError(f"checkpoint's APT indicator has form {form!r}, this run {self.cfg.form!r}; resume with "
@@ -193,7 +195,8 @@ class Taps:
             self.aligned = [n for n in names if n and re.fullmatch(cfg.align_layers, n)
                             and hasattr(names[n], "to_q") and hasattr(names[n], "to_k")]
             if not self.aligned:
-                raise ValueError(f"APT align_layers {cfg.align_layers!r} matches no attention module (with to_q/to_k) of this model.")
+                raise ValueError(f"APT align_layers {cfg.align_layers!r} matches no attention module (with to_q/to_k) "
+                                 "of this model.")
             for n in self.aligned:
                 attn = names[n]
                 self.handles.append(attn.to_q.register_forward_hook(self._q_hook(n)))
@@ -206,7 +209,8 @@ class Taps:
             h = (out[0] if isinstance(out, (tuple, list)) else out).float()
             dims = tuple(range(2, h.ndim)) if h.ndim > 3 else (1,)  # (N, C, H, W) spatial; (N, L, C) tokens
             var = h.var(dims, unbiased=False)
-            self.moments[self.kind][name] = (h.mean(dims), var.clamp_min(1e-12).sqrt() if self.cfg.stabilize_stat == "std" else var)
+            self.moments[self.kind][name] = (h.mean(dims),
+                                             var.clamp_min(1e-12).sqrt() if self.cfg.stabilize_stat == "std" else var)
         return hook
 
     def _q_hook(self, name: str):
@@ -243,7 +247,8 @@ class Taps:
         terms = []
         missing = [n for n in self.stabilized if n not in self.moments["adapted"] or n not in self.moments["frozen"]]
         if missing:
-            raise RuntimeError(f"APT stabilize_layers {missing} were never run by this model's forward; choose other layers.")
+            raise RuntimeError(f"APT stabilize_layers {missing} were never run by this model's forward; choose other "
+                               "layers.")
         for n in self.stabilized:
             (ma, va), (mf, vf) = self.moments["adapted"][n], self.moments["frozen"][n]
             ma, va, mf, vf = ma[:rows], va[:rows], mf[:rows], vf[:rows]
@@ -263,7 +268,8 @@ class Taps:
         terms = []
         missing = [n for n in self.aligned if n not in self.probs["adapted"] or n not in self.probs["frozen"]]
         if missing:
-            raise RuntimeError(f"APT align_layers {missing} never computed q and k in this model's forward; choose other layers.")
+            raise RuntimeError(f"APT align_layers {missing} never computed q and k in this model's forward; choose "
+                               "other layers.")
         for n in self.aligned:
             pa, pf = self.probs["adapted"][n][:rows], self.probs["frozen"][n][:rows]
             keep = torch.ones(pa.shape[0], pa.shape[-1], dtype=pa.dtype, device=pa.device)
@@ -331,7 +337,8 @@ class AptRun(BatchTerm, LossTerm, RunHook):
         self.taps.clear()
         self.penalties = {"stabilize": rs.detach(), "align": aa.detach()}
         self.last = {k: float(v) for k, v in self.penalties.items()}
-        return [w * v for w, v in ((self.cfg.stabilize, rs), (self.cfg.align, aa)) if w]  # a part that is off adds nothing
+        # a part that is off adds nothing
+        return [w * v for w, v in ((self.cfg.stabilize, rs), (self.cfg.align, aa)) if w]
 
     def after_objective(self, t: Tensor, terms) -> None:
         self.indicator.update(self.indicator.bin_of(t), terms.fit_pre, terms.fit)

@@ -24,9 +24,10 @@ class AptConfig:
         "gain of the per-timestep-bin response to the overfitting indicator o_b: fit weight 1 - gain*o_b, augmentation "
         "probability gain*o_b (0 = off; 1 = the paper's response).")})
     form: str = field(default="paper", metadata={"help": (
-        "overfitting indicator. `paper`: o_b = 1 - exp(-T (EMA_b[L_pre] - EMA_b[L_ft])), each loss smoothed on its own, "
-        "T the diffusion steps (two independent write-ups of the method section); `relative`: EMA_b of "
-        "(L_pre - L_ft) / L_pre (this pack's earlier choice: a 95% error drop for what a gap of 0.003 gives the paper's).")})
+        "overfitting indicator. `paper`: o_b = 1 - exp(-T (EMA_b[L_pre] - EMA_b[L_ft])), each loss smoothed on its "
+        "own, T the diffusion steps (two independent write-ups of the method section); `relative`: EMA_b of "
+        "(L_pre - L_ft) / L_pre (this pack's earlier choice: a 95% error drop for what a gap of 0.003 gives the "
+        "paper's).")})
     stabilize: float = field(default=0.0, metadata={"help": (
         "weight of the representation-stabilization penalty: shift of per-channel feature mean/variance, adapted vs "
         "frozen (0 = off; 5, the APT Options node's default, was calibrated on the world model, not on SD).")})
@@ -43,9 +44,11 @@ class AptConfig:
     adapt_weight: bool = field(default=True, metadata={"help": "(a) per-bin weight of the fit loss."})
     adapt_augment: bool = field(default=True, metadata={"help": "(b) per-bin augmentation probability."})
     min_weight: float = field(default=0.1, metadata={"help": (
-        "floor of the fit weight in the `relative` form, so no bin stops learning (the `paper` form: 1 - o_b, no floor).")})
+        "floor of the fit weight in the `relative` form, so no bin stops learning (the `paper` form: 1 - o_b, no "
+        "floor).")})
     max_augment: float = field(default=0.8, metadata={"help": (
-        "p_max, ceiling of the augmentation probability min(o_b, p_max) (the paper's value is unknown here; 0.8 is a choice).")})
+        "p_max, ceiling of the augmentation probability min(o_b, p_max) (the paper's value is unknown here; 0.8 is "
+        "a choice).")})
     augment_ops: tuple[str, ...] = field(default=("zoom", "rotate"), metadata={"help": (
         f"augmentations, from {', '.join(AUGMENT_OPS)} (the paper: zoom-out and rotation); empty = loss weighting "
         "only. The node takes them comma separated.")})
@@ -56,14 +59,16 @@ class AptConfig:
         "with zoom_out 0 (this pack's earlier choice): content scaled by a factor drawn in [1 - zoom, 1].")})
     fill: str = field(default="black", metadata={"help": (
         "what surrounds zoomed-out or turned content: `black` (the authors' figure: the subject on black; in a latent "
-        "space without an image space, e.g. SD's VAE latents, 0 in the latent) or `reflection` (earlier: mirrored copies).")})
+        "space without an image space, e.g. SD's VAE latents, 0 in the latent) or `reflection` (earlier: mirrored "
+        "copies).")})
     rotate: float = field(default=15.0, metadata={"help": "rotation drawn in [-rotate, rotate] degrees."})
     shift: float = field(default=0.125, metadata={"help": "translation drawn in [-shift, shift] of the side."})
     color: float = field(default=0.1, metadata={"help": (
         "brightness/contrast jitter amplitude (in the model's [-1, 1] image space).")})
     stabilize_layers: str = field(default=SDUNet.apt_stabilize_layers, metadata={"help": (
-        "regex (full match) of the UNet modules whose outputs are stabilized (default: the self-attention modules, as the "
-        "authors' figure; which of them the paper uses is unknown here. Earlier: `middle_block|output_blocks\\.\\d+`).")})
+        "regex (full match) of the UNet modules whose outputs are stabilized (default: the self-attention modules, as "
+        "the authors' figure; which of them the paper uses is unknown here. Earlier: "
+        "`middle_block|output_blocks\\.\\d+`).")})
     stabilize_stat: str = field(default="std", metadata={"help": (
         "per-channel statistic beside the mean: `std` (the write-ups) or `var` (earlier).")})
     stabilize_normalize: bool = field(default=False, metadata={"help": (
@@ -82,18 +87,22 @@ class AptConfig:
         self.augment_ops = tuple(self.augment_ops)
         checks = [
             (self.adaptive >= 0 and self.stabilize >= 0 and self.align >= 0,
-             f"APT weights must be >= 0 (0 = off), got adaptive={self.adaptive}, stabilize={self.stabilize}, align={self.align}."),
+             f"APT weights must be >= 0 (0 = off), got adaptive={self.adaptive}, stabilize={self.stabilize}, "
+             f"align={self.align}."),
             (self.bins >= 1, f"APT bins must be >= 1, got {self.bins}."),
             (0 <= self.ema < 1, f"APT ema must be in [0, 1), got {self.ema}."),
             (0 <= self.target < 1, f"APT target must be in [0, 1), got {self.target}."),
             (0 < self.min_weight <= 1, f"APT min_weight must be in (0, 1], got {self.min_weight}."),
             (0 <= self.max_augment <= 1, f"APT max_augment must be in [0, 1], got {self.max_augment}."),
-            (set(self.augment_ops) <= set(AUGMENT_OPS), f"APT augment_ops must be among {AUGMENT_OPS}, got {self.augment_ops}."),
-            (self.align_distance in ("mse", "kl"), f"APT align_distance must be 'mse' or 'kl', got {self.align_distance!r}."),
+            (set(self.augment_ops) <= set(AUGMENT_OPS), f"APT augment_ops must be among {AUGMENT_OPS}, got "
+                                                        f"{self.augment_ops}."),
+            (self.align_distance in ("mse", "kl"), "APT align_distance must be 'mse' or 'kl', got "
+                                                   f"{self.align_distance!r}."),
             (self.form in FORMS, f"APT form must be one of {FORMS}, got {self.form!r}."),
             (self.fill in FILLS, f"APT fill must be one of {FILLS}, got {self.fill!r}."),
             (self.stabilize_stat in STATS, f"APT stabilize_stat must be one of {STATS}, got {self.stabilize_stat!r}."),
-            (self.zoom_out == 0 or self.zoom_out >= 1, f"APT zoom_out must be 0 (use zoom) or >= 1, got {self.zoom_out}."),
+            (self.zoom_out == 0 or self.zoom_out >= 1, "APT zoom_out must be 0 (use zoom) or >= 1, got "
+                                                       f"{self.zoom_out}."),
         ]
         for ok, msg in checks:
             if not ok:

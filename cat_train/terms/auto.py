@@ -14,7 +14,8 @@ image (`BatchTerm.preservation`), so every kept prompt gets an equal share of th
 are given by hand. Until the first probe is added the run is the plain CAT run, bit for bit: the measurement
 draws from its own generator and the turn-taking draws nothing.
 
-The settings, probes and their per-image prompts: cat_train/terms/auto_config.py, which builds this term. The added set (probe, step, drift) is the
+The settings, probes and their per-image prompts: cat_train/terms/auto_config.py, which builds this term. The added set
+(probe, step, drift) is the
 checkpointed state, so a resumed run keeps preserving exactly what the interrupted one had added.
 """
 from __future__ import annotations
@@ -46,12 +47,14 @@ class AutoPreservation(BatchTerm, RunHook):
     def start(self, examples: Sequence[Any]) -> None:
         if any(getattr(ex, "prompts", None) is not None for ex in examples):
             raise ValueError("auto preservation swaps cached preservation conditionings, but this adapter encodes its "
-                             "prompts every step (CatVersion); use it with LoRA, or set auto preservation `every` to 0.")
+                             "prompts every step (CatVersion); use it with LoRA, or set auto preservation `every` to "
+                             "0.")
         self.examples = examples
         self.order = list(dict.fromkeys(p for ex in examples for p in (getattr(ex, "probes", None) or {})))
         if not self.order:
             raise ValueError("auto preservation is on but no training example has probe prompts: build the examples "
-                             "with train.build_examples and this loss config (its `auto` settings), or set `every` to 0.")
+                             "with train.build_examples and this loss config (its `auto` settings), or set `every` to "
+                             "0.")
         self.validator = Validator(self.denoiser, examples, points=self.cfg.points, seed=self.cfg.seed,
                                    image_probes=True, kinds=("probe",), max_images=self.cfg.images)
 
@@ -75,14 +78,16 @@ class AutoPreservation(BatchTerm, RunHook):
         self.added += [(p, step, self.drift[p]) for p in self.worst()]
 
     def worst(self) -> list[str]:
-        """The probes to add now: not yet added, drift above the threshold, worst first, within what the budget leaves."""
+        """The probes to add now: not yet added, drift above the threshold, worst first, within what the budget
+        leaves."""
         have = {p for p, _, _ in self.added}
         over = [p for p in self.order if p not in have and self.drift.get(p, 0.0) > self.cfg.threshold]
         over.sort(key=lambda p: (-self.drift[p], self.order.index(p)))
         return over[:max(0, self.cfg.top_k - len(self.added))]
 
     def report(self) -> dict:
-        """For the live view and the history: the probes added (probe, step, drift), the last measurement and its step."""
+        """For the live view and the history: the probes added (probe, step, drift), the last measurement and its
+        step."""
         return {"auto_added": [list(a) for a in self.added], "drift": dict(self.drift), "measured": self.measured,
                 "threshold": self.cfg.threshold, "top_k": self.cfg.top_k, "seconds": self.seconds}
 

@@ -61,7 +61,8 @@ class AutoPreservationConfig:
         self.probes = tuple(p.strip() for p in self.probes if p.strip())
         checks = [
             (self.every >= 0, f"auto preservation `every` must be >= 0 (0 = off), got {self.every}."),
-            (self.source in SOURCES, f"auto preservation `source` must be one of {', '.join(SOURCES)}, got {self.source!r}."),
+            (self.source in SOURCES, f"auto preservation `source` must be one of {', '.join(SOURCES)}, got "
+                                     f"{self.source!r}."),
             (self.top_k >= 1, f"auto preservation `top_k` must be >= 1, got {self.top_k}."),
             (self.threshold >= 0, f"auto preservation `threshold` must be >= 0, got {self.threshold}."),
             (self.points >= 1, f"auto preservation `points` must be >= 1, got {self.points}."),
@@ -102,8 +103,9 @@ def probe_words(cfg: AutoPreservationConfig, class_word: str | Mapping[str, str]
         return COMMON_SUBJECTS
     words = tuple(dict.fromkeys(class_word.values())) if isinstance(class_word, Mapping) else ()
     if len(words) < 2:
-        raise ValueError("auto preservation source `dataset` needs a multi-concept dataset with two or more class words "
-                         "in CAT Loss Config's class_word ('sks=dog, zwx=cat'); give probes as a `list` or use `common`.")
+        raise ValueError("auto preservation source `dataset` needs a multi-concept dataset with two or more class "
+                         "words in CAT Loss Config's class_word ('sks=dog, zwx=cat'); give probes as a `list` or use "
+                         "`common`.")
     return words
 
 

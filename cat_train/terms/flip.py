@@ -11,7 +11,8 @@ from ..step.plugs import BatchTerm
 class Flip(BatchTerm):
     """Horizontal flips of the training images with probability p (CatVersion's data pipeline). One draw per sample
     every batch from the run's generator, flipped or not, so resumes stay exact. In an image space when the denoiser
-    names one (`augment_space`, as APT's augmentation), otherwise on the latent (SD's VAE: close to the image's flip)."""
+    names one (`augment_space`, as APT's augmentation), otherwise on the latent (SD's VAE: close to the image's
+    flip)."""
 
     name = "flip"
 

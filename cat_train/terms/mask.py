@@ -94,8 +94,9 @@ class MaskedLoss(BatchTerm, LossTerm, RunHook):
         m = torch.stack([torch.ones((1, *pred_token.shape[-2:])) if x is None else x for x in self.masks])
         m = m.to(pred_token.device, torch.float32)
         if m.shape[-2:] != pred_token.shape[-2:]:
-            raise ValueError(f"a mask of {tuple(m.shape[-2:])} does not match its latent's {tuple(pred_token.shape[-2:])}; "
-                             "build masks at the latent size (cat_train.data.masks.latent_mask).")
+            raise ValueError(f"a mask of {tuple(m.shape[-2:])} does not match its latent's "
+                             f"{tuple(pred_token.shape[-2:])}; build masks at the latent size "
+                             "(cat_train.data.masks.latent_mask).")
         if self.cfg.keep and frozen_token is not None:
             diff = (pred_token.float() - frozen_token.float()).pow(2)
             self.background = ((1.0 - m) * diff).flatten(1).mean(1)

@@ -44,7 +44,8 @@ def min_snr_weight(schedule: NoiseSchedule | FlowSchedule, prediction_type: Pred
         return capped / (ratio + 1)
     if prediction_type == "flow":
         return capped * schedule.sigma(t.cpu()) ** 2
-    raise ValueError(f"min_snr_gamma knows eps, v and flow predictions, not {prediction_type!r}; set min_snr_gamma to 0.")
+    raise ValueError(f"min_snr_gamma knows eps, v and flow predictions, not {prediction_type!r}; set min_snr_gamma to "
+                     "0.")
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,8 @@ class MinSnr:
 
     def __post_init__(self):
         if not (self.gamma >= 0 and math.isfinite(self.gamma)):
-            raise ValueError(f"min_snr_gamma must be a finite number >= 0 (0 = off; 5 is the usual value), got {self.gamma}.")
+            raise ValueError("min_snr_gamma must be a finite number >= 0 (0 = off; 5 is the usual value), got "
+                             f"{self.gamma}.")
 
     @property
     def active(self) -> bool:
@@ -74,7 +76,8 @@ class MinSnrWeight(LossTerm):
 
     def __init__(self, denoiser: Denoiser, gamma: float):
         self.schedule, self.prediction_type, self.gamma = denoiser.schedule, denoiser.prediction_type, float(gamma)
-        min_snr_weight(self.schedule, self.prediction_type, torch.tensor([self.schedule.num_timesteps // 2]), self.gamma)
+        min_snr_weight(self.schedule, self.prediction_type, torch.tensor([self.schedule.num_timesteps // 2]),
+                       self.gamma)
 
     def fit_weight(self, t: Tensor) -> Tensor:
         return min_snr_weight(self.schedule, self.prediction_type, t, self.gamma).to(t.device, torch.float32)

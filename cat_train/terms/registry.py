@@ -37,7 +37,8 @@ def settings(loss_cfg: Any, cfg: Any = None) -> list:
             continue
         found = getattr(loss_cfg if where == "loss" else cfg, attr)
         if not isinstance(found, cls):
-            raise TypeError(f"{where} config's {attr} is a {type(found).__name__}, the registry expects a {cls.__name__}.")
+            raise TypeError(f"{where} config's {attr} is a {type(found).__name__}, the registry expects a "
+                            f"{cls.__name__}.")
         out.append(found)
     return out
 

@@ -33,7 +33,8 @@ class BatchSampler:
             if ex.drawn:  # caption rows come only through their image's CaptionChoice
                 groups.setdefault(tuple(ex.latent.shape), []).append(i)
         self.groups = list(groups.values())
-        self.group_weights = torch.tensor([sum(examples[i].repeats for i in g) for g in self.groups], dtype=torch.float64)
+        self.group_weights = torch.tensor([sum(examples[i].repeats for i in g) for g in self.groups],
+                                          dtype=torch.float64)
 
     def draw(self, gen: torch.Generator) -> list[int]:
         group = self.groups[int(torch.multinomial(self.group_weights, 1, generator=gen))]
@@ -41,7 +42,8 @@ class BatchSampler:
         picks = torch.multinomial(w, self.batch_size, replacement=len(group) < self.batch_size, generator=gen)
         return [group[int(i)] for i in picks]
 
-    def draw_batch(self, gen: torch.Generator, schedule: NoiseSchedule | FlowSchedule) -> tuple[list[int], Tensor, Tensor]:
+    def draw_batch(self, gen: torch.Generator,
+                   schedule: NoiseSchedule | FlowSchedule) -> tuple[list[int], Tensor, Tensor]:
         """Examples (each image's caption row where it has a choice), timesteps in the range and noise of one batch (on
         the CPU), in the order this sampler draws them."""
         idx = caption_rows.pick_rows(self.examples, self.draw(gen), gen)

@@ -7,7 +7,8 @@
                  (2B with the CAT term: y_T and y in one pass; B for plain LoRA)
 
 With gradient checkpointing only the checkpointed layers' outputs stay, plus one layer's insides
-and their gradients while it is recomputed (3x the largest layer's insides). Activations the probe cannot see (attention reshapes, residual sums, GELU
+and their gradients while it is recomputed (3x the largest layer's insides). Activations the probe cannot see
+(attention reshapes, residual sums, GELU
 inside GEGLU) are covered by `OVERHEAD`, measured on SD-shaped UNets (benchmarks/memory.py).
 """
 from __future__ import annotations
@@ -47,7 +48,8 @@ def _outputs(out) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def probe_activations(module: nn.Module, forward: Callable[[], object], units: Sequence[nn.Module] = ()) -> ActivationProbe:
+def probe_activations(module: nn.Module, forward: Callable[[], object],
+                      units: Sequence[nn.Module] = ()) -> ActivationProbe:
     """Run `forward` once (batch 1) with hooks on every leaf module; no grad, nothing kept."""
     total = 0
     per_unit: dict[int, int] = {}
@@ -128,5 +130,5 @@ class MemoryBudget:
         knobs += [f"lower the resolution (now {w}x{h}; activations scale with the pixel count)",
                   f"lower the rank (now {rank}) or use the 'attn' target preset",
                   "close other programs using the GPU"]
-        raise DoesNotFit(f"this run does not fit: {self.report(checkpointing)}. To make it fit: " + "; ".join(knobs) + ".")
+        raise DoesNotFit(f"this run does not fit: {self.report(checkpointing)}. To make it fit: {'; '.join(knobs)}.")
 

@@ -20,7 +20,8 @@ CHECKPOINT_FORMAT = "cat_train.checkpoint/1"
 
 
 def save(obj, path: Path) -> Path:
-    return atomic_save(obj, path, "free space on that disk or point checkpoint_dir (the node's checkpoint_name) elsewhere.")
+    return atomic_save(obj, path, "free space on that disk or point checkpoint_dir (the node's checkpoint_name) "
+                                  "elsewhere.")
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
@@ -42,7 +43,8 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
         raise ValueError(f"{what}: torch cannot read it as one ({type(e).__name__}){hint}") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         found = (f"a {type(state).__name__}" if not isinstance(state, dict) else
-                 "a dict without the trainer's 'format' key" if "format" not in state else f"format {state['format']!r}")
+                 "a dict without the trainer's 'format' key" if "format" not in state else
+                 f"format {state['format']!r}")
         raise ValueError(f"{what}: it holds {found}, not {CHECKPOINT_FORMAT!r}{hint}")
     return state
 
@@ -99,14 +101,16 @@ def snapshot(adapter: Adapter, terms: Sequence[Term], opt, sched, gen, step, his
 
 
 def restore(state: dict, adapter: Adapter, terms: Sequence[Term], opt, sched, gen, path) -> None:
-    kind = state.get("adapter", adapter.name)  # files written before kinds were recorded hold the adapter's keys or fail there
+    # files written before kinds were recorded hold the adapter's keys or fail there
+    kind = state.get("adapter", adapter.name)
     if kind != adapter.name:
         raise ValueError(f"checkpoint {path} was written by a {kind} run, this run trains {adapter.name}; "
                          f"resume it with the trainer that wrote it, or start afresh without a checkpoint.")
     adapter.load_state_dict(state, str(path))
     for term in terms:
         if term.name not in state:
-            raise ValueError(f"checkpoint {path} was trained without {term.name!r}; resume with the same {term.name} settings.")
+            raise ValueError(f"checkpoint {path} was trained without {term.name!r}; resume with the same {term.name} "
+                             "settings.")
         if isinstance(term, RunHook):
             term.load_state_dict(state[term.name])
     opt.load_state_dict(state["optimizer"])

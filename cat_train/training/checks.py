@@ -57,10 +57,10 @@ def check_concepts(triggers: Sequence[str], loss_cfg: CatLossConfig) -> None:
         for t in triggers:
             y = preservation_prompt(f"a photo of {t}", [t], "class", loss_cfg.class_word)
             if y.strip().lower() == f"a photo of {t}".lower():
-                raise ValueError(f"trigger {t!r} equals the class word {y.split()[-1]!r}: the prompt without the trigger "
-                                 "(y) would equal the training caption (y_T), so the CAT term would compare a prompt "
-                                 "with itself and preserve nothing. Use a token the model does not know as the trigger "
-                                 f"(e.g. 'sks') and keep {t!r} as the class word.")
+                raise ValueError(f"trigger {t!r} equals the class word {y.split()[-1]!r}: the prompt without the "
+                                 "trigger (y) would equal the training caption (y_T), so the CAT term would compare a "
+                                 "prompt with itself and preserve nothing. Use a token the model does not know as the "
+                                 f"trigger (e.g. 'sks') and keep {t!r} as the class word.")
 
 
 def check_image_batch(images, what: str) -> None:
@@ -136,5 +136,6 @@ def output_folder(text: str) -> Path:
     try:  # permissions do not tell everything (root in /proc, a read-only mount): try, and leave nothing behind
         os.rmdir(tempfile.mkdtemp(prefix=".cat-probe-", dir=q))
     except OSError as e:
-        raise argparse.ArgumentTypeError(f"{text}: cannot create folders in {q} ({e.strerror}); choose another output folder") from None
+        raise argparse.ArgumentTypeError(f"{text}: cannot create folders in {q} ({e.strerror}); choose another "
+                                         "output folder") from None
     return p

@@ -32,11 +32,14 @@ class Example:
     weight: float = 1.0     # weight of its preservation term (per-token weights)
     repeats: int = 1        # sampling weight (kohya repeats)
     prompts: tuple[str, str] | None = None  # (y_T, y) for adapters that encode prompts every step (no cached conds)
-    probes: dict[str, Cond] = field(default_factory=dict)  # auto preservation: {probe: its prompt's cond} for this image
-    trigger_tokens: tuple[int, ...] = ()  # positions of the trigger's tokens in y_T's context, for step terms that skip them
+    # auto preservation: {probe: its prompt's cond} for this image
+    probes: dict[str, Cond] = field(default_factory=dict)
+    # positions of the trigger's tokens in y_T's context, for step terms that skip them
+    trigger_tokens: tuple[int, ...] = ()
     captions: CaptionChoice | None = None  # caption dropout / tag shuffling: which row a draw of this image uses
     drawn: bool = True  # False: a caption row (shuffled or dropped caption), reached only through an image's `captions`
-    mask: Tensor | None = None  # (1, H, W) at the latent's size in [0, 1], 1 = subject: masked training (cat_train/terms/mask.py)
+    # (1, H, W) at the latent's size in [0, 1], 1 = subject: masked training (cat_train/terms/mask.py)
+    mask: Tensor | None = None
 
 
 
@@ -63,19 +66,23 @@ def build_examples(items: Sequence[tuple], encode_text: Callable[[list[str]], Co
                         "examples share them); a few dozen prompts are usually enough.", len(rows),
                         len(loss_cfg.preservation_prompts), pairs)
     else:
-        pres = [[preservation_prompt(cap, trig, loss_cfg.preservation, loss_cfg.class_word)] for _, cap, trig, _ in rows]
+        pres = [[preservation_prompt(cap, trig, loss_cfg.preservation,
+                                     loss_cfg.class_word)] for _, cap, trig, _ in rows]
     probes = [_extra_prompts(loss_cfg, trig, ps[0]) for (_, _, trig, _), ps in zip(rows, pres)]
     with_rows = caption_rows.active(cfg)
-    shuffle_gen = torch.Generator().manual_seed(cfg.seed) if with_rows else None  # not the run's: it exists only in train()
+    # not the run's: it exists only in train()
+    shuffle_gen = torch.Generator().manual_seed(cfg.seed) if with_rows else None
     # per image, per example of it: [(y_T, y)] of each caption variant
     pairs = [[[(v, p if loss_cfg.preservation_prompts else preservation_prompt(v, trig, loss_cfg.preservation,
                                                                                  loss_cfg.class_word))
                for v in vs] for p in ps]
-             for (_, cap, trig, _), ps, vs in zip(rows, pres, [caption_rows.variants(r[1], cfg, shuffle_gen) for r in rows])
+             for (_, cap, trig, _), ps, vs in zip(rows, pres,
+                                                  [caption_rows.variants(r[1], cfg, shuffle_gen) for r in rows])
              ] if with_rows else []
-    extra = {p for per_image in pairs for per_ex in per_image for pair in per_ex for p in pair} | ({""} if with_rows else set())
-    prompts = sorted({cap for _, cap, _, _ in rows} | {p for ps in pres for p in ps} | {p for pr in probes for p in pr.values()}
-                     | extra)
+    extra = ({p for per_image in pairs for per_ex in per_image for pair in per_ex for p in pair}
+             | ({""} if with_rows else set()))
+    prompts = sorted({cap for _, cap, _, _ in rows} | {p for ps in pres for p in ps}
+                     | {p for pr in probes for p in pr.values()} | extra)
     # one prompt per call: a batch would pad every prompt to the longest, changing short captions' conditioning
     cond = {}
     for i, p in enumerate(prompts):
@@ -101,7 +108,8 @@ def build_examples(items: Sequence[tuple], encode_text: Callable[[list[str]], Co
     return out
 
 
-def _with_caption_rows(out: list[Example], rows, pairs, cond, weight, cfg: TrainConfig, token_positions) -> list[Example]:
+def _with_caption_rows(out: list[Example], rows, pairs, cond, weight, cfg: TrainConfig,
+                       token_positions) -> list[Example]:
     """The examples, each given its CaptionChoice, followed by their caption rows (`drawn=False`)."""
     extra: list[Example] = []
     primary = iter(enumerate(out))
@@ -124,7 +132,8 @@ def _with_caption_rows(out: list[Example], rows, pairs, cond, weight, cfg: Train
 def _extra_prompts(loss_cfg: CatLossConfig, triggers: tuple[str, ...], y: str) -> dict[str, str]:
     """The prompts the terms ask for one image, {name: prompt} (auto preservation's probes; none while off)."""
     def own_words() -> list[str]:  # asked only by an active term: without one no class word is needed
-        return ([class_word_for(t, loss_cfg.class_word) for t in triggers] if loss_cfg.preservation == "class" and triggers
+        return ([class_word_for(t,
+                                loss_cfg.class_word) for t in triggers] if loss_cfg.preservation == "class" and triggers
                 else [])
     return registry.extra_prompts(loss_cfg, y, own_words)
 
@@ -137,8 +146,9 @@ def batch_note(examples: Sequence[Example], cfg: TrainConfig) -> str | None:
     largest = max(sizes.values())
     if cfg.batch_size <= largest:
         return None
-    note = (f"batch_size {cfg.batch_size} is larger than the {'number of examples' if len(sizes) == 1 else 'largest bucket'} "
-            f"({largest}): every batch repeats images, which costs memory and time and trains nothing more; lower "
-            f"batch_size to {largest} or less (raise grad_accum for a larger effective batch).")
+    note = (f"batch_size {cfg.batch_size} is larger than the "
+            f"{'number of examples' if len(sizes) == 1 else 'largest bucket'} ({largest}): every batch repeats images, "
+            f"which costs memory and time and trains nothing more; lower batch_size to {largest} or less (raise "
+            "grad_accum for a larger effective batch).")
     log.warning(note)
     return note

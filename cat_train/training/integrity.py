@@ -33,7 +33,8 @@ def tensor_fingerprint(t: torch.Tensor) -> Fingerprint:
 def module_fingerprint(module: nn.Module) -> dict[str, Fingerprint]:
     """Every parameter and buffer, by name (what `state_dict` would hold, without copying it)."""
     out = {f"param:{n}": tensor_fingerprint(p) for n, p in module.named_parameters(remove_duplicate=False)}
-    out.update({f"buffer:{n}": tensor_fingerprint(b) for n, b in module.named_buffers(remove_duplicate=False) if b is not None})
+    out.update({f"buffer:{n}": tensor_fingerprint(b) for n, b in module.named_buffers(remove_duplicate=False)
+                if b is not None})
     return out
 
 

@@ -61,9 +61,11 @@ class TrainResult:
 
 class TrainingDiverged(RuntimeError):
     def __init__(self, step: int, checkpoint: Path | None):
-        where = f"the last good state is saved in {checkpoint}" if checkpoint else "set checkpoint_dir to keep the last good state"
+        where = f"the last good state is saved in {checkpoint}" if checkpoint else ("set checkpoint_dir to keep the "
+                                                                                    "last good state")
         super().__init__(f"loss became NaN/inf at step {step}; training stopped before the bad update, {where}. "
-                         "Lower the learning rate, use mixed_precision 'bf16' instead of 'fp16', or set max_grad_norm (e.g. 1.0).")
+                         "Lower the learning rate, use mixed_precision 'bf16' instead of 'fp16', or set max_grad_norm "
+                         "(e.g. 1.0).")
         self.step, self.checkpoint = step, checkpoint
 
 
@@ -81,13 +83,15 @@ def lr_factor(cfg: TrainConfig, step: int) -> float:
 
 
 def _is_oom(e: BaseException) -> bool:
-    return isinstance(e, (torch.OutOfMemoryError, MemoryError)) or (isinstance(e, RuntimeError) and "out of memory" in str(e).lower())
+    return (isinstance(e, (torch.OutOfMemoryError, MemoryError))
+            or (isinstance(e, RuntimeError) and "out of memory" in str(e).lower()))
 
 
 def train(denoiser: Denoiser, examples: Sequence[Example], loss_cfg: CatLossConfig, spec: AdapterSpec | Adapter,
           cfg: TrainConfig, callback: Callable[[StepInfo], None] | None = None, resume: str | os.PathLike | None = None,
           keep_adapter: bool = False, on_save: Callable[[int, Any], None] | None = None,
-          sampler: BatchSampler | None = None, own_folder: bool = False, extra_terms: Sequence[Term] = ()) -> TrainResult:
+          sampler: BatchSampler | None = None, own_folder: bool = False,
+          extra_terms: Sequence[Term] = ()) -> TrainResult:
     """Train an adapter (the one `spec` configures, or a `plugs.Adapter` itself) with the CAT objective.
     The model is restored (adapter removed) on return unless keep_adapter.
 
@@ -104,7 +108,8 @@ def train(denoiser: Denoiser, examples: Sequence[Example], loss_cfg: CatLossConf
     device = torch.device(cfg.device) if cfg.device else base_param.device
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
     if amp == torch.float16 and device.type != "cuda":
-        raise ValueError(f"mixed_precision 'fp16' needs a GPU (it trains with a grad scaler); use 'bf16' or 'no' on {device}.")
+        raise ValueError("mixed_precision 'fp16' needs a GPU (it trains with a grad scaler); use 'bf16' or 'no' on "
+                         f"{device}.")
     caption_rows.check_examples(examples, cfg)
     sampler = sampler or BatchSampler(examples, cfg.batch_size, (cfg.timestep_min, cfg.timestep_max))
     ckpt_dir = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
@@ -203,15 +208,19 @@ def train(denoiser: Denoiser, examples: Sequence[Example], loss_cfg: CatLossConf
         except TrainingDiverged:
             raise
         except BaseException as e:  # cancel (ComfyUI's interrupt, Ctrl-C) or a crash: keep what was learned
-            if result.steps_done and (result.last_checkpoint is None or not result.last_checkpoint.name.endswith(f"{result.steps_done:06d}.pt")):
+            saved = result.last_checkpoint is not None and result.last_checkpoint.name.endswith(
+                f"{result.steps_done:06d}.pt")
+            if result.steps_done and not saved:
                 with contextlib.suppress(Exception):
                     save(result.steps_done)
-                    log.warning("training stopped at step %d; checkpoint saved to %s", result.steps_done, result.last_checkpoint)
+                    log.warning("training stopped at step %d; checkpoint saved to %s", result.steps_done,
+                                result.last_checkpoint)
             if _is_oom(e):
                 raise TrainingOutOfMemory(
-                    f"out of memory at step {result.steps_done + 1} (batch {cfg.batch_size}, latent {tuple(examples[0].latent.shape)}). "
-                    "Lower batch_size (raise grad_accum to keep the effective batch), turn on gradient_checkpointing, "
-                    f"use mixed_precision 'bf16', lower the resolution or {adapter.size_hint}.") from e
+                    f"out of memory at step {result.steps_done + 1} (batch {cfg.batch_size}, latent "
+                    f"{tuple(examples[0].latent.shape)}). Lower batch_size (raise grad_accum to keep the effective "
+                    "batch), turn on gradient_checkpointing, use mixed_precision 'bf16', lower the resolution or "
+                    f"{adapter.size_hint}.") from e
             raise
         finally:
             for hook in hooks:

@@ -13,7 +13,8 @@ CHOICES: tuple[str, ...] = ("auto", "bf16", "fp16", "fp32")
 _BY_NAME = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def compute_dtype(choice: str, device: torch.device | str, storage: torch.dtype, bf16_supported: bool = True) -> torch.dtype:
+def compute_dtype(choice: str, device: torch.device | str, storage: torch.dtype,
+                  bf16_supported: bool = True) -> torch.dtype:
     device = torch.device(device)
     if choice not in CHOICES:
         raise ValueError(f"compute dtype must be one of {', '.join(CHOICES)}, got {choice!r}.")

@@ -79,7 +79,8 @@ def data_fingerprint(examples: Sequence) -> dict:
 
     for i, ex in enumerate(examples):
         w = 1.5 + math.sin(1.618 * i)
-        for role, tensors in (("latent", {"latent": ex.latent}), ("token", ex.cond_token or {}), ("pres", ex.cond_pres or {})):
+        for role, tensors in (("latent", {"latent": ex.latent}), ("token", ex.cond_token or {}),
+                              ("pres", ex.cond_pres or {})):
             for key in sorted(tensors):
                 proj, norm = project(key, tensors[key])
                 sketch[role] += w * proj
@@ -172,7 +173,8 @@ def claim(folder: Path, settings: dict, resuming_same_run: bool = False) -> str:
         why = "already holds checkpoints of an earlier run that recorded no settings"
         raise FolderTaken(
             f"checkpoint folder {folder} {why}; a new run would overwrite them. Give this run its own checkpoint_name "
-            f"(e.g. '{folder.name}_2'), resume from that run's latest checkpoint, or delete the folder.", folder, rid, why)
+            f"(e.g. '{folder.name}_2'), resume from that run's latest checkpoint, or delete the folder.", folder, rid,
+                          why)
     tmp = folder / f".{RUN_FILE}.tmp{os.getpid()}"
     try:
         tmp.write_text(json.dumps({"run_id": rid, "settings": settings}, indent=1, sort_keys=True), encoding="utf-8")
@@ -218,7 +220,8 @@ def check_resume(state: dict, settings: dict, steps: int, path) -> None:
         saved = {"config": _plain({k: v for k, v in (state.get("config") or {}).items()
                                    if k in settings["config"]}),
                  "loss": _plain(state.get("loss")) if "loss" in state else settings["loss"]}
-        now = {"config": {k: v for k, v in settings["config"].items() if k in saved["config"]}, "loss": settings["loss"]}
+        now = {"config": {k: v for k, v in settings["config"].items() if k in saved["config"]},
+               "loss": settings["loss"]}
     else:
         now = settings
     diff = differences(saved, now)

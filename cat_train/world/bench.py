@@ -6,7 +6,8 @@ plain LoRA (alpha 0), CAT (alpha 0.5, 1, 2; y = the class prompt), and DreamBoot
 preservation (alpha 0; each step also fits one base-model sample of the class prompt: batch 2, half
 identity, half prior, so its compute per step is about CAT's). APT (arXiv 2507.02687, cat_train/terms/apt.py):
 `apt` (all three parts, alpha 0), `cat<alpha>+apt`, and one part alone: `apt:ada` (adaptive timestep-bin
-weighting and augmentation), `apt:rs` (representation stabilization), `apt:aa` (attention alignment). Cheaper preservation of a CAT method:
+weighting and augmentation), `apt:rs` (representation stabilization), `apt:aa` (attention alignment). Cheaper
+preservation of a CAT method:
 `/k<every>` and `/p<fraction>` suffixes (`cat1/k4`: the CAT term every 4th step, weighted 4α; `cat1/p0.5`: on half
 the rows, weighted 2α; CatLossConfig.keep_every / keep_fraction).
 
@@ -182,7 +183,8 @@ def examples_for(method: str, world: World, c: BenchConfig, seed: int) -> tuple[
         lc = CatLossConfig(alpha=alpha, preservation="class" if mode in ("all", "auto") else mode, class_word=CLASS,
                            auto=auto_config(c) if mode == "auto" else AutoPreservationConfig())
         ex = build_examples(items, world.encode_text, lc, token_positions=trigger_positions)
-        if mode == "all":  # each image once per world class as y: the CAT term keeps every class prompt, not only "a circle"
+        # each image once per world class as y: the CAT term keeps every class prompt, not only "a circle"
+        if mode == "all":
             ys = {(s, sc.background): world.encode_text([f"a {s} on a {sc.background} background"])
                   for sc in task_scenes(c.task) for s in wg.SHAPES}
             ex = [replace(e, cond_pres={k: v[0] for k, v in ys[s, sc.background].items()})
@@ -197,7 +199,8 @@ def examples_for(method: str, world: World, c: BenchConfig, seed: int) -> tuple[
         # repeats balance the draw: identity and prior are each picked half the time
         rows = [(*it, n_reg) for it in items] + [(wm.encode(r[None])[0], p, (), n_id) for r, p in zip(reg, reg_prompts)]
         return build_examples(rows, world.encode_text, lc, token_positions=trigger_positions), lc, 2
-    raise ValueError(f"unknown method {method!r}; choose from lora, cat<alpha>[:class|strip|empty|all] (e.g. cat1, cat1:all), prior.")
+    raise ValueError(f"unknown method {method!r}; choose from lora, cat<alpha>[:class|strip|empty|all] (e.g. cat1, "
+                     "cat1:all), prior.")
 
 
 def auto_config(c: BenchConfig) -> AutoPreservationConfig:
@@ -207,7 +210,8 @@ def auto_config(c: BenchConfig) -> AutoPreservationConfig:
                                   top_k=c.auto_top_k, threshold=c.auto_threshold)
 
 
-def subject_scores(world: World, imgs: dict[str, torch.Tensor], base: dict[str, torch.Tensor], task: str = "novel") -> dict:
+def subject_scores(world: World, imgs: dict[str, torch.Tensor], base: dict[str, torch.Tensor],
+                   task: str = "novel") -> dict:
     """IS, KPS, drift, leak and identity: the scores that need only the images with ("token") and without
     ("notoken") the trigger, so a saved step can be scored without drawing the other classes."""
     clip = world.clip
@@ -219,7 +223,8 @@ def subject_scores(world: World, imgs: dict[str, torch.Tensor], base: dict[str, 
            "drift": float((1 - metrics.cosine(clip.encode_image(base["notoken"]), notok)).mean()),
            "leak": float(np.mean(is_identity(task, imgs["notoken"], col_n))),
            "identity": float(np.mean([a and b for a, b in zip(colour_ok, place_ok)]))}
-    if task == "reachable":  # which half of the identity a method reaches: the colour a prompt can ask for, or the place
+    # which half of the identity a method reaches: the colour a prompt can ask for, or the place
+    if task == "reachable":
         out["id_colour"], out["id_place"] = float(np.mean(colour_ok)), float(np.mean(place_ok))
     return out
 
@@ -233,12 +238,14 @@ def evaluate(world: World, imgs: dict[str, torch.Tensor], base: dict[str, torch.
         "IS": subject["IS"],
         "KPS": subject["KPS"],
         "drift": subject["drift"],
-        "drift_other": float((1 - metrics.cosine(clip.encode_image(base["others"]), clip.encode_image(imgs["others"]))).mean()),
+        "drift_other": float((1 - metrics.cosine(clip.encode_image(base["others"]),
+                                                 clip.encode_image(imgs["others"]))).mean()),
     }
     shp_n, col_n = clip.attributes(imgs["notoken"])
     shp_o, col_o = clip.attributes(imgs["others"])
     want = [p.split()[1:3] for p in ps["others"]]
-    out["class_acc"] = (sum(s == CLASS for s in shp_n) + sum(s == w[1] for s, w in zip(shp_o, want))) / (len(shp_n) + len(shp_o))
+    right = sum(s == CLASS for s in shp_n) + sum(s == w[1] for s, w in zip(shp_o, want))
+    out["class_acc"] = right / (len(shp_n) + len(shp_o))
     out["colour_acc"] = sum(cc == w[0] for cc, w in zip(col_o, want)) / len(col_o)
     counts = np.array([col_n.count(k) for k in wg.COLOURS], dtype=float)
     p = counts[counts > 0] / max(1.0, counts.sum())
@@ -308,22 +315,27 @@ def run(c: BenchConfig, log=print, world: World | None = None, watch: Callable[.
     def added(tr) -> str:
         probes = tr.history[-1].get("auto_added") if tr.history else None
         return f"  added {[(p, s, round(d, 4)) for p, s, d in probes]}" if probes is not None else ""
-    results, grid, trained = run_seeds(world, c, c.methods, ps, lambda imgs, base: evaluate(world, imgs, base, ps, c.task),
+    results, grid, trained = run_seeds(world, c, c.methods, ps, lambda imgs,
+                                       base: evaluate(world, imgs, base, ps, c.task),
                                        train_method, lambda m: f"{label(m):24s}", log, note=added)
     return {"note": NOTE, "config": asdict(c), "seconds": time.time() - t0, "methods": summarize(results), "grid": grid,
             "trained": trained}
 
 
 OTHER_COLUMNS = tuple(f"{c} {s}" for c, s in OTHERS)
-COLUMNS = ("PS", "IS", "KPS", "identity", "leak", "drift", "drift_other", "class_acc", "colour_acc", "colour_div", *OTHER_COLUMNS)
+COLUMNS = ("PS", "IS", "KPS", "identity", "leak", "drift", "drift_other", "class_acc", "colour_acc", "colour_div",
+           *OTHER_COLUMNS)
 
 
 def table(res: dict) -> str:
     n = len(res["config"]["seeds"])
     head = "| method | " + " | ".join(COLUMNS) + " |\n|---|" + "---|" * len(COLUMNS) + "\n"
     cell = (lambda s: f"{s['mean']:.3f} ± {s['std']:.3f}") if n > 1 else (lambda s: f"{s['mean']:.3f}")
-    rows = "".join(f"| {label(m)} | " + " | ".join(cell(s[k]) for k in COLUMNS) + " |\n" for m, s in res["methods"].items())
-    return f"{NOTE}\n\n{head}{rows}\n(task {res['config'].get('task', 'novel')}; mean ± std over seeds {list(res['config']['seeds'])}; {res['config']['steps']} steps, lr {res['config']['lr']}, rank {res['config']['rank']} LoRA on {res['config']['preset']} layers)\n"
+    rows = "".join(f"| {label(m)} | " + " | ".join(cell(s[k]) for k in COLUMNS) + " |\n"
+                   for m, s in res["methods"].items())
+    return (f"{NOTE}\n\n{head}{rows}\n(task {res['config'].get('task', 'novel')}; mean ± std over seeds "
+            f"{list(res['config']['seeds'])}; {res['config']['steps']} steps, lr {res['config']['lr']}, rank "
+            f"{res['config']['rank']} LoRA on {res['config']['preset']} layers)\n")
 
 
 def save_grid(res: dict, path: Path, per_kind: int = 3, scale: int = 3) -> Path:
@@ -350,7 +362,8 @@ def save_grid(res: dict, path: Path, per_kind: int = 3, scale: int = 3) -> Path:
             t = imgs[k]
             idx = i * max(1, len(t) // per_kind)
             a = ((t[idx].permute(1, 2, 0).numpy() + 1) * 127.5).clip(0, 255).astype(np.uint8)
-            canvas.paste(Image.fromarray(a).resize((s, s), Image.NEAREST), (lw + j * (s + pad) + pad * (j // per_kind), y))
+            canvas.paste(Image.fromarray(a).resize((s, s), Image.NEAREST),
+                         (lw + j * (s + pad) + pad * (j // per_kind), y))
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path)
     return path
@@ -383,12 +396,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--apt-adaptive", type=non_negative_float, help="APT adaptive gain of the apt methods (default 1)")
     ap.add_argument("--apt-stabilize", type=non_negative_float, help="APT stabilization weight (default 5)")
     ap.add_argument("--apt-align", type=non_negative_float, help="APT attention-alignment weight (default 1000)")
-    ap.add_argument("--auto-every", type=positive_int, help="auto methods: measure the probes every N steps (default 50)")
+    ap.add_argument("--auto-every", type=positive_int, help="auto methods: measure the probes every N steps (default "
+                                                            "50)")
     ap.add_argument("--auto-top-k", type=positive_int, help="auto methods: probes added at most (default 4)")
-    ap.add_argument("--auto-threshold", type=non_negative_float, help="auto methods: keep drift a probe must pass (default 0.01)")
+    ap.add_argument("--auto-threshold", type=non_negative_float, help=
+            "auto methods: keep drift a probe must pass (default 0.01)")
     a = ap.parse_args(argv)  # every argument checked here: the run takes minutes and writes only at its end
     kw = dict(QUICK) if a.quick else {}
-    for k in ("steps", "lr", "seeds", "methods", "per_prompt", "sample_steps", "rank", "preset", "apt_adaptive", "apt_stabilize", "apt_align",
+    for k in ("steps", "lr", "seeds", "methods", "per_prompt", "sample_steps", "rank", "preset", "apt_adaptive",
+              "apt_stabilize", "apt_align",
               "auto_every", "auto_top_k", "auto_threshold", "task"):
         v = getattr(a, k)
         if v is not None:

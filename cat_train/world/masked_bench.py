@@ -133,7 +133,8 @@ def evaluate(world, imgs: dict[str, torch.Tensor], base: dict[str, torch.Tensor]
     return {"identity": float(np.mean([c == "striped" for c in colours])), "bg_err": float(err.mean()),
             "bg_ok": float((err < OK).mean()), "bg_plain": float((plain < OK).mean()),
             "class_bg_err": float(cls.mean()),
-            "drift": float((1 - metrics.cosine(clip.encode_image(base["class"]), clip.encode_image(imgs["class"]))).mean())}
+            "drift": float((1 - metrics.cosine(clip.encode_image(base["class"]),
+                                               clip.encode_image(imgs["class"]))).mean())}
 
 
 COLUMNS = ("identity", "bg_err", "bg_ok", "bg_plain", "class_bg_err", "drift", "final_fit")
@@ -169,7 +170,8 @@ def run(c: MaskedBenchConfig, log=print) -> dict:
             return {k: world.generate(ps[k], noise[k], c) for k in ps}, tr, {}
         finally:
             remove_lora(world.den.module)
-    results, grid, _ = run_seeds(world, c, c.methods, ps, lambda out, base: evaluate(world, out, base, ps), train_method,
+    results, grid, _ = run_seeds(world, c, c.methods, ps, lambda out, base: evaluate(world, out, base, ps),
+                                 train_method,
                                  lambda m: f"{label(m, c):45s}", log, noise_offset=3000,
                                  base_row={"final_fit": float("nan")})
     return {"config": asdict(c), "seconds": time.time() - t0, "methods": summarize(results), "grid": grid,
@@ -185,9 +187,10 @@ def table(res: dict) -> str:
         if s["mean"] != s["mean"]:
             return "–"
         return f"{s['mean']:.3f} ± {s['std']:.3f}" if n > 1 else f"{s['mean']:.3f}"
-    rows = "".join(f"| {label(m, c)} | " + " | ".join(cell(s[k]) for k in COLUMNS) + " |\n" for m, s in res["methods"].items())
-    return (f"{head}{rows}\n(masked-background task; mean ± std over seeds {list(c.seeds)}; {c.steps} steps, lr {c.lr}, "
-            f"rank {c.rank} LoRA on {c.preset} layers; {c.per_prompt} images per background and prompt kind)\n")
+    rows = "".join(f"| {label(m, c)} | " + " | ".join(cell(s[k]) for k in COLUMNS) + " |\n"
+                   for m, s in res["methods"].items())
+    return (f"{head}{rows}\n(masked-background task; mean ± std over seeds {list(c.seeds)}; {c.steps} steps, lr "
+            f"{c.lr}, rank {c.rank} LoRA on {c.preset} layers; {c.per_prompt} images per background and prompt kind)\n")
 
 
 def save_grid(res: dict, path: Path, per_kind: int = 3, scale: int = 3) -> Path:
@@ -202,7 +205,8 @@ def save_grid(res: dict, path: Path, per_kind: int = 3, scale: int = 3) -> Path:
 
     def paste(t, col, row):
         a = ((t.permute(1, 2, 0).numpy() + 1) * 127.5).clip(0, 255).astype(np.uint8)
-        canvas.paste(Image.fromarray(a).resize((s, s), Image.NEAREST), (col * (s + pad) + pad * (col // per_kind), row * (s + pad)))
+        canvas.paste(Image.fromarray(a).resize((s, s), Image.NEAREST),
+                     (col * (s + pad) + pad * (col // per_kind), row * (s + pad)))
     for i, t in enumerate(res["train_images"]):
         paste(t, i, 0)
     for i, m in enumerate(res["masks"][:9 - len(res["train_images"])]):
@@ -229,22 +233,26 @@ def main(argv: list[str] | None = None) -> int:
     from ..training.checks import OneLineParser
 
     ap = OneLineParser(prog="python -m cat_train bench masked", description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="one seed, 2 images per background and prompt kind, 15 sampling steps")
+    ap.add_argument("--quick", action="store_true", help="one seed, 2 images per background and prompt kind, 15 "
+                                                         "sampling steps")
     ap.add_argument("--out", default="bench_out", type=output_folder)
     ap.add_argument("--steps", type=positive_int)
     ap.add_argument("--lr", type=positive_float)
     ap.add_argument("--seeds", type=int, nargs="+")
     ap.add_argument("--methods", nargs="+", type=method_name,
-                    help="lora or cat<alpha>, each optionally +mask and +keep (default: lora lora+mask cat1 cat1+mask cat1+mask+keep)")
+                    help="lora or cat<alpha>, each optionally +mask and +keep (default: lora lora+mask cat1 cat1+mask "
+                         "cat1+mask+keep)")
     ap.add_argument("--per-prompt", type=positive_int)
     ap.add_argument("--sample-steps", type=positive_int)
     ap.add_argument("--rank", type=positive_int)
     ap.add_argument("--preset", choices=["attn", "attn_ff", "full"])
-    ap.add_argument("--mask-floor", type=non_negative_float, help="+mask methods: fit weight of the background (default 0.1)")
+    ap.add_argument("--mask-floor", type=non_negative_float, help=
+            "+mask methods: fit weight of the background (default 0.1)")
     ap.add_argument("--mask-keep", type=non_negative_float, help="+keep methods: background keep weight (default 1)")
     a = ap.parse_args(argv)
     kw = dict(QUICK) if a.quick else {}
-    for k in ("steps", "lr", "seeds", "methods", "per_prompt", "sample_steps", "rank", "preset", "mask_floor", "mask_keep"):
+    for k in ("steps", "lr", "seeds", "methods", "per_prompt", "sample_steps", "rank", "preset", "mask_floor",
+            "mask_keep"):
         v = getattr(a, k)
         if v is not None:
             kw[k] = tuple(v) if isinstance(v, list) else v

@@ -44,7 +44,8 @@ def apt_config(part: str, c) -> AptConfig:
     if part not in APT_PARTS:
         raise ValueError(f"unknown APT part {part!r}; choose from apt, apt:ada, apt:rs, apt:aa")
     on = APT_PARTS[part]
-    weights = dict(adaptive=c.apt_adaptive if "adaptive" in on else 0.0, stabilize=c.apt_stabilize if "stabilize" in on else 0.0,
+    weights = dict(adaptive=c.apt_adaptive if "adaptive" in on else 0.0,
+                   stabilize=c.apt_stabilize if "stabilize" in on else 0.0,
                    align=c.apt_align if "align" in on else 0.0, align_skip_triggers=part == "skip")
     return AptConfig.earlier(**weights) if part == "earlier" else AptConfig(**weights)
 
@@ -59,7 +60,8 @@ def cheaper_method(m: str) -> tuple[str, int, float]:
         elif o[:1] == "p":
             fraction = float(o[1:])
         else:
-            raise ValueError(f"unknown cheaper-preservation part {o!r} in {m!r}; use /k<every> and /p<fraction>, e.g. cat1/k4")
+            raise ValueError(f"unknown cheaper-preservation part {o!r} in {m!r}; use /k<every> and /p<fraction>, e.g. "
+                             "cat1/k4")
     return base, every, fraction
 
 
@@ -76,21 +78,24 @@ def label(m: str) -> str:
     if m in LABELS:
         return LABELS[m]
     alpha, mode = cat_method(m)
-    return f"CAT (α={alpha:g})" if mode == "class" else f"CAT (α={alpha:g}, y={'all classes' if mode == 'all' else mode})"
+    return f"CAT (α={alpha:g})" if mode == "class" else (f"CAT (α={alpha:g}, "
+                                                         f"y={'all classes' if mode == 'all' else mode})")
 
 
 def method_name(m: str) -> str:
-    """argparse type of --methods: lora, prior or cat<alpha>[:class|strip|empty|all], each optionally +apt[:ada|rs|aa|skip|earlier]; apt[:part]; catversion[:earlier][+cat<alpha>]."""
+    """argparse type of --methods: lora, prior or cat<alpha>[:class|strip|empty|all], each optionally
+    +apt[:ada|rs|aa|skip|earlier]; apt[:part]; catversion[:earlier][+cat<alpha>]."""
     if "/" in m:  # cat<alpha>[...]/k<every>/p<fraction>: cheaper preservation of a CAT method
         try:
             base, every, fraction = cheaper_method(m)
-            if method_name(base).startswith("cat") and not base.startswith("catversion") and cat_method(apt_method(base)[0])[0] > 0 \
-                    and 0 < fraction <= 1:
+            cat = method_name(base).startswith("cat") and not base.startswith("catversion")
+            if cat and cat_method(apt_method(base)[0])[0] > 0 and 0 < fraction <= 1:
                 return m
         except (ValueError, argparse.ArgumentTypeError):
             pass
-        raise argparse.ArgumentTypeError(f"unknown method {m!r}; cheaper preservation: cat<alpha>[:mode]/k<every>/p<fraction> "
-                                         "with alpha > 0, every >= 1 and fraction in (0, 1], e.g. cat1/k4, cat1/p0.5")
+        raise argparse.ArgumentTypeError(f"unknown method {m!r}; cheaper preservation: "
+                                         "cat<alpha>[:mode]/k<every>/p<fraction> with alpha > 0, every >= 1 and "
+                                         "fraction in (0, 1], e.g. cat1/k4, cat1/p0.5")
     if m.startswith("catversion"):  # catversion[:earlier], catversion[:earlier]+cat<alpha>
         try:
             catversion_alpha(m)
@@ -100,11 +105,13 @@ def method_name(m: str) -> str:
     try:
         base, part = apt_method(m)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"unknown method {m!r}; APT methods: apt[:ada|rs|aa|skip|earlier], cat<alpha>+apt[:part]") from None
+        raise argparse.ArgumentTypeError(f"unknown method {m!r}; APT methods: apt[:ada|rs|aa|skip|earlier], "
+                                         "cat<alpha>+apt[:part]") from None
     if part is not None:
         if part in APT_PARTS and base != "prior" and (base == "lora" or method_name(base)):
             return m
-        raise argparse.ArgumentTypeError(f"unknown method {m!r}; APT methods: apt[:ada|rs|aa|skip|earlier], cat<alpha>+apt[:part]")
+        raise argparse.ArgumentTypeError(f"unknown method {m!r}; APT methods: apt[:ada|rs|aa|skip|earlier], "
+                                         "cat<alpha>+apt[:part]")
     if m in ("lora", "prior"):
         return m
     if m.startswith("cat"):
@@ -115,6 +122,7 @@ def method_name(m: str) -> str:
         if math.isfinite(alpha) and alpha >= 0 and mode in ("class", "strip", "empty", "all", "auto") \
                 and not (mode == "auto" and alpha == 0):
             return m
-    raise argparse.ArgumentTypeError(f"unknown method {m!r}; choose from lora, prior, cat<alpha>[:class|strip|empty|all|auto] "
-                                     "(e.g. cat1, cat0.5:strip, cat1:all, cat1:auto; auto needs alpha > 0), apt[:ada|rs|aa|skip|earlier], "
+    raise argparse.ArgumentTypeError(f"unknown method {m!r}; choose from lora, prior, "
+                                     "cat<alpha>[:class|strip|empty|all|auto] (e.g. cat1, cat0.5:strip, cat1:all, "
+                                     "cat1:auto; auto needs alpha > 0), apt[:ada|rs|aa|skip|earlier], "
                                      "cat<alpha>+apt[:part], catversion[:earlier][+cat<alpha>]")

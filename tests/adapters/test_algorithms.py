@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from cat_train.adapters import export as E
-from cat_train.adapters.lora import (LoraSpec, adapter_disabled, adapter_parameters, inject_lora, lora_layers, lora_param_count,
+from cat_train.adapters.lora import (LoraSpec, adapter_disabled, adapter_parameters, inject_lora, lora_layers,
+                                     lora_param_count,
                                lora_weights, remove_lora)
 from cat_train.families import SDUNet
 from cat_train.training import CatLossConfig
@@ -180,7 +181,8 @@ def test_export_keys_shapes_and_file_math_equal_peft(tiny_denoiser, algo, rank):
         if algo == "loha":
             assert ft["hada_w1_a"].shape == (w.shape[0], rank) and ft["hada_w2_b"].shape == (rank, w[0].numel())
         merged = comfy_style_weight(w, ft, float(ft["alpha"]))
-        x = torch.randn(3, *((w.shape[1], 8, 8) if w.dim() == 4 else (w.shape[1],)), generator=torch.Generator().manual_seed(1))
+        x = torch.randn(3, *((w.shape[1], 8, 8) if w.dim() == 4 else (w.shape[1],)),
+                        generator=torch.Generator().manual_seed(1))
         with torch.no_grad():
             peft_out = layer(x)
             file_out = (F.conv2d(x, merged, base.bias, base.stride, base.padding) if w.dim() == 4 else
@@ -190,8 +192,10 @@ def test_export_keys_shapes_and_file_math_equal_peft(tiny_denoiser, algo, rank):
     # a wrong key, shape or scale is off by O(1)
     assert worst < 1e-4, worst
     if algo == "lokr":
-        forms = {frozenset(k.rsplit(".", 1)[-1] for k in sd if k.startswith(E.kohya_name(names[p]) + ".")) for p in layers}
-        assert (frozenset({"lokr_w1", "lokr_w2", "alpha"}) in forms) == (rank == 4)  # rank 4: both factors full somewhere
+        forms = {frozenset(k.rsplit(".",
+                                    1)[-1] for k in sd if k.startswith(E.kohya_name(names[p]) + ".")) for p in layers}
+        # rank 4: both factors full somewhere
+        assert (frozenset({"lokr_w1", "lokr_w2", "alpha"}) in forms) == (rank == 4)
     remove_lora(unet)
 
 
@@ -243,7 +247,8 @@ def test_bf16_base_starts_equal_to_frozen(tiny_denoiser, algo, amp):
 
 def saved_for_backward(den, unet, s, b=2):
     g = torch.Generator().manual_seed(0)
-    x, t, c = torch.randn(b, 4, 8, 8, generator=g), torch.randint(0, 1000, (b,), generator=g), {"context": torch.randn(b, 6, 64, generator=g)}
+    x, t = torch.randn(b, 4, 8, 8, generator=g), torch.randint(0, 1000, (b,), generator=g)
+    c = {"context": torch.randn(b, 6, 64, generator=g)}
     inject_lora(unet, s)
     seen = {}
 

@@ -80,7 +80,8 @@ def test_length_one_equals_torch_bias_kv():
     pad[1, 5:] = True
     wrapper = nn.Sequential(ours)  # installed() looks the layer up inside a container
     with torch.no_grad(), cv.installed(wrapper, emb):
-        for kw in ({}, {"attn_mask": causal}, {"key_padding_mask": pad}, {"attn_mask": causal, "key_padding_mask": pad}):
+        for kw in ({}, {"attn_mask": causal}, {"key_padding_mask": pad},
+                   {"attn_mask": causal, "key_padding_mask": pad}):
             a = ours(x, x, x, need_weights=False, **kw)[0]
             b = ref(x, x, x, need_weights=False, **kw)[0]
             assert (a - b).abs().max() < 1e-5, kw
@@ -139,7 +140,8 @@ def _items():
 def test_training_moves_only_the_embeddings_and_is_seeded(base):
     den, text = base
     fp_unet, fp_text = module_fingerprint(den.module), module_fingerprint(text)
-    spec, cfg = cv.CatVersionSpec(layers=2), cvt.CatVersionConfig(steps=12, lr=1e-2, batch_size=2, class_word="circle", seed=3)
+    spec = cv.CatVersionSpec(layers=2)
+    cfg = cvt.CatVersionConfig(steps=12, lr=1e-2, batch_size=2, class_word="circle", seed=3)
     init = cv.new_embeddings(text, spec, generator=torch.Generator().manual_seed(3))
     r1 = cvt.train_catversion(den, {"text": text}, text.encode, _items(), spec, cfg)
     r2 = cvt.train_catversion(den, {"text": text}, text.encode, _items(), spec, cfg)
@@ -165,7 +167,8 @@ def test_cat_term_compares_with_the_encoder_without_embeddings(base):
         plain = text.encode(["a circle on a grey background"])["context"]
         with cv.installed(text, emb):
             with_emb = text.encode(["a circle on a grey background"])["context"]
-    assert (with_emb - plain).abs().max() > 1e-2  # y's conditioning differs with and without: the term is not trivially 0
+    # y's conditioning differs with and without: the term is not trivially 0
+    assert (with_emb - plain).abs().max() > 1e-2
 
 
 def test_file_round_trip_and_metadata(base, tmp_path):
@@ -176,7 +179,8 @@ def test_file_round_trip_and_metadata(base, tmp_path):
     loaded, m = cv.load_catversion(path, expect={"text": cv.encoder_info(text)})
     e = loaded["text"]
     assert torch.equal(e.keys, emb.keys) and torch.equal(e.values, emb.values) and e.layer_indices == (1,)
-    assert json.loads(m["catversion_encoders"])["text"] == {"hidden": 64, "heads": 4, "layers": 2, "indices": [1], "length": 2,
+    assert json.loads(m["catversion_encoders"])["text"] == {"hidden": 64, "heads": 4, "layers": 2, "indices": [1],
+                                                            "length": 2,
                                                         "prefix_bias": 0.0}
     assert m["catversion_steps"] == "7" and json.loads(m["catversion_triggers"]) == ["sks"]
     with torch.no_grad():
@@ -229,7 +233,9 @@ def test_fast_path_encoder_in_eval_uses_the_embeddings():
 def test_bench_method_names():
     from cat_train.world.catversion_bench import catversion_alpha, catversion_label
     assert catversion_alpha("catversion") == 0.0 and catversion_alpha("catversion+cat0.5") == 0.5
-    assert catversion_label("catversion") == "CatVersion" and catversion_label("catversion+cat1") == "CatVersion + CAT (α=1)"
+    assert catversion_label("catversion") == "CatVersion" and catversion_label("catversion+cat1") == (
+            "CatVersion + CAT "
+                                                                                                      "(α=1)")
     for bad in ("catversion+foo", "catversion+cat-1", "catversionx", "catversion+catnan"):
         with pytest.raises(ValueError):
             catversion_alpha(bad)
@@ -266,7 +272,8 @@ def test_resume_and_cancel_are_bit_exact(base, tmp_path):
     assert state["adapter"] == "catversion" and state["step"] == 3 and set(state["catversion"]) == {"text"}
     after_cancel = _run(base, tmp_path / "d", resume=checkpoint_path(tmp_path / "c", 3))
     assert torch.equal(after_cancel.embeddings["text"].keys, e1.keys) and after_cancel.history == full.history
-    with pytest.raises(ValueError, match=r"cat-step000003\.pt was written by a run with other settings: .*spec\.layers 2 -> 1"):
+    with pytest.raises(ValueError, match=r"cat-step000003\.pt was written by a run with other settings: "
+                                         r".*spec\.layers 2 -> 1"):
         cvt.train_catversion(den, {"text": text}, text.encode, _items(), cv.CatVersionSpec(layers=1),
                              cvt.CatVersionConfig(steps=4, alpha=1.0, class_word="circle"),
                              resume=checkpoint_path(tmp_path / "c", 3))
@@ -331,7 +338,8 @@ def test_out_of_memory_names_the_knobs_and_keeps_a_checkpoint(base, tmp_path):
         return predict(x, t, c)
     den.predict = oom_on_step_3
     try:
-        with pytest.raises(TrainingOutOfMemory, match="at step 3.*batch_size.*grad_accum.*bf16.*CatVersion layers or embeddings"):
+        with pytest.raises(TrainingOutOfMemory, match="at step 3.*batch_size.*grad_accum.*bf16.*CatVersion layers or "
+                                                      "embeddings"):
             _run(base, tmp_path)
     finally:
         den.predict = predict
@@ -352,12 +360,15 @@ def test_published_defaults_class_captions_flips_and_the_optional_prefix_logit(b
     assert seen and not any("sks" in p for p in seen) and "a circle on a grey background" in seen  # no placeholder
     seen.clear()
     cvt.train_catversion(den, {"text": text}, encode, _items(), cv.CatVersionSpec(layers=1),
-                         cvt.CatVersionConfig(steps=1, caption="trigger", flip=0.0, seed=0))  # earlier: the trigger, no class word needed
+                         cvt.CatVersionConfig(steps=1, caption="trigger", flip=0.0,
+                                              seed=0))  # earlier: the trigger, no class word needed
     assert any("sks" in p for p in seen)
     with pytest.raises(ValueError, match="no class word is set"):
-        cvt.train_catversion(den, {"text": text}, encode, _items(), cv.CatVersionSpec(layers=1), cvt.CatVersionConfig(steps=1))
+        cvt.train_catversion(den, {"text": text}, encode, _items(), cv.CatVersionSpec(layers=1),
+                             cvt.CatVersionConfig(steps=1))
     # flips: the rows whose draw falls under p are mirrored in the image space, the others untouched
-    den.augment_space = (lambda z: torch.nn.functional.pixel_shuffle(z, 2), lambda x: torch.nn.functional.pixel_unshuffle(x, 2))
+    den.augment_space = (lambda z: torch.nn.functional.pixel_shuffle(z, 2),
+                         lambda x: torch.nn.functional.pixel_unshuffle(x, 2))
     try:
         flip = Flip(den, 0.5)
         x0 = torch.stack([it[0] for it in _items()])

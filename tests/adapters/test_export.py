@@ -48,7 +48,8 @@ SD15_PAIRS = {
     "middle_block.2.emb_layers.1": "mid_block.resnets.1.time_emb_proj",
     "output_blocks.0.0.skip_connection": "up_blocks.0.resnets.0.conv_shortcut",
     "output_blocks.2.1.conv": "up_blocks.0.upsamplers.0.conv",
-    "output_blocks.3.1.transformer_blocks.0.attn1.to_out.0": "up_blocks.1.attentions.0.transformer_blocks.0.attn1.to_out.0",
+    "output_blocks.3.1.transformer_blocks.0.attn1.to_out.0":
+        "up_blocks.1.attentions.0.transformer_blocks.0.attn1.to_out.0",
     "output_blocks.5.2.conv": "up_blocks.1.upsamplers.0.conv",
     "output_blocks.8.2.conv": "up_blocks.2.upsamplers.0.conv",
     "output_blocks.11.1.proj_out": "up_blocks.3.attentions.2.proj_out",
@@ -82,7 +83,7 @@ def test_sd15_known_pairs(sd15):
 def test_sdxl_known_pairs(sdxl):
     unet, names = sdxl
     assert {k: names.get(k) for k in SDXL_PAIRS} == SDXL_PAIRS
-    assert not any(v.startswith("up_blocks.2.attentions") or v.startswith("down_blocks.0.attentions") for v in names.values())
+    assert not any(v.startswith(("up_blocks.2.attentions", "down_blocks.0.attentions")) for v in names.values())
     assert not any(".upsamplers." in v and v.startswith("up_blocks.2") for v in names.values())  # last level: none
 
 
@@ -95,7 +96,8 @@ def test_map_is_injective_and_covers_every_layer(which, request):
     with_params = [n for n, m in unet.named_modules() if any(True for _ in m.parameters(recurse=False))]
     assert with_params and [n for n in with_params if n not in names] == []
     # diffusers shape: 4 down levels x 2 resnets for SD1.5, 3 resnets per up level
-    assert len({v.rsplit(".", 1)[0] for v in names.values() if v.startswith("up_blocks.") and v.endswith(".conv1")}) == \
+    assert len({v.rsplit(".",
+                         1)[0] for v in names.values() if v.startswith("up_blocks.") and v.endswith(".conv1")}) == \
         3 * len(unet.config["channel_mult"])
 
 
@@ -109,7 +111,8 @@ def test_uneven_tiny_layout():
     assert names["input_blocks.2.0.op"] == "down_blocks.0.downsamplers.0.conv"
     assert names["input_blocks.4.1.proj_in"] == "down_blocks.1.attentions.1.proj_in"
     assert names["input_blocks.5.0.op"] == "down_blocks.1.downsamplers.0.conv"
-    assert names["input_blocks.6.1.transformer_blocks.1.attn1.to_q"] == "down_blocks.2.attentions.0.transformer_blocks.1.attn1.to_q"
+    assert (names["input_blocks.6.1.transformer_blocks.1.attn1.to_q"]
+            == "down_blocks.2.attentions.0.transformer_blocks.1.attn1.to_q")
     assert names["middle_block.1.in_layers.2"] == "mid_block.resnets.1.conv1"
     assert names["output_blocks.1.2.conv"] == "up_blocks.0.upsamplers.0.conv"
     assert names["output_blocks.4.2.conv"] == "up_blocks.1.upsamplers.0.conv"
@@ -147,7 +150,8 @@ def test_kohya_keys_for_tiny_unet():
     k = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
     assert sd[f"{k}.lora_down.weight"].shape == (4, 32) and sd[f"{k}.lora_up.weight"].shape == (32, 4)
     assert sd[f"{k}.alpha"].ndim == 0 and sd[f"{k}.alpha"].dtype == torch.float32 and float(sd[f"{k}.alpha"]) == 8.0
-    conv = "lora_unet_up_blocks_1_resnets_1_conv1"  # output_blocks.3.0.in_layers.2: 3x3 conv, 32 + 32 skip -> 32 channels
+    # output_blocks.3.0.in_layers.2: 3x3 conv, 32 + 32 skip -> 32 channels
+    conv = "lora_unet_up_blocks_1_resnets_1_conv1"
     assert sd[f"{conv}.lora_down.weight"].shape == (4, 64, 3, 3) and sd[f"{conv}.lora_up.weight"].shape == (32, 4, 1, 1)
     assert len(sd) == 3 * len(lora_layers(unet))
     assert all(t.is_contiguous() and t.device.type == "cpu" and not t.requires_grad for t in sd.values())
@@ -275,7 +279,8 @@ def _comfy_config(unet):
     levels = range(len(c["channel_mult"]))
     return dict(num_res_blocks=c["num_res_blocks"], channel_mult=c["channel_mult"],
                 transformer_depth=[c["transformer_depth"][lv] for lv in levels for _ in range(c["num_res_blocks"][lv])],
-                transformer_depth_output=[c["transformer_depth"][lv] for lv in levels for _ in range(c["num_res_blocks"][lv] + 1)],
+                transformer_depth_output=[c["transformer_depth"][lv] for lv in levels
+                                          for _ in range(c["num_res_blocks"][lv] + 1)],
                 transformer_depth_middle=c["transformer_depth_middle"])
 
 
@@ -285,7 +290,8 @@ def _import_comfy():
         pytest.skip("COMFYUI_PATH is not set: no ComfyUI checkout to compare against")
     if root not in sys.path:  # first, as tests/comfy/conftest.py puts it: ComfyUI's nodes.py before this pack's nodes/
         sys.path.insert(0, root)
-    helpers = os.path.join(os.path.dirname(os.path.dirname(__file__)), "comfy")  # tiny_models: tiny SD1.x/SDXL from ComfyUI's classes
+    # tiny_models: tiny SD1.x/SDXL from ComfyUI's classes
+    helpers = os.path.join(os.path.dirname(os.path.dirname(__file__)), "comfy")
     if helpers not in sys.path:
         sys.path.append(helpers)
     import comfy.options
@@ -298,12 +304,14 @@ def _import_comfy():
 
 
 @pytest.mark.comfyui
-@pytest.mark.parametrize("config", [SD15_CONFIG, SDXL_CONFIG, TINY_CONFIG, MIXED_DEPTH_CONFIG], ids=["sd15", "sdxl", "tiny", "mixed"])
+@pytest.mark.parametrize("config", [SD15_CONFIG, SDXL_CONFIG, TINY_CONFIG, MIXED_DEPTH_CONFIG],
+                         ids=["sd15", "sdxl", "tiny", "mixed"])
 def test_matches_comfyui_unet_to_diffusers(config):
     comfy = _import_comfy()
     unet, names = meta_names(config)
     modules = {n for n, _ in unet.named_modules()}
-    theirs = {v[: -len(".weight")]: k[: -len(".weight")] for k, v in comfy.utils.unet_to_diffusers(_comfy_config(unet)).items()
+    mapped = comfy.utils.unet_to_diffusers(_comfy_config(unet)).items()
+    theirs = {v[: -len(".weight")]: k[: -len(".weight")] for k, v in mapped
               if k.endswith(".weight") and v[: -len(".weight")] in modules and not k.startswith("class_embedding")}
     assert len(theirs) > 100
     assert {p: names.get(p) for p in theirs} == theirs
@@ -312,7 +320,8 @@ def test_matches_comfyui_unet_to_diffusers(config):
 @pytest.mark.comfyui
 @pytest.mark.parametrize("kind", ["sd15", "sdxl"])
 def test_comfyui_lora_key_map_resolves_every_key(kind):
-    """On ComfyUI's own UNet classes, each kohya key we write is one ComfyUI's LoRA loader patches, at the same weight."""
+    """On ComfyUI's own UNet classes, each kohya key we write is one ComfyUI's LoRA loader patches, at the same
+    weight."""
     comfy = _import_comfy()
     from tiny_models import tiny_model
 

@@ -96,7 +96,8 @@ def test_options_off_build_and_draw_exactly_as_before(text):
 def test_options_set_but_examples_built_without_them_is_an_error(tiny_denoiser, text):
     plain = build_examples(items(), text, CatLossConfig(class_word="dog"))
     with pytest.raises(ValueError, match="build_examples\\(..., cfg=the TrainConfig\\)"):
-        train(tiny_denoiser, plain, CatLossConfig(class_word="dog"), LoraSpec(rank=2), TrainConfig(steps=1, shuffle_tags=True))
+        train(tiny_denoiser, plain, CatLossConfig(class_word="dog"), LoraSpec(rank=2),
+              TrainConfig(steps=1, shuffle_tags=True))
 
 
 def test_training_uses_the_rows_and_resumes_bit_exact(tiny_denoiser, text, tmp_path):
@@ -119,7 +120,8 @@ def test_training_uses_the_rows_and_resumes_bit_exact(tiny_denoiser, text, tmp_p
     resumed = run(tmp_path / "b", 8, resume=checkpoint_path(tmp_path / "a", 4))
     assert [h["loss"] for h in full.history] == [h["loss"] for h in resumed.history]
     for k in full.weights:
-        assert torch.equal(full.weights[k].up, resumed.weights[k].up) and torch.equal(full.weights[k].down, resumed.weights[k].down)
+        assert torch.equal(full.weights[k].up, resumed.weights[k].up)
+        assert torch.equal(full.weights[k].down, resumed.weights[k].down)
     with pytest.raises(ValueError, match="caption_dropout 0.3 -> 0.1"):
         cfg = TrainConfig(steps=8, lr=1e-3, batch_size=2, seed=7, **{**opts, "caption_dropout": 0.1})
         train(tiny_denoiser, build(text, **{**opts, "caption_dropout": 0.1}), CatLossConfig(class_word="dog"),

@@ -6,7 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from cat_train.data.dataset import DatasetError, fit_to, load_dataset, load_image, make_buckets, nearest_bucket, scan_folder
+from cat_train.data.dataset import (DatasetError, fit_to, load_dataset, load_image, make_buckets, nearest_bucket,
+                                    scan_folder)
 
 
 def png(path: Path, size=(40, 20), color=(10, 20, 30), mode="RGB") -> Path:
@@ -137,7 +138,8 @@ def test_captions_in_legacy_encodings_are_read_and_named(tmp_path, caplog, raw, 
     rec = scan_folder(tmp_path, ["sks"])[0]
     assert (rec.caption, rec.caption_encoding) == (caption, encoding)
     if encoding:
-        assert f"{tmp_path / 'a.txt'} ({encoding}: {caption!r})" in caplog.text and "re-save the file as UTF-8" in caplog.text
+        assert f"{tmp_path / 'a.txt'} ({encoding}: {caption!r})" in caplog.text
+        assert "re-save the file as UTF-8" in caplog.text
         assert "a.txt" in load_dataset(tmp_path, ["sks"], resolution=64).warnings[0]
     else:
         assert "not UTF-8" not in caplog.text

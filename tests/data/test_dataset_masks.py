@@ -1,4 +1,5 @@
-"""Mask files and alpha channels (masked training): pairing, never trained as images, resized with the image's bucket."""
+"""Mask files and alpha channels (masked training): pairing, never trained as images, resized with the image's
+bucket."""
 from pathlib import Path
 
 import numpy as np

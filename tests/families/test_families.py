@@ -42,4 +42,5 @@ def test_target_choices_and_tags_are_unambiguous():
     assert F.kohya_base_version(["SSD1B", "SDXL"]) == "sdxl_base_v1-0"
     assert F.kohya_base_version(["WAN21"]) is None
     # APT's defaults are the SD UNets' layers
-    assert (AptConfig().stabilize_layers, AptConfig().align_layers) == (F.SDUNet.apt_stabilize_layers, F.SDUNet.apt_align_layers)
+    assert AptConfig().stabilize_layers == F.SDUNet.apt_stabilize_layers
+    assert AptConfig().align_layers == F.SDUNet.apt_align_layers

@@ -1,4 +1,5 @@
-"""LoRA and checkpoint families from safetensors headers (cat_train/families/headers.py): what the queue-time warning reads."""
+"""LoRA and checkpoint families from safetensors headers (cat_train/families/headers.py): what the queue-time warning
+reads."""
 from __future__ import annotations
 
 import torch
@@ -33,18 +34,24 @@ def test_model_families_from_key_names(tmp_path):
     assert lf.model_family(lf.read_header(sdxl_ckpt(tmp_path / "r.safetensors", 2560))) == "sdxl"  # refiner
     assert lf.model_family(lf.read_header(sdxl_ckpt(tmp_path / "u.safetensors", 1536))) is None  # SD2 unCLIP: not said
     assert lf.model_family(lf.read_header(flux_unet(tmp_path / "c.safetensors"))) == "flux"
-    assert lf.model_family(lf.read_header(write(tmp_path / "d.safetensors", {"joint_blocks.0.x_block.attn.qkv.weight": T}))) == "sd3"
-    assert lf.model_family(lf.read_header(write(tmp_path / "e.safetensors", {"down_blocks.0.resnets.0.conv1.weight": T}))) is None
+    assert lf.model_family(lf.read_header(write(tmp_path / "d.safetensors",
+                                                {"joint_blocks.0.x_block.attn.qkv.weight": T}))) == "sd3"
+    assert lf.model_family(lf.read_header(write(tmp_path / "e.safetensors",
+                                                {"down_blocks.0.resnets.0.conv1.weight": T}))) is None
 
 
 def test_lora_families_from_metadata_then_keys(tmp_path):
-    for version, family in (("sd_v1", "sd"), ("sd_v2", "sd"), ("sdxl_base_v1-0", "sdxl"), ("flux1", "flux"), ("sd3", "sd3")):
+    for version, family in (("sd_v1", "sd"), ("sd_v2", "sd"), ("sdxl_base_v1-0", "sdxl"), ("flux1", "flux"),
+                            ("sd3", "sd3")):
         h = lf.read_header(write(tmp_path / f"{version}.safetensors", {"lora_unet_x.lora_down.weight": T},
                                  {"ss_base_model_version": version}))
         assert lf.lora_family(h) == family, version
-    assert lf.lora_family(lf.read_header(write(tmp_path / "k.safetensors", {"lora_unet_double_blocks_0_img_attn_qkv.alpha": T}))) == "flux"
-    assert lf.lora_family(lf.read_header(write(tmp_path / "t.safetensors", {"lora_te2_text_model_x.alpha": T}))) == "sdxl"
-    assert lf.lora_family(lf.read_header(write(tmp_path / "n.safetensors", {"lora_unet_down_blocks_0.alpha": T}))) is None
+    assert lf.lora_family(lf.read_header(write(tmp_path / "k.safetensors", {
+            "lora_unet_double_blocks_0_img_attn_qkv.alpha": T}))) == "flux"
+    assert lf.lora_family(lf.read_header(write(tmp_path / "t.safetensors",
+                                               {"lora_te2_text_model_x.alpha": T}))) == "sdxl"
+    assert lf.lora_family(lf.read_header(write(tmp_path / "n.safetensors",
+                                               {"lora_unet_down_blocks_0.alpha": T}))) is None
 
 
 def test_mismatch_names_both_files_and_families(tmp_path):

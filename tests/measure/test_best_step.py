@@ -37,7 +37,8 @@ def test_ties_in_is_go_to_the_earliest_step_and_row_order_does_not_matter():
 
 def test_all_steps_fail_the_bound_gives_the_least_drift_near_the_best_and_says_so():
     b = pick_best_step(ROWS, is_tolerance=0.02, max_keep_drift=0.001)
-    assert (b.step, b.keep_drift, b.within_bound) == (200, 0.004, False)  # 100 is not near the best IS: never a fallback
+    # 100 is not near the best IS: never a fallback
+    assert (b.step, b.keep_drift, b.within_bound) == (200, 0.004, False)
     assert "no step near the best IS" in b.reason and "<= 0.001" in b.reason
     tie = table((100, 0.7, 0.02), (200, 0.7, 0.01), (300, 0.7, 0.01))
     assert pick_best_step(tie, max_keep_drift=0.0).step == 200  # least drift, earliest on a tie

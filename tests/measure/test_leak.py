@@ -83,7 +83,8 @@ def test_chart_bars_are_proportional_to_drift_and_worst_in_red():
     assert {(y - y0) // 24 for y in red} == {0, 1} and {(y - y0) // 24 for y in blue} == {2}
     longest, second = (max(v for y, v in red.items() if (y - y0) // 24 == i) for i in (0, 1))
     third = max(blue.values())
-    assert second / longest == pytest.approx(0.4 / 0.5, abs=0.02) and third / longest == pytest.approx(0.2 / 0.5, abs=0.02)
+    assert second / longest == pytest.approx(0.4 / 0.5, abs=0.02)
+    assert third / longest == pytest.approx(0.2 / 0.5, abs=0.02)
     text = np.asarray(img)[: y0, :, :].min(-1) < 100  # the title is drawn in dark text
     assert text.sum() > 200
 

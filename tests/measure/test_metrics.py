@@ -116,7 +116,8 @@ def no_network(monkeypatch):
 
 def images(seed, n, size=40):
     g = torch.Generator().manual_seed(seed)
-    return [Image.fromarray((torch.rand(size, size, 3, generator=g) * 255).to(torch.uint8).numpy(), "RGB") for _ in range(n)]
+    return [Image.fromarray((torch.rand(size, size, 3, generator=g) * 255).to(torch.uint8).numpy(),
+                            "RGB") for _ in range(n)]
 
 
 def test_clip_scorer_embeddings(tiny_clip, no_network):
@@ -138,7 +139,8 @@ def test_clip_scorer_evaluate_matches_hand_computation(tiny_clip, no_network):
     tok, notok, refs = images(2, 4), images(3, 4), images(4, 2)
     prompts = ["a photo of sks dog"] * 4
     out = scorer.evaluate(tok, notok, refs, prompts)
-    et, en, er, ep = scorer.embed_images(tok), scorer.embed_images(notok), scorer.embed_images(refs), scorer.embed_texts(prompts)
+    et, en, er = scorer.embed_images(tok), scorer.embed_images(notok), scorer.embed_images(refs)
+    ep = scorer.embed_texts(prompts)
 
     def hand(a, b):  # S_C per pair, then H with the floor
         s = [float(x @ y / (x.norm() * y.norm())) for x, y in zip(a.double(), b.double())]
@@ -181,7 +183,8 @@ def test_scores_from_embeddings_by_hand_and_missing_inputs():
     a, b = unit_pairs([0.5, 1.0, 0.25])
     out = M.scores_from_embeddings(b, notok=a, ref=a, text=a[:1])
     assert out["kps"] == pytest.approx(4 / 7, abs=1e-14) and out["is"] == pytest.approx(3 / 7, abs=1e-14)
-    assert out["ps"] == pytest.approx(3 / 7, abs=1e-14) and out["n"] == 3 and out["clamped"] == {"kps": 0, "is": 0, "ps": 0}
+    assert out["ps"] == pytest.approx(3 / 7, abs=1e-14) and out["n"] == 3
+    assert out["clamped"] == {"kps": 0, "is": 0, "ps": 0}
     only = M.scores_from_embeddings(b, ref=a)
     assert only["kps"] is None and only["ps"] is None and set(only["per_pair"]) == {"is"}
     with pytest.raises(ValueError, match="embed_texts"):

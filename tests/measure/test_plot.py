@@ -11,14 +11,16 @@ from PIL import Image, ImageDraw
 from cat_train.measure.plot import PALETTE, bar_chart, font, labels, log_ticks, loss_curve, nice_ticks, text
 
 
-@pytest.mark.parametrize("lo, hi", [(1.07e-2, 1.07), (1e-6, 0.3), (0.1, 0.11), (0.5, 0.52), (2e-4, 3e-4), (3.0, 9000.0)])
+@pytest.mark.parametrize("lo, hi",
+                         [(1.07e-2, 1.07), (1e-6, 0.3), (0.1, 0.11), (0.5, 0.52), (2e-4, 3e-4), (3.0, 9000.0)])
 def test_log_ticks_are_distinct_exact_and_inside(lo, hi):
     ticks = log_ticks(math.log10(lo), math.log10(hi))
     text_ = labels(ticks)
     assert len(ticks) >= 2, ticks
     assert len(set(text_)) == len(text_), text_  # the old axis read 1.07e+00 / 1.07e-02 style duplicates
     assert all(lo * (1 - 1e-9) <= t <= hi * (1 + 1e-9) for t in ticks), (ticks, lo, hi)
-    assert all(abs(float(s) - t) <= 1e-9 * t for s, t in zip(text_, ticks)), text_  # a label is its tick, not a rounding
+    # a label is its tick, not a rounding
+    assert all(abs(float(s) - t) <= 1e-9 * t for s, t in zip(text_, ticks)), text_
 
 
 def test_labels_write_steps_and_quarters_plainly():
@@ -63,4 +65,5 @@ def test_bars_are_to_scale():
     for i in range(3):
         col = a[:, 44 + int((480 - 58) * (i + 0.5) / 3)]
         heights.append(int((np.abs(col - np.array(PALETTE[i])).sum(-1) < 10).sum()))
-    assert heights[1] == pytest.approx(2 * heights[0], abs=2) and heights[2] == pytest.approx(4 * heights[0], abs=3), heights
+    assert heights[1] == pytest.approx(2 * heights[0], abs=2), heights
+    assert heights[2] == pytest.approx(4 * heights[0], abs=3), heights

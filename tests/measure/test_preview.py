@@ -18,18 +18,21 @@ def decode(z):  # the tiny UNet's 4-channel latent as a picture: enough to see t
 
 def previewer(den, text, **kw):
     prompts = preview_prompts(CAPTION, ["sks"], ["a photo of dog on grass", "a photo of a cat"])
-    return Previewer(den, text, prompts, ["sks"], (4, 8, 8), decode, seed=kw.pop("seed", 3), steps=kw.pop("steps", 4), **kw)
+    return Previewer(den, text, prompts, ["sks"], (4, 8, 8), decode, seed=kw.pop("seed", 3), steps=kw.pop("steps", 4),
+                     **kw)
 
 
 def test_default_prompts_are_the_caption_with_and_without_trigger_then_preservation_prompts():
     assert preview_prompts("a sks dog, on grass", ["sks"], ["a dog, on grass", "a cat "]) == \
-        ["a sks dog, on grass", "a dog, on grass", "a cat"]  # the stripped caption equals the first preservation prompt: once
+        ["a sks dog, on grass", "a dog, on grass",
+         "a cat"]  # the stripped caption equals the first preservation prompt: once
     assert preview_prompts("zwx and sks", ["sks", "zwx"]) == ["zwx and sks", "and"]
 
 
 def test_grid_is_rows_by_columns_with_the_base_row_blank_where_a_trigger_is(tiny_denoiser, text):
     pv = previewer(tiny_denoiser, text, scale=3)
-    assert pv.prompts == [CAPTION, "a photo of dog on grass", "a photo of a cat"] and pv.has_trigger == [True, False, False]
+    assert pv.prompts == [CAPTION, "a photo of dog on grass", "a photo of a cat"]
+    assert pv.has_trigger == [True, False, False]
     pv.base()
     inject_lora(tiny_denoiser.module, LoraSpec(rank=4, preset="full"))
     first = pv(10)
@@ -78,7 +81,8 @@ def test_a_round_restores_modes_and_switch_and_samples_with_the_adapter_on(tiny_
 
 @pytest.mark.parametrize("ptype", ["eps", "v", "flow"])
 def test_previews_in_each_prediction_space(tiny_denoiser, text, ptype):
-    den = ModuleDenoiser(tiny_denoiser.module, ptype, FlowSchedule(shift=3.0) if ptype == "flow" else NoiseSchedule.scaled_linear())
+    den = ModuleDenoiser(tiny_denoiser.module, ptype,
+                         FlowSchedule(shift=3.0) if ptype == "flow" else NoiseSchedule.scaled_linear())
     row = previewer(den, text, cfg=2.0)(1)
     assert len(row) == 3 and all(im.shape == (8, 8, 3) and bool(torch.isfinite(im).all()) for im in row)
     assert (row[0] - row[2]).abs().max() > 1e-4  # prompts differ, noise is shared

@@ -1,4 +1,5 @@
-"""Validation without sampling: exact zero drift at init, the fixed points, hand-computed fit, and no effect on training."""
+"""Validation without sampling: exact zero drift at init, the fixed points, hand-computed fit, and no effect on
+training."""
 import pytest
 import torch
 
@@ -84,7 +85,8 @@ def test_validation_does_not_change_training_and_drift_grows(tiny_denoiser, text
 
     # the check above can fail: a callback that runs the model in train mode draws dropout from the training RNG
     def careless(info):
-        tiny_denoiser.predict(exs[0].latent[None], torch.tensor([10]), {k: c[None] for k, c in exs[0].cond_token.items()})
+        tiny_denoiser.predict(exs[0].latent[None], torch.tensor([10]),
+                              {k: c[None] for k, c in exs[0].cond_token.items()})
     touched = train(tiny_denoiser, exs, lc, spec, cfg, callback=careless)
     assert any(not torch.equal(w.up, touched.weights[n].up) for n, w in plain.weights.items())
 
@@ -152,7 +154,8 @@ def test_fit_uses_the_model_s_own_target_and_schedule(tiny_denoiser, text, ptype
     want = img.noise - x0 if ptype == "flow" else sched.target(x0, img.noise, img.t, "v")
     assert torch.allclose(sched.target(x0, img.noise, img.t, ptype), want)
     with torch.no_grad():
-        pred = den.predict(sched.add_noise(x0, img.noise, img.t), img.t, {k: c[None].expand(3, *c.shape) for k, c in img.cond_token.items()})
+        pred = den.predict(sched.add_noise(x0, img.noise, img.t), img.t,
+                           {k: c[None].expand(3, *c.shape) for k, c in img.cond_token.items()})
     first = float(((pred - want) ** 2).flatten(1).mean(1).double().mean())
     alone = Validator(den, examples(text)[:1], points=3, seed=2)  # the first image draws the same points alone
     assert alone(0)["fit"] == pytest.approx(first, rel=1e-5)

@@ -30,23 +30,28 @@ from cat_train.queue.report import best_balanced
 ROOT = Path(__file__).resolve().parents[2]
 GRAPH = {
     "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "x.safetensors"}},
-    "3": {"class_type": "CAT_LossConfig", "inputs": {"cat_factor": 1.0, "preservation": "class", "class_word": "dog", "token_weights": ""}},
+    "3": {"class_type": "CAT_LossConfig",
+          "inputs": {"cat_factor": 1.0, "preservation": "class", "class_word": "dog", "token_weights": ""}},
     "4": {"class_type": "CAT_LoraTrainer", "inputs": {"model": ["1", 0], "loss_config": ["3", 0], "steps": 600,
                                                       "checkpoint_name": "ckpt"}},
     "5": {"class_type": "SaveImage", "inputs": {"images": ["4", 2], "filename_prefix": "cat"}},
     "6": {"class_type": "SaveImage", "inputs": {"images": ["4", 2], "filename_prefix": "cat2"}},
-    "8": {"class_type": "CAT_KPSEvaluator", "inputs": {"images_with_trigger": ["4", 2], "images_without_trigger": ["4", 2]}},
+    "8": {"class_type": "CAT_KPSEvaluator",
+          "inputs": {"images_with_trigger": ["4", 2], "images_without_trigger": ["4", 2]}},
     "9": {"class_type": "CAT_SaveLora", "inputs": {"lora": ["4", 1], "name": "lora"}},
 }
 INFO = {
     "CheckpointLoaderSimple": {"input": {"required": {"ckpt_name": [["x.safetensors"]]}}},
-    "CAT_LossConfig": {"input": {"required": {"cat_factor": ["FLOAT", {"min": 0.0, "max": 10.0}], "preservation": ["COMBO", {"options": ["class", "none"]}],
+    "CAT_LossConfig": {"input": {"required": {"cat_factor": ["FLOAT", {"min": 0.0, "max": 10.0}],
+                                              "preservation": ["COMBO", {"options": ["class", "none"]}],
                                               "class_word": ["STRING", {}], "token_weights": ["STRING", {}]}}},
-    "CAT_LoraTrainer": {"input": {"required": {"model": ["MODEL"], "loss_config": ["CAT_LOSS_CONFIG"], "steps": ["INT", {}],
+    "CAT_LoraTrainer": {"input": {"required": {"model": ["MODEL"], "loss_config": ["CAT_LOSS_CONFIG"],
+                                               "steps": ["INT", {}],
                                                "checkpoint_name": ["STRING", {}]},
                                   "optional": {"resume_from": ["STRING", {}]}}},
     "SaveImage": {"input": {"required": {"images": ["IMAGE"], "filename_prefix": ["STRING", {}]}}},
-    "CAT_KPSEvaluator": {"input": {"required": {"images_with_trigger": ["IMAGE"], "images_without_trigger": ["IMAGE"]}}},
+    "CAT_KPSEvaluator": {"input": {"required": {"images_with_trigger": ["IMAGE"],
+                                                "images_without_trigger": ["IMAGE"]}}},
     "CAT_SaveLora": {"input": {"required": {"lora": ["LORA_MODEL"], "name": ["STRING", {}]}}},
 }
 
@@ -62,7 +67,8 @@ def ws_frame(payload, binary: bool = False) -> bytes:
     """One unmasked server frame (RFC 6455), with the 16- and 64-bit length forms."""
     data = payload if binary else json.dumps(payload).encode()
     n = len(data)
-    length = bytes([n]) if n < 126 else bytes([126]) + struct.pack(">H", n) if n < 65536 else bytes([127]) + struct.pack(">Q", n)
+    length = (bytes([n]) if n < 126 else bytes([126]) + struct.pack(">H", n) if n < 65536
+              else bytes([127]) + struct.pack(">Q", n))
     return bytes([0x82 if binary else 0x81]) + length + data
 
 
@@ -120,7 +126,8 @@ class FakeComfy:
             self.free_at = end
             self.jobs[pid] = {"graph": graph, "client": client, "start": start, "end": end, "state": None}
             self.order.append(pid)
-            ours = sum(1 for j in self.jobs.values() if j["client"] == client and self.where(j, now) in ("running", "pending"))
+            ours = sum(1 for j in self.jobs.values()
+                       if j["client"] == client and self.where(j, now) in ("running", "pending"))
             if client != "someone":
                 self.max_ours = max(self.max_ours, ours)
             return pid
@@ -207,7 +214,9 @@ class FakeComfy:
                     self.jobs[pid]["state"] = "deleted"
             return self.send(h, 200, {})
         if body["prompt"]["4"]["inputs"].get("steps") == -1:  # what ComfyUI answers to an invalid value
-            return self.send(h, 400, {"error": {"type": "prompt_outputs_failed_validation", "message": "Prompt outputs failed validation",
+            return self.send(h, 400,
+                             {"error": {"type": "prompt_outputs_failed_validation", "message": "Prompt outputs failed "
+                                                                                               "validation",
                                                 "details": ""},
                                       "node_errors": {"4": {"class_type": "CAT_LoraTrainer", "errors": [
                                           {"message": "Value smaller than min", "details": "steps: -1 < 1"}]}}})
@@ -222,26 +231,30 @@ class FakeComfy:
         self.send(h, 200, {"prompt_id": pid, "number": 0, "node_errors": {}})
         ws = self.sockets.get(body.get("client_id"))
         for e in self.events:
-            frame = ws_frame(e, binary=True) if isinstance(e, bytes) else ws_frame(json.loads(json.dumps(e).replace("PID", pid)))
+            frame = (ws_frame(e, binary=True) if isinstance(e, bytes)
+                     else ws_frame(json.loads(json.dumps(e).replace("PID", pid))))
             with self.lock:
                 ws.sendall(frame)
 
     def entry(self, pid, job):
         if job["state"] == "interrupted":
-            return {"outputs": {}, "status": {"status_str": "error", "messages": [["execution_interrupted", {"prompt_id": pid}]]}}
+            return {"outputs": {},
+                    "status": {"status_str": "error", "messages": [["execution_interrupted", {"prompt_id": pid}]]}}
         if self.mode == "fail":
             return json.loads(json.dumps(FAILED).replace("PID", pid))
         g = job["graph"]
         is_, kps = self.scores(g)
         return {"outputs": {
-            "5": {"images": [{"filename": f"{g['5']['inputs']['filename_prefix']}_00001_.png", "subfolder": "", "type": "output"}]},
+            "5": {"images": [{"filename": f"{g['5']['inputs']['filename_prefix']}_00001_.png", "subfolder": "",
+                              "type": "output"}]},
             "8": {"text": [kps_report(is_, kps)]},
             "9": {"text": [f"/loras/{g['9']['inputs']['name']}.safetensors"]}},
             "status": {"status_str": "success", "completed": True, "messages": []}}
 
     def websocket(self, h):
         key = h.headers["Sec-WebSocket-Key"]
-        accept = base64.b64encode(hashlib.sha1((key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()).digest()).decode()
+        digest = hashlib.sha1((key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()).digest()
+        accept = base64.b64encode(digest).decode()
         cid = urllib.parse.parse_qs(urllib.parse.urlsplit(h.path).query)["clientId"][0]
         with self.lock:  # logged before the handshake answer: once the client has it, its post may come at once
             self.log.append(("ws", cid))
@@ -249,7 +262,8 @@ class FakeComfy:
                        f"Sec-WebSocket-Accept: {accept}\r\n\r\n").encode())
         with self.lock:
             self.sockets[cid] = h.connection
-            h.connection.sendall(ws_frame({"type": "status", "data": {"status": {"exec_info": {"queue_remaining": 0}}, "sid": cid}}))
+            h.connection.sendall(ws_frame({"type": "status",
+                                           "data": {"status": {"exec_info": {"queue_remaining": 0}}, "sid": cid}}))
         try:
             while h.rfile.read(1):  # held open until the client closes it
                 pass
@@ -316,10 +330,12 @@ def test_sweep_posts_every_combination_and_reports_outputs(fake, wf, tmp_path, c
 def test_every_run_gets_its_own_file_names(fake, wf, tmp_path):
     """Save names carry the swept values, so no run overwrites (or numbers after) another's files; a name the
     user sets stays as set, and --keep-names leaves the graph's names alone."""
-    assert cli.main([wf, "--server", fake.url, "--poll", "--sweep", "3.cat_factor=0,0.5", "--sweep", "4.steps=10,20"]) == 0
+    assert cli.main([wf, "--server", fake.url, "--poll", "--sweep", "3.cat_factor=0,0.5", "--sweep",
+                     "4.steps=10,20"]) == 0
     names = [(g["9"]["inputs"]["name"], g["4"]["inputs"]["checkpoint_name"], g["5"]["inputs"]["filename_prefix"],
               g["6"]["inputs"]["filename_prefix"]) for g in posted(fake)]
-    assert names[0] == ("lora_cat_factor0_steps10", "ckpt_cat_factor0_steps10", "cat_cat_factor0_steps10", "cat2_cat_factor0_steps10")
+    assert names[0] == ("lora_cat_factor0_steps10", "ckpt_cat_factor0_steps10", "cat_cat_factor0_steps10",
+            "cat2_cat_factor0_steps10")
     assert len({n for row in names for n in row}) == 16  # 4 runs x 4 naming inputs, all different
     fake.reset()
     assert cli.main([wf, "--server", fake.url, "--poll", "--sweep", "3.cat_factor=0,0.5", "--set", "9.name=mine"]) == 0
@@ -341,7 +357,8 @@ def test_server_down_is_a_clear_error(wf, capsys, quick):
 
 @pytest.mark.parametrize("override, message", [
     ("--set=99.steps=1", "the workflow has no node '99'; its nodes are: 1 (CheckpointLoaderSimple)"),
-    ("--set=4.stepz=1", "node 4 (CAT_LoraTrainer) has no input 'stepz'; its inputs are: checkpoint_name, loss_config, model, resume_from, steps."),
+    ("--set=4.stepz=1", "node 4 (CAT_LoraTrainer) has no input 'stepz'; its inputs are: checkpoint_name, "
+                        "loss_config, model, resume_from, steps."),
     ("--set=SaveImage.filename_prefix=x", "node type 'SaveImage' occurs 2 times (ids 5, 6)"),
     ("--set=steps", "must look like NODE.input=value"),
     # probe: replaced the link with text, and the server failed with "'str' object has no attribute 'model'"
@@ -352,7 +369,8 @@ def test_server_down_is_a_clear_error(wf, capsys, quick):
     ("--sweep=4.steps=10,2.5", "4.steps='2.5': not an integer (the input is INT)"),
     ("--sweep=3.preservation=class,nope", "3.preservation='nope': not one of the server's choices: 'class', 'none'"),
     ("--sweep=3.cat_factor=0,1,0", "the value(s) '0' occur more than once"),
-    ("--set=1.ckpt_name=y.safetensors", "1.ckpt_name='y.safetensors': not one of the server's choices: 'x.safetensors'"),
+    ("--set=1.ckpt_name=y.safetensors",
+     "1.ckpt_name='y.safetensors': not one of the server's choices: 'x.safetensors'"),
 ])
 def test_bad_overrides_are_named_before_anything_is_posted(fake, wf, capsys, override, message):
     assert cli.main([wf, "--server", fake.url, "--poll", override]) == 2
@@ -368,7 +386,8 @@ def test_a_1000_value_sweep_is_refused_without_a_request(fake, wf, capsys):
     err = capsys.readouterr().err
     assert "the sweep makes 1000 runs (1000 values), more than --max-runs 64" in err and "--max-runs 1000" in err
     assert fake.log == [] and fake.order == []
-    assert cli.main([wf, "--server", fake.url, "--sweep", "3.cat_factor=0,1", "--sweep", "4.steps=1,2,3", "--max-runs", "5"]) == 2
+    assert cli.main([wf, "--server", fake.url, "--sweep", "3.cat_factor=0,1", "--sweep", "4.steps=1,2,3", "--max-runs",
+                     "5"]) == 2
     assert "makes 6 runs (2 x 3 values)" in capsys.readouterr().err
     assert cli.main([wf, "--server", fake.url, "--sweep", "3.cat_factor=0,1", "--max-runs", "2", "--dry-run"]) == 0
 
@@ -401,7 +420,8 @@ def test_missing_node_type_and_rejected_prompt(fake, wf, capsys):
     fake.info = INFO
     assert cli.main([wf, "--server", fake.url, "--poll", "--set", "4.steps=-1"]) == 1  # the run failed, as one that ran
     out = capsys.readouterr().out
-    assert "FAILED: ComfyUI refused the workflow (400)" in out and "node 4 (CAT_LoraTrainer): Value smaller than min: steps: -1 < 1" in out
+    assert "FAILED: ComfyUI refused the workflow (400)" in out and ("node 4 (CAT_LoraTrainer): Value smaller than "
+                                                                    "min: steps: -1 < 1") in out
 
 
 def test_ui_format_refused(tmp_path, capsys):
@@ -418,7 +438,8 @@ def test_cli_dispatch(fake, wf):
 
 
 ERROR_EVENTS = [{"type": "execution_start", "data": {"prompt_id": "PID"}},
-                {"type": "execution_error", "data": {"prompt_id": "PID", "node_id": "1", "exception_message": "not in list"}}]
+                {"type": "execution_error",
+                 "data": {"prompt_id": "PID", "node_id": "1", "exception_message": "not in list"}}]
 
 
 @pytest.mark.parametrize("events, delay", [(ERROR_EVENTS, 0.0), ([], 0.0), ([], 0.5)],
@@ -592,7 +613,8 @@ def test_table_and_chart_mark_the_best_balanced_run(fake, wf, tmp_path, capsys):
     assert float(rows[0]["PS"]) == 0.25 and rows[1]["3.cat_factor"] == "0.5" and rows[1]["server"] == fake.url
     md = out.with_suffix(".md").read_text()
     assert "| run | 3.cat_factor | status | server | seconds | PS | IS | KPS | best |" in md
-    assert "| 2 | 0.5 | ok |" in md and "| 1 | 0 | ok |" in md and "best = the run whose weaker score is strongest" in md
+    assert "| 2 | 0.5 | ok |" in md and "| 1 | 0 | ok |" in md
+    assert "best = the run whose weaker score is strongest" in md
     assert md.split("\n| 2 |")[1].split("\n")[0].endswith("| 0.8000 | 0.1200 | best |")
     assert "| 2 | 0.5 | ok |" in capsys.readouterr().out  # printed as well
     img = Image.open(out.with_suffix(".png"))

@@ -37,7 +37,8 @@ def examples(text, n=4):
 def run(denoiser, exs, tmp, steps=6, loss=None, **kw):
     cfg = TrainConfig(steps=steps, lr=1e-3, batch_size=2, seed=7, save_every=kw.pop("save_every", 0),
                       checkpoint_dir=str(tmp), lr_schedule="cosine", warmup_steps=2)
-    return train(denoiser, exs, loss or CatLossConfig(alpha=1.0, class_word="dog"), LoraSpec(rank=4, dropout=0.1), cfg, **kw)
+    return train(denoiser, exs, loss or CatLossConfig(alpha=1.0, class_word="dog"), LoraSpec(rank=4, dropout=0.1), cfg,
+                 **kw)
 
 
 def counting(denoiser):
@@ -84,7 +85,8 @@ def test_skipped_steps_run_no_frozen_pass_and_no_doubled_batch(tiny_denoiser, te
     run(tiny_denoiser, examples(text), tmp_path / "a", steps=4,
         loss=CatLossConfig(alpha=1.0, class_word="dog", keep_every=2))
     # steps 1 and 3 (0-based 0, 2) carry the term: frozen pass on y (2 rows, no grad) + adapted [y_T, y] (4 rows)
-    assert [(rows, grad) for rows, grad, _, _ in calls] == [(2, False), (4, True), (2, True), (2, False), (4, True), (2, True)]
+    assert [(rows, grad) for rows, grad, _, _ in calls] == [(2, False), (4, True), (2, True), (2, False), (4, True),
+                                                            (2, True)]
     frozen = [c for c in calls if not c[1]]
     assert all(not has_graph for *_, has_graph in frozen)  # the frozen pass keeps no autograd state
 
@@ -138,7 +140,8 @@ def test_row_draw_uses_the_runs_generator_only_on_steps_with_the_term():
     assert preservation_rows(cfg, 1, 4, gen) == (0.0, None) and torch.equal(gen.get_state(), state)
     alpha, rows = preservation_rows(cfg, 2, 4, gen)
     again = torch.Generator().manual_seed(0)
-    assert alpha == 4.0 and torch.equal(rows, (torch.rand(4, generator=again, dtype=torch.float64) < 0.5).nonzero().flatten())
+    assert alpha == 4.0 and torch.equal(rows,
+                                        (torch.rand(4, generator=again, dtype=torch.float64) < 0.5).nonzero().flatten())
 
 
 def test_resume_is_bit_exact_with_the_options_on(tiny_denoiser, text, tmp_path):

@@ -5,13 +5,15 @@ import pytest
 import torch
 
 from cancel import Cancelled, cancel_at
-from cat_train.adapters.lora import (LoraSpec, adapter_disabled, adapter_parameters, inject_lora, lora_layers, lora_weights,
+from cat_train.adapters.lora import (LoraSpec, adapter_disabled, adapter_parameters, inject_lora, lora_layers,
+                                     lora_weights,
                                remove_lora)
 from cat_train.step.denoiser import NoiseSchedule
 from cat_train.training import CatLossConfig
 from cat_train.step.objective import cat_loss
 from lora_objective import objective
-from cat_train.training import TrainConfig, TrainingDiverged, TrainingOutOfMemory, build_examples, checkpoint_path, lr_factor, train
+from cat_train.training import (TrainConfig, TrainingDiverged, TrainingOutOfMemory, build_examples, checkpoint_path,
+                                lr_factor, train)
 
 
 def batch(b=2, seed=0, hw=8):
@@ -218,7 +220,8 @@ def test_nan_loss_stops_and_keeps_last_good_state(tiny_denoiser, text, tmp_path)
 
 
 def test_multi_token_weights_and_prompts(text):
-    items = [(torch.zeros(4, 8, 8), "a photo of sks dog", ("sks",)), (torch.zeros(4, 8, 8), "zwx cat on a sofa", ("zwx",))]
+    items = [(torch.zeros(4, 8, 8), "a photo of sks dog", ("sks",)),
+             (torch.zeros(4, 8, 8), "zwx cat on a sofa", ("zwx",))]
     cfg = CatLossConfig(alpha=1.0, preservation="strip", token_weights={"sks": 2.0, "zwx": 0.5})
     exs = build_examples(items, text, cfg)
     calls = list(text.calls)
@@ -230,7 +233,8 @@ def test_multi_token_weights_and_prompts(text):
 
 
 def test_per_trigger_class_words_and_preservation_list(text):
-    items = [(torch.zeros(4, 8, 8), "a photo of sks dog", ("sks",)), (torch.zeros(4, 8, 8), "zwx cat on a sofa", ("zwx",))]
+    items = [(torch.zeros(4, 8, 8), "a photo of sks dog", ("sks",)),
+             (torch.zeros(4, 8, 8), "zwx cat on a sofa", ("zwx",))]
     exs = build_examples(items, text, CatLossConfig(alpha=1.0, class_word="sks=dog, zwx=cat"))
     assert torch.equal(exs[0].cond_pres["context"], text(["a photo of dog"])["context"][0])
     assert torch.equal(exs[1].cond_pres["context"], text(["cat on a sofa"])["context"][0])  # not 'dog cat on a sofa'
@@ -242,7 +246,8 @@ def test_per_trigger_class_words_and_preservation_list(text):
         build_examples([(torch.zeros(4, 8, 8), "a toy", ("toy",))], text, CatLossConfig(class_word="toy"))
 
     ys = ["a photo of a dog", "a photo of a cat", "a photo of a bird"]
-    exs = build_examples(items, text, CatLossConfig(alpha=1.0, class_word="dog", preservation_prompts=tuple(ys) + ("  ",)))
+    exs = build_examples(items, text,
+                         CatLossConfig(alpha=1.0, class_word="dog", preservation_prompts=tuple(ys) + ("  ",)))
     assert len(exs) == 6  # every image with every listed y, in turn
     for i, e in enumerate(exs):
         assert torch.equal(e.cond_pres["context"], text([ys[i % 3]])["context"][0])

@@ -46,8 +46,10 @@ def examples(text, n=3, cfg=None):
 def test_stabilization_is_exactly_zero_at_init_and_positive_after_a_step(tiny_denoiser):
     inject_lora(tiny_denoiser.module, LoraSpec(rank=4, preset="full"))
     run = AptRun(tiny_denoiser, AptConfig(stabilize=1.0))
-    assert len(run.taps.stabilized) == 7 and all(n.endswith(".attn1") for n in run.taps.stabilized)  # every self-attention
-    assert len(AptRun(tiny_denoiser, AptConfig.earlier(stabilize=1.0)).taps.stabilized) == 1 + 4  # middle + output blocks
+    # every self-attention
+    assert len(run.taps.stabilized) == 7 and all(n.endswith(".attn1") for n in run.taps.stabilized)
+    # middle + output blocks
+    assert len(AptRun(tiny_denoiser, AptConfig.earlier(stabilize=1.0)).taps.stabilized) == 1 + 4
     at_init = evaluate(run, *batch(), alpha=1.0)
     assert at_init.stabilize.item() == 0.0  # LoRA B = 0: adapted features equal the frozen ones bit for bit
     step_lora(tiny_denoiser)
@@ -164,18 +166,21 @@ def test_a_bin_whose_indicator_rises_gets_a_lower_weight_and_stronger_augmentati
 
 
 def test_paper_indicator_matches_a_hand_computation_of_the_formula():
-    """gamma_b = 1 - exp(-T (EMA_b[L_pre] - EMA_b[L_ft])), each EMA with new-value weight 0.1 started from its first value;
-    augmentation min(gamma_b, p_max), fit weight 1 - gamma_b."""
+    """gamma_b = 1 - exp(-T (EMA_b[L_pre] - EMA_b[L_ft])), each EMA with new-value weight 0.1 started from its first
+    value; augmentation min(gamma_b, p_max), fit weight 1 - gamma_b."""
     T = 1000
     ind = Indicator(AptConfig(adaptive=1.0, max_augment=0.8), T)  # the defaults: form paper, 10 bins, ema 0.9
     losses = [(0.100, 0.100), (0.104, 0.098), (0.096, 0.094), (0.110, 0.101)]  # (L_pre, L_ft) of samples in bin 7
     for lp, lf in losses:
-        ind.update(torch.tensor([750]) * 10 // T, torch.tensor([lp], dtype=torch.float64), torch.tensor([lf], dtype=torch.float64))
-    # by hand: EMA[L_pre] 0.1 -> 0.9*0.1 + 0.1*0.104 = 0.1004 -> 0.09036 + 0.0096 = 0.09996 -> 0.089964 + 0.011 = 0.100964
+        ind.update(torch.tensor([750]) * 10 // T, torch.tensor([lp], dtype=torch.float64),
+                   torch.tensor([lf], dtype=torch.float64))
+    # by hand: EMA[L_pre] 0.1 -> 0.9*0.1 + 0.1*0.104 = 0.1004 -> 0.09036 + 0.0096 = 0.09996 -> 0.089964 + 0.011 =
+    # 0.100964
     #          EMA[L_ft]  0.1 -> 0.09 + 0.0098 = 0.0998 -> 0.08982 + 0.0094 = 0.09922 -> 0.089298 + 0.0101 = 0.099398
     #          gamma = 1 - exp(-1000 * 0.001566) = 1 - exp(-1.566)
     gamma = 1 - math.exp(-1.566)
-    assert ind.pre[7].item() == pytest.approx(0.100964, abs=1e-12) and ind.ft[7].item() == pytest.approx(0.099398, abs=1e-12)
+    assert ind.pre[7].item() == pytest.approx(0.100964, abs=1e-12)
+    assert ind.ft[7].item() == pytest.approx(0.099398, abs=1e-12)
     bins = torch.arange(10)
     assert ind.value[7].item() == pytest.approx(gamma, abs=1e-12)
     assert ind.fit_weight(bins)[7].item() == pytest.approx(1 - gamma, abs=1e-12)
@@ -202,12 +207,15 @@ def test_augmentation_follows_its_probability_and_draws_the_same_amount_either_w
     assert torch.equal(out[3:], x[3:]) and all(not torch.allclose(out[i], x[i], atol=1e-3) for i in range(3))
     assert torch.equal(g0.get_state(), g1.get_state())
     flat = torch.full((2, 3, 8, 8), 0.3)
-    zoomed = augment(flat, torch.ones(2, dtype=torch.float64), AptConfig.earlier(adaptive=1.0), torch.Generator().manual_seed(1))
-    assert torch.allclose(zoomed, flat, atol=1e-6)  # earlier: zoom-out/rotation pad by reflection, no foreign border value
+    zoomed = augment(flat, torch.ones(2, dtype=torch.float64), AptConfig.earlier(adaptive=1.0),
+                     torch.Generator().manual_seed(1))
+    # earlier: zoom-out/rotation pad by reflection, no foreign border value
+    assert torch.allclose(zoomed, flat, atol=1e-6)
     # the paper's: zoom-out 1-3x onto black (-1 in an image space; the world's latent is one)
     img = torch.full((400, 3, 32, 32), 0.3)
     cfg = AptConfig(adaptive=1.0, augment_ops=("zoom",))
-    out = augment(img, torch.ones(400, dtype=torch.float64), cfg, torch.Generator().manual_seed(2), (lambda z: z, lambda z: z))
+    out = augment(img, torch.ones(400, dtype=torch.float64), cfg, torch.Generator().manual_seed(2),
+                  (lambda z: z, lambda z: z))
     content = (out > 0).double().mean((1, 2, 3))  # area of the subject = 1 / f^2, f uniform in [1, 3]
     assert out.min().item() == pytest.approx(-1.0, abs=1e-6) and content.min().item() > 1 / 9 - 0.03
     assert content.max().item() > 0.9 and content.mean().item() == pytest.approx(1 / 3, abs=0.03)  # E[1/f^2] = 1/3
@@ -222,7 +230,8 @@ def test_apt_with_cat_uses_one_frozen_and_one_adapted_forward(tiny_denoiser):
     terms = evaluate(run, *batch(), alpha=1.0)
     assert calls == [(4, False), (4, True)]  # [y_T; y] frozen (targets for CAT and APT), [y_T; y] adapted
     assert terms.keep.min() > 0 and terms.fit_pre.min() > 0
-    assert torch.allclose(terms.loss, (terms.fit_weight * terms.fit + terms.keep).mean() + terms.stabilize + terms.align)
+    assert torch.allclose(terms.loss,
+                          (terms.fit_weight * terms.fit + terms.keep).mean() + terms.stabilize + terms.align)
     calls.clear()
     evaluate(run, *batch(), alpha=0.0)
     assert calls == [(2, False), (2, True)]  # APT alone: y_T rows only
@@ -235,17 +244,20 @@ def test_resume_with_apt_is_bit_exact_and_keeps_the_indicator(tiny_denoiser, tex
     exs = examples(text, cfg=lc)
 
     def run(tmp, **kw):
-        cfg = TrainConfig(steps=8, lr=3e-3, batch_size=2, seed=7, save_every=kw.pop("save_every", 0), checkpoint_dir=str(tmp))
+        cfg = TrainConfig(steps=8, lr=3e-3, batch_size=2, seed=7, save_every=kw.pop("save_every", 0),
+                          checkpoint_dir=str(tmp))
         return train(tiny_denoiser, exs, lc, LoraSpec(rank=4, dropout=0.1), cfg, **kw)
 
     infos = []
     full = run(tmp_path / "a", save_every=2, callback=infos.append)
     resumed = run(tmp_path / "b", resume=checkpoint_path(tmp_path / "a", 4))
     for k in full.weights:
-        assert torch.equal(full.weights[k].down, resumed.weights[k].down) and torch.equal(full.weights[k].up, resumed.weights[k].up)
+        assert torch.equal(full.weights[k].down, resumed.weights[k].down)
+        assert torch.equal(full.weights[k].up, resumed.weights[k].up)
     assert full.history == resumed.history  # losses, penalties and the per-bin indicator, step by step
     assert any(v for v in full.history[-1]["indicator"] if v)  # the indicator moved
-    assert infos[-1].reports["apt"]["indicator"] == full.history[-1]["indicator"] and len(infos[-1].reports["apt"]["fit_weight"]) == apt.bins
+    assert infos[-1].reports["apt"]["indicator"] == full.history[-1]["indicator"]
+    assert len(infos[-1].reports["apt"]["fit_weight"]) == apt.bins
     state = torch.load(checkpoint_path(tmp_path / "a", 4), weights_only=True)
     assert state["apt"]["count"].sum().item() == 4 * 2  # every sample of the first 4 steps updated its bin
     assert state["apt"]["form"] == "paper" and state["apt"]["pre"].gt(0).sum() == state["apt"]["count"].gt(0).sum()

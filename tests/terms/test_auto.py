@@ -46,16 +46,20 @@ class InjectedDrift:
 
 
 def test_probe_prompts_replace_the_class_word_in_each_image_s_y(text):
+    # its own word is no probe
     assert image_probes("a photo of dog on a beach", ["dog"], ["cat", "teddy bear", "dog"]) == {
-        "cat": "a photo of cat on a beach", "teddy bear": "a photo of teddy bear on a beach"}  # its own word is no probe
-    assert image_probes("a photo of hotdog", ["dog"], ["cat"]) == {"cat": "cat"}  # whole words only; none: the probe alone
+        "cat": "a photo of cat on a beach", "teddy bear": "a photo of teddy bear on a beach"}
+    # whole words only; none: the probe alone
+    assert image_probes("a photo of hotdog", ["dog"], ["cat"]) == {"cat": "cat"}
     assert image_probes("", [], ["cat"]) == {"cat": "cat"}  # empty preservation
     exs = build_examples(items(), text, loss_cfg())
     assert list(exs[0].probes) == list(PROBES)
-    assert all(e.probes["cat"]["context"].equal(text(["a photo of cat " + str(i)])["context"][0]) for i, e in enumerate(exs))
+    assert all(e.probes["cat"]["context"].equal(text(["a photo of cat " + str(i)])["context"][0])
+               for i, e in enumerate(exs))
     assert build_examples(items(), text, CatLossConfig(alpha=1.0, class_word="dog"))[0].probes == {}  # off: no probes
     # dataset: the other class words of a multi-concept set; common: the shipped list
-    multi = CatLossConfig(alpha=1.0, class_word="sks=dog, zwx=cat", auto=AutoPreservationConfig(every=1, source="dataset"))
+    multi = CatLossConfig(alpha=1.0, class_word="sks=dog, zwx=cat",
+                          auto=AutoPreservationConfig(every=1, source="dataset"))
     rows = [(torch.zeros(4, 8, 8), "a photo of sks", ("sks",)), (torch.zeros(4, 8, 8), "zwx on a sofa", ("zwx",))]
     a, b = build_examples(rows, text, multi)
     assert list(a.probes) == ["cat"] and list(b.probes) == ["dog"]
@@ -95,7 +99,8 @@ def test_the_probe_with_the_largest_injected_drift_is_added_and_nothing_below_th
     term1.end_of_step(2)
     assert [p for p, _, _ in term1.added] == ["wolf"]
     report = term.report()
-    assert report["auto_added"] == [["wolf", 2, pytest.approx(0.09, abs=1e-6)], ["cat", 2, pytest.approx(0.0225, abs=1e-6)]]
+    assert report["auto_added"] == [["wolf", 2, pytest.approx(0.09, abs=1e-6)],
+                                    ["cat", 2, pytest.approx(0.0225, abs=1e-6)]]
 
 
 def test_nothing_is_added_while_every_drift_is_at_or_below_the_threshold(tiny_denoiser, text):
@@ -120,7 +125,8 @@ def test_added_probes_take_turns_with_the_own_preservation_prompt(tiny_denoiser,
 
 
 def _run(den, exs, lc, tmp, **kw):
-    cfg = TrainConfig(steps=8, lr=3e-2, batch_size=2, seed=7, save_every=kw.pop("save_every", 0), checkpoint_dir=str(tmp))
+    cfg = TrainConfig(steps=8, lr=3e-2, batch_size=2, seed=7, save_every=kw.pop("save_every", 0),
+                      checkpoint_dir=str(tmp))
     return train(den, exs, lc, LoraSpec(rank=4, preset="full"), cfg, **kw)
 
 
@@ -130,7 +136,8 @@ def test_in_training_probes_are_added_and_resume_restores_the_set_bit_exactly(ti
     infos = []
     full = _run(tiny_denoiser, exs, lc, tmp_path / "a", save_every=2, callback=infos.append)
     added = full.history[-1]["auto_added"]
-    assert [s for _, s, _ in added] == [3, 3] and len({p for p, _, _ in added}) == 2  # the two worst, at the first check
+    # the two worst, at the first check
+    assert [s for _, s, _ in added] == [3, 3] and len({p for p, _, _ in added}) == 2
     assert infos[2].reports["auto"]["measured"] == 3 and infos[1].reports["auto"]["auto_added"] == []
     drift3 = infos[2].reports["auto"]["drift"]
     assert [p for p, _, _ in added] == sorted(drift3, key=lambda p: -drift3[p])[:2]
@@ -138,7 +145,8 @@ def test_in_training_probes_are_added_and_resume_restores_the_set_bit_exactly(ti
     assert [p for p, _, _ in state["auto"]["added"]] == [p for p, _, _ in added]
     resumed = _run(tiny_denoiser, exs, lc, tmp_path / "b", resume=checkpoint_path(tmp_path / "a", 4))
     for k in full.weights:
-        assert torch.equal(full.weights[k].down, resumed.weights[k].down) and torch.equal(full.weights[k].up, resumed.weights[k].up)
+        assert torch.equal(full.weights[k].down, resumed.weights[k].down)
+        assert torch.equal(full.weights[k].up, resumed.weights[k].up)
     assert full.history == resumed.history
     assert added_probes(resumed.history) == [p for p, _, _ in added]
     # before the first addition, the run is plain CAT bit for bit: the measurement draws from its own generator
@@ -154,7 +162,8 @@ def test_resume_with_other_probes_is_refused_naming_them(tiny_denoiser, text, tm
     other = loss_cfg(every=2, threshold=0.0, top_k=1, images=1, probes=("horse",))
     # the run's settings check (run_folder) names the field and both values before the term's own state is read
     with pytest.raises(ValueError, match=r'loss\.auto\.probes \["cat", "wolf", "fox", "car"\] -> \["horse"\]'):
-        _run(tiny_denoiser, build_examples(items(), text, other), other, tmp_path / "b", resume=checkpoint_path(tmp_path / "a", 4))
+        _run(tiny_denoiser, build_examples(items(), text, other), other, tmp_path / "b",
+             resume=checkpoint_path(tmp_path / "a", 4))
 
 
 def test_lora_metadata_records_the_settings_and_the_probes_added():

@@ -55,7 +55,8 @@ def test_ema_leaves_training_itself_unchanged_and_decay_0_is_off(tiny_denoiser, 
     exs = examples(text)
     raw_off, raw_on = [], []
     off = run(tiny_denoiser, exs, tmp_path / "off", save_every=6, callback=recording(tiny_denoiser, raw_off))
-    on = run(tiny_denoiser, exs, tmp_path / "on", save_every=6, ema_decay=0.9, callback=recording(tiny_denoiser, raw_on))
+    on = run(tiny_denoiser, exs, tmp_path / "on", save_every=6, ema_decay=0.9,
+             callback=recording(tiny_denoiser, raw_on))
     assert [h["loss"] for h in off.history] == [h["loss"] for h in on.history]
     assert all(torch.equal(a, b) for ra, rb in zip(raw_off, raw_on) for a, b in zip(ra, rb))
     assert all(torch.equal(a, b) for a, b in zip(flat(off.weights), raw_off[-1]))  # off: the trained weights
@@ -85,7 +86,8 @@ def test_step_files_and_result_are_the_shadow(tiny_denoiser, text, tmp_path):
     trained = [t for w in trained.values() for t in (w["down"], w["up"])]
     assert not all(torch.equal(a, b) for a, b in zip(trained, shadow))  # the checkpoint resumes the trained weights
     unsaved = run(tiny_denoiser, examples(text), tmp_path / "plain", steps=6, save_every=3, ema_decay=0.7)
-    assert [h["loss"] for h in unsaved.history] == [h["loss"] for h in r.history]  # a save puts the trained weights back
+    # a save puts the trained weights back
+    assert [h["loss"] for h in unsaved.history] == [h["loss"] for h in r.history]
 
 
 def test_resume_with_ema_is_bit_exact(tiny_denoiser, text, tmp_path):

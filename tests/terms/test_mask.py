@@ -135,7 +135,8 @@ def test_latent_mask_averages_pixels():
 
 def masked_examples(text, masks):
     g = torch.Generator().manual_seed(3)
-    items = [(torch.randn(4, 8, 8, generator=g), f"a photo of sks dog {i}", ("sks",), 1, m) for i, m in enumerate(masks)]
+    items = [(torch.randn(4, 8, 8, generator=g), f"a photo of sks dog {i}", ("sks",), 1,
+              m) for i, m in enumerate(masks)]
     return build_examples(items, text, CatLossConfig(class_word="dog"))
 
 
@@ -173,16 +174,19 @@ def test_frozen_fit_is_weighted_as_the_adapted_fit(tiny_denoiser):
     """APT compares fit with fit_pre: both must be the same mask-weighted mean."""
     inject_lora(tiny_denoiser.module, LoraSpec(rank=4))
     x0, noise, t, c_tok, c_pres = batch()
-    terms = objective(tiny_denoiser, x0, noise, t, c_tok, c_pres, alpha=1.0, terms=[term_with(0.0, 1.0, [half_mask()] * 2)])
+    terms = objective(tiny_denoiser, x0, noise, t, c_tok, c_pres, alpha=1.0,
+                      terms=[term_with(0.0, 1.0, [half_mask()] * 2)])
     assert torch.allclose(terms.fit_pre, terms.fit, rtol=1e-6)  # LoRA B = 0: the same predictions
     with torch.no_grad():
         x_t = tiny_denoiser.schedule.add_noise(x0, noise, t)
         d2 = (tiny_denoiser.predict(x_t, t, c_tok) - noise).pow(2)
-    assert terms.fit_pre[0].item() == pytest.approx(d2[0, :, :, :4].mean().item(), rel=1e-5)  # floor 0: the subject only
+    # floor 0: the subject only
+    assert terms.fit_pre[0].item() == pytest.approx(d2[0, :, :, :4].mean().item(), rel=1e-5)
 
 
 def test_run_settings_leave_mask_fields_out_at_their_defaults():
-    """Checkpoints and run folders from before masked training recorded no mask fields: runs with masks off match them."""
+    """Checkpoints and run folders from before masked training recorded no mask fields: runs with masks off match
+    them."""
     from types import SimpleNamespace
 
     from cat_train.training.run_folder import result_settings

@@ -119,7 +119,8 @@ def test_timestep_range_is_checked():
         TrainConfig(timestep_min=500, timestep_max=500)
 
 
-@pytest.mark.parametrize("opts", [dict(loss=dict(min_snr_gamma=5.0)), dict(cfg=dict(timestep_min=100, timestep_max=600))])
+@pytest.mark.parametrize("opts",
+                         [dict(loss=dict(min_snr_gamma=5.0)), dict(cfg=dict(timestep_min=100, timestep_max=600))])
 def test_resume_bit_exact_with_option_on(tiny_denoiser, text, tmp_path, opts):
     exs = _examples(text)
 
@@ -138,8 +139,10 @@ def test_resume_bit_exact_with_option_on(tiny_denoiser, text, tmp_path, opts):
     # another value refuses to resume, naming the option
     other = {"loss": {"min_snr_gamma": 2.0}} if "loss" in opts else {"cfg": {"timestep_min": 0, "timestep_max": 600}}
     with pytest.raises(ValueError, match="min_snr_gamma 5.0|timestep_min 100"):
-        cfg = TrainConfig(steps=6, lr=1e-3, batch_size=2, seed=7, checkpoint_dir=str(tmp_path / "d"), **other.get("cfg", {}))
-        train(tiny_denoiser, exs, CatLossConfig(class_word="dog", **other.get("loss", {})), LoraSpec(rank=4, dropout=0.1),
+        cfg = TrainConfig(steps=6, lr=1e-3, batch_size=2, seed=7, checkpoint_dir=str(tmp_path / "d"),
+                          **other.get("cfg", {}))
+        train(tiny_denoiser, exs, CatLossConfig(class_word="dog", **other.get("loss", {})),
+              LoraSpec(rank=4, dropout=0.1),
               cfg, resume=checkpoint_path(tmp_path / "a", 3))
 
 
@@ -151,8 +154,10 @@ def test_options_at_default_leave_the_recorded_settings_as_before(tiny_denoiser)
     s = result_settings(TrainConfig(), CatLossConfig(), A(), {}, None)
     new = {"caption_dropout", "shuffle_tags", "keep_tags", "caption_variants", "timestep_min", "timestep_max"}
     assert not new & set(s["config"]) and "min_snr_gamma" not in s["loss"] and "lr" in s["config"]
-    s = result_settings(TrainConfig(timestep_max=900, caption_dropout=0.1), CatLossConfig(min_snr_gamma=5.0), A(), {}, None)
-    assert s["config"]["timestep_max"] == 900 and s["loss"]["min_snr_gamma"] == "5.0" and "timestep_min" not in s["config"]
+    s = result_settings(TrainConfig(timestep_max=900, caption_dropout=0.1), CatLossConfig(min_snr_gamma=5.0), A(), {},
+                        None)
+    assert s["config"]["timestep_max"] == 900 and "timestep_min" not in s["config"]
+    assert s["loss"]["min_snr_gamma"] == "5.0"
 
 
 def _examples(text):

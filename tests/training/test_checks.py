@@ -54,7 +54,8 @@ def test_weight_for_a_token_that_is_no_trigger_is_refused():
     ("toy", "toy", "strip", 1.0, False),   # y strips the trigger: it differs from y_T
     ("toy", "toy", "class", 0.0, False),   # plain LoRA: no CAT term to break
 ])
-def test_trigger_equal_to_class_word_is_refused_for_class_preservation(trigger, class_word, preservation, alpha, refused):
+def test_trigger_equal_to_class_word_is_refused_for_class_preservation(trigger, class_word, preservation, alpha,
+                                                                        refused):
     cfg = CatLossConfig(alpha=alpha, preservation=preservation, class_word=class_word)
     if not refused:
         check_concepts((trigger,), cfg)

@@ -51,7 +51,8 @@ def test_resume_from_a_foreign_file_is_refused_plainly(tiny_denoiser, text, tmp_
 
 
 def test_missing_resume_file_stays_a_file_error(tiny_denoiser, text, tmp_path):
-    exs = build_examples([(torch.zeros(4, 8, 8), "a photo of sks dog", ("sks",))], text, CatLossConfig(class_word="dog"))
+    exs = build_examples([(torch.zeros(4, 8, 8), "a photo of sks dog", ("sks",))], text,
+                         CatLossConfig(class_word="dog"))
     with pytest.raises(FileNotFoundError):
         train(tiny_denoiser, exs, CatLossConfig(class_word="dog"), LoraSpec(rank=2), TrainConfig(steps=2),
               resume=tmp_path / "cat-step000004.pt")

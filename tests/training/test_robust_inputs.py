@@ -82,7 +82,8 @@ def test_a_full_disk_while_writing_a_lora_names_the_file_and_leaves_no_temp(tmp_
             raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(os, "fdopen", lambda fd, mode: Full(real(fd, mode)))
-    with pytest.raises(StorageError, match=r"cannot write .*x\.safetensors \(No space left on device; .* MB\); free space"):
+    with pytest.raises(StorageError, match=r"cannot write .*x\.safetensors \(No space left on device; .* MB\); free "
+                                           r"space"):
         save_lora(tmp_path / "x.safetensors", {"w": torch.zeros(4)}, {})
     assert list(tmp_path.iterdir()) == []
 
@@ -101,7 +102,8 @@ def test_a_read_only_loras_folder_names_the_file(tmp_path, monkeypatch):
 def test_a_chunk_boundary_caption_is_padded_to_the_longest_not_to_the_common_multiple(caplog):
     from cat_train.step.conds import repeat_to_common_length
 
-    y_t, y = torch.randn(1, 77 * 21, 8), torch.randn(1, 77 * 20, 8)  # a trigger on the 75-token boundary: one chunk more
+    # a trigger on the 75-token boundary: one chunk more
+    y_t, y = torch.randn(1, 77 * 21, 8), torch.randn(1, 77 * 20, 8)
     with caplog.at_level("WARNING", logger="cat_train"):
         a, b = repeat_to_common_length([y_t, y])
     assert a.shape[1] == b.shape[1] == 77 * 21  # not lcm = 420 chunks

@@ -42,7 +42,8 @@ def test_a_second_run_with_other_settings_is_refused_and_the_first_run_kept(tiny
     with pytest.raises(ValueError) as err:
         run(tiny_denoiser, examples(text), folder, lr=2e-4)
     msg = str(err.value)
-    assert f"belongs to another run (run {rid})" in msg and "lr 0.0001 -> 0.0002" in msg and "checkpoint_name" in msg, msg
+    assert f"belongs to another run (run {rid})" in msg and "lr 0.0001 -> 0.0002" in msg, msg
+    assert "checkpoint_name" in msg, msg
     with pytest.raises(ValueError, match=r"loss alpha 1\.0 -> 0\.0"):  # the README's cat_factor sweep into one folder
         run(tiny_denoiser, examples(text), folder, loss=CatLossConfig(class_word="dog", alpha=0.0))
     with pytest.raises(ValueError, match="the dataset"):
@@ -106,7 +107,8 @@ def test_resume_on_another_family_names_both(tiny_denoiser, text, tmp_path):
     folder = tmp_path / "r"
     run(tiny_denoiser, examples(text), folder, steps=2)
     tiny_denoiser.family = types.SimpleNamespace(name="sdxl")
-    with pytest.raises(ValueError, match="was trained on an SD1.x/SD2 model, this model is SDXL; resume it on the SD1.x/SD2 model"):
+    with pytest.raises(ValueError, match="was trained on an SD1.x/SD2 model, this model is SDXL; resume it on the "
+                                         "SD1.x/SD2 model"):
         run(tiny_denoiser, examples(text), tmp_path / "r2", resume=folder / "cat-step000002.pt")
 
 
@@ -135,7 +137,8 @@ def test_a_full_disk_at_a_save_removes_the_temp_file_and_says_so(tiny_denoiser, 
         run(tiny_denoiser, examples(text), folder)
     monkeypatch.setattr(torch, "save", real)
     msg = str(err.value)
-    assert "cannot write checkpoint" in msg and "No space left on device" in msg and "partial file was removed" in msg, msg
+    assert "cannot write checkpoint" in msg and "No space left on device" in msg, msg
+    assert "partial file was removed" in msg, msg
     assert [p.name for p in folder.iterdir()] == [RUN_FILE]  # no hidden .tmp left to keep the disk full
 
 
@@ -162,7 +165,8 @@ def test_a_read_only_checkpoint_folder_is_refused_before_step_1(tiny_denoiser, t
     def ro(*a, **k):
         raise OSError(errno.EROFS, "Read-only file system")
     monkeypatch.setattr(run_folder.tempfile, "mkstemp", ro)
-    with pytest.raises(StorageError, match="cannot be written \\(Read-only file system\\); choose another checkpoint folder"):
+    with pytest.raises(StorageError, match="cannot be written \\(Read-only file system\\); choose another checkpoint "
+                                           "folder"):
         run(tiny_denoiser, examples(text), tmp_path / "ro")
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 from cat_train.training.threads import free_cores
 
 ROOT = Path(__file__).resolve().parents[2]
-PROBE = ("import os, cat_train.training.threads as t; t.configure_cpu_threads(); import torch; n = t.configure_cpu_threads(); "
-         "print(os.environ.get('OMP_WAIT_POLICY'), n, torch.get_num_threads())")
+PROBE = ("import os, cat_train.training.threads as t; t.configure_cpu_threads(); import torch; n = "
+         "t.configure_cpu_threads(); print(os.environ.get('OMP_WAIT_POLICY'), n, torch.get_num_threads())")
 
 
 def test_free_cores_follows_the_load():

@@ -11,7 +11,8 @@ function draw() {
   const rec = { texts: [], lines: [] };
   let from = null;
   const ctx = { globalAlpha: 1, save() {}, restore() {}, beginPath() {}, stroke() {}, fillRect() {},
-    moveTo(x, y) { from = [x, y]; }, lineTo(x, y) { if (this.strokeStyle.startsWith("rgba(255,120,200")) rec.lines.push([from, [x, y]]); },
+    moveTo(x, y) { from = [x, y]; },
+    lineTo(x, y) { if (this.strokeStyle.startsWith("rgba(255,120,200")) rec.lines.push([from, [x, y]]); },
     setLineDash() {}, measureText(t) { return { width: 6 * t.length }; }, fillText(t) { rec.texts.push(String(t)); } };
   node.onDrawForeground(ctx);
   return rec;
@@ -26,7 +27,8 @@ for (let s = 1; s <= 6; s++)
 out.size = node.size;
 out.draw = draw();
 out.AUTO_H = globalThis.__catLiveView.AUTO_H;
-api.emit("cat.train.progress", { node: "4", step: 1, total: 11, loss: 1, fit: 1, keep: 0, lr: 1e-4, elapsed: 1, auto: none });
+api.emit("cat.train.progress", { node: "4", step: 1, total: 11, loss: 1, fit: 1, keep: 0, lr: 1e-4, elapsed: 1,
+  auto: none });
 out.fresh = draw();
 api.emit("cat.train.progress", { node: "4", step: 2, total: 11, loss: 1, fit: 1, keep: 0, lr: 1e-4, elapsed: 2,
   auto: { ...later, auto_added: [["wolf", 5, 0.09], ["fox", 9, 0.02]], measured: 10 } });
@@ -46,6 +48,7 @@ def test_live_view_names_the_probes_auto_preservation_added_and_marks_when(tmp_p
     assert len(out["draw"]["lines"]) == 1
     (x0, _), (x1, _) = out["draw"]["lines"][0]
     assert x0 == x1 == pytest.approx(52 + 280 * 4 / 10)
-    assert "auto preservation: nothing added yet (threshold 0.01)" in out["fresh"]["texts"] and not out["fresh"]["lines"]
+    assert "auto preservation: nothing added yet (threshold 0.01)" in out["fresh"]["texts"]
+    assert not out["fresh"]["lines"]
     assert "auto preservation added: wolf (step 5); fox (step 9)" in out["two"]["texts"]
     assert len(out["two"]["lines"]) == 2  # a mark per step with additions

@@ -8,7 +8,8 @@ from test_web_extension import CURVES, NODE, run_view, trainer_script
 RUN = trainer_script("CAT_CatVersionTrainer", 10, (380, 420), """
 function draw() {
   const rec = { texts: [], strokes: [] };
-  const ctx = { globalAlpha: 1, dash: [], save() {}, restore() {}, fillRect() {}, beginPath() {}, moveTo() {}, lineTo() {},
+  const ctx = { globalAlpha: 1, dash: [], save() {}, restore() {}, fillRect() {}, beginPath() {}, moveTo() {},
+    lineTo() {},
     setLineDash(d) { this.dash = d; }, measureText(t) { return { width: 6 * t.length }; },
     stroke() { rec.strokes.push({ color: this.strokeStyle, alpha: this.globalAlpha }); },
     fillText(t) { rec.texts.push(String(t)); } };
@@ -17,8 +18,8 @@ function draw() {
 }
 const out = { idle: draw() };
 for (let s = 1; s <= 2; s++)
-  api.emit("cat.train.progress", { node: "10", prompt_id: "p", step: s, total: 5, loss: 0.4 / s, fit: 0.3 / s, keep: 0.02,
-                                   lr: 1e-2, elapsed: s });
+  api.emit("cat.train.progress", { node: "10", prompt_id: "p", step: s, total: 5, loss: 0.4 / s, fit: 0.3 / s,
+                                   keep: 0.02, lr: 1e-2, elapsed: s });
 out.size = node.size;
 out.running = draw();
 console.log(JSON.stringify(out));

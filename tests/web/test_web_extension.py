@@ -42,7 +42,8 @@ app.nodes[4] = node;
 // A canvas context that records what was drawn: texts, and each stroke with its colour, dash and alpha.
 function recorder() {
   const rec = { texts: [], strokes: [] };
-  const ctx = { globalAlpha: 1, dash: [], save() {}, restore() {}, fillRect() {}, beginPath() {}, moveTo() {}, lineTo() {},
+  const ctx = { globalAlpha: 1, dash: [], save() {}, restore() {}, fillRect() {}, beginPath() {}, moveTo() {},
+    lineTo() {},
     setLineDash(d) { this.dash = d; }, measureText(t) { return { width: 6 * t.length }; },
     stroke() { rec.strokes.push({ color: this.strokeStyle, alpha: this.globalAlpha, dash: this.dash.join(",") }); },
     fillText(t) { rec.texts.push(String(t)); } };
@@ -56,7 +57,8 @@ out.idle = { texts: idle.texts.length, strokes: idle.strokes.length, baseDraws,
   otherPatched: Other.prototype.onDrawForeground !== undefined };
 api.emit("cat.train.progress", { node: "99", step: 1, total: 10, loss: 1, fit: 1, keep: 0, lr: 1e-4, elapsed: 0.5 });
 for (let s = 1; s <= 4; s++)
-  api.emit("cat.train.progress", { node: "4", step: s, total: 10, loss: 1 / s, fit: 0.9 / s, keep: 0.01, lr: 1e-4, elapsed: s * 0.5 });
+  api.emit("cat.train.progress", { node: "4", step: s, total: 10, loss: 1 / s, fit: 0.9 / s, keep: 0.01, lr: 1e-4,
+                                   elapsed: s * 0.5 });
 out.size = node.size;
 out.running = draw();
 api.emit("execution_interrupted", { prompt_id: "p", node_id: "4", node_type: "CAT_LoraTrainer" });
@@ -70,11 +72,13 @@ api.emit("execution_error", { prompt_id: "p", node_id: "4", node_type: "CAT_Lora
   exception_message: "CUDA out of memory\\nmore lines" });
 out.failed = draw().texts;
 for (let s = 1; s <= 3; s++)
-  api.emit("cat.train.progress", { node: "4", step: s, total: 3, loss: 0.2, fit: 0.1, keep: 0.1, lr: 1e-4, elapsed: s * 2 });
+  api.emit("cat.train.progress", { node: "4", step: s, total: 3, loss: 0.2, fit: 0.1, keep: 0.1, lr: 1e-4,
+                                   elapsed: s * 2 });
 api.emit("execution_success", { prompt_id: "p" });
 out.done = draw().texts;
 for (let s = 1; s <= 2; s++)
-  api.emit("cat.train.progress", { node: "4", step: s, total: 9, loss: 0.2, fit: 0.1, keep: 0.1, lr: 1e-4, elapsed: s });
+  api.emit("cat.train.progress", { node: "4", step: s, total: 9, loss: 0.2, fit: 0.1, keep: 0.1, lr: 1e-4,
+                                   elapsed: s });
 api.emit("status", { exec_info: { queue_remaining: 0 } });  // another tab queued it: an empty queue ends it
 out.otherTab = draw().texts;
 out.state = globalThis.__catLiveView.runs.get("4").state;
@@ -82,12 +86,15 @@ out.baseDraws = baseDraws;
 // a run with validation rows: the step-0 row arrives before the first training step
 api.emit("cat.train.validation", { node: "4", step: 0, total: 4, fit: 0.4, keep_drift: 0, probe_drift: 0 });
 for (let s = 1; s <= 4; s++) {
-  api.emit("cat.train.progress", { node: "4", step: s, total: 4, loss: 0.5 / s, fit: 0.4 / s, keep: 0.01, lr: 1e-4, elapsed: s });
-  if (s % 2 === 0) api.emit("cat.train.validation", { node: "4", step: s, total: 4, fit: 0.3 / s, keep_drift: 0.01 * s, probe_drift: 0.02 * s });
+  api.emit("cat.train.progress", { node: "4", step: s, total: 4, loss: 0.5 / s, fit: 0.4 / s, keep: 0.01, lr: 1e-4,
+                                   elapsed: s });
+  if (s % 2 === 0) api.emit("cat.train.validation", { node: "4", step: s, total: 4, fit: 0.3 / s,
+                                                      keep_drift: 0.01 * s, probe_drift: 0.02 * s });
 }
 const v = draw();
-out.validated = { texts: v.texts, strokes: v.strokes.map((x) => x.color),
-  rows: globalThis.__catLiveView.runs.get("4").validation.length, points: globalThis.__catLiveView.runs.get("4").loss.length };
+const run4 = globalThis.__catLiveView.runs.get("4");
+out.validated = { texts: v.texts, strokes: v.strokes.map((x) => x.color), rows: run4.validation.length,
+  points: run4.loss.length };
 out.axes = [[0.0107, 1.07], [0.05, 1.1], [0.1, 0.5], [1.07, 1.0700001], [0.0101, 0.0123], [1e-7, 1], [1.1e-4, 1.1]]
   .map((r) => view.yAxis(r));
 console.log(JSON.stringify(out));

@@ -25,5 +25,6 @@ def test_each_warning_is_one_toast(tmp_path):
     out = run_view(tmp_path, SCRIPT, "cat_warnings.js")
     assert out["names"] == ["ComfyUI-CAT.warnings"]
     assert [t["detail"] for t in out["toasts"]] == ["node 10: first", "node 12: second"]
-    assert {t["severity"] for t in out["toasts"]} == {"warn"} and out["toasts"][0]["summary"] == "LoRA for another model family"
+    assert {t["severity"] for t in out["toasts"]} == {"warn"} and out["toasts"][0]["summary"] == ("LoRA for another "
+                                                                                                  "model family")
     assert out["shown"] == ["node 10: first", "node 12: second"]

@@ -42,13 +42,15 @@ def test_methods_parse_and_configure():
 def test_bench_masked_tiny_end_to_end(tmp_path, capsys):
     from cat_train.world import benches
 
-    rc = benches.main(["masked", "--quick", "--out", str(tmp_path), "--steps", "2", "--per-prompt", "1", "--sample-steps", "2",
+    rc = benches.main(["masked", "--quick", "--out", str(tmp_path), "--steps", "2", "--per-prompt", "1",
+            "--sample-steps", "2",
                      "--methods", "lora", "cat1+mask+keep"])
     assert rc == 0
     res = json.loads((tmp_path / "masked.json").read_text())
     assert list(res["methods"]) == ["base", "lora", "cat1+mask+keep"]
     assert res["methods"]["base"]["drift"]["mean"] == 0
-    rows = [r for r in (tmp_path / "masked_table.md").read_text().splitlines() if r.startswith("| ") and "method" not in r]
+    rows = [r for r in (tmp_path / "masked_table.md").read_text().splitlines()
+            if r.startswith("| ") and "method" not in r]
     assert [r.split(" | ")[0][2:] for r in rows] == ["base (no adapter)", "LoRA (α=0)",
                                                      "CAT (α=1), mask floor 0.1, background keep 1"]
     assert (tmp_path / "masked_grid.png").is_file()

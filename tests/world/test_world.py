@@ -41,7 +41,8 @@ def test_tokenizer_known_words_and_spare_slot_for_trigger():
 
 
 class Oracle:
-    """Predicts exactly for a single data point x0 (eps, v or flow velocity): the sampler must land on x0 from any noise."""
+    """Predicts exactly for a single data point x0 (eps, v or flow velocity): the sampler must land on x0 from any
+    noise."""
 
     def __init__(self, x0, prediction_type="eps", shift=1.0):
         self.module, self.x0, self.prediction_type = torch.nn.Linear(1, 1).double(), x0, prediction_type
@@ -126,7 +127,8 @@ def test_base_weights_say_how_they_predict(world):
 
 
 def test_min_snr_weight_is_min_snr_gamma_on_the_x0_error():
-    # ||v err||^2 = (SNR + 1) ||x0 err||^2 and ||eps err||^2 = SNR ||x0 err||^2: both weighted losses are min(SNR, 5) ||x0 err||^2
+    # ||v err||^2 = (SNR + 1) ||x0 err||^2 and ||eps err||^2 = SNR ||x0 err||^2: both weighted losses are min(SNR, 5)
+    # ||x0 err||^2
     from cat_train.step.denoiser import NoiseSchedule
     from cat_train.world.pretrain import min_snr_weight
     ns, t = NoiseSchedule.scaled_linear(), torch.tensor([0, 200, 500, 999])

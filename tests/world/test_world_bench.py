@@ -9,13 +9,15 @@ from cat_train.world import bench as bench_kps
 
 
 def test_bench_kps_tiny_end_to_end(tmp_path, capsys):
-    rc = bench_kps.main(["kps", "--quick", "--out", str(tmp_path), "--steps", "4", "--per-prompt", "1", "--sample-steps", "3"])
+    rc = bench_kps.main(["kps", "--quick", "--out", str(tmp_path), "--steps", "4", "--per-prompt", "1",
+                         "--sample-steps", "3"])
     assert rc == 0
     out = capsys.readouterr().out
     assert "NOT Stable Diffusion" in out
     table = (tmp_path / "kps_table.md").read_text()
     rows = [r for r in table.splitlines() if r.startswith("| ") and not r.startswith("| method")]
-    assert [r.split(" | ")[0][2:] for r in rows] == ["base (no adapter)", "LoRA (α=0)", "CAT (α=0.5)", "CAT (α=1)", "CAT (α=2)",
+    assert [r.split(" | ")[0][2:] for r in rows] == ["base (no adapter)", "LoRA (α=0)", "CAT (α=0.5)", "CAT (α=1)",
+                                                     "CAT (α=2)",
                                                      "DreamBooth prior (α=0)"]
     assert all(len(r.strip("|").split("|")) == 1 + len(bench_kps.COLUMNS) for r in rows)
     res = json.loads((tmp_path / "kps.json").read_text())
@@ -51,7 +53,8 @@ def test_cat_methods_name_their_preservation_prompt():
         assert all(e.cond_pres["context"].item() == len(y) for e in grey)
     ex, _, _ = bench_kps.examples_for("cat1:all", Text(), bench_kps.BenchConfig(), seed=0)
     assert len(ex) == 5 * len(bench_kps.wg.SHAPES)  # every identity image once per class
-    grey = [e.cond_pres["context"].item() for e in ex if e.cond_token["context"].item() == len("a sks circle on a grey background")]
+    grey = [e.cond_pres["context"].item() for e in ex if e.cond_token["context"].item() == len(
+            "a sks circle on a grey background")]
     assert sorted(set(grey)) == sorted({float(len(f"a {s} on a grey background")) for s in bench_kps.wg.SHAPES})
 
 
@@ -66,7 +69,8 @@ def test_reachable_task_scores_its_identity_by_colour_and_place():
     imgs = bench_kps.task_images("reachable")
     colours = load_clip().attributes(imgs)[1]
     assert colours == ["yellow"] * 5 and bench_kps.is_identity("reachable", imgs, colours) == [True] * 5
-    moved = [wg.Scene("circle", "yellow", "grey", 20.0, 20.0, 7.0), wg.Scene("circle", "yellow", "grey", 11.5, 9.0, 7.0)]
+    moved = [wg.Scene("circle", "yellow", "grey", 20.0, 20.0, 7.0),
+             wg.Scene("circle", "yellow", "grey", 11.5, 9.0, 7.0)]
     arr = torch.from_numpy(wg.to_tensor_array(np.stack([wg.draw(s) for s in moved])))
     assert bench_kps.is_identity("reachable", arr, ["yellow", "yellow"]) == [False, True]  # 2.5 px off still counts
     assert bench_kps.is_identity("reachable", imgs[:1], ["red"]) == [False]

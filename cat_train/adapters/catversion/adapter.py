@@ -41,7 +41,8 @@ class CatVersionAdapter(Adapter):
 
     def install(self, denoiser: Denoiser, gen: torch.Generator) -> None:
         dev = next(denoiser.module.parameters()).device
-        self.embeddings = {n: new_embeddings(enc, self.spec, self.output_layers.get(n), gen) for n, enc in self.encoders.items()}
+        self.embeddings = {n: new_embeddings(enc, self.spec, self.output_layers.get(n),
+                                             gen) for n, enc in self.encoders.items()}
         for e in self.embeddings.values():
             e.to(dev).requires_grad_(True)
         # the UNet and the encoders are frozen; their flags are put back on remove()
@@ -49,7 +50,8 @@ class CatVersionAdapter(Adapter):
         for m in (denoiser.module, *self.encoders.values()):
             m.requires_grad_(False)
         try:
-            self._switches = [self._stack.enter_context(installed(self.encoders[n], e)) for n, e in self.embeddings.items()]
+            self._switches = [self._stack.enter_context(installed(self.encoders[n], e))
+                              for n, e in self.embeddings.items()]
         except BaseException:
             self.remove()
             raise
@@ -85,16 +87,18 @@ class CatVersionAdapter(Adapter):
     def state_dict(self) -> dict:
         return {"catversion": {n: {"keys": e.keys.detach().cpu().clone(), "values": e.values.detach().cpu().clone(),
                                    "info": e.info()} for n, e in self.embeddings.items()},
-                "spec": {**asdict(self.spec), "layers": self.spec.layers if isinstance(self.spec.layers, int) else list(self.spec.layers)}}
+                "spec": {**asdict(self.spec),
+                         "layers": self.spec.layers if isinstance(self.spec.layers, int) else list(self.spec.layers)}}
 
     def load_state_dict(self, state: dict, where: str) -> None:
         if "catversion" not in state:
-            raise ValueError(f"checkpoint {where} holds no CatVersion embeddings (a LoRA run's?); resume CatVersion from "
-                             "a checkpoint the CatVersion trainer wrote, or start afresh without one.")
+            raise ValueError(f"checkpoint {where} holds no CatVersion embeddings (a LoRA run's?); resume CatVersion "
+                             "from a checkpoint the CatVersion trainer wrote, or start afresh without one.")
         saved = CatVersionSpec(**state["spec"])
         if saved != self.spec or set(state["catversion"]) != set(self.embeddings):
-            raise ValueError(f"checkpoint {where} was trained with {saved} on encoders {sorted(state['catversion'])}, not "
-                             f"{self.spec} on {sorted(self.embeddings)}; resume with the same CatVersion settings and CLIP.")
+            raise ValueError(f"checkpoint {where} was trained with {saved} on encoders {sorted(state['catversion'])}, "
+                             f"not {self.spec} on {sorted(self.embeddings)}; resume with the same CatVersion settings "
+                             "and CLIP.")
         with torch.no_grad():
             for n, e in self.embeddings.items():
                 check_compatible(state["catversion"][n]["info"], e.info(), f"checkpoint {where}", n)

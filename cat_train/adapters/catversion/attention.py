@@ -13,7 +13,8 @@ from .spec import check_compatible, encoder_info, find_self_attention, heads_of
 
 
 def _sdpa(q: Tensor, k: Tensor, v: Tensor, heads: int, mask: Tensor | None, dropout: float = 0.0) -> Tensor:
-    """(B, L, E) q and (B, S, E) k, v -> (B, L, E); mask additive float or bool (True = attend), broadcastable to (B, h, L, S)."""
+    """(B, L, E) q and (B, S, E) k, v -> (B, L, E); mask additive float or bool (True = attend), broadcastable to (B,
+    h, L, S)."""
     b, lq, e = q.shape
     d = e // heads
     q, k, v = (t.reshape(b, -1, heads, d).transpose(1, 2) for t in (q, k, v))
@@ -33,7 +34,8 @@ def _prefix(pk: Tensor, pv: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tenso
     return torch.cat([pk, k], 1), torch.cat([pv, v], 1)
 
 
-def _pad_additive(mask: Tensor | None, n: int, bias: float = 0.0, rows: int = 0, dtype=None, device=None) -> Tensor | None:
+def _pad_additive(mask: Tensor | None, n: int, bias: float = 0.0, rows: int = 0, dtype=None,
+                  device=None) -> Tensor | None:
     """The prefix columns are visible to every query: `bias` (0 or the authors' +1) in an additive mask; without a
     mask and with a bias, a (rows, n + rows) one that only biases the prefix."""
     if mask is None:
@@ -50,7 +52,8 @@ class Switch:
         self.on = True
 
 
-def prefixed_forward(module: nn.Module, pk: Tensor, pv: Tensor, switch: Switch | None = None, bias: float = 0.0) -> Callable:
+def prefixed_forward(module: nn.Module, pk: Tensor, pv: Tensor, switch: Switch | None = None,
+                     bias: float = 0.0) -> Callable:
     """A replacement `forward` for `module` that concatenates pk/pv (length, hidden) to its Keys/Values; `bias` is
     added to the prefix columns' logits."""
     original = type(module).forward.__get__(module)

@@ -41,7 +41,8 @@ def new_embeddings(encoder: nn.Module, spec: CatVersionSpec, output_layer: int |
     attn = find_self_attention(encoder)
     idx = resolve_layers(len(attn), spec.layers, output_layer)
     m = attn[idx[0]][1]
-    return KVEmbeddings(idx, spec.length, hidden_of(m), heads_of(m), len(attn), spec.prefix_bias).initialise(spec, generator)
+    emb = KVEmbeddings(idx, spec.length, hidden_of(m), heads_of(m), len(attn), spec.prefix_bias)
+    return emb.initialise(spec, generator)
 
 
 def param_count(embs: Mapping[str, KVEmbeddings]) -> int:

@@ -14,7 +14,8 @@ from .spec import check_compatible
 FORMAT = "cat_train.catversion/1"  # the files' format id (not a module path): every file written so far says this
 
 
-def save_catversion(path: str | Path, embeddings: Mapping[str, KVEmbeddings], metadata: Mapping[str, str] | None = None) -> Path:
+def save_catversion(path: str | Path, embeddings: Mapping[str, KVEmbeddings],
+                    metadata: Mapping[str, str] | None = None) -> Path:
     """safetensors: `<encoder>.<layer>.key` / `.value` (length, hidden) fp32, header metadata with the shapes."""
     tensors, info = {}, {}
     for enc, emb in embeddings.items():
@@ -27,7 +28,8 @@ def save_catversion(path: str | Path, embeddings: Mapping[str, KVEmbeddings], me
     return save_lora(path, tensors, {k: str(v) for k, v in meta.items()})
 
 
-def load_catversion(path: str | Path, expect: Mapping[str, Mapping] | None = None) -> tuple[dict[str, KVEmbeddings], dict[str, str]]:
+def load_catversion(path: str | Path,
+                    expect: Mapping[str, Mapping] | None = None) -> tuple[dict[str, KVEmbeddings], dict[str, str]]:
     """Embeddings per encoder name and the header metadata; a file that is not CatVersion's is refused by name.
 
     expect: {encoder name: encoder_info(...)} of the text encoders it will be applied to; a file made for
@@ -39,7 +41,8 @@ def load_catversion(path: str | Path, expect: Mapping[str, Mapping] | None = Non
                          "LoRAs go through LoraLoader, CatVersion embeddings through Apply CatVersion.")
     out = {}
     for enc, info in json.loads(meta["catversion_encoders"]).items():
-        emb = KVEmbeddings(info["indices"], int(info["length"]), int(info["hidden"]), int(info["heads"]), int(info["layers"]),
+        emb = KVEmbeddings(info["indices"], int(info["length"]), int(info["hidden"]), int(info["heads"]),
+                           int(info["layers"]),
                            float(info.get("prefix_bias", 0.0)))  # files from before the option: an ordinary key
         with torch.no_grad():
             for j, i in enumerate(emb.layer_indices):
@@ -47,15 +50,16 @@ def load_catversion(path: str | Path, expect: Mapping[str, Mapping] | None = Non
                     t = tensors.get(f"{enc}.{i}.{kind}")
                     if t is None or tuple(t.shape) != tuple(p.shape[1:]):
                         raise ValueError(f"{path}: tensor {enc}.{i}.{kind} is "
-                                         f"{'missing' if t is None else tuple(t.shape)}, expected {tuple(p.shape[1:])}; "
-                                         "the file is damaged or was edited, train it again.")
+                                         f"{'missing' if t is None else tuple(t.shape)}, expected "
+                                         f"{tuple(p.shape[1:])}; the file is damaged or was edited, train it again.")
                     p[j].copy_(t.float())
         out[enc] = emb.requires_grad_(False)
     if expect is not None:
         missing = sorted(set(out) - set(expect))
         if missing or not out:
-            raise ValueError(f"{path} holds embeddings for text encoder(s) {sorted(out)}, but this CLIP has {sorted(expect)}: "
-                             "it was trained on another model family; use it with that CLIP or train again on this one.")
+            raise ValueError(f"{path} holds embeddings for text encoder(s) {sorted(out)}, but this CLIP has "
+                             f"{sorted(expect)}: it was trained on another model family; use it with that CLIP or "
+                             "train again on this one.")
         for enc, emb in out.items():
             check_compatible(emb.info(), expect[enc], str(path), enc)
     return out, meta

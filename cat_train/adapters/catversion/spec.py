@@ -12,7 +12,8 @@ PAPER_LAYERS = 3  # last 3 of CLIP ViT-L/14's 12 layers in the released adapters
 @dataclass
 class CatVersionSpec:
     layers: int | tuple[int, ...] = field(default=PAPER_LAYERS, metadata={"help": (
-        "int N: the last N self-attention layers that feed the output (the paper: 3); a tuple: explicit layer indices.")})
+        "int N: the last N self-attention layers that feed the output (the paper: 3); a tuple: explicit layer "
+        "indices.")})
     length: int = field(default=1, metadata={"help": "embeddings per layer, the prefix length (the paper: 1)."})
     init: Literal["normal", "zeros"] = field(default="normal", metadata={"help": (
         "`normal`: N(0, init_std²) as the reference code (randn); or `zeros`.")})
@@ -44,7 +45,8 @@ def _is_proj_attention(m: nn.Module) -> bool:
 
 def find_self_attention(encoder: nn.Module) -> list[tuple[str, nn.Module]]:
     """The encoder's self-attention modules in layer order (module registration order)."""
-    found = [(n, m) for n, m in encoder.named_modules() if isinstance(m, nn.MultiheadAttention) or _is_proj_attention(m)]
+    found = [(n, m) for n, m in encoder.named_modules()
+             if isinstance(m, nn.MultiheadAttention) or _is_proj_attention(m)]
     if not found:
         raise ValueError(f"no self-attention layer found in {type(encoder).__name__}: CatVersion reaches "
                          "torch.nn.MultiheadAttention and modules with q_proj/k_proj/v_proj/out_proj (CLIP).")
@@ -74,7 +76,8 @@ def resolve_layers(count: int, layers: int | Sequence[int], output_layer: int | 
     idx = tuple(sorted({i % count if -count <= i < count else i for i in layers}))
     bad = [i for i in idx if not 0 <= i < count]
     if bad:
-        raise ValueError(f"layer indices {bad} are outside the encoder's {count} self-attention layers (0..{count - 1}).")
+        raise ValueError(f"layer indices {bad} are outside the encoder's {count} self-attention layers "
+                         f"(0..{count - 1}).")
     return idx
 
 
@@ -87,11 +90,12 @@ def encoder_info(encoder: nn.Module) -> dict:
 def check_compatible(file_info: Mapping, enc_info: Mapping, where: str, encoder: str = "") -> None:
     """Refuse embeddings made for another text encoder, naming the file, the mismatch and the fix."""
     name = f" '{encoder}'" if encoder else ""
-    for key, what in (("hidden", "hidden size"), ("layers", "self-attention layer count"), ("heads", "attention head count")):
+    for key, what in (("hidden", "hidden size"), ("layers", "self-attention layer count"), ("heads",
+            "attention head count")):
         if int(file_info[key]) != int(enc_info[key]):
-            raise ValueError(f"{where} was trained for a text encoder{name} with {what} {file_info[key]}, but this one has "
-                             f"{enc_info[key]}: it belongs to another model family. Load it with the CLIP it was trained on "
-                             "(the file's metadata names it), or train CatVersion again on this CLIP.")
+            raise ValueError(f"{where} was trained for a text encoder{name} with {what} {file_info[key]}, but this one "
+                             f"has {enc_info[key]}: it belongs to another model family. Load it with the CLIP it was "
+                             "trained on (the file's metadata names it), or train CatVersion again on this CLIP.")
     bad = [i for i in file_info["indices"] if not 0 <= int(i) < int(enc_info["layers"])]
     if bad:
         raise ValueError(f"{where} addresses layers {bad} of text encoder{name}, which has {enc_info['layers']}.")
