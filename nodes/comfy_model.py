@@ -30,7 +30,6 @@ log = logging.getLogger("ComfyUI-CAT")
 
 SUPPORTED = ("SD1.x and SD2.x (eps or v prediction) and SDXL UNets with a discrete DDPM schedule, SD3/SD3.5 (MMDiT) "
              "and Flux (dev, schnell) flow-matching transformers")
-FLUX_GUIDANCE = 1.0  # Flux dev's distilled guidance input while training: kohya's recommended --guidance_scale 1.0
 # Patcher-level wrappers that act on the sampler, not on one network call: training never runs them.
 _SAMPLING_ONLY = {"outer_sample", "prepare_sampling", "sampler_sample", "predict_noise", "calc_cond_batch"}
 # ComfyUI model classes built on its Flux class that are not Flux.1, as users know them
@@ -166,12 +165,13 @@ def transformer_options_of(mp) -> dict:
 
 class ComfyDenoiser:
     """The Denoiser over `mp.model.diffusion_model`; cond = {"context": (B,L,C)} plus "y" (B,adm) for SDXL
-    (ADM) and SD3/Flux (pooled text), and for Flux "guidance" (B,) (default `guidance`, FLUX_GUIDANCE).
+    (ADM) and SD3/Flux (pooled text), and for a family with a guidance input (Flux dev) "guidance" (B,) (default
+    `guidance`, else the family's `training_guidance`).
 
     Inputs are cast to `compute_dtype` (the weights keep their stored dtype; layers stored in another
     dtype are cast per call by ComfyUI's own cast ops, see `trainable`); the output is in that dtype."""
 
-    def __init__(self, mp, compute_dtype: torch.dtype = torch.float32, guidance: float = FLUX_GUIDANCE, **flow_options):
+    def __init__(self, mp, compute_dtype: torch.dtype = torch.float32, guidance: float | None = None, **flow_options):
         self.patcher = mp
         self.base = mp.model
         self.module = mp.model.diffusion_model
@@ -179,7 +179,8 @@ class ComfyDenoiser:
         self.prediction_type = prediction_type_of(mp)
         self.schedule = schedule_of(mp, **flow_options)
         self.compute_dtype = compute_dtype
-        self.guidance = guidance if self.family is families.Flux and self.module.params.guidance_embed else None
+        takes = self.family.training_guidance is not None and self.module.params.guidance_embed  # schnell: no input
+        self.guidance = (self.family.training_guidance if guidance is None else guidance) if takes else None
         self._sampling = mp.get_model_object("model_sampling")
         self._options = transformer_options_of(mp)
 
@@ -338,6 +339,6 @@ def comfy_cond(mp, conditioning, width: int, height: int) -> Cond:
     out = {"context": cond}
     if adm is not None:
         out["y"] = adm.to(cond.dtype)
-    if "guidance" in extras and family_of(mp) is families.Flux:
+    if "guidance" in extras and family_of(mp).training_guidance is not None:
         out["guidance"] = torch.full((cond.shape[0],), float(extras["guidance"]), dtype=cond.dtype)
     return out

@@ -40,6 +40,8 @@ class Family:
     apt_block_layers: ClassVar[str | None] = None  # stabilize_layers of the earlier (block-output) choice
     # ss_base_model_version prefixes of its LoRAs (kohya's sd-scripts, and this pack's own `base_versions`)
     lora_tags: ClassVar[tuple[str, ...]] = ()
+    # its networks' distilled guidance input while training (None: no such input)
+    training_guidance: ClassVar[float | None] = None
 
     @classmethod
     def detect(cls, net: nn.Module) -> bool:
@@ -156,6 +158,7 @@ class Flux(Family):
     targets = {"flux_attn": _attn, "flux_attn_mlp": _attn + _mlp, "flux_full": _attn + _mlp + _mod}
     generic = {"attn": "flux_attn", "attn_ff": "flux_attn_mlp", "full": "flux_full"}
     base_versions = {"Flux": "flux1"}  # kohya's sd-scripts writes "flux1"
+    training_guidance = 1.0  # Flux dev's guidance input while training: kohya's recommended --guidance_scale 1.0
     lora_tags = ("flux",)
 
     @classmethod
