@@ -55,11 +55,13 @@ def family_of(mp) -> type[families.Family]:
                    families.Flux: isinstance(base, mb.Flux) and type(net) is FluxNet}
     if family is None or not written_for.get(family, False):
         raise ValueError(f"CAT trains {SUPPORTED}; this MODEL is a {type(base).__name__} with a "
-                         f"{type(net).__name__} network, which is not supported (video, audio and other image models are refused).")
+                         f"{type(net).__name__} network, which is not supported (video, audio and other image models "
+                         "are refused).")
     if family is families.Flux and type(base) is not mb.Flux:  # v0.33: Flux2, LongCatImage subclass ComfyUI's Flux
         name = type(base).__name__
         raise ValueError(f"CAT trains {SUPPORTED}; this MODEL is {_FLUX_VARIANTS.get(name, name)} (ComfyUI's {name}), "
-                         "which runs on Flux's network but is not Flux.1 and is not supported yet: train a Flux.1 model.")
+                         "which runs on Flux's network but is not Flux.1 and is not supported yet: train a Flux.1 "
+                         "model.")
     if family is families.Flux and net.params.in_channels != net.params.out_channels:
         p = net.params
         raise ValueError(f"CAT trains {SUPPORTED}; this Flux takes {p.in_channels} input channels for "
@@ -335,7 +337,8 @@ def comfy_cond(mp, conditioning, width: int, height: int) -> Cond:
     """CONDITIONING -> network kwargs (batched): context, plus y (`adm_y`; sizes from the conditioning if
     CLIPTextEncodeSDXL set them), plus Flux's guidance if a FluxGuidance node set one."""
     cond, extras = conditioning[0][0], dict(conditioning[0][1])
-    adm = adm_y(mp, extras.get("pooled_output"), width, height, cond.device, **{k: extras[k] for k in _SIZES if k in extras})
+    adm = adm_y(mp, extras.get("pooled_output"), width, height, cond.device,
+                **{k: extras[k] for k in _SIZES if k in extras})
     out = {"context": cond}
     if adm is not None:
         out["y"] = adm.to(cond.dtype)

@@ -19,7 +19,8 @@ from torch import nn
 
 from .ldm_names import ldm_to_diffusers
 
-_PEFT = re.compile(r"\.(base_layer|lora_[A-Za-z_]+|hada_\w+|lokr_\w+)(\.|$)")  # peft wrapper internals: not the network's modules
+# peft wrapper internals: not the network's modules
+_PEFT = re.compile(r"\.(base_layer|lora_[A-Za-z_]+|hada_\w+|lokr_\w+)(\.|$)")
 GENERIC_TARGETS = ("attn", "attn_ff", "full")  # the trainer's choices every family answers with its own
 
 
@@ -94,17 +95,21 @@ class SDUNet(Family):
              "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0")
     _ff = ("ff.net.0.proj", "ff.net.2")  # feed-forward of each transformer block
     _rest = ("proj_in", "proj_out",  # transformer in/out projections
-             "in_layers.2", "out_layers.3", "skip_connection", "emb_layers.1")  # resnets: conv1, conv2, conv_shortcut, time_emb_proj
+             "in_layers.2", "out_layers.3", "skip_connection",
+             "emb_layers.1")  # resnets: conv1, conv2, conv_shortcut, time_emb_proj
     targets = {"attn": _attn, "attn_ff": _attn + _ff, "full": _attn + _ff + _rest}
     base_versions = {"SD15": "sd_v1", "SD20": "sd_v2", "SD21UnclipL": "sd_v2", "SD21UnclipH": "sd_v2"}
-    apt_stabilize_layers = r".*\.attn1"  # self-attention modules: the authors' figure regularizes self-attention features
-    apt_block_layers = r"middle_block|output_blocks\.\d+"  # this pack's earlier choice: middle and decoder block outputs
+    # self-attention modules: the authors' figure regularizes self-attention features
+    apt_stabilize_layers = r".*\.attn1"
+    # this pack's earlier choice: middle and decoder block outputs
+    apt_block_layers = r"middle_block|output_blocks\.\d+"
     apt_align_layers = r".*\.attn2"  # cross-attention modules
     lora_tags = ("sd_v1", "sd_v2", "sd_2")
 
     @classmethod
     def detect(cls, net):
-        return all(hasattr(net, a) for a in ("input_blocks", "middle_block", "output_blocks")) and not hasattr(net, "label_emb")
+        return (all(hasattr(net, a) for a in ("input_blocks", "middle_block", "output_blocks"))
+                and not hasattr(net, "label_emb"))
 
     @classmethod
     def checkpoint_says(cls, tensors):

@@ -235,9 +235,11 @@ class FakeComfy:
                     self.jobs[pid]["state"] = "deleted"
             return self.send(h, 200, {})
         if not canonical_uuid(body.get("prompt_id", str(uuid.uuid4()))):  # as ComfyUI v0.33 refuses it
-            return self.send(h, 400, {"error": {"type": "invalid_prompt_id", "message": "prompt_id must be a valid UUID",
-                                                "details": "prompt_id must be a UUID string in canonical lowercase hyphenated "
-                                                           "form; omit it to let the server generate one"}, "node_errors": {}})
+            return self.send(h, 400,
+                             {"error": {"type": "invalid_prompt_id", "message": "prompt_id must be a valid UUID",
+                                                "details": "prompt_id must be a UUID string in canonical lowercase "
+                                                           "hyphenated form; omit it to let the server generate one"},
+                              "node_errors": {}})
         if body["prompt"]["4"]["inputs"].get("steps") == -1:  # what ComfyUI answers to an invalid value
             return self.send(h, 400,
                              {"error": {"type": "prompt_outputs_failed_validation", "message": "Prompt outputs failed "
@@ -884,7 +886,8 @@ def test_a_dry_run_of_a_million_runs_prints_its_first_run_at_once(fake, wf, monk
     (b"", "holds no server URL (only blank lines and # comments)"),
     (b"# nothing yet\n\n", "holds no server URL"),
     (b"http://127.0.0.1:8188 http://127.0.0.1:8189\n", "line 1: 'http://127.0.0.1:8188 http://127.0.0.1:8189' holds 2 "
-                                                      "URLs: give one URL per --server, or one a line in a --server-file"),
+                                                      "URLs: give one URL per --server, or one a line in a "
+                                                      "--server-file"),
     (b"http://bad_host!:8188\n", "'bad_host!' is not a host name or address"),
 ], ids=["not-a-url", "ipv6-open-bracket", "binary", "nul", "empty", "comments-only", "two-urls", "bad-host"])
 def test_a_malformed_server_file_is_named_with_its_line_before_any_request(tmp_path, wf, capsys, content, message):
@@ -911,8 +914,10 @@ def test_a_server_file_written_with_a_byte_order_mark_is_read(fake, tmp_path, wf
 
 @pytest.mark.parametrize("body, message", [
     (("text/html; charset=utf-8", b"<!doctype html><html><body>Sign in</body></html>"),
-     "answered GET /object_info with text/html ('<!doctype html><html><body>Sign in</body></html>'), not ComfyUI's JSON"),
-    (("application/json", b'{"detail": "Not Found"}'), "answered GET /object_info with JSON that is not ComfyUI's node list"),
+     "answered GET /object_info with text/html ('<!doctype html><html><body>Sign in</body></html>'), not ComfyUI's "
+     "JSON"),
+    (("application/json", b'{"detail": "Not Found"}'), "answered GET /object_info with JSON that is not ComfyUI's "
+                                                       "node list"),
     (("application/json", b"[]"), "JSON that is not ComfyUI's node list"),
 ], ids=["html", "other-json", "empty-list"])
 def test_an_object_info_that_is_not_comfyuis_is_named(fake, wf, capsys, body, message):
@@ -929,7 +934,8 @@ def test_timeout_bounds_the_wait_for_a_slow_server(fake, wf, capsys):
     then "cannot reach ... start it"."""
     fake.info_delay = 120.0
     result = {}
-    th = threading.Thread(target=lambda: result.setdefault("rc", cli.main([wf, "--server", fake.url, "--timeout", "2"])),
+    th = threading.Thread(target=lambda: result.setdefault("rc",
+                                                           cli.main([wf, "--server", fake.url, "--timeout", "2"])),
                           daemon=True)
     t0 = time.monotonic()
     th.start()
@@ -967,11 +973,13 @@ def test_a_storage_error_is_printed_as_its_message_not_its_errno(fake, wf, capsy
         "prompt_id": "PID", "node_id": "9", "node_type": "CAT_SaveLora",
         "exception_type": "/srv/ComfyUI/custom_nodes/ComfyUI-CAT.cat_train.adapters.export.StorageError",
         "exception_message": "[Errno 30] loras folder /srv/models/loras cannot be written (Read-only file system); "
-                             "free space there, or point ComfyUI's loras folder (extra_model_paths.yaml) elsewhere\n"}]]}}
+                             "free space there, or point ComfyUI's loras folder (extra_model_paths.yaml) "
+                             "elsewhere\n"}]]}}
     assert cli.main([wf, "--server", fake.url, "--poll"]) == 1
     out = capsys.readouterr().out
-    assert "FAILED: node 9 (CAT_SaveLora): loras folder /srv/models/loras cannot be written (Read-only file system)" in out
-    assert "Errno" not in out and "cat_train.run_folder" not in out
+    assert "FAILED: node 9 (CAT_SaveLora): loras folder /srv/models/loras cannot be written (Read-only file " \
+           "system)" in out
+    assert "Errno" not in out and "cat_train.adapters.export" not in out
 
 
 def test_the_graphs_own_values_are_checked_against_the_server(fake, wf, tmp_path, capsys):
@@ -979,7 +987,8 @@ def test_the_graphs_own_values_are_checked_against_the_server(fake, wf, tmp_path
     "false" went out as it was, and ComfyUI ran it as true."""
     info = json.loads(json.dumps(INFO))
     info["CheckpointLoaderSimple"]["python_module"] = "nodes"  # ComfyUI's own node: it checks the list
-    info["CAT_Dataset"] = {"python_module": "custom_nodes.ComfyUI-CAT", "input": {"required": {"buckets": ["BOOLEAN", {}]}}}
+    info["CAT_Dataset"] = {"python_module": "custom_nodes.ComfyUI-CAT",
+                           "input": {"required": {"buckets": ["BOOLEAN", {}]}}}
     info["Other_Picker"] = {"python_module": "custom_nodes.other", "input": {"required": {"pick": [["a", "b"]]}}}
     fake.info = info
     g = json.loads(json.dumps(GRAPH))
@@ -988,10 +997,11 @@ def test_the_graphs_own_values_are_checked_against_the_server(fake, wf, tmp_path
     p.write_text(json.dumps(g))
     assert cli.main([str(p), "--server", fake.url, "--dry-run"]) == 2
     err = capsys.readouterr().err
-    assert ("node 1 (CheckpointLoaderSimple) ckpt_name 'sd15.safetensors' is not on the server (it lists 'x.safetensors'); "
-            "put the file in ComfyUI's models/checkpoints folder (then restart or refresh the server), or --set "
-            "1.ckpt_name=<one it lists>") in err
-    assert cli.main([str(p), "--server", fake.url, "--dry-run", "--set", "1.ckpt_name=x.safetensors"]) == 0  # fixed by --set
+    assert ("node 1 (CheckpointLoaderSimple) ckpt_name 'sd15.safetensors' is not on the server (it lists "
+            "'x.safetensors'); put the file in ComfyUI's models/checkpoints folder (then restart or refresh the "
+            "server), or --set 1.ckpt_name=<one it lists>") in err
+    # fixed by --set
+    assert cli.main([str(p), "--server", fake.url, "--dry-run", "--set", "1.ckpt_name=x.safetensors"]) == 0
     capsys.readouterr()
     g["1"]["inputs"]["ckpt_name"] = "x.safetensors"
     g["20"] = {"class_type": "CAT_Dataset", "inputs": {"buckets": "false"}}
@@ -999,7 +1009,8 @@ def test_the_graphs_own_values_are_checked_against_the_server(fake, wf, tmp_path
     p.write_text(json.dumps(g))
     assert cli.main([str(p), "--server", fake.url, "--poll"]) == 0
     out = capsys.readouterr().out
-    assert "note: node 20 (CAT_Dataset) buckets: the text 'false' is sent as false (ComfyUI reads any non-empty text as true)" in out
+    assert ("note: node 20 (CAT_Dataset) buckets: the text 'false' is sent as false (ComfyUI reads any non-empty "
+            "text as true)") in out
     assert "note: node 21 (Other_Picker) pick 'c' is not among the server's choices" in out  # another pack's: a note
     assert posted(fake)[0]["20"]["inputs"]["buckets"] is False
     g["20"]["inputs"]["buckets"] = "no"
