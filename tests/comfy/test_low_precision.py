@@ -95,7 +95,7 @@ def test_model_sampling_node_upstream_sets_the_target(comfy, dataset_dir):
     """ModelSamplingDiscrete(v_prediction) on an eps checkpoint: the loss's target is v, not eps."""
     mp, clip, vae = tiny_model("sd15", seed=7)
     cm = pack_module(comfy, "nodes.comfy_model")
-    objective = pack_module(comfy, "cat_train.training").cat_objective
+    objective = pack_module(comfy, "cat_train.step.objective").cat_objective
     (mp_v,) = comfy.nodes.NODE_CLASS_MAPPINGS["ModelSamplingDiscrete"]().patch(mp, "v_prediction", False)
     assert cm.ComfyDenoiser(mp).prediction_type == "eps" and cm.ComfyDenoiser(mp_v).prediction_type == "v"
     den = cm.ComfyDenoiser(mp_v)
