@@ -207,8 +207,9 @@ SIZES = {
 # ~550 px on the canvas and ~710 px in Nodes 2.0.
 SIZES["CAT_LoraTrainer"] = (380, 1130)
 SIZES["CAT_CatVersionTrainer"] = (380, 720)
-# The trainer's summary (steps, losses, checkpoint, per-step table, best step) is a dozen lines, some of them paths.
-SUMMARY = (560, 340)
+# The trainer's summary (steps, losses, checkpoint, previews, validation, the per-step table, best step) is ~16 lines
+# for the shipped 600 steps saved every 100, several of them paths that wrap.
+SUMMARY = (600, 480)
 TITLE_H, GAP, PAD, GROUP_TITLE = 30, 30, 20, 50
 # The view a workflow opens at (the editor restores extra.ds; web/cat_workflow_view.js where the template browser
 # fits the graph zoomed out to blank boxes): the Note and the data group at the top left, clear of the newer

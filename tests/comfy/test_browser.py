@@ -338,16 +338,16 @@ def chart(page, node_id: str, colours: list[list[int]] | None = None, tol: int =
 LOSS_COLOUR = [[110, 160, 240]]  # the loss curve, rgb(110,160,255); with tol 40: blue above 200, as anti-aliasing leaves it
 
 
-def _focus(page, node_id: str) -> dict:
-    """Zoom 1, the node near the canvas' top left; returns its screen clip (title bar included)."""
-    clip = page.evaluate("""(id) => {
+def _focus(page, node_id: str, scale: float = 1) -> dict:
+    """The node near the canvas' top left at `scale`; returns its screen clip (title bar included)."""
+    clip = page.evaluate("""({id, scale}) => {
       const n = app.graph.getNodeById(Number(id)), c = app.canvas, r = c.canvas.getBoundingClientRect();
       // clear of the side and top bars, which newer frontends lay over the canvas
       const left = Math.max(r.left, 80), top = Math.max(r.top, 100);
-      c.ds.scale = 1; c.ds.offset = [left - r.left + 10 - n.pos[0], top - r.top + 40 - n.pos[1]]; c.setDirty(true, true);
-      c.draw(true, true);
-      return {x: left, y: top, width: n.size[0] + 20, height: n.size[1] + 50};
-    }""", node_id)
+      c.ds.scale = scale; c.ds.offset = [(left - r.left + 10) / scale - n.pos[0], (top - r.top + 40) / scale - n.pos[1]];
+      c.setDirty(true, true); c.draw(true, true);
+      return {x: left, y: top, width: (n.size[0] + 20) * scale, height: (n.size[1] + 50) * scale};
+    }""", {"id": node_id, "scale": scale})
     page.wait_for_timeout(300)
     return clip
 
@@ -472,8 +472,7 @@ def _look_at_the_preview(editor, shots) -> None:
     assert preview[0] > 3 * 64 and preview[1] > 2 * 64, preview
     for renderer in renderers(editor):
         use_renderer(editor, renderer)
-        clip = _focus(editor, "4")
-        clip["height"] += 360
+        clip = _focus(editor, "4", 0.7)  # the whole node, the preview under the chart, on a 1080 px screen
         c = _chart_in_view(editor, "4")
         # the preview is on the node, under the chart: the LiteGraph canvas draws it (white grid) below the chart,
         # Nodes 2.0 shows it as an image below the chart's canvas
@@ -563,7 +562,7 @@ def test_shipped_sd15_workflow_run_from_the_page_shows_is_kps_and_the_lora_path(
 
     url, info, base = server
     api = json.loads((WF / "api" / "cat_sd15_train_kps.api.json").read_text())
-    g = shrink_for_cpu(api, "sd15", "ds", "cat_tiny_open_clip.pt", save_every=1)
+    g = shrink_for_cpu(api, "sd15", "ds", "cat_tiny_open_clip.pt", steps=6, save_every=1)
     # the shipped UI graph in the editor (the nodes that show the results, at their shipped sizes), the shrunk graph
     # queued under the same node ids for this page (its client id) so the results come here
     editor.evaluate(OPEN_TEMPLATE, "cat_sd15_train_kps")
@@ -596,7 +595,7 @@ def test_shipped_sd15_workflow_run_from_the_page_shows_is_kps_and_the_lora_path(
     is_, kps_value = float(lines["IS"].split()[1]), float(lines["KPS"].split()[1])
     assert 0 <= is_ <= 1 and 0 <= kps_value <= 1 and "no reference images" not in report  # IS as shipped
     assert path.endswith(".safetensors") and "/loras/" in path and os.path.isfile(path), path
-    assert summary.startswith("CAT LoRA: 3/3 steps") and "validation" in summary and "previews" in summary, summary
+    assert summary.startswith("CAT LoRA: 6/6 steps") and "validation" in summary and "previews" in summary, summary
     assert "per-step table" in summary and "best step" in summary, summary
     for renderer in renderers(editor):
         use_renderer(editor, renderer)
@@ -608,8 +607,7 @@ def test_shipped_sd15_workflow_run_from_the_page_shows_is_kps_and_the_lora_path(
               return t ? {scroll: t.scrollHeight, client: t.clientHeight} : null; }""", text)
             assert box is not None, f"{renderer}: no text box on the page shows {text!r}"
             assert box["scroll"] <= box["client"] + 2, f"{renderer}: {box['scroll']} px of text in a {box['client']} px box: {text}"
-        editor.evaluate("""(id) => { const n = app.graph.getNodeById(Number(id)), c = app.canvas;
-          c.ds.scale = 0.8; c.ds.offset = [120 - n.pos[0], 120 - n.pos[1]]; c.setDirty(true, true); }""", trainer)
+        _focus(editor, trainer, 0.6)  # the trainer and its summary under it
         editor.wait_for_timeout(800)
         editor.screenshot(path=str(shots / f"sd15_workflow_results_{renderer}.png"))
     use_renderer(editor, "litegraph")
