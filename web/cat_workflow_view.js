@@ -42,13 +42,29 @@ export function restoreReadableView() {
   return true;
 }
 
+function tryRestore() {
+  try {
+    return restoreReadableView();
+  } catch (e) {
+    console.warn("[ComfyUI-CAT] workflow view:", e);
+    return false;
+  }
+}
+
+// Frontend 1.58 moves the camera in a task it schedules for when the canvas is ready, which can run after the load
+// has returned: the view is checked again on the next frames (about half a second), and only a blank one is replaced.
+const RECHECK_FRAMES = 30;
+
 app.registerExtension({
   name: "ComfyUI-CAT.WorkflowView",
   async afterConfigureGraph() {
-    try {
-      restoreReadableView();
-    } catch (e) {
-      console.warn("[ComfyUI-CAT] workflow view:", e);
-    }
+    tryRestore();
+    if (typeof requestAnimationFrame !== "function") return;
+    let frames = 0;
+    const again = () => {
+      tryRestore();
+      if (++frames < RECHECK_FRAMES) requestAnimationFrame(again);
+    };
+    requestAnimationFrame(again);
   },
 });
