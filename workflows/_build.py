@@ -2,6 +2,10 @@
 graph editor) from one description. UI conversion reads the registered node schemas of a real ComfyUI:
 
     COMFYUI_PATH=/path/to/ComfyUI python workflows/_build.py
+
+Build against the oldest supported ComfyUI (v0.3.64): core nodes gained outputs since (SaveImage, Preview Any), which
+newer editors add on load, while an older editor would keep outputs its server does not have. The template browser's
+thumbnails are made by workflows/_thumbnails.py.
 """
 from __future__ import annotations
 
