@@ -11,7 +11,7 @@ import { api } from "../../scripts/api.js";
 
 const EVENT = "cat.train.progress";
 const VALIDATION_EVENT = "cat.train.validation";
-const TRAINERS = ["CAT_LoraTrainer", "CAT_CatVersionTrainer"]; // both train in cat_train.train.train
+const TRAINERS = ["CAT_LoraTrainer", "CAT_CatVersionTrainer"]; // both train in cat_train.training.loop.train
 const PLOT_H = 150;
 const APT_H = 62; // APT runs: a band under the loss plot with the overfitting indicator of each timestep bin
 const AUTO_H = 34; // auto preservation runs: two lines naming the probes it added, and when

@@ -64,7 +64,8 @@ def main(shots: Path) -> None:
     for ui in sorted(HERE.glob("*.json")):
         shot = shots / f"{ui.stem}.png"
         if not shot.is_file():
-            raise SystemExit(f"no screenshot {shot}: run the browser test's 'opens' tests first (see this file's docstring)")
+            raise SystemExit(f"no screenshot {shot}: run the browser test's 'opens' tests first (see this file's "
+                             "docstring)")
         out = HERE / f"{ui.stem}.jpg"
         thumbnail(shot, DESCRIPTIONS[ui.stem]).save(out, quality=QUALITY, optimize=True)
         print("wrote", out, f"{out.stat().st_size // 1024} KB")

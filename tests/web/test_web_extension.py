@@ -28,7 +28,8 @@ export function makeNode(type, id, w, h) {
     computeSize() { return [w, h + this.widgets.reduce((a, x) => a + (x.computeSize?.(this.size[0])[1] ?? 20), 0)]; },
     setSize(s) { this.size = s; }, setDirtyCanvas() {} };
 }
-// What the editor does to draw the chart widget: its draw(ctx, node, width, y) at its place under the node's own widgets.
+// What the editor does to draw the chart widget: its draw(ctx, node, width, y) at its place under the node's own
+// widgets.
 export function drawChart(node, ctx) {
   const w = node.widgets.find((x) => x.name === "cat_live_view");
   w?.draw(ctx, node, node.size[0], node.size[1] - w.computeSize(node.size[0])[1]);
@@ -211,7 +212,8 @@ def test_y_axis_ticks_are_few_distinct_and_compact(tmp_path):
 
 PREVIEW_FIRST = trainer_script("CAT_LoraTrainer", 4, (380, 600), """
 // a preview already on the node when the first event comes (a page reloaded during a run): the chart goes above it
-node.widgets.push({ name: "rank" }, { name: "$$canvas-image-preview", computeLayoutSize() { return { minHeight: 220 }; } });
+node.widgets.push({ name: "rank" },
+                  { name: "$$canvas-image-preview", computeLayoutSize() { return { minHeight: 220 }; } });
 api.emit("cat.train.progress", { node: "4", step: 1, total: 10, loss: 1, fit: 1, keep: 0, lr: 1e-4, elapsed: 1 });
 api.emit("cat.train.progress", { node: "4", step: 2, total: 10, loss: 1, fit: 1, keep: 0, lr: 1e-4, elapsed: 2 });
 console.log(JSON.stringify({ order: node.widgets.map((w) => w.name) }));

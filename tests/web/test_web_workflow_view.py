@@ -11,7 +11,8 @@ SCRIPT = """
 import { app } from "./scripts/app.js";
 const settings = {};
 app.extensionManager = { setting: { get: (id) => settings[id] } };
-function canvas(scale) {  // LGraphCanvas as far as the view goes: low_quality follows the scale when the view is computed
+// LGraphCanvas as far as the view goes: low_quality follows the scale when the view is computed
+function canvas(scale) {
   const c = { viewport: null, dirty: 0, setDirty() { this.dirty++; }, _low: false,
     get low_quality() { return this._low; } };
   c.ds = { scale, offset: [-900, -400], computeVisibleArea() { c._low = this.scale < 8 / 14; } };
