@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import os
 import sys
 import types
@@ -127,7 +128,11 @@ def run_prompt(prompt: dict):
 
     valid, err, outputs, node_errors = asyncio.run(execution.validate_prompt("t", prompt, None))
     assert valid, f"ComfyUI rejected the prompt: {err} {node_errors}"
-    ex = execution.PromptExecutor(FakeServer(), cache_type=False)
+    # the classic cache, as `main.py --cache-classic` builds it: newer executors (the RAM-pressure cache) read their
+    # RAM headroom from cache_args on every run, so they need it, which v0.3.64's executor does not take
+    takes_cache_args = "cache_args" in inspect.signature(execution.PromptExecutor).parameters
+    extra = {"cache_args": {"lru": 0, "ram": 0, "ram_inactive": 0}} if takes_cache_args else {}
+    ex = execution.PromptExecutor(FakeServer(), cache_type=False, **extra)
     ex.execute(prompt, "t", {"client_id": None}, outputs)
     return ex
 
