@@ -2,6 +2,7 @@
 helper node pack imports this too). ComfyUI leaves weights uninitialised, so they are set here."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -83,9 +84,16 @@ def tiny_model(kind: str = "sd15", seed: int = 0, v_prediction: bool = False, dt
     elif kind == "flux":
         import comfy.text_encoders.flux as flux_te
 
+        import comfy.ldm.flux.model as flux_model
+
         class TinyFlux(sm.Flux):
             unet_config = {"image_model": "flux", "guidance_embed": True}
-        cfg = TinyFlux(dict(TINY_FLUX_DIT))
+        dit = dict(TINY_FLUX_DIT)
+        # FluxParams gained a required txt_ids_dims (which text-position axes carry ids: Flux.2 and others use some);
+        # ComfyUI's detection gives Flux.1 checkpoints none, so the tiny Flux.1 gets none where the field exists
+        if "txt_ids_dims" in {f.name for f in dataclasses.fields(flux_model.FluxParams)}:
+            dit["txt_ids_dims"] = []
+        cfg = TinyFlux(dit)
         target = ClipTarget(flux_te.FluxTokenizer, flux_te.flux_clip(dtype_t5=torch.float32))
         clip_opts = {"clip_l_model_config": dict(CLIP_SMALL), "t5xxl_model_config": dict(T5_SMALL)}
     else:
