@@ -31,15 +31,21 @@ _CFG, _SPEC = cv.CatVersionConfig(), cv.CatVersionSpec()  # the widgets' default
 
 
 def register_folder() -> str:
-    """models/catversion as the folder_paths name 'catversion' (.safetensors only); returns its default path."""
+    """models/catversion as the folder_paths name 'catversion', through folder_paths' own API (after any paths
+    extra_model_paths.yaml gave that name, so those stay first); returns its default path. The API sets no file
+    extensions, so the files are filtered by `files()`."""
     import folder_paths
 
     default = os.path.join(folder_paths.models_dir, FOLDER)
-    if FOLDER not in folder_paths.folder_names_and_paths:
-        folder_paths.folder_names_and_paths[FOLDER] = ([default], {".safetensors"})
-    else:
-        folder_paths.folder_names_and_paths[FOLDER][1].add(".safetensors")
+    folder_paths.add_model_folder_path(FOLDER, default)
     return default
+
+
+def files() -> list[str]:
+    """The CatVersion files in models/catversion (and the yaml's paths): .safetensors only."""
+    import folder_paths
+
+    return [f for f in folder_paths.get_filename_list(FOLDER) if f.lower().endswith(".safetensors")]
 
 
 def load_file(clip, name: str):
@@ -195,8 +201,6 @@ class SaveCatVersionNode(io.ComfyNode):
 class ApplyCatVersionNode(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        import folder_paths
-
         return io.Schema(
             node_id="CAT_ApplyCatVersion", display_name="Apply CatVersion", category=CATEGORY,
             description="CLIP + a CatVersion file from models/catversion -> a CLIP that encodes every prompt with the "
@@ -204,7 +208,7 @@ class ApplyCatVersionNode(io.ComfyNode):
                         "as the authors' sampler (their unconditional prompt), or with them (embeddings_on_negative). "
                         "The input CLIP is untouched; the UNet is not changed.",
             inputs=[io.Clip.Input("clip"),
-                    io.Combo.Input("catversion_name", options=folder_paths.get_filename_list(FOLDER) or ["(none in models/catversion)"]),
+                    io.Combo.Input("catversion_name", options=files() or ["(none in models/catversion)"]),
                     io.Boolean.Input("embeddings_on_negative", default=False, optional=True,
                                      tooltip="off (the authors' sampler): the second output is the input CLIP, so the "
                                              "negative prompt is encoded without the embeddings; on: the embeddings "

@@ -34,11 +34,21 @@ def _dataset(comfy, folder, mpcv):
     return pack_module(comfy, "nodes.dataset").build_dataset(folder, vae, clip, ("sks",), "dog", ".txt", 64, False)
 
 
-def test_folder_registered(comfy):
+def test_folder_registered(comfy, cvdir):
     import os
     N = pack_module(comfy, "nodes.catversion")
-    assert comfy.folder_paths.folder_names_and_paths["catversion"][1] >= {".safetensors"}
+    cv = pack_module(comfy, "cat_train.catversion")
     assert os.path.join(comfy.folder_paths.models_dir, "catversion") in comfy.folder_paths.get_folder_paths("catversion")
+    # registered through folder_paths' API, which takes no extensions: Apply CatVersion lists the .safetensors only
+    cv.save_catversion(cvdir / "listed.safetensors", {"clip_l": cv.KVEmbeddings((0,), 1, 64, 2, 3)})
+    (cvdir / "notes.txt").write_text("not an embedding")
+    try:
+        options = {i.id: i for i in N.ApplyCatVersionNode.define_schema().inputs}["catversion_name"].options
+        assert "listed.safetensors" in options and "notes.txt" not in options
+        assert "notes.txt" in comfy.folder_paths.get_filename_list("catversion")  # the folder holds it: the filter works
+    finally:
+        (cvdir / "listed.safetensors").unlink()
+        (cvdir / "notes.txt").unlink()
     assert {"CAT_CatVersionTrainer", "CAT_SaveCatVersion", "CAT_ApplyCatVersion"} <= set(comfy.nodes.NODE_CLASS_MAPPINGS)
     assert N.FOLDER == "catversion"
 
