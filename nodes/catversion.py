@@ -24,6 +24,7 @@ from .comfy_clip import apply_catversion, clip_encoders, encoder_fn, infos, out_
 from .comfy_model import leave_inference_mode, adm_y, trainable
 from . import early_cancel
 from .common import CATEGORY, CatVersion, Dataset, image_of, progress_callback
+from .compat import search_aliases
 from .lora_io import name_problem, safe_lora_path
 
 FOLDER = "catversion"
@@ -126,6 +127,7 @@ class CatVersionTrainerNode(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="CAT_CatVersionTrainer", display_name="CatVersion Trainer", category=CATEGORY,
+            **search_aliases("train embedding", "textual inversion", "concept embedding"),
             description="CatVersion (arXiv 2311.14631): learns the concept as Key/Value embeddings concatenated in the last "
                         "self-attention layers of the CLIP text encoder; the UNet and CLIP weights stay frozen.",
             inputs=[
@@ -178,6 +180,7 @@ class SaveCatVersionNode(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="CAT_SaveCatVersion", display_name="Save CatVersion", category=CATEGORY, is_output_node=True,
+            **search_aliases("save embedding"),
             description="Writes the embeddings (.safetensors with metadata) into models/catversion; never overwrites.",
             inputs=[CatVersion.Input("catversion"), io.String.Input("name", default="catversion")],
             outputs=[io.String.Output(display_name="path")],
@@ -203,6 +206,7 @@ class ApplyCatVersionNode(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="CAT_ApplyCatVersion", display_name="Apply CatVersion", category=CATEGORY,
+            **search_aliases("load embedding", "catversion loader"),
             description="CLIP + a CatVersion file from models/catversion -> a CLIP that encodes every prompt with the "
                         "embeddings, for the positive prompt, and a CLIP for the negative prompt: without the embeddings "
                         "as the authors' sampler (their unconditional prompt), or with them (embeddings_on_negative). "
