@@ -130,8 +130,10 @@ class Flux(Family):
 
     @classmethod
     def inplace_norms(cls, net):
-        # ComfyUI's blocks do `txt += ...` (double) and `x += ...` (single) after a LayerNorm read that tensor
-        return [n for b in net.double_blocks for n in (b.txt_norm1, b.txt_norm2)] + [b.pre_norm for b in net.single_blocks]
+        # ComfyUI's blocks do `txt += ...` (double) and `x += ...` (single) after a LayerNorm read that tensor; in
+        # v0.33 (not v0.3.64) the double blocks update `img` in place too (`img += ...` after img_norm1/img_norm2)
+        return ([n for b in net.double_blocks for n in (b.img_norm1, b.img_norm2, b.txt_norm1, b.txt_norm2)]
+                + [b.pre_norm for b in net.single_blocks])
 
 
 class SD3(Family):

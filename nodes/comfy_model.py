@@ -23,6 +23,7 @@ from ..cat_train import families
 from ..cat_train.denoiser import Cond, FlowSchedule, NoiseSchedule
 from ..cat_train.integrity import changed, module_fingerprint
 from ..cat_train.precision import compute_dtype
+from . import compat
 
 log = logging.getLogger("ComfyUI-CAT")
 
@@ -32,6 +33,8 @@ SUPPORTED = ("SD1.x and SD2.x (eps or v prediction) and SDXL UNets with a discre
 FLUX_GUIDANCE = 1.0  # Flux dev's distilled guidance input while training: kohya's recommended --guidance_scale 1.0
 # Patcher-level wrappers that act on the sampler, not on one network call: training never runs them.
 _SAMPLING_ONLY = {"outer_sample", "prepare_sampling", "sampler_sample", "predict_noise", "calc_cond_batch"}
+# ComfyUI model classes built on its Flux class that are not Flux.1, as users know them
+_FLUX_VARIANTS = {"Flux2": "Flux.2", "LongCatImage": "LongCat-Image"}
 
 
 def family_of(mp) -> type[families.Family]:
@@ -54,6 +57,10 @@ def family_of(mp) -> type[families.Family]:
     if family is None or not written_for.get(family, False):
         raise ValueError(f"CAT trains {SUPPORTED}; this MODEL is a {type(base).__name__} with a "
                          f"{type(net).__name__} network, which is not supported (video, audio and other image models are refused).")
+    if family is families.Flux and type(base) is not mb.Flux:  # v0.33: Flux2, LongCatImage subclass ComfyUI's Flux
+        name = type(base).__name__
+        raise ValueError(f"CAT trains {SUPPORTED}; this MODEL is {_FLUX_VARIANTS.get(name, name)} (ComfyUI's {name}), "
+                         "which runs on Flux's network but is not Flux.1 and is not supported yet: train a Flux.1 model.")
     if family is families.Flux and net.params.in_channels != net.params.out_channels:
         p = net.params
         raise ValueError(f"CAT trains {SUPPORTED}; this Flux takes {p.in_channels} input channels for "
@@ -257,7 +264,9 @@ def _cast_layers_to(module, dtype: torch.dtype) -> list[tuple[torch.nn.Module, b
 @contextlib.contextmanager
 def trainable(mp, compute: str = "auto") -> Iterator[ComfyDenoiser]:
     """Load the model (with any patches the MODEL already carries) and yield a Denoiser that computes in the
-    chosen dtype while every base weight keeps its stored dtype and device.
+    chosen dtype while every base weight keeps its stored dtype and device. A DynamicVRAM MODEL trains on a
+    non-dynamic copy (`compat.training_patcher`); the training passes run with ComfyUI's training flag set
+    (`compat.training_passes`), cleared again when this exits.
 
     Other models are evicted first (ComfyUI's own trainer does the same). On exit the UNet's tensors are
     checked against per-tensor checksums taken on entry (bits, dtype, device, shape): the input MODEL must
@@ -266,6 +275,7 @@ def trainable(mp, compute: str = "auto") -> Iterator[ComfyDenoiser]:
     import comfy.model_management as mm
 
     check_supported(mp)  # before anything is loaded or cast
+    mp = compat.training_patcher(mp)  # DynamicVRAM: a non-dynamic copy, so the weights sit on the load device
     mm.load_models_gpu([mp], memory_required=1e20, force_full_load=True)
     module = mp.model.diffusion_model
     leave_inference_mode(module)
@@ -279,7 +289,8 @@ def trainable(mp, compute: str = "auto") -> Iterator[ComfyDenoiser]:
     for norm in guarded:  # an instance attribute, deleted on exit: the shared network is left as found
         norm.forward = _copy_input(norm.forward)
     try:
-        yield ComfyDenoiser(mp, dtype)
+        with compat.training_passes():
+            yield ComfyDenoiser(mp, dtype)
     finally:
         for norm in guarded:
             del norm.forward

@@ -256,7 +256,8 @@ def train_on_model(mp, dataset, loss_cfg: CatLossConfig, spec: LoraSpec, cfg: Tr
         log.info("ComfyUI-CAT %s", budget.report(ckpt_on))
         big = max(examples, key=lambda e: e.latent[0].numel()).latent
         budget.check(ckpt_on, cfg.batch_size, (big.shape[-1] * 8, big.shape[-2] * 8), spec.rank)
-        w = make_watch(mp, den, dataset, examples, loss_cfg, cfg.seed, node_id, **(watch or {}))
+        # den.patcher: the patcher trained (a DynamicVRAM MODEL's non-dynamic copy), which previews load back after a decode
+        w = make_watch(den.patcher, den, dataset, examples, loss_cfg, cfg.seed, node_id, **(watch or {}))
         cb = progress_callback(node_id, cfg.steps, preview=w.image if w else None)
         cfg = dataclasses.replace(cfg, mixed_precision=mixed_precision_name(den.compute_dtype), gradient_checkpointing=ckpt_on)
         files: dict[int, object] = {}

@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 import urllib.parse
+import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -72,6 +73,13 @@ FAILED = {"outputs": {}, "status": {"status_str": "error", "completed": False, "
                          "exception_message": "Value not in list: ckpt_name: 'x.safetensors' not in []"}]]}}
 
 
+def canonical_uuid(value) -> bool:
+    try:
+        return isinstance(value, str) and str(uuid.UUID(value)) == value
+    except ValueError:
+        return False
+
+
 class FakeComfy:
     """One fake server. mode: ok (each prompt runs `duration(graph)` s after the one before, then is in /history),
     fail (ends with an execution error), stuck (runs forever), lost (forgotten at once), down (answers nothing)."""
@@ -82,6 +90,10 @@ class FakeComfy:
         self.scores = lambda g: (0.5, 0.1)
         self.history_500 = 0
         self.on_post = None
+        self.failed = FAILED   # the /history entry of a prompt in mode "fail"
+        self.info_body = None  # (content type, bytes) answered on /object_info instead of the node list
+        self.info_delay = 0.0  # seconds /object_info waits before it answers (a busy server)
+        self.released = threading.Event()  # ends that wait at close
         self.reset()
         fake = self
 
@@ -136,6 +148,7 @@ class FakeComfy:
         return [pid for pid in self.order if self.jobs[pid]["client"] == client_id]
 
     def close(self):
+        self.released.set()
         for sock in list(self.sockets.values()):  # a websocket left open would keep server_close waiting
             try:
                 sock.shutdown(socket.SHUT_RDWR)
@@ -172,6 +185,14 @@ class FakeComfy:
         path = h.path
         if method == "GET":
             if path == "/object_info":
+                if self.info_delay:
+                    self.released.wait(self.info_delay)
+                if self.info_body:
+                    h.send_response(200)
+                    h.send_header("Content-Type", self.info_body[0])
+                    h.send_header("Content-Length", str(len(self.info_body[1])))
+                    h.end_headers()
+                    return h.wfile.write(self.info_body[1])
                 return self.send(h, 200, self.info)
             if path.startswith("/ws"):
                 return self.websocket(h)
@@ -206,6 +227,10 @@ class FakeComfy:
                 if pid in self.jobs and self.where(self.jobs[pid], time.monotonic()) == "pending":
                     self.jobs[pid]["state"] = "deleted"
             return self.send(h, 200, {})
+        if not canonical_uuid(body.get("prompt_id", str(uuid.uuid4()))):  # as ComfyUI v0.33 refuses it
+            return self.send(h, 400, {"error": {"type": "invalid_prompt_id", "message": "prompt_id must be a valid UUID",
+                                                "details": "prompt_id must be a UUID string in canonical lowercase hyphenated "
+                                                           "form; omit it to let the server generate one"}, "node_errors": {}})
         if body["prompt"]["4"]["inputs"].get("steps") == -1:  # what ComfyUI answers to an invalid value
             return self.send(h, 400, {"error": {"type": "prompt_outputs_failed_validation", "message": "Prompt outputs failed validation",
                                                 "details": ""},
@@ -230,7 +255,7 @@ class FakeComfy:
         if job["state"] == "interrupted":
             return {"outputs": {}, "status": {"status_str": "error", "messages": [["execution_interrupted", {"prompt_id": pid}]]}}
         if self.mode == "fail":
-            return json.loads(json.dumps(FAILED).replace("PID", pid))
+            return json.loads(json.dumps(self.failed).replace("PID", pid))
         g = job["graph"]
         is_, kps = self.scores(g)
         return {"outputs": {
@@ -676,3 +701,286 @@ def test_out_must_not_name_the_table(fake, wf, tmp_path, capsys):
     assert cli.main([wf, "--server", fake.url, "--resume"]) == 2
     assert "--resume needs --out" in capsys.readouterr().err
     assert fake.order == []
+
+
+# -- issue 32, round two: losses, a hang, raw and misleading answers of the queue CLI
+
+
+@pytest.fixture
+def read_only_dir(tmp_path, monkeypatch):
+    """A folder nothing can be written in: mode 0555, and for root (who writes there anyway) every open for
+    writing under it fails with EROFS, as on a read-only mount."""
+    import builtins
+    import errno
+
+    d = tmp_path / "ro"
+    d.mkdir()
+    d.chmod(0o555)
+    if os.geteuid() == 0:
+        real_open, real_os_open = builtins.open, os.open
+
+        def refuse(path):
+            if str(path).startswith(str(d)):
+                raise OSError(errno.EROFS, "Read-only file system", str(path))
+
+        def fake_open(file, mode="r", *a, **k):
+            if any(c in mode for c in "wax+"):
+                refuse(file)
+            return real_open(file, mode, *a, **k)
+
+        def fake_os_open(path, flags, *a, **k):
+            if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+                refuse(path)
+            return real_os_open(path, flags, *a, **k)
+        monkeypatch.setattr(builtins, "open", fake_open)
+        monkeypatch.setattr(os, "open", fake_os_open)
+    yield d
+    d.chmod(0o755)
+
+
+def test_an_out_folder_that_cannot_be_written_is_named_before_anything_is_posted(fake, wf, read_only_dir, capsys):
+    """The probe: run 1 trained, then a traceback at the journal write; run 1 unrecorded, run 2 never posted."""
+    out = read_only_dir / "runs.json"
+    assert cli.main([wf, "--server", fake.url, "--sweep", "3.cat_factor=0,1", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {out}: cannot write in {read_only_dir}" in err and "nothing was posted" in err, err
+    assert fake.order == [] and fake.log == []  # not one post, not even the websocket
+    assert cli.main([wf, "--server", fake.url, "--out", str(read_only_dir / "sub" / "runs.json"), "--dry-run"]) == 2
+    assert "cannot write in" in capsys.readouterr().err
+    nested = read_only_dir.parent / "new" / "deeper" / "runs.json"  # a dry run checks, and leaves no folder behind
+    assert cli.main([wf, "--server", fake.url, "--out", str(nested), "--dry-run"]) == 0
+    assert not (read_only_dir.parent / "new").exists()
+    assert cli.main([wf, "--server", fake.url, "--out", str(read_only_dir.parent), "--dry-run"]) == 2
+    assert "is a folder; name the journal file in it" in capsys.readouterr().err
+
+
+def test_a_journal_that_cannot_be_written_mid_sweep_loses_no_run(fake, wf, tmp_path, monkeypatch, capsys):
+    """A disk that fills up after the start: the sweep goes on (run 2 is posted), and the records are printed."""
+    import errno
+
+    from cat_train.queue import journal
+
+    calls = []
+
+    def full(path, records):
+        calls.append(len(records))
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(dispatch, "write_journal", full)
+    monkeypatch.setattr(cli, "write_journal", full)
+    out = tmp_path / "runs.json"
+    rc = cli.main([wf, "--server", fake.url, "--poll", "--sweep", "3.cat_factor=0,1", "--out", str(out)])
+    captured = capsys.readouterr()
+    assert rc == 1 and len(posted(fake)) == 2, captured
+    assert captured.out.count("cannot write the journal") == 1  # said once, not after every run
+    assert f"error: cannot write the journal {out} (No space left on device)" in captured.err
+    printed = json.loads(captured.out[captured.out.index("[\n"):captured.out.index("\n]\n") + 2])
+    assert [(r["run"], r["ok"]) for r in printed] == [(1, True), (2, True)]  # every finished run, in the output
+    assert calls[-1] == 2 and journal.write_journal is not full
+
+
+def test_history_answering_500_for_a_while_does_not_post_the_run_again(fake, wf, tmp_path, capsys):
+    """The probe: /history answering 500 for a few seconds: "cannot reach ... start it", the run posted again (3
+    times in all) and a run that had succeeded (LoRA saved) recorded as failed, so --resume would train it again."""
+    fake.duration = lambda g: 1.0
+    threading.Timer(0.3, lambda: setattr(fake, "history_500", 12)).start()  # 3 reads of 4 tries each, ~5 s
+    out = tmp_path / "runs.json"
+    rc = cli.main([wf, "--server", fake.url, "--out", str(out)])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    assert len(fake.order) == 1  # posted once
+    assert "answered GET /history/" in text and "with HTTP 500" in text and "read again" in text
+    assert "cannot reach" not in text and "marked down" not in text
+    [rec] = json.loads(out.read_text())
+    assert rec["ok"] is True and rec["attempts"] == 1 and rec["prompt_id"] == fake.order[0]
+    assert rec["outputs"][-1]["value"] == "/loras/lora.safetensors"
+
+
+def test_history_that_never_answers_records_the_result_as_unknown_not_failed(fake, wf, tmp_path, capsys, quick):
+    fake.history_500 = 10 ** 9
+    out = tmp_path / "runs.json"
+    t0 = time.monotonic()
+    assert cli.main([wf, "--server", fake.url, "--out", str(out), "--timeout", "1.5"]) == 1
+    assert time.monotonic() - t0 < 10
+    text = capsys.readouterr().out
+    assert len(fake.order) == 1 and "RESULT UNKNOWN" in text
+    [rec] = json.loads(out.read_text())
+    assert rec["unknown"] is True and rec["ok"] is False and "whether it succeeded is unknown" in rec["error"]
+    assert "unknown: prompt" in out.with_suffix(".md").read_text() if out.with_suffix(".md").exists() else True
+
+
+def test_a_dry_run_of_a_million_runs_prints_its_first_run_at_once(fake, wf, monkeypatch):
+    """The probe: --max-runs 1000000 --dry-run on a 10^6 grid printed nothing for 15 minutes (5 GB, every run built
+    three times before the first line). Runs are now checked per value and printed as they are built."""
+    class Enough(Exception):
+        pass
+
+    def first_lines(sweeps: list[str], stop: str) -> tuple[float, list[str]]:
+        """Seconds until the line holding `stop` is printed (the run is stopped there), and the lines so far."""
+        lines, result, t0 = [], {}, time.monotonic()
+
+        class Out:
+            def write(self, text):
+                lines.append(text)
+                if stop in text:
+                    result["t"] = time.monotonic() - t0
+                    raise Enough
+
+            def flush(self):
+                pass
+
+        def go():
+            try:
+                cli.main([wf, "--server", fake.url, *sweeps, "--max-runs", "1000000", "--dry-run"])
+            except Enough:
+                pass
+        monkeypatch.setattr(sys, "stdout", Out())
+        th = threading.Thread(target=go, daemon=True)  # a thread: a regression fails in 30 s, not in 15 minutes
+        th.start()
+        th.join(30)
+        monkeypatch.undo()
+        assert "t" in result, f"{stop!r} not printed within 30 s; printed: {''.join(lines)[:300]!r}"
+        return result["t"], "".join(lines).splitlines()
+
+    big = ["--sweep", "3.class_word=" + ",".join(f"w{i}" for i in range(10000)),
+           "--sweep", "4.steps=" + ",".join(str(i) for i in range(1, 11)),
+           "--sweep", "3.cat_factor=" + ",".join(str(i) for i in range(10))]
+    took, lines = first_lines(big, "run 3/")
+    small, _ = first_lines(["--sweep", "3.cat_factor=0,1,2"], "run 3/")
+    print(f"first 3 runs of 10^6: {took:.2f}s; of 3: {small:.2f}s")
+    assert lines[0] == "dry run: 1000000 run(s); nothing is posted"
+    assert lines[1] == 'run 1/1000000 {"3.class_word": "w0", "4.steps": 1, "3.cat_factor": 0.0}'
+    assert took < 5.0 and took < 20 * small + 1.0, (took, small)
+    assert fake.order == []
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"not a url\n", "line 1: 'not a url' has spaces in it, so it is not a URL"),
+    (b"# GPU box\nhttp://[::1:8388\n", "line 2: 'http://[::1:8388' is not a valid URL (Invalid IPv6 URL); an IPv6 "
+                                        "address goes in brackets before the port, e.g. http://[::1]:8188"),
+    (bytes(range(256)), "is not a text file (byte 128: invalid start byte)"),
+    (b"http://127.0.0.1:8188\x00\n", "is not a text file (byte 21: a NUL byte)"),
+    (b"", "holds no server URL (only blank lines and # comments)"),
+    (b"# nothing yet\n\n", "holds no server URL"),
+    (b"http://127.0.0.1:8188 http://127.0.0.1:8189\n", "line 1: 'http://127.0.0.1:8188 http://127.0.0.1:8189' holds 2 "
+                                                      "URLs: give one URL per --server, or one a line in a --server-file"),
+    (b"http://bad_host!:8188\n", "'bad_host!' is not a host name or address"),
+], ids=["not-a-url", "ipv6-open-bracket", "binary", "nul", "empty", "comments-only", "two-urls", "bad-host"])
+def test_a_malformed_server_file_is_named_with_its_line_before_any_request(tmp_path, wf, capsys, content, message):
+    """The probe: tracebacks (InvalidURL, ValueError, UnicodeDecodeError), 'invalid port' for two URLs on a line, and an
+    empty file that silently meant http://127.0.0.1:8188 ("cannot reach" after 3.5 s of retries)."""
+    f = tmp_path / "servers.txt"
+    f.write_bytes(content)
+    t0 = time.monotonic()
+    assert cli.main([wf, "--server-file", str(f), "--dry-run"]) == 2
+    assert time.monotonic() - t0 < 0.5
+    err = capsys.readouterr().err
+    assert f"--server-file {f}" in err and message in err, err
+    assert "cannot reach" not in err
+
+
+def test_a_server_file_written_with_a_byte_order_mark_is_read(fake, tmp_path, wf, capsys):
+    """The probe: "'\\ufeffhttp://...' is not an http:// or https:// URL" for a file Notepad saved."""
+    f = tmp_path / "servers.txt"
+    f.write_bytes(b"\xef\xbb\xbf" + fake.url.encode() + b"\r\n")
+    assert cli.main([wf, "--server-file", str(f), "--dry-run"]) == 0
+    assert cli.main([wf, "--server", "\ufeff" + fake.url, "--dry-run"]) == 2  # on the command line it is named
+    assert "holds characters that are not text" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("body, message", [
+    (("text/html; charset=utf-8", b"<!doctype html><html><body>Sign in</body></html>"),
+     "answered GET /object_info with text/html ('<!doctype html><html><body>Sign in</body></html>'), not ComfyUI's JSON"),
+    (("application/json", b'{"detail": "Not Found"}'), "answered GET /object_info with JSON that is not ComfyUI's node list"),
+    (("application/json", b"[]"), "JSON that is not ComfyUI's node list"),
+], ids=["html", "other-json", "empty-list"])
+def test_an_object_info_that_is_not_comfyuis_is_named(fake, wf, capsys, body, message):
+    """The probe: TypeError: 'NoneType' object is not iterable."""
+    fake.info_body = body
+    assert cli.main([wf, "--server", fake.url]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "pass --server with the address ComfyUI prints at start" in err, err
+    assert fake.order == []
+
+
+def test_timeout_bounds_the_wait_for_a_slow_server(fake, wf, capsys):
+    """The probe: --timeout 20 against a server that takes the connection and does not answer: 124 s (4 tries of 30 s),
+    then "cannot reach ... start it"."""
+    fake.info_delay = 120.0
+    result = {}
+    th = threading.Thread(target=lambda: result.setdefault("rc", cli.main([wf, "--server", fake.url, "--timeout", "2"])),
+                          daemon=True)
+    t0 = time.monotonic()
+    th.start()
+    th.join(60)
+    took = time.monotonic() - t0
+    err = capsys.readouterr().err
+    assert result.get("rc") == 2 and took < 2 + 4, (took, err)
+    assert f"ComfyUI at {fake.url} took the connection but did not answer GET /object_info within 2 s" in err
+    assert "pass a larger --timeout" in err and "cannot reach" not in err
+
+
+def test_a_warning_the_server_sends_as_it_queues_is_printed_under_its_run(fake, wf, tmp_path, capsys):
+    """The probe: a LoRA of another family on a stock loader was said in the server's log and the browser only."""
+    warning = ("node 10 (LoraLoader): LoRA cat_sd15.safetensors was trained for SD1.x/SD2, but the model it is "
+               "applied to (xl.safetensors) is SDXL")
+    fake.duration = lambda g: 0.3
+    fake.events = [{"type": "cat.warning", "data": {"title": "LoRA for another model family", "warnings": [warning],
+                                                    "prompt_id": "PID"}},
+                   {"type": "cat.warning", "data": {"title": "LoRA for another model family", "warnings": ["someone"],
+                                                    "prompt_id": "not-ours"}}]
+    out = tmp_path / "runs.json"
+    assert cli.main([wf, "--server", fake.url, "--sweep", "3.cat_factor=0,1", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert text.count(f"[run 1] warning from {fake.url} (LoRA for another model family):\n    {warning}") == 1
+    assert text.count(f"[run 2] warning from {fake.url}") == 1
+    assert text.count("    someone") == 2  # another prompt's: printed, under no run
+    assert [r["warnings"] for r in json.loads(out.read_text())] == [[warning], [warning]]
+
+
+def test_a_storage_error_is_printed_as_its_message_not_its_errno(fake, wf, capsys):
+    """ComfyUI's record of a pack's StorageError: exception_type is a module path, exception_message starts with
+    "[Errno 30] "; the CLI printed that errno first."""
+    fake.mode = "fail"
+    fake.failed = {"outputs": {}, "status": {"status_str": "error", "messages": [["execution_error", {
+        "prompt_id": "PID", "node_id": "9", "node_type": "CAT_SaveLora",
+        "exception_type": "/srv/ComfyUI/custom_nodes/ComfyUI-CAT.cat_train.run_folder.StorageError",
+        "exception_message": "[Errno 30] loras folder /srv/models/loras cannot be written (Read-only file system); "
+                             "free space there, or point ComfyUI's loras folder (extra_model_paths.yaml) elsewhere\n"}]]}}
+    assert cli.main([wf, "--server", fake.url, "--poll"]) == 1
+    out = capsys.readouterr().out
+    assert "FAILED: node 9 (CAT_SaveLora): loras folder /srv/models/loras cannot be written (Read-only file system)" in out
+    assert "Errno" not in out and "cat_train.run_folder" not in out
+
+
+def test_the_graphs_own_values_are_checked_against_the_server(fake, wf, tmp_path, capsys):
+    """The probe: a dry run passed a graph whose checkpoint the server does not have; a BOOLEAN holding the text
+    "false" went out as it was, and ComfyUI ran it as true."""
+    info = json.loads(json.dumps(INFO))
+    info["CheckpointLoaderSimple"]["python_module"] = "nodes"  # ComfyUI's own node: it checks the list
+    info["CAT_Dataset"] = {"python_module": "custom_nodes.ComfyUI-CAT", "input": {"required": {"buckets": ["BOOLEAN", {}]}}}
+    info["Other_Picker"] = {"python_module": "custom_nodes.other", "input": {"required": {"pick": [["a", "b"]]}}}
+    fake.info = info
+    g = json.loads(json.dumps(GRAPH))
+    g["1"]["inputs"]["ckpt_name"] = "sd15.safetensors"
+    p = tmp_path / "g.api.json"
+    p.write_text(json.dumps(g))
+    assert cli.main([str(p), "--server", fake.url, "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert ("node 1 (CheckpointLoaderSimple) ckpt_name 'sd15.safetensors' is not on the server (it lists 'x.safetensors'); "
+            "put the file in ComfyUI's models/checkpoints folder (then restart or refresh the server), or --set "
+            "1.ckpt_name=<one it lists>") in err
+    assert cli.main([str(p), "--server", fake.url, "--dry-run", "--set", "1.ckpt_name=x.safetensors"]) == 0  # fixed by --set
+    capsys.readouterr()
+    g["1"]["inputs"]["ckpt_name"] = "x.safetensors"
+    g["20"] = {"class_type": "CAT_Dataset", "inputs": {"buckets": "false"}}
+    g["21"] = {"class_type": "Other_Picker", "inputs": {"pick": "c"}}
+    p.write_text(json.dumps(g))
+    assert cli.main([str(p), "--server", fake.url, "--poll"]) == 0
+    out = capsys.readouterr().out
+    assert "note: node 20 (CAT_Dataset) buckets: the text 'false' is sent as false (ComfyUI reads any non-empty text as true)" in out
+    assert "note: node 21 (Other_Picker) pick 'c' is not among the server's choices" in out  # another pack's: a note
+    assert posted(fake)[0]["20"]["inputs"]["buckets"] is False
+    g["20"]["inputs"]["buckets"] = "no"
+    p.write_text(json.dumps(g))
+    assert cli.main([str(p), "--server", fake.url, "--dry-run"]) == 2
+    assert "node 20 (CAT_Dataset) buckets='no': a BOOLEAN input takes true or false" in capsys.readouterr().err

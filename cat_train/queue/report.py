@@ -56,7 +56,7 @@ def sweep_table(records: list[dict], score_node: str | None = None):
     rows, points = [], {}
     for r in sorted(records, key=lambda r: r.get("run", 0)):
         row = {"run": r.get("run"), **{k: _value_text(r.get("overrides", {}).get(k, "")) for k in sweep_keys},
-               "status": "ok" if r.get("ok") else f"failed: {r.get('error', '')}".strip(),
+               "status": "ok" if r.get("ok") else f"{'unknown' if r.get('unknown') else 'failed'}: {r.get('error', '')}".strip(),
                "server": r.get("server", ""), "seconds": f"{r.get('seconds', 0):.1f}"}
         sc = r.get("scores") or {}
         for n in kps_nodes:

@@ -2,7 +2,6 @@
 helper node pack imports this too). ComfyUI leaves weights uninitialised, so they are set here."""
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import torch
@@ -84,14 +83,14 @@ def tiny_model(kind: str = "sd15", seed: int = 0, v_prediction: bool = False, dt
     elif kind == "flux":
         import comfy.text_encoders.flux as flux_te
 
-        import comfy.ldm.flux.model as flux_model
-
         class TinyFlux(sm.Flux):
             unet_config = {"image_model": "flux", "guidance_embed": True}
+        import dataclasses
+
+        from comfy.ldm.flux.model import FluxParams
+
         dit = dict(TINY_FLUX_DIT)
-        # FluxParams gained a required txt_ids_dims (which text-position axes carry ids: Flux.2 and others use some);
-        # ComfyUI's detection gives Flux.1 checkpoints none, so the tiny Flux.1 gets none where the field exists
-        if "txt_ids_dims" in {f.name for f in dataclasses.fields(flux_model.FluxParams)}:
+        if "txt_ids_dims" in {f.name for f in dataclasses.fields(FluxParams)}:  # required in v0.33 (not in v0.3.64): [] is Flux.1
             dit["txt_ids_dims"] = []
         cfg = TinyFlux(dit)
         target = ClipTarget(flux_te.FluxTokenizer, flux_te.flux_clip(dtype_t5=torch.float32))
