@@ -12,7 +12,7 @@ function draw() {
     setLineDash() {}, measureText(t) { return { width: 6 * t.length }; },
     fillRect(x, y, w, h) { rec.rects.push({ x, y, w, h, color: this.fillStyle, alpha: this.globalAlpha }); },
     fillText(t) { rec.texts.push(String(t)); } };
-  node.onDrawForeground(ctx);
+  drawChart(node, ctx);
   return rec;
 }
 const out = {};

@@ -13,7 +13,7 @@ function draw() {
   const ctx = { globalAlpha: 1, save() {}, restore() {}, beginPath() {}, stroke() {}, fillRect() {},
     moveTo(x, y) { from = [x, y]; }, lineTo(x, y) { if (this.strokeStyle.startsWith("rgba(255,120,200")) rec.lines.push([from, [x, y]]); },
     setLineDash() {}, measureText(t) { return { width: 6 * t.length }; }, fillText(t) { rec.texts.push(String(t)); } };
-  node.onDrawForeground(ctx);
+  drawChart(node, ctx);
   return rec;
 }
 const out = {};

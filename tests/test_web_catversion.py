@@ -12,7 +12,7 @@ function draw() {
     setLineDash(d) { this.dash = d; }, measureText(t) { return { width: 6 * t.length }; },
     stroke() { rec.strokes.push({ color: this.strokeStyle, alpha: this.globalAlpha }); },
     fillText(t) { rec.texts.push(String(t)); } };
-  node.onDrawForeground(ctx);
+  drawChart(node, ctx);
   return rec;
 }
 const out = { idle: draw() };

@@ -19,6 +19,21 @@ export const app = { exts: [], dirty: 0, nodes: {},
   registerExtension(e) { this.exts.push(e); },
   graph: { getNodeById(id) { return app.nodes[id] ?? null; }, setDirtyCanvas() { app.dirty++; } } };
 """,
+    "nodes.mjs": """
+// A graph node as the live view sees it: widgets, addCustomWidget (LiteGraph appends), computeSize (the node's own
+// `h` plus each widget's height, as LGraphNode.computeSize sums them), setSize.
+export function makeNode(type, id, w, h) {
+  return { id, type, comfyClass: type, size: [w, h], flags: {}, widgets: [],
+    addCustomWidget(x) { this.widgets.push(x); return x; },
+    computeSize() { return [w, h + this.widgets.reduce((a, x) => a + (x.computeSize?.(this.size[0])[1] ?? 20), 0)]; },
+    setSize(s) { this.size = s; }, setDirtyCanvas() {} };
+}
+// What the editor does to draw the chart widget: its draw(ctx, node, width, y) at its place under the node's own widgets.
+export function drawChart(node, ctx) {
+  const w = node.widgets.find((x) => x.name === "cat_live_view");
+  w?.draw(ctx, node, node.size[0], node.size[1] - w.computeSize(node.size[0])[1]);
+}
+""",
     "scripts/api.js": """
 export const api = { handlers: {}, addEventListener(n, f) { (this.handlers[n] ??= []).push(f); },
   emit(n, detail) { for (const f of this.handlers[n] ?? []) f({ detail }); } };
@@ -26,18 +41,13 @@ export const api = { handlers: {}, addEventListener(n, f) { (this.handlers[n] ??
     "run.mjs": """
 import { app } from "./scripts/app.js";
 import { api } from "./scripts/api.js";
+import { makeNode, drawChart } from "./nodes.mjs";
 const view = await import("./extensions/ComfyUI-CAT/cat_live_view.js");
 const ext = app.exts[0];
 ext.setup();
-function Node() {}
-let baseDraws = 0;
-Node.prototype.onDrawForeground = function () { baseDraws++; };
-await ext.beforeRegisterNodeDef(Node, { name: "CAT_LoraTrainer" });
-function Other() {}
-await ext.beforeRegisterNodeDef(Other, { name: "KSampler" });
-const node = Object.assign(new Node(), { id: 4, size: [300, 200], flags: {},
-  computeSize() { return [300, 200]; }, setSize(s) { this.size = s; }, setDirtyCanvas() {} });
-app.nodes[4] = node;
+const node = makeNode("CAT_LoraTrainer", 4, 300, 200);
+const other = makeNode("KSampler", 7, 300, 200);
+app.nodes[4] = node; app.nodes[7] = other;
 
 // A canvas context that records what was drawn: texts, and each stroke with its colour, dash and alpha.
 function recorder() {
@@ -48,16 +58,21 @@ function recorder() {
     fillText(t) { rec.texts.push(String(t)); } };
   return [ctx, rec];
 }
-function draw() { const [ctx, rec] = recorder(); node.onDrawForeground(ctx); return rec; }
+function draw() { const [ctx, rec] = recorder(); drawChart(node, ctx); return rec; }
 
 const out = {};
 const idle = draw();
-out.idle = { texts: idle.texts.length, strokes: idle.strokes.length, baseDraws,
-  otherPatched: Other.prototype.onDrawForeground !== undefined };
+out.idle = { texts: idle.texts.length, strokes: idle.strokes.length, widgets: node.widgets.length,
+  hooks: Object.keys(ext).filter((k) => k !== "name") };
 api.emit("cat.train.progress", { node: "99", step: 1, total: 10, loss: 1, fit: 1, keep: 0, lr: 1e-4, elapsed: 0.5 });
+api.emit("cat.train.progress", { node: "7", step: 1, total: 10, loss: 1, fit: 1, keep: 0, lr: 1e-4, elapsed: 0.5 });
+out.otherWidgets = other.widgets.length;
 for (let s = 1; s <= 4; s++)
   api.emit("cat.train.progress", { node: "4", step: s, total: 10, loss: 1 / s, fit: 0.9 / s, keep: 0.01, lr: 1e-4, elapsed: s * 0.5 });
 out.size = node.size;
+const chart = node.widgets.find((w) => w.name === globalThis.__catLiveView.CHART);
+out.widget = { count: node.widgets.length, type: chart.type, serialize: chart.serialize, options: chart.options,
+  height: chart.computeSize(340)[1] };
 out.running = draw();
 api.emit("execution_interrupted", { prompt_id: "p", node_id: "4", node_type: "CAT_LoraTrainer" });
 out.cancelled = draw();
@@ -78,7 +93,7 @@ for (let s = 1; s <= 2; s++)
 api.emit("status", { exec_info: { queue_remaining: 0 } });  // another tab queued it: an empty queue ends it
 out.otherTab = draw().texts;
 out.state = globalThis.__catLiveView.runs.get("4").state;
-out.baseDraws = baseDraws;
+out.widgetsAfterRuns = node.widgets.length;
 // a run with validation rows: the step-0 row arrives before the first training step
 api.emit("cat.train.validation", { node: "4", step: 0, total: 4, fit: 0.4, keep_drift: 0, probe_drift: 0 });
 for (let s = 1; s <= 4; s++) {
@@ -96,19 +111,17 @@ console.log(JSON.stringify(out));
 
 
 def trainer_script(node_type: str, node_id: int, size: tuple[int, int], body: str) -> str:
-    """A run.mjs for run_view: the extension set up on one trainer node of `node_type` (its computeSize = `size`),
-    then `body` (which defines draw(), emits events and prints its JSON)."""
+    """A run.mjs for run_view: the extension set up on one trainer node of `node_type` (its own height `size[1]`, the
+    chart's widget added under it), then `body` (which defines draw(), emits events and prints its JSON)."""
     w, h = size
     return f"""
 import {{ app }} from "./scripts/app.js";
 import {{ api }} from "./scripts/api.js";
+import {{ makeNode, drawChart }} from "./nodes.mjs";
 await import("./extensions/ComfyUI-CAT/cat_live_view.js");
 const ext = app.exts[0];
 ext.setup();
-function Node() {{}}
-await ext.beforeRegisterNodeDef(Node, {{ name: "{node_type}" }});
-const node = Object.assign(new Node(), {{ id: {node_id}, size: [{w}, {h}], flags: {{}},
-  computeSize() {{ return [{w}, {h}]; }}, setSize(s) {{ this.size = s; }}, setDirtyCanvas() {{}} }});
+const node = makeNode("{node_type}", {node_id}, {w}, {h});
 app.nodes[{node_id}] = node;
 """ + body
 
@@ -133,8 +146,13 @@ CURVES = {"rgb(110,160,255)": "loss", "rgb(255,170,60)": "fit", "rgb(90,210,120)
 @pytest.mark.skipif(NODE is None, reason="Node.js is not installed; the web extension test needs `node`")
 def test_live_view_draws_and_ends_runs(tmp_path):
     out = run_view(tmp_path)
-    assert out["idle"] == {"texts": 0, "strokes": 0, "baseDraws": 1, "otherPatched": False}  # idle: nothing drawn
-    assert out["size"][1] == 350  # grew by the plot height
+    # idle: no chart, nothing drawn, no node type patched (the chart is a widget added by the node's first event)
+    assert out["idle"] == {"texts": 0, "strokes": 0, "widgets": 0, "hooks": ["setup"]}
+    assert out["otherWidgets"] == 0  # events for a node that is no trainer (or not in the graph) add nothing
+    assert out["size"] == [340, 350]  # grew by the chart widget's height, to the live view's minimum width
+    # a widget of its own type (drawn by LiteGraph and by Nodes 2.0), never saved with the graph nor sent to the server
+    assert out["widget"] == {"count": 1, "type": "cat_live_view", "serialize": False, "options": {"serialize": False},
+                             "height": 150}
     run = out["running"]
     assert "step 4/10 · 2.00 it/s · ETA 0:03" in run["texts"]  # 4 steps in 2 s; 6 left at 2 it/s
     curves = [s for s in run["strokes"] if s["color"] in CURVES and s["alpha"] == 1]
@@ -157,7 +175,7 @@ def test_live_view_draws_and_ends_runs(tmp_path):
     assert "failed at step 2/10: CUDA out of memory" in out["failed"]
     assert "done: 3 steps in 0:06 · 0.50 it/s" in out["done"]
     assert "stopped at step 2/9" in out["otherTab"] and out["state"] == "stopped"
-    assert out["baseDraws"] == 8  # the node's own drawing ran in each of the 8 draws
+    assert out["widgetsAfterRuns"] == 1  # one chart widget however many runs
 
 
 @pytest.mark.skipif(NODE is None, reason="Node.js is not installed; the web extension test needs `node`")
@@ -182,3 +200,17 @@ def test_y_axis_ticks_are_few_distinct_and_compact(tmp_path):
     assert axes[6]["labels"] == ["1e-3", "0.01", "0.1", "1"]  # a CAT run's first steps: loss ~1, keep ~1e-4
     for a in axes:
         assert len(set(a["labels"])) == len(a["labels"]) and all(len(t) <= 5 for t in a["labels"])
+
+
+PREVIEW_FIRST = trainer_script("CAT_LoraTrainer", 4, (380, 600), """
+// a preview already on the node when the first event comes (a page reloaded during a run): the chart goes above it
+node.widgets.push({ name: "rank" }, { name: "$$canvas-image-preview", computeLayoutSize() { return { minHeight: 220 }; } });
+api.emit("cat.train.progress", { node: "4", step: 1, total: 10, loss: 1, fit: 1, keep: 0, lr: 1e-4, elapsed: 1 });
+api.emit("cat.train.progress", { node: "4", step: 2, total: 10, loss: 1, fit: 1, keep: 0, lr: 1e-4, elapsed: 2 });
+console.log(JSON.stringify({ order: node.widgets.map((w) => w.name) }));
+""")
+
+
+@pytest.mark.skipif(NODE is None, reason="Node.js is not installed; the web extension test needs `node`")
+def test_chart_is_laid_out_above_a_preview_already_on_the_node(tmp_path):
+    assert run_view(tmp_path, PREVIEW_FIRST)["order"] == ["rank", "cat_live_view", "$$canvas-image-preview"]
