@@ -10,6 +10,7 @@ from comfy_api.latest import io
 from ..cat_train.terms.auto_config import SOURCES, AutoPreservationConfig
 from ..cat_train.options import help_of
 from .common import CATEGORY, AutoOptions
+from .compat import advanced, search_aliases
 
 _D = AutoPreservationConfig()
 
@@ -19,6 +20,7 @@ class AutoPreservationNode(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="CAT_AutoPreservation", display_name="Auto Preservation", category=CATEGORY,
+            **search_aliases("prior preservation probes", "concept drift", "leak probes"),
             description="Every N steps, measures how far each probe class drifted (frozen vs adapted prediction at "
                         "fixed noise, no sampling) and adds the worst to the CAT preservation prompts for the rest of "
                         "the run. The live view and the LoRA's metadata name the probes added.",
@@ -33,11 +35,11 @@ class AutoPreservationNode(io.ComfyNode):
                 io.Float.Input("threshold", default=_D.threshold, min=0.0, max=10.0, step=0.001,
                                tooltip=help_of(AutoPreservationConfig, "threshold")),
                 io.Int.Input("points", default=_D.points, min=1, max=64, optional=True,
-                             tooltip=help_of(AutoPreservationConfig, "points")),
+                             **advanced(io.Int), tooltip=help_of(AutoPreservationConfig, "points")),
                 io.Int.Input("images", default=_D.images, min=0, max=10000, optional=True,
-                             tooltip=help_of(AutoPreservationConfig, "images")),
+                             **advanced(io.Int), tooltip=help_of(AutoPreservationConfig, "images")),
                 io.Int.Input("seed", default=_D.seed, min=0, max=2**31 - 1, optional=True,
-                             tooltip=help_of(AutoPreservationConfig, "seed")),
+                             **advanced(io.Int), tooltip=help_of(AutoPreservationConfig, "seed")),
             ],
             outputs=[AutoOptions.Output(display_name="auto")],
         )

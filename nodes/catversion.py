@@ -25,6 +25,7 @@ from .comfy_clip import apply_catversion, clip_encoders, encoder_fn, infos, out_
 from .comfy_model import leave_inference_mode, adm_y, trainable
 from . import early_cancel
 from .common import CATEGORY, CatVersion, Dataset, image_of, progress_callback
+from .compat import search_aliases
 from .lora_io import name_problem, safe_lora_path
 
 FOLDER = "catversion"
@@ -32,15 +33,21 @@ _CFG, _SPEC = CatVersionConfig(), cv.CatVersionSpec()  # the widgets' defaults a
 
 
 def register_folder() -> str:
-    """models/catversion as the folder_paths name 'catversion' (.safetensors only); returns its default path."""
+    """models/catversion as the folder_paths name 'catversion', through folder_paths' own API (after any paths
+    extra_model_paths.yaml gave that name, so those stay first); returns its default path. The API sets no file
+    extensions, so the files are filtered by `files()`."""
     import folder_paths
 
     default = os.path.join(folder_paths.models_dir, FOLDER)
-    if FOLDER not in folder_paths.folder_names_and_paths:
-        folder_paths.folder_names_and_paths[FOLDER] = ([default], {".safetensors"})
-    else:
-        folder_paths.folder_names_and_paths[FOLDER][1].add(".safetensors")
+    folder_paths.add_model_folder_path(FOLDER, default)
     return default
+
+
+def files() -> list[str]:
+    """The CatVersion files in models/catversion (and the yaml's paths): .safetensors only."""
+    import folder_paths
+
+    return [f for f in folder_paths.get_filename_list(FOLDER) if f.lower().endswith(".safetensors")]
 
 
 def load_file(clip, name: str):
@@ -121,6 +128,7 @@ class CatVersionTrainerNode(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="CAT_CatVersionTrainer", display_name="CatVersion Trainer", category=CATEGORY,
+            **search_aliases("train embedding", "textual inversion", "concept embedding"),
             description="CatVersion (arXiv 2311.14631): learns the concept as Key/Value embeddings concatenated in the last "
                         "self-attention layers of the CLIP text encoder; the UNet and CLIP weights stay frozen.",
             inputs=[
@@ -173,6 +181,7 @@ class SaveCatVersionNode(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="CAT_SaveCatVersion", display_name="Save CatVersion", category=CATEGORY, is_output_node=True,
+            **search_aliases("save embedding"),
             description="Writes the embeddings (.safetensors with metadata) into models/catversion; never overwrites.",
             inputs=[CatVersion.Input("catversion"), io.String.Input("name", default="catversion")],
             outputs=[io.String.Output(display_name="path")],
@@ -196,16 +205,15 @@ class SaveCatVersionNode(io.ComfyNode):
 class ApplyCatVersionNode(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        import folder_paths
-
         return io.Schema(
             node_id="CAT_ApplyCatVersion", display_name="Apply CatVersion", category=CATEGORY,
+            **search_aliases("load embedding", "catversion loader"),
             description="CLIP + a CatVersion file from models/catversion -> a CLIP that encodes every prompt with the "
                         "embeddings, for the positive prompt, and a CLIP for the negative prompt: without the embeddings "
                         "as the authors' sampler (their unconditional prompt), or with them (embeddings_on_negative). "
                         "The input CLIP is untouched; the UNet is not changed.",
             inputs=[io.Clip.Input("clip"),
-                    io.Combo.Input("catversion_name", options=folder_paths.get_filename_list(FOLDER) or ["(none in models/catversion)"]),
+                    io.Combo.Input("catversion_name", options=files() or ["(none in models/catversion)"]),
                     io.Boolean.Input("embeddings_on_negative", default=False, optional=True,
                                      tooltip="off (the authors' sampler): the second output is the input CLIP, so the "
                                              "negative prompt is encoded without the embeddings; on: the embeddings "

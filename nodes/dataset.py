@@ -14,6 +14,7 @@ from ..cat_train.data.masks import latent_mask
 from ..cat_train.step.conds import repeat_to_common_length
 from . import early_cancel
 from .common import CATEGORY, Dataset, input_path, phase_progress, range_problem
+from .compat import search_aliases
 
 log = logging.getLogger("ComfyUI-CAT")
 REFERENCE_IMAGES = 64  # kept for the IMAGE output; IS pairs them with a few generated images
@@ -125,6 +126,7 @@ class CatDatasetNode(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="CAT_Dataset", display_name="CAT Dataset", category=CATEGORY,
+            **search_aliases("lora dataset", "training images", "kohya dataset", "image folder"),
             description="Images + same-name captions from a folder, encoded once with the graph's VAE and CLIP; masks "
                         "(<name>-masklabel.png or alpha) for masked training (CAT Training Options).",
             inputs=[

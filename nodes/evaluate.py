@@ -9,6 +9,7 @@ from ..cat_train.training.checks import check_image_batch
 from ..cat_train.measure.metrics import ClipScorer, identity_similarity, score_images, scores_from_embeddings
 from ..cat_train.measure.plot import bar_chart
 from .common import CATEGORY, image_of
+from .compat import search_aliases
 
 _SCORERS: dict[tuple[str, str], ClipScorer] = {}
 
@@ -146,6 +147,7 @@ class KpsEvaluatorNode(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="CAT_KPSEvaluator", display_name="KPS Evaluator", category=CATEGORY, is_output_node=True,
+            **search_aliases("kps", "identity similarity", "evaluate lora", "clip score"),
             description="PS, IS and KPS (CAT paper) from images with / without the trigger (same seeds) and "
                         "references.",
             inputs=[

@@ -7,6 +7,7 @@ from comfy_api.latest import io
 
 from ..cat_train.measure import leak
 from .common import CATEGORY, image_of
+from .compat import search_aliases
 from .evaluate import clip_checkpoints, scorer
 
 
@@ -73,6 +74,7 @@ class LeakScanNode(io.ComfyNode):
 
         return io.Schema(
             node_id="CAT_LeakScan", display_name="CAT Leak Scan", category=CATEGORY, is_output_node=True,
+            **search_aliases("concept leak", "concept bleeding", "lora drift"),
             description="Which prompts did the adapter change? Base vs adapted MODEL on probe prompts (same seeds), "
                         "CLIP similarity per pair, probes ranked by drift; the worst are the ones to preserve.",
             inputs=[

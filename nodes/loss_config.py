@@ -8,6 +8,7 @@ from ..cat_train.training.checks import parse_token_weights
 from ..cat_train.training import CatLossConfig
 from ..cat_train.options import help_of
 from .common import CATEGORY, AptOptions, AutoOptions, LossConfig
+from .compat import advanced, search_aliases
 
 
 class CatLossConfigNode(io.ComfyNode):
@@ -15,6 +16,7 @@ class CatLossConfigNode(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="CAT_LossConfig", display_name="CAT Loss Config", category=CATEGORY,
+            **search_aliases("cat factor", "prior preservation", "regularization", "contrastive loss"),
             description="L = ||eps - eps'(z,t,y_T)||^2 + cat_factor * ||eps(z,t,y) - eps'(z,t,y)||^2; cat_factor 0 = "
                         "plain LoRA.",
             inputs=[
@@ -31,9 +33,9 @@ class CatLossConfigNode(io.ComfyNode):
                 AptOptions.Input("apt", optional=True, tooltip=help_of(CatLossConfig, "apt")),
                 AutoOptions.Input("auto", optional=True, tooltip=help_of(CatLossConfig, "auto")),
                 io.Int.Input("keep_every", default=1, min=1, max=1000, optional=True,
-                             tooltip=help_of(CatLossConfig, "keep_every")),
+                             **advanced(io.Int), tooltip=help_of(CatLossConfig, "keep_every")),
                 io.Float.Input("keep_fraction", default=1.0, min=0.01, max=1.0, step=0.05, optional=True,
-                               tooltip=help_of(CatLossConfig, "keep_fraction")),
+                               **advanced(io.Float), tooltip=help_of(CatLossConfig, "keep_fraction")),
             ],
             outputs=[LossConfig.Output(display_name="loss_config")],
         )

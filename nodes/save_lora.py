@@ -12,6 +12,7 @@ from ..cat_train.training.header import lora_header
 from ..cat_train.training.run_folder import check_space, writable_folder
 from .comfy_model import base_model_version, family_of
 from .common import CATEGORY
+from .compat import search_aliases
 from .lora_io import name_problem, safe_lora_path
 
 log = logging.getLogger("ComfyUI-CAT")
@@ -64,6 +65,7 @@ class SaveCatLoraNode(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="CAT_SaveLora", display_name="Save CAT LoRA", category=CATEGORY, is_output_node=True,
+            **search_aliases("save lora", "export lora"),
             description="Writes the LoRA (kohya keys + training metadata) into the loras folder; never overwrites.",
             inputs=[io.LoraModel.Input("lora"), io.String.Input("name", default="cat_lora")],
             outputs=[io.String.Output(display_name="path")],

@@ -33,6 +33,7 @@ from .comfy_model import adm_y, base_model_version, trainable
 from . import early_cancel
 from .common import (CATEGORY, Dataset, LossConfig, TrainingOptions, feeds, image_of, model_file_name, phase_progress,
                      progress_callback)
+from .compat import search_aliases
 from .lora_io import CatLora, name_problem, safe_subpath
 from .training_options import options_for
 from .save_lora import check_lora_folder, loras_folder, metadata, step_lora_writer
@@ -45,6 +46,7 @@ class CatTrainerNode(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="CAT_LoraTrainer", display_name="CAT LoRA Trainer", category=CATEGORY, not_idempotent=False,
+            **search_aliases("train lora", "lora training", "dreambooth", "finetune", "contrastive adapter training"),
             description="Trains a CAT LoRA; returns a clone of MODEL with it applied (the input MODEL is untouched).",
             inputs=[
                 io.Model.Input("model"), Dataset.Input("dataset"), LossConfig.Input("loss_config"),

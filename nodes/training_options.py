@@ -15,6 +15,7 @@ from comfy_api.latest import io
 
 from ..cat_train.options import TRAINING_OPTIONS, help_of, option_classes
 from .common import CATEGORY, TrainingOptions, range_problem
+from .compat import search_aliases
 
 # (option dataclass, its fields that are widgets here), in widget order: cat_train/options_doc.TRAINING_OPTIONS
 GROUPS: list[tuple[type, tuple[str, ...]]] = [(option_classes()[c], names) for c, names in TRAINING_OPTIONS]
@@ -53,6 +54,7 @@ class TrainingOptionsNode(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="CAT_TrainingOptions", display_name="CAT Training Options", category=CATEGORY,
+            **search_aliases("lora algorithm", "loha", "lokr", "dora", "ema", "caption dropout"),
             description="Advanced trainer options for the CAT LoRA Trainer's optional `options` input; unconnected, "
                         "the trainer uses each option's default (docs/options.md).",
             inputs=[widget(c, n) for c, names in GROUPS for n in names],

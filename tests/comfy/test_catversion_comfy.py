@@ -34,11 +34,21 @@ def _dataset(comfy, folder, mpcv):
     return pack_module(comfy, "nodes.dataset").build_dataset(folder, vae, clip, ("sks",), "dog", ".txt", 64, False)
 
 
-def test_folder_registered(comfy):
+def test_folder_registered(comfy, cvdir):
     import os
     N = pack_module(comfy, "nodes.catversion")
-    assert comfy.folder_paths.folder_names_and_paths["catversion"][1] >= {".safetensors"}
+    cv = pack_module(comfy, "cat_train.catversion")
     assert os.path.join(comfy.folder_paths.models_dir, "catversion") in comfy.folder_paths.get_folder_paths("catversion")
+    # registered through folder_paths' API, which takes no extensions: Apply CatVersion lists the .safetensors only
+    cv.save_catversion(cvdir / "listed.safetensors", {"clip_l": cv.KVEmbeddings((0,), 1, 64, 2, 3)})
+    (cvdir / "notes.txt").write_text("not an embedding")
+    try:
+        options = {i.id: i for i in N.ApplyCatVersionNode.define_schema().inputs}["catversion_name"].options
+        assert "listed.safetensors" in options and "notes.txt" not in options
+        assert "notes.txt" in comfy.folder_paths.get_filename_list("catversion")  # the folder holds it: the filter works
+    finally:
+        (cvdir / "listed.safetensors").unlink()
+        (cvdir / "notes.txt").unlink()
     assert {"CAT_CatVersionTrainer", "CAT_SaveCatVersion", "CAT_ApplyCatVersion"} <= set(comfy.nodes.NODE_CLASS_MAPPINGS)
     assert N.FOLDER == "catversion"
 
@@ -101,8 +111,14 @@ def test_trainer_leaves_inputs_and_file_changes_only_conditioning(comfy, kind, r
     on_both = apply.execute(clip, name, embeddings_on_negative=True).result
     assert on_both[1] is on_both[0] and torch.equal(_encode(on_both[1])[0], trained[0])  # the switch: earlier behaviour
     assert loaded is not clip and loaded.patcher is not clip.patcher
-    assert not loaded.patcher.patches and all(k.endswith(".self_attn.forward") for k in loaded.patcher.object_patches)
-    assert len(loaded.patcher.object_patches) == sum(len(e.layer_indices) for e in weights.values())
+    # a CLIP may come with object patches of its own (ComfyUI's CLIP sets `manual_cast_dtype` as one since the
+    # float32 text-encoder upcast moved into the patcher): the clone keeps each as it was and adds only the
+    # self-attention forwards, one per embedded layer
+    own = clip.patcher.object_patches
+    assert all(loaded.patcher.object_patches.get(k, own) is v for k, v in own.items())
+    added = [k for k in loaded.patcher.object_patches if k not in own]
+    assert not loaded.patcher.patches and all(k.endswith(".self_attn.forward") for k in added)
+    assert len(added) == sum(len(e.layer_indices) for e in weights.values())
     assert torch.equal(_encode(loaded)[0], trained[0])
     assert torch.equal(_encode(clip)[0], cond_before[0])
     assert _same(unet_before, _state(mp.model.diffusion_model)) and not mp.patches and not mp.object_patches

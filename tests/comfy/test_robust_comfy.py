@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from conftest import pack_module
+from conftest import pack_module, progress_hook
 from test_bad_inputs import graph
 
 
@@ -78,7 +78,6 @@ def test_names_too_long_for_the_filesystem_fail_validation(ready):
 
 def test_cancel_during_the_dataset_encode_stops_within_one_image(ready, tiny_sd15, dataset_dir, monkeypatch):
     import comfy.model_management as mm
-    from comfy import utils as comfy_utils
 
     _, clip, vae = tiny_sd15
     ds_node = pack_module(ready, "nodes.dataset")
@@ -89,12 +88,10 @@ def test_cancel_during_the_dataset_encode_stops_within_one_image(ready, tiny_sd1
     def hook(value, total, preview, node_id=None):  # Cancel pressed after the first image
         if value == 1:
             mm.interrupt_current_processing(True)
-    comfy_utils.set_progress_bar_global_hook(hook)
     try:
-        with pytest.raises(mm.InterruptProcessingException):
+        with progress_hook(hook), pytest.raises(mm.InterruptProcessingException):
             ds_node.build_dataset(dataset_dir, vae, clip, ("sks",), "dog", ".txt", 128, True)
     finally:
-        comfy_utils.set_progress_bar_global_hook(None)
         mm.interrupt_current_processing(False)
     assert len(encoded) == 2  # the image in hand finishes; the third is never decoded
     ds = ds_node.build_dataset(dataset_dir, vae, clip, ("sks",), "dog", ".txt", 128, True)
@@ -103,7 +100,6 @@ def test_cancel_during_the_dataset_encode_stops_within_one_image(ready, tiny_sd1
 
 def test_cancel_during_the_trainers_preparation_stops_before_step_1(ready, tiny_sd15, dataset_dir, tmp_path):
     import comfy.model_management as mm
-    from comfy import utils as comfy_utils
 
     mp, clip, vae = tiny_sd15
     tr = pack_module(ready, "nodes.trainer")
@@ -116,14 +112,12 @@ def test_cancel_during_the_trainers_preparation_stops_before_step_1(ready, tiny_
         seen.append((value, total))
         if total == 9 and value == 2:  # 3 images: up to 6 prompts + 3 examples; Cancel during the CLIP encode
             mm.interrupt_current_processing(True)
-    comfy_utils.set_progress_bar_global_hook(hook)
     cfg = T.TrainConfig(steps=50, lr=1e-2, save_every=1, checkpoint_dir=str(tmp_path / "ck"))
     t0 = time.monotonic()
     try:
-        with pytest.raises(mm.InterruptProcessingException):
+        with progress_hook(hook), pytest.raises(mm.InterruptProcessingException):
             tr.train_on_model(mp, ds, L.CatLossConfig(1.0, "class", "dog"), A.LoraSpec(rank=2, alpha=2.0), cfg)
     finally:
-        comfy_utils.set_progress_bar_global_hook(None)
         mm.interrupt_current_processing(False)
     assert seen == [(1, 9), (2, 9)], seen  # no training step, no 50-step bar
     assert not (tmp_path / "ck").exists() and time.monotonic() - t0 < 30
