@@ -20,15 +20,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cat_train.auto_config import AutoPreservationConfig  # noqa: E402
-from cat_train.lora import LoraSpec  # noqa: E402
-from cat_train.loss import CatLossConfig  # noqa: E402
-from cat_train.train import TrainConfig, build_examples, train  # noqa: E402
-from cat_train.validation import Validator  # noqa: E402
+from cat_train.adapters.lora import LoraSpec  # noqa: E402
+from cat_train.measure.validation import Validator  # noqa: E402
+from cat_train.terms.auto_config import AutoPreservationConfig  # noqa: E402
+from cat_train.training import CatLossConfig, TrainConfig, build_examples, train  # noqa: E402
 from cat_train.world import bench as B  # noqa: E402
 
 TIMESTEPS = [50, 150, 250, 350, 450, 550, 650, 750, 850, 950]
-PROBES = ("square", "triangle", "star", "cross", "background", "white", "red", "green")  # nearest's 8, less blue/green
+# the 8 nearest before the vocabulary kept only things an image shows (less blue, plus red)
+PROBES = ("square", "triangle", "star", "cross", "background", "white", "red", "green")
 STEPS = (1, 2, 3, 5, 8, 10, 15, 20, 30, 50, 100, 200, 400)
 
 
@@ -41,7 +41,8 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     world, c = B.World(), B.BenchConfig()
     lc = CatLossConfig(alpha=1.0, preservation="class", class_word=B.CLASS,
-                       auto=AutoPreservationConfig(every=10**6, source="list", probes=PROBES))  # probes encoded, never added
+                       # probes encoded, never added
+                       auto=AutoPreservationConfig(every=10**6, source="list", probes=PROBES))
     ex = build_examples(B.identity_items(), world.encode_text, lc, token_positions=B.trigger_positions)
     val = Validator(world.den, ex, points=2 * len(TIMESTEPS), seed=0, image_probes=True, kinds=("keep", "probe"))
     for img in val.images:  # fixed timesteps instead of drawn ones: the ratio per timestep

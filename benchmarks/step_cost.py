@@ -1,6 +1,6 @@
 """Step time and peak memory of plain LoRA (alpha 0) against CAT (alpha 1), one UNet config, one run.
 
-`--methods` adds APT (cat_train/apt.py) rows: apt:ada (adaptive bins), apt:rs (stabilization),
+`--methods` adds APT (cat_train/terms/apt.py) rows: apt:ada (adaptive bins), apt:rs (stabilization),
 apt:aa (attention alignment), apt (all three), cat+apt (CAT alpha 1 with all three), and cheaper
 preservation rows (CatLossConfig.keep_every / keep_fraction): cat/k<N> (the CAT term every N-th step),
 cat/p<F> (on a fraction F of the rows; at batch 1, of the steps). Their step time is the mean over the
@@ -30,11 +30,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from cat_train.lora import LoraSpec  # noqa: E402
-from cat_train.denoiser import ModuleDenoiser  # noqa: E402
-from cat_train.apt import AptConfig  # noqa: E402
-from cat_train.loss import CatLossConfig  # noqa: E402
-from cat_train.train import Example, TrainConfig, train  # noqa: E402
+from cat_train.adapters.lora import LoraSpec  # noqa: E402
+from cat_train.step.denoiser import ModuleDenoiser  # noqa: E402
+from cat_train.terms.apt_config import AptConfig  # noqa: E402
+from cat_train.training import CatLossConfig  # noqa: E402
+from cat_train.training import Example, TrainConfig, train  # noqa: E402
 from cat_train.world.unet import SD15_CONFIG, SDXL_CONFIG, TINY_CONFIG, UNet  # noqa: E402
 
 CONFIGS = {"sd15": SD15_CONFIG, "sdxl": SDXL_CONFIG, "tiny": TINY_CONFIG}
@@ -81,8 +81,10 @@ def measure(args) -> dict:
     denoiser.predict = counted
 
     every, fraction = keep_options(args.method)
-    timed = -(-args.steps // every) * every  # whole cycles: after the warm-up step (which has the term), every-1 without, 1 with
-    extra = 12 if fraction < 1 else 0  # a keep_fraction run goes on (at most this many steps) until both kinds were timed
+    # whole cycles: after the warm-up step (which has the term), every-1 without, 1 with
+    timed = -(-args.steps // every) * every
+    # a keep_fraction run goes on (at most this many steps) until both kinds were timed
+    extra = 12 if fraction < 1 else 0
 
     class Enough(Exception):
         pass
@@ -117,7 +119,8 @@ def measure(args) -> dict:
             step_s = chance * mean(with_term) + (1 - chance) * mean(without)
     elif fraction < 1:
         step_s = float("nan")  # not both kinds timed: no estimate
-    out = {"alpha": args.alpha, "step_s": step_s, "steps_with_term": len(with_term), "steps_timed": len(times), "in_run": in_run,
+    out = {"alpha": args.alpha, "step_s": step_s, "steps_with_term": len(with_term), "steps_timed": len(times),
+           "in_run": in_run,
            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "base_rss_mb": base_rss}
     if device.type == "cuda":
         out |= {"peak_cuda_mb": torch.cuda.max_memory_allocated() / 2**20, "base_cuda_mb": base_cuda}
@@ -135,7 +138,8 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--precision", choices=["no", "bf16", "fp16"], default="no")
     ap.add_argument("--checkpointing", action="store_true")
-    ap.add_argument("--methods", nargs="+", choices=list(METHODS), default=["lora", "cat", "cat/k2", "cat/k4", "cat/p0.5"])
+    ap.add_argument("--methods", nargs="+", choices=list(METHODS), default=["lora", "cat", "cat/k2", "cat/k4",
+            "cat/p0.5"])
     ap.add_argument("--alpha", type=float, help=argparse.SUPPRESS)  # child mode
     ap.add_argument("--method", choices=list(METHODS), help=argparse.SUPPRESS)  # child mode
     args = ap.parse_args()
@@ -152,23 +156,27 @@ def main() -> None:
     lora = rows["lora"]
     mem = "peak_cuda_mb" if "peak_cuda_mb" in lora else "peak_rss_mb"
     base = "base_cuda_mb" if mem == "peak_cuda_mb" else "base_rss_mb"
-    print(f"UNet {args.unet} ({sum(p.numel() for p in UNet(**CONFIGS[args.unet]).parameters()) if args.unet != 'sd15' else 859520964:,} params), "
-          f"{args.res}px, batch {args.batch}, rank {args.rank}, {args.device}, precision {args.precision}, "
+    print(f"UNet {args.unet} "
+          f"({sum(p.numel() for p in UNet(**CONFIGS[args.unet]).parameters()) if args.unet != 'sd15' else 859520964:,} "
+          f"params), {args.res}px, batch {args.batch}, rank {args.rank}, {args.device}, precision {args.precision}, "
           f"{args.steps} timed steps after {args.warmup} warm-up")
-    names = {"lora": "LoRA (alpha 0)", "cat": "CAT (alpha 1)", **{m: f"CAT (alpha 1), {option_name(m)}" for m in METHODS if "/" in m}}
-    print("| method | step s | peak MB | training MB (peak - model) | step / LoRA | peak / LoRA | timed steps with the term "
-          "| step / its own plain steps (same run) |\n|---|---|---|---|---|---|---|---|")
+    names = {"lora": "LoRA (alpha 0)", "cat": "CAT (alpha 1)",
+             **{m: f"CAT (alpha 1), {option_name(m)}" for m in METHODS if "/" in m}}
+    print("| method | step s | peak MB | training MB (peak - model) | step / LoRA | peak / LoRA | timed steps with the "
+          "term | step / its own plain steps (same run) |\n|---|---|---|---|---|---|---|---|")
     for m, r in rows.items():
         own = f"{r['in_run']:.2f}" if r.get("in_run") else "-"
         print(f"| {names.get(m, m)} | {r['step_s']:.3f} | {r[mem]:.0f} | {r[mem] - r[base]:.0f} | "
-              f"{r['step_s'] / lora['step_s']:.2f} | {r[mem] / lora[mem]:.2f} | {r['steps_with_term']}/{r['steps_timed']} | {own} |")
+              f"{r['step_s'] / lora['step_s']:.2f} | {r[mem] / lora[mem]:.2f} | "
+              f"{r['steps_with_term']}/{r['steps_timed']} | {own} |")
     if "cat" in rows:
         cat = rows["cat"]
         print(f"CAT / LoRA step time: {cat['step_s'] / lora['step_s']:.2f} (FLOP floor 7/3 = 2.33)")
         print(f"CAT / LoRA peak memory: {cat[mem] / lora[mem]:.2f}; training overhead ratio: "
               f"{(cat[mem] - cat[base]) / max(lora[mem] - lora[base], 1e-9):.2f}")
     # A cheaper option's ratio is measured against the plain steps of its own run, interleaved with its CAT steps: on a
-    # machine other jobs share, two runs minutes apart differ by more than the options do. Exact CAT: against the LoRA run.
+    # machine other jobs share, two runs minutes apart differ by more than the options do. Exact CAT: against the LoRA
+    # run.
     ratios = {m: (r["in_run"] if r.get("in_run") else r["step_s"] / lora["step_s"]) for m, r in rows.items()
               if m == "cat" or m.startswith("cat/")}
     ratios = {m: v for m, v in ratios.items() if v == v}  # a keep_fraction run that timed one kind only has none
@@ -179,7 +187,8 @@ def main() -> None:
 
 def option_name(m: str) -> str:
     every, fraction = keep_options(m)
-    return ", ".join([f"keep_every {every}"] * (every > 1) + [f"keep_fraction {fraction:g}"] * (fraction < 1)) or "exact CAT"
+    parts = [f"keep_every {every}"] * (every > 1) + [f"keep_fraction {fraction:g}"] * (fraction < 1)
+    return ", ".join(parts) or "exact CAT"
 
 
 if __name__ == "__main__":

@@ -3,19 +3,20 @@
 LoraLoader / LoraLoaderModelOnly apply an SD1.5 LoRA to an SDXL or Flux model with nothing but console
 "lora key not loaded" lines. This pack cannot change those nodes, so it looks at each graph as it is queued
 (`PromptServer.add_on_prompt_handler`): for every stock LoRA loader it reads the LoRA's safetensors header and the
-header of the checkpoint its MODEL comes from (cat_train/lora_family.py; no tensor is loaded), and on a mismatch logs
-a warning and sends `cat.warning` to the client that queued it (web/cat_warnings.js shows a toast; `python -m cat_train
-queue` prints it under its run, by the prompt id the event carries when the client chose one). The same hook warns of
-a BOOLEAN input holding a text that means false ("false", "no", ...): ComfyUI's validation turns it into bool(text),
-so it runs as true, and by then no node can tell (measured on 0.3.64 and 0.33). The graph is returned as received: nothing is blocked or changed, and
-any failure here is swallowed (an odd graph must queue as it would without this pack).
+header of the checkpoint its MODEL comes from (cat_train/families/headers.py; no tensor is loaded), and on a mismatch
+logs a warning and sends `cat.warning` to the client that queued it (web/cat_warnings.js shows a toast; `python -m
+cat_train queue` prints it under its run, by the prompt id the event carries when the client chose one). The same hook
+warns of a BOOLEAN input holding a text that means false ("false", "no", ...): ComfyUI's validation turns it into
+bool(text), so it runs as true, and by then no node can tell (measured on 0.3.64 and 0.33). The graph is returned as
+received: nothing is blocked or changed, and any failure here is swallowed (an odd graph must queue as it would
+without this pack).
 """
 from __future__ import annotations
 
 import logging
 from typing import Callable
 
-from ..cat_train.lora_family import mismatch
+from ..cat_train.families.headers import mismatch
 from .common import model_file
 
 log = logging.getLogger("ComfyUI-CAT")

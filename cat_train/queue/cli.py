@@ -81,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "when no server answers for this long (0: never); waiting in the queue does not count. "
                          "Default %(default)gs")
     ap.add_argument("--poll", action="store_true",
-                    help="only poll /history, no websocket (progress is then invisible, so --timeout bounds each run's time)")
+                    help="only poll /history, no websocket (progress is then invisible, so --timeout bounds each "
+                         "run's time)")
     ap.add_argument("--dry-run", action="store_true", help="check and print the runs, post nothing")
     return ap
 
@@ -130,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
         check_run_count(sweeps, a.max_runs)  # before any request: a typo must not cost a minute of checks
 
         if out:
-            check_out(out, keep=not a.dry_run)  # before the first post: a run must not train into a journal it cannot write
+            # before the first post: a run must not train into a journal it cannot write
+            check_out(out, keep=not a.dry_run)
 
         def check(info):
             return check_plan(graph, sets, sweeps, info, max_runs=a.max_runs)
@@ -144,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
         journal = read_journal(out) if a.resume else []
         planned = iter_runs(graph, sets, sweeps, first.info, unique_names=not a.keep_names)
         if a.dry_run:
-            return _dry_run(planned, check_run_count(sweeps, a.max_runs), {rec.get("key") for rec in journal if rec.get("ok")})
+            return _dry_run(planned, check_run_count(sweeps, a.max_runs),
+                            {rec.get("key") for rec in journal if rec.get("ok")})
         runs = list(planned)
         previous = []
         if a.resume:

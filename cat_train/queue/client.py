@@ -36,7 +36,8 @@ def server_url(text: str, where: str = "--server") -> str:
         if sum("://" in w for w in words) > 1:
             raise QueueError(f"{shown} holds {len(words)} URLs: give one URL per --server, or one a line in a "
                              "--server-file.")
-        raise QueueError(f"{shown} has spaces in it, so it is not a URL: give a ComfyUI server's URL, e.g. {EXAMPLE_URL}.")
+        raise QueueError(f"{shown} has spaces in it, so it is not a URL: give a ComfyUI server's URL, e.g. "
+                         f"{EXAMPLE_URL}.")
     if "://" not in text:
         text = "http://" + text
     try:
@@ -46,7 +47,8 @@ def server_url(text: str, where: str = "--server") -> str:
                          "e.g. http://[::1]:8188.") from None
     text = text.rstrip("/")
     if u.scheme not in ("http", "https") or not u.hostname:
-        raise QueueError(f"{where} {text!r} is not an http:// or https:// URL of a ComfyUI server (e.g. {EXAMPLE_URL}).")
+        raise QueueError(f"{where} {text!r} is not an http:// or https:// URL of a ComfyUI server (e.g. "
+                         f"{EXAMPLE_URL}).")
     if not u.netloc.startswith("[") and not _HOST.match(u.hostname):
         raise QueueError(f"{shown}: {u.hostname!r} is not a host name or address; give a ComfyUI server's URL, "
                          f"e.g. {EXAMPLE_URL}.")

@@ -159,7 +159,8 @@ class Sweep:
         r.attempts += 1
         total = len(self.runs)
         self.log(f"run {r.index}/{total}{' ' + json.dumps(r.label) if r.label else ''} -> {s.name}"
-                 + (f" (behind {queued} queued)" if queued else "") + (f", attempt {r.attempts}" if r.attempts > 1 else ""))
+                 + (f" (behind {queued} queued)" if queued else "")
+                 + (f", attempt {r.attempts}" if r.attempts > 1 else ""))
         if not self.poll and (s.ws is None or s.ws.closed):
             s.ws = connect_ws(s.client, self.log)
         pid = str(uuid.uuid4())  # canonical form: ComfyUI >= 0.33 refuses any other prompt id (400)
@@ -209,13 +210,14 @@ class Sweep:
             if where is None and r.t_history_error is not None:  # finished, but its result cannot be read yet
                 if self.timeout and now - r.t_history_error > self.timeout:
                     self.finish(r, None, f"prompt {r.prompt_id} left the queue of {s.name}, but its /history answered "
-                                f"with errors for {self.timeout:.0f}s, so whether it succeeded is unknown: look for its "
-                                "outputs on the server before running it again (--resume would).", unknown=True)
+                                f"with errors for {self.timeout:.0f}s, so whether it succeeded is unknown: look for "
+                                "its outputs on the server before running it again (--resume would).", unknown=True)
                 continue
             r.unknown = r.unknown + 1 if where is None else 0
             if r.unknown >= 2:  # twice: the move from the queue into /history is not atomic for us
                 self.log(f"  run {r.index}: ComfyUI at {s.name} no longer knows prompt {r.prompt_id}: it is neither "
-                         "queued nor in /history (was the server restarted or the queue/history cleared?); posting it again")
+                         "queued nor in /history (was the server restarted or the queue/history cleared?); posting it "
+                         "again")
                 s.active.remove(r)
                 r.state, r.server = "todo", None
                 continue
@@ -391,7 +393,8 @@ class Sweep:
                 self.log(f"  {s.name}: could not cancel ({e})")
                 continue
             if pend or run:
-                self.log(f"  {s.name}: removed {len(pend)} queued prompt(s) of this sweep, interrupted {len(run)} running")
+                self.log(f"  {s.name}: removed {len(pend)} queued prompt(s) of this sweep, interrupted {len(run)} "
+                         "running")
             if run:
                 running[s.name] = (s, set(run))
         deadline = time.monotonic() + settle

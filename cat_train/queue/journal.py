@@ -54,7 +54,8 @@ def read_journal(path: Path) -> list[dict]:
     except FileNotFoundError:
         return []
     except ValueError as e:
-        raise QueueError(f"--resume: {path} is not a journal this command wrote ({e}); move it away or drop --resume.") from None
+        raise QueueError(f"--resume: {path} is not a journal this command wrote ({e}); move it away or drop "
+                         "--resume.") from None
     if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
         raise QueueError(f"--resume: {path} is not a journal this command wrote (a JSON list of runs).")
     return data

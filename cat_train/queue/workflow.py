@@ -104,7 +104,8 @@ def override_value(graph: dict, node: str, name: str, text: str, object_info: di
         raise QueueError(f"node {nid} ({cls}) has no input {name!r}; its inputs are: {', '.join(sorted(names))}.")
     spec = input_spec(object_info, cls, name)
     if spec is None and _is_link(graph[nid]["inputs"].get(name)):
-        raise QueueError(f"{node}.{name} is a link from node {graph[nid]['inputs'][name][0]} in the graph, not a value.")
+        raise QueueError(f"{node}.{name} is a link from node {graph[nid]['inputs'][name][0]} in the graph, not a "
+                         "value.")
     return nid, typed_value(text, spec, f"{node}.{name}")
 
 
@@ -151,7 +152,8 @@ def check_graph_values(graph: dict, object_info: dict, skip: set = frozenset()) 
                                      "text as true); write true or false, without quotes, in the workflow.")
                 inputs[name] = value.strip().lower() == "true"
                 notes.append(f"{where}: the text {value!r} is sent as {str(inputs[name]).lower()} (ComfyUI reads any "
-                             f"non-empty text as true); write {str(inputs[name]).lower()} without quotes in the workflow.")
+                             f"non-empty text as true); write {str(inputs[name]).lower()} without quotes in the "
+                             "workflow.")
                 continue
             choices = choices_of(spec)
             opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
@@ -160,9 +162,10 @@ def check_graph_values(graph: dict, object_info: dict, skip: set = frozenset()) 
             shown = ", ".join(map(repr, choices[:8])) + (f", ... ({len(choices)} in all)" if len(choices) > 8 else "")
             listed = f"it lists {shown}" if choices else "it lists none"
             folder = FOLDERS.get(name.rstrip("0123456789"))
-            fix = (f"put the file in ComfyUI's {folder} folder (then restart or refresh the server), or " if folder else "") \
-                + f"--set {nid}.{name}=<one it lists>"
-            ours = cls.startswith("CAT_") or not str(info.get("python_module", "custom_nodes")).startswith("custom_nodes")
+            fix = ((f"put the file in ComfyUI's {folder} folder (then restart or refresh the server), or "
+                    if folder else "") + f"--set {nid}.{name}=<one it lists>")
+            ours = cls.startswith("CAT_") or not str(info.get("python_module", "custom_nodes")).startswith(
+                    "custom_nodes")
             if ours and name not in SELF_CHECKED:
                 raise QueueError(f"{where} {value!r} is not on the server ({listed}); {fix}.")
             notes.append(f"{where} {value!r} is not among the server's choices ({listed}); ComfyUI refuses it unless "
@@ -173,7 +176,8 @@ def check_graph_values(graph: dict, object_info: dict, skip: set = frozenset()) 
 def check_node_types(graph: dict, object_info: dict) -> None:
     missing = sorted({v["class_type"] for v in graph.values()} - set(object_info))
     if missing:
-        hint = " Install ComfyUI-CAT into custom_nodes/ and restart the server." if any(m.startswith("CAT_") for m in missing) else ""
+        hint = (" Install ComfyUI-CAT into custom_nodes/ and restart the server."
+                if any(m.startswith("CAT_") for m in missing) else "")
         raise QueueError(f"the server has no node type(s) {', '.join(missing)}.{hint}")
 
 

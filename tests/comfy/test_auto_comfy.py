@@ -32,8 +32,8 @@ def test_auto_preservation_trains_on_a_comfy_model_and_the_lora_names_the_probes
     tr = pack_module(comfy, "nodes.trainer")
     loss_nodes = pack_module(comfy, "nodes.loss_config")
     auto_nodes = pack_module(comfy, "nodes.auto_preservation")
-    A = pack_module(comfy, "cat_train.lora")
-    T = pack_module(comfy, "cat_train.train")
+    A = pack_module(comfy, "cat_train.adapters.lora")
+    T = pack_module(comfy, "cat_train.training")
     ds = pack_module(comfy, "nodes.dataset").build_dataset(dataset_dir, vae, clip, ("sks",), "dog", ".txt", 128, True)
     auto = auto_nodes.AutoPreservationNode.execute(every=2, source="list", probes="cat\nwolf\ncar", top_k=2,
                                                    threshold=0.0, points=2).result[0]
@@ -62,9 +62,9 @@ def test_nearest_ranks_with_clip_l_uncached_and_the_lora_names_the_chosen_probes
     tr = pack_module(comfy, "nodes.trainer")
     loss_nodes = pack_module(comfy, "nodes.loss_config")
     auto_nodes = pack_module(comfy, "nodes.auto_preservation")
-    A = pack_module(comfy, "cat_train.lora")
-    T = pack_module(comfy, "cat_train.train")
-    N = pack_module(comfy, "cat_train.nearest")
+    A = pack_module(comfy, "cat_train.adapters.lora")
+    T = pack_module(comfy, "cat_train.training")
+    N = pack_module(comfy, "cat_train.terms.nearest")
     ds = pack_module(comfy, "nodes.dataset").build_dataset(dataset_dir, vae, clip, ("sks",), "dog", ".txt", 128, True)
     auto = _nearest(auto_nodes)
     assert (auto.source, auto.neighbours, auto.rule, auto.first) == ("nearest", 3, "relative", 1)
@@ -76,7 +76,7 @@ def test_nearest_ranks_with_clip_l_uncached_and_the_lora_names_the_chosen_probes
     before = {k: v.clone() for k, v in mp.model.diffusion_model.state_dict().items()}
     _, lora, _, _, res = tr.train_on_model(mp, ds, loss_cfg, A.LoraSpec(rank=4, alpha=4.0),
                                            T.TrainConfig(steps=2, lr=1e-2, seed=1))
-    assert len(ds._text_cache) < 30  # the captions, their y and the 3 probes' prompts per image: not the 12,765 words
+    assert len(ds._text_cache) < 30  # the captions, their y and the 3 probes' prompts per image: not the 5,789 words
     near = json.loads(lora.metadata["cat_auto_preservation_nearest"])
     assert [n["class_word"] for n in near] == ["dog"] and len(near[0]["probes"]) == 3
     assert near[0]["candidates"] + near[0]["left_out"] == len(N.vocabulary())

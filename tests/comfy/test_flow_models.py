@@ -20,8 +20,8 @@ def flow_models(comfy):
 
 
 def _mods(comfy):
-    return [pack_module(comfy, m) for m in ("nodes.trainer", "nodes.comfy_model", "cat_train.lora",
-                                            "cat_train.loss", "cat_train.train")]
+    return [pack_module(comfy, m) for m in ("nodes.trainer", "nodes.comfy_model", "cat_train.adapters.lora",
+                                            "cat_train.training", "cat_train.training")]
 
 
 def _state(mp):
@@ -43,7 +43,7 @@ def test_predict_is_the_velocity_comfyui_samples_with(comfy, flow_models, kind):
     ms = mp.model.model_sampling
     u = torch.linspace(0.05, 0.95, 19, dtype=torch.float64)
     theirs_sigma = ms.sigma(u * 1000) if kind == "sd3" else ms.sigma(u)  # SD3: t/1000 shifted by 3; Flux: mu 1.15
-    D = pack_module(comfy, "cat_train.denoiser")
+    D = pack_module(comfy, "cat_train.step.denoiser")
     torch.testing.assert_close(D.time_shift(den.schedule.shift, u), theirs_sigma.double(), rtol=1e-6, atol=1e-7)
     assert den.schedule.shift == pytest.approx(3.0 if kind == "sd3" else math.exp(1.15))
 
