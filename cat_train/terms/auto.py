@@ -76,8 +76,8 @@ class AutoPreservation(BatchTerm, RunHook):
         return out
 
     def end_of_step(self, step: int) -> None:
-        if not due(step, self.cfg.every, self.cfg.first) or len(self.added) >= self.cfg.top_k:
-            return  # a spent budget has nothing left to decide: no more measuring
+        if not due(step, self.cfg.every, self.cfg.first) or len(self.added) >= min(self.cfg.top_k, len(self.order)):
+            return  # a spent budget, or every probe added, has nothing left to decide: no more measuring
         t0 = time.perf_counter()
         drift, self.kept = self.validator.probe_and_keep_drifts()
         self.drift, self.measured = scores(drift, self.kept, self.cfg.rule), step

@@ -208,6 +208,19 @@ def test_the_lora_header_and_the_report_record_the_chosen_probes_and_their_simil
     assert "cat_auto_preservation_nearest" not in term_metadata(CatLossConfig(), None)
 
 
+def test_measuring_stops_once_every_probe_is_added_even_below_the_budget(tiny_denoiser, text):
+    """A budget larger than the probes (nearest's floor can leave fewer than `neighbours`): nothing is left to decide
+    once all are added, so nothing more is measured (the world's bench measured 14 times for 4 probes added at 1)."""
+    lc = CatLossConfig(alpha=1.0, class_word="dog", auto=AutoPreservationConfig(
+        every=2, probes=("cat", "wolf"), top_k=8, threshold=0.0, rule="relative", first=1, points=2))
+    exs = build_examples([(torch.randn(4, 8, 8), "a photo of sks dog", ("sks",))], text, lc)
+    infos = []
+    train(tiny_denoiser, exs, lc, LoraSpec(rank=4, preset="full"), TrainConfig(steps=4, lr=3e-2, batch_size=1, seed=1),
+          callback=infos.append)
+    assert sorted(p for p, _, _ in infos[-1].reports["auto"]["auto_added"]) == ["cat", "wolf"]
+    assert [i.reports["auto"]["measured"] for i in infos] == [1, 1, 1, 1]  # both added at step 1: no check at 2 or 4
+
+
 def test_bench_nearest_method_gives_no_list_and_ranks_from_the_class_word():
     from cat_train.world import bench, methods
 
