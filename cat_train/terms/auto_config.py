@@ -51,8 +51,9 @@ class AutoPreservationConfig:
         "for `list`: the probe class words (short phrases); each replaces the image's class word in its "
         "preservation prompt. In the node one per line.")})
     neighbours: int = field(default=8, metadata={"since": "0.2.0", "min": 1, "max": 100, "help": (
-        "for `nearest`: how many of the candidates closest to the class word become probes (each costs images x points "
-        "no-grad forwards per measurement). The ranking encodes the whole vocabulary once per run.")})
+        "for `nearest`: how many of the candidates closest to the class word become probes at most (fewer where the "
+        "rest are below 0.75 x the nearest one's cosine; each costs images x points no-grad forwards per measurement). "
+        "The ranking encodes the whole vocabulary once per run.")})
     top_k: int = field(default=2, metadata={"help": (
         "budget: at most this many probes are added over the whole run (the worst first).")})
     threshold: float = field(default=0.01, metadata={"help": (
