@@ -126,7 +126,12 @@ class AutoPreservationConfig:
         """{probe: prompt} for one image whose preservation prompt is y and whose class words are own_words; ranked:
         `rank`'s, for `nearest` (the probes of the image's class words)."""
         if self.source == "nearest":
-            words = tuple(w for cw in nearest.class_words(own_words, class_word) for w in (ranked or {})[cw].words)
+            ranked = ranked or {}
+            # own_words is empty where y holds no class word (`strip`, `empty`): the configured word's ranking, or
+            # with several class words every ranking's probes
+            keys = ([w for w in own_words if w]
+                    or ([class_word.strip()] if isinstance(class_word, str) else list(ranked)))
+            words = tuple(w for cw in keys if cw in ranked for w in ranked[cw].words)
             return image_probes(y, own_words, tuple(dict.fromkeys(words)))
         return image_probes(y, own_words, probe_words(self, class_word))
 

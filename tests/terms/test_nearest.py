@@ -106,6 +106,10 @@ def test_multi_concept_datasets_rank_each_class_word_with_the_others_among_the_c
     a, b = build_examples(rows, toy, lc)
     assert a.rankings[0].words[0] == "wolf" and b.rankings[1].words[0] == "fox"  # cos 0.994 to dog, 0.96 to cat
     assert a.rankings is b.rankings  # one tuple of the run's rankings, for the term's report
+    # y without the class word (`strip`): each class word is still ranked; an image is probed with every ranking's
+    a, b = build_examples(rows, toy, replace(lc, preservation="strip"))
+    assert [r.class_word for r in a.rankings] == ["dog", "cat"]
+    assert set(a.probes) == set(b.probes) == {w for r in a.rankings for w in r.words}
     # the other class word competes with the vocabulary's words (cat is 0.6 from dog, photo 0.447)
     images = [("a photo of dog", ("sks",), ["dog"]), ("a photo of cat", ("zwx",), ["cat"])]
     got = nearest.choose(images, lc.class_word, toy_encode, 2, candidates=["car", "photo"])
