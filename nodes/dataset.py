@@ -53,6 +53,35 @@ class CatDataset:
             out["pooled"] = torch.stack([r[1] for r in rows])
         return out
 
+    def rank_text(self, prompts: list[str]) -> torch.Tensor:
+        """(B, L, C): CLIP-L's conditioning alone, not cached, one batch of 77-token chunks. `nearest` auto
+        preservation ranks its ~5,800-word vocabulary with it (cat_train/terms/nearest.py): through encode_text's
+        cache SDXL's contexts alone would hold ~4 GB. CLIP-L is in every family the trainer takes (SD1.x, SDXL, SD3,
+        Flux), where SD3's and Flux's T5 would take minutes over the list; in Flux the UNet reads CLIP-L only pooled
+        (docs/auto-preservation.md)."""
+        clip = self.clip
+        cs = clip.cond_stage_model
+        toks = [clip.tokenize(p) for p in prompts]
+        enc = getattr(cs, "clip_l", None)
+        if enc is None or any("l" not in t for t in toks):
+            # no CLIP-L: the family's own conditioning, a prompt at a time
+            return torch.stack(repeat_to_common_length([clip.encode_from_tokens(t)[0].float().cpu() for t in toks], 0))
+        cs.reset_clip_options()
+        if clip.layer_idx is not None:  # CLIP Set Last Layer, as ComfyUI's own encode honours it
+            cs.set_clip_options({"layer": clip.layer_idx})
+        clip.load_model()
+        # ComfyUI >= 0.3.6x encodes there; older ignore it
+        cs.set_clip_options({"execution_device": clip.patcher.load_device})
+        with torch.no_grad():
+            out = enc.encode_token_weights([c for t in toks for c in t["l"]])[0][0].float().cpu()  # (77 x chunks, C)
+        cs.reset_clip_options()
+        rows, at = [], 0
+        for t in toks:
+            n = out.shape[0] * len(t["l"]) // sum(len(u["l"]) for u in toks)
+            rows.append(out[at:at + n])
+            at += n
+        return torch.stack(repeat_to_common_length(rows, 0))
+
     def token_positions(self, caption: str, triggers: tuple[str, ...]) -> tuple[int, ...]:
         """Where the triggers' tokens sit in the caption's context (77-token chunks back to back), by CLIP's own
         tokenizer (its first, for SDXL's two: they share positions); for APT's align_skip_triggers."""

@@ -180,7 +180,7 @@ def model_examples(mp, dataset, loss_cfg: CatLossConfig, tick=None, cfg: TrainCo
     examples = build_examples([(lat, cap, trig, rep, m) for (lat, cap, trig, rep), m in zip(dataset.items, masks)],
                               dataset.encode_text, loss_cfg,
                               progress=(lambda done, total: tick()) if tick else None, token_positions=positions,
-                              cfg=cfg)
+                              cfg=cfg, rank_text=getattr(dataset, "rank_text", None))
     latents, conds, probes, out = {}, {}, {}, []
 
     def unet_cond(c, w, h):

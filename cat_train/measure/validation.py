@@ -146,11 +146,20 @@ class Validator:
 
     def probe_drifts(self) -> dict[str, float]:
         """Each probe's keep drift alone: mean over the points of every measured image that has the probe."""
+        return self.probe_and_keep_drifts()[0]
+
+    def probe_and_keep_drifts(self) -> tuple[dict[str, float], float | None]:
+        """probe_drifts() and, from the same forwards, the keep drift of the images' own preservation prompts (None
+        unless "keep" rows are measured)."""
         by: dict[str, list[Tensor]] = {}
+        keep: list[Tensor] = []
         for kind, name, d in self._drifts():
             if kind == "probe":
                 by.setdefault(name, []).append(d)
-        return {name: float(torch.cat(ds).double().mean()) for name, ds in by.items()}
+            elif kind == "keep":
+                keep.append(d)
+        return ({name: float(torch.cat(ds).double().mean()) for name, ds in by.items()},
+                float(torch.cat(keep).double().mean()) if keep else None)
 
     def __call__(self, step: int) -> dict:
         sums: dict[str, list[Tensor]] = {"fit": [], "keep": [], "probe": []}

@@ -15,7 +15,8 @@ def cat_method(m: str) -> tuple[float, str]:
     """'cat1' -> (1.0, 'class'); 'cat1:empty' -> (1.0, 'empty'): CAT factor and preservation mode.
 
     Modes: class, strip, empty (CatLossConfig's), all: y cycles over every class of the world, and auto: y starts
-    as the class prompt and auto preservation adds the other classes it finds drifting (cat_train/terms/auto.py).
+    as the class prompt and auto preservation adds the other classes it finds drifting (cat_train/terms/auto.py);
+    nearest: as auto, with no list: the probes are the words nearest to the class word (cat_train/terms/nearest.py).
     """
     alpha, _, mode = m[3:].partition(":")
     return float(alpha), mode or "class"
@@ -119,10 +120,11 @@ def method_name(m: str) -> str:
             alpha, mode = cat_method(m)
         except ValueError:
             alpha, mode = float("nan"), ""
-        if math.isfinite(alpha) and alpha >= 0 and mode in ("class", "strip", "empty", "all", "auto") \
-                and not (mode == "auto" and alpha == 0):
+        if math.isfinite(alpha) and alpha >= 0 and mode in ("class", "strip", "empty", "all", "auto", "nearest") \
+                and not (mode in ("auto", "nearest") and alpha == 0):
             return m
     raise argparse.ArgumentTypeError(f"unknown method {m!r}; choose from lora, prior, "
-                                     "cat<alpha>[:class|strip|empty|all|auto] (e.g. cat1, cat0.5:strip, cat1:all, "
-                                     "cat1:auto; auto needs alpha > 0), apt[:ada|rs|aa|skip|earlier], "
+                                     "cat<alpha>[:class|strip|empty|all|auto|nearest] (e.g. cat1, cat0.5:strip, "
+                                     "cat1:all, cat1:auto, cat1:nearest; auto and nearest need alpha > 0), "
+                                     "apt[:ada|rs|aa|skip|earlier], "
                                      "cat<alpha>+apt[:part], catversion[:earlier][+cat<alpha>]")
