@@ -43,6 +43,9 @@ class Family:
     lora_tags: ClassVar[tuple[str, ...]] = ()
     # its networks' distilled guidance input while training (None: no such input)
     training_guidance: ClassVar[float | None] = None
+    # its network must see each prompt's tokens alone: its attention gives caption tokens positions (joint attention
+    # with RoPE over the caption), so a prompt repeated to a batch's common length would change its result
+    whole_prompts: ClassVar[bool] = False
 
     @classmethod
     def detect(cls, net: nn.Module) -> bool:
@@ -220,8 +223,81 @@ class SD3(Family):
         return list(net.joint_blocks)
 
 
+class NextDiT(Family):
+    """Alpha-VLLM's NextDiT (ComfyUI's comfy/ldm/lumina): caption and image tokens refined apart (`context_refiner`,
+    `noise_refiner`), then joint blocks over both (`layers`). Lumina Image 2.0 and Z-Image are two families of it."""
+    flow_matching = True
+    whole_prompts = True
+    _attn = ("attention.qkv", "attention.out")  # fused qkv: every block, refiners included
+    _mlp = ("feed_forward.w1", "feed_forward.w2", "feed_forward.w3")  # SwiGLU
+
+    @staticmethod
+    def _targets(prefix: str, mod: str) -> dict[str, tuple[str, ...]]:
+        """mod: the blocks' adaLN modulation Linear (its index differs between the two)."""
+        a, m = NextDiT._attn, NextDiT._mlp
+        return {f"{prefix}_attn": a, f"{prefix}_attn_mlp": a + m, f"{prefix}_full": a + m + (mod,)}
+
+    @classmethod
+    def _is_nextdit(cls, net) -> bool:
+        return all(hasattr(net, a) for a in ("noise_refiner", "context_refiner", "layers", "cap_embedder"))
+
+    @staticmethod
+    def _z_modulation(net) -> bool:
+        """Z-Image's blocks modulate from a 256-wide embedding through one Linear; Lumina 2's through SiLU + Linear."""
+        return isinstance(net.layers[0].adaLN_modulation[0], nn.Linear)
+
+    @classmethod
+    def checkpoint_units(cls, net):
+        return [*net.noise_refiner, *net.context_refiner, *net.layers]
+
+
+class Lumina2(NextDiT):
+    """Lumina Image 2.0 (Gemma 2 2B captions; shift 6)."""
+    name = "lumina2"
+    title = "Lumina Image 2.0"
+    targets = NextDiT._targets("lumina2", "adaLN_modulation.1")
+    generic = {"attn": "lumina2_attn", "attn_ff": "lumina2_attn_mlp", "full": "lumina2_full"}
+    base_versions = {"Lumina2": "lumina2"}
+    lora_tags = ("lumina",)
+
+    @classmethod
+    def detect(cls, net):
+        return cls._is_nextdit(net) and not cls._z_modulation(net)
+
+    @classmethod
+    def lora_keys_say(cls, keys):
+        return any(re.search(r"(^|_)(layers|noise_refiner)_\d+_adaLN_modulation_1", k) for k in keys)
+
+    @classmethod
+    def checkpoint_says(cls, tensors):
+        return "layers.0.adaLN_modulation.1.weight" in tensors and "noise_refiner.0.attention.qkv.weight" in tensors
+
+
+class ZImage(NextDiT):
+    """Z-Image (Tongyi's 6B NextDiT with Qwen3 4B captions; ComfyUI builds it as its Lumina2 model with Z-Image's
+    config: 256-wide modulation through one Linear, pad tokens, time scale 1000; shift 3)."""
+    name = "zimage"
+    title = "Z-Image"
+    targets = NextDiT._targets("zimage", "adaLN_modulation.0")
+    generic = {"attn": "zimage_attn", "attn_ff": "zimage_attn_mlp", "full": "zimage_full"}
+    base_versions = {"ZImage": "zimage"}
+    lora_tags = ("zimage", "z_image", "z-image")
+
+    @classmethod
+    def detect(cls, net):
+        return cls._is_nextdit(net) and cls._z_modulation(net)
+
+    @classmethod
+    def lora_keys_say(cls, keys):
+        return any(re.search(r"(^|_)(layers|noise_refiner)_\d+_adaLN_modulation_0", k) for k in keys)
+
+    @classmethod
+    def checkpoint_says(cls, tensors):
+        return "layers.0.adaLN_modulation.0.weight" in tensors and "noise_refiner.0.attention.qkv.weight" in tensors
+
+
 # In this order the target choices are offered (the trainer node's `target` list).
-FAMILIES: tuple[type[Family], ...] = (SDUNet, SDXLUNet, Flux, SD3)
+FAMILIES: tuple[type[Family], ...] = (SDUNet, SDXLUNet, Flux, SD3, Lumina2, ZImage)
 TARGETS: dict[str, tuple[str, ...]] = {c: s for f in FAMILIES for c, s in f.targets.items()}
 
 

@@ -179,3 +179,43 @@ def register_tiny_open_clip(clip_dir) -> str:
         torch.manual_seed(0)
         torch.save(open_clip.create_model("CATTinyCLIP").state_dict(), path)
     return path.name
+
+
+# ---- NextDiT (Lumina Image 2.0, Z-Image), Wan 2.x and HiDream: networks only, built by ComfyUI's own model classes.
+# Hidden 64, 2 heads of 32 = rope axes 8 + 12 + 12; caption features 32 wide. Z-Image: its 256-wide one-Linear
+# modulation (so hidden 256 at least: 2 heads of 128 = its real axes 32 + 48 + 48), pad tokens and time scale as
+# ComfyUI's detection sets them for the real model.
+TINY_LUMINA2_DIT = dict(image_model="lumina2", patch_size=2, in_channels=16, dim=64, cap_feat_dim=32, n_layers=2,
+                        n_refiner_layers=1, n_heads=2, n_kv_heads=1, qk_norm=True, axes_dims=[8, 12, 12],
+                        axes_lens=[300, 512, 512], rope_theta=10000.0, ffn_dim_multiplier=4.0, multiple_of=16)
+TINY_ZIMAGE_DIT = dict(TINY_LUMINA2_DIT, dim=256, n_kv_heads=2, axes_dims=[32, 48, 48], axes_lens=[1536, 512, 512], rope_theta=256.0,
+                       ffn_dim_multiplier=8.0 / 3.0, z_image_modulation=True, time_scale=1000.0, pad_tokens_multiple=32)
+
+
+def tiny_network(kind: str, seed: int = 0, dtype: torch.dtype = torch.float32):
+    """MODEL (a ModelPatcher) of a tiny lumina2-, zimage-, wan- or hidream-shaped network built by ComfyUI's own
+    config and model classes (zimage: AttributeError on a ComfyUI without Z-Image, v0.3.64)."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.supported_models as sm
+
+    if kind == "lumina2":
+        import inspect
+
+        from comfy.ldm.lumina.model import NextDiT
+
+        class TinyLumina2(sm.Lumina2):
+            unet_config = {"image_model": "lumina2"}
+        takes = inspect.signature(NextDiT).parameters  # v0.3.64's NextDiT has no rope_theta (10000 fixed)
+        cfg = TinyLumina2({k: v for k, v in TINY_LUMINA2_DIT.items() if k in takes or k == "image_model"})
+    elif kind == "zimage":
+        class TinyZImage(sm.ZImage):
+            unet_config = {"image_model": "lumina2"}
+        cfg = TinyZImage(dict(TINY_ZIMAGE_DIT))
+    else:
+        raise ValueError(kind)
+    cfg.set_inference_dtype(dtype, None)
+    base = cfg.get_model({})
+    _init_(base.diffusion_model, seed)
+    base.diffusion_model.to(dtype)
+    return comfy.model_patcher.ModelPatcher(base, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())

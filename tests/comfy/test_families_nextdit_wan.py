@@ -1,0 +1,256 @@
+"""CAT on Lumina Image 2.0 and Z-Image (NextDiT) inside a real ComfyUI: tiny networks built by ComfyUI's own config and
+model classes (tiny_models.tiny_network), trained on fixed latents with seeded stand-in caption encodings whose length
+depends on the caption (as an LLM encoder's does: the trigger adds tokens), through the trainer the nodes run.
+On a ComfyUI without Z-Image's model class (v0.3.64) the Z-Image tests assert the pack's one-line refusal instead."""
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from conftest import adapted_vs_stock_predictions, cancelled_after, pack_module
+from tiny_models import tiny_network
+
+KINDS = ["lumina2", "zimage"]
+TAG = {"lumina2": "lumina2", "zimage": "zimage"}
+SHIFT = {"lumina2": 6.0, "zimage": 3.0}
+
+
+def _has(kind) -> bool:
+    import comfy.supported_models as sm
+
+    return kind != "zimage" or hasattr(sm, "ZImage")
+
+
+@pytest.fixture(scope="module")
+def nets(comfy):
+    return {k: tiny_network(k, seed=21) for k in KINDS if _has(k)}
+
+
+def _net(comfy, nets, kind):
+    """The tiny MODEL of `kind`, or (where this ComfyUI lacks its model class) the refusal asserted and None."""
+    if _has(kind):
+        return nets[kind]
+    F, cm = pack_module(comfy, "cat_train.families"), pack_module(comfy, "nodes.comfy_model")
+    with pytest.raises(ValueError) as e:
+        cm.host_has(getattr(F, {"zimage": "ZImage"}[kind]))
+    assert str(e.value) == ("Z-Image needs a ComfyUI with its ZImage model class (v0.33 has it, this ComfyUI does not): "
+                            "update ComfyUI to train it.")
+    with pytest.raises(AttributeError, match="ZImage"):
+        tiny_network(kind)
+    return None
+
+
+def _mods(comfy):
+    return [pack_module(comfy, m) for m in ("nodes.trainer", "nodes.comfy_model", "cat_train.adapters.lora",
+                                            "cat_train.training")]
+
+
+def _state(mp):
+    return {k: (v.dtype, v.device, v.clone()) for k, v in mp.model.diffusion_model.state_dict().items()}
+
+
+def _same(a, b):
+    return a.keys() == b.keys() and all(a[k][0] == b[k][0] and a[k][1] == b[k][1] and torch.equal(a[k][2], b[k][2])
+                                        for k in a)
+
+
+class _Captions:
+    """The dataset interface the trainer reads: fixed latents and seeded stand-in encodings, one token per word plus a
+    template's 4 (so y_T, holding the trigger, is longer than y: what an LLM encoder does)."""
+
+    def __init__(self, n=3, width=32, latent=(16, 8, 8)):
+        g = torch.Generator().manual_seed(4)
+        self.items = [(torch.randn(*latent, generator=g), f"a photo of sks dog {'big ' * i}", ("sks",), 1)
+                      for i in range(n)]
+        self.width = width
+        self.triggers, self.class_word, self.buckets = ("sks",), "dog", {(64, 64): n}
+
+    def _one(self, p):
+        g = torch.Generator().manual_seed(sum(map(ord, p)))
+        return torch.randn(4 + len(p.split()), self.width, generator=g)
+
+    def encode_text(self, prompts):
+        """As the CAT Dataset node batches captions: shorter ones repeated whole to a common length."""
+        import math
+
+        rows = [self._one(p) for p in prompts]
+        n = math.lcm(*{r.shape[0] for r in rows})
+        return {"context": torch.stack([r.repeat(n // r.shape[0], 1) for r in rows])}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_family_holds_and_comfyui_agrees(comfy, nets, kind):
+    import sys
+
+    from conftest import ROOT
+
+    mp = _net(comfy, nets, kind)
+    if mp is None:
+        return
+    if str(ROOT / "tests") not in sys.path:
+        sys.path.insert(0, str(ROOT / "tests"))
+    from family_checks import check_family
+
+    F, A, E = (pack_module(comfy, f"cat_train.{m}") for m in ("families", "adapters.lora", "adapters.export"))
+    cm = pack_module(comfy, "nodes.comfy_model")
+    family = {"lumina2": F.Lumina2, "zimage": F.ZImage}[kind]
+    assert cm.family_of(mp) is family and cm.base_model_version(mp) == TAG[kind]
+    counts = check_family(F, A, E, family, mp.model.diffusion_model)
+    # attention qkv/out + SwiGLU w1-3 in 1 noise refiner, 1 context refiner and 2 joint blocks; + 3 modulations
+    assert counts == {"layers": 4 * 5 + 3 + (1 if kind == "lumina2" else 0), "units": 4}
+    # the stock loader's key map resolves every kohya name, and a header says the family
+    import comfy.lora as comfy_lora
+
+    key_map = comfy_lora.model_lora_keys_unet(mp.model, {})
+    names = family.kohya_names(mp.model.diffusion_model)
+    full = A.target_modules(mp.model.diffusion_model, A.LoraSpec(preset="full"))
+    assert all(key_map["lora_unet_" + names[n].replace(".", "_")] == f"diffusion_model.{n}.weight" for n in full)
+    H = pack_module(comfy, "cat_train.families.headers")
+    keys = [f"lora_unet_{names[n].replace('.', '_')}.lora_down.weight" for n in full]
+    assert H.lora_family({k: {} for k in keys}) == kind
+    assert H.lora_family({"__metadata__": {"ss_base_model_version": TAG[kind]}}) == kind
+    sd = {k.removeprefix("diffusion_model."): {} for k in mp.model.state_dict() if k.startswith("diffusion_model.")}
+    assert H.model_family(sd) == kind
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_predict_is_comfyuis_velocity_and_prompts_stay_whole(comfy, nets, kind):
+    """predict() == ComfyUI's own conditioning path (Lumina2.extra_conds from the text encoder's output and its
+    attention mask) through apply_model, CONST rule; a batch whose shorter caption was repeated to a common length
+    predicts each row as it does alone (ComfyUI never batches captions of different lengths for these models)."""
+    mp = _net(comfy, nets, kind)
+    if mp is None:
+        return
+    _, cm, _, _ = _mods(comfy)
+    den = cm.ComfyDenoiser(mp)
+    assert den.prediction_type == "flow" and den.schedule.shift == pytest.approx(SHIFT[kind])
+    g = torch.Generator().manual_seed(0)
+    ctx = torch.randn(1, 9, 32, generator=g)
+    conditioning = [[ctx, {"attention_mask": torch.ones(1, 9, dtype=torch.long)}]]
+    c = cm.comfy_cond(mp, conditioning, 64, 64)
+    assert set(c) == {"context", "tokens"} and c["tokens"].tolist() == [[9.0]]
+    x0, noise = torch.randn(2, 16, 8, 8, generator=g), torch.randn(2, 16, 8, 8, generator=g)
+    t = torch.tensor([200.0, 700.0])
+    x_t = den.schedule.add_noise(x0, noise, t)
+    sigma = den.schedule.sigma(t).float()
+    theirs_kw = {k: v.cond for k, v in mp.model.extra_conds(cross_attn=ctx.expand(2, -1, -1), device=x_t.device,
+                                                             noise=x_t, attention_mask=conditioning[0][1]["attention_mask"]
+                                                             ).items()}
+    assert theirs_kw["num_tokens"] == 9
+    with torch.no_grad():
+        ours = den.predict(x_t, t, {k: v.expand(2, *v.shape[1:]) for k, v in c.items()})
+        theirs = (x_t - mp.model.apply_model(x_t, sigma, **theirs_kw)) / sigma.view(-1, 1, 1, 1)
+        assert ours.abs().mean() > 1e-3
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4)
+        # rows of 9 and 3 tokens: the 3 repeated to 9 in the batch, predicted on its own 3
+        short = torch.randn(1, 3, 32, generator=g)
+        batch = {"context": torch.cat([ctx, short.repeat(1, 3, 1)]), "tokens": torch.tensor([[9.0], [3.0]])}
+        both = den.predict(x_t, t, batch)
+        alone = den.predict(x_t[1:], t[1:], {"context": short, "tokens": torch.tensor([[3.0]])})
+        repeated = den.predict(x_t[1:], t[1:], {"context": short.repeat(1, 3, 1)})
+    torch.testing.assert_close(both[:1], ours[:1], atol=1e-5, rtol=1e-4)  # batch of 1 vs 2: float rounding
+    torch.testing.assert_close(both[1:], alone, atol=1e-5, rtol=1e-4)
+    assert (repeated - alone).abs().max() > 1e-4  # what a repeated caption would have done to this network
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_cat_trains_model_untouched_stock_loader_predicts_as_trained(comfy, nets, kind, tmp_path):
+    """CAT (alpha 1): the CAT term is 0 at init (y gets the same tokens in the frozen and the adapted pass although
+    y_T, longer, shares the adapted batch), the fit loss falls, the input MODEL is bit-identical (dtype, device), and
+    the saved LoRA loads through the stock LoraLoaderModelOnly, patches exactly the trained modules and predicts what
+    the trainer's adapted network does."""
+    mp = _net(comfy, nets, kind)
+    if mp is None:
+        return
+    tr, cm, A, T = _mods(comfy)
+    before = _state(mp)
+    ds = _Captions()
+    spec = A.LoraSpec(rank=8, alpha=8.0, preset="attn_ff")
+    loss = T.CatLossConfig(1.0, "class", "dog")
+    cfg = T.TrainConfig(steps=40, lr=2e-2, seed=1, batch_size=3, checkpoint_dir=str(tmp_path / "ck"))
+    patched, lora, _, _, res = tr.train_on_model(mp, ds, loss, spec, cfg, "7")
+    assert _same(before, _state(mp))
+    assert res.steps_done == 40 and res.history[0]["keep"] < 1e-6 < res.history[-1]["keep"]
+    first = sum(h["fit"] for h in res.history[:8]) / 8
+    last = sum(h["fit"] for h in res.history[-8:]) / 8
+    print(f"{kind}: fit first 8 steps {first:.4f}, last 8 {last:.4f}; keep at step 40 {res.history[-1]['keep']:.2e}")
+    assert last < 0.95 * first, (first, last)  # per-step fit at random sigma: noisy, and the flow target is ε − x0
+    want = (".attention.qkv", ".attention.out", ".feed_forward.w1", ".feed_forward.w2", ".feed_forward.w3")
+    assert res.weights and all(n.endswith(want) for n in res.weights)
+    assert {n.split(".")[0] for n in res.weights} == {"noise_refiner", "context_refiner", "layers"}
+
+    path = comfy.nodes.NODE_CLASS_MAPPINGS["CAT_SaveLora"].execute(lora, f"{kind}_roundtrip").result[0]
+    from safetensors import safe_open
+    with safe_open(path, "pt") as f:
+        assert f.metadata()["ss_base_model_version"] == TAG[kind]
+    (loaded,) = comfy.nodes.NODE_CLASS_MAPPINGS["LoraLoaderModelOnly"]().load_lora_model_only(
+        mp, path.split("/loras/")[-1], 1.0)
+    assert {k[len("diffusion_model."):-len(".weight")] for k in loaded.patches} == set(res.weights)
+    assert set(patched.patches) == set(loaded.patches)
+    ex = tr.model_examples(mp, ds, loss)[0]
+    base, adapted, stock, restored = adapted_vs_stock_predictions(
+        comfy, mp, cm.ComfyDenoiser(mp), ex, res.weights, spec, loaded, torch.tensor([600.0]))
+    assert (adapted - base).abs().max() > 1e-4
+    torch.testing.assert_close(stock, adapted, atol=1e-5, rtol=1e-5)
+    assert torch.equal(restored, base) and _same(before, _state(mp))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_cancel_resume_and_checkpointing(comfy, nets, kind, tmp_path, monkeypatch):
+    """Cancel after step 2 keeps its checkpoint and the MODEL untouched; resuming finishes the run with the LoRA an
+    uninterrupted run trains; gradient checkpointing (every refiner and joint block) trains the same LoRA."""
+    import comfy.model_management as mm
+
+    mp = _net(comfy, nets, kind)
+    if mp is None:
+        return
+    tr, _, A, T = _mods(comfy)
+    before = _state(mp)
+
+    def run(name, **kw):
+        cfg = T.TrainConfig(steps=4, lr=1e-2, seed=3, checkpoint_dir=str(tmp_path / name))
+        return tr.train_on_model(mp, _Captions(), T.CatLossConfig(1.0, "class", "dog"), A.LoraSpec(rank=2, alpha=2.0),
+                                 cfg, "5", **kw)[4]
+    with cancelled_after(2, total=4) as seen:
+        run("cut")
+    assert seen == [1, 2] and _same(before, _state(mp))
+    ck = T.latest_checkpoint(tmp_path / "cut")
+    assert ck is not None and ck.name == "cat-step000002.pt"
+    resumed = run("cut", resume=str(ck))
+    assert resumed.steps_done == 4 and [h["step"] for h in resumed.history] == [1, 2, 3, 4]
+    whole = run("whole")
+    net = mp.model.diffusion_model
+    units = pack_module(comfy, "cat_train.families").of(net).checkpoint_units(net)
+    from torch.utils import checkpoint as ckpt_mod
+    calls, real = [], ckpt_mod.checkpoint
+    monkeypatch.setattr(ckpt_mod, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    ckpt = run("ckpt", checkpointing="on")
+    assert len(calls) >= len(units) == 4 and all("forward" not in vars(u) for u in units)
+    for k, w in whole.weights.items():
+        torch.testing.assert_close(resumed.weights[k].up, w.up, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(ckpt.weights[k].up, w.up, atol=1e-6, rtol=1e-5)
+    assert _same(before, _state(mp)) and not mm.processing_interrupted()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_other_nextdit_models_refused_by_name(comfy, nets, kind, monkeypatch):
+    """Lumina-based models the trainer was not written for (NewBie's pooled CLIP input, Z-Image Omni's SigLIP input)
+    are refused before anything is loaded."""
+    import comfy.model_management as mm
+
+    mp = _net(comfy, nets, kind)
+    if mp is None:
+        return
+    tr, cm, A, T = _mods(comfy)
+    loads = []
+    monkeypatch.setattr(mm, "load_models_gpu", lambda *a, **k: loads.append(a))
+    net = mp.model.diffusion_model
+    net.siglip_embedder = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    try:
+        with pytest.raises(ValueError, match=r"this MODEL is a Lumina2 with a NextDiT network, which is not supported"):
+            tr.train_on_model(mp, _Captions(), T.CatLossConfig(1.0, "class", "dog"), A.LoraSpec(), T.TrainConfig(steps=1))
+    finally:
+        net.siglip_embedder = None
+    assert loads == [] and re.search("Lumina Image 2.0 and Z-Image", cm.SUPPORTED)
