@@ -30,7 +30,7 @@ log = logging.getLogger("ComfyUI-CAT")
 
 SUPPORTED = ("SD1.x and SD2.x (eps or v prediction) and SDXL UNets with a discrete DDPM schedule, SD3/SD3.5 (MMDiT) "
              "and Flux (dev, schnell) flow-matching transformers"
-             ", Lumina Image 2.0 and Z-Image (NextDiT)")
+             ", Lumina Image 2.0 and Z-Image (NextDiT), Wan 2.1/2.2 A14B text-to-video as single frames")
 # Patcher-level wrappers that act on the sampler, not on one network call: training never runs them.
 _SAMPLING_ONLY = {"outer_sample", "prepare_sampling", "sampler_sample", "predict_noise", "calc_cond_batch"}
 # ComfyUI model classes built on its Flux class that are not Flux.1, as users know them
@@ -74,13 +74,19 @@ def family_of(mp) -> type[families.Family]:
 
 def _written_for_fam_b(base, net) -> dict:
     """Lumina 2 and Z-Image: ComfyUI's Lumina2 model (Z-Image is it with Z-Image's config) over its plain NextDiT
-    (not Z-Image's pixel-space network); NewBie's pooled CLIP input and Z-Image Omni's SigLIP input are not built."""
+    (not Z-Image's pixel-space network); NewBie's pooled CLIP input and Z-Image Omni's SigLIP input are not built.
+    Wan: ComfyUI's WAN21 model (Wan 2.1 and 2.2 A14B) over the plain WanModel, text-to-video only (no image
+    channels, CLIP-vision or reference input); Wan 2.2 5B (WAN22: per-frame timesteps) is not."""
     import comfy.model_base as mb
     from comfy.ldm.lumina.model import NextDiT
+    from comfy.ldm.wan.model import WanModel
 
     nextdit = (type(base) is mb.Lumina2 and type(net) is NextDiT and getattr(net, "clip_text_pooled_proj", None) is None
                and getattr(net, "siglip_embedder", None) is None)
-    return {families.Lumina2: nextdit, families.ZImage: nextdit}
+    wan = (type(base) is mb.WAN21 and type(net) is WanModel and not base.image_to_video
+           and net.patch_embedding.weight.shape[1] == net.out_dim and getattr(net, "img_emb", None) is None
+           and getattr(net, "ref_conv", None) is None)
+    return {families.Lumina2: nextdit, families.ZImage: nextdit, families.Wan: wan}
 
 
 # Families whose ComfyUI model class a ComfyUI may lack: (module, class, the family as users know it)
@@ -234,6 +240,12 @@ class ComfyDenoiser:
         extra = {k: v.to(dt) for k, v in cond.items() if k != "context"}
         if issubclass(self.family, families.NextDiT):  # caption length (ComfyUI: the attention mask's sum)
             extra["num_tokens"] = cond["context"].shape[1]
+        if getattr(self.family, "video", False):  # one frame: (B, C, H, W) <-> (B, C, 1, H, W)
+            return self._call(x_t[:, :, None], t, cond, extra)[:, :, 0]
+        return self._call(x_t, t, cond, extra)
+
+    def _call(self, x_t: Tensor, t: Tensor, cond: Cond, extra: dict) -> Tensor:
+        dt = self.compute_dtype
         if self.guidance is not None and "guidance" not in extra:
             extra["guidance"] = torch.full((x_t.shape[0],), self.guidance, device=x_t.device, dtype=dt)
         if self.prediction_type == "flow":  # the model's own timestep of sigma, as apply_model computes it

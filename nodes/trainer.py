@@ -177,7 +177,9 @@ def model_examples(mp, dataset, loss_cfg: CatLossConfig, tick=None, cfg: TrainCo
     positions = dataset.token_positions if loss_cfg.apt.align_skip_triggers else None  # tokenizes only when asked
     # masks only where they weigh something: off, the examples (and the run's data fingerprint) are as without them
     masks = (getattr(dataset, "masks", None) if loss_cfg.mask.active else None) or [None] * len(dataset.items)
-    examples = build_examples([(lat, cap, trig, rep, m) for (lat, cap, trig, rep), m in zip(dataset.items, masks)],
+    frame = single_frame(mp)
+    items = [(frame(lat), cap, trig, rep, m) for (lat, cap, trig, rep), m in zip(dataset.items, masks)]
+    examples = build_examples(items,
                               dataset.encode_text, loss_cfg,
                               progress=(lambda done, total: tick()) if tick else None, token_positions=positions,
                               cfg=cfg)
@@ -191,7 +193,7 @@ def model_examples(mp, dataset, loss_cfg: CatLossConfig, tick=None, cfg: TrainCo
     for ex in examples:
         h, w = ex.latent.shape[-2] * 8, ex.latent.shape[-1] * 8
         if id(ex.latent) not in latents:
-            latents[id(ex.latent)] = (ex.latent, mp.model.process_latent_in(ex.latent[None].clone())[0])
+            latents[id(ex.latent)] = (ex.latent, frame.model_space(ex.latent))
         # auto preservation's probes: one dict per image, as build_examples made them
         if (id(ex.probes), w, h) not in probes:
             probes[(id(ex.probes), w, h)] = {p: unet_cond(c, w, h) for p, c in ex.probes.items()}
@@ -200,6 +202,26 @@ def model_examples(mp, dataset, loss_cfg: CatLossConfig, tick=None, cfg: TrainCo
         if tick:
             tick()
     return out
+
+
+def single_frame(mp):
+    """latent -> the trainer's (C, H, W) latent, with `.model_space(latent)` (process_latent_in). A video family's
+    (Wan) VAE encodes an image as a one-frame clip (C, 1, H, W), which trains as that frame; its latent format
+    normalises (B, C, T, H, W), so the frame goes through it as a clip. Clips of several frames are refused."""
+    from .comfy_model import family_of
+
+    video = getattr(family_of(mp), "video", False)
+
+    def frame(latent: torch.Tensor) -> torch.Tensor:
+        if not video or latent.ndim == 3:
+            return latent
+        if latent.ndim != 4 or latent.shape[1] != 1:
+            raise ValueError(f"a dataset latent of shape {tuple(latent.shape)} for a {family_of(mp).title} model: CAT "
+                             "trains it on images (one-frame clips); multi-frame clips are not supported.")
+        return latent[:, 0]
+    frame.model_space = (lambda z: mp.model.process_latent_in(z[None, :, None].clone())[0, :, 0]) if video else \
+        (lambda z: mp.model.process_latent_in(z[None].clone())[0])
+    return frame
 
 
 def preparation_steps(dataset, loss_cfg: CatLossConfig, cfg: TrainConfig | None = None) -> int:

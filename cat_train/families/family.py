@@ -296,8 +296,40 @@ class ZImage(NextDiT):
         return "layers.0.adaLN_modulation.0.weight" in tensors and "noise_refiner.0.attention.qkv.weight" in tensors
 
 
+class Wan(Family):
+    """Wan 2.1 / 2.2 A14B text-to-video (ComfyUI's WanModel: self- and cross-attention blocks over T5 context), trained
+    as an image model: each image a one-frame clip (latent (C, 1, H, W))."""
+    name = "wan"
+    title = "Wan 2.x (single frame)"
+    flow_matching = True
+    video = True  # its network takes (B, C, T, H, W): the trainer's (B, C, H, W) latents are one frame
+    _attn = tuple(f"{a}.{p}" for a in ("self_attn", "cross_attn") for p in ("q", "k", "v", "o"))
+    _mlp = ("ffn.0", "ffn.2")
+    _mod = ("time_projection.1",)  # the blocks' shared modulation (each block adds its own parameter to it)
+    targets = {"wan_attn": _attn, "wan_attn_mlp": _attn + _mlp, "wan_full": _attn + _mlp + _mod}
+    generic = {"attn": "wan_attn", "attn_ff": "wan_attn_mlp", "full": "wan_full"}
+    base_versions = {"WAN21_T2V": "wan_t2v"}
+    lora_tags = ("wan",)
+
+    @classmethod
+    def detect(cls, net):
+        return all(hasattr(net, a) for a in ("blocks", "patch_embedding", "text_embedding", "time_projection"))
+
+    @classmethod
+    def lora_keys_say(cls, keys):
+        return any(re.search(r"(^|_)blocks_\d+_cross_attn_[qkvo](\.|_|$)", k) for k in keys)
+
+    @classmethod
+    def checkpoint_says(cls, tensors):
+        return "head.modulation" in tensors and "blocks.0.cross_attn.q.weight" in tensors
+
+    @classmethod
+    def checkpoint_units(cls, net):
+        return list(net.blocks)
+
+
 # In this order the target choices are offered (the trainer node's `target` list).
-FAMILIES: tuple[type[Family], ...] = (SDUNet, SDXLUNet, Flux, SD3, Lumina2, ZImage)
+FAMILIES: tuple[type[Family], ...] = (SDUNet, SDXLUNet, Flux, SD3, Lumina2, ZImage, Wan)
 TARGETS: dict[str, tuple[str, ...]] = {c: s for f in FAMILIES for c, s in f.targets.items()}
 
 

@@ -1,6 +1,8 @@
-"""CAT on Lumina Image 2.0 and Z-Image (NextDiT) inside a real ComfyUI: tiny networks built by ComfyUI's own config and
-model classes (tiny_models.tiny_network), trained on fixed latents with seeded stand-in caption encodings whose length
-depends on the caption (as an LLM encoder's does: the trigger adds tokens), through the trainer the nodes run.
+"""CAT on Lumina Image 2.0 and Z-Image (NextDiT) and on Wan 2.x text-to-video as single frames, inside a real ComfyUI:
+tiny networks built by ComfyUI's own config and model classes (tiny_models.tiny_network), trained on fixed latents
+with seeded stand-in caption encodings through the trainer the nodes run. NextDiT's encodings are as long as the
+caption (as an LLM encoder's are: the trigger adds tokens); Wan's are padded to one length (umT5's tokenizer pads to
+512). Wan's latents are one-frame clips (C, 1, H, W), as its VAE encodes an image.
 On a ComfyUI without Z-Image's model class (v0.3.64) the Z-Image tests assert the pack's one-line refusal instead."""
 from __future__ import annotations
 
@@ -12,9 +14,16 @@ import torch
 from conftest import adapted_vs_stock_predictions, cancelled_after, pack_module
 from tiny_models import tiny_network
 
-KINDS = ["lumina2", "zimage"]
-TAG = {"lumina2": "lumina2", "zimage": "zimage"}
-SHIFT = {"lumina2": 6.0, "zimage": 3.0}
+KINDS = ["lumina2", "zimage", "wan"]
+NEXTDIT = ["lumina2", "zimage"]
+TAG = {"lumina2": "lumina2", "zimage": "zimage", "wan": "wan_t2v"}
+SHIFT = {"lumina2": 6.0, "zimage": 3.0, "wan": 8.0}
+FAMILY = {"lumina2": "Lumina2", "zimage": "ZImage", "wan": "Wan"}
+# what attn_ff adapts, and the top-level module lists its layers sit in
+WANT = {"lumina2": ((".attention.qkv", ".attention.out", ".feed_forward.w1", ".feed_forward.w2", ".feed_forward.w3"),
+                    {"noise_refiner", "context_refiner", "layers"}),
+        "wan": (tuple(f".{a}.{p}" for a in ("self_attn", "cross_attn") for p in "qkvo") + (".ffn.0", ".ffn.2"), {"blocks"})}
+WANT["zimage"] = WANT["lumina2"]
 
 
 def _has(kind) -> bool:
@@ -60,16 +69,17 @@ class _Captions:
     """The dataset interface the trainer reads: fixed latents and seeded stand-in encodings, one token per word plus a
     template's 4 (so y_T, holding the trigger, is longer than y: what an LLM encoder does)."""
 
-    def __init__(self, n=3, width=32, latent=(16, 8, 8)):
+    def __init__(self, kind="lumina2", n=3, width=32, frames=1):
         g = torch.Generator().manual_seed(4)
-        self.items = [(torch.randn(*latent, generator=g), f"a photo of sks dog {'big ' * i}", ("sks",), 1)
+        shape = (16, frames, 8, 8) if kind == "wan" else (16, 8, 8)
+        self.items = [(torch.randn(*shape, generator=g), f"a photo of sks dog {'big ' * i}", ("sks",), 1)
                       for i in range(n)]
-        self.width = width
+        self.width, self.padded = width, kind == "wan"
         self.triggers, self.class_word, self.buckets = ("sks",), "dog", {(64, 64): n}
 
     def _one(self, p):
         g = torch.Generator().manual_seed(sum(map(ord, p)))
-        return torch.randn(4 + len(p.split()), self.width, generator=g)
+        return torch.randn(16 if self.padded else 4 + len(p.split()), self.width, generator=g)
 
     def encode_text(self, prompts):
         """As the CAT Dataset node batches captions: shorter ones repeated whole to a common length."""
@@ -95,11 +105,13 @@ def test_family_holds_and_comfyui_agrees(comfy, nets, kind):
 
     F, A, E = (pack_module(comfy, f"cat_train.{m}") for m in ("families", "adapters.lora", "adapters.export"))
     cm = pack_module(comfy, "nodes.comfy_model")
-    family = {"lumina2": F.Lumina2, "zimage": F.ZImage}[kind]
+    family = getattr(F, FAMILY[kind])
     assert cm.family_of(mp) is family and cm.base_model_version(mp) == TAG[kind]
     counts = check_family(F, A, E, family, mp.model.diffusion_model)
-    # attention qkv/out + SwiGLU w1-3 in 1 noise refiner, 1 context refiner and 2 joint blocks; + 3 modulations
-    assert counts == {"layers": 4 * 5 + 3 + (1 if kind == "lumina2" else 0), "units": 4}
+    # NextDiT: attention qkv/out + SwiGLU w1-3 in 1 noise refiner, 1 context refiner and 2 joint blocks, + the blocks'
+    # 3 modulations (Lumina 2: + the final layer's); Wan: self/cross q k v o + 2 FFN in 2 blocks, + time_projection
+    assert counts == {"lumina2": {"layers": 4 * 5 + 3 + 1, "units": 4}, "zimage": {"layers": 4 * 5 + 3, "units": 4},
+                      "wan": {"layers": 2 * 10 + 1, "units": 2}}[kind]
     # the stock loader's key map resolves every kohya name, and a header says the family
     import comfy.lora as comfy_lora
 
@@ -115,7 +127,7 @@ def test_family_holds_and_comfyui_agrees(comfy, nets, kind):
     assert H.model_family(sd) == kind
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", NEXTDIT)
 def test_predict_is_comfyuis_velocity_and_prompts_stay_whole(comfy, nets, kind):
     """predict() == ComfyUI's own conditioning path (Lumina2.extra_conds from the text encoder's output and its
     attention mask) through apply_model, CONST rule; a batch whose shorter caption was repeated to a common length
@@ -166,7 +178,7 @@ def test_cat_trains_model_untouched_stock_loader_predicts_as_trained(comfy, nets
         return
     tr, cm, A, T = _mods(comfy)
     before = _state(mp)
-    ds = _Captions()
+    ds = _Captions(kind)
     spec = A.LoraSpec(rank=8, alpha=8.0, preset="attn_ff")
     loss = T.CatLossConfig(1.0, "class", "dog")
     cfg = T.TrainConfig(steps=40, lr=2e-2, seed=1, batch_size=3, checkpoint_dir=str(tmp_path / "ck"))
@@ -177,9 +189,8 @@ def test_cat_trains_model_untouched_stock_loader_predicts_as_trained(comfy, nets
     last = sum(h["fit"] for h in res.history[-8:]) / 8
     print(f"{kind}: fit first 8 steps {first:.4f}, last 8 {last:.4f}; keep at step 40 {res.history[-1]['keep']:.2e}")
     assert last < 0.95 * first, (first, last)  # per-step fit at random sigma: noisy, and the flow target is ε − x0
-    want = (".attention.qkv", ".attention.out", ".feed_forward.w1", ".feed_forward.w2", ".feed_forward.w3")
-    assert res.weights and all(n.endswith(want) for n in res.weights)
-    assert {n.split(".")[0] for n in res.weights} == {"noise_refiner", "context_refiner", "layers"}
+    assert res.weights and all(n.endswith(WANT[kind][0]) for n in res.weights)
+    assert {n.split(".")[0] for n in res.weights} == WANT[kind][1]
 
     path = comfy.nodes.NODE_CLASS_MAPPINGS["CAT_SaveLora"].execute(lora, f"{kind}_roundtrip").result[0]
     from safetensors import safe_open
@@ -211,7 +222,7 @@ def test_cancel_resume_and_checkpointing(comfy, nets, kind, tmp_path, monkeypatc
 
     def run(name, **kw):
         cfg = T.TrainConfig(steps=4, lr=1e-2, seed=3, checkpoint_dir=str(tmp_path / name))
-        return tr.train_on_model(mp, _Captions(), T.CatLossConfig(1.0, "class", "dog"), A.LoraSpec(rank=2, alpha=2.0),
+        return tr.train_on_model(mp, _Captions(kind), T.CatLossConfig(1.0, "class", "dog"), A.LoraSpec(rank=2, alpha=2.0),
                                  cfg, "5", **kw)[4]
     with cancelled_after(2, total=4) as seen:
         run("cut")
@@ -227,14 +238,14 @@ def test_cancel_resume_and_checkpointing(comfy, nets, kind, tmp_path, monkeypatc
     calls, real = [], ckpt_mod.checkpoint
     monkeypatch.setattr(ckpt_mod, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
     ckpt = run("ckpt", checkpointing="on")
-    assert len(calls) >= len(units) == 4 and all("forward" not in vars(u) for u in units)
+    assert len(calls) >= len(units) == (2 if kind == "wan" else 4) and all("forward" not in vars(u) for u in units)
     for k, w in whole.weights.items():
         torch.testing.assert_close(resumed.weights[k].up, w.up, atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(ckpt.weights[k].up, w.up, atol=1e-6, rtol=1e-5)
     assert _same(before, _state(mp)) and not mm.processing_interrupted()
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", NEXTDIT)
 def test_other_nextdit_models_refused_by_name(comfy, nets, kind, monkeypatch):
     """Lumina-based models the trainer was not written for (NewBie's pooled CLIP input, Z-Image Omni's SigLIP input)
     are refused before anything is loaded."""
@@ -250,7 +261,70 @@ def test_other_nextdit_models_refused_by_name(comfy, nets, kind, monkeypatch):
     net.siglip_embedder = torch.nn.Sequential(torch.nn.Linear(4, 4))
     try:
         with pytest.raises(ValueError, match=r"this MODEL is a Lumina2 with a NextDiT network, which is not supported"):
-            tr.train_on_model(mp, _Captions(), T.CatLossConfig(1.0, "class", "dog"), A.LoraSpec(), T.TrainConfig(steps=1))
+            tr.train_on_model(mp, _Captions(kind), T.CatLossConfig(1.0, "class", "dog"), A.LoraSpec(),
+                              T.TrainConfig(steps=1))
     finally:
         net.siglip_embedder = None
     assert loads == [] and re.search("Lumina Image 2.0 and Z-Image", cm.SUPPORTED)
+
+
+def test_wan_predict_is_comfyuis_velocity_of_one_frame(comfy, nets):
+    """predict() on (B, C, H, W) == ComfyUI's own conditioning path (WAN21.extra_conds) through apply_model on the
+    one-frame clip (B, C, 1, H, W), CONST rule, timestep 1000 sigma with Wan's shift 8."""
+    mp = nets["wan"]
+    _, cm, _, _ = _mods(comfy)
+    den = cm.ComfyDenoiser(mp)
+    assert den.prediction_type == "flow" and den.schedule.shift == pytest.approx(8.0)
+    g = torch.Generator().manual_seed(0)
+    ctx = torch.randn(1, 16, 32, generator=g)
+    c = cm.comfy_cond(mp, [[ctx, {}]], 64, 64)
+    assert set(c) == {"context"}  # cross-attention only: a caption repeated to a common length changes nothing
+    x0, noise = torch.randn(2, 16, 8, 8, generator=g), torch.randn(2, 16, 8, 8, generator=g)
+    t = torch.tensor([200.0, 700.0])
+    x_t = den.schedule.add_noise(x0, noise, t)
+    sigma = den.schedule.sigma(t).float()
+    clip = x_t[:, :, None]
+    kw = {k: v.cond for k, v in mp.model.extra_conds(cross_attn=ctx.expand(2, -1, -1), device=x_t.device, noise=clip
+                                                     ).items() if hasattr(v, "cond")}
+    with torch.no_grad():
+        ours = den.predict(x_t, t, {"context": ctx.expand(2, -1, -1)})
+        theirs = (clip - mp.model.apply_model(clip, sigma, **kw)) / sigma.view(-1, 1, 1, 1, 1)
+        again = den.predict(x_t, t, {"context": ctx.repeat(1, 3, 1).expand(2, -1, -1)})
+    assert ours.shape == x_t.shape and ours.abs().mean() > 1e-3
+    torch.testing.assert_close(ours, theirs[:, :, 0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(again, ours, atol=1e-5, rtol=1e-4)
+
+
+def test_wan_clips_and_other_wan_models_refused(comfy, nets, monkeypatch):
+    """A dataset of several-frame clips is refused by shape; Wan image-to-video (WAN21_I2V: image channels and
+    CLIP-vision input) and Wan 2.2 5B (WAN22: per-frame timesteps) MODELs are refused by name before anything is
+    loaded or cast."""
+    import comfy.model_management as mm
+    import comfy.supported_models as sm
+    from comfy import model_patcher
+
+    tr, cm, A, T = _mods(comfy)
+    with pytest.raises(ValueError, match=r"^a dataset latent of shape \(16, 2, 8, 8\) for a Wan 2\.x \(single frame\) "
+                                         r"model: CAT trains it on images \(one-frame clips\); multi-frame clips are not "
+                                         r"supported\.$"):
+        tr.train_on_model(nets["wan"], _Captions("wan", frames=2), T.CatLossConfig(1.0, "class", "dog"),
+                          A.LoraSpec(rank=2, alpha=2.0), T.TrainConfig(steps=1))
+    from tiny_models import TINY_WAN_DIT
+
+    class TinyI2V(sm.WAN21_I2V):
+        unet_config = {"image_model": "wan2.1", "model_type": "i2v"}
+
+    class TinyTI2V(sm.WAN22_T2V):
+        unet_config = {"image_model": "wan2.1", "model_type": "t2v"}
+    loads = []
+    monkeypatch.setattr(mm, "load_models_gpu", lambda *a, **k: loads.append(a))
+    for cfg, named in ((TinyI2V(dict(TINY_WAN_DIT, model_type="i2v", in_dim=36)), "WAN21"),
+                       (TinyTI2V(dict(TINY_WAN_DIT, in_dim=48, out_dim=48)), "WAN22")):
+        cfg.set_inference_dtype(torch.bfloat16, None)
+        base = cfg.get_model({})
+        mp = model_patcher.ModelPatcher(base, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+        dtypes = {n: p.dtype for n, p in base.diffusion_model.named_parameters()}
+        with pytest.raises(ValueError, match=rf"this MODEL is a {named} with a WanModel network, which is not supported"):
+            tr.train_on_model(mp, _Captions("wan"), T.CatLossConfig(1.0), A.LoraSpec(), T.TrainConfig(steps=1))
+        assert {n: p.dtype for n, p in base.diffusion_model.named_parameters()} == dtypes
+    assert loads == []

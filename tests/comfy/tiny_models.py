@@ -191,6 +191,10 @@ TINY_LUMINA2_DIT = dict(image_model="lumina2", patch_size=2, in_channels=16, dim
 TINY_ZIMAGE_DIT = dict(TINY_LUMINA2_DIT, dim=256, n_kv_heads=2, axes_dims=[32, 48, 48], axes_lens=[1536, 512, 512], rope_theta=256.0,
                        ffn_dim_multiplier=8.0 / 3.0, z_image_modulation=True, time_scale=1000.0, pad_tokens_multiple=32)
 
+# Wan 2.1 text-to-video: hidden 64, 2 heads, 2 blocks, T5 width 32 (the real one: umT5-XXL 4096, 512 tokens)
+TINY_WAN_DIT = dict(image_model="wan2.1", model_type="t2v", dim=64, ffn_dim=128, freq_dim=32, num_heads=2, num_layers=2,
+                    text_dim=32, text_len=16, in_dim=16, out_dim=16)
+
 
 def tiny_network(kind: str, seed: int = 0, dtype: torch.dtype = torch.float32):
     """MODEL (a ModelPatcher) of a tiny lumina2-, zimage-, wan- or hidream-shaped network built by ComfyUI's own
@@ -212,6 +216,10 @@ def tiny_network(kind: str, seed: int = 0, dtype: torch.dtype = torch.float32):
         class TinyZImage(sm.ZImage):
             unet_config = {"image_model": "lumina2"}
         cfg = TinyZImage(dict(TINY_ZIMAGE_DIT))
+    elif kind == "wan":
+        class TinyWan(sm.WAN21_T2V):
+            unet_config = {"image_model": "wan2.1", "model_type": "t2v"}
+        cfg = TinyWan(dict(TINY_WAN_DIT))
     else:
         raise ValueError(kind)
     cfg.set_inference_dtype(dtype, None)
