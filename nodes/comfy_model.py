@@ -30,7 +30,10 @@ log = logging.getLogger("ComfyUI-CAT")
 
 SUPPORTED = ("SD1.x and SD2.x (eps or v prediction) and SDXL UNets with a discrete DDPM schedule, SD3/SD3.5 (MMDiT) "
              "and Flux (dev, schnell) flow-matching transformers"
-             ", Lumina Image 2.0 and Z-Image (NextDiT), Wan 2.1/2.2 A14B text-to-video as single frames")
+             ", Lumina Image 2.0 and Z-Image (NextDiT), HiDream-I1, Wan 2.1/2.2 A14B text-to-video as single frames")
+# CONDITIONING entries beyond the text and pooled output that reach the network as they are: {entry: network kwarg}
+# (HiDream: the Llama 3.1 hidden states of every layer). The dataset keeps them per caption, so y's pass gets y's.
+COND_EXTRAS = {"conditioning_llama3": "encoder_hidden_states_llama3"}
 # Patcher-level wrappers that act on the sampler, not on one network call: training never runs them.
 _SAMPLING_ONLY = {"outer_sample", "prepare_sampling", "sampler_sample", "predict_noise", "calc_cond_batch"}
 # ComfyUI model classes built on its Flux class that are not Flux.1, as users know them
@@ -75,6 +78,7 @@ def family_of(mp) -> type[families.Family]:
 def _written_for_fam_b(base, net) -> dict:
     """Lumina 2 and Z-Image: ComfyUI's Lumina2 model (Z-Image is it with Z-Image's config) over its plain NextDiT
     (not Z-Image's pixel-space network); NewBie's pooled CLIP input and Z-Image Omni's SigLIP input are not built.
+    HiDream: ComfyUI's HiDream model over its HiDream-I1 network.
     Wan: ComfyUI's WAN21 model (Wan 2.1 and 2.2 A14B) over the plain WanModel, text-to-video only (no image
     channels, CLIP-vision or reference input); Wan 2.2 5B (WAN22: per-frame timesteps) is not."""
     import comfy.model_base as mb
@@ -83,10 +87,13 @@ def _written_for_fam_b(base, net) -> dict:
 
     nextdit = (type(base) is mb.Lumina2 and type(net) is NextDiT and getattr(net, "clip_text_pooled_proj", None) is None
                and getattr(net, "siglip_embedder", None) is None)
+    from comfy.ldm.hidream.model import HiDreamImageTransformer2DModel as HiDreamNet
+
     wan = (type(base) is mb.WAN21 and type(net) is WanModel and not base.image_to_video
            and net.patch_embedding.weight.shape[1] == net.out_dim and getattr(net, "img_emb", None) is None
            and getattr(net, "ref_conv", None) is None)
-    return {families.Lumina2: nextdit, families.ZImage: nextdit, families.Wan: wan}
+    return {families.Lumina2: nextdit, families.ZImage: nextdit, families.Wan: wan,
+            families.HiDream: type(base) is mb.HiDream and type(net) is HiDreamNet}
 
 
 # Families whose ComfyUI model class a ComfyUI may lack: (module, class, the family as users know it)
@@ -401,6 +408,7 @@ def comfy_cond(mp, conditioning, width: int, height: int) -> Cond:
         out["y"] = adm.to(cond.dtype)
     if "guidance" in extras and family_of(mp).training_guidance is not None:
         out["guidance"] = torch.full((cond.shape[0],), float(extras["guidance"]), dtype=cond.dtype)
+    out.update({kw: extras[k] for k, kw in COND_EXTRAS.items() if k in extras})
     out.update(prompt_tokens(mp, cond))
     return out
 

@@ -29,7 +29,7 @@ from ..cat_train.measure.plot import loss_curve
 from ..cat_train.training.precision import CHOICES as COMPUTE_CHOICES
 from ..cat_train.training.precision import mixed_precision_name
 from ..cat_train.training import Example, TrainConfig, TrainResult, build_examples, train
-from .comfy_model import adm_y, base_model_version, prompt_tokens, trainable
+from .comfy_model import COND_EXTRAS, adm_y, base_model_version, prompt_tokens, trainable
 from . import early_cancel
 from .common import (CATEGORY, Dataset, LossConfig, TrainingOptions, feeds, image_of, model_file_name, phase_progress,
                      progress_callback)
@@ -238,6 +238,7 @@ def _unet_cond(mp, c: dict, width: int, height: int) -> dict:
     adm = adm_y(mp, c["pooled"][None] if "pooled" in c else None, width, height, torch.device("cpu"))
     if adm is not None:
         cond["y"] = adm[0].detach().float().clone()
+    cond.update({k: c[k].clone() for k in COND_EXTRAS.values() if k in c})
     cond.update(prompt_tokens(mp, cond["context"]))
     return cond
 

@@ -328,8 +328,41 @@ class Wan(Family):
         return list(net.blocks)
 
 
+class HiDream(Family):
+    """HiDream-I1 (ComfyUI's HiDreamImageTransformer2DModel): double- and single-stream blocks whose image feed-forward
+    is a mixture of SwiGLU experts; conditioned on T5 (context), CLIP-L+G pooled (y) and Llama 3.1 hidden states of
+    every layer (encoder_hidden_states_llama3)."""
+    name = "hidream"
+    title = "HiDream-I1"
+    flow_matching = True
+    _attn = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out",  # image stream (all blocks)
+             "attn1.to_q_t", "attn1.to_k_t", "attn1.to_v_t", "attn1.to_out_t")  # text stream (double blocks)
+    _mlp = ("w1", "w2", "w3")  # every SwiGLU: text, shared and routed experts of the image stream
+    _mod = ("adaLN_modulation.1",)
+    targets = {"hidream_attn": _attn, "hidream_attn_mlp": _attn + _mlp, "hidream_full": _attn + _mlp + _mod}
+    generic = {"attn": "hidream_attn", "attn_ff": "hidream_attn_mlp", "full": "hidream_full"}
+    base_versions = {"HiDream": "hidream"}
+    lora_tags = ("hidream",)
+
+    @classmethod
+    def detect(cls, net):
+        return all(hasattr(net, a) for a in ("double_stream_blocks", "single_stream_blocks", "caption_projection"))
+
+    @classmethod
+    def lora_keys_say(cls, keys):
+        return any("double_stream_blocks" in k or "single_stream_blocks" in k for k in keys)
+
+    @classmethod
+    def checkpoint_says(cls, tensors):
+        return any(k.startswith(("double_stream_blocks.", "single_stream_blocks.")) for k in tensors)
+
+    @classmethod
+    def checkpoint_units(cls, net):
+        return [*net.double_stream_blocks, *net.single_stream_blocks]
+
+
 # In this order the target choices are offered (the trainer node's `target` list).
-FAMILIES: tuple[type[Family], ...] = (SDUNet, SDXLUNet, Flux, SD3, Lumina2, ZImage, Wan)
+FAMILIES: tuple[type[Family], ...] = (SDUNet, SDXLUNet, Flux, SD3, Lumina2, ZImage, Wan, HiDream)
 TARGETS: dict[str, tuple[str, ...]] = {c: s for f in FAMILIES for c, s in f.targets.items()}
 
 

@@ -10,7 +10,7 @@ from tiny_models import tiny_model
 KIND = {"SDUNet": "sd15", "SDXLUNet": "sdxl", "SD3": "sd3", "Flux": "flux"}
 TAG = {"sd15": "sd_v1", "sdxl": "sdxl_base_v1-0", "sd3": "sd3", "flux": "flux1"}
 # built as networks only (tiny_models.tiny_network) and checked in their own file, test_families_nextdit_wan.py
-NETWORK_KIND = {"Lumina2": "lumina2", "ZImage": "zimage", "Wan": "wan"}
+NETWORK_KIND = {"Lumina2": "lumina2", "ZImage": "zimage", "Wan": "wan", "HiDream": "hidream"}
 
 
 @pytest.mark.parametrize("family_name", list(KIND))

@@ -14,16 +14,19 @@ import torch
 from conftest import adapted_vs_stock_predictions, cancelled_after, pack_module
 from tiny_models import tiny_network
 
-KINDS = ["lumina2", "zimage", "wan"]
+KINDS = ["lumina2", "zimage", "wan", "hidream"]
 NEXTDIT = ["lumina2", "zimage"]
-TAG = {"lumina2": "lumina2", "zimage": "zimage", "wan": "wan_t2v"}
-SHIFT = {"lumina2": 6.0, "zimage": 3.0, "wan": 8.0}
-FAMILY = {"lumina2": "Lumina2", "zimage": "ZImage", "wan": "Wan"}
+TAG = {"lumina2": "lumina2", "zimage": "zimage", "wan": "wan_t2v", "hidream": "hidream"}
+SHIFT = {"lumina2": 6.0, "zimage": 3.0, "wan": 8.0, "hidream": 3.0}
+FAMILY = {"lumina2": "Lumina2", "zimage": "ZImage", "wan": "Wan", "hidream": "HiDream"}
+UNITS = {"lumina2": 4, "zimage": 4, "wan": 2, "hidream": 2}
 # what attn_ff adapts, and the top-level module lists its layers sit in
 WANT = {"lumina2": ((".attention.qkv", ".attention.out", ".feed_forward.w1", ".feed_forward.w2", ".feed_forward.w3"),
                     {"noise_refiner", "context_refiner", "layers"}),
         "wan": (tuple(f".{a}.{p}" for a in ("self_attn", "cross_attn") for p in "qkvo") + (".ffn.0", ".ffn.2"), {"blocks"})}
 WANT["zimage"] = WANT["lumina2"]
+WANT["hidream"] = (tuple(f".attn1.to_{p}" for p in ("q", "k", "v", "out", "q_t", "k_t", "v_t", "out_t"))
+                   + (".w1", ".w2", ".w3"), {"double_stream_blocks", "single_stream_blocks"})
 
 
 def _has(kind) -> bool:
@@ -74,7 +77,7 @@ class _Captions:
         shape = (16, frames, 8, 8) if kind == "wan" else (16, 8, 8)
         self.items = [(torch.randn(*shape, generator=g), f"a photo of sks dog {'big ' * i}", ("sks",), 1)
                       for i in range(n)]
-        self.width, self.padded = width, kind == "wan"
+        self.width, self.padded, self.hidream = width, kind in ("wan", "hidream"), kind == "hidream"
         self.triggers, self.class_word, self.buckets = ("sks",), "dog", {(64, 64): n}
 
     def _one(self, p):
@@ -87,7 +90,12 @@ class _Captions:
 
         rows = [self._one(p) for p in prompts]
         n = math.lcm(*{r.shape[0] for r in rows})
-        return {"context": torch.stack([r.repeat(n // r.shape[0], 1) for r in rows])}
+        out = {"context": torch.stack([r.repeat(n // r.shape[0], 1) for r in rows])}
+        if self.hidream:  # CLIP-L+G pooled and 2 Llama layers' states, each of its caption (T5 and Llama padded)
+            gens = [torch.Generator().manual_seed(7 + sum(map(ord, p))) for p in prompts]
+            out["pooled"] = torch.stack([torch.randn(64, generator=g) for g in gens])
+            out["encoder_hidden_states_llama3"] = torch.stack([torch.randn(2, 16, self.width, generator=g) for g in gens])
+        return out
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -110,8 +118,10 @@ def test_family_holds_and_comfyui_agrees(comfy, nets, kind):
     counts = check_family(F, A, E, family, mp.model.diffusion_model)
     # NextDiT: attention qkv/out + SwiGLU w1-3 in 1 noise refiner, 1 context refiner and 2 joint blocks, + the blocks'
     # 3 modulations (Lumina 2: + the final layer's); Wan: self/cross q k v o + 2 FFN in 2 blocks, + time_projection
+    # HiDream: image q k v out (both blocks) + text ones (double) + SwiGLUs (text; shared and 4 routed experts) + the
+    # blocks' and the final layer's modulation
     assert counts == {"lumina2": {"layers": 4 * 5 + 3 + 1, "units": 4}, "zimage": {"layers": 4 * 5 + 3, "units": 4},
-                      "wan": {"layers": 2 * 10 + 1, "units": 2}}[kind]
+                      "wan": {"layers": 2 * 10 + 1, "units": 2}, "hidream": {"layers": 8 + 4 + 3 * 11 + 3, "units": 2}}[kind]
     # the stock loader's key map resolves every kohya name, and a header says the family
     import comfy.lora as comfy_lora
 
@@ -238,7 +248,7 @@ def test_cancel_resume_and_checkpointing(comfy, nets, kind, tmp_path, monkeypatc
     calls, real = [], ckpt_mod.checkpoint
     monkeypatch.setattr(ckpt_mod, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
     ckpt = run("ckpt", checkpointing="on")
-    assert len(calls) >= len(units) == (2 if kind == "wan" else 4) and all("forward" not in vars(u) for u in units)
+    assert len(calls) >= len(units) == UNITS[kind] and all("forward" not in vars(u) for u in units)
     for k, w in whole.weights.items():
         torch.testing.assert_close(resumed.weights[k].up, w.up, atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(ckpt.weights[k].up, w.up, atol=1e-6, rtol=1e-5)
@@ -328,3 +338,32 @@ def test_wan_clips_and_other_wan_models_refused(comfy, nets, monkeypatch):
             tr.train_on_model(mp, _Captions("wan"), T.CatLossConfig(1.0), A.LoraSpec(), T.TrainConfig(steps=1))
         assert {n: p.dtype for n, p in base.diffusion_model.named_parameters()} == dtypes
     assert loads == []
+
+
+def test_hidream_predict_is_comfyuis_velocity_with_all_its_encoders(comfy, nets):
+    """HiDream's CONDITIONING (T5 context, CLIP-L+G pooled, Llama 3.1 states of every layer) goes through comfy_cond to
+    the same network call as ComfyUI's own path (HiDream.extra_conds, encode_adm) through apply_model; each of the
+    three reaches the network."""
+    mp = nets["hidream"]
+    _, cm, _, _ = _mods(comfy)
+    den = cm.ComfyDenoiser(mp)
+    assert den.prediction_type == "flow" and den.schedule.shift == pytest.approx(3.0)
+    g = torch.Generator().manual_seed(0)
+    ctx, pooled, llama = torch.randn(1, 16, 32, generator=g), torch.randn(1, 64, generator=g), torch.randn(1, 2, 16, 32, generator=g)
+    c = cm.comfy_cond(mp, [[ctx, {"pooled_output": pooled, "conditioning_llama3": llama}]], 64, 64)
+    assert set(c) == {"context", "y", "encoder_hidden_states_llama3"}
+    x0, noise = torch.randn(2, 16, 8, 8, generator=g), torch.randn(2, 16, 8, 8, generator=g)
+    t = torch.tensor([200.0, 700.0])
+    x_t = den.schedule.add_noise(x0, noise, t)
+    sigma = den.schedule.sigma(t).float()
+    two = lambda v: v.expand(2, *v.shape[1:])
+    kw = {k: v.cond for k, v in mp.model.extra_conds(cross_attn=two(ctx), pooled_output=two(pooled),
+                                                     conditioning_llama3=two(llama), device=x_t.device, noise=x_t).items()}
+    with torch.no_grad():
+        ours = den.predict(x_t, t, {k: two(v) for k, v in c.items()})
+        theirs = (x_t - mp.model.apply_model(x_t, sigma, **kw)) / sigma.view(-1, 1, 1, 1)
+        for k in c:
+            other = den.predict(x_t, t, {**{k2: two(v) for k2, v in c.items()}, k: two(c[k]) + 1.0})
+            assert (other - ours).abs().max() > 1e-4, k  # each encoder's part reaches the network
+    assert ours.abs().mean() > 1e-3
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4)

@@ -195,6 +195,13 @@ TINY_ZIMAGE_DIT = dict(TINY_LUMINA2_DIT, dim=256, n_kv_heads=2, axes_dims=[32, 4
 TINY_WAN_DIT = dict(image_model="wan2.1", model_type="t2v", dim=64, ffn_dim=128, freq_dim=32, num_heads=2, num_layers=2,
                     text_dim=32, text_len=16, in_dim=16, out_dim=16)
 
+# HiDream-I1: 2 heads of 32 (rope axes 16 + 8 + 8), one double and one single block, 4 routed experts (2 active);
+# T5 and Llama widths 32 (caption_channels), pooled CLIP-L+G 64; each block reads its own Llama layer (2 of them)
+TINY_HIDREAM_DIT = dict(image_model="hidream", patch_size=2, in_channels=16, out_channels=16, num_layers=1,
+                        num_single_layers=1, attention_head_dim=32, num_attention_heads=2, caption_channels=[32, 32],
+                        text_emb_dim=64, num_routed_experts=4, num_activated_experts=2, axes_dims_rope=[16, 8, 8],
+                        max_resolution=[16, 16], llama_layers=[0, 1])
+
 
 def tiny_network(kind: str, seed: int = 0, dtype: torch.dtype = torch.float32):
     """MODEL (a ModelPatcher) of a tiny lumina2-, zimage-, wan- or hidream-shaped network built by ComfyUI's own
@@ -220,6 +227,11 @@ def tiny_network(kind: str, seed: int = 0, dtype: torch.dtype = torch.float32):
         class TinyWan(sm.WAN21_T2V):
             unet_config = {"image_model": "wan2.1", "model_type": "t2v"}
         cfg = TinyWan(dict(TINY_WAN_DIT))
+    elif kind == "hidream":
+        class TinyHiDream(sm.HiDream):
+            unet_config = {"image_model": "hidream"}
+            sampling_settings = {"shift": 3.0}  # HiDream's workflows set it (ModelSamplingSD3); ComfyUI's config has none
+        cfg = TinyHiDream(dict(TINY_HIDREAM_DIT))
     else:
         raise ValueError(kind)
     cfg.set_inference_dtype(dtype, None)
