@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import adapted_vs_stock_predictions, cancelled_after, pack_module
-from tiny_models import tiny_network
+from tiny_models import tiny_caption_encoder, tiny_network, tiny_vae16
 
 KINDS = ["lumina2", "zimage", "wan", "hidream"]
 NEXTDIT = ["lumina2", "zimage"]
@@ -367,3 +367,35 @@ def test_hidream_predict_is_comfyuis_velocity_with_all_its_encoders(comfy, nets)
             assert (other - ours).abs().max() > 1e-4, k  # each encoder's part reaches the network
     assert ours.abs().mean() > 1e-3
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", NEXTDIT)
+def test_dataset_node_encodes_y_through_the_familys_own_encoder(comfy, nets, kind, dataset_dir):
+    """The CAT Dataset node with the family's own caption-encoder class (tiny_caption_encoder) and a 16-channel VAE:
+    y_T and y (the caption without the trigger) are exactly what ComfyUI's CLIP encodes for them, each with its own
+    length, and CAT trains from them with the CAT term 0 at init and the MODEL untouched."""
+    mp = _net(comfy, nets, kind)
+    if mp is None:
+        return
+    tr, cm, A, T = _mods(comfy)
+    clip = tiny_caption_encoder(kind)
+    ds = pack_module(comfy, "nodes.dataset").build_dataset(dataset_dir, tiny_vae16(), clip, ("sks",), "dog", ".txt", 128,
+                                                           True)
+    loss = T.CatLossConfig(1.0, "class", "dog")
+    P = pack_module(comfy, "cat_train.data.prompts")
+    own = lambda text: clip.encode_from_tokens_scheduled(clip.tokenize(text))[0]
+    examples = tr.model_examples(mp, ds, loss)
+    for (_, caption, trig, _), ex in zip(ds.items, examples):  # each image's own example first, in the items' order
+        y = P.preservation_prompt(caption, trig, loss.preservation, loss.class_word)
+        assert "sks" in caption and "sks" not in y and "dog" in y
+        for cond, text in ((ex.cond_token, caption), (ex.cond_pres, y)):
+            ctx, extras = own(text)
+            assert extras["attention_mask"].all()  # one caption: no padding, so ComfyUI passes no mask, only its length
+            torch.testing.assert_close(cond["context"], ctx[0].float())
+            assert cond["tokens"].tolist() == [float(ctx.shape[1])]
+    ex = examples[-1]
+    assert ex.cond_token["context"].shape[0] > ex.cond_pres["context"].shape[0]  # the trigger's tokens
+    before = _state(mp)
+    res = tr.train_on_model(mp, ds, loss, A.LoraSpec(rank=2, alpha=2.0), T.TrainConfig(steps=3, lr=1e-2, seed=1,
+                                                                                       batch_size=2))[4]
+    assert res.history[0]["keep"] < 1e-6 < res.history[-1]["keep"] and _same(before, _state(mp))

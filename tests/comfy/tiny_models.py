@@ -239,3 +239,67 @@ def tiny_network(kind: str, seed: int = 0, dtype: torch.dtype = torch.float32):
     _init_(base.diffusion_model, seed)
     base.diffusion_model.to(dtype)
     return comfy.model_patcher.ModelPatcher(base, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+
+
+# Caption encoders as ComfyUI builds them, at tiny size: Lumina's own Gemma 2 class and Z-Image's own Qwen3 class
+# (hidden 32 = the tiny NextDiTs' caption width; Gemma's/Qwen's head width 256/128 is fixed by their configs). Gemma's
+# sentencepiece file comes with its weights (absent here), so the Gemma stand-in reads ComfyUI's Qwen2 vocabulary.
+TINY_GEMMA2 = dict(vocab_size=151936, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+                   num_key_value_heads=1)
+TINY_QWEN3 = TINY_GEMMA2
+
+
+def tiny_caption_encoder(kind: str, seed: int = 0):
+    """CLIP of a tiny caption encoder for 'lumina2' (v0.3.64 and v0.33) or 'zimage' (where ComfyUI has Z-Image)."""
+    import os
+
+    import comfy.sd
+    import comfy.sd1_clip as sd1
+    import comfy.text_encoders.llama as llama
+    from comfy.supported_models_base import ClipTarget
+
+    name, model_class = {"lumina2": ("gemma2_2b", llama.Gemma2_2B), "zimage": ("qwen3_4b", getattr(llama, "Qwen3_4B", None))}[kind]
+
+    class Encoder(sd1.SDClipModel):  # as ComfyUI's Gemma2_2BModel / Qwen3_4BModel, at tiny size
+        def __init__(self, device="cpu", dtype=None, model_options=None):
+            super().__init__(device=device, layer="hidden", layer_idx=-2, textmodel_json_config=dict(TINY_GEMMA2),
+                             dtype=dtype, special_tokens={"start": 2, "pad": 0} if kind == "lumina2" else {"pad": 151643},
+                             layer_norm_hidden_state=False, model_class=model_class, enable_attention_masks=True,
+                             return_attention_masks=True, model_options=model_options or {})
+
+    class TE(sd1.SD1ClipModel):
+        def __init__(self, device="cpu", dtype=None, model_options=None):
+            super().__init__(device=device, dtype=dtype, name=name, clip_model=Encoder, model_options=model_options or {})
+
+    if kind == "zimage":
+        from comfy.text_encoders.z_image import ZImageTokenizer as Tokenizer  # its chat template included
+    else:
+        from transformers import Qwen2Tokenizer
+
+        class GemmaStandIn(sd1.SDTokenizer):
+            def __init__(self, embedding_directory=None, tokenizer_data=None):
+                path = os.path.join(os.path.dirname(llama.__file__), "qwen25_tokenizer")
+                super().__init__(path, pad_with_end=False, embedding_size=32, embedding_key=name,
+                                 tokenizer_class=Qwen2Tokenizer, has_start_token=False, has_end_token=False,
+                                 pad_to_max_length=False, max_length=99999999, min_length=1, pad_token=151643,
+                                 tokenizer_data=tokenizer_data or {})
+
+        class Tokenizer(sd1.SD1Tokenizer):
+            def __init__(self, embedding_directory=None, tokenizer_data=None):
+                super().__init__(embedding_directory=embedding_directory, tokenizer_data=tokenizer_data or {}, name=name,
+                                 tokenizer=GemmaStandIn)
+    clip = comfy.sd.CLIP(ClipTarget(Tokenizer, TE), model_options={"dtype": torch.float32})
+    _init_(clip.cond_stage_model, seed, std=0.2)
+    return clip
+
+
+def tiny_vae16(seed: int = 2):
+    """The tiny 16-channel VAE the SD3/Flux models use (Lumina 2's and Z-Image's latents are Flux's)."""
+    import comfy.sd
+
+    dd = {"double_z": True, "z_channels": 16, "resolution": 64, "in_channels": 3, "out_ch": 3, "ch": 32,
+          "ch_mult": [1, 1, 1, 1], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}
+    vae = comfy.sd.VAE(sd={}, config={"params": {"ddconfig": dd, "embed_dim": 16}}, dtype=torch.float32)
+    vae.latent_channels = 16
+    _init_(vae.first_stage_model, seed, std=0.1)
+    return vae
