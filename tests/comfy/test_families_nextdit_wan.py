@@ -340,6 +340,35 @@ def test_wan_clips_and_other_wan_models_refused(comfy, nets, monkeypatch):
     assert loads == []
 
 
+def test_hidream_dataset_keeps_every_encoders_output_per_caption(comfy, nets):
+    """HiDream's CONDITIONING carries Llama 3.1 states beside T5 and the pooled CLIP-L+G: the CAT Dataset keeps all
+    three per caption, so y's example holds y's (not y_T's) T5, pooled and Llama states, as ComfyUI encodes y."""
+    from dataclasses import replace
+
+    mp = nets["hidream"]
+    tr, _, _, T = _mods(comfy)
+    D = pack_module(comfy, "nodes.dataset")
+
+    class Encoders:  # what ComfyUI's HiDream CLIP returns for a text, seeded by it
+        def tokenize(self, text):
+            return text
+
+        def encode_from_tokens_scheduled(self, text):
+            g = torch.Generator().manual_seed(sum(map(ord, text)))
+            return [[torch.randn(1, 16, 32, generator=g), {"pooled_output": torch.randn(1, 64, generator=g),
+                                                           "conditioning_llama3": torch.randn(1, 2, 16, 32, generator=g)}]]
+    items = _Captions("hidream").items
+    ds = D.CatDataset(items=items, triggers=("sks",), class_word="dog", clip=Encoders(), source="")
+    loss = T.CatLossConfig(1.0, "class", "dog")
+    ex = tr.model_examples(mp, replace(ds), loss)[1]
+    y = pack_module(comfy, "cat_train.data.prompts").preservation_prompt(items[1][1], ("sks",), loss.preservation, "dog")
+    for cond, text in ((ex.cond_token, items[1][1]), (ex.cond_pres, y)):
+        ctx, extras = Encoders().encode_from_tokens_scheduled(text)[0]
+        torch.testing.assert_close(cond["context"], ctx[0])
+        torch.testing.assert_close(cond["y"], extras["pooled_output"][0])
+        torch.testing.assert_close(cond["encoder_hidden_states_llama3"], extras["conditioning_llama3"][0])
+
+
 def test_hidream_predict_is_comfyuis_velocity_with_all_its_encoders(comfy, nets):
     """HiDream's CONDITIONING (T5 context, CLIP-L+G pooled, Llama 3.1 states of every layer) goes through comfy_cond to
     the same network call as ComfyUI's own path (HiDream.extra_conds, encode_adm) through apply_model; each of the
@@ -399,3 +428,21 @@ def test_dataset_node_encodes_y_through_the_familys_own_encoder(comfy, nets, kin
     res = tr.train_on_model(mp, ds, loss, A.LoraSpec(rank=2, alpha=2.0), T.TrainConfig(steps=3, lr=1e-2, seed=1,
                                                                                        batch_size=2))[4]
     assert res.history[0]["keep"] < 1e-6 < res.history[-1]["keep"] and _same(before, _state(mp))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_memory_budget_probes_the_network(comfy, nets, kind):
+    """The budget the trainer prints before step 1 probes these networks (Wan's one-frame clip, HiDream's four
+    encoders, NextDiT's caption lengths): weights as stored, a LoRA, activations with and without checkpointing (which
+    saves nothing on networks this small: its gain at real size is benchmarks/memory.py's, docs/families.md)."""
+    mp = _net(comfy, nets, kind)
+    if mp is None:
+        return
+    tr, cm, A, T = _mods(comfy)
+    ds, loss, spec = _Captions(kind), T.CatLossConfig(1.0, "class", "dog"), A.LoraSpec(rank=4, alpha=4.0)
+    with cm.trainable(mp) as den:
+        b = tr.memory_budget(den, tr.model_examples(mp, ds, loss), spec, loss, T.TrainConfig(steps=1))
+    net = mp.model.diffusion_model
+    assert b.weights == sum(p.numel() * p.element_size() for p in net.parameters())
+    x = tr.model_examples(mp, ds, loss)[0].latent
+    assert b.adapter > 0 and min(b.activations_checkpointed, b.activations_plain) > 2 * 4 * x.numel(), b
