@@ -201,7 +201,19 @@ def model_examples(mp, dataset, loss_cfg: CatLossConfig, tick=None, cfg: TrainCo
                                        cond_pres=unet_cond(ex.cond_pres, w, h), probes=probes[(id(ex.probes), w, h)]))
         if tick:
             tick()
+    _same_extras_shape(out)
     return out
+
+
+def _same_extras_shape(examples: list[Example]) -> None:
+    """CONDITIONING extras (`COND_EXTRAS`: HiDream's Llama states) batch only at one length, as in ComfyUI: a caption
+    longer than the encoder's padded length (HiDream: 128 Llama tokens, about 100 words) is refused by name."""
+    for key in COND_EXTRAS.values():
+        shapes = {tuple(c[key].shape) for e in examples for c in (e.cond_token, e.cond_pres) if key in c}
+        if len(shapes) > 1:
+            raise ValueError(f"the captions' {key} have different lengths {sorted(s[-2] for s in shapes)}: a caption "
+                             "is longer than its text encoder pads to (HiDream: 128 Llama tokens, about 100 words); "
+                             "shorten the longest captions.")
 
 
 def single_frame(mp):

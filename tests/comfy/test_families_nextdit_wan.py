@@ -368,6 +368,17 @@ def test_hidream_dataset_keeps_every_encoders_output_per_caption(comfy, nets):
         torch.testing.assert_close(cond["y"], extras["pooled_output"][0])
         torch.testing.assert_close(cond["encoder_hidden_states_llama3"], extras["conditioning_llama3"][0])
 
+    class LongCaption(Encoders):  # a caption past the 128 Llama tokens HiDream's tokenizer pads to
+        def encode_from_tokens_scheduled(self, text):
+            out = super().encode_from_tokens_scheduled(text)
+            if "big big" in text:
+                out[0][1]["conditioning_llama3"] = out[0][1]["conditioning_llama3"].repeat(1, 1, 2, 1)
+            return out
+    long = D.CatDataset(items=items, triggers=("sks",), class_word="dog", clip=LongCaption(), source="")
+    with pytest.raises(ValueError, match=r"^the captions' encoder_hidden_states_llama3 have different lengths \[16, 32\]: "
+                                         r"a caption is longer than its text encoder pads to \(HiDream: 128 Llama tokens"):
+        tr.model_examples(mp, long, loss)
+
 
 def test_hidream_predict_is_comfyuis_velocity_with_all_its_encoders(comfy, nets):
     """HiDream's CONDITIONING (T5 context, CLIP-L+G pooled, Llama 3.1 states of every layer) goes through comfy_cond to
