@@ -457,3 +457,21 @@ def test_memory_budget_probes_the_network(comfy, nets, kind):
     assert b.weights == sum(p.numel() * p.element_size() for p in net.parameters())
     x = tr.model_examples(mp, ds, loss)[0].latent
     assert b.adapter > 0 and min(b.activations_checkpointed, b.activations_plain) > 2 * 4 * x.numel(), b
+
+
+@pytest.mark.parametrize("kind", ["lumina2", "wan"])
+def test_previews_sample_with_a_negative_prompt_of_another_length(comfy, nets, kind):
+    """The trainer's preview sampler (CFG: prompt and negative prompt in one batch) on these networks: a negative of
+    another token length is batched as the trainer batches captions (the sampler's plain concatenation refused two
+    lengths); on NextDiT each half then runs on its own tokens (test_predict_is_comfyuis_velocity_...)."""
+    S = pack_module(comfy, "cat_train.measure.sampling")
+    _, cm, _, _ = _mods(comfy)
+    mp = nets[kind]
+    den = cm.ComfyDenoiser(mp)
+    g = torch.Generator().manual_seed(1)
+    ctx, neg = torch.randn(1, 9, 32, generator=g), torch.randn(1, 3 if kind == "lumina2" else 9, 32, generator=g)
+    cond, uncond = cm.comfy_cond(mp, [[ctx, {}]], 64, 64), cm.comfy_cond(mp, [[neg, {}]], 64, 64)
+    noise = torch.randn(1, 16, 8, 8, generator=g)
+    with torch.no_grad():
+        z = S.sample(den, cond, uncond, (1, 16, 8, 8), steps=3, cfg=3.0, noise=noise)
+    assert z.shape == (1, 16, 8, 8) and torch.isfinite(z).all() and (z - noise).abs().max() > 1e-3
