@@ -3,8 +3,9 @@
 Budget (any machine, no weights, seconds): the UNet is built by ComfyUI's own classes on the meta device
 and probed at the real latent size, as the trainer node probes it on the user's device. Printed for the
 SD1.5 shape at 512 px, the SDXL shape at 1024 px and the Flux dev shape at 1024 px (256 T5 tokens, ComfyUI's
-minimum), bf16 weights and compute, CAT alpha = 1 (y_T and y in
-one adapted pass), batch 1, rank 16 'attn', gradient checkpointing off and on.
+minimum), then at 1024 px the published shapes of Lumina Image 2.0, Z-Image, Wan 2.1 1.3B and 14B (one frame) and
+HiDream-I1 (NEW_FAMILIES; Z-Image needs a ComfyUI with its model class), bf16 weights and compute, CAT alpha = 1
+(y_T and y in one adapted pass), batch 1, rank 16 'attn', gradient checkpointing off and on.
 
     COMFYUI_PATH=/path/to/ComfyUI python benchmarks/memory.py                      # budget table
     COMFYUI_PATH=/path/to/ComfyUI python benchmarks/memory.py --measure sd15 --res 128 --steps 2
@@ -57,14 +58,46 @@ FLUX_DIT = dict(image_model="flux", in_channels=16, out_channels=16, patch_size=
                 theta=10000, qkv_bias=True, guidance_embed=True)  # what ComfyUI's detection reads off Flux dev
 
 
+# published shapes, as ComfyUI's detection reads them off the released checkpoints (comfy/model_detection.py, v0.33)
+LUMINA2_DIT = dict(image_model="lumina2", patch_size=2, in_channels=16, dim=2304, cap_feat_dim=2304, n_layers=26,
+                   n_heads=24, n_kv_heads=8, qk_norm=True, axes_dims=[32, 32, 32], axes_lens=[300, 512, 512],
+                   rope_theta=10000.0, ffn_dim_multiplier=4.0)  # Lumina Image 2.0, 2.6B; Gemma 2 2B captions
+ZIMAGE_DIT = dict(image_model="lumina2", patch_size=2, in_channels=16, dim=3840, cap_feat_dim=2560, n_layers=30,
+                  n_heads=30, n_kv_heads=30, qk_norm=True, axes_dims=[32, 48, 48], axes_lens=[1536, 512, 512],
+                  rope_theta=256.0, ffn_dim_multiplier=8.0 / 3.0, z_image_modulation=True, time_scale=1000.0,
+                  pad_tokens_multiple=32)  # Z-Image (Turbo), 6B; Qwen3 4B captions
+WAN14B_DIT = dict(image_model="wan2.1", model_type="t2v", dim=5120, ffn_dim=13824, freq_dim=256, num_heads=40,
+                  num_layers=40, text_dim=4096, text_len=512, in_dim=16, out_dim=16)  # Wan 2.1 / 2.2 A14B (each expert)
+WAN1B_DIT = dict(WAN14B_DIT, dim=1536, ffn_dim=8960, num_heads=12, num_layers=30)  # Wan 2.1 1.3B
+HIDREAM_DIT = dict(image_model="hidream", patch_size=2, in_channels=16, out_channels=16, num_layers=16,
+                   num_single_layers=32, attention_head_dim=128, num_attention_heads=20, caption_channels=[4096, 4096],
+                   text_emb_dim=2048, num_routed_experts=4, num_activated_experts=2, axes_dims_rope=[64, 32, 32],
+                   max_resolution=[128, 128], llama_layers=list(range(32)) + [31] * 16)  # HiDream-I1 full/dev/fast, 17B
+NEW_FAMILIES = ("lumina2", "zimage", "wan1b", "wan14b", "hidream")
+
+
 def unet(kind: str, device: str):
-    """A ComfyUI-built network of the SD1.5/SDXL/Flux dev shape (or 'mid': SD1.5 layout at 128 channels), bf16."""
+    """A ComfyUI-built network of the SD1.5/SDXL/Flux dev shape (or 'mid': SD1.5 layout at 128 channels), or of a
+    family in NEW_FAMILIES (published shapes), bf16."""
     import torch
     import comfy.supported_models as sm
     from native_vs_cat import SD15_UNET
 
-    if kind == "flux":
-        cfg = sm.Flux(dict(FLUX_DIT))
+    if kind in NEW_FAMILIES:
+        cls = {"lumina2": sm.Lumina2, "zimage": getattr(sm, "ZImage", None), "wan1b": sm.WAN21_T2V,
+               "wan14b": sm.WAN21_T2V, "hidream": sm.HiDream}[kind]
+        shape = {"lumina2": LUMINA2_DIT, "zimage": ZIMAGE_DIT, "wan1b": WAN1B_DIT, "wan14b": WAN14B_DIT,
+                 "hidream": HIDREAM_DIT}[kind]
+        cfg = cls(dict(shape))
+    elif kind == "flux":
+        import dataclasses
+
+        from comfy.ldm.flux.model import FluxParams
+
+        dit = dict(FLUX_DIT)
+        if "txt_ids_dims" in {f.name for f in dataclasses.fields(FluxParams)}:  # required in v0.33: [] is Flux.1
+            dit["txt_ids_dims"] = []
+        cfg = sm.Flux(dit)
     elif kind == "sdxl":
         cfg = sm.SDXL(dict(SDXL_UNET))
     else:
@@ -92,15 +125,32 @@ def budget_row(kind: str, res: int, rank: int = 16, alpha: float = 1.0, batch: i
     meta = dict(device="meta", dtype=torch.bfloat16)
     tokens, ctx, channels, kw = {"sdxl": (77, 2048, 4, {"y": torch.empty(1, 2816, **meta)}),
                                  "flux": (256, 4096, 16,
-                                          {"y": torch.empty(1, 768, **meta), "guidance": torch.ones(1, **meta)})
+                                          {"y": torch.empty(1, 768, **meta), "guidance": torch.ones(1, **meta)}),
+                                 # NextDiT: a caption with Lumina's system prompt / Z-Image's chat template
+                                 "lumina2": (128, 2304, 16, {"num_tokens": 128}),
+                                 "zimage": (128, 2560, 16, {"num_tokens": 128}),
+                                 "wan1b": (512, 4096, 16, {}), "wan14b": (512, 4096, 16, {}),  # umT5: 512 tokens
+                                 # T5 128 tokens; Llama 3.1 8B: 32 layers' states of 127 tokens; CLIP-L+G pooled
+                                 "hidream": (128, 4096, 16, {"y": torch.empty(1, 2048, **meta),
+                                                             "encoder_hidden_states_llama3":
+                                                                 torch.empty(1, 32, 127, 4096, **meta)}),
                                  }.get(kind, (77, 768, 4, {}))
+    frames = (1,) if kind.startswith("wan") else ()  # Wan: a one-frame clip
 
     def forward():
-        net(torch.empty(1, channels, res // 8, res // 8, **meta), torch.zeros(1, device="meta"),
+        net(torch.empty(1, channels, *frames, res // 8, res // 8, **meta), torch.zeros(1, device="meta"),
             context=torch.empty(1, tokens, ctx, **meta), transformer_options={"optimized_attention_override": _sdpa},
             **kw)
 
-    probe = probe_activations(net, forward, families.of(net).checkpoint_units(net))
+    import contextlib
+
+    from torch.fx.experimental import _config as fx_config
+
+    # HiDream's MoE routes tokens by value, which the meta device cannot: every routed expert then sees every token
+    # (4 of 4 instead of 2 of 4), an upper bound of its activations
+    moe = fx_config.patch(meta_nonzero_assume_all_nonzero=True) if kind == "hidream" else contextlib.nullcontext()
+    with moe:
+        probe = probe_activations(net, forward, families.of(net).checkpoint_units(net))
     rows = batch * (2 if alpha > 0 else 1)
     return {"kind": kind, "res": res, "weights": tensor_bytes(net.parameters()),
             "adapter": adapter_bytes(lora_param_count(net, LoraSpec(rank=rank))),
@@ -247,12 +297,12 @@ def main(argv=None) -> int:
     boot()
     print("budget (GiB), bf16 weights + compute, CAT alpha 1, batch 1, rank 16 'attn'; total = weights + LoRA/AdamW + "
           "activations")
-    print(f"{'model':6s} {'res':>5s} {'weights':>8s} {'LoRA+opt':>9s} {'act off':>8s} {'total off':>10s} "
+    print(f"{'model':7s} {'res':>5s} {'weights':>8s} {'LoRA+opt':>9s} {'act off':>8s} {'total off':>10s} "
           f"{'act on':>7s} {'total on':>9s}")
-    for kind, res in (("sd15", 512), ("sdxl", 1024), ("flux", 1024)):
+    for kind, res in (("sd15", 512), ("sdxl", 1024), ("flux", 1024)) + tuple((k, 1024) for k in NEW_FAMILIES):
         r = budget_row(kind, res)
         tot = lambda act: (r["weights"] + r["adapter"] + act) / GiB
-        print(f"{kind:6s} {res:5d} {r['weights'] / GiB:8.2f} {r['adapter'] / GiB:9.3f} {r['act_off'] / GiB:8.2f} "
+        print(f"{kind:7s} {res:5d} {r['weights'] / GiB:8.2f} {r['adapter'] / GiB:9.3f} {r['act_off'] / GiB:8.2f} "
               f"{tot(r['act_off']):10.2f} {r['act_on'] / GiB:7.2f} {tot(r['act_on']):9.2f}")
     return 0
 

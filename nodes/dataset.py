@@ -13,6 +13,7 @@ from ..cat_train.data.dataset import DatasetError, caption_suffix, check_resolut
 from ..cat_train.data.masks import latent_mask
 from ..cat_train.step.conds import repeat_to_common_length
 from . import early_cancel
+from .comfy_model import COND_EXTRAS
 from .common import CATEGORY, Dataset, input_path, phase_progress, range_problem
 from .compat import search_aliases
 
@@ -38,19 +39,23 @@ class CatDataset:
     _text_cache: dict = field(default_factory=dict, repr=False)
 
     def encode_text(self, prompts: list[str]) -> dict[str, torch.Tensor]:
-        """Batched {"context": (B,L,C), "pooled": (B,P)}; each prompt goes through CLIP once per dataset."""
+        """Batched {"context": (B,L,C), "pooled": (B,P)} plus the CONDITIONING entries the network reads as they are
+        (`COND_EXTRAS`, by their network kwarg); each prompt goes through CLIP once per dataset."""
         for p in prompts:
             if p not in self._text_cache:
                 cond = self.clip.encode_from_tokens_scheduled(self.clip.tokenize(p))
                 ctx, extra = cond[0][0], cond[0][1]
                 pooled = extra.get("pooled_output")
                 self._text_cache[p] = (ctx[0].detach().float().cpu().clone(),
-                                       None if pooled is None else pooled[0].detach().float().cpu().clone())
+                                       None if pooled is None else pooled[0].detach().float().cpu().clone(),
+                                       {kw: extra[k][0].detach().float().cpu().clone() for k, kw in COND_EXTRAS.items()
+                                        if k in extra})
         rows = [self._text_cache[p] for p in prompts]
         # long captions make more 77-token chunks: repeat shorter ones whole, as ComfyUI batches conditionings
         out = {"context": torch.stack(repeat_to_common_length([r[0] for r in rows], 0))}
         if rows[0][1] is not None:
             out["pooled"] = torch.stack([r[1] for r in rows])
+        out.update({k: torch.stack([r[2][k] for r in rows]) for k in rows[0][2]})  # e.g. HiDream's Llama states
         return out
 
     def rank_text(self, prompts: list[str]) -> torch.Tensor:

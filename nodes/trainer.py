@@ -29,7 +29,7 @@ from ..cat_train.measure.plot import loss_curve
 from ..cat_train.training.precision import CHOICES as COMPUTE_CHOICES
 from ..cat_train.training.precision import mixed_precision_name
 from ..cat_train.training import Example, TrainConfig, TrainResult, build_examples, train
-from .comfy_model import adm_y, base_model_version, trainable
+from .comfy_model import COND_EXTRAS, adm_y, base_model_version, prompt_tokens, trainable
 from . import early_cancel
 from .common import (CATEGORY, Dataset, LossConfig, TrainingOptions, feeds, image_of, model_file_name, phase_progress,
                      progress_callback)
@@ -177,7 +177,9 @@ def model_examples(mp, dataset, loss_cfg: CatLossConfig, tick=None, cfg: TrainCo
     positions = dataset.token_positions if loss_cfg.apt.align_skip_triggers else None  # tokenizes only when asked
     # masks only where they weigh something: off, the examples (and the run's data fingerprint) are as without them
     masks = (getattr(dataset, "masks", None) if loss_cfg.mask.active else None) or [None] * len(dataset.items)
-    examples = build_examples([(lat, cap, trig, rep, m) for (lat, cap, trig, rep), m in zip(dataset.items, masks)],
+    frame = single_frame(mp)
+    items = [(frame(lat), cap, trig, rep, m) for (lat, cap, trig, rep), m in zip(dataset.items, masks)]
+    examples = build_examples(items,
                               dataset.encode_text, loss_cfg,
                               progress=(lambda done, total: tick()) if tick else None, token_positions=positions,
                               cfg=cfg, rank_text=getattr(dataset, "rank_text", None))
@@ -191,7 +193,7 @@ def model_examples(mp, dataset, loss_cfg: CatLossConfig, tick=None, cfg: TrainCo
     for ex in examples:
         h, w = ex.latent.shape[-2] * 8, ex.latent.shape[-1] * 8
         if id(ex.latent) not in latents:
-            latents[id(ex.latent)] = (ex.latent, mp.model.process_latent_in(ex.latent[None].clone())[0])
+            latents[id(ex.latent)] = (ex.latent, frame.model_space(ex.latent))
         # auto preservation's probes: one dict per image, as build_examples made them
         if (id(ex.probes), w, h) not in probes:
             probes[(id(ex.probes), w, h)] = {p: unet_cond(c, w, h) for p, c in ex.probes.items()}
@@ -199,7 +201,39 @@ def model_examples(mp, dataset, loss_cfg: CatLossConfig, tick=None, cfg: TrainCo
                                        cond_pres=unet_cond(ex.cond_pres, w, h), probes=probes[(id(ex.probes), w, h)]))
         if tick:
             tick()
+    _same_extras_shape(out)
     return out
+
+
+def _same_extras_shape(examples: list[Example]) -> None:
+    """CONDITIONING extras (`COND_EXTRAS`: HiDream's Llama states) batch only at one length, as in ComfyUI: a caption
+    longer than the encoder's padded length (HiDream: 128 Llama tokens, about 100 words) is refused by name."""
+    for key in COND_EXTRAS.values():
+        shapes = {tuple(c[key].shape) for e in examples for c in (e.cond_token, e.cond_pres) if key in c}
+        if len(shapes) > 1:
+            raise ValueError(f"the captions' {key} have different lengths {sorted(s[-2] for s in shapes)}: a caption "
+                             "is longer than its text encoder pads to (HiDream: 128 Llama tokens, about 100 words); "
+                             "shorten the longest captions.")
+
+
+def single_frame(mp):
+    """latent -> the trainer's (C, H, W) latent, with `.model_space(latent)` (process_latent_in). A video family's
+    (Wan) VAE encodes an image as a one-frame clip (C, 1, H, W), which trains as that frame; its latent format
+    normalises (B, C, T, H, W), so the frame goes through it as a clip. Clips of several frames are refused."""
+    from .comfy_model import family_of
+
+    video = getattr(family_of(mp), "video", False)
+
+    def frame(latent: torch.Tensor) -> torch.Tensor:
+        if not video or latent.ndim == 3:
+            return latent
+        if latent.ndim != 4 or latent.shape[1] != 1:
+            raise ValueError(f"a dataset latent of shape {tuple(latent.shape)} for a {family_of(mp).title} model: CAT "
+                             "trains it on images (one-frame clips); multi-frame clips are not supported.")
+        return latent[:, 0]
+    frame.model_space = (lambda z: mp.model.process_latent_in(z[None, :, None].clone())[0, :, 0]) if video else \
+        (lambda z: mp.model.process_latent_in(z[None].clone())[0])
+    return frame
 
 
 def preparation_steps(dataset, loss_cfg: CatLossConfig, cfg: TrainConfig | None = None) -> int:
@@ -216,6 +250,8 @@ def _unet_cond(mp, c: dict, width: int, height: int) -> dict:
     adm = adm_y(mp, c["pooled"][None] if "pooled" in c else None, width, height, torch.device("cpu"))
     if adm is not None:
         cond["y"] = adm[0].detach().float().clone()
+    cond.update({k: c[k].clone() for k in COND_EXTRAS.values() if k in c})
+    cond.update(prompt_tokens(mp, cond["context"]))
     return cond
 
 

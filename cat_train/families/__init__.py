@@ -10,6 +10,8 @@ Imports nothing of the method: every other part may ask a family. The names belo
 """
 from .family import (FAMILIES, GENERIC_TARGETS, SD3, TARGETS, Family, Flux, SDUNet, SDXLUNet, kohya_base_version, named,
                      of, target_suffixes, title)
+from .family import HiDream, Lumina2, NextDiT, Wan, ZImage
 
 __all__ = ["FAMILIES", "GENERIC_TARGETS", "SD3", "TARGETS", "Family", "Flux", "SDUNet", "SDXLUNet",
            "kohya_base_version", "named", "of", "target_suffixes", "title"]
+__all__ += ["HiDream", "Lumina2", "NextDiT", "Wan", "ZImage"]

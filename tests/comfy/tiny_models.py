@@ -179,3 +179,127 @@ def register_tiny_open_clip(clip_dir) -> str:
         torch.manual_seed(0)
         torch.save(open_clip.create_model("CATTinyCLIP").state_dict(), path)
     return path.name
+
+
+# ---- NextDiT (Lumina Image 2.0, Z-Image), Wan 2.x and HiDream: networks only, built by ComfyUI's own model classes.
+# Hidden 64, 2 heads of 32 = rope axes 8 + 12 + 12; caption features 32 wide. Z-Image: its 256-wide one-Linear
+# modulation (so hidden 256 at least: 2 heads of 128 = its real axes 32 + 48 + 48), pad tokens and time scale as
+# ComfyUI's detection sets them for the real model.
+TINY_LUMINA2_DIT = dict(image_model="lumina2", patch_size=2, in_channels=16, dim=64, cap_feat_dim=32, n_layers=2,
+                        n_refiner_layers=1, n_heads=2, n_kv_heads=1, qk_norm=True, axes_dims=[8, 12, 12],
+                        axes_lens=[300, 512, 512], rope_theta=10000.0, ffn_dim_multiplier=4.0, multiple_of=16)
+TINY_ZIMAGE_DIT = dict(TINY_LUMINA2_DIT, dim=256, n_kv_heads=2, axes_dims=[32, 48, 48], axes_lens=[1536, 512, 512], rope_theta=256.0,
+                       ffn_dim_multiplier=8.0 / 3.0, z_image_modulation=True, time_scale=1000.0, pad_tokens_multiple=32)
+
+# Wan 2.1 text-to-video: hidden 64, 2 heads, 2 blocks, T5 width 32 (the real one: umT5-XXL 4096, 512 tokens)
+TINY_WAN_DIT = dict(image_model="wan2.1", model_type="t2v", dim=64, ffn_dim=128, freq_dim=32, num_heads=2, num_layers=2,
+                    text_dim=32, text_len=16, in_dim=16, out_dim=16)
+
+# HiDream-I1: 2 heads of 32 (rope axes 16 + 8 + 8), one double and one single block, 4 routed experts (2 active);
+# T5 and Llama widths 32 (caption_channels), pooled CLIP-L+G 64; each block reads its own Llama layer (2 of them)
+TINY_HIDREAM_DIT = dict(image_model="hidream", patch_size=2, in_channels=16, out_channels=16, num_layers=1,
+                        num_single_layers=1, attention_head_dim=32, num_attention_heads=2, caption_channels=[32, 32],
+                        text_emb_dim=64, num_routed_experts=4, num_activated_experts=2, axes_dims_rope=[16, 8, 8],
+                        max_resolution=[16, 16], llama_layers=[0, 1])
+
+
+def tiny_network(kind: str, seed: int = 0, dtype: torch.dtype = torch.float32):
+    """MODEL (a ModelPatcher) of a tiny lumina2-, zimage-, wan- or hidream-shaped network built by ComfyUI's own
+    config and model classes (zimage: AttributeError on a ComfyUI without Z-Image, v0.3.64)."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.supported_models as sm
+
+    if kind == "lumina2":
+        import inspect
+
+        from comfy.ldm.lumina.model import NextDiT
+
+        class TinyLumina2(sm.Lumina2):
+            unet_config = {"image_model": "lumina2"}
+        takes = inspect.signature(NextDiT).parameters  # v0.3.64's NextDiT has no rope_theta (10000 fixed)
+        cfg = TinyLumina2({k: v for k, v in TINY_LUMINA2_DIT.items() if k in takes or k == "image_model"})
+    elif kind == "zimage":
+        class TinyZImage(sm.ZImage):
+            unet_config = {"image_model": "lumina2"}
+        cfg = TinyZImage(dict(TINY_ZIMAGE_DIT))
+    elif kind == "wan":
+        class TinyWan(sm.WAN21_T2V):
+            unet_config = {"image_model": "wan2.1", "model_type": "t2v"}
+        cfg = TinyWan(dict(TINY_WAN_DIT))
+    elif kind == "hidream":
+        class TinyHiDream(sm.HiDream):
+            unet_config = {"image_model": "hidream"}
+            sampling_settings = {"shift": 3.0}  # HiDream's workflows set it (ModelSamplingSD3); ComfyUI's config has none
+        cfg = TinyHiDream(dict(TINY_HIDREAM_DIT))
+    else:
+        raise ValueError(kind)
+    cfg.set_inference_dtype(dtype, None)
+    base = cfg.get_model({})
+    _init_(base.diffusion_model, seed)
+    base.diffusion_model.to(dtype)
+    return comfy.model_patcher.ModelPatcher(base, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+
+
+# Caption encoders as ComfyUI builds them, at tiny size: Lumina's own Gemma 2 class and Z-Image's own Qwen3 class
+# (hidden 32 = the tiny NextDiTs' caption width; Gemma's/Qwen's head width 256/128 is fixed by their configs). Gemma's
+# sentencepiece file comes with its weights (absent here), so the Gemma stand-in reads ComfyUI's Qwen2 vocabulary.
+TINY_GEMMA2 = dict(vocab_size=151936, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+                   num_key_value_heads=1)
+TINY_QWEN3 = TINY_GEMMA2
+
+
+def tiny_caption_encoder(kind: str, seed: int = 0):
+    """CLIP of a tiny caption encoder for 'lumina2' (v0.3.64 and v0.33) or 'zimage' (where ComfyUI has Z-Image)."""
+    import os
+
+    import comfy.sd
+    import comfy.sd1_clip as sd1
+    import comfy.text_encoders.llama as llama
+    from comfy.supported_models_base import ClipTarget
+
+    name, model_class = {"lumina2": ("gemma2_2b", llama.Gemma2_2B), "zimage": ("qwen3_4b", getattr(llama, "Qwen3_4B", None))}[kind]
+
+    class Encoder(sd1.SDClipModel):  # as ComfyUI's Gemma2_2BModel / Qwen3_4BModel, at tiny size
+        def __init__(self, device="cpu", dtype=None, model_options=None):
+            super().__init__(device=device, layer="hidden", layer_idx=-2, textmodel_json_config=dict(TINY_GEMMA2),
+                             dtype=dtype, special_tokens={"start": 2, "pad": 0} if kind == "lumina2" else {"pad": 151643},
+                             layer_norm_hidden_state=False, model_class=model_class, enable_attention_masks=True,
+                             return_attention_masks=True, model_options=model_options or {})
+
+    class TE(sd1.SD1ClipModel):
+        def __init__(self, device="cpu", dtype=None, model_options=None):
+            super().__init__(device=device, dtype=dtype, name=name, clip_model=Encoder, model_options=model_options or {})
+
+    if kind == "zimage":
+        from comfy.text_encoders.z_image import ZImageTokenizer as Tokenizer  # its chat template included
+    else:
+        from transformers import Qwen2Tokenizer
+
+        class GemmaStandIn(sd1.SDTokenizer):
+            def __init__(self, embedding_directory=None, tokenizer_data=None):
+                path = os.path.join(os.path.dirname(llama.__file__), "qwen25_tokenizer")
+                super().__init__(path, pad_with_end=False, embedding_size=32, embedding_key=name,
+                                 tokenizer_class=Qwen2Tokenizer, has_start_token=False, has_end_token=False,
+                                 pad_to_max_length=False, max_length=99999999, min_length=1, pad_token=151643,
+                                 tokenizer_data=tokenizer_data or {})
+
+        class Tokenizer(sd1.SD1Tokenizer):
+            def __init__(self, embedding_directory=None, tokenizer_data=None):
+                super().__init__(embedding_directory=embedding_directory, tokenizer_data=tokenizer_data or {}, name=name,
+                                 tokenizer=GemmaStandIn)
+    clip = comfy.sd.CLIP(ClipTarget(Tokenizer, TE), model_options={"dtype": torch.float32})
+    _init_(clip.cond_stage_model, seed, std=0.2)
+    return clip
+
+
+def tiny_vae16(seed: int = 2):
+    """The tiny 16-channel VAE the SD3/Flux models use (Lumina 2's and Z-Image's latents are Flux's)."""
+    import comfy.sd
+
+    dd = {"double_z": True, "z_channels": 16, "resolution": 64, "in_channels": 3, "out_ch": 3, "ch": 32,
+          "ch_mult": [1, 1, 1, 1], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}
+    vae = comfy.sd.VAE(sd={}, config={"params": {"ddconfig": dd, "embed_dim": 16}}, dtype=torch.float32)
+    vae.latent_channels = 16
+    _init_(vae.first_stage_model, seed, std=0.1)
+    return vae
