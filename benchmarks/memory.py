@@ -254,6 +254,17 @@ def measure_native(kind: str, res: int, steps: int, checkpointing: str) -> dict:
             "memory": "cuda max allocated" if dev == "cuda" else "peak RSS"}
 
 
+def threads_for_real_size() -> None:
+    """The pack's thread rule for a real-size model (the free cores, unless OMP_NUM_THREADS is set), applied before
+    torch loads; threads.py is loaded by its path because importing cat_train.training would load torch first."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_cat_threads", HERE.parent / "cat_train" / "training" / "threads.py")
+    threads = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(threads)
+    threads.configure_cpu_threads(None)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--measure", choices=["mid", "sd15", "sdxl"], help="train for real in a subprocess and measure")
@@ -268,6 +279,7 @@ def main(argv=None) -> int:
         print("set COMFYUI_PATH to a ComfyUI checkout: the UNets are built by ComfyUI's own classes.", file=sys.stderr)
         return 2
     if a.json:  # the subprocess
+        threads_for_real_size()
         run = measure_native if a.native else measure
         print("RESULT " + json.dumps(run(a.measure, a.res, a.steps, a.checkpointing)))
         return 0
