@@ -16,10 +16,9 @@ from __future__ import annotations
 import os
 import sys
 
-# Below this many trainable-model parameters every op is too small for a second thread to pay for its wake-up
-# (benchmarks/threads.py: the world model's step, 1.7M parameters, is fastest on 1 thread; SD-sized UNets,
-# 860M+, use every free core). Between them nothing was measured; the line sits where a UNet's convolutions
-# reach ~10^8 multiply-adds a call, where OpenMP's own docs put the start of parallel payoff.
+# Below this many parameters of the trained model, one thread (the world's UNet, 1.7M, and the tests' tiny ones);
+# at or above it, the free cores (SD-sized UNets, 860M+). benchmarks/threads.py measures the world model and the
+# same UNet 4x wider (26M) on both sides of the line (docs/benchmarks.md).
 SMALL_MODEL_PARAMS = 20_000_000
 
 
