@@ -31,6 +31,8 @@ from .lora import adapter_disabled
 from .apt_config import AptConfig
 from .auto_config import AutoPreservationConfig
 from .denoiser import Cond, Denoiser
+from .keep_local import LocalKeepSettings
+from .keep_local import check_settings as check_local_settings
 from .mask import MaskSettings
 from .mask import check_settings as check_mask_settings
 from .plugins import StepTerm
@@ -85,6 +87,15 @@ class CatLossConfig:
         "cheaper preservation: on a step with the CAT term, each batch row gets it with this probability (drawn from "
         "the run's seed), weighted α/p so the expected loss is exact CAT's; rows without it skip the frozen pass and "
         "their adapted y row. 1 = every row (exact CAT).")})
+    keep_estimator: str = field(default="exact", metadata={"since": "0.2.0", "choices": ("exact", "local"), "help": (
+        "how the CAT term is computed. `exact`: the paper's, the adapted model's prediction on y against the frozen "
+        "one's (a doubled adapted batch, ~2.1-2.4x a plain step). `local`: every adapted layer's change on the input "
+        "the frozen model feeds it on y, Σ_l w_l·mean||ΔW_l h_l(y)||² (cat_train/keep_local.py): the same zero (a "
+        "stronger one: no change on y anywhere, compensated or not), for the frozen pass alone (~1.3x a plain step). "
+        "The logged keep is then this term, not the prediction gap.")})
+    keep_local_weights: str = field(default="relative", metadata={"since": "0.2.0", "choices": ("relative", "unit"), "help": (
+        "keep_estimator `local`: each layer's weight w_l. `relative`: 1/mean||W_l h_l||², so each layer counts its "
+        "change relative to what the frozen layer outputs; `unit`: 1.")})
 
     def __post_init__(self):
         if not self.alpha >= 0:  # also catches NaN
@@ -112,6 +123,7 @@ class CatLossConfig:
             raise ValueError(f"keep_every must be a whole number >= 1 (1 = the CAT term on every step), got {self.keep_every!r}.")
         if not 0 < self.keep_fraction <= 1:
             raise ValueError(f"keep_fraction must be in (0, 1] (1 = the CAT term on every row), got {self.keep_fraction!r}.")
+        check_local_settings(self.keep_estimator, self.keep_local_weights)
         if self.alpha == 0 and (self.keep_every != 1 or self.keep_fraction != 1):
             raise ValueError("keep_every and keep_fraction thin out the CAT term, which alpha = 0 (plain LoRA) switches "
                              "off; set both to 1, or the CAT factor > 0.")
@@ -123,6 +135,11 @@ class CatLossConfig:
     def mask(self) -> MaskSettings:
         """The masked-training settings as one plug-in config (the step-term registry's `mask` entry)."""
         return MaskSettings(self.mask_floor, self.mask_keep)
+
+    @property
+    def local_keep(self) -> LocalKeepSettings:
+        """keep_estimator and keep_local_weights as one plug-in config (the step-term registry's `local_keep` entry)."""
+        return LocalKeepSettings(self.keep_estimator, self.keep_local_weights)
 
 
 def preservation_rows(cfg: CatLossConfig, step: int, n: int, gen: torch.Generator) -> tuple[float, Tensor | None]:
@@ -159,15 +176,15 @@ def weighted_mean_sq_diff(a: Tensor, b: Tensor, w: Tensor) -> Tensor:
 def cat_loss(pred_token: Tensor, target: Tensor, pred_pres: Tensor | None, frozen_pres: Tensor | None,
              alpha: float, weight: Tensor | None = None, fit_weight: Tensor | None = None,
              penalties: Sequence[Tensor] = (), element_weight: Tensor | None = None,
-             keep_rows: Tensor | None = None) -> LossTerms:
+             keep_rows: Tensor | None = None, keep_estimate: Tensor | None = None) -> LossTerms:
+    """keep_estimate: the CAT term's per-row values from an estimator (keep_local) instead of the two predictions."""
     fit = mean_sq_diff(pred_token, target) if element_weight is None else \
         weighted_mean_sq_diff(pred_token, target, element_weight)
     if alpha == 0:
         keep = torch.zeros_like(fit)
-    elif keep_rows is None:
-        keep = mean_sq_diff(pred_pres, frozen_pres)
-    else:  # pred_pres and frozen_pres hold only the rows in keep_rows
-        keep = torch.zeros_like(fit).index_put((keep_rows,), mean_sq_diff(pred_pres, frozen_pres))
+    else:  # pred_pres and frozen_pres (or the estimate) hold only the rows in keep_rows
+        kept = mean_sq_diff(pred_pres, frozen_pres) if keep_estimate is None else keep_estimate
+        keep = kept if keep_rows is None else torch.zeros_like(fit).index_put((keep_rows,), kept)
     w = torch.ones_like(fit) if weight is None else weight.to(fit)
     loss = ((fit if fit_weight is None else fit_weight.to(fit) * fit) + alpha * w * keep).mean()
     for p in penalties:  # one by one, in the plug-ins' order: the sum's rounding is part of a run's bits
@@ -233,7 +250,8 @@ def cat_objective(denoiser: Denoiser, x0: Tensor, noise: Tensor, t: Tensor, cond
 
     terms: plugged-in regularizers; frozen: the frozen model's (y_T, y) conditionings where they differ from the
     adapted ones (an adapter in the text encoder); disabled: the context giving the frozen model (default: LoRA off);
-    keep_rows: the rows that get the CAT term (`preservation_rows`; None: all), the only y rows either pass runs."""
+    keep_rows: the rows that get the CAT term (`preservation_rows`; None: all), the only y rows either pass runs.
+    A term that `estimates_keep` (keep_local) gives the CAT term from the frozen pass alone: no adapted y rows run."""
     sched, n = denoiser.schedule, x0.shape[0]
     x_t = sched.add_noise(x0, noise, t)
     target = sched.target(x0, noise, t, denoiser.prediction_type)
@@ -241,6 +259,8 @@ def cat_objective(denoiser: Denoiser, x0: Tensor, noise: Tensor, t: Tensor, cond
     if keep_rows is not None and len(keep_rows) == 0:
         alpha = 0.0
     token_pass = any(term.needs_frozen_token_pass for term in terms)
+    estimator = next((term for term in terms if term.estimates_keep), None) if alpha else None
+    adapted_pres = alpha and estimator is None
     pres = _select(keep_rows, x_t, t)
     frozen_rows = ([(x_t, t, frozen_token)] if token_pass else []) + ([(*pres, _select(keep_rows, frozen_pres))] if alpha else [])
     out = None
@@ -251,13 +271,14 @@ def cat_objective(denoiser: Denoiser, x0: Tensor, noise: Tensor, t: Tensor, cond
     # At init (LoRA B = 0) the adapted y rows equal the frozen pass up to CPU GEMM rounding between
     # batch sizes 2B and B (~1e-13 here); an extra frozen forward to make it bit-exact would cost 1/3 more.
     with _recording(terms, "adapted"):
-        pred = denoiser.predict(*_rows([(x_t, t, cond_token)] + ([(*pres, _select(keep_rows, cond_pres))] if alpha else [])))
+        pred = denoiser.predict(*_rows([(x_t, t, cond_token)] + ([(*pres, _select(keep_rows, cond_pres))] if adapted_pres else [])))
     fit_weight = _product([term.fit_weight(t) for term in terms])
     element_weight = _product([term.element_weight(pred[:n], out[:n] if token_pass else None) for term in terms])
     penalties = [p for term in terms for p in term.penalty(n)]
     m = n if keep_rows is None else len(keep_rows)
-    result = cat_loss(pred[:n], target, pred[n:] if alpha else None, out[-m:] if alpha else None, alpha, weight,
-                      fit_weight, penalties, element_weight, keep_rows if alpha else None)
+    estimate = estimator.keep(m, out.shape[0]) if estimator is not None else None
+    result = cat_loss(pred[:n], target, pred[n:] if adapted_pres else None, out[-m:] if adapted_pres else None, alpha,
+                      weight, fit_weight, penalties, element_weight, keep_rows if alpha else None, estimate)
     if not token_pass:
         return result
     # the frozen model's fit weighed as the adapted one's (APT compares the two)

@@ -28,6 +28,7 @@ class StepTerm:
     name = ""                          # its key in checkpoints, live-view reports and the LoRA metadata
     needs_frozen_token_pass = False    # the frozen pass also runs on y_T (its rows come first)
     history_keys: tuple[str, ...] = ()  # entries of report() that go into every history row
+    estimates_keep = False             # gives the CAT term itself (keep()): the adapted pass runs no y rows
 
     @staticmethod
     def switched_on(cfg: Any) -> bool:
@@ -67,6 +68,11 @@ class StepTerm:
     def penalty(self, rows: int) -> Sequence[Tensor]:
         """Weighted scalars added to the loss, in order, from what the passes recorded (first `rows` samples: y_T)."""
         return ()
+
+    def keep(self, rows: int, batch: int) -> Tensor:
+        """For a term that `estimates_keep`: the CAT term's value per y row, with grad, from what it recorded in the
+        frozen pass (`batch` rows, the y rows last). Called once per evaluation, after penalty()."""
+        raise NotImplementedError
 
     def after_step(self, t: Tensor, terms: NamedTuple) -> None:
         """After each evaluation of the objective (each accumulated batch), before the next draw; `terms`: the

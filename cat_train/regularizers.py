@@ -12,13 +12,15 @@ from .apt import AptRun
 from .auto import AutoPreservation
 from .denoiser import Denoiser
 from .loss import CatLossConfig
+from .keep_local import LocalKeep
 from .mask import MaskedLoss
 from .plugins import StepTerm
 from .timestep_weighting import MinSnrWeight
 
-# CatLossConfig field (or property: `mask` gathers mask_floor and mask_keep) -> plug-in (its `name` is the field's)
+# CatLossConfig field (or property: `mask` gathers mask_floor and mask_keep, `local_keep` keep_estimator and
+# keep_local_weights) -> plug-in (its `name` is the field's, or says what the property gathers)
 REGISTRY: dict[str, type[StepTerm]] = {"apt": AptRun, "auto": AutoPreservation, "min_snr_gamma": MinSnrWeight,
-                                       "mask": MaskedLoss}
+                                       "mask": MaskedLoss, "local_keep": LocalKeep}
 
 
 def step_terms(loss_cfg: CatLossConfig, denoiser: Denoiser) -> list[StepTerm]:

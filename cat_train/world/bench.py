@@ -8,7 +8,8 @@ identity, half prior, so its compute per step is about CAT's). APT (arXiv 2507.0
 `apt` (all three parts, alpha 0), `cat<alpha>+apt`, and one part alone: `apt:ada` (adaptive timestep-bin
 weighting and augmentation), `apt:rs` (representation stabilization), `apt:aa` (attention alignment). Cheaper preservation of a CAT method:
 `/k<every>` and `/p<fraction>` suffixes (`cat1/k4`: the CAT term every 4th step, weighted 4α; `cat1/p0.5`: on half
-the rows, weighted 2α; CatLossConfig.keep_every / keep_fraction).
+the rows, weighted 2α; CatLossConfig.keep_every / keep_fraction), and `/local` (the layer-local keep estimator,
+`/local:unit` with w_l = 1; CatLossConfig.keep_estimator, cat_train/keep_local.py).
 
 Two tasks (`--task`): `novel` (default), an identity the base model never drew (a cyan/magenta striped circle with
 a white dot); `reachable`, one the base model does draw but no prompt asks for (a small yellow circle in the
@@ -136,23 +137,34 @@ def apt_config(part: str, c: BenchConfig) -> AptConfig:
 
 def cheaper_method(m: str) -> tuple[str, int, float]:
     """'cat1/k4/p0.5' -> ('cat1', 4, 0.5): the base method and its cheaper preservation (keep_every, keep_fraction)."""
+    base, every, fraction, _ = cheaper_options(m)
+    return base, every, fraction
+
+
+def cheaper_options(m: str) -> tuple[str, int, float, dict]:
+    """'cat1/k4/local' -> ('cat1', 4, 1.0, {"keep_estimator": "local"}): cheaper_method's parts and the keep
+    estimator (`/local`: relative layer weights, `/local:unit`: w_l = 1; cat_train/keep_local.py)."""
     base, *opts = m.split("/")
-    every, fraction = 1, 1.0
+    every, fraction, estimator = 1, 1.0, {}
     for o in opts:
         if o[:1] == "k" and o[1:].isdigit() and int(o[1:]) >= 1:
             every = int(o[1:])
         elif o[:1] == "p":
             fraction = float(o[1:])
+        elif o in ("local", "local:relative", "local:unit"):
+            estimator = {"keep_estimator": "local", "keep_local_weights": o.partition(":")[2] or "relative"}
         else:
-            raise ValueError(f"unknown cheaper-preservation part {o!r} in {m!r}; use /k<every> and /p<fraction>, e.g. cat1/k4")
-    return base, every, fraction
+            raise ValueError(f"unknown cheaper-preservation part {o!r} in {m!r}; use /k<every>, /p<fraction> and /local[:unit], "
+                             "e.g. cat1/k4, cat1/local")
+    return base, every, fraction, estimator
 
 
 def label(m: str) -> str:
     if "/" in m:
-        base, every, fraction = cheaper_method(m)
+        base, every, fraction, local = cheaper_options(m)
         return label(base) + (f", term every {every} steps" if every > 1 else "") + \
-            (f", on {fraction:g} of rows" if fraction < 1 else "")
+            (f", on {fraction:g} of rows" if fraction < 1 else "") + \
+            (f", local keep ({local['keep_local_weights']} w_l)" if local else "")
     if m.startswith("catversion"):
         return catversion_label(m)
     base, part = apt_method(m)
@@ -239,9 +251,9 @@ def trigger_positions(caption: str, triggers: tuple[str, ...]) -> tuple[int, ...
 
 def examples_for(method: str, world: World, c: BenchConfig, seed: int) -> tuple[list[Example], CatLossConfig, int]:
     if "/" in method:  # the base method with the CAT term on every k-th step and/or a fraction of rows
-        base, every, fraction = cheaper_method(method)
+        base, every, fraction, local = cheaper_options(method)
         ex, lc, bs = examples_for(base, world, c, seed)
-        return ex, replace(lc, keep_every=every, keep_fraction=fraction), bs
+        return ex, replace(lc, keep_every=every, keep_fraction=fraction, **local), bs
     base, part = apt_method(method)
     if part is not None:  # the base method's examples and loss, with APT's parts switched on
         ex, lc, bs = examples_for(base, world, c, seed)
@@ -453,14 +465,14 @@ def method_name(m: str) -> str:
     """argparse type of --methods: lora, prior or cat<alpha>[:class|strip|empty|all], each optionally +apt[:ada|rs|aa|skip|earlier]; apt[:part]; catversion[:earlier][+cat<alpha>]."""
     if "/" in m:  # cat<alpha>[...]/k<every>/p<fraction>: cheaper preservation of a CAT method
         try:
-            base, every, fraction = cheaper_method(m)
+            base, every, fraction, _ = cheaper_options(m)
             if method_name(base).startswith("cat") and not base.startswith("catversion") and cat_method(apt_method(base)[0])[0] > 0 \
                     and 0 < fraction <= 1:
                 return m
         except (ValueError, argparse.ArgumentTypeError):
             pass
-        raise argparse.ArgumentTypeError(f"unknown method {m!r}; cheaper preservation: cat<alpha>[:mode]/k<every>/p<fraction> "
-                                         "with alpha > 0, every >= 1 and fraction in (0, 1], e.g. cat1/k4, cat1/p0.5")
+        raise argparse.ArgumentTypeError(f"unknown method {m!r}; cheaper preservation: cat<alpha>[:mode]/k<every>/p<fraction>/local[:unit] "
+                                         "with alpha > 0, every >= 1 and fraction in (0, 1], e.g. cat1/k4, cat1/p0.5, cat1/local")
     if m.startswith("catversion"):  # catversion[:earlier], catversion[:earlier]+cat<alpha>
         try:
             catversion_alpha(m)
