@@ -33,7 +33,7 @@ NODE_WIDGETS: dict[str, list[tuple[str, str]]] = {
                        ("class_word", "CatLossConfig.class_word"), ("token_weights", "CatLossConfig.token_weights"),
                        ("preservation_prompts", "CatLossConfig.preservation_prompts"), ("apt", "CatLossConfig.apt"),
                        ("auto", "CatLossConfig.auto"), ("keep_every", "CatLossConfig.keep_every"),
-                       ("keep_fraction", "CatLossConfig.keep_fraction")],
+                       ("keep_fraction", "CatLossConfig.keep_fraction"), ("keep_estimator", "CatLossConfig.keep_estimator")],
     "CAT_LoraTrainer": [("rank", "LoraSpec.rank"), ("lora_alpha", "LoraSpec.alpha"), ("target", "LoraSpec.preset"),
                         ("steps", "TrainConfig.steps"), ("learning_rate", "TrainConfig.lr"),
                         ("lr_schedule", "TrainConfig.lr_schedule"), ("batch_size", "TrainConfig.batch_size"),
