@@ -94,8 +94,9 @@ def setup(args):
     return denoiser, examples, frozen
 
 
-def run_steps(denoiser, examples, frozen, method, args) -> list[tuple[float, bool]]:
-    """One training run of `method`: (seconds, had the CAT term) of each step after the warm-up ones."""
+def run_steps(denoiser, examples, frozen, method, args, recorded: list | None = None) -> list[tuple[float, bool]]:
+    """One training run of `method`: (seconds, had the CAT term) of each step after the warm-up ones; `recorded` gets the
+    local keep estimator's recorded inputs (MB) of each step that had it."""
     device = torch.device(args.device)
     every, fraction = keep_options(method)
     timed = -(-args.steps // every) * every  # whole cycles: after the warm-up step (which has the term), every-1 without, 1 with
@@ -111,6 +112,8 @@ def run_steps(denoiser, examples, frozen, method, args) -> list[tuple[float, boo
             torch.cuda.synchronize()
         stamps.append(time.perf_counter())
         frozen.append(0)
+        if recorded is not None and info.reports.get("keep_local"):
+            recorded.append(info.reports["keep_local"]["recorded_mb"])
         kinds = {bool(f) for f in frozen[args.warmup:-1]}
         if extra and info.step >= args.warmup + timed and len(kinds) == 2:
             raise Enough
@@ -155,8 +158,10 @@ def measure(args) -> dict:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base_cuda = torch.cuda.memory_allocated() / 2**20
-    out = {"alpha": args.alpha, **step_estimate(run_steps(denoiser, examples, frozen, args.method, args), args.method, args.batch),
-           "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "base_rss_mb": base_rss}
+    recorded: list[float] = []
+    out = {"alpha": args.alpha, **step_estimate(run_steps(denoiser, examples, frozen, args.method, args, recorded), args.method,
+                                                args.batch),
+           "recorded_mb": max(recorded, default=0.0), "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "base_rss_mb": base_rss}
     if device.type == "cuda":
         out |= {"peak_cuda_mb": torch.cuda.max_memory_allocated() / 2**20, "base_cuda_mb": base_cuda}
     return out
@@ -217,8 +222,8 @@ def main() -> None:
           f"{args.steps} timed steps after {args.warmup} warm-up; interleaved: {args.rounds} runs of each, alternated")
     names = {"lora": "LoRA (alpha 0)", "cat": "CAT (alpha 1)", **{m: f"CAT (alpha 1), {option_name(m)}" for m in METHODS if "/" in m}}
     print("| method | step s (interleaved) | step / LoRA step (interleaved) | step / its own plain steps | timed steps with "
-          "the term | identity on the world | step s (own process) | peak MB | training MB (peak - model) | peak / LoRA |\n"
-          "|---|---|---|---|---|---|---|---|---|---|")
+          "the term | identity on the world | step s (own process) | peak MB | training MB (peak - model) | peak / LoRA "
+          "| recorded inputs MB (local keep) |\n|---|---|---|---|---|---|---|---|---|---|---|")
     mem = base = None
     if rows:
         lora = rows["lora"]
@@ -228,8 +233,8 @@ def main() -> None:
         i, r = inter[m], rows.get(m)
         own = f"{i['in_run']:.2f}" if i.get("in_run") else "-"
         kept = {True: "kept", False: "lost", None: "not measured"}[KEEPS_IDENTITY.get(m)] if m != "lora" else "-"
-        alone = (f"{r['step_s']:.3f} | {r[mem]:.0f} | {r[mem] - r[base]:.0f} | {r[mem] / rows['lora'][mem]:.2f}" if r
-                 else "- | - | - | -")
+        alone = (f"{r['step_s']:.3f} | {r[mem]:.0f} | {r[mem] - r[base]:.0f} | {r[mem] / rows['lora'][mem]:.2f} | "
+                 + (f"{r['recorded_mb']:.1f}" if r.get("recorded_mb") else "-") if r else "- | - | - | - | -")
         print(f"| {names.get(m, m)} | {i['step_s']:.3f} | {i['vs_lora']:.2f} | {own} | {i['steps_with_term']}/{i['steps_timed']} "
               f"| {kept} | {alone} |")
     if "cat" in inter:
