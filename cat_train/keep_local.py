@@ -8,7 +8,7 @@ layer by layer: every adapted layer l adds nothing on the input the FROZEN model
 (by induction along the forward: the first adapted layer sees the frozen input and adds nothing, so everything after
 it sees frozen values too). So
 
-    keep_local = Σ_l  w_l · mean ||ΔW_l h_l(y)||²,    w_l = 1 / mean ||W_l h_l(y)||²  ("relative")  or 1 ("unit")
+    keep_local = Σ_l  w_l · mean ||ΔW_l h_l(y)||²,    w_l = 1 ("unit", the default)  or  1 / mean ||W_l h_l(y)||²  ("relative")
 
 has CAT's zero and needs only the frozen no-grad pass on y, which records each adapted layer's input h_l (and what
 the base layer gave), and the small delta computations with their backward: the adapted y pass and its backward
@@ -37,7 +37,7 @@ from .lora import lora_layers
 from .plugins import StepTerm
 
 ESTIMATORS = ("exact", "local")
-WEIGHTINGS = ("relative", "unit")
+WEIGHTINGS = ("unit", "relative")
 ENERGY_FLOOR = 1e-12  # a layer whose frozen output is all zeros on a row would divide by 0; such a row weighs 1e12
 
 
@@ -45,7 +45,7 @@ ENERGY_FLOOR = 1e-12  # a layer whose frozen output is all zeros on a row would 
 class LocalKeepSettings:
     """`CatLossConfig.keep_estimator` and `keep_local_weights` as the step-term registry sees them (CatLossConfig.local_keep)."""
     estimator: str = "exact"
-    weights: str = "relative"
+    weights: str = "unit"
 
     @property
     def active(self) -> bool:

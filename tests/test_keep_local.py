@@ -71,10 +71,10 @@ def counting(den):
     return calls
 
 
-@pytest.mark.parametrize("algo", ALGOS)
-def test_zero_at_init_for_every_algorithm(tiny_denoiser, algo):
+@pytest.mark.parametrize("algo, weights", [(a, "unit") for a in ALGOS] + [("lora", "relative")])
+def test_zero_at_init_for_every_algorithm(tiny_denoiser, algo, weights):
     inject_lora(tiny_denoiser.module, spec(algo))
-    terms = local_terms(tiny_denoiser)
+    terms = local_terms(tiny_denoiser, CatLossConfig(alpha=1.0, keep_estimator="local", keep_local_weights=weights))
     x0, noise, t, c_tok, c_pres = batch()
     local = cat_objective(tiny_denoiser, x0, noise, t, c_tok, c_pres, 1.0, terms=terms)
     plain = cat_objective(tiny_denoiser, x0, noise, t, c_tok, c_pres, 0.0)
@@ -256,7 +256,7 @@ def test_exact_is_the_default_and_trains_as_before_bit_for_bit(tiny_denoiser, te
 
 def test_resume_is_bit_exact_with_local_and_a_row_fraction(tiny_denoiser, text, tmp_path):
     exs = examples(text)
-    loss = CatLossConfig(alpha=1.0, class_word="dog", keep_estimator="local", keep_fraction=0.5)
+    loss = CatLossConfig(alpha=1.0, class_word="dog", keep_estimator="local", keep_local_weights="relative", keep_fraction=0.5)
     full = run(tiny_denoiser, exs, tmp_path / "a", 8, loss=loss, save_every=3)
     resumed = run(tiny_denoiser, exs, tmp_path / "b", 8, loss=loss, resume=checkpoint_path(tmp_path / "a", 3))
     assert [h["loss"] for h in full.history] == [h["loss"] for h in resumed.history]
@@ -329,10 +329,11 @@ def test_settings_header_and_errors():
     assert "keep_estimator" not in settings(CatLossConfig()) and "keep_local_weights" not in settings(CatLossConfig())
     assert settings(LOCAL)["keep_estimator"] == "local"
     assert metadata(CatLossConfig())["cat_keep_estimator"] == "exact" and "cat_keep_local_weights" not in metadata(CatLossConfig())
-    assert metadata(CatLossConfig(keep_estimator="local", keep_local_weights="unit"))["cat_keep_local_weights"] == "unit"
+    assert metadata(LOCAL)["cat_keep_local_weights"] == "unit"  # the default weighting
+    assert metadata(CatLossConfig(keep_estimator="local", keep_local_weights="relative"))["cat_keep_local_weights"] == "relative"
     with pytest.raises(ValueError, match="keep_estimator must be one of exact, local"):
         CatLossConfig(keep_estimator="layerwise")
-    with pytest.raises(ValueError, match="keep_local_weights must be one of relative, unit"):
+    with pytest.raises(ValueError, match="keep_local_weights must be one of unit, relative"):
         CatLossConfig(keep_estimator="local", keep_local_weights="one")
 
 

@@ -30,7 +30,7 @@ def test_keep_estimator_widget_comes_last_and_reaches_the_lora_header(comfy, tin
     _, lora, _, _, res = tr.train_on_model(mp, ds, loss, A.LoraSpec(rank=4, alpha=4.0), T.TrainConfig(steps=3, lr=1e-2, seed=1))
     keep = [h["keep"] for h in res.history]
     assert keep[0] == 0 < keep[-1]  # LoRA B = 0 at step 1: no layer changes anything on y; then it does
-    assert (lora.metadata["cat_keep_estimator"], lora.metadata["cat_keep_local_weights"]) == ("local", "relative")
+    assert (lora.metadata["cat_keep_estimator"], lora.metadata["cat_keep_local_weights"]) == ("local", "unit")
     after = mp.model.diffusion_model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
 
