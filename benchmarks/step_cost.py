@@ -125,7 +125,7 @@ def run_steps(denoiser, examples, frozen, method, args, recorded: list | None = 
     with contextlib.suppress(Enough):
         train(denoiser, examples, CatLossConfig(alpha=alpha, preservation="empty", apt=apt, keep_every=every,
                                                 keep_fraction=fraction, keep_estimator=estimator(method)),
-              LoraSpec(rank=args.rank), tcfg, callback=tick)
+              LoraSpec(rank=args.rank, preset=args.preset), tcfg, callback=tick)
     times = [b - a for a, b in zip(stamps[args.warmup - 1:], stamps[args.warmup:])]
     return [(dt, bool(f)) for dt, f in zip(times, frozen[args.warmup:])]
 
@@ -186,6 +186,7 @@ def main() -> None:
     ap.add_argument("--res", type=int, default=256, help="image resolution in px (latent = res / 8)")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--preset", choices=["attn", "attn_ff", "full"], default="attn", help="LoRA target preset")
     ap.add_argument("--steps", type=int, default=4, help="timed steps per method")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -218,7 +219,7 @@ def main() -> None:
         sys.exit(f"the interleaved timing failed:\n{res.stderr[-3000:]}")
     inter = json.loads(res.stdout.strip().splitlines()[-1])
     print(f"UNet {args.unet} ({sum(p.numel() for p in UNet(**CONFIGS[args.unet]).parameters()) if args.unet != 'sd15' else 859520964:,} params), "
-          f"{args.res}px, batch {args.batch}, rank {args.rank}, {args.device}, precision {args.precision}, "
+          f"{args.res}px, batch {args.batch}, rank {args.rank} ({args.preset}), {args.device}, precision {args.precision}, "
           f"{args.steps} timed steps after {args.warmup} warm-up; interleaved: {args.rounds} runs of each, alternated")
     names = {"lora": "LoRA (alpha 0)", "cat": "CAT (alpha 1)", **{m: f"CAT (alpha 1), {option_name(m)}" for m in METHODS if "/" in m}}
     print("| method | step s (interleaved) | step / LoRA step (interleaved) | step / its own plain steps | timed steps with "
