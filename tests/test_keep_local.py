@@ -353,3 +353,20 @@ def test_memory_of_the_recorded_inputs_is_reported(tiny_denoiser):
     # shared inputs (to_q/to_k/to_v of one self-attention, to_k/to_v of the context) counted once
     assert terms[0].report()["recorded_mb"] == pytest.approx(sum(h.numel() * 4 for h in seen.values()) / 2**20)
     assert len(seen) < len(layers)
+
+
+def test_bench_methods_name_the_estimator_and_its_weights():
+    from cat_train.world import bench
+
+    class Text:
+        def encode_text(self, ps):
+            return {"context": torch.tensor([[[float(len(p))]] for p in ps])}
+
+    _, lc, _ = bench.examples_for("cat1/local/k2", Text(), bench.BenchConfig(), seed=0)
+    assert (lc.keep_estimator, lc.keep_local_weights, lc.keep_every, lc.alpha) == ("local", "unit", 2, 1.0)
+    _, lc, _ = bench.examples_for("cat0.5/local:relative", Text(), bench.BenchConfig(), seed=0)
+    assert (lc.keep_estimator, lc.keep_local_weights) == ("local", "relative")
+    assert bench.label("cat1/local") == "CAT (α=1), local keep (unit w_l)"
+    assert bench.method_name("cat1/local:unit/p0.5") == "cat1/local:unit/p0.5"
+    with pytest.raises(Exception, match="local"):
+        bench.method_name("cat1/local:one")

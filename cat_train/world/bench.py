@@ -9,7 +9,7 @@ identity, half prior, so its compute per step is about CAT's). APT (arXiv 2507.0
 weighting and augmentation), `apt:rs` (representation stabilization), `apt:aa` (attention alignment). Cheaper preservation of a CAT method:
 `/k<every>` and `/p<fraction>` suffixes (`cat1/k4`: the CAT term every 4th step, weighted 4α; `cat1/p0.5`: on half
 the rows, weighted 2α; CatLossConfig.keep_every / keep_fraction), and `/local` (the layer-local keep estimator,
-`/local:unit` with w_l = 1; CatLossConfig.keep_estimator, cat_train/keep_local.py).
+`/local:unit`, `/local:relative` naming the layer weights; CatLossConfig.keep_estimator, cat_train/keep_local.py).
 
 Two tasks (`--task`): `novel` (default), an identity the base model never drew (a cyan/magenta striped circle with
 a white dot); `reachable`, one the base model does draw but no prompt asks for (a small yellow circle in the
@@ -143,7 +143,7 @@ def cheaper_method(m: str) -> tuple[str, int, float]:
 
 def cheaper_options(m: str) -> tuple[str, int, float, dict]:
     """'cat1/k4/local' -> ('cat1', 4, 1.0, {"keep_estimator": "local"}): cheaper_method's parts and the keep
-    estimator (`/local`: relative layer weights, `/local:unit`: w_l = 1; cat_train/keep_local.py)."""
+    estimator (`/local`: the default layer weights, `/local:unit` or `/local:relative` to name them; cat_train/keep_local.py)."""
     base, *opts = m.split("/")
     every, fraction, estimator = 1, 1.0, {}
     for o in opts:
@@ -152,7 +152,7 @@ def cheaper_options(m: str) -> tuple[str, int, float, dict]:
         elif o[:1] == "p":
             fraction = float(o[1:])
         elif o in ("local", "local:relative", "local:unit"):
-            estimator = {"keep_estimator": "local", "keep_local_weights": o.partition(":")[2] or "relative"}
+            estimator = {"keep_estimator": "local", **({"keep_local_weights": o[6:]} if ":" in o else {})}
         else:
             raise ValueError(f"unknown cheaper-preservation part {o!r} in {m!r}; use /k<every>, /p<fraction> and /local[:unit], "
                              "e.g. cat1/k4, cat1/local")
@@ -164,7 +164,7 @@ def label(m: str) -> str:
         base, every, fraction, local = cheaper_options(m)
         return label(base) + (f", term every {every} steps" if every > 1 else "") + \
             (f", on {fraction:g} of rows" if fraction < 1 else "") + \
-            (f", local keep ({local['keep_local_weights']} w_l)" if local else "")
+            (f", local keep ({local.get('keep_local_weights', CatLossConfig.keep_local_weights)} w_l)" if local else "")
     if m.startswith("catversion"):
         return catversion_label(m)
     base, part = apt_method(m)
