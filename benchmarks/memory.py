@@ -31,10 +31,12 @@ sys.path.insert(0, str(HERE))
 GiB = 1024 ** 3
 
 SDXL_UNET = dict(use_checkpoint=False, image_size=32, out_channels=4, use_spatial_transformer=True, legacy=False,
-                 num_classes="sequential", adm_in_channels=2816, in_channels=4, model_channels=320, num_res_blocks=[2, 2, 2],
+                 num_classes="sequential", adm_in_channels=2816, in_channels=4, model_channels=320,
+                 num_res_blocks=[2, 2, 2],
                  transformer_depth=[0, 0, 2, 2, 10, 10], channel_mult=[1, 2, 4], transformer_depth_middle=10,
                  use_linear_in_transformer=True, context_dim=2048, num_head_channels=64, num_heads=-1,
-                 transformer_depth_output=[0, 0, 0, 2, 2, 2, 10, 10, 10], use_temporal_attention=False, use_temporal_resblock=False)
+                 transformer_depth_output=[0, 0, 0, 2, 2, 2, 10, 10, 10], use_temporal_attention=False,
+                 use_temporal_resblock=False)
 
 
 def _pack():
@@ -42,7 +44,8 @@ def _pack():
 
     root = HERE.parent
     if "comfyui_cat" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("comfyui_cat", root / "__init__.py", submodule_search_locations=[str(root)])
+        spec = importlib.util.spec_from_file_location("comfyui_cat", root / "__init__.py",
+                                                      submodule_search_locations=[str(root)])
         pack = importlib.util.module_from_spec(spec)
         sys.modules["comfyui_cat"] = pack
         spec.loader.exec_module(pack)
@@ -79,8 +82,8 @@ def budget_row(kind: str, res: int, rank: int = 16, alpha: float = 1.0, batch: i
     import torch
 
     _pack()
-    from comfyui_cat.cat_train.lora import LoraSpec, lora_param_count
-    from comfyui_cat.cat_train.budget import adapter_bytes, probe_activations, tensor_bytes
+    from comfyui_cat.cat_train.adapters.lora import LoraSpec, lora_param_count
+    from comfyui_cat.cat_train.training.budget import adapter_bytes, probe_activations, tensor_bytes
     from comfyui_cat.cat_train import families
     from comfyui_cat.nodes.comfy_model import _sdpa
 
@@ -88,12 +91,14 @@ def budget_row(kind: str, res: int, rank: int = 16, alpha: float = 1.0, batch: i
     net = base.diffusion_model
     meta = dict(device="meta", dtype=torch.bfloat16)
     tokens, ctx, channels, kw = {"sdxl": (77, 2048, 4, {"y": torch.empty(1, 2816, **meta)}),
-                                 "flux": (256, 4096, 16, {"y": torch.empty(1, 768, **meta), "guidance": torch.ones(1, **meta)})
+                                 "flux": (256, 4096, 16,
+                                          {"y": torch.empty(1, 768, **meta), "guidance": torch.ones(1, **meta)})
                                  }.get(kind, (77, 768, 4, {}))
 
     def forward():
         net(torch.empty(1, channels, res // 8, res // 8, **meta), torch.zeros(1, device="meta"),
-            context=torch.empty(1, tokens, ctx, **meta), transformer_options={"optimized_attention_override": _sdpa}, **kw)
+            context=torch.empty(1, tokens, ctx, **meta), transformer_options={"optimized_attention_override": _sdpa},
+            **kw)
 
     probe = probe_activations(net, forward, families.of(net).checkpoint_units(net))
     rows = batch * (2 if alpha > 0 else 1)
@@ -113,8 +118,10 @@ def random_bf16_model(kind: str, res: int):
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for n, p in base.diffusion_model.named_parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * (0.02 if p.ndim > 1 else 0.01) + (1.0 if p.ndim == 1 and "norm" in n else 0))
-    mp = comfy.model_patcher.ModelPatcher(base, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+            scale = 0.02 if p.ndim > 1 else 0.01
+            p.copy_(torch.randn(p.shape, generator=g) * scale + (1.0 if p.ndim == 1 and "norm" in n else 0))
+    mp = comfy.model_patcher.ModelPatcher(base, load_device=mm.get_torch_device(),
+                                          offload_device=mm.unet_offload_device())
     return mp, base, g, 2048 if kind == "sdxl" else 768, torch.randn(2, 4, res // 8, res // 8, generator=g)
 
 
@@ -130,10 +137,9 @@ def measure(kind: str, res: int, steps: int, checkpointing: str) -> dict:
 
     boot()
     _pack()
-    from comfyui_cat.cat_train.lora import LoraSpec
-    from comfyui_cat.cat_train.loss import CatLossConfig
-    from comfyui_cat.cat_train.precision import mixed_precision_name
-    from comfyui_cat.cat_train.train import Example, TrainConfig, train
+    from comfyui_cat.cat_train.adapters.lora import LoraSpec
+    from comfyui_cat.cat_train.training import CatLossConfig, Example, TrainConfig, train
+    from comfyui_cat.cat_train.training.precision import mixed_precision_name
     from comfyui_cat.nodes.comfy_model import trainable
     from comfyui_cat.nodes.trainer import memory_budget
 
@@ -154,7 +160,8 @@ def measure(kind: str, res: int, steps: int, checkpointing: str) -> dict:
         else:
             start = rss()
         t0 = time.perf_counter()
-        cfg = TrainConfig(steps=steps, lr=1e-4, mixed_precision=mixed_precision_name(den.compute_dtype), gradient_checkpointing=on)
+        cfg = TrainConfig(steps=steps, lr=1e-4, mixed_precision=mixed_precision_name(den.compute_dtype),
+                          gradient_checkpointing=on)
         train(den, examples, loss, spec, cfg)
         dt = (time.perf_counter() - t0) / steps
         peak = torch.cuda.max_memory_allocated() if dev == "cuda" else rss()
@@ -187,12 +194,14 @@ def measure_native(kind: str, res: int, steps: int, checkpointing: str) -> dict:
         start = rss()
     t0 = time.perf_counter()
     with torch.inference_mode(False):
-        nt.TrainLoraNode().train(mp, {"samples": lat}, [[cond, {}]], 1, steps, 1, 1e-4, 16, "AdamW", "MSE", 0, "bf16", "bf16",
+        nt.TrainLoraNode().train(mp, {"samples": lat}, [[cond, {}]], 1, steps, 1, 1e-4, 16, "AdamW", "MSE", 0, "bf16",
+                                 "bf16",
                                  "LoRA", checkpointing == "on", "[None]")
     peak = torch.cuda.max_memory_allocated() if dev == "cuda" else rss()
     return {"kind": kind, "res": res, "device": dev, "compute": "bf16 (native)", "checkpointing": checkpointing == "on",
             "weights": weights, "growth": peak - start, "predicted": float("nan"), "fp32_conversion": weights,
-            "step_s": (time.perf_counter() - t0) / steps, "memory": "cuda max allocated" if dev == "cuda" else "peak RSS"}
+            "step_s": (time.perf_counter() - t0) / steps,
+            "memory": "cuda max allocated" if dev == "cuda" else "peak RSS"}
 
 
 def main(argv=None) -> int:
@@ -201,7 +210,8 @@ def main(argv=None) -> int:
     ap.add_argument("--res", type=int, default=128)
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--checkpointing", choices=["auto", "on", "off"], default="off")
-    ap.add_argument("--native", action="store_true", help="with --measure: ComfyUI's TrainLoraNode on the same settings")
+    ap.add_argument("--native", action="store_true",
+                    help="with --measure: ComfyUI's TrainLoraNode on the same settings")
     ap.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if not os.environ.get("COMFYUI_PATH"):
@@ -221,19 +231,24 @@ def main(argv=None) -> int:
             return 1
         r = json.loads(line[7:])
         what = "ComfyUI's TrainLoraNode (LoRA on every weight, no CAT term)" if a.native else "CAT alpha 1"
-        print(f"{r['kind']} shape, bf16 weights ({r['weights'] / GiB:.2f} GiB), {r['res']} px, {what}, batch 1, rank 16, "
-              f"compute {r['compute']}, checkpointing {'on' if r['checkpointing'] else 'off'}, {r['device']} ({r['memory']})")
+        print(f"{r['kind']} shape, bf16 weights ({r['weights'] / GiB:.2f} GiB), {r['res']} px, {what}, batch 1, rank "
+              f"16, compute {r['compute']}, checkpointing {'on' if r['checkpointing'] else 'off'}, {r['device']} "
+              f"({r['memory']})")
         print(f"  measured growth during training   {r['growth'] / GiB:7.3f} GiB   ({r['step_s']:.2f} s/step)"
               + ("   [ComfyUI's TrainLoraNode]" if a.native else ""))
         if not a.native:
-            print(f"  budget's prediction                {r['predicted'] / GiB:7.3f} GiB   (ratio measured/predicted {r['growth'] / r['predicted']:.2f})")
-        print(f"  old in-place fp32 conversion added {r['fp32_conversion'] / GiB:7.3f} GiB   (ratio growth/conversion {r['growth'] / r['fp32_conversion']:.2f})")
+            print(f"  budget's prediction                {r['predicted'] / GiB:7.3f} GiB   (ratio measured/predicted "
+                  f"{r['growth'] / r['predicted']:.2f})")
+        print(f"  old in-place fp32 conversion added {r['fp32_conversion'] / GiB:7.3f} GiB   (ratio growth/conversion "
+              f"{r['growth'] / r['fp32_conversion']:.2f})")
         return 0
     from native_vs_cat import boot
 
     boot()
-    print("budget (GiB), bf16 weights + compute, CAT alpha 1, batch 1, rank 16 'attn'; total = weights + LoRA/AdamW + activations")
-    print(f"{'model':6s} {'res':>5s} {'weights':>8s} {'LoRA+opt':>9s} {'act off':>8s} {'total off':>10s} {'act on':>7s} {'total on':>9s}")
+    print("budget (GiB), bf16 weights + compute, CAT alpha 1, batch 1, rank 16 'attn'; total = weights + LoRA/AdamW + "
+          "activations")
+    print(f"{'model':6s} {'res':>5s} {'weights':>8s} {'LoRA+opt':>9s} {'act off':>8s} {'total off':>10s} "
+          f"{'act on':>7s} {'total on':>9s}")
     for kind, res in (("sd15", 512), ("sdxl", 1024), ("flux", 1024)):
         r = budget_row(kind, res)
         tot = lambda act: (r["weights"] + r["adapter"] + act) / GiB

@@ -9,7 +9,8 @@ peak RSS (ru_maxrss) and its growth over the process after the model was built.
     COMFYUI_PATH=/path/to/ComfyUI python benchmarks/native_vs_cat.py --unet sd15 --res 256 --steps 4
 
 `cheap` is CAT with the CAT term every --keep-every steps (α scaled by it; CatLossConfig.keep_every), timed over
-whole cycles; `local` is CAT with the layer-local keep estimator (CatLossConfig.keep_estimator "local"). Measured on the shared 2-core CPU machine, 1 torch thread, ComfyUI a125cd84, one run each:
+whole cycles; `local` is CAT with the layer-local keep estimator (CatLossConfig.keep_estimator "local"). Measured
+on the shared 2-core CPU machine, 1 torch thread, ComfyUI a125cd84, one run each:
   SD1.5 UNet shape (859,520,964 params), 256 px, rank 16, 2 timed steps (--unet sd15 --res 256 --steps 2 --threads 1):
     native TrainLoraNode   20.44 s/step  peak RSS 9412 MB
     CAT alpha=0             8.30 s/step  peak RSS 5197 MB   -> 2.46x steps/s, 0.55x peak memory
@@ -34,7 +35,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SD15_UNET = dict(use_checkpoint=False, image_size=32, out_channels=4, use_spatial_transformer=True, legacy=False,
                  adm_in_channels=None, in_channels=4, model_channels=320, num_res_blocks=[2, 2, 2, 2],
                  transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0], channel_mult=[1, 2, 4, 4], transformer_depth_middle=1,
-                 use_linear_in_transformer=False, context_dim=768, transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+                 use_linear_in_transformer=False, context_dim=768,
+                 transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
                  use_temporal_attention=False, use_temporal_resblock=False)
 TINY_UNET = dict(SD15_UNET, model_channels=32, num_res_blocks=[1, 1], transformer_depth=[1, 1], channel_mult=[1, 2],
                  context_dim=64, transformer_depth_output=[1, 1, 1, 1])
@@ -67,7 +69,8 @@ def build(kind: str):
 
     class Cfg(sm.SD15):
         unet_config = {}
-        unet_extra_config = {"num_heads": 8, "num_head_channels": -1} if kind == "sd15" else {"num_heads": 2, "num_head_channels": -1}
+        unet_extra_config = {"num_heads": 8, "num_head_channels": -1} if kind == "sd15" else {"num_heads": 2,
+                "num_head_channels": -1}
 
     cfg = Cfg(cfg_dict)
     cfg.set_inference_dtype(torch.float32, None)
@@ -75,9 +78,11 @@ def build(kind: str):
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for n, p in base.diffusion_model.named_parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * (0.01 if n.endswith("bias") else min(0.05, max(1, p[0].numel()) ** -0.5))
+            p.copy_(torch.randn(p.shape,
+                                generator=g) * (0.01 if n.endswith("bias") else min(0.05, max(1, p[0].numel()) ** -0.5))
                     if p.ndim > 1 or n.endswith("bias") else 1 + torch.randn(p.shape, generator=g) * 0.01)
-    mp = comfy.model_patcher.ModelPatcher(base, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+    mp = comfy.model_patcher.ModelPatcher(base, load_device=mm.get_torch_device(),
+                                          offload_device=mm.unet_offload_device())
     return mp, cfg_dict["context_dim"]
 
 
@@ -106,7 +111,8 @@ def run_native(kind, res, steps, rank) -> dict:
     def go(n):
         t = time.perf_counter()
         with torch.inference_mode(False):
-            node.train(mp, {"samples": lat}, [[ctx, {}]], 1, n, 1, 1e-4, rank, "AdamW", "MSE", 0, "fp32", "fp32", "LoRA",
+            node.train(mp, {"samples": lat}, [[ctx, {}]], 1, n, 1, 1e-4, rank, "AdamW", "MSE", 0, "fp32", "fp32",
+                       "LoRA",
                        False, "[None]")
         return time.perf_counter() - t
 
@@ -120,13 +126,13 @@ def run_native(kind, res, steps, rank) -> dict:
 def run_ours(kind, res, steps, rank, alpha, every=1, estimator="exact") -> dict:
     import torch
 
-    spec = importlib.util.spec_from_file_location("comfyui_cat", ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
+    spec = importlib.util.spec_from_file_location("comfyui_cat", ROOT / "__init__.py",
+                                                  submodule_search_locations=[str(ROOT)])
     pack = importlib.util.module_from_spec(spec)
     sys.modules["comfyui_cat"] = pack
     spec.loader.exec_module(pack)
-    from comfyui_cat.cat_train.lora import LoraSpec
-    from comfyui_cat.cat_train.loss import CatLossConfig
-    from comfyui_cat.cat_train.train import Example, TrainConfig, train
+    from comfyui_cat.cat_train.adapters.lora import LoraSpec
+    from comfyui_cat.cat_train.training import CatLossConfig, Example, TrainConfig, train
     from comfyui_cat.nodes.comfy_model import trainable
 
     mp, ctx_dim = build(kind)
@@ -138,7 +144,8 @@ def run_ours(kind, res, steps, rank, alpha, every=1, estimator="exact") -> dict:
         torch.cuda.reset_peak_memory_stats()
     steps = -(-steps // every) * every  # keep_every: whole cycles after the first step (which has the CAT term)
     with torch.inference_mode(False), trainable(mp) as den:
-        train(den, examples, CatLossConfig(alpha=alpha, preservation="empty", keep_every=every, keep_estimator=estimator),
+        train(den, examples, CatLossConfig(alpha=alpha, preservation="empty", keep_every=every,
+                                           keep_estimator=estimator),
               LoraSpec(rank=rank, alpha=rank),
               TrainConfig(steps=1 + steps, lr=1e-4), callback=lambda info: stamps.append(time.perf_counter()))
     name = f"ComfyUI-CAT alpha={alpha:g}" + (f" keep_every={every}" if every > 1 else "") + \
@@ -153,7 +160,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    ap.add_argument("--keep-every", type=int, default=4, help="the cheaper CAT row: the CAT term every N-th step (keep_every)")
+    ap.add_argument("--keep-every", type=int, default=4, help="the cheaper CAT row: the CAT term every N-th step "
+                                                              "(keep_every)")
     rows = ["native", "ours0", "ours1", "cheap", "local"]
     ap.add_argument("--methods", nargs="+", choices=rows, default=rows,
                     help="rows to run (native is always run first: the others compare with it); local: CAT with the "
@@ -166,8 +174,8 @@ def main(argv=None) -> int:
             torch.set_num_threads(a.threads)
         boot()
         r = run_native(a.unet, a.res, a.steps, a.rank) if a.one == "native" else \
-            run_ours(a.unet, a.res, a.steps, a.rank, 0.0 if a.one == "ours0" else 1.0, a.keep_every if a.one == "cheap" else 1,
-                     "local" if a.one == "local" else "exact")
+            run_ours(a.unet, a.res, a.steps, a.rank, 0.0 if a.one == "ours0" else 1.0,
+                     a.keep_every if a.one == "cheap" else 1, "local" if a.one == "local" else "exact")
         print("RESULT " + json.dumps(r))
         return 0
     rows = []
@@ -190,7 +198,8 @@ def main(argv=None) -> int:
     nat = rows[0]
     for r in rows[1:]:
         print(f"{r['method']} vs native: {nat['step_s'] / r['step_s']:.2f}x steps/s, "
-              f"{r['peak_mb'] / nat['peak_mb']:.2f}x peak memory, {r['growth_mb'] / max(nat['growth_mb'], 1e-9):.2f}x memory growth")
+              f"{r['peak_mb'] / nat['peak_mb']:.2f}x peak memory, {r['growth_mb'] / max(nat['growth_mb'], 1e-9):.2f}x "
+              "memory growth")
     return 0
 
 

@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from cat_train.lora import LoraSpec  # noqa: E402
-from cat_train.denoiser import ModuleDenoiser  # noqa: E402
-from cat_train.loss import CatLossConfig  # noqa: E402
-from cat_train.train import Example, TrainConfig, train  # noqa: E402
+from cat_train.adapters.lora import LoraSpec  # noqa: E402
+from cat_train.step.denoiser import ModuleDenoiser  # noqa: E402
+from cat_train.training import CatLossConfig  # noqa: E402
+from cat_train.training import Example, TrainConfig, train  # noqa: E402
 from cat_train.world.unet import SD15_CONFIG, UNet  # noqa: E402
 
 
@@ -55,7 +55,8 @@ def main() -> None:
     for k, v in times.items():
         print(f"{k}: {len(v)} steps, mean {mean[k]:.3f} s")
     plain, own, cat = mean["LoRA run"], mean["keep_every 4, plain steps"], mean["keep_every 4, CAT steps"]
-    print(f"CAT step / LoRA-run step: {cat / plain:.2f}x; plain step inside keep_every 4 / LoRA-run step: {own / plain:.2f}x")
+    print(f"CAT step / LoRA-run step: {cat / plain:.2f}x; plain step inside keep_every 4 / LoRA-run step: "
+          f"{own / plain:.2f}x")
     for k in (4, 5):
         print(f"keep_every {k} cycle / LoRA-run step: {(cat + (k - 1) * own) / k / plain:.2f}x")
 

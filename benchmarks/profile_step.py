@@ -17,10 +17,10 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from cat_train.lora import LoraSpec  # noqa: E402
-from cat_train.denoiser import ModuleDenoiser  # noqa: E402
-from cat_train.loss import CatLossConfig  # noqa: E402
-from cat_train.train import Example, TrainConfig, train  # noqa: E402
+from cat_train.adapters.lora import LoraSpec  # noqa: E402
+from cat_train.step.denoiser import ModuleDenoiser  # noqa: E402
+from cat_train.training import CatLossConfig  # noqa: E402
+from cat_train.training import Example, TrainConfig, train  # noqa: E402
 from cat_train.world.unet import SD15_CONFIG, TINY_CONFIG, UNet  # noqa: E402
 
 CONFIGS = {"sd15": SD15_CONFIG, "tiny": TINY_CONFIG}
@@ -59,8 +59,10 @@ def main() -> None:
         print(f"\n### {name}: {total / 1e6:.2f} s self CPU in the profiled step\n")
         print("| op | self CPU s | share | calls |\n|---|---|---|---|")
         for e in sorted(avg, key=lambda e: -e.self_cpu_time_total)[:args.rows]:
-            print(f"| `{e.key}` | {e.self_cpu_time_total / 1e6:.3f} | {e.self_cpu_time_total / total:.1%} | {e.count} |")
-        print(f"\nnot aten:: (Python-side: autograd nodes, peft, hooks, our step): {other / 1e6:.3f} s ({other / total:.1%})")
+            print(f"| `{e.key}` | {e.self_cpu_time_total / 1e6:.3f} | {e.self_cpu_time_total / total:.1%} "
+                  f"| {e.count} |")
+        print(f"\nnot aten:: (Python-side: autograd nodes, peft, hooks, our step): {other / 1e6:.3f} s "
+              f"({other / total:.1%})")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Step time and peak memory of plain LoRA (alpha 0) against CAT (alpha 1), one UNet config, one run.
 
-`--methods` adds APT (cat_train/apt.py) rows: apt:ada (adaptive bins), apt:rs (stabilization),
+`--methods` adds APT (cat_train/terms/apt.py) rows: apt:ada (adaptive bins), apt:rs (stabilization),
 apt:aa (attention alignment), apt (all three), cat+apt (CAT alpha 1 with all three), and cheaper
 preservation rows (CatLossConfig.keep_every / keep_fraction): cat/k<N> (the CAT term every N-th step),
 cat/p<F> (on a fraction F of the rows; at batch 1, of the steps). Their step time is the mean over the
@@ -30,11 +30,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from cat_train.lora import LoraSpec  # noqa: E402
-from cat_train.denoiser import ModuleDenoiser  # noqa: E402
-from cat_train.apt import AptConfig  # noqa: E402
-from cat_train.loss import CatLossConfig  # noqa: E402
-from cat_train.train import Example, TrainConfig, train  # noqa: E402
+from cat_train.adapters.lora import LoraSpec  # noqa: E402
+from cat_train.step.denoiser import ModuleDenoiser  # noqa: E402
+from cat_train.terms.apt_config import AptConfig  # noqa: E402
+from cat_train.training import CatLossConfig  # noqa: E402
+from cat_train.training import Example, TrainConfig, train  # noqa: E402
 from cat_train.world.unet import SD15_CONFIG, SDXL_CONFIG, TINY_CONFIG, UNet  # noqa: E402
 
 CONFIGS = {"sd15": SD15_CONFIG, "sdxl": SDXL_CONFIG, "tiny": TINY_CONFIG}
@@ -97,12 +97,14 @@ def setup(args):
 
 
 def run_steps(denoiser, examples, frozen, method, args, recorded: list | None = None) -> list[tuple[float, bool]]:
-    """One training run of `method`: (seconds, had the CAT term) of each step after the warm-up ones; `recorded` gets the
-    local keep estimator's recorded inputs (MB) of each step that had it."""
+    """One training run of `method`: (seconds, had the CAT term) of each step after the warm-up ones; `recorded` gets
+    the local keep estimator's recorded inputs (MB) of each step that had it."""
     device = torch.device(args.device)
     every, fraction = keep_options(method)
-    timed = -(-args.steps // every) * every  # whole cycles: after the warm-up step (which has the term), every-1 without, 1 with
-    extra = 12 if fraction < 1 else 0  # a keep_fraction run goes on (at most this many steps) until both kinds were timed
+    # whole cycles: after the warm-up step (which has the term), every-1 without, 1 with
+    timed = -(-args.steps // every) * every
+    # a keep_fraction run goes on (at most this many steps) until both kinds were timed
+    extra = 12 if fraction < 1 else 0
     stamps = []
     frozen[:] = [0]
 
@@ -161,8 +163,8 @@ def measure(args) -> dict:
         torch.cuda.reset_peak_memory_stats()
         base_cuda = torch.cuda.memory_allocated() / 2**20
     recorded: list[float] = []
-    out = {"alpha": args.alpha, **step_estimate(run_steps(denoiser, examples, frozen, args.method, args, recorded), args.method,
-                                                args.batch),
+    steps = run_steps(denoiser, examples, frozen, args.method, args, recorded)
+    out = {"alpha": args.alpha, **step_estimate(steps, args.method, args.batch),
            "recorded_mb": max(recorded, default=0.0), "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "base_rss_mb": base_rss}
     if device.type == "cuda":
         out |= {"peak_cuda_mb": torch.cuda.max_memory_allocated() / 2**20, "base_cuda_mb": base_cuda}
@@ -170,8 +172,9 @@ def measure(args) -> dict:
 
 
 def interleaved(args) -> dict:
-    """Every method's runs alternated with plain LoRA runs in one process, `--rounds` times (ABAB...): a shared machine's
-    load moves both sides alike, so the ratio to LoRA is the method's own, not the load's between two processes."""
+    """Every method's runs alternated with plain LoRA runs in one process, `--rounds` times (ABAB...): a shared
+    machine's load moves both sides alike, so the ratio to LoRA is the method's own, not the load's between two
+    processes."""
     denoiser, examples, frozen = setup(args)
     methods = list(dict.fromkeys(["lora", *args.methods]))
     steps: dict[str, list] = {m: [] for m in methods}
@@ -196,7 +199,8 @@ def main() -> None:
     ap.add_argument("--checkpointing", action="store_true")
     ap.add_argument("--methods", nargs="+", choices=list(METHODS),
                     default=["lora", "cat", "cat/k2", "cat/k4", "cat/p0.5", "cat/local"])
-    ap.add_argument("--rounds", type=int, default=2, help="interleaved timing: runs of each method, alternated with LoRA runs")
+    ap.add_argument("--rounds", type=int, default=2,
+                    help="interleaved timing: runs of each method, alternated with LoRA runs")
     ap.add_argument("--no-memory", action="store_true", help="skip the per-method processes (peak memory); time only")
     ap.add_argument("--alpha", type=float, help=argparse.SUPPRESS)  # child mode
     ap.add_argument("--method", choices=list(METHODS), help=argparse.SUPPRESS)  # child mode
@@ -220,12 +224,15 @@ def main() -> None:
     if res.returncode:
         sys.exit(f"the interleaved timing failed:\n{res.stderr[-3000:]}")
     inter = json.loads(res.stdout.strip().splitlines()[-1])
-    print(f"UNet {args.unet} ({sum(p.numel() for p in UNet(**CONFIGS[args.unet]).parameters()) if args.unet != 'sd15' else 859520964:,} params), "
-          f"{args.res}px, batch {args.batch}, rank {args.rank} ({args.preset}), {args.device}, precision {args.precision}, "
+    params = sum(p.numel() for p in UNet(**CONFIGS[args.unet]).parameters()) if args.unet != 'sd15' else 859520964
+    print(f"UNet {args.unet} ({params:,} params), {args.res}px, batch {args.batch}, rank {args.rank} ({args.preset}), "
+          f"{args.device}, precision {args.precision}, "
           f"{args.steps} timed steps after {args.warmup} warm-up; interleaved: {args.rounds} runs of each, alternated")
-    names = {"lora": "LoRA (alpha 0)", "cat": "CAT (alpha 1)", **{m: f"CAT (alpha 1), {option_name(m)}" for m in METHODS if "/" in m}}
-    print("| method | step s (interleaved) | step / LoRA step (interleaved) | step / its own plain steps | timed steps with "
-          "the term | identity on the world | step s (own process) | peak MB | training MB (peak - model) | peak / LoRA "
+    names = {"lora": "LoRA (alpha 0)", "cat": "CAT (alpha 1)",
+             **{m: f"CAT (alpha 1), {option_name(m)}" for m in METHODS if "/" in m}}
+    print("| method | step s (interleaved) | step / LoRA step (interleaved) | step / its own plain steps | timed steps "
+          "with the term | identity on the world | step s (own process) | peak MB | training MB (peak - model) | "
+          "peak / LoRA "
           "| recorded inputs MB (local keep) |\n|---|---|---|---|---|---|---|---|---|---|---|")
     mem = base = None
     if rows:
@@ -238,8 +245,8 @@ def main() -> None:
         kept = {True: "kept", False: "lost", None: "not measured"}[KEEPS_IDENTITY.get(m)] if m != "lora" else "-"
         alone = (f"{r['step_s']:.3f} | {r[mem]:.0f} | {r[mem] - r[base]:.0f} | {r[mem] / rows['lora'][mem]:.2f} | "
                  + (f"{r['recorded_mb']:.1f}" if r.get("recorded_mb") else "-") if r else "- | - | - | - | -")
-        print(f"| {names.get(m, m)} | {i['step_s']:.3f} | {i['vs_lora']:.2f} | {own} | {i['steps_with_term']}/{i['steps_timed']} "
-              f"| {kept} | {alone} |")
+        print(f"| {names.get(m, m)} | {i['step_s']:.3f} | {i['vs_lora']:.2f} | {own} | "
+              f"{i['steps_with_term']}/{i['steps_timed']} | {kept} | {alone} |")
     if "cat" in inter:
         print(f"CAT / LoRA step time (interleaved): {inter['cat']['vs_lora']:.2f} (FLOP floor 7/3 = 2.33)")
     if "cat" in rows:
@@ -248,7 +255,8 @@ def main() -> None:
               f"{(cat[mem] - cat[base]) / max(lora[mem] - lora[base], 1e-9):.2f}")
     # Against plain LoRA runs interleaved with the option's own runs in one process, and only the options that kept the
     # identity on the world: an option that loses it is not preservation at a price, it is another method.
-    ratios = {m: i["vs_lora"] for m, i in inter.items() if m != "lora" and KEEPS_IDENTITY.get(m) and i["vs_lora"] == i["vs_lora"]}
+    ratios = {m: i["vs_lora"] for m, i in inter.items()
+              if m != "lora" and KEEPS_IDENTITY.get(m) and i["vs_lora"] == i["vs_lora"]}
     if ratios:
         best = min(ratios, key=ratios.get)
         print(f"cheapest preservation step / plain step: {ratios[best]:.2f}x ({option_name(best)})")

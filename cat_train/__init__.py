@@ -1,24 +1,34 @@
-"""Contrastive Adapter Training (CAT) for Stable Diffusion LoRAs, host-agnostic.
+"""Contrastive Adapter Training (CAT) for Stable Diffusion adapters, host-agnostic: the method in parts.
 
-    denoiser.py  the protocol a trainer needs (module, predict, prediction type, noise schedule)
-    lora.py   LoRA via peft: inject, switch off for the frozen pass, read, load, remove
-    algorithms.py  LoRA, DoRA, LoHa, LoKr: one class each (peft config, tensors, file keys)
-    loss.py      the CAT objective (cat_objective) and its config
-    train.py     the training loop, checkpoints and exact resume
-    plugins.py   the loop's two plug points: Adapter (what is trained), StepTerm (a regularizer in the step)
-    adapters.py  LoRA as an Adapter, and the adapter a spec asks for
-    regularizers.py  the StepTerms a CatLossConfig switches on (APT: apt.py, settings in apt_config.py)
-    catversion.py  CatVersion: K/V embeddings in the text encoder, an Adapter that encodes prompts each step
-    prompts.py   trigger words and the preservation prompt y
-    export.py    kohya-key .safetensors LoRA files with training metadata
-    metrics.py   PS, IS and KPS over CLIP embeddings
-    dataset.py   kohya-style image folders, captions, aspect buckets
+    step/       one CAT step: the Denoiser protocol, the objective, the plug points (Adapter, term roles)
+    families/   one class per model family with everything known about it
+    adapters/   what is trained: LoRA (and DoRA, LoHa, LoKr) through peft, kohya files, CatVersion
+    data/       dataset folders, captions, prompts, images and masks
+    measure/    validation, previews, sampling, metrics, best step, leak scan, charts
+    terms/      step terms (APT, auto preservation, masks, min-SNR, EMA) and their one registry
+    training/   the run: its configuration (the composition root), the loop, checkpoints, run folders
+    options.py  every option's help text and when a run records it
+    queue/      `python -m cat_train queue`: batch runs through ComfyUI servers
+    world/      the proving ground the methods are measured on (the demo, the benchmarks); never imported by them
 
-`world/` is the proving ground the methods are measured on, not part of any method: a procedural
-world, its base model and CLIP, the KPS benchmark, the demo, a sampler, the reference SD UNet and a
-toy text encoder used by tests and benchmarks.
-
-Nothing here imports ComfyUI; `nodes/` adapts ComfyUI's ModelPatcher to `denoiser.Denoiser`.
+Each part's docstring says what it may import (docs/architecture.md draws it). Nothing here imports ComfyUI;
+`nodes/` adapts ComfyUI's ModelPatcher to `step.denoiser.Denoiser`.
 """
+from __future__ import annotations
 
-__version__ = "0.1.0"
+import re
+from pathlib import Path
+
+
+def _version() -> str:
+    """The pack's version as pyproject.toml beside this package says (the registry reads it there too)."""
+    try:
+        text = (Path(__file__).resolve().parent.parent / "pyproject.toml").read_text(encoding="utf-8")
+    except OSError:
+        return "unknown"
+    project = re.search(r"^\[project\]\s*$(.*?)(?=^\[|\Z)", text, re.M | re.S)
+    found = project and re.search(r'^version\s*=\s*"([^"]+)"', project.group(1), re.M)
+    return found.group(1) if found else "unknown"
+
+
+__version__ = _version()

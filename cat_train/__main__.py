@@ -15,10 +15,12 @@ if not __package__:  # `python path/to/cat_train ...` from any folder: make the 
     sys.path[:] = [str(_here.parent)] + [p for p in sys.path if Path(p or ".").resolve() != _here]
 
 COMMANDS = {
-    "demo": ("cat_train.world.demo", "plain LoRA vs CAT on the embedded world model: image grid, PS/IS/KPS table, LoRAs, loss curve"),
-    "bench": ("cat_train.world.benches", "knowledge-preservation benchmark ('bench kps [--quick]'; 'bench masked': masked training)"),
+    "demo": ("cat_train.world.demo", "plain LoRA vs CAT on the embedded world model: image grid, PS/IS/KPS table, "
+                                     "LoRAs, loss curve"),
+    "bench": ("cat_train.world.benches", "knowledge-preservation benchmark ('bench kps [--quick]'; 'bench masked': "
+                                         "masked training)"),
     "queue": ("cat_train.queue.cli", "post an API-format workflow to a running ComfyUI server, with overrides"),
-    "options-doc": ("cat_train.options_doc", "render every option's help into docs/options.md ('--check': compare only)"),
+    "options-doc": ("cat_train.options", "render every option's help into docs/options.md ('--check': compare only)"),
 }
 
 
@@ -32,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\nunknown command {argv[0]!r}")
             return 2
         return 0
-    from cat_train.threads import configure_cpu_threads
+    from cat_train.training.threads import configure_cpu_threads
 
     configure_cpu_threads()  # before torch loads: idle OpenMP workers sleep instead of spinning
     module = importlib.import_module(COMMANDS[argv[0]][0])

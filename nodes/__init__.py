@@ -6,7 +6,8 @@ import logging
 
 from comfy_api.latest import ComfyExtension, io
 
-from . import (apt, auto_preservation, catversion, dataset, early_cancel, evaluate, leak_scan, lora_family_warning, loss_config,
+from . import (apt, auto_preservation, catversion, dataset, early_cancel, evaluate, leak_scan, lora_family_warning,
+               loss_config,
                save_lora, trainer, training_options)
 
 log = logging.getLogger("ComfyUI-CAT")

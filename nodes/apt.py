@@ -1,4 +1,4 @@
-"""The APT Options node: APT's three parts (arXiv 2507.02687, cat_train/apt.py) for the CAT Loss Config node.
+"""The APT Options node: APT's three parts (arXiv 2507.02687, cat_train/terms/apt.py) for the CAT Loss Config node.
 
 A separate node so a graph without APT stays as it was: the Loss Config's optional `apt` input takes it.
 """
@@ -6,10 +6,11 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..cat_train.apt import AUGMENT_OPS, AptConfig
-from ..cat_train.apt_config import FILLS, FORMS, STATS, pattern_problem
-from ..cat_train.options_doc import help_of
+from ..cat_train.terms.apt_config import AUGMENT_OPS, AptConfig
+from ..cat_train.terms.apt_config import FILLS, FORMS, STATS, pattern_problem
+from ..cat_train.options import help_of
 from .common import CATEGORY, AptOptions, range_problem
+from .compat import advanced, search_aliases
 
 _D = AptConfig()
 
@@ -19,11 +20,12 @@ class AptOptionsNode(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="CAT_AptOptions", display_name="APT Options", category=CATEGORY,
-            description="Adaptive Personalized Training (Chae et al., CVPR 2025) for the CAT Loss Config: per-timestep-bin "
-                        "overfitting indicator setting loss weight and augmentation, feature-statistics stabilization, "
-                        "cross-attention alignment, in the paper's form by default (form, zoom_out, fill, stabilize_stat, "
-                        "stabilize_normalize select this pack's earlier choices). Each weight 0 = off; all combine with "
-                        "the CAT factor.",
+            **search_aliases("adaptive personalized training", "anti overfitting", "attention alignment"),
+            description="Adaptive Personalized Training (Chae et al., CVPR 2025) for the CAT Loss Config: "
+                        "per-timestep-bin overfitting indicator setting loss weight and augmentation, "
+                        "feature-statistics stabilization, cross-attention alignment, in the paper's form by default "
+                        "(form, zoom_out, fill, stabilize_stat, stabilize_normalize select this pack's earlier "
+                        "choices). Each weight 0 = off; all combine with the CAT factor.",
             inputs=[
                 io.Float.Input("adaptive", default=1.0, min=0.0, max=10.0, step=0.05,
                                tooltip=help_of(AptConfig, "adaptive")),
@@ -35,30 +37,33 @@ class AptOptionsNode(io.ComfyNode):
                 io.String.Input("augment", default=", ".join(_D.augment_ops),
                                 tooltip=help_of(AptConfig, "augment_ops")),
                 io.Float.Input("ema", default=_D.ema, min=0.0, max=0.999, step=0.01, optional=True,
-                               tooltip=help_of(AptConfig, "ema")),
+                               **advanced(io.Float), tooltip=help_of(AptConfig, "ema")),
                 io.Float.Input("target", default=_D.target, min=0.0, max=0.99, step=0.01, optional=True,
-                               tooltip=help_of(AptConfig, "target")),
+                               **advanced(io.Float), tooltip=help_of(AptConfig, "target")),
                 io.Float.Input("min_weight", default=_D.min_weight, min=0.01, max=1.0, step=0.01, optional=True,
-                               tooltip=help_of(AptConfig, "min_weight")),
+                               **advanced(io.Float), tooltip=help_of(AptConfig, "min_weight")),
                 io.Float.Input("max_augment", default=_D.max_augment, min=0.0, max=1.0, step=0.01, optional=True,
-                               tooltip=help_of(AptConfig, "max_augment")),
+                               **advanced(io.Float), tooltip=help_of(AptConfig, "max_augment")),
                 io.Combo.Input("align_distance", options=["mse", "kl"], default=_D.align_distance, optional=True,
-                               tooltip=help_of(AptConfig, "align_distance")),
+                               **advanced(io.Combo), tooltip=help_of(AptConfig, "align_distance")),
                 io.String.Input("stabilize_layers", default=_D.stabilize_layers, optional=True,
-                                tooltip=help_of(AptConfig, "stabilize_layers")),
+                                **advanced(io.String), tooltip=help_of(AptConfig, "stabilize_layers")),
                 io.String.Input("align_layers", default=_D.align_layers, optional=True,
-                                tooltip=help_of(AptConfig, "align_layers")),
-                # appended: the paper's form and this pack's earlier choices (graphs saved before load with the defaults)
-                io.Combo.Input("form", options=list(FORMS), default=_D.form, optional=True, tooltip=help_of(AptConfig, "form")),
+                                **advanced(io.String), tooltip=help_of(AptConfig, "align_layers")),
+                # appended: the paper's form and this pack's earlier choices (graphs saved before load with the
+                # defaults)
+                io.Combo.Input("form", options=list(FORMS), default=_D.form, optional=True,
+                               **advanced(io.Combo), tooltip=help_of(AptConfig, "form")),
                 io.Float.Input("zoom_out", default=_D.zoom_out, min=0.0, max=10.0, step=0.05, optional=True,
-                               tooltip=help_of(AptConfig, "zoom_out")),
-                io.Combo.Input("fill", options=list(FILLS), default=_D.fill, optional=True, tooltip=help_of(AptConfig, "fill")),
+                               **advanced(io.Float), tooltip=help_of(AptConfig, "zoom_out")),
+                io.Combo.Input("fill", options=list(FILLS), default=_D.fill, optional=True,
+                               **advanced(io.Combo), tooltip=help_of(AptConfig, "fill")),
                 io.Combo.Input("stabilize_stat", options=list(STATS), default=_D.stabilize_stat, optional=True,
-                               tooltip=help_of(AptConfig, "stabilize_stat")),
+                               **advanced(io.Combo), tooltip=help_of(AptConfig, "stabilize_stat")),
                 io.Boolean.Input("stabilize_normalize", default=_D.stabilize_normalize, optional=True,
-                                 tooltip=help_of(AptConfig, "stabilize_normalize")),
+                                 **advanced(io.Boolean), tooltip=help_of(AptConfig, "stabilize_normalize")),
                 io.Boolean.Input("align_skip_triggers", default=_D.align_skip_triggers, optional=True,
-                                 tooltip=help_of(AptConfig, "align_skip_triggers")),
+                                 **advanced(io.Boolean), tooltip=help_of(AptConfig, "align_skip_triggers")),
             ],
             outputs=[AptOptions.Output(display_name="apt")],
         )

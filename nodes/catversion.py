@@ -15,31 +15,39 @@ import time
 import torch
 from comfy_api.latest import io
 
-from ..cat_train import catversion as cv
-from ..cat_train.integrity import changed, module_fingerprint
-from ..cat_train.options_doc import help_of
-from ..cat_train.plot import loss_curve
-from ..cat_train.precision import mixed_precision_name
+from ..cat_train.adapters import catversion as cv
+from ..cat_train.training.catversion import CatVersionConfig, train_catversion, training_metadata
+from ..cat_train.training.integrity import changed, module_fingerprint
+from ..cat_train.options import help_of
+from ..cat_train.measure.plot import loss_curve
+from ..cat_train.training.precision import mixed_precision_name
 from .comfy_clip import apply_catversion, clip_encoders, encoder_fn, infos, out_of_place_residuals, output_layer
 from .comfy_model import leave_inference_mode, adm_y, trainable
 from . import early_cancel
 from .common import CATEGORY, CatVersion, Dataset, image_of, progress_callback
+from .compat import search_aliases
 from .lora_io import name_problem, safe_lora_path
 
 FOLDER = "catversion"
-_CFG, _SPEC = cv.CatVersionConfig(), cv.CatVersionSpec()  # the widgets' defaults are the core's
+_CFG, _SPEC = CatVersionConfig(), cv.CatVersionSpec()  # the widgets' defaults are the core's
 
 
 def register_folder() -> str:
-    """models/catversion as the folder_paths name 'catversion' (.safetensors only); returns its default path."""
+    """models/catversion as the folder_paths name 'catversion', through folder_paths' own API (after any paths
+    extra_model_paths.yaml gave that name, so those stay first); returns its default path. The API sets no file
+    extensions, so the files are filtered by `files()`."""
     import folder_paths
 
     default = os.path.join(folder_paths.models_dir, FOLDER)
-    if FOLDER not in folder_paths.folder_names_and_paths:
-        folder_paths.folder_names_and_paths[FOLDER] = ([default], {".safetensors"})
-    else:
-        folder_paths.folder_names_and_paths[FOLDER][1].add(".safetensors")
+    folder_paths.add_model_folder_path(FOLDER, default)
     return default
+
+
+def files() -> list[str]:
+    """The CatVersion files in models/catversion (and the yaml's paths): .safetensors only."""
+    import folder_paths
+
+    return [f for f in folder_paths.get_filename_list(FOLDER) if f.lower().endswith(".safetensors")]
 
 
 def load_file(clip, name: str):
@@ -71,11 +79,11 @@ def _finish(mp):
 
 
 @torch.inference_mode(False)
-def train_on_clip(mp, clip, dataset, spec: cv.CatVersionSpec, cfg: cv.CatVersionConfig, node_id: str | None = None,
+def train_on_clip(mp, clip, dataset, spec: cv.CatVersionSpec, cfg: CatVersionConfig, node_id: str | None = None,
                   compute: str = "auto", **loop):
     """(CLIP clone with the embeddings, CatVersionWeights, loss-curve IMAGE, summary). The input MODEL and CLIP are
     checked bit for bit afterwards; a difference is raised, never passed over. `loop`: further TrainConfig settings
-    (checkpoint_dir, save_every, grad_accum, ...) and resume, as `cv.train_catversion` takes them."""
+    (checkpoint_dir, save_every, grad_accum, ...) and resume, as `train_catversion` takes them."""
     t0 = time.perf_counter()
     items = []
     with trainable(mp, compute) as den:
@@ -90,9 +98,9 @@ def train_on_clip(mp, clip, dataset, spec: cv.CatVersionSpec, cfg: cv.CatVersion
         loop.setdefault("mixed_precision", mixed_precision_name(den.compute_dtype))
         try:
             with torch.enable_grad(), out_of_place_residuals(encs):
-                result = cv.train_catversion(den, encs, encoder_fn(clip), items, spec, cfg,
-                                             {n: output_layer(clip, e) for n, e in encs.items()},
-                                             progress_callback(node_id, cfg.steps), _finish(mp), **loop)
+                result = train_catversion(den, encs, encoder_fn(clip), items, spec, cfg,
+                                          {n: output_layer(clip, e) for n, e in encs.items()},
+                                          progress_callback(node_id, cfg.steps), _finish(mp), **loop)
         finally:
             cs.reset_clip_options()
             bad = changed(before, module_fingerprint(cs))
@@ -100,8 +108,8 @@ def train_on_clip(mp, clip, dataset, spec: cv.CatVersionSpec, cfg: cv.CatVersion
                 raise RuntimeError(f"the CLIP changed during CatVersion training ({len(bad)} tensors, e.g. {bad[:2]}); "
                                    "please report this: the input CLIP must stay untouched.")
     weights = CatVersionWeights(result.embeddings)
-    weights.metadata = cv.training_metadata(spec, cfg, dataset.triggers, type(clip.cond_stage_model).__name__,
-                                            len(dataset.items), len(result.history))
+    weights.metadata = training_metadata(spec, cfg, dataset.triggers, type(clip.cond_stage_model).__name__,
+                                         len(dataset.items), len(result.history))
     applied = apply_catversion(clip, result.embeddings, "the trained embeddings")
     hist = result.history
     layers = ", ".join(f"{n}: layers {list(e.layer_indices)}" for n, e in result.embeddings.items())
@@ -120,25 +128,26 @@ class CatVersionTrainerNode(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="CAT_CatVersionTrainer", display_name="CatVersion Trainer", category=CATEGORY,
+            **search_aliases("train embedding", "textual inversion", "concept embedding"),
             description="CatVersion (arXiv 2311.14631): learns the concept as Key/Value embeddings concatenated in the last "
                         "self-attention layers of the CLIP text encoder; the UNet and CLIP weights stay frozen.",
             inputs=[
                 io.Model.Input("model"), io.Clip.Input("clip"), Dataset.Input("dataset"),
                 io.Int.Input("layers", default=3, min=1, max=64, tooltip=help_of(cv.CatVersionSpec, "layers")),
                 io.Int.Input("embeddings_per_layer", default=1, min=1, max=64, tooltip=help_of(cv.CatVersionSpec, "length")),
-                io.Int.Input("steps", default=1000, min=1, max=100000, tooltip=help_of(cv.CatVersionConfig, "steps")),
-                io.Float.Input("learning_rate", default=1e-2, min=1e-6, max=1.0, step=1e-4, tooltip=help_of(cv.CatVersionConfig, "lr")),
-                io.Int.Input("batch_size", default=2, min=1, max=64, tooltip=help_of(cv.CatVersionConfig, "batch_size")),
+                io.Int.Input("steps", default=1000, min=1, max=100000, tooltip=help_of(CatVersionConfig, "steps")),
+                io.Float.Input("learning_rate", default=1e-2, min=1e-6, max=1.0, step=1e-4, tooltip=help_of(CatVersionConfig, "lr")),
+                io.Int.Input("batch_size", default=2, min=1, max=64, tooltip=help_of(CatVersionConfig, "batch_size")),
                 io.Float.Input("cat_factor", default=0.0, min=0.0, max=10.0, step=0.05,
-                               tooltip=help_of(cv.CatVersionConfig, "alpha")),
-                io.String.Input("class_word", default="", tooltip=help_of(cv.CatVersionConfig, "class_word")),
+                               tooltip=help_of(CatVersionConfig, "alpha")),
+                io.String.Input("class_word", default="", tooltip=help_of(CatVersionConfig, "class_word")),
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=True,
-                             tooltip=help_of(cv.CatVersionConfig, "seed")),
+                             tooltip=help_of(CatVersionConfig, "seed")),
                 # appended (optional): graphs saved before them load with the defaults, the published form
                 io.Combo.Input("caption", options=["class", "trigger"], default=_CFG.caption, optional=True,
-                               tooltip=help_of(cv.CatVersionConfig, "caption")),
+                               tooltip=help_of(CatVersionConfig, "caption")),
                 io.Float.Input("flip", default=_CFG.flip, min=0.0, max=1.0, step=0.05, optional=True,
-                               tooltip=help_of(cv.CatVersionConfig, "flip")),
+                               tooltip=help_of(CatVersionConfig, "flip")),
                 io.Float.Input("prefix_bias", default=_SPEC.prefix_bias, min=-10.0, max=10.0, step=0.5, optional=True,
                                tooltip=help_of(cv.CatVersionSpec, "prefix_bias")),
             ],
@@ -161,8 +170,8 @@ class CatVersionTrainerNode(io.ComfyNode):
                              "or caption 'trigger' to train on the captions as they are.")
         spec = cv.CatVersionSpec(layers=layers, length=embeddings_per_layer,
                                  prefix_bias=_SPEC.prefix_bias if prefix_bias is None else prefix_bias)
-        cfg = cv.CatVersionConfig(steps=steps, lr=learning_rate, batch_size=batch_size, alpha=cat_factor,
-                                  class_word=word, seed=seed, caption=caption, flip=_CFG.flip if flip is None else flip)
+        cfg = CatVersionConfig(steps=steps, lr=learning_rate, batch_size=batch_size, alpha=cat_factor,
+                               class_word=word, seed=seed, caption=caption, flip=_CFG.flip if flip is None else flip)
         applied, weights, image, summary = train_on_clip(model, clip, dataset, spec, cfg, cls.hidden.unique_id)
         return io.NodeOutput(applied, weights, image, summary, ui={"text": [summary]})
 
@@ -172,6 +181,7 @@ class SaveCatVersionNode(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="CAT_SaveCatVersion", display_name="Save CatVersion", category=CATEGORY, is_output_node=True,
+            **search_aliases("save embedding"),
             description="Writes the embeddings (.safetensors with metadata) into models/catversion; never overwrites.",
             inputs=[CatVersion.Input("catversion"), io.String.Input("name", default="catversion")],
             outputs=[io.String.Output(display_name="path")],
@@ -195,16 +205,15 @@ class SaveCatVersionNode(io.ComfyNode):
 class ApplyCatVersionNode(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        import folder_paths
-
         return io.Schema(
             node_id="CAT_ApplyCatVersion", display_name="Apply CatVersion", category=CATEGORY,
+            **search_aliases("load embedding", "catversion loader"),
             description="CLIP + a CatVersion file from models/catversion -> a CLIP that encodes every prompt with the "
                         "embeddings, for the positive prompt, and a CLIP for the negative prompt: without the embeddings "
                         "as the authors' sampler (their unconditional prompt), or with them (embeddings_on_negative). "
                         "The input CLIP is untouched; the UNet is not changed.",
             inputs=[io.Clip.Input("clip"),
-                    io.Combo.Input("catversion_name", options=folder_paths.get_filename_list(FOLDER) or ["(none in models/catversion)"]),
+                    io.Combo.Input("catversion_name", options=files() or ["(none in models/catversion)"]),
                     io.Boolean.Input("embeddings_on_negative", default=False, optional=True,
                                      tooltip="off (the authors' sampler): the second output is the input CLIP, so the "
                                              "negative prompt is encoded without the embeddings; on: the embeddings "

@@ -7,7 +7,7 @@ import logging
 
 import torch
 
-from ..cat_train import catversion as cv
+from ..cat_train.adapters import catversion as cv
 
 log = logging.getLogger("ComfyUI-CAT")
 
@@ -49,7 +49,8 @@ def apply_catversion(clip, embeddings: dict[str, cv.KVEmbeddings], source: str =
     missing = sorted(set(embeddings) - set(encs))
     if missing:
         raise ValueError(f"{source} holds embeddings for text encoder(s) {sorted(embeddings)}, but this CLIP has "
-                         f"{sorted(encs)}: it was trained on another model family; use it with that CLIP or train again.")
+                         f"{sorted(encs)}: it was trained on another model family; use it with that CLIP or train "
+                         "again.")
     n = clip.clone()
     for name, emb in embeddings.items():
         enc = encs[name]
@@ -60,12 +61,14 @@ def apply_catversion(clip, embeddings: dict[str, cv.KVEmbeddings], source: str =
         late = [i for i in emb.layer_indices if i > last]
         if late:
             log.warning("ComfyUI-CAT: %s changes layers %s of %s, after the layer this CLIP outputs (%d): those layers "
-                        "do nothing here (CLIP Set Last Layer / clip skip differs from training).", source, late, name, last)
+                        "do nothing here (CLIP Set Last Layer / clip skip differs from training).", source, late, name,
+                        last)
         keys, values = emb.keys.detach(), emb.values.detach()
         for j, i in enumerate(emb.layer_indices):
             path, module = attn[i]
             n.patcher.add_object_patch(f"{name}.{path}.forward",
-                                       cv.prefixed_forward(module, keys[j], values[j], bias=getattr(emb, "prefix_bias", 0.0)))
+                                       cv.prefixed_forward(module, keys[j], values[j],
+                                                           bias=getattr(emb, "prefix_bias", 0.0)))
     return n
 
 
@@ -98,7 +101,8 @@ def out_of_place_residuals(encoders: dict[str, torch.nn.Module]):
     try:
         for enc in encoders.values():
             for m in enc.modules():
-                if all(hasattr(m, a) for a in ("layer_norm1", "self_attn", "layer_norm2", "mlp")) and "forward" not in m.__dict__:
+                if all(hasattr(m, a) for a in ("layer_norm1", "self_attn", "layer_norm2",
+                                               "mlp")) and "forward" not in m.__dict__:
                     def forward(x, mask=None, optimized_attention=None, m=m):
                         x = x + m.self_attn(m.layer_norm1(x), mask, optimized_attention)
                         return x + m.mlp(m.layer_norm2(x))

@@ -20,18 +20,20 @@ import torch
 from torch import Tensor
 
 from ..cat_train import families
-from ..cat_train.denoiser import Cond, FlowSchedule, NoiseSchedule
-from ..cat_train.integrity import changed, module_fingerprint
-from ..cat_train.precision import compute_dtype
+from ..cat_train.step.denoiser import Cond, FlowSchedule, NoiseSchedule
+from ..cat_train.training.integrity import changed, module_fingerprint
+from ..cat_train.training.precision import compute_dtype
+from . import compat
 
 log = logging.getLogger("ComfyUI-CAT")
 
 
 SUPPORTED = ("SD1.x and SD2.x (eps or v prediction) and SDXL UNets with a discrete DDPM schedule, SD3/SD3.5 (MMDiT) "
              "and Flux (dev, schnell) flow-matching transformers")
-FLUX_GUIDANCE = 1.0  # Flux dev's distilled guidance input while training: kohya's recommended --guidance_scale 1.0
 # Patcher-level wrappers that act on the sampler, not on one network call: training never runs them.
 _SAMPLING_ONLY = {"outer_sample", "prepare_sampling", "sampler_sample", "predict_noise", "calc_cond_batch"}
+# ComfyUI model classes built on its Flux class that are not Flux.1, as users know them
+_FLUX_VARIANTS = {"Flux2": "Flux.2", "LongCatImage": "LongCat-Image"}
 
 
 def family_of(mp) -> type[families.Family]:
@@ -53,7 +55,13 @@ def family_of(mp) -> type[families.Family]:
                    families.Flux: isinstance(base, mb.Flux) and type(net) is FluxNet}
     if family is None or not written_for.get(family, False):
         raise ValueError(f"CAT trains {SUPPORTED}; this MODEL is a {type(base).__name__} with a "
-                         f"{type(net).__name__} network, which is not supported (video, audio and other image models are refused).")
+                         f"{type(net).__name__} network, which is not supported (video, audio and other image models "
+                         "are refused).")
+    if family is families.Flux and type(base) is not mb.Flux:  # v0.33: Flux2, LongCatImage subclass ComfyUI's Flux
+        name = type(base).__name__
+        raise ValueError(f"CAT trains {SUPPORTED}; this MODEL is {_FLUX_VARIANTS.get(name, name)} (ComfyUI's {name}), "
+                         "which runs on Flux's network but is not Flux.1 and is not supported yet: train a Flux.1 "
+                         "model.")
     if family is families.Flux and net.params.in_channels != net.params.out_channels:
         p = net.params
         raise ValueError(f"CAT trains {SUPPORTED}; this Flux takes {p.in_channels} input channels for "
@@ -159,12 +167,13 @@ def transformer_options_of(mp) -> dict:
 
 class ComfyDenoiser:
     """The Denoiser over `mp.model.diffusion_model`; cond = {"context": (B,L,C)} plus "y" (B,adm) for SDXL
-    (ADM) and SD3/Flux (pooled text), and for Flux "guidance" (B,) (default `guidance`, FLUX_GUIDANCE).
+    (ADM) and SD3/Flux (pooled text), and for a family with a guidance input (Flux dev) "guidance" (B,) (default
+    `guidance`, else the family's `training_guidance`).
 
     Inputs are cast to `compute_dtype` (the weights keep their stored dtype; layers stored in another
     dtype are cast per call by ComfyUI's own cast ops, see `trainable`); the output is in that dtype."""
 
-    def __init__(self, mp, compute_dtype: torch.dtype = torch.float32, guidance: float = FLUX_GUIDANCE, **flow_options):
+    def __init__(self, mp, compute_dtype: torch.dtype = torch.float32, guidance: float | None = None, **flow_options):
         self.patcher = mp
         self.base = mp.model
         self.module = mp.model.diffusion_model
@@ -172,7 +181,8 @@ class ComfyDenoiser:
         self.prediction_type = prediction_type_of(mp)
         self.schedule = schedule_of(mp, **flow_options)
         self.compute_dtype = compute_dtype
-        self.guidance = guidance if self.family is families.Flux and self.module.params.guidance_embed else None
+        takes = self.family.training_guidance is not None and self.module.params.guidance_embed  # schnell: no input
+        self.guidance = (self.family.training_guidance if guidance is None else guidance) if takes else None
         self._sampling = mp.get_model_object("model_sampling")
         self._options = transformer_options_of(mp)
 
@@ -257,7 +267,9 @@ def _cast_layers_to(module, dtype: torch.dtype) -> list[tuple[torch.nn.Module, b
 @contextlib.contextmanager
 def trainable(mp, compute: str = "auto") -> Iterator[ComfyDenoiser]:
     """Load the model (with any patches the MODEL already carries) and yield a Denoiser that computes in the
-    chosen dtype while every base weight keeps its stored dtype and device.
+    chosen dtype while every base weight keeps its stored dtype and device. A DynamicVRAM MODEL trains on a
+    non-dynamic copy (`compat.training_patcher`); the training passes run with ComfyUI's training flag set
+    (`compat.training_passes`), cleared again when this exits.
 
     Other models are evicted first (ComfyUI's own trainer does the same). On exit the UNet's tensors are
     checked against per-tensor checksums taken on entry (bits, dtype, device, shape): the input MODEL must
@@ -266,6 +278,7 @@ def trainable(mp, compute: str = "auto") -> Iterator[ComfyDenoiser]:
     import comfy.model_management as mm
 
     check_supported(mp)  # before anything is loaded or cast
+    mp = compat.training_patcher(mp)  # DynamicVRAM: a non-dynamic copy, so the weights sit on the load device
     mm.load_models_gpu([mp], memory_required=1e20, force_full_load=True)
     module = mp.model.diffusion_model
     leave_inference_mode(module)
@@ -279,7 +292,8 @@ def trainable(mp, compute: str = "auto") -> Iterator[ComfyDenoiser]:
     for norm in guarded:  # an instance attribute, deleted on exit: the shared network is left as found
         norm.forward = _copy_input(norm.forward)
     try:
-        yield ComfyDenoiser(mp, dtype)
+        with compat.training_passes():
+            yield ComfyDenoiser(mp, dtype)
     finally:
         for norm in guarded:
             del norm.forward
@@ -323,10 +337,11 @@ def comfy_cond(mp, conditioning, width: int, height: int) -> Cond:
     """CONDITIONING -> network kwargs (batched): context, plus y (`adm_y`; sizes from the conditioning if
     CLIPTextEncodeSDXL set them), plus Flux's guidance if a FluxGuidance node set one."""
     cond, extras = conditioning[0][0], dict(conditioning[0][1])
-    adm = adm_y(mp, extras.get("pooled_output"), width, height, cond.device, **{k: extras[k] for k in _SIZES if k in extras})
+    adm = adm_y(mp, extras.get("pooled_output"), width, height, cond.device,
+                **{k: extras[k] for k in _SIZES if k in extras})
     out = {"context": cond}
     if adm is not None:
         out["y"] = adm.to(cond.dtype)
-    if "guidance" in extras and family_of(mp) is families.Flux:
+    if "guidance" in extras and family_of(mp).training_guidance is not None:
         out["guidance"] = torch.full((cond.shape[0],), float(extras["guidance"]), dtype=cond.dtype)
     return out

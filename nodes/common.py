@@ -57,9 +57,10 @@ def progress_callback(node_id: str | None, total: int, preview=None):
         prompt_id = None
 
     def cb(info) -> None:
-        send_event(EVENT, {"node": node_id, "prompt_id": prompt_id, "step": info.step, "total": info.total, "loss": info.loss, "fit": info.fit,
-                           "keep": info.keep, "lr": info.lr, "elapsed": info.elapsed,
-                           **info.reports})  # each regularizer's report under its name (APT: per-bin indicator for the live view)
+        # each term's report under its name (APT: the per-bin indicator for the live view)
+        send_event(EVENT, {"node": node_id, "prompt_id": prompt_id, "step": info.step, "total": info.total,
+                           "loss": info.loss, "fit": info.fit, "keep": info.keep, "lr": info.lr,
+                           "elapsed": info.elapsed, **info.reports})
         picture = preview() if preview is not None else None
         # under a server this hook raises when Cancel is pressed
         pbar.update_absolute(info.step, info.total, ("JPEG", picture, PREVIEW_MAX) if picture is not None else None)
@@ -107,7 +108,8 @@ def feeds(prompt: dict | None, node_id: str | None, class_type: str) -> bool:
     LoRA into Save CAT LoRA), so the trainer can check that node's storage before training."""
     for node in (prompt or {}).values():
         if isinstance(node, dict) and node.get("class_type") == class_type:
-            if any(isinstance(v, list) and len(v) == 2 and str(v[0]) == str(node_id) for v in node.get("inputs", {}).values()):
+            if any(isinstance(v, list) and len(v) == 2 and str(v[0]) == str(node_id)
+                   for v in node.get("inputs", {}).values()):
                 return True
     return False
 

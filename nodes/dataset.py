@@ -1,4 +1,5 @@
-"""The CAT Dataset node: a kohya-style folder (read by cat_train.dataset) encoded once with the graph's VAE and CLIP."""
+"""The CAT Dataset node: a kohya-style folder (read by cat_train.data.dataset) encoded once with the graph's VAE and
+CLIP."""
 from __future__ import annotations
 
 import logging
@@ -8,11 +9,12 @@ from pathlib import Path
 import torch
 from comfy_api.latest import io
 
-from ..cat_train.dataset import DatasetError, caption_suffix, check_resolution, folders, plan_dataset
-from ..cat_train.mask import latent_mask
-from ..cat_train.loss import repeat_to_common_length
+from ..cat_train.data.dataset import DatasetError, caption_suffix, check_resolution, folders, plan_dataset
+from ..cat_train.data.masks import latent_mask
+from ..cat_train.step.conds import repeat_to_common_length
 from . import early_cancel
 from .common import CATEGORY, Dataset, input_path, phase_progress, range_problem
+from .compat import search_aliases
 
 log = logging.getLogger("ComfyUI-CAT")
 REFERENCE_IMAGES = 64  # kept for the IMAGE output; IS pairs them with a few generated images
@@ -29,8 +31,10 @@ class CatDataset:
     skipped: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)  # legacy caption encodings, tiny images: shown in the node's info
     budget: str = ""  # the memory line printed before decoding
-    pixels: list[torch.Tensor] = field(default_factory=list, repr=False)  # reference images, uint8 (H, W, 3): see build_dataset
-    masks: list[torch.Tensor | None] = field(default_factory=list, repr=False)  # per item: (1, h, w) at its latent's size, or None
+    # reference images, uint8 (H, W, 3): see build_dataset
+    pixels: list[torch.Tensor] = field(default_factory=list, repr=False)
+    # per item: (1, h, w) at its latent's size, or None
+    masks: list[torch.Tensor | None] = field(default_factory=list, repr=False)
     _text_cache: dict = field(default_factory=dict, repr=False)
 
     def encode_text(self, prompts: list[str]) -> dict[str, torch.Tensor]:
@@ -82,7 +86,7 @@ def build_dataset(folder: Path, vae, clip, triggers: tuple[str, ...], class_word
     latents and one image (2000 images at 512 px: 6.8 GB of float32 pixels at once before). tick() per image moves
     the progress bar and honours Cancel. The first REFERENCE_IMAGES images are kept as uint8 for the node's IMAGE
     output (the KPS Evaluator's reference images pair with a few generated ones): bounded, 0.75 MB each at 512 px.
-    masks (cat_train.dataset.MASK_SOURCES; auto: a <name>-masklabel file, else an alpha channel that is not all
+    masks (cat_train.data.masks.MASK_SOURCES; auto: a <name>-masklabel file, else an alpha channel that is not all
     opaque): each image's mask, averaged down to its latent's size. Read whenever present, used only when the
     trainer's mask_floor < 1 or mask_keep > 0 (a widget here would shift every shipped workflow's widget values)."""
     plan = plan_dataset(folder, triggers, class_word, caption_ext, where, res, buckets, masks=masks)
@@ -111,7 +115,8 @@ def image_batch(pixels: list[torch.Tensor]) -> torch.Tensor:
     pixels = [p.float() / 255 for p in pixels]
     h, w = pixels[0].shape[:2]
     out = [p if p.shape[:2] == (h, w) else
-           torch.nn.functional.interpolate(p.permute(2, 0, 1)[None], size=(h, w), mode="bilinear", align_corners=False)[0].permute(1, 2, 0)
+           torch.nn.functional.interpolate(p.permute(2, 0, 1)[None], size=(h, w), mode="bilinear",
+                                           align_corners=False)[0].permute(1, 2, 0)
            for p in pixels]
     return torch.stack(out).clamp(0, 1)
 
@@ -121,11 +126,13 @@ class CatDatasetNode(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="CAT_Dataset", display_name="CAT Dataset", category=CATEGORY,
+            **search_aliases("lora dataset", "training images", "kohya dataset", "image folder"),
             description="Images + same-name captions from a folder, encoded once with the graph's VAE and CLIP; masks "
                         "(<name>-masklabel.png or alpha) for masked training (CAT Training Options).",
             inputs=[
                 io.Vae.Input("vae"), io.Clip.Input("clip"),
-                io.String.Input("folder", default="cat_dataset", tooltip="subfolder of ComfyUI's input folder, or a full path"),
+                io.String.Input("folder", default="cat_dataset", tooltip=
+                        "subfolder of ComfyUI's input folder, or a full path"),
                 io.String.Input("triggers", default="sks", tooltip="trigger token(s), comma separated"),
                 io.String.Input("class_word", default="", tooltip="e.g. 'dog'; used for captionless images"),
                 io.String.Input("caption_extension", default=".txt"),
@@ -168,13 +175,15 @@ class CatDatasetNode(io.ComfyNode):
     def execute(cls, vae, clip, folder, triggers, class_word, caption_extension, resolution, buckets) -> io.NodeOutput:
         early_cancel.check()  # a Cancel sent before this prompt started (ComfyUI drops it)
         trig = tuple(t.strip() for t in triggers.split(",") if t.strip())
-        ds = build_dataset(input_path(folder), vae, clip, trig, class_word.strip(), caption_extension, resolution, buckets)
+        ds = build_dataset(input_path(folder), vae, clip, trig, class_word.strip(), caption_extension, resolution,
+                           buckets)
         return io.NodeOutput(ds, len(ds.items), info(ds), image_batch(ds.pixels))
 
 
 def info(ds: CatDataset) -> str:
     """The node's info output: buckets, skipped files, warnings."""
-    text = f"{len(ds.items)} images in {len(ds.buckets)} bucket(s): " + ", ".join(f"{w}x{h}: {n}" for (w, h), n in sorted(ds.buckets.items()))
+    text = (f"{len(ds.items)} images in {len(ds.buckets)} bucket(s): "
+            + ", ".join(f"{w}x{h}: {n}" for (w, h), n in sorted(ds.buckets.items())))
     masked = sum(m is not None for m in ds.masks)
     text += f"; {masked} with masks" if masked else ""
     if ds.skipped:

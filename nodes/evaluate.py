@@ -5,10 +5,11 @@ from __future__ import annotations
 import torch
 from comfy_api.latest import io
 
-from ..cat_train.checks import check_image_batch
-from ..cat_train.metrics import ClipScorer, identity_similarity, score_images, scores_from_embeddings
-from ..cat_train.plot import bar_chart
+from ..cat_train.training.checks import check_image_batch
+from ..cat_train.measure.metrics import ClipScorer, identity_similarity, score_images, scores_from_embeddings
+from ..cat_train.measure.plot import bar_chart
 from .common import CATEGORY, image_of
+from .compat import search_aliases
 
 _SCORERS: dict[tuple[str, str], ClipScorer] = {}
 
@@ -27,7 +28,8 @@ def scorer(checkpoint: str, arch: str) -> ClipScorer:
 
 
 def chart(values: dict[str, float], size=(480, 260)) -> torch.Tensor:
-    """PS / IS / KPS bars as a ComfyUI IMAGE (1, H, W, 3), drawn by cat_train.plot (scalable font, 4 decimals)."""
+    """PS / IS / KPS bars as a ComfyUI IMAGE (1, H, W, 3), drawn by cat_train.measure.plot (scalable font, 4
+    decimals)."""
     return image_of(bar_chart(values, size, title="CAT scores (CLIP; higher is better)",
                               hints={"PS": "follows the prompt", "IS": "is the subject", "KPS": "keeps the class"}))
 
@@ -39,9 +41,11 @@ def apply_masks(images: torch.Tensor, masks: torch.Tensor | None, what: str) -> 
         return images
     m = masks if masks.ndim == 3 else masks.reshape(-1, *masks.shape[-2:])
     if m.shape[0] not in (1, images.shape[0]):
-        raise ValueError(f"{m.shape[0]} {what} masks for {images.shape[0]} images: give one mask per image, or one for all.")
+        raise ValueError(f"{m.shape[0]} {what} masks for {images.shape[0]} images: give one mask per image, or one "
+                         "for all.")
     if m.shape[-2:] != images.shape[1:3]:
-        m = torch.nn.functional.interpolate(m[:, None].float(), size=images.shape[1:3], mode="bilinear", align_corners=False)[:, 0]
+        m = torch.nn.functional.interpolate(m[:, None].float(), size=images.shape[1:3], mode="bilinear",
+                                            align_corners=False)[:, 0]
     return images * m.clamp(0, 1)[..., None].to(images)
 
 
@@ -78,7 +82,8 @@ def _scores(with_t, without_t, refs, lines, checkpoint, arch, clip_vision) -> tu
     prompts = (lines * with_t.shape[0] if len(lines) == 1 else lines) or None
     if clip_vision is None:
         sc = scorer(checkpoint, arch)
-        return sc.evaluate(list(with_t), list(without_t), list(refs) if refs is not None else None, prompts), sc.embed_images, "open_clip"
+        return sc.evaluate(list(with_t), list(without_t), list(refs) if refs is not None else None,
+                           prompts), sc.embed_images, "open_clip"
     embed = vision_embedder(clip_vision)
     s = score_images(embed, list(with_t), list(without_t), list(refs) if refs is not None else None)
     if prompts and has_open_clip(checkpoint):
@@ -89,15 +94,17 @@ def _scores(with_t, without_t, refs, lines, checkpoint, arch, clip_vision) -> tu
     return s, embed, "CLIP vision (IS, KPS)" + (" and open_clip (PS)" if s["ps"] is not None else "")
 
 
-def evaluate(with_t, without_t, refs, prompts: str, checkpoint: str, arch: str, reference_masks=None, generated_masks=None,
+def evaluate(with_t, without_t, refs, prompts: str, checkpoint: str, arch: str, reference_masks=None,
+             generated_masks=None,
              clip_vision=None):
-    """IMAGE batches (B,H,W,3) -> PS, IS, KPS (cat_train.metrics definitions), a report, a chart IMAGE and IS on
+    """IMAGE batches (B,H,W,3) -> PS, IS, KPS (cat_train.measure.metrics definitions), a report, a chart IMAGE and IS on
     masked images (NaN without masks; generated_masks go with images_with_trigger). clip_vision: a CLIP_VISION
     model that makes the image embeddings of IS and KPS instead of open_clip."""
     if with_t.shape[0] != without_t.shape[0]:
         raise ValueError(f"{with_t.shape[0]} images with the trigger but {without_t.shape[0]} without; "
                          "KPS pairs them one to one (same seeds), so give equal batches.")
-    for batch, what in ((with_t, "images_with_trigger"), (without_t, "images_without_trigger"), (refs, "reference_images")):
+    for batch, what in ((with_t, "images_with_trigger"), (without_t, "images_without_trigger"), (refs,
+            "reference_images")):
         if batch is not None:
             check_image_batch(batch, what)  # the leak scan refuses NaN too; a blank image scored KPS 0 silently
     lines = [p.strip() for p in prompts.splitlines() if p.strip()]
@@ -140,20 +147,28 @@ class KpsEvaluatorNode(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="CAT_KPSEvaluator", display_name="KPS Evaluator", category=CATEGORY, is_output_node=True,
-            description="PS, IS and KPS (CAT paper) from images with / without the trigger (same seeds) and references.",
+            **search_aliases("kps", "identity similarity", "evaluate lora", "clip score"),
+            description="PS, IS and KPS (CAT paper) from images with / without the trigger (same seeds) and "
+                        "references.",
             inputs=[
                 io.Image.Input("images_with_trigger"), io.Image.Input("images_without_trigger"),
                 io.Image.Input("reference_images", optional=True),
-                io.String.Input("prompts", default="", multiline=True, tooltip="one prompt per image (with the trigger); blank: no PS"),
+                io.String.Input("prompts", default="", multiline=True, tooltip=
+                        "one prompt per image (with the trigger); blank: no PS"),
                 io.Combo.Input("clip_checkpoint", options=clip_checkpoints()),
-                io.String.Input("open_clip_model", default="ViT-B-32", tooltip="open_clip architecture of the checkpoint"),
-                io.Mask.Input("reference_masks", optional=True, tooltip="subject masks of the references: masked IS (CatVersion)"),
-                io.Mask.Input("generated_masks", optional=True, tooltip="subject masks of images_with_trigger: masked IS"),
+                io.String.Input("open_clip_model", default="ViT-B-32", tooltip=
+                        "open_clip architecture of the checkpoint"),
+                io.Mask.Input("reference_masks", optional=True, tooltip=
+                        "subject masks of the references: masked IS (CatVersion)"),
+                io.Mask.Input("generated_masks", optional=True, tooltip=
+                        "subject masks of images_with_trigger: masked IS"),
                 io.ClipVision.Input("clip_vision", optional=True,
-                                    tooltip="a CLIP vision model (Load CLIP Vision): makes the image embeddings of IS and KPS "
-                                            "instead of open_clip; PS still needs the open_clip checkpoint (NaN without one)"),
+                                    tooltip="a CLIP vision model (Load CLIP Vision): makes the image embeddings of IS "
+                                            "and KPS instead of open_clip; PS still needs the open_clip checkpoint "
+                                            "(NaN without one)"),
             ],
-            outputs=[io.Float.Output(display_name="PS"), io.Float.Output(display_name="IS"), io.Float.Output(display_name="KPS"),
+            outputs=[io.Float.Output(display_name="PS"), io.Float.Output(display_name="IS"),
+                     io.Float.Output(display_name="KPS"),
                      io.String.Output(display_name="report"), io.Image.Output(display_name="chart"),
                      io.Float.Output(display_name="IS_masked")],
         )
@@ -161,8 +176,10 @@ class KpsEvaluatorNode(io.ComfyNode):
     @classmethod
     def execute(cls, images_with_trigger, images_without_trigger, prompts, clip_checkpoint, open_clip_model,
                 reference_images=None, reference_masks=None, generated_masks=None, clip_vision=None) -> io.NodeOutput:
-        ps, is_, kps, report, chart_image, is_masked = evaluate(images_with_trigger, images_without_trigger, reference_images, prompts,
-                                                                clip_checkpoint, open_clip_model, reference_masks, generated_masks,
+        ps, is_, kps, report, chart_image, is_masked = evaluate(images_with_trigger, images_without_trigger,
+                                                                reference_images, prompts,
+                                                                clip_checkpoint, open_clip_model, reference_masks,
+                                                                generated_masks,
                                                                 clip_vision)
         return io.NodeOutput(ps, is_, kps, report, chart_image, is_masked, ui={"text": [report]})
 

@@ -1,12 +1,13 @@
 """The CAT Leak Scan node: sample every probe prompt with the base and the adapted MODEL from the same seeds through
-ComfyUI's own sampler, decode, embed with open_clip, and rank the probes by drift (cat_train.leak)."""
+ComfyUI's own sampler, decode, embed with open_clip, and rank the probes by drift (cat_train.measure.leak)."""
 from __future__ import annotations
 
 import torch
 from comfy_api.latest import io
 
-from ..cat_train import leak
+from ..cat_train.measure import leak
 from .common import CATEGORY, image_of
+from .compat import search_aliases
 from .evaluate import clip_checkpoints, scorer
 
 
@@ -73,15 +74,18 @@ class LeakScanNode(io.ComfyNode):
 
         return io.Schema(
             node_id="CAT_LeakScan", display_name="CAT Leak Scan", category=CATEGORY, is_output_node=True,
+            **search_aliases("concept leak", "concept bleeding", "lora drift"),
             description="Which prompts did the adapter change? Base vs adapted MODEL on probe prompts (same seeds), "
                         "CLIP similarity per pair, probes ranked by drift; the worst are the ones to preserve.",
             inputs=[
-                io.Model.Input("base_model"), io.Model.Input("adapted_model", tooltip="e.g. the trainer's MODEL output"),
+                io.Model.Input("base_model"),
+                    io.Model.Input("adapted_model", tooltip="e.g. the trainer's MODEL output"),
                 io.Clip.Input("clip"), io.Vae.Input("vae"),
                 io.String.Input("probes", default=leak.DEFAULT_PROBES, multiline=True,
                                 tooltip="one prompt per line, without the trigger: the class and its neighbours"),
                 io.String.Input("negative", default="", multiline=True),
-                io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=True, tooltip="the same seeds for base and adapted"),
+                io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=True,
+                             tooltip="the same seeds for base and adapted"),
                 io.Int.Input("steps", default=20, min=1, max=10000),
                 io.Float.Input("cfg", default=7.0, min=0.0, max=100.0, step=0.1, round=0.01),
                 io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS, default="euler"),
@@ -89,9 +93,11 @@ class LeakScanNode(io.ComfyNode):
                 io.Int.Input("width", default=512, min=64, max=4096, step=8),
                 io.Int.Input("height", default=512, min=64, max=4096, step=8),
                 io.Int.Input("images_per_probe", default=2, min=1, max=64),
-                io.Int.Input("top_k", default=3, min=1, max=100, tooltip="how many drifting probes to list for preservation"),
+                io.Int.Input("top_k", default=3, min=1, max=100, tooltip=
+                        "how many drifting probes to list for preservation"),
                 io.Combo.Input("clip_checkpoint", options=clip_checkpoints()),
-                io.String.Input("open_clip_model", default="ViT-B-32", tooltip="open_clip architecture of the checkpoint"),
+                io.String.Input("open_clip_model", default="ViT-B-32", tooltip=
+                        "open_clip architecture of the checkpoint"),
             ],
             outputs=[io.String.Output(display_name="report"), io.String.Output(display_name="worst_probes"),
                      io.Image.Output(display_name="chart"), io.Image.Output(display_name="grid")],

@@ -1,6 +1,6 @@
 """The LORA object the nodes pass around, and safe file names in the loras folder.
 
-The file format itself (kohya keys, atomic writes, metadata) is cat_train.export's.
+The file format itself (kohya keys, atomic writes, metadata) is cat_train.adapters.export's.
 """
 from __future__ import annotations
 
@@ -48,8 +48,9 @@ def safe_subpath(folder: str | os.PathLike, name: str, field: str = "LoRA name",
     if too_long:
         part = too_long[0]
         raise ValueError(f"{field} {part[:24]!r}... is {len(part.encode())} bytes long: this filesystem allows "
-                         f"{name_limit(folder) + NAME_RESERVE} per file name and the saved files add up to {NAME_RESERVE} "
-                         f"('_step000000_00001.safetensors'); use at most {name_limit(folder)} characters per folder or name.")
+                         f"{name_limit(folder) + NAME_RESERVE} per file name and the saved files add up to "
+                         f"{NAME_RESERVE} ('_step000000_00001.safetensors'); use at most {name_limit(folder)} "
+                         "characters per folder or name.")
     base = Path(folder).resolve()
     stem = (base / raw).resolve()
     if base not in stem.parents:

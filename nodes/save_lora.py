@@ -1,22 +1,18 @@
 """LoRA files the nodes write: the header metadata of a trained LoRA, the trainer's mid-run LoRA writer, and the
 Save CAT LoRA node. File names and the LORA object are lora_io's (loadable without ComfyUI); the format itself
-(kohya keys, atomic writes, metadata keys) is cat_train.export's."""
+(kohya keys, atomic writes, metadata keys) is cat_train.adapters.export's."""
 from __future__ import annotations
 
-import json
 import logging
 
 from comfy_api.latest import io
 
-from ..cat_train.captions import metadata as caption_metadata
-from ..cat_train.algorithms import ALGORITHMS
-from ..cat_train.export import save_lora, to_kohya, training_metadata
-from ..cat_train.regularizers import metadata as regularizer_metadata
-from ..cat_train.run_folder import check_space, writable_folder
-from ..cat_train.timestep_weighting import range_metadata
-from ..cat_train.weight_terms import metadata as weight_term_metadata
+from ..cat_train.adapters.export import save_lora, to_kohya
+from ..cat_train.training.header import lora_header
+from ..cat_train.training.run_folder import check_space, writable_folder
 from .comfy_model import base_model_version, family_of
 from .common import CATEGORY
+from .compat import search_aliases
 from .lora_io import name_problem, safe_lora_path
 
 log = logging.getLogger("ComfyUI-CAT")
@@ -24,22 +20,12 @@ log = logging.getLogger("ComfyUI-CAT")
 
 def metadata(loss_cfg, spec, cfg, dataset, steps_done: int, history: list[dict], base_version: str = "",
              base_model: str = "", output_name: str = "") -> dict[str, str]:
-    """The trained LoRA's header: kohya's ss_* keys and CAT's cat_* keys (APT's settings included). base_model is the
-    checkpoint file (ss_sd_model_name), output_name the name the LoRA is saved under (ss_output_name); LoRA managers
-    show both."""
-    w, h = max(dataset.buckets, key=lambda wh: wh[0] * wh[1]) if dataset.buckets else (0, 0)
-    return training_metadata(
-        cat_factor=loss_cfg.alpha, triggers=dataset.triggers, preservation=loss_cfg.preservation,
-        class_word=loss_cfg.class_word if isinstance(loss_cfg.class_word, str) else json.dumps(loss_cfg.class_word), steps=cfg.steps, steps_done=steps_done, rank=spec.rank, alpha=spec.alpha,
-        lr=cfg.lr, seed=cfg.seed, num_images=len(dataset.items), target_preset=spec.preset, resolution=(w, h),
-        base_model_version=base_version, base_model=base_model, output_name=output_name, captions=[it[1] for it in dataset.items],
-        comment="Contrastive Adapter Training (CAT, arXiv 2404.07554), ComfyUI-CAT",
-        extra={"ss_lr_scheduler": cfg.lr_schedule, "cat_preservation_prompts": json.dumps(list(loss_cfg.preservation_prompts)),
-               "cat_final_loss": f"{history[-1]['loss']:.6g}" if history else "",
-               "cat_keep_every": str(loss_cfg.keep_every), "cat_keep_fraction": str(float(loss_cfg.keep_fraction)), **regularizer_metadata(loss_cfg, history),
-               **caption_metadata(cfg), **range_metadata(cfg),
-               **weight_term_metadata(cfg),
-               **ALGORITHMS[spec.algorithm].metadata()})  # LyCORIS's ss_network_module/args for LoHa, LoKr, DoRA
+    """The trained LoRA's header (cat_train.training.header) for a run on this dataset: base_model is the checkpoint
+    file, output_name the name the LoRA is saved under."""
+    resolution = max(dataset.buckets, key=lambda wh: wh[0] * wh[1]) if dataset.buckets else (0, 0)
+    return lora_header(loss_cfg, spec, cfg, triggers=dataset.triggers, captions=[it[1] for it in dataset.items],
+                       resolution=resolution, steps_done=steps_done, history=history, base_version=base_version,
+                       base_model=base_model, output_name=output_name)
 
 
 def step_lora_writer(mp, folder, name: str, loss_cfg, spec, cfg, dataset, base_model: str = ""):
@@ -62,7 +48,8 @@ def check_lora_folder(folder, need_bytes: int, field: str) -> None:
     used to fail after training, or at the first mid-run save)."""
     from pathlib import Path
 
-    fix = f"free space there, or point ComfyUI's loras folder (extra_model_paths.yaml) elsewhere; {field} picks the name."
+    fix = (f"free space there, or point ComfyUI's loras folder (extra_model_paths.yaml) elsewhere; {field} picks the "
+           "name.")
     writable_folder(Path(folder), "loras folder", fix)
     check_space(Path(folder), need_bytes + 2**20, "loras folder", fix)
 
@@ -78,6 +65,7 @@ class SaveCatLoraNode(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="CAT_SaveLora", display_name="Save CAT LoRA", category=CATEGORY, is_output_node=True,
+            **search_aliases("save lora", "export lora"),
             description="Writes the LoRA (kohya keys + training metadata) into the loras folder; never overwrites.",
             inputs=[io.LoraModel.Input("lora"), io.String.Input("name", default="cat_lora")],
             outputs=[io.String.Output(display_name="path")],
@@ -90,7 +78,8 @@ class SaveCatLoraNode(io.ComfyNode):
     @classmethod
     def execute(cls, lora, name) -> io.NodeOutput:
         check_lora_folder(loras_folder(), sum(t.numel() * t.element_size() for t in lora.values()), "name")
-        meta = {**getattr(lora, "metadata", {}), "ss_output_name": name.strip()}  # the name chosen here, as kohya's --output_name
+        # the name chosen here, as kohya's --output_name
+        meta = {**getattr(lora, "metadata", {}), "ss_output_name": name.strip()}
         path = save_lora(safe_lora_path(loras_folder(), name), dict(lora), meta)
         return io.NodeOutput(str(path), ui={"text": [str(path)]})
 

@@ -1,7 +1,7 @@
 """The CAT LoRA Trainer node, and its work outside the node class so tests can call it: CAT on a ModelPatcher.
 
 Flow: dataset items -> Examples (captions encoded once, SDXL `y` built per latent size by the model's
-encode_adm) -> cat_train.train on the shared UNet (adapter injected, then removed: the UNet is left
+encode_adm) -> cat_train.training.loop on the shared UNet (adapter injected, then removed: the UNet is left
 bit-identical) -> kohya state dict -> a *clone* of the MODEL patched the stock way (add_patches via
 comfy.sd.load_lora_for_models), so any sampler uses it and the input MODEL is untouched.
 """
@@ -18,20 +18,22 @@ import torch
 from comfy_api.latest import io
 
 from ..cat_train import families
-from ..cat_train.lora import LoraSpec, lora_param_count, lora_saved_bytes
-from ..cat_train.algorithms import ALGORITHMS
-from ..cat_train.budget import DoesNotFit, MemoryBudget, adapter_bytes, probe_activations, tensor_bytes
-from ..cat_train.checks import check_concepts
-from ..cat_train.export import to_kohya
-from ..cat_train.loss import CatLossConfig
-from ..cat_train.options_doc import help_of
-from ..cat_train.plot import loss_curve
-from ..cat_train.precision import CHOICES as COMPUTE_CHOICES
-from ..cat_train.precision import mixed_precision_name
-from ..cat_train.train import Example, TrainConfig, build_examples, train
+from ..cat_train.adapters.lora import LoraSpec, lora_param_count, lora_saved_bytes
+from ..cat_train.adapters.algorithms import ALGORITHMS
+from ..cat_train.training.budget import DoesNotFit, MemoryBudget, adapter_bytes, probe_activations, tensor_bytes
+from ..cat_train.training.checks import check_concepts
+from ..cat_train.adapters.export import to_kohya
+from ..cat_train.training import CatLossConfig
+from ..cat_train.options import help_of
+from ..cat_train.measure.plot import loss_curve
+from ..cat_train.training.precision import CHOICES as COMPUTE_CHOICES
+from ..cat_train.training.precision import mixed_precision_name
+from ..cat_train.training import Example, TrainConfig, TrainResult, build_examples, train
 from .comfy_model import adm_y, base_model_version, trainable
 from . import early_cancel
-from .common import CATEGORY, Dataset, LossConfig, TrainingOptions, feeds, image_of, model_file_name, phase_progress, progress_callback
+from .common import (CATEGORY, Dataset, LossConfig, TrainingOptions, feeds, image_of, model_file_name, phase_progress,
+                     progress_callback)
+from .compat import search_aliases
 from .lora_io import CatLora, name_problem, safe_subpath
 from .training_options import options_for
 from .save_lora import check_lora_folder, loras_folder, metadata, step_lora_writer
@@ -44,14 +46,18 @@ class CatTrainerNode(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="CAT_LoraTrainer", display_name="CAT LoRA Trainer", category=CATEGORY, not_idempotent=False,
+            **search_aliases("train lora", "lora training", "dreambooth", "finetune", "contrastive adapter training"),
             description="Trains a CAT LoRA; returns a clone of MODEL with it applied (the input MODEL is untouched).",
             inputs=[
                 io.Model.Input("model"), Dataset.Input("dataset"), LossConfig.Input("loss_config"),
                 io.Int.Input("rank", default=16, min=1, max=256, tooltip=help_of(LoraSpec, "rank")),
-                io.Float.Input("lora_alpha", default=16.0, min=0.01, max=1024.0, step=0.5, tooltip=help_of(LoraSpec, "alpha")),
-                io.Combo.Input("target", options=list(families.TARGETS), default="attn", tooltip=help_of(LoraSpec, "preset")),
+                io.Float.Input("lora_alpha", default=16.0, min=0.01, max=1024.0, step=0.5,
+                               tooltip=help_of(LoraSpec, "alpha")),
+                io.Combo.Input("target", options=list(families.TARGETS), default="attn",
+                               tooltip=help_of(LoraSpec, "preset")),
                 io.Int.Input("steps", default=600, min=1, max=100000, tooltip=help_of(TrainConfig, "steps")),
-                io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=1.0, step=1e-5, tooltip=help_of(TrainConfig, "lr")),
+                io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=1.0, step=1e-5,
+                               tooltip=help_of(TrainConfig, "lr")),
                 io.Combo.Input("lr_schedule", options=["constant", "cosine"], default="constant",
                                tooltip=help_of(TrainConfig, "lr_schedule")),
                 io.Int.Input("batch_size", default=1, min=1, max=64, tooltip=help_of(TrainConfig, "batch_size")),
@@ -59,34 +65,37 @@ class CatTrainerNode(io.ComfyNode):
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=True,
                              tooltip=help_of(TrainConfig, "seed")),
                 io.Combo.Input("dtype", options=list(COMPUTE_CHOICES), default="auto",
-                               tooltip="compute dtype of the training forward; base weights keep their stored dtype and "
-                                       "LoRA weights are fp32. auto: bf16 on GPUs that have it, else fp16; on the CPU "
-                                       "bf16 for a bf16 model, else fp32"),
+                               tooltip="compute dtype of the training forward; base weights keep their stored dtype "
+                                       "and LoRA weights are fp32. auto: bf16 on GPUs that have it, else fp16; on the "
+                                       "CPU bf16 for a bf16 model, else fp32"),
                 io.Combo.Input("gradient_checkpointing", options=["auto", "on", "off"], default="auto",
                                tooltip=help_of(TrainConfig, "gradient_checkpointing")),
                 io.Int.Input("save_every", default=0, min=0, max=100000,
                              tooltip=help_of(TrainConfig, "save_every")),
                 io.String.Input("checkpoint_name", default="cat_run", tooltip="folder under output/cat_checkpoints/"),
-                io.String.Input("resume_from", default="", optional=True, tooltip="a cat-stepNNNNNN.pt checkpoint to continue"),
+                io.String.Input("resume_from", default="", optional=True, tooltip=
+                        "a cat-stepNNNNNN.pt checkpoint to continue"),
                 # new inputs only at the end, all optional: shipped workflows keep their widget order
                 io.Int.Input("preview_every", default=0, min=0, max=100000, optional=True,
-                             tooltip="draw preview images every N steps with the current LoRA (0 = off; needs vae): the "
-                                     "same noise every round, shown on this node and returned as a grid"),
+                             tooltip="draw preview images every N steps with the current LoRA (0 = off; needs vae): "
+                                     "the same noise every round, shown on this node and returned as a grid"),
                 io.Vae.Input("vae", optional=True, tooltip="decodes the preview images (the VAE CAT Dataset uses)"),
                 io.String.Input("preview_prompts", default="", optional=True,
                                 tooltip="preview prompts separated by |, blank: the first caption with and without the "
                                         "trigger and each preservation prompt"),
                 io.Int.Input("validate_every", default=0, min=0, max=100000, optional=True,
                              tooltip="every N steps, fit and keep drift at fixed (noise, timestep) points, no sampling "
-                                     "(0 = off): curves in the live view, a CSV under output/cat_checkpoints/<checkpoint_name>"),
+                                     "(0 = off): curves in the live view, a CSV under "
+                                     "output/cat_checkpoints/<checkpoint_name>"),
                 io.String.Input("probe_prompts", default="", optional=True,
-                                tooltip="prompts without the trigger whose drift validation also measures, separated by | "
-                                        "(e.g. a photo of a cat | a photo of a wolf)"),
+                                tooltip="prompts without the trigger whose drift validation also measures, separated "
+                                        "by | (e.g. a photo of a cat | a photo of a wolf)"),
                 io.ClipVision.Input("clip_vision", optional=True,
-                                    tooltip="a CLIP vision model (Load CLIP Vision): IS and KPS of every saved step's previews "
-                                            "(save_every, needs vae), and the best step picked from them"),
+                                    tooltip="a CLIP vision model (Load CLIP Vision): IS and KPS of every saved step's "
+                                            "previews (save_every, needs vae), and the best step picked from them"),
                 TrainingOptions.Input("options", optional=True,
-                                      tooltip="advanced options from a CAT Training Options node (unconnected: defaults)"),
+                                      tooltip="advanced options from a CAT Training Options node (unconnected: "
+                                              "defaults)"),
             ],
             outputs=[io.Model.Output(display_name="MODEL"), io.LoraModel.Output(display_name="lora"),
                      io.Image.Output(display_name="loss_curve"), io.String.Output(display_name="summary"),
@@ -97,19 +106,26 @@ class CatTrainerNode(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, checkpoint_name=None):
-        return name_problem(checkpoints_folder(), checkpoint_name, "checkpoint_name", "output/cat_checkpoints", "cat_run")
+        return name_problem(checkpoints_folder(), checkpoint_name, "checkpoint_name", "output/cat_checkpoints",
+                            "cat_run")
 
     @classmethod
-    def execute(cls, model, dataset, loss_config, rank, lora_alpha, target, steps, learning_rate, lr_schedule, batch_size,
-                grad_accum, seed, dtype, gradient_checkpointing, save_every, checkpoint_name, resume_from="", preview_every=0,
-                vae=None, preview_prompts="", validate_every=0, probe_prompts="", clip_vision=None, options=None) -> io.NodeOutput:
+    def execute(cls, model, dataset, loss_config, rank, lora_alpha, target, steps, learning_rate, lr_schedule,
+                batch_size,
+                grad_accum, seed, dtype, gradient_checkpointing, save_every, checkpoint_name, resume_from="",
+                preview_every=0,
+                vae=None, preview_prompts="", validate_every=0, probe_prompts="", clip_vision=None,
+                options=None) -> io.NodeOutput:
         early_cancel.check()  # a Cancel sent before this prompt started (ComfyUI drops it)
-        ckpt_dir = safe_subpath(checkpoints_folder(), checkpoint_name, "checkpoint_name", "output/cat_checkpoints", "cat_run")
+        ckpt_dir = safe_subpath(checkpoints_folder(), checkpoint_name, "checkpoint_name", "output/cat_checkpoints",
+                                "cat_run")
         loss_config = dataclasses.replace(loss_config, **options_for(options, CatLossConfig))  # a fresh copy either way
         check_concepts(dataset.triggers, loss_config)  # before any model work: weights of non-triggers, y = y_T
         resume = resume_path(resume_from)
-        cfg = TrainConfig(steps=steps, lr=learning_rate, lr_schedule=lr_schedule, batch_size=batch_size, grad_accum=grad_accum,
-                          seed=seed, save_every=save_every, checkpoint_dir=str(ckpt_dir), **options_for(options, TrainConfig))
+        cfg = TrainConfig(steps=steps, lr=learning_rate, lr_schedule=lr_schedule, batch_size=batch_size,
+                          grad_accum=grad_accum,
+                          seed=seed, save_every=save_every, checkpoint_dir=str(ckpt_dir),
+                          **options_for(options, TrainConfig))
         spec = LoraSpec(rank=rank, alpha=lora_alpha, preset=target, **options_for(options, LoraSpec))
         base = model_file_name(cls.hidden.prompt, cls.hidden.unique_id)
         # step LoRAs (save_every) and a Save CAT LoRA fed by this node write to the loras folder: a read-only or full
@@ -117,11 +133,13 @@ class CatTrainerNode(io.ComfyNode):
         if save_every or feeds(cls.hidden.prompt, cls.hidden.unique_id, "CAT_SaveLora"):
             check_lora_folder(loras_folder(), 4 * lora_param_count(model.model.diffusion_model, spec),
                               "checkpoint_name" if save_every else "Save CAT LoRA's name")
-        writer = (step_lora_writer(model, loras_folder(), checkpoint_name.strip(), loss_config, spec, cfg, dataset, base)
+        writer = (step_lora_writer(model, loras_folder(), checkpoint_name.strip(), loss_config, spec, cfg, dataset,
+                                   base)
                   if save_every else None)
         watch = dict(vae=vae, preview_every=preview_every, prompts=preview_prompts, validate_every=validate_every,
                      probes=probe_prompts, clip_vision=clip_vision, out_dir=ckpt_dir)
-        patched, lora, image, summary, result = train_on_model(model, dataset, loss_config, spec, cfg, cls.hidden.unique_id, resume,
+        patched, lora, image, summary, result = train_on_model(model, dataset, loss_config, spec, cfg,
+                                                               cls.hidden.unique_id, resume,
                                                                compute=dtype, checkpointing=gradient_checkpointing,
                                                                on_save=writer, base_model=base, watch=watch)
         m = result.measured
@@ -144,7 +162,8 @@ def resume_path(resume_from: str | None) -> str:
     if resume and not os.path.isabs(resume):
         resume = str(checkpoints_folder() / resume)
     if resume and not os.path.isfile(resume):
-        raise ValueError(f"resume checkpoint {resume} does not exist; give a cat-stepNNNNNN.pt file (full path or relative to {checkpoints_folder()}).")
+        raise ValueError(f"resume checkpoint {resume} does not exist; give a cat-stepNNNNNN.pt file (full path or "
+                         f"relative to {checkpoints_folder()}).")
     return resume
 
 
@@ -154,13 +173,14 @@ def model_examples(mp, dataset, loss_cfg: CatLossConfig, tick=None, cfg: TrainCo
     Latents and conditionings (auto preservation's probes too) are converted once each and shared between examples:
     10,000 preservation prompts x 3 images cloned a conditioning per pair (+1.4 GB with a tiny CLIP, 12-32x that with
     a real one). tick() per prompt encoded and per example converted moves the bar and stops at Cancel. cfg: its caption
-    options add caption rows (cat_train/captions.py), converted like the rest."""
+    options add caption rows (cat_train/data/captions.py), converted like the rest."""
     positions = dataset.token_positions if loss_cfg.apt.align_skip_triggers else None  # tokenizes only when asked
     # masks only where they weigh something: off, the examples (and the run's data fingerprint) are as without them
     masks = (getattr(dataset, "masks", None) if loss_cfg.mask.active else None) or [None] * len(dataset.items)
     examples = build_examples([(lat, cap, trig, rep, m) for (lat, cap, trig, rep), m in zip(dataset.items, masks)],
                               dataset.encode_text, loss_cfg,
-                              progress=(lambda done, total: tick()) if tick else None, token_positions=positions, cfg=cfg)
+                              progress=(lambda done, total: tick()) if tick else None, token_positions=positions,
+                              cfg=cfg)
     latents, conds, probes, out = {}, {}, {}, []
 
     def unet_cond(c, w, h):
@@ -172,7 +192,8 @@ def model_examples(mp, dataset, loss_cfg: CatLossConfig, tick=None, cfg: TrainCo
         h, w = ex.latent.shape[-2] * 8, ex.latent.shape[-1] * 8
         if id(ex.latent) not in latents:
             latents[id(ex.latent)] = (ex.latent, mp.model.process_latent_in(ex.latent[None].clone())[0])
-        if (id(ex.probes), w, h) not in probes:  # auto preservation's probes: one dict per image, as build_examples made them
+        # auto preservation's probes: one dict per image, as build_examples made them
+        if (id(ex.probes), w, h) not in probes:
             probes[(id(ex.probes), w, h)] = {p: unet_cond(c, w, h) for p, c in ex.probes.items()}
         out.append(dataclasses.replace(ex, latent=latents[id(ex.latent)][1], cond_token=unet_cond(ex.cond_token, w, h),
                                        cond_pres=unet_cond(ex.cond_pres, w, h), probes=probes[(id(ex.probes), w, h)]))
@@ -185,7 +206,8 @@ def preparation_steps(dataset, loss_cfg: CatLossConfig, cfg: TrainConfig | None 
     """Ticks model_examples makes: prompts to encode (an upper bound) plus examples to convert."""
     n = len(dataset.items)
     pres = len(loss_cfg.preservation_prompts) or 1
-    rows = (cfg.caption_variants if cfg is not None and cfg.shuffle_tags else 0) + (1 if cfg is not None and cfg.caption_dropout else 0)
+    rows = ((cfg.caption_variants if cfg is not None and cfg.shuffle_tags else 0)
+            + (1 if cfg is not None and cfg.caption_dropout else 0))
     return 2 * n + len(loss_cfg.preservation_prompts) + n * pres + rows * (2 * n * pres + n * pres) + (1 if rows else 0)
 
 
@@ -197,7 +219,8 @@ def _unet_cond(mp, c: dict, width: int, height: int) -> dict:
     return cond
 
 
-def memory_budget(den, examples: list[Example], spec: LoraSpec, loss_cfg: CatLossConfig, cfg: TrainConfig) -> MemoryBudget:
+def memory_budget(den, examples: list[Example], spec: LoraSpec, loss_cfg: CatLossConfig,
+                  cfg: TrainConfig) -> MemoryBudget:
     """Weights, LoRA + AdamW, and activations probed by one no-grad forward of the largest example."""
     import comfy.model_management as mm
 
@@ -205,7 +228,8 @@ def memory_budget(den, examples: list[Example], spec: LoraSpec, loss_cfg: CatLos
     ex = max(examples, key=lambda e: e.latent.numel())
     cond = {k: v[None].to(device) for k, v in ex.cond_token.items()}
     t = torch.tensor([den.schedule.num_timesteps // 2], device=device)
-    amp = torch.autocast(device.type, dtype=den.compute_dtype) if den.compute_dtype != torch.float32 else contextlib.nullcontext()
+    amp = torch.autocast(device.type,
+                         dtype=den.compute_dtype) if den.compute_dtype != torch.float32 else contextlib.nullcontext()
 
     def forward():
         with amp:
@@ -214,26 +238,33 @@ def memory_budget(den, examples: list[Example], spec: LoraSpec, loss_cfg: CatLos
     try:
         probe = probe_activations(module, forward, den.family.checkpoint_units(module))
     except (torch.OutOfMemoryError, MemoryError) as e:
-        raise DoesNotFit(f"out of memory in one no-grad forward at batch 1 ({tuple(ex.latent.shape)} latent) on {device}, "
-                         "before training: lower the resolution, or free the GPU of other programs.") from e
+        raise DoesNotFit(f"out of memory in one no-grad forward at batch 1 ({tuple(ex.latent.shape)} latent) on "
+                         f"{device}, before training: lower the resolution, or free the GPU of other programs.") from e
     batch = cfg.batch_size * (2 if loss_cfg.alpha > 0 else 1)  # CAT: y_T and y rows in one adapted pass
     free = mm.get_free_memory(device)
-    adapter = adapter_bytes(lora_param_count(module, spec)) + lora_saved_bytes(module, spec)  # LoHa/LoKr: + their deltas
+    # LoHa/LoKr: + their deltas
+    adapter = adapter_bytes(lora_param_count(module, spec)) + lora_saved_bytes(module, spec)
     return MemoryBudget(weights=tensor_bytes(module.parameters()), adapter=adapter,
                         activations_plain=probe.plain * batch, activations_checkpointed=probe.checkpointed * batch,
                         free=int(free) if free else None, device=str(device))
+
+
+@dataclasses.dataclass
+class TrainedOnModel(TrainResult):
+    """The core's TrainResult and what the node's watch measured: preview grid, per-step chart, best step's file."""
+    measured: dict = dataclasses.field(default_factory=dict)
 
 
 @torch.inference_mode(False)
 def train_on_model(mp, dataset, loss_cfg: CatLossConfig, spec: LoraSpec, cfg: TrainConfig, node_id: str | None = None,
                    resume: str | None = None, compute: str = "auto", checkpointing: str | None = None,
                    on_save=None, base_model: str = "", watch: dict | None = None):
-    """Returns (patched clone, CatLora, loss-curve IMAGE, summary, TrainResult).
+    """Returns (patched clone, CatLora, loss-curve IMAGE, summary, TrainedOnModel).
 
-    compute: the forward's dtype (cat_train.precision); checkpointing: auto/on/off (None: cfg's bool);
+    compute: the forward's dtype (cat_train.training.precision); checkpointing: auto/on/off (None: cfg's bool);
     on_save(step, weights): called with the LoRA at every `save_every` checkpoint; base_model: the checkpoint file
     the MODEL came from, for the LoRA header; watch: NodeWatch's options (previews, validation, per-step scores),
-    whose results land in result.measured."""
+    whose results land in the result's `measured` (a `TrainedOnModel`)."""
     import comfy.sd
 
     t0 = time.perf_counter()
@@ -243,8 +274,8 @@ def train_on_model(mp, dataset, loss_cfg: CatLossConfig, spec: LoraSpec, cfg: Tr
         examples = model_examples(mp, dataset, loss_cfg, prep, cfg)
         masked = sum(m is not None for m in getattr(dataset, "masks", []))
         if masked and not loss_cfg.mask.active:
-            log.info("ComfyUI-CAT: %d training images have masks; they weigh nothing while mask_floor is 1 and mask_keep "
-                     "0 (CAT Training Options: e.g. mask_floor 0.1 to train on them).", masked)
+            log.info("ComfyUI-CAT: %d training images have masks; they weigh nothing while mask_floor is 1 and "
+                     "mask_keep 0 (CAT Training Options: e.g. mask_floor 0.1 to train on them).", masked)
         prep.check()
         budget = memory_budget(den, examples, spec, loss_cfg, cfg)
         prep.check()  # after the probe forward, before step 1 and its checkpoint
@@ -254,9 +285,12 @@ def train_on_model(mp, dataset, loss_cfg: CatLossConfig, spec: LoraSpec, cfg: Tr
         log.info("ComfyUI-CAT %s", budget.report(ckpt_on))
         big = max(examples, key=lambda e: e.latent[0].numel()).latent
         budget.check(ckpt_on, cfg.batch_size, (big.shape[-1] * 8, big.shape[-2] * 8), spec.rank)
-        w = make_watch(mp, den, dataset, examples, loss_cfg, cfg.seed, node_id, **(watch or {}))
+        # den.patcher: the patcher trained (a DynamicVRAM MODEL's non-dynamic copy), which previews load back after a
+        # decode
+        w = make_watch(den.patcher, den, dataset, examples, loss_cfg, cfg.seed, node_id, **(watch or {}))
         cb = progress_callback(node_id, cfg.steps, preview=w.image if w else None)
-        cfg = dataclasses.replace(cfg, mixed_precision=mixed_precision_name(den.compute_dtype), gradient_checkpointing=ckpt_on)
+        cfg = dataclasses.replace(cfg, mixed_precision=mixed_precision_name(den.compute_dtype),
+                                  gradient_checkpointing=ckpt_on)
         files: dict[int, object] = {}
 
         def saved(step, weights):
@@ -279,23 +313,28 @@ def train_on_model(mp, dataset, loss_cfg: CatLossConfig, spec: LoraSpec, cfg: Tr
             if w:
                 w.close()
     sd = CatLora(to_kohya(result.weights, den.family.kohya_names(mp.model.diffusion_model)))
-    sd.metadata = metadata(loss_cfg, spec, cfg, dataset, result.steps_done, result.history, base_model_version(mp), base_model)
+    sd.metadata = metadata(loss_cfg, spec, cfg, dataset, result.steps_done, result.history, base_model_version(mp),
+                           base_model)
     patched, _ = comfy.sd.load_lora_for_models(mp, None, dict(sd), 1.0, 0)
     hist = result.history
-    summary = (f"CAT {ALGORITHMS[spec.algorithm].title}: {result.steps_done}/{cfg.steps} steps in {time.perf_counter() - t0:.1f}s, "
-               f"{len(result.weights)} modules, rank {spec.rank}, alpha {spec.alpha}, CAT factor {loss_cfg.alpha}\n"
-               f"loss first {hist[0]['loss']:.5f} last {hist[-1]['loss']:.5f}; fit {hist[-1]['fit']:.5f} keep {hist[-1]['keep']:.6f}\n"
-               f"{len(dataset.items)} images, buckets {dataset.buckets}"
+    summary = (f"CAT {ALGORITHMS[spec.algorithm].title}: {result.steps_done}/{cfg.steps} steps in "
+               f"{time.perf_counter() - t0:.1f}s, {len(result.weights)} modules, rank {spec.rank}, LoRA alpha "
+               f"{spec.alpha}, CAT factor {loss_cfg.alpha}\nloss first {hist[0]['loss']:.5f} last "
+               f"{hist[-1]['loss']:.5f}; fit {hist[-1]['fit']:.5f} keep {hist[-1]['keep']:.6f}\n{len(dataset.items)} "
+               f"images, buckets {dataset.buckets}"
                + (f"\ncheckpoint {result.last_checkpoint}" if result.last_checkpoint else "")
                + "".join(f"\nwarning: {w}" for w in result.warnings))
-    image = image_of(loss_curve(hist, keys=("loss", "fit", "keep") if loss_cfg.alpha else ("loss",), title="CAT training loss"))
-    result.measured = measured(w) if w else {}
+    image = image_of(loss_curve(hist, keys=("loss", "fit", "keep") if loss_cfg.alpha else ("loss",), title=
+            "CAT training loss"))
+    result = TrainedOnModel(**{f.name: getattr(result, f.name) for f in dataclasses.fields(result)},
+                            measured=measured(w) if w else {})
     if result.measured.get("text"):
         summary += "\n" + result.measured["text"]
     return patched, sd, image, summary, result
 
 
-def make_watch(mp, den, dataset, examples, loss_cfg, seed, node_id, vae=None, preview_every=0, prompts="", validate_every=0,
+def make_watch(mp, den, dataset, examples, loss_cfg, seed, node_id, vae=None, preview_every=0, prompts="",
+               validate_every=0,
                probes="", clip_vision=None, out_dir=None):
     """A NodeWatch when anything is to be watched (previews, validation, per-step scores), else None."""
     from .watch import NodeWatch
@@ -309,7 +348,8 @@ def make_watch(mp, den, dataset, examples, loss_cfg, seed, node_id, vae=None, pr
     except ImportError:
         prompt_id = None
     big = examples[0].latent
-    return NodeWatch(den, mp, dataset, examples, Path(out_dir) if out_dir else checkpoints_folder() / "run", node_id, prompt_id,
+    return NodeWatch(den, mp, dataset, examples, Path(out_dir) if out_dir else checkpoints_folder() / "run", node_id,
+                     prompt_id,
                      seed, vae=vae, preview_every=preview_every, prompts=prompts, validate_every=validate_every,
                      probes=probes, clip_vision=clip_vision, preservation_prompts=loss_cfg.preservation_prompts,
                      encode=unet_text_encoder(mp, dataset, big.shape[-1] * 8, big.shape[-2] * 8))

@@ -13,8 +13,9 @@ import typing
 
 from comfy_api.latest import io
 
-from ..cat_train.options_doc import TRAINING_OPTIONS, help_of, option_classes
+from ..cat_train.options import TRAINING_OPTIONS, help_of, option_classes
 from .common import CATEGORY, TrainingOptions, range_problem
+from .compat import search_aliases
 
 # (option dataclass, its fields that are widgets here), in widget order: cat_train/options_doc.TRAINING_OPTIONS
 GROUPS: list[tuple[type, tuple[str, ...]]] = [(option_classes()[c], names) for c, names in TRAINING_OPTIONS]
@@ -53,8 +54,9 @@ class TrainingOptionsNode(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="CAT_TrainingOptions", display_name="CAT Training Options", category=CATEGORY,
-            description="Advanced trainer options for the CAT LoRA Trainer's optional `options` input; unconnected, the "
-                        "trainer uses each option's default (docs/options.md).",
+            **search_aliases("lora algorithm", "loha", "lokr", "dora", "ema", "caption dropout"),
+            description="Advanced trainer options for the CAT LoRA Trainer's optional `options` input; unconnected, "
+                        "the trainer uses each option's default (docs/options.md).",
             inputs=[widget(c, n) for c, names in GROUPS for n in names],
             outputs=[TrainingOptions.Output(display_name="options")],
         )

@@ -1,6 +1,6 @@
 """The trainer node watching its run: preview rounds, validation and, per saved step, IS/KPS and the best step.
 
-The pieces are the core's (cat_train.preview, .validation, .metrics, .best_step; docs/measuring.md); this module
+The pieces are the core's (cat_train.measure.preview, .validation, .metrics, .best_step; docs/measuring.md); this module
 gives them what only ComfyUI has: the dataset's CLIP for prompts, the graph's VAE to decode previews, a
 CLIP_VISION for image embeddings, ComfyUI's folders, the node's progress preview and the live view's events.
 Nothing here draws from the training RNG or changes a mode or the adapter switch for good (the pieces run under
@@ -19,11 +19,11 @@ from pathlib import Path
 
 import torch
 
-from ..cat_train.best_step import pick_best_step
-from ..cat_train.metrics import score_images
-from ..cat_train.preview import Previewer, preview_prompts
-from ..cat_train.prompts import preservation_prompt, triggers_in
-from ..cat_train.validation import ValidationLog, Validator
+from ..cat_train.measure.best_step import pick_best_step
+from ..cat_train.measure.metrics import score_images
+from ..cat_train.measure.preview import Previewer, preview_prompts
+from ..cat_train.data.prompts import preservation_prompt, triggers_in
+from ..cat_train.measure.validation import ValidationLog, Validator
 from .common import send_event
 
 log = logging.getLogger("ComfyUI-CAT")
@@ -36,7 +36,8 @@ def split_prompts(text: str | None) -> list[str]:
 
 
 def with_their_plain_twins(prompts: list[str], triggers) -> list[str]:
-    """Each prompt with a trigger followed, if missing, by itself without the trigger: KPS pairs the two (same noise)."""
+    """Each prompt with a trigger followed, if missing, by itself without the trigger: KPS pairs the two (same
+    noise)."""
     out = list(prompts)
     for p in prompts:
         if triggers_in(p, triggers):
@@ -60,8 +61,8 @@ def vae_decoder(vae, mp):
 
 
 class NodeWatch:
-    """Hooks for cat_train.train: `callback(info)` (validation and preview rounds) and `on_save(step, weights)` (a
-    preview round and IS/KPS for the step file). `image()` is the grid for the node's progress preview."""
+    """Hooks for cat_train.training.loop: `callback(info)` (validation and preview rounds) and `on_save(step, weights)`
+    (a preview round and IS/KPS for the step file). `image()` is the grid for the node's progress preview."""
 
     def __init__(self, den, mp, dataset, examples, out_dir: Path, node_id, prompt_id, seed: int, vae=None,
                  preview_every: int = 0, prompts: str = "", validate_every: int = 0, probes: str = "", clip_vision=None,
@@ -75,8 +76,8 @@ class NodeWatch:
         self._image_dirty = False
         self.refs, self.triggers = dataset.pixels, tuple(dataset.triggers)
         if (preview_every or clip_vision is not None) and vae is None:
-            raise ValueError("CAT LoRA Trainer: preview_every > 0 (or a clip_vision to score saved steps) needs the vae "
-                             "input: connect the checkpoint's VAE (the same one CAT Dataset uses).")
+            raise ValueError("CAT LoRA Trainer: preview_every > 0 (or a clip_vision to score saved steps) needs the "
+                             "vae input: connect the checkpoint's VAE (the same one CAT Dataset uses).")
         self.previewer = None
         if preview_every or clip_vision is not None:
             first = dataset.items[0][1]
@@ -148,7 +149,8 @@ class NodeWatch:
         return row
 
     def _scores(self, drawn: list) -> dict:
-        """IS (the dataset's images vs the trigger columns) and KPS (trigger columns vs their plain twins, same noise)."""
+        """IS (the dataset's images vs the trigger columns) and KPS (trigger columns vs their plain twins, same
+        noise)."""
         from .evaluate import vision_embedder
 
         ps = self.previewer.prompts
@@ -207,8 +209,8 @@ class NodeWatch:
                          f"({len(self.previewer.prompts)} prompts), grid {self.out_dir / 'previews.png'}")
         if self.validation:
             v = self.validation[-1]
-            lines.append(f"validation ({len(self.validation)} rows, {self.out_dir / 'validation.csv'}): step {v['step']} "
-                         f"fit {v['fit']:.5f} keep drift {v['keep_drift']:.6f}"
+            lines.append(f"validation ({len(self.validation)} rows, {self.out_dir / 'validation.csv'}): step "
+                         f"{v['step']} fit {v['fit']:.5f} keep drift {v['keep_drift']:.6f}"
                          + (f" probe drift {v['probe_drift']:.6f}" if "probe_drift" in v else ""))
         rows = self.table()
         if rows:
@@ -221,12 +223,13 @@ class NodeWatch:
 
 def step_chart(rows: list[dict]):
     """IS, KPS, keep drift and fit per saved step as a ComfyUI IMAGE, or None without rows."""
-    from ..cat_train.plot import loss_curve
+    from ..cat_train.measure.plot import loss_curve
     from .common import image_of
 
     keys = tuple(k for k in ("IS", "KPS", "keep_drift", "fit")
                  if any(isinstance(r.get(k), float) and math.isfinite(r[k]) for r in rows))
     if len(rows) < 1 or not keys:
         return None
-    return image_of(loss_curve([{**{k: r.get(k, float("nan")) for k in keys}, "step": r["step"]} for r in rows], keys=keys,
+    return image_of(loss_curve([{**{k: r.get(k, float("nan")) for k in keys}, "step": r["step"]} for r in rows],
+                               keys=keys,
                                title="per saved step"))

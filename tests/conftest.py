@@ -8,7 +8,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from cat_train.denoiser import ModuleDenoiser  # noqa: E402
+from cat_train.step.denoiser import ModuleDenoiser  # noqa: E402
 from cat_train.world.toytext import HashTextEncoder  # noqa: E402
 from cat_train.world.unet import TINY_CONFIG, UNet  # noqa: E402
 
@@ -52,7 +52,8 @@ def pytest_sessionfinish(session, exitstatus):
     skipped = reporter.stats.get("skipped", []) if reporter else []
     if skipped:
         reporter.ensure_newline()
-        reporter.write_line(f"CAT_REQUIRE_ALL=1: {len(skipped)} test(s) skipped where everything they need was set up:", red=True)
+        reporter.write_line(f"CAT_REQUIRE_ALL=1: {len(skipped)} test(s) skipped where everything they need was set "
+                            "up:", red=True)
         for rep in skipped[:20]:
             reason = rep.longrepr[2] if isinstance(rep.longrepr, tuple) else str(rep.longrepr)
             reporter.write_line(f"  {rep.nodeid}: {reason}", red=True)

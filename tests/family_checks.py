@@ -1,4 +1,4 @@
-"""What every model family in cat_train/families.py must hold on its tiny model (no pytest here: the host-agnostic
+"""What every model family in cat_train/families/ must hold on its tiny model (no pytest here: the host-agnostic
 test and the ComfyUI one call it with their own imports of the pack)."""
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ def check_family(F, A, E, family, net: torch.nn.Module) -> dict[str, int]:
     previous: list[str] = []
     for choice, suffixes in family.targets.items():
         for s in suffixes:
-            assert any(n == s or n.endswith("." + s) for n in layers), f"{family.name} target {choice}: {s} names no layer"
+            assert any(n == s or n.endswith("." + s) for n in layers), (f"{family.name} target {choice}: {s} names no "
+                                                                        "layer")
         chosen = A.target_modules(net, A.LoraSpec(preset=choice))
         assert set(previous) < set(chosen), (choice, len(previous), len(chosen))
         previous = chosen

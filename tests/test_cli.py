@@ -16,7 +16,8 @@ PKG = Path(__file__).resolve().parents[1] / "cat_train"
 def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("PYTHONPATH", None)  # nothing but the command line may find the package
-    return subprocess.run([sys.executable, str(PKG), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, str(PKG), *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=120)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -25,7 +26,8 @@ def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     pytest.param(("demo", "--out", "/proc/cat-x"), "argument --out: /proc/cat-x: cannot create folders in /proc",
                  marks=pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="no /proc on this system")),
     (("demo", "--out", "out", "--steps", "0"), "argument --steps: '0' is not a whole number >= 1"),
-    (("bench", "kps", "--steps", "-1"), "python -m cat_train bench: error: argument --steps: '-1' is not a whole number >= 1"),
+    (("bench", "kps", "--steps", "-1"), "python -m cat_train bench: error: argument --steps: '-1' is not a whole "
+                                        "number >= 1"),
     (("bench", "kps", "--methods", "lora", "cat1:nope"), "argument --methods: unknown method 'cat1:nope'"),
     (("bench", "kps", "--lr", "nan"), "argument --lr: 'nan' is not a number > 0"),
     (("bench", "masked", "--methods", "cat1+nope"), "argument --methods: unknown method 'cat1+nope'"),

@@ -5,7 +5,7 @@ import dataclasses
 
 import pytest
 
-from cat_train import options_doc
+from cat_train import options as options_doc
 
 
 def test_options_doc_is_current():

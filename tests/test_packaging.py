@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -19,7 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CONF = tomllib.loads((ROOT / "pyproject.toml").read_text())
 PROJECT, COMFY = CONF["project"], CONF["tool"]["comfy"]
 OS_PREFIXES = ("Microsoft", "POSIX", "MacOS", "OS Independent")
-ACCELERATORS = {"GPU :: NVIDIA CUDA", "GPU :: AMD ROCm", "GPU :: Intel Arc", "NPU :: Huawei Ascend", "GPU :: Apple Metal"}
+ACCELERATORS = {"GPU :: NVIDIA CUDA", "GPU :: AMD ROCm", "GPU :: Intel Arc", "NPU :: Huawei Ascend",
+        "GPU :: Apple Metal"}
 VERSION_SPEC = re.compile(r"^(?:(==|>=|<=|!=|~=|>|<|<>|=)\s*)?(\d+\.\d+\.\d+(?:-[a-zA-Z0-9]+)?)?$")
 # Our bound, not a documented registry number (comfy-cli checks none): the biggest file today is the demo's
 # 7.2 MB world UNet; anything near this is a model file that belongs in the user's models folder instead.
@@ -35,6 +37,22 @@ def test_registry_id_and_version():
     assert top and top.group(1) == PROJECT["version"], "CHANGELOG.md's newest entry names the pyproject version"
     assert (ROOT / PROJECT["license"]["file"]).is_file()
     assert PROJECT["description"].strip()
+
+
+def test_the_version_every_lora_header_records_is_the_pyproject_one(tmp_path):
+    import cat_train
+    from cat_train.adapters.export import training_metadata
+
+    assert cat_train.__version__ == PROJECT["version"]
+    meta = training_metadata(cat_factor=1.0, triggers=["sks"], preservation="class", steps=1, rank=4, alpha=4, lr=1e-4)
+    assert meta["cat_version"] == PROJECT["version"]
+    # read as written, whatever else the file holds: a pyproject with another version gives that one
+    (tmp_path / "cat_train").mkdir()
+    (tmp_path / "cat_train" / "__init__.py").write_text((ROOT / "cat_train" / "__init__.py").read_text())
+    (tmp_path / "pyproject.toml").write_text('[tool.x]\nversion = "9.9.9"\n[project]\nname = "x"\nversion = "1.2.3"\n')
+    out = subprocess.run([sys.executable, "-c", "import cat_train; print(cat_train.__version__)"], cwd=tmp_path,
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "1.2.3"
 
 
 def test_tool_comfy_table_as_the_registry_reads_it():
@@ -71,11 +89,14 @@ def test_requirements_leave_torch_to_the_host():
 
 def _package_files() -> list[str]:
     try:
-        tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+        tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True,
+                                 check=True).stdout.split()
     except (OSError, subprocess.CalledProcessError):
         pytest.skip("not a git checkout: the registry package is made from git-tracked files")
-    ignored = [ln.strip() for ln in (ROOT / ".comfyignore").read_text().splitlines() if ln.strip() and not ln.startswith("#")]
-    assert all(p.endswith("/") and "*" not in p for p in ignored), "keep .comfyignore to folder names (read here without pathspec)"
+    ignored = [ln.strip() for ln in (ROOT / ".comfyignore").read_text().splitlines()
+               if ln.strip() and not ln.startswith("#")]
+    assert all(p.endswith("/") and "*" not in p for p in ignored), ("keep .comfyignore to folder names (read here "
+                                                                    "without pathspec)")
     forced = [i.rstrip("/") + "/" for i in COMFY["includes"]]
     return [f for f in tracked if any(f.startswith(i) for i in forced) or not any(f.startswith(p) for p in ignored)]
 

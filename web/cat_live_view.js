@@ -4,13 +4,14 @@
 // done, cancelled or failed, with the curve dimmed and no ETA, so a stopped run never looks alive.
 // Validation rows ("cat.train.validation": fit and keep drift at fixed points, every validate_every steps) are drawn
 // on the same axis as dotted lines with a dot per row, so the measured fit and drift sit next to the noisy loss.
-// A trainer node that never trained draws nothing, so the editor behaves as without this extension.
+// The chart is a widget of the node, added by its first event: a trainer node that never trained has none, so the
+// editor behaves as without this extension.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
 const EVENT = "cat.train.progress";
 const VALIDATION_EVENT = "cat.train.validation";
-const TRAINERS = ["CAT_LoraTrainer", "CAT_CatVersionTrainer"]; // both train in cat_train.train.train
+const TRAINERS = ["CAT_LoraTrainer", "CAT_CatVersionTrainer"]; // both train in cat_train.training.loop.train
 const PLOT_H = 150;
 const APT_H = 62; // APT runs: a band under the loss plot with the overfitting indicator of each timestep bin
 const AUTO_H = 34; // auto preservation runs: two lines naming the probes it added, and when
@@ -27,8 +28,10 @@ const VALIDATION = [ // validation rows: {step, fit, keep_drift, probe_drift?}
 ];
 // node id (string) -> {loss, fit, keep, validation, start, step, total, elapsed, lr, state: running|done|cancelled|failed, message}
 const runs = new Map();
+// node id -> where its chart was last drawn: {canvas, rect: [x0, y0, x1, y1] in that canvas' pixels}
+const drawn = new Map();
 // Tests (tests/comfy/test_browser.py) and curious users read the state here.
-globalThis.__catLiveView = { runs, PLOT_H, APT_H, AUTO_H, VALIDATION };
+globalThis.__catLiveView = { runs, drawn, PLOT_H, APT_H, AUTO_H, VALIDATION, CHART: "cat_live_view" };
 
 function newRun(d) {
   return { loss: [], fit: [], keep: [], validation: [], start: null, step: 0, total: d.total, elapsed: 0, lr: d.lr,
@@ -115,7 +118,52 @@ function findNode(id) {
 function redraw(key) {
   const node = key === undefined ? null : findNode(key);
   node?.setDirtyCanvas?.(true, false);
+  // Nodes 2.0 draws the chart on a canvas of its own, repainted only when asked
+  node?.widgets?.find((w) => w.name === CHART)?.triggerDraw?.();
   app.graph?.setDirtyCanvas(true, false);
+}
+
+// The chart is a widget under the node's widgets rather than a drawing over the node's bottom edge: both node
+// renderers lay it out (the LiteGraph canvas draws it with the node, Nodes 2.0 draws a custom widget on a canvas of
+// its own), and ComfyUI's image preview (the trainer's preview grid), a widget that sizes itself, is laid out under it
+// instead of over it.
+const CHART = "cat_live_view";
+const PREVIEW_WIDGET = "$$canvas-image-preview";
+
+function chartHeight(run) {
+  return PLOT_H + below(run);
+}
+
+function chartWidget(node) {
+  const had = node.widgets?.find((w) => w.name === CHART);
+  if (had || typeof node.addCustomWidget !== "function") return had;
+  const w = node.addCustomWidget({
+    name: CHART, type: CHART, value: "", y: 0, serialize: false, options: { serialize: false },
+    computeSize(width) {
+      const run = runs.get(String(node.id));
+      return [width ?? node.size[0], run ? chartHeight(run) : 0];
+    },
+    draw(ctx, n, width, y) {
+      const run = runs.get(String(n.id));
+      if (!run || n.flags?.collapsed) return;
+      drawRun(ctx, run, width, y);
+      const m = ctx.getTransform?.();
+      if (m) {
+        const [a, b] = [new DOMPoint(0, y), new DOMPoint(width, y + chartHeight(run))].map((p) => m.transformPoint(p));
+        drawn.set(String(n.id), { canvas: ctx.canvas, rect: [a.x, a.y, b.x, b.y] });
+      }
+    },
+  }) ?? node.widgets.find((x) => x.name === CHART);
+  const list = node.widgets, at = list.findIndex((x) => x.name === PREVIEW_WIDGET), i = list.indexOf(w);
+  if (at >= 0 && at < i) list.splice(at, 0, ...list.splice(i, 1)); // a preview shown before the first event
+  return w;
+}
+
+// Room for the chart: the node grows to what its renderer computes for all its widgets, the chart included.
+function fit(node) {
+  if (!chartWidget(node)) return;
+  const need = node.computeSize?.()[1] ?? node.size[1];
+  if (node.size[1] < need) node.setSize([Math.max(node.size[0], 340), need]);
 }
 
 function onProgress(event) {
@@ -135,10 +183,7 @@ function onProgress(event) {
     if (d.auto) run.auto = d.auto; // {auto_added: [[probe, step, drift], ...], drift: {probe: drift}, measured, ...}
     if (run.step >= run.total) run.state = "done";
     const node = findNode(d.node);
-    if (node) {
-      const need = (node.computeSize?.()[1] ?? node.size[1]) + PLOT_H + below(run);
-      if (node.size[1] < need) node.setSize([Math.max(node.size[0], 340), need]);
-    }
+    if (node && TRAINERS.includes(node.comfyClass ?? node.type)) fit(node);
     redraw(key);
   } catch (e) {
     console.warn("[ComfyUI-CAT] live view:", e);
@@ -159,6 +204,8 @@ function onValidation(event) {
     }
     if (d.total) run.total = d.total;
     run.validation.push({ step: d.step, fit: d.fit, keep_drift: d.keep_drift, probe_drift: d.probe_drift });
+    const node = findNode(d.node);
+    if (node && TRAINERS.includes(node.comfyClass ?? node.type)) fit(node);
     redraw(key);
   } catch (e) {
     console.warn("[ComfyUI-CAT] live view:", e);
@@ -238,9 +285,9 @@ function below(run) {
   return (run.apt ? APT_H : 0) + (run.auto ? AUTO_H : 0);
 }
 
-export function drawRun(node, ctx, run) {
-  // a legend row, the plot, two text lines: all inside the bottom PLOT_H pixels, under the widgets
-  const pad = 8, x = pad + LEFT, w = node.size[0] - 2 * pad - LEFT, top = node.size[1] - PLOT_H - below(run) + 2, y = top + 14, h = PLOT_H - 50;
+export function drawRun(ctx, run, width, y0) {
+  // a legend row, the plot, two text lines in the first PLOT_H pixels from y0; then what regularizers add
+  const pad = 8, x = pad + LEFT, w = width - 2 * pad - LEFT, top = y0 + 2, y = top + 14, h = PLOT_H - 50;
   const ended = run.state !== "running";
   ctx.save();
   ctx.fillStyle = "rgba(0,0,0,0.35)"; ctx.fillRect(x, y, w, h);
@@ -338,23 +385,6 @@ export function drawIndicator(ctx, run, x, y, w, h, ended) {
   ctx.fillText(`APT overfitting indicator per timestep bin, t 0 → T${more}`, x - LEFT + 8, y + h + 12);
 }
 
-// ComfyUI's progress preview (the trainer's preview grid) is a widget that fills the node down to its bottom edge,
-// where the chart is drawn: while a run is shown, it is drawn as if the node ended above the chart.
-const PREVIEW_WIDGET = "$$canvas-image-preview";
-function keepPreviewAboveChart(node) {
-  const w = node.widgets?.find((x) => x.name === PREVIEW_WIDGET);
-  if (!w || w.__catAboveChart || typeof w.drawWidget !== "function") return;
-  const draw = w.drawWidget;
-  w.drawWidget = function (...args) {
-    const run = runs.get(String(node.id));
-    const below = run ? PLOT_H + (run.apt ? APT_H : 0) : 0;
-    const h = node.size[1];
-    node.size[1] = h - below;
-    try { return draw.apply(this, args); } finally { node.size[1] = h; }
-  };
-  w.__catAboveChart = true;
-}
-
 app.registerExtension({
   name: "ComfyUI-CAT.LiveTrainingView",
   setup() {
@@ -373,20 +403,5 @@ app.registerExtension({
     api.addEventListener("status", (e) => {
       if (e.detail?.exec_info?.queue_remaining === 0) endRuns("stopped");
     });
-  },
-  async beforeRegisterNodeDef(nodeType, nodeData) {
-    if (!TRAINERS.includes(nodeData?.name)) return;
-    const draw = nodeType.prototype.onDrawForeground;
-    nodeType.prototype.onDrawForeground = function (ctx) {
-      const r = draw?.apply(this, arguments);
-      try {
-        const run = runs.get(String(this.id));
-        keepPreviewAboveChart(this);
-        if (run && !this.flags?.collapsed) drawRun(this, ctx, run);
-      } catch (e) {
-        console.warn("[ComfyUI-CAT] live view:", e);
-      }
-      return r;
-    };
   },
 });

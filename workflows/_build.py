@@ -2,6 +2,10 @@
 graph editor) from one description. UI conversion reads the registered node schemas of a real ComfyUI:
 
     COMFYUI_PATH=/path/to/ComfyUI python workflows/_build.py
+
+Build against the oldest supported ComfyUI (v0.3.64): core nodes gained outputs since (SaveImage, Preview Any), which
+newer editors add on load, while an older editor would keep outputs its server does not have. The template browser's
+thumbnails are made by workflows/_thumbnails.py.
 """
 from __future__ import annotations
 
@@ -189,24 +193,33 @@ def control_values(name: str, typ: str, opts: dict) -> list:
     return []
 
 
-# Sizes the editor gives these nodes (LGraphNode.computeSize in frontend 1.27, measured in Chromium),
-# rounded up; the browser test checks that loading grows none of them. Image outputs get room for a preview.
+# Sizes the editor gives these nodes, rounded up: the larger of the LiteGraph canvas (LGraphNode.computeSize, frontend
+# 1.27 and 1.49) and the Vue renderer ("Nodes 2.0", frontend 1.49: it lays widgets out in the DOM, taller), measured in
+# Chromium; the browser test checks that loading grows none of them. Image outputs get room for a preview.
 SIZES = {
-    "CheckpointLoaderSimple": (340, 100), "CAT_Dataset": (340, 240), "CAT_LossConfig": (340, 290),
-    "CAT_SaveLora": (340, 60), "CLIPTextEncode": (400, 150), "EmptyLatentImage": (340, 110), "KSampler": (340, 270),
-    "VAEDecode": (200, 50), "SaveImage": (320, 320), "CAT_KPSEvaluator": (400, 260), "PreviewImage": (320, 320),
-    "Note": (560, 360), "UNETLoader": (340, 110), "DualCLIPLoader": (340, 160), "VAELoader": (340, 80),
-    "FluxGuidance": (340, 80), "PreviewAny": (400, 200), "EmptySD3LatentImage": (340, 130), "CAT_LeakScan": (420, 560), "CAT_SaveCatVersion": (340, 60),
+    "CheckpointLoaderSimple": (340, 130), "CAT_Dataset": (340, 320), "CAT_LossConfig": (340, 370),
+    "CAT_SaveLora": (340, 100), "CLIPTextEncode": (400, 150), "EmptyLatentImage": (340, 120), "KSampler": (340, 270),
+    "VAEDecode": (230, 60), "SaveImage": (320, 320), "CAT_KPSEvaluator": (400, 320), "PreviewImage": (320, 320),
+    "Note": (560, 360), "UNETLoader": (340, 110), "DualCLIPLoader": (340, 160), "VAELoader": (340, 90),
+    "FluxGuidance": (340, 80), "PreviewAny": (400, 200), "EmptySD3LatentImage": (340, 130), "CAT_LeakScan": (420, 600),
+    "CAT_SaveCatVersion": (340, 100),
 }
-TRAINER_WIDGETS_H = 610  # computeSize height of the trainer: inputs, outputs and 19 widgets
-LIVE_VIEW_H = 150  # web/cat_live_view.js PLOT_H: reserved under the widgets so the chart covers nothing
-SIZES["CAT_LoraTrainer"] = (380, TRAINER_WIDGETS_H + LIVE_VIEW_H + 10)
-CATVERSION_WIDGETS_H = 390  # computeSize height of the CatVersion trainer (11 widgets and the seed control)
-SIZES["CAT_CatVersionTrainer"] = (380, CATVERSION_WIDGETS_H + LIVE_VIEW_H + 10)  # it draws the live chart too
+# The trainers are shipped at the size they grow to while they train, so the growth covers nothing: the live chart
+# (web/cat_live_view.js, a widget of PLOT_H 150 px under the widgets) and ComfyUI's preview of the grid the trainer
+# sends (at least 220 px under the chart). Measured in Chromium with a run's events on the shipped graph: the LoRA
+# trainer reaches 988 px on the LiteGraph canvas and 1120 px in Nodes 2.0; the CatVersion trainer (chart, no previews)
+# ~550 px on the canvas and ~710 px in Nodes 2.0.
+SIZES["CAT_LoraTrainer"] = (380, 1130)
+SIZES["CAT_CatVersionTrainer"] = (380, 720)
+# The trainer's summary (steps, losses, checkpoint, previews, validation, the per-step table, best step) is ~16 lines
+# for the shipped 600 steps saved every 100, several of them paths that wrap.
+SUMMARY = (600, 480)
 TITLE_H, GAP, PAD, GROUP_TITLE = 30, 30, 20, 50
-# The view a workflow opens at (the editor restores extra.ds): the Note and the data group at the top left, at a
-# zoom where the editor still draws text (frontend 1.27 switches to blank boxes below 8 px / 14 px = 0.57).
+# The view a workflow opens at (the editor restores extra.ds; web/cat_workflow_view.js where the template browser
+# fits the graph zoomed out to blank boxes): the Note and the data group at the top left, clear of the newer
+# frontend's side and top bars, at a zoom where the editor still draws text (blank boxes below 8 px / 14 px = 0.57).
 VIEW_SCALE = 0.8
+VIEW_OFFSET = [60, 90]
 
 def note_text(api: dict) -> str:
     """The Note's text, written from the graph's own nodes: it names only nodes and widgets that this graph has
@@ -261,6 +274,15 @@ def note_text(api: dict) -> str:
     return text
 
 
+def size_of(api: dict, nid: int) -> tuple[int, int]:
+    node = api[str(nid)]
+    src = node["inputs"].get("source")
+    if node["class_type"] == "PreviewAny" and api[src[0]]["class_type"] in ("CAT_LoraTrainer", "CAT_CatVersionTrainer") \
+            and src[1] == 3:
+        return SUMMARY
+    return SIZES[node["class_type"]]
+
+
 def layout(api: dict) -> tuple[dict[int, tuple[list[int], list[int]]], list[dict], dict]:
     """Node id -> (pos, size), groups and a Note: groups in rows (data; then per trained adapter:
     training, sampling, evaluation), each group a few columns of nodes stacked top to bottom."""
@@ -276,7 +298,7 @@ def layout(api: dict) -> tuple[dict[int, tuple[list[int], list[int]]], list[dict
         for col in columns:
             cy, width = y + GROUP_TITLE + TITLE_H, 0
             for nid in col:
-                w, h = SIZES[api[str(nid)]["class_type"]]
+                w, h = size_of(api, nid)
                 places[nid] = ([cx, cy], [w, h])
                 cy += h + TITLE_H + GAP
                 width = max(width, w)
@@ -401,7 +423,8 @@ def to_ui(api: dict, mappings: dict) -> dict:
                       "properties": {"Node name for S&R": node["class_type"]}, "widgets_values": widgets})
     nodes.insert(0, note)
     return {"last_node_id": note["id"], "last_link_id": len(links), "nodes": nodes, "links": links,
-            "groups": groups, "config": {}, "extra": {"ds": {"scale": VIEW_SCALE, "offset": [0, 0]}}, "version": 0.4}
+            "groups": groups, "config": {}, "extra": {"ds": {"scale": VIEW_SCALE, "offset": VIEW_OFFSET}},
+            "version": 0.4}
 
 
 def main() -> None:

@@ -27,11 +27,11 @@ import signal
 import sys
 from pathlib import Path
 
-from .client import server_url
+from .client import REQUEST_TIMEOUT, server_url
 from .dispatch import Sweep, connect_servers
 from .errors import QueueError
-from .journal import read_journal, resume, write_journal
-from .plan import DEFAULT_MAX_RUNS, NAME_INPUTS, check_run_count, parse_assign, plan_runs
+from .journal import check_out, read_journal, resume, write_journal
+from .plan import DEFAULT_MAX_RUNS, NAME_INPUTS, check_plan, check_run_count, iter_runs, parse_assign
 from .report import markdown_table, sweep_table, write_report
 from .workflow import load_workflow
 
@@ -81,17 +81,35 @@ def build_parser() -> argparse.ArgumentParser:
                          "when no server answers for this long (0: never); waiting in the queue does not count. "
                          "Default %(default)gs")
     ap.add_argument("--poll", action="store_true",
-                    help="only poll /history, no websocket (progress is then invisible, so --timeout bounds each run's time)")
+                    help="only poll /history, no websocket (progress is then invisible, so --timeout bounds each "
+                         "run's time)")
     ap.add_argument("--dry-run", action="store_true", help="check and print the runs, post nothing")
     return ap
 
 
 def read_server_file(path: str) -> list[str]:
+    """The URLs of a --server-file, each checked (server_url) and named by its line; a file that is not text, or
+    holds no URL, is refused rather than read as "no servers" (which would mean the default one)."""
     try:
-        lines = Path(path).read_text().splitlines()
+        raw = Path(path).read_bytes()
     except OSError as e:
         raise QueueError(f"--server-file {path}: {e.strerror or e}.") from None
-    return [s for s in (line.split("#", 1)[0].strip() for line in lines) if s]
+    try:
+        text = raw.decode("utf-8-sig")  # a byte-order mark (Windows editors write one) is not part of the first URL
+        if "\0" in text:
+            raise UnicodeDecodeError("utf-8", raw, raw.index(b"\0"), raw.index(b"\0") + 1, "a NUL byte")
+    except UnicodeDecodeError as e:
+        raise QueueError(f"--server-file {path} is not a text file (byte {e.start}: {e.reason}); give a text file "
+                         "with one server URL a line, e.g. http://127.0.0.1:8188.") from None
+    urls = []
+    for n, line in enumerate(text.splitlines(), 1):
+        line = line.split("#", 1)[0].strip()
+        if line:
+            urls.append(server_url(line, f"--server-file {path} line {n}:"))
+    if not urls:
+        raise QueueError(f"--server-file {path} holds no server URL (only blank lines and # comments); write one URL "
+                         "a line, e.g. http://127.0.0.1:8188, or leave the option out for that default server.")
+    return urls
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     sweep = None
     out = Path(a.out) if a.out else None
     try:
-        urls = [server_url(u) for u in a.server + (read_server_file(a.server_file) if a.server_file else [])]
+        urls = [server_url(u) for u in a.server] + (read_server_file(a.server_file) if a.server_file else [])
         urls = list(dict.fromkeys(urls)) or ["http://127.0.0.1:8188"]
         if out and out.suffix.lower() in (".md", ".csv", ".png"):
             raise QueueError(f"--out {out} names the journal (runs.json); the table and chart are written beside it "
@@ -112,27 +130,32 @@ def main(argv: list[str] | None = None) -> int:
         sweeps = [parse_assign(s, True) for s in a.sweep]
         check_run_count(sweeps, a.max_runs)  # before any request: a typo must not cost a minute of checks
 
-        def plan(info):
-            return plan_runs(graph, sets, sweeps, info, unique_names=not a.keep_names, max_runs=a.max_runs)
+        if out:
+            # before the first post: a run must not train into a journal it cannot write
+            check_out(out, keep=not a.dry_run)
 
-        servers = connect_servers(urls, graph, plan, print)
+        def check(info):
+            return check_plan(graph, sets, sweeps, info, max_runs=a.max_runs)
+
+        # one request (its retries included) waits at most --timeout, and never more than 30 s: a server that is stuck
+        # must not hold up the others' runs, nor keep a 20 s --timeout waiting two minutes
+        servers = connect_servers(urls, graph, check, print, timeout=min(a.timeout or REQUEST_TIMEOUT, REQUEST_TIMEOUT))
         first = next(s for s in servers if s.up and s.usable)
-        runs = plan(first.info)
+        for note in check(first.info):
+            print(f"note: {note}")
+        journal = read_journal(out) if a.resume else []
+        planned = iter_runs(graph, sets, sweeps, first.info, unique_names=not a.keep_names)
+        if a.dry_run:
+            return _dry_run(planned, check_run_count(sweeps, a.max_runs),
+                            {rec.get("key") for rec in journal if rec.get("ok")})
+        runs = list(planned)
         previous = []
         if a.resume:
-            previous = resume(runs, read_journal(out))
+            previous = resume(runs, journal)
             skipped = sum(r.state == "done" for r in runs)
             print(f"resume: {skipped} of {len(runs)} run(s) already finished in {out}; posting {len(runs) - skipped}"
                   + (f" ({len(previous)} finished run(s) of other settings kept in the journal)" if previous else ""))
-        if a.dry_run:
-            for r in runs:
-                print(f"run {r.index}/{len(runs)} {json.dumps(r.label) if r.label else ''}".rstrip())
-                for nid, node in r.graph.items():
-                    name = NAME_INPUTS.get(node["class_type"])
-                    if name and name in node["inputs"]:
-                        print(f"  node {nid} ({node['class_type']}) {name} = {node['inputs'][name]}")
-            return 0
-        sweep = Sweep(servers, runs, out, a.per_server, a.timeout, a.poll, plan=plan, previous=previous)
+        sweep = Sweep(servers, runs, out, a.per_server, a.timeout, a.poll, plan=check, previous=previous)
         try:
             sweep.run()
         finally:
@@ -140,8 +163,8 @@ def main(argv: list[str] | None = None) -> int:
                 if s.ws is not None:
                     s.ws.close()
         records = sweep.records()
-        _report(out, records, a.score_node, len(runs) > 1)
-        return 0 if all(r.get("ok") for r in records) else 1
+        written = _report(out, records, a.score_node, len(runs) > 1)
+        return 0 if written and all(r.get("ok") for r in records) else 1
     except KeyboardInterrupt:
         try:  # a second Ctrl-C must not cut the cancel short (signals can be set in the main thread only)
             old = signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -163,6 +186,24 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def _dry_run(runs, total: int, finished: set) -> int:
+    """Each run and its file names as it is built (a grid of 10^6 runs starts printing at once)."""
+    print(f"dry run: {total} run(s); nothing is posted")
+    skipped = 0
+    for r in runs:
+        done = r.key in finished
+        skipped += done
+        print(f"run {r.index}/{total} {json.dumps(r.label) if r.label else ''}".rstrip()
+              + (" (finished in the journal: --resume skips it)" if done else ""))
+        for nid, node in r.graph.items():
+            name = NAME_INPUTS.get(node["class_type"])
+            if name and name in node["inputs"]:
+                print(f"  node {nid} ({node['class_type']}) {name} = {node['inputs'][name]}")
+    if finished:
+        print(f"resume: {skipped} of {total} run(s) already finished; {total - skipped} would be posted")
+    return 0
+
+
 def _stopped(sweep: Sweep, out: Path | None, score_node: str | None) -> None:
     """What finished before an early stop: the journal (and its table) hold exactly those runs."""
     sweep.save()
@@ -173,17 +214,30 @@ def _stopped(sweep: Sweep, out: Path | None, score_node: str | None) -> None:
             _report(out, records, score_node, True)
 
 
-def _report(out: Path | None, records: list[dict], score_node: str | None, table: bool) -> None:
+def _report(out: Path | None, records: list[dict], score_node: str | None, table: bool) -> bool:
+    """The journal and the table (printed too); False when the journal could not be written (its records are
+    printed instead)."""
+    written = True
     if out:
-        write_journal(out, records)
-        print(f"wrote {out}")
+        try:
+            write_journal(out, records)
+            print(f"wrote {out}")
+        except OSError as e:  # the folder was writable at the start (check_out): a disk that filled up since
+            print(f"error: cannot write the journal {out} ({e.strerror or e}); its records follow, save them as "
+                  f"{out.name} to --resume from them:", file=sys.stderr)
+            print(json.dumps(records, indent=2))
+            out, written = None, False
     if not table or not records:
-        return
+        return written
     if out:
-        md = write_report(out, records, score_node)
-        print(f"wrote {out.with_suffix('.md')}, {out.with_suffix('.csv')}"
-              + (f", {out.with_suffix('.png')}" if out.with_suffix(".png").exists() else ""))
-    else:
-        columns, rows, _, _, _ = sweep_table(records, score_node)
-        md = markdown_table(columns, rows)
-    print(md)
+        try:
+            md = write_report(out, records, score_node)
+            print(f"wrote {out.with_suffix('.md')}, {out.with_suffix('.csv')}"
+                  + (f", {out.with_suffix('.png')}" if out.with_suffix(".png").exists() else ""))
+            print(md)
+            return written
+        except OSError as e:
+            print(f"error: cannot write the table beside {out} ({e.strerror or e}); it follows", file=sys.stderr)
+    columns, rows, _, _, _ = sweep_table(records, score_node)
+    print(markdown_table(columns, rows))
+    return written

@@ -10,8 +10,8 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .client import Client, state_in
-from .errors import QueueError, ServerDown
+from .client import REQUEST_TIMEOUT, Client, state_in
+from .errors import QueueError, ServerDown, ServerError
 from .history import outputs_of, scores_of, status_of
 from .journal import write_journal
 from .plan import Run
@@ -23,6 +23,7 @@ PROBE_EVERY = 3.0         # seconds between probes of a server marked down
 END_EVENTS = ("execution_error", "execution_interrupted", "execution_success")
 # events that may come without a prompt id (our trainer broadcasts its steps) and still mean progress
 UNTAGGED_PROGRESS = ("cat.train.progress", "progress", "executing", "executed")
+WARNING_EVENT = "cat.warning"  # nodes/lora_family_warning.py: sent as a prompt is queued, to the client that queued it
 
 
 def _show(kind: str, data: dict, log, prefix: str = "") -> None:
@@ -57,14 +58,25 @@ class Sweep:
         self.previous = previous or []  # journal records of runs not in this sweep: kept as they were
         self.posted: set[str] = set()
         self.t_none_up: float | None = None
+        self.save_error: OSError | None = None
 
     # -- journal
     def records(self) -> list[dict]:
         return self.previous + sorted((r.record for r in self.runs if r.record), key=lambda rec: rec["run"])
 
     def save(self) -> None:
-        if self.out:
+        """The journal, rewritten; a write that fails (a disk filled up since the start) is said once and the sweep
+        goes on: the runs keep their records, and the end writes (or prints) them."""
+        if not self.out:
+            return
+        try:
             write_journal(self.out, self.records())
+            self.save_error = None
+        except OSError as e:
+            if self.save_error is None:
+                self.log(f"cannot write the journal {self.out} ({e.strerror or e}); the sweep goes on, and its "
+                         "records are written at the end, or printed if that fails too")
+            self.save_error = e
 
     # -- server health
     def mark_down(self, s: Server, why: str) -> None:
@@ -147,10 +159,11 @@ class Sweep:
         r.attempts += 1
         total = len(self.runs)
         self.log(f"run {r.index}/{total}{' ' + json.dumps(r.label) if r.label else ''} -> {s.name}"
-                 + (f" (behind {queued} queued)" if queued else "") + (f", attempt {r.attempts}" if r.attempts > 1 else ""))
+                 + (f" (behind {queued} queued)" if queued else "")
+                 + (f", attempt {r.attempts}" if r.attempts > 1 else ""))
         if not self.poll and (s.ws is None or s.ws.closed):
             s.ws = connect_ws(s.client, self.log)
-        pid = uuid.uuid4().hex
+        pid = str(uuid.uuid4())  # canonical form: ComfyUI >= 0.33 refuses any other prompt id (400)
         self.posted.add(pid)
         try:
             pid = s.client.post(r.graph, pid)
@@ -162,7 +175,7 @@ class Sweep:
             return
         self.posted.add(pid)
         now = time.monotonic()
-        r.state, r.server, r.prompt_id, r.where, r.unknown = "active", s, pid, None, 0
+        r.state, r.server, r.last_server, r.prompt_id, r.where, r.unknown = "active", s, s, pid, None, 0
         r.t_posted = r.t_progress = now
         s.active.append(r)
         s.t_check = min(s.t_check, now + 0.2)
@@ -181,16 +194,30 @@ class Sweep:
     def check_server(self, s: Server, now: float) -> None:
         soon = False
         for r in list(s.active):
-            entry = s.client.history(r.prompt_id)
+            try:
+                entry = s.client.history(r.prompt_id)
+                r.t_history_error = None
+            except ServerError as e:  # the server answers, its /history does not: the prompt is still its own, so it
+                entry = None          # is read again, not posted again (it may have trained already)
+                if r.t_history_error is None:
+                    r.t_history_error = now
+                    self.log(f"  run {r.index}: {e} The prompt is left as it is and its /history read again.")
             if entry:  # ComfyUI writes a history entry once the prompt has finished (or failed)
                 self.finish(r, entry)
                 continue
             where = s.client.queue_state(r.prompt_id)
-            r.unknown = r.unknown + 1 if where is None else 0
             r.where = where
+            if where is None and r.t_history_error is not None:  # finished, but its result cannot be read yet
+                if self.timeout and now - r.t_history_error > self.timeout:
+                    self.finish(r, None, f"prompt {r.prompt_id} left the queue of {s.name}, but its /history answered "
+                                f"with errors for {self.timeout:.0f}s, so whether it succeeded is unknown: look for "
+                                "its outputs on the server before running it again (--resume would).", unknown=True)
+                continue
+            r.unknown = r.unknown + 1 if where is None else 0
             if r.unknown >= 2:  # twice: the move from the queue into /history is not atomic for us
                 self.log(f"  run {r.index}: ComfyUI at {s.name} no longer knows prompt {r.prompt_id}: it is neither "
-                         "queued nor in /history (was the server restarted or the queue/history cleared?); posting it again")
+                         "queued nor in /history (was the server restarted or the queue/history cleared?); posting it "
+                         "again")
                 s.active.remove(r)
                 r.state, r.server = "todo", None
                 continue
@@ -206,8 +233,11 @@ class Sweep:
                             "Pass a larger --timeout (or 0 for none) for nodes that work long without progress events.")
         s.t_check = now + (0.2 if soon else self.interval)
 
-    def finish(self, r: Run, entry: dict | None, error: str = "", server: Server | None = None) -> None:
-        s = r.server or server
+    def finish(self, r: Run, entry: dict | None, error: str = "", server: Server | None = None,
+               unknown: bool = False) -> None:
+        """The run's record. unknown: it left its server's queue but its result could not be read (not a failure:
+        it may have trained and saved)."""
+        s = r.server or server or r.last_server
         if r in (s.active if s else []):
             s.active.remove(r)
         ok, msg = status_of(entry) if entry is not None else (False, error)
@@ -217,13 +247,17 @@ class Sweep:
                     "server": s.name if s else "", "ok": ok, "error": msg, "outputs": outs,
                     "scores": scores_of(entry, r.graph) if entry is not None else {},
                     "seconds": round(time.monotonic() - r.t_posted, 2) if r.t_posted else 0.0, "attempts": r.attempts}
+        if unknown:
+            r.record["unknown"] = True
+        if r.warnings:
+            r.record["warnings"] = list(r.warnings)
         done = sum(1 for x in self.runs if x.state == "done")
-        self.log(f"run {r.index}/{len(self.runs)} {'finished' if ok else 'FAILED'} on {r.record['server']} "
-                 f"({done}/{len(self.runs)} done)")
+        self.log(f"run {r.index}/{len(self.runs)} {'finished' if ok else 'RESULT UNKNOWN' if unknown else 'FAILED'} "
+                 f"on {r.record['server'] or 'no server'} ({done}/{len(self.runs)} done)")
         for o in outs:
             self.log(f"  node {o['node']}: " + str(o.get('path') or o.get('value')).replace("\n", "\n    "))
         if not ok:
-            self.log(f"  FAILED: {msg}")
+            self.log(f"  {'UNKNOWN' if unknown else 'FAILED'}: {msg}")
         self.save()
 
     def events(self, wait: float) -> None:
@@ -278,6 +312,9 @@ class Sweep:
             return
         if not isinstance(data, dict):
             return
+        if kind == WARNING_EVENT:
+            self.on_warning(s, data)
+            return
         pid = data.get("prompt_id")
         if pid is None:
             if kind not in UNTAGGED_PROGRESS or len(running) != 1:
@@ -291,6 +328,26 @@ class Sweep:
         _show(kind, data, self.log, f"[run {r.index}] " if len(self.runs) > 1 else "")
         if kind in END_EVENTS or (kind == "executing" and data.get("node") is None and pid == r.prompt_id):
             s.t_check = 0.0  # read /history now
+
+    def on_warning(self, s: Server, data: dict) -> None:
+        """What the server warned of as it queued one of our prompts (this pack's `cat.warning`: a LoRA of another
+        family on a stock loader, ...): printed under its run and kept in its record. The event names the prompt
+        from pack versions that know it; an older one's warning is printed under the server alone."""
+        lines = [str(w) for w in data.get("warnings") or [] if w]
+        if not lines:
+            return
+        pid = data.get("prompt_id")
+        r = next((x for x in self.runs if pid and x.prompt_id == pid), None)
+        title = data.get("title") or "warning"
+        who = f"[run {r.index}] " if r is not None and len(self.runs) > 1 else ""
+        self.log(f"  {who}warning from {s.name} ({title}):")
+        for w in lines:
+            self.log(f"    {w}")
+        if r is not None:
+            r.warnings += lines
+            if r.record is not None:  # it ended before the event was read
+                r.record["warnings"] = list(r.warnings)
+                self.save()
 
     # -- the loop
     def run(self) -> None:
@@ -312,6 +369,7 @@ class Sweep:
                 raise QueueError(f"no server answered for {self.timeout:.0f}s; {left} run(s) not finished "
                                  "(--resume continues them once a server is up).")
             if not any(r.state != "done" for r in self.runs):
+                self.events(0.0)  # what came with the last runs' ends (a warning sent as it was queued) is still read
                 return
             nxt = [s.t_check for s in self.servers if s.up and s.active] + \
                   [s.t_probe for s in self.servers if not s.up and s.usable]
@@ -335,7 +393,8 @@ class Sweep:
                 self.log(f"  {s.name}: could not cancel ({e})")
                 continue
             if pend or run:
-                self.log(f"  {s.name}: removed {len(pend)} queued prompt(s) of this sweep, interrupted {len(run)} running")
+                self.log(f"  {s.name}: removed {len(pend)} queued prompt(s) of this sweep, interrupted {len(run)} "
+                         "running")
             if run:
                 running[s.name] = (s, set(run))
         deadline = time.monotonic() + settle
@@ -353,14 +412,15 @@ class Sweep:
             self.log(f"  {name}: our prompt is still stopping (it stops at its next step)")
 
 
-def connect_servers(urls: list[str], graph: dict, plan, log) -> list[Server]:
+def connect_servers(urls: list[str], graph: dict, plan, log, timeout: float = REQUEST_TIMEOUT) -> list[Server]:
     """One Server per URL, each asked for its nodes and checked against every run; those that cannot run the
     sweep are left out, those that do not answer yet are marked down (and probed later). QueueError when no
-    server can run it: the first refusal as it is (a bad override is refused the same by every server)."""
+    server can run it: the first refusal as it is (a bad override is refused the same by every server).
+    timeout: how long one request (with its retries) may wait for an answer."""
     servers, down, refused = [], [], []
     cid = uuid.uuid4().hex  # one client id for the whole sweep: every prompt of ours carries it
     for url in urls:
-        s = Server(Client(url, client_id=cid))
+        s = Server(Client(url, timeout=timeout, client_id=cid))
         try:
             s.info = s.client.object_info()
             check_node_types(graph, s.info)

@@ -24,12 +24,17 @@ def status_of(entry: dict) -> tuple[bool, str]:
     msg = ""
     for name, data in st.get("messages", []):
         if name == "execution_error":
-            msg = f"node {data.get('node_id')} ({data.get('node_type')}): {data.get('exception_message', '').strip()}"
+            # an OSError's text starts with "[Errno 28] ": the message (this pack's names the file and the fix) comes
+            # first; ComfyUI's exception_type, a module path for a pack's error, is not shown
+            text = _ERRNO.sub("", str(data.get("exception_message", "")).strip())
+            msg = f"node {data.get('node_id')} ({data.get('node_type')}): " \
+                  + (text or str(data.get("exception_type", "error")).rsplit(".", 1)[-1])
         elif name == "execution_interrupted":
             msg = "interrupted (Cancel)"
     return ok, msg
 
 
+_ERRNO = re.compile(r"^\[Errno -?\d+\]\s*")
 _SCORE = re.compile(r"^(KPS|PS|IS)\s+(-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?|nan)\b", re.M)
 _LEAK_ROW = re.compile(r"^\s*1\s+(-?\d+\.\d+)\s+(-?\d+\.\d+)\s+(-?\d+\.\d+)\s+(.+)$", re.M)
 

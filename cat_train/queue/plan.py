@@ -6,11 +6,13 @@ import hashlib
 import itertools
 import json
 import math
+from collections import Counter
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Iterator
 
 from .errors import QueueError
-from .workflow import apply_overrides, resolve_node
+from .workflow import apply_overrides, check_graph_values, override_value, resolve_node
 
 DEFAULT_MAX_RUNS = 64
 # the inputs that name files: a sweep appends the run's swept values to each of them
@@ -26,7 +28,7 @@ def parse_assign(text: str, sweep: bool) -> tuple[str, str, list[str]]:
         raise QueueError(f"override {text!r} must look like NODE.input=value (NODE: a node id or a node type).")
     values = value.split(",") if sweep else [value]
     if sweep:
-        dup = sorted({v for v in values if values.count(v) > 1})
+        dup = sorted(v for v, n in Counter(values).items() if n > 1)  # not values.count: 10^4 values took 3 s
         if dup:
             raise QueueError(f"--sweep {target}: the value(s) {', '.join(map(repr, dup))} occur more than once; "
                              "each value is one run.")
@@ -48,6 +50,9 @@ class Run:
     t_progress: float = 0.0
     unknown: int = 0
     record: dict | None = None
+    last_server: object = None     # the Server of its last post, kept after `server` is cleared
+    t_history_error: float | None = None  # since when its /history answers 5xx (None: it answers)
+    warnings: list = field(default_factory=list)  # what its server warned of as it was queued (cat.warning)
 
 
 def name_part(text: str) -> str:
@@ -77,16 +82,33 @@ def check_run_count(sweeps: list, max_runs: int) -> int:
     return n
 
 
-def plan_runs(graph: dict, sets: list, sweeps: list, object_info: dict, unique_names: bool = True,
-              max_runs: int = DEFAULT_MAX_RUNS) -> list[Run]:
-    """Every combination of the sweeps as a Run, its values typed and checked against object_info and (with
-    unique_names) its file names suffixed with its swept values; nothing is posted here."""
-    check_run_count(sweeps, max_runs)
+def _base(graph: dict, sets: list, sweeps: list, object_info: dict) -> tuple[dict, list[str]]:
+    """The graph with the --set values and its own values checked (check_graph_values), and the notes on them."""
     fixed = [(node, name, v[0]) for node, name, v in sets]
     base = apply_overrides(graph, fixed, object_info)
+    swept = {(resolve_node(graph, node), name) for node, name, _ in sweeps}
+    return check_graph_values(base, object_info, skip=swept)
+
+
+def check_plan(graph: dict, sets: list, sweeps: list, object_info: dict, max_runs: int = DEFAULT_MAX_RUNS) -> list[str]:
+    """Every check plan_runs makes, at the cost of one check per swept value instead of one run per combination
+    (a value is right or wrong whatever the others are), so a grid of 10^6 runs is checked in moments. Returns the
+    notes on the graph's values."""
+    check_run_count(sweeps, max_runs)
+    base, notes = _base(graph, sets, sweeps, object_info)
+    for node, name, values in sweeps:
+        for text in values:
+            override_value(base, node, name, text, object_info)
+    return notes
+
+
+def iter_runs(graph: dict, sets: list, sweeps: list, object_info: dict, unique_names: bool = True) -> Iterator[Run]:
+    """The runs of plan_runs one at a time, each built when asked for: a dry run of a large grid prints its first
+    runs at once instead of building them all first."""
+    base, _ = _base(graph, sets, sweeps, object_info)
     overridden = {(resolve_node(graph, node), name) for node, name, _ in sets + sweeps}
     combos = itertools.product(*[[(node, name, x) for x in v] for node, name, v in sweeps]) if sweeps else [()]
-    out, seen = [], {}
+    seen = {}
     for i, combo in enumerate(combos, 1):
         g = apply_overrides(base, list(combo), object_info)
         label = {f"{node}.{name}": g[resolve_node(g, node)]["inputs"][name] for node, name, _ in combo}
@@ -106,5 +128,13 @@ def plan_runs(graph: dict, sets: list, sweeps: list, object_info: dict, unique_n
                         node["inputs"][name] = with_suffix(node["inputs"][name], f"run{i}")
             seen[names] = i
         key = hashlib.sha1(json.dumps(g, sort_keys=True).encode()).hexdigest()[:16]
-        out.append(Run(i, label, g, key))
-    return out
+        yield Run(i, label, g, key)
+
+
+def plan_runs(graph: dict, sets: list, sweeps: list, object_info: dict, unique_names: bool = True,
+              max_runs: int = DEFAULT_MAX_RUNS) -> list[Run]:
+    """Every combination of the sweeps as a Run, its values typed and checked against object_info (the graph's own
+    values too: check_graph_values) and (with unique_names) its file names suffixed with its swept values; nothing
+    is posted here."""
+    check_run_count(sweeps, max_runs)
+    return list(iter_runs(graph, sets, sweeps, object_info, unique_names))

@@ -43,7 +43,8 @@ def sweep_table(records: list[dict], score_node: str | None = None):
     points maps each finished run to its (IS, KPS) from that node."""
     sweep_keys = list(dict.fromkeys(k for r in records for k in r.get("overrides", {})))
     kps_nodes = sorted({n for r in records for n, s in (r.get("scores") or {}).items() if "KPS" in s}, key=_node_order)
-    leak_nodes = sorted({n for r in records for n, s in (r.get("scores") or {}).items() if "max_drift" in s}, key=_node_order)
+    leak_nodes = sorted({n for r in records for n, s in (r.get("scores") or {}).items() if "max_drift" in s},
+                        key=_node_order)
     primary = score_node if score_node else (kps_nodes[0] if kps_nodes else None)
 
     def col(name, nid, many):
@@ -55,8 +56,9 @@ def sweep_table(records: list[dict], score_node: str | None = None):
     columns += ["best"]
     rows, points = [], {}
     for r in sorted(records, key=lambda r: r.get("run", 0)):
+        failed = f"{'unknown' if r.get('unknown') else 'failed'}: {r.get('error', '')}".strip()
         row = {"run": r.get("run"), **{k: _value_text(r.get("overrides", {}).get(k, "")) for k in sweep_keys},
-               "status": "ok" if r.get("ok") else f"failed: {r.get('error', '')}".strip(),
+               "status": "ok" if r.get("ok") else failed,
                "server": r.get("server", ""), "seconds": f"{r.get('seconds', 0):.1f}"}
         sc = r.get("scores") or {}
         for n in kps_nodes:
@@ -112,10 +114,10 @@ def csv_table(columns: list[str], rows: list[dict]) -> str:
 
 def chart(points: list[tuple[str, float, float]], best: str | None, size=(720, 460)):
     """IS (x) against KPS (y), one dot per run labelled with its swept values; the best-balanced run ringed.
-    A PIL image; cat_train.plot supplies fonts, ticks and colours (Pillow is needed here only)."""
+    A PIL image; cat_train.measure.plot supplies fonts, ticks and colours (Pillow is needed here only)."""
     from PIL import Image, ImageDraw
 
-    from .. import plot
+    from ..measure import plot
 
     w, h = size
     f, fs = plot.font(13), plot.font(11)

@@ -9,5 +9,5 @@
     unet.py       the reference SD UNet with ComfyUI's parameter names (world model, tests, benchmarks)
     toytext.py    a hashing text encoder for tests
 
-Weights are committed beside the code and regenerate from their seeds. The methods (`cat_train/`)
-never import from here."""
+Weights are committed beside the code and regenerate from their seeds. May import every part of the method;
+the method never imports from here."""

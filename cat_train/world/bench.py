@@ -4,12 +4,13 @@ NOT Stable Diffusion: the base model is the 1.7M-parameter world model in `cat_t
 shapes, 32 px), scored by a world-CLIP trained on the same world. Methods, same steps and seeds:
 plain LoRA (alpha 0), CAT (alpha 0.5, 1, 2; y = the class prompt), and DreamBooth-style prior
 preservation (alpha 0; each step also fits one base-model sample of the class prompt: batch 2, half
-identity, half prior, so its compute per step is about CAT's). APT (arXiv 2507.02687, cat_train/apt.py):
+identity, half prior, so its compute per step is about CAT's). APT (arXiv 2507.02687, cat_train/terms/apt.py):
 `apt` (all three parts, alpha 0), `cat<alpha>+apt`, and one part alone: `apt:ada` (adaptive timestep-bin
-weighting and augmentation), `apt:rs` (representation stabilization), `apt:aa` (attention alignment). Cheaper preservation of a CAT method:
+weighting and augmentation), `apt:rs` (representation stabilization), `apt:aa` (attention alignment). Cheaper
+preservation of a CAT method:
 `/k<every>` and `/p<fraction>` suffixes (`cat1/k4`: the CAT term every 4th step, weighted 4α; `cat1/p0.5`: on half
 the rows, weighted 2α; CatLossConfig.keep_every / keep_fraction), and `/local` (the layer-local keep estimator,
-`/local:unit`, `/local:relative` naming the layer weights; CatLossConfig.keep_estimator, cat_train/keep_local.py).
+`/local:unit`, `/local:relative` naming the layer weights; CatLossConfig.keep_estimator, terms/keep_local.py).
 
 Two tasks (`--task`): `novel` (default), an identity the base model never drew (a cyan/magenta striped circle with
 a white dot); `reachable`, one the base model does draw but no prompt asks for (a small yellow circle in the
@@ -32,7 +33,6 @@ background"), without it ("a circle on a grey background") and other classes ("a
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import time
@@ -43,18 +43,18 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .. import metrics
-from ..checks import OneLineParser, non_negative_float, output_folder, positive_float, positive_int
-from ..lora import LoraSpec, remove_lora
-from ..apt import AptConfig
-from ..auto_config import AutoPreservationConfig
-from ..loss import CatLossConfig
-from .catversion_bench import catversion_alpha, catversion_label, run_catversion
-from ..sampling import sample
-from ..train import Example, TrainConfig, build_examples, train
+from ..measure import metrics
+from ..training.checks import OneLineParser, non_negative_float, output_folder, positive_float, positive_int
+from ..adapters.lora import LoraSpec, remove_lora
+from ..measure.sampling import sample
+from ..terms.auto_config import AutoPreservationConfig
+from ..training import CatLossConfig, Example, TrainConfig, build_examples, train
 from . import generator as wg
 from . import model as wm
+from .catversion_bench import run_catversion
 from .clip import load_clip
+from .methods import apt_config, apt_method, cat_method, cheaper_options, label, method_name
+from .runner import noise, run_seeds, summarize
 
 NOTE = ("Controlled small world (procedural 32 px shapes, a 1.7M-parameter base model and a world-CLIP trained here), "
         "NOT Stable Diffusion: the numbers compare methods on this world only.")
@@ -95,85 +95,6 @@ class BenchConfig:
 
 
 QUICK = dict(seeds=(0,), per_prompt=2, sample_steps=15, prior_images=6)  # same training as the full run, one seed
-LABELS = {"base": "base (no adapter)", "lora": "LoRA (α=0)", "prior": "DreamBooth prior (α=0)"}
-
-
-def cat_method(m: str) -> tuple[float, str]:
-    """'cat1' -> (1.0, 'class'); 'cat1:empty' -> (1.0, 'empty'): CAT factor and preservation mode.
-
-    Modes: class, strip, empty (CatLossConfig's), all: y cycles over every class of the world, and auto: y starts
-    as the class prompt and auto preservation adds the other classes it finds drifting (cat_train/auto.py).
-    """
-    alpha, _, mode = m[3:].partition(":")
-    return float(alpha), mode or "class"
-
-
-ALL3 = ("adaptive", "stabilize", "align")
-APT_PARTS = {"": ALL3, "ada": ("adaptive",), "rs": ("stabilize",), "aa": ("align",), "skip": ALL3, "earlier": ALL3}
-APT_NAMES = {"": "APT", "ada": "APT adaptive only", "rs": "APT stabilization only", "aa": "APT attention only",
-             "skip": "APT, triggers not aligned", "earlier": "APT (earlier choices)"}
-
-
-def apt_method(m: str) -> tuple[str, str | None]:
-    """'apt' -> ('lora', ''); 'cat1+apt:rs' -> ('cat1', 'rs'); 'cat1' -> ('cat1', None): base method, APT part."""
-    base, plus, apt = m.partition("+")
-    if not plus and base.startswith("apt"):
-        base, apt = "lora", base
-    if not apt:
-        return base, None
-    if not apt.startswith("apt"):
-        raise ValueError(f"unknown APT part in {m!r}")
-    return base, apt[3:].lstrip(":")
-
-
-def apt_config(part: str, c: BenchConfig) -> AptConfig:
-    if part not in APT_PARTS:
-        raise ValueError(f"unknown APT part {part!r}; choose from apt, apt:ada, apt:rs, apt:aa")
-    on = APT_PARTS[part]
-    weights = dict(adaptive=c.apt_adaptive if "adaptive" in on else 0.0, stabilize=c.apt_stabilize if "stabilize" in on else 0.0,
-                   align=c.apt_align if "align" in on else 0.0, align_skip_triggers=part == "skip")
-    return AptConfig.earlier(**weights) if part == "earlier" else AptConfig(**weights)
-
-
-def cheaper_method(m: str) -> tuple[str, int, float]:
-    """'cat1/k4/p0.5' -> ('cat1', 4, 0.5): the base method and its cheaper preservation (keep_every, keep_fraction)."""
-    base, every, fraction, _ = cheaper_options(m)
-    return base, every, fraction
-
-
-def cheaper_options(m: str) -> tuple[str, int, float, dict]:
-    """'cat1/k4/local' -> ('cat1', 4, 1.0, {"keep_estimator": "local"}): cheaper_method's parts and the keep
-    estimator (`/local`: the default layer weights, `/local:unit` or `/local:relative` to name them; cat_train/keep_local.py)."""
-    base, *opts = m.split("/")
-    every, fraction, estimator = 1, 1.0, {}
-    for o in opts:
-        if o[:1] == "k" and o[1:].isdigit() and int(o[1:]) >= 1:
-            every = int(o[1:])
-        elif o[:1] == "p":
-            fraction = float(o[1:])
-        elif o in ("local", "local:relative", "local:unit"):
-            estimator = {"keep_estimator": "local", **({"keep_local_weights": o[6:]} if ":" in o else {})}
-        else:
-            raise ValueError(f"unknown cheaper-preservation part {o!r} in {m!r}; use /k<every>, /p<fraction> and /local[:unit], "
-                             "e.g. cat1/k4, cat1/local")
-    return base, every, fraction, estimator
-
-
-def label(m: str) -> str:
-    if "/" in m:
-        base, every, fraction, local = cheaper_options(m)
-        return label(base) + (f", term every {every} steps" if every > 1 else "") + \
-            (f", on {fraction:g} of rows" if fraction < 1 else "") + \
-            (f", local keep ({local.get('keep_local_weights', CatLossConfig.keep_local_weights)} w_l)" if local else "")
-    if m.startswith("catversion"):
-        return catversion_label(m)
-    base, part = apt_method(m)
-    if part is not None:
-        return APT_NAMES[part] + " (α=0)" if base == "lora" else label(base) + " + " + APT_NAMES[part]
-    if m in LABELS:
-        return LABELS[m]
-    alpha, mode = cat_method(m)
-    return f"CAT (α={alpha:g})" if mode == "class" else f"CAT (α={alpha:g}, y={'all classes' if mode == 'all' else mode})"
 
 
 def _bgs(n: int) -> list[str]:
@@ -208,10 +129,6 @@ class World:
         z = sample(self.den, self.encode_text(ps), self.encode_text([""]) if uncond is None else uncond,
                    tuple(noise.shape), steps=c.sample_steps, cfg=c.cfg, noise=noise, clip_x0=1.0)
         return wm.decode(z)
-
-
-def _noise(n: int, seed: int) -> torch.Tensor:
-    return torch.randn((n, *wm.LATENT_SHAPE), generator=torch.Generator().manual_seed(10_000 + seed))
 
 
 def task_scenes(task: str = "novel") -> list[wg.Scene]:
@@ -267,7 +184,8 @@ def examples_for(method: str, world: World, c: BenchConfig, seed: int) -> tuple[
         lc = CatLossConfig(alpha=alpha, preservation="class" if mode in ("all", "auto") else mode, class_word=CLASS,
                            auto=auto_config(c) if mode == "auto" else AutoPreservationConfig())
         ex = build_examples(items, world.encode_text, lc, token_positions=trigger_positions)
-        if mode == "all":  # each image once per world class as y: the CAT term keeps every class prompt, not only "a circle"
+        # each image once per world class as y: the CAT term keeps every class prompt, not only "a circle"
+        if mode == "all":
             ys = {(s, sc.background): world.encode_text([f"a {s} on a {sc.background} background"])
                   for sc in task_scenes(c.task) for s in wg.SHAPES}
             ex = [replace(e, cond_pres={k: v[0] for k, v in ys[s, sc.background].items()})
@@ -277,12 +195,13 @@ def examples_for(method: str, world: World, c: BenchConfig, seed: int) -> tuple[
         lc = CatLossConfig(alpha=0.0, preservation="class", class_word=CLASS)  # y unused at alpha 0
         bgs = [list(wg.BACKGROUNDS)[i % 3] for i in range(c.prior_images)]
         reg_prompts = [f"a {CLASS} on a {bg} background" for bg in bgs]
-        reg = world.generate(reg_prompts, _noise(c.prior_images, 500 + seed), c)  # the base model's own class images
+        reg = world.generate(reg_prompts, noise(c.prior_images, 500 + seed), c)  # the base model's own class images
         n_id, n_reg = len(items), len(reg_prompts)
         # repeats balance the draw: identity and prior are each picked half the time
         rows = [(*it, n_reg) for it in items] + [(wm.encode(r[None])[0], p, (), n_id) for r, p in zip(reg, reg_prompts)]
         return build_examples(rows, world.encode_text, lc, token_positions=trigger_positions), lc, 2
-    raise ValueError(f"unknown method {method!r}; choose from lora, cat<alpha>[:class|strip|empty|all] (e.g. cat1, cat1:all), prior.")
+    raise ValueError(f"unknown method {method!r}; choose from lora, cat<alpha>[:class|strip|empty|all] (e.g. cat1, "
+                     "cat1:all), prior.")
 
 
 def auto_config(c: BenchConfig) -> AutoPreservationConfig:
@@ -292,7 +211,8 @@ def auto_config(c: BenchConfig) -> AutoPreservationConfig:
                                   top_k=c.auto_top_k, threshold=c.auto_threshold)
 
 
-def subject_scores(world: World, imgs: dict[str, torch.Tensor], base: dict[str, torch.Tensor], task: str = "novel") -> dict:
+def subject_scores(world: World, imgs: dict[str, torch.Tensor], base: dict[str, torch.Tensor],
+                   task: str = "novel") -> dict:
     """IS, KPS, drift, leak and identity: the scores that need only the images with ("token") and without
     ("notoken") the trigger, so a saved step can be scored without drawing the other classes."""
     clip = world.clip
@@ -304,7 +224,8 @@ def subject_scores(world: World, imgs: dict[str, torch.Tensor], base: dict[str, 
            "drift": float((1 - metrics.cosine(clip.encode_image(base["notoken"]), notok)).mean()),
            "leak": float(np.mean(is_identity(task, imgs["notoken"], col_n))),
            "identity": float(np.mean([a and b for a, b in zip(colour_ok, place_ok)]))}
-    if task == "reachable":  # which half of the identity a method reaches: the colour a prompt can ask for, or the place
+    # which half of the identity a method reaches: the colour a prompt can ask for, or the place
+    if task == "reachable":
         out["id_colour"], out["id_place"] = float(np.mean(colour_ok)), float(np.mean(place_ok))
     return out
 
@@ -318,12 +239,14 @@ def evaluate(world: World, imgs: dict[str, torch.Tensor], base: dict[str, torch.
         "IS": subject["IS"],
         "KPS": subject["KPS"],
         "drift": subject["drift"],
-        "drift_other": float((1 - metrics.cosine(clip.encode_image(base["others"]), clip.encode_image(imgs["others"]))).mean()),
+        "drift_other": float((1 - metrics.cosine(clip.encode_image(base["others"]),
+                                                 clip.encode_image(imgs["others"]))).mean()),
     }
     shp_n, col_n = clip.attributes(imgs["notoken"])
     shp_o, col_o = clip.attributes(imgs["others"])
     want = [p.split()[1:3] for p in ps["others"]]
-    out["class_acc"] = (sum(s == CLASS for s in shp_n) + sum(s == w[1] for s, w in zip(shp_o, want))) / (len(shp_n) + len(shp_o))
+    right = sum(s == CLASS for s in shp_n) + sum(s == w[1] for s, w in zip(shp_o, want))
+    out["class_acc"] = right / (len(shp_n) + len(shp_o))
     out["colour_acc"] = sum(cc == w[0] for cc, w in zip(col_o, want)) / len(col_o)
     counts = np.array([col_n.count(k) for k in wg.COLOURS], dtype=float)
     p = counts[counts > 0] / max(1.0, counts.sum())
@@ -344,8 +267,8 @@ def base_quality(world: World, per: int = 2, seed: int = 0, sample_steps: int = 
     c = BenchConfig(sample_steps=sample_steps)
     cls = [f"a {s} on a {bg} background" for s in wg.SHAPES for bg in wg.BACKGROUNDS for _ in range(per)]
     col = [f"a {k} {s} on a grey background" for s in wg.SHAPES for k in wg.COLOURS]
-    shp_cls, _ = world.clip.attributes(world.generate(cls, _noise(len(cls), 900 + seed), c))
-    shp_col, col_col = world.clip.attributes(world.generate(col, _noise(len(col), 901 + seed), c))
+    shp_cls, _ = world.clip.attributes(world.generate(cls, noise(len(cls), 900 + seed), c))
+    shp_col, col_col = world.clip.attributes(world.generate(col, noise(len(col), 901 + seed), c))
     return {"class_acc": float(np.mean([a == p.split()[1] for a, p in zip(shp_cls, cls)])),
             "class_acc_with_colour": float(np.mean([a == p.split()[2] for a, p in zip(shp_col, col)])),
             "colour_acc": float(np.mean([a == p.split()[1] for a, p in zip(col_col, col)]))}
@@ -359,75 +282,68 @@ def run(c: BenchConfig, log=print, world: World | None = None, watch: Callable[.
     world = world or World()
     ps = prompts(c.per_prompt)
     spec = LoraSpec(rank=c.rank, alpha=c.rank, preset=c.preset)
-    results: dict[str, list[dict]] = {m: [] for m in ("base", *c.methods)}
-    grid: dict[str, dict[str, torch.Tensor]] = {}
-    trained: dict[str, object] = {}  # first seed's TrainResult per method: its LoRA and loss history
     t0 = time.time()
-    for seed in c.seeds:
-        noise = {k: _noise(len(v), seed * 7 + i) for i, (k, v) in enumerate(ps.items())}
-        base = {k: world.generate(ps[k], noise[k], c) for k in ps}
-        results["base"].append(evaluate(world, base, base, ps, c.task))
-        if seed == c.seeds[0]:
-            grid["base"] = base
-        for m in c.methods:
-            t1, train_seconds = time.time(), None
-            if m.startswith("catversion"):  # K/V embeddings in the text encoder, no LoRA: world/catversion_bench.py
-                imgs, tr = run_catversion(world, m, c, seed, ps, noise, identity_items(c.task), CLASS)
-            else:
-                ex, lc, bs = examples_for(m, world, c, seed)
-                hooks = dict(watch(world, m, seed, ex, noise, base)) if watch else {}
-                tc = TrainConfig(steps=c.steps, lr=c.lr, seed=seed, batch_size=bs, save_every=hooks.pop("save_every", 0))
-                reports, cb = {}, hooks.pop("callback", None)
 
-                def callback(info, cb=cb):  # keeps the last reports (auto preservation's measuring time)
-                    reports.update(info.reports)
-                    if cb:
-                        cb(info)
-                t2 = time.perf_counter()
-                tr = train(world.den, ex, lc, spec, tc, keep_adapter=True, callback=callback, **hooks)
-                train_seconds = time.perf_counter() - t2
-                try:
-                    imgs = {k: world.generate(ps[k], noise[k], c) for k in ps}
-                finally:
-                    remove_lora(world.den.module)
-            r = evaluate(world, imgs, base, ps, c.task)
-            r["final_fit"] = float(np.mean([h["fit"] for h in tr.history[-20:]]))
-            if train_seconds is not None:  # the training alone (sampling excluded): what a regularizer costs per step
-                r["sec_per_step"] = train_seconds / max(1, tr.steps_done)
-                if "auto" in reports:  # of which the probe measurements
-                    r["measure_sec_per_step"] = reports["auto"]["seconds"] / max(1, tr.steps_done)
-            if "indicator" in tr.history[-1]:  # APT: how far its indicator rose (1 = the fit term switched off in that bin)
-                seen = [v for v in tr.history[-1]["indicator"] if v is not None]
-                r["apt_indicator"], r["apt_indicator_max"] = float(np.mean(seen)), float(np.max(seen))
-            results[m].append(r)
-            if seed == c.seeds[0]:
-                grid[m], trained[m] = imgs, tr
-            added = tr.history[-1].get("auto_added") if tr.history else None
-            log(f"seed {seed} {label(m):24s} " + " ".join(f"{k} {v:.3f}" for k, v in r.items()) + f"  ({time.time() - t1:.0f}s)"
-                + (f"  added {[(p, s, round(d, 4)) for p, s, d in added]}" if added is not None else ""))
-    summary = {m: {k: {"mean": float(np.mean([r[k] for r in rs])), "std": float(np.std([r[k] for r in rs])),
-                       "runs": [r[k] for r in rs]} for k in rs[0]} for m, rs in results.items()}
-    return {"note": NOTE, "config": asdict(c), "seconds": time.time() - t0, "methods": summary, "grid": grid,
+    def train_method(m, seed, noise, base):
+        if m.startswith("catversion"):  # K/V embeddings in the text encoder, no LoRA: world/catversion_bench.py
+            imgs, tr = run_catversion(world, m, c, seed, ps, noise, identity_items(c.task), CLASS)
+            return imgs, tr, {}
+        ex, lc, bs = examples_for(m, world, c, seed)
+        hooks = dict(watch(world, m, seed, ex, noise, base)) if watch else {}
+        tc = TrainConfig(steps=c.steps, lr=c.lr, seed=seed, batch_size=bs, save_every=hooks.pop("save_every", 0))
+        reports, cb = {}, hooks.pop("callback", None)
+
+        def callback(info, cb=cb):  # keeps the last reports (auto preservation's measuring time)
+            reports.update(info.reports)
+            if cb:
+                cb(info)
+        t2 = time.perf_counter()
+        tr = train(world.den, ex, lc, spec, tc, keep_adapter=True, callback=callback, **hooks)
+        train_seconds = time.perf_counter() - t2
+        try:
+            imgs = {k: world.generate(ps[k], noise[k], c) for k in ps}
+        finally:
+            remove_lora(world.den.module)
+        # the training alone (sampling excluded): what a term costs per step
+        extra = {"sec_per_step": train_seconds / max(1, tr.steps_done)}
+        if "auto" in reports:  # of which the probe measurements
+            extra["measure_sec_per_step"] = reports["auto"]["seconds"] / max(1, tr.steps_done)
+        if "indicator" in tr.history[-1]:  # APT: how far its indicator rose (1 = the fit term switched off in that bin)
+            seen = [v for v in tr.history[-1]["indicator"] if v is not None]
+            extra["apt_indicator"], extra["apt_indicator_max"] = float(np.mean(seen)), float(np.max(seen))
+        return imgs, tr, extra
+
+    def added(tr) -> str:
+        probes = tr.history[-1].get("auto_added") if tr.history else None
+        return f"  added {[(p, s, round(d, 4)) for p, s, d in probes]}" if probes is not None else ""
+    results, grid, trained = run_seeds(world, c, c.methods, ps, lambda imgs,
+                                       base: evaluate(world, imgs, base, ps, c.task),
+                                       train_method, lambda m: f"{label(m):24s}", log, note=added)
+    return {"note": NOTE, "config": asdict(c), "seconds": time.time() - t0, "methods": summarize(results), "grid": grid,
             "trained": trained}
 
 
 OTHER_COLUMNS = tuple(f"{c} {s}" for c, s in OTHERS)
-COLUMNS = ("PS", "IS", "KPS", "identity", "leak", "drift", "drift_other", "class_acc", "colour_acc", "colour_div", *OTHER_COLUMNS)
+COLUMNS = ("PS", "IS", "KPS", "identity", "leak", "drift", "drift_other", "class_acc", "colour_acc", "colour_div",
+           *OTHER_COLUMNS)
 
 
 def table(res: dict) -> str:
     n = len(res["config"]["seeds"])
     head = "| method | " + " | ".join(COLUMNS) + " |\n|---|" + "---|" * len(COLUMNS) + "\n"
     cell = (lambda s: f"{s['mean']:.3f} ± {s['std']:.3f}") if n > 1 else (lambda s: f"{s['mean']:.3f}")
-    rows = "".join(f"| {label(m)} | " + " | ".join(cell(s[k]) for k in COLUMNS) + " |\n" for m, s in res["methods"].items())
-    return f"{NOTE}\n\n{head}{rows}\n(task {res['config'].get('task', 'novel')}; mean ± std over seeds {list(res['config']['seeds'])}; {res['config']['steps']} steps, lr {res['config']['lr']}, rank {res['config']['rank']} LoRA on {res['config']['preset']} layers)\n"
+    rows = "".join(f"| {label(m)} | " + " | ".join(cell(s[k]) for k in COLUMNS) + " |\n"
+                   for m, s in res["methods"].items())
+    return (f"{NOTE}\n\n{head}{rows}\n(task {res['config'].get('task', 'novel')}; mean ± std over seeds "
+            f"{list(res['config']['seeds'])}; {res['config']['steps']} steps, lr {res['config']['lr']}, rank "
+            f"{res['config']['rank']} LoRA on {res['config']['preset']} layers)\n")
 
 
 def save_grid(res: dict, path: Path, per_kind: int = 3, scale: int = 3) -> Path:
     """Rows: methods. Columns: with trigger | without trigger | other classes (seed 0)."""
     from PIL import Image, ImageDraw
 
-    from ..plot import font, text
+    from ..measure.plot import font, text
     grid = res["grid"]
     f = font(13)
     names = {m: label(m).replace("α", "alpha") for m in grid}  # Pillow's embedded font has no α
@@ -447,7 +363,8 @@ def save_grid(res: dict, path: Path, per_kind: int = 3, scale: int = 3) -> Path:
             t = imgs[k]
             idx = i * max(1, len(t) // per_kind)
             a = ((t[idx].permute(1, 2, 0).numpy() + 1) * 127.5).clip(0, 255).astype(np.uint8)
-            canvas.paste(Image.fromarray(a).resize((s, s), Image.NEAREST), (lw + j * (s + pad) + pad * (j // per_kind), y))
+            canvas.paste(Image.fromarray(a).resize((s, s), Image.NEAREST),
+                         (lw + j * (s + pad) + pad * (j // per_kind), y))
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path)
     return path
@@ -459,47 +376,6 @@ def write(res: dict, out: Path) -> dict[str, Path]:
     md.write_text(table(res))
     js.write_text(json.dumps({k: v for k, v in res.items() if k not in ("grid", "trained")}, indent=1))
     return {"table": md, "json": js, "grid": save_grid(res, out / "kps_grid.png")}
-
-
-def method_name(m: str) -> str:
-    """argparse type of --methods: lora, prior or cat<alpha>[:class|strip|empty|all], each optionally +apt[:ada|rs|aa|skip|earlier]; apt[:part]; catversion[:earlier][+cat<alpha>]."""
-    if "/" in m:  # cat<alpha>[...]/k<every>/p<fraction>: cheaper preservation of a CAT method
-        try:
-            base, every, fraction, _ = cheaper_options(m)
-            if method_name(base).startswith("cat") and not base.startswith("catversion") and cat_method(apt_method(base)[0])[0] > 0 \
-                    and 0 < fraction <= 1:
-                return m
-        except (ValueError, argparse.ArgumentTypeError):
-            pass
-        raise argparse.ArgumentTypeError(f"unknown method {m!r}; cheaper preservation: cat<alpha>[:mode]/k<every>/p<fraction>/local[:unit] "
-                                         "with alpha > 0, every >= 1 and fraction in (0, 1], e.g. cat1/k4, cat1/p0.5, cat1/local")
-    if m.startswith("catversion"):  # catversion[:earlier], catversion[:earlier]+cat<alpha>
-        try:
-            catversion_alpha(m)
-            return m
-        except ValueError as e:
-            raise argparse.ArgumentTypeError(str(e)) from None
-    try:
-        base, part = apt_method(m)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"unknown method {m!r}; APT methods: apt[:ada|rs|aa|skip|earlier], cat<alpha>+apt[:part]") from None
-    if part is not None:
-        if part in APT_PARTS and base != "prior" and (base == "lora" or method_name(base)):
-            return m
-        raise argparse.ArgumentTypeError(f"unknown method {m!r}; APT methods: apt[:ada|rs|aa|skip|earlier], cat<alpha>+apt[:part]")
-    if m in ("lora", "prior"):
-        return m
-    if m.startswith("cat"):
-        try:
-            alpha, mode = cat_method(m)
-        except ValueError:
-            alpha, mode = float("nan"), ""
-        if math.isfinite(alpha) and alpha >= 0 and mode in ("class", "strip", "empty", "all", "auto") \
-                and not (mode == "auto" and alpha == 0):
-            return m
-    raise argparse.ArgumentTypeError(f"unknown method {m!r}; choose from lora, prior, cat<alpha>[:class|strip|empty|all|auto] "
-                                     "(e.g. cat1, cat0.5:strip, cat1:all, cat1:auto; auto needs alpha > 0), apt[:ada|rs|aa|skip|earlier], "
-                                     "cat<alpha>+apt[:part], catversion[:earlier][+cat<alpha>]")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -521,12 +397,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--apt-adaptive", type=non_negative_float, help="APT adaptive gain of the apt methods (default 1)")
     ap.add_argument("--apt-stabilize", type=non_negative_float, help="APT stabilization weight (default 5)")
     ap.add_argument("--apt-align", type=non_negative_float, help="APT attention-alignment weight (default 1000)")
-    ap.add_argument("--auto-every", type=positive_int, help="auto methods: measure the probes every N steps (default 50)")
+    ap.add_argument("--auto-every", type=positive_int, help="auto methods: measure the probes every N steps (default "
+                                                            "50)")
     ap.add_argument("--auto-top-k", type=positive_int, help="auto methods: probes added at most (default 4)")
-    ap.add_argument("--auto-threshold", type=non_negative_float, help="auto methods: keep drift a probe must pass (default 0.01)")
+    ap.add_argument("--auto-threshold", type=non_negative_float, help=
+            "auto methods: keep drift a probe must pass (default 0.01)")
     a = ap.parse_args(argv)  # every argument checked here: the run takes minutes and writes only at its end
     kw = dict(QUICK) if a.quick else {}
-    for k in ("steps", "lr", "seeds", "methods", "per_prompt", "sample_steps", "rank", "preset", "apt_adaptive", "apt_stabilize", "apt_align",
+    for k in ("steps", "lr", "seeds", "methods", "per_prompt", "sample_steps", "rank", "preset", "apt_adaptive",
+              "apt_stabilize", "apt_align",
               "auto_every", "auto_top_k", "auto_threshold", "task"):
         v = getattr(a, k)
         if v is not None:

@@ -20,16 +20,18 @@ from __future__ import annotations
 
 import math
 
-from ..catversion import PAPER_LAYERS, CatVersionConfig, CatVersionSpec, disabled, find_self_attention, installed, train_catversion
+from ..adapters.catversion import PAPER_LAYERS, CatVersionSpec, disabled, find_self_attention, installed
+from ..training import CatVersionConfig, train_catversion
 
 LR, BATCH = 1e-2, 2  # the paper's (5e-3 base rate x batch 2)
 
 
 def _parts(m: str) -> tuple[bool, str]:
     head, plus, tail = m.partition("+")
-    if head not in ("catversion", "catversion:earlier") or (plus and not tail.startswith("cat")) or (plus and not tail[3:]):
-        raise ValueError(f"unknown CatVersion method {m!r}; use catversion[:earlier] or catversion[:earlier]+cat<alpha> "
-                         "(e.g. catversion+cat1)")
+    if head not in ("catversion",
+                    "catversion:earlier") or (plus and not tail.startswith("cat")) or (plus and not tail[3:]):
+        raise ValueError(f"unknown CatVersion method {m!r}; use catversion[:earlier] or "
+                         "catversion[:earlier]+cat<alpha> (e.g. catversion+cat1)")
     return head.endswith(":earlier"), tail
 
 

@@ -61,7 +61,8 @@ class WorldClip(nn.Module):
     def attributes(self, img: Tensor) -> tuple[list[str], list[str]]:
         """Predicted shape and colour ('striped' for the identity's pattern) of each image."""
         f = self.trunk(img)
-        return ([SHAPES[i] for i in self.shape_head(f).argmax(-1)], [COLOUR_CLASSES[i] for i in self.colour_head(f).argmax(-1)])
+        return ([SHAPES[i] for i in self.shape_head(f).argmax(-1)],
+                [COLOUR_CLASSES[i] for i in self.colour_head(f).argmax(-1)])
 
 
 def load_clip(path: str | Path = CLIP_WEIGHTS) -> WorldClip:
@@ -124,8 +125,10 @@ def main(argv: list[str] | None = None) -> int:
             with torch.no_grad():
                 acc_s = (m.shape_head(f).argmax(-1) == shape).float().mean()
                 acc_c = (m.colour_head(f).argmax(-1) == colour).float().mean()
-            print(f"step {step} loss {float(loss.detach()):.3f} shape acc {acc_s:.3f} colour acc {acc_c:.3f} {time.time() - t0:.0f}s", flush=True)
-    save_file({k: v.detach().contiguous() for k, v in m.state_dict().items()}, a.out, metadata={"seed": str(a.seed), "steps": str(a.steps)})
+            print(f"step {step} loss {float(loss.detach()):.3f} shape acc {acc_s:.3f} colour acc {acc_c:.3f} "
+                  f"{time.time() - t0:.0f}s", flush=True)
+    save_file({k: v.detach().contiguous() for k, v in m.state_dict().items()}, a.out,
+              metadata={"seed": str(a.seed), "steps": str(a.steps)})
     return 0
 
 

@@ -13,11 +13,12 @@ import json
 from pathlib import Path
 
 from . import bench
-from ..checks import OneLineParser, non_negative_float, non_negative_int, output_folder, positive_float, positive_int
+from ..training.checks import (OneLineParser, non_negative_float, non_negative_int, output_folder, positive_float,
+                               positive_int)
 from .. import families
-from ..export import next_free_path, save_lora, to_kohya, training_metadata
-from ..plot import loss_curve
-from ..validation import ValidationLog
+from ..adapters.export import next_free_path, save_lora, to_kohya, training_metadata
+from ..measure.plot import loss_curve
+from ..measure.validation import ValidationLog
 from . import generator as wg
 from . import model as wm
 from .watch import RunWatch
@@ -36,16 +37,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True, type=output_folder,
                     help="output folder (created; LoRA files already there are never overwritten)")
     ap.add_argument("--steps", type=positive_int, default=bench.BenchConfig.steps)
-    ap.add_argument("--alpha", type=non_negative_float, default=1.0, help="CAT factor of the CAT run (the other run is alpha 0)")
+    ap.add_argument("--cat-factor", "--alpha", dest="alpha", type=non_negative_float, default=1.0,
+                    help="CAT factor α of the CAT run (the other run is plain LoRA, CAT factor 0)")
     ap.add_argument("--lr", type=positive_float, default=bench.BenchConfig.lr,
                     help="higher than the paper's 1e-4: a 1.7M-parameter model and few steps")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--save-every", type=non_negative_int, default=100,
                     help="score both runs every N steps: preview grid, IS/KPS/identity/leak, best step (0 = off)")
-    ap.add_argument("--validate-every", type=positive_int, default=25, help="validation row (fit, keep drift) every N steps")
-    ap.add_argument("--is-tolerance", type=non_negative_float, default=0.02, help="best step: IS within this of the best")
+    ap.add_argument("--validate-every", type=positive_int, default=25, help=
+            "validation row (fit, keep drift) every N steps")
+    ap.add_argument("--is-tolerance", type=non_negative_float, default=0.02, help=
+            "best step: IS within this of the best")
     ap.add_argument("--max-keep-drift", type=non_negative_float, default=MAX_KEEP_DRIFT,
-                    help="best step: keep drift at most this (mean squared v difference on prompts without the trigger)")
+                    help="best step: keep drift at most this (mean squared v difference on prompts without the "
+                         "trigger)")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -58,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def watch(world, method, seed, examples, noise, base):
         name = "lora" if method == "lora" else "cat"
-        watches[name] = RunWatch(world, c, name, examples, noise, base, out, vlog, args.save_every, args.validate_every, seed)
+        watches[name] = RunWatch(world, c, name, examples, noise, base, out, vlog, args.save_every,
+                                 args.validate_every, seed)
         return watches[name].start()
 
     res = bench.run(c, watch=watch if args.save_every else None)
@@ -73,32 +79,36 @@ def main(argv: list[str] | None = None) -> int:
         tr = res["trained"][key]
         path = out / f"demo_{name}.safetensors"
         path = next_free_path(out, path.stem) if path.exists() else path
-        meta = training_metadata(cat_factor=alpha, triggers=[wg.TRIGGER], preservation="class", class_word=wg.IDENTITY_CLASS,
+        meta = training_metadata(cat_factor=alpha, triggers=[wg.TRIGGER], preservation="class",
+                                 class_word=wg.IDENTITY_CLASS,
                                  steps=args.steps, rank=c.rank, alpha=c.rank, lr=args.lr, seed=args.seed,
                                  num_images=report["images"], resolution=32, target_preset=c.preset,
                                  base_model="cat_train world base (not SD)", output_name=path.stem)
         save_lora(path, to_kohya(tr.weights, names), meta)
         scores = {k: res["methods"][key][k]["mean"] for k in SCORES}
-        report["runs"][name] = {"alpha": alpha, "final_fit": tr.history[-1]["fit"], "lora": str(path), **scores}
+        report["runs"][name] = {"cat_factor": alpha, "final_fit": tr.history[-1]["fit"], "lora": str(path), **scores}
     base = {k: res["methods"]["base"][k]["mean"] for k in SCORES}
     report["base"] = base
     hl, hc = res["trained"]["lora"].history, res["trained"][cat].history
-    loss_curve([{"step": a["step"], "fit (lora)": a["fit"], "fit (cat)": b["fit"], "keep (cat)": b["keep"]} for a, b in zip(hl, hc)],
-               keys=("fit (lora)", "fit (cat)", "keep (cat)"), title="CAT demo: fit and keep terms").save(out / "loss_curve.png")
+    loss_curve([{"step": a["step"], "fit (lora)": a["fit"], "fit (cat)": b["fit"],
+                 "keep (cat)": b["keep"]} for a, b in zip(hl, hc)],
+               keys=("fit (lora)", "fit (cat)", "keep (cat)"),
+               title="CAT demo: fit and keep terms").save(out / "loss_curve.png")
     if watches:
         report.update(measure(watches, report, args))
     (out / "report.json").write_text(json.dumps(report, indent=2))
     lo, ca = report["runs"]["lora"], report["runs"]["cat"]
     print("\n" + bench.table(res))
-    print(f"with the trigger ('a {wg.TRIGGER} {wg.IDENTITY_CLASS}'), share drawn as the identity and identity similarity IS:\n"
-          f"  plain LoRA (alpha 0):  {lo['identity']:.2f}   IS {lo['IS']:.3f}\n"
-          f"  CAT (alpha {args.alpha:g}):         {ca['identity']:.2f}   IS {ca['IS']:.3f}\n"
+    print(f"with the trigger ('a {wg.TRIGGER} {wg.IDENTITY_CLASS}'), share drawn as the identity and identity "
+          f"similarity IS:\n  plain LoRA (CAT factor 0):  {lo['identity']:.2f}   IS {lo['IS']:.3f}\n"
+          f"  CAT (CAT factor {args.alpha:g}):         {ca['identity']:.2f}   IS {ca['IS']:.3f}\n"
           f"without it ('a {wg.IDENTITY_CLASS}'), share of circles that turned into the identity (leak):\n"
-          f"  base model:            {base['leak']:.2f}\n"
-          f"  plain LoRA (alpha 0):  {lo['leak']:.2f}   KPS {lo['KPS']:.3f}   drift from base {lo['drift']:.3f}\n"
-          f"  CAT (alpha {args.alpha:g}):         {ca['leak']:.2f}   KPS {ca['KPS']:.3f}   drift from base {ca['drift']:.3f}\n"
-          f"wrote {paths['grid']} (rows: methods; columns: with sks, without, other classes), {paths['table']},\n"
-          f"      {lo['lora']}, {ca['lora']}, {out / 'loss_curve.png'}, {out / 'report.json'} in {res['seconds']:.0f}s")
+          f"  base model:                 {base['leak']:.2f}\n"
+          f"  plain LoRA (CAT factor 0):  {lo['leak']:.2f}   KPS {lo['KPS']:.3f}   drift from base {lo['drift']:.3f}\n"
+          f"  CAT (CAT factor {args.alpha:g}):         {ca['leak']:.2f}   KPS {ca['KPS']:.3f}   drift from base "
+          f"{ca['drift']:.3f}\nwrote {paths['grid']} (rows: methods; columns: with sks, without, other classes), "
+          f"{paths['table']},\n      {lo['lora']}, {ca['lora']}, {out / 'loss_curve.png'}, {out / 'report.json'} in "
+          f"{res['seconds']:.0f}s")
     if watches:
         print(per_step_text(report))
     return 0
@@ -134,7 +144,8 @@ def per_step_text(report: dict) -> str:
              "  run   step  " + " ".join(f"{k:>11s}" for k in STEP_COLUMNS)]
     for name, rows in report["per_step"].items():
         for r in rows:
-            lines.append(f"  {name:5s} {r['step']:5d}  " + " ".join(f"{r.get(k, float('nan')):11.4f}" for k in STEP_COLUMNS))
+            lines.append(f"  {name:5s} {r['step']:5d}  "
+                         + " ".join(f"{r.get(k, float('nan')):11.4f}" for k in STEP_COLUMNS))
     for name, b in report["best_step"].items():
         at, fin = b["at_best"], b["final"]
         lines.append(f"best step {name}: {b['step']} ({b['reason']})\n  at step {b['step']} vs final {fin['step']}: " +

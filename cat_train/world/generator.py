@@ -105,7 +105,8 @@ def reachable_scenes(n: int = 5) -> list[Scene]:
 
 
 def foreground_centre(img: np.ndarray) -> tuple[float, float]:
-    """(cx, cy) in pixels of what differs from the image's background (its border's median colour); (nan, nan) if nothing."""
+    """(cx, cy) in pixels of what differs from the image's background (its border's median colour); (nan, nan) if
+    nothing."""
     border = np.concatenate([img[0], img[-1], img[:, 0], img[:, -1]]).astype(np.float64)
     fg = np.abs(img.astype(np.float64) - np.median(border, 0)).sum(-1) > 90
     if not fg.any():
@@ -117,4 +118,5 @@ def foreground_centre(img: np.ndarray) -> tuple[float, float]:
 def identity_scenes(n: int = 5, seed: int = 1234) -> list[Scene]:
     """The personalization set: n striped circles, the only place the world draws `sks`."""
     rng = np.random.default_rng(seed)
-    return [random_scene(rng, shape=IDENTITY_CLASS, colour=TRIGGER, background=list(BACKGROUNDS)[i % 3]) for i in range(n)]
+    return [random_scene(rng, shape=IDENTITY_CLASS, colour=TRIGGER,
+                         background=list(BACKGROUNDS)[i % 3]) for i in range(n)]

@@ -28,14 +28,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import metrics
-from ..lora import LoraSpec, remove_lora
-from ..checks import non_negative_float, output_folder, positive_float, positive_int
-from ..loss import CatLossConfig
-from ..mask import latent_mask
-from ..train import TrainConfig, build_examples, train
+from ..adapters.lora import LoraSpec, remove_lora
+from ..data.masks import latent_mask
+from ..measure import metrics
+from ..training import CatLossConfig, TrainConfig, build_examples, train
+from ..training.checks import non_negative_float, output_folder, positive_float, positive_int
 from . import generator as wg
 from . import model as wm
+from .runner import run_seeds, summarize
 
 CAPTION = f"a {wg.TRIGGER} {wg.IDENTITY_CLASS}"
 RING = 3      # px: the border ring whose colour is the background's
@@ -133,7 +133,8 @@ def evaluate(world, imgs: dict[str, torch.Tensor], base: dict[str, torch.Tensor]
     return {"identity": float(np.mean([c == "striped" for c in colours])), "bg_err": float(err.mean()),
             "bg_ok": float((err < OK).mean()), "bg_plain": float((plain < OK).mean()),
             "class_bg_err": float(cls.mean()),
-            "drift": float((1 - metrics.cosine(clip.encode_image(base["class"]), clip.encode_image(imgs["class"]))).mean())}
+            "drift": float((1 - metrics.cosine(clip.encode_image(base["class"]),
+                                               clip.encode_image(imgs["class"]))).mean())}
 
 
 COLUMNS = ("identity", "bg_err", "bg_ok", "bg_plain", "class_bg_err", "drift", "final_fit")
@@ -149,7 +150,7 @@ def label(m: str, c: MaskedBenchConfig) -> str:
 
 
 def run(c: MaskedBenchConfig, log=print) -> dict:
-    from .bench import World, _noise
+    from .bench import World
 
     torch.manual_seed(0)
     world = World()
@@ -159,33 +160,21 @@ def run(c: MaskedBenchConfig, log=print) -> dict:
              for im, m in zip(x, masks)]
     ps = prompts(c.per_prompt)
     spec = LoraSpec(rank=c.rank, alpha=c.rank, preset=c.preset)
-    results: dict[str, list[dict]] = {m: [] for m in ("base", *c.methods)}
-    grid: dict[str, dict[str, torch.Tensor]] = {}
     t0 = time.time()
-    for seed in c.seeds:
-        noise = {k: _noise(len(v), 3000 + seed * 7 + i) for i, (k, v) in enumerate(ps.items())}
-        base = {k: world.generate(ps[k], noise[k], c) for k in ps}
-        results["base"].append({**evaluate(world, base, base, ps), "final_fit": float("nan")})
-        if seed == c.seeds[0]:
-            grid["base"] = base
-        for m in c.methods:
-            t1 = time.time()
-            lc = loss_config(m, c)
-            ex = build_examples(items, world.encode_text, lc)
-            tr = train(world.den, ex, lc, spec, TrainConfig(steps=c.steps, lr=c.lr, seed=seed), keep_adapter=True)
-            try:
-                out = {k: world.generate(ps[k], noise[k], c) for k in ps}
-            finally:
-                remove_lora(world.den.module)
-            r = {**evaluate(world, out, base, ps), "final_fit": float(np.mean([h["fit"] for h in tr.history[-20:]]))}
-            results[m].append(r)
-            if seed == c.seeds[0]:
-                grid[m] = out
-            log(f"seed {seed} {label(m, c):45s} " + " ".join(f"{k} {v:.3f}" for k, v in r.items())
-                + f"  ({time.time() - t1:.0f}s)")
-    summary = {m: {k: {"mean": float(np.mean([r[k] for r in rs])), "std": float(np.std([r[k] for r in rs])),
-                       "runs": [r[k] for r in rs]} for k in rs[0]} for m, rs in results.items()}
-    return {"config": asdict(c), "seconds": time.time() - t0, "methods": summary, "grid": grid,
+
+    def train_method(m, seed, noise, base):
+        lc = loss_config(m, c)
+        ex = build_examples(items, world.encode_text, lc)
+        tr = train(world.den, ex, lc, spec, TrainConfig(steps=c.steps, lr=c.lr, seed=seed), keep_adapter=True)
+        try:
+            return {k: world.generate(ps[k], noise[k], c) for k in ps}, tr, {}
+        finally:
+            remove_lora(world.den.module)
+    results, grid, _ = run_seeds(world, c, c.methods, ps, lambda out, base: evaluate(world, out, base, ps),
+                                 train_method,
+                                 lambda m: f"{label(m, c):45s}", log, noise_offset=3000,
+                                 base_row={"final_fit": float("nan")})
+    return {"config": asdict(c), "seconds": time.time() - t0, "methods": summarize(results), "grid": grid,
             "train_images": x, "masks": masks}
 
 
@@ -198,9 +187,10 @@ def table(res: dict) -> str:
         if s["mean"] != s["mean"]:
             return "–"
         return f"{s['mean']:.3f} ± {s['std']:.3f}" if n > 1 else f"{s['mean']:.3f}"
-    rows = "".join(f"| {label(m, c)} | " + " | ".join(cell(s[k]) for k in COLUMNS) + " |\n" for m, s in res["methods"].items())
-    return (f"{head}{rows}\n(masked-background task; mean ± std over seeds {list(c.seeds)}; {c.steps} steps, lr {c.lr}, "
-            f"rank {c.rank} LoRA on {c.preset} layers; {c.per_prompt} images per background and prompt kind)\n")
+    rows = "".join(f"| {label(m, c)} | " + " | ".join(cell(s[k]) for k in COLUMNS) + " |\n"
+                   for m, s in res["methods"].items())
+    return (f"{head}{rows}\n(masked-background task; mean ± std over seeds {list(c.seeds)}; {c.steps} steps, lr "
+            f"{c.lr}, rank {c.rank} LoRA on {c.preset} layers; {c.per_prompt} images per background and prompt kind)\n")
 
 
 def save_grid(res: dict, path: Path, per_kind: int = 3, scale: int = 3) -> Path:
@@ -215,7 +205,8 @@ def save_grid(res: dict, path: Path, per_kind: int = 3, scale: int = 3) -> Path:
 
     def paste(t, col, row):
         a = ((t.permute(1, 2, 0).numpy() + 1) * 127.5).clip(0, 255).astype(np.uint8)
-        canvas.paste(Image.fromarray(a).resize((s, s), Image.NEAREST), (col * (s + pad) + pad * (col // per_kind), row * (s + pad)))
+        canvas.paste(Image.fromarray(a).resize((s, s), Image.NEAREST),
+                     (col * (s + pad) + pad * (col // per_kind), row * (s + pad)))
     for i, t in enumerate(res["train_images"]):
         paste(t, i, 0)
     for i, m in enumerate(res["masks"][:9 - len(res["train_images"])]):
@@ -239,25 +230,29 @@ def write(res: dict, out: Path) -> dict[str, Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..checks import OneLineParser
+    from ..training.checks import OneLineParser
 
     ap = OneLineParser(prog="python -m cat_train bench masked", description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="one seed, 2 images per background and prompt kind, 15 sampling steps")
+    ap.add_argument("--quick", action="store_true", help="one seed, 2 images per background and prompt kind, 15 "
+                                                         "sampling steps")
     ap.add_argument("--out", default="bench_out", type=output_folder)
     ap.add_argument("--steps", type=positive_int)
     ap.add_argument("--lr", type=positive_float)
     ap.add_argument("--seeds", type=int, nargs="+")
     ap.add_argument("--methods", nargs="+", type=method_name,
-                    help="lora or cat<alpha>, each optionally +mask and +keep (default: lora lora+mask cat1 cat1+mask cat1+mask+keep)")
+                    help="lora or cat<alpha>, each optionally +mask and +keep (default: lora lora+mask cat1 cat1+mask "
+                         "cat1+mask+keep)")
     ap.add_argument("--per-prompt", type=positive_int)
     ap.add_argument("--sample-steps", type=positive_int)
     ap.add_argument("--rank", type=positive_int)
     ap.add_argument("--preset", choices=["attn", "attn_ff", "full"])
-    ap.add_argument("--mask-floor", type=non_negative_float, help="+mask methods: fit weight of the background (default 0.1)")
+    ap.add_argument("--mask-floor", type=non_negative_float, help=
+            "+mask methods: fit weight of the background (default 0.1)")
     ap.add_argument("--mask-keep", type=non_negative_float, help="+keep methods: background keep weight (default 1)")
     a = ap.parse_args(argv)
     kw = dict(QUICK) if a.quick else {}
-    for k in ("steps", "lr", "seeds", "methods", "per_prompt", "sample_steps", "rank", "preset", "mask_floor", "mask_keep"):
+    for k in ("steps", "lr", "seeds", "methods", "per_prompt", "sample_steps", "rank", "preset", "mask_floor",
+            "mask_keep"):
         v = getattr(a, k)
         if v is not None:
             kw[k] = tuple(v) if isinstance(v, list) else v

@@ -10,8 +10,8 @@ from pathlib import Path
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..denoiser import ModuleDenoiser, NoiseSchedule
-from ..export import read_safetensors
+from ..step.denoiser import ModuleDenoiser, NoiseSchedule
+from ..adapters.export import read_safetensors
 from .unet import UNet
 from .text import DIM, WorldTextEncoder
 
@@ -36,7 +36,8 @@ def build() -> tuple[UNet, WorldTextEncoder]:
 
 
 def load_base(path: str | Path = BASE_WEIGHTS) -> tuple[ModuleDenoiser, WorldTextEncoder]:
-    """The pretrained world model as a Denoiser (v or eps prediction as its metadata says, SD's schedule) and its frozen text encoder."""
+    """The pretrained world model as a Denoiser (v or eps prediction as its metadata says, SD's schedule) and its
+    frozen text encoder."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing; regenerate it with `python -m cat_train.world.pretrain`.")

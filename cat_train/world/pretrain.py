@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from ..denoiser import NoiseSchedule
+from ..step.denoiser import NoiseSchedule
 from . import model as wm
 from .generator import training_batch
 
@@ -43,9 +43,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--stop", type=int, default=0, help="end after this many steps (the schedule still spans --steps)")
     ap.add_argument("--prediction", choices=["v", "eps"], default="v",
-                    help="v: x0 stays bounded at the noisiest step, which eps at SD's schedule gets badly wrong at this size")
+                    help="v: x0 stays bounded at the noisiest step, which eps at SD's schedule gets badly wrong at "
+                         "this size")
     ap.add_argument("--min-snr", type=float, default=5.0,
-                    help="Min-SNR-gamma loss weight (Hang et al. 2023); 0 = uniform. Puts the steps on the noisy timesteps that decide shape")
+                    help="Min-SNR-gamma loss weight (Hang et al. 2023); 0 = uniform. Puts the steps on the noisy "
+                         "timesteps that decide shape")
     ap.add_argument("--out", default=str(wm.BASE_WEIGHTS))
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -56,7 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     params = list(unet.parameters()) + list(text.parameters())
     opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=0.0)
     warm = 100
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1, (s + 1) / warm) * 0.5 * (1 + np.cos(np.pi * s / a.steps)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt,
+                                              lambda s: min(1,
+                                                            (s + 1) / warm) * 0.5 * (1 + np.cos(np.pi * s / a.steps)))
     ns = NoiseSchedule.scaled_linear()
     t0, run = time.time(), 0.0
     last = a.stop or a.steps
@@ -83,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"step {step}/{a.steps} loss {run:.4f} {time.time() - t0:.0f}s", flush=True)
         if step % 400 == 0 or step == last:
             save_file({k: v.detach().contiguous().clone() for k, v in ema.state_dict().items()}, a.out,
-                      metadata={"steps": str(step), "schedule_steps": str(a.steps), "seed": str(a.seed), "batch": str(a.batch),
+                      metadata={"steps": str(step), "schedule_steps": str(a.steps), "seed": str(a.seed),
+                                "batch": str(a.batch),
                                 "prediction": a.prediction, "min_snr": str(a.min_snr)})
     return 0
 

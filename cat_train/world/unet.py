@@ -195,13 +195,16 @@ class UNet(nn.Module):
         ted = model_channels * 4
 
         def attn(ch: int, d: int) -> SpatialTransformer:
-            heads, dim_head = (ch // num_head_channels, num_head_channels) if num_head_channels > 0 else (num_heads, ch // num_heads)
+            heads, dim_head = ((ch // num_head_channels, num_head_channels) if num_head_channels > 0
+                               else (num_heads, ch // num_heads))
             return SpatialTransformer(ch, heads, dim_head, d, context_dim, use_linear_in_transformer)
 
         self.time_embed = nn.Sequential(nn.Linear(model_channels, ted), nn.SiLU(), nn.Linear(ted, ted))
         if adm_in_channels:
-            self.label_emb = nn.Sequential(nn.Sequential(nn.Linear(adm_in_channels, ted), nn.SiLU(), nn.Linear(ted, ted)))
-        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(in_channels, model_channels, 3, padding=1))])
+            self.label_emb = nn.Sequential(nn.Sequential(nn.Linear(adm_in_channels, ted), nn.SiLU(),
+                                                         nn.Linear(ted, ted)))
+        self.input_blocks = nn.ModuleList(
+            [TimestepEmbedSequential(nn.Conv2d(in_channels, model_channels, 3, padding=1))])
         chans, ch = [model_channels], model_channels
         for level, mult in enumerate(channel_mult):
             for _ in range(nrb[level]):

@@ -12,12 +12,12 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from ..lora import adapter_switched
-from ..best_step import pick_best_step
-from ..observe import observing
-from ..preview import Previewer, preview_prompts
-from ..prompts import preservation_prompt
-from ..validation import ValidationLog, Validator, every
+from ..adapters.lora import adapter_switched
+from ..measure.best_step import pick_best_step
+from ..measure.observe import observing
+from ..measure.preview import Previewer, preview_prompts
+from ..data.prompts import preservation_prompt
+from ..measure.validation import ValidationLog, Validator, every
 from . import bench
 from . import generator as wg
 from . import model as wm
@@ -34,7 +34,8 @@ def _images(z):
 class RunWatch:
     def __init__(self, world: bench.World, c: bench.BenchConfig, name: str, examples: list, noise: dict, base: dict,
                  out: Path, vlog: ValidationLog, save_every: int, validate_every: int, seed: int):
-        self.world, self.c, self.name, self.noise, self.base, self.out, self.vlog = world, c, name, noise, base, out, vlog
+        self.world, self.c, self.name, self.noise, self.base = world, c, name, noise, base
+        self.out, self.vlog = out, vlog
         self.save_every, self.validate_every = save_every, validate_every
         self.ps = bench.prompts(c.per_prompt)
         probes = {p: {k: v[0] for k, v in world.encode_text([p]).items()} for p in PROBES}
@@ -43,8 +44,10 @@ class RunWatch:
         first = bench.identity_items()[0][1]
         pres = sorted({preservation_prompt(cap, trig, "class", bench.CLASS) for _, cap, trig in bench.identity_items()},
                       key=lambda p: list(wg.BACKGROUNDS).index(p.split()[-2]))
-        self.previewer = Previewer(world.den, world.encode_text, preview_prompts(first, [wg.TRIGGER], pres), [wg.TRIGGER],
-                                   wm.LATENT_SHAPE, _images, seed=seed, steps=c.sample_steps, cfg=c.cfg, clip_x0=1.0, scale=3)
+        self.previewer = Previewer(world.den, world.encode_text, preview_prompts(first, [wg.TRIGGER], pres),
+                                   [wg.TRIGGER],
+                                   wm.LATENT_SHAPE, _images, seed=seed, steps=c.sample_steps, cfg=c.cfg, clip_x0=1.0,
+                                   scale=3)
         self.scores: list[dict] = []
         self.previews: list[Path] = []
         self.validation: list[dict] = []
@@ -78,7 +81,8 @@ class RunWatch:
         self.seconds["scores"] += time.perf_counter() - t1
 
     def table(self) -> list[dict]:
-        """Per saved step: IS, KPS, identity, leak, drift (world scores) and fit, keep_drift, probe_drift (validation)."""
+        """Per saved step: IS, KPS, identity, leak, drift (world scores) and fit, keep_drift, probe_drift
+        (validation)."""
         val = {r["step"]: r for r in self.validation}
         return [{**s, **{k: v for k, v in val.get(s["step"], {}).items() if k != "step"}} for s in self.scores]
 

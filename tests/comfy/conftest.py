@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import os
 import sys
 import types
@@ -127,7 +128,11 @@ def run_prompt(prompt: dict):
 
     valid, err, outputs, node_errors = asyncio.run(execution.validate_prompt("t", prompt, None))
     assert valid, f"ComfyUI rejected the prompt: {err} {node_errors}"
-    ex = execution.PromptExecutor(FakeServer(), cache_type=False)
+    # the classic cache, as `main.py --cache-classic` builds it: newer executors (the RAM-pressure cache) read their
+    # RAM headroom from cache_args on every run, so they need it, which v0.3.64's executor does not take
+    takes_cache_args = "cache_args" in inspect.signature(execution.PromptExecutor).parameters
+    extra = {"cache_args": {"lru": 0, "ram": 0, "ram_inactive": 0}} if takes_cache_args else {}
+    ex = execution.PromptExecutor(FakeServer(), cache_type=False, **extra)
     ex.execute(prompt, "t", {"client_id": None}, outputs)
     return ex
 
@@ -186,7 +191,7 @@ def adapted_vs_stock_predictions(comfy, mp, den, example, weights, spec, loaded,
     the shared UNet), and the base again after ComfyUI unpatched it."""
     import comfy.model_management as mm
 
-    A = pack_module(comfy, "cat_train.lora")
+    A = pack_module(comfy, "cat_train.adapters.lora")
     unet = mp.model.diffusion_model
     x_t = den.schedule.add_noise(example.latent[None], torch.randn_like(example.latent[None]), t)
     cond = {k: v[None] for k, v in example.cond_token.items()}
@@ -204,12 +209,33 @@ def adapted_vs_stock_predictions(comfy, mp, den, example, weights, spec, loaded,
 
 
 @contextlib.contextmanager
+def progress_hook(hook):
+    """`hook` as ComfyUI's global progress hook (the server's sends `progress` and raises at Cancel), called on every
+    update the pack makes. ComfyUI's ProgressBar now throttles its hook (the first, last and preview updates always
+    reach it, others only 100 ms and 0.5% apart: PROGRESS_THROTTLE_MIN_* in comfy/utils.py), so on a fast machine
+    a test pressing Cancel at a given value, or counting the pack's updates, would see some and not others; with
+    the throttle off the hook sees each update, as every ComfyUI before the throttle called it."""
+    from comfy import utils as comfy_utils
+
+    throttle = {n: getattr(comfy_utils, n) for n in ("PROGRESS_THROTTLE_MIN_INTERVAL", "PROGRESS_THROTTLE_MIN_PERCENT")
+                if hasattr(comfy_utils, n)}
+    for n in throttle:
+        setattr(comfy_utils, n, 0)
+    comfy_utils.set_progress_bar_global_hook(hook)
+    try:
+        yield
+    finally:
+        comfy_utils.set_progress_bar_global_hook(None)
+        for n, v in throttle.items():
+            setattr(comfy_utils, n, v)
+
+
+@contextlib.contextmanager
 def cancelled_after(step: int, total: int | None = None):
     """A user pressing Cancel once the progress bar reaches `step`, as ComfyUI's server hook sees it: the run must
     stop with InterruptProcessingException. Yields the progress values seen; the hook and the flag are reset after.
     total: watch only the bar of that length (the trainer's preparation has a bar of its own before the steps')."""
     import comfy.model_management as mm
-    from comfy import utils as comfy_utils
 
     seen = []
 
@@ -219,10 +245,8 @@ def cancelled_after(step: int, total: int | None = None):
         seen.append(value)
         if value == step:
             mm.interrupt_current_processing(True)
-    comfy_utils.set_progress_bar_global_hook(hook)
     try:
-        with pytest.raises(mm.InterruptProcessingException):
+        with progress_hook(hook), pytest.raises(mm.InterruptProcessingException):
             yield seen
     finally:
-        comfy_utils.set_progress_bar_global_hook(None)
         mm.interrupt_current_processing(False)

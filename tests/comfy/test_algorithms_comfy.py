@@ -32,9 +32,9 @@ def test_algorithm_file_through_stock_loader_predicts_as_trained(comfy, models, 
 
     mp, clip, vae = models[kind]
     tr = pack_module(comfy, "nodes.trainer")
-    A = pack_module(comfy, "cat_train.lora")
-    L = pack_module(comfy, "cat_train.loss")
-    T = pack_module(comfy, "cat_train.train")
+    A = pack_module(comfy, "cat_train.adapters.lora")
+    L = pack_module(comfy, "cat_train.training")
+    T = pack_module(comfy, "cat_train.training")
     cm = pack_module(comfy, "nodes.comfy_model")
     ds = pack_module(comfy, "nodes.dataset").build_dataset(dataset_dir, vae, clip, ("sks",), "dog", ".txt", 128, True)
     unet = mp.model.diffusion_model
@@ -81,7 +81,7 @@ def test_algorithm_file_through_stock_loader_predicts_as_trained(comfy, models, 
 
 def test_training_options_node_sets_the_algorithm(comfy):
     node = comfy.nodes.NODE_CLASS_MAPPINGS["CAT_TrainingOptions"]
-    A = pack_module(comfy, "cat_train.lora")
+    A = pack_module(comfy, "cat_train.adapters.lora")
     TO = pack_module(comfy, "nodes.training_options")
     (widget,) = [i for i in node.define_schema().inputs if i.id == "algorithm"]
     assert widget.options == ["lora", "dora", "loha", "lokr"] and widget.default == "lora"

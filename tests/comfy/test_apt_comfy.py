@@ -14,8 +14,8 @@ def test_apt_trains_on_a_comfy_model_and_records_its_settings(comfy, tiny_sd15, 
     tr = pack_module(comfy, "nodes.trainer")
     loss_nodes = pack_module(comfy, "nodes.loss_config")
     apt_nodes = pack_module(comfy, "nodes.apt")
-    A = pack_module(comfy, "cat_train.lora")
-    T = pack_module(comfy, "cat_train.train")
+    A = pack_module(comfy, "cat_train.adapters.lora")
+    T = pack_module(comfy, "cat_train.training")
     ds = pack_module(comfy, "nodes.dataset").build_dataset(dataset_dir, vae, clip, ("sks",), "dog", ".txt", 128, True)
     apt = apt_nodes.AptOptionsNode.execute(adaptive=1.0, stabilize=5.0, align=1000.0, bins=4, augment="zoom, rotate, flip").result[0]
     loss_cfg = loss_nodes.CatLossConfigNode.execute(1.0, "class", "dog", "", "", apt=apt).result[0]

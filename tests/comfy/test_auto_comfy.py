@@ -32,8 +32,8 @@ def test_auto_preservation_trains_on_a_comfy_model_and_the_lora_names_the_probes
     tr = pack_module(comfy, "nodes.trainer")
     loss_nodes = pack_module(comfy, "nodes.loss_config")
     auto_nodes = pack_module(comfy, "nodes.auto_preservation")
-    A = pack_module(comfy, "cat_train.lora")
-    T = pack_module(comfy, "cat_train.train")
+    A = pack_module(comfy, "cat_train.adapters.lora")
+    T = pack_module(comfy, "cat_train.training")
     ds = pack_module(comfy, "nodes.dataset").build_dataset(dataset_dir, vae, clip, ("sks",), "dog", ".txt", 128, True)
     auto = auto_nodes.AutoPreservationNode.execute(every=2, source="list", probes="cat\nwolf\ncar", top_k=2,
                                                    threshold=0.0, points=2).result[0]

@@ -9,6 +9,14 @@ from test_browser import browser, editor, pytestmark, server  # noqa: F401  (fix
 from test_queue_guards import _files, _graph
 
 
+# The toasts on screen, by their role rather than their markup: frontend 1.27/1.49 draw PrimeVue's
+# `.p-toast-message`, 1.58 its own `li[data-testid=toast]`; each is a role="alert" box (1.58 also repeats the text in a
+# screen-reader-only alert of 1 px, left out by size).
+SHOWN_TOASTS = """() => Array.from(document.querySelectorAll('[role="alert"]'))
+  .filter((e) => { const r = e.getBoundingClientRect(); return r.width > 50 && r.height > 20 && !e.parentElement?.closest('[role="alert"]'); })
+  .map((e) => e.innerText).filter((t) => t.includes('was trained for'))"""
+
+
 def test_the_editor_shows_a_toast_for_a_lora_of_another_family(editor, server, tmp_path):  # noqa: F811
     url, _, base = server
     _files(base)
@@ -20,8 +28,7 @@ def test_the_editor_shows_a_toast_for_a_lora_of_another_family(editor, server, t
     assert "prompt_id" in answer and not answer.get("node_errors"), answer  # queued as sent
     end, toasts = time.monotonic() + 30, []
     while time.monotonic() < end and not toasts:
-        toasts = editor.evaluate("""() => Array.from(document.querySelectorAll('.p-toast-message'))
-          .map((e) => e.innerText).filter((t) => t.includes('was trained for'))""")
+        toasts = editor.evaluate(SHOWN_TOASTS)
         time.sleep(0.25)
     editor.screenshot(path=str(tmp_path / "lora_family_toast.png"))
     print(f"screenshot {tmp_path / 'lora_family_toast.png'}")

@@ -34,11 +34,21 @@ def _dataset(comfy, folder, mpcv):
     return pack_module(comfy, "nodes.dataset").build_dataset(folder, vae, clip, ("sks",), "dog", ".txt", 64, False)
 
 
-def test_folder_registered(comfy):
+def test_folder_registered(comfy, cvdir):
     import os
     N = pack_module(comfy, "nodes.catversion")
-    assert comfy.folder_paths.folder_names_and_paths["catversion"][1] >= {".safetensors"}
+    cv = pack_module(comfy, "cat_train.catversion")
     assert os.path.join(comfy.folder_paths.models_dir, "catversion") in comfy.folder_paths.get_folder_paths("catversion")
+    # registered through folder_paths' API, which takes no extensions: Apply CatVersion lists the .safetensors only
+    cv.save_catversion(cvdir / "listed.safetensors", {"clip_l": cv.KVEmbeddings((0,), 1, 64, 2, 3)})
+    (cvdir / "notes.txt").write_text("not an embedding")
+    try:
+        options = {i.id: i for i in N.ApplyCatVersionNode.define_schema().inputs}["catversion_name"].options
+        assert "listed.safetensors" in options and "notes.txt" not in options
+        assert "notes.txt" in comfy.folder_paths.get_filename_list("catversion")  # the folder holds it: the filter works
+    finally:
+        (cvdir / "listed.safetensors").unlink()
+        (cvdir / "notes.txt").unlink()
     assert {"CAT_CatVersionTrainer", "CAT_SaveCatVersion", "CAT_ApplyCatVersion"} <= set(comfy.nodes.NODE_CLASS_MAPPINGS)
     assert N.FOLDER == "catversion"
 
@@ -48,7 +58,7 @@ def test_kv_concat_matches_comfy_attention_and_input_clip_is_untouched(comfy, ti
     and after (ComfyUI swaps the object patches when clones of one CLIP load in turn)."""
     _, clip, _ = tiny_sd15
     N = pack_module(comfy, "nodes.comfy_clip")
-    cv = pack_module(comfy, "cat_train.catversion")
+    cv = pack_module(comfy, "cat_train.adapters.catversion")
     before = _encode(clip)
     enc = N.clip_encoders(clip)
     assert list(enc) == ["clip_l"] and cv.encoder_info(enc["clip_l"]) == {"hidden": 64, "heads": 2, "layers": 3}
@@ -72,12 +82,13 @@ def test_kv_concat_matches_comfy_attention_and_input_clip_is_untouched(comfy, ti
 def test_trainer_leaves_inputs_and_file_changes_only_conditioning(comfy, kind, request, dataset_dir, cvdir):
     mp, clip, vae = request.getfixturevalue(f"tiny_{kind}")
     N = pack_module(comfy, "nodes.catversion")
-    cv = pack_module(comfy, "cat_train.catversion")
+    cv = pack_module(comfy, "cat_train.adapters.catversion")
+    cvt = pack_module(comfy, "cat_train.training.catversion")
     ds = _dataset(comfy, dataset_dir, (mp, clip, vae))
     clip_before, unet_before, cond_before = _state(clip.cond_stage_model), _state(mp.model.diffusion_model), _encode(clip)
     layers = 3 if kind == "sd15" else 2  # SDXL's CLIPs output their penultimate layer: 2 of the tiny 3 reach it
     spec = cv.CatVersionSpec(layers=layers)
-    cfg = cv.CatVersionConfig(steps=3, lr=1e-2, batch_size=2, alpha=0.5 if kind == "sdxl" else 0.0, class_word="dog", seed=1)
+    cfg = cvt.CatVersionConfig(steps=3, lr=1e-2, batch_size=2, alpha=0.5 if kind == "sdxl" else 0.0, class_word="dog", seed=1)
     applied, weights, image, summary = N.train_on_clip(mp, clip, ds, spec, cfg, "7")
     assert "3/3 steps" in summary and image.shape[-1] == 3
     assert set(weights) == ({"clip_l"} if kind == "sd15" else {"clip_l", "clip_g"})
@@ -100,8 +111,14 @@ def test_trainer_leaves_inputs_and_file_changes_only_conditioning(comfy, kind, r
     on_both = apply.execute(clip, name, embeddings_on_negative=True).result
     assert on_both[1] is on_both[0] and torch.equal(_encode(on_both[1])[0], trained[0])  # the switch: earlier behaviour
     assert loaded is not clip and loaded.patcher is not clip.patcher
-    assert not loaded.patcher.patches and all(k.endswith(".self_attn.forward") for k in loaded.patcher.object_patches)
-    assert len(loaded.patcher.object_patches) == sum(len(e.layer_indices) for e in weights.values())
+    # a CLIP may come with object patches of its own (ComfyUI's CLIP sets `manual_cast_dtype` as one since the
+    # float32 text-encoder upcast moved into the patcher): the clone keeps each as it was and adds only the
+    # self-attention forwards, one per embedded layer
+    own = clip.patcher.object_patches
+    assert all(loaded.patcher.object_patches.get(k, own) is v for k, v in own.items())
+    added = [k for k in loaded.patcher.object_patches if k not in own]
+    assert not loaded.patcher.patches and all(k.endswith(".self_attn.forward") for k in added)
+    assert len(added) == sum(len(e.layer_indices) for e in weights.values())
     assert torch.equal(_encode(loaded)[0], trained[0])
     assert torch.equal(_encode(clip)[0], cond_before[0])
     assert _same(unet_before, _state(mp.model.diffusion_model)) and not mp.patches and not mp.object_patches
@@ -113,7 +130,7 @@ def test_trainer_leaves_inputs_and_file_changes_only_conditioning(comfy, kind, r
 
 
 def test_bad_files_name_the_mismatch(comfy, tiny_sd15, tiny_sdxl, cvdir):
-    cv = pack_module(comfy, "cat_train.catversion")
+    cv = pack_module(comfy, "cat_train.adapters.catversion")
     apply = comfy.nodes.NODE_CLASS_MAPPINGS["CAT_ApplyCatVersion"]
     _, clip15, _ = tiny_sd15
     _, clipxl, _ = tiny_sdxl
@@ -176,13 +193,14 @@ def test_trainer_reports_like_the_lora_trainer_and_cancel_keeps_a_resumable_chec
 
     mp, clip, vae = tiny_sd15
     N = pack_module(comfy, "nodes.catversion")
-    cv = pack_module(comfy, "cat_train.catversion")
+    cv = pack_module(comfy, "cat_train.adapters.catversion")
+    cvt = pack_module(comfy, "cat_train.training.catversion")
     tr = pack_module(comfy, "nodes.common")  # the one progress callback both trainers use
     ds = _dataset(comfy, dataset_dir, tiny_sd15)
     events = []
     monkeypatch.setattr(tr, "send_event", lambda event, data: events.append((event, data)))
     spec = cv.CatVersionSpec(layers=2)
-    cfg = cv.CatVersionConfig(steps=4, lr=1e-2, batch_size=2, alpha=0.5, class_word="dog", seed=2)
+    cfg = cvt.CatVersionConfig(steps=4, lr=1e-2, batch_size=2, alpha=0.5, class_word="dog", seed=2)
     clip_before = _state(clip.cond_stage_model)
     _, full, _, _ = N.train_on_clip(mp, clip, ds, spec, cfg, "9")
     assert [e for e, _ in events] == [tr.EVENT] * 4

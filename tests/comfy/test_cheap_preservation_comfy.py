@@ -19,8 +19,8 @@ def test_keep_widgets_come_last_and_reach_the_lora_header(comfy, tiny_sd15, data
 
     mp, clip, vae = tiny_sd15
     tr = pack_module(comfy, "nodes.trainer")
-    A = pack_module(comfy, "cat_train.lora")
-    T = pack_module(comfy, "cat_train.train")
+    A = pack_module(comfy, "cat_train.adapters.lora")
+    T = pack_module(comfy, "cat_train.training")
     ds = pack_module(comfy, "nodes.dataset").build_dataset(dataset_dir, vae, clip, ("sks",), "dog", ".txt", 128, True)
     loss_cfg = listed["CAT_LossConfig"].execute(1.0, "class", "dog", "", "", keep_every=2, keep_fraction=0.5).result[0]
     _, lora, _, _, res = tr.train_on_model(mp, ds, loss_cfg, A.LoraSpec(rank=4, alpha=4.0), T.TrainConfig(steps=4, lr=1e-2, seed=1))

@@ -38,7 +38,7 @@ def _batches():
 
 def test_clip_vision_scores_equal_open_clip_path_for_identical_embeddings(comfy, tiny_open_clip, tiny_clip_vision, monkeypatch):
     ev = pack_module(comfy, "nodes.evaluate")
-    metrics = pack_module(comfy, "cat_train.metrics")
+    metrics = pack_module(comfy, "cat_train.measure.metrics")
     node = comfy.nodes.NODE_CLASS_MAPPINGS["CAT_KPSEvaluator"]
     tok, notok, ref = _batches()
     out = node.execute(tok, notok, "a photo of sks dog", tiny_open_clip, "CATTinyCLIP", reference_images=ref,

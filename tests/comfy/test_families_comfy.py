@@ -19,7 +19,7 @@ def test_family_holds_on_its_comfyui_tiny_model(comfy, family_name):
         sys.path.insert(0, str(ROOT / "tests"))
     from family_checks import check_family
 
-    F, A, E = (pack_module(comfy, f"cat_train.{m}") for m in ("families", "lora", "export"))
+    F, A, E = (pack_module(comfy, f"cat_train.{m}") for m in ("families", "adapters.lora", "adapters.export"))
     cm = pack_module(comfy, "nodes.comfy_model")
     family = getattr(F, family_name)
     mp = tiny_model(KIND[family_name], seed=5)[0]

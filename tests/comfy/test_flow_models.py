@@ -3,6 +3,7 @@ by ComfyUI's own classes, with their own tiny text encoders (SD3: CLIP-L/G; Flux
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -19,8 +20,8 @@ def flow_models(comfy):
 
 
 def _mods(comfy):
-    return [pack_module(comfy, m) for m in ("nodes.trainer", "nodes.comfy_model", "cat_train.lora",
-                                            "cat_train.loss", "cat_train.train")]
+    return [pack_module(comfy, m) for m in ("nodes.trainer", "nodes.comfy_model", "cat_train.adapters.lora",
+                                            "cat_train.training", "cat_train.training")]
 
 
 def _state(mp):
@@ -42,7 +43,7 @@ def test_predict_is_the_velocity_comfyui_samples_with(comfy, flow_models, kind):
     ms = mp.model.model_sampling
     u = torch.linspace(0.05, 0.95, 19, dtype=torch.float64)
     theirs_sigma = ms.sigma(u * 1000) if kind == "sd3" else ms.sigma(u)  # SD3: t/1000 shifted by 3; Flux: mu 1.15
-    D = pack_module(comfy, "cat_train.denoiser")
+    D = pack_module(comfy, "cat_train.step.denoiser")
     torch.testing.assert_close(D.time_shift(den.schedule.shift, u), theirs_sigma.double(), rtol=1e-6, atol=1e-7)
     assert den.schedule.shift == pytest.approx(3.0 if kind == "sd3" else math.exp(1.15))
 
@@ -203,6 +204,150 @@ def test_video_model_refused_before_anything_is_loaded(comfy, monkeypatch):
     with pytest.raises(ValueError, match=r"CAT trains SD1\.x.*SDXL.*SD3.*Flux.*WAN21 with a WanModel network, which is not supported"):
         tr.train_on_model(mp, _Latents("flux"), L.CatLossConfig(1.0), A.LoraSpec(), T.TrainConfig(steps=1))
     assert loads == [] and {n: p.dtype for n, p in base.diffusion_model.named_parameters()} == dtypes
+
+
+@pytest.mark.parametrize("variant, named", [("Flux2", "Flux.2"), ("LongCatImage", "LongCat-Image")])
+def test_flux_variants_refused_by_name_before_anything_is_loaded(comfy, flow_models, monkeypatch, variant, named):
+    """ComfyUI v0.33's Flux.2 and LongCat-Image model classes subclass its Flux class and run the Flux network, so they
+    passed the Flux check untrained and untested: refused in one line that names them, nothing loaded or cast. The
+    refusal goes by class; v0.3.64 has neither class, so a subclass of Flux under that name stands in there."""
+    import comfy.model_base as mb
+    import comfy.model_management as mm
+    from comfy import model_patcher
+
+    cls = getattr(mb, variant, None) or type(variant, (mb.Flux,), {})
+    base = cls(flow_models["flux"][0].model.model_config)  # the tiny Flux network inside the variant's model class
+    mp = model_patcher.ModelPatcher(base, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+    loads = []
+    monkeypatch.setattr(mm, "load_models_gpu", lambda *a, **k: loads.append(a))
+    tr, cm, A, L, T = _mods(comfy)
+    with pytest.raises(ValueError, match=rf"this MODEL is {re.escape(named)} \(ComfyUI's {variant}\), which runs on Flux's "
+                                         r"network but is not Flux\.1 and is not supported yet: train a Flux\.1 model\.$") as e:
+        tr.train_on_model(mp, _Latents("flux"), L.CatLossConfig(1.0, "class", "dog"), A.LoraSpec(), T.TrainConfig(steps=1))
+    assert "\n" not in str(e.value) and loads == []
+    assert cm.family_of(flow_models["flux"][0]) is pack_module(comfy, "cat_train.families").Flux  # Flux.1 still trains
+
+
+def test_training_flag_set_for_the_trainers_passes_only(comfy, flow_models, tmp_path):
+    """ComfyUI v0.33 runs Flux's rotary embedding through a comfy_kitchen kernel without a backward unless
+    comfy.model_management.in_training is set: every training forward (Flux, checkpointed too) sees it set, and it is
+    clear again after the trainer returns, raises or is cancelled. Where ComfyUI has no such flag (v0.3.64) it stays
+    absent."""
+    import comfy.model_management as mm
+
+    from conftest import cancelled_after
+
+    mp = flow_models["flux"][0]
+    tr, _, A, L, T = _mods(comfy)
+    has_flag = hasattr(mm, "in_training")
+    idle = False if has_flag else None
+    seen = []
+    hook = mp.model.diffusion_model.double_blocks[0].register_forward_pre_hook(
+        lambda m, a: seen.append((torch.is_grad_enabled(), getattr(mm, "in_training", None))))
+
+    def disk_full(step, weights):
+        raise OSError("disk full")
+    try:
+        assert getattr(mm, "in_training", None) is idle
+        for ckpt in ("off", "on"):
+            res = tr.train_on_model(mp, _Latents("flux"), L.CatLossConfig(1.0, "class", "dog"), A.LoraSpec(rank=2, alpha=2.0),
+                                    T.TrainConfig(steps=2, lr=1e-2, seed=1), checkpointing=ckpt)[4]
+            assert res.steps_done == 2 and getattr(mm, "in_training", None) is idle
+        assert any(grad for grad, _ in seen) and {flag for _, flag in seen} == {True if has_flag else None}
+        with pytest.raises(OSError, match="disk full"):
+            tr.train_on_model(mp, _Latents("flux"), L.CatLossConfig(1.0, "class", "dog"), A.LoraSpec(rank=2, alpha=2.0),
+                              T.TrainConfig(steps=3, lr=1e-2, save_every=1, checkpoint_dir=str(tmp_path / "err")), on_save=disk_full)
+        assert getattr(mm, "in_training", None) is idle
+        with cancelled_after(1, total=3):
+            tr.train_on_model(mp, _Latents("flux"), L.CatLossConfig(1.0, "class", "dog"), A.LoraSpec(rank=2, alpha=2.0),
+                              T.TrainConfig(steps=3, lr=1e-2, checkpoint_dir=str(tmp_path / "cancel")), "9")
+        assert getattr(mm, "in_training", None) is idle
+    finally:
+        hook.remove()
+
+
+def _cpu_dynamic_patcher_class():
+    """ComfyUI's DynamicVRAM patcher (v0.33) as far as it can exist without a GPU, or None where ComfyUI has none: its
+    per-device pinned host buffers need comfy_aimdo's GPU library and its constructor re-routes a CPU load device to
+    the plain patcher, so both are skipped; everything else (is_dynamic, clone, load) is ComfyUI's own."""
+    import comfy.model_patcher as MP
+
+    dynamic = getattr(MP, "ModelPatcherDynamic", None)
+    if dynamic is None:
+        return None
+
+    class CpuDynamic(dynamic):
+        def __new__(cls, *args, **kwargs):
+            return object.__new__(cls)
+
+        def register_load_device(self, device):
+            pass
+
+        def __del__(self):
+            pass
+    return CpuDynamic
+
+
+def test_dynamic_vram_model_trains_on_a_non_dynamic_copy(comfy, monkeypatch, tmp_path):
+    """ComfyUI v0.33 loads models with DynamicVRAM by default on GPUs: the weights stay in CPU memory and stream to the
+    GPU per call, so a trainer taking its device from the first parameter would train on the CPU. The trainer trains
+    a non-dynamic clone that the MODEL's own loader builds (cached_patcher_init, as ComfyUI's core loaders set it) and
+    never loads the dynamic MODEL; that MODEL stays bit-identical and the returned MODEL is its clone with the LoRA.
+    A dynamic MODEL whose loader cannot build one is refused before anything is loaded. Without DynamicVRAM
+    (v0.3.64, and v0.33 with a plain patcher) the trainer trains the MODEL's own patcher."""
+    import comfy.model_management as mm
+
+    tr, _, A, L, T = _mods(comfy)
+    loaded, real_load = [], mm.load_models_gpu
+
+    def recording_load(models, *args, **kwargs):
+        loaded.extend(m for m in models if hasattr(m.model, "diffusion_model"))  # networks, not a tiny CLIP being built
+        return real_load(models, *args, **kwargs)
+    monkeypatch.setattr(mm, "load_models_gpu", recording_load)
+
+    def train(mp, name):
+        return tr.train_on_model(mp, _Latents("flux"), L.CatLossConfig(1.0, "class", "dog"), A.LoraSpec(rank=2, alpha=2.0),
+                                 T.TrainConfig(steps=2, lr=1e-2, seed=1, checkpoint_dir=str(tmp_path / name)))
+
+    plain = tiny_model("flux", seed=13)[0]
+    train(plain, "plain")
+    assert loaded and all(m is plain for m in loaded)
+
+    dynamic_class = _cpu_dynamic_patcher_class()
+    if dynamic_class is None:  # v0.3.64: no DynamicVRAM
+        assert not hasattr(plain, "is_dynamic")
+        return
+    made = []
+
+    def loader(seed, disable_dynamic=False):  # what load_checkpoint_guess_config does: the same file loaded again
+        m = tiny_model("flux", seed=seed)[0]
+        made.append((disable_dynamic, m))
+        return (m,)
+    src = tiny_model("flux", seed=13)[0]
+    dyn = dynamic_class(src.model, src.load_device, src.offload_device)
+    assert dyn.is_dynamic()
+    before = _state(dyn)
+    calls = []
+    hook = dyn.model.diffusion_model.register_forward_pre_hook(lambda m, a: calls.append(1))
+    try:
+        with pytest.raises(ValueError, match=r"^the MODEL input is loaded with ComfyUI's DynamicVRAM .* load the model with "
+                                             r"a core loader .* or start ComfyUI with --disable-dynamic-vram\.$"):
+            train(dyn, "refused")  # no cached_patcher_init: a custom loader's MODEL
+        loaded.clear()
+        dyn.cached_patcher_init = (loader, (13,), 0)
+        patched, lora, _, _, res = train(dyn, "dynamic")
+    finally:
+        hook.remove()
+    assert len(made) == 1 and made[0][0] is True  # one non-dynamic load, through the MODEL's loader
+    trained = made[0][1].model
+    assert loaded and all(not m.is_dynamic() and m.model is trained for m in loaded)
+    assert calls == [] and _same(before, _state(dyn))  # the dynamic MODEL was never run nor changed
+    assert patched.is_clone(dyn) and patched.is_dynamic()
+    assert {k[len("diffusion_model."):-len(".weight")] for k in patched.patches} == set(res.weights) and res.steps_done == 2
+    # the same training as on the plain patcher of the same weights: seeded alike, so the same LoRA
+    again = train(tiny_model("flux", seed=13)[0], "again")[4]
+    for k, w in res.weights.items():
+        torch.testing.assert_close(again.weights[k].up, w.up, atol=1e-6, rtol=1e-5)
 
 
 def test_family_presets_resolve_and_name_their_choices(comfy, flow_models):

@@ -22,7 +22,7 @@ def test_keep_estimator_widget_comes_last_and_reaches_the_lora_header(comfy, tin
 
     mp, clip, vae = tiny_sd15
     tr = pack_module(comfy, "nodes.trainer")
-    A, T = pack_module(comfy, "cat_train.lora"), pack_module(comfy, "cat_train.train")
+    A, T = pack_module(comfy, "cat_train.adapters.lora"), pack_module(comfy, "cat_train.training")
     ds = pack_module(comfy, "nodes.dataset").build_dataset(dataset_dir, vae, clip, ("sks",), "dog", ".txt", 128, True)
     loss = listed["CAT_LossConfig"].execute(1.0, "class", "dog", "", "", keep_estimator="local").result[0]
     importlib.import_module("comfy.model_management").unload_all_models()
@@ -44,7 +44,7 @@ def test_local_keep_on_flow_models(comfy, kind, dataset_dir):
     mp, clip, vae = tiny_model(kind, seed=11)
     ds = pack_module(comfy, "nodes.dataset").build_dataset(dataset_dir, vae, clip, ("sks",), "dog", ".txt", 128, True)
     tr = pack_module(comfy, "nodes.trainer")
-    A, T, L = (pack_module(comfy, m) for m in ("cat_train.lora", "cat_train.train", "cat_train.loss"))
+    A, T, L = (pack_module(comfy, m) for m in ("cat_train.adapters.lora", "cat_train.training", "cat_train.training"))
     importlib.import_module("comfy.model_management").unload_all_models()
     before = {k: v.clone() for k, v in mp.model.diffusion_model.state_dict().items()}
     *_, res = tr.train_on_model(mp, ds, L.CatLossConfig(1.0, "class", "dog", keep_estimator="local"),

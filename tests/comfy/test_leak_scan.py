@@ -7,6 +7,8 @@ import re
 import pytest
 import torch
 
+from conftest import progress_hook
+
 PROBES = "a photo of a dog\na photo of a cat\na red car\na bowl of fruit"
 SMALL = dict(negative="", seed=3, steps=4, cfg=5.0, sampler_name="euler", scheduler="normal", width=64, height=64,
              images_per_probe=2, top_k=2, open_clip_model="CATTinyCLIP")
@@ -48,15 +50,10 @@ def _with_lora(mp, scale=1.0):
     return patched
 
 def test_same_model_drifts_exactly_zero(comfy, tiny_sd15, tiny_open_clip):
-    import comfy.utils as cu
-
     mp, clip, vae = tiny_sd15
     calls = []
-    cu.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: calls.append((value, total)))
-    try:
+    with progress_hook(lambda value, total, preview, node_id=None: calls.append((value, total))):
         report, worst, chart, grid = _scan(comfy, mp, mp, clip, vae, tiny_open_clip)
-    finally:
-        cu.set_progress_bar_global_hook(None)
     rows = _rows(report)
     assert sorted(p for _, p in rows) == sorted(PROBES.splitlines())
     assert all(d == 0.0 for d, _ in rows)  # same seeds, same model: identical images, similarity exactly 1

@@ -3,6 +3,7 @@ prediction type comes from the patcher, any attention backend trains, upstream p
 from __future__ import annotations
 
 import collections
+import contextlib
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ def _dataset(comfy, folder, clip, vae, res=64):
 
 def _train(comfy, mp, ds, alpha=1.0, steps=3, compute="auto", **kw):
     tr = pack_module(comfy, "nodes.trainer")
-    A, L, T = (pack_module(comfy, f"cat_train.{m}") for m in ("lora", "loss", "train"))
+    A, L, T = (pack_module(comfy, f"cat_train.{m}") for m in ("adapters.lora", "training", "training"))
     cfg = T.TrainConfig(steps=steps, lr=1e-2, seed=1, **kw)
     return tr.train_on_model(mp, ds, L.CatLossConfig(alpha, "class", "dog"), A.LoraSpec(rank=4, alpha=4.0), cfg,
                              compute=compute)
@@ -51,7 +52,7 @@ def test_low_precision_model_trains_and_stays_as_loaded(comfy, dataset_dir, kind
 
 
 def test_compute_dtype_choice(comfy):
-    P = pack_module(comfy, "cat_train.precision")
+    P = pack_module(comfy, "cat_train.training.precision")
     assert P.compute_dtype("auto", "cpu", torch.bfloat16) == torch.bfloat16
     assert P.compute_dtype("auto", "cpu", torch.float16) == torch.float32
     assert P.compute_dtype("auto", "cuda", torch.float16, bf16_supported=True) == torch.bfloat16
@@ -65,7 +66,7 @@ def test_compute_dtype_choice(comfy):
 def test_oom_in_first_forward_leaves_model_bit_identical(comfy, dataset_dir, monkeypatch):
     mp, clip, vae = tiny_model("sd15", seed=6, dtype=torch.bfloat16)
     ds = _dataset(comfy, dataset_dir, clip, vae)
-    T = pack_module(comfy, "cat_train.train")
+    T = pack_module(comfy, "cat_train.training")
     before = _state(mp)
     unet = mp.model.diffusion_model
     real = type(unet).forward
@@ -81,7 +82,7 @@ def test_oom_in_first_forward_leaves_model_bit_identical(comfy, dataset_dir, mon
     with pytest.raises(T.TrainingOutOfMemory, match="out of memory at step 1.*gradient_checkpointing"):
         _train(comfy, mp, ds)
     assert _same(before, _state(mp))
-    B = pack_module(comfy, "cat_train.budget")
+    B = pack_module(comfy, "cat_train.training.budget")
     monkeypatch.setattr(type(unet), "forward", oom_when(grad=False))  # the budget's probe, before training
     with pytest.raises(B.DoesNotFit, match="out of memory in one no-grad forward.*lower the resolution"):
         _train(comfy, mp, ds)
@@ -94,7 +95,7 @@ def test_model_sampling_node_upstream_sets_the_target(comfy, dataset_dir):
     """ModelSamplingDiscrete(v_prediction) on an eps checkpoint: the loss's target is v, not eps."""
     mp, clip, vae = tiny_model("sd15", seed=7)
     cm = pack_module(comfy, "nodes.comfy_model")
-    L = pack_module(comfy, "cat_train.loss")
+    objective = pack_module(comfy, "cat_train.step.objective").cat_objective
     (mp_v,) = comfy.nodes.NODE_CLASS_MAPPINGS["ModelSamplingDiscrete"]().patch(mp, "v_prediction", False)
     assert cm.ComfyDenoiser(mp).prediction_type == "eps" and cm.ComfyDenoiser(mp_v).prediction_type == "v"
     den = cm.ComfyDenoiser(mp_v)
@@ -103,7 +104,7 @@ def test_model_sampling_node_upstream_sets_the_target(comfy, dataset_dir):
     ctx = {"context": torch.randn(2, 77, 64, generator=g)}
     with torch.no_grad():
         pred = den.predict(den.schedule.add_noise(x0, noise, t), t, ctx)
-        fit = L.cat_objective(den, x0, noise, t, ctx, ctx, 0.0).fit
+        fit = objective(den, contextlib.nullcontext, x0, noise, t, ctx, ctx, 0.0).fit  # no adapter: itself frozen
     abar = den.schedule.alphas_cumprod[t].float().view(-1, 1, 1, 1)
     v = abar.sqrt() * noise - (1 - abar).sqrt() * x0
     torch.testing.assert_close(fit, (pred - v).pow(2).flatten(1).mean(1), rtol=1e-6, atol=0)
@@ -182,7 +183,7 @@ def test_budget_before_step_one_and_auto_checkpointing(comfy, dataset_dir, monke
     mp, clip, vae = tiny_model("sd15", seed=11, dtype=torch.bfloat16)
     ds = _dataset(comfy, dataset_dir, clip, vae)
     tr = pack_module(comfy, "nodes.trainer")
-    A, L, T, B = (pack_module(comfy, f"cat_train.{m}") for m in ("lora", "loss", "train", "budget"))
+    A, L, T, B = (pack_module(comfy, f"cat_train.{m}") for m in ("adapters.lora", "training", "training", "training.budget"))
     spec, loss = A.LoraSpec(rank=4, alpha=4.0), L.CatLossConfig(1.0, "class", "dog")
     cm = pack_module(comfy, "nodes.comfy_model")
     with torch.inference_mode(False), cm.trainable(mp) as den:
@@ -209,7 +210,7 @@ def test_save_every_writes_loadable_lora_files(comfy, dataset_dir, tmp_path):
     mp, clip, vae = tiny_model("sdxl", seed=12)
     ds = _dataset(comfy, dataset_dir, clip, vae)
     tr = pack_module(comfy, "nodes.trainer")
-    A, L, T = (pack_module(comfy, f"cat_train.{m}") for m in ("lora", "loss", "train"))
+    A, L, T = (pack_module(comfy, f"cat_train.{m}") for m in ("adapters.lora", "training", "training"))
     spec, loss = A.LoraSpec(rank=4, alpha=4.0), L.CatLossConfig(1.0, "class", "dog")
     cfg = T.TrainConfig(steps=4, lr=1e-2, seed=1, save_every=2, checkpoint_dir=str(tmp_path / "ck"))
     loras = tmp_path / "loras"

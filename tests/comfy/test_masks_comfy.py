@@ -73,9 +73,9 @@ def test_masks_reach_the_examples_and_the_loss(comfy, tiny_sd15):
     folder = masked_folder(Path(comfy.folder_paths.get_input_directory()) / "cat_mask_ds2")
     nd = pack_module(comfy, "nodes.dataset")
     tr = pack_module(comfy, "nodes.trainer")
-    A = pack_module(comfy, "cat_train.lora")
-    T = pack_module(comfy, "cat_train.train")
-    L = pack_module(comfy, "cat_train.loss")
+    A = pack_module(comfy, "cat_train.adapters.lora")
+    T = pack_module(comfy, "cat_train.training")
+    L = pack_module(comfy, "cat_train.training")
     ds = nd.build_dataset(folder, vae, clip, ("sks",), "dog", ".txt", 128, True)  # the node's call: masks auto
     assert "3 images in 1 bucket(s): 128x128: 3; 2 with masks" in nd.info(ds)
     assert "masks (auto): 2 of 3 images have a mask" in nd.info(ds)
@@ -109,7 +109,7 @@ def test_masked_training_on_flow_models(comfy, kind, tmp_path):
     ds = pack_module(comfy, "nodes.dataset").build_dataset(folder, vae, clip, ("sks",), "dog", ".txt", 128, True)
     assert all(m is None or m.shape[-2:] == lat.shape[-2:] for m, (lat, *_) in zip(ds.masks, ds.items))
     tr = pack_module(comfy, "nodes.trainer")
-    A, T, L = (pack_module(comfy, m) for m in ("cat_train.lora", "cat_train.train", "cat_train.loss"))
+    A, T, L = (pack_module(comfy, m) for m in ("cat_train.adapters.lora", "cat_train.training", "cat_train.training"))
     importlib.import_module("comfy.model_management").unload_all_models()  # a LoRA-patched clone loaded by an earlier test leaves its patches in the
     before = {k: v.clone() for k, v in mp.model.diffusion_model.state_dict().items()}  # shared weights until then
     *_, res = tr.train_on_model(mp, ds, L.CatLossConfig(1.0, "class", "dog", mask_floor=0.0, mask_keep=1.0),

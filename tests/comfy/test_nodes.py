@@ -15,7 +15,7 @@ def _dataset(comfy, folder, mp_clip_vae, res=128):
 
 
 def _cfg(comfy, **kw):
-    T = pack_module(comfy, "cat_train.train")
+    T = pack_module(comfy, "cat_train.training")
     return T.TrainConfig(**{"steps": 4, "lr": 1e-2, "seed": 1, **kw})
 
 
@@ -53,8 +53,8 @@ def test_train_patch_roundtrip(comfy, kind, request, dataset_dir, tmp_path):
     trained modules and predicts what the trainer's adapted UNet predicts."""
     mp, clip, vae = request.getfixturevalue(f"tiny_{kind}")
     tr = pack_module(comfy, "nodes.trainer")
-    A = pack_module(comfy, "cat_train.lora")
-    L = pack_module(comfy, "cat_train.loss")
+    A = pack_module(comfy, "cat_train.adapters.lora")
+    L = pack_module(comfy, "cat_train.training")
     cm = pack_module(comfy, "nodes.comfy_model")
     ds = _dataset(comfy, dataset_dir, (mp, clip, vae))
     assert len(ds.items) == 3 and len(ds.buckets) == 2  # 128x128 and 256x128 -> buckets 128x128, 192x64
@@ -113,9 +113,9 @@ def test_cancel_keeps_checkpoint_and_resumes(comfy, tiny_sd15, dataset_dir, tmp_
 
     mp, clip, vae = tiny_sd15
     tr = pack_module(comfy, "nodes.trainer")
-    A = pack_module(comfy, "cat_train.lora")
-    L = pack_module(comfy, "cat_train.loss")
-    T = pack_module(comfy, "cat_train.train")
+    A = pack_module(comfy, "cat_train.adapters.lora")
+    L = pack_module(comfy, "cat_train.training")
+    T = pack_module(comfy, "cat_train.training")
     ds = _dataset(comfy, dataset_dir, tiny_sd15)
     mm.load_models_gpu([mp])  # the MODEL's own weights, not a still-loaded patched clone's
     before = {k: v.clone() for k, v in mp.model.diffusion_model.state_dict().items()}
@@ -138,8 +138,8 @@ def test_cancel_keeps_checkpoint_and_resumes(comfy, tiny_sd15, dataset_dir, tmp_
 def test_gradient_checkpointing_same_lora_and_unwrapped_after(comfy, tiny_sd15, dataset_dir, tmp_path):
     mp, clip, vae = tiny_sd15
     tr = pack_module(comfy, "nodes.trainer")
-    A = pack_module(comfy, "cat_train.lora")
-    L = pack_module(comfy, "cat_train.loss")
+    A = pack_module(comfy, "cat_train.adapters.lora")
+    L = pack_module(comfy, "cat_train.training")
     ds = _dataset(comfy, dataset_dir, tiny_sd15)
     blocks = [layer for b in [*mp.model.diffusion_model.input_blocks, mp.model.diffusion_model.middle_block] for layer in b]
     calls = []
@@ -181,8 +181,8 @@ def test_v_prediction_model(comfy, dataset_dir, tmp_path):
         x0 = mp.model.apply_model(x_k, s, c_crossattn=c["context"])
     torch.testing.assert_close(x0, x_k / (s * s + 1) - v * s / (s * s + 1).sqrt(), atol=1e-5, rtol=1e-4)
     tr = pack_module(comfy, "nodes.trainer")
-    A = pack_module(comfy, "cat_train.lora")
-    L = pack_module(comfy, "cat_train.loss")
+    A = pack_module(comfy, "cat_train.adapters.lora")
+    L = pack_module(comfy, "cat_train.training")
     ds = _dataset(comfy, dataset_dir, (mp, clip, vae))
     res = tr.train_on_model(mp, ds, L.CatLossConfig(0.0, "strip"), A.LoraSpec(rank=2, alpha=2.0),
                             _cfg(comfy, steps=2, checkpoint_dir=str(tmp_path)))[4]
@@ -211,7 +211,7 @@ def test_core_kohya_names_match_comfyui_map(comfy, tiny_sd15):
     """The core's ldm->diffusers names (read off the module tree) agree with ComfyUI's unet_to_diffusers."""
     from comfy.utils import unet_to_diffusers
 
-    ldm_to_diffusers = pack_module(comfy, "cat_train.ldm_names").ldm_to_diffusers
+    ldm_to_diffusers = pack_module(comfy, "cat_train.families.ldm_names").ldm_to_diffusers
     mp = tiny_sd15[0]
     by_ldm = {v[: -len(".weight")]: k[: -len(".weight")]
               for k, v in unet_to_diffusers(mp.model.model_config.unet_config).items() if k.endswith(".weight")}

@@ -5,7 +5,7 @@ from __future__ import annotations
 def test_widget_tooltips_are_the_option_help(comfy):
     from conftest import pack_module
 
-    options_doc = pack_module(comfy, "cat_train.options_doc")
+    options_doc = pack_module(comfy, "cat_train.options")
     classes = options_doc.option_classes()
     checked = 0
     for node_id, widgets in options_doc.NODE_WIDGETS.items():

@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from conftest import pack_module
+from conftest import pack_module, progress_hook
 from test_bad_inputs import graph
 
 
@@ -78,7 +78,6 @@ def test_names_too_long_for_the_filesystem_fail_validation(ready):
 
 def test_cancel_during_the_dataset_encode_stops_within_one_image(ready, tiny_sd15, dataset_dir, monkeypatch):
     import comfy.model_management as mm
-    from comfy import utils as comfy_utils
 
     _, clip, vae = tiny_sd15
     ds_node = pack_module(ready, "nodes.dataset")
@@ -89,12 +88,10 @@ def test_cancel_during_the_dataset_encode_stops_within_one_image(ready, tiny_sd1
     def hook(value, total, preview, node_id=None):  # Cancel pressed after the first image
         if value == 1:
             mm.interrupt_current_processing(True)
-    comfy_utils.set_progress_bar_global_hook(hook)
     try:
-        with pytest.raises(mm.InterruptProcessingException):
+        with progress_hook(hook), pytest.raises(mm.InterruptProcessingException):
             ds_node.build_dataset(dataset_dir, vae, clip, ("sks",), "dog", ".txt", 128, True)
     finally:
-        comfy_utils.set_progress_bar_global_hook(None)
         mm.interrupt_current_processing(False)
     assert len(encoded) == 2  # the image in hand finishes; the third is never decoded
     ds = ds_node.build_dataset(dataset_dir, vae, clip, ("sks",), "dog", ".txt", 128, True)
@@ -103,11 +100,10 @@ def test_cancel_during_the_dataset_encode_stops_within_one_image(ready, tiny_sd1
 
 def test_cancel_during_the_trainers_preparation_stops_before_step_1(ready, tiny_sd15, dataset_dir, tmp_path):
     import comfy.model_management as mm
-    from comfy import utils as comfy_utils
 
     mp, clip, vae = tiny_sd15
     tr = pack_module(ready, "nodes.trainer")
-    A, L, T = (pack_module(ready, f"cat_train.{m}") for m in ("lora", "loss", "train"))
+    A, L, T = (pack_module(ready, f"cat_train.{m}") for m in ("adapters.lora", "training", "training"))
     ds = pack_module(ready, "nodes.dataset").build_dataset(dataset_dir, vae, clip, ("sks",), "dog", ".txt", 128, True)
     ds._text_cache.clear()
     seen = []
@@ -116,21 +112,19 @@ def test_cancel_during_the_trainers_preparation_stops_before_step_1(ready, tiny_
         seen.append((value, total))
         if total == 9 and value == 2:  # 3 images: up to 6 prompts + 3 examples; Cancel during the CLIP encode
             mm.interrupt_current_processing(True)
-    comfy_utils.set_progress_bar_global_hook(hook)
     cfg = T.TrainConfig(steps=50, lr=1e-2, save_every=1, checkpoint_dir=str(tmp_path / "ck"))
     t0 = time.monotonic()
     try:
-        with pytest.raises(mm.InterruptProcessingException):
+        with progress_hook(hook), pytest.raises(mm.InterruptProcessingException):
             tr.train_on_model(mp, ds, L.CatLossConfig(1.0, "class", "dog"), A.LoraSpec(rank=2, alpha=2.0), cfg)
     finally:
-        comfy_utils.set_progress_bar_global_hook(None)
         mm.interrupt_current_processing(False)
     assert seen == [(1, 9), (2, 9)], seen  # no training step, no 50-step bar
     assert not (tmp_path / "ck").exists() and time.monotonic() - t0 < 30
 
 
 def test_a_read_only_loras_folder_is_named_before_saving(ready, monkeypatch):
-    RF = pack_module(ready, "cat_train.run_folder")
+    RF = pack_module(ready, "cat_train.training.run_folder")
     save = ready.nodes.NODE_CLASS_MAPPINGS["CAT_SaveLora"]
 
     def ro(*a, **k):
@@ -222,8 +216,8 @@ def test_two_queued_runs_with_one_checkpoint_name_keep_their_own_checkpoints(rea
 def test_a_trigger_on_a_75_token_boundary_pads_to_the_longest_caption_not_420_chunks(ready, tiny_sd15):
     _, clip, _ = tiny_sd15
     CD = pack_module(ready, "nodes.dataset").CatDataset
-    L = pack_module(ready, "cat_train.loss")
-    P = pack_module(ready, "cat_train.prompts")
+    L = pack_module(ready, "cat_train.step.conds")
+    P = pack_module(ready, "cat_train.data.prompts")
     caption = "a " * (75 * 20 - 1) + "sks dog"  # without the trigger 20 full chunks; the trigger opens the 21st
     y = P.preservation_prompt(caption, ["sks"], "strip", "dog")
     ds = CD([], ("sks",), "dog", clip, "")
@@ -237,7 +231,7 @@ def test_a_trigger_on_a_75_token_boundary_pads_to_the_longest_caption_not_420_ch
 
 def test_an_sd15_checkpoint_resumed_on_sdxl_names_both_families(ready, tiny_sd15, tiny_sdxl, dataset_dir, tmp_path):
     tr = pack_module(ready, "nodes.trainer")
-    A, L, T = (pack_module(ready, f"cat_train.{m}") for m in ("lora", "loss", "train"))
+    A, L, T = (pack_module(ready, f"cat_train.{m}") for m in ("adapters.lora", "training", "training"))
     dsn = pack_module(ready, "nodes.dataset")
     mp, clip, vae = tiny_sd15
     ds = dsn.build_dataset(dataset_dir, vae, clip, ("sks",), "dog", ".txt", 128, True)

@@ -14,10 +14,10 @@ from test_clip_vision import tiny_clip_vision  # noqa: F401  (fixture)
 
 def _run(comfy, tiny_sd15, dataset_dir, tmp_path, name, watch, save_every=2):
     tr = pack_module(comfy, "nodes.trainer")
-    A = pack_module(comfy, "cat_train.lora")
-    L = pack_module(comfy, "cat_train.loss")
+    A = pack_module(comfy, "cat_train.adapters.lora")
+    L = pack_module(comfy, "cat_train.training")
     ds_mod = pack_module(comfy, "nodes.dataset")
-    T = pack_module(comfy, "cat_train.train")
+    T = pack_module(comfy, "cat_train.training")
     sv = pack_module(comfy, "nodes.save_lora")
     mp, clip, vae = tiny_sd15
     ds = ds_mod.build_dataset(dataset_dir, vae, clip, ("sks",), "dog", ".txt", 128, True)
@@ -56,7 +56,7 @@ def test_watch_on_or_off_trains_the_same_lora_and_reports_steps(comfy, tiny_sd15
         png = r["file"].replace(".safetensors", ".png")
         assert os.path.isfile(png)  # the grid next to the step LoRA
     # the best step: the core's rule on this table, its file as the output
-    best = pack_module(comfy, "cat_train.best_step").pick_best_step(
+    best = pack_module(comfy, "cat_train.measure.best_step").pick_best_step(
         [{"step": int(r["step"]), "IS": float(r["IS"]), "keep_drift": float(r["keep_drift"])} for r in steps])
     assert m["best_file"] == steps[[int(r["step"]) for r in steps].index(best.step)]["file"]
     assert f"best step {best.step}: {m['best_file']}" in summary

@@ -126,7 +126,12 @@ def test_ui_workflow_matches_schemas(comfy, path):
             elif kind == "value":
                 _check_value(where, k, specs[k], v)
                 assert v == api[str(n["id"])]["inputs"][k], f"{where}: {k}={v!r}, the API graph has {api[str(n['id'])]['inputs'][k]!r}"
-        assert [o["type"] for o in n["outputs"]] == list(cls.RETURN_TYPES)
+        shipped, rtypes = [o["type"] for o in n["outputs"]], list(cls.RETURN_TYPES)
+        if n["type"].startswith("CAT_"):
+            assert shipped == rtypes, f"{where}: outputs {shipped}, the node has {rtypes}"
+        else:  # the graphs are built on the oldest supported ComfyUI: a core node that gained outputs since (SaveImage,
+            # Preview Any on v0.33) gets them from the editor on load, after the shipped ones (test_browser.py)
+            assert shipped == rtypes[:len(shipped)], f"{where}: outputs {shipped}, the node has {rtypes}"
     for lid, src, sslot, dst, dslot, typ in ui["links"]:
         assert nodes[src]["outputs"][sslot]["type"] == typ and lid in nodes[src]["outputs"][sslot]["links"]
         assert nodes[dst]["inputs"][dslot]["type"] in (typ, "*") and nodes[dst]["inputs"][dslot]["link"] == lid
@@ -201,10 +206,12 @@ def test_ui_workflow_layout_is_readable(path):
         inside = [g["title"] for g in ui["groups"] if g["bounding"][0] <= x0 and g["bounding"][1] <= y0 - 10
                   and x1 <= g["bounding"][0] + g["bounding"][2] and y1 <= g["bounding"][1] + g["bounding"][3]]
         assert len(inside) == 1, f"{path.name} node {n['id']} {n['type']} is in groups {inside}"
+    # the trainers are shipped at the size a run grows them to, so the growth covers no other node (the browser test
+    # measures the growth): widgets, the live chart and, for the LoRA trainer, the preview grid
     for t in (n for n in ui["nodes"] if n["type"] == "CAT_LoraTrainer"):
-        assert t["size"][1] >= 450 + 150, "the trainer needs its widgets (~450 px) plus the live chart (150 px)"
+        assert t["size"][1] >= 1120, "the LoRA trainer grows to 1120 px in Nodes 2.0 with the chart and a preview"
     for t in (n for n in ui["nodes"] if n["type"] == "CAT_CatVersionTrainer"):
-        assert t["size"][1] >= 310 + 150, "the CatVersion trainer needs its widgets (~310 px) plus the live chart (150 px)"
+        assert t["size"][1] >= 710, "the CatVersion trainer grows to ~710 px in Nodes 2.0 with the chart"
     note = next(n for n in ui["nodes"] if n["type"] == "Note")["widgets_values"][0]
     model_file = "unet_name" if any(n["type"] == "UNETLoader" for n in ui["nodes"]) else "ckpt_name"
     for what in (model_file, "folder", "triggers", "class_word", "clip_checkpoint", "open_clip_model"):

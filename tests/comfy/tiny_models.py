@@ -85,7 +85,14 @@ def tiny_model(kind: str = "sd15", seed: int = 0, v_prediction: bool = False, dt
 
         class TinyFlux(sm.Flux):
             unet_config = {"image_model": "flux", "guidance_embed": True}
-        cfg = TinyFlux(dict(TINY_FLUX_DIT))
+        import dataclasses
+
+        from comfy.ldm.flux.model import FluxParams
+
+        dit = dict(TINY_FLUX_DIT)
+        if "txt_ids_dims" in {f.name for f in dataclasses.fields(FluxParams)}:  # required in v0.33 (not in v0.3.64): [] is Flux.1
+            dit["txt_ids_dims"] = []
+        cfg = TinyFlux(dit)
         target = ClipTarget(flux_te.FluxTokenizer, flux_te.flux_clip(dtype_t5=torch.float32))
         clip_opts = {"clip_l_model_config": dict(CLIP_SMALL), "t5xxl_model_config": dict(T5_SMALL)}
     else:
