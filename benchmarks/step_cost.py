@@ -165,7 +165,8 @@ def measure(args) -> dict:
     recorded: list[float] = []
     steps = run_steps(denoiser, examples, frozen, args.method, args, recorded)
     out = {"alpha": args.alpha, **step_estimate(steps, args.method, args.batch),
-           "recorded_mb": max(recorded, default=0.0), "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "base_rss_mb": base_rss}
+           "recorded_mb": max(recorded, default=0.0),
+           "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "base_rss_mb": base_rss}
     if device.type == "cuda":
         out |= {"peak_cuda_mb": torch.cuda.max_memory_allocated() / 2**20, "base_cuda_mb": base_cuda}
     return out

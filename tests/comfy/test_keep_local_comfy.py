@@ -1,15 +1,18 @@
 """The layer-local keep estimator in a real ComfyUI: CAT Loss Config's last optional widget, training on ComfyUI's own
 tiny SD1.x, SD3 and Flux models (the estimator hooks the injected layers of ComfyUI's modules, whatever the family and
-its output space), the LoRA header, and the input MODEL untouched."""
+its output space), a graph through ComfyUI's executor, the LoRA header, and the input MODEL untouched."""
 from __future__ import annotations
 
 import asyncio
 import importlib
+import uuid
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 
-from conftest import pack_module
+from conftest import pack_module, run_prompt
 
 
 def test_keep_estimator_widget_comes_last_and_reaches_the_lora_header(comfy, tiny_sd15, dataset_dir):
@@ -53,3 +56,25 @@ def test_local_keep_on_flow_models(comfy, kind, dataset_dir):
     assert keep[0] == 0 < keep[-1]
     after = mp.model.diffusion_model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("estimator", ["local", "exact"])
+def test_a_graph_with_the_widget_trains_and_its_file_records_it(comfy, test_checkpoint_node, dataset_dir, estimator):
+    """An API graph sets the widget; ComfyUI validates it against the schema and runs it: the saved LoRA's header says
+    which estimator trained it (exact CAT's files carry no key, as every file from before the option)."""
+    from test_bad_inputs import graph
+
+    name = f"keep_local_{uuid.uuid4().hex[:8]}"
+    g = graph(steps=3, checkpoint_name=name, save_name=name)
+    g["3"]["inputs"]["keep_estimator"] = estimator
+    ex = run_prompt(g)
+    assert ex.success, ex.status_messages[-1]
+    path = Path(comfy.folder_paths.get_folder_paths("loras")[0]) / f"{name}.safetensors"
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+        up = [f.get_tensor(k) for k in f.keys() if k.endswith("_up.weight")]
+    assert up and max(float(t.abs().max()) for t in up) > 0  # it trained
+    if estimator == "local":
+        assert (meta["cat_keep_estimator"], meta["cat_keep_local_weights"]) == ("local", "unit")
+    else:
+        assert "cat_keep_estimator" not in meta and "cat_keep_local_weights" not in meta
