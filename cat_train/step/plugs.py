@@ -12,10 +12,10 @@ class, never a branch in the loop. A term's settings, and how to build it, are i
 (`terms.registry`).
 
 The rule for a new hook: it needs two users. A hook with one user is that user's branch in the loop under another
-name; the hooks here each serve two terms, except six that are the only way their term sees what it needs
-(`preservation`: auto preservation's prompt turns; `element_weight`: masks; `recording` and `after_objective`: APT's
-passes and its indicator; `exporting`: the EMA's weights in mid-run saves; `keep`: the layer-local keep estimator's
-CAT term, terms/keep_local.py). The shapes follow peft's `LoraVariant`
+name; the hooks here each serve two terms, except five that are the only way their term sees what it needs
+(`preservation`: auto preservation's prompt turns; `element_weight`: masks; `after_objective`: APT's indicator;
+`exporting`: the EMA's weights in mid-run saves; `keep`: the layer-local keep estimator's CAT term,
+terms/keep_local.py). `recording` serves APT's passes and the local keep estimator's recorded inputs. The shapes follow peft's `LoraVariant`
 (static hooks of one role), ComfyUI's comfy/weight_adapter (a few members per kind), kohya's `post_process_loss`
 and Hugging Face's `TrainerCallback` (the lifecycle).
 
