@@ -5,8 +5,11 @@ apt:aa (attention alignment), apt (all three), cat+apt (CAT alpha 1 with all thr
 preservation rows (CatLossConfig.keep_every / keep_fraction): cat/k<N> (the CAT term every N-th step),
 cat/p<F> (on a fraction F of the rows; at batch 1, of the steps). Their step time is the mean over the
 cycle: a cat/k<N> row times whole cycles (N steps, one with the term); a cat/p<F> row weighs the mean
-of the timed steps with and without the term by the chance of each. The last line names the cheapest
-preservation option against the plain step.
+of the timed steps with and without the term by the chance of each. cat/local rows use the layer-local keep
+estimator (CatLossConfig.keep_estimator "local", cat_train/terms/keep_local.py), alone or thinned (cat/local/k2,
+cat/local/p0.5), and report its recorded inputs (MB). Every method's runs are also alternated with plain LoRA runs
+in one process (`--rounds`). The last line names the cheapest preservation option against the plain step, counting
+only options that kept the identity on the world (KEEPS_IDENTITY, docs/world-bench.md).
 
     python benchmarks/step_cost.py --unet sd15 --res 256 --batch 1 --steps 4
 

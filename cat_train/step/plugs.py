@@ -15,9 +15,9 @@ The rule for a new hook: it needs two users. A hook with one user is that user's
 name; the hooks here each serve two terms, except five that are the only way their term sees what it needs
 (`preservation`: auto preservation's prompt turns; `element_weight`: masks; `after_objective`: APT's indicator;
 `exporting`: the EMA's weights in mid-run saves; `keep`: the layer-local keep estimator's CAT term,
-terms/keep_local.py). `recording` serves APT's passes and the local keep estimator's recorded inputs. The shapes follow peft's `LoraVariant`
-(static hooks of one role), ComfyUI's comfy/weight_adapter (a few members per kind), kohya's `post_process_loss`
-and Hugging Face's `TrainerCallback` (the lifecycle).
+terms/keep_local.py). `recording` serves APT's passes and the local keep estimator's recorded inputs. The shapes
+follow peft's `LoraVariant` (static hooks of one role), ComfyUI's comfy/weight_adapter (a few members per kind),
+kohya's `post_process_loss` and Hugging Face's `TrainerCallback` (the lifecycle).
 
 This module is a leaf: it imports nothing from the method, so the objective, the loop and every plug-in can import
 it without a cycle.
