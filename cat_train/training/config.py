@@ -3,9 +3,8 @@
 `CatLossConfig` is the objective's settings with the settings of every loss-side term on it (APT, auto preservation,
 min-SNR, masks); `TrainConfig` the loop's with the weight-side ones (the EMA). The terms registry (terms/registry.py)
 reads each term's settings from here (`mask`, `min_snr`, `local_keep`, `ema`: the flat fields as their config
-class). Checks
-that involve two parts (auto preservation needs the CAT term; masks and APT's augmentations exclude each other) live
-here and nowhere else; a part's own checks are in its config class.
+class). Checks that involve two parts (auto preservation needs the CAT term; masks and APT's augmentations exclude
+each other) live here and nowhere else; a part's own checks are in its config class.
 
 Each field's metadata documents it (`help`) and says when a run records it (`recorded`, cat_train/options.py).
 """
