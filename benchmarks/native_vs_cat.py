@@ -17,6 +17,9 @@ on the shared 2-core CPU machine, 1 torch thread, ComfyUI a125cd84, one run each
     CAT alpha=1            19.06 s/step  peak RSS 6397 MB   -> 1.07x steps/s, 0.68x peak memory
   tiny UNet (1.08M params), 64 px, 10 timed steps: native 0.124 s, alpha=0 0.071 s (1.75x), alpha=1 0.104 s (1.20x);
     peak RSS 822 / 835 / 848 MB (the import of peft accounts for the small growth at this size).
+  With the local estimator (--methods native ours0 local, load average 9-10): alpha=0 15.35 s/step, peak RSS 5116 MB;
+    local 21.47 s/step, 5143 MB (1.40x our plain step; 27 MB above it, where exact CAT adds ~1 GB); the native row's
+    time (1+N minus 1 step runs) came out at 0.49 s under that load, not a step time (docs/benchmarks.md).
 No GPU was lent to this session, so there are no GPU figures.
 """
 from __future__ import annotations
