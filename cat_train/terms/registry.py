@@ -15,6 +15,7 @@ from ..step.plugs import Term
 from .apt_config import AptConfig
 from .auto_config import AutoPreservationConfig
 from .ema import EmaSettings
+from .keep_local import LocalKeepSettings
 from .mask import MaskSettings
 from .min_snr import MinSnr
 
@@ -25,6 +26,7 @@ REGISTRY: dict[type, tuple[str, str]] = {
     AutoPreservationConfig: ("loss", "auto"),
     MinSnr: ("loss", "min_snr"),
     MaskSettings: ("loss", "mask"),
+    LocalKeepSettings: ("loss", "local_keep"),
     EmaSettings: ("train", "ema"),
 }
 

@@ -9,7 +9,8 @@ identity, half prior, so its compute per step is about CAT's). APT (arXiv 2507.0
 weighting and augmentation), `apt:rs` (representation stabilization), `apt:aa` (attention alignment). Cheaper
 preservation of a CAT method:
 `/k<every>` and `/p<fraction>` suffixes (`cat1/k4`: the CAT term every 4th step, weighted 4α; `cat1/p0.5`: on half
-the rows, weighted 2α; CatLossConfig.keep_every / keep_fraction).
+the rows, weighted 2α; CatLossConfig.keep_every / keep_fraction), and `/local` (the layer-local keep estimator,
+`/local:unit`, `/local:relative` naming the layer weights; CatLossConfig.keep_estimator, terms/keep_local.py).
 
 Two tasks (`--task`): `novel` (default), an identity the base model never drew (a cyan/magenta striped circle with
 a white dot); `reachable`, one the base model does draw but no prompt asks for (a small yellow circle in the
@@ -52,7 +53,7 @@ from . import generator as wg
 from . import model as wm
 from .catversion_bench import run_catversion
 from .clip import load_clip
-from .methods import apt_config, apt_method, cat_method, cheaper_method, label, method_name
+from .methods import apt_config, apt_method, cat_method, cheaper_options, label, method_name
 from .runner import noise, run_seeds, summarize
 
 NOTE = ("Controlled small world (procedural 32 px shapes, a 1.7M-parameter base model and a world-CLIP trained here), "
@@ -175,9 +176,9 @@ def trigger_positions(caption: str, triggers: tuple[str, ...]) -> tuple[int, ...
 
 def examples_for(method: str, world: World, c: BenchConfig, seed: int) -> tuple[list[Example], CatLossConfig, int]:
     if "/" in method:  # the base method with the CAT term on every k-th step and/or a fraction of rows
-        base, every, fraction = cheaper_method(method)
+        base, every, fraction, local = cheaper_options(method)
         ex, lc, bs = examples_for(base, world, c, seed)
-        return ex, replace(lc, keep_every=every, keep_fraction=fraction), bs
+        return ex, replace(lc, keep_every=every, keep_fraction=fraction, **local), bs
     base, part = apt_method(method)
     if part is not None:  # the base method's examples and loss, with APT's parts switched on
         ex, lc, bs = examples_for(base, world, c, seed)

@@ -16,9 +16,9 @@ def test_auto_preservation_node_is_the_loss_config_s_optional_input_after_apt(co
     listed = {n.define_schema().node_id: n for n in asyncio.run(nodes.CatExtension().get_node_list())}
     assert "CAT_AutoPreservation" in listed
     inputs = listed["CAT_LossConfig"].define_schema().inputs
-    # appended after apt (and before the later keep_every, keep_fraction): saved graphs' widget order is unchanged
-    assert [i.id for i in inputs][-4:] == ["apt", "auto", "keep_every", "keep_fraction"]
-    assert inputs[-3].optional and "CAT_AUTO_PRESERVATION" in str(inputs[-3].get_io_type())
+    # appended after apt (and before the later keep_every, keep_fraction, keep_estimator): saved graphs' widget order is unchanged
+    assert [i.id for i in inputs][-5:] == ["apt", "auto", "keep_every", "keep_fraction", "keep_estimator"]
+    assert inputs[-4].optional and "CAT_AUTO_PRESERVATION" in str(inputs[-4].get_io_type())
     auto = listed["CAT_AutoPreservation"].execute(every=25, source="list", probes="cat\n\n wolf \n", top_k=1,
                                                   threshold=0.02).result[0]
     assert auto.probes == ("cat", "wolf") and auto.every == 25 and auto.top_k == 1 and auto.threshold == 0.02
