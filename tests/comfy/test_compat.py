@@ -12,7 +12,7 @@ from conftest import ROOT, pack_module
 ADVANCED = {
     "CAT_AptOptions": {"ema", "target", "min_weight", "max_augment", "align_distance", "stabilize_layers", "align_layers",
                        "form", "zoom_out", "fill", "stabilize_stat", "stabilize_normalize", "align_skip_triggers"},
-    "CAT_AutoPreservation": {"points", "images", "seed"},
+    "CAT_AutoPreservation": {"points", "images", "seed", "neighbours", "rule", "first"},
     "CAT_LossConfig": {"keep_every", "keep_fraction", "keep_estimator"},
 }
 
