@@ -28,8 +28,8 @@ from . import compat
 log = logging.getLogger("ComfyUI-CAT")
 
 
-SUPPORTED = ("SD1.x and SD2.x (eps or v prediction) and SDXL UNets with a discrete DDPM schedule, SD3/SD3.5 (MMDiT) "
-             "and Flux (dev, schnell) flow-matching transformers")
+SUPPORTED = ("SD1.x and SD2.x (eps or v prediction) and SDXL UNets with a discrete DDPM schedule, SD3/SD3.5 (MMDiT), "
+             "Flux (dev, schnell) and Qwen-Image flow-matching transformers")
 # Patcher-level wrappers that act on the sampler, not on one network call: training never runs them.
 _SAMPLING_ONLY = {"outer_sample", "prepare_sampling", "sampler_sample", "predict_noise", "calc_cond_batch"}
 # ComfyUI model classes built on its Flux class that are not Flux.1, as users know them
@@ -43,6 +43,7 @@ def family_of(mp) -> type[families.Family]:
     from comfy.ldm.flux.model import Flux as FluxNet
     from comfy.ldm.modules.diffusionmodules.mmdit import MMDiT
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+    from comfy.ldm.qwen_image.model import QwenImageTransformer2DModel
 
     base, net = mp.model, mp.model.diffusion_model
     try:
@@ -52,11 +53,17 @@ def family_of(mp) -> type[families.Family]:
     written_for = {families.SDUNet: isinstance(net, UNetModel), families.SDXLUNet: isinstance(net, UNetModel),
                    families.SD3: isinstance(base, mb.SD3) and isinstance(net, MMDiT),
                    # Chroma and Flux controlnets reshape the inputs
-                   families.Flux: isinstance(base, mb.Flux) and type(net) is FluxNet}
+                   families.Flux: isinstance(base, mb.Flux) and type(net) is FluxNet,
+                   # Qwen-Image and Qwen-Image-Edit (reference latents are not trained); MageFlow reshapes the network
+                   families.QwenImage: type(base) is mb.QwenImage and type(net) is QwenImageTransformer2DModel}
     if family is None or not written_for.get(family, False):
         raise ValueError(f"CAT trains {SUPPORTED}; this MODEL is a {type(base).__name__} with a "
                          f"{type(net).__name__} network, which is not supported (video, audio and other image models "
                          "are refused).")
+    if family is families.QwenImage and not compat.qwen_image_masks_text():
+        raise ValueError("CAT trains Qwen-Image on ComfyUI v0.33 or newer: this ComfyUI's Qwen-Image network ignores "
+                         "the text attention mask that training batches of captions of different lengths need; update "
+                         "ComfyUI.")
     if family is families.Flux and type(base) is not mb.Flux:  # v0.33: Flux2, LongCatImage subclass ComfyUI's Flux
         name = type(base).__name__
         raise ValueError(f"CAT trains {SUPPORTED}; this MODEL is {_FLUX_VARIANTS.get(name, name)} (ComfyUI's {name}), "
@@ -188,7 +195,9 @@ class ComfyDenoiser:
 
     def predict(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
         dt = self.compute_dtype
-        extra = {k: v.to(dt) for k, v in cond.items() if k != "context"}
+        extra = {k: v.to(dt) for k, v in cond.items() if k not in ("context", "attention_mask")}
+        if "attention_mask" in cond:  # an integer mask: the network turns it into an additive one in its own dtype
+            extra["attention_mask"] = cond["attention_mask"].round().long()
         if self.guidance is not None and "guidance" not in extra:
             extra["guidance"] = torch.full((x_t.shape[0],), self.guidance, device=x_t.device, dtype=dt)
         if self.prediction_type == "flow":  # the model's own timestep of sigma, as apply_model computes it

@@ -43,6 +43,8 @@ class Family:
     lora_tags: ClassVar[tuple[str, ...]] = ()
     # its networks' distilled guidance input while training (None: no such input)
     training_guidance: ClassVar[float | None] = None
+    # its text sequences are batched by zero-padding with an attention mask (else by repeating each whole)
+    padded_text: ClassVar[bool] = False
 
     @classmethod
     def detect(cls, net: nn.Module) -> bool:
@@ -190,6 +192,40 @@ class Flux(Family):
                 + [b.pre_norm for b in net.single_blocks])
 
 
+class QwenImage(Family):
+    """Qwen-Image (Alibaba's MMDiT: one stream of joint blocks, image and text each with its own projections, norms,
+    MLP and modulation; ComfyUI's module names, which are diffusers')."""
+    name = "qwen_image"
+    title = "Qwen-Image"
+    flow_matching = True
+    _attn = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",  # image stream
+             "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out")  # text stream
+    _mlp = ("img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2")
+    _mod = ("img_mod.1", "txt_mod.1")  # adaLN modulation
+    targets = {"qwen_attn": _attn, "qwen_attn_mlp": _attn + _mlp, "qwen_full": _attn + _mlp + _mod}
+    generic = {"attn": "qwen_attn", "attn_ff": "qwen_attn_mlp", "full": "qwen_full"}
+    base_versions = {"QwenImage": "qwen_image"}  # musubi-tuner's tag
+    lora_tags = ("qwen_image", "qwen-image")
+    # its text sequences are padded with an attention mask, not repeated: the text tokens' rotary positions count
+    padded_text = True
+
+    @classmethod
+    def detect(cls, net):
+        return all(hasattr(net, a) for a in ("transformer_blocks", "txt_norm", "img_in", "time_text_embed"))
+
+    @classmethod
+    def lora_keys_say(cls, keys):
+        return any("transformer_blocks" in k and ("img_mlp" in k or "txt_mod" in k or "to_add_out" in k) for k in keys)
+
+    @classmethod
+    def checkpoint_says(cls, tensors):
+        return "txt_norm.weight" in tensors and any(k.startswith("transformer_blocks.") for k in tensors)
+
+    @classmethod
+    def checkpoint_units(cls, net):
+        return list(net.transformer_blocks)
+
+
 class SD3(Family):
     """SD3/SD3.5 MMDiT (SAI's joint blocks, ComfyUI's module names)."""
     name = "sd3"
@@ -221,7 +257,7 @@ class SD3(Family):
 
 
 # In this order the target choices are offered (the trainer node's `target` list).
-FAMILIES: tuple[type[Family], ...] = (SDUNet, SDXLUNet, Flux, SD3)
+FAMILIES: tuple[type[Family], ...] = (SDUNet, SDXLUNet, Flux, QwenImage, SD3)
 TARGETS: dict[str, tuple[str, ...]] = {c: s for f in FAMILIES for c, s in f.targets.items()}
 
 

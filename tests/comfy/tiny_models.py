@@ -95,6 +95,8 @@ def tiny_model(kind: str = "sd15", seed: int = 0, v_prediction: bool = False, dt
         cfg = TinyFlux(dit)
         target = ClipTarget(flux_te.FluxTokenizer, flux_te.flux_clip(dtype_t5=torch.float32))
         clip_opts = {"clip_l_model_config": dict(CLIP_SMALL), "t5xxl_model_config": dict(T5_SMALL)}
+    elif kind in NEWER_FAMILIES:
+        return NEWER_FAMILIES[kind](seed, dtype)
     else:
         raise ValueError(kind)
     cfg.set_inference_dtype(dtype, None)
@@ -119,6 +121,70 @@ def tiny_model(kind: str = "sd15", seed: int = 0, v_prediction: bool = False, dt
     vae.latent_channels = z
     _init_(vae.first_stage_model, seed + 2, std=0.1)
     return mp, clip, vae
+
+
+# --- Qwen-Image, Flux.2, Chroma (issue 29) ---
+# Qwen-Image-shaped: 2 joint blocks, hidden 32 (2 heads of 16; rope axes 4 + 6 + 6), text width 32; 16 latent channels
+# patched 2x2 (64 in), latents 5-D (B, C, frames, h, w) as the Wan 2.1 VAE gives them
+TINY_QWEN_DIT = dict(image_model="qwen_image", patch_size=2, in_channels=64, out_channels=16, num_layers=2,
+                     attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=(4, 6, 6))
+# the Qwen2.5 text stack at toy size (Qwen2.5-VL's vision tower is 0.6B parameters whatever the config says, and
+# images are not encoded here): ComfyUI's Qwen-Image tokenizer, template and template cut run unchanged around it
+TINY_QWEN25 = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                   num_key_value_heads=1)
+
+
+def _tiny_wan_vae(seed: int):
+    """A Wan 2.1 VAE at toy width (dim 8) built by ComfyUI from a state dict, or None where ComfyUI builds every Wan 2.1
+    VAE at full width (v0.3.64: dim 96, 127M parameters)."""
+    import inspect
+
+    import comfy.sd
+    from comfy.ldm.wan.vae import WanVAE
+
+    if "image_channels" not in inspect.signature(WanVAE.__init__).parameters:
+        return None
+    net = WanVAE(dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
+                 temperal_downsample=[False, True, True])
+    _init_(net, seed, std=0.1)
+    return comfy.sd.VAE(sd=net.state_dict())
+
+
+def tiny_qwen_image(seed: int = 0, dtype: torch.dtype = torch.float32):
+    """(MODEL, CLIP, VAE) of a tiny Qwen-Image by ComfyUI's own classes (VAE None where ComfyUI cannot build a small
+    one)."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.sd
+    import comfy.sd1_clip
+    import comfy.supported_models as sm
+    import comfy.text_encoders.llama as llama
+    import comfy.text_encoders.qwen_image as qwen_te
+    from comfy.supported_models_base import ClipTarget
+
+    class TinyQwenImage(sm.QwenImage):
+        unet_config = {"image_model": "qwen_image"}
+    cfg = TinyQwenImage(dict(TINY_QWEN_DIT))
+    cfg.set_inference_dtype(dtype, None)
+    base = cfg.get_model({})
+    _init_(base.diffusion_model, seed)
+    base.diffusion_model.to(dtype)
+    mp = comfy.model_patcher.ModelPatcher(base, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+
+    class TinyQwen25(comfy.sd1_clip.SDClipModel):  # Qwen25_7BVLIModel's settings over a text-only Qwen2.5 stack
+        def __init__(self, device="cpu", layer="last", layer_idx=None, dtype=None, attention_mask=True, model_options=None):
+            super().__init__(device=device, layer=layer, layer_idx=layer_idx, textmodel_json_config={}, dtype=dtype,
+                             special_tokens={"pad": 151643}, layer_norm_hidden_state=False, model_class=llama.Qwen25_3B,
+                             enable_attention_masks=attention_mask, return_attention_masks=attention_mask,
+                             model_options=model_options or {})
+    target = ClipTarget(qwen_te.QwenImageTokenizer, qwen_te.te())
+    clip = comfy.sd.CLIP(target, model_options={"qwen25_7b_class": TinyQwen25, "qwen25_7b_model_config": dict(TINY_QWEN25),
+                                                "dtype": torch.float32})
+    _init_(clip.cond_stage_model, seed + 1, std=0.2)
+    return mp, clip, _tiny_wan_vae(seed + 2)
+
+
+NEWER_FAMILIES = {"qwen_image": tiny_qwen_image}
 
 
 def make_images(folder: Path, n: int = 3, size: int = 128, caption: str = "a photo of sks dog", seed: int = 0) -> Path:
