@@ -55,6 +55,7 @@ def vae_decoder(vae, mp):
 
     def decode(z: torch.Tensor) -> torch.Tensor:
         images = vae.decode(mp.model.process_latent_out(z.float().cpu())).float()
+        images = images.reshape(-1, *images.shape[-3:])  # a video VAE (Qwen-Image's) gives (B, frames, H, W, 3)
         mm.load_models_gpu([mp], memory_required=1e20, force_full_load=True)
         return images
     return decode

@@ -5,10 +5,13 @@ Where ComfyUI's Qwen-Image network drops the text attention mask (v0.3.64), ever
 refusal instead of training."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
-from conftest import adapted_vs_stock_predictions, cancelled_after, pack_module
+from conftest import ROOT, adapted_vs_stock_predictions, cancelled_after, pack_module, run_prompt, shrink_for_cpu
 from tiny_models import tiny_model
 
 REFUSAL = (r"^CAT trains Qwen-Image on ComfyUI v0\.33 or newer: this ComfyUI's Qwen-Image network ignores the text "
@@ -223,3 +226,32 @@ def test_cancel_keeps_checkpoint_and_resumes(comfy, qwen, tmp_path):
     whole = tr.train_on_model(mp, _Latents(), loss, spec, T.TrainConfig(steps=5, lr=1e-2, seed=3))[4]
     for k, w in whole.weights.items():  # resumed = trained in one go
         torch.testing.assert_close(res.weights[k].up, w.up, atol=1e-5, rtol=1e-4)
+
+
+def test_shipped_workflow_runs_end_to_end(comfy, test_checkpoint_node, tiny_open_clip, dataset_dir):
+    """cat_qwen_image_train_kps with its loaders swapped for the tiny Qwen-Image and sizes cut for CPU: trains, saves a
+    LoRA tagged Qwen-Image, samples with and without the trigger through ComfyUI's KSampler (5-D latents), scores KPS.
+    Where the pack refuses Qwen-Image, the graph stops at the trainer with the refusal."""
+    g = shrink_for_cpu(json.loads((ROOT / "workflows" / "api" / "cat_qwen_image_train_kps.api.json").read_text()),
+                       "qwen_image", dataset_dir, tiny_open_clip)
+    assert {g[k]["class_type"] for k in ("1", "2")} == {"CATTest_TinyCheckpoint", "CAT_Dataset"} and "3" not in g
+    ex = run_prompt(g)
+    if not pack_module(comfy, "nodes.compat").qwen_image_masks_text():
+        assert not ex.success
+        (error,) = [m for kind, m in ex.status_messages if kind == "execution_error"]
+        assert g[error["node_id"]]["class_type"] == "CAT_LoraTrainer"
+        assert error["exception_message"].strip().startswith("CAT trains Qwen-Image on ComfyUI v0.33 or newer: ")
+        return
+    assert ex.success, ex.status_messages[-1]
+    out = ex.history_result["outputs"]
+    kps = next(k for k, n in g.items() if n["class_type"] == "CAT_KPSEvaluator")
+    assert "KPS" in out[kps]["text"][0] and "2 pairs" in out[kps]["text"][0]
+    save = next(k for k, n in g.items() if n["class_type"] == "CAT_SaveLora")
+    from safetensors import safe_open
+
+    with safe_open(out[save]["text"][0], "pt") as f:
+        assert f.metadata()["ss_base_model_version"] == "qwen_image"
+        assert {k.split(".")[0] for k in f.keys()} and all(k.startswith("lora_unet_transformer_blocks_") for k in f.keys())
+    images = [k for k, n in g.items() if n["class_type"] == "SaveImage" and "trigger" in n["inputs"]["filename_prefix"]]
+    assert len(images) == 2 and all(len(out[k]["images"]) == 2 for k in images)
+    assert Path(out[save]["text"][0]).is_file()

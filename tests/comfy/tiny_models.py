@@ -135,15 +135,21 @@ TINY_QWEN25 = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, nu
 
 
 def _tiny_wan_vae(seed: int):
-    """A Wan 2.1 VAE at toy width (dim 8) built by ComfyUI from a state dict, or None where ComfyUI builds every Wan 2.1
-    VAE at full width (v0.3.64: dim 96, 127M parameters)."""
+    """A Wan 2.1 VAE at toy width (dim 8) built by ComfyUI from a state dict. Where ComfyUI builds every Wan 2.1 VAE at
+    full width (v0.3.64: dim 96, 127M parameters), a 16-channel image VAE instead: there the pack refuses Qwen-Image
+    before any latent reaches the network, and a graph needs some VAE to get that far."""
     import inspect
 
     import comfy.sd
     from comfy.ldm.wan.vae import WanVAE
 
     if "image_channels" not in inspect.signature(WanVAE.__init__).parameters:
-        return None
+        dd = {"double_z": True, "z_channels": 16, "resolution": 64, "in_channels": 3, "out_ch": 3, "ch": 32,
+              "ch_mult": [1, 1, 1, 1], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}
+        vae = comfy.sd.VAE(sd={}, config={"params": {"ddconfig": dd, "embed_dim": 16}}, dtype=torch.float32)
+        vae.latent_channels = 16
+        _init_(vae.first_stage_model, seed, std=0.1)
+        return vae
     net = WanVAE(dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
                  temperal_downsample=[False, True, True])
     _init_(net, seed, std=0.1)
@@ -151,8 +157,7 @@ def _tiny_wan_vae(seed: int):
 
 
 def tiny_qwen_image(seed: int = 0, dtype: torch.dtype = torch.float32):
-    """(MODEL, CLIP, VAE) of a tiny Qwen-Image by ComfyUI's own classes (VAE None where ComfyUI cannot build a small
-    one)."""
+    """(MODEL, CLIP, VAE) of a tiny Qwen-Image by ComfyUI's own classes."""
     import comfy.model_management as mm
     import comfy.model_patcher
     import comfy.sd
@@ -210,7 +215,7 @@ def tiny_checkpoint_node():
         @classmethod
         def define_schema(cls):
             # ckpt_name: the file a shipped graph named, kept so the graph still says where its MODEL came from
-            return io.Schema(node_id="CATTest_TinyCheckpoint", inputs=[io.Combo.Input("kind", options=["sd15", "sdxl", "sd3", "flux"]),
+            return io.Schema(node_id="CATTest_TinyCheckpoint", inputs=[io.Combo.Input("kind", options=["sd15", "sdxl", "sd3", "flux", *NEWER_FAMILIES]),
                                                                        io.String.Input("ckpt_name", default="", optional=True)],
                              outputs=[io.Model.Output(), io.Clip.Output(), io.Vae.Output()])
 
