@@ -16,7 +16,7 @@ from PIL import Image, ImageDraw
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from cat_train.plot import font, text  # noqa: E402  (Pillow only; no ComfyUI)
+from cat_train.measure.plot import font, text  # noqa: E402  (Pillow only; no ComfyUI)
 
 DESCRIPTIONS = {
     "cat_sd15_train_kps": "SD1.5: train a CAT LoRA, sample with and without the trigger, score IS and KPS",
