@@ -2,8 +2,8 @@
 
 Budget (any machine, no weights, seconds): the UNet is built by ComfyUI's own classes on the meta device
 and probed at the real latent size, as the trainer node probes it on the user's device. Printed for the
-SD1.5 shape at 512 px, the SDXL shape at 1024 px and the Flux dev shape at 1024 px (256 T5 tokens, ComfyUI's
-minimum), bf16 weights and compute, CAT alpha = 1 (y_T and y in
+SD1.5 shape at 512 px, the SDXL shape at 1024 px, the Flux dev shape at 1024 px (256 T5 tokens, ComfyUI's
+minimum) and the Qwen-Image shape at 1024 px (128 text tokens), bf16 weights and compute, CAT alpha = 1 (y_T and y in
 one adapted pass), batch 1, rank 16 'attn', gradient checkpointing off and on.
 
     COMFYUI_PATH=/path/to/ComfyUI python benchmarks/memory.py                      # budget table
@@ -57,6 +57,12 @@ FLUX_DIT = dict(image_model="flux", in_channels=16, out_channels=16, patch_size=
                 theta=10000, qkv_bias=True, guidance_embed=True)  # what ComfyUI's detection reads off Flux dev
 
 
+# Qwen-Image's published shape (60 joint blocks of 24 heads x 128, Qwen2.5-VL 7B text width 3584), as ComfyUI reads it
+QWEN_IMAGE_DIT = dict(image_model="qwen_image", patch_size=2, in_channels=64, out_channels=16, num_layers=60,
+                      attention_head_dim=128, num_attention_heads=24, joint_attention_dim=3584,
+                      pooled_projection_dim=768, axes_dims_rope=(16, 56, 56))
+
+
 def unet(kind: str, device: str):
     """A ComfyUI-built network of the SD1.5/SDXL/Flux dev shape (or 'mid': SD1.5 layout at 128 channels), bf16."""
     import torch
@@ -64,7 +70,16 @@ def unet(kind: str, device: str):
     from native_vs_cat import SD15_UNET
 
     if kind == "flux":
-        cfg = sm.Flux(dict(FLUX_DIT))
+        import dataclasses
+
+        from comfy.ldm.flux.model import FluxParams
+
+        dit = dict(FLUX_DIT)
+        if "txt_ids_dims" in {f.name for f in dataclasses.fields(FluxParams)}:  # required since v0.33: [] is Flux.1
+            dit["txt_ids_dims"] = []
+        cfg = sm.Flux(dit)
+    elif kind == "qwen_image":
+        cfg = sm.QwenImage(dict(QWEN_IMAGE_DIT))
     elif kind == "sdxl":
         cfg = sm.SDXL(dict(SDXL_UNET))
     else:
@@ -92,11 +107,13 @@ def budget_row(kind: str, res: int, rank: int = 16, alpha: float = 1.0, batch: i
     meta = dict(device="meta", dtype=torch.bfloat16)
     tokens, ctx, channels, kw = {"sdxl": (77, 2048, 4, {"y": torch.empty(1, 2816, **meta)}),
                                  "flux": (256, 4096, 16,
-                                          {"y": torch.empty(1, 768, **meta), "guidance": torch.ones(1, **meta)})
+                                          {"y": torch.empty(1, 768, **meta), "guidance": torch.ones(1, **meta)}),
+                                 "qwen_image": (128, 3584, 16, {})  # a 100-word caption, unpadded
                                  }.get(kind, (77, 768, 4, {}))
+    frames = (1,) if kind == "qwen_image" else ()  # its latents are the Wan VAE's: (B, C, frames, h, w)
 
     def forward():
-        net(torch.empty(1, channels, res // 8, res // 8, **meta), torch.zeros(1, device="meta"),
+        net(torch.empty(1, channels, *frames, res // 8, res // 8, **meta), torch.zeros(1, device="meta"),
             context=torch.empty(1, tokens, ctx, **meta), transformer_options={"optimized_attention_override": _sdpa},
             **kw)
 
@@ -247,12 +264,12 @@ def main(argv=None) -> int:
     boot()
     print("budget (GiB), bf16 weights + compute, CAT alpha 1, batch 1, rank 16 'attn'; total = weights + LoRA/AdamW + "
           "activations")
-    print(f"{'model':6s} {'res':>5s} {'weights':>8s} {'LoRA+opt':>9s} {'act off':>8s} {'total off':>10s} "
+    print(f"{'model':10s} {'res':>5s} {'weights':>8s} {'LoRA+opt':>9s} {'act off':>8s} {'total off':>10s} "
           f"{'act on':>7s} {'total on':>9s}")
-    for kind, res in (("sd15", 512), ("sdxl", 1024), ("flux", 1024)):
+    for kind, res in (("sd15", 512), ("sdxl", 1024), ("flux", 1024), ("qwen_image", 1024)):
         r = budget_row(kind, res)
         tot = lambda act: (r["weights"] + r["adapter"] + act) / GiB
-        print(f"{kind:6s} {res:5d} {r['weights'] / GiB:8.2f} {r['adapter'] / GiB:9.3f} {r['act_off'] / GiB:8.2f} "
+        print(f"{kind:10s} {res:5d} {r['weights'] / GiB:8.2f} {r['adapter'] / GiB:9.3f} {r['act_off'] / GiB:8.2f} "
               f"{tot(r['act_off']):10.2f} {r['act_on'] / GiB:7.2f} {tot(r['act_on']):9.2f}")
     return 0
 
