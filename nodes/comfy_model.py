@@ -29,11 +29,11 @@ log = logging.getLogger("ComfyUI-CAT")
 
 
 SUPPORTED = ("SD1.x and SD2.x (eps or v prediction) and SDXL UNets with a discrete DDPM schedule, SD3/SD3.5 (MMDiT), "
-             "Flux (dev, schnell) and Qwen-Image flow-matching transformers")
+             "Flux (dev, schnell), Flux.2 (dev, Klein) and Qwen-Image flow-matching transformers")
 # Patcher-level wrappers that act on the sampler, not on one network call: training never runs them.
 _SAMPLING_ONLY = {"outer_sample", "prepare_sampling", "sampler_sample", "predict_noise", "calc_cond_batch"}
 # ComfyUI model classes built on its Flux class that are not Flux.1, as users know them
-_FLUX_VARIANTS = {"Flux2": "Flux.2", "LongCatImage": "LongCat-Image"}
+_FLUX_VARIANTS = {"LongCatImage": "LongCat-Image"}
 
 
 def family_of(mp) -> type[families.Family]:
@@ -54,8 +54,12 @@ def family_of(mp) -> type[families.Family]:
                    families.SD3: isinstance(base, mb.SD3) and isinstance(net, MMDiT),
                    # Chroma and Flux controlnets reshape the inputs
                    families.Flux: isinstance(base, mb.Flux) and type(net) is FluxNet,
+                   families.Flux2: type(base) is getattr(mb, "Flux2", None) and type(net) is FluxNet,
                    # Qwen-Image and Qwen-Image-Edit (reference latents are not trained); MageFlow reshapes the network
                    families.QwenImage: type(base) is mb.QwenImage and type(net) is QwenImageTransformer2DModel}
+    if family is families.Flux2 and not hasattr(mb, "Flux2"):
+        raise ValueError("CAT trains Flux.2 on ComfyUI v0.33 or newer: this ComfyUI has no Flux.2 model class; update "
+                         "ComfyUI.")
     if family is None or not written_for.get(family, False):
         raise ValueError(f"CAT trains {SUPPORTED}; this MODEL is a {type(base).__name__} with a "
                          f"{type(net).__name__} network, which is not supported (video, audio and other image models "
@@ -64,7 +68,7 @@ def family_of(mp) -> type[families.Family]:
         raise ValueError("CAT trains Qwen-Image on ComfyUI v0.33 or newer: this ComfyUI's Qwen-Image network ignores "
                          "the text attention mask that training batches of captions of different lengths need; update "
                          "ComfyUI.")
-    if family is families.Flux and type(base) is not mb.Flux:  # v0.33: Flux2, LongCatImage subclass ComfyUI's Flux
+    if family is families.Flux and type(base) is not mb.Flux:  # v0.33: LongCatImage subclasses ComfyUI's Flux
         name = type(base).__name__
         raise ValueError(f"CAT trains {SUPPORTED}; this MODEL is {_FLUX_VARIANTS.get(name, name)} (ComfyUI's {name}), "
                          "which runs on Flux's network but is not Flux.1 and is not supported yet: train a Flux.1 "
@@ -342,10 +346,20 @@ def adm_y(mp, pooled, width: int, height: int, device, **sizes):
     return mp.model.encode_adm(pooled_output=pooled, device=device, prompt_type="positive", **kw)
 
 
+def model_text(mp, context):
+    """Text tokens (B, L, C) as the model's own conditioning hands them to the network: ComfyUI's Flux2 left-pads
+    them with zeros to 512 tokens (Mistral's captions are as long as they are); other families as encoded."""
+    if family_of(mp) is not families.Flux2:
+        return context
+    c = mp.model.extra_conds(cross_attn=context, noise=torch.zeros(1, 1, 1, 1), device=context.device, guidance=None)
+    return c["c_crossattn"].cond
+
+
 def comfy_cond(mp, conditioning, width: int, height: int) -> Cond:
     """CONDITIONING -> network kwargs (batched): context, plus y (`adm_y`; sizes from the conditioning if
     CLIPTextEncodeSDXL set them), plus Flux's guidance if a FluxGuidance node set one."""
     cond, extras = conditioning[0][0], dict(conditioning[0][1])
+    cond = model_text(mp, cond)
     adm = adm_y(mp, extras.get("pooled_output"), width, height, cond.device,
                 **{k: extras[k] for k in _SIZES if k in extras})
     out = {"context": cond}

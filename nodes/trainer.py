@@ -30,7 +30,7 @@ from ..cat_train.training.precision import CHOICES as COMPUTE_CHOICES
 from ..cat_train.training.precision import mixed_precision_name
 from ..cat_train.training import Example, TrainConfig, TrainResult, build_examples, train
 from ..cat_train.step.conds import common_length
-from .comfy_model import adm_y, base_model_version, family_of, trainable
+from .comfy_model import adm_y, base_model_version, family_of, model_text, trainable
 from . import early_cancel
 from .common import (CATEGORY, Dataset, LossConfig, TrainingOptions, feeds, image_of, model_file_name, phase_progress,
                      progress_callback)
@@ -213,7 +213,8 @@ def preparation_steps(dataset, loss_cfg: CatLossConfig, cfg: TrainConfig | None 
 
 
 def _unet_cond(mp, c: dict, width: int, height: int) -> dict:
-    cond = {"context": c["context"].clone()}  # an ordinary tensor even if CLIP ran under inference_mode
+    # clone: an ordinary tensor even if CLIP ran under inference_mode
+    cond = {"context": model_text(mp, c["context"][None])[0].clone()}
     adm = adm_y(mp, c["pooled"][None] if "pooled" in c else None, width, height, torch.device("cpu"))
     if adm is not None:
         cond["y"] = adm[0].detach().float().clone()

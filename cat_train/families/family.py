@@ -170,7 +170,7 @@ class Flux(Family):
 
     @classmethod
     def detect(cls, net):
-        return hasattr(net, "double_blocks") or hasattr(net, "single_blocks")
+        return (hasattr(net, "double_blocks") or hasattr(net, "single_blocks")) and not Flux2.detect(net)
 
     @classmethod
     def lora_keys_say(cls, keys):
@@ -178,7 +178,8 @@ class Flux(Family):
 
     @classmethod
     def checkpoint_says(cls, tensors):
-        return any(k.startswith(("double_blocks.", "single_blocks.")) for k in tensors)
+        return (any(k.startswith(("double_blocks.", "single_blocks.")) for k in tensors)
+                and not Flux2.checkpoint_says(tensors))
 
     @classmethod
     def checkpoint_units(cls, net):
@@ -190,6 +191,34 @@ class Flux(Family):
         # v0.33 (not v0.3.64) the double blocks update `img` in place too (`img += ...` after img_norm1/img_norm2)
         return ([n for b in net.double_blocks for n in (b.img_norm1, b.img_norm2, b.txt_norm1, b.txt_norm2)]
                 + [b.pre_norm for b in net.single_blocks])
+
+
+class Flux2(Flux):
+    """Flux.2 dev and Klein (BFL): Flux's double/single blocks with one modulation shared by all blocks of a kind
+    (`double_stream_modulation_img/txt`, `single_stream_modulation`) instead of one per block, no biases, a SiLU-gated
+    MLP, no pooled vector; ComfyUI runs it on its Flux class."""
+    name = "flux2"
+    title = "Flux.2"
+    _mod = ("double_stream_modulation_img.lin", "double_stream_modulation_txt.lin", "single_stream_modulation.lin")
+    targets = {"flux2_attn": Flux._attn, "flux2_attn_mlp": Flux._attn + Flux._mlp,
+               "flux2_full": Flux._attn + Flux._mlp + _mod}
+    generic = {"attn": "flux2_attn", "attn_ff": "flux2_attn_mlp", "full": "flux2_full"}
+    base_versions = {"Flux2": "flux2"}
+    lora_tags = ("flux2", "flux.2", "flux_2")
+    # Flux.2 dev's guidance input while training, as Flux dev's (Klein has none)
+    training_guidance = 1.0
+
+    @classmethod
+    def detect(cls, net):
+        return hasattr(net, "double_blocks") and hasattr(net, "double_stream_modulation_img")
+
+    @classmethod
+    def lora_keys_say(cls, keys):
+        return any("stream_modulation" in k for k in keys)  # a file of attention/MLP layers alone reads as Flux
+
+    @classmethod
+    def checkpoint_says(cls, tensors):
+        return "double_stream_modulation_img.lin.weight" in tensors
 
 
 class QwenImage(Family):
@@ -257,7 +286,7 @@ class SD3(Family):
 
 
 # In this order the target choices are offered (the trainer node's `target` list).
-FAMILIES: tuple[type[Family], ...] = (SDUNet, SDXLUNet, Flux, QwenImage, SD3)
+FAMILIES: tuple[type[Family], ...] = (SDUNet, SDXLUNet, Flux, Flux2, QwenImage, SD3)
 TARGETS: dict[str, tuple[str, ...]] = {c: s for f in FAMILIES for c, s in f.targets.items()}
 
 

@@ -189,7 +189,50 @@ def tiny_qwen_image(seed: int = 0, dtype: torch.dtype = torch.float32):
     return mp, clip, _tiny_wan_vae(seed + 2)
 
 
-NEWER_FAMILIES = {"qwen_image": tiny_qwen_image}
+# Flux.2-shaped as ComfyUI's detection reads a Flux.2 file (patch 1 over 128 packed latent channels, four rope axes,
+# shared modulation, SiLU-gated MLP, no biases, text positions on one axis), at hidden 64 (2 heads of 32), one double
+# and two single blocks; text = 3 taps of a toy Qwen3 (Klein's encoder) of width 16 -> 48
+TINY_FLUX2_DIT = dict(image_model="flux2", in_channels=128, out_channels=128, patch_size=1, vec_in_dim=None,
+                      context_in_dim=48, hidden_size=64, mlp_ratio=3.0, num_heads=2, depth=1, depth_single_blocks=2,
+                      axes_dim=[8, 8, 8, 8], theta=2000, qkv_bias=False, ops_bias=False, global_modulation=True,
+                      mlp_silu_act=True, default_ref_method="index", ref_index_scale=10.0, txt_ids_dims=[3])
+# Klein taps hidden layers 9, 18 and 27 of Qwen3 4B: 28 layers, each a toy
+TINY_QWEN3 = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=28, num_attention_heads=2, num_key_value_heads=1)
+
+
+def tiny_flux2(seed: int = 0, dtype: torch.dtype = torch.float32, guidance: bool = True):
+    """(MODEL, CLIP, None) of a tiny Flux.2 by ComfyUI's own classes: guidance input as Flux.2 dev (guidance=False:
+    Klein's distilled shape without one); the text encoder is Klein's (ComfyUI's Klein tokenizer and template, its
+    3-layer tap, a toy Qwen3). No VAE: the tests feed 128-channel latents. Where ComfyUI has no Flux.2 (v0.3.64), a
+    tiny Flux.1 in ComfyUI's Flux model class with Flux.2's shared-modulation module added stands in, for the refusal."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.sd
+    import comfy.supported_models as sm
+    import comfy.text_encoders.flux as flux_te
+    from comfy.supported_models_base import ClipTarget
+
+    if not hasattr(sm, "Flux2"):  # v0.3.64: no Flux.2 anywhere; the module tree of one in ComfyUI's Flux model class
+        mp = tiny_model("flux", seed, dtype=dtype)[0]
+        mp.model.diffusion_model.double_stream_modulation_img = torch.nn.Identity()
+        return mp, None, None
+
+    class TinyFlux2(sm.Flux2):
+        unet_config = {"image_model": "flux2"}
+    cfg = TinyFlux2(dict(TINY_FLUX2_DIT, guidance_embed=guidance))
+    cfg.set_inference_dtype(dtype, None)
+    base = cfg.get_model({})
+    _init_(base.diffusion_model, seed)
+    base.diffusion_model.to(dtype)
+    mp = comfy.model_patcher.ModelPatcher(base, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+    target = ClipTarget(flux_te.KleinTokenizer, flux_te.klein_te(model_type="qwen3_4b"))
+    clip = comfy.sd.CLIP(target, model_options={"qwen3_4b_model_config": dict(TINY_QWEN3), "dtype": torch.float32})
+    _init_(clip.cond_stage_model, seed + 1, std=0.2)
+    return mp, clip, None
+
+
+NEWER_FAMILIES = {"qwen_image": tiny_qwen_image, "flux2": tiny_flux2,
+                  "flux2_klein": lambda seed=0, dtype=torch.float32: tiny_flux2(seed, dtype, guidance=False)}
 
 
 def make_images(folder: Path, n: int = 3, size: int = 128, caption: str = "a photo of sks dog", seed: int = 0) -> Path:
