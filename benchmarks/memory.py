@@ -63,6 +63,17 @@ QWEN_IMAGE_DIT = dict(image_model="qwen_image", patch_size=2, in_channels=64, ou
                       pooled_projection_dim=768, axes_dims_rope=(16, 56, 56))
 
 
+# Flux.2 as ComfyUI's detection builds it (patch 1 over 128 packed channels, shared modulation, no biases), at the
+# published widths: dev (Mistral Small 3.1 taps: 3 x 5120 text width) and Klein 4B (Qwen3 4B taps: 3 x 2560)
+FLUX2_DIT = dict(image_model="flux2", in_channels=128, out_channels=128, patch_size=1, vec_in_dim=None, mlp_ratio=3.0,
+                 axes_dim=[32, 32, 32, 32], theta=2000, qkv_bias=False, ops_bias=False, global_modulation=True,
+                 mlp_silu_act=True, default_ref_method="index", ref_index_scale=10.0, txt_ids_dims=[3])
+FLUX2_SIZES = {"flux2": dict(hidden_size=6144, num_heads=48, depth=8, depth_single_blocks=48, context_in_dim=15360,
+                             guidance_embed=True),
+               "flux2_klein": dict(hidden_size=3072, num_heads=24, depth=5, depth_single_blocks=20, context_in_dim=7680,
+                                   guidance_embed=False)}
+
+
 def unet(kind: str, device: str):
     """A ComfyUI-built network of the SD1.5/SDXL/Flux dev shape (or 'mid': SD1.5 layout at 128 channels), bf16."""
     import torch
@@ -78,6 +89,8 @@ def unet(kind: str, device: str):
         if "txt_ids_dims" in {f.name for f in dataclasses.fields(FluxParams)}:  # required since v0.33: [] is Flux.1
             dit["txt_ids_dims"] = []
         cfg = sm.Flux(dit)
+    elif kind in FLUX2_SIZES:
+        cfg = sm.Flux2(dict(FLUX2_DIT, **FLUX2_SIZES[kind]))
     elif kind == "qwen_image":
         cfg = sm.QwenImage(dict(QWEN_IMAGE_DIT))
     elif kind == "sdxl":
@@ -108,12 +121,15 @@ def budget_row(kind: str, res: int, rank: int = 16, alpha: float = 1.0, batch: i
     tokens, ctx, channels, kw = {"sdxl": (77, 2048, 4, {"y": torch.empty(1, 2816, **meta)}),
                                  "flux": (256, 4096, 16,
                                           {"y": torch.empty(1, 768, **meta), "guidance": torch.ones(1, **meta)}),
-                                 "qwen_image": (128, 3584, 16, {})  # a 100-word caption, unpadded
+                                 "qwen_image": (128, 3584, 16, {}),  # a 100-word caption, unpadded
+                                 "flux2": (512, 15360, 128, {"guidance": torch.ones(1, **meta)}),  # padded to 512
+                                 "flux2_klein": (512, 7680, 128, {})
                                  }.get(kind, (77, 768, 4, {}))
+    down = 16 if kind in FLUX2_SIZES else 8  # Flux.2's latents pack 2x2 pixels of its VAE's /8 grid
     frames = (1,) if kind == "qwen_image" else ()  # its latents are the Wan VAE's: (B, C, frames, h, w)
 
     def forward():
-        net(torch.empty(1, channels, *frames, res // 8, res // 8, **meta), torch.zeros(1, device="meta"),
+        net(torch.empty(1, channels, *frames, res // down, res // down, **meta), torch.zeros(1, device="meta"),
             context=torch.empty(1, tokens, ctx, **meta), transformer_options={"optimized_attention_override": _sdpa},
             **kw)
 
@@ -264,12 +280,15 @@ def main(argv=None) -> int:
     boot()
     print("budget (GiB), bf16 weights + compute, CAT alpha 1, batch 1, rank 16 'attn'; total = weights + LoRA/AdamW + "
           "activations")
-    print(f"{'model':10s} {'res':>5s} {'weights':>8s} {'LoRA+opt':>9s} {'act off':>8s} {'total off':>10s} "
+    print(f"{'model':11s} {'res':>5s} {'weights':>8s} {'LoRA+opt':>9s} {'act off':>8s} {'total off':>10s} "
           f"{'act on':>7s} {'total on':>9s}")
-    for kind, res in (("sd15", 512), ("sdxl", 1024), ("flux", 1024), ("qwen_image", 1024)):
+    import comfy.supported_models as sm
+
+    newer = ["qwen_image"] + (list(FLUX2_SIZES) if hasattr(sm, "Flux2") else [])  # v0.3.64 has no Flux.2
+    for kind, res in [("sd15", 512), ("sdxl", 1024), ("flux", 1024)] + [(k, 1024) for k in newer]:
         r = budget_row(kind, res)
         tot = lambda act: (r["weights"] + r["adapter"] + act) / GiB
-        print(f"{kind:10s} {res:5d} {r['weights'] / GiB:8.2f} {r['adapter'] / GiB:9.3f} {r['act_off'] / GiB:8.2f} "
+        print(f"{kind:11s} {res:5d} {r['weights'] / GiB:8.2f} {r['adapter'] / GiB:9.3f} {r['act_off'] / GiB:8.2f} "
               f"{tot(r['act_off']):10.2f} {r['act_on'] / GiB:7.2f} {tot(r['act_on']):9.2f}")
     return 0
 
