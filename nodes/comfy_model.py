@@ -29,7 +29,7 @@ log = logging.getLogger("ComfyUI-CAT")
 
 
 SUPPORTED = ("SD1.x and SD2.x (eps or v prediction) and SDXL UNets with a discrete DDPM schedule, SD3/SD3.5 (MMDiT), "
-             "Flux (dev, schnell), Flux.2 (dev, Klein) and Qwen-Image flow-matching transformers")
+             "Flux (dev, schnell), Flux.2 (dev, Klein), Chroma and Qwen-Image flow-matching transformers")
 # Patcher-level wrappers that act on the sampler, not on one network call: training never runs them.
 _SAMPLING_ONLY = {"outer_sample", "prepare_sampling", "sampler_sample", "predict_noise", "calc_cond_batch"}
 # ComfyUI model classes built on its Flux class that are not Flux.1, as users know them
@@ -40,6 +40,7 @@ def family_of(mp) -> type[families.Family]:
     """The family of a MODEL the trainer supports (read off the network by `families.of`), once ComfyUI's own
     classes say it is the model that family was written for; anything else is refused, naming what it is."""
     import comfy.model_base as mb
+    from comfy.ldm.chroma.model import Chroma as ChromaNet
     from comfy.ldm.flux.model import Flux as FluxNet
     from comfy.ldm.modules.diffusionmodules.mmdit import MMDiT
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
@@ -55,6 +56,7 @@ def family_of(mp) -> type[families.Family]:
                    # Chroma and Flux controlnets reshape the inputs
                    families.Flux: isinstance(base, mb.Flux) and type(net) is FluxNet,
                    families.Flux2: type(base) is getattr(mb, "Flux2", None) and type(net) is FluxNet,
+                   families.Chroma: type(base) is mb.Chroma and type(net) is ChromaNet,  # not Chroma Radiance
                    # Qwen-Image and Qwen-Image-Edit (reference latents are not trained); MageFlow reshapes the network
                    families.QwenImage: type(base) is mb.QwenImage and type(net) is QwenImageTransformer2DModel}
     if family is families.Flux2 and not hasattr(mb, "Flux2"):
@@ -192,7 +194,8 @@ class ComfyDenoiser:
         self.prediction_type = prediction_type_of(mp)
         self.schedule = schedule_of(mp, **flow_options)
         self.compute_dtype = compute_dtype
-        takes = self.family.training_guidance is not None and self.module.params.guidance_embed  # schnell: no input
+        # Flux schnell: no such input; Chroma's params have no switch: it always takes one
+        takes = self.family.training_guidance is not None and getattr(self.module.params, "guidance_embed", True)
         self.guidance = (self.family.training_guidance if guidance is None else guidance) if takes else None
         self._sampling = mp.get_model_object("model_sampling")
         self._options = transformer_options_of(mp)
@@ -200,8 +203,8 @@ class ComfyDenoiser:
     def predict(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
         dt = self.compute_dtype
         extra = {k: v.to(dt) for k, v in cond.items() if k not in ("context", "attention_mask")}
-        if "attention_mask" in cond:  # an integer mask: the network turns it into an additive one in its own dtype
-            extra["attention_mask"] = cond["attention_mask"].round().long()
+        if "attention_mask" in cond:
+            extra["attention_mask"] = self._text_mask(cond["attention_mask"], x_t, dt)
         if self.guidance is not None and "guidance" not in extra:
             extra["guidance"] = torch.full((x_t.shape[0],), self.guidance, device=x_t.device, dtype=dt)
         if self.prediction_type == "flow":  # the model's own timestep of sigma, as apply_model computes it
@@ -211,6 +214,18 @@ class ComfyDenoiser:
             t_in = t.float()
         opts = dict(self._options)  # the network writes per-call keys (block, transformer_index) into it
         return self.module(x_t.to(dt), t_in, context=cond["context"].to(dt), transformer_options=opts, **extra)
+
+    def _text_mask(self, mask: Tensor, x_t: Tensor, dt: torch.dtype) -> Tensor:
+        """The (B, text tokens) mask of padded text as the network takes it: Qwen-Image an integer one over the text
+        (it makes it additive itself); Chroma an additive one over all keys, text then image tokens, which its blocks
+        hand to attention as is."""
+        mask = mask.round().long()
+        if self.family is not families.Chroma:
+            return mask
+        p = self.module.patch_size
+        image_tokens = ((x_t.shape[-2] + p // 2) // p) * ((x_t.shape[-1] + p // 2) // p)
+        keys = torch.cat([mask, mask.new_ones(mask.shape[0], image_tokens)], 1)
+        return ((keys - 1).to(dt) * torch.finfo(dt).max)[:, None, None, :]
 
     def set_gradient_checkpointing(self, on: bool) -> None:
         """ldm's UNet has no switch (and MMDiT's/Flux's are fixed at build): wrap the forward of each unit of

@@ -8,8 +8,8 @@
 Imports nothing of the method: every other part may ask a family. The names below are the public ones
 (`families.of(net)`, `families.Flux`, `families.TARGETS`).
 """
-from .family import (FAMILIES, GENERIC_TARGETS, SD3, TARGETS, Family, Flux, Flux2, QwenImage, SDUNet, SDXLUNet,
+from .family import (FAMILIES, GENERIC_TARGETS, SD3, TARGETS, Chroma, Family, Flux, Flux2, QwenImage, SDUNet, SDXLUNet,
                      kohya_base_version, named, of, target_suffixes, title)
 
-__all__ = ["FAMILIES", "GENERIC_TARGETS", "SD3", "TARGETS", "Family", "Flux", "Flux2", "QwenImage", "SDUNet",
+__all__ = ["FAMILIES", "GENERIC_TARGETS", "SD3", "TARGETS", "Chroma", "Family", "Flux", "Flux2", "QwenImage", "SDUNet",
            "SDXLUNet", "kohya_base_version", "named", "of", "target_suffixes", "title"]

@@ -170,7 +170,8 @@ class Flux(Family):
 
     @classmethod
     def detect(cls, net):
-        return (hasattr(net, "double_blocks") or hasattr(net, "single_blocks")) and not Flux2.detect(net)
+        return ((hasattr(net, "double_blocks") or hasattr(net, "single_blocks")) and not Flux2.detect(net)
+                and not Chroma.detect(net))
 
     @classmethod
     def lora_keys_say(cls, keys):
@@ -179,7 +180,7 @@ class Flux(Family):
     @classmethod
     def checkpoint_says(cls, tensors):
         return (any(k.startswith(("double_blocks.", "single_blocks.")) for k in tensors)
-                and not Flux2.checkpoint_says(tensors))
+                and not Flux2.checkpoint_says(tensors) and not Chroma.checkpoint_says(tensors))
 
     @classmethod
     def checkpoint_units(cls, net):
@@ -219,6 +220,36 @@ class Flux2(Flux):
     @classmethod
     def checkpoint_says(cls, tensors):
         return "double_stream_modulation_img.lin.weight" in tensors
+
+
+class Chroma(Flux):
+    """Chroma (Lodestone's de-distilled Flux schnell): Flux's double/single blocks without per-block modulation, which a
+    small MLP (`distilled_guidance_layer`, the approximator) computes for all blocks from timestep and guidance; T5
+    alone, no pooled vector."""
+    name = "chroma"
+    title = "Chroma"
+    _approximator = ("distilled_guidance_layer.in_proj", "in_layer", "out_layer", "distilled_guidance_layer.out_proj")
+    targets = {"chroma_attn": Flux._attn, "chroma_attn_mlp": Flux._attn + Flux._mlp,
+               "chroma_full": Flux._attn + Flux._mlp + _approximator}
+    generic = {"attn": "chroma_attn", "attn_ff": "chroma_attn_mlp", "full": "chroma_full"}
+    base_versions = {"Chroma": "chroma"}
+    lora_tags = ("chroma",)
+    training_guidance = 0.0  # its guidance input as ComfyUI's Chroma samples it (model_base.Chroma's default)
+    # T5 captions are as long as they are, and in joint attention a repeated text would weigh k times against the
+    # image tokens: padded and masked instead
+    padded_text = True
+
+    @classmethod
+    def detect(cls, net):
+        return hasattr(net, "double_blocks") and hasattr(net, "distilled_guidance_layer")
+
+    @classmethod
+    def lora_keys_say(cls, keys):
+        return any("distilled_guidance_layer" in k for k in keys)  # a file of block layers alone reads as Flux
+
+    @classmethod
+    def checkpoint_says(cls, tensors):
+        return any(k.startswith("distilled_guidance_layer.") for k in tensors)
 
 
 class QwenImage(Family):
@@ -286,7 +317,7 @@ class SD3(Family):
 
 
 # In this order the target choices are offered (the trainer node's `target` list).
-FAMILIES: tuple[type[Family], ...] = (SDUNet, SDXLUNet, Flux, Flux2, QwenImage, SD3)
+FAMILIES: tuple[type[Family], ...] = (SDUNet, SDXLUNet, Flux, Flux2, Chroma, QwenImage, SD3)
 TARGETS: dict[str, tuple[str, ...]] = {c: s for f in FAMILIES for c, s in f.targets.items()}
 
 

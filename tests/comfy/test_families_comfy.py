@@ -7,9 +7,10 @@ import pytest
 from conftest import ROOT, pack_module
 from tiny_models import tiny_model
 
-KIND = {"SDUNet": "sd15", "SDXLUNet": "sdxl", "SD3": "sd3", "Flux": "flux", "QwenImage": "qwen_image", "Flux2": "flux2"}
+KIND = {"SDUNet": "sd15", "SDXLUNet": "sdxl", "SD3": "sd3", "Flux": "flux", "QwenImage": "qwen_image", "Flux2": "flux2",
+        "Chroma": "chroma"}
 TAG = {"sd15": "sd_v1", "sdxl": "sdxl_base_v1-0", "sd3": "sd3", "flux": "flux1", "qwen_image": "qwen_image",
-       "flux2": "flux2"}
+       "flux2": "flux2", "chroma": "chroma"}
 # families an older ComfyUI lacks or cannot train: whether this host trains them, and the pack's one-line refusal
 REFUSED_WITHOUT = {
     "QwenImage": (lambda comfy: pack_module(comfy, "nodes.compat").qwen_image_masks_text(),

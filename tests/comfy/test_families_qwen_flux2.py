@@ -439,3 +439,153 @@ def test_flux2_checkpointing_same_lora_and_cancel_resumes(comfy, flux2, monkeypa
     assert resumed.steps_done == 4
     for k, w in whole.weights.items():
         torch.testing.assert_close(resumed.weights[k].up, w.up, atol=1e-5, rtol=1e-4)
+
+
+# --- Chroma (ComfyUI v0.3.64 and v0.33 both have it) ---
+@pytest.fixture(scope="module")
+def chroma(comfy):
+    return tiny_model("chroma", seed=41)
+
+
+class _Latents16(_Latents):
+    """16-channel latents (Flux's VAE) and T5-width stand-in encodings whose length depends on the prompt."""
+
+    def __init__(self, n=3):
+        g = torch.Generator().manual_seed(7)
+        self.items = [(torch.randn(16, 8, 8, generator=g), f"a photo of sks dog {i}", ("sks",), 1) for i in range(n)]
+        self.triggers, self.class_word, self.buckets = ("sks",), "dog", {(64, 64): n}
+
+
+def test_chroma_predict_is_the_velocity_comfyui_samples_with(comfy, chroma):
+    """predict() == ComfyUI's CONST velocity with T5 conditioning through Chroma's (PixArt's) encoder and ComfyUI's
+    Chroma guidance default (0); guidance reaches the approximator; no pooled vector."""
+    mp, clip, _ = chroma
+    tr, cm, _, _ = _mods(comfy)
+    F = pack_module(comfy, "cat_train.families")
+    assert F.of(mp.model.diffusion_model) is F.Chroma and cm.family_of(mp) is F.Chroma
+    assert cm.base_model_version(mp) == "chroma"
+    den = cm.ComfyDenoiser(mp)
+    assert den.guidance == 0.0 and den.prediction_type == "flow"
+    c = cm.comfy_cond(mp, clip.encode_from_tokens_scheduled(clip.tokenize("a photo of sks dog")), 64, 64)
+    assert set(c) == {"context"} and c["context"].shape[-1] == 32
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(2, 16, 8, 8, generator=g), torch.randn(2, 16, 8, 8, generator=g)
+    t = torch.tensor([200.0, 700.0])
+    x_t = den.schedule.add_noise(x0, noise, t)
+    ctx = {k: v.expand(2, *v.shape[1:]) for k, v in c.items()}
+    sigma = t / 1000
+    with torch.no_grad():
+        ours = den.predict(x_t, t, ctx)
+        theirs = (x_t - mp.model.apply_model(x_t, sigma, c_crossattn=ctx["context"], guidance=torch.zeros(2)))
+        theirs = theirs / sigma.view(-1, 1, 1, 1)
+        other = den.predict(x_t, t, {**ctx, "guidance": torch.full((2,), 4.0)})
+    assert ours.abs().mean() > 1e-3 and (other - ours).abs().max() > 1e-4
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4)
+
+
+def test_chroma_padding_is_exact_where_repeating_is_not(comfy, chroma):
+    """In joint attention a text repeated k times weighs k times against the image tokens (the repeat that is exact in a
+    UNet's cross-attention changes Chroma's output); zero-padded with the mask, a batch of a long and a short caption
+    predicts what each predicts alone."""
+    mp, clip, _ = chroma
+    tr, cm, _, _ = _mods(comfy)
+    den = cm.ComfyDenoiser(mp)
+    enc = lambda text: clip.encode_from_tokens_scheduled(clip.tokenize(text))[0][0]
+    long, short = enc("a photo of sks dog on a red sofa"), enc("a photo of dog")
+    assert long.shape[1] != short.shape[1]
+    conds = [tr._unet_cond(mp, {"context": c[0]}, 64, 64) for c in (long, short)]
+    batch = pack_module(comfy, "cat_train.step.conds").cat_cond(*[{k: v[None] for k, v in c.items()} for c in conds])
+    g = torch.Generator().manual_seed(1)
+    x_t, t = torch.randn(2, 16, 8, 8, generator=g), torch.tensor([300.0, 800.0])
+    with torch.no_grad():
+        together = den.predict(x_t, t, batch)
+        alone = [den.predict(x_t[i:i + 1], t[i:i + 1], {k: v[None] for k, v in conds[i].items()}) for i in range(2)]
+        repeated = den.predict(x_t[1:], t[1:], {"context": short.repeat(1, 3, 1)})
+    for i in range(2):
+        torch.testing.assert_close(together[i:i + 1], alone[i], atol=1e-5, rtol=1e-4)
+    assert (repeated - alone[1]).abs().max() > 1e-3
+
+
+def test_chroma_train_save_stock_load_roundtrip(comfy, chroma, dataset_dir):
+    """CAT through the CAT Dataset node (T5 captions, 16-channel VAE): CAT term 0 at init, input MODEL bit-identical,
+    `full` adapts the blocks and the approximator, keys ComfyUI's key map resolves, tagged and read back as Chroma,
+    and through the stock LoraLoaderModelOnly it predicts what the trainer's adapted network does."""
+    import comfy.lora as comfy_lora
+    from safetensors import safe_open
+
+    mp, clip, vae = chroma
+    tr, cm, A, T = _mods(comfy)
+    ds = pack_module(comfy, "nodes.dataset").build_dataset(dataset_dir, vae, clip, ("sks",), "dog", ".txt", 128, True)
+    before = _state(mp)
+    spec = A.LoraSpec(rank=4, alpha=4.0, preset="full")
+    loss = T.CatLossConfig(1.0, "class", "dog")
+    patched, lora, _, _, res = tr.train_on_model(mp, ds, loss, spec, T.TrainConfig(steps=4, lr=1e-2, seed=1), "7")
+    assert _same(before, _state(mp))
+    assert res.steps_done == 4 and res.history[0]["keep"] < 1e-12 and res.history[-1]["keep"] > 1e-8
+    assert any(n.startswith("distilled_guidance_layer.") for n in res.weights)
+    assert any(n.startswith("double_blocks.") for n in res.weights) and any(n.startswith("single_blocks.")
+                                                                            for n in res.weights)
+    key_map = comfy_lora.model_lora_keys_unet(mp.model, {})
+    for n in res.weights:
+        assert key_map["lora_unet_" + n.replace(".", "_")] == f"diffusion_model.{n}.weight"
+    path = comfy.nodes.NODE_CLASS_MAPPINGS["CAT_SaveLora"].execute(lora, "chroma_roundtrip").result[0]
+    with safe_open(path, "pt") as f:
+        assert f.metadata()["ss_base_model_version"] == "chroma"
+    H = pack_module(comfy, "cat_train.families.headers")
+    assert H.lora_family(H.read_header(path)) == "chroma"
+    (loaded,) = comfy.nodes.NODE_CLASS_MAPPINGS["LoraLoaderModelOnly"]().load_lora_model_only(
+        mp, path.split("/loras/")[-1], 1.0)
+    assert {k[len("diffusion_model."):-len(".weight")] for k in loaded.patches} == set(res.weights)
+    assert set(patched.patches) == set(loaded.patches)
+    ex = tr.model_examples(mp, ds, loss)[0]
+    base, adapted, stock, restored = adapted_vs_stock_predictions(
+        comfy, mp, cm.ComfyDenoiser(mp), ex, res.weights, spec, loaded, torch.tensor([600.0]))
+    assert (adapted - base).abs().max() > 1e-4
+    torch.testing.assert_close(stock, adapted, atol=1e-5, rtol=1e-5)
+    assert torch.equal(restored, base) and _same(before, _state(mp))
+
+
+@pytest.mark.parametrize("alpha", [0.0, 1.0])
+def test_chroma_loss_falls_overfitting_three_latents(comfy, chroma, alpha):
+    mp = chroma[0]
+    tr, _, A, T = _mods(comfy)
+    before = _state(mp)
+    res = tr.train_on_model(mp, _Latents16(), T.CatLossConfig(alpha, "class", "dog"),
+                            A.LoraSpec(rank=8, alpha=8.0, preset="full"),
+                            T.TrainConfig(steps=40, lr=3e-2, seed=2, batch_size=3))[4]
+    first = sum(h["fit"] for h in res.history[:8]) / 8
+    last = sum(h["fit"] for h in res.history[-8:]) / 8
+    print(f"chroma alpha {alpha}: fit first 8 steps {first:.4f}, last 8 {last:.4f}")
+    assert last < 0.92 * first, (first, last)
+    assert res.history[0]["keep"] < 1e-12 and (res.history[-1]["keep"] > 0) == (alpha > 0)
+    assert _same(before, _state(mp))
+
+
+def test_chroma_checkpointing_same_lora_and_cancel_resumes(comfy, chroma, monkeypatch, tmp_path):
+    mp = chroma[0]
+    tr, _, A, T = _mods(comfy)
+    net = mp.model.diffusion_model
+    units = pack_module(comfy, "cat_train.families").of(net).checkpoint_units(net)
+    assert len(units) == 3
+    from torch.utils import checkpoint as ckpt_mod
+    calls, real = [], ckpt_mod.checkpoint
+    monkeypatch.setattr(ckpt_mod, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    spec, loss = A.LoraSpec(rank=4, alpha=4.0), T.CatLossConfig(1.0, "class", "dog")
+    res = [tr.train_on_model(mp, _Latents16(), loss, spec, T.TrainConfig(steps=2, lr=1e-2, seed=1),
+                             checkpointing=c)[4] for c in ("off", "on")]
+    assert len(calls) >= 3 and all("forward" not in vars(u) for u in units)
+    for k, w in res[0].weights.items():
+        torch.testing.assert_close(res[1].weights[k].up, w.up, atol=1e-6, rtol=1e-5)
+    monkeypatch.undo()
+    before = _state(mp)
+    cfg = T.TrainConfig(steps=4, lr=1e-2, seed=3, checkpoint_dir=str(tmp_path / "ck"))
+    with cancelled_after(2, total=4) as seen:
+        tr.train_on_model(mp, _Latents16(), loss, spec, cfg, "9")
+    assert seen == [1, 2] and _same(before, _state(mp))
+    ck = T.latest_checkpoint(tmp_path / "ck")
+    assert ck is not None and ck.name == "cat-step000002.pt"
+    resumed = tr.train_on_model(mp, _Latents16(), loss, spec, cfg, resume=str(ck))[4]
+    whole = tr.train_on_model(mp, _Latents16(), loss, spec, T.TrainConfig(steps=4, lr=1e-2, seed=3))[4]
+    assert resumed.steps_done == 4
+    for k, w in whole.weights.items():
+        torch.testing.assert_close(resumed.weights[k].up, w.up, atol=1e-5, rtol=1e-4)

@@ -231,7 +231,46 @@ def tiny_flux2(seed: int = 0, dtype: torch.dtype = torch.float32, guidance: bool
     return mp, clip, None
 
 
-NEWER_FAMILIES = {"qwen_image": tiny_qwen_image, "flux2": tiny_flux2,
+# Chroma-shaped as ComfyUI's detection reads a Chroma file (64 packed input channels, the approximator of in_dim 64 =
+# timestep 16 + guidance 16 + block index 32), hidden 64 (2 heads), one double and two single blocks, approximator 2
+# layers of 32, T5 width 32
+TINY_CHROMA_DIT = dict(image_model="chroma", in_channels=64, out_channels=64, patch_size=2, context_in_dim=32,
+                       hidden_size=64, mlp_ratio=4.0, num_heads=2, depth=1, depth_single_blocks=2, axes_dim=[8, 12, 12],
+                       theta=10000, qkv_bias=True, in_dim=64, out_dim=64, hidden_dim=32, n_layers=2)
+
+
+def tiny_chroma(seed: int = 0, dtype: torch.dtype = torch.float32):
+    """(MODEL, CLIP, VAE) of a tiny Chroma by ComfyUI's own classes: its T5 tokenizer and encoder path (PixArt's, which
+    Chroma uses) over a toy T5, a 16-channel VAE as Flux's."""
+    import dataclasses
+
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.sd
+    import comfy.supported_models as sm
+    import comfy.text_encoders.pixart_t5 as pixart
+    from comfy.ldm.chroma.model import ChromaParams
+    from comfy.supported_models_base import ClipTarget
+
+    class TinyChroma(sm.Chroma):
+        unet_config = {"image_model": "chroma"}
+    dit = dict(TINY_CHROMA_DIT)
+    fields = {f.name for f in dataclasses.fields(ChromaParams)}
+    dit.update({k: v for k, v in (("txt_ids_dims", []), ("vec_in_dim", None)) if k in fields})  # v0.33 requires them
+    cfg = TinyChroma(dit)
+    cfg.set_inference_dtype(dtype, None)
+    base = cfg.get_model({})
+    _init_(base.diffusion_model, seed)
+    base.diffusion_model.to(dtype)
+    mp = comfy.model_patcher.ModelPatcher(base, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+    clip = comfy.sd.CLIP(ClipTarget(pixart.PixArtTokenizer, pixart.pixart_te()),
+                         model_options={"t5xxl_model_config": dict(T5_SMALL), "dtype": torch.float32})
+    _init_(clip.cond_stage_model, seed + 1, std=0.2)
+    flux_vae = tiny_model("flux", seed)[2]  # the same 16-channel toy VAE
+    return mp, clip, flux_vae
+
+
+NEWER_FAMILIES = {"qwen_image": tiny_qwen_image, "flux2": tiny_flux2, "chroma": tiny_chroma,
                   "flux2_klein": lambda seed=0, dtype=torch.float32: tiny_flux2(seed, dtype, guidance=False)}
 
 
