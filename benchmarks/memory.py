@@ -74,6 +74,13 @@ FLUX2_SIZES = {"flux2": dict(hidden_size=6144, num_heads=48, depth=8, depth_sing
                                    guidance_embed=False)}
 
 
+# Chroma's published shape (Flux schnell's blocks without their modulation; the approximator 64 -> 5120 x 5 -> 3072)
+CHROMA_DIT = dict(image_model="chroma", in_channels=64, out_channels=64, patch_size=2, context_in_dim=4096,
+                  hidden_size=3072, mlp_ratio=4.0, num_heads=24, depth=19, depth_single_blocks=38,
+                  axes_dim=[16, 56, 56], theta=10000, qkv_bias=True, in_dim=64, out_dim=3072, hidden_dim=5120,
+                  n_layers=5)
+
+
 def unet(kind: str, device: str):
     """A ComfyUI-built network of the SD1.5/SDXL/Flux dev shape (or 'mid': SD1.5 layout at 128 channels), bf16."""
     import torch
@@ -93,6 +100,14 @@ def unet(kind: str, device: str):
         cfg = sm.Flux2(dict(FLUX2_DIT, **FLUX2_SIZES[kind]))
     elif kind == "qwen_image":
         cfg = sm.QwenImage(dict(QWEN_IMAGE_DIT))
+    elif kind == "chroma":
+        import dataclasses
+
+        from comfy.ldm.chroma.model import ChromaParams
+
+        fields = {f.name for f in dataclasses.fields(ChromaParams)}
+        cfg = sm.Chroma(dict(CHROMA_DIT, **{k: v for k, v in (("txt_ids_dims", []), ("vec_in_dim", None))
+                                            if k in fields}))
     elif kind == "sdxl":
         cfg = sm.SDXL(dict(SDXL_UNET))
     else:
@@ -123,7 +138,8 @@ def budget_row(kind: str, res: int, rank: int = 16, alpha: float = 1.0, batch: i
                                           {"y": torch.empty(1, 768, **meta), "guidance": torch.ones(1, **meta)}),
                                  "qwen_image": (128, 3584, 16, {}),  # a 100-word caption, unpadded
                                  "flux2": (512, 15360, 128, {"guidance": torch.ones(1, **meta)}),  # padded to 512
-                                 "flux2_klein": (512, 7680, 128, {})
+                                 "flux2_klein": (512, 7680, 128, {}),
+                                 "chroma": (128, 4096, 16, {"guidance": torch.zeros(1, **meta)})  # T5, unpadded
                                  }.get(kind, (77, 768, 4, {}))
     down = 16 if kind in FLUX2_SIZES else 8  # Flux.2's latents pack 2x2 pixels of its VAE's /8 grid
     frames = (1,) if kind == "qwen_image" else ()  # its latents are the Wan VAE's: (B, C, frames, h, w)
@@ -284,7 +300,7 @@ def main(argv=None) -> int:
           f"{'act on':>7s} {'total on':>9s}")
     import comfy.supported_models as sm
 
-    newer = ["qwen_image"] + (list(FLUX2_SIZES) if hasattr(sm, "Flux2") else [])  # v0.3.64 has no Flux.2
+    newer = ["chroma", "qwen_image"] + (list(FLUX2_SIZES) if hasattr(sm, "Flux2") else [])  # v0.3.64: no Flux.2
     for kind, res in [("sd15", 512), ("sdxl", 1024), ("flux", 1024)] + [(k, 1024) for k in newer]:
         r = budget_row(kind, res)
         tot = lambda act: (r["weights"] + r["adapter"] + act) / GiB
