@@ -327,8 +327,8 @@ def of(net: nn.Module) -> type[Family]:
     if len(found) != 1:
         what = "several families (" + ", ".join(f.name for f in found) + ")" if found else "no family"
         raise ValueError(f"{type(net).__name__} matches {what} CAT knows ({', '.join(f.name for f in FAMILIES)}): "
-                         "train an SD1.x/SD2/SDXL UNet, an SD3 MMDiT or a Flux transformer, or add its family to "
-                         "cat_train/families/.")
+                         f"train a model of one of them ({', '.join(f.title for f in FAMILIES)}), or add its family "
+                         "to cat_train/families/.")
     return found[0]
 
 
