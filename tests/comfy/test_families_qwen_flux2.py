@@ -589,3 +589,18 @@ def test_chroma_checkpointing_same_lora_and_cancel_resumes(comfy, chroma, monkey
     assert resumed.steps_done == 4
     for k, w in whole.weights.items():
         torch.testing.assert_close(resumed.weights[k].up, w.up, atol=1e-5, rtol=1e-4)
+
+
+def test_checkpoints_name_their_family_and_not_flux(comfy, qwen, flux2, chroma):
+    """A checkpoint's denoiser tensor names (as a safetensors header lists them) say which family it is: Flux.2 and
+    Chroma, whose names are Flux's and more, are not read as Flux, and Flux is still Flux."""
+    H = pack_module(comfy, "cat_train.families.headers")
+    header = lambda mp: {"model.diffusion_model." + k: {"dtype": "F32", "shape": list(v.shape)}
+                         for k, v in mp.model.diffusion_model.state_dict().items()}
+    models = {"qwen_image": qwen[0], "chroma": chroma[0], "flux": tiny_model("flux", seed=3)[0]}
+    import comfy.model_base as mb
+
+    if hasattr(mb, "Flux2"):  # the v0.3.64 stand-in has Flux.2's module tree but not its tensors
+        models["flux2"] = flux2["flux2"][0]
+    for name, mp in models.items():
+        assert H.model_family(header(mp)) == name, name
