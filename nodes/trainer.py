@@ -29,7 +29,8 @@ from ..cat_train.measure.plot import loss_curve
 from ..cat_train.training.precision import CHOICES as COMPUTE_CHOICES
 from ..cat_train.training.precision import mixed_precision_name
 from ..cat_train.training import Example, TrainConfig, TrainResult, build_examples, train
-from .comfy_model import COND_EXTRAS, adm_y, base_model_version, prompt_tokens, trainable
+from ..cat_train.step.conds import common_length
+from .comfy_model import COND_EXTRAS, adm_y, base_model_version, family_of, model_text, prompt_tokens, trainable
 from . import early_cancel
 from .common import (CATEGORY, Dataset, LossConfig, TrainingOptions, feeds, image_of, model_file_name, phase_progress,
                      progress_callback)
@@ -246,12 +247,15 @@ def preparation_steps(dataset, loss_cfg: CatLossConfig, cfg: TrainConfig | None 
 
 
 def _unet_cond(mp, c: dict, width: int, height: int) -> dict:
-    cond = {"context": c["context"].clone()}  # an ordinary tensor even if CLIP ran under inference_mode
+    # clone: an ordinary tensor even if CLIP ran under inference_mode
+    cond = {"context": model_text(mp, c["context"][None])[0].clone()}
     adm = adm_y(mp, c["pooled"][None] if "pooled" in c else None, width, height, torch.device("cpu"))
     if adm is not None:
         cond["y"] = adm[0].detach().float().clone()
     cond.update({k: c[k].clone() for k in COND_EXTRAS.values() if k in c})
     cond.update(prompt_tokens(mp, cond["context"]))
+    if family_of(mp).padded_text:  # batched by zero-padding: the mask says which tokens are text
+        cond["attention_mask"] = torch.ones(cond["context"].shape[0])
     return cond
 
 
@@ -394,8 +398,8 @@ def make_watch(mp, den, dataset, examples, loss_cfg, seed, node_id, vae=None, pr
 def unet_text_encoder(mp, dataset, width: int, height: int):
     """prompts -> batched UNet conditioning (context, and SDXL's y for this size), through the dataset's CLIP."""
     def encode(prompts: list[str]) -> dict:
-        raw = dataset.encode_text(prompts)
-        rows = [_unet_cond(mp, {k: v[i] for k, v in raw.items()}, width, height) for i in range(len(prompts))]
+        raw = [dataset.encode_text([p]) for p in prompts]  # one by one: each family batches its own way below
+        rows = common_length([_unet_cond(mp, {k: v[0] for k, v in r.items()}, width, height) for r in raw], 0)
         return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
     return encode
 

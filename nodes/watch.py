@@ -60,7 +60,7 @@ def vae_decoder(vae, mp):
     def decode(z: torch.Tensor) -> torch.Tensor:
         z = z.float().cpu()
         images = vae.decode(mp.model.process_latent_out(z[:, :, None] if video else z)).float()
-        images = images.reshape(-1, *images.shape[-3:])
+        images = images.reshape(-1, *images.shape[-3:])  # a video VAE gives (B, frames, H, W, 3)
         mm.load_models_gpu([mp], memory_required=1e20, force_full_load=True)
         return images
     return decode

@@ -81,7 +81,7 @@ def sample(denoiser: Denoiser, cond: Cond, uncond: Cond | None, shape: tuple[int
     guided = uncond is not None and cfg != 1.0
     if guided:
         uncond = {k: v.to(param.device) for k, v in _expand(uncond, b).items()}
-        both = cat_cond(cond, uncond)  # a negative prompt of another token length than the prompt: repeated whole
+        both = cat_cond(cond, uncond)  # texts of different lengths brought to one as the family batches them
     ts, coefs = _levels(denoiser, steps)
     for i, t in enumerate(ts):
         tt = t.to(param.device).repeat(b)

@@ -207,11 +207,12 @@ def test_video_model_refused_before_anything_is_loaded(comfy, monkeypatch):
     assert loads == [] and {n: p.dtype for n, p in base.diffusion_model.named_parameters()} == dtypes
 
 
-@pytest.mark.parametrize("variant, named", [("Flux2", "Flux.2"), ("LongCatImage", "LongCat-Image")])
+@pytest.mark.parametrize("variant, named", [("LongCatImage", "LongCat-Image")])
 def test_flux_variants_refused_by_name_before_anything_is_loaded(comfy, flow_models, monkeypatch, variant, named):
-    """ComfyUI v0.33's Flux.2 and LongCat-Image model classes subclass its Flux class and run the Flux network, so they
-    passed the Flux check untrained and untested: refused in one line that names them, nothing loaded or cast. The
-    refusal goes by class; v0.3.64 has neither class, so a subclass of Flux under that name stands in there."""
+    """ComfyUI v0.33's LongCat-Image model class subclasses its Flux class and runs the Flux network, so it passed the
+    Flux check untrained and untested: refused in one line that names it, nothing loaded or cast. The refusal goes by
+    class; v0.3.64 has no such class, so a subclass of Flux under that name stands in there. (Flux.2, built on the same
+    classes, is a family of its own: tests/comfy/test_families_qwen_flux2.py.)"""
     import comfy.model_base as mb
     import comfy.model_management as mm
     from comfy import model_patcher

@@ -95,6 +95,8 @@ def tiny_model(kind: str = "sd15", seed: int = 0, v_prediction: bool = False, dt
         cfg = TinyFlux(dit)
         target = ClipTarget(flux_te.FluxTokenizer, flux_te.flux_clip(dtype_t5=torch.float32))
         clip_opts = {"clip_l_model_config": dict(CLIP_SMALL), "t5xxl_model_config": dict(T5_SMALL)}
+    elif kind in NEWER_FAMILIES:
+        return NEWER_FAMILIES[kind](seed, dtype)
     else:
         raise ValueError(kind)
     cfg.set_inference_dtype(dtype, None)
@@ -121,6 +123,157 @@ def tiny_model(kind: str = "sd15", seed: int = 0, v_prediction: bool = False, dt
     return mp, clip, vae
 
 
+# --- Qwen-Image, Flux.2, Chroma (issue 29) ---
+# Qwen-Image-shaped: 2 joint blocks, hidden 32 (2 heads of 16; rope axes 4 + 6 + 6), text width 32; 16 latent channels
+# patched 2x2 (64 in), latents 5-D (B, C, frames, h, w) as the Wan 2.1 VAE gives them
+TINY_QWEN_DIT = dict(image_model="qwen_image", patch_size=2, in_channels=64, out_channels=16, num_layers=2,
+                     attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=(4, 6, 6))
+# the Qwen2.5 text stack at toy size (Qwen2.5-VL's vision tower is 0.6B parameters whatever the config says, and
+# images are not encoded here): ComfyUI's Qwen-Image tokenizer, template and template cut run unchanged around it
+TINY_QWEN25 = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                   num_key_value_heads=1)
+
+
+def _tiny_wan_vae(seed: int):
+    """A Wan 2.1 VAE at toy width (dim 8) built by ComfyUI from a state dict. Where ComfyUI builds every Wan 2.1 VAE at
+    full width (v0.3.64: dim 96, 127M parameters), a 16-channel image VAE instead: there the pack refuses Qwen-Image
+    before any latent reaches the network, and a graph needs some VAE to get that far."""
+    import inspect
+
+    import comfy.sd
+    from comfy.ldm.wan.vae import WanVAE
+
+    if "image_channels" not in inspect.signature(WanVAE.__init__).parameters:
+        dd = {"double_z": True, "z_channels": 16, "resolution": 64, "in_channels": 3, "out_ch": 3, "ch": 32,
+              "ch_mult": [1, 1, 1, 1], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}
+        vae = comfy.sd.VAE(sd={}, config={"params": {"ddconfig": dd, "embed_dim": 16}}, dtype=torch.float32)
+        vae.latent_channels = 16
+        _init_(vae.first_stage_model, seed, std=0.1)
+        return vae
+    net = WanVAE(dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
+                 temperal_downsample=[False, True, True])
+    _init_(net, seed, std=0.1)
+    return comfy.sd.VAE(sd=net.state_dict())
+
+
+def tiny_qwen_image(seed: int = 0, dtype: torch.dtype = torch.float32):
+    """(MODEL, CLIP, VAE) of a tiny Qwen-Image by ComfyUI's own classes."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.sd
+    import comfy.sd1_clip
+    import comfy.supported_models as sm
+    import comfy.text_encoders.llama as llama
+    import comfy.text_encoders.qwen_image as qwen_te
+    from comfy.supported_models_base import ClipTarget
+
+    class TinyQwenImage(sm.QwenImage):
+        unet_config = {"image_model": "qwen_image"}
+    cfg = TinyQwenImage(dict(TINY_QWEN_DIT))
+    cfg.set_inference_dtype(dtype, None)
+    base = cfg.get_model({})
+    _init_(base.diffusion_model, seed)
+    base.diffusion_model.to(dtype)
+    mp = comfy.model_patcher.ModelPatcher(base, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+
+    class TinyQwen25(comfy.sd1_clip.SDClipModel):  # Qwen25_7BVLIModel's settings over a text-only Qwen2.5 stack
+        def __init__(self, device="cpu", layer="last", layer_idx=None, dtype=None, attention_mask=True, model_options=None):
+            super().__init__(device=device, layer=layer, layer_idx=layer_idx, textmodel_json_config={}, dtype=dtype,
+                             special_tokens={"pad": 151643}, layer_norm_hidden_state=False, model_class=llama.Qwen25_3B,
+                             enable_attention_masks=attention_mask, return_attention_masks=attention_mask,
+                             model_options=model_options or {})
+    target = ClipTarget(qwen_te.QwenImageTokenizer, qwen_te.te())
+    clip = comfy.sd.CLIP(target, model_options={"qwen25_7b_class": TinyQwen25, "qwen25_7b_model_config": dict(TINY_QWEN25),
+                                                "dtype": torch.float32})
+    _init_(clip.cond_stage_model, seed + 1, std=0.2)
+    return mp, clip, _tiny_wan_vae(seed + 2)
+
+
+# Flux.2-shaped as ComfyUI's detection reads a Flux.2 file (patch 1 over 128 packed latent channels, four rope axes,
+# shared modulation, SiLU-gated MLP, no biases, text positions on one axis), at hidden 64 (2 heads of 32), one double
+# and two single blocks; text = 3 taps of a toy Qwen3 (Klein's encoder) of width 16 -> 48
+TINY_FLUX2_DIT = dict(image_model="flux2", in_channels=128, out_channels=128, patch_size=1, vec_in_dim=None,
+                      context_in_dim=48, hidden_size=64, mlp_ratio=3.0, num_heads=2, depth=1, depth_single_blocks=2,
+                      axes_dim=[8, 8, 8, 8], theta=2000, qkv_bias=False, ops_bias=False, global_modulation=True,
+                      mlp_silu_act=True, default_ref_method="index", ref_index_scale=10.0, txt_ids_dims=[3])
+# Klein taps hidden layers 9, 18 and 27 of Qwen3 4B: 28 layers, each a toy
+TINY_QWEN3 = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=28, num_attention_heads=2, num_key_value_heads=1)
+
+
+def tiny_flux2(seed: int = 0, dtype: torch.dtype = torch.float32, guidance: bool = True):
+    """(MODEL, CLIP, None) of a tiny Flux.2 by ComfyUI's own classes: guidance input as Flux.2 dev (guidance=False:
+    Klein's distilled shape without one); the text encoder is Klein's (ComfyUI's Klein tokenizer and template, its
+    3-layer tap, a toy Qwen3). No VAE: the tests feed 128-channel latents. Where ComfyUI has no Flux.2 (v0.3.64), a
+    tiny Flux.1 in ComfyUI's Flux model class with Flux.2's shared-modulation module added stands in, for the refusal."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.sd
+    import comfy.supported_models as sm
+    import comfy.text_encoders.flux as flux_te
+    from comfy.supported_models_base import ClipTarget
+
+    if not hasattr(sm, "Flux2"):  # v0.3.64: no Flux.2 anywhere; the module tree of one in ComfyUI's Flux model class
+        mp = tiny_model("flux", seed, dtype=dtype)[0]
+        mp.model.diffusion_model.double_stream_modulation_img = torch.nn.Identity()
+        return mp, None, None
+
+    class TinyFlux2(sm.Flux2):
+        unet_config = {"image_model": "flux2"}
+    cfg = TinyFlux2(dict(TINY_FLUX2_DIT, guidance_embed=guidance))
+    cfg.set_inference_dtype(dtype, None)
+    base = cfg.get_model({})
+    _init_(base.diffusion_model, seed)
+    base.diffusion_model.to(dtype)
+    mp = comfy.model_patcher.ModelPatcher(base, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+    target = ClipTarget(flux_te.KleinTokenizer, flux_te.klein_te(model_type="qwen3_4b"))
+    clip = comfy.sd.CLIP(target, model_options={"qwen3_4b_model_config": dict(TINY_QWEN3), "dtype": torch.float32})
+    _init_(clip.cond_stage_model, seed + 1, std=0.2)
+    return mp, clip, None
+
+
+# Chroma-shaped as ComfyUI's detection reads a Chroma file (64 packed input channels, the approximator of in_dim 64 =
+# timestep 16 + guidance 16 + block index 32), hidden 64 (2 heads), one double and two single blocks, approximator 2
+# layers of 32, T5 width 32
+TINY_CHROMA_DIT = dict(image_model="chroma", in_channels=64, out_channels=64, patch_size=2, context_in_dim=32,
+                       hidden_size=64, mlp_ratio=4.0, num_heads=2, depth=1, depth_single_blocks=2, axes_dim=[8, 12, 12],
+                       theta=10000, qkv_bias=True, in_dim=64, out_dim=64, hidden_dim=32, n_layers=2)
+
+
+def tiny_chroma(seed: int = 0, dtype: torch.dtype = torch.float32):
+    """(MODEL, CLIP, VAE) of a tiny Chroma by ComfyUI's own classes: its T5 tokenizer and encoder path (PixArt's, which
+    Chroma uses) over a toy T5, a 16-channel VAE as Flux's."""
+    import dataclasses
+
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.sd
+    import comfy.supported_models as sm
+    import comfy.text_encoders.pixart_t5 as pixart
+    from comfy.ldm.chroma.model import ChromaParams
+    from comfy.supported_models_base import ClipTarget
+
+    class TinyChroma(sm.Chroma):
+        unet_config = {"image_model": "chroma"}
+    dit = dict(TINY_CHROMA_DIT)
+    fields = {f.name for f in dataclasses.fields(ChromaParams)}
+    dit.update({k: v for k, v in (("txt_ids_dims", []), ("vec_in_dim", None)) if k in fields})  # v0.33 requires them
+    cfg = TinyChroma(dit)
+    cfg.set_inference_dtype(dtype, None)
+    base = cfg.get_model({})
+    _init_(base.diffusion_model, seed)
+    base.diffusion_model.to(dtype)
+    mp = comfy.model_patcher.ModelPatcher(base, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+    clip = comfy.sd.CLIP(ClipTarget(pixart.PixArtTokenizer, pixart.pixart_te()),
+                         model_options={"t5xxl_model_config": dict(T5_SMALL), "dtype": torch.float32})
+    _init_(clip.cond_stage_model, seed + 1, std=0.2)
+    flux_vae = tiny_model("flux", seed)[2]  # the same 16-channel toy VAE
+    return mp, clip, flux_vae
+
+
+NEWER_FAMILIES = {"qwen_image": tiny_qwen_image, "flux2": tiny_flux2, "chroma": tiny_chroma,
+                  "flux2_klein": lambda seed=0, dtype=torch.float32: tiny_flux2(seed, dtype, guidance=False)}
+
+
 def make_images(folder: Path, n: int = 3, size: int = 128, caption: str = "a photo of sks dog", seed: int = 0) -> Path:
     import numpy as np
     from PIL import Image
@@ -144,7 +297,7 @@ def tiny_checkpoint_node():
         @classmethod
         def define_schema(cls):
             # ckpt_name: the file a shipped graph named, kept so the graph still says where its MODEL came from
-            return io.Schema(node_id="CATTest_TinyCheckpoint", inputs=[io.Combo.Input("kind", options=["sd15", "sdxl", "sd3", "flux"]),
+            return io.Schema(node_id="CATTest_TinyCheckpoint", inputs=[io.Combo.Input("kind", options=["sd15", "sdxl", "sd3", "flux", *NEWER_FAMILIES]),
                                                                        io.String.Input("ckpt_name", default="", optional=True)],
                              outputs=[io.Model.Output(), io.Clip.Output(), io.Vae.Output()])
 
