@@ -399,7 +399,6 @@ def tiny_network(kind: str, seed: int = 0, dtype: torch.dtype = torch.float32):
 # sentencepiece file comes with its weights (absent here), so the Gemma stand-in reads ComfyUI's Qwen2 vocabulary.
 TINY_GEMMA2 = dict(vocab_size=151936, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
                    num_key_value_heads=1)
-TINY_QWEN3 = TINY_GEMMA2
 
 
 def tiny_caption_encoder(kind: str, seed: int = 0):
