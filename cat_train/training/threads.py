@@ -1,14 +1,17 @@
 """CPU threads for our own entry points, chosen for the work (`python -m cat_train ...`; never in ComfyUI's process).
 
-The rule, measured by benchmarks/threads.py (docs/benchmarks.md, "CPU threads"):
-- A small model (the world's 1.7M-parameter UNet, the tests' tiny ones) runs on ONE thread. Its ops take
-  microseconds, so a second thread's hand-off costs more than it saves: on a quiet 2-core machine the demo's
-  steps ran 3x slower on 2 threads than on 1 (issue 33), and beside a CPU-heavy process 1 thread is as fast.
-- A real-size model runs on the cores the 1-minute load average leaves free (at least 1).
-- OMP_WAIT_POLICY=PASSIVE only where more than one thread runs: then idle workers sleep instead of spinning,
-  which beside another CPU-heavy process kept a run from slowing 10-15x; with one thread there are no workers.
+The rule, measured by benchmarks/threads.py on a 2-core CPU (docs/benchmarks.md, "CPU threads"):
+- A small model (the world's 1.7M-parameter UNet, the tests' tiny ones) runs on ONE thread: its ops take
+  microseconds, so a second thread never paid (CAT steps/s on 2 threads: 0.89x of 1 thread on the quiet machine,
+  0.13x beside a CPU hog; with OMP_WAIT_POLICY=PASSIVE 0.34x and 0.57x).
+- A larger model runs on the cores the 1-minute load average leaves free (at least 1): the world's UNet 4x wider
+  (26M) ran 1.19x faster on 2 threads than on 1 on the quiet machine; beside a hog the load leaves 1 core.
+- OMP_WAIT_POLICY is left to OpenMP: PASSIVE (idle workers sleep) was slower than OpenMP's default in every
+  measured row where the rule runs more than one thread (26M, quiet: 0.69x of 1 thread against 1.19x). It only
+  softens a load that arrives after the choice (26M beside a hog on 2 threads: 0.61x with it, 0.16x without);
+  who expects that sets OMP_WAIT_POLICY=PASSIVE or OMP_NUM_THREADS=1 themselves.
 - An explicit OMP_NUM_THREADS / OMP_WAIT_POLICY from the user always wins.
-Both go into the environment before torch is imported (OpenMP reads them once, at start), so subprocesses a
+The count goes into the environment before torch is imported (OpenMP reads it once, at start), so subprocesses a
 command starts inherit the same choice.
 """
 from __future__ import annotations
@@ -16,9 +19,8 @@ from __future__ import annotations
 import os
 import sys
 
-# Below this many parameters of the trained model, one thread (the world's UNet, 1.7M, and the tests' tiny ones);
-# at or above it, the free cores (SD-sized UNets, 860M+). benchmarks/threads.py measures the world model and the
-# same UNet 4x wider (26M) on both sides of the line (docs/benchmarks.md).
+# Below this many parameters of the trained model, one thread; at or above it, the free cores. Measured on both
+# sides (benchmarks/threads.py): 1.7M is fastest on 1 thread, 26M on 2; between them nothing was measured.
 SMALL_MODEL_PARAMS = 20_000_000
 
 
@@ -48,14 +50,12 @@ def threads_for(model_params: int | None, free: int | None = None) -> int:
 
 
 def configure_cpu_threads(model_params: int | None = None) -> int | None:
-    """Call before `import torch`. Sets OMP_NUM_THREADS (and OMP_WAIT_POLICY where more than one thread runs)
-    unless the user set them; returns the count chosen, or None where the user's OMP_NUM_THREADS stands."""
+    """Call before `import torch`. Sets OMP_NUM_THREADS unless the user set it; returns the count chosen, or None
+    where the user's OMP_NUM_THREADS stands."""
     if "OMP_NUM_THREADS" in os.environ:
         return None
     n = threads_for(model_params)
     os.environ["OMP_NUM_THREADS"] = str(n)
-    if n > 1:
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if "torch" in sys.modules:  # imported already (a caller that is not an entry point): the count still applies
         import torch
 
