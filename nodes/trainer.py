@@ -308,6 +308,7 @@ def train_on_model(mp, dataset, loss_cfg: CatLossConfig, spec: LoraSpec, cfg: Tr
         try:
             result = train(den, examples, loss_cfg, spec, cfg, callback=callback, resume=resume or None,
                            on_save=saved if (on_save or w) else None,
+                           on_own_folder=getattr(on_save, "run_folder", None),
                            own_folder=True)  # two queued runs with one checkpoint_name: the second gets its own folder
         finally:
             if w:

@@ -91,15 +91,16 @@ def train(denoiser: Denoiser, examples: Sequence[Example], loss_cfg: CatLossConf
           cfg: TrainConfig, callback: Callable[[StepInfo], None] | None = None, resume: str | os.PathLike | None = None,
           keep_adapter: bool = False, on_save: Callable[[int, Any], None] | None = None,
           sampler: BatchSampler | None = None, own_folder: bool = False,
-          extra_terms: Sequence[Term] = ()) -> TrainResult:
+          extra_terms: Sequence[Term] = (), on_own_folder: Callable[[Path], None] | None = None) -> TrainResult:
     """Train an adapter (the one `spec` configures, or a `plugs.Adapter` itself) with the CAT objective.
     The model is restored (adapter removed) on return unless keep_adapter.
 
     on_save(step, weights) runs at every `save_every` checkpoint (e.g. to write a loadable adapter file too);
     sampler: how batches are drawn (default: same-bucket batches weighted by repeats); own_folder: when
     cfg.checkpoint_dir belongs to another run, write to `<dir>_<run id>` (said in the result's warnings) instead of
-    refusing (run_folder.FolderTaken); extra_terms: step terms an adapter's own trainer adds after the configured ones
-    (e.g. flips of the training images)."""
+    refusing (run_folder.FolderTaken), and on_own_folder(that folder) is called before step 1 (a host names the run's
+    other files after it: two runs with one checkpoint_name must not write one step LoRA name); extra_terms: step
+    terms an adapter's own trainer adds after the configured ones (e.g. flips of the training images)."""
     if not examples:
         raise ValueError("no training examples; the dataset is empty.")
     adapter = adapter_for(spec)
@@ -126,6 +127,8 @@ def train(denoiser: Denoiser, examples: Sequence[Example], loss_cfg: CatLossConf
         if moved:
             log.warning(moved)
             notes.append(moved)
+            if on_own_folder:
+                on_own_folder(ckpt_dir)
 
     was_training = module.training
     result = TrainResult(weights={}, warnings=notes)

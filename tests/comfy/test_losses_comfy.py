@@ -1,0 +1,66 @@
+"""Issue 32, losses on the node side: two runs with one checkpoint_name keep their own step LoRAs, masks that cannot be
+read lose no image, leftovers of a killed save are cleaned."""
+from __future__ import annotations
+
+import pytest
+from safetensors import safe_open
+
+from conftest import pack_module, run_prompt
+from test_bad_inputs import graph
+
+
+@pytest.fixture
+def ready(comfy, test_checkpoint_node, dataset_dir):
+    return comfy
+
+
+def test_two_runs_with_one_checkpoint_name_write_their_own_step_loras(ready):
+    """Two servers sharing an output folder ran `dup` with save_every 2: both wrote dup_step000002 and
+    dup_step000004, and run A stopped at step 4 ("appeared while saving; pass overwrite=True"), losing its LoRA."""
+    loras = pack_module(ready, "nodes.save_lora").loras_folder()
+    from pathlib import Path
+
+    for lr in (0.01, 0.02):
+        g = graph(steps=4, checkpoint_name="dup_steps", save_name=f"dup_final_{lr}")
+        g["4"]["inputs"].update(save_every=2, learning_rate=lr)
+        ex = run_prompt(g)
+        assert ex.success, ex.status_messages[-1]
+    names = sorted(p.name for p in Path(loras).glob("dup_steps*.safetensors"))
+    run_b = [p.name for p in (Path(loras).parent / "output" / "cat_checkpoints").glob("dup_steps_*")]
+    assert len(run_b) == 1, run_b
+    # run A owns the folder `dup_steps`, run B got `dup_steps_<run id>`: its step LoRAs carry the same name
+    assert names == sorted(["dup_steps_step000002.safetensors", "dup_steps_step000004.safetensors",
+                            f"{run_b[0]}_step000002.safetensors", f"{run_b[0]}_step000004.safetensors"]), names
+    for n in names:
+        with safe_open(str(Path(loras) / n), "pt") as f:
+            lr = f.metadata()["ss_learning_rate"]
+        assert lr == ("0.02" if n.startswith(run_b[0]) else "0.01"), (n, lr)
+    assert (Path(loras) / "dup_final_0.01.safetensors").is_file() and (Path(loras) / "dup_final_0.02.safetensors").is_file()
+
+
+def test_a_step_lora_name_taken_while_saving_goes_to_the_next_free_name(ready, tiny_sd15, dataset_dir, tmp_path,
+                                                                         monkeypatch):
+    """The other server wrote the same name between this writer's look and its write (same settings, same folder)."""
+    tr, sv = pack_module(ready, "nodes.trainer"), pack_module(ready, "nodes.save_lora")
+    A, T = pack_module(ready, "cat_train.adapters.lora"), pack_module(ready, "cat_train.training")
+    mp, clip, vae = tiny_sd15
+    ds = pack_module(ready, "nodes.dataset").build_dataset(dataset_dir, vae, clip, ("sks",), "dog", ".txt", 128, True)
+    loss, spec = T.CatLossConfig(1.0, "class", "dog"), A.LoraSpec(rank=2, alpha=2.0)
+    cfg = T.TrainConfig(steps=2, lr=1e-2, save_every=2, checkpoint_dir=str(tmp_path / "ck"))
+    loras = tmp_path / "loras"
+    loras.mkdir()
+    real, raced = sv.safe_lora_path, []
+
+    def racing(folder, name):
+        path = real(folder, name)
+        if not raced:
+            raced.append(path)
+            path.write_bytes(b"the other server's file")  # appears after the look, before the write
+        return path
+    monkeypatch.setattr(sv, "safe_lora_path", racing)
+    writer = sv.step_lora_writer(mp, str(loras), "race", loss, spec, cfg, ds)
+    result = tr.train_on_model(mp, ds, loss, spec, cfg, on_save=writer)[4]
+    assert result.steps_done == 2
+    assert (loras / "race_step000002.safetensors").read_bytes() == b"the other server's file"
+    with safe_open(str(loras / "race_step000002_00001.safetensors"), "pt") as f:
+        assert f.metadata()["ss_output_name"] == "race_step000002" and len(list(f.keys())) > 0
