@@ -35,6 +35,7 @@ class CatDataset:
     pixels: list[torch.Tensor] = field(default_factory=list, repr=False)
     # per item: (1, h, w) at its latent's size, or None
     masks: list[torch.Tensor | None] = field(default_factory=list, repr=False)
+    mask_problems: list[str] = field(default_factory=list)  # mask files not used: the trainer refuses them when masked
     _text_cache: dict = field(default_factory=dict, repr=False)
 
     def encode_text(self, prompts: list[str]) -> dict[str, torch.Tensor]:
@@ -104,7 +105,7 @@ def build_dataset(folder: Path, vae, clip, triggers: tuple[str, ...], class_word
     warnings = plan.finish(len(items))
     return CatDataset(items, tuple(dict.fromkeys(triggers)), class_word, clip, str(folder),
                       skipped=[str(p) for p, _ in plan.skipped], warnings=warnings, budget=plan.budget(), pixels=pixels,
-                      masks=latent_masks)
+                      masks=latent_masks, mask_problems=list(plan.mask_problems))
 
 
 def image_batch(pixels: list[torch.Tensor]) -> torch.Tensor:

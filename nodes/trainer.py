@@ -21,7 +21,7 @@ from ..cat_train import families
 from ..cat_train.adapters.lora import LoraSpec, lora_param_count, lora_saved_bytes
 from ..cat_train.adapters.algorithms import ALGORITHMS
 from ..cat_train.training.budget import DoesNotFit, MemoryBudget, adapter_bytes, probe_activations, tensor_bytes
-from ..cat_train.training.checks import check_concepts
+from ..cat_train.training.checks import check_concepts, check_masks
 from ..cat_train.adapters.export import to_kohya
 from ..cat_train.training import CatLossConfig
 from ..cat_train.options import help_of
@@ -121,6 +121,7 @@ class CatTrainerNode(io.ComfyNode):
                                 "cat_run")
         loss_config = dataclasses.replace(loss_config, **options_for(options, CatLossConfig))  # a fresh copy either way
         check_concepts(dataset.triggers, loss_config)  # before any model work: weights of non-triggers, y = y_T
+        check_masks(getattr(dataset, "mask_problems", []), loss_config)
         resume = resume_path(resume_from)
         cfg = TrainConfig(steps=steps, lr=learning_rate, lr_schedule=lr_schedule, batch_size=batch_size,
                           grad_accum=grad_accum,

@@ -23,7 +23,8 @@ from typing import Iterator, Literal, Sequence
 import torch
 
 from .images import IMAGE_EXTS, UNSUPPORTED_EXTS, DatasetError, fit_to, load_image, make_buckets, nearest_bucket
-from .masks import MASK_SUFFIX, MaskSource, check_mask_source, fit_mask_to, is_mask_file, load_mask, mask_file_of
+from .masks import (MASK_SUFFIX, MaskError, MaskSource, check_mask_source, fit_mask_to, is_mask_file, load_mask,
+                    mask_file_of)
 from .prompts import check_trigger_not_class_word, ensure_trigger, parse_class_words, triggers_in
 
 log = logging.getLogger("cat_train")
@@ -200,6 +201,7 @@ class Dataset:
     items: list[DatasetItem]
     skipped: list[tuple[Path, str]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)  # also logged; for a host to show beside the summary
+    mask_problems: list[str] = field(default_factory=list)  # DatasetPlan's: training.checks.check_masks refuses them
 
     @property
     def buckets(self) -> dict[tuple[int, int], int]:
@@ -253,6 +255,7 @@ class DatasetPlan:
     small: list[str] = field(default_factory=list)
     masks: str = "off"  # MASK_SOURCES
     masked: int = 0     # images decoded with a mask
+    mask_problems: list[str] = field(default_factory=list)  # mask files that could not be used: what and the fix
 
     def budget(self, latent_channels: int = 4, scale: int = 8) -> str:
         """The memory line printed before decoding: one image's pixels at a time, every latent kept."""
@@ -265,8 +268,12 @@ class DatasetPlan:
         """Each readable image at its bucket size; an unreadable one goes to `skipped` (named, with why)."""
         for r in self.records:
             try:
-                img, mask = (load_mask(r.path, r.mask_file, self.masks) if self.masks != "off"
-                             else (load_image(r.path), None))
+                try:
+                    img, mask = (load_mask(r.path, r.mask_file, self.masks) if self.masks != "off"
+                                 else (load_image(r.path), None))
+                except MaskError as e:  # a bad mask costs the image its mask, not its place in training
+                    self.mask_problems.append(str(e))
+                    img, mask = load_image(r.path), None
             except DatasetError as e:
                 self.skipped.append((r.path, str(e)))
                 continue
@@ -300,6 +307,12 @@ class DatasetPlan:
             raise DatasetError(f"no readable image in {self.root}; all {len(self.skipped)} failed to decode: "
                                + "; ".join(f"{p.name}: {why}" for p, why in self.skipped))
         warnings = list(self.warnings)
+        if self.mask_problems:
+            more = f" and {len(self.mask_problems) - 3} more" if len(self.mask_problems) > 3 else ""
+            warnings.append(f"{len(self.mask_problems)} mask file(s) not used, their images train without a mask "
+                            f"(masked training refuses them: mask_floor < 1 or mask_keep > 0): "
+                            f"{'; '.join(self.mask_problems[:3])}{more}.")
+            log.warning(warnings[-1])
         note = self.mask_note(n_items)
         if note:
             warnings.append(note)
@@ -342,7 +355,7 @@ def load_dataset(root: str | Path, triggers: Sequence[str], class_word: str = ""
                         masks)
     items = list(plan.decode())
     warnings = plan.finish(len(items))
-    return Dataset(items, plan.skipped, warnings)
+    return Dataset(items, plan.skipped, warnings, plan.mask_problems)
 
 
 __all__ = ["DatasetError", "Dataset", "DatasetItem", "DatasetPlan", "ImageRecord", "IMAGE_EXTS", "MIN_SIDE",

@@ -63,6 +63,16 @@ def check_concepts(triggers: Sequence[str], loss_cfg: CatLossConfig) -> None:
                                  f"trigger (e.g. 'sks') and keep {t!r} as the class word.")
 
 
+def check_masks(mask_problems: Sequence[str], loss_cfg: CatLossConfig) -> None:
+    """Masked training on (mask_floor < 1 or mask_keep > 0) with mask files the dataset could not use: those images
+    would train unmasked beside masked ones. Off, the dataset's note says they are not used, and training goes on."""
+    if mask_problems and loss_cfg.mask.active:
+        more = f" (and {len(mask_problems) - 3} more)" if len(mask_problems) > 3 else ""
+        raise ValueError(f"masked training is on (mask_floor {loss_cfg.mask.floor}, mask_keep {loss_cfg.mask.keep}) "
+                         f"but {len(mask_problems)} mask file(s) cannot be used: {'; '.join(mask_problems[:3])}{more}. "
+                         "Fix or remove those files, or set mask_floor 1 and mask_keep 0 to train without masks.")
+
+
 def check_image_batch(images, what: str) -> None:
     """Images to score, (B, H, W, C) in [0, 1]: refuse NaN/inf pixels and blank images (all one value, e.g. all
     black), which CLIP embeds as near-identical points and would score as a meaningful KPS/IS (0 or 1)."""

@@ -64,3 +64,37 @@ def test_a_step_lora_name_taken_while_saving_goes_to_the_next_free_name(ready, t
     assert (loras / "race_step000002.safetensors").read_bytes() == b"the other server's file"
     with safe_open(str(loras / "race_step000002_00001.safetensors"), "pt") as f:
         assert f.metadata()["ss_output_name"] == "race_step000002" and len(list(f.keys())) > 0
+
+
+@pytest.mark.parametrize("floor", [1.0, 0.1])
+def test_a_wrong_sized_mask_loses_no_image_and_masked_training_names_it(comfy, test_checkpoint_node, tiny_sd15, floor):
+    """A -masklabel.png of another size dropped its image ("skipped 1 unreadable ... file(s)") even with masked
+    training off: off, the image trains (3 images in the LoRA) and the info names the mask; on, the run is refused
+    before any model work, naming the mask file and the fix."""
+    from pathlib import Path
+
+    from PIL import Image
+    from safetensors import safe_open
+    from test_masks_comfy import graph as masked_graph
+    from test_masks_comfy import masked_folder
+
+    name = f"cat_bad_mask_{floor}".replace(".", "_")
+    root = masked_folder(Path(comfy.folder_paths.get_input_directory()) / name)
+    Image.new("L", (64, 64), 255).save(root / "b-masklabel.png")  # b.png is 128x128
+    ex = run_prompt(masked_graph(name, floor, 0.0))
+    if floor == 1.0:
+        assert ex.success, ex.status_messages[-1]
+        out = ex.history_result["outputs"]
+        with safe_open(out["5"]["text"][0], "pt") as f:
+            assert f.metadata()["ss_num_train_images"] == "3"
+        _, clip, vae = tiny_sd15
+        nd = pack_module(comfy, "nodes.dataset")
+        text = nd.info(nd.build_dataset(root, vae, clip, ("sks",), "dog", ".txt", 128, True))
+        assert text.startswith("3 images") and "unreadable" not in text, text
+        assert f"mask {root / 'b-masklabel.png'} is 64x64 but its image b.png is 128x128" in text, text
+    else:
+        assert not ex.success
+        msg = ex.status_messages[-1][1]["exception_message"]
+        assert msg.startswith("masked training is on (mask_floor 0.1, mask_keep 0.0) but 1 mask file(s) cannot be "
+                              f"used: mask {root / 'b-masklabel.png'} is 64x64"), msg
+
