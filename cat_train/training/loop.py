@@ -33,7 +33,7 @@ from .checkpoints import save as save_checkpoint
 from .config import CatLossConfig, TrainConfig
 from .examples import Example, batch_note
 from .run_folder import check_resume, check_space, checkpoint_bytes, claim_or_own, data_fingerprint, result_settings
-from .run_folder import writable_folder
+from .run_folder import drop_if_unused, remove_stale_temps, writable_folder
 
 log = logging.getLogger("cat_train")
 
@@ -124,6 +124,8 @@ def train(denoiser: Denoiser, examples: Sequence[Example], loss_cfg: CatLossConf
         writable_folder(ckpt_dir, "checkpoint folder", fix)
         same = state is not None and Path(resume).resolve().parent == ckpt_dir.resolve()
         ckpt_dir, moved = claim_or_own(ckpt_dir, settings, same, own_folder)
+        for tmp in remove_stale_temps(ckpt_dir):
+            log.info("removed %s, left by a save that was killed mid-write", tmp)
         if moved:
             log.warning(moved)
             notes.append(moved)
@@ -233,6 +235,8 @@ def train(denoiser: Denoiser, examples: Sequence[Example], loss_cfg: CatLossConf
             module.train(was_training)
             if not keep_adapter:
                 adapter.remove()
+            if ckpt_dir is not None and drop_if_unused(ckpt_dir):
+                log.info("removed the run folder %s: this run wrote nothing in it", ckpt_dir)
     return result
 
 

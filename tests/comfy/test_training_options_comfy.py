@@ -29,6 +29,7 @@ def test_options_reach_the_trainer_and_it_trains(comfy, test_checkpoint_node, da
     g = graph(checkpoint_name="training_options", save_name="training_options")
     g["6"] = {"class_type": "CAT_TrainingOptions", "inputs": dict(OPTIONS)}
     g["4"]["inputs"]["options"] = ["6", 0]
+    g["4"]["inputs"]["save_every"] = 2  # a run folder is kept only when the run writes in it
     ex = run_prompt(g)
     assert ex.success, ex.status_messages[-1]
     out = ex.history_result["outputs"]
