@@ -22,6 +22,7 @@ from ..cat_train.adapters.lora import LoraSpec, lora_param_count, lora_saved_byt
 from ..cat_train.adapters.algorithms import ALGORITHMS
 from ..cat_train.training.budget import DoesNotFit, MemoryBudget, adapter_bytes, probe_activations, tensor_bytes
 from ..cat_train.training.checks import check_concepts, check_masks
+from ..cat_train.step.cancel import cancel_check
 from ..cat_train.adapters.export import to_kohya
 from ..cat_train.training import CatLossConfig
 from ..cat_train.options import help_of
@@ -271,7 +272,9 @@ def train_on_model(mp, dataset, loss_cfg: CatLossConfig, spec: LoraSpec, cfg: Tr
     t0 = time.perf_counter()
     prep = phase_progress(preparation_steps(dataset, loss_cfg, cfg))  # Cancel during preparation: within one item
     prep.check()
-    with trainable(mp, compute) as den:  # raises if the shared UNet did not come back bit-identical
+    # Cancel inside a step's long work (a preview round, an auto-preservation measurement): within a sampling step or
+    # a measurement pass, not at the next step's callback
+    with cancel_check(prep.check), trainable(mp, compute) as den:  # raises if the UNet did not come back bit-identical
         examples = model_examples(mp, dataset, loss_cfg, prep, cfg)
         masked = sum(m is not None for m in getattr(dataset, "masks", []))
         if masked and not loss_cfg.mask.active:
