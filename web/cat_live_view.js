@@ -178,7 +178,9 @@ function onProgress(event) {
     }
     if (run.start === null) run.start = d.step; // loss[i] is step start + i
     run.loss.push(d.loss); run.fit.push(d.fit); run.keep.push(d.keep);
-    Object.assign(run, { step: d.step, total: d.total, elapsed: d.elapsed, lr: d.lr });
+    // steps done before this run (a resume's): elapsed counts only this run's, and so do it/s and the ETA
+    Object.assign(run, { step: d.step, total: d.total, elapsed: d.elapsed, lr: d.lr,
+                         first: d.first_step ?? run.first ?? run.start - 1 });
     if (d.apt) run.apt = d.apt; // {indicator: [per bin, null if not drawn yet], fit_weight, augment_prob, ...}
     if (d.auto) run.auto = d.auto; // {auto_added: [[probe, step, drift], ...], drift: {probe: drift}, measured, ...}
     if (run.step >= run.total) run.state = "done";
@@ -266,14 +268,16 @@ export function drawValidation(ctx, rows, s, axis, x, y, w, h, n, start) {
 }
 
 function statusLine(run) {
-  const rate = run.elapsed > 0 ? run.step / run.elapsed : 0;
+  const done = run.step - (run.first ?? 0);
+  const rate = run.elapsed > 0 ? done / run.elapsed : 0;
   const at = `${run.step}/${run.total}`;
   switch (run.state) {
     case "running": {
       const eta = rate > 0 ? (run.total - run.step) / rate : NaN;
       return `step ${at} · ${rate.toFixed(2)} it/s · ETA ${fmtTime(eta)}`;
     }
-    case "done": return `done: ${run.total} steps in ${fmtTime(run.elapsed)} · ${rate.toFixed(2)} it/s`;
+    case "done": return run.first ? `done: ${done} steps (resumed at ${run.first}) in ${fmtTime(run.elapsed)} · ` +
+      `${rate.toFixed(2)} it/s` : `done: ${run.total} steps in ${fmtTime(run.elapsed)} · ${rate.toFixed(2)} it/s`;
     case "cancelled": return `cancelled at step ${at}`;
     case "stopped": return `stopped at step ${at}`;
     default: return `failed at step ${at}${run.message ? ": " + run.message : ""}`;

@@ -48,6 +48,7 @@ class StepInfo:
     lr: float
     elapsed: float
     reports: dict[str, dict] = field(default_factory=dict)  # each plugged-in regularizer's report(), by its name
+    first_step: int = 0  # steps done before this run (a resume's): elapsed counts only the steps after it
 
 
 @dataclass
@@ -99,7 +100,7 @@ def train(denoiser: Denoiser, examples: Sequence[Example], loss_cfg: CatLossConf
     sampler: how batches are drawn (default: same-bucket batches weighted by repeats); own_folder: when
     cfg.checkpoint_dir belongs to another run, write to `<dir>_<run id>` (said in the result's warnings) instead of
     refusing (run_folder.FolderTaken), and on_own_folder(that folder) is called before step 1 (a host names the run's
-    other files after it: two runs with one checkpoint_name must not write one step LoRA name); extra_terms: step
+    other files after it: two runs with one checkpoint_name must not share a step file name); extra_terms: step
     terms an adapter's own trainer adds after the configured ones (e.g. flips of the training images)."""
     if not examples:
         raise ValueError("no training examples; the dataset is empty.")
@@ -168,7 +169,7 @@ def train(denoiser: Denoiser, examples: Sequence[Example], loss_cfg: CatLossConf
                 result.last_checkpoint = save_checkpoint(snap, checkpoint_path(ckpt_dir, step))
                 return result.last_checkpoint
 
-            t0 = time.perf_counter()
+            t0, first_step = time.perf_counter(), result.steps_done
             for step in range(result.steps_done, cfg.steps):
                 opt.zero_grad(set_to_none=True)
                 fit = keep = total = 0.0
@@ -209,7 +210,8 @@ def train(denoiser: Denoiser, examples: Sequence[Example], loss_cfg: CatLossConf
                             on_save(result.steps_done, adapter.weights())
                 if callback:
                     callback(StepInfo(step + 1, cfg.steps, total, fit, keep, lr, time.perf_counter() - t0,
-                                      {k: r for k, r in reports.items() if r}))  # a term with nothing to show: no entry
+                                      {k: r for k, r in reports.items() if r},  # a term with nothing to show: no entry
+                                      first_step))
         except TrainingDiverged:
             raise
         except BaseException as e:  # cancel (ComfyUI's interrupt, Ctrl-C) or a crash: keep what was learned
