@@ -16,6 +16,7 @@ AutoOptions = io.Custom("CAT_AUTO_PRESERVATION")
 CatVersion = io.Custom("CATVERSION")
 TrainingOptions = io.Custom("CAT_TRAINING_OPTIONS")
 EVENT = "cat.train.progress"  # web/cat_live_view.js listens for it
+STOPPED_EVENT = "cat.train.stopped"  # a run stopped with a checkpoint saved: the live view shows its resume_from
 PREVIEW_MAX = 768  # px: a preview grid shown on the node is scaled down to this
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import glob
 import logging
 import os
 import time
@@ -32,8 +33,8 @@ from ..cat_train.training.precision import mixed_precision_name
 from ..cat_train.training import Example, TrainConfig, TrainResult, build_examples, train
 from .comfy_model import adm_y, base_model_version, trainable
 from . import early_cancel
-from .common import (CATEGORY, Dataset, LossConfig, TrainingOptions, feeds, image_of, model_file_name, phase_progress,
-                     progress_callback)
+from .common import (CATEGORY, STOPPED_EVENT, Dataset, LossConfig, TrainingOptions, feeds, image_of, model_file_name,
+                     phase_progress, progress_callback, send_event)
 from .compat import search_aliases
 from .lora_io import CatLora, name_problem, safe_subpath
 from .training_options import options_for
@@ -75,7 +76,8 @@ class CatTrainerNode(io.ComfyNode):
                              tooltip=help_of(TrainConfig, "save_every")),
                 io.String.Input("checkpoint_name", default="cat_run", tooltip="folder under output/cat_checkpoints/"),
                 io.String.Input("resume_from", default="", optional=True, tooltip=
-                        "a cat-stepNNNNNN.pt checkpoint to continue"),
+                        "a cat-stepNNNNNN.pt checkpoint to continue: <checkpoint_name>/cat-stepNNNNNN.pt, a full path, "
+                        "or the file name alone when one run folder holds it (a Cancel shows the path on the node)"),
                 # new inputs only at the end, all optional: shipped workflows keep their widget order
                 io.Int.Input("preview_every", default=0, min=0, max=100000, optional=True,
                              tooltip="draw preview images every N steps with the current LoRA (0 = off; needs vae): "
@@ -159,14 +161,32 @@ def checkpoints_folder() -> Path:
 
 
 def resume_path(resume_from: str | None) -> str:
-    """The checkpoint file resume_from names (relative: under output/cat_checkpoints), or '' for a fresh run."""
+    """The checkpoint file resume_from names (relative: under output/cat_checkpoints; a file name alone: the one run
+    folder there that holds it), or '' for a fresh run."""
     resume = resume_from.strip() if resume_from else ""
     if resume and not os.path.isabs(resume):
-        resume = str(checkpoints_folder() / resume)
+        root = checkpoints_folder()
+        resume = str(root / resume)
+        if not os.path.isfile(resume) and "/" not in resume_from.strip() and "\\" not in resume_from.strip():
+            found = sorted(root.glob(f"*/{glob.escape(resume_from.strip())}"))
+            if len(found) == 1:
+                return str(found[0])
+            if found:
+                shown = ", ".join(resume_text(f) for f in found[:6]) + (" ..." if len(found) > 6 else "")
+                raise ValueError(f"resume_from {resume_from.strip()!r} is in {len(found)} run folders ({shown}); give "
+                                 "the folder too, e.g. resume_from " + resume_text(found[0]) + ".")
     if resume and not os.path.isfile(resume):
         raise ValueError(f"resume checkpoint {resume} does not exist; give a cat-stepNNNNNN.pt file (full path or "
                          f"relative to {checkpoints_folder()}).")
     return resume
+
+
+def resume_text(path) -> str:
+    """What to type into resume_from for a checkpoint: its path under output/cat_checkpoints, else the full path."""
+    try:
+        return Path(path).resolve().relative_to(checkpoints_folder().resolve()).as_posix()
+    except ValueError:
+        return str(path)
 
 
 def model_examples(mp, dataset, loss_cfg: CatLossConfig, tick=None, cfg: TrainConfig | None = None) -> list[Example]:
@@ -314,6 +334,11 @@ def train_on_model(mp, dataset, loss_cfg: CatLossConfig, spec: LoraSpec, cfg: Tr
                            on_save=saved if (on_save or w) else None,
                            on_own_folder=getattr(on_save, "run_folder", None),
                            own_folder=True)  # two queued runs with one checkpoint_name: the second gets its own folder
+        except BaseException as e:  # Cancel or a crash: the canvas says where to resume from
+            if getattr(e, "cat_checkpoint", None) is not None:
+                send_event(STOPPED_EVENT, {"node": node_id, "checkpoint": str(e.cat_checkpoint),
+                                           "resume_from": resume_text(e.cat_checkpoint)})
+            raise
         finally:
             if w:
                 w.close()

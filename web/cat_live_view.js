@@ -11,6 +11,7 @@ import { api } from "../../scripts/api.js";
 
 const EVENT = "cat.train.progress";
 const VALIDATION_EVENT = "cat.train.validation";
+const STOPPED_EVENT = "cat.train.stopped"; // nodes/common.py STOPPED_EVENT
 const TRAINERS = ["CAT_LoraTrainer", "CAT_CatVersionTrainer"]; // both train in cat_train.training.loop.train
 const PLOT_H = 150;
 const APT_H = 62; // APT runs: a band under the loss plot with the overfitting indicator of each timestep bin
@@ -192,6 +193,15 @@ function onProgress(event) {
   }
 }
 
+// A run stopped (Cancel, a crash) with a checkpoint saved: the status line says what to type into resume_from.
+function onStopped(event) {
+  const d = event.detail;
+  const run = d ? runs.get(String(d.node)) : undefined;
+  if (!run || !d.resume_from) return;
+  run.resume = d.resume_from;
+  redraw(String(d.node));
+}
+
 function onValidation(event) {
   try {
     const d = event.detail;
@@ -267,6 +277,10 @@ export function drawValidation(ctx, rows, s, axis, x, y, w, h, n, start) {
   return true;
 }
 
+function resumeFrom(run) {
+  return run.resume ? ` · resume_from ${run.resume}` : "";
+}
+
 function statusLine(run) {
   const done = run.step - (run.first ?? 0);
   const rate = run.elapsed > 0 ? done / run.elapsed : 0;
@@ -278,9 +292,9 @@ function statusLine(run) {
     }
     case "done": return run.first ? `done: ${done} steps (resumed at ${run.first}) in ${fmtTime(run.elapsed)} · ` +
       `${rate.toFixed(2)} it/s` : `done: ${run.total} steps in ${fmtTime(run.elapsed)} · ${rate.toFixed(2)} it/s`;
-    case "cancelled": return `cancelled at step ${at}`;
-    case "stopped": return `stopped at step ${at}`;
-    default: return `failed at step ${at}${run.message ? ": " + run.message : ""}`;
+    case "cancelled": return `cancelled at step ${at}${resumeFrom(run)}`;
+    case "stopped": return `stopped at step ${at}${resumeFrom(run)}`;
+    default: return `failed at step ${at}${run.message ? ": " + run.message : ""}${resumeFrom(run)}`;
   }
 }
 
@@ -394,6 +408,7 @@ app.registerExtension({
   setup() {
     api.addEventListener(EVENT, onProgress);
     api.addEventListener(VALIDATION_EVENT, onValidation);
+    api.addEventListener(STOPPED_EVENT, onStopped);
     api.addEventListener("execution_success", () => endRuns("done"));
     api.addEventListener("execution_interrupted", (e) => endRuns("cancelled", e.detail));
     api.addEventListener("execution_error", (e) => endRuns("failed", e.detail));

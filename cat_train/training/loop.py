@@ -222,6 +222,9 @@ def train(denoiser: Denoiser, examples: Sequence[Example], loss_cfg: CatLossConf
                     save(result.steps_done)
                     log.warning("training stopped at step %d; checkpoint saved to %s", result.steps_done,
                                 result.last_checkpoint)
+            if result.last_checkpoint is not None:  # where to resume from, for a host to show beside its Cancel
+                with contextlib.suppress(AttributeError, TypeError):
+                    e.cat_checkpoint = result.last_checkpoint
             if _is_oom(e):
                 raise TrainingOutOfMemory(
                     f"out of memory at step {result.steps_done + 1} (batch {cfg.batch_size}, latent "

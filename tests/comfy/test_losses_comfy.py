@@ -135,3 +135,46 @@ def test_cancel_during_a_preview_round_answers_within_a_second(comfy, tiny_sd15,
         mm.interrupt_current_processing(False)
     # the base round draws the 30 plain twins: 30 prompts x 20 steps x 2 (guidance) rows = 12 s at 10 ms a row
     assert waited < 1.0, f"Cancel answered after {waited:.2f} s ({seen['rows']} rows drawn)"
+
+
+def test_after_cancel_the_node_sends_the_resume_from_and_the_file_name_alone_resumes(comfy, tiny_sd15, dataset_dir,
+                                                                                     monkeypatch):
+    """Cancel used to leave only a log line with the checkpoint; resume_from took `<checkpoint_name>/cat-stepNNNNNN.pt`
+    only. Now the node sends what to type, and the file name alone finds the one run folder holding it."""
+    import comfy.model_management as mm
+
+    tr, A, T = pack_module(comfy, "nodes.trainer"), pack_module(comfy, "cat_train.adapters.lora"), pack_module(
+        comfy, "cat_train.training")
+    mp, clip, vae = tiny_sd15
+    ds = pack_module(comfy, "nodes.dataset").build_dataset(dataset_dir, vae, clip, ("sks",), "dog", ".txt", 128, True)
+    sent = []
+    monkeypatch.setattr(tr, "send_event", lambda event, data: sent.append((event, data)))
+    name = "cancel_resume_from"
+    cfg = T.TrainConfig(steps=6, lr=1e-2, seed=11, checkpoint_dir=str(tr.checkpoints_folder() / name))
+    forwards = [0]
+
+    def press_cancel(module, args):  # in the third step's forward: the loop saves step 2 and stops
+        if module.training:
+            forwards[0] += 1
+            if forwards[0] == 3:
+                mm.interrupt_current_processing(True)
+    hook = mp.model.diffusion_model.register_forward_pre_hook(press_cancel)
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            tr.train_on_model(mp, ds, T.CatLossConfig(0.0, "class", "dog"), A.LoraSpec(rank=2, alpha=2.0), cfg, "9")
+    finally:
+        hook.remove()
+        mm.interrupt_current_processing(False)
+    stopped = [d for e, d in sent if e == "cat.train.stopped"]
+    assert len(stopped) == 1 and stopped[0]["node"] == "9", sent
+    typed = stopped[0]["resume_from"]
+    assert typed.startswith(f"{name}/cat-step00000") and typed.endswith(".pt"), typed
+    file_name = typed.split("/")[1]
+    assert tr.resume_path(typed) == tr.resume_path(file_name) == str(tr.checkpoints_folder() / typed)
+    other = tr.checkpoints_folder() / f"{name}_copy" / file_name
+    other.parent.mkdir()
+    other.write_bytes(b"")
+    with pytest.raises(ValueError) as err:
+        tr.resume_path(file_name)
+    assert str(err.value) == (f"resume_from {file_name!r} is in 2 run folders ({typed}, {name}_copy/{file_name}); give "
+                              f"the folder too, e.g. resume_from {typed}.")

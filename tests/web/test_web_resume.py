@@ -37,3 +37,32 @@ def test_it_per_s_and_eta_after_a_resume_count_this_runs_steps(tmp_path):
     assert "step 304/1000 · 1.00 it/s · ETA 11:36" in out["older"], out["older"]
     assert "step 4/1000 · 2.00 it/s · ETA 8:18" in out["fresh"], out["fresh"]
 
+
+
+CANCEL = trainer_script("CAT_LoraTrainer", 4, (300, 200), """
+function texts() {
+  const rec = [];
+  const ctx = new Proxy({ measureText(t) { return { width: 6 * t.length }; }, fillText(t) { rec.push(String(t)); } },
+    { get: (o, k) => (k in o ? o[k] : () => {}), set: () => true });
+  drawChart(node, ctx);
+  return rec;
+}
+const out = {};
+for (let s = 1; s <= 4; s++) api.emit("cat.train.progress", { node: "4", step: s, total: 10, loss: 1, fit: 1, keep: 0,
+  lr: 1e-4, elapsed: s, first_step: 0 });
+api.emit("cat.train.stopped", { node: "4", checkpoint: "/out/cat_checkpoints/cat_run/cat-step000004.pt",
+  resume_from: "cat_run/cat-step000004.pt" });
+api.emit("execution_interrupted", { node_id: "4" });
+out.cancelled = texts();
+api.emit("cat.train.progress", { node: "4", step: 5, total: 10, loss: 1, fit: 1, keep: 0, lr: 1e-4, elapsed: 1,
+  first_step: 4 });
+out.resumed = texts();
+console.log(JSON.stringify(out));
+""")
+
+
+@pytest.mark.skipif(NODE is None, reason="Node.js is not installed; the web extension test needs `node`")
+def test_after_cancel_the_node_shows_what_to_type_into_resume_from(tmp_path):
+    out = run_view(tmp_path, CANCEL)
+    assert "cancelled at step 4/10 · resume_from cat_run/cat-step000004.pt" in out["cancelled"], out["cancelled"]
+    assert not any("resume_from" in t for t in out["resumed"])  # the resumed run is a new run
