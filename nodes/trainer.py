@@ -147,11 +147,16 @@ class CatTrainerNode(io.ComfyNode):
                                                                compute=dtype, checkpointing=gradient_checkpointing,
                                                                on_save=writer, base_model=base, watch=watch)
         m = result.measured
-        return io.NodeOutput(patched, lora, image, summary, m.get("previews", BLANK), m.get("step_chart", BLANK),
-                             m.get("best_file", ""), ui={"text": [summary]})
+        return io.NodeOutput(patched, lora, image, summary, m.get("previews", nothing()),
+                             m.get("step_chart", nothing()), m.get("best_file", ""), ui={"text": [summary]})
 
 
-BLANK = torch.full((1, 64, 64, 3), 0.5)  # an IMAGE output with nothing to show (previews off, no saved steps)
+def nothing():
+    """An IMAGE output with nothing to show (previews off, no saved steps): the nodes it feeds are skipped, silently.
+    A grey 64 px picture in its place was saved by the shipped graphs' Save Image on every run with previews off."""
+    from comfy_execution.graph_utils import ExecutionBlocker
+
+    return ExecutionBlocker(None)
 
 
 def checkpoints_folder() -> Path:

@@ -178,3 +178,21 @@ def test_after_cancel_the_node_sends_the_resume_from_and_the_file_name_alone_res
         tr.resume_path(file_name)
     assert str(err.value) == (f"resume_from {file_name!r} is in 2 run folders ({typed}, {name}_copy/{file_name}); give "
                               f"the folder too, e.g. resume_from {typed}.")
+
+
+def test_previews_off_save_no_grey_picture(comfy, test_checkpoint_node, dataset_dir):
+    """The shipped graphs save the trainer's previews with Save Image: with preview_every 0 a grey 64 px PNG was
+    written on every run. Now the previews (and an empty step chart) block what they feed, silently; the run and its
+    LoRA are as before."""
+    from pathlib import Path
+
+    g = graph(steps=2, checkpoint_name="previews_off", save_name="previews_off")
+    g["6"] = {"class_type": "SaveImage", "inputs": {"images": ["4", 4], "filename_prefix": "previews_off_grid"}}
+    g["7"] = {"class_type": "SaveImage", "inputs": {"images": ["4", 5], "filename_prefix": "previews_off_chart"}}
+    ex = run_prompt(g)
+    assert ex.success, ex.status_messages[-1]
+    out = ex.history_result["outputs"]
+    assert Path(out["5"]["text"][0]).is_file()  # the LoRA is saved
+    saved = sorted(p.name for p in Path(comfy.folder_paths.get_output_directory()).glob("previews_off_*"))
+    assert saved == [], saved
+    assert "6" not in out and "7" not in out
