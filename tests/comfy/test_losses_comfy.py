@@ -196,3 +196,22 @@ def test_previews_off_save_no_grey_picture(comfy, test_checkpoint_node, dataset_
     saved = sorted(p.name for p in Path(comfy.folder_paths.get_output_directory()).glob("previews_off_*"))
     assert saved == [], saved
     assert "6" not in out and "7" not in out
+
+
+def test_steps_png_draws_the_measured_values(comfy, monkeypatch):
+    """steps.png: the per-saved-step chart draws the values (smooth=False), so its legend names the last measured
+    IS and KPS, not an EMA of three points."""
+    plot = pack_module(comfy, "cat_train.measure.plot")
+    watch = pack_module(comfy, "nodes.watch")
+    seen = {}
+    real = plot.loss_curve
+
+    def spy(*a, **k):
+        img = real(*a, **k)
+        seen.update(img.info["legend"])
+        return img
+    monkeypatch.setattr(plot, "loss_curve", spy)
+    rows = [{"step": 2, "IS": 0.2, "KPS": 0.9, "keep_drift": 0.01, "fit": 0.1},
+            {"step": 4, "IS": 0.6, "KPS": 0.7, "keep_drift": 0.02, "fit": 0.05}]
+    assert watch.step_chart(rows) is not None
+    assert seen == {"IS": 0.6, "KPS": 0.7, "keep_drift": 0.02, "fit": 0.05}
