@@ -138,7 +138,7 @@ def test_cancel_during_a_preview_round_answers_within_a_second(comfy, tiny_sd15,
 
 
 def test_after_cancel_the_node_sends_the_resume_from_and_the_file_name_alone_resumes(comfy, tiny_sd15, dataset_dir,
-                                                                                     monkeypatch):
+                                                                                     monkeypatch, tmp_path):
     """Cancel used to leave only a log line with the checkpoint; resume_from took `<checkpoint_name>/cat-stepNNNNNN.pt`
     only. Now the node sends what to type, and the file name alone finds the one run folder holding it."""
     import comfy.model_management as mm
@@ -149,8 +149,10 @@ def test_after_cancel_the_node_sends_the_resume_from_and_the_file_name_alone_res
     ds = pack_module(comfy, "nodes.dataset").build_dataset(dataset_dir, vae, clip, ("sks",), "dog", ".txt", 128, True)
     sent = []
     monkeypatch.setattr(tr, "send_event", lambda event, data: sent.append((event, data)))
+    root = tmp_path / "cat_checkpoints"  # its own output/cat_checkpoints: other tests' run folders hold step 2 too
+    monkeypatch.setattr(tr, "checkpoints_folder", lambda: root)
     name = "cancel_resume_from"
-    cfg = T.TrainConfig(steps=6, lr=1e-2, seed=11, checkpoint_dir=str(tr.checkpoints_folder() / name))
+    cfg = T.TrainConfig(steps=6, lr=1e-2, seed=11, checkpoint_dir=str(root / name))
     forwards = [0]
 
     def press_cancel(module, args):  # in the third step's forward: the loop saves step 2 and stops
