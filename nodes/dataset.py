@@ -102,8 +102,9 @@ def build_dataset(folder: Path, vae, clip, triggers: tuple[str, ...], class_word
             pixels.append((image.detach().float().cpu() * 255).round().to(torch.uint8))
         tick()
     warnings = plan.finish(len(items))
+    skipped = [why if str(p) in why else f"{p}: {why}" for p, why in plan.skipped]
     return CatDataset(items, tuple(dict.fromkeys(triggers)), class_word, clip, str(folder),
-                      skipped=[str(p) for p, _ in plan.skipped], warnings=warnings, budget=plan.budget(), pixels=pixels,
+                      skipped=skipped, warnings=warnings, budget=plan.budget(), pixels=pixels,
                       masks=latent_masks)
 
 
@@ -187,7 +188,8 @@ def info(ds: CatDataset) -> str:
     masked = sum(m is not None for m in ds.masks)
     text += f"; {masked} with masks" if masked else ""
     if ds.skipped:
-        text += f"\nskipped {len(ds.skipped)} unreadable or unsupported file(s): " + ", ".join(ds.skipped)
+        # each with why: a huge PNG said "unreadable" while the core had said "too large, downscale it"
+        text += f"\nskipped {len(ds.skipped)} file(s):" + "".join(f"\n- {why}" for why in ds.skipped)
     if ds.warnings:
         text += "\n" + "\n".join(ds.warnings)
     if ds.budget:

@@ -189,7 +189,8 @@ def test_the_dataset_info_names_skipped_formats_and_the_budget(ready, tiny_sd15,
     (tmp_path / "c.heic").write_bytes(b"\0")
     ds = ds_node.build_dataset(tmp_path, vae, clip, ("sks", "sks", "zwx"), "dog", ".txt", 128, True)
     text = ds_node.info(ds)
-    assert f"skipped 2 unreadable or unsupported file(s): {tmp_path / 'b.gif'}, {tmp_path / 'c.heic'}" in text, text
+    assert (f"skipped 2 file(s):\n- {tmp_path / 'b.gif'}: .gif is not a format the trainer reads; convert it to PNG or "
+            f"JPEG to train on it.\n- {tmp_path / 'c.heic'}: .heic is not a format") in text, text
     assert "1 of 2 triggers appear in no caption ('zwx')" in text and "'sks' more than once" in text, text
     assert text.endswith("decoded one at a time (0.2 MB of pixels at most at once), latents kept: at most 0.0 MB"), text
     assert ds.triggers == ("sks", "zwx")
