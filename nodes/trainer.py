@@ -127,6 +127,7 @@ class CatTrainerNode(io.ComfyNode):
                           seed=seed, save_every=save_every, checkpoint_dir=str(ckpt_dir),
                           **options_for(options, TrainConfig))
         spec = LoraSpec(rank=rank, alpha=lora_alpha, preset=target, **options_for(options, LoraSpec))
+        before_any_work(dataset, loss_config, cfg, clip_vision, save_every, probe_prompts)
         base = model_file_name(cls.hidden.prompt, cls.hidden.unique_id)
         # step LoRAs (save_every) and a Save CAT LoRA fed by this node write to the loras folder: a read-only or full
         # one is found now, not at step N or after the whole run
@@ -145,6 +146,47 @@ class CatTrainerNode(io.ComfyNode):
         m = result.measured
         return io.NodeOutput(patched, lora, image, summary, m.get("previews", BLANK), m.get("step_chart", BLANK),
                              m.get("best_file", ""), ui={"text": [summary]})
+
+
+def before_any_work(dataset, loss_config: CatLossConfig, cfg: TrainConfig, clip_vision, save_every: int,
+                    probe_prompts: str) -> None:
+    """The checks that need the settings together, before the model is touched (the core makes them again at step 0,
+    for scripts): refusals raise; warnings go to the log and, as a toast, to the browser that queued the run (they are
+    in the summary again at the end)."""
+    from ..cat_train.terms.mask import check_masks
+    from ..cat_train.training.checks import check_prompts_without_trigger
+    from ..cat_train.training.config import check_run
+    from .watch import split_prompts
+
+    if clip_vision is not None and not save_every:
+        raise ValueError("clip_vision scores the previews of every saved step (IS, KPS, the best step), and save_every "
+                         "is 0, so no step would be scored: set save_every (e.g. steps / 6), or disconnect "
+                         "clip_vision.")
+    if clip_vision is not None:
+        from .evaluate import check_vision_model
+
+        check_vision_model(clip_vision)
+    check_prompts_without_trigger(dataset.triggers, split_prompts(probe_prompts), "probe_prompts entry")
+    warnings = check_run(cfg, loss_config, len(dataset.items))
+    if loss_config.mask.active:
+        warnings += check_masks(getattr(dataset, "masks", None) or [], loss_config.mask_floor)
+    if warnings:
+        warn_user("Training settings", warnings)
+
+
+def warn_user(title: str, warnings: list[str]) -> None:
+    """A warning for the person running the graph: the log, and web/cat_warnings.js's toast in their browser."""
+    from .lora_family_warning import EVENT
+
+    for w in warnings:
+        log.warning("ComfyUI-CAT: %s", w)
+    try:  # the client whose prompt runs; in-process tests have no PromptServer
+        from server import PromptServer
+        inst = getattr(PromptServer, "instance", None)
+    except Exception:
+        inst = None
+    if inst is not None:
+        inst.send_sync(EVENT, {"title": title, "warnings": list(warnings)}, getattr(inst, "client_id", None))
 
 
 BLANK = torch.full((1, 64, 64, 3), 0.5)  # an IMAGE output with nothing to show (previews off, no saved steps)
