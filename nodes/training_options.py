@@ -62,17 +62,13 @@ class TrainingOptionsNode(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, **kw):
-        # **kw turns ComfyUI's own checks off, the choice lists' too: an API prompt's `algorithm: oft` would otherwise
-        # reach the trainer
-        for i in cls.define_schema().inputs:
-            options = getattr(i, "options", None)
-            if options and i.id in kw and kw[i.id] not in options:
-                return f"{i.id} {kw[i.id]!r} is not one of {', '.join(map(str, options))}."
-        return range_problem(cls, **kw)
-
-    @classmethod
     def execute(cls, **kw) -> io.NodeOutput:
+        # No validate_inputs: ComfyUI then checks each widget's range and choices itself and names the one input that
+        # is wrong; a validate_inputs taking **kw made it repeat one message under all 20 inputs (and checked nothing
+        # itself). What ComfyUI's check lets through, NaN, is refused here, before the trainer.
+        problem = range_problem(cls, **kw)
+        if problem is not True:
+            raise ValueError(f"CAT Training Options: {problem}")
         out: dict[str, dict] = {}
         for name, value in kw.items():
             if value is not None:

@@ -2,6 +2,7 @@
 looks) with the input and the fix named."""
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
@@ -165,3 +166,46 @@ def test_the_dataset_info_says_why_a_huge_png_was_skipped(ready, tiny_sd15, tmp_
     text = ds_node.info(ds_node.build_dataset(tmp_path, vae, clip, ("sks",), "dog", ".txt", 128, True))
     assert f"skipped 1 file(s):\n- image {tmp_path / 'huge.png'} is too large to decode safely" in text, text
     assert "downscale it (e.g. to 4096 px on the long side" in text, text
+
+
+@pytest.mark.parametrize("node, inputs, named", [
+    ("CAT_TrainingOptions", {"mask_floor": 2.0, "ema_decay": 0.5}, ["mask_floor"]),
+    ("CAT_TrainingOptions", {"algorithm": "oft", "ema_decay": 0.5}, ["algorithm"]),
+    ("CAT_AptOptions", {"adaptive": 1.0, "stabilize": 5.0, "align": 1000.0, "bins": 1_000_000, "augment": "flip"},
+     ["bins"]),
+    # a pattern is the pack's own check: ComfyUI files it under each input its validate_inputs takes that the graph
+    # gives (augment, the two patterns), not under all twelve; the message names the field
+    ("CAT_AptOptions", {"adaptive": 1.0, "stabilize": 5.0, "align": 1000.0, "bins": 10, "augment": "flip",
+                        "stabilize_layers": "((("}, ["augment", "stabilize_layers"]),
+])
+def test_a_bad_value_is_reported_once_under_its_own_input(ready, node, inputs, named):
+    """Issue 32: a validate_inputs taking **kw made ComfyUI file its one message under every input given (20 lines
+    for one wrong value in CAT Training Options)."""
+    import execution
+
+    g = graph()
+    g["6"] = {"class_type": node, "inputs": inputs}
+    if node == "CAT_AptOptions":
+        g["3"]["inputs"]["apt"] = ["6", 0]
+    else:
+        g["4"]["inputs"]["options"] = ["6", 0]
+    ok, _, _, node_errors = asyncio.run(execution.validate_prompt("v", g, None))
+    assert not ok
+    errors = node_errors["6"]["errors"]
+    assert sorted(e["extra_info"]["input_name"] for e in errors) == named, errors
+
+
+@pytest.mark.parametrize("node, inputs, message", [
+    ("CAT_TrainingOptions", {"mask_floor": float("nan")}, "CAT Training Options: mask_floor must be a finite number"),
+    ("CAT_AptOptions", {"adaptive": float("nan"), "stabilize": 5.0, "align": 1000.0, "bins": 10, "augment": "flip"},
+     "APT Options: adaptive must be a finite number"),
+])
+def test_nan_that_comfyuis_range_check_lets_through_is_refused(ready, node, inputs, message):
+    g = graph(checkpoint_name="nan_option")
+    g["6"] = {"class_type": node, "inputs": inputs}
+    if node == "CAT_AptOptions":
+        g["3"]["inputs"]["apt"] = ["6", 0]
+    else:
+        g["4"]["inputs"]["options"] = ["6", 0]
+    kind, text = failure(run_prompt(g))
+    assert kind == "ValueError" and text.startswith(message), text
