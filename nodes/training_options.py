@@ -62,10 +62,17 @@ class TrainingOptionsNode(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, algorithm=None):
+        # ComfyUI files what this returns under every input it takes (with **kw: all 20, for one wrong value), so it
+        # takes only the one ComfyUI 0.3.64 does not check itself (a V3 combo's choices; 0.33 checks them too); the
+        # ranges are ComfyUI's, each under its input, and NaN, which they let through, is refused in execute
+        (spec,) = [i for i in cls.define_schema().inputs if i.id == "algorithm"]
+        if algorithm is not None and algorithm not in spec.options:
+            return f"algorithm {algorithm!r} is not one of {', '.join(map(str, spec.options))}."
+        return True
+
+    @classmethod
     def execute(cls, **kw) -> io.NodeOutput:
-        # No validate_inputs: ComfyUI then checks each widget's range and choices itself and names the one input that
-        # is wrong; a validate_inputs taking **kw made it repeat one message under all 20 inputs (and checked nothing
-        # itself). What ComfyUI's check lets through, NaN, is refused here, before the trainer.
         problem = range_problem(cls, **kw)
         if problem is not True:
             raise ValueError(f"CAT Training Options: {problem}")
