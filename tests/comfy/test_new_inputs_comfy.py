@@ -209,3 +209,16 @@ def test_nan_that_comfyuis_range_check_lets_through_is_refused(ready, node, inpu
         g["4"]["inputs"]["options"] = ["6", 0]
     kind, text = failure(run_prompt(g))
     assert kind == "ValueError" and text.startswith(message), text
+
+
+def test_a_storage_error_reads_as_the_pack_and_its_message(ready):
+    """Issue 32 (left in round two's queue rows): ComfyUI's dialog showed '<custom_nodes path>.cat_train.adapters.
+    export.StorageError: [Errno 17] checkpoint folder …'."""
+    from pathlib import Path
+
+    blocked = Path(ready.folder_paths.get_output_directory()) / "cat_checkpoints" / "dialog_blocked"
+    blocked.parent.mkdir(parents=True, exist_ok=True)
+    blocked.write_text("a file where the run's folder would go")
+    kind, text = failure(run_prompt(graph(checkpoint_name="dialog_blocked", save_name="dialog_blocked")))
+    assert kind == "ComfyUI-CAT.StorageError", kind
+    assert text.startswith(f"checkpoint folder {blocked} cannot be written"), text
