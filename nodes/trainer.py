@@ -186,7 +186,14 @@ def warn_user(title: str, warnings: list[str]) -> None:
     except Exception:
         inst = None
     if inst is not None:
-        inst.send_sync(EVENT, {"title": title, "warnings": list(warnings)}, getattr(inst, "client_id", None))
+        try:  # the queue CLI files a warning under the run whose prompt id it carries
+            from comfy_execution.utils import get_executing_context
+            ctx = get_executing_context()
+            pid = ctx.prompt_id if ctx is not None else None
+        except ImportError:
+            pid = None
+        inst.send_sync(EVENT, {"title": title, "warnings": list(warnings), **({"prompt_id": pid} if pid else {})},
+                       getattr(inst, "client_id", None))
 
 
 BLANK = torch.full((1, 64, 64, 3), 0.5)  # an IMAGE output with nothing to show (previews off, no saved steps)

@@ -91,17 +91,6 @@ def test_training_options_node_sets_the_algorithm(comfy):
     assert A.LoraSpec(rank=8, **TO.options_for(None, A.LoraSpec)).algorithm == "lora"  # unconnected: LoRA as before
     assert node.validate_inputs(algorithm="loha") is True
     assert node.validate_inputs(algorithm="oft") == "algorithm 'oft' is not one of lora, dora, loha, lokr."
-    # through ComfyUI's validator: refused under `algorithm` only (0.33 also by its own combo check: 2 entries there)
-    import asyncio
-
-    import execution
-    from test_bad_inputs import graph
-
-    g = graph()
-    g["6"] = {"class_type": "CAT_TrainingOptions", "inputs": {"algorithm": "oft"}}
-    g["4"]["inputs"]["options"] = ["6", 0]
-    ok, _, _, node_errors = asyncio.run(execution.validate_prompt("v", g, None))
-    assert not ok and {e["extra_info"]["input_name"] for e in node_errors["6"]["errors"]} == {"algorithm"}, node_errors
 
 
 def test_shipped_graph_with_options_node_trains_and_samples_with_loha(comfy, test_checkpoint_node, tiny_open_clip,
