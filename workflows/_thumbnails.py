@@ -22,6 +22,7 @@ DESCRIPTIONS = {
     "cat_sd15_train_kps": "SD1.5: train a CAT LoRA, sample with and without the trigger, score IS and KPS",
     "cat_sdxl_train_kps": "SDXL: train a CAT LoRA, sample with and without the trigger, score IS and KPS",
     "cat_flux_train_kps": "Flux dev: train a CAT LoRA, sample with and without the trigger, score IS and KPS",
+    "cat_qwen_image_train_kps": "Qwen-Image: train a CAT LoRA, sample with and without the trigger, score IS and KPS",
     "cat_vs_lora_sd15": "SD1.5: plain LoRA and CAT trained side by side on the same data, KPS for each",
     "cat_leak_scan_loop_sd15": "SD1.5: train CAT, scan which prompts it moved, retrain preserving them, scan again",
     "catversion_sd15": "SD1.5: CatVersion, the subject as K/V embeddings in CLIP, scored with IS and KPS",
