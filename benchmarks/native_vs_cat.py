@@ -9,13 +9,17 @@ peak RSS (ru_maxrss) and its growth over the process after the model was built.
     COMFYUI_PATH=/path/to/ComfyUI python benchmarks/native_vs_cat.py --unet sd15 --res 256 --steps 4
 
 `cheap` is CAT with the CAT term every --keep-every steps (α scaled by it; CatLossConfig.keep_every), timed over
-whole cycles. Measured on the shared 2-core CPU machine, 1 torch thread, ComfyUI a125cd84, one run each:
+whole cycles; `local` is CAT with the layer-local keep estimator (CatLossConfig.keep_estimator "local"). Measured
+on the shared 2-core CPU machine, 1 torch thread, ComfyUI a125cd84, one run each:
   SD1.5 UNet shape (859,520,964 params), 256 px, rank 16, 2 timed steps (--unet sd15 --res 256 --steps 2 --threads 1):
     native TrainLoraNode   20.44 s/step  peak RSS 9412 MB
     CAT alpha=0             8.30 s/step  peak RSS 5197 MB   -> 2.46x steps/s, 0.55x peak memory
     CAT alpha=1            19.06 s/step  peak RSS 6397 MB   -> 1.07x steps/s, 0.68x peak memory
   tiny UNet (1.08M params), 64 px, 10 timed steps: native 0.124 s, alpha=0 0.071 s (1.75x), alpha=1 0.104 s (1.20x);
     peak RSS 822 / 835 / 848 MB (the import of peft accounts for the small growth at this size).
+  With the local estimator (--methods native ours0 local, load average 9-10): alpha=0 15.35 s/step, peak RSS 5116 MB;
+    local 21.47 s/step, 5143 MB (1.40x our plain step; 27 MB above it, where exact CAT adds ~1 GB); the native row's
+    time (1+N minus 1 step runs) came out at 0.49 s under that load, not a step time (docs/benchmarks.md).
 No GPU was lent to this session, so there are no GPU figures.
 """
 from __future__ import annotations
@@ -122,7 +126,7 @@ def run_native(kind, res, steps, rank) -> dict:
     return {"method": "native TrainLoraNode", "step_s": (tn - t1) / steps, "base_rss_mb": base_rss, **peak(torch)}
 
 
-def run_ours(kind, res, steps, rank, alpha, every=1) -> dict:
+def run_ours(kind, res, steps, rank, alpha, every=1, estimator="exact") -> dict:
     import torch
 
     spec = importlib.util.spec_from_file_location("comfyui_cat", ROOT / "__init__.py",
@@ -143,10 +147,12 @@ def run_ours(kind, res, steps, rank, alpha, every=1) -> dict:
         torch.cuda.reset_peak_memory_stats()
     steps = -(-steps // every) * every  # keep_every: whole cycles after the first step (which has the CAT term)
     with torch.inference_mode(False), trainable(mp) as den:
-        train(den, examples, CatLossConfig(alpha=alpha, preservation="empty", keep_every=every),
+        train(den, examples, CatLossConfig(alpha=alpha, preservation="empty", keep_every=every,
+                                           keep_estimator=estimator),
               LoraSpec(rank=rank, alpha=rank),
               TrainConfig(steps=1 + steps, lr=1e-4), callback=lambda info: stamps.append(time.perf_counter()))
-    name = f"ComfyUI-CAT alpha={alpha:g}" + (f" keep_every={every}" if every > 1 else "")
+    name = f"ComfyUI-CAT alpha={alpha:g}" + (f" keep_every={every}" if every > 1 else "") + \
+        (f" keep_estimator={estimator}" if estimator != "exact" else "")
     return {"method": name, "step_s": (stamps[-1] - stamps[0]) / steps, "base_rss_mb": base_rss, **peak(torch)}
 
 
@@ -159,10 +165,11 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--keep-every", type=int, default=4, help="the cheaper CAT row: the CAT term every N-th step "
                                                               "(keep_every)")
-    ap.add_argument("--methods", nargs="+", choices=["native", "ours0", "ours1", "cheap"],
-                    default=["native", "ours0", "ours1", "cheap"],
-                    help="rows to run (native is always run first: the others compare with it)")
-    ap.add_argument("--one", choices=["native", "ours0", "ours1", "cheap"], help=argparse.SUPPRESS)
+    rows = ["native", "ours0", "ours1", "cheap", "local"]
+    ap.add_argument("--methods", nargs="+", choices=rows, default=rows,
+                    help="rows to run (native is always run first: the others compare with it); local: CAT with the "
+                         "layer-local keep estimator (keep_estimator local)")
+    ap.add_argument("--one", choices=rows, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.one:
         import torch
@@ -171,7 +178,7 @@ def main(argv=None) -> int:
         boot()
         r = run_native(a.unet, a.res, a.steps, a.rank) if a.one == "native" else \
             run_ours(a.unet, a.res, a.steps, a.rank, 0.0 if a.one == "ours0" else 1.0,
-                     a.keep_every if a.one == "cheap" else 1)
+                     a.keep_every if a.one == "cheap" else 1, "local" if a.one == "local" else "exact")
         print("RESULT " + json.dumps(r))
         return 0
     rows = []

@@ -6,6 +6,7 @@ itself: `python /path/to/ComfyUI-CAT/cat_train demo --out out/demo` (relative pa
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -23,6 +24,21 @@ COMMANDS = {
     "options-doc": ("cat_train.options", "render every option's help into docs/options.md ('--check': compare only)"),
 }
 
+# Parameters of the model a command trains, for the thread rule (training/threads.py): the demo and the benches
+# train the world's UNet (tests/training/test_threads.py checks the number against the model).
+WORLD_UNET_PARAMS = 1_692_268
+TRAINS = {"demo": WORLD_UNET_PARAMS, "bench": WORLD_UNET_PARAMS}
+
+
+def threads_before_torch(command: str) -> int | None:
+    """The thread rule for `command`, applied before torch loads: OpenMP reads its settings once, when torch's
+    library loads, and importing cat_train.training would load torch first, so threads.py is loaded by its path."""
+    spec = importlib.util.spec_from_file_location("_cat_threads", Path(__file__).resolve().parent / "training"
+                                                  / "threads.py")
+    threads = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(threads)
+    return threads.configure_cpu_threads(TRAINS.get(command))
+
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
@@ -34,11 +50,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\nunknown command {argv[0]!r}")
             return 2
         return 0
-    from cat_train.training.threads import configure_cpu_threads
-
-    configure_cpu_threads()  # before torch loads: idle OpenMP workers sleep instead of spinning
+    threads_before_torch(argv[0])
     module = importlib.import_module(COMMANDS[argv[0]][0])
-    configure_cpu_threads()  # torch is loaded now: as many threads as the load leaves cores
     return int(module.main(argv[1:]) or 0)
 
 

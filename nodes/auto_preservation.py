@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
+from ..cat_train.terms.auto_checks import RULES
 from ..cat_train.terms.auto_config import SOURCES, AutoPreservationConfig
 from ..cat_train.options import help_of
 from .common import CATEGORY, AutoOptions
@@ -40,6 +41,13 @@ class AutoPreservationNode(io.ComfyNode):
                              **advanced(io.Int), tooltip=help_of(AutoPreservationConfig, "images")),
                 io.Int.Input("seed", default=_D.seed, min=0, max=2**31 - 1, optional=True,
                              **advanced(io.Int), tooltip=help_of(AutoPreservationConfig, "seed")),
+                # after seed: graphs saved before them keep their widget values in place
+                io.Int.Input("neighbours", default=_D.neighbours, min=1, max=100, optional=True,
+                             **advanced(io.Int), tooltip=help_of(AutoPreservationConfig, "neighbours")),
+                io.Combo.Input("rule", options=list(RULES), default=_D.rule, optional=True,
+                               **advanced(io.Combo), tooltip=help_of(AutoPreservationConfig, "rule")),
+                io.Int.Input("first", default=_D.first, min=0, max=100000, optional=True,
+                             **advanced(io.Int), tooltip=help_of(AutoPreservationConfig, "first")),
             ],
             outputs=[AutoOptions.Output(display_name="auto")],
         )

@@ -28,21 +28,27 @@ from . import compat
 log = logging.getLogger("ComfyUI-CAT")
 
 
-SUPPORTED = ("SD1.x and SD2.x (eps or v prediction) and SDXL UNets with a discrete DDPM schedule, SD3/SD3.5 (MMDiT) "
-             "and Flux (dev, schnell) flow-matching transformers")
+SUPPORTED = ("SD1.x and SD2.x (eps or v prediction) and SDXL UNets with a discrete DDPM schedule, SD3/SD3.5 (MMDiT), "
+             "Flux (dev, schnell), Flux.2 (dev, Klein), Chroma and Qwen-Image flow-matching transformers, "
+             "Lumina Image 2.0 and Z-Image (NextDiT), HiDream-I1, Wan 2.1/2.2 A14B text-to-video as single frames")
+# CONDITIONING entries beyond the text and pooled output that reach the network as they are: {entry: network kwarg}
+# (HiDream: the Llama 3.1 hidden states of every layer). The dataset keeps them per caption, so y's pass gets y's.
+COND_EXTRAS = {"conditioning_llama3": "encoder_hidden_states_llama3"}
 # Patcher-level wrappers that act on the sampler, not on one network call: training never runs them.
 _SAMPLING_ONLY = {"outer_sample", "prepare_sampling", "sampler_sample", "predict_noise", "calc_cond_batch"}
 # ComfyUI model classes built on its Flux class that are not Flux.1, as users know them
-_FLUX_VARIANTS = {"Flux2": "Flux.2", "LongCatImage": "LongCat-Image"}
+_FLUX_VARIANTS = {"LongCatImage": "LongCat-Image"}
 
 
 def family_of(mp) -> type[families.Family]:
     """The family of a MODEL the trainer supports (read off the network by `families.of`), once ComfyUI's own
     classes say it is the model that family was written for; anything else is refused, naming what it is."""
     import comfy.model_base as mb
+    from comfy.ldm.chroma.model import Chroma as ChromaNet
     from comfy.ldm.flux.model import Flux as FluxNet
     from comfy.ldm.modules.diffusionmodules.mmdit import MMDiT
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+    from comfy.ldm.qwen_image.model import QwenImageTransformer2DModel
 
     base, net = mp.model, mp.model.diffusion_model
     try:
@@ -52,12 +58,24 @@ def family_of(mp) -> type[families.Family]:
     written_for = {families.SDUNet: isinstance(net, UNetModel), families.SDXLUNet: isinstance(net, UNetModel),
                    families.SD3: isinstance(base, mb.SD3) and isinstance(net, MMDiT),
                    # Chroma and Flux controlnets reshape the inputs
-                   families.Flux: isinstance(base, mb.Flux) and type(net) is FluxNet}
+                   families.Flux: isinstance(base, mb.Flux) and type(net) is FluxNet,
+                   families.Flux2: type(base) is getattr(mb, "Flux2", None) and type(net) is FluxNet,
+                   families.Chroma: type(base) is mb.Chroma and type(net) is ChromaNet,  # not Chroma Radiance
+                   # Qwen-Image and Qwen-Image-Edit (reference latents are not trained); MageFlow reshapes the network
+                   families.QwenImage: type(base) is mb.QwenImage and type(net) is QwenImageTransformer2DModel}
+    if family is families.Flux2 and not hasattr(mb, "Flux2"):
+        raise ValueError("CAT trains Flux.2 on ComfyUI v0.33 or newer: this ComfyUI has no Flux.2 model class; update "
+                         "ComfyUI.")
+    written_for.update(_written_for_fam_b(base, net))
     if family is None or not written_for.get(family, False):
         raise ValueError(f"CAT trains {SUPPORTED}; this MODEL is a {type(base).__name__} with a "
                          f"{type(net).__name__} network, which is not supported (video, audio and other image models "
                          "are refused).")
-    if family is families.Flux and type(base) is not mb.Flux:  # v0.33: Flux2, LongCatImage subclass ComfyUI's Flux
+    if family is families.QwenImage and not compat.qwen_image_masks_text():
+        raise ValueError("CAT trains Qwen-Image on ComfyUI v0.33 or newer: this ComfyUI's Qwen-Image network ignores "
+                         "the text attention mask that training batches of captions of different lengths need; update "
+                         "ComfyUI.")
+    if family is families.Flux and type(base) is not mb.Flux:  # v0.33: LongCatImage subclasses ComfyUI's Flux
         name = type(base).__name__
         raise ValueError(f"CAT trains {SUPPORTED}; this MODEL is {_FLUX_VARIANTS.get(name, name)} (ComfyUI's {name}), "
                          "which runs on Flux's network but is not Flux.1 and is not supported yet: train a Flux.1 "
@@ -68,6 +86,41 @@ def family_of(mp) -> type[families.Family]:
                          f"{p.out_channels} output (Fill/Canny/Depth models need an image condition the trainer "
                          "does not build). Train on the base Flux model.")
     return family
+
+
+def _written_for_fam_b(base, net) -> dict:
+    """Lumina 2 and Z-Image: ComfyUI's Lumina2 model (Z-Image is it with Z-Image's config) over its plain NextDiT
+    (not Z-Image's pixel-space network); NewBie's pooled CLIP input and Z-Image Omni's SigLIP input are not built.
+    HiDream: ComfyUI's HiDream model over its HiDream-I1 network.
+    Wan: ComfyUI's WAN21 model (Wan 2.1 and 2.2 A14B) over the plain WanModel, text-to-video only (no image
+    channels, CLIP-vision or reference input); Wan 2.2 5B (WAN22: per-frame timesteps) is not."""
+    import comfy.model_base as mb
+    from comfy.ldm.lumina.model import NextDiT
+    from comfy.ldm.wan.model import WanModel
+
+    nextdit = (type(base) is mb.Lumina2 and type(net) is NextDiT and getattr(net, "clip_text_pooled_proj", None) is None
+               and getattr(net, "siglip_embedder", None) is None)
+    from comfy.ldm.hidream.model import HiDreamImageTransformer2DModel as HiDreamNet
+
+    wan = (type(base) is mb.WAN21 and type(net) is WanModel and not base.image_to_video
+           and net.patch_embedding.weight.shape[1] == net.out_dim and getattr(net, "img_emb", None) is None
+           and getattr(net, "ref_conv", None) is None)
+    return {families.Lumina2: nextdit, families.ZImage: nextdit, families.Wan: wan,
+            families.HiDream: type(base) is mb.HiDream and type(net) is HiDreamNet}
+
+
+# Families whose ComfyUI model class a ComfyUI may lack: (module, class, the family as users know it)
+_NEEDS = {"zimage": ("comfy.supported_models", "ZImage", "Z-Image")}
+
+
+def host_has(family) -> None:
+    """Refuse, in one line naming the ComfyUI version needed, a family this ComfyUI cannot build."""
+    import importlib
+
+    need = _NEEDS.get(family.name)
+    if need and not hasattr(importlib.import_module(need[0]), need[1]):
+        raise ValueError(f"{need[2]} needs a ComfyUI with its {need[1]} model class (v0.33 has it, this ComfyUI does "
+                         "not): update ComfyUI to train it.")
 
 
 def base_model_version(mp) -> str:
@@ -181,14 +234,41 @@ class ComfyDenoiser:
         self.prediction_type = prediction_type_of(mp)
         self.schedule = schedule_of(mp, **flow_options)
         self.compute_dtype = compute_dtype
-        takes = self.family.training_guidance is not None and self.module.params.guidance_embed  # schnell: no input
+        # Flux schnell: no such input; Chroma's params have no switch: it always takes one
+        takes = self.family.training_guidance is not None and getattr(self.module.params, "guidance_embed", True)
         self.guidance = (self.family.training_guidance if guidance is None else guidance) if takes else None
         self._sampling = mp.get_model_object("model_sampling")
         self._options = transformer_options_of(mp)
 
     def predict(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
+        if "tokens" not in cond:
+            return self._predict(x_t, t, cond)
+        # whole prompts: rows of one caption length run together on their own tokens (the batch repeated shorter
+        # captions to a common length; their first `tokens` are the caption), as ComfyUI never batches them
+        lengths = cond["tokens"].reshape(-1).round().long().tolist()
+        out = None
+        for n in sorted(set(lengths)):
+            rows = torch.tensor([i for i, k in enumerate(lengths) if k == n], device=x_t.device)
+            part = {k: (v[rows.to(v.device), :n] if k == "context" else v[rows.to(v.device)])
+                    for k, v in cond.items() if k != "tokens"}
+            y = self._predict(x_t[rows], t[rows.to(t.device)] if t.ndim else t, part)
+            out = y.new_empty((x_t.shape[0], *y.shape[1:])) if out is None else out
+            out[rows] = y
+        return out
+
+    def _predict(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
         dt = self.compute_dtype
-        extra = {k: v.to(dt) for k, v in cond.items() if k != "context"}
+        extra = {k: v.to(dt) for k, v in cond.items() if k not in ("context", "attention_mask")}
+        if "attention_mask" in cond:
+            extra["attention_mask"] = self._text_mask(cond["attention_mask"], x_t, dt)
+        if issubclass(self.family, families.NextDiT):  # caption length (ComfyUI: the attention mask's sum)
+            extra["num_tokens"] = cond["context"].shape[1]
+        if getattr(self.family, "video", False):  # one frame: (B, C, H, W) <-> (B, C, 1, H, W)
+            return self._call(x_t[:, :, None], t, cond, extra)[:, :, 0]
+        return self._call(x_t, t, cond, extra)
+
+    def _call(self, x_t: Tensor, t: Tensor, cond: Cond, extra: dict) -> Tensor:
+        dt = self.compute_dtype
         if self.guidance is not None and "guidance" not in extra:
             extra["guidance"] = torch.full((x_t.shape[0],), self.guidance, device=x_t.device, dtype=dt)
         if self.prediction_type == "flow":  # the model's own timestep of sigma, as apply_model computes it
@@ -198,6 +278,18 @@ class ComfyDenoiser:
             t_in = t.float()
         opts = dict(self._options)  # the network writes per-call keys (block, transformer_index) into it
         return self.module(x_t.to(dt), t_in, context=cond["context"].to(dt), transformer_options=opts, **extra)
+
+    def _text_mask(self, mask: Tensor, x_t: Tensor, dt: torch.dtype) -> Tensor:
+        """The (B, text tokens) mask of padded text as the network takes it: Qwen-Image an integer one over the text
+        (it makes it additive itself); Chroma an additive one over all keys, text then image tokens, which its blocks
+        hand to attention as is."""
+        mask = mask.round().long()
+        if self.family is not families.Chroma:
+            return mask
+        p = self.module.patch_size
+        image_tokens = ((x_t.shape[-2] + p // 2) // p) * ((x_t.shape[-1] + p // 2) // p)
+        keys = torch.cat([mask, mask.new_ones(mask.shape[0], image_tokens)], 1)
+        return ((keys - 1).to(dt) * torch.finfo(dt).max)[:, None, None, :]
 
     def set_gradient_checkpointing(self, on: bool) -> None:
         """ldm's UNet has no switch (and MMDiT's/Flux's are fixed at build): wrap the forward of each unit of
@@ -333,10 +425,20 @@ def adm_y(mp, pooled, width: int, height: int, device, **sizes):
     return mp.model.encode_adm(pooled_output=pooled, device=device, prompt_type="positive", **kw)
 
 
+def model_text(mp, context):
+    """Text tokens (B, L, C) as the model's own conditioning hands them to the network: ComfyUI's Flux2 left-pads
+    them with zeros to 512 tokens (Mistral's captions are as long as they are); other families as encoded."""
+    if family_of(mp) is not families.Flux2:
+        return context
+    c = mp.model.extra_conds(cross_attn=context, noise=torch.zeros(1, 1, 1, 1), device=context.device, guidance=None)
+    return c["c_crossattn"].cond
+
+
 def comfy_cond(mp, conditioning, width: int, height: int) -> Cond:
     """CONDITIONING -> network kwargs (batched): context, plus y (`adm_y`; sizes from the conditioning if
     CLIPTextEncodeSDXL set them), plus Flux's guidance if a FluxGuidance node set one."""
     cond, extras = conditioning[0][0], dict(conditioning[0][1])
+    cond = model_text(mp, cond)
     adm = adm_y(mp, extras.get("pooled_output"), width, height, cond.device,
                 **{k: extras[k] for k in _SIZES if k in extras})
     out = {"context": cond}
@@ -344,4 +446,14 @@ def comfy_cond(mp, conditioning, width: int, height: int) -> Cond:
         out["y"] = adm.to(cond.dtype)
     if "guidance" in extras and family_of(mp).training_guidance is not None:
         out["guidance"] = torch.full((cond.shape[0],), float(extras["guidance"]), dtype=cond.dtype)
+    out.update({kw: extras[k] for k, kw in COND_EXTRAS.items() if k in extras})
+    out.update(prompt_tokens(mp, cond))
     return out
+
+
+def prompt_tokens(mp, context: Tensor) -> dict:
+    """{"tokens": (B, 1) caption lengths} for a family whose network must see each prompt whole (`whole_prompts`), so
+    predict can undo a batch's repetition to a common length; {} for the others."""
+    if not family_of(mp).whole_prompts:
+        return {}
+    return {"tokens": torch.full((*context.shape[:-2], 1), float(context.shape[-2]))}

@@ -81,3 +81,13 @@ def input_takes_advanced(comfy_type) -> bool:
 def advanced(comfy_type) -> dict:
     """Keywords for `comfy_type.Input(...)`: marked advanced where the host's input takes the flag."""
     return {"advanced": True} if input_takes_advanced(comfy_type) else {}
+
+
+@functools.cache
+def qwen_image_masks_text() -> bool:
+    """Qwen-Image's joint attention honours the text attention mask (`encoder_hidden_states_mask`) since the rework
+    that moved it to BHND layout (after v0.3.64). Before, the mask reached the attention block and was dropped, so the
+    zero-padded captions a training batch of different caption lengths needs would attend to their padding."""
+    from comfy.ldm.qwen_image.model import Attention
+
+    return "encoder_hidden_states_mask is not None" in inspect.getsource(Attention.forward)

@@ -13,6 +13,7 @@ from ..cat_train.data.dataset import DatasetError, caption_suffix, check_resolut
 from ..cat_train.data.masks import latent_mask
 from ..cat_train.step.conds import repeat_to_common_length
 from . import early_cancel
+from .comfy_model import COND_EXTRAS
 from .common import CATEGORY, Dataset, input_path, phase_progress, range_problem
 from .compat import search_aliases
 
@@ -39,20 +40,53 @@ class CatDataset:
     _text_cache: dict = field(default_factory=dict, repr=False)
 
     def encode_text(self, prompts: list[str]) -> dict[str, torch.Tensor]:
-        """Batched {"context": (B,L,C), "pooled": (B,P)}; each prompt goes through CLIP once per dataset."""
+        """Batched {"context": (B,L,C), "pooled": (B,P)} plus the CONDITIONING entries the network reads as they are
+        (`COND_EXTRAS`, by their network kwarg); each prompt goes through CLIP once per dataset."""
         for p in prompts:
             if p not in self._text_cache:
                 cond = self.clip.encode_from_tokens_scheduled(self.clip.tokenize(p))
                 ctx, extra = cond[0][0], cond[0][1]
                 pooled = extra.get("pooled_output")
                 self._text_cache[p] = (ctx[0].detach().float().cpu().clone(),
-                                       None if pooled is None else pooled[0].detach().float().cpu().clone())
+                                       None if pooled is None else pooled[0].detach().float().cpu().clone(),
+                                       {kw: extra[k][0].detach().float().cpu().clone() for k, kw in COND_EXTRAS.items()
+                                        if k in extra})
         rows = [self._text_cache[p] for p in prompts]
         # long captions make more 77-token chunks: repeat shorter ones whole, as ComfyUI batches conditionings
         out = {"context": torch.stack(repeat_to_common_length([r[0] for r in rows], 0))}
         if rows[0][1] is not None:
             out["pooled"] = torch.stack([r[1] for r in rows])
+        out.update({k: torch.stack([r[2][k] for r in rows]) for k in rows[0][2]})  # e.g. HiDream's Llama states
         return out
+
+    def rank_text(self, prompts: list[str]) -> torch.Tensor:
+        """(B, L, C): CLIP-L's conditioning alone, not cached, one batch of 77-token chunks. `nearest` auto
+        preservation ranks its ~5,800-word vocabulary with it (cat_train/terms/nearest.py): through encode_text's
+        cache SDXL's contexts alone would hold ~4 GB. CLIP-L is in every family the trainer takes (SD1.x, SDXL, SD3,
+        Flux), where SD3's and Flux's T5 would take minutes over the list; in Flux the UNet reads CLIP-L only pooled
+        (docs/auto-preservation.md)."""
+        clip = self.clip
+        cs = clip.cond_stage_model
+        toks = [clip.tokenize(p) for p in prompts]
+        enc = getattr(cs, "clip_l", None)
+        if enc is None or any("l" not in t for t in toks):
+            # no CLIP-L: the family's own conditioning, a prompt at a time
+            return torch.stack(repeat_to_common_length([clip.encode_from_tokens(t)[0].float().cpu() for t in toks], 0))
+        cs.reset_clip_options()
+        if clip.layer_idx is not None:  # CLIP Set Last Layer, as ComfyUI's own encode honours it
+            cs.set_clip_options({"layer": clip.layer_idx})
+        clip.load_model()
+        # ComfyUI >= 0.3.6x encodes there; older ignore it
+        cs.set_clip_options({"execution_device": clip.patcher.load_device})
+        with torch.no_grad():
+            out = enc.encode_token_weights([c for t in toks for c in t["l"]])[0][0].float().cpu()  # (77 x chunks, C)
+        cs.reset_clip_options()
+        rows, at = [], 0
+        for t in toks:
+            n = out.shape[0] * len(t["l"]) // sum(len(u["l"]) for u in toks)
+            rows.append(out[at:at + n])
+            at += n
+        return torch.stack(repeat_to_common_length(rows, 0))
 
     def token_positions(self, caption: str, triggers: tuple[str, ...]) -> tuple[int, ...]:
         """Where the triggers' tokens sit in the caption's context (77-token chunks back to back), by CLIP's own
@@ -103,8 +137,9 @@ def build_dataset(folder: Path, vae, clip, triggers: tuple[str, ...], class_word
             pixels.append((image.detach().float().cpu() * 255).round().to(torch.uint8))
         tick()
     warnings = plan.finish(len(items))
+    skipped = [why if str(p) in why else f"{p}: {why}" for p, why in plan.skipped]
     return CatDataset(items, tuple(dict.fromkeys(triggers)), class_word, clip, str(folder),
-                      skipped=[str(p) for p, _ in plan.skipped], warnings=warnings, budget=plan.budget(), pixels=pixels,
+                      skipped=skipped, warnings=warnings, budget=plan.budget(), pixels=pixels,
                       masks=latent_masks, mask_problems=list(plan.mask_problems))
 
 
@@ -188,7 +223,8 @@ def info(ds: CatDataset) -> str:
     masked = sum(m is not None for m in ds.masks)
     text += f"; {masked} with masks" if masked else ""
     if ds.skipped:
-        text += f"\nskipped {len(ds.skipped)} unreadable or unsupported file(s): " + ", ".join(ds.skipped)
+        # each with why: a huge PNG said "unreadable" while the core had said "too large, downscale it"
+        text += f"\nskipped {len(ds.skipped)} file(s):" + "".join(f"\n- {why}" for why in ds.skipped)
     if ds.warnings:
         text += "\n" + "\n".join(ds.warnings)
     if ds.budget:

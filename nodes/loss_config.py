@@ -1,5 +1,6 @@
 """The CAT Loss Config node: the CAT factor, how y is made from y_T, per-token weights, APT, auto preservation and
-cheaper preservation (optional inputs, last, so graphs saved before them still load)."""
+cheaper preservation: keep_every, keep_fraction, keep_estimator (optional inputs, last, so graphs saved before them
+still load)."""
 from __future__ import annotations
 
 from comfy_api.latest import io
@@ -7,6 +8,7 @@ from comfy_api.latest import io
 from ..cat_train.training.checks import parse_token_weights
 from ..cat_train.training import CatLossConfig
 from ..cat_train.options import help_of
+from ..cat_train.terms.keep_local import ESTIMATORS
 from .common import CATEGORY, AptOptions, AutoOptions, LossConfig
 from .compat import advanced, search_aliases
 
@@ -36,18 +38,21 @@ class CatLossConfigNode(io.ComfyNode):
                              **advanced(io.Int), tooltip=help_of(CatLossConfig, "keep_every")),
                 io.Float.Input("keep_fraction", default=1.0, min=0.01, max=1.0, step=0.05, optional=True,
                                **advanced(io.Float), tooltip=help_of(CatLossConfig, "keep_fraction")),
+                io.Combo.Input("keep_estimator", options=list(ESTIMATORS), default="exact", optional=True,
+                               **advanced(io.Combo), tooltip=help_of(CatLossConfig, "keep_estimator")),
             ],
             outputs=[LossConfig.Output(display_name="loss_config")],
         )
 
     @classmethod
     def execute(cls, cat_factor, preservation, class_word, token_weights, preservation_prompts="", apt=None,
-                auto=None, keep_every=1, keep_fraction=1.0) -> io.NodeOutput:
+                auto=None, keep_every=1, keep_fraction=1.0, keep_estimator="exact") -> io.NodeOutput:
         weights = parse_token_weights(token_weights)
         prompts = tuple(line.strip() for line in (preservation_prompts or "").splitlines() if line.strip())
         cfg = CatLossConfig(cat_factor, preservation, class_word.strip(), weights, prompts,
                             **({"apt": apt} if apt is not None else {}), **({"auto": auto} if auto is not None else {}),
-                            keep_every=int(keep_every), keep_fraction=float(keep_fraction))
+                            keep_every=int(keep_every), keep_fraction=float(keep_fraction),
+                            keep_estimator=keep_estimator or "exact")
         return io.NodeOutput(cfg)
 
 

@@ -31,7 +31,8 @@ from ..cat_train.measure.plot import loss_curve
 from ..cat_train.training.precision import CHOICES as COMPUTE_CHOICES
 from ..cat_train.training.precision import mixed_precision_name
 from ..cat_train.training import Example, TrainConfig, TrainResult, build_examples, train
-from .comfy_model import adm_y, base_model_version, trainable
+from ..cat_train.step.conds import common_length
+from .comfy_model import COND_EXTRAS, adm_y, base_model_version, family_of, model_text, prompt_tokens, trainable
 from . import early_cancel
 from .common import (CATEGORY, STOPPED_EVENT, Dataset, LossConfig, TrainingOptions, feeds, image_of, model_file_name,
                      phase_progress, progress_callback, send_event)
@@ -131,6 +132,7 @@ class CatTrainerNode(io.ComfyNode):
                           seed=seed, save_every=save_every, checkpoint_dir=str(ckpt_dir),
                           **options_for(options, TrainConfig))
         spec = LoraSpec(rank=rank, alpha=lora_alpha, preset=target, **options_for(options, LoraSpec))
+        before_any_work(dataset, loss_config, cfg, clip_vision, save_every, probe_prompts)
         base = model_file_name(cls.hidden.prompt, cls.hidden.unique_id)
         # step LoRAs (save_every) and a Save CAT LoRA fed by this node write to the loras folder: a read-only or full
         # one is found now, not at step N or after the whole run
@@ -157,6 +159,53 @@ def nothing():
     from comfy_execution.graph_utils import ExecutionBlocker
 
     return ExecutionBlocker(None)
+def before_any_work(dataset, loss_config: CatLossConfig, cfg: TrainConfig, clip_vision, save_every: int,
+                    probe_prompts: str) -> None:
+    """The checks that need the settings together, before the model is touched (the core makes them again at step 0,
+    for scripts): refusals raise; warnings go to the log and, as a toast, to the browser that queued the run (they are
+    in the summary again at the end)."""
+    from ..cat_train.terms.mask import check_masks
+    from ..cat_train.training.checks import check_prompts_without_trigger
+    from ..cat_train.training.config import check_run
+    from .watch import split_prompts
+
+    if clip_vision is not None and not save_every:
+        raise ValueError("clip_vision scores the previews of every saved step (IS, KPS, the best step), and save_every "
+                         "is 0, so no step would be scored: set save_every (e.g. steps / 6), or disconnect "
+                         "clip_vision.")
+    if clip_vision is not None:
+        from .evaluate import check_vision_model
+
+        check_vision_model(clip_vision)
+    check_prompts_without_trigger(dataset.triggers, split_prompts(probe_prompts), "probe_prompts entry")
+    warnings = check_run(cfg, loss_config, len(dataset.items))
+    if loss_config.mask.active:
+        warnings += check_masks(getattr(dataset, "masks", None) or [], loss_config.mask_floor)
+    if warnings:
+        warn_user("Training settings", warnings)
+
+
+def warn_user(title: str, warnings: list[str]) -> None:
+    """A warning for the person running the graph: the log, and web/cat_warnings.js's toast in their browser."""
+    from .lora_family_warning import EVENT
+
+    for w in warnings:
+        log.warning("ComfyUI-CAT: %s", w)
+    try:  # the client whose prompt runs; in-process tests have no PromptServer
+        from server import PromptServer
+        inst = getattr(PromptServer, "instance", None)
+    except Exception:
+        inst = None
+    if inst is not None:
+        try:  # the queue CLI files a warning under the run whose prompt id it carries
+            from comfy_execution.utils import get_executing_context
+            ctx = get_executing_context()
+            pid = ctx.prompt_id if ctx is not None else None
+        except ImportError:
+            pid = None
+        inst.send_sync(EVENT, {"title": title, "warnings": list(warnings), **({"prompt_id": pid} if pid else {})},
+                       getattr(inst, "client_id", None))
+
 
 
 def checkpoints_folder() -> Path:
@@ -204,10 +253,12 @@ def model_examples(mp, dataset, loss_cfg: CatLossConfig, tick=None, cfg: TrainCo
     positions = dataset.token_positions if loss_cfg.apt.align_skip_triggers else None  # tokenizes only when asked
     # masks only where they weigh something: off, the examples (and the run's data fingerprint) are as without them
     masks = (getattr(dataset, "masks", None) if loss_cfg.mask.active else None) or [None] * len(dataset.items)
-    examples = build_examples([(lat, cap, trig, rep, m) for (lat, cap, trig, rep), m in zip(dataset.items, masks)],
+    frame = single_frame(mp)
+    items = [(frame(lat), cap, trig, rep, m) for (lat, cap, trig, rep), m in zip(dataset.items, masks)]
+    examples = build_examples(items,
                               dataset.encode_text, loss_cfg,
                               progress=(lambda done, total: tick()) if tick else None, token_positions=positions,
-                              cfg=cfg)
+                              cfg=cfg, rank_text=getattr(dataset, "rank_text", None))
     latents, conds, probes, out = {}, {}, {}, []
 
     def unet_cond(c, w, h):
@@ -218,7 +269,7 @@ def model_examples(mp, dataset, loss_cfg: CatLossConfig, tick=None, cfg: TrainCo
     for ex in examples:
         h, w = ex.latent.shape[-2] * 8, ex.latent.shape[-1] * 8
         if id(ex.latent) not in latents:
-            latents[id(ex.latent)] = (ex.latent, mp.model.process_latent_in(ex.latent[None].clone())[0])
+            latents[id(ex.latent)] = (ex.latent, frame.model_space(ex.latent))
         # auto preservation's probes: one dict per image, as build_examples made them
         if (id(ex.probes), w, h) not in probes:
             probes[(id(ex.probes), w, h)] = {p: unet_cond(c, w, h) for p, c in ex.probes.items()}
@@ -226,7 +277,39 @@ def model_examples(mp, dataset, loss_cfg: CatLossConfig, tick=None, cfg: TrainCo
                                        cond_pres=unet_cond(ex.cond_pres, w, h), probes=probes[(id(ex.probes), w, h)]))
         if tick:
             tick()
+    _same_extras_shape(out)
     return out
+
+
+def _same_extras_shape(examples: list[Example]) -> None:
+    """CONDITIONING extras (`COND_EXTRAS`: HiDream's Llama states) batch only at one length, as in ComfyUI: a caption
+    longer than the encoder's padded length (HiDream: 128 Llama tokens, about 100 words) is refused by name."""
+    for key in COND_EXTRAS.values():
+        shapes = {tuple(c[key].shape) for e in examples for c in (e.cond_token, e.cond_pres) if key in c}
+        if len(shapes) > 1:
+            raise ValueError(f"the captions' {key} have different lengths {sorted(s[-2] for s in shapes)}: a caption "
+                             "is longer than its text encoder pads to (HiDream: 128 Llama tokens, about 100 words); "
+                             "shorten the longest captions.")
+
+
+def single_frame(mp):
+    """latent -> the trainer's (C, H, W) latent, with `.model_space(latent)` (process_latent_in). A video family's
+    (Wan) VAE encodes an image as a one-frame clip (C, 1, H, W), which trains as that frame; its latent format
+    normalises (B, C, T, H, W), so the frame goes through it as a clip. Clips of several frames are refused."""
+    from .comfy_model import family_of
+
+    video = getattr(family_of(mp), "video", False)
+
+    def frame(latent: torch.Tensor) -> torch.Tensor:
+        if not video or latent.ndim == 3:
+            return latent
+        if latent.ndim != 4 or latent.shape[1] != 1:
+            raise ValueError(f"a dataset latent of shape {tuple(latent.shape)} for a {family_of(mp).title} model: CAT "
+                             "trains it on images (one-frame clips); multi-frame clips are not supported.")
+        return latent[:, 0]
+    frame.model_space = (lambda z: mp.model.process_latent_in(z[None, :, None].clone())[0, :, 0]) if video else \
+        (lambda z: mp.model.process_latent_in(z[None].clone())[0])
+    return frame
 
 
 def preparation_steps(dataset, loss_cfg: CatLossConfig, cfg: TrainConfig | None = None) -> int:
@@ -239,10 +322,15 @@ def preparation_steps(dataset, loss_cfg: CatLossConfig, cfg: TrainConfig | None 
 
 
 def _unet_cond(mp, c: dict, width: int, height: int) -> dict:
-    cond = {"context": c["context"].clone()}  # an ordinary tensor even if CLIP ran under inference_mode
+    # clone: an ordinary tensor even if CLIP ran under inference_mode
+    cond = {"context": model_text(mp, c["context"][None])[0].clone()}
     adm = adm_y(mp, c["pooled"][None] if "pooled" in c else None, width, height, torch.device("cpu"))
     if adm is not None:
         cond["y"] = adm[0].detach().float().clone()
+    cond.update({k: c[k].clone() for k in COND_EXTRAS.values() if k in c})
+    cond.update(prompt_tokens(mp, cond["context"]))
+    if family_of(mp).padded_text:  # batched by zero-padding: the mask says which tokens are text
+        cond["attention_mask"] = torch.ones(cond["context"].shape[0])
     return cond
 
 
@@ -393,8 +481,8 @@ def make_watch(mp, den, dataset, examples, loss_cfg, seed, node_id, vae=None, pr
 def unet_text_encoder(mp, dataset, width: int, height: int):
     """prompts -> batched UNet conditioning (context, and SDXL's y for this size), through the dataset's CLIP."""
     def encode(prompts: list[str]) -> dict:
-        raw = dataset.encode_text(prompts)
-        rows = [_unet_cond(mp, {k: v[i] for k, v in raw.items()}, width, height) for i in range(len(prompts))]
+        raw = [dataset.encode_text([p]) for p in prompts]  # one by one: each family batches its own way below
+        rows = common_length([_unet_cond(mp, {k: v[0] for k, v in r.items()}, width, height) for r in raw], 0)
         return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
     return encode
 

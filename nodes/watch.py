@@ -53,8 +53,14 @@ def vae_decoder(vae, mp):
     objects moved back, before the next training step. Not exercised on a GPU by the tests (CPU only)."""
     import comfy.model_management as mm
 
+    from .comfy_model import family_of
+
+    video = getattr(family_of(mp), "video", False)  # Wan: a one-frame clip (B, C, 1, H, W) decodes to (B, 1, H, W, 3)
+
     def decode(z: torch.Tensor) -> torch.Tensor:
-        images = vae.decode(mp.model.process_latent_out(z.float().cpu())).float()
+        z = z.float().cpu()
+        images = vae.decode(mp.model.process_latent_out(z[:, :, None] if video else z)).float()
+        images = images.reshape(-1, *images.shape[-3:])  # a video VAE gives (B, frames, H, W, 3)
         mm.load_models_gpu([mp], memory_required=1e20, force_full_load=True)
         return images
     return decode

@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -11,6 +12,11 @@ if str(ROOT) not in sys.path:
 from cat_train.step.denoiser import ModuleDenoiser  # noqa: E402
 from cat_train.world.toytext import HashTextEncoder  # noqa: E402
 from cat_train.world.unet import TINY_CONFIG, UNet  # noqa: E402
+
+# The tests' models are tiny, and one thread is fastest for them (cat_train/training/threads.py); CI's second run of
+# the core suite sets OMP_NUM_THREADS to another count, which stands.
+if "OMP_NUM_THREADS" not in os.environ:
+    torch.set_num_threads(1)
 
 
 @pytest.fixture

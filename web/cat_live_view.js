@@ -16,6 +16,7 @@ const TRAINERS = ["CAT_LoraTrainer", "CAT_CatVersionTrainer"]; // both train in 
 const PLOT_H = 150;
 const APT_H = 62; // APT runs: a band under the loss plot with the overfitting indicator of each timestep bin
 const AUTO_H = 34; // auto preservation runs: two lines naming the probes it added, and when
+const NEAREST_H = 15; // and with source `nearest`, a line per class word naming the probes it chose and their similarity
 const LEFT = 44; // room for the y tick labels
 const SERIES = [ // drawn in this order: the dashed lines on top keep "fit" visible where it equals the total
   { key: "loss", label: "loss", color: "rgb(110,160,255)", width: 2.5, dash: [] },
@@ -32,7 +33,7 @@ const runs = new Map();
 // node id -> where its chart was last drawn: {canvas, rect: [x0, y0, x1, y1] in that canvas' pixels}
 const drawn = new Map();
 // Tests (tests/comfy/test_browser.py) and curious users read the state here.
-globalThis.__catLiveView = { runs, drawn, PLOT_H, APT_H, AUTO_H, VALIDATION, CHART: "cat_live_view" };
+globalThis.__catLiveView = { runs, drawn, PLOT_H, APT_H, AUTO_H, NEAREST_H, VALIDATION, CHART: "cat_live_view" };
 
 function newRun(d) {
   return { loss: [], fit: [], keep: [], validation: [], start: null, step: 0, total: d.total, elapsed: 0, lr: d.lr,
@@ -300,7 +301,7 @@ function statusLine(run) {
 
 // What regularizers draw under the loss plot: APT's indicator band, auto preservation's lines.
 function below(run) {
-  return (run.apt ? APT_H : 0) + (run.auto ? AUTO_H : 0);
+  return (run.apt ? APT_H : 0) + (run.auto ? AUTO_H + (run.auto.auto_nearest?.length ? NEAREST_H : 0) : 0);
 }
 
 export function drawRun(ctx, run, width, y0) {
@@ -356,7 +357,8 @@ export function drawRun(ctx, run, width, y0) {
 }
 
 // Auto preservation: a dashed mark on the plot at each step where probes were added, and under the plot the
-// probes added (with their step and drift) and the last measurement's worst probe not (yet) added.
+// probes added (with their step and drift) and the last measurement's worst probe not (yet) added; with source
+// `nearest`, the probes chosen from the class word and their similarity.
 export function drawAuto(ctx, run, x, y, w, h, pad, ty) {
   const a = run.auto, added = a.auto_added ?? [];
   ctx.strokeStyle = "rgba(255,120,200,0.8)"; ctx.lineWidth = 1; ctx.setLineDash?.([3, 3]);
@@ -375,6 +377,10 @@ export function drawAuto(ctx, run, x, y, w, h, pad, ty) {
   ctx.fillStyle = "#bbb";
   ctx.fillText(a.measured ? `checked at step ${a.measured}: ${added.length}/${a.top_k} added` +
     (rest.length ? ` · worst of the rest ${rest[0][0]} ${tickLabels([rest[0][1]])[0]}` : "") : "first check not yet run", pad, ty + 15);
+  // nearest: the words the text encoder put closest to the class word, with their cosine (one line, the first class word's)
+  const near = a.auto_nearest?.[0];
+  if (near) ctx.fillText(`nearest to ${near.class_word}: ` + near.probes.map(([p, s]) => `${p} ${s.toFixed(2)}`).join(", ") +
+    (a.auto_nearest.length > 1 ? ` (+${a.auto_nearest.length - 1} class words)` : ""), pad, ty + 30);
 }
 
 // APT's overfitting indicator per timestep bin (low noise left, high noise right) as bars on a 0..1 scale,

@@ -22,9 +22,10 @@ def n(cls, **inputs):
 
 
 def train_branch(g: dict, first: int, model, clip, vae, dataset, factor: float, label: str, res: int, steps_s: int,
-                 pos: str, plain: str, ckpt_prefix: str, flux: bool = False) -> None:
+                 pos: str, plain: str, ckpt_prefix: str, flux: bool = False, qwen: bool = False) -> None:
     """Loss config -> trainer -> save; sample the same seeds with and without the trigger; KPS.
-    flux: Flux dev sampling (FluxGuidance 3.5 on both prompts, cfg 1, simple scheduler, 16-channel latent)."""
+    flux: Flux dev sampling (FluxGuidance 3.5 on both prompts, cfg 1, simple scheduler, 16-channel latent).
+    qwen: Qwen-Image sampling (cfg 2.5, simple scheduler, 16-channel latent), as ComfyUI's Qwen-Image template."""
     i = first
     g[str(i)] = n("CAT_LossConfig", cat_factor=factor, preservation="class", class_word="dog", token_weights="")
     g[str(i + 1)] = n("CAT_LoraTrainer", model=model, dataset=dataset, loss_config=[str(i), 0], rank=16, lora_alpha=16.0,
@@ -36,13 +37,14 @@ def train_branch(g: dict, first: int, model, clip, vae, dataset, factor: float, 
     g[str(i + 3)] = n("CLIPTextEncode", text=pos, clip=clip)
     g[str(i + 4)] = n("CLIPTextEncode", text=plain, clip=clip)
     g[str(i + 5)] = n("CLIPTextEncode", text="blurry, low quality", clip=clip)
-    g[str(i + 6)] = n("EmptySD3LatentImage" if flux else "EmptyLatentImage", width=res, height=res, batch_size=4)
+    g[str(i + 6)] = n("EmptySD3LatentImage" if flux or qwen else "EmptyLatentImage", width=res, height=res, batch_size=4)
     for k, c in ((7, i + 3), (8, i + 4)):
         if flux:  # Flux dev takes its distilled guidance as a conditioning value, not through cfg
             g[str(i + k + 9)] = n("FluxGuidance", conditioning=[str(c), 0], guidance=3.5)
             c = i + k + 9
-        g[str(i + k)] = n("KSampler", model=[str(i + 1), 0], seed=42, steps=steps_s, cfg=1.0 if flux else 7.0,
-                          sampler_name="euler", scheduler="simple" if flux else "normal", positive=[str(c), 0],
+        g[str(i + k)] = n("KSampler", model=[str(i + 1), 0], seed=42, steps=steps_s,
+                          cfg=1.0 if flux else 2.5 if qwen else 7.0, sampler_name="euler",
+                          scheduler="simple" if flux or qwen else "normal", positive=[str(c), 0],
                           negative=[str(i + 5), 0], latent_image=[str(i + 6), 0], denoise=1.0)
     g[str(i + 9)] = n("VAEDecode", samples=[str(i + 7), 0], vae=vae)
     g[str(i + 10)] = n("VAEDecode", samples=[str(i + 8), 0], vae=vae)
@@ -69,6 +71,16 @@ def flux_base(res: int) -> dict:
             "3": n("DualCLIPLoader", clip_name1="clip_l.safetensors", clip_name2="t5xxl_fp16.safetensors", type="flux",
                    device="default"),
             "4": n("VAELoader", vae_name="ae.safetensors"),
+            "2": n("CAT_Dataset", vae=["4", 0], clip=["3", 0], folder="cat_dataset", triggers="sks", class_word="dog",
+                   caption_extension=".txt", resolution=res, buckets=True)}
+
+
+def qwen_image_base(res: int) -> dict:
+    """Qwen-Image ships as separate files too: the diffusion model, Qwen2.5-VL 7B (its text encoder) and its VAE (Wan
+    2.1's)."""
+    return {"1": n("UNETLoader", unet_name="qwen_image_bf16.safetensors", weight_dtype="default"),
+            "3": n("CLIPLoader", clip_name="qwen_2.5_vl_7b_fp8_scaled.safetensors", type="qwen_image", device="default"),
+            "4": n("VAELoader", vae_name="qwen_image_vae.safetensors"),
             "2": n("CAT_Dataset", vae=["4", 0], clip=["3", 0], folder="cat_dataset", triggers="sks", class_word="dog",
                    caption_extension=".txt", resolution=res, buckets=True)}
 
@@ -162,6 +174,9 @@ def workflows() -> dict[str, dict]:
     g = flux_base(1024)
     train_branch(g, 10, ["1", 0], ["3", 0], ["4", 0], ["2", 0], 1.0, "cat", 1024, 20, POS, PLAIN, "flux", flux=True)
     out["cat_flux_train_kps"] = g
+    g = qwen_image_base(1024)
+    train_branch(g, 10, ["1", 0], ["3", 0], ["4", 0], ["2", 0], 1.0, "cat", 1024, 20, POS, PLAIN, "qwen_image", qwen=True)
+    out["cat_qwen_image_train_kps"] = g
     out["cat_leak_scan_loop_sd15"] = leak_loop()
     out["catversion_sd15"] = catversion_sd15()
     return out
@@ -202,7 +217,7 @@ SIZES = {
     "VAEDecode": (230, 60), "SaveImage": (320, 320), "CAT_KPSEvaluator": (400, 320), "PreviewImage": (320, 320),
     "Note": (560, 360), "UNETLoader": (340, 110), "DualCLIPLoader": (340, 160), "VAELoader": (340, 90),
     "FluxGuidance": (340, 80), "PreviewAny": (400, 200), "EmptySD3LatentImage": (340, 130), "CAT_LeakScan": (420, 600),
-    "CAT_SaveCatVersion": (340, 100),
+    "CAT_SaveCatVersion": (340, 100), "CLIPLoader": (340, 130),
 }
 # The trainers are shipped at the size they grow to while they train, so the growth covers nothing: the live chart
 # (web/cat_live_view.js, a widget of PLOT_H 150 px under the widgets) and ComfyUI's preview of the grid the trainer
@@ -232,7 +247,12 @@ def note_text(api: dict) -> str:
         ckpt = next(v["inputs"]["ckpt_name"] for v in api.values() if v["class_type"] == "CheckpointLoaderSimple")
         family = "SDXL" if "xl" in ckpt else "SD1.5"
         steps.append(f"Load Checkpoint > ckpt_name: your {family} checkpoint (models/checkpoints).")
-    if "UNETLoader" in types:
+    if "CLIPLoader" in types:  # Qwen-Image
+        steps.append("Load Diffusion Model > unet_name: Qwen-Image in bf16 (models/diffusion_models; fp8 files load but "
+                     "have not been tested); Load CLIP > clip_name: Qwen2.5-VL 7B (models/text_encoders; frozen, it only "
+                     "encodes captions); Load VAE > vae_name: the Qwen-Image VAE (models/vae). Needs ComfyUI v0.33 or "
+                     "newer. The trainer picks the Qwen-Image LoRA targets itself from target attn/attn_ff/full.")
+    elif "UNETLoader" in types:
         steps.append("Load Diffusion Model > unet_name: Flux dev in bf16 or fp16 (models/diffusion_models; fp8 files "
                      "load but have not been tested); DualCLIPLoader: clip_l and t5xxl (models/text_encoders); Load VAE > "
                      "vae_name: ae (models/vae). The trainer picks the Flux LoRA targets itself from target attn/attn_ff/full.")
@@ -313,7 +333,8 @@ def layout(api: dict) -> tuple[dict[int, tuple[list[int], list[int]]], list[dict
     nw, nh = SIZES["Note"]
     places[note_id] = ([40, 40 + TITLE_H], [nw, nh])
     gx = 40 + nw + 60
-    loaders = by_type.get("CheckpointLoaderSimple") or by_type["UNETLoader"] + by_type["DualCLIPLoader"] + by_type["VAELoader"]
+    loaders = by_type.get("CheckpointLoaderSimple") or (by_type["UNETLoader"] + by_type.get("DualCLIPLoader", [])
+                                                        + by_type.get("CLIPLoader", []) + by_type["VAELoader"])
     dataset = by_type["CAT_Dataset"][0]
     _, dh = group("Data: base model and training images", [loaders, [dataset]], gx, 40, "#3f789e")
     y = 40 + max(dh, nh + TITLE_H) + 60

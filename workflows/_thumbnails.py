@@ -16,12 +16,13 @@ from PIL import Image, ImageDraw
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from cat_train.plot import font, text  # noqa: E402  (Pillow only; no ComfyUI)
+from cat_train.measure.plot import font, text  # noqa: E402  (Pillow only; no ComfyUI)
 
 DESCRIPTIONS = {
     "cat_sd15_train_kps": "SD1.5: train a CAT LoRA, sample with and without the trigger, score IS and KPS",
     "cat_sdxl_train_kps": "SDXL: train a CAT LoRA, sample with and without the trigger, score IS and KPS",
     "cat_flux_train_kps": "Flux dev: train a CAT LoRA, sample with and without the trigger, score IS and KPS",
+    "cat_qwen_image_train_kps": "Qwen-Image: train a CAT LoRA, sample with and without the trigger, score IS and KPS",
     "cat_vs_lora_sd15": "SD1.5: plain LoRA and CAT trained side by side on the same data, KPS for each",
     "cat_leak_scan_loop_sd15": "SD1.5: train CAT, scan which prompts it moved, retrain preserving them, scan again",
     "catversion_sd15": "SD1.5: CatVersion, the subject as K/V embeddings in CLIP, scored with IS and KPS",
@@ -31,7 +32,8 @@ BACKGROUND = (34, 34, 34)  # the editor's canvas
 
 
 def wrap(d: ImageDraw.ImageDraw, s: str, f, width: int) -> list[str]:
-    """Words into lines of at most `width` px as cat_train.plot.text draws them (word gaps of a third of the size)."""
+    """Words into lines of at most `width` px as cat_train.measure.plot.text draws them (word gaps of a third of the
+    size)."""
     gap = max(round(f.size / 3), int(d.textlength(" ", font=f)))
     drawn = lambda line: sum(d.textlength(w, font=f) for w in line.split()) + gap * (len(line.split()) - 1)
     lines, cur = [], ""

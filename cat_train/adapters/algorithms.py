@@ -148,9 +148,23 @@ class Algorithm:
         """Header keys of its files beside export.training_metadata's (LoRA: none, the header stays as it was)."""
         return {**cls.network, "cat_algorithm": cls.name} if cls.network else {}
 
+    # the layer-local keep estimator (terms/keep_local.py) needs the base layer's output on h where this is True
+    delta_needs_base_out: ClassVar[bool] = True
+
+    @classmethod
+    def delta_energy(cls, layer: nn.Module, h: Tensor, base_out: Tensor | None) -> Tensor:
+        """Per-row mean of (ΔW h)² over the layer's output, (rows,) fp32: what the adapter adds to the layer's output
+        on input h, as its forward in training adds it (peft 0.21: input cast, dropout, module dropout), with grad to
+        its tensors. base_out: the base layer's output on h. Generic form: the layer on h minus its base output."""
+        return _mean_sq(layer(h) - base_out)
+
 
 def _copy(t: Tensor) -> Tensor:
     return t.detach().clone()
+
+
+def _mean_sq(d: Tensor) -> Tensor:
+    return d.float().pow(2).flatten(1).mean(1)
 
 
 class Lora(Algorithm):
@@ -186,6 +200,24 @@ class Lora(Algorithm):
     @classmethod
     def weights(cls, layer):
         return LoraWeights(_copy(layer.lora_A[ADAPTER].weight), _copy(layer.lora_B[ADAPTER].weight), cls.alpha(layer))
+
+    delta_needs_base_out = False
+
+    @classmethod
+    def delta_energy(cls, layer, h, base_out):
+        a, b = layer.lora_A[ADAPTER], layer.lora_B[ADAPTER]
+        scale = layer.scaling[ADAPTER]
+        u = a(layer.lora_dropout[ADAPTER](layer._cast_input_dtype(h, a.weight.dtype)))
+        w = b.weight
+        if getattr(b, "bias", None) is not None or (w.ndim > 2 and w.shape[2:].numel() != 1):
+            return _mean_sq(b(u) * scale)  # a B that is not a plain matrix (peft's lora_bias, a k x k B): build it
+        # ||s B u||² = s² u^T (B^T B) u per position: the r x r Gram matrix instead of the out-sized product
+        rank = w.shape[1]
+        u = (u.movedim(1, -1) if u.ndim > 2 and w.ndim > 2 else u).reshape(u.shape[0], -1, rank).float()
+        with torch.autocast(u.device.type, enabled=False):  # the form in fp32 whatever the step's autocast
+            bf = w.reshape(w.shape[0], rank).float()
+            q = ((u @ (bf.T @ bf)) * u).sum(-1)  # (rows, positions)
+        return q.mean(1) * (scale ** 2 / w.shape[0])
 
 
 class Dora(Lora):
@@ -248,6 +280,22 @@ class Dora(Lora):
             scale = magnitude.float().reshape(rows) * norm_base / norm_adapted
         return DoraWeights(lora.down, lora.up, lora.alpha, magnitude, scale.cpu())
 
+    delta_needs_base_out = True
+
+    @classmethod
+    def delta_energy(cls, layer, h, base_out):
+        a, b = layer.lora_A[ADAPTER], layer.lora_B[ADAPTER]
+        dropout = layer.lora_dropout[ADAPTER]
+        x = layer._cast_input_dtype(h, a.weight.dtype)
+        if isinstance(dropout, nn.Identity) or not layer.training:
+            base_result = base_out
+        else:  # peft recomputes the base product on the dropped-out input
+            x, base_result = dropout(x), None
+        delta = layer.lora_magnitude_vector[ADAPTER](x, lora_A=a, lora_B=b, scaling=layer.scaling[ADAPTER],
+                                                     base_layer=layer.get_base_layer(), base_result=base_result,
+                                                     adapter_name=ADAPTER)
+        return _mean_sq(delta)
+
 
 def _fp32_norm(dora: nn.Module):
     """peft's row norm of W + s dW for this DoRA layer, computed in fp32."""
@@ -287,6 +335,14 @@ class Lycoris(Algorithm):
     def weights(cls, layer):
         return cls.weights_class({n: _copy(p) for n, p in cls.parameters(layer).items()}, cls.alpha(layer),
                                  int(layer.r[ADAPTER]))
+
+    delta_needs_base_out = False
+
+    @classmethod
+    def delta_energy(cls, layer, h, base_out):
+        if layer.training and not torch.rand(1) > layer.module_dropout[ADAPTER]:  # peft's module dropout: no delta
+            return torch.zeros(h.shape[0], device=h.device)
+        return _mean_sq(layer._get_delta_activations(ADAPTER, h))  # the materialised delta weight on h
 
 
 class Loha(Lycoris):

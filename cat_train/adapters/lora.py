@@ -25,6 +25,20 @@ from .algorithms import ADAPTER, ALGORITHMS, LoraWeights, of_layer  # noqa: F401
 
 
 @dataclass(frozen=True)
+class LayerDelta:
+    """One injected layer as the layer-local keep estimator sees it (`plugs.Adapter.layer_deltas`)."""
+    module: nn.Module
+    algorithm: type
+
+    @property
+    def needs_base_out(self) -> bool:
+        return self.algorithm.delta_needs_base_out
+
+    def energy(self, h, base_out):
+        return self.algorithm.delta_energy(self.module, h, base_out)
+
+
+@dataclass(frozen=True)
 class LoraSpec:
     rank: int = field(default=16, metadata={"help": "LoRA rank (>= 1; typical values are 4 to 64)."})
     alpha: float = field(default=16.0, metadata={"help": (
@@ -235,6 +249,9 @@ class LoraAdapter(Adapter):
 
     def weights(self) -> dict:
         return lora_weights(self.module)
+
+    def layer_deltas(self) -> dict:
+        return {n: LayerDelta(m, of_layer(m)) for n, m in lora_layers(self.module).items()}
 
     def remove(self) -> None:
         remove_lora(self.module)

@@ -1,12 +1,13 @@
-"""One class per model family: all the trainer knows about an architecture, in one place.
+"""The family class: what the trainer knows about an architecture, asked as class attributes and methods.
 
 A family says how to recognise its network (by the module tree alone, never by a host's classes), its LoRA
 files (the kohya base-version tag and key names in a safetensors header) and its checkpoints (the denoiser's
 tensor names), what users call it, which module paths each LoRA target choice adapts, how kohya spells its
 LoRA keys, which layers gradient checkpointing wraps, which norms need a copy of their input while training,
-the kohya base-version tag of its checkpoints and APT's default layers. Adding a family = one class in FAMILIES,
-one line in nodes/comfy_model.py (which of ComfyUI's model classes it was written for), a tiny model in
-tests/test_families.py (or tests/comfy/test_families_comfy.py when only the host can build one) and a row in
+the kohya base-version tag of its checkpoints and APT's default layers. The families themselves are one class each,
+in the module of their kind of network (unets.py, flux.py, dits.py), listed in registry.FAMILIES. Adding a family =
+one class there and in FAMILIES, one line in nodes/comfy_model.py (which of ComfyUI's model classes it was written
+for), a tiny model in tests/families/ (or tests/comfy/ when only the host can build one) and a row in
 docs/families.md.
 Style model: k-diffusion's external.py, one small class per model family.
 """
@@ -17,7 +18,6 @@ from typing import ClassVar
 
 from torch import nn
 
-from .ldm_names import ldm_to_diffusers
 
 # peft wrapper internals: not the network's modules
 _PEFT = re.compile(r"\.(base_layer|lora_[A-Za-z_]+|hada_\w+|lokr_\w+)(\.|$)")
@@ -43,6 +43,11 @@ class Family:
     lora_tags: ClassVar[tuple[str, ...]] = ()
     # its networks' distilled guidance input while training (None: no such input)
     training_guidance: ClassVar[float | None] = None
+    # its network must see each prompt's tokens alone: its attention gives caption tokens positions (joint attention
+    # with RoPE over the caption), so a prompt repeated to a batch's common length would change its result
+    whole_prompts: ClassVar[bool] = False
+    # its text sequences are batched by zero-padding with an attention mask (else by repeating each whole)
+    padded_text: ClassVar[bool] = False
 
     @classmethod
     def detect(cls, net: nn.Module) -> bool:
@@ -84,179 +89,3 @@ class Family:
         """Norms whose input the network then updates in place: autograd refuses that once the norm saved
         the tensor for backward, so while training they get a copy of their input."""
         return []
-
-
-class SDUNet(Family):
-    """SD1.x/SD2 ldm UNets (and the world model's UNet, built the same way): no ADM input."""
-    name = "sd"
-    title = "SD1.x/SD2"
-    flow_matching = False
-    _attn = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
-             "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0")
-    _ff = ("ff.net.0.proj", "ff.net.2")  # feed-forward of each transformer block
-    _rest = ("proj_in", "proj_out",  # transformer in/out projections
-             "in_layers.2", "out_layers.3", "skip_connection",
-             "emb_layers.1")  # resnets: conv1, conv2, conv_shortcut, time_emb_proj
-    targets = {"attn": _attn, "attn_ff": _attn + _ff, "full": _attn + _ff + _rest}
-    base_versions = {"SD15": "sd_v1", "SD20": "sd_v2", "SD21UnclipL": "sd_v2", "SD21UnclipH": "sd_v2"}
-    # self-attention modules: the authors' figure regularizes self-attention features
-    apt_stabilize_layers = r".*\.attn1"
-    # this pack's earlier choice: middle and decoder block outputs
-    apt_block_layers = r"middle_block|output_blocks\.\d+"
-    apt_align_layers = r".*\.attn2"  # cross-attention modules
-    lora_tags = ("sd_v1", "sd_v2", "sd_2")
-
-    @classmethod
-    def detect(cls, net):
-        return (all(hasattr(net, a) for a in ("input_blocks", "middle_block", "output_blocks"))
-                and not hasattr(net, "label_emb"))
-
-    @classmethod
-    def checkpoint_says(cls, tensors):
-        return any(k.startswith("input_blocks.") for k in tensors) and "label_emb.0.0.weight" not in tensors
-
-    @classmethod
-    def kohya_names(cls, net):
-        """Diffusers names (`ldm_to_diffusers`): kohya keys of SD UNets spell diffusers module paths."""
-        return ldm_to_diffusers(n for n, _ in net.named_modules())
-
-    @classmethod
-    def checkpoint_units(cls, net):
-        # ldm calls each layer of a block, never the block itself
-        return [layer for block in [*net.input_blocks, net.middle_block, *net.output_blocks] for layer in block]
-
-
-class SDXLUNet(SDUNet):
-    """SDXL-shaped ldm UNets: the SD UNet plus an ADM input (`label_emb`: pooled text and size conditioning). SD2
-    unCLIP has one too and is trained alike; its kohya tag comes from its config class (`kohya_base_version`)."""
-    name = "sdxl"
-    title = "SDXL"
-    base_versions = {"SDXL": "sdxl_base_v1-0", "SDXLRefiner": "sdxl_refiner_v1-0", "SSD1B": "sdxl_base_v1-0"}
-    lora_tags = ("sdxl",)
-    adm_widths = (2816, 2560)  # label_emb input of SDXL base / refiner (SD2 unCLIP has one of another width)
-
-    @classmethod
-    def detect(cls, net):
-        return all(hasattr(net, a) for a in ("input_blocks", "middle_block", "output_blocks", "label_emb"))
-
-    @classmethod
-    def lora_keys_say(cls, keys):
-        return any(k.startswith("lora_te2_") for k in keys)  # its second text encoder
-
-    @classmethod
-    def checkpoint_says(cls, tensors):
-        adm = tensors.get("label_emb.0.0.weight")
-        shape = adm.get("shape", []) if isinstance(adm, dict) else []
-        return (any(k.startswith("input_blocks.") for k in tensors) and len(shape) == 2
-                and shape[1] in cls.adm_widths)
-
-
-class Flux(Family):
-    """Flux (BFL's double- and single-stream blocks, ComfyUI's module names)."""
-    name = "flux"
-    title = "Flux"
-    flow_matching = True
-    # single blocks fuse attention and MLP: linear1 = qkv + MLP in, linear2 = attention out + MLP out
-    _attn = ("img_attn.qkv", "img_attn.proj", "txt_attn.qkv", "txt_attn.proj", "linear1", "linear2")
-    _mlp = ("img_mlp.0", "img_mlp.2", "txt_mlp.0", "txt_mlp.2")  # double blocks' MLPs
-    _mod = ("img_mod.lin", "txt_mod.lin", "modulation.lin")  # adaLN modulation
-    targets = {"flux_attn": _attn, "flux_attn_mlp": _attn + _mlp, "flux_full": _attn + _mlp + _mod}
-    generic = {"attn": "flux_attn", "attn_ff": "flux_attn_mlp", "full": "flux_full"}
-    base_versions = {"Flux": "flux1"}  # kohya's sd-scripts writes "flux1"
-    training_guidance = 1.0  # Flux dev's guidance input while training: kohya's recommended --guidance_scale 1.0
-    lora_tags = ("flux",)
-
-    @classmethod
-    def detect(cls, net):
-        return hasattr(net, "double_blocks") or hasattr(net, "single_blocks")
-
-    @classmethod
-    def lora_keys_say(cls, keys):
-        return any("double_blocks" in k or "single_blocks" in k for k in keys)
-
-    @classmethod
-    def checkpoint_says(cls, tensors):
-        return any(k.startswith(("double_blocks.", "single_blocks.")) for k in tensors)
-
-    @classmethod
-    def checkpoint_units(cls, net):
-        return [*net.double_blocks, *net.single_blocks]
-
-    @classmethod
-    def inplace_norms(cls, net):
-        # ComfyUI's blocks do `txt += ...` (double) and `x += ...` (single) after a LayerNorm read that tensor; in
-        # v0.33 (not v0.3.64) the double blocks update `img` in place too (`img += ...` after img_norm1/img_norm2)
-        return ([n for b in net.double_blocks for n in (b.img_norm1, b.img_norm2, b.txt_norm1, b.txt_norm2)]
-                + [b.pre_norm for b in net.single_blocks])
-
-
-class SD3(Family):
-    """SD3/SD3.5 MMDiT (SAI's joint blocks, ComfyUI's module names)."""
-    name = "sd3"
-    title = "SD3"
-    flow_matching = True
-    _attn = ("attn.qkv", "attn.proj", "attn2.qkv", "attn2.proj")  # x and context blocks (attn2: SD3.5M)
-    _mlp = ("mlp.fc1", "mlp.fc2")
-    _mod = ("adaLN_modulation.1",)
-    targets = {"sd3_attn": _attn, "sd3_attn_mlp": _attn + _mlp, "sd3_full": _attn + _mlp + _mod}
-    generic = {"attn": "sd3_attn", "attn_ff": "sd3_attn_mlp", "full": "sd3_full"}
-    base_versions = {"SD3": "sd3"}  # kohya's sd-scripts writes "sd3"
-    lora_tags = ("sd3",)
-
-    @classmethod
-    def detect(cls, net):
-        return hasattr(net, "joint_blocks")
-
-    @classmethod
-    def lora_keys_say(cls, keys):
-        return any("joint_blocks" in k for k in keys)
-
-    @classmethod
-    def checkpoint_says(cls, tensors):
-        return any(k.startswith("joint_blocks.") for k in tensors)
-
-    @classmethod
-    def checkpoint_units(cls, net):
-        return list(net.joint_blocks)
-
-
-# In this order the target choices are offered (the trainer node's `target` list).
-FAMILIES: tuple[type[Family], ...] = (SDUNet, SDXLUNet, Flux, SD3)
-TARGETS: dict[str, tuple[str, ...]] = {c: s for f in FAMILIES for c, s in f.targets.items()}
-
-
-def of(net: nn.Module) -> type[Family]:
-    """The family of a network, read off its module tree; a network of no family is refused by name."""
-    found = [f for f in FAMILIES if f.detect(net)]
-    if len(found) != 1:
-        what = "several families (" + ", ".join(f.name for f in found) + ")" if found else "no family"
-        raise ValueError(f"{type(net).__name__} matches {what} CAT knows ({', '.join(f.name for f in FAMILIES)}): "
-                         "train an SD1.x/SD2/SDXL UNet, an SD3 MMDiT or a Flux transformer, or add its family to "
-                         "cat_train/families/.")
-    return found[0]
-
-
-def target_suffixes(choice: str) -> tuple[str, ...]:
-    """Module-path suffixes of a target choice as named (no family resolution)."""
-    return TARGETS[choice]
-
-
-def kohya_base_version(config_class_names) -> str | None:
-    """kohya's ss_base_model_version for the first of these host config class names (a class and its bases,
-    most specific first) that a family knows; None if none does."""
-    for name in config_class_names:
-        for f in FAMILIES:
-            if name in f.base_versions:
-                return f.base_versions[name]
-    return None
-
-
-def named(name: str | None) -> type[Family] | None:
-    """The family a run recorded by its name (None: unknown or none)."""
-    return next((f for f in FAMILIES if f.name == name), None)
-
-
-def title(name: str | None) -> str:
-    """What users call the family of that name: "SD1.x/SD2"; "unknown" for None."""
-    family = named(name)
-    return family.title if family else "unknown" if name is None else str(name)

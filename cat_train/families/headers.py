@@ -13,7 +13,7 @@ import os
 import struct
 from pathlib import Path
 
-from .family import FAMILIES, title
+from .registry import FAMILIES, title
 
 HEADER_LIMIT = 64 * 2**20  # a real header is far smaller; a larger length field means "not safetensors"
 _CACHE: dict[tuple[str, int, int], dict | None] = {}  # (path, size, mtime_ns) -> header: a queue re-reads nothing
@@ -54,10 +54,13 @@ def lora_family(header: dict | None) -> str | None:
     if not header:
         return None
     version = str((header.get("__metadata__") or {}).get("ss_base_model_version", "")).strip().lower()
-    found = next((f for f in FAMILIES if any(version.startswith(tag) for tag in f.lora_tags)), None)
+    # the longest tag that matches: "flux2" is Flux.2's, not Flux's "flux"
+    tagged = [(len(tag), f) for f in FAMILIES for tag in f.lora_tags if version.startswith(tag)]
+    found = max(tagged, key=lambda lf: lf[0])[1] if tagged else None
     if found is None:
         keys = [k for k in header if k != "__metadata__"]
-        found = next((f for f in FAMILIES if f.lora_keys_say(keys)), None)
+        # a subclass's marks first (Flux.2's keys are Flux's and more)
+        found = next((f for f in sorted(FAMILIES, key=lambda f: -len(f.__mro__)) if f.lora_keys_say(keys)), None)
     return found.name if found else None
 
 

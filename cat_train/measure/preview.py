@@ -24,6 +24,7 @@ from torch import Tensor
 
 from ..adapters.lora import adapter_switched
 from ..step.cancel import cancel_point
+from ..step.conds import cat_cond
 from ..step.denoiser import Cond, Denoiser
 from .observe import observing
 from ..data.prompts import preservation_prompt, triggers_in
@@ -63,7 +64,7 @@ class Previewer:
         self.prompts = list(prompts)
         self.has_trigger = [bool(triggers_in(p, triggers)) for p in self.prompts]
         rows = [encode_text([p]) for p in self.prompts]  # one prompt per call: batching would pad short prompts
-        self.cond = {k: torch.cat([r[k] for r in rows]).detach() for k in rows[0]}
+        self.cond = {k: v.detach() for k, v in cat_cond(*rows).items()}  # then to one length as the family batches
         self.uncond = {k: v.detach() for k, v in encode_text([negative]).items()} if cfg != 1.0 else None
         self.noise = torch.randn((1, *latent_shape), generator=torch.Generator().manual_seed(seed))
         self.rows: list[tuple[str, list[Tensor | None]]] = []

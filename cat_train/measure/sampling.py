@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from ..step.cancel import cancel_point
+from ..step.conds import cat_cond
 from ..step.denoiser import Cond, Denoiser, FlowSchedule, time_shift
 
 
@@ -81,7 +82,7 @@ def sample(denoiser: Denoiser, cond: Cond, uncond: Cond | None, shape: tuple[int
     guided = uncond is not None and cfg != 1.0
     if guided:
         uncond = {k: v.to(param.device) for k, v in _expand(uncond, b).items()}
-        both = {k: torch.cat([cond[k], uncond[k]]) for k in cond}
+        both = cat_cond(cond, uncond)  # texts of different lengths brought to one as the family batches them
     ts, coefs = _levels(denoiser, steps)
     for i, t in enumerate(ts):
         cancel_point()  # a host's Cancel within one sampling step, not after a preview round

@@ -36,7 +36,7 @@ from ..adapters.lora import adapter_switched
 from ..step.cancel import cancel_point
 from ..step.denoiser import Cond, Denoiser
 from ..step.objective import mean_sq_diff
-from ..step.conds import repeat_to_common_length
+from ..step.conds import common_length
 from .observe import observing
 
 log = logging.getLogger("cat_train")
@@ -118,9 +118,8 @@ class Validator:
         t = torch.cat([self.images[i].t for i, *_ in p.rows])
         x0, noise, t = x0.to(device, torch.float32), noise.to(device), t.to(device)
         conds = [c for _, c, *_ in p.rows]
-        rows = lambda key: [c[key].to(device)[None].expand(k, *c[key].shape) for c in conds]
-        cond = {key: torch.cat(repeat_to_common_length(rows(key))) if key == "context"
-                else torch.stack([c[key].to(device) for c in conds]).repeat_interleave(k, 0) for key in conds[0]}
+        rows = common_length([{key: v.to(device)[None].expand(k, *v.shape) for key, v in c.items()} for c in conds])
+        cond = {key: torch.cat([c[key] for c in rows]) for key in conds[0]}
         return sched.add_noise(x0, noise, t), t, sched.target(x0, noise, t, self.denoiser.prediction_type), cond
 
     def _drifts(self) -> list[tuple[str, str, Tensor]]:
@@ -151,11 +150,20 @@ class Validator:
 
     def probe_drifts(self) -> dict[str, float]:
         """Each probe's keep drift alone: mean over the points of every measured image that has the probe."""
+        return self.probe_and_keep_drifts()[0]
+
+    def probe_and_keep_drifts(self) -> tuple[dict[str, float], float | None]:
+        """probe_drifts() and, from the same forwards, the keep drift of the images' own preservation prompts (None
+        unless "keep" rows are measured)."""
         by: dict[str, list[Tensor]] = {}
+        keep: list[Tensor] = []
         for kind, name, d in self._drifts():
             if kind == "probe":
                 by.setdefault(name, []).append(d)
-        return {name: float(torch.cat(ds).double().mean()) for name, ds in by.items()}
+            elif kind == "keep":
+                keep.append(d)
+        return ({name: float(torch.cat(ds).double().mean()) for name, ds in by.items()},
+                float(torch.cat(keep).double().mean()) if keep else None)
 
     def __call__(self, step: int) -> dict:
         sums: dict[str, list[Tensor]] = {"fit": [], "keep": [], "probe": []}

@@ -1,7 +1,9 @@
 """Conditionings batched along the batch dimension, as ComfyUI batches them.
 
 A batch of prompts of different token lengths (a long caption has more 77-token chunks) is brought to one length by
-repeating each whole sequence, which leaves every caption's cross-attention as it was alone.
+repeating each whole sequence, which leaves every caption's cross-attention as it was alone. A conditioning that
+carries an "attention_mask" (1 per text token; families whose text tokens have positions, e.g. Qwen-Image) is
+zero-padded to the longest instead, its mask marking the padding, which again leaves each caption as it was alone.
 """
 from __future__ import annotations
 
@@ -55,13 +57,27 @@ def _cyclic_to_longest(contexts: list[Tensor], dim: int, n: int) -> list[Tensor]
     return out
 
 
+def common_length(conds: list[Cond], dim: int = 1) -> list[Cond]:
+    """Conditionings whose context (and attention mask, where they carry one) have one length along `dim`: repeated
+    whole (`repeat_to_common_length`), or zero-padded with the mask saying so."""
+    if "attention_mask" not in conds[0]:
+        contexts = repeat_to_common_length([c["context"] for c in conds], dim)
+        return [{**c, "context": x} for c, x in zip(conds, contexts)]
+    n = max(c["context"].shape[dim] for c in conds)
+
+    def pad(x):
+        extra = n - x.shape[dim]
+        return x if not extra else torch.cat([x, x.new_zeros(*x.shape[:dim], extra, *x.shape[dim + 1:])], dim)
+    return [{**c, "context": pad(c["context"]), "attention_mask": pad(c["attention_mask"])} for c in conds]
+
+
 def cat_cond(*conds: Cond) -> Cond:
     """Stack conditionings along the batch (contexts of different token lengths repeated to a common one)."""
     keys = conds[0].keys()
     for c in conds[1:]:
         if c.keys() != keys or any(c[k].shape[2:] != conds[0][k].shape[2:] for k in keys if k == "context") \
-                or any(c[k].shape[1:] != conds[0][k].shape[1:] for k in keys if k != "context"):
+                or any(c[k].shape[1:] != conds[0][k].shape[1:] for k in keys if k not in ("context", "attention_mask")):
             raise ValueError("token and preservation conditionings differ in shape; encode both with the same text "
                              "encoder.")
-    return {k: torch.cat(repeat_to_common_length([c[k] for c in conds]) if k == "context" else [c[k] for c in conds])
-            for k in keys}
+    conds = common_length(list(conds))
+    return {k: torch.cat([c[k] for c in conds]) for k in keys}

@@ -15,6 +15,8 @@ gradient equal exact CAT's; steps and rows without it skip the frozen pass and t
 Terms shape the loss as `plugs.LossTerm`s (APT: cat_train/terms/apt.py; masks: cat_train/terms/mask.py): they may ask
 for the frozen pass on y_T too, weight the fit term per sample or per element and add penalties, never an extra
 forward pass. The objective knows no adapter kind: the caller says how to get the frozen model (`frozen_model`).
+A term that `estimates_keep` (the layer-local keep estimator, cat_train/terms/keep_local.py) gives the CAT term from
+what it recorded in the frozen pass: the adapted pass then runs no y rows.
 """
 from __future__ import annotations
 
@@ -66,15 +68,15 @@ def weighted_mean_sq_diff(a: Tensor, b: Tensor, w: Tensor) -> Tensor:
 def cat_loss(pred_token: Tensor, target: Tensor, pred_pres: Tensor | None, frozen_pres: Tensor | None,
              alpha: float, weight: Tensor | None = None, fit_weight: Tensor | None = None,
              penalties: Sequence[Tensor] = (), element_weight: Tensor | None = None,
-             keep_rows: Tensor | None = None) -> LossTerms:
+             keep_rows: Tensor | None = None, keep_estimate: Tensor | None = None) -> LossTerms:
+    """keep_estimate: the CAT term's per-row values from an estimator (LossTerm.keep) instead of the two predictions."""
     fit = mean_sq_diff(pred_token, target) if element_weight is None else \
         weighted_mean_sq_diff(pred_token, target, element_weight)
     if alpha == 0:
         keep = torch.zeros_like(fit)
-    elif keep_rows is None:
-        keep = mean_sq_diff(pred_pres, frozen_pres)
-    else:  # pred_pres and frozen_pres hold only the rows in keep_rows
-        keep = torch.zeros_like(fit).index_put((keep_rows,), mean_sq_diff(pred_pres, frozen_pres))
+    else:  # pred_pres and frozen_pres (or the estimate) hold only the rows in keep_rows
+        kept = mean_sq_diff(pred_pres, frozen_pres) if keep_estimate is None else keep_estimate
+        keep = kept if keep_rows is None else torch.zeros_like(fit).index_put((keep_rows,), kept)
     w = torch.ones_like(fit) if weight is None else weight.to(fit)
     loss = ((fit if fit_weight is None else fit_weight.to(fit) * fit) + alpha * w * keep).mean()
     for p in penalties:  # one by one, in the plug-ins' order: the sum's rounding is part of a run's bits
@@ -99,6 +101,8 @@ def cat_objective(denoiser: Denoiser, frozen_model: Callable[[], ContextManager]
     if keep_rows is not None and len(keep_rows) == 0:
         alpha = 0.0
     token_pass = any(term.needs_frozen_token_pass for term in terms)
+    estimator = next((term for term in terms if term.estimates_keep), None) if alpha else None
+    adapted_pres = alpha and estimator is None
     pres = _select(keep_rows, x_t, t)
     frozen_rows = (([(x_t, t, frozen_token)] if token_pass else [])
                    + ([(*pres, _select(keep_rows, frozen_pres))] if alpha else []))
@@ -109,14 +113,15 @@ def cat_objective(denoiser: Denoiser, frozen_model: Callable[[], ContextManager]
     # At init (LoRA B = 0) the adapted y rows equal the frozen pass up to CPU GEMM rounding between
     # batch sizes 2B and B (~1e-13 here); an extra frozen forward to make it bit-exact would cost 1/3 more.
     with _recording(terms, "adapted"):
-        pred = denoiser.predict(*_rows([(x_t, t,
-                                         cond_token)] + ([(*pres, _select(keep_rows, cond_pres))] if alpha else [])))
+        pred = denoiser.predict(*_rows([(x_t, t, cond_token)]
+                                       + ([(*pres, _select(keep_rows, cond_pres))] if adapted_pres else [])))
     fit_weight = _product([term.fit_weight(t) for term in terms])
     element_weight = _product([term.element_weight(pred[:n], out[:n] if token_pass else None) for term in terms])
     penalties = [p for term in terms for p in term.penalty(n)]
     m = n if keep_rows is None else len(keep_rows)
-    result = cat_loss(pred[:n], target, pred[n:] if alpha else None, out[-m:] if alpha else None, alpha, weight,
-                      fit_weight, penalties, element_weight, keep_rows if alpha else None)
+    estimate = estimator.keep(m, out.shape[0]) if estimator is not None else None
+    result = cat_loss(pred[:n], target, pred[n:] if adapted_pres else None, out[-m:] if adapted_pres else None, alpha,
+                      weight, fit_weight, penalties, element_weight, keep_rows if alpha else None, estimate)
     if not token_pass:
         return result
     # the frozen model's fit weighed as the adapted one's (APT compares the two)

@@ -13,10 +13,11 @@ class, never a branch in the loop. A term's settings, and how to build it, are i
 
 The rule for a new hook: it needs two users. A hook with one user is that user's branch in the loop under another
 name; the hooks here each serve two terms, except five that are the only way their term sees what it needs
-(`preservation`: auto preservation's prompt turns; `element_weight`: masks; `recording` and `after_objective`: APT's
-passes and its indicator; `exporting`: the EMA's weights in mid-run saves). The shapes follow peft's `LoraVariant`
-(static hooks of one role), ComfyUI's comfy/weight_adapter (a few members per kind), kohya's `post_process_loss`
-and Hugging Face's `TrainerCallback` (the lifecycle).
+(`preservation`: auto preservation's prompt turns; `element_weight`: masks; `after_objective`: APT's indicator;
+`exporting`: the EMA's weights in mid-run saves; `keep`: the layer-local keep estimator's CAT term,
+terms/keep_local.py). `recording` serves APT's passes and the local keep estimator's recorded inputs. The shapes
+follow peft's `LoraVariant` (static hooks of one role), ComfyUI's comfy/weight_adapter (a few members per kind),
+kohya's `post_process_loss` and Hugging Face's `TrainerCallback` (the lifecycle).
 
 This module is a leaf: it imports nothing from the method, so the objective, the loop and every plug-in can import
 it without a cycle.
@@ -61,6 +62,7 @@ class LossTerm(Term):
     needs while the frozen and the adapted passes run, and turns that into fit weights and penalties."""
 
     needs_frozen_token_pass = False  # the frozen pass also runs on y_T (its rows come first)
+    estimates_keep = False  # gives the CAT term itself (keep()): the adapted pass then runs no y rows
 
     def fit_weight(self, t: Tensor) -> Tensor | None:
         """Per-sample weight of the fit term from the timesteps; None: 1."""
@@ -80,6 +82,11 @@ class LossTerm(Term):
     def penalty(self, rows: int) -> Sequence[Tensor]:
         """Weighted scalars added to the loss, in order, from what the passes recorded (first `rows` samples: y_T)."""
         return ()
+
+    def keep(self, rows: int, batch: int) -> Tensor:
+        """For a term that `estimates_keep`: the CAT term's value per y row, with grad, from what it recorded in the
+        frozen pass (`batch` rows, the y rows last). Called once per evaluation, after penalty()."""
+        raise NotImplementedError
 
     def after_objective(self, t: Tensor, terms: NamedTuple) -> None:
         """After each evaluation of the objective whose loss is finite (each accumulated batch), before the next
@@ -154,6 +161,13 @@ class Adapter:
 
     def remove(self) -> None:
         raise NotImplementedError
+
+    def layer_deltas(self) -> dict[str, Any]:
+        """Its layers in the denoiser's network, by module path, for the layer-local keep estimator
+        (terms/keep_local.py): each has `module` (its forward hook records the layer's input), `needs_base_out` and
+        `energy(h, base_out)` (per row, the mean square of what the adapter adds to the layer's output on input h).
+        Empty: an adapter with no layers there (CatVersion lives in the text encoder)."""
+        return {}
 
     def conditionings(self, prompts: Iterable[tuple[str, str]], x0: Tensor, with_pres: bool):
         """For `encodes_prompts` adapters: ((y_T, y) adapted, (y_T, y) frozen) conditionings of a batch."""

@@ -5,6 +5,7 @@
     auto.py, auto_config.py   auto preservation (batch and run roles; its probes measured by measure/validation.py)
     mask.py                   masked training's fit weights and background keep term (batch, loss, run)
     min_snr.py                min-SNR-γ weighting (loss)
+    keep_local.py             the layer-local keep estimator of the CAT term (loss, run)
     ema.py                    an EMA of the adapter weights (run)
     flip.py                   CatVersion's flips (batch; its trainer adds it)
 

@@ -25,18 +25,21 @@ from typing import Any, Sequence
 
 from ..measure.validation import Validator
 from ..step.plugs import BatchTerm, RunHook
+from .auto_checks import due, scores
 
 
 class AutoPreservation(BatchTerm, RunHook):
     """cfg: its AutoPreservationConfig."""
 
     name = "auto"
-    history_keys = ("auto_added",)
+    history_keys = ("auto_added", "auto_nearest")
 
     def __init__(self, denoiser, cfg):
         self.denoiser, self.cfg = denoiser, cfg
         self.added: list[tuple[str, int, float]] = []  # (probe, step added, its drift then), in the order added
-        self.drift: dict[str, float] = {}  # the last measurement
+        self.drift: dict[str, float] = {}  # the last measurement: each probe's score (auto_checks.scores)
+        self.kept: float | None = None  # and the kept prompts' drift at the same points (rule `relative`)
+        self.nearest: list[dict] = []  # source `nearest`: each class word's chosen probes and their similarity
         self.measured = 0  # its step
         self.turn = 0  # whose turn it is among a sample's kept prompts
         self.examples: Sequence[Any] = ()
@@ -55,8 +58,11 @@ class AutoPreservation(BatchTerm, RunHook):
             raise ValueError("auto preservation is on but no training example has probe prompts: build the examples "
                              "with train.build_examples and this loss config (its `auto` settings), or set `every` to "
                              "0.")
+        ranked = {id(n): n for ex in examples for n in (getattr(ex, "rankings", None) or ())}
+        self.nearest = [n.report() for n in ranked.values()]
+        kinds = ("keep", "probe") if self.cfg.rule == "relative" else ("probe",)
         self.validator = Validator(self.denoiser, examples, points=self.cfg.points, seed=self.cfg.seed,
-                                   image_probes=True, kinds=("probe",), max_images=self.cfg.images)
+                                   image_probes=True, kinds=kinds, max_images=self.cfg.images)
 
     def preservation(self, idx, conds, gen):
         if not self.added:
@@ -70,10 +76,11 @@ class AutoPreservation(BatchTerm, RunHook):
         return out
 
     def end_of_step(self, step: int) -> None:
-        if step % self.cfg.every:
-            return
+        if not due(step, self.cfg.every, self.cfg.first) or len(self.added) >= min(self.cfg.top_k, len(self.order)):
+            return  # a spent budget, or every probe added, has nothing left to decide: no more measuring
         t0 = time.perf_counter()
-        self.drift, self.measured = self.validator.probe_drifts(), step
+        drift, self.kept = self.validator.probe_and_keep_drifts()
+        self.drift, self.measured = scores(drift, self.kept, self.cfg.rule), step
         self.seconds += time.perf_counter() - t0
         self.added += [(p, step, self.drift[p]) for p in self.worst()]
 
@@ -89,11 +96,12 @@ class AutoPreservation(BatchTerm, RunHook):
         """For the live view and the history: the probes added (probe, step, drift), the last measurement and its
         step."""
         return {"auto_added": [list(a) for a in self.added], "drift": dict(self.drift), "measured": self.measured,
-                "threshold": self.cfg.threshold, "top_k": self.cfg.top_k, "seconds": self.seconds}
+                "threshold": self.cfg.threshold, "top_k": self.cfg.top_k, "seconds": self.seconds,
+                "rule": self.cfg.rule, "kept": self.kept, "auto_nearest": self.nearest}
 
     def state_dict(self) -> dict:
         return {"added": [list(a) for a in self.added], "drift": dict(self.drift), "measured": self.measured,
-                "turn": self.turn}
+                "turn": self.turn, "kept": self.kept}
 
     def load_state_dict(self, state: dict) -> None:
         unknown = [p for p, _, _ in state["added"] if p not in self.order]
@@ -102,6 +110,7 @@ class AutoPreservation(BatchTerm, RunHook):
                              "resume with the same probes (source and list) and dataset.")
         self.added = [(str(p), int(s), float(d)) for p, s, d in state["added"]]
         self.drift, self.measured, self.turn = dict(state["drift"]), int(state["measured"]), int(state["turn"])
+        self.kept = state.get("kept")
 
 
 def added_probes(history: Sequence[dict]) -> list[str]:

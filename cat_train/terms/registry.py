@@ -3,18 +3,19 @@
 A config class has `active` (does it switch its term on), `metadata(history)` (its settings for a LoRA file's
 header, written whether it is on or off, with what the run decided as its history rows tell) and
 `build(denoiser, adapter)` (its term, attached to the adapted model). The loop builds what is on from here, asks
-here for the prompts a term needs per image before step 1 (`extra_prompts`), and knows each term only by its roles
-(`step.plugs`). A new term is its module, its config class, a field (or property) on CatLossConfig or TrainConfig
-(training/config.py) and one line below.
+here for the prompts a term needs per image before step 1 (`extra_prompts`, after what a term ranks with the text
+encoder: `rank`), and knows each term only by its roles (`step.plugs`). A new term is its module, its config class,
+a field (or property) on CatLossConfig or TrainConfig (training/config.py) and one line below.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from ..step.plugs import Term
 from .apt_config import AptConfig
 from .auto_config import AutoPreservationConfig
 from .ema import EmaSettings
+from .keep_local import LocalKeepSettings
 from .mask import MaskSettings
 from .min_snr import MinSnr
 
@@ -25,6 +26,7 @@ REGISTRY: dict[type, tuple[str, str]] = {
     AutoPreservationConfig: ("loss", "auto"),
     MinSnr: ("loss", "min_snr"),
     MaskSettings: ("loss", "mask"),
+    LocalKeepSettings: ("loss", "local_keep"),
     EmaSettings: ("train", "ema"),
 }
 
@@ -54,11 +56,24 @@ def metadata(loss_cfg: Any, cfg: Any, history: Sequence[dict] = ()) -> dict[str,
     return {k: v for s in settings(loss_cfg, cfg) for k, v in s.metadata(history).items()}
 
 
-def extra_prompts(loss_cfg: Any, y: str, own_words: Callable[[], Sequence[str]]) -> dict[str, str]:
+def rank(loss_cfg: Any, images: Callable[[], Sequence[tuple[str, tuple[str, ...], Sequence[str]]]],
+         encode: Callable[[list[str]], Any]) -> dict[str, Any]:
+    """What the active terms rank with the text encoder before step 1, once per run (auto preservation `nearest`:
+    {class word: its ranking}). images() gives each image's (y, triggers, class words), asked only by such a term;
+    encode(prompts) -> (B, L, C)."""
+    out: dict[str, Any] = {}
+    for s in settings(loss_cfg):
+        if s.active and hasattr(s, "rank"):
+            out.update(s.rank(images, loss_cfg.class_word, encode))
+    return out
+
+
+def extra_prompts(loss_cfg: Any, y: str, own_words: Callable[[], Sequence[str]],
+                  ranked: Mapping[str, Any] | None = None) -> dict[str, str]:
     """{name: prompt} the active terms need encoded for one image whose preservation prompt is y and whose class
-    words own_words() gives (auto preservation's probes)."""
+    words own_words() gives (auto preservation's probes); ranked: `rank`'s."""
     out: dict[str, str] = {}
     for s in settings(loss_cfg):
         if s.active and hasattr(s, "extra_prompts"):
-            out.update(s.extra_prompts(y, own_words(), loss_cfg.class_word))
+            out.update(s.extra_prompts(y, own_words(), loss_cfg.class_word, ranked))
     return out

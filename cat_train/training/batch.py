@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from ..data import captions as caption_rows
-from ..step.conds import repeat_to_common_length
+from ..step.conds import common_length
 from ..step.denoiser import Cond, Denoiser, FlowSchedule, NoiseSchedule
 from ..step.objective import LossTerms, cat_objective, preservation_rows
 from ..step.plugs import Adapter, BatchTerm, LossTerm
@@ -54,8 +54,7 @@ class BatchSampler:
 def collate(examples: Sequence[Example], idx: list[int], device: torch.device, dtype: torch.dtype,
             pres: list[Cond] | None = None):
     batch = [examples[i] for i in idx]
-    stack = lambda conds: {k: torch.stack(repeat_to_common_length([c[k] for c in conds], 0) if k == "context" else
-                                          [c[k] for c in conds]).to(device, dtype) for k in conds[0]}
+    stack = lambda conds: {k: torch.stack([c[k] for c in common_length(conds, 0)]).to(device, dtype) for k in conds[0]}
     return (torch.stack([b.latent for b in batch]).to(device, dtype), stack([b.cond_token for b in batch]),
             stack(pres or [b.cond_pres for b in batch]), torch.tensor([b.weight for b in batch], device=device))
 

@@ -40,6 +40,9 @@ class Example:
     drawn: bool = True  # False: a caption row (shuffled or dropped caption), reached only through an image's `captions`
     # (1, H, W) at the latent's size in [0, 1], 1 = subject: masked training (cat_train/terms/mask.py)
     mask: Tensor | None = None
+    # what the terms ranked with the text encoder before step 1 (auto preservation `nearest`: one ranking per class
+    # word), for their report; every example holds the same tuple
+    rankings: tuple = ()
 
 
 
@@ -49,13 +52,15 @@ PAIRS_WARN = 5000  # image x preservation-prompt pairs past which the preparatio
 def build_examples(items: Sequence[tuple], encode_text: Callable[[list[str]], Cond], loss_cfg: CatLossConfig,
                    progress: Callable[[int, int], None] | None = None,
                    token_positions: Callable[[str, tuple[str, ...]], tuple[int, ...]] | None = None,
-                   cfg: TrainConfig | None = None) -> list[Example]:
+                   cfg: TrainConfig | None = None,
+                   rank_text: Callable[[list[str]], Tensor] | None = None) -> list[Example]:
     """items: (latent, caption, triggers[, repeats[, mask]]), mask (1, H, W) at the latent's size or None. Each distinct
     prompt is encoded once; progress(done, total) after each (a host moves its bar and stops at Cancel there).
     Examples share their conditionings.
     token_positions(caption, triggers): where the host's tokenizer puts the trigger's tokens in the caption's context
     (Example.trigger_tokens). cfg: its caption_dropout / shuffle_tags add each image's caption rows after the
-    images' own examples (cat_train/data/captions.py)."""
+    images' own examples (cat_train/data/captions.py). rank_text(prompts) -> (B, L, C): the conditioning a term ranks
+    words with (`terms.registry.rank`; the context of encode_text where None)."""
     rows = [(it[0], it[1], tuple(it[2]), it[3] if len(it) > 3 else 1) for it in items]
     masks = [it[4] if len(it) > 4 else None for it in items]
     if loss_cfg.preservation_prompts:  # every image with every listed y: the CAT term keeps each of them
@@ -68,7 +73,12 @@ def build_examples(items: Sequence[tuple], encode_text: Callable[[list[str]], Co
     else:
         pres = [[preservation_prompt(cap, trig, loss_cfg.preservation,
                                      loss_cfg.class_word)] for _, cap, trig, _ in rows]
-    probes = [_extra_prompts(loss_cfg, trig, ps[0]) for (_, _, trig, _), ps in zip(rows, pres)]
+    # one ranking per run, from every image's y and class words (auto preservation `nearest`; {} for other terms)
+    ranked = registry.rank(loss_cfg, lambda: [(ps[0], trig, _class_words(loss_cfg, trig))
+                                              for (_, _, trig, _), ps in zip(rows, pres)],
+                           rank_text or (lambda prompts: encode_text(prompts)["context"]))
+    probes = [_extra_prompts(loss_cfg, trig, ps[0], ranked) for (_, _, trig, _), ps in zip(rows, pres)]
+    rankings = tuple(ranked.values())
     with_rows = caption_rows.active(cfg)
     # not the run's: it exists only in train()
     shuffle_gen = torch.Generator().manual_seed(cfg.seed) if with_rows else None
@@ -102,7 +112,7 @@ def build_examples(items: Sequence[tuple], encode_text: Callable[[list[str]], Co
                              "bring masks to the latent's size (cat_train.data.masks.latent_mask).")
         mask = None if mask is None else mask.detach().float().cpu().reshape(1, *lat.shape[-2:])
         out += [Example(lat.detach().cpu(), cond[cap], cond[p], weight(trig), rep, probes=image_probes,
-                        trigger_tokens=tokens, mask=mask) for p in ps]
+                        trigger_tokens=tokens, mask=mask, rankings=rankings) for p in ps]
     if with_rows:
         out = _with_caption_rows(out, rows, pairs, cond, weight, cfg, token_positions)
     return out
@@ -129,13 +139,21 @@ def _with_caption_rows(out: list[Example], rows, pairs, cond, weight, cfg: Train
     return out + extra
 
 
-def _extra_prompts(loss_cfg: CatLossConfig, triggers: tuple[str, ...], y: str) -> dict[str, str]:
-    """The prompts the terms ask for one image, {name: prompt} (auto preservation's probes; none while off)."""
+def _class_words(loss_cfg: CatLossConfig, triggers: tuple[str, ...]) -> list[str]:
+    """An image's class words, whatever the preservation mode (none without a trigger or a class word)."""
+    cw = loss_cfg.class_word
+    has_word = bool(cw.strip()) if isinstance(cw, str) else bool(cw)
+    return list(dict.fromkeys(class_word_for(t, cw) for t in triggers)) if has_word else []
+
+
+def _extra_prompts(loss_cfg: CatLossConfig, triggers: tuple[str, ...], y: str, ranked: dict) -> dict[str, str]:
+    """The prompts the terms ask for one image, {name: prompt} (auto preservation's probes; none while off);
+    ranked: what the terms ranked before (`registry.rank`)."""
     def own_words() -> list[str]:  # asked only by an active term: without one no class word is needed
         return ([class_word_for(t,
                                 loss_cfg.class_word) for t in triggers] if loss_cfg.preservation == "class" and triggers
                 else [])
-    return registry.extra_prompts(loss_cfg, y, own_words)
+    return registry.extra_prompts(loss_cfg, y, own_words, ranked)
 
 
 def batch_note(examples: Sequence[Example], cfg: TrainConfig) -> str | None:

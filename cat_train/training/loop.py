@@ -30,7 +30,7 @@ from ..terms import registry
 from .batch import BatchSampler, micro_batch
 from .checkpoints import checkpoint_path, load_checkpoint, restore, snapshot
 from .checkpoints import save as save_checkpoint
-from .config import CatLossConfig, TrainConfig
+from .config import CatLossConfig, TrainConfig, check_run
 from .examples import Example, batch_note
 from .run_folder import check_resume, check_space, checkpoint_bytes, claim_or_own, data_fingerprint, result_settings
 from .run_folder import drop_if_unused, remove_stale_temps, writable_folder
@@ -113,13 +113,16 @@ def train(denoiser: Denoiser, examples: Sequence[Example], loss_cfg: CatLossConf
         raise ValueError("mixed_precision 'fp16' needs a GPU (it trains with a grad scaler); use 'bf16' or 'no' on "
                          f"{device}.")
     caption_rows.check_examples(examples, cfg)
+    together = check_run(cfg, loss_cfg, sum(1 for ex in examples if ex.drawn))
+    for note in together:
+        log.warning(note)
     sampler = sampler or BatchSampler(examples, cfg.batch_size, (cfg.timestep_min, cfg.timestep_max))
     ckpt_dir = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
     state = load_checkpoint(resume) if resume else None
     settings = result_settings(cfg, loss_cfg, adapter, data_fingerprint(examples), _family_name(denoiser))
     if state is not None:
         check_resume(state, settings, cfg.steps, resume)
-    notes = [n for n in [batch_note(examples, cfg)] if n]
+    notes = together + [n for n in [batch_note(examples, cfg)] if n]
     if ckpt_dir is not None:
         fix = "choose another checkpoint folder (the node's checkpoint_name) on a disk with room."
         writable_folder(ckpt_dir, "checkpoint folder", fix)

@@ -1,15 +1,25 @@
-"""CPU threads for our own entry points on a machine other processes also use.
+"""CPU threads for our own entry points, chosen for the work (`python -m cat_train ...`; never in ComfyUI's process).
 
-PyTorch's OpenMP workers spin while they wait for work. On an idle machine that saves microseconds per
-op; beside another CPU-heavy process the spinning threads steal the cores the real work needs, and a
-run slows 10-15x instead of in proportion to the load. So, before torch is imported, idle workers are
-told to sleep (OMP_WAIT_POLICY=PASSIVE), and the thread count is the cores the load average leaves free.
-An explicit OMP_NUM_THREADS / OMP_WAIT_POLICY from the user always wins.
+The rule, measured by benchmarks/threads.py (docs/benchmarks.md, "CPU threads"):
+- A small model (the world's 1.7M-parameter UNet, the tests' tiny ones) runs on ONE thread. Its ops take
+  microseconds, so a second thread's hand-off costs more than it saves: on a quiet 2-core machine the demo's
+  steps ran 3x slower on 2 threads than on 1 (issue 33), and beside a CPU-heavy process 1 thread is as fast.
+- A real-size model runs on the cores the 1-minute load average leaves free (at least 1).
+- OMP_WAIT_POLICY=PASSIVE only where more than one thread runs: then idle workers sleep instead of spinning,
+  which beside another CPU-heavy process kept a run from slowing 10-15x; with one thread there are no workers.
+- An explicit OMP_NUM_THREADS / OMP_WAIT_POLICY from the user always wins.
+Both go into the environment before torch is imported (OpenMP reads them once, at start), so subprocesses a
+command starts inherit the same choice.
 """
 from __future__ import annotations
 
 import os
 import sys
+
+# Below this many parameters of the trained model, one thread (the world's UNet, 1.7M, and the tests' tiny ones);
+# at or above it, the free cores (SD-sized UNets, 860M+). benchmarks/threads.py measures the world model and the
+# same UNet 4x wider (26M) on both sides of the line (docs/benchmarks.md).
+SMALL_MODEL_PARAMS = 20_000_000
 
 
 def usable_cores() -> int:
@@ -30,13 +40,24 @@ def free_cores(load: float | None = None, cores: int | None = None) -> int:
     return max(1, min(cores, int(cores - load + 0.5)))
 
 
-def configure_cpu_threads() -> int | None:
-    """Call before `import torch` (environment) and again after it (thread count). Returns the count set."""
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    if "OMP_NUM_THREADS" in os.environ or "torch" not in sys.modules:
-        return None
-    import torch
+def threads_for(model_params: int | None, free: int | None = None) -> int:
+    """The thread count for training a model of `model_params` parameters (None: unknown, taken as real-size)."""
+    if model_params is not None and model_params < SMALL_MODEL_PARAMS:
+        return 1
+    return free_cores() if free is None else free
 
-    n = free_cores()
-    torch.set_num_threads(n)
+
+def configure_cpu_threads(model_params: int | None = None) -> int | None:
+    """Call before `import torch`. Sets OMP_NUM_THREADS (and OMP_WAIT_POLICY where more than one thread runs)
+    unless the user set them; returns the count chosen, or None where the user's OMP_NUM_THREADS stands."""
+    if "OMP_NUM_THREADS" in os.environ:
+        return None
+    n = threads_for(model_params)
+    os.environ["OMP_NUM_THREADS"] = str(n)
+    if n > 1:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if "torch" in sys.modules:  # imported already (a caller that is not an entry point): the count still applies
+        import torch
+
+        torch.set_num_threads(n)
     return n

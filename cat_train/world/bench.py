@@ -9,7 +9,8 @@ identity, half prior, so its compute per step is about CAT's). APT (arXiv 2507.0
 weighting and augmentation), `apt:rs` (representation stabilization), `apt:aa` (attention alignment). Cheaper
 preservation of a CAT method:
 `/k<every>` and `/p<fraction>` suffixes (`cat1/k4`: the CAT term every 4th step, weighted 4α; `cat1/p0.5`: on half
-the rows, weighted 2α; CatLossConfig.keep_every / keep_fraction).
+the rows, weighted 2α; CatLossConfig.keep_every / keep_fraction), and `/local` (the layer-local keep estimator,
+`/local:unit`, `/local:relative` naming the layer weights; CatLossConfig.keep_estimator, terms/keep_local.py).
 
 Two tasks (`--task`): `novel` (default), an identity the base model never drew (a cyan/magenta striped circle with
 a white dot); `reachable`, one the base model does draw but no prompt asks for (a small yellow circle in the
@@ -52,7 +53,7 @@ from . import generator as wg
 from . import model as wm
 from .catversion_bench import run_catversion
 from .clip import load_clip
-from .methods import apt_config, apt_method, cat_method, cheaper_method, label, method_name
+from .methods import apt_config, apt_method, cat_method, cheaper_options, label, method_name
 from .runner import noise, run_seeds, summarize
 
 NOTE = ("Controlled small world (procedural 32 px shapes, a 1.7M-parameter base model and a world-CLIP trained here), "
@@ -90,6 +91,14 @@ class BenchConfig:
     auto_every: int = 50
     auto_top_k: int = 4
     auto_threshold: float = 0.01
+    # cat<alpha>:nearest: no list given; the probes are the vocabulary's words the world's text encoder puts nearest to
+    # "circle" (terms/nearest.py), measured from step `nearest_first` with the unit-free rule (terms/auto_checks.py): a
+    # neighbour moving at least half as much as the kept class prompt is added. On seed 1 under cat1 every neighbour's
+    # ratio was 0.51-0.81 at step 5 and 0.84-0.98 at step 50 (docs/auto-preservation.md): the measurement does not
+    # single out the shapes that collapse, so the budget is the ranking's k and the ranking decides. every: auto's.
+    nearest_k: int = 8
+    nearest_threshold: float = 0.5
+    nearest_first: int = 5
     task: str = "novel"
 
 
@@ -167,9 +176,9 @@ def trigger_positions(caption: str, triggers: tuple[str, ...]) -> tuple[int, ...
 
 def examples_for(method: str, world: World, c: BenchConfig, seed: int) -> tuple[list[Example], CatLossConfig, int]:
     if "/" in method:  # the base method with the CAT term on every k-th step and/or a fraction of rows
-        base, every, fraction = cheaper_method(method)
+        base, every, fraction, local = cheaper_options(method)
         ex, lc, bs = examples_for(base, world, c, seed)
-        return ex, replace(lc, keep_every=every, keep_fraction=fraction), bs
+        return ex, replace(lc, keep_every=every, keep_fraction=fraction, **local), bs
     base, part = apt_method(method)
     if part is not None:  # the base method's examples and loss, with APT's parts switched on
         ex, lc, bs = examples_for(base, world, c, seed)
@@ -180,8 +189,9 @@ def examples_for(method: str, world: World, c: BenchConfig, seed: int) -> tuple[
         return build_examples(items, world.encode_text, lc, token_positions=trigger_positions), lc, 1
     if method.startswith("cat"):
         alpha, mode = cat_method(method)
-        lc = CatLossConfig(alpha=alpha, preservation="class" if mode in ("all", "auto") else mode, class_word=CLASS,
-                           auto=auto_config(c) if mode == "auto" else AutoPreservationConfig())
+        auto = {"auto": auto_config, "nearest": nearest_config}.get(mode)
+        lc = CatLossConfig(alpha=alpha, preservation="class" if mode in ("all", "auto", "nearest") else mode,
+                           class_word=CLASS, auto=auto(c) if auto else AutoPreservationConfig())
         ex = build_examples(items, world.encode_text, lc, token_positions=trigger_positions)
         # each image once per world class as y: the CAT term keeps every class prompt, not only "a circle"
         if mode == "all":
@@ -208,6 +218,12 @@ def auto_config(c: BenchConfig) -> AutoPreservationConfig:
     of "a sks circle on a grey background")."""
     return AutoPreservationConfig(every=c.auto_every, probes=tuple(s for s in wg.SHAPES if s != CLASS),
                                   top_k=c.auto_top_k, threshold=c.auto_threshold)
+
+
+def nearest_config(c: BenchConfig) -> AutoPreservationConfig:
+    """cat<alpha>:nearest's settings: no probe list, the world's class word alone."""
+    return AutoPreservationConfig(every=c.auto_every, source="nearest", neighbours=c.nearest_k, top_k=c.nearest_k,
+                                  threshold=c.nearest_threshold, rule="relative", first=c.nearest_first)
 
 
 def subject_scores(world: World, imgs: dict[str, torch.Tensor], base: dict[str, torch.Tensor],
@@ -317,7 +333,9 @@ def run(c: BenchConfig, log=print, world: World | None = None, watch: Callable[.
 
     def added(tr) -> str:
         probes = tr.history[-1].get("auto_added") if tr.history else None
-        return f"  added {[(p, s, round(d, 4)) for p, s, d in probes]}" if probes is not None else ""
+        near = (tr.history[-1].get("auto_nearest") if tr.history else None) or ()
+        return ((f"  added {[(p, s, round(d, 4)) for p, s, d in probes]}" if probes is not None else "")
+                + "".join(f"  nearest to {n['class_word']}: {n['probes']} ({n['seconds']:.1f}s)" for n in near))
     results, grid, trained = run_seeds(world, c, c.methods, ps, lambda imgs,
                                        base: evaluate(world, imgs, base, ps, c.task),
                                        train_method, lambda m: f"{label(m):24s}", log, note=added)
@@ -404,11 +422,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--auto-top-k", type=positive_int, help="auto methods: probes added at most (default 4)")
     ap.add_argument("--auto-threshold", type=non_negative_float, help=
             "auto methods: keep drift a probe must pass (default 0.01)")
+    ap.add_argument("--nearest-k", type=positive_int, help="nearest methods: probes ranked from the class word "
+                                                           "(default 8)")
+    ap.add_argument("--nearest-threshold", type=non_negative_float,
+                    help="nearest methods: drift over the kept class prompt's a probe must pass (default 0.5)")
+    ap.add_argument("--nearest-first", type=int, help="nearest methods: first measurement step, doubling to "
+                                                      "--auto-every (default 5; 0 = at every)")
     a = ap.parse_args(argv)  # every argument checked here: the run takes minutes and writes only at its end
     kw = dict(QUICK) if a.quick else {}
     for k in ("steps", "lr", "seeds", "methods", "per_prompt", "sample_steps", "rank", "preset", "apt_adaptive",
               "apt_stabilize", "apt_align",
-              "auto_every", "auto_top_k", "auto_threshold", "task"):
+              "auto_every", "auto_top_k", "auto_threshold", "nearest_k", "nearest_threshold", "nearest_first", "task"):
         v = getattr(a, k)
         if v is not None:
             kw[k] = tuple(v) if isinstance(v, list) else v

@@ -162,8 +162,9 @@ def shrink_for_cpu(g: dict, kind: str, dataset_dir, open_clip_name: str, **train
     shipped = g["1"]["inputs"]
     g["1"] = {"class_type": "CATTest_TinyCheckpoint",
               "inputs": {"kind": kind, "ckpt_name": shipped.get("ckpt_name", shipped.get("unet_name", ""))}}
-    separate = {k: slot for k, slot in (("3", 1), ("4", 2)) if g.get(k, {}).get("class_type") in ("DualCLIPLoader", "VAELoader")}
-    for k, slot in separate.items():  # Flux: CLIP and VAE from the tiny checkpoint too
+    separate = {k: slot for k, slot in (("3", 1), ("4", 2))
+                if g.get(k, {}).get("class_type") in ("DualCLIPLoader", "CLIPLoader", "VAELoader")}
+    for k, slot in separate.items():  # Flux, Qwen-Image: CLIP and VAE from the tiny checkpoint too
         del g[k]
         for node in g.values():
             for name, v in node["inputs"].items():

@@ -253,6 +253,7 @@ def test_shipped_workflow_opens_from_the_template_browser_as_its_api_graph(edito
                                 ("UNETLoader", "unet_name", "value_not_in_list"), ("VAELoader", "vae_name", "value_not_in_list"),
                                 ("DualCLIPLoader", "clip_name1", "value_not_in_list"),
                                 ("DualCLIPLoader", "clip_name2", "value_not_in_list"),
+                                ("CLIPLoader", "clip_name", "value_not_in_list"),
                                 ("CAT_KPSEvaluator", "clip_checkpoint", "value_not_in_list"),
                                 ("CAT_LeakScan", "clip_checkpoint", "value_not_in_list")}, answer
         assert refused, "the test server has none of the shipped model files, so validation must name them"

@@ -37,7 +37,7 @@ def _dataset(comfy, folder, mpcv):
 def test_folder_registered(comfy, cvdir):
     import os
     N = pack_module(comfy, "nodes.catversion")
-    cv = pack_module(comfy, "cat_train.catversion")
+    cv = pack_module(comfy, "cat_train.adapters.catversion")
     assert os.path.join(comfy.folder_paths.models_dir, "catversion") in comfy.folder_paths.get_folder_paths("catversion")
     # registered through folder_paths' API, which takes no extensions: Apply CatVersion lists the .safetensors only
     cv.save_catversion(cvdir / "listed.safetensors", {"clip_l": cv.KVEmbeddings((0,), 1, 64, 2, 3)})

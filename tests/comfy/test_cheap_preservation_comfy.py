@@ -11,7 +11,7 @@ def test_keep_widgets_come_last_and_reach_the_lora_header(comfy, tiny_sd15, data
     nodes = pack_module(comfy, "nodes")
     listed = {n.define_schema().node_id: n for n in asyncio.run(nodes.CatExtension().get_node_list())}
     inputs = listed["CAT_LossConfig"].define_schema().inputs
-    assert [i.id for i in inputs][-2:] == ["keep_every", "keep_fraction"] and all(i.optional for i in inputs[-2:])
+    assert [i.id for i in inputs][-3:-1] == ["keep_every", "keep_fraction"] and all(i.optional for i in inputs[-3:-1])
     assert [i.id for i in inputs][:7] == ["cat_factor", "preservation", "class_word", "token_weights",
                                           "preservation_prompts", "apt", "auto"]  # saved graphs keep their order
     plain = listed["CAT_LossConfig"].execute(1.0, "class", "dog", "", "").result[0]

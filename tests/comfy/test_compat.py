@@ -12,8 +12,8 @@ from conftest import ROOT, pack_module
 ADVANCED = {
     "CAT_AptOptions": {"ema", "target", "min_weight", "max_augment", "align_distance", "stabilize_layers", "align_layers",
                        "form", "zoom_out", "fill", "stabilize_stat", "stabilize_normalize", "align_skip_triggers"},
-    "CAT_AutoPreservation": {"points", "images", "seed"},
-    "CAT_LossConfig": {"keep_every", "keep_fraction"},
+    "CAT_AutoPreservation": {"points", "images", "seed", "neighbours", "rule", "first"},
+    "CAT_LossConfig": {"keep_every", "keep_fraction", "keep_estimator"},
 }
 
 
@@ -71,4 +71,4 @@ def test_shipped_workflows_leave_every_advanced_input_at_its_default(comfy):
                     default = infos[node["class_type"]]["input"]["optional"][name][1]["default"]
                     assert node["inputs"][name] == default, f"{path.name} node {node_id}: {name}"
                     checked += 1
-    assert checked >= 12  # keep_every and keep_fraction on each Loss Config of the six workflows
+    assert checked >= 21  # keep_every, keep_fraction and keep_estimator on each of the 7 Loss Configs of the workflows

@@ -185,15 +185,16 @@ def test_bf16_flux_trains_and_stays_as_loaded(comfy):
 
 
 def test_video_model_refused_before_anything_is_loaded(comfy, monkeypatch):
-    """A WAN 2.1 video model (tiny, built by ComfyUI): refused by name, nothing loaded, nothing cast."""
+    """A WAN 2.1 image-to-video model (tiny, built by ComfyUI): refused by name, nothing loaded, nothing cast (Wan
+    text-to-video trains as single frames: tests/comfy/test_families_nextdit_wan.py)."""
     import comfy.model_management as mm
     import comfy.supported_models as sm
     from comfy import model_patcher
 
-    class TinyWan(sm.WAN21_T2V):
-        unet_config = {"image_model": "wan2.1", "model_type": "t2v"}
-    cfg = TinyWan(dict(image_model="wan2.1", model_type="t2v", dim=32, ffn_dim=32, freq_dim=32, num_heads=2,
-                       num_layers=1, text_dim=32, text_len=16, in_dim=16, out_dim=16))
+    class TinyWan(sm.WAN21_I2V):
+        unet_config = {"image_model": "wan2.1", "model_type": "i2v"}
+    cfg = TinyWan(dict(image_model="wan2.1", model_type="i2v", dim=32, ffn_dim=32, freq_dim=32, num_heads=2,
+                       num_layers=1, text_dim=32, text_len=16, in_dim=36, out_dim=16))
     cfg.set_inference_dtype(torch.bfloat16, None)
     base = cfg.get_model({})
     mp = model_patcher.ModelPatcher(base, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
@@ -206,11 +207,12 @@ def test_video_model_refused_before_anything_is_loaded(comfy, monkeypatch):
     assert loads == [] and {n: p.dtype for n, p in base.diffusion_model.named_parameters()} == dtypes
 
 
-@pytest.mark.parametrize("variant, named", [("Flux2", "Flux.2"), ("LongCatImage", "LongCat-Image")])
+@pytest.mark.parametrize("variant, named", [("LongCatImage", "LongCat-Image")])
 def test_flux_variants_refused_by_name_before_anything_is_loaded(comfy, flow_models, monkeypatch, variant, named):
-    """ComfyUI v0.33's Flux.2 and LongCat-Image model classes subclass its Flux class and run the Flux network, so they
-    passed the Flux check untrained and untested: refused in one line that names them, nothing loaded or cast. The
-    refusal goes by class; v0.3.64 has neither class, so a subclass of Flux under that name stands in there."""
+    """ComfyUI v0.33's LongCat-Image model class subclasses its Flux class and runs the Flux network, so it passed the
+    Flux check untrained and untested: refused in one line that names it, nothing loaded or cast. The refusal goes by
+    class; v0.3.64 has no such class, so a subclass of Flux under that name stands in there. (Flux.2, built on the same
+    classes, is a family of its own: tests/comfy/test_families_qwen_flux2.py.)"""
     import comfy.model_base as mb
     import comfy.model_management as mm
     from comfy import model_patcher

@@ -3,7 +3,6 @@ within the budget the trainer prints (benchmarks/memory.py, run in its own proce
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,9 +14,11 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.mark.slow
 def test_bf16_training_memory_growth_vs_fp32_conversion_and_budget():
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "memory.py"), "--json", "--measure", "sd15", "--res", "128",
-                        "--steps", "2", "--checkpointing", "off"], capture_output=True, text=True, env=env, timeout=900)
+    # A real-size model: the subprocess takes the free cores by the pack's thread rule (OMP_NUM_THREADS, where set,
+    # stands). It took 561-669 s on one thread alone and passed 900 s under load: the limit bounds a hung run only.
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "memory.py"), "--json", "--measure", "sd15",
+                        "--res", "128", "--steps", "2", "--checkpointing", "off"], capture_output=True, text=True,
+                       timeout=2400)
     line = next((x for x in p.stdout.splitlines() if x.startswith("RESULT ")), None)
     assert line, p.stdout[-2000:] + p.stderr[-3000:]
     r = json.loads(line[7:])

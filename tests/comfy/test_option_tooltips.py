@@ -17,8 +17,9 @@ def test_widget_tooltips_are_the_option_help(comfy):
             assert inputs[widget].tooltip == options_doc.help_of(classes[cls_name], field_name), f"{node_id}.{widget}"
             checked += 1
     assert checked == sum(len(w) for w in options_doc.NODE_WIDGETS.values())
-    # 37 + Loss Config `auto` + 8 Auto Preservation; the Training Options node's are counted apart (features append
+    # 37 + Loss Config `auto` + 11 Auto Preservation; the Training Options node's are counted apart (features append
     # them independently): every widget it has is listed, so each gets its option's help
-    assert sum(len(w) for n, w in options_doc.NODE_WIDGETS.items() if n != "CAT_TrainingOptions") == 48  # + Loss Config keep_every, keep_fraction
+    # + Loss Config keep_every, keep_fraction, keep_estimator
+    assert sum(len(w) for n, w in options_doc.NODE_WIDGETS.items() if n != "CAT_TrainingOptions") == 52
     listed = {w for w, _ in options_doc.NODE_WIDGETS.get("CAT_TrainingOptions", [])}
     assert listed == {i.id for i in comfy.nodes.NODE_CLASS_MAPPINGS["CAT_TrainingOptions"].define_schema().inputs}

@@ -40,7 +40,8 @@ def test_api_workflow_matches_schemas(comfy, path):
             if isinstance(v, list):  # a link: the source output's type must be what this input takes
                 src = maps[g[v[0]]["class_type"]]
                 assert typ == "*" or src.RETURN_TYPES[v[1]] == typ, f"{path.name} {nid}.{name}: {src.RETURN_TYPES[v[1]]} into {typ}"
-            elif isinstance(typ, list) and node["class_type"] not in ("CheckpointLoaderSimple", "UNETLoader", "DualCLIPLoader", "VAELoader", "CAT_KPSEvaluator"):
+            elif isinstance(typ, list) and node["class_type"] not in ("CheckpointLoaderSimple", "UNETLoader", "DualCLIPLoader", "CLIPLoader", "VAELoader",
+                                                                               "CAT_KPSEvaluator"):
                 assert v in typ, f"{path.name} {nid}.{name}={v!r} not among {typ}"  # model files are the user's
             elif typ in ("INT", "FLOAT"):
                 o = specs[name][1]

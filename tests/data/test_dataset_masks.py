@@ -133,3 +133,31 @@ def test_opaque_alpha_is_no_mask_and_auto_without_masks_says_nothing(tmp_path):
     assert ds.warnings == [] and "with masks" not in ds.summary()
     alpha = load_dataset(tmp_path, ["sks"], resolution=64, masks="alpha")
     assert any("0 of 2 images have a mask" in w for w in alpha.warnings)  # asked for and none found: said
+
+
+def test_a_mask_in_colour_is_named_with_what_it_weighs(tmp_path):
+    """Issue 32: a red-on-black mask was read by luminance (subject weight 0.30) without a word."""
+    rgb(tmp_path / "a.png", (64, 64))
+    rgb(tmp_path / "b.png", (64, 64))
+    red = np.zeros((64, 64, 3), np.uint8)
+    red[:, :32] = (255, 0, 0)
+    Image.fromarray(red, "RGB").save(tmp_path / "a-masklabel.png")
+    grey = np.zeros((64, 64, 3), np.uint8)
+    grey[:, :32] = 255  # RGB file, grey pixels: a mask as meant
+    Image.fromarray(grey, "RGB").save(tmp_path / "b-masklabel.png")
+    ds = load_dataset(tmp_path, ["sks"], resolution=64, buckets=False, masks="file")
+    assert float(ds.items[0].mask.max()) == pytest.approx(76 / 255)  # what the red subject weighs
+    assert float(ds.items[1].mask.max()) == 1.0
+    assert ("1 mask file(s) are in colour (a-masklabel.png): read as grey by luminance (pure red weighs 0.30 of "
+            "white, green 0.59, blue 0.11); save masks as greyscale, white = subject, black = background.") \
+        in ds.warnings, ds.warnings
+
+
+def test_a_folder_of_only_mask_files_says_so(tmp_path):
+    for name in ("a", "b", "c", "d"):
+        left_white(tmp_path / f"{name}-masklabel.png", (64, 64))
+    with pytest.raises(DatasetError) as err:
+        scan_folder(tmp_path, ["sks"])
+    assert str(err.value) == (f"{tmp_path} holds only mask files (4: a-masklabel.png, b-masklabel.png, "
+                              "c-masklabel.png, ...): a mask goes beside its image (a.png and a-masklabel.png); "
+                              "put the training images in the folder too."), str(err.value)

@@ -184,7 +184,7 @@ def test_bench_auto_method_starts_from_the_class_prompt_with_the_other_shapes_as
     from cat_train.world import generator as wg
 
     assert bench.method_name("cat1:auto") == "cat1:auto" and bench.label("cat1:auto") == "CAT (α=1, y=auto)"
-    with pytest.raises(Exception, match="auto needs alpha > 0"):
+    with pytest.raises(Exception, match="auto and nearest need alpha > 0"):
         bench.method_name("cat0:auto")
     a = bench.auto_config(bench.BenchConfig())
     assert set(a.probes) == set(wg.SHAPES) - {wg.IDENTITY_CLASS} and a.active

@@ -85,7 +85,8 @@ def test_name_checks_pass_good_and_linked_names(tmp_path):
 
 
 def test_given_preservation_prompts_replace_the_class_word_check():
-    cfg = CatLossConfig(alpha=1.0, preservation="class", class_word="toy", preservation_prompts=("a toy", "a doll"))
+    cfg = CatLossConfig(alpha=1.0, preservation="class", class_word="toy",
+                        preservation_prompts=("a doll", "a teddy bear"))  # "a toy" holds the trigger itself
     check_concepts(("toy",), cfg)  # y comes from the list, never from 'toy' -> 'toy'
 
 

@@ -52,3 +52,26 @@ def test_live_view_names_the_probes_auto_preservation_added_and_marks_when(tmp_p
     assert not out["fresh"]["lines"]
     assert "auto preservation added: wolf (step 5); fox (step 9)" in out["two"]["texts"]
     assert len(out["two"]["lines"]) == 2  # a mark per step with additions
+
+
+NEAREST = trainer_script("CAT_LoraTrainer", 4, (300, 200), """
+const texts = [];
+const ctx = { globalAlpha: 1, strokeStyle: "", save() {}, restore() {}, beginPath() {}, stroke() {}, fillRect() {},
+  moveTo() {}, lineTo() {}, setLineDash() {}, measureText(t) { return { width: 6 * t.length }; },
+  fillText(t) { texts.push(String(t)); } };
+const auto = { auto_added: [["square", 5, 0.81]], drift: { square: 0.81, star: 0.57 }, measured: 5, threshold: 0.5,
+  top_k: 8, auto_nearest: [{ class_word: "circle", probes: [["square", 0.8845], ["cross", 0.8095], ["star", 0.7715]],
+                             candidates: 180, left_out: 5609, seconds: 4.2 }] };
+api.emit("cat.train.progress", { node: "4", step: 5, total: 11, loss: 1, fit: 1, keep: 0.1, lr: 1e-4, elapsed: 5,
+                                 auto });
+drawChart(node, ctx);
+const v = globalThis.__catLiveView;
+console.log(JSON.stringify({ texts, size: node.size, AUTO_H: v.AUTO_H, NEAREST_H: v.NEAREST_H }));
+""")
+
+
+@pytest.mark.skipif(NODE is None, reason="Node.js is not installed; the web extension test needs `node`")
+def test_live_view_names_the_probes_nearest_chose_with_their_similarity(tmp_path):
+    out = run_view(tmp_path, NEAREST)
+    assert "nearest to circle: square 0.88, cross 0.81, star 0.77" in out["texts"]
+    assert out["size"][1] == 200 + 150 + out["AUTO_H"] + out["NEAREST_H"] and out["NEAREST_H"] == 15  # one line more
