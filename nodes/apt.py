@@ -69,19 +69,24 @@ class AptOptionsNode(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, augment="", **kw):
+    def validate_inputs(cls, augment="", stabilize_layers=None, align_layers=None):
+        # ComfyUI files what this returns under every input named here, so only the three it checks are named: the
+        # ranges are ComfyUI's own (each under its input), NaN (which passes them) is refused in execute
         ops = [o.strip() for o in augment.split(",") if o.strip()]
         bad = [o for o in ops if o not in AUGMENT_OPS]
         if bad:
             return f"augment: unknown {', '.join(bad)}; choose from {', '.join(AUGMENT_OPS)}"
-        for name in ("stabilize_layers", "align_layers"):  # a bare re.error named no field
-            problem = pattern_problem(name, kw.get(name))
+        for name, value in (("stabilize_layers", stabilize_layers), ("align_layers", align_layers)):
+            problem = pattern_problem(name, value)  # a bare re.error named no field
             if problem:
                 return problem
-        return range_problem(cls, **kw)  # **kw turns ComfyUI's range checks off for every input (bins 1e6 passed)
+        return True
 
     @classmethod
     def execute(cls, adaptive, stabilize, align, bins, augment, **kw) -> io.NodeOutput:
+        problem = range_problem(cls, adaptive=adaptive, stabilize=stabilize, align=align, bins=bins, **kw)
+        if problem is not True:  # NaN, which ComfyUI's range check lets through
+            raise ValueError(f"APT Options: {problem}")
         ops = tuple(o.strip() for o in augment.split(",") if o.strip())
         return io.NodeOutput(AptConfig(adaptive=adaptive, stabilize=stabilize, align=align, bins=bins, augment_ops=ops,
                                        **{k: v for k, v in kw.items() if v is not None}))

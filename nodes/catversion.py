@@ -158,8 +158,13 @@ class CatVersionTrainerNode(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, dataset, layers, embeddings_per_layer, steps, learning_rate, batch_size, cat_factor,
-                class_word, seed, caption=None, flip=None, prefix_bias=None) -> io.NodeOutput:
+                class_word, seed, caption=None, flip=None, prefix_bias=None, **unknown) -> io.NodeOutput:
         early_cancel.check()  # a Cancel sent before this prompt started (ComfyUI drops it)
+        if unknown:  # ComfyUI passes a link to an input the node does not have (an API graph, a pasted one)
+            names = ", ".join(sorted(unknown))
+            hint = (" CAT Training Options is for the CAT LoRA Trainer; CatVersion's settings are this node's own "
+                    "widgets." if "options" in unknown else "")
+            raise ValueError(f"CatVersion Trainer has no input {names}: remove that link.{hint}")
         caption = caption or _CFG.caption
         word = class_word.strip() or getattr(dataset, "class_word", "")
         if cat_factor > 0 and not word:

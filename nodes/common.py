@@ -16,6 +16,7 @@ AutoOptions = io.Custom("CAT_AUTO_PRESERVATION")
 CatVersion = io.Custom("CATVERSION")
 TrainingOptions = io.Custom("CAT_TRAINING_OPTIONS")
 EVENT = "cat.train.progress"  # web/cat_live_view.js listens for it
+STOPPED_EVENT = "cat.train.stopped"  # a run stopped with a checkpoint saved: the live view shows its resume_from
 PREVIEW_MAX = 768  # px: a preview grid shown on the node is scaled down to this
 
 
@@ -60,7 +61,7 @@ def progress_callback(node_id: str | None, total: int, preview=None):
         # each term's report under its name (APT: the per-bin indicator for the live view)
         send_event(EVENT, {"node": node_id, "prompt_id": prompt_id, "step": info.step, "total": info.total,
                            "loss": info.loss, "fit": info.fit, "keep": info.keep, "lr": info.lr,
-                           "elapsed": info.elapsed, **info.reports})
+                           "elapsed": info.elapsed, "first_step": info.first_step, **info.reports})
         picture = preview() if preview is not None else None
         # under a server this hook raises when Cancel is pressed
         pbar.update_absolute(info.step, info.total, ("JPEG", picture, PREVIEW_MAX) if picture is not None else None)

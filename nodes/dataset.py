@@ -36,6 +36,7 @@ class CatDataset:
     pixels: list[torch.Tensor] = field(default_factory=list, repr=False)
     # per item: (1, h, w) at its latent's size, or None
     masks: list[torch.Tensor | None] = field(default_factory=list, repr=False)
+    mask_problems: list[str] = field(default_factory=list)  # mask files not used: the trainer refuses them when masked
     _text_cache: dict = field(default_factory=dict, repr=False)
 
     def encode_text(self, prompts: list[str]) -> dict[str, torch.Tensor]:
@@ -136,9 +137,10 @@ def build_dataset(folder: Path, vae, clip, triggers: tuple[str, ...], class_word
             pixels.append((image.detach().float().cpu() * 255).round().to(torch.uint8))
         tick()
     warnings = plan.finish(len(items))
+    skipped = [why if str(p) in why else f"{p}: {why}" for p, why in plan.skipped]
     return CatDataset(items, tuple(dict.fromkeys(triggers)), class_word, clip, str(folder),
-                      skipped=[str(p) for p, _ in plan.skipped], warnings=warnings, budget=plan.budget(), pixels=pixels,
-                      masks=latent_masks)
+                      skipped=skipped, warnings=warnings, budget=plan.budget(), pixels=pixels,
+                      masks=latent_masks, mask_problems=list(plan.mask_problems))
 
 
 def image_batch(pixels: list[torch.Tensor]) -> torch.Tensor:
@@ -221,7 +223,8 @@ def info(ds: CatDataset) -> str:
     masked = sum(m is not None for m in ds.masks)
     text += f"; {masked} with masks" if masked else ""
     if ds.skipped:
-        text += f"\nskipped {len(ds.skipped)} unreadable or unsupported file(s): " + ", ".join(ds.skipped)
+        # each with why: a huge PNG said "unreadable" while the core had said "too large, downscale it"
+        text += f"\nskipped {len(ds.skipped)} file(s):" + "".join(f"\n- {why}" for why in ds.skipped)
     if ds.warnings:
         text += "\n" + "\n".join(ds.warnings)
     if ds.budget:

@@ -66,8 +66,26 @@ def vision_embedder(clip_vision):
         ims = [torch.as_tensor(im).float() for im in images]
         # one batch when the sizes agree; otherwise one image at a time (encode_image resizes and crops each)
         groups = [torch.stack(ims)] if all(im.shape == ims[0].shape for im in ims) else [im[None] for im in ims]
-        return torch.cat([clip_vision.encode_image(g)["image_embeds"].float().cpu() for g in groups])
+        out = [clip_vision.encode_image(g)["image_embeds"] for g in groups]
+        if any(e is None or e.ndim != 2 for e in out):
+            raise ValueError(vision_model_problem(clip_vision, out[0]))
+        return torch.cat([e.float().cpu() for e in out])
     return embed
+
+
+def vision_model_problem(clip_vision, embeds) -> str:
+    kind = (getattr(clip_vision, "model_type", "")  # ComfyUI 0.3.64 keeps no model_type; only SigLIP sets this there
+            or ("siglip_vision_model" if getattr(clip_vision, "return_all_hidden_states", False)
+                else type(clip_vision).__name__))
+    shape = "none" if embeds is None else "x".join(map(str, embeds.shape))
+    return (f"the clip_vision model ({kind}) gives no single embedding per image (image_embeds {shape}): SigLIP-type "
+            "vision models have no projection to one, so IS and KPS cannot be scored with it. Load a CLIP vision model "
+            "(e.g. CLIP-ViT-H-14 or ViT-L-14, as IPAdapter uses) with Load CLIP Vision, or disconnect clip_vision.")
+
+
+def check_vision_model(clip_vision) -> None:
+    """One small image through the model before any training: a model that cannot score fails now, not after step 1."""
+    vision_embedder(clip_vision)(torch.full((1, 64, 64, 3), 0.5))
 
 
 def has_open_clip(checkpoint: str) -> bool:

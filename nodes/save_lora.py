@@ -4,6 +4,7 @@ Save CAT LoRA node. File names and the LORA object are lora_io's (loadable witho
 from __future__ import annotations
 
 import logging
+from pathlib import Path, PurePosixPath
 
 from comfy_api.latest import io
 
@@ -30,23 +31,40 @@ def metadata(loss_cfg, spec, cfg, dataset, steps_done: int, history: list[dict],
 
 def step_lora_writer(mp, folder, name: str, loss_cfg, spec, cfg, dataset, base_model: str = ""):
     """on_save for train(): `<folder>/<name>_stepNNNNNN.safetensors`, a LoRA any loader reads, with metadata; returns
-    the path (the trainer names the best step's file)."""
+    the path (the trainer names the best step's file).
+
+    Its `run_folder(folder)` (train's on_own_folder) renames the run's step LoRAs after the checkpoint folder it was
+    given when another run owns `name`'s (`<name>_<run id>`): two runs with one checkpoint_name on two servers sharing
+    an output folder wrote the same step names, and the second writer's no-clobber save stopped its run."""
     names = family_of(mp).kohya_names(mp.model.diffusion_model)
     version = base_model_version(mp)
+    stem_of = [name]
 
     def write(step: int, weights):
-        stem = f"{name}_step{step:06d}"
+        stem = f"{stem_of[0]}_step{step:06d}"
         meta = metadata(loss_cfg, spec, cfg, dataset, step, [], version, base_model, stem)
-        path = save_lora(safe_lora_path(folder, stem), to_kohya(weights, names), meta)
+        tensors = to_kohya(weights, names)
+        for _ in range(100):  # a writer racing us took the free name between the look and the write: the next one
+            try:
+                path = save_lora(safe_lora_path(folder, stem), tensors, meta)
+                break
+            except FileExistsError:
+                continue
+        else:
+            raise FileExistsError(f"no free name for {stem}.safetensors in {folder} after 100 tries; other writers "
+                                  "keep taking them: give this run its own checkpoint_name.")
         log.info("ComfyUI-CAT: step %d LoRA written to %s", step, path)
         return path
+
+    def run_folder(own: Path) -> None:
+        stem_of[0] = str(PurePosixPath(name.strip()).with_name(own.name))
+    write.run_folder = run_folder
     return write
 
 
 def check_lora_folder(folder, need_bytes: int, field: str) -> None:
     """Before any work: the loras folder can be written and has room for one LoRA (a read-only or full models/loras
     used to fail after training, or at the first mid-run save)."""
-    from pathlib import Path
 
     fix = (f"free space there, or point ComfyUI's loras folder (extra_model_paths.yaml) elsewhere; {field} picks the "
            "name.")

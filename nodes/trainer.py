@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import glob
 import logging
 import os
 import time
@@ -21,7 +22,8 @@ from ..cat_train import families
 from ..cat_train.adapters.lora import LoraSpec, lora_param_count, lora_saved_bytes
 from ..cat_train.adapters.algorithms import ALGORITHMS
 from ..cat_train.training.budget import DoesNotFit, MemoryBudget, adapter_bytes, probe_activations, tensor_bytes
-from ..cat_train.training.checks import check_concepts
+from ..cat_train.training.checks import check_concepts, check_masks
+from ..cat_train.step.cancel import cancel_check
 from ..cat_train.adapters.export import to_kohya
 from ..cat_train.training import CatLossConfig
 from ..cat_train.options import help_of
@@ -32,8 +34,8 @@ from ..cat_train.training import Example, TrainConfig, TrainResult, build_exampl
 from ..cat_train.step.conds import common_length
 from .comfy_model import COND_EXTRAS, adm_y, base_model_version, family_of, model_text, prompt_tokens, trainable
 from . import early_cancel
-from .common import (CATEGORY, Dataset, LossConfig, TrainingOptions, feeds, image_of, model_file_name, phase_progress,
-                     progress_callback)
+from .common import (CATEGORY, STOPPED_EVENT, Dataset, LossConfig, TrainingOptions, feeds, image_of, model_file_name,
+                     phase_progress, progress_callback, send_event)
 from .compat import search_aliases
 from .lora_io import CatLora, name_problem, safe_subpath
 from .training_options import options_for
@@ -75,7 +77,8 @@ class CatTrainerNode(io.ComfyNode):
                              tooltip=help_of(TrainConfig, "save_every")),
                 io.String.Input("checkpoint_name", default="cat_run", tooltip="folder under output/cat_checkpoints/"),
                 io.String.Input("resume_from", default="", optional=True, tooltip=
-                        "a cat-stepNNNNNN.pt checkpoint to continue"),
+                        "a cat-stepNNNNNN.pt checkpoint to continue: <checkpoint_name>/cat-stepNNNNNN.pt, a full path, "
+                        "or the file name alone when one run folder holds it (a Cancel shows the path on the node)"),
                 # new inputs only at the end, all optional: shipped workflows keep their widget order
                 io.Int.Input("preview_every", default=0, min=0, max=100000, optional=True,
                              tooltip="draw preview images every N steps with the current LoRA (0 = off; needs vae): "
@@ -122,12 +125,14 @@ class CatTrainerNode(io.ComfyNode):
                                 "cat_run")
         loss_config = dataclasses.replace(loss_config, **options_for(options, CatLossConfig))  # a fresh copy either way
         check_concepts(dataset.triggers, loss_config)  # before any model work: weights of non-triggers, y = y_T
+        check_masks(getattr(dataset, "mask_problems", []), loss_config)
         resume = resume_path(resume_from)
         cfg = TrainConfig(steps=steps, lr=learning_rate, lr_schedule=lr_schedule, batch_size=batch_size,
                           grad_accum=grad_accum,
                           seed=seed, save_every=save_every, checkpoint_dir=str(ckpt_dir),
                           **options_for(options, TrainConfig))
         spec = LoraSpec(rank=rank, alpha=lora_alpha, preset=target, **options_for(options, LoraSpec))
+        before_any_work(dataset, loss_config, cfg, clip_vision, save_every, probe_prompts)
         base = model_file_name(cls.hidden.prompt, cls.hidden.unique_id)
         # step LoRAs (save_every) and a Save CAT LoRA fed by this node write to the loras folder: a read-only or full
         # one is found now, not at step N or after the whole run
@@ -144,11 +149,63 @@ class CatTrainerNode(io.ComfyNode):
                                                                compute=dtype, checkpointing=gradient_checkpointing,
                                                                on_save=writer, base_model=base, watch=watch)
         m = result.measured
-        return io.NodeOutput(patched, lora, image, summary, m.get("previews", BLANK), m.get("step_chart", BLANK),
-                             m.get("best_file", ""), ui={"text": [summary]})
+        return io.NodeOutput(patched, lora, image, summary, m.get("previews", nothing()),
+                             m.get("step_chart", nothing()), m.get("best_file", ""), ui={"text": [summary]})
 
 
-BLANK = torch.full((1, 64, 64, 3), 0.5)  # an IMAGE output with nothing to show (previews off, no saved steps)
+def nothing():
+    """An IMAGE output with nothing to show (previews off, no saved steps): the nodes it feeds are skipped, silently.
+    A grey 64 px picture in its place was saved by the shipped graphs' Save Image on every run with previews off."""
+    from comfy_execution.graph_utils import ExecutionBlocker
+
+    return ExecutionBlocker(None)
+def before_any_work(dataset, loss_config: CatLossConfig, cfg: TrainConfig, clip_vision, save_every: int,
+                    probe_prompts: str) -> None:
+    """The checks that need the settings together, before the model is touched (the core makes them again at step 0,
+    for scripts): refusals raise; warnings go to the log and, as a toast, to the browser that queued the run (they are
+    in the summary again at the end)."""
+    from ..cat_train.terms.mask import check_masks
+    from ..cat_train.training.checks import check_prompts_without_trigger
+    from ..cat_train.training.config import check_run
+    from .watch import split_prompts
+
+    if clip_vision is not None and not save_every:
+        raise ValueError("clip_vision scores the previews of every saved step (IS, KPS, the best step), and save_every "
+                         "is 0, so no step would be scored: set save_every (e.g. steps / 6), or disconnect "
+                         "clip_vision.")
+    if clip_vision is not None:
+        from .evaluate import check_vision_model
+
+        check_vision_model(clip_vision)
+    check_prompts_without_trigger(dataset.triggers, split_prompts(probe_prompts), "probe_prompts entry")
+    warnings = check_run(cfg, loss_config, len(dataset.items))
+    if loss_config.mask.active:
+        warnings += check_masks(getattr(dataset, "masks", None) or [], loss_config.mask_floor)
+    if warnings:
+        warn_user("Training settings", warnings)
+
+
+def warn_user(title: str, warnings: list[str]) -> None:
+    """A warning for the person running the graph: the log, and web/cat_warnings.js's toast in their browser."""
+    from .lora_family_warning import EVENT
+
+    for w in warnings:
+        log.warning("ComfyUI-CAT: %s", w)
+    try:  # the client whose prompt runs; in-process tests have no PromptServer
+        from server import PromptServer
+        inst = getattr(PromptServer, "instance", None)
+    except Exception:
+        inst = None
+    if inst is not None:
+        try:  # the queue CLI files a warning under the run whose prompt id it carries
+            from comfy_execution.utils import get_executing_context
+            ctx = get_executing_context()
+            pid = ctx.prompt_id if ctx is not None else None
+        except ImportError:
+            pid = None
+        inst.send_sync(EVENT, {"title": title, "warnings": list(warnings), **({"prompt_id": pid} if pid else {})},
+                       getattr(inst, "client_id", None))
+
 
 
 def checkpoints_folder() -> Path:
@@ -158,14 +215,32 @@ def checkpoints_folder() -> Path:
 
 
 def resume_path(resume_from: str | None) -> str:
-    """The checkpoint file resume_from names (relative: under output/cat_checkpoints), or '' for a fresh run."""
+    """The checkpoint file resume_from names (relative: under output/cat_checkpoints; a file name alone: the one run
+    folder there that holds it), or '' for a fresh run."""
     resume = resume_from.strip() if resume_from else ""
     if resume and not os.path.isabs(resume):
-        resume = str(checkpoints_folder() / resume)
+        root = checkpoints_folder()
+        resume = str(root / resume)
+        if not os.path.isfile(resume) and "/" not in resume_from.strip() and "\\" not in resume_from.strip():
+            found = sorted(root.glob(f"*/{glob.escape(resume_from.strip())}"))
+            if len(found) == 1:
+                return str(found[0])
+            if found:
+                shown = ", ".join(resume_text(f) for f in found[:6]) + (" ..." if len(found) > 6 else "")
+                raise ValueError(f"resume_from {resume_from.strip()!r} is in {len(found)} run folders ({shown}); give "
+                                 "the folder too, e.g. resume_from " + resume_text(found[0]) + ".")
     if resume and not os.path.isfile(resume):
         raise ValueError(f"resume checkpoint {resume} does not exist; give a cat-stepNNNNNN.pt file (full path or "
                          f"relative to {checkpoints_folder()}).")
     return resume
+
+
+def resume_text(path) -> str:
+    """What to type into resume_from for a checkpoint: its path under output/cat_checkpoints, else the full path."""
+    try:
+        return Path(path).resolve().relative_to(checkpoints_folder().resolve()).as_posix()
+    except ValueError:
+        return str(path)
 
 
 def model_examples(mp, dataset, loss_cfg: CatLossConfig, tick=None, cfg: TrainConfig | None = None) -> list[Example]:
@@ -310,7 +385,9 @@ def train_on_model(mp, dataset, loss_cfg: CatLossConfig, spec: LoraSpec, cfg: Tr
     t0 = time.perf_counter()
     prep = phase_progress(preparation_steps(dataset, loss_cfg, cfg))  # Cancel during preparation: within one item
     prep.check()
-    with trainable(mp, compute) as den:  # raises if the shared UNet did not come back bit-identical
+    # Cancel inside a step's long work (a preview round, an auto-preservation measurement): within a sampling step or
+    # a measurement pass, not at the next step's callback
+    with cancel_check(prep.check), trainable(mp, compute) as den:  # raises if the UNet did not come back bit-identical
         examples = model_examples(mp, dataset, loss_cfg, prep, cfg)
         masked = sum(m is not None for m in getattr(dataset, "masks", []))
         if masked and not loss_cfg.mask.active:
@@ -348,7 +425,13 @@ def train_on_model(mp, dataset, loss_cfg: CatLossConfig, spec: LoraSpec, cfg: Tr
         try:
             result = train(den, examples, loss_cfg, spec, cfg, callback=callback, resume=resume or None,
                            on_save=saved if (on_save or w) else None,
+                           on_own_folder=getattr(on_save, "run_folder", None),
                            own_folder=True)  # two queued runs with one checkpoint_name: the second gets its own folder
+        except BaseException as e:  # Cancel or a crash: the canvas says where to resume from
+            if getattr(e, "cat_checkpoint", None) is not None:
+                send_event(STOPPED_EVENT, {"node": node_id, "checkpoint": str(e.cat_checkpoint),
+                                           "resume_from": resume_text(e.cat_checkpoint)})
+            raise
         finally:
             if w:
                 w.close()

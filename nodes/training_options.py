@@ -62,17 +62,20 @@ class TrainingOptionsNode(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, **kw):
-        # **kw turns ComfyUI's own checks off, the choice lists' too: an API prompt's `algorithm: oft` would otherwise
-        # reach the trainer
-        for i in cls.define_schema().inputs:
-            options = getattr(i, "options", None)
-            if options and i.id in kw and kw[i.id] not in options:
-                return f"{i.id} {kw[i.id]!r} is not one of {', '.join(map(str, options))}."
-        return range_problem(cls, **kw)
+    def validate_inputs(cls, algorithm=None):
+        # ComfyUI files what this returns under every input it takes (with **kw: all 20, for one wrong value), so it
+        # takes only the one ComfyUI 0.3.64 does not check itself (a V3 combo's choices; 0.33 checks them too); the
+        # ranges are ComfyUI's, each under its input, and NaN, which they let through, is refused in execute
+        (spec,) = [i for i in cls.define_schema().inputs if i.id == "algorithm"]
+        if algorithm is not None and algorithm not in spec.options:
+            return f"algorithm {algorithm!r} is not one of {', '.join(map(str, spec.options))}."
+        return True
 
     @classmethod
     def execute(cls, **kw) -> io.NodeOutput:
+        problem = range_problem(cls, **kw)
+        if problem is not True:
+            raise ValueError(f"CAT Training Options: {problem}")
         out: dict[str, dict] = {}
         for name, value in kw.items():
             if value is not None:

@@ -237,5 +237,4 @@ def step_chart(rows: list[dict]):
     if len(rows) < 1 or not keys:
         return None
     return image_of(loss_curve([{**{k: r.get(k, float("nan")) for k in keys}, "step": r["step"]} for r in rows],
-                               keys=keys,
-                               title="per saved step"))
+                               keys=keys, title="per saved step", smooth=False))

@@ -49,3 +49,21 @@ def test_check_mode_reports_a_stale_file_with_the_command(tmp_path, capsys):
     assert options_doc.main(["--out", str(stale)]) == 0
     assert options_doc.main(["--check", "--out", str(stale)]) == 0
     assert stale.read_text(encoding="utf-8") == options_doc.render()
+
+
+def test_a_tooltip_names_only_widgets_a_node_has():
+    """Issue 32: the `algorithm` tooltip named a `dropout` widget that no node has. A tooltip may name an option only
+    by a widget some node shows (`rank`), or by its Python name (`LoraSpec.dropout`)."""
+    import re
+
+    classes = options_doc.option_classes()
+    widgets = {w for ws in options_doc.NODE_WIDGETS.values() for w, _ in ws}
+    fields = {f.name for cls in classes.values() for f in dataclasses.fields(cls)}
+    bad = []
+    for node, ws in options_doc.NODE_WIDGETS.items():
+        for widget, option in ws:
+            cls_name, field_name = option.split(".")
+            for name in re.findall(r"`([a-z_]+)`", options_doc.help_of(classes[cls_name], field_name)):
+                if name in fields and name not in widgets:
+                    bad.append(f"{node}.{widget}: `{name}`")
+    assert not bad, bad

@@ -11,6 +11,7 @@ import { api } from "../../scripts/api.js";
 
 const EVENT = "cat.train.progress";
 const VALIDATION_EVENT = "cat.train.validation";
+const STOPPED_EVENT = "cat.train.stopped"; // nodes/common.py STOPPED_EVENT
 const TRAINERS = ["CAT_LoraTrainer", "CAT_CatVersionTrainer"]; // both train in cat_train.training.loop.train
 const PLOT_H = 150;
 const APT_H = 62; // APT runs: a band under the loss plot with the overfitting indicator of each timestep bin
@@ -179,7 +180,9 @@ function onProgress(event) {
     }
     if (run.start === null) run.start = d.step; // loss[i] is step start + i
     run.loss.push(d.loss); run.fit.push(d.fit); run.keep.push(d.keep);
-    Object.assign(run, { step: d.step, total: d.total, elapsed: d.elapsed, lr: d.lr });
+    // steps done before this run (a resume's): elapsed counts only this run's, and so do it/s and the ETA
+    Object.assign(run, { step: d.step, total: d.total, elapsed: d.elapsed, lr: d.lr,
+                         first: d.first_step ?? run.first ?? run.start - 1 });
     if (d.apt) run.apt = d.apt; // {indicator: [per bin, null if not drawn yet], fit_weight, augment_prob, ...}
     if (d.auto) run.auto = d.auto; // {auto_added: [[probe, step, drift], ...], drift: {probe: drift}, measured, ...}
     if (run.step >= run.total) run.state = "done";
@@ -189,6 +192,15 @@ function onProgress(event) {
   } catch (e) {
     console.warn("[ComfyUI-CAT] live view:", e);
   }
+}
+
+// A run stopped (Cancel, a crash) with a checkpoint saved: the status line says what to type into resume_from.
+function onStopped(event) {
+  const d = event.detail;
+  const run = d ? runs.get(String(d.node)) : undefined;
+  if (!run || !d.resume_from) return;
+  run.resume = d.resume_from;
+  redraw(String(d.node));
 }
 
 function onValidation(event) {
@@ -266,18 +278,24 @@ export function drawValidation(ctx, rows, s, axis, x, y, w, h, n, start) {
   return true;
 }
 
+function resumeFrom(run) {
+  return run.resume ? ` · resume_from ${run.resume}` : "";
+}
+
 function statusLine(run) {
-  const rate = run.elapsed > 0 ? run.step / run.elapsed : 0;
+  const done = run.step - (run.first ?? 0);
+  const rate = run.elapsed > 0 ? done / run.elapsed : 0;
   const at = `${run.step}/${run.total}`;
   switch (run.state) {
     case "running": {
       const eta = rate > 0 ? (run.total - run.step) / rate : NaN;
       return `step ${at} · ${rate.toFixed(2)} it/s · ETA ${fmtTime(eta)}`;
     }
-    case "done": return `done: ${run.total} steps in ${fmtTime(run.elapsed)} · ${rate.toFixed(2)} it/s`;
-    case "cancelled": return `cancelled at step ${at}`;
-    case "stopped": return `stopped at step ${at}`;
-    default: return `failed at step ${at}${run.message ? ": " + run.message : ""}`;
+    case "done": return run.first ? `done: ${done} steps (resumed at ${run.first}) in ${fmtTime(run.elapsed)} · ` +
+      `${rate.toFixed(2)} it/s` : `done: ${run.total} steps in ${fmtTime(run.elapsed)} · ${rate.toFixed(2)} it/s`;
+    case "cancelled": return `cancelled at step ${at}${resumeFrom(run)}`;
+    case "stopped": return `stopped at step ${at}${resumeFrom(run)}`;
+    default: return `failed at step ${at}${run.message ? ": " + run.message : ""}${resumeFrom(run)}`;
   }
 }
 
@@ -396,6 +414,7 @@ app.registerExtension({
   setup() {
     api.addEventListener(EVENT, onProgress);
     api.addEventListener(VALIDATION_EVENT, onValidation);
+    api.addEventListener(STOPPED_EVENT, onStopped);
     api.addEventListener("execution_success", () => endRuns("done"));
     api.addEventListener("execution_interrupted", (e) => endRuns("cancelled", e.detail));
     api.addEventListener("execution_error", (e) => endRuns("failed", e.detail));

@@ -25,6 +25,13 @@ PREFIX = "lora_unet_"
 class StorageError(OSError):
     """A folder that cannot take the files a run writes (LoRA files, checkpoints); the message names it and the fix."""
 
+    # ComfyUI's error dialog shows "<the class's module>.<its name>: str(error)": under ComfyUI this module is named by
+    # the pack's path, and OSError's text starts "[Errno 17] ". The dialog should start with the folder and the fix.
+    __module__ = "ComfyUI-CAT"
+
+    def __str__(self) -> str:
+        return self.strerror if self.strerror else super().__str__()
+
 
 def kohya_name(diffusers_path: str) -> str:
     return PREFIX + diffusers_path.replace(".", "_")

@@ -56,7 +56,8 @@ class LoraSpec:
         "the adapter's algorithm, through peft. `lora`: low-rank B A; `dora`: LoRA plus a trained per-output-row "
         "magnitude (weight decomposition); `loha`: Hadamard product of two rank-r products; `lokr`: Kronecker product "
         "(its low-rank factor has rank `rank`). All load through ComfyUI's stock LoRA loaders (docs/algorithms.md). "
-        "`dropout` is LoRA's input dropout and LoHa/LoKr's module dropout.")})
+        "Its dropout (`LoraSpec.dropout`, set from Python; no node has it) is LoRA's input dropout and LoHa/LoKr's "
+        "module dropout.")})
 
     def __post_init__(self):
         if self.rank < 1:

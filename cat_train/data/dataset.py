@@ -23,7 +23,8 @@ from typing import Iterator, Literal, Sequence
 import torch
 
 from .images import IMAGE_EXTS, UNSUPPORTED_EXTS, DatasetError, fit_to, load_image, make_buckets, nearest_bucket
-from .masks import MASK_SUFFIX, MaskSource, check_mask_source, fit_mask_to, is_mask_file, load_mask, mask_file_of
+from .masks import (COLOUR_NOTE, MASK_SUFFIX, MaskError, MaskSource, check_mask_source, fit_mask_to, is_mask_file,
+                    load_mask, mask_file_of)
 from .prompts import check_trigger_not_class_word, ensure_trigger, parse_class_words, triggers_in
 
 log = logging.getLogger("cat_train")
@@ -178,6 +179,12 @@ def scan_folder(root: str | Path, triggers: Sequence[str], class_word: str = "",
             records.append(ImageRecord(path, caption, triggers_in(caption, triggers), repeats,
                                        cap_file if cap_file.is_file() else None, encoding, mask_file_of(path)))
     if not records:
+        masks = [p.name for folder, *_ in groups for p in sorted(folder.iterdir()) if p.is_file() and is_mask_file(p)
+                 and p.suffix.lower() in IMAGE_EXTS]
+        if masks:
+            raise DatasetError(f"{root} holds only mask files ({len(masks)}: {', '.join(masks[:3])}"
+                               f"{', ...' if len(masks) > 3 else ''}): a mask goes beside its image (a.png and "
+                               f"a{MASK_SUFFIX}.png); put the training images in the folder too.")
         raise DatasetError(f"no images in {root} or its 'N_name' subfolders; accepted: {', '.join(IMAGE_EXTS)}.")
     note = legacy_caption_note(records)
     if note:
@@ -200,6 +207,7 @@ class Dataset:
     items: list[DatasetItem]
     skipped: list[tuple[Path, str]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)  # also logged; for a host to show beside the summary
+    mask_problems: list[str] = field(default_factory=list)  # DatasetPlan's: training.checks.check_masks refuses them
 
     @property
     def buckets(self) -> dict[tuple[int, int], int]:
@@ -253,6 +261,8 @@ class DatasetPlan:
     small: list[str] = field(default_factory=list)
     masks: str = "off"  # MASK_SOURCES
     masked: int = 0     # images decoded with a mask
+    mask_problems: list[str] = field(default_factory=list)  # mask files that could not be used: what and the fix
+    coloured: list[str] = field(default_factory=list)  # mask files in colour
 
     def budget(self, latent_channels: int = 4, scale: int = 8) -> str:
         """The memory line printed before decoding: one image's pixels at a time, every latent kept."""
@@ -265,8 +275,12 @@ class DatasetPlan:
         """Each readable image at its bucket size; an unreadable one goes to `skipped` (named, with why)."""
         for r in self.records:
             try:
-                img, mask = (load_mask(r.path, r.mask_file, self.masks) if self.masks != "off"
-                             else (load_image(r.path), None))
+                try:
+                    img, mask = (load_mask(r.path, r.mask_file, self.masks) if self.masks != "off"
+                                 else (load_image(r.path), None))
+                except MaskError as e:  # a bad mask costs the image its mask, not its place in training
+                    self.mask_problems.append(str(e))
+                    img, mask = load_image(r.path), None
             except DatasetError as e:
                 self.skipped.append((r.path, str(e)))
                 continue
@@ -274,6 +288,8 @@ class DatasetPlan:
                 self.small.append(f"{r.path.name} ({img.width}x{img.height})")
             size = nearest_bucket(img.width, img.height, self.sizes)
             self.masked += mask is not None
+            if mask is not None and mask.info.get("cat_colour"):
+                self.coloured.append(r.mask_file.name if r.mask_file else r.path.name)
             yield DatasetItem(fit_to(img, size), r.caption, r.triggers, r.repeats, r.path,
                               None if mask is None else fit_mask_to(mask, size))
 
@@ -295,15 +311,27 @@ class DatasetPlan:
         """After decode(): refuse an all-unreadable folder; the warnings to show (also logged)."""
         unreadable = [(p, why) for p, why in self.skipped if p.suffix.lower() not in UNSUPPORTED_EXTS]
         if unreadable:
-            log.warning("skipped %d unreadable image(s): %s", len(unreadable), ", ".join(str(p) for p, _ in unreadable))
+            log.warning("skipped %d image(s): %s", len(unreadable), "; ".join(why if str(p) in why else f"{p}: {why}"
+                                                                         for p, why in unreadable))
         if not n_items:
             raise DatasetError(f"no readable image in {self.root}; all {len(self.skipped)} failed to decode: "
                                + "; ".join(f"{p.name}: {why}" for p, why in self.skipped))
         warnings = list(self.warnings)
+        if self.mask_problems:
+            more = f" and {len(self.mask_problems) - 3} more" if len(self.mask_problems) > 3 else ""
+            warnings.append(f"{len(self.mask_problems)} mask file(s) not used, their images train without a mask "
+                            f"(masked training refuses them: mask_floor < 1 or mask_keep > 0): "
+                            f"{'; '.join(self.mask_problems[:3])}{more}.")
+            log.warning(warnings[-1])
         note = self.mask_note(n_items)
         if note:
             warnings.append(note)
             log.warning(note)
+        if self.coloured:
+            more = f" and {len(self.coloured) - 5} more" if len(self.coloured) > 5 else ""
+            warnings.append(f"{len(self.coloured)} mask file(s) are in colour ({', '.join(self.coloured[:5])}{more}): "
+                            f"{COLOUR_NOTE}.")
+            log.warning(warnings[-1])
         if self.small:
             more = f" and {len(self.small) - 5} more" if len(self.small) > 5 else ""
             warnings.append(f"{len(self.small)} image(s) in {self.root} are smaller than {MIN_SIDE} px on a side: "
@@ -342,7 +370,7 @@ def load_dataset(root: str | Path, triggers: Sequence[str], class_word: str = ""
                         masks)
     items = list(plan.decode())
     warnings = plan.finish(len(items))
-    return Dataset(items, plan.skipped, warnings)
+    return Dataset(items, plan.skipped, warnings, plan.mask_problems)
 
 
 __all__ = ["DatasetError", "Dataset", "DatasetItem", "DatasetPlan", "ImageRecord", "IMAGE_EXTS", "MIN_SIDE",

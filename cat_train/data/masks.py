@@ -21,6 +21,15 @@ MaskSource = Literal["off", "auto", "file", "alpha"]
 MASK_SOURCES = ("off", "auto", "file", "alpha")
 
 
+class MaskError(DatasetError):
+    """A mask file that cannot be used beside a good image: the image is not dropped for it (it trains without a
+    mask while masked training is off; a host refuses the run when masked training is on)."""
+
+    def __init__(self, message: str, mask_file: Path):
+        super().__init__(message)
+        self.mask_file = mask_file
+
+
 def is_mask_file(p: Path) -> bool:
     return p.stem.lower().endswith(MASK_SUFFIX)
 
@@ -47,15 +56,36 @@ def load_mask(path: Path, mask_file: Path | None, masks: str) -> tuple[Image.Ima
     img = _open(path)
     mask = None
     if masks in ("auto", "file") and mask_file is not None:
-        m = _open(mask_file)
+        try:
+            m = _open(mask_file)
+        except DatasetError as e:
+            cause = e.__cause__
+            why = f"{type(cause).__name__}: {cause}" if cause is not None else str(e)
+            raise MaskError(f"mask {mask_file} cannot be read ({why}); re-save it as a greyscale PNG at its image's "
+                            f"size ({img.width}x{img.height}), or remove it", mask_file) from None
         mask = _to_8bit(m) if m.mode in ("I", "I;16", "I;16B", "I;16L", "F") else m.convert("L")
+        if in_colour(m):
+            mask.info["cat_colour"] = True  # DatasetPlan.decode names it: luminance is not what the user meant
         if mask.size != img.size:
-            raise DatasetError(f"mask {mask_file} is {mask.width}x{mask.height} but its image {path.name} is "
-                               f"{img.width}x{img.height}; save the mask at the image's size.")
+            raise MaskError(f"mask {mask_file} is {mask.width}x{mask.height} but its image {path.name} is "
+                            f"{img.width}x{img.height}; save the mask at the image's size", mask_file)
     elif masks in ("auto", "alpha") and _has_alpha(img):
         alpha = img.convert("RGBA").getchannel("A")
         mask = alpha if alpha.getextrema()[0] < 255 else None  # all opaque: no mask
     return _flatten(img), mask
+
+
+def in_colour(img: Image.Image) -> bool:
+    """Whether a mask file's pixels have colour (red, green and blue not all equal): converted to grey by luminance,
+    pure red weighs 0.30 of white."""
+    if img.mode not in ("RGB", "RGBA", "P", "CMYK", "YCbCr", "LAB", "HSV"):
+        return False
+    r, g, b = (np.asarray(c, dtype=np.int16) for c in img.convert("RGB").split())
+    return bool((r != g).any() or (g != b).any())
+
+
+COLOUR_NOTE = ("read as grey by luminance (pure red weighs 0.30 of white, green 0.59, blue 0.11); save masks as "
+               "greyscale, white = subject, black = background")
 
 
 def fit_mask_to(mask: Image.Image, size: tuple[int, int]) -> torch.Tensor:

@@ -66,9 +66,13 @@ def rank_probes(prompts: Sequence[str], similarities: Tensor | Sequence[Sequence
     return sorted(rows, key=lambda r: (-r.drift, r.index))
 
 
-def worst_probes(ranked: Sequence[ProbeDrift], k: int, min_drift: float = 0.0) -> list[str]:
+NOISE_DRIFT = 1e-4  # the report's last digit: a drift below it is shown as 0.0000, and is a GPU's rounding, not a leak
+
+
+def worst_probes(ranked: Sequence[ProbeDrift], k: int, min_drift: float = NOISE_DRIFT) -> list[str]:
     """The top-k drifting prompts; only those that drifted more than min_drift (an untouched prompt needs no
-    preservation, so with base == adapted the list is empty)."""
+    preservation, so with base == adapted the list is empty, and so it is when every drift reads 0.0000: a GPU's
+    nondeterministic sampling left 1e-7 drifts that were recommended as leaks)."""
     if k < 1:
         raise ValueError(f"top_k must be >= 1, got {k}.")
     return [r.prompt for r in ranked if r.drift > min_drift][:k]
@@ -84,6 +88,9 @@ def report(ranked: Sequence[ProbeDrift], worst: Sequence[str]) -> str:
     if worst:
         lines.append(f"{len(worst)} most drifting (add them to CAT Loss Config's preservation prompts and retrain):")
         lines += [f"  {p}" for p in worst]
+    elif ranked and ranked[0].drift > 0:
+        lines.append(f"No probe drifted by {NOISE_DRIFT} or more (the adapted MODEL draws what the base draws, up to "
+                     "rounding): nothing to add to the preservation prompts.")
     else:
         lines.append("No probe drifted: the adapted MODEL draws exactly what the base draws for every probe "
                      "(is a LoRA applied to it?).")

@@ -121,8 +121,10 @@ def _faint(c, amount: float = 0.3):
 
 
 def loss_curve(history: Sequence[dict], keys: Sequence[str] = ("fit", "keep"), size=(640, 360), log_y=True,
-               title: str = "") -> Image.Image:
+               title: str = "", smooth: bool = True) -> Image.Image:
     """history rows {'step', 'fit', 'keep', ...}: faint raw lines, EMA-smoothed lines on top, log-y by default.
+    smooth=False: the values themselves, each a dot (a few measured points, e.g. per saved step, where an EMA drew a
+    line through no measured value and its legend named a value nothing had).
 
     On a log axis values <= 0 (CAT's keep term is exactly 0 at the first step) sit on the bottom edge, and
     the axis spans at most 5 decades below the highest value so one tiny value cannot flatten the rest.
@@ -179,17 +181,24 @@ def loss_curve(history: Sequence[dict], keys: Sequence[str] = ("fit", "keep"), s
     for k in order:  # every raw line first, so no raw line covers a smoothed one
         c = PALETTE[order.index(k) % len(PALETTE)]
         _polyline(d, points(series[k]), _faint(c), 1)
+    shown = {k: ema(series[k]) if smooth else series[k] for k in order}
     for j, k in enumerate(order):  # widest first: narrower dashed lines stay visible where curves coincide
         width, dash, gap = STYLES[j % len(STYLES)]
-        _polyline(d, points(ema(series[k])), PALETTE[j % len(PALETTE)], width, dash, gap)
+        _polyline(d, points(shown[k]), PALETTE[j % len(PALETTE)], width, dash, gap)
+        if not smooth:
+            for px, py in points(shown[k]):
+                d.ellipse([px - 3, py - 3, px + 3, py + 3], fill=PALETTE[j % len(PALETTE)])
     lx, ly = left, top - 18 * math.ceil(len(order) / 3) - 4
+    legend: dict[str, float] = {}
     for j, k in enumerate(order):  # legend: line sample in the series' colour and style, then its name
         x = lx + (j % 3) * (pw // 3)
         y = ly + 18 * (j // 3) + 8
         width, dash, gap = STYLES[j % len(STYLES)]
         _polyline(d, [(x, y), (x + 28, y)], PALETTE[j % len(PALETTE)], width, dash, gap)
-        last = next((v for v in reversed(ema(series[k])) if math.isfinite(v)), float("nan"))
+        last = next((v for v in reversed(shown[k]) if math.isfinite(v)), float("nan"))
+        legend[k] = last
         text(d, (x + 34, y), f"{k}  {last:.3g}" if math.isfinite(last) else f"{k}  n/a", fs, INK, "lm")
+    img.info["legend"] = legend  # for tests: the value each legend entry shows
     return img
 
 

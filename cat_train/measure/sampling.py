@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..step.cancel import cancel_point
 from ..step.conds import cat_cond
 from ..step.denoiser import Cond, Denoiser, FlowSchedule, time_shift
 
@@ -84,6 +85,7 @@ def sample(denoiser: Denoiser, cond: Cond, uncond: Cond | None, shape: tuple[int
         both = cat_cond(cond, uncond)  # texts of different lengths brought to one as the family batches them
     ts, coefs = _levels(denoiser, steps)
     for i, t in enumerate(ts):
+        cancel_point()  # a host's Cancel within one sampling step, not after a preview round
         tt = t.to(param.device).repeat(b)
         if guided:
             c, u = denoiser.predict(torch.cat([x, x]), torch.cat([tt, tt]), both).chunk(2)

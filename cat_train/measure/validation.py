@@ -33,12 +33,14 @@ import torch
 from torch import Tensor
 
 from ..adapters.lora import adapter_switched
+from ..step.cancel import cancel_point
 from ..step.denoiser import Cond, Denoiser
 from ..step.objective import mean_sq_diff
 from ..step.conds import common_length
 from .observe import observing
 
 log = logging.getLogger("cat_train")
+PASS_ROWS = 8  # prompt rows per forward (each brings `points` samples)
 
 
 @dataclass
@@ -102,8 +104,9 @@ class Validator:
             rows = ([(i, img.cond_token, "fit", "")] + [(i, c, "keep", "") for c in img.keep]
                     + [(i, c, "probe", n) for n, c in {**self.probes, **img.probes}.items()])
             rows_by_shape.setdefault(tuple(img.latent.shape), []).extend(r for r in rows if r[2] in kinds)
-        # ~batch_size images' rows
-        per = batch_size * (2 + len(self.probes) + max(len(img.probes) for img in self.images))
+        # ~batch_size images' rows, PASS_ROWS at most: Cancel is checked between passes, and auto preservation's 150
+        # probes made one pass of 600 rows (66 s)
+        per = min(PASS_ROWS, batch_size * (2 + len(self.probes) + max(len(img.probes) for img in self.images)))
         self.passes = [_Pass(rows[j:j + per]) for rows in rows_by_shape.values() for j in range(0, len(rows), per)]
         self._frozen: list[Tensor] | None = None  # per pass; its "fit" rows hold the targets
 
@@ -130,6 +133,7 @@ class Validator:
                 with adapter_switched(den.module, False):
                     self._frozen = []
                     for p in self.passes:
+                        cancel_point()
                         x_t, t, target, cond = self._inputs(p, device)
                         frozen = den.predict(x_t, t, cond).float().cpu()
                         is_fit = torch.tensor([kind == "fit" for _, _, kind, _ in p.rows]).repeat_interleave(k)
@@ -138,6 +142,7 @@ class Validator:
             out = []
             with adapter_switched(den.module, True):
                 for p, ref in zip(self.passes, self._frozen):
+                    cancel_point()
                     x_t, t, _, cond = self._inputs(p, device)
                     d = mean_sq_diff(den.predict(x_t, t, cond).float().cpu(), ref)
                     out += [(kind, name, d[r * k:(r + 1) * k]) for r, (_, _, kind, name) in enumerate(p.rows)]

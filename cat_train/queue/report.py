@@ -151,15 +151,36 @@ def chart(points: list[tuple[str, float, float]], best: str | None, size=(720, 4
     d.rectangle([left, top, w - right, h - bottom], outline=plot.GREY)
     plot.text(d, (left + pw / 2, h - 6), "IS (identity: higher = more like the references)", fs, plot.GREY, "md")
     plot.text(d, (6, top - 14), "KPS (higher = less leakage)", fs, plot.GREY)
+    boxes: list[tuple[float, float, float, float]] = []
     for i, (name, x, y) in enumerate(points):
         px, py = X(x), Y(y)
         if name == best:
             d.ellipse([px - 11, py - 11, px + 11, py + 11], outline=plot.INK, width=2)
         d.ellipse([px - 5, py - 5, px + 5, py + 5], fill=plot.PALETTE[i % len(plot.PALETTE)])
         anchor = "rm" if px > left + pw * 0.6 else "lm"
-        plot.text(d, (px + (-14 if anchor == "rm" else 14), py), name + ("  (best)" if name == best else ""), fs,
-                  plot.INK, anchor)
+        label = name + ("  (best)" if name == best else "")
+        lx = px + (-14 if anchor == "rm" else 14)
+        tw = d.textlength(label, font=fs)
+        x_lo, x_hi = (lx - tw, lx) if anchor == "rm" else (lx, lx + tw)
+        ly = _free_row(boxes, x_lo, x_hi, py, LABEL_H)
+        if ly != py:  # runs with equal scores share a dot's place: their labels stack, each tied to its dot
+            d.line([(px, py), (lx, ly)], fill=plot.GREY)
+        boxes.append((x_lo, ly - LABEL_H / 2, x_hi, ly + LABEL_H / 2))
+        plot.text(d, (lx, ly), label, fs, plot.INK, anchor)
+    img.info["label_boxes"] = boxes  # for tests: where each label went
     return img
+
+
+LABEL_H = 14  # px a label row takes
+
+
+def _free_row(boxes, x_lo: float, x_hi: float, y: float, h: float) -> float:
+    """The first row at or below y (in run order, then above) that overlaps no label already placed: runs with tied
+    scores wrote their labels over each other."""
+    for cand in [y + k * h for k in range(len(boxes) + 1)] + [y - k * h for k in range(1, len(boxes) + 1)]:
+        if not any(x_lo < b[2] and b[0] < x_hi and cand - h / 2 < b[3] and b[1] < cand + h / 2 for b in boxes):
+            return cand
+    return y
 
 
 BEST_RULE = ("best = the run whose weaker score is strongest, IS and KPS each scaled to its range over the finished "

@@ -63,6 +63,25 @@ def fit_weights(mask: Tensor, floor: float) -> Tensor:
     return mask + floor * (1.0 - mask)
 
 
+def check_masks(masks: Sequence[Tensor | None], floor: float, names: Sequence[str] = ()) -> list[str]:
+    """With mask_floor 0 an all-black mask (no subject marked) fits nothing: refused when every image has one (the LoRA
+    would stay zero), a warning naming the images otherwise. names: the images', for the messages."""
+    if floor > 0:
+        return []
+    black = [i for i, m in enumerate(masks) if m is not None and float(m.max()) == 0.0]
+    if not black:
+        return []
+    named = ", ".join(names[i] if i < len(names) else f"image {i + 1}" for i in black[:5])
+    named += f" and {len(black) - 5} more" if len(black) > 5 else ""
+    if len(black) == len(masks):
+        raise ValueError(f"every training image's mask is all black ({named}): nothing is marked as subject, and with "
+                         "mask_floor 0 the background is not fitted either, so the LoRA would learn nothing. Masks are "
+                         "white on the subject: fix the masks (a -masklabel.png saved inverted or empty?), or raise "
+                         "mask_floor (e.g. 0.1).")
+    return [f"{len(black)} of {len(masks)} training images have an all-black mask ({named}): with mask_floor 0 they "
+            "train nothing. Masks are white on the subject: fix those masks or remove them."]
+
+
 class MaskedLoss(BatchTerm, LossTerm, RunHook):
     """Weights the fit per element by the batch's masks (it sees the batch, shapes the loss) and adds the background
     keep term (reported in the history)."""
@@ -78,6 +97,8 @@ class MaskedLoss(BatchTerm, LossTerm, RunHook):
         self.last: dict = {"background_keep": 0.0} if cfg.keep else {}
 
     def start(self, examples: Sequence) -> None:
+        for note in check_masks([getattr(e, "mask", None) for e in examples], self.cfg.floor):
+            log.warning(note)
         n = sum(getattr(e, "mask", None) is not None for e in examples)
         if not n:
             log.warning("mask_floor %s / mask_keep %s are set but no training image has a mask: they change nothing. "

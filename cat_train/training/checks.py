@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .config import CatLossConfig
-from ..data.prompts import preservation_prompt
+from ..data.prompts import preservation_prompt, triggers_in
 
 TOKEN_WEIGHTS_FORMAT = "one 'token=weight' per line (or comma separated), e.g. 'sks=1.5'"
 
@@ -61,6 +61,36 @@ def check_concepts(triggers: Sequence[str], loss_cfg: CatLossConfig) -> None:
                                  "trigger (y) would equal the training caption (y_T), so the CAT term would compare a "
                                  "prompt with itself and preserve nothing. Use a token the model does not know as the "
                                  f"trigger (e.g. 'sks') and keep {t!r} as the class word.")
+    check_prompts_without_trigger(triggers, loss_cfg.preservation_prompts, "preservation prompt")
+    auto = loss_cfg.auto
+    if auto.active and auto.source == "list":
+        check_prompts_without_trigger(triggers, auto.probes, "auto preservation probe")
+        word = loss_cfg.class_word if loss_cfg.preservation == "class" else ""
+        if isinstance(word, str) and word and all(p == word for p in auto.probes):
+            raise ValueError(f"auto preservation's only probe is the class word {word!r}, which y already preserves: "
+                             "an image is never probed with its own class word, so nothing would be measured. Give its "
+                             "neighbours as probes instead (e.g. for 'dog': cat, wolf, puppy), or source `common`.")
+
+
+def check_prompts_without_trigger(triggers: Sequence[str], prompts: Sequence[str], what: str) -> None:
+    """Prompts the CAT term or a measurement holds at the base model must not hold a trigger: the term would pull
+    the trigger back to the base (fighting the fit), a drift measured on it is the fit, not a leak."""
+    for p in prompts:
+        found = triggers_in(p, [t for t in triggers if t.strip()])
+        if found:
+            raise ValueError(f"{what} {p!r} holds the trigger {found[0]!r}: it would be held at the base model, "
+                             "undoing what the LoRA learns for the trigger. Write it without the trigger (e.g. "
+                             f"{preservation_prompt(p, found, 'strip')!r}); the training captions are y_T already.")
+
+
+def check_masks(mask_problems: Sequence[str], loss_cfg: CatLossConfig) -> None:
+    """Masked training on (mask_floor < 1 or mask_keep > 0) with mask files the dataset could not use: those images
+    would train unmasked beside masked ones. Off, the dataset's note says they are not used, and training goes on."""
+    if mask_problems and loss_cfg.mask.active:
+        more = f" (and {len(mask_problems) - 3} more)" if len(mask_problems) > 3 else ""
+        raise ValueError(f"masked training is on (mask_floor {loss_cfg.mask.floor}, mask_keep {loss_cfg.mask.keep}) "
+                         f"but {len(mask_problems)} mask file(s) cannot be used: {'; '.join(mask_problems[:3])}{more}. "
+                         "Fix or remove those files, or set mask_floor 1 and mask_keep 0 to train without masks.")
 
 
 def check_image_batch(images, what: str) -> None:

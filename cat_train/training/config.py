@@ -239,3 +239,84 @@ class CatLossConfig:
     def min_snr(self) -> MinSnr:
         """min_snr_gamma as one term config (the terms registry's `min_snr` entry)."""
         return MinSnr(self.min_snr_gamma)
+
+
+EMA_REFUSED = 0.9  # the untrained start's share of the average above which the LoRA is all but empty (< 10%)
+EMA_WARNED = 0.5
+AUTO_COST_WARNED = 0.5  # auto preservation's measurements, as a share of the training's own compute
+
+
+def check_run(cfg: TrainConfig, loss_cfg: CatLossConfig, images: int | None = None) -> list[str]:
+    """Settings each valid alone that together train something other than they say. Refused (a ValueError naming the
+    inputs and the fix) where the run would be wasted or recorded as what it is not; otherwise the warnings, for the
+    host to show before step 1. images: the dataset's image count, for auto preservation's cost (None: not judged)."""
+    warnings = _ema_warnings(cfg)
+    if not cfg.shuffle_tags and (cfg.keep_tags or cfg.caption_variants != 8):
+        given = " and ".join(s for s in (f"keep_tags {cfg.keep_tags}" if cfg.keep_tags else "",
+                                         f"caption_variants {cfg.caption_variants}" if cfg.caption_variants != 8
+                                         else "") if s)
+        warnings.append(f"{given} {'do' if ' and ' in given else 'does'} nothing while shuffle_tags is off: captions "
+                        "are used as they are. Turn shuffle_tags on (CAT Training Options) to shuffle them, or leave "
+                        "these at their defaults (keep_tags 0, caption_variants 8).")
+    if loss_cfg.alpha > 0 and 1 < loss_cfg.keep_every >= cfg.steps:
+        raise ValueError(f"keep_every {loss_cfg.keep_every} with {cfg.steps} steps puts the CAT term on step 1 only, "
+                         "where the LoRA is still zero and the term has nothing to hold: the run would be a plain LoRA "
+                         f"recorded as CAT (factor {loss_cfg.alpha}). Use keep_every of at most "
+                         f"{max(1, cfg.steps // 10)} (the term on 10 steps or more), or cat_factor 0 for a plain LoRA.")
+    auto = loss_cfg.auto
+    if auto.active:
+        if auto.every >= cfg.steps:
+            raise ValueError(f"auto preservation `every` {auto.every} with {cfg.steps} steps "
+                             + ("never measures" if auto.every > cfg.steps else "measures only after the last step")
+                             + ", so it adds no prompt and the run is as without it; set `every` to at most "
+                             f"{max(1, cfg.steps // 4)} (a few measurements in the run), or 0 to turn it off.")
+        warnings += _auto_warnings(cfg, loss_cfg, images)
+    return warnings
+
+
+def _ema_warnings(cfg: TrainConfig) -> list[str]:
+    if not cfg.ema_decay:
+        return []
+    if cfg.ema_start_step >= cfg.steps:
+        raise ValueError(f"ema_start_step {cfg.ema_start_step} is at or past the last step ({cfg.steps}): the average "
+                         "would never start, yet the LoRA would be recorded as EMA-averaged. Set ema_start_step below "
+                         f"steps (e.g. {cfg.steps // 2}), or ema_decay 0 to train without EMA.")
+    span = cfg.steps - cfg.ema_start_step
+    share = cfg.ema_decay ** span  # what the shadow holds of the weights before the average started
+    if share <= EMA_WARNED:
+        return []
+    start = ("the untrained start (a zero LoRA)" if cfg.ema_start_step == 0
+             else f"the weights of step {cfg.ema_start_step}")
+    fit = math.floor(0.05 ** (1 / span) * 1000) / 1000  # the start's share down to 5%
+    fix = (f"ema_decay {fit} or lower (about {round(1 / (1 - fit))} steps averaged)" if fit >= 0.5 else "ema_decay 0")
+    text = (f"ema_decay {cfg.ema_decay} over {span} averaged step{'s' * (span != 1)} (steps {cfg.steps}, "
+            f"ema_start_step {cfg.ema_start_step}) averages about {round(1 / (1 - cfg.ema_decay))} steps: "
+            f"{start} would still weigh {share:.1%} of the result")
+    if cfg.ema_start_step == 0:
+        text += (f", so the LoRA would hold about {1 - share:.1%} of what it learns (less while the weights still "
+                 "grow)")
+    if share > EMA_REFUSED:
+        raise ValueError(f"{text}. Use {fix}, or more steps.")
+    return [f"{text}; {fix} keeps it under 5%."]
+
+
+def _auto_warnings(cfg: TrainConfig, loss_cfg: CatLossConfig, images: int | None) -> list[str]:
+    from ..terms.auto_config import probe_words
+
+    auto = loss_cfg.auto
+    probes = len(probe_words(auto, loss_cfg.class_word))
+    if images is None or not probes:
+        return []
+    measured = min(images, auto.images) if auto.images else images
+    rounds = cfg.steps // auto.every
+    per_round = probes * measured * auto.points  # no-grad adapted forwards (the frozen ones once per run)
+    # a training step: per image the adapted y_T and y rows forward and backward (~3 forwards each) and the frozen y
+    training = cfg.steps * cfg.batch_size * cfg.grad_accum * (7 if loss_cfg.alpha > 0 else 3)
+    ratio = rounds * per_round / training
+    if ratio <= AUTO_COST_WARNED:
+        return []
+    return [f"auto preservation: {probes} probes x {measured} images x {auto.points} points = {per_round} UNet "
+            f"forwards per measurement, {rounds} measurements (every {auto.every} of {cfg.steps} steps): about "
+            f"{ratio:.1f}x the compute of the training itself, and up to {probes * images} probe prompts to encode "
+            "before step 1. To spend less: fewer probes (the neighbours of the class word a leak scan flags), a larger "
+            "`every`, or fewer `images` or `points`."]

@@ -30,10 +30,10 @@ from ..terms import registry
 from .batch import BatchSampler, micro_batch
 from .checkpoints import checkpoint_path, load_checkpoint, restore, snapshot
 from .checkpoints import save as save_checkpoint
-from .config import CatLossConfig, TrainConfig
+from .config import CatLossConfig, TrainConfig, check_run
 from .examples import Example, batch_note
 from .run_folder import check_resume, check_space, checkpoint_bytes, claim_or_own, data_fingerprint, result_settings
-from .run_folder import writable_folder
+from .run_folder import drop_if_unused, remove_stale_temps, writable_folder
 
 log = logging.getLogger("cat_train")
 
@@ -48,6 +48,7 @@ class StepInfo:
     lr: float
     elapsed: float
     reports: dict[str, dict] = field(default_factory=dict)  # each plugged-in regularizer's report(), by its name
+    first_step: int = 0  # steps done before this run (a resume's): elapsed counts only the steps after it
 
 
 @dataclass
@@ -91,15 +92,16 @@ def train(denoiser: Denoiser, examples: Sequence[Example], loss_cfg: CatLossConf
           cfg: TrainConfig, callback: Callable[[StepInfo], None] | None = None, resume: str | os.PathLike | None = None,
           keep_adapter: bool = False, on_save: Callable[[int, Any], None] | None = None,
           sampler: BatchSampler | None = None, own_folder: bool = False,
-          extra_terms: Sequence[Term] = ()) -> TrainResult:
+          extra_terms: Sequence[Term] = (), on_own_folder: Callable[[Path], None] | None = None) -> TrainResult:
     """Train an adapter (the one `spec` configures, or a `plugs.Adapter` itself) with the CAT objective.
     The model is restored (adapter removed) on return unless keep_adapter.
 
     on_save(step, weights) runs at every `save_every` checkpoint (e.g. to write a loadable adapter file too);
     sampler: how batches are drawn (default: same-bucket batches weighted by repeats); own_folder: when
     cfg.checkpoint_dir belongs to another run, write to `<dir>_<run id>` (said in the result's warnings) instead of
-    refusing (run_folder.FolderTaken); extra_terms: step terms an adapter's own trainer adds after the configured ones
-    (e.g. flips of the training images)."""
+    refusing (run_folder.FolderTaken), and on_own_folder(that folder) is called before step 1 (a host names the run's
+    other files after it: two runs with one checkpoint_name must not share a step file name); extra_terms: step
+    terms an adapter's own trainer adds after the configured ones (e.g. flips of the training images)."""
     if not examples:
         raise ValueError("no training examples; the dataset is empty.")
     adapter = adapter_for(spec)
@@ -111,21 +113,28 @@ def train(denoiser: Denoiser, examples: Sequence[Example], loss_cfg: CatLossConf
         raise ValueError("mixed_precision 'fp16' needs a GPU (it trains with a grad scaler); use 'bf16' or 'no' on "
                          f"{device}.")
     caption_rows.check_examples(examples, cfg)
+    together = check_run(cfg, loss_cfg, sum(1 for ex in examples if ex.drawn))
+    for note in together:
+        log.warning(note)
     sampler = sampler or BatchSampler(examples, cfg.batch_size, (cfg.timestep_min, cfg.timestep_max))
     ckpt_dir = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
     state = load_checkpoint(resume) if resume else None
     settings = result_settings(cfg, loss_cfg, adapter, data_fingerprint(examples), _family_name(denoiser))
     if state is not None:
         check_resume(state, settings, cfg.steps, resume)
-    notes = [n for n in [batch_note(examples, cfg)] if n]
+    notes = together + [n for n in [batch_note(examples, cfg)] if n]
     if ckpt_dir is not None:
         fix = "choose another checkpoint folder (the node's checkpoint_name) on a disk with room."
         writable_folder(ckpt_dir, "checkpoint folder", fix)
         same = state is not None and Path(resume).resolve().parent == ckpt_dir.resolve()
         ckpt_dir, moved = claim_or_own(ckpt_dir, settings, same, own_folder)
+        for tmp in remove_stale_temps(ckpt_dir):
+            log.info("removed %s, left by a save that was killed mid-write", tmp)
         if moved:
             log.warning(moved)
             notes.append(moved)
+            if on_own_folder:
+                on_own_folder(ckpt_dir)
 
     was_training = module.training
     result = TrainResult(weights={}, warnings=notes)
@@ -163,7 +172,7 @@ def train(denoiser: Denoiser, examples: Sequence[Example], loss_cfg: CatLossConf
                 result.last_checkpoint = save_checkpoint(snap, checkpoint_path(ckpt_dir, step))
                 return result.last_checkpoint
 
-            t0 = time.perf_counter()
+            t0, first_step = time.perf_counter(), result.steps_done
             for step in range(result.steps_done, cfg.steps):
                 opt.zero_grad(set_to_none=True)
                 fit = keep = total = 0.0
@@ -204,7 +213,8 @@ def train(denoiser: Denoiser, examples: Sequence[Example], loss_cfg: CatLossConf
                             on_save(result.steps_done, adapter.weights())
                 if callback:
                     callback(StepInfo(step + 1, cfg.steps, total, fit, keep, lr, time.perf_counter() - t0,
-                                      {k: r for k, r in reports.items() if r}))  # a term with nothing to show: no entry
+                                      {k: r for k, r in reports.items() if r},  # a term with nothing to show: no entry
+                                      first_step))
         except TrainingDiverged:
             raise
         except BaseException as e:  # cancel (ComfyUI's interrupt, Ctrl-C) or a crash: keep what was learned
@@ -215,6 +225,9 @@ def train(denoiser: Denoiser, examples: Sequence[Example], loss_cfg: CatLossConf
                     save(result.steps_done)
                     log.warning("training stopped at step %d; checkpoint saved to %s", result.steps_done,
                                 result.last_checkpoint)
+            if result.last_checkpoint is not None:  # where to resume from, for a host to show beside its Cancel
+                with contextlib.suppress(AttributeError, TypeError):
+                    e.cat_checkpoint = result.last_checkpoint
             if _is_oom(e):
                 raise TrainingOutOfMemory(
                     f"out of memory at step {result.steps_done + 1} (batch {cfg.batch_size}, latent "
@@ -230,6 +243,8 @@ def train(denoiser: Denoiser, examples: Sequence[Example], loss_cfg: CatLossConf
             module.train(was_training)
             if not keep_adapter:
                 adapter.remove()
+            if ckpt_dir is not None and drop_if_unused(ckpt_dir):
+                log.info("removed the run folder %s: this run wrote nothing in it", ckpt_dir)
     return result
 
 

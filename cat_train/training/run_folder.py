@@ -16,6 +16,7 @@ import math
 import os
 import shutil
 import tempfile
+import time
 import zlib
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
@@ -240,6 +241,55 @@ def writable_folder(folder: Path, what: str, fix: str) -> None:
         os.unlink(probe)
     except OSError as e:
         raise StorageError(e.errno, f"{what} {folder} cannot be written ({e.strerror or e}); {fix}") from None
+
+
+STALE_TEMP_SECONDS = 600  # a temp file untouched this long is no save in progress: a save writes it without pause
+
+
+def remove_stale_temps(folder: Path) -> list[Path]:
+    """Temp files of saves killed mid-write (SIGKILL, power loss: `finally` never ran), e.g. a hidden
+    `.cat-step000004.pt.tmp<pid>` per kill, each the size of a checkpoint. Removed when untouched for
+    STALE_TEMP_SECONDS and (POSIX) their writer's pid is no live process, so another server's save in progress in a
+    shared folder is left alone. Returns what was removed."""
+    removed = []
+    now = time.time()
+    for tmp in folder.glob(".cat-*.tmp*"):
+        pid = tmp.name.rpartition(".tmp")[2]
+        try:
+            if not tmp.is_file() or now - tmp.stat().st_mtime < STALE_TEMP_SECONDS:
+                continue
+            if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
+                continue
+            tmp.unlink()
+            removed.append(tmp)
+        except OSError:  # gone meanwhile, or not ours to remove: leave it
+            continue
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if os.name != "posix":  # os.kill(pid, 0) would end the process on Windows: age alone decides there
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's live process
+        return True
+    return True
+
+
+def drop_if_unused(folder: Path) -> bool:
+    """A run folder holding only its `cat-run.json` (the run wrote nothing: save_every 0, or stopped before a save) is
+    removed: a sweep left one per changed setting (104 of 130 folders). True when removed."""
+    try:
+        if {p.name for p in folder.iterdir()} != {RUN_FILE}:
+            return False
+        (folder / RUN_FILE).unlink()
+        folder.rmdir()
+    except OSError:  # written to meanwhile, or not removable: keep it
+        return False
+    return True
 
 
 def check_space(folder: Path, need: int, what: str, fix: str) -> None:

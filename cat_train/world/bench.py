@@ -235,7 +235,10 @@ def subject_scores(world: World, imgs: dict[str, torch.Tensor], base: dict[str, 
     ref = clip.encode_image(task_images(task))
     col_n = clip.attributes(imgs["notoken"])[1]
     colour_ok, place_ok = identity_parts(task, imgs["token"], clip.attributes(imgs["token"])[1])
-    out = {"IS": metrics.identity_similarity(ref, tok).value, "KPS": metrics.kps(notok, tok).value,
+    is_, kps = metrics.identity_similarity(ref, tok), metrics.kps(notok, tok)
+    out = {"IS": is_.value, "KPS": kps.value,
+           # pairs at the floor (similarity <= 0): one pulls IS's harmonic mean to 0 and KPS to 1; the demo says so
+           "IS_floor": [is_.clamped, len(is_.per_pair)], "KPS_floor": [kps.clamped, len(kps.per_pair)],
            "drift": float((1 - metrics.cosine(clip.encode_image(base["notoken"]), notok)).mean()),
            "leak": float(np.mean(is_identity(task, imgs["notoken"], col_n))),
            "identity": float(np.mean([a and b for a, b in zip(colour_ok, place_ok)]))}

@@ -139,6 +139,28 @@ def measure(watches: dict[str, RunWatch], report: dict, args) -> dict:
                                           for n, w in watches.items()}}
 
 
+def floor_notes(report: dict) -> list[str]:
+    """Why a step reads IS 0.0000 or KPS 1.0000: pairs of images with similarity <= 0 (clamped to the floor), each of
+    which pulls the harmonic mean to ~0 (IS = H, KPS = 1 - H)."""
+    notes = []
+    for name, rows in report["per_step"].items():
+        for r in rows:
+            parts = []
+            k, n = r.get("IS_floor", (0, 0))
+            if k:
+                parts.append(f"IS {r['IS']:.4f}: {k} of {n} (reference, trigger image) pairs have similarity <= 0, "
+                             "and one such pair pulls the harmonic mean to 0 (the adapter draws something unlike "
+                             "every reference)")
+            k, n = r.get("KPS_floor", (0, 0))
+            if k:
+                parts.append(f"KPS {r['KPS']:.4f}: {k} of {n} (without, with trigger) pairs have similarity <= 0, "
+                             "so the harmonic mean is 0 and KPS reads 1 (the trigger changes the whole image, "
+                             "not a sign of no leak)")
+            if parts:
+                notes.append(f"  {name} step {r['step']}: " + "; ".join(parts))
+    return notes
+
+
 def per_step_text(report: dict) -> str:
     lines = ["\nper saved step (world-CLIP scores of that step's adapter; validation at the same points every time):",
              "  run   step  " + " ".join(f"{k:>11s}" for k in STEP_COLUMNS)]
@@ -146,6 +168,7 @@ def per_step_text(report: dict) -> str:
         for r in rows:
             lines.append(f"  {name:5s} {r['step']:5d}  "
                          + " ".join(f"{r.get(k, float('nan')):11.4f}" for k in STEP_COLUMNS))
+    lines += floor_notes(report)
     for name, b in report["best_step"].items():
         at, fin = b["at_best"], b["final"]
         lines.append(f"best step {name}: {b['step']} ({b['reason']})\n  at step {b['step']} vs final {fin['step']}: " +

@@ -206,7 +206,8 @@ def test_trainer_reports_like_the_lora_trainer_and_cancel_keeps_a_resumable_chec
     assert [e for e, _ in events] == [tr.EVENT] * 4
     data = [d for _, d in events]
     assert [d["step"] for d in data] == [1, 2, 3, 4] and {d["total"] for d in data} == {4} and {d["node"] for d in data} == {"9"}
-    assert set(data[0]) == {"node", "prompt_id", "step", "total", "loss", "fit", "keep", "lr", "elapsed"}  # the LoRA trainer's
+    assert set(data[0]) == {"node", "prompt_id", "step", "total", "loss", "fit", "keep", "lr", "elapsed",
+                            "first_step"}  # the LoRA trainer's
     assert {d["lr"] for d in data} == {1e-2} and all(a["elapsed"] < b["elapsed"] for a, b in zip(data, data[1:]))
     assert all(d["keep"] > 0 and d["loss"] >= d["fit"] for d in data)
 

@@ -87,8 +87,8 @@ def test_the_queue_prints_the_lora_family_warning(server, tmp_path, capsys):  # 
 
 
 def test_a_storage_error_is_printed_as_its_message(server, tmp_path, capsys):  # noqa: F811
-    """A checkpoint folder that cannot be made: ComfyUI records the pack's StorageError with a module path as its
-    type and "[Errno 17] ..." as its text; the CLI prints the pack's message first."""
+    """A checkpoint folder that cannot be made: ComfyUI recorded the pack's StorageError with a module path as its
+    type and "[Errno 17] ..." as its text; the CLI prints the pack's message first, and now ComfyUI records it so."""
     url, _, base = server
     blocked = base / "output" / "cat_checkpoints" / "q_blocked"
     blocked.parent.mkdir(parents=True, exist_ok=True)
@@ -103,7 +103,8 @@ def test_a_storage_error_is_printed_as_its_message(server, tmp_path, capsys):  #
     hist = json.loads(urllib.request.urlopen(f"{url}/history", timeout=10).read())
     types = [m[1]["exception_type"] for e in hist.values() for m in e["status"]["messages"] if m[0] == "execution_error"
              and "q_blocked" in m[1]["exception_message"]]
-    assert types and types[-1].endswith(".StorageError") and "/" in types[-1], types  # what ComfyUI itself records
+    # what ComfyUI itself records, which its browser dialog shows: the pack's name, not its path (issue 32)
+    assert types and types[-1] == "ComfyUI-CAT.StorageError", types
 
 
 def test_which_boolean_texts_the_hook_warns_of(comfy):

@@ -47,16 +47,20 @@ def _with_apt(**apt) -> dict:
     return g
 
 
-@pytest.mark.parametrize("apt, message", [
-    ({"bins": 1_000_000}, "bins 1000000 is out of range: use a value from 1 to 100"),
-    ({"align": 1e9}, "align 1000000000.0 is out of range"),
-    ({"ema": 5.0}, "ema 5.0 is out of range: use a value from 0.0 to 0.999"),
+@pytest.mark.parametrize("apt, message", [  # ranges: ComfyUI's own check, under that input only (issue 32)
+    ({"bins": 1_000_000}, "Value 1000000 bigger than max of 100: bins"),
+    ({"align": 1e9}, "Value 1000000000.0 bigger than max of"),
+    ({"ema": 5.0}, "Value 5.0 bigger than max of 0.999: ema"),
     ({"stabilize_layers": "((("}, "APT stabilize_layers '(((' is not a valid regular expression"),
     ({"align_layers": "[x"}, "APT align_layers '[x' is not a valid regular expression"),
 ])
 def test_apt_options_ranges_and_patterns_are_checked(ready, apt, message):
-    details = _errors(_with_apt(**apt))
-    assert any(message in d for d in details["6"]), details
+    import execution
+
+    ok, _, _, node_errors = asyncio.run(execution.validate_prompt("v", _with_apt(**apt), None))
+    assert not ok
+    found = [f"{e['message']}: {e['details']}" for e in node_errors["6"]["errors"]]
+    assert any(message in d for d in found), found
 
 
 def test_apt_options_in_range_validate(ready):
@@ -189,7 +193,8 @@ def test_the_dataset_info_names_skipped_formats_and_the_budget(ready, tiny_sd15,
     (tmp_path / "c.heic").write_bytes(b"\0")
     ds = ds_node.build_dataset(tmp_path, vae, clip, ("sks", "sks", "zwx"), "dog", ".txt", 128, True)
     text = ds_node.info(ds)
-    assert f"skipped 2 unreadable or unsupported file(s): {tmp_path / 'b.gif'}, {tmp_path / 'c.heic'}" in text, text
+    assert (f"skipped 2 file(s):\n- {tmp_path / 'b.gif'}: .gif is not a format the trainer reads; convert it to PNG or "
+            f"JPEG to train on it.\n- {tmp_path / 'c.heic'}: .heic is not a format") in text, text
     assert "1 of 2 triggers appear in no caption ('zwx')" in text and "'sks' more than once" in text, text
     assert text.endswith("decoded one at a time (0.2 MB of pixels at most at once), latents kept: at most 0.0 MB"), text
     assert ds.triggers == ("sks", "zwx")

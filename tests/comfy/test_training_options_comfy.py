@@ -29,6 +29,7 @@ def test_options_reach_the_trainer_and_it_trains(comfy, test_checkpoint_node, da
     g = graph(checkpoint_name="training_options", save_name="training_options")
     g["6"] = {"class_type": "CAT_TrainingOptions", "inputs": dict(OPTIONS)}
     g["4"]["inputs"]["options"] = ["6", 0]
+    g["4"]["inputs"]["save_every"] = 2  # a run folder is kept only when the run writes in it
     ex = run_prompt(g)
     assert ex.success, ex.status_messages[-1]
     out = ex.history_result["outputs"]
@@ -98,4 +99,3 @@ def test_every_widget_defaults_to_its_option_and_reaches_its_class(comfy, monkey
     assert {c: set(v) for c, v in out.items()} == expected
     for cls, names in mod.GROUPS:
         assert dataclasses.replace(cls(), **mod.options_for(out, cls)) == cls()
-    assert node.validate_inputs(**values) is True

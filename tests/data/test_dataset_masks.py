@@ -88,13 +88,28 @@ def test_square_mode_crops_the_mask_as_the_image(tmp_path):
     assert m.shape == (64, 64) and m.max().item() < 0.05
 
 
-def test_mask_of_another_size_is_skipped_naming_both(tmp_path):
+@pytest.mark.parametrize("masks", ["off", "auto", "file"])
+def test_a_bad_mask_file_keeps_its_image_and_names_the_mask(tmp_path, masks):
+    """Issue 32: a wrong-sized or unreadable -masklabel.png dropped its good image from training (masks on or not)
+    and called the image "unreadable"; now the image trains (without a mask) and the mask file is named."""
     rgb(tmp_path / "a.png", (64, 64))
     left_white(tmp_path / "a-masklabel.png", (32, 32))
     rgb(tmp_path / "b.png", (64, 64))
-    ds = load_dataset(tmp_path, ["sks"], resolution=64, masks="file")
-    assert [it.path.name for it in ds.items] == ["b.png"]
-    assert "a-masklabel.png is 32x32" in ds.skipped[0][1] and "save the mask at the image's size" in ds.skipped[0][1]
+    (tmp_path / "b-masklabel.png").write_bytes(b"not a png")
+    rgb(tmp_path / "c.png", (64, 64))
+    ds = load_dataset(tmp_path, ["sks"], resolution=64, masks=masks)
+    assert [it.path.name for it in ds.items] == ["a.png", "b.png", "c.png"] and ds.skipped == []
+    assert all(it.mask is None for it in ds.items)
+    if masks == "off":  # masks not read at all: nothing about them is wrong
+        assert ds.mask_problems == []
+        return
+    a, b = ds.mask_problems
+    assert a.startswith(f"mask {tmp_path / 'a-masklabel.png'} is 32x32 but its image a.png is 64x64; save the mask at "
+                        "the image's size"), a
+    assert b.startswith(f"mask {tmp_path / 'b-masklabel.png'} cannot be read (UnidentifiedImageError"), b
+    assert b.endswith("re-save it as a greyscale PNG at its image's size (64x64), or remove it"), b
+    note = next(w for w in ds.warnings if "mask file(s) not used" in w)
+    assert note.startswith("2 mask file(s) not used, their images train without a mask") and "unreadable" not in note
 
 
 def test_bad_mask_source_is_refused(tmp_path):
@@ -118,3 +133,31 @@ def test_opaque_alpha_is_no_mask_and_auto_without_masks_says_nothing(tmp_path):
     assert ds.warnings == [] and "with masks" not in ds.summary()
     alpha = load_dataset(tmp_path, ["sks"], resolution=64, masks="alpha")
     assert any("0 of 2 images have a mask" in w for w in alpha.warnings)  # asked for and none found: said
+
+
+def test_a_mask_in_colour_is_named_with_what_it_weighs(tmp_path):
+    """Issue 32: a red-on-black mask was read by luminance (subject weight 0.30) without a word."""
+    rgb(tmp_path / "a.png", (64, 64))
+    rgb(tmp_path / "b.png", (64, 64))
+    red = np.zeros((64, 64, 3), np.uint8)
+    red[:, :32] = (255, 0, 0)
+    Image.fromarray(red, "RGB").save(tmp_path / "a-masklabel.png")
+    grey = np.zeros((64, 64, 3), np.uint8)
+    grey[:, :32] = 255  # RGB file, grey pixels: a mask as meant
+    Image.fromarray(grey, "RGB").save(tmp_path / "b-masklabel.png")
+    ds = load_dataset(tmp_path, ["sks"], resolution=64, buckets=False, masks="file")
+    assert float(ds.items[0].mask.max()) == pytest.approx(76 / 255)  # what the red subject weighs
+    assert float(ds.items[1].mask.max()) == 1.0
+    assert ("1 mask file(s) are in colour (a-masklabel.png): read as grey by luminance (pure red weighs 0.30 of "
+            "white, green 0.59, blue 0.11); save masks as greyscale, white = subject, black = background.") \
+        in ds.warnings, ds.warnings
+
+
+def test_a_folder_of_only_mask_files_says_so(tmp_path):
+    for name in ("a", "b", "c", "d"):
+        left_white(tmp_path / f"{name}-masklabel.png", (64, 64))
+    with pytest.raises(DatasetError) as err:
+        scan_folder(tmp_path, ["sks"])
+    assert str(err.value) == (f"{tmp_path} holds only mask files (4: a-masklabel.png, b-masklabel.png, "
+                              "c-masklabel.png, ...): a mask goes beside its image (a.png and a-masklabel.png); "
+                              "put the training images in the folder too."), str(err.value)

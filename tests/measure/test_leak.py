@@ -103,3 +103,15 @@ def test_grid_places_base_left_adapted_right_in_ranked_order():
         assert torch.allclose(right, adapted[idx][0, 0, 0, 0], atol=1e-6) and right.shape[:2] == (h, n * w)
     with pytest.raises(ValueError, match="expected"):
         leak.grid(ranked, base, [a[:, :8] for a in adapted])
+
+
+def test_drifts_that_read_0_0000_are_not_recommended():
+    """Issue 32: a GPU's nondeterministic sampling leaves drifts of 1e-7 on an untouched MODEL; the report showed
+    every drift as 0.0000 and still listed the probes as "most drifting"."""
+    ranked = leak.rank_probes(["a photo of a dog", "a photo of a cat"], [[1 - 3e-8, 1 - 1e-7], [1 - 2e-8, 1.0]])
+    assert leak.worst_probes(ranked, 5) == []
+    text = leak.report(ranked, [])
+    assert " 0.0000 " in text and "most drifting" not in text
+    assert text.endswith("No probe drifted by 0.0001 or more (the adapted MODEL draws what the base draws, up to "
+                         "rounding): nothing to add to the preservation prompts."), text
+    assert leak.worst_probes(leak.rank_probes(["a", "b"], [[0.9998], [1.0]]), 5) == ["a"]  # 0.0002: shown, listed

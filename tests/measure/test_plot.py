@@ -67,3 +67,16 @@ def test_bars_are_to_scale():
         heights.append(int((np.abs(col - np.array(PALETTE[i])).sum(-1) < 10).sum()))
     assert heights[1] == pytest.approx(2 * heights[0], abs=2), heights
     assert heights[2] == pytest.approx(4 * heights[0], abs=3), heights
+
+
+def test_a_chart_of_a_few_measured_points_shows_the_values_not_a_smoothed_line():
+    """Issue 32: steps.png (IS, KPS per saved step) drew an EMA through 3-6 points: its line and its legend's value
+    matched no measured value. smooth=False draws the values and names the last one."""
+    from cat_train.measure.plot import ema, loss_curve
+
+    rows = [{"step": 100, "IS": 0.2, "KPS": 0.9}, {"step": 200, "IS": 0.6, "KPS": 0.7},
+            {"step": 300, "IS": 0.8, "KPS": 0.5}]
+    raw = loss_curve(rows, keys=("IS", "KPS"), smooth=False)
+    assert raw.info["legend"] == {"IS": 0.8, "KPS": 0.5}
+    smoothed = loss_curve(rows, keys=("IS", "KPS"))  # a loss curve of many steps keeps its EMA
+    assert smoothed.info["legend"]["IS"] == ema([0.2, 0.6, 0.8])[-1] != 0.8

@@ -196,3 +196,20 @@ def test_run_settings_leave_mask_fields_out_at_their_defaults():
     assert "mask_floor" not in off and "mask_keep" not in off and "alpha" in off
     on = result_settings(TrainConfig(), CatLossConfig(mask_floor=0.1), lora, {}, None)["loss"]
     assert on["mask_floor"] == repr(0.1) and "mask_keep" not in on
+
+
+def test_all_black_masks_with_floor_0_are_refused_before_step_1(tiny_denoiser, text, tmp_path):
+    """Issue 32: every mask all black and mask_floor 0 trained a LoRA of zeros (the fit weighs nothing anywhere)."""
+    from cat_train.terms.mask import check_masks
+
+    black = torch.zeros(1, 8, 8)
+    steps: list = []
+    with pytest.raises(ValueError, match=r"every training image's mask is all black \(image 1, image 2\).*the LoRA "
+                                         r"would learn nothing.*or raise mask_floor \(e.g. 0.1\)"):
+        run(tiny_denoiser, masked_examples(text, [black, black]), tmp_path / "a", 3,
+            CatLossConfig(class_word="dog", mask_floor=0.0), callback=steps.append)
+    assert steps == []
+    assert check_masks([black, half_mask(), None], 0.0, ["a.png", "b.png", "c.png"]) == [
+        "1 of 3 training images have an all-black mask (a.png): with mask_floor 0 they train nothing. Masks are white "
+        "on the subject: fix those masks or remove them."]
+    assert check_masks([black, black], 0.1) == []  # the background still weighs something

@@ -85,5 +85,22 @@ def test_name_checks_pass_good_and_linked_names(tmp_path):
 
 
 def test_given_preservation_prompts_replace_the_class_word_check():
-    cfg = CatLossConfig(alpha=1.0, preservation="class", class_word="toy", preservation_prompts=("a toy", "a doll"))
+    cfg = CatLossConfig(alpha=1.0, preservation="class", class_word="toy",
+                        preservation_prompts=("a doll", "a teddy bear"))  # "a toy" holds the trigger itself
     check_concepts(("toy",), cfg)  # y comes from the list, never from 'toy' -> 'toy'
+
+
+def test_masked_training_refuses_mask_files_the_dataset_could_not_use():
+    """Issue 32: with masked training on, an image whose mask could not be read would train unmasked: refused,
+    naming the mask file; off, the run goes on."""
+    from cat_train.training import CatLossConfig
+    from cat_train.training.checks import check_masks
+
+    problem = "mask /d/a-masklabel.png is 32x32 but its image a.png is 64x64; save the mask at the image's size"
+    check_masks([problem], CatLossConfig(1.0, "class", "dog"))  # masks weigh nothing: no error
+    check_masks([], CatLossConfig(1.0, "class", "dog", mask_floor=0.1))
+    with pytest.raises(ValueError) as err:
+        check_masks([problem], CatLossConfig(1.0, "class", "dog", mask_floor=0.1))
+    assert str(err.value) == (
+        "masked training is on (mask_floor 0.1, mask_keep 0.0) but 1 mask file(s) cannot be used: " + problem
+        + ". Fix or remove those files, or set mask_floor 1 and mask_keep 0 to train without masks.")
