@@ -425,7 +425,7 @@ def train_on_model(mp, dataset, loss_cfg: CatLossConfig, spec: LoraSpec, cfg: Tr
         try:
             result = train(den, examples, loss_cfg, spec, cfg, callback=callback, resume=resume or None,
                            on_save=saved if (on_save or w) else None,
-                           on_own_folder=getattr(on_save, "run_folder", None),
+                           on_own_folder=own_folder_for(on_save, w),
                            own_folder=True)  # two queued runs with one checkpoint_name: the second gets its own folder
         except BaseException as e:  # Cancel or a crash: the canvas says where to resume from
             if getattr(e, "cat_checkpoint", None) is not None:
@@ -454,6 +454,16 @@ def train_on_model(mp, dataset, loss_cfg: CatLossConfig, spec: LoraSpec, cfg: Tr
     if result.measured.get("text"):
         summary += "\n" + result.measured["text"]
     return patched, sd, image, summary, result
+
+
+def own_folder_for(on_save, watch):
+    """What follows a run moved to its own folder before step 1: its step LoRAs' names and its watch's files."""
+    def moved(folder):
+        if getattr(on_save, "run_folder", None):
+            on_save.run_folder(folder)
+        if watch:
+            watch.move_to(folder)
+    return moved
 
 
 def make_watch(mp, den, dataset, examples, loss_cfg, seed, node_id, vae=None, preview_every=0, prompts="",

@@ -96,8 +96,9 @@ class NodeWatch:
             probe = {p: {k: v[0] for k, v in encode([p]).items()} for p in split_prompts(probes)}
             # one image per pass, 2 points: a pass is (2 + probes) x 2 samples, small enough beside training at 1024 px
             self.validator = Validator(den, examples, probes=probe, points=2, seed=seed, batch_size=1)
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            self.vlog = ValidationLog(self.out_dir / "validation.csv")
+        # Nothing is written before the run's folder is settled (train() gives a second run with one checkpoint_name
+        # a folder of its own before step 1, and move_to follows it): step 0's validation row waits until step 1.
+        self.vlog, self._held = None, []
 
     # --- hooks -------------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -106,7 +107,19 @@ class NodeWatch:
         if self.validator is not None:
             self._validate(0, None)
 
+    def move_to(self, folder) -> None:
+        """The run was given its own folder (a second run with this checkpoint_name): its files go there."""
+        self.out_dir = Path(folder)
+
+    def _settle(self) -> None:
+        if self.vlog is None and self.validator is not None:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            self.vlog = ValidationLog(self.out_dir / "validation.csv")
+            for row in self._held:
+                self.vlog.write(row)
+
     def callback(self, info) -> None:
+        self._settle()
         last = info.step == info.total
         if self.validator is not None and (info.step % self.validate_every == 0 or last):
             self._validate(info.step, info.total)
@@ -114,6 +127,7 @@ class NodeWatch:
             self._preview(info.step)
 
     def on_save(self, step: int, _weights) -> None:
+        self._settle()
         if self.previewer is None and self.validator is None:
             return
         row = {"step": step}
@@ -132,6 +146,7 @@ class NodeWatch:
 
     def close(self) -> None:
         if self.validator is not None:
+            self._settle()
             self.vlog.close()
 
     # --- pieces ------------------------------------------------------------------------------------------------
@@ -141,7 +156,10 @@ class NodeWatch:
         row = self.validator(step)
         self._validated[step] = row
         self.validation.append(row)
-        self.vlog.write(row)
+        if self.vlog is None:
+            self._held.append(row)
+        else:
+            self.vlog.write(row)
         send_event(VALIDATION_EVENT, {"node": self.node_id, "prompt_id": self.prompt_id, "total": total, **row})
         return row
 

@@ -38,6 +38,27 @@ def test_two_runs_with_one_checkpoint_name_write_their_own_step_loras(ready):
     assert (Path(loras) / "dup_final_0.01.safetensors").is_file() and (Path(loras) / "dup_final_0.02.safetensors").is_file()
 
 
+def test_a_second_run_with_one_checkpoint_name_keeps_its_validation_in_its_own_folder(ready):
+    """The watch took its folder before train() moved the second run to its own: run B's step-0 validation row
+    truncated run A's validation.csv, and its rows went on in A's file."""
+    import csv
+    from pathlib import Path
+
+    root = Path(pack_module(ready, "nodes.save_lora").loras_folder()).parent / "output" / "cat_checkpoints"
+    for lr in (0.01, 0.02):
+        g = graph(steps=4, checkpoint_name="dup_watch", save_name=f"dup_watch_{lr}")
+        g["4"]["inputs"].update(learning_rate=lr, validate_every=2)
+        ex = run_prompt(g)
+        assert ex.success, ex.status_messages[-1]
+        if lr == 0.01:
+            first = (root / "dup_watch" / "validation.csv").read_bytes()
+    moved = [p for p in root.glob("dup_watch_*") if p.is_dir()]
+    assert len(moved) == 1, moved
+    assert (root / "dup_watch" / "validation.csv").read_bytes() == first  # run A's file as A left it
+    steps = [int(r["step"]) for r in csv.DictReader((moved[0] / "validation.csv").open())]
+    assert steps == [0, 2, 4], steps  # run B's rows, step 0 included, in B's own folder
+
+
 def test_a_step_lora_name_taken_while_saving_goes_to_the_next_free_name(ready, tiny_sd15, dataset_dir, tmp_path,
                                                                          monkeypatch):
     """The other server wrote the same name between this writer's look and its write (same settings, same folder)."""
