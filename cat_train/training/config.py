@@ -265,9 +265,11 @@ def check_run(cfg: TrainConfig, loss_cfg: CatLossConfig, images: int | None = No
                          f"{max(1, cfg.steps // 10)} (the term on 10 steps or more), or cat_factor 0 for a plain LoRA.")
     auto = loss_cfg.auto
     if auto.active:
-        if auto.every >= cfg.steps:
-            raise ValueError(f"auto preservation `every` {auto.every} with {cfg.steps} steps "
-                             + ("never measures" if auto.every > cfg.steps else "measures only after the last step")
+        start = auto.first or auto.every  # the first measurement's step (`first` 0: at `every`)
+        if start >= cfg.steps:
+            what = f"`first` {auto.first}" if auto.first else f"`every` {auto.every}"
+            raise ValueError(f"auto preservation {what} with {cfg.steps} steps "
+                             + ("never measures" if start > cfg.steps else "measures only after the last step")
                              + ", so it adds no prompt and the run is as without it; set `every` to at most "
                              f"{max(1, cfg.steps // 4)} (a few measurements in the run), or 0 to turn it off.")
         warnings += _auto_warnings(cfg, loss_cfg, images)
@@ -304,7 +306,8 @@ def _auto_warnings(cfg: TrainConfig, loss_cfg: CatLossConfig, images: int | None
     from ..terms.auto_config import probe_words
 
     auto = loss_cfg.auto
-    probes = len(probe_words(auto, loss_cfg.class_word))
+    # nearest: the words are chosen by ranking at the start of the run, `neighbours` of them per class word
+    probes = auto.neighbours if auto.source == "nearest" else len(probe_words(auto, loss_cfg.class_word))
     if images is None or not probes:
         return []
     measured = min(images, auto.images) if auto.images else images

@@ -63,6 +63,16 @@ def test_auto_preservation_that_never_measures_is_refused():
         check_run(TrainConfig(steps=600), CatLossConfig(class_word="dog", auto=auto))
     with pytest.raises(ValueError, match="measures only after the last step"):
         check_run(TrainConfig(steps=700), CatLossConfig(class_word="dog", auto=auto))
+    # nearest chooses its words when the run starts: the check counts `neighbours`, never asks for the word list
+    nearest = AutoPreservationConfig(every=2, first=1, source="nearest", neighbours=3)
+    warned = check_run(TrainConfig(steps=2), CatLossConfig(class_word="dog", auto=nearest), 2)
+    assert len(warned) == 1 and warned[0].startswith("auto preservation: 3 probes x 2 images x 4 points"), warned
+    # an early first measurement (`first`) is one in the run, whatever `every` is; a late one is refused by name
+    early = AutoPreservationConfig(every=700, first=5, probes=("cat",))
+    check_run(TrainConfig(steps=600), CatLossConfig(class_word="dog", auto=early))
+    with pytest.raises(ValueError, match=r"auto preservation `first` 600 with 600 steps measures only after the last"):
+        check_run(TrainConfig(steps=600), CatLossConfig(class_word="dog", auto=AutoPreservationConfig(
+            every=700, first=600, probes=("cat",))))
 
 
 def test_auto_preservation_with_many_probes_gets_a_cost_estimate():
