@@ -430,6 +430,9 @@ def to_ui(api: dict, mappings: dict) -> dict:
             entry = {"name": name, "type": typ, "link": link[0] if link else None}
             if is_widget:
                 entry["widget"] = {"name": name}
+                # a widget fed by a link keeps its slot in widgets_values (the editor maps values by position)
+                widgets.append(opts.get("default", ""))
+                widgets.extend(control_values(name, typ, opts))
             if link:  # a link carries its source output's type (an ANY input such as Preview Any's takes any)
                 link[4] = len(inputs)
                 link[5] = mappings[api[str(link[1])]["class_type"]].RETURN_TYPES[link[2]]
