@@ -435,7 +435,9 @@ def test_training_from_the_page_draws_live_view_and_shows_cancel(editor, server,
       ctx.fillText = function (t, ...a) { texts.push(String(t)); return fill.call(this, t, ...a); };
       try { app.canvas.draw(true, true); } finally { ctx.fillText = fill; }
       return texts; }""", "4")
-    assert f"cancelled at step {st['step']}/5000" in drawn, [t for t in drawn if "step" in t]
+    # the line also says where to resume from (issue 32): "cancelled at step N/5000 · resume_from <folder>/cat-step..."
+    assert any(t.startswith(f"cancelled at step {st['step']}/5000 · resume_from ") for t in drawn), \
+        [t for t in drawn if "step" in t]
     assert not any("ETA" in t for t in drawn)
     print(f"live view screenshots: {shots}/trainer_live_view_*.png")
     assert editor.errors == []

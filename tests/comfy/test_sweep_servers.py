@@ -30,6 +30,13 @@ open_clip.add_model_config({cfg_dir!r})
 '''
 
 
+def _sigint_as_from_a_terminal() -> None:
+    """The CLI's child gets Ctrl-C as a shell gives it: a runner started in the background by a non-interactive shell
+    (`cmd &`) ignores SIGINT, and a child inherits that, so Python would install no KeyboardInterrupt handler."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+
 def make_base(base: Path, clip_ckpt: Path, cfg_dir: Path) -> None:
     """A ComfyUI base directory: this pack, the tiny checkpoint node (and the tiny open_clip's config), a
     dataset, a reference image and the open_clip checkpoint in models/clip."""
@@ -211,7 +218,7 @@ def test_ctrl_c_leaves_no_prompt_of_ours_on_either_server(servers, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "cat_train", "queue", workflow(tmp_path, 5000), "--server", urls[0],
                              "--server", urls[1], "--per-server", "2", "--sweep", "3.cat_factor=0,0.5,1", "--out", str(out)],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, preexec_fn=_sigint_as_from_a_terminal)
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:

@@ -57,6 +57,13 @@ INFO = {
 }
 
 
+def _sigint_as_from_a_terminal() -> None:
+    """The CLI's child gets Ctrl-C as a shell gives it: a runner started in the background by a non-interactive shell
+    (`cmd &`) ignores SIGINT, and a child inherits that, so Python would install no KeyboardInterrupt handler."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+
 def kps_report(is_: float, kps: float) -> str:
     """The KPS Evaluator's report text, as nodes/evaluate.py writes it."""
     return (f"KPS {kps:.4f} (1 - H of with/without-trigger image similarity; higher = less leakage)\n"
@@ -696,7 +703,7 @@ def test_ctrl_c_cancels_only_our_prompts_and_writes_what_finished(fakes, wf, tmp
     proc = subprocess.Popen([sys.executable, "-m", "cat_train", "queue", wf, "--server", a.url, "--server", b.url,
                              "--sweep", "4.steps=1,1000,2000", "--out", str(out)], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, preexec_fn=_sigint_as_from_a_terminal)
     try:
         deadline = time.monotonic() + 30
         while not (len(posted(b)) == 2 and len(posted(a)) == 1 and out.exists()) and time.monotonic() < deadline:
