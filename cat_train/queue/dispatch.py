@@ -324,6 +324,8 @@ class Sweep:
             r = next((x for x in s.active if x.prompt_id == pid), None)
             if r is None:
                 return
+            if kind == "execution_start":  # it runs now: the trainer's untagged broadcasts that follow are its own
+                r.where = "running"
         r.t_progress = time.monotonic()
         _show(kind, data, self.log, f"[run {r.index}] " if len(self.runs) > 1 else "")
         if kind in END_EVENTS or (kind == "executing" and data.get("node") is None and pid == r.prompt_id):

@@ -498,7 +498,10 @@ def test_prompt_that_fails_at_once_is_reported_within_5s(fake, wf, capsys, event
 
 def test_progress_over_the_websocket(fake, wf, capsys):
     fake.duration = lambda g: 0.6  # history entry appears after the events
+    # ComfyUI's order: execution_start (tagged) before the trainer's untagged broadcasts. Without it the broadcast's
+    # owner was known only from a /queue read, which raced the event (it failed once in CI)
     fake.events = [{"type": "status", "data": {"status": {}}},
+                   {"type": "execution_start", "data": {"prompt_id": "PID"}},
                    {"type": "progress", "data": {"prompt_id": "other", "node": "99", "value": 1, "max": 9}},
                    {"type": "crystools.monitor", "data": {"cpu": 3}},  # another extension's broadcast
                    {"type": "cat.train.progress", "data": {"step": 2, "total": 50, "loss": 0.25,  # broadcast, untagged
