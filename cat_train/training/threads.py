@@ -10,7 +10,7 @@ The rule, measured by benchmarks/threads.py on a 2-core CPU (docs/benchmarks.md,
   measured row where the rule runs more than one thread (26M, quiet: 0.69x of 1 thread against 1.19x). It only
   softens a load that arrives after the choice (26M beside a hog on 2 threads: 0.61x with it, 0.16x without);
   who expects that sets OMP_WAIT_POLICY=PASSIVE or OMP_NUM_THREADS=1 themselves.
-- An explicit OMP_NUM_THREADS / OMP_WAIT_POLICY from the user always wins.
+- An explicit OMP_NUM_THREADS, MKL_NUM_THREADS or OMP_WAIT_POLICY from the user always wins.
 The count goes into the environment before torch is imported (OpenMP reads it once, at start), so subprocesses a
 command starts inherit the same choice.
 """
@@ -50,9 +50,9 @@ def threads_for(model_params: int | None, free: int | None = None) -> int:
 
 
 def configure_cpu_threads(model_params: int | None = None) -> int | None:
-    """Call before `import torch`. Sets OMP_NUM_THREADS unless the user set it; returns the count chosen, or None
-    where the user's OMP_NUM_THREADS stands."""
-    if "OMP_NUM_THREADS" in os.environ:
+    """Call before `import torch`. Sets OMP_NUM_THREADS unless the user set it (or MKL_NUM_THREADS); returns the
+    count chosen, or None where the user's setting stands."""
+    if "OMP_NUM_THREADS" in os.environ or "MKL_NUM_THREADS" in os.environ:  # torch follows either
         return None
     n = threads_for(model_params)
     os.environ["OMP_NUM_THREADS"] = str(n)

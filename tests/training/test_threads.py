@@ -35,7 +35,7 @@ print(n, os.environ.get('OMP_NUM_THREADS'), os.environ.get('OMP_WAIT_POLICY'), t
 
 
 def _clean_env(**extra):
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")}
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY")}
     return {**env, **extra}
 
 
@@ -75,6 +75,11 @@ def test_the_users_own_settings_win():
     n, omp, policy, torch_n, loaded = _run(ENTRY.format(command="demo"),
                                            _clean_env(OMP_NUM_THREADS="2", OMP_WAIT_POLICY="ACTIVE"))
     assert (n, omp, policy, torch_n, loaded) == ("None", "2", "ACTIVE", "2", "False")
+
+
+def test_an_mkl_thread_count_of_the_users_stands_too():
+    n, omp, policy, torch_n, loaded = _run(ENTRY.format(command="demo"), _clean_env(MKL_NUM_THREADS="2"))
+    assert (n, omp, torch_n) == ("None", "None", "2")
 
 
 def test_the_world_unet_size_the_rule_is_given_is_the_models():
